@@ -1,0 +1,21 @@
+// kvtp: evaluate and serve OPT / Llama models with a compressed KV cache.
+#include <cstdio>
+
+#include "launcher/commands.h"
+#include "runtime/error.h"
+
+int main(int argc, char** argv) {
+  CLI::App app{"kvtp: tensor-parallel LLM runtime with KV-cache compression"};
+  app.require_subcommand(1);
+  kvtp::launcher::addPplCommand(app);
+  kvtp::launcher::addBenchCommand(app);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  } catch (const std::exception& e) {  // kvtp::Error and anything unexpected: one clear line
+    std::fprintf(stderr, "kvtp: error: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}

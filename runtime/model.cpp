@@ -1,0 +1,168 @@
+#include "runtime/model.h"
+
+#include <cmath>
+
+#include "kernels/cpu_ops.h"
+#include "runtime/error.h"
+#include "runtime/safetensors.h"
+
+namespace kvtp {
+
+namespace k = kernels;
+
+std::vector<float> ropeInverseFrequencies(const ModelConfig& c) {
+  const int half = c.head_dim / 2;
+  std::vector<float> inv(half);
+  const auto& r = c.rope;
+  for (int i = 0; i < half; ++i) {
+    double f = 1.0 / std::pow(c.rope_theta, double(2 * i) / c.head_dim);
+    if (r.type == "linear") {
+      f /= r.factor;
+    } else if (r.type == "llama3") {
+      const double low_wavelen = r.original_max_positions / r.low_freq_factor;
+      const double high_wavelen = r.original_max_positions / r.high_freq_factor;
+      const double wavelen = 2 * M_PI / f;
+      if (wavelen > low_wavelen) {
+        f /= r.factor;
+      } else if (wavelen >= high_wavelen) {  // between the bands: interpolate
+        const double smooth = (r.original_max_positions / wavelen - r.low_freq_factor) /
+                              (r.high_freq_factor - r.low_freq_factor);
+        f = (1 - smooth) * f / r.factor + smooth * f;
+      }
+    }
+    inv[i] = float(f);
+  }
+  return inv;
+}
+
+Model::Model(ModelConfig config, ModelWeights weights)
+    : config_(std::move(config)), weights_(std::move(weights)) {
+  if (config_.family == Family::Llama) inv_freq_ = ropeInverseFrequencies(config_);
+}
+
+std::unique_ptr<Model> Model::load(const std::string& model_dir) {
+  ModelConfig config = loadConfig(model_dir);
+  Checkpoint checkpoint(model_dir);
+  return std::make_unique<Model>(config, loadWeights(config, checkpoint));
+}
+
+kv::KVCache Model::newCache() const { return kv::KVCache(config_.layers, config_.kv_heads, config_.head_dim); }
+
+void Model::attention(int layer, const float* xn, const int* positions, int T, kv::KVCache& cache,
+                      float* out) const {
+  const auto& c = config_;
+  const auto& L = weights_.layers[layer];
+  const int Q = c.qDim(), KV = c.kvDim(), hd = c.head_dim;
+  std::vector<float> q(size_t(T) * Q), kx(size_t(T) * KV), vx(size_t(T) * KV), ctx(size_t(T) * Q);
+  k::linear(xn, T, c.hidden, L.wq.data(), Q, L.bq.empty() ? nullptr : L.bq.data(), q.data());
+  k::linear(xn, T, c.hidden, L.wk.data(), KV, L.bk.empty() ? nullptr : L.bk.data(), kx.data());
+  k::linear(xn, T, c.hidden, L.wv.data(), KV, L.bv.empty() ? nullptr : L.bv.data(), vx.data());
+  if (c.family == Family::Llama) {
+    k::applyRope(q.data(), T, c.heads, hd, positions, inv_freq_.data());
+    k::applyRope(kx.data(), T, c.kv_heads, hd, positions, inv_freq_.data());
+  }
+  cache.append(layer, kx.data(), vx.data(), positions, T);
+  // (T, heads*hd) queries; query head h reads KV head h / (heads / kv_heads) (GQA).
+  const int group = c.heads / c.kv_heads;
+  const float scale = float(1.0 / std::sqrt(double(hd)));
+  for (int h = 0; h < c.heads; ++h) {
+    const auto& kvh = cache.head(layer, h / group);
+    k::attendHead(q.data() + h * hd, Q, positions, T, kvh.keys.data(), kvh.values.data(), kvh.positions.data(),
+                  kvh.length(), hd, scale, ctx.data() + h * hd, Q);
+  }
+  k::linear(ctx.data(), T, Q, L.wo.data(), c.hidden, L.bo.empty() ? nullptr : L.bo.data(), out, true);
+}
+
+void Model::mlp(int layer, const float* xn, int T, float* x) const {
+  const auto& c = config_;
+  const auto& L = weights_.layers[layer];
+  std::vector<float> up(size_t(T) * c.ffn);
+  k::linear(xn, T, c.hidden, L.w_up.data(), c.ffn, L.b_up.empty() ? nullptr : L.b_up.data(), up.data());
+  if (c.family == Family::Llama) {
+    std::vector<float> gate(size_t(T) * c.ffn);
+    k::linear(xn, T, c.hidden, L.w_gate.data(), c.ffn, L.b_gate.empty() ? nullptr : L.b_gate.data(),
+              gate.data());
+    k::siluMul(gate.data(), up.data(), int64_t(gate.size()));
+    up.swap(gate);
+  } else {
+    k::relu(up.data(), int64_t(up.size()));
+  }
+  k::linear(up.data(), T, c.ffn, L.w_down.data(), c.hidden, L.b_down.empty() ? nullptr : L.b_down.data(), x,
+            true);
+}
+
+std::vector<float> Model::forward(const int* tokens, const int* positions, int T, kv::KVCache& cache) const {
+  const auto& c = config_;
+  const auto& w = weights_;
+  const int H = c.hidden, P = c.word_embed_proj_dim;
+  for (int t = 0; t < T; ++t) {
+    if (tokens[t] < 0 || tokens[t] >= c.vocab_size)
+      throw Error("token id " + std::to_string(tokens[t]) + " is outside the vocabulary [0, " +
+                  std::to_string(c.vocab_size) + ")");
+    if (positions[t] < 0 || positions[t] >= c.max_positions)
+      throw Error("position " + std::to_string(positions[t]) + " is beyond the model's max_position_embeddings " +
+                  std::to_string(c.max_positions));
+  }
+
+  // embed: (T, P) -> (T, H)
+  std::vector<float> x(size_t(T) * H), xn(size_t(T) * H);
+  {
+    std::vector<float> e(size_t(T) * P);
+    for (int t = 0; t < T; ++t)
+      std::copy_n(w.embed.data() + int64_t(tokens[t]) * P, P, e.data() + int64_t(t) * P);
+    if (c.hasProjection()) k::linear(e.data(), T, P, w.project_in.data(), H, nullptr, x.data());
+    else x.swap(e);
+    if (c.family == Family::Opt)  // learned positions, offset by 2 as OPT was trained
+      for (int t = 0; t < T; ++t)
+        k::addInPlace(x.data() + int64_t(t) * H, w.positions.data() + int64_t(positions[t] + 2) * H, H);
+  }
+
+  for (int l = 0; l < c.layers; ++l) {
+    const auto& L = w.layers[l];
+    if (c.family == Family::Llama) {
+      k::rmsNorm(x.data(), T, H, L.attn_norm_w.data(), float(c.norm_eps), xn.data());
+      attention(l, xn.data(), positions, T, cache, x.data());
+      k::rmsNorm(x.data(), T, H, L.ffn_norm_w.data(), float(c.norm_eps), xn.data());
+      mlp(l, xn.data(), T, x.data());
+    } else if (c.pre_layer_norm) {
+      k::layerNorm(x.data(), T, H, L.attn_norm_w.data(), L.attn_norm_b.data(), float(c.norm_eps), xn.data());
+      attention(l, xn.data(), positions, T, cache, x.data());
+      k::layerNorm(x.data(), T, H, L.ffn_norm_w.data(), L.ffn_norm_b.data(), float(c.norm_eps), xn.data());
+      mlp(l, xn.data(), T, x.data());
+    } else {  // OPT post-LN (opt-350m): norm after each residual add
+      attention(l, x.data(), positions, T, cache, x.data());
+      k::layerNorm(x.data(), T, H, L.attn_norm_w.data(), L.attn_norm_b.data(), float(c.norm_eps), x.data());
+      xn = x;
+      mlp(l, xn.data(), T, x.data());
+      k::layerNorm(x.data(), T, H, L.ffn_norm_w.data(), L.ffn_norm_b.data(), float(c.norm_eps), x.data());
+    }
+  }
+
+  if (!w.final_norm_w.empty()) {
+    if (c.family == Family::Llama) k::rmsNorm(x.data(), T, H, w.final_norm_w.data(), float(c.norm_eps), x.data());
+    else k::layerNorm(x.data(), T, H, w.final_norm_w.data(), w.final_norm_b.data(), float(c.norm_eps), x.data());
+  }
+  if (c.hasProjection()) {
+    std::vector<float> out(size_t(T) * P);
+    k::linear(x.data(), T, H, w.project_out.data(), P, nullptr, out.data());
+    return out;
+  }
+  return x;
+}
+
+std::vector<double> Model::logprobs(const std::vector<float>& hidden, const int* targets, int T) const {
+  const int P = config_.word_embed_proj_dim, V = config_.vocab_size;
+  constexpr int kRows = 64;
+  std::vector<double> out(T);
+  std::vector<float> logits(size_t(std::min(T, kRows)) * V);
+  std::vector<kernels::SoftmaxPartial> parts(kRows);
+  for (int t0 = 0; t0 < T; t0 += kRows) {
+    const int n = std::min(kRows, T - t0);
+    k::linear(hidden.data() + int64_t(t0) * P, n, P, weights_.head().data(), V, nullptr, logits.data());
+    k::softmaxPartials(logits.data(), n, V, 0, targets + t0, parts.data());
+    for (int i = 0; i < n; ++i) out[t0 + i] = parts[i].logprob();
+  }
+  return out;
+}
+
+}  // namespace kvtp

@@ -1,0 +1,43 @@
+// A perplexity job as one value: what `kvtp ppl` parses from its options and, later, what the
+// coordinator sends to workers. runPplJob does the whole thing: load, tokenize, window, score.
+#pragma once
+#include <string>
+
+#include <nlohmann/json.hpp>
+
+#include "runtime/perplexity.h"
+
+namespace kvtp {
+
+struct PplJob {
+  std::string model_dir;         // a Hugging Face folder, or
+  std::string synthetic;         // a preset name / config.json for random weights (--input-ids only)
+  uint64_t seed = 0;             // synthetic weights' seed
+  std::string data;              // C4-style documents, or
+  std::string input_ids;         // lines of token ids
+  int seq_len = 2048;            // capped at the model's max positions
+  int stride = 0;                // 0: non-overlapping windows
+  int max_windows = 0;           // 0: all
+  size_t max_docs = 0;           // 0: all
+  std::string join = "\n\n";     // between documents
+  bool drop_partial = false;     // drop a last window shorter than seq_len
+  Mode mode = Mode::Prefill;
+};
+
+// Named evaluation protocols (docs/PERPLEXITY.md): "default", "gptq".
+void applyPreset(PplJob& job, const std::string& preset);
+
+struct PplJobResult {
+  PplResult result;
+  std::string model;
+  int seq_len = 0;
+  int windows = 0;
+};
+
+PplJobResult runPplJob(const PplJob& job, const ProgressFn& progress = {});
+
+// The `kvtp ppl --json` object: ppl, nll, tokens, sequences[{ppl, tokens}], seconds,
+// tokens_per_second, plus model, mode, seq_len, stride, windows.
+nlohmann::json toJson(const PplJob& job, const PplJobResult& r);
+
+}  // namespace kvtp

@@ -1,0 +1,32 @@
+// Tokenizers of the supported families, loaded from a Hugging Face folder:
+//  - tokenizer.model            SentencePiece (Llama 1/2), through libsentencepiece
+//  - tokenizer.json             byte-level BPE (Llama 3), split regex read from the file
+//  - vocab.json + merges.txt    GPT-2 byte-level BPE (OPT)
+// BOS is added as the folder's tokenizer config says (add_bos_token / TemplateProcessing).
+#pragma once
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace kvtp {
+
+class Tokenizer {
+ public:
+  virtual ~Tokenizer() = default;
+  // Ids of the text alone, no special tokens added.
+  virtual std::vector<int> encodeText(const std::string& text) const = 0;
+  virtual int vocabSize() const = 0;
+  // Ids as the model's tokenizer gives them by default (BOS first when configured).
+  std::vector<int> encode(const std::string& text) const;
+  int bosId() const { return bos_id_; }
+  bool addsBos() const { return add_bos_ && bos_id_ >= 0; }
+  virtual std::string kind() const = 0;
+
+ protected:
+  int bos_id_ = -1;
+  bool add_bos_ = false;
+};
+
+std::unique_ptr<Tokenizer> loadTokenizer(const std::string& model_dir);
+
+}  // namespace kvtp

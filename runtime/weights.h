@@ -1,0 +1,43 @@
+// Model weights as float32 host buffers, named for their role. A model family is the small
+// mapping from Hugging Face tensor names to these roles (loadWeights).
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "runtime/config.h"
+#include "runtime/safetensors.h"
+
+namespace kvtp {
+
+using Tensor = std::vector<float>;  // row-major; shapes live in ModelConfig
+
+struct LayerWeights {
+  Tensor attn_norm_w, attn_norm_b;  // OPT self_attn_layer_norm, Llama input_layernorm (no bias)
+  Tensor wq, bq, wk, bk, wv, bv;    // (heads*hd, H), (kv_heads*hd, H); biases may be empty
+  Tensor wo, bo;                    // (H, heads*hd)
+  Tensor ffn_norm_w, ffn_norm_b;    // OPT final_layer_norm, Llama post_attention_layernorm
+  Tensor w_up, b_up;                // OPT fc1, Llama up_proj: (ffn, H)
+  Tensor w_gate, b_gate;            // Llama gate_proj (ffn, H); empty for OPT
+  Tensor w_down, b_down;            // OPT fc2, Llama down_proj: (H, ffn)
+};
+
+struct ModelWeights {
+  Tensor embed;                     // (vocab, word_embed_proj_dim)
+  Tensor positions;                 // OPT learned positions (max_positions + 2, H)
+  Tensor project_in, project_out;   // OPT when word_embed_proj_dim != H
+  Tensor final_norm_w, final_norm_b;
+  Tensor lm_head;                   // (vocab, word_embed_proj_dim); empty when tied to embed
+  std::vector<LayerWeights> layers;
+  const Tensor& head() const { return lm_head.empty() ? embed : lm_head; }
+  int64_t bytes() const;
+};
+
+// Reads every tensor the config needs from the checkpoint, checking names, shapes and dtypes.
+ModelWeights loadWeights(const ModelConfig& config, const Checkpoint& checkpoint);
+
+// Deterministic random weights of the config's shapes (normal, std 0.02; norms 1), for benchmarks
+// and scale runs without a checkpoint.
+ModelWeights syntheticWeights(const ModelConfig& config, uint64_t seed);
+
+}  // namespace kvtp
