@@ -85,33 +85,49 @@ void applyRope(float* x, int T, int heads, int head_dim, const int* positions, c
 void attendHead(const float* q, int q_stride, const int* q_pos, int T, const float* K, const float* V,
                 const int* k_pos, int L, int head_dim, float scale, float* out, int out_stride,
                 float* probs) {
+  // Query rows go in blocks; a block reads only the key prefix its last query can see (keys are
+  // ascending by position), which skips the masked half of a causal prefill.
+  constexpr int kBlock = 64;
   thread_local std::vector<float> scratch;
-  float* S = probs;
-  if (!S) {
-    scratch.resize(size_t(T) * L);
-    S = scratch.data();
-  }
-  // S (T, L) = scale * Q K^T
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, L, head_dim, scale, q, q_stride, K, head_dim,
-              0.0f, S, L);
-  for (int t = 0; t < T; ++t) {
-    float* row = S + int64_t(t) * L;
-    float mx = -std::numeric_limits<float>::infinity();
-    for (int l = 0; l < L; ++l) {
-      if (k_pos[l] > q_pos[t]) row[l] = -std::numeric_limits<float>::infinity();
-      mx = std::max(mx, row[l]);
+  scratch.resize(size_t(std::min(T, kBlock)) * L);
+  for (int t0 = 0; t0 < T; t0 += kBlock) {
+    const int bt = std::min(kBlock, T - t0);
+    const int max_pos = *std::max_element(q_pos + t0, q_pos + t0 + bt);
+    const int Lb = int(std::upper_bound(k_pos, k_pos + L, max_pos) - k_pos);
+    float* S = scratch.data();
+    if (Lb > 0) {
+      // S (bt, Lb) = scale * Q K^T
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, bt, Lb, head_dim, scale, q + int64_t(t0) * q_stride,
+                  q_stride, K, head_dim, 0.0f, S, Lb);
     }
-    double sum = 0;
-    for (int l = 0; l < L; ++l) {
-      row[l] = k_pos[l] > q_pos[t] ? 0.0f : std::exp(row[l] - mx);
-      sum += row[l];
+    for (int t = 0; t < bt; ++t) {
+      float* row = S + int64_t(t) * Lb;
+      const int p = q_pos[t0 + t];
+      float mx = -std::numeric_limits<float>::infinity();
+      for (int l = 0; l < Lb; ++l)
+        if (k_pos[l] <= p) mx = std::max(mx, row[l]);
+      double sum = 0;
+      for (int l = 0; l < Lb; ++l) {
+        row[l] = k_pos[l] <= p ? std::exp(row[l] - mx) : 0.0f;
+        sum += row[l];
+      }
+      const float inv = sum > 0 ? float(1.0 / sum) : 0.0f;
+      for (int l = 0; l < Lb; ++l) row[l] *= inv;
+      if (probs) {
+        float* pr = probs + int64_t(t0 + t) * L;
+        std::copy(row, row + Lb, pr);
+        std::fill(pr + Lb, pr + L, 0.0f);
+      }
     }
-    const float inv = sum > 0 ? float(1.0 / sum) : 0.0f;
-    for (int l = 0; l < L; ++l) row[l] *= inv;
+    float* o = out + int64_t(t0) * out_stride;
+    if (Lb > 0) {
+      // O (bt, hd) = P V
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, bt, head_dim, Lb, 1.0f, S, Lb, V, head_dim, 0.0f, o,
+                  out_stride);
+    } else {
+      for (int t = 0; t < bt; ++t) std::fill(o + int64_t(t) * out_stride, o + int64_t(t) * out_stride + head_dim, 0.0f);
+    }
   }
-  // O (T, hd) = P V
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, head_dim, L, 1.0f, S, L, V, head_dim, 0.0f,
-              out, out_stride);
 }
 
 void SoftmaxPartial::combine(const SoftmaxPartial& o) {

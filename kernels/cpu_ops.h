@@ -24,7 +24,8 @@ void applyRope(float* x, int T, int heads, int head_dim, const int* positions, c
 
 // Causal attention of T queries of one head over L cached keys/values of its KV head:
 // a query at position p sees the keys at positions <= p. q rows have stride q_stride, out rows
-// out_stride; K and V are (L, head_dim). If probs is non-null it receives the (T, L) attention
+// out_stride; K and V are (L, head_dim) with k_pos ascending (the cache keeps token order).
+// If probs is non-null it receives the (T, L) attention
 // weights (what eviction policies score tokens by).
 void attendHead(const float* q, int q_stride, const int* q_pos, int T, const float* K, const float* V,
                 const int* k_pos, int L, int head_dim, float scale, float* out, int out_stride,

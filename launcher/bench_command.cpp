@@ -84,10 +84,10 @@ void addBenchCommand(CLI::App& app) {
         auto h = model->forward(tokens.data(), pos.data(), T, cache);
         model->logprobs(h, tokens.data(), T);  // the head is part of scoring
       });
-      // Matrix FLOPs: weights (2 per parameter per token) + attention QK^T and PV over the full
-      // T x T square that the CPU kernel computes.
+      // Useful matrix FLOPs: weights (2 per parameter per token) + causal attention, QK^T and PV
+      // over the T(T+1)/2 visible query-key pairs (masked work the kernel may do is not counted).
       const double flops = 2.0 * double(c.matmulParameterCount()) * T +
-                           4.0 * double(T) * T * c.heads * c.head_dim * c.layers;
+                           4.0 * double(T) * (T + 1) / 2 * c.heads * c.head_dim * c.layers;
       const double gflops = flops / s / 1e9;
       out["models"].push_back({{"model", name}, {"seq_len", T}, {"seconds", s}, {"tokens_per_second", T / s},
                                {"gflops", gflops}, {"ratio_to_sgemm", gflops / gemm}});

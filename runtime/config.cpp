@@ -49,6 +49,8 @@ void parseRope(const nlohmann::json& j, ModelConfig& c, const std::string& sourc
 ModelConfig parseConfig(const nlohmann::json& j, const std::string& source) {
   ModelConfig c;
   c.model_type = need<std::string>(j, "model_type", source);
+  if (c.model_type != "opt" && c.model_type != "llama")
+    throw Error(source + ": model_type \"" + c.model_type + "\" is not supported (supported: opt, llama)");
   c.vocab_size = need<int>(j, "vocab_size", source);
   c.hidden = need<int>(j, "hidden_size", source);
   c.layers = need<int>(j, "num_hidden_layers", source);
@@ -70,7 +72,7 @@ ModelConfig parseConfig(const nlohmann::json& j, const std::string& source) {
     if (act != "relu") throw Error(source + ": OPT activation \"" + act + "\" is not supported (relu)");
     if (!get<bool>(j, "layer_norm_elementwise_affine", true))
       throw Error(source + ": OPT without layer-norm affine parameters is not supported");
-  } else if (c.model_type == "llama") {
+  } else {
     c.family = Family::Llama;
     c.kv_heads = get<int>(j, "num_key_value_heads", c.heads);
     c.ffn = need<int>(j, "intermediate_size", source);
@@ -81,9 +83,6 @@ ModelConfig parseConfig(const nlohmann::json& j, const std::string& source) {
     const auto act = get<std::string>(j, "hidden_act", "silu");
     if (act != "silu") throw Error(source + ": Llama activation \"" + act + "\" is not supported (silu)");
     parseRope(j, c, source);
-  } else {
-    throw Error(source + ": model_type \"" + c.model_type +
-                "\" is not supported (supported: opt, llama)");
   }
   c.head_dim = get<int>(j, "head_dim", c.heads > 0 ? c.hidden / c.heads : 0);
   c.validate();

@@ -65,6 +65,8 @@ void Model::attention(int layer, const float* xn, const int* positions, int T, k
   // (T, heads*hd) queries; query head h reads KV head h / (heads / kv_heads) (GQA).
   const int group = c.heads / c.kv_heads;
   const float scale = float(1.0 / std::sqrt(double(hd)));
+  // Heads in parallel; BLAS calls inside run single-threaded (OpenBLAS's OpenMP build).
+#pragma omp parallel for schedule(dynamic)
   for (int h = 0; h < c.heads; ++h) {
     const auto& kvh = cache.head(layer, h / group);
     k::attendHead(q.data() + h * hd, Q, positions, T, kvh.keys.data(), kvh.values.data(), kvh.positions.data(),

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 pkgs=(build-essential cmake ninja-build pkg-config
-      libopenblas-dev libopenmpi-dev openmpi-bin
+      libopenblas-openmp-dev libopenmpi-dev openmpi-bin
       libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
       libsentencepiece-dev nlohmann-json3-dev libcli11-dev zlib1g-dev libsqlite3-dev
       libgtest-dev libgmock-dev libpcre2-dev gnuplot-nox openssl)

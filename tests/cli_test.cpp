@@ -1,0 +1,83 @@
+// The `kvtp ppl` contract as other tools see it: exactly one JSON object on stdout with the
+// named fields, --logprobs lines, and one clear error line with a non-zero exit on bad input.
+#include <gtest/gtest.h>
+
+#include <fstream>
+
+#include "test_util.h"
+
+namespace kvtp {
+namespace {
+
+using test::run;
+
+TEST(Cli, PplJsonIsOneObjectWithTheContractFields) {
+  test::TempDir d;
+  const auto r = run(test::kvtpBinary() + " ppl --model tests/fixtures/models/llama3-gqa --input-ids "
+                     "tests/fixtures/models/llama3-gqa/input_ids.txt --json --logprobs " + (d / "lp.jsonl"));
+  ASSERT_EQ(r.status, 0) << r.err;
+  const auto j = nlohmann::json::parse(r.out);  // throws if stdout is not exactly one JSON value
+  for (const char* k : {"ppl", "nll", "tokens", "sequences", "seconds", "tokens_per_second"})
+    EXPECT_TRUE(j.contains(k)) << k;
+  EXPECT_EQ(j["sequences"].size(), 3u);
+  EXPECT_EQ(j["tokens"].get<int>(), 63 + 22 + 99);
+  std::ifstream lp(d / "lp.jsonl");
+  std::string line;
+  int lines = 0, tokens = 0;
+  while (std::getline(lp, line)) {
+    tokens += int(nlohmann::json::parse(line)["logprobs"].size());
+    ++lines;
+  }
+  EXPECT_EQ(lines, 3);
+  EXPECT_EQ(tokens, j["tokens"].get<int>());
+}
+
+TEST(Cli, DecodeModeGivesThePrefillPerplexity) {
+  const std::string base = test::kvtpBinary() + " ppl --model models/kvtp-opt-3m --data data/c4/c4-heldout-200.json.gz "
+                           "--seq-len 200 --max-windows 2 --json --mode ";
+  const auto p = run(base + "prefill"), dd = run(base + "decode");
+  ASSERT_EQ(p.status, 0) << p.err;
+  ASSERT_EQ(dd.status, 0) << dd.err;
+  const double a = nlohmann::json::parse(p.out)["ppl"], b = nlohmann::json::parse(dd.out)["ppl"];
+  EXPECT_NEAR(a, b, 1e-4 * a);  // fp32: the two paths sum in different orders
+  EXPECT_EQ(nlohmann::json::parse(p.out)["tokens"], 2 * 199);
+}
+
+struct BadInput {
+  std::string name, args, expect;
+};
+void PrintTo(const BadInput& b, std::ostream* os) { *os << b.args; }
+
+class CliBadInput : public ::testing::TestWithParam<BadInput> {};
+
+TEST_P(CliBadInput, OneClearLineAndNonZeroExit) {
+  const auto r = run(test::kvtpBinary() + " ppl " + GetParam().args);
+  EXPECT_NE(r.status, 0);
+  EXPECT_TRUE(r.out.empty()) << r.out;
+  EXPECT_NE(r.err.find(GetParam().expect), std::string::npos) << r.err;
+  EXPECT_EQ(r.err.find("terminate called"), std::string::npos) << r.err;
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Cases, CliBadInput,
+    ::testing::Values(
+        BadInput{"MissingModel", "--model /nonexistent --data data/c4/c4-heldout-200.json.gz", "does not exist"},
+        BadInput{"MissingData", "--model models/kvtp-opt-3m --data /nonexistent.json.gz", "does not exist"},
+        BadInput{"IdsNotNumbers", "--model models/kvtp-opt-3m --input-ids CMakeLists.txt", "is not a token id"},
+        BadInput{"EmptyIds", "--model tests/fixtures/models/llama3-gqa --input-ids /dev/null", "holds no token ids"},
+        BadInput{"UnknownMode", "--model models/kvtp-opt-3m --data data/c4/c4-heldout-200.json.gz --mode sideways", "sideways"},
+        BadInput{"NoInput", "--model models/kvtp-opt-3m", "exactly one of --data and --input-ids"},
+        BadInput{"NotAModelFolder", "--model tests/fixtures --data data/c4/c4-heldout-200.json.gz", "config.json"},
+        BadInput{"UnknownPreset", "--synthetic opt-9000b --input-ids tests/fixtures/models/opt-preln/input_ids.txt", "preset"}),
+    [](const auto& info) { return info.param.name; });
+
+TEST(Cli, TokenIdBeyondVocabularyIsAnError) {
+  test::TempDir d;
+  std::ofstream(d / "ids.txt") << "1 2 999999\n";
+  const auto r = run(test::kvtpBinary() + " ppl --model tests/fixtures/models/opt-preln --input-ids " + (d / "ids.txt"));
+  EXPECT_NE(r.status, 0);
+  EXPECT_NE(r.err.find("outside the vocabulary"), std::string::npos) << r.err;
+}
+
+}  // namespace
+}  // namespace kvtp
