@@ -69,7 +69,7 @@ void addBenchCommand(CLI::App& app) {
     for (auto& m : a->models) models.emplace_back(m, Model::load(m));
     for (auto& s : a->synthetic) {
       ModelConfig c = syntheticConfig(s);
-      models.emplace_back("synthetic:" + s, std::make_unique<Model>(c, syntheticWeights(c, 0)));
+      models.emplace_back("synthetic:" + s, Model::synthetic(c, 0));
     }
     for (auto& [name, model] : models) {
       const auto& c = model->config();

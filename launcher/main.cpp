@@ -1,6 +1,7 @@
 // kvtp: evaluate and serve OPT / Llama models with a compressed KV cache.
 #include <cstdio>
 
+#include "comm/communicator.h"
 #include "launcher/commands.h"
 #include "runtime/error.h"
 
@@ -13,9 +14,10 @@ int main(int argc, char** argv) {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
     return app.exit(e);
-  } catch (const std::exception& e) {  // kvtp::Error and anything unexpected: one clear line
-    std::fprintf(stderr, "kvtp: error: %s\n", e.what());
-    return 1;
+  } catch (const std::exception& e) {
+    // kvtp::Error and anything unexpected: one clear line; under mpirun the whole job ends with
+    // this rank's message instead of leaving the other ranks waiting in a collective.
+    kvtp::comm::abortJob(e.what());
   }
   return 0;
 }

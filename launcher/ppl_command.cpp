@@ -13,8 +13,8 @@ namespace kvtp::launcher {
 void addPplCommand(CLI::App& app) {
   auto* cmd = app.add_subcommand("ppl", "Perplexity of a model on C4 documents or token-id lines");
   auto job = std::make_shared<PplJob>();
-  auto opts = std::make_shared<std::tuple<std::string, std::string, bool, std::string, bool>>();
-  auto& [mode, preset, json, logprobs_path, quiet] = *opts;
+  auto opts = std::make_shared<std::tuple<std::string, std::string, bool, std::string, bool, int, bool>>();
+  auto& [mode, preset, json, logprobs_path, quiet, tp, verbose] = *opts;
   mode = "prefill";
   preset = "default";
   cmd->add_option("--model", job->model_dir, "Hugging Face model folder (config.json + safetensors + tokenizer)");
@@ -33,10 +33,13 @@ void addPplCommand(CLI::App& app) {
       ->check(CLI::IsMember({"prefill", "decode"}));
   cmd->add_flag("--json", json, "print exactly one JSON object on stdout");
   cmd->add_option("--logprobs", logprobs_path, "write one JSON line per sequence with each token's log-prob");
-  cmd->add_flag("--quiet", quiet, "no progress bar");
+  cmd->add_flag("--quiet", quiet, "no progress bar, no memory plan");
+  cmd->add_flag("--verbose", verbose, "every rank logs, not only rank 0");
+  cmd->add_option("--tp", tp, "tensor-parallel degree under mpirun (default: the world size)");
+  cmd->add_option("--layers", job->layers, "with --synthetic: use only the first K layers");
 
   cmd->callback([=] {
-    auto& [mode, preset, json, logprobs_path, quiet] = *opts;
+    auto& [mode, preset, json, logprobs_path, quiet, tp, verbose] = *opts;
     PplJob j = *job;
     // A preset sets the protocol; options given explicitly still win.
     PplJob p;
@@ -49,9 +52,17 @@ void addPplCommand(CLI::App& app) {
     if (!drop->count()) j.drop_partial = p.drop_partial;
     j.mode = parseMode(mode);
 
-    ProgressBar bar(!quiet);
-    const PplJobResult r = runPplJob(j, [&](const Progress& p) { bar.update(p); });
+    const comm::Topology topo = comm::makeTopology(tp);
+    const bool lead = topo.world->rank() == 0;  // prints results; other ranks stay quiet
+    const std::string who = topo.mpi ? topo.prefix() + " " : "";
+    ProgressBar bar(lead && !quiet);
+    const PplJobResult r = runPplJob(
+        j, &topo, [&](const Progress& p) { bar.update(p); },
+        [&](const std::string& line) {
+          if ((lead && !quiet) || verbose) std::fprintf(stderr, "%s%s\n", who.c_str(), line.c_str());
+        });
     bar.finish();
+    if (!lead) return;
 
     if (!logprobs_path.empty()) {
       std::ofstream out(logprobs_path);
@@ -62,8 +73,8 @@ void addPplCommand(CLI::App& app) {
     if (json) {
       std::cout << toJson(j, r).dump() << std::endl;
     } else {
-      std::printf("model %s  mode %s  seq_len %d  windows %d\n", r.model.c_str(), modeName(j.mode), r.seq_len,
-                  r.windows);
+      std::printf("model %s  mode %s  seq_len %d  windows %d  tp %d  dp %d\n", r.model.c_str(), modeName(j.mode),
+                  r.seq_len, r.windows, r.tp, r.dp);
       std::printf("ppl %.4f  over %lld tokens  (%.1f s, %.0f tok/s)\n", r.result.ppl(),
                   (long long)r.result.tokens, r.result.seconds, r.result.tokensPerSecond());
     }

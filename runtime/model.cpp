@@ -35,62 +35,86 @@ std::vector<float> ropeInverseFrequencies(const ModelConfig& c) {
   return inv;
 }
 
-Model::Model(ModelConfig config, ModelWeights weights)
-    : config_(std::move(config)), weights_(std::move(weights)) {
+namespace {
+Partition partitionFor(const ModelConfig& c, comm::Communicator* group) {
+  return group ? Partition::make(c, group->rank(), group->size()) : Partition::make(c, 0, 1);
+}
+}  // namespace
+
+Model::Model(ModelConfig config, ModelWeights weights, comm::Communicator* group)
+    : config_(std::move(config)), weights_(std::move(weights)), group_(group), part_(partitionFor(config_, group)) {
   if (config_.family == Family::Llama) inv_freq_ = ropeInverseFrequencies(config_);
 }
 
-std::unique_ptr<Model> Model::load(const std::string& model_dir) {
+std::unique_ptr<Model> Model::load(const std::string& model_dir, comm::Communicator* group) {
   ModelConfig config = loadConfig(model_dir);
+  const Partition part = partitionFor(config, group);  // fails before any weight is read
   Checkpoint checkpoint(model_dir);
-  return std::make_unique<Model>(config, loadWeights(config, checkpoint));
+  return std::make_unique<Model>(config, loadWeights(config, checkpoint, part), group);
 }
 
-kv::KVCache Model::newCache() const { return kv::KVCache(config_.layers, config_.kv_heads, config_.head_dim); }
+std::unique_ptr<Model> Model::synthetic(const ModelConfig& config, uint64_t seed, comm::Communicator* group) {
+  const Partition part = partitionFor(config, group);
+  return std::make_unique<Model>(config, syntheticWeights(config, seed, part), group);
+}
+
+kv::KVCache Model::newCache() const { return kv::KVCache(config_.layers, part_.kv_heads, config_.head_dim); }
+
+void Model::rowParallel(const float* in, int T, int in_dim, const Tensor& W, const Tensor& bias, float* x) const {
+  const float* b = bias.empty() || part_.rank != 0 ? nullptr : bias.data();  // the bias is added once
+  if (part_.tp == 1) {
+    k::linear(in, T, in_dim, W.data(), config_.hidden, b, x, true);
+    return;
+  }
+  std::vector<float> partial(size_t(T) * config_.hidden);
+  k::linear(in, T, in_dim, W.data(), config_.hidden, b, partial.data());
+  group_->allReduceSum(partial.data(), partial.size());
+  k::addInPlace(x, partial.data(), int64_t(partial.size()));
+}
 
 void Model::attention(int layer, const float* xn, const int* positions, int T, kv::KVCache& cache,
                       float* out) const {
   const auto& c = config_;
   const auto& L = weights_.layers[layer];
-  const int Q = c.qDim(), KV = c.kvDim(), hd = c.head_dim;
+  const int hd = c.head_dim, Q = part_.q_heads * hd, KV = part_.kv_heads * hd;
   std::vector<float> q(size_t(T) * Q), kx(size_t(T) * KV), vx(size_t(T) * KV), ctx(size_t(T) * Q);
   k::linear(xn, T, c.hidden, L.wq.data(), Q, L.bq.empty() ? nullptr : L.bq.data(), q.data());
   k::linear(xn, T, c.hidden, L.wk.data(), KV, L.bk.empty() ? nullptr : L.bk.data(), kx.data());
   k::linear(xn, T, c.hidden, L.wv.data(), KV, L.bv.empty() ? nullptr : L.bv.data(), vx.data());
   if (c.family == Family::Llama) {
-    k::applyRope(q.data(), T, c.heads, hd, positions, inv_freq_.data());
-    k::applyRope(kx.data(), T, c.kv_heads, hd, positions, inv_freq_.data());
+    k::applyRope(q.data(), T, part_.q_heads, hd, positions, inv_freq_.data());
+    k::applyRope(kx.data(), T, part_.kv_heads, hd, positions, inv_freq_.data());
   }
   cache.append(layer, kx.data(), vx.data(), positions, T);
-  // (T, heads*hd) queries; query head h reads KV head h / (heads / kv_heads) (GQA).
-  const int group = c.heads / c.kv_heads;
+  // (T, local heads * hd) queries; each reads its KV head (GQA: heads / kv_heads share one).
   const float scale = float(1.0 / std::sqrt(double(hd)));
-  // Heads in parallel; BLAS calls inside run single-threaded (OpenBLAS's OpenMP build).
-#pragma omp parallel for schedule(dynamic)
-  for (int h = 0; h < c.heads; ++h) {
-    const auto& kvh = cache.head(layer, h / group);
+  // Heads in parallel, with BLAS single-threaded inside (OpenBLAS's OpenMP build); a decode step
+  // over a short cache is too little work to be worth waking threads for.
+  const int64_t work = int64_t(T) * cache.head(layer, 0).length();
+#pragma omp parallel for schedule(dynamic) if (work >= 4096)
+  for (int h = 0; h < part_.q_heads; ++h) {
+    const auto& kvh = cache.head(layer, part_.kvHeadOf(h, c));
     k::attendHead(q.data() + h * hd, Q, positions, T, kvh.keys.data(), kvh.values.data(), kvh.positions.data(),
                   kvh.length(), hd, scale, ctx.data() + h * hd, Q);
   }
-  k::linear(ctx.data(), T, Q, L.wo.data(), c.hidden, L.bo.empty() ? nullptr : L.bo.data(), out, true);
+  rowParallel(ctx.data(), T, Q, L.wo, L.bo, out);
 }
 
 void Model::mlp(int layer, const float* xn, int T, float* x) const {
   const auto& c = config_;
   const auto& L = weights_.layers[layer];
-  std::vector<float> up(size_t(T) * c.ffn);
-  k::linear(xn, T, c.hidden, L.w_up.data(), c.ffn, L.b_up.empty() ? nullptr : L.b_up.data(), up.data());
+  const int F = part_.ffn();
+  std::vector<float> up(size_t(T) * F);
+  k::linear(xn, T, c.hidden, L.w_up.data(), F, L.b_up.empty() ? nullptr : L.b_up.data(), up.data());
   if (c.family == Family::Llama) {
-    std::vector<float> gate(size_t(T) * c.ffn);
-    k::linear(xn, T, c.hidden, L.w_gate.data(), c.ffn, L.b_gate.empty() ? nullptr : L.b_gate.data(),
-              gate.data());
+    std::vector<float> gate(size_t(T) * F);
+    k::linear(xn, T, c.hidden, L.w_gate.data(), F, L.b_gate.empty() ? nullptr : L.b_gate.data(), gate.data());
     k::siluMul(gate.data(), up.data(), int64_t(gate.size()));
     up.swap(gate);
   } else {
     k::relu(up.data(), int64_t(up.size()));
   }
-  k::linear(up.data(), T, c.ffn, L.w_down.data(), c.hidden, L.b_down.empty() ? nullptr : L.b_down.data(), x,
-            true);
+  rowParallel(up.data(), T, F, L.w_down, L.b_down, x);
 }
 
 std::vector<float> Model::forward(const int* tokens, const int* positions, int T, kv::KVCache& cache) const {
@@ -106,12 +130,15 @@ std::vector<float> Model::forward(const int* tokens, const int* positions, int T
                   std::to_string(c.max_positions));
   }
 
-  // embed: (T, P) -> (T, H)
+  // embed: (T, P) -> (T, H). Vocab-parallel: a rank fills the rows of its vocabulary range,
+  // zeros elsewhere, and the all-reduce assembles the full rows.
   std::vector<float> x(size_t(T) * H), xn(size_t(T) * H);
   {
-    std::vector<float> e(size_t(T) * P);
+    std::vector<float> e(size_t(T) * P, 0.0f);
     for (int t = 0; t < T; ++t)
-      std::copy_n(w.embed.data() + int64_t(tokens[t]) * P, P, e.data() + int64_t(t) * P);
+      if (tokens[t] >= part_.vocab_begin && tokens[t] < part_.vocab_end)
+        std::copy_n(w.embed.data() + (tokens[t] - part_.vocab_begin) * P, P, e.data() + int64_t(t) * P);
+    if (part_.tp > 1) group_->allReduceSum(e.data(), e.size());
     if (c.hasProjection()) k::linear(e.data(), T, P, w.project_in.data(), H, nullptr, x.data());
     else x.swap(e);
     if (c.family == Family::Opt)  // learned positions, offset by 2 as OPT was trained
@@ -153,16 +180,28 @@ std::vector<float> Model::forward(const int* tokens, const int* positions, int T
 }
 
 std::vector<double> Model::logprobs(const std::vector<float>& hidden, const int* targets, int T) const {
-  const int P = config_.word_embed_proj_dim, V = config_.vocab_size;
+  // Vocab-parallel: each rank reduces its vocabulary range to per-row partials; the partials of
+  // all ranks are gathered and combined in rank order, so every rank gets the same result and
+  // the full vocabulary is never gathered.
+  const int P = config_.word_embed_proj_dim, V = part_.vocab();
   constexpr int kRows = 64;
   std::vector<double> out(T);
   std::vector<float> logits(size_t(std::min(T, kRows)) * V);
-  std::vector<kernels::SoftmaxPartial> parts(kRows);
+  std::vector<k::SoftmaxPartial> mine(kRows), all(size_t(kRows) * part_.tp);
   for (int t0 = 0; t0 < T; t0 += kRows) {
     const int n = std::min(kRows, T - t0);
     k::linear(hidden.data() + int64_t(t0) * P, n, P, weights_.head().data(), V, nullptr, logits.data());
-    k::softmaxPartials(logits.data(), n, V, 0, targets + t0, parts.data());
-    for (int i = 0; i < n; ++i) out[t0 + i] = parts[i].logprob();
+    k::softmaxPartials(logits.data(), n, V, int(part_.vocab_begin), targets + t0, mine.data());
+    if (part_.tp == 1) {
+      for (int i = 0; i < n; ++i) out[t0 + i] = mine[i].logprob();
+      continue;
+    }
+    group_->allGather(mine.data(), sizeof(k::SoftmaxPartial) * kRows, all.data());
+    for (int i = 0; i < n; ++i) {
+      k::SoftmaxPartial p = all[i];
+      for (int r = 1; r < part_.tp; ++r) p.combine(all[size_t(r) * kRows + i]);
+      out[t0 + i] = p.logprob();
+    }
   }
   return out;
 }

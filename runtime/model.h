@@ -7,20 +7,26 @@
 #include <string>
 #include <vector>
 
+#include "comm/communicator.h"
 #include "kv/kv_cache.h"
 #include "runtime/config.h"
+#include "runtime/partition.h"
 #include "runtime/weights.h"
 
 namespace kvtp {
 
 class Model {
  public:
-  Model(ModelConfig config, ModelWeights weights);
-  // Reads config.json and the safetensors weights of a Hugging Face folder.
-  static std::unique_ptr<Model> load(const std::string& model_dir);
+  // `group` is the tensor-parallel group (not owned; it outlives the model); null means tp = 1.
+  Model(ModelConfig config, ModelWeights weights, comm::Communicator* group = nullptr);
+  // Reads config.json and this rank's slices of the safetensors weights of a Hugging Face folder.
+  static std::unique_ptr<Model> load(const std::string& model_dir, comm::Communicator* group = nullptr);
+  // Random weights of a config's shapes (syntheticWeights), this rank's slices only.
+  static std::unique_ptr<Model> synthetic(const ModelConfig& config, uint64_t seed, comm::Communicator* group = nullptr);
 
   const ModelConfig& config() const { return config_; }
   const ModelWeights& weights() const { return weights_; }
+  const Partition& partition() const { return part_; }
   kv::KVCache newCache() const;
 
   // Runs T new tokens at absolute `positions` (ascending, after everything in the cache) and
@@ -35,9 +41,13 @@ class Model {
   void attention(int layer, const float* x_norm, const int* positions, int T, kv::KVCache& cache,
                  float* out) const;
   void mlp(int layer, const float* x_norm, int T, float* x) const;
+  // x += all-reduce(in · W^T) (+ bias, once): a row-parallel projection into the residual.
+  void rowParallel(const float* in, int T, int in_dim, const Tensor& W, const Tensor& bias, float* x) const;
 
   ModelConfig config_;
   ModelWeights weights_;
+  comm::Communicator* group_;
+  Partition part_;
   std::vector<float> inv_freq_;  // RoPE frequencies (Llama)
 };
 

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 
 #include "runtime/dataset.h"
 #include "runtime/error.h"
@@ -23,20 +24,50 @@ void applyPreset(PplJob& job, const std::string& preset) {
   throw Error("preset '" + preset + "' is not one of: default, gptq");
 }
 
-PplJobResult runPplJob(const PplJob& job, const ProgressFn& progress) {
+namespace {
+
+std::string mib(int64_t bytes) {
+  char b[32];
+  std::snprintf(b, sizeof b, "%.1f MiB", double(bytes) / (1 << 20));
+  return b;
+}
+
+// Rebuilds per-sequence results from every window's log-probs laid end to end.
+PplResult assemble(const std::vector<Window>& windows, const std::vector<double>& flat, int sequences) {
+  PplResult r;
+  r.sequences.resize(sequences);
+  size_t at = 0;
+  for (const auto& w : windows) {
+    auto& s = r.sequences[w.sequence];
+    for (int64_t i = 0; i < w.scored(); ++i, ++at) {
+      s.logprobs.push_back(flat[at]);
+      s.nll -= flat[at];
+      s.tokens += 1;
+      r.nll -= flat[at];
+      r.tokens += 1;
+    }
+  }
+  return r;
+}
+
+}  // namespace
+
+PplJobResult runPplJob(const PplJob& job, const comm::Topology* topo, const ProgressFn& progress, const PlanFn& plan) {
   if (job.model_dir.empty() == job.synthetic.empty()) throw Error("give exactly one of --model and --synthetic");
   if (job.data.empty() == job.input_ids.empty()) throw Error("give exactly one of --data and --input-ids");
   if (!job.synthetic.empty() && !job.data.empty())
     throw Error("--synthetic has no tokenizer: score --input-ids with it, not --data");
 
+  comm::Communicator* group = topo ? topo->group.get() : nullptr;
   std::unique_ptr<Model> model;
   PplJobResult out;
   if (!job.model_dir.empty()) {
-    model = Model::load(job.model_dir);
+    model = Model::load(job.model_dir, group);
     out.model = job.model_dir;
   } else {
     ModelConfig c = syntheticConfig(job.synthetic);
-    model = std::make_unique<Model>(c, syntheticWeights(c, job.seed));
+    if (job.layers > 0) c.layers = job.layers;
+    model = Model::synthetic(c, job.seed, group);
     out.model = "synthetic:" + job.synthetic;
   }
   const ModelConfig& c = model->config();
@@ -68,7 +99,58 @@ PplJobResult runPplJob(const PplJob& job, const ProgressFn& progress) {
   }
   if (windows.empty()) throw Error("no window of at least 2 tokens to score");
   out.windows = int(windows.size());
-  out.result = scoreWindows(*model, windows, sequences, job.mode, progress);
+  out.tp = model->partition().tp;
+  out.dp = topo ? topo->dp : 1;
+  const int group_index = topo ? topo->group_index : 0;
+  if (topo) {  // every rank must run the same job on the same model
+    nlohmann::json digest = {{"job", toJson(job, out)}, {"vocab", c.vocab_size}, {"layers", c.layers},
+                             {"hidden", c.hidden}, {"heads", c.heads}, {"kv_heads", c.kv_heads}, {"ffn", c.ffn}};
+    digest["job"].erase("seconds");
+    digest["job"].erase("tokens_per_second");
+    comm::checkSameOnAllRanks(*topo->world, "the model config or job", digest.dump());
+  }
+
+  // Data parallel: group g scores windows g, g + dp, g + 2 dp, ...
+  std::vector<Window> mine;
+  for (size_t i = 0; i < windows.size(); ++i)
+    if (int(i % out.dp) == group_index) mine.push_back(windows[i]);
+  out.weight_bytes = model->weights().bytes();
+  int longest = 0;
+  for (auto& w : mine) longest = std::max(longest, int(w.ids.size()));
+  {
+    kv::KVCache probe = model->newCache();  // the full cache of the longest window, per rank
+    out.kv_bytes_peak = int64_t(longest) * c.layers * probe.kvHeads() *
+                        (2 * c.head_dim * int64_t(sizeof(float)) + int64_t(sizeof(int32_t)));
+  }
+  if (plan)
+    plan("memory plan per rank (tp " + std::to_string(out.tp) + ", dp " + std::to_string(out.dp) + "): weights " +
+         mib(out.weight_bytes) + ", KV cache " + mib(out.kv_bytes_peak) + " at " + std::to_string(longest) +
+         " tokens (float32)");
+  PplResult local = scoreWindows(*model, mine, sequences, job.mode, progress);
+  if (out.dp == 1) {
+    out.result = std::move(local);
+    return out;
+  }
+  // Lay every window's log-probs end to end; each group's first rank fills its windows, and a
+  // world all-reduce (the others add zeros) gives every rank all of them.
+  std::vector<int64_t> offset(windows.size() + 1, 0);
+  for (size_t i = 0; i < windows.size(); ++i) offset[i + 1] = offset[i] + windows[i].scored();
+  std::vector<double> flat(size_t(offset.back()), 0.0);
+  if (topo->group->rank() == 0) {
+    std::vector<size_t> next(size_t(sequences), 0);  // read position in each local sequence
+    for (size_t i = 0; i < windows.size(); ++i) {
+      if (int(i % out.dp) != group_index) continue;
+      const auto& lp = local.sequences[windows[i].sequence].logprobs;
+      auto& at = next[windows[i].sequence];
+      std::copy_n(lp.begin() + int64_t(at), windows[i].scored(), flat.begin() + offset[i]);
+      at += size_t(windows[i].scored());
+    }
+  }
+  topo->world->allReduceSum(flat.data(), flat.size());
+  double seconds = local.seconds;
+  topo->world->allReduceMax(&seconds, 1);
+  out.result = assemble(windows, flat, sequences);
+  out.result.seconds = seconds;
   return out;
 }
 
@@ -85,7 +167,9 @@ nlohmann::json toJson(const PplJob& job, const PplJobResult& r) {
           {"mode", modeName(job.mode)},
           {"seq_len", r.seq_len},
           {"stride", job.stride},
-          {"windows", r.windows}};
+          {"windows", r.windows},
+          {"tp", r.tp},
+          {"dp", r.dp}};
 }
 
 }  // namespace kvtp

@@ -5,6 +5,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "comm/communicator.h"
 #include "runtime/perplexity.h"
 
 namespace kvtp {
@@ -13,6 +14,7 @@ struct PplJob {
   std::string model_dir;         // a Hugging Face folder, or
   std::string synthetic;         // a preset name / config.json for random weights (--input-ids only)
   uint64_t seed = 0;             // synthetic weights' seed
+  int layers = 0;                // synthetic: override num_hidden_layers (0 = the config's)
   std::string data;              // C4-style documents, or
   std::string input_ids;         // lines of token ids
   int seq_len = 2048;            // capped at the model's max positions
@@ -32,9 +34,19 @@ struct PplJobResult {
   std::string model;
   int seq_len = 0;
   int windows = 0;
+  int tp = 1, dp = 1;
+  int64_t weight_bytes = 0;   // this rank's
+  int64_t kv_bytes_peak = 0;  // this rank's, largest over its windows
 };
 
-PplJobResult runPplJob(const PplJob& job, const ProgressFn& progress = {});
+// Called once the model is loaded, before scoring: a one-line memory plan for the log.
+using PlanFn = std::function<void(const std::string&)>;
+
+// Runs the job on every rank of `topology` (null: this process alone). Each tensor-parallel
+// group scores every dp-th window; all ranks return the whole result. Throws on bad input
+// (each rank for itself: the caller ends the job, see comm::abortJob).
+PplJobResult runPplJob(const PplJob& job, const comm::Topology* topology = nullptr, const ProgressFn& progress = {},
+                       const PlanFn& plan = {});
 
 // The `kvtp ppl --json` object: ppl, nll, tokens, sequences[{ppl, tokens}], seconds,
 // tokens_per_second, plus model, mode, seq_len, stride, windows.

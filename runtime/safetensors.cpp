@@ -193,6 +193,18 @@ Checkpoint::~Checkpoint() = default;
 
 bool Checkpoint::has(const std::string& name) const { return weight_map_.count(name) > 0; }
 
+std::vector<std::string> Checkpoint::names() const {
+  std::vector<std::string> n;
+  for (auto& [name, file] : weight_map_) n.push_back(name);
+  return n;
+}
+
+const TensorInfo& Checkpoint::info(const std::string& name) const {
+  const TensorInfo* t = file(name).find(name);
+  if (!t) throw Error("'" + dir_ + "': tensor '" + name + "' is missing from its shard");
+  return *t;
+}
+
 const SafetensorsFile& Checkpoint::file(const std::string& name) const {
   auto it = weight_map_.find(name);
   if (it == weight_map_.end()) throw Error("'" + dir_ + "': tensor '" + name + "' is missing");

@@ -52,6 +52,8 @@ class Checkpoint {
   ~Checkpoint();
 
   bool has(const std::string& name) const;
+  std::vector<std::string> names() const;
+  const TensorInfo& info(const std::string& name) const;  // dtype and full shape
   // The tensor as float32, after checking that its full shape is `shape`; with a slice, only
   // that part is read and returned (row-major).
   std::vector<float> read(const std::string& name, const std::vector<int64_t>& shape,

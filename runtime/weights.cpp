@@ -96,7 +96,7 @@ int64_t ModelWeights::bytes() const {
   return b;
 }
 
-ModelWeights loadWeights(const ModelConfig& config, const Checkpoint& ck) {
+ModelWeights loadWeights(const ModelConfig& config, const Checkpoint& ck, const Partition& part) {
   // Some OPT checkpoints (facebook/opt-*) store names without the "model." prefix.
   const bool bare = config.family == Family::Opt && !ck.has("model.decoder.embed_tokens.weight") &&
                     ck.has("decoder.embed_tokens.weight");
@@ -107,26 +107,46 @@ ModelWeights loadWeights(const ModelConfig& config, const Checkpoint& ck) {
                                 config.model_type + " config)");
       return Tensor{};
     }
-    return ck.read(stored, shape);
+    return ck.read(stored, shape, shardSlice(name, shape, config, part));
   });
 }
 
-ModelWeights syntheticWeights(const ModelConfig& config, uint64_t seed) {
-  std::mt19937_64 rng(seed);
+namespace {
+uint64_t splitmix64(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+}  // namespace
+
+ModelWeights syntheticWeights(const ModelConfig& config, uint64_t seed, const Partition& part) {
   return buildWeights(config, [&](const std::string& name, const std::vector<int64_t>& shape, bool required) {
     if (!required) return Tensor{};
-    int64_t n = 1;
-    for (auto d : shape) n *= d;
-    Tensor t(static_cast<size_t>(n));
-    const bool norm = name.find("norm") != std::string::npos;
-    if (norm && name.ends_with("weight")) {
-      std::fill(t.begin(), t.end(), 1.0f);
-    } else if (shape.size() == 1) {
-      std::fill(t.begin(), t.end(), 0.0f);
-    } else {
-      std::normal_distribution<float> dist(0.0f, 0.02f);
-      for (auto& v : t) v = dist(rng);
+    const Slice sl = shardSlice(name, shape, config, part);
+    // View as (outer, dim, inner) around the sliced dimension (dim 0 when whole).
+    const int d = sl.dim < 0 ? 0 : sl.dim;
+    int64_t outer = 1, inner = 1;
+    for (int i = 0; i < d; ++i) outer *= shape[i];
+    for (size_t i = d + 1; i < shape.size(); ++i) inner *= shape[i];
+    const int64_t b = sl.dim < 0 ? 0 : sl.begin, e = sl.dim < 0 ? shape[d] : sl.end, len = e - b;
+    Tensor t(static_cast<size_t>(outer * len * inner));
+    const bool norm_weight = name.find("norm") != std::string::npos && name.ends_with("weight");
+    if (norm_weight || shape.size() == 1) {
+      std::fill(t.begin(), t.end(), norm_weight ? 1.0f : 0.0f);
+      return t;
     }
+    const uint64_t key = splitmix64(seed ^ std::hash<std::string>{}(name));
+    constexpr float kScale = 0.02f * 1.7320508f / 9007199254740992.0f;  // uniform std 0.02 from 53 bits
+#pragma omp parallel for collapse(2)
+    for (int64_t o = 0; o < outer; ++o)
+      for (int64_t r = 0; r < len; ++r) {
+        const int64_t global_row = (o * shape[d] + b + r) * inner, local_row = (o * len + r) * inner;
+        for (int64_t i = 0; i < inner; ++i) {
+          const uint64_t h = splitmix64(key + uint64_t(global_row + i)) >> 11;  // 53 bits
+          t[size_t(local_row + i)] = (2.0f * float(h) - 9007199254740992.0f) * kScale;
+        }
+      }
     return t;
   });
 }

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "runtime/config.h"
+#include "runtime/partition.h"
 #include "runtime/safetensors.h"
 
 namespace kvtp {
@@ -22,6 +23,7 @@ struct LayerWeights {
   Tensor w_down, b_down;            // OPT fc2, Llama down_proj: (H, ffn)
 };
 
+// Tensors hold only this rank's slice (runtime/partition.h); shapes below are for tp = 1.
 struct ModelWeights {
   Tensor embed;                     // (vocab, word_embed_proj_dim)
   Tensor positions;                 // OPT learned positions (max_positions + 2, H)
@@ -33,11 +35,13 @@ struct ModelWeights {
   int64_t bytes() const;
 };
 
-// Reads every tensor the config needs from the checkpoint, checking names, shapes and dtypes.
-ModelWeights loadWeights(const ModelConfig& config, const Checkpoint& checkpoint);
+// Reads this rank's slice of every tensor the config needs (shardSlice), checking names, shapes
+// and dtypes against the full shapes; only the slice's bytes are read.
+ModelWeights loadWeights(const ModelConfig& config, const Checkpoint& checkpoint, const Partition& part);
 
-// Deterministic random weights of the config's shapes (normal, std 0.02; norms 1), for benchmarks
-// and scale runs without a checkpoint.
-ModelWeights syntheticWeights(const ModelConfig& config, uint64_t seed);
+// Deterministic random weights of the config's shapes (uniform, std 0.02; norms 1; biases 0),
+// for benchmarks and scale runs without a checkpoint. Each element is a hash of (seed, tensor
+// name, index), so a rank makes its slice alone and every tp gives the same model.
+ModelWeights syntheticWeights(const ModelConfig& config, uint64_t seed, const Partition& part);
 
 }  // namespace kvtp

@@ -1,0 +1,128 @@
+// Tensor and data parallelism under a real `mpirun` with 1, 2 and 4 ranks (oversubscribed on CI's
+// 2 cores, one OpenMP thread per rank): log-probs equal the single-process run within 1e-4 and
+// Hugging Face's within 1e-3; failing ranks end the job with their error instead of hanging.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <fstream>
+#include <thread>
+
+#include "test_util.h"
+
+namespace kvtp {
+namespace {
+
+// Each rank gets an equal share of the cores (at least one OpenMP thread).
+std::string mpirun(int np) {
+  const int threads = std::max(1, int(std::thread::hardware_concurrency()) / np);
+  return "OMP_NUM_THREADS=" + std::to_string(threads) + " timeout 300 mpirun --oversubscribe --allow-run-as-root --bind-to none -x OMP_NUM_THREADS -np " +
+         std::to_string(np) + " ";
+}
+
+std::vector<std::vector<double>> readLogprobs(const std::string& path) {
+  std::ifstream in(path);
+  std::vector<std::vector<double>> out;
+  std::string line;
+  while (std::getline(in, line)) out.push_back(nlohmann::json::parse(line)["logprobs"].get<std::vector<double>>());
+  return out;
+}
+
+double maxDiff(const std::vector<std::vector<double>>& a, const std::vector<std::vector<double>>& b) {
+  EXPECT_EQ(a.size(), b.size());
+  double worst = 0;
+  for (size_t s = 0; s < std::min(a.size(), b.size()); ++s) {
+    EXPECT_EQ(a[s].size(), b[s].size()) << "sequence " << s;
+    for (size_t i = 0; i < std::min(a[s].size(), b[s].size()); ++i) worst = std::max(worst, std::abs(a[s][i] - b[s][i]));
+  }
+  return worst;
+}
+
+// Runs `kvtp ppl ARGS --logprobs` under mpirun -np np (np 0: plain process) and returns the log-probs.
+std::vector<std::vector<double>> logprobs(int np, const std::string& args) {
+  test::TempDir d;
+  const auto r = test::run((np ? mpirun(np) : std::string()) + test::kvtpBinary() + " ppl " + args +
+                           " --quiet --json --logprobs " + (d / "lp.jsonl"));
+  EXPECT_EQ(r.status, 0) << r.err;
+  return readLogprobs(d / "lp.jsonl");
+}
+
+class TensorParallel : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(TensorParallel, Tp2AndTp4MatchTp1AndTransformers) {
+  const std::string dir = test::fixture("models/" + GetParam());
+  const auto ref = test::readJsonFile(dir + "/reference.json");
+  std::vector<std::vector<double>> hf;
+  for (auto& s : ref["sequences"]) hf.push_back(s["logprobs"].get<std::vector<double>>());
+  const std::string args = "--model " + dir + " --input-ids " + dir + "/input_ids.txt";
+  const auto tp1 = logprobs(0, args);
+  EXPECT_LE(maxDiff(tp1, hf), 1e-3);
+  for (int np : {1, 2, 4}) {
+    const auto tp = logprobs(np, args);
+    EXPECT_LE(maxDiff(tp, tp1), 1e-4) << "np " << np;
+    EXPECT_LE(maxDiff(tp, hf), 1e-3) << "np " << np;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Fixtures, TensorParallel,
+                         ::testing::Values("opt-preln", "opt-postln-proj", "llama3-gqa", "llama2-tied", "llama-sharded-bf16"),
+                         [](const auto& info) {
+                           std::string n = info.param;
+                           for (auto& ch : n)
+                             if (!isalnum(static_cast<unsigned char>(ch))) ch = '_';
+                           return n;
+                         });
+
+TEST(TensorParallelDecode, Tp2DecodeMatchesTp1Prefill) {
+  const std::string dir = test::fixture("models/llama3-gqa");
+  const std::string args = "--model " + dir + " --input-ids " + dir + "/input_ids.txt";
+  EXPECT_LE(maxDiff(logprobs(2, args + " --mode decode"), logprobs(0, args)), 1e-4);
+}
+
+TEST(DataParallel, TwoGroupsOfTwoMatchOneProcess) {
+  const std::string args = "--model models/kvtp-opt-3m --data data/c4/c4-heldout-200.json.gz --seq-len 256 --max-windows 5";
+  const auto one = logprobs(0, args);
+  const auto groups = logprobs(4, args + " --tp 2");
+  ASSERT_EQ(one.size(), 5u);
+  EXPECT_LE(maxDiff(groups, one), 1e-4);
+}
+
+class Synthetic66b : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(Synthetic66b, TwoLayersAtTp2AndTp4MatchTp1) {
+  const std::string args = "--synthetic " + GetParam() + " --layers 2 --input-ids tests/data/synthetic_ids.txt";
+  const auto tp1 = logprobs(1, args);
+  ASSERT_EQ(tp1.size(), 2u);
+  for (int np : {2, 4}) EXPECT_LE(maxDiff(logprobs(np, args), tp1), 1e-4) << "np " << np;
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, Synthetic66b, ::testing::Values("opt-66b", "llama-2-70b"), [](const auto& info) {
+  std::string n = info.param;
+  for (auto& ch : n)
+    if (!isalnum(static_cast<unsigned char>(ch))) ch = '_';
+  return n;
+});
+
+TEST(Faults, FailingRankEndsTheJobWithItsError) {
+  const auto r = test::run(mpirun(2) + "bash -c 'm=models/kvtp-opt-3m; [ $OMPI_COMM_WORLD_RANK = 1 ] && m=/nonexistent; " +
+                           test::kvtpBinary() + " ppl --model $m --data data/c4/c4-heldout-200.json.gz --max-windows 2'");
+  EXPECT_NE(r.status, 0);
+  EXPECT_NE(r.status, 124) << "the job hung until the timeout";
+  EXPECT_NE(r.err.find("[rank 1/2] kvtp: error: model folder '/nonexistent' does not exist"), std::string::npos) << r.err;
+}
+
+TEST(Faults, MismatchedJobsAcrossRanksAreDetected) {
+  const auto r = test::run(mpirun(2) + "bash -c 's=128; [ $OMPI_COMM_WORLD_RANK = 1 ] && s=64; " + test::kvtpBinary() +
+                           " ppl --model tests/fixtures/models/opt-preln --input-ids tests/fixtures/models/opt-preln/input_ids.txt --seq-len $s'");
+  EXPECT_NE(r.status, 0);
+  EXPECT_NE(r.err.find("differs between rank 0 and rank 1"), std::string::npos) << r.err;
+}
+
+TEST(Faults, IndivisibleHeadsAreAClearError) {
+  const auto r = test::run(mpirun(3) + test::kvtpBinary() +
+                           " ppl --model tests/fixtures/models/opt-preln --input-ids tests/fixtures/models/opt-preln/input_ids.txt");
+  EXPECT_NE(r.status, 0);
+  EXPECT_NE(r.err.find("num_attention_heads 4 is not divisible by --tp 3"), std::string::npos) << r.err;
+}
+
+}  // namespace
+}  // namespace kvtp
