@@ -21,7 +21,9 @@ class SingleProcess : public Communicator {
   void allReduceMax(double*, size_t) override {}
   void allGather(const void* send, size_t bytes, void* recv) override { std::memcpy(recv, send, bytes); }
   void broadcast(void*, size_t, int) override {}
+  void broadcastIdle(void*, size_t, int) override {}
   void barrier() override {}
+  std::unique_ptr<Communicator> duplicate() override { return std::make_unique<SingleProcess>(); }
 };
 
 void check(int rc, const char* what) {
@@ -71,7 +73,22 @@ class Mpi : public Communicator {
       check(MPI_Bcast(static_cast<char*>(d) + off, c, MPI_BYTE, root, comm_), "MPI_Bcast");
     });
   }
+  void broadcastIdle(void* d, size_t bytes, int root) override {
+    if (bytes > size_t(1) << 30) throw std::runtime_error("broadcastIdle: more than 1 GiB");
+    MPI_Request req;
+    check(MPI_Ibcast(d, int(bytes), MPI_BYTE, root, comm_, &req), "MPI_Ibcast");
+    for (int done = 0;;) {
+      check(MPI_Test(&req, &done, MPI_STATUS_IGNORE), "MPI_Test");
+      if (done) return;
+      usleep(2000);
+    }
+  }
   void barrier() override { check(MPI_Barrier(comm_), "MPI_Barrier"); }
+  std::unique_ptr<Communicator> duplicate() override {
+    MPI_Comm d;
+    check(MPI_Comm_dup(comm_, &d), "MPI_Comm_dup");
+    return std::make_unique<Mpi>(d);
+  }
 
  private:
   MPI_Comm comm_;
@@ -110,7 +127,19 @@ std::string hostName() {
 std::unique_ptr<Communicator> makeSingleProcess() { return std::make_unique<SingleProcess>(); }
 
 std::string Topology::prefix() const {
-  return "[rank " + std::to_string(world->rank()) + "/" + std::to_string(world->size()) + "]";
+  return "[rank " + std::to_string(world_rank) + "/" + std::to_string(world_size) + "]";
+}
+
+Topology Topology::groupOnly() const {
+  Topology t;
+  t.world = group->duplicate();
+  t.group = group->duplicate();
+  t.tp = tp;
+  t.world_rank = world_rank;
+  t.world_size = world_size;
+  t.mpi = mpi;
+  t.host = host;
+  return t;
 }
 
 Topology makeTopology(int tp) {
@@ -127,6 +156,8 @@ Topology makeTopology(int tp) {
   t.mpi = true;
   t.world = std::make_unique<Mpi>(MPI_COMM_WORLD);
   const int world = t.world->size();
+  t.world_rank = t.world->rank();
+  t.world_size = world;
   t.tp = tp <= 0 ? world : tp;
   if (world % t.tp != 0)
     throw std::runtime_error("world size " + std::to_string(world) + " is not a multiple of --tp " + std::to_string(t.tp));
@@ -152,6 +183,17 @@ void abortJob(const std::string& message) {
   }
   std::fprintf(stderr, "kvtp: error: %s\n", message.c_str());
   std::exit(1);
+}
+
+void agreeOrThrow(Communicator& comm, const std::string& local_error) {
+  constexpr size_t kLen = 1024;
+  std::vector<char> mine(kLen, 0), all(kLen * size_t(comm.size()));
+  std::memcpy(mine.data(), local_error.data(), std::min(local_error.size(), kLen - 1));
+  comm.allGather(mine.data(), kLen, all.data());
+  for (int r = 0; r < comm.size(); ++r) {
+    const char* e = all.data() + size_t(r) * kLen;
+    if (*e) throw std::runtime_error(comm.size() > 1 ? "rank " + std::to_string(r) + ": " + e : std::string(e));
+  }
 }
 
 void checkSameOnAllRanks(Communicator& comm, const std::string& what, const std::string& blob) {

@@ -19,3 +19,10 @@ std::string shapeString(const Vec& shape) {
 }
 
 }  // namespace kvtp
+
+namespace kvtp {
+// Thrown (on every rank at the same point) to stop a job that was cancelled.
+struct Cancelled : Error {
+  Cancelled() : Error("cancelled") {}
+};
+}  // namespace kvtp

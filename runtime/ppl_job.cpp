@@ -50,17 +50,9 @@ PplResult assemble(const std::vector<Window>& windows, const std::vector<double>
   return r;
 }
 
-}  // namespace
-
-PplJobResult runPplJob(const PplJob& job, const comm::Topology* topo, const ProgressFn& progress, const PlanFn& plan) {
-  if (job.model_dir.empty() == job.synthetic.empty()) throw Error("give exactly one of --model and --synthetic");
-  if (job.data.empty() == job.input_ids.empty()) throw Error("give exactly one of --data and --input-ids");
-  if (!job.synthetic.empty() && !job.data.empty())
-    throw Error("--synthetic has no tokenizer: score --input-ids with it, not --data");
-
-  comm::Communicator* group = topo ? topo->group.get() : nullptr;
-  std::unique_ptr<Model> model;
-  PplJobResult out;
+// Loads the model and cuts the input into windows: everything that can fail on one rank alone.
+void prepare(const PplJob& job, comm::Communicator* group, std::unique_ptr<Model>& model, PplJobResult& out,
+             std::vector<Window>& windows, int& sequences) {
   if (!job.model_dir.empty()) {
     model = Model::load(job.model_dir, group);
     out.model = job.model_dir;
@@ -73,8 +65,6 @@ PplJobResult runPplJob(const PplJob& job, const comm::Topology* topo, const Prog
   const ModelConfig& c = model->config();
   out.seq_len = std::min(job.seq_len, c.max_positions);
 
-  std::vector<Window> windows;
-  int sequences = 0;
   if (!job.data.empty()) {
     const auto tokenizer = loadTokenizer(job.model_dir);
     if (tokenizer->vocabSize() > c.vocab_size)
@@ -97,6 +87,32 @@ PplJobResult runPplJob(const PplJob& job, const comm::Topology* topo, const Prog
     if (job.max_windows > 0 && int(windows.size()) > job.max_windows) windows.resize(job.max_windows);
     sequences = windows.empty() ? 0 : windows.back().sequence + 1;
   }
+}
+
+}  // namespace
+
+PplJobResult runPplJob(const PplJob& job, const comm::Topology* topo, const ProgressFn& progress, const PlanFn& plan) {
+  if (job.model_dir.empty() == job.synthetic.empty()) throw Error("give exactly one of --model and --synthetic");
+  if (job.data.empty() == job.input_ids.empty()) throw Error("give exactly one of --data and --input-ids");
+  if (!job.synthetic.empty() && !job.data.empty())
+    throw Error("--synthetic has no tokenizer: score --input-ids with it, not --data");
+
+  comm::Communicator* group = topo ? topo->group.get() : nullptr;
+  std::unique_ptr<Model> model;
+  PplJobResult out;
+  std::vector<Window> windows;
+  int sequences = 0;
+  // Loading and tokenizing fail per rank (a file missing on one node): all ranks agree on the
+  // outcome before the first collective of the forward pass, so none waits for a dead one.
+  std::string local_error;
+  try {
+    prepare(job, group, model, out, windows, sequences);
+  } catch (const std::exception& e) {
+    local_error = e.what();
+  }
+  if (topo) comm::agreeOrThrow(*topo->world, local_error);
+  else if (!local_error.empty()) throw Error(local_error);
+  const ModelConfig& c = model->config();
   if (windows.empty()) throw Error("no window of at least 2 tokens to score");
   out.windows = int(windows.size());
   out.tp = model->partition().tp;

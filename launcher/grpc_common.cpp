@@ -1,0 +1,111 @@
+#include "launcher/grpc_common.h"
+
+#include <fstream>
+#include <sstream>
+
+#include "runtime/error.h"
+
+namespace kvtp::launcher {
+namespace {
+std::string readFile(const std::string& path, const char* what) {
+  std::ifstream in(path);
+  if (!in) throw Error(std::string("cannot read ") + what + " '" + path + "'");
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+}  // namespace
+
+std::string readToken(const std::string& path) {
+  std::string t = readFile(path, "token file");
+  const auto b = t.find_first_not_of(" \t\r\n"), e = t.find_last_not_of(" \t\r\n");
+  if (b == std::string::npos) throw Error("token file '" + path + "' is empty");
+  return t.substr(b, e - b + 1);
+}
+
+std::shared_ptr<grpc::ServerCredentials> serverCredentials(const std::string& cert_file, const std::string& key_file) {
+  if (cert_file.empty() != key_file.empty()) throw Error("TLS needs both --tls-cert and --tls-key");
+  if (cert_file.empty()) return grpc::InsecureServerCredentials();
+  grpc::SslServerCredentialsOptions opts;
+  opts.pem_key_cert_pairs.push_back({readFile(key_file, "TLS key"), readFile(cert_file, "TLS certificate")});
+  return grpc::SslServerCredentials(opts);
+}
+
+std::shared_ptr<grpc::Channel> makeChannel(const std::string& address, const std::string& ca_file) {
+  if (ca_file.empty()) return grpc::CreateChannel(address, grpc::InsecureChannelCredentials());
+  grpc::SslCredentialsOptions opts;
+  opts.pem_root_certs = readFile(ca_file, "TLS CA certificate");
+  return grpc::CreateChannel(address, grpc::SslCredentials(opts));
+}
+
+std::unique_ptr<grpc::ClientContext> callContext(const std::string& token, std::chrono::milliseconds deadline) {
+  auto ctx = std::make_unique<grpc::ClientContext>();
+  ctx->AddMetadata("authorization", "Bearer " + token);
+  ctx->set_deadline(std::chrono::system_clock::now() + deadline);
+  return ctx;
+}
+
+grpc::Status checkToken(const grpc::ServerContext* ctx, const std::string& token) {
+  const auto& md = ctx->client_metadata();
+  auto it = md.find("authorization");
+  const std::string want = "Bearer " + token;
+  if (it != md.end() && it->second.size() == want.size()) {
+    unsigned diff = 0;  // constant time: no early exit on the first differing byte
+    for (size_t i = 0; i < want.size(); ++i) diff |= unsigned(it->second.data()[i] ^ want[i]);
+    if (diff == 0) return grpc::Status::OK;
+  }
+  return {grpc::StatusCode::UNAUTHENTICATED, "missing or wrong bearer token (authorization metadata)"};
+}
+
+v1::PplRequest toRequest(const PplJob& j, int tp) {
+  v1::PplRequest r;
+  r.set_model(j.model_dir);
+  r.set_synthetic(j.synthetic);
+  r.set_seed(j.seed);
+  r.set_layers(j.layers);
+  r.set_data(j.data);
+  r.set_input_ids(j.input_ids);
+  r.set_seq_len(j.seq_len);
+  r.set_stride(j.stride);
+  r.set_max_windows(j.max_windows);
+  r.set_max_docs(int32_t(j.max_docs));
+  r.set_join(j.join);
+  r.set_drop_partial(j.drop_partial);
+  r.set_mode(modeName(j.mode));
+  r.set_tp(tp);
+  return r;
+}
+
+PplJob fromRequest(const v1::PplRequest& r) {
+  PplJob j;
+  applyPreset(j, r.preset().empty() ? "default" : r.preset());
+  j.model_dir = r.model();
+  j.synthetic = r.synthetic();
+  j.seed = r.seed();
+  j.layers = r.layers();
+  j.data = r.data();
+  j.input_ids = r.input_ids();
+  if (r.seq_len()) j.seq_len = r.seq_len();
+  if (r.stride()) j.stride = r.stride();
+  if (r.max_windows()) j.max_windows = r.max_windows();
+  if (r.max_docs()) j.max_docs = size_t(r.max_docs());
+  if (r.has_join()) j.join = r.join();
+  if (r.drop_partial()) j.drop_partial = true;
+  j.mode = parseMode(r.mode().empty() ? "prefill" : r.mode());
+  return j;
+}
+
+const char* stateName(v1::JobState s) {
+  switch (s) {
+    case v1::QUEUED: return "QUEUED";
+    case v1::RUNNING: return "RUNNING";
+    case v1::SUCCEEDED: return "SUCCEEDED";
+    case v1::FAILED: return "FAILED";
+    case v1::CANCELLED: return "CANCELLED";
+    default: return "UNSPECIFIED";
+  }
+}
+
+bool isFinal(v1::JobState s) { return s == v1::SUCCEEDED || s == v1::FAILED || s == v1::CANCELLED; }
+
+}  // namespace kvtp::launcher
