@@ -18,6 +18,9 @@ void KVCache::append(int layer, const float* k, const float* v, const int* posit
       c.keys.insert(c.keys.end(), kr, kr + head_dim_);
       c.values.insert(c.values.end(), vr, vr + head_dim_);
       c.positions.push_back(positions[t]);
+      c.score.push_back(0.0);
+      c.history.push_back(0);
+      c.quantized.push_back(0);
     }
   }
 }
@@ -30,11 +33,17 @@ void KVCache::retain(int layer, int head, const std::vector<int>& keep) {
     std::copy_n(c.keys.begin() + int64_t(idx) * head_dim_, head_dim_, c.keys.begin() + int64_t(out) * head_dim_);
     std::copy_n(c.values.begin() + int64_t(idx) * head_dim_, head_dim_, c.values.begin() + int64_t(out) * head_dim_);
     c.positions[out] = c.positions[idx];
+    c.score[out] = c.score[idx];
+    c.history[out] = c.history[idx];
+    c.quantized[out] = c.quantized[idx];
     ++out;
   }
   c.keys.resize(size_t(out) * head_dim_);
   c.values.resize(size_t(out) * head_dim_);
   c.positions.resize(out);
+  c.score.resize(out);
+  c.history.resize(out);
+  c.quantized.resize(out);
 }
 
 void KVCache::clear() {
@@ -42,6 +51,9 @@ void KVCache::clear() {
     c.keys.clear();
     c.values.clear();
     c.positions.clear();
+    c.score.clear();
+    c.history.clear();
+    c.quantized.clear();
   }
 }
 

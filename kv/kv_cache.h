@@ -12,6 +12,10 @@ struct HeadCache {
   std::vector<float> keys;        // (length, head_dim)
   std::vector<float> values;      // (length, head_dim)
   std::vector<int32_t> positions; // (length): the token's absolute position
+  // Per entry, kept in step with the entries by append/retain; owned by kv::Policy.
+  std::vector<double> score;      // the eviction policy's importance score
+  std::vector<uint64_t> history;  // Scissorhands: one bit per recent step, 1 = attended above average
+  std::vector<uint8_t> quantized; // 1 once the entry's key/value were quantized
   int length() const { return int(positions.size()); }
 };
 
@@ -26,11 +30,12 @@ class KVCache {
   void clear();
 
   const HeadCache& head(int layer, int h) const { return heads_[size_t(layer) * kv_heads_ + h]; }
+  HeadCache& head(int layer, int h) { return heads_[size_t(layer) * kv_heads_ + h]; }
   int layers() const { return layers_; }
   int kvHeads() const { return kv_heads_; }
   int headDim() const { return head_dim_; }
   int64_t tokensStored() const;  // summed over layers and heads
-  int64_t bytes() const;         // keys + values at float32, plus the position index
+  int64_t bytes() const;         // keys + values at float32, plus the position index (in memory here)
 
  private:
   int layers_, kv_heads_, head_dim_;

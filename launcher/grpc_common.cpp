@@ -73,6 +73,9 @@ v1::PplRequest toRequest(const PplJob& j, int tp) {
   r.set_drop_partial(j.drop_partial);
   r.set_mode(modeName(j.mode));
   r.set_tp(tp);
+  r.set_kv(j.kv);
+  r.set_kv_quant(j.kv_quant);
+  r.set_prefill(j.prefill);
   return r;
 }
 
@@ -92,6 +95,9 @@ PplJob fromRequest(const v1::PplRequest& r) {
   if (r.has_join()) j.join = r.join();
   if (r.drop_partial()) j.drop_partial = true;
   j.mode = parseMode(r.mode().empty() ? "prefill" : r.mode());
+  j.kv = r.kv();
+  j.kv_quant = r.kv_quant();
+  j.prefill = r.prefill();
   return j;
 }
 

@@ -17,8 +17,11 @@ void addPplOptions(CLI::App* cmd, PplOptions& o) {
   o.max_docs = cmd->add_option("--max-docs", j.max_docs, "read at most D documents (0 = all)");
   o.join = cmd->add_option("--join", j.join, "separator between documents (default two newlines)");
   o.drop_partial = cmd->add_flag("--drop-partial", j.drop_partial, "drop a last window shorter than --seq-len");
-  cmd->add_option("--mode", o.mode, "prefill (a window at once) or decode (token by token through the KV cache)")
+  o.mode_option = cmd->add_option("--mode", o.mode, "prefill (a window at once) or decode (token by token through the KV cache)")
       ->check(CLI::IsMember({"prefill", "decode"}));
+  cmd->add_option("--kv", j.kv, "KV eviction, e.g. h2o:budget=0.2,recent=16 (docs/KV.md); implies --mode decode");
+  cmd->add_option("--kv-quant", j.kv_quant, "KV quantization: int8 | kivi:bits=2,group=32,residual=128");
+  cmd->add_option("--prefill", j.prefill, "decode mode: the first N tokens of each window go through at once");
   cmd->add_option("--tp", o.tp, "tensor-parallel degree (default: the world size under mpirun; submit: any)");
 }
 
@@ -33,6 +36,8 @@ PplJob PplOptions::resolve() const {
   if (!join->count()) j.join = p.join;
   if (!drop_partial->count()) j.drop_partial = p.drop_partial;
   j.mode = parseMode(mode);
+  // KV compression is evaluated token by token through the cache (the Scissorhands protocol).
+  if ((!j.kv.empty() || !j.kv_quant.empty() || j.prefill > 0) && !mode_option->count()) j.mode = Mode::Decode;
   return j;
 }
 

@@ -17,7 +17,7 @@ struct PplOptions {
   int tp = 0;
   // Options a preset sets unless the user gave them (CLI11 counts what was given).
   CLI::Option *seq_len = nullptr, *stride = nullptr, *max_windows = nullptr, *max_docs = nullptr, *join = nullptr,
-              *drop_partial = nullptr;
+              *drop_partial = nullptr, *mode_option = nullptr;
   PplJob resolve() const;  // the preset applied, explicit options on top, mode parsed
 };
 

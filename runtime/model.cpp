@@ -72,8 +72,21 @@ void Model::rowParallel(const float* in, int T, int in_dim, const Tensor& W, con
   k::addInPlace(x, partial.data(), int64_t(partial.size()));
 }
 
-void Model::attention(int layer, const float* xn, const int* positions, int T, kv::KVCache& cache,
-                      float* out) const {
+kv::HeadLayout Model::headLayout() const {
+  kv::HeadLayout h;
+  h.layers = config_.layers;
+  h.global_kv_heads = config_.kv_heads;
+  h.kv_head_begin = part_.kv_head_begin;
+  h.local_kv_heads = part_.kv_heads;
+  h.head_dim = config_.head_dim;
+  h.replicated = config_.kv_heads < part_.tp;
+  // The first of the ranks sharing a replicated KV head is the one counted.
+  h.owner = !h.replicated || part_.rank % (part_.tp / config_.kv_heads) == 0;
+  return h;
+}
+
+void Model::attention(int layer, const float* xn, const int* positions, int T, kv::KVCache& cache, float* out,
+                      kv::StepAttention* collect) const {
   const auto& c = config_;
   const auto& L = weights_.layers[layer];
   const int hd = c.head_dim, Q = part_.q_heads * hd, KV = part_.kv_heads * hd;
@@ -90,12 +103,26 @@ void Model::attention(int layer, const float* xn, const int* positions, int T, k
   const float scale = float(1.0 / std::sqrt(double(hd)));
   // Heads in parallel, with BLAS single-threaded inside (OpenBLAS's OpenMP build); a decode step
   // over a short cache is too little work to be worth waking threads for.
-  const int64_t work = int64_t(T) * cache.head(layer, 0).length();
-#pragma omp parallel for schedule(dynamic) if (work >= 4096)
+  const int64_t cached = cache.head(layer, 0).length();
+  std::vector<std::vector<float>> probs(collect ? part_.q_heads : 0);
+#pragma omp parallel for schedule(dynamic) if (T * cached >= 4096)
   for (int h = 0; h < part_.q_heads; ++h) {
     const auto& kvh = cache.head(layer, part_.kvHeadOf(h, c));
+    float* p = nullptr;
+    if (collect) {
+      probs[h].resize(size_t(T) * kvh.length());
+      p = probs[h].data();
+    }
     k::attendHead(q.data() + h * hd, Q, positions, T, kvh.keys.data(), kvh.values.data(), kvh.positions.data(),
-                  kvh.length(), hd, scale, ctx.data() + h * hd, Q);
+                  kvh.length(), hd, scale, ctx.data() + h * hd, Q, p);
+  }
+  if (collect) {  // sum over the query heads that read each KV head
+    collect->T = T;
+    for (int h = 0; h < part_.q_heads; ++h) {
+      auto& block = collect->blocks[size_t(layer) * part_.kv_heads + part_.kvHeadOf(h, c)];
+      if (block.empty()) block.assign(probs[h].size(), 0.0f);
+      k::addInPlace(block.data(), probs[h].data(), int64_t(block.size()));
+    }
   }
   rowParallel(ctx.data(), T, Q, L.wo, L.bo, out);
 }
@@ -117,7 +144,9 @@ void Model::mlp(int layer, const float* xn, int T, float* x) const {
   rowParallel(up.data(), T, F, L.w_down, L.b_down, x);
 }
 
-std::vector<float> Model::forward(const int* tokens, const int* positions, int T, kv::KVCache& cache) const {
+std::vector<float> Model::forward(const int* tokens, const int* positions, int T, kv::KVCache& cache,
+                                  kv::StepAttention* collect) const {
+  if (collect) collect->blocks.assign(size_t(config_.layers) * part_.kv_heads, {});
   const auto& c = config_;
   const auto& w = weights_;
   const int H = c.hidden, P = c.word_embed_proj_dim;
@@ -150,16 +179,16 @@ std::vector<float> Model::forward(const int* tokens, const int* positions, int T
     const auto& L = w.layers[l];
     if (c.family == Family::Llama) {
       k::rmsNorm(x.data(), T, H, L.attn_norm_w.data(), float(c.norm_eps), xn.data());
-      attention(l, xn.data(), positions, T, cache, x.data());
+      attention(l, xn.data(), positions, T, cache, x.data(), collect);
       k::rmsNorm(x.data(), T, H, L.ffn_norm_w.data(), float(c.norm_eps), xn.data());
       mlp(l, xn.data(), T, x.data());
     } else if (c.pre_layer_norm) {
       k::layerNorm(x.data(), T, H, L.attn_norm_w.data(), L.attn_norm_b.data(), float(c.norm_eps), xn.data());
-      attention(l, xn.data(), positions, T, cache, x.data());
+      attention(l, xn.data(), positions, T, cache, x.data(), collect);
       k::layerNorm(x.data(), T, H, L.ffn_norm_w.data(), L.ffn_norm_b.data(), float(c.norm_eps), xn.data());
       mlp(l, xn.data(), T, x.data());
     } else {  // OPT post-LN (opt-350m): norm after each residual add
-      attention(l, x.data(), positions, T, cache, x.data());
+      attention(l, x.data(), positions, T, cache, x.data(), collect);
       k::layerNorm(x.data(), T, H, L.attn_norm_w.data(), L.attn_norm_b.data(), float(c.norm_eps), x.data());
       xn = x;
       mlp(l, xn.data(), T, x.data());

@@ -9,6 +9,7 @@
 
 #include "comm/communicator.h"
 #include "kv/kv_cache.h"
+#include "kv/policy.h"
 #include "runtime/config.h"
 #include "runtime/partition.h"
 #include "runtime/weights.h"
@@ -27,19 +28,25 @@ class Model {
   const ModelConfig& config() const { return config_; }
   const ModelWeights& weights() const { return weights_; }
   const Partition& partition() const { return part_; }
+  comm::Communicator* group() const { return group_; }
   kv::KVCache newCache() const;
 
   // Runs T new tokens at absolute `positions` (ascending, after everything in the cache) and
   // returns the final hidden states (T, word_embed_proj_dim), ready for the head.
-  std::vector<float> forward(const int* tokens, const int* positions, int T, kv::KVCache& cache) const;
+  // With `attention`, also returns each layer's attention per local KV head (what KV policies
+  // score tokens by).
+  std::vector<float> forward(const int* tokens, const int* positions, int T, kv::KVCache& cache,
+                             kv::StepAttention* attention = nullptr) const;
+  // Where this rank's KV heads sit among the model's (for KV policies).
+  kv::HeadLayout headLayout() const;
 
   // log p(targets[t] | prefix) from hidden row t, in float64; the logits are made a few rows at a
   // time so that a 50k-256k vocabulary never needs a (T, vocab) buffer.
   std::vector<double> logprobs(const std::vector<float>& hidden, const int* targets, int T) const;
 
  private:
-  void attention(int layer, const float* x_norm, const int* positions, int T, kv::KVCache& cache,
-                 float* out) const;
+  void attention(int layer, const float* x_norm, const int* positions, int T, kv::KVCache& cache, float* out,
+                 kv::StepAttention* collect) const;
   void mlp(int layer, const float* x_norm, int T, float* x) const;
   // x += all-reduce(in · W^T) (+ bias, once): a row-parallel projection into the residual.
   void rowParallel(const float* in, int T, int in_dim, const Tensor& W, const Tensor& bias, float* x) const;

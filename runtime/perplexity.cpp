@@ -45,7 +45,7 @@ std::vector<Window> planWindows(const std::vector<int>& ids, int seq_len, int st
 }
 
 PplResult scoreWindows(const Model& model, const std::vector<Window>& windows, int sequences, Mode mode,
-                       const ProgressFn& progress) {
+                       const ProgressFn& progress, const DecodeOptions& decode) {
   const auto t0 = std::chrono::steady_clock::now();
   auto elapsed = [&] { return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(); };
   PplResult r;
@@ -55,6 +55,15 @@ PplResult scoreWindows(const Model& model, const std::vector<Window>& windows, i
   for (auto& w : windows) p.tokens_total += w.scored();
 
   kv::KVCache cache = model.newCache();
+  const kv::PolicySpec full_spec;
+  kv::Policy policy(decode.policy ? *decode.policy : full_spec, model.headLayout(), model.group());
+  kv::StepAttention attention;
+  kv::StepAttention* collect = policy.spec().needsAttention() ? &attention : nullptr;
+  auto account = [&](int tokens_seen) {
+    const kv::KvBytes b = policy.bytes(cache, tokens_seen);
+    r.kv_bytes_peak = std::max(r.kv_bytes_peak, b.stored);
+    r.kv_bytes_full = std::max(r.kv_bytes_full, b.full);
+  };
   for (const Window& w : windows) {
     const int n = int(w.ids.size());
     SequenceResult& s = r.sequences.at(w.sequence);
@@ -78,9 +87,21 @@ PplResult scoreWindows(const Model& model, const std::vector<Window>& windows, i
       std::vector<float> h(hidden.begin() + int64_t(first) * P, hidden.begin() + int64_t(first + rows) * P);
       for (double lp : model.logprobs(h, w.ids.data() + w.score_from, rows)) record(lp);
     } else {
-      for (int i = 0; i + 1 < n; ++i) {
-        const auto hidden = model.forward(&w.ids[i], &pos[i], 1, cache);
+      // A prefix at once (full attention; SnapKV compresses it at its end), then token by token.
+      const int first = std::clamp(decode.prefill, 0, n - 1);
+      if (first > 0) {
+        const auto hidden = model.forward(w.ids.data(), pos.data(), first, cache, collect);
+        const int P = model.config().word_embed_proj_dim, from = std::min(w.score_from, first + 1);
+        std::vector<float> h(hidden.begin() + int64_t(from - 1) * P, hidden.begin() + int64_t(first) * P);
+        for (double lp : model.logprobs(h, w.ids.data() + from, first - from + 1)) record(lp);
+        account(first);
+        policy.afterStep(cache, attention, first - 1, true);
+      }
+      for (int i = first; i + 1 < n; ++i) {
+        const auto hidden = model.forward(&w.ids[i], &pos[i], 1, cache, collect);
         if (i + 1 >= w.score_from) record(model.logprobs(hidden, &w.ids[i + 1], 1)[0]);
+        account(i + 1);
+        policy.afterStep(cache, attention, i, false);
         if (progress && (i + 1) % 64 == 0) {
           p.seconds = elapsed();
           progress(p);

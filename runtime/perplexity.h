@@ -41,6 +41,8 @@ struct PplResult {
   int64_t tokens = 0;
   std::vector<SequenceResult> sequences;
   double seconds = 0;
+  int64_t kv_bytes_peak = 0;  // this rank: the most the KV cache held (docs/KV.md accounting)
+  int64_t kv_bytes_full = 0;  // this rank: the uncompressed cache of the longest window
   double ppl() const;
   double tokensPerSecond() const { return seconds > 0 ? tokens / seconds : 0; }
 };
@@ -53,8 +55,15 @@ struct Progress {
 };
 using ProgressFn = std::function<void(const Progress&)>;
 
+// How decode mode treats the KV cache: the first `prefill` tokens of each window go through at
+// once (full attention), the rest one at a time; `policy` (optional) compresses after each step.
+struct DecodeOptions {
+  int prefill = 0;
+  const kv::PolicySpec* policy = nullptr;
+};
+
 // Scores every window; calls `progress` after each window (and every 64 tokens in decode mode).
 PplResult scoreWindows(const Model& model, const std::vector<Window>& windows, int sequences, Mode mode,
-                       const ProgressFn& progress = {});
+                       const ProgressFn& progress = {}, const DecodeOptions& decode = {});
 
 }  // namespace kvtp

@@ -96,6 +96,15 @@ PplJobResult runPplJob(const PplJob& job, const comm::Topology* topo, const Prog
   if (job.data.empty() == job.input_ids.empty()) throw Error("give exactly one of --data and --input-ids");
   if (!job.synthetic.empty() && !job.data.empty())
     throw Error("--synthetic has no tokenizer: score --input-ids with it, not --data");
+  kv::PolicySpec spec;
+  try {
+    spec = kv::parsePolicy(job.kv, job.kv_quant);
+  } catch (const std::invalid_argument& e) {
+    throw Error(e.what());
+  }
+  if ((spec.evicts() || spec.quant != kv::Quant::None || job.prefill > 0) && job.mode != Mode::Decode)
+    throw Error("--kv, --kv-quant and --prefill evaluate token by token: use --mode decode");
+  if (job.prefill < 0) throw Error("--prefill must not be negative");
 
   comm::Communicator* group = topo ? topo->group.get() : nullptr;
   std::unique_ptr<Model> model;
@@ -133,16 +142,25 @@ PplJobResult runPplJob(const PplJob& job, const comm::Topology* topo, const Prog
   out.weight_bytes = model->weights().bytes();
   int longest = 0;
   for (auto& w : mine) longest = std::max(longest, int(w.ids.size()));
-  {
-    kv::KVCache probe = model->newCache();  // the full cache of the longest window, per rank
-    out.kv_bytes_peak = int64_t(longest) * c.layers * probe.kvHeads() *
-                        (2 * c.head_dim * int64_t(sizeof(float)) + int64_t(sizeof(int32_t)));
-  }
+  out.kv_plan_bytes = int64_t(longest) * c.layers * model->partition().kv_heads *
+                      (2 * c.head_dim * int64_t(sizeof(float)) + int64_t(sizeof(int32_t)));
   if (plan)
     plan("memory plan per rank (tp " + std::to_string(out.tp) + ", dp " + std::to_string(out.dp) + "): weights " +
-         mib(out.weight_bytes) + ", KV cache " + mib(out.kv_bytes_peak) + " at " + std::to_string(longest) +
-         " tokens (float32)");
-  PplResult local = scoreWindows(*model, mine, sequences, job.mode, progress);
+         mib(out.weight_bytes) + ", KV cache " + mib(out.kv_plan_bytes) + " at " + std::to_string(longest) +
+         " tokens (float32, uncompressed)");
+  out.kv = spec.describe();
+  PplResult local = scoreWindows(*model, mine, sequences, job.mode, progress, {job.prefill, &spec});
+  // KV bytes per rank of the group (largest over the data-parallel groups).
+  const int tp = out.tp, grank = group ? group->rank() : 0;
+  std::vector<double> peak(size_t(tp), 0.0), full(size_t(tp), 0.0);
+  peak[size_t(grank)] = double(local.kv_bytes_peak);
+  full[size_t(grank)] = double(local.kv_bytes_full);
+  if (topo) {
+    topo->world->allReduceMax(peak.data(), peak.size());
+    topo->world->allReduceMax(full.data(), full.size());
+  }
+  out.kv_bytes_peak.assign(peak.begin(), peak.end());
+  out.kv_bytes_full.assign(full.begin(), full.end());
   if (out.dp == 1) {
     out.result = std::move(local);
     return out;
@@ -171,6 +189,9 @@ PplJobResult runPplJob(const PplJob& job, const comm::Topology* topo, const Prog
 }
 
 nlohmann::json toJson(const PplJob& job, const PplJobResult& r) {
+  int64_t peak = 0, full = 0;
+  for (auto b : r.kv_bytes_peak) peak += b;
+  for (auto b : r.kv_bytes_full) full += b;
   nlohmann::json seqs = nlohmann::json::array();
   for (auto& s : r.result.sequences) seqs.push_back({{"ppl", s.ppl()}, {"tokens", s.tokens}});
   return {{"ppl", r.result.ppl()},
@@ -185,7 +206,14 @@ nlohmann::json toJson(const PplJob& job, const PplJobResult& r) {
           {"stride", job.stride},
           {"windows", r.windows},
           {"tp", r.tp},
-          {"dp", r.dp}};
+          {"dp", r.dp},
+          {"kv", r.kv},
+          {"prefill", job.prefill},
+          {"kv_bytes_peak", peak},
+          {"kv_bytes_full", full},
+          {"kv_ratio", full ? double(peak) / double(full) : 0.0},
+          {"kv_bytes_peak_per_rank", r.kv_bytes_peak},
+          {"kv_bytes_full_per_rank", r.kv_bytes_full}};
 }
 
 }  // namespace kvtp

@@ -24,6 +24,9 @@ struct PplJob {
   std::string join = "\n\n";     // between documents
   bool drop_partial = false;     // drop a last window shorter than seq_len
   Mode mode = Mode::Prefill;
+  std::string kv;                // KV eviction spec (docs/KV.md); implies decode mode
+  std::string kv_quant;          // KV quantization spec; implies decode mode
+  int prefill = 0;               // decode mode: tokens per window that go through at once first
 };
 
 // Named evaluation protocols (docs/PERPLEXITY.md): "default", "gptq".
@@ -36,7 +39,9 @@ struct PplJobResult {
   int windows = 0;
   int tp = 1, dp = 1;
   int64_t weight_bytes = 0;   // this rank's
-  int64_t kv_bytes_peak = 0;  // this rank's, largest over its windows
+  int64_t kv_plan_bytes = 0;  // this rank's float32 full cache for the longest window (memory plan)
+  std::string kv;             // the policy, as parsed
+  std::vector<int64_t> kv_bytes_peak, kv_bytes_full;  // per rank of the group (docs/KV.md accounting)
 };
 
 // Called once the model is loaded, before scoring: a one-line memory plan for the log.

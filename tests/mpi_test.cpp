@@ -102,6 +102,27 @@ INSTANTIATE_TEST_SUITE_P(Shapes, Synthetic66b, ::testing::Values("opt-66b", "lla
   return n;
 });
 
+// Compressed caches under one global budget: the same tokens are kept at every tp (decisions are
+// taken from an all-reduced score table), so log-probs match tp 1. llama3-gqa has 2 KV heads, so
+// tp 4 also covers replicated KV heads.
+class CompressedAcrossTp : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(CompressedAcrossTp, LogprobsMatchTp1) {
+  const std::string dir = test::fixture("models/llama3-gqa");
+  const std::string args = "--model " + dir + " --input-ids " + dir + "/input_ids.txt --mode decode " + GetParam();
+  const auto tp1 = logprobs(0, args);
+  const auto full = logprobs(0, "--model " + dir + " --input-ids " + dir + "/input_ids.txt --mode decode");
+  EXPECT_GT(maxDiff(tp1, full), 1e-3) << "the budget should change something";
+  for (int np : {2, 4}) EXPECT_LE(maxDiff(logprobs(np, args), tp1), 1e-4) << "np " << np;
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Methods, CompressedAcrossTp,
+    ::testing::Values("--kv streamingllm:budget=0.3", "--kv h2o:budget=0.3", "--kv scissorhands:budget=0.3",
+                      "--kv snapkv:budget=0.3 --prefill 48", "--kv pyramidkv:budget=0.3 --prefill 48",
+                      "--kv h2o:budget=0.3,scope=layer --kv-quant kivi:bits=4,group=8,residual=16"),
+    [](const auto& info) { return "m" + std::to_string(info.index); });
+
 TEST(Faults, FailingRankEndsTheJobWithItsError) {
   const auto r = test::run(mpirun(2) + "bash -c 'm=models/kvtp-opt-3m; [ $OMPI_COMM_WORLD_RANK = 1 ] && m=/nonexistent; " +
                            test::kvtpBinary() + " ppl --model $m --data data/c4/c4-heldout-200.json.gz --max-windows 2'");

@@ -1,0 +1,398 @@
+#include "kv/policy.h"
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <numeric>
+#include <sstream>
+#include <stdexcept>
+
+namespace kvtp::kv {
+namespace {
+
+std::map<std::string, std::string> parseArgs(const std::string& spec, std::string* name) {
+  std::map<std::string, std::string> args;
+  const auto colon = spec.find(':');
+  *name = spec.substr(0, colon);
+  if (colon == std::string::npos) return args;
+  std::stringstream ss(spec.substr(colon + 1));
+  std::string item;
+  while (std::getline(ss, item, ',')) {
+    const auto eq = item.find('=');
+    if (eq == std::string::npos || eq == 0) throw std::invalid_argument("'" + item + "' in '" + spec + "' is not key=value");
+    args[item.substr(0, eq)] = item.substr(eq + 1);
+  }
+  return args;
+}
+
+double number(const std::map<std::string, std::string>& a, const std::string& key, double fallback,
+              const std::string& spec) {
+  auto it = a.find(key);
+  if (it == a.end()) return fallback;
+  size_t used = 0;
+  double v = 0;
+  try {
+    v = std::stod(it->second, &used);
+  } catch (const std::exception&) {
+  }
+  if (used != it->second.size() || !std::isfinite(v))
+    throw std::invalid_argument(key + "=" + it->second + " in '" + spec + "' is not a number");
+  return v;
+}
+
+void rejectUnknown(const std::map<std::string, std::string>& a, const std::vector<std::string>& known,
+                   const std::string& spec) {
+  for (auto& [k, v] : a)
+    if (std::find(known.begin(), known.end(), k) == known.end())
+      throw std::invalid_argument("'" + k + "' is not an option of '" + spec + "'");
+}
+
+const char* methodName(Method m) {
+  switch (m) {
+    case Method::Full: return "full";
+    case Method::StreamingLLM: return "streamingllm";
+    case Method::H2O: return "h2o";
+    case Method::Scissorhands: return "scissorhands";
+    case Method::SnapKV: return "snapkv";
+    case Method::PyramidKV: return "pyramidkv";
+  }
+  return "?";
+}
+
+// An entry competing for the budget, in the global order: higher score first, then layer,
+// head, position (older first) — the same on every rank.
+struct Candidate {
+  double score;
+  int layer, head, pos, index;
+};
+
+}  // namespace
+
+bool PolicySpec::needsAttention() const {
+  return method == Method::H2O || method == Method::Scissorhands || method == Method::SnapKV ||
+         method == Method::PyramidKV;
+}
+
+std::string PolicySpec::describe() const {
+  std::ostringstream o;
+  o << methodName(method);
+  if (evicts()) {
+    o << ":";
+    if (budget_tokens) o << "tokens=" << budget_tokens;
+    else o << "budget=" << budget;
+    o << ",sinks=" << sinks << ",recent=" << recent << ",scope="
+      << (scope == Scope::Global ? "global" : scope == Scope::Layer ? "layer" : "head");
+  }
+  if (quant == Quant::Int8) o << " + int8";
+  if (quant == Quant::Kivi) o << " + kivi:bits=" << bits << ",group=" << group << ",residual=" << residual;
+  return o.str();
+}
+
+PolicySpec parsePolicy(const std::string& kv, const std::string& kv_quant) {
+  PolicySpec s;
+  if (!kv.empty()) {
+    std::string name;
+    const auto a = parseArgs(kv, &name);
+    const std::map<std::string, Method> methods = {{"full", Method::Full},       {"streamingllm", Method::StreamingLLM},
+                                                   {"h2o", Method::H2O},         {"scissorhands", Method::Scissorhands},
+                                                   {"snapkv", Method::SnapKV},   {"pyramidkv", Method::PyramidKV}};
+    auto m = methods.find(name);
+    if (m == methods.end())
+      throw std::invalid_argument("KV method '" + name + "' is not one of: full, streamingllm, h2o, scissorhands, snapkv, pyramidkv");
+    s.method = m->second;
+    rejectUnknown(a, {"budget", "tokens", "sinks", "recent", "scope", "history", "window", "kernel", "ratio"}, kv);
+    s.budget = number(a, "budget", 1.0, kv);
+    s.budget_tokens = int(number(a, "tokens", 0, kv));
+    s.sinks = int(number(a, "sinks", s.sinks, kv));
+    s.recent = int(number(a, "recent", s.recent, kv));
+    s.history = int(number(a, "history", s.history, kv));
+    s.window = int(number(a, "window", s.window, kv));
+    s.kernel = int(number(a, "kernel", s.kernel, kv));
+    s.pyramid_ratio = number(a, "ratio", s.pyramid_ratio, kv);
+    if (auto sc = a.find("scope"); sc != a.end()) {
+      if (sc->second == "global") s.scope = Scope::Global;
+      else if (sc->second == "layer") s.scope = Scope::Layer;
+      else if (sc->second == "head") s.scope = Scope::Head;
+      else throw std::invalid_argument("scope must be global, layer or head (" + kv + ")");
+    }
+    if (s.method == Method::PyramidKV) s.scope = Scope::Layer;  // its budgets are per layer by definition
+    if (s.budget <= 0 || s.budget > 1) throw std::invalid_argument("budget must be in (0, 1] (" + kv + ")");
+    if (s.budget_tokens < 0 || s.sinks < 0 || s.recent < 0 || s.window < 1 || s.kernel < 1 || s.kernel % 2 == 0 ||
+        s.history < 1 || s.history > 64 || s.pyramid_ratio < 1)
+      throw std::invalid_argument("bad option value in '" + kv + "' (see docs/KV.md)");
+  }
+  if (!kv_quant.empty()) {
+    std::string name;
+    const auto a = parseArgs(kv_quant, &name);
+    if (name == "int8") {
+      rejectUnknown(a, {}, kv_quant);
+      s.quant = Quant::Int8;
+      s.bits = 8;
+    } else if (name == "kivi") {
+      rejectUnknown(a, {"bits", "group", "residual"}, kv_quant);
+      s.quant = Quant::Kivi;
+      s.bits = int(number(a, "bits", 2, kv_quant));
+      s.group = int(number(a, "group", 32, kv_quant));
+      s.residual = int(number(a, "residual", 128, kv_quant));
+      if ((s.bits != 2 && s.bits != 4) || s.group < 1 || s.residual < 0)
+        throw std::invalid_argument("kivi needs bits=2|4, group>=1, residual>=0 (" + kv_quant + ")");
+    } else {
+      throw std::invalid_argument("KV quantization '" + name + "' is not one of: int8, kivi");
+    }
+  }
+  return s;
+}
+
+void quantizeAsymmetric(float* x, int n, int stride, int bits) {
+  float lo = x[0], hi = x[0];
+  for (int i = 1; i < n; ++i) {
+    lo = std::min(lo, x[i * stride]);
+    hi = std::max(hi, x[i * stride]);
+  }
+  const int levels = (1 << bits) - 1;
+  const float scale = (hi - lo) / float(levels);
+  if (scale <= 0) return;
+  for (int i = 0; i < n; ++i) {
+    const float q = std::nearbyint((x[i * stride] - lo) / scale);
+    x[i * stride] = lo + std::clamp(q, 0.0f, float(levels)) * scale;
+  }
+}
+
+void quantizeInt8(float* x, int n) {
+  float mx = 0;
+  for (int i = 0; i < n; ++i) mx = std::max(mx, std::abs(x[i]));
+  if (mx == 0) return;
+  const float scale = mx / 127.0f;
+  for (int i = 0; i < n; ++i) x[i] = std::clamp(std::nearbyint(x[i] / scale), -127.0f, 127.0f) * scale;
+}
+
+Policy::Policy(PolicySpec spec, HeadLayout layout, comm::Communicator* group)
+    : spec_(spec), lay_(layout), group_(group) {}
+
+int Policy::globalIndex(int layer, int h) const { return layer * lay_.global_kv_heads + lay_.kv_head_begin + h; }
+
+void Policy::afterStep(KVCache& cache, const StepAttention& attn, int last_pos, bool prefill) {
+  if (spec_.needsAttention()) score(cache, attn, prefill);
+  if (spec_.evicts()) evict(cache, last_pos, prefill);
+  if (spec_.quant != Quant::None) quantize(cache);
+}
+
+// Folds the step's attention into each entry's score. A replicated KV head sees only its local
+// query heads' share, so the step's blocks are first summed over the ranks holding that head.
+void Policy::score(KVCache& cache, const StepAttention& attn, bool prefill) {
+  const int L = lay_.layers, H = lay_.local_kv_heads, T = attn.T;
+  std::vector<std::vector<float>> blocks = attn.blocks;
+  if (lay_.replicated && group_ && group_->size() > 1) {
+    // Global layout: one slot per (layer, global KV head), T x length each; non-holders add 0.
+    std::vector<int64_t> len(size_t(L) * lay_.global_kv_heads, 0);
+    for (int l = 0; l < L; ++l)
+      for (int h = 0; h < H; ++h) len[globalIndex(l, h)] = cache.head(l, h).length();
+    std::vector<double> lens(len.begin(), len.end());
+    group_->allReduceMax(lens.data(), lens.size());
+    std::vector<int64_t> off(lens.size() + 1, 0);
+    for (size_t i = 0; i < lens.size(); ++i) off[i + 1] = off[i] + int64_t(lens[i]) * T;
+    std::vector<float> all(size_t(off.back()), 0.0f);
+    for (int l = 0; l < L; ++l)
+      for (int h = 0; h < H; ++h) std::copy(blocks[l * H + h].begin(), blocks[l * H + h].end(), all.begin() + off[globalIndex(l, h)]);
+    group_->allReduceSum(all.data(), all.size());
+    for (int l = 0; l < L; ++l)
+      for (int h = 0; h < H; ++h) {
+        const int g = globalIndex(l, h);
+        blocks[l * H + h].assign(all.begin() + off[g], all.begin() + off[g + 1]);
+      }
+  }
+  for (int l = 0; l < L; ++l)
+    for (int h = 0; h < H; ++h) {
+      HeadCache& c = cache.head(l, h);
+      const int n = c.length();
+      const float* p = blocks[l * H + h].data();
+      for (int t = 0; t < T; ++t) {
+        const float* row = p + int64_t(t) * n;
+        int visible = 0;  // keys this query could see: its own position and before
+        for (int i = 0; i < n; ++i) visible += row[i] > 0.0f;
+        for (int i = 0; i < n; ++i) {
+          switch (spec_.method) {
+            case Method::H2O: c.score[i] += row[i]; break;
+            case Method::Scissorhands:  // one history bit per query that sees it: above the average?
+              if (row[i] > 0.0f) c.history[i] = (c.history[i] << 1) | (row[i] * visible > 1.0f ? 1u : 0u);
+              break;
+            case Method::SnapKV:
+            case Method::PyramidKV:  // only the prefill's last `window` queries observe
+              if (prefill && t >= T - spec_.window) c.score[i] += row[i];
+              break;
+            default: break;
+          }
+        }
+      }
+    }
+}
+
+void Policy::evict(KVCache& cache, int last_pos, bool prefill) {
+  // SnapKV / PyramidKV compress the prompt once, at the end of the prefill; the tokens decoded
+  // after it are all kept (SCOPE's "prefill-only" setting).
+  const bool once = spec_.method == Method::SnapKV || spec_.method == Method::PyramidKV;
+  if (once && !prefill) return;
+  const int L = lay_.layers, H = lay_.local_kv_heads, G = lay_.global_kv_heads;
+  const int seen = last_pos + 1;
+
+  // Every head's length, then every entry's (position, score) in one global table.
+  std::vector<double> lens(size_t(L) * G, 0.0);
+  for (int l = 0; l < L; ++l)
+    for (int h = 0; h < H; ++h)
+      if (lay_.owner) lens[globalIndex(l, h)] = cache.head(l, h).length();
+  if (group_ && group_->size() > 1) group_->allReduceSum(lens.data(), lens.size());
+  std::vector<int64_t> off(lens.size() + 1, 0);
+  for (size_t i = 0; i < lens.size(); ++i) off[i + 1] = off[i] + int64_t(lens[i]);
+  std::vector<double> table(size_t(off.back()) * 2, 0.0);  // (position, score) pairs
+  for (int l = 0; l < L; ++l)
+    for (int h = 0; h < H; ++h) {
+      if (!lay_.owner) continue;
+      const HeadCache& c = cache.head(l, h);
+      const int64_t o = off[globalIndex(l, h)];
+      for (int i = 0; i < c.length(); ++i) {
+        double s = c.score[i];
+        if (spec_.method == Method::StreamingLLM) s = c.positions[i];  // keep the most recent
+        if (spec_.method == Method::Scissorhands) {
+          const uint64_t mask = spec_.history >= 64 ? ~0ull : ((1ull << spec_.history) - 1);
+          s = std::popcount(c.history[i] & mask);
+        }
+        table[size_t(o + i) * 2] = c.positions[i];
+        table[size_t(o + i) * 2 + 1] = s;
+      }
+    }
+  if (group_ && group_->size() > 1) group_->allReduceSum(table.data(), table.size());
+
+  if (once) {  // SnapKV: max-pool the observed attention over neighbouring positions
+    std::vector<double> pooled(table.size() / 2);
+    for (size_t g = 0; g + 1 < off.size(); ++g)
+      for (int64_t i = off[g]; i < off[g + 1]; ++i) {
+        double m = 0;
+        for (int64_t j = std::max(off[g], i - spec_.kernel / 2); j <= std::min(off[g + 1] - 1, i + spec_.kernel / 2); ++j)
+          m = std::max(m, table[size_t(j) * 2 + 1]);
+        pooled[size_t(i)] = m;
+      }
+    for (size_t i = 0; i < pooled.size(); ++i) table[i * 2 + 1] = pooled[i];
+  }
+
+  // Budgets per competition pool (one pool, one per layer, or one per head), in entries.
+  const int pools = spec_.scope == Scope::Global ? 1 : spec_.scope == Scope::Layer ? L : L * G;
+  auto poolOf = [&](int layer, int gh) { return spec_.scope == Scope::Global ? 0 : spec_.scope == Scope::Layer ? layer : layer * G + gh; };
+  const double per_head = spec_.budget_tokens > 0 ? double(spec_.budget_tokens) : spec_.budget * seen;
+  std::vector<int64_t> budget(pools);
+  for (int p = 0; p < pools; ++p) {
+    const int heads_in_pool = spec_.scope == Scope::Global ? L * G : spec_.scope == Scope::Layer ? G : 1;
+    double share = per_head * heads_in_pool;
+    if (spec_.method == Method::PyramidKV && L > 1) {
+      // Layer budgets fall linearly from ratio x to 1 x, scaled so that they sum to the total.
+      const double r = spec_.pyramid_ratio, w = r - (r - 1) * double(p) / (L - 1);
+      share *= w * L / (L * (r + 1) / 2.0);
+    }
+    budget[p] = int64_t(std::ceil(share));
+  }
+
+  std::vector<std::vector<Candidate>> free(pools);
+  std::vector<int64_t> kept(pools, 0);
+  std::vector<std::vector<uint8_t>> keep(lens.size());
+  for (int l = 0; l < L; ++l)
+    for (int gh = 0; gh < G; ++gh) {
+      const size_t g = size_t(l) * G + gh;
+      keep[g].assign(size_t(lens[g]), 0);
+      for (int64_t i = off[g]; i < off[g + 1]; ++i) {
+        const int pos = int(table[size_t(i) * 2]);
+        const int idx = int(i - off[g]);
+        if (pos < spec_.sinks || pos > last_pos - spec_.recent) {  // protected
+          keep[g][idx] = 1;
+          ++kept[poolOf(l, gh)];
+        } else {
+          free[poolOf(l, gh)].push_back({table[size_t(i) * 2 + 1], l, gh, pos, idx});
+        }
+      }
+    }
+  for (int p = 0; p < pools; ++p) {
+    auto& f = free[p];
+    const int64_t room = std::max<int64_t>(0, budget[p] - kept[p]);
+    if (int64_t(f.size()) <= room) {
+      for (auto& c : f) keep[size_t(c.layer) * G + c.head][c.index] = 1;
+      continue;
+    }
+    std::sort(f.begin(), f.end(), [](const Candidate& a, const Candidate& b) {
+      if (a.score != b.score) return a.score > b.score;
+      if (a.layer != b.layer) return a.layer < b.layer;
+      if (a.head != b.head) return a.head < b.head;
+      return a.pos < b.pos;
+    });
+    for (int64_t k = 0; k < room; ++k) keep[size_t(f[k].layer) * G + f[k].head][f[k].index] = 1;
+  }
+  for (int l = 0; l < L; ++l)
+    for (int h = 0; h < H; ++h) {
+      const auto& k = keep[globalIndex(l, h)];
+      if (std::find(k.begin(), k.end(), 0) == k.end()) continue;
+      std::vector<int> idx;
+      for (int i = 0; i < int(k.size()); ++i)
+        if (k[i]) idx.push_back(i);
+      cache.retain(l, h, idx);
+    }
+}
+
+// Entries quantized in place (their values become what dequantizing would give). int8: every
+// entry, per token. KIVI: entries older than the residual window, keys per channel over groups
+// of `group` entries, values per token over groups of `group` channels.
+void Policy::quantize(KVCache& cache) const {
+  const int hd = lay_.head_dim;
+  for (int l = 0; l < lay_.layers; ++l)
+    for (int h = 0; h < lay_.local_kv_heads; ++h) {
+      HeadCache& c = cache.head(l, h);
+      const int n = c.length();
+      if (spec_.quant == Quant::Int8) {
+        for (int i = 0; i < n; ++i)
+          if (!c.quantized[i]) {
+            quantizeInt8(&c.keys[size_t(i) * hd], hd);
+            quantizeInt8(&c.values[size_t(i) * hd], hd);
+            c.quantized[i] = 1;
+          }
+        continue;
+      }
+      const int old = std::max(0, n - spec_.residual);  // entries [0, old) left the residual window
+      std::vector<int> pending;
+      for (int i = 0; i < old; ++i)
+        if (!c.quantized[i]) pending.push_back(i);
+      for (size_t g = 0; g + spec_.group <= pending.size(); g += spec_.group) {
+        // Keys: per channel over the group's entries (they are consecutive among the pending).
+        const int first = pending[g], last = pending[g + spec_.group - 1];
+        if (last - first + 1 != spec_.group) continue;  // a hole from eviction: wait for a clean group
+        for (int ch = 0; ch < hd; ++ch) quantizeAsymmetric(&c.keys[size_t(first) * hd + ch], spec_.group, hd, spec_.bits);
+        for (int i = first; i <= last; ++i) {
+          for (int ch = 0; ch < hd; ch += spec_.group)
+            quantizeAsymmetric(&c.values[size_t(i) * hd + ch], std::min(spec_.group, hd - ch), 1, spec_.bits);
+          c.quantized[i] = 1;
+        }
+      }
+    }
+}
+
+KvBytes Policy::bytes(const KVCache& cache, int tokens_seen) const {
+  const int64_t hd = lay_.head_dim;
+  KvBytes b;
+  b.full = int64_t(tokens_seen) * lay_.layers * lay_.local_kv_heads * 2 * hd * 2;
+  for (int l = 0; l < lay_.layers; ++l)
+    for (int h = 0; h < lay_.local_kv_heads; ++h) {
+      const HeadCache& c = cache.head(l, h);
+      for (int i = 0; i < c.length(); ++i) {
+        if (!c.quantized[i]) {
+          b.stored += 2 * hd * 2;
+        } else if (spec_.quant == Quant::Int8) {
+          b.stored += 2 * (hd + 2);  // codes + one fp16 scale, for key and value
+        } else {
+          const int64_t codes = 2 * ((hd * spec_.bits + 7) / 8);  // key and value codes, whole bytes
+          // Scale + zero point (fp16 each): keys per channel shared by `group` entries, values
+          // per group of channels.
+          const double meta = 4.0 * hd / spec_.group + 4.0 * ((hd + spec_.group - 1) / spec_.group);
+          b.stored += codes + int64_t(std::ceil(meta));
+        }
+        if (spec_.evicts()) b.stored += 4;  // the entry's position
+      }
+    }
+  return b;
+}
+
+}  // namespace kvtp::kv

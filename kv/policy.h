@@ -1,0 +1,101 @@
+// KV-cache compression (docs/KV.md): which tokens each head keeps, and how they are stored.
+//
+// A Policy sees every forward step's attention (per layer and local KV head, summed over the
+// query heads that read it), keeps a score per cached entry, and after each step settles ONE
+// budget shared by all heads of all layers of all ranks: scores are laid out in a global table,
+// all-reduced over the tensor-parallel group, and every rank takes the same deterministic
+// decision (ties broken by layer, head, position), so kept tokens and perplexity do not depend
+// on tp. A few sink tokens and a recent window are always kept unless the spec turns them off.
+#pragma once
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "comm/communicator.h"
+#include "kv/kv_cache.h"
+
+namespace kvtp::kv {
+
+enum class Method { Full, StreamingLLM, H2O, Scissorhands, SnapKV, PyramidKV };
+enum class Scope { Global, Layer, Head };  // who competes for the budget
+enum class Quant { None, Int8, Kivi };
+
+// `--kv NAME:key=value,...` and `--kv-quant NAME:key=value,...` (grammar in docs/KV.md).
+struct PolicySpec {
+  Method method = Method::Full;
+  double budget = 1.0;      // fraction of the full cache (tokens seen x layers x KV heads)
+  int budget_tokens = 0;    // or: tokens per head on average (overrides budget when > 0)
+  int sinks = 4;            // first tokens always kept
+  int recent = 16;          // most recent tokens always kept
+  Scope scope = Scope::Global;
+  int history = 32;         // Scissorhands: steps of attention history per token
+  int window = 32;          // SnapKV / PyramidKV: observation window (last prefill queries)
+  int kernel = 7;           // SnapKV / PyramidKV: max-pool width over positions
+  double pyramid_ratio = 4; // PyramidKV: first layer's budget / last layer's
+  Quant quant = Quant::None;
+  int bits = 8;             // KIVI: 2 or 4
+  int group = 32;           // KIVI: tokens per key group (per channel), channels per value group
+  int residual = 128;       // KIVI: most recent tokens kept in full precision
+
+  bool evicts() const { return method != Method::Full; }
+  bool needsAttention() const;
+  std::string describe() const;
+};
+
+PolicySpec parsePolicy(const std::string& kv, const std::string& kv_quant);
+
+// Where this rank's KV heads sit among the model's: global index = kv_head_begin + local index.
+// With fewer KV heads than ranks a head is replicated; `owner` marks the one copy counted.
+struct HeadLayout {
+  int layers = 0;
+  int global_kv_heads = 0;
+  int kv_head_begin = 0;
+  int local_kv_heads = 0;
+  int head_dim = 0;
+  bool replicated = false;
+  bool owner = true;
+};
+
+// One forward step's attention: for each (layer, local KV head), a (T, L) row-major block of
+// probabilities summed over the local query heads of that KV head.
+struct StepAttention {
+  int T = 0;
+  std::vector<std::vector<float>> blocks;  // index layer * local_kv_heads + head
+};
+
+// Bytes as a GPU runtime stores the cache: 2-byte values (fp16/bf16), packed codes with 2-byte
+// scales/zero points when quantized, and a 4-byte position per entry once tokens are evicted.
+struct KvBytes {
+  int64_t stored = 0;  // this rank
+  int64_t full = 0;    // the uncompressed cache of the same tokens, this rank
+};
+
+class Policy {
+ public:
+  Policy(PolicySpec spec, HeadLayout layout, comm::Communicator* group);
+
+  const PolicySpec& spec() const { return spec_; }
+  // After a forward step that appended tokens up to absolute position `last_pos` (prefill: T > 1).
+  // Updates scores, evicts to the budget, quantizes what aged out of the residual window.
+  void afterStep(KVCache& cache, const StepAttention& attn, int last_pos, bool prefill);
+  KvBytes bytes(const KVCache& cache, int tokens_seen) const;
+
+ private:
+  void score(KVCache& cache, const StepAttention& attn, bool prefill);
+  void evict(KVCache& cache, int last_pos, bool prefill);
+  void quantize(KVCache& cache) const;
+  int globalIndex(int layer, int local_head) const;
+
+  PolicySpec spec_;
+  HeadLayout lay_;
+  comm::Communicator* group_;
+};
+
+// Quantize-dequantize helpers (also what the tests check against the analytic error bound).
+// Asymmetric `bits`-bit over n values with stride: error <= (max - min) / (2^bits - 1) / 2.
+void quantizeAsymmetric(float* x, int n, int stride, int bits);
+// Symmetric int8: error <= max|x| / 127 / 2.
+void quantizeInt8(float* x, int n);
+
+}  // namespace kvtp::kv

@@ -1,0 +1,217 @@
+// KV compression on small hand-checkable cases: which tokens each method keeps and why,
+// quantization error bounds, byte accounting, and the budget-100% identity.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+
+#include "kv/policy.h"
+#include "runtime/ppl_job.h"
+
+namespace kvtp::kv {
+namespace {
+
+// A cache of `heads` KV heads, 1 layer, head_dim 2, holding positions 0..n-1.
+KVCache filled(int n, int heads = 1, int hd = 2) {
+  KVCache c(1, heads, hd);
+  for (int t = 0; t < n; ++t) {
+    std::vector<float> k(size_t(heads) * hd, float(t)), v(size_t(heads) * hd, float(-t));
+    c.append(0, k.data(), v.data(), &t, 1);
+  }
+  return c;
+}
+
+HeadLayout layout(int heads = 1, int hd = 2) {
+  HeadLayout l;
+  l.layers = 1;
+  l.global_kv_heads = l.local_kv_heads = heads;
+  l.head_dim = hd;
+  return l;
+}
+
+std::vector<int> positions(const KVCache& c, int head = 0) { return c.head(0, head).positions; }
+
+// Attention of one decode query over n entries of each head: `hot` entries get weight 0.5 / |hot|,
+// the rest share the remaining half.
+StepAttention attentionTo(const std::vector<std::vector<int>>& hot, int n) {
+  StepAttention a;
+  a.T = 1;
+  for (auto& h : hot) {
+    std::vector<float> row(size_t(n), 0.5f / float(n - h.size()));
+    for (int i : h) row[size_t(i)] = 0.5f / float(h.size());
+    a.blocks.push_back(row);
+  }
+  return a;
+}
+
+TEST(KvSpec, ParsesTheGrammarAndRejectsTypos) {
+  const auto s = parsePolicy("h2o:budget=0.25,recent=8,sinks=2,scope=layer", "kivi:bits=4,group=16,residual=32");
+  EXPECT_EQ(s.method, Method::H2O);
+  EXPECT_DOUBLE_EQ(s.budget, 0.25);
+  EXPECT_EQ(s.recent, 8);
+  EXPECT_EQ(s.scope, Scope::Layer);
+  EXPECT_EQ(s.quant, Quant::Kivi);
+  EXPECT_EQ(s.bits, 4);
+  EXPECT_THROW(parsePolicy("h2o:budgt=0.2", ""), std::invalid_argument);
+  EXPECT_THROW(parsePolicy("h2o:budget=1.5", ""), std::invalid_argument);
+  EXPECT_THROW(parsePolicy("lru", ""), std::invalid_argument);
+  EXPECT_THROW(parsePolicy("", "kivi:bits=3"), std::invalid_argument);
+  EXPECT_THROW(parsePolicy("h2o:budget=abc", ""), std::invalid_argument);
+}
+
+TEST(KvEviction, StreamingLlmKeepsSinksAndTheMostRecent) {
+  KVCache c = filled(20);
+  Policy p(parsePolicy("streamingllm:tokens=8,sinks=2,recent=3", ""), layout(), nullptr);
+  p.afterStep(c, {}, 19, false);
+  // 8 kept: sinks 0, 1; then the 6 most recent (3 protected + 3 by recency).
+  EXPECT_EQ(positions(c), (std::vector<int>{0, 1, 14, 15, 16, 17, 18, 19}));
+  EXPECT_EQ(c.head(0, 0).keys[2 * 2], 14.0f);  // keys moved with their positions
+}
+
+TEST(KvEviction, H2oKeepsTheHeavyHitters) {
+  KVCache c = filled(20);
+  Policy p(parsePolicy("h2o:tokens=6,sinks=2,recent=2", ""), layout(), nullptr);
+  p.afterStep(c, attentionTo({{5, 9}}, 20), 19, false);
+  // sinks 0, 1 + recent 18, 19 + the two tokens attention went to.
+  EXPECT_EQ(positions(c), (std::vector<int>{0, 1, 5, 9, 18, 19}));
+}
+
+TEST(KvEviction, ScissorhandsKeepsTokensPersistentlyImportant) {
+  KVCache c = filled(12);
+  Policy p(parsePolicy("scissorhands:tokens=5,sinks=1,recent=1,history=8", ""), layout(), nullptr);
+  // Token 4 is above average in all 3 steps, token 7 in one: 4 persists, 7 does not outrank it.
+  StepAttention a1 = attentionTo({{4, 7}}, 12), a2 = attentionTo({{4}}, 12);
+  Policy warm(parsePolicy("scissorhands:budget=1,sinks=1,recent=1,history=8", ""), layout(), nullptr);
+  warm.afterStep(c, a1, 11, false);
+  warm.afterStep(c, a2, 11, false);
+  warm.afterStep(c, a2, 11, false);
+  p.afterStep(c, {}, 11, false);
+  const auto kept = positions(c);
+  EXPECT_EQ(kept.size(), 5u);
+  EXPECT_NE(std::find(kept.begin(), kept.end(), 4), kept.end());
+  EXPECT_EQ(kept.front(), 0);
+  EXPECT_EQ(kept.back(), 11);
+}
+
+TEST(KvEviction, SnapKvPoolsTheObservationWindowOnceAtPrefillEnd) {
+  KVCache c = filled(16);
+  Policy p(parsePolicy("snapkv:tokens=6,sinks=1,recent=2,window=2,kernel=3", ""), layout(), nullptr);
+  // Prefill of 16 queries; only the last 2 observe. They attend to token 8.
+  StepAttention a;
+  a.T = 16;
+  a.blocks.assign(1, std::vector<float>(16 * 16, 0.0f));
+  for (int t = 14; t < 16; ++t) a.blocks[0][size_t(t) * 16 + 8] = 1.0f;
+  for (int t = 0; t < 14; ++t) a.blocks[0][size_t(t) * 16 + 3] = 1.0f;  // outside the window: ignored
+  p.afterStep(c, a, 15, true);
+  // Max-pooling spreads token 8's score to 7 and 9: sink 0 + 7, 8, 9 + recent 14, 15.
+  EXPECT_EQ(positions(c), (std::vector<int>{0, 7, 8, 9, 14, 15}));
+  p.afterStep(c, attentionTo({{0}}, 6), 16, false);  // decode: SnapKV does not evict again
+  EXPECT_EQ(c.head(0, 0).length(), 6);
+}
+
+TEST(KvEviction, AGlobalBudgetGoesToTheHeadsWithTheHighestScores) {
+  KVCache c = filled(10, 2);
+  Policy p(parsePolicy("h2o:tokens=4,sinks=1,recent=1,scope=global", ""), layout(2), nullptr);
+  // Head 0's attention is concentrated on tokens 3, 4, 5 (high scores); head 1's is spread.
+  StepAttention a = attentionTo({{3, 4, 5}, {}}, 10);
+  a.blocks[1].assign(10, 0.1f);
+  p.afterStep(c, a, 9, false);
+  // 8 slots for 2 heads: 2 x (sink + recent) protected, the 4 free ones all go to head 0.
+  // Head 0 takes 3 of the 4 free slots; its other tokens (0.07) lose the last to head 1 (0.1).
+  EXPECT_EQ(positions(c, 0), (std::vector<int>{0, 3, 4, 5, 9}));
+  EXPECT_EQ(c.head(0, 0).length() + c.head(0, 1).length(), 8);
+}
+
+TEST(KvEviction, PerHeadScopeSplitsTheBudgetEvenly) {
+  KVCache c = filled(10, 2);
+  Policy p(parsePolicy("h2o:tokens=4,sinks=1,recent=1,scope=head", ""), layout(2), nullptr);
+  StepAttention a = attentionTo({{3, 4, 5}, {}}, 10);
+  a.blocks[1].assign(10, 0.1f);
+  p.afterStep(c, a, 9, false);
+  EXPECT_EQ(c.head(0, 0).length(), 4);
+  EXPECT_EQ(c.head(0, 1).length(), 4);
+}
+
+TEST(KvQuant, ErrorsStayWithinTheAnalyticBounds) {
+  std::mt19937 rng(3);
+  std::normal_distribution<float> d(0.0f, 2.0f);
+  for (int bits : {2, 4}) {
+    for (int trial = 0; trial < 50; ++trial) {
+      std::vector<float> x(32);
+      for (auto& v : x) v = d(rng);
+      auto q = x;
+      quantizeAsymmetric(q.data(), 32, 1, bits);
+      const float lo = *std::min_element(x.begin(), x.end()), hi = *std::max_element(x.begin(), x.end());
+      const float bound = (hi - lo) / float((1 << bits) - 1) / 2.0f;
+      for (int i = 0; i < 32; ++i) ASSERT_LE(std::abs(q[i] - x[i]), bound * 1.0001f) << bits << " bits";
+    }
+  }
+  std::vector<float> x(64);
+  for (auto& v : x) v = d(rng);
+  auto q = x;
+  quantizeInt8(q.data(), 64);
+  float mx = 0;
+  for (float v : x) mx = std::max(mx, std::abs(v));
+  for (int i = 0; i < 64; ++i) EXPECT_LE(std::abs(q[i] - x[i]), mx / 127.0f / 2.0f * 1.0001f);
+  EXPECT_NE(q, x);
+}
+
+TEST(KvBytes, EqualAHandCount) {
+  const int hd = 8;
+  // int8: 10 tokens x (key + value) x (8 codes + 2-byte scale) = 200; full fp16 = 10 x 2 x 8 x 2 = 320.
+  KVCache a = filled(10, 1, hd);
+  Policy int8(parsePolicy("", "int8"), layout(1, hd), nullptr);
+  int8.afterStep(a, {}, 9, false);
+  EXPECT_EQ(int8.bytes(a, 10).stored, 200);
+  EXPECT_EQ(int8.bytes(a, 10).full, 320);
+  // KIVI 2-bit, group 4, residual 2: entries 0..7 quantized (two groups of 4), 8 and 9 in fp16.
+  // Quantized entry: codes 2 x 2 bytes + key scale/zero 4 x 8 / 4 + value scale/zero 4 x 2 = 20.
+  KVCache b = filled(10, 1, hd);
+  Policy kivi(parsePolicy("", "kivi:bits=2,group=4,residual=2"), layout(1, hd), nullptr);
+  kivi.afterStep(b, {}, 9, false);
+  EXPECT_EQ(kivi.bytes(b, 10).stored, 8 * 20 + 2 * 32);
+  // Eviction adds a 4-byte position per kept entry: 6 kept x (32 + 4).
+  KVCache c = filled(10, 1, hd);
+  Policy h2o(parsePolicy("streamingllm:tokens=6,sinks=1,recent=1", ""), layout(1, hd), nullptr);
+  h2o.afterStep(c, {}, 9, false);
+  EXPECT_EQ(h2o.bytes(c, 10).stored, 6 * 36);
+}
+
+std::vector<double> decodeLogprobs(const std::string& kv) {
+  PplJob j;
+  j.model_dir = "tests/fixtures/models/llama3-gqa";
+  j.input_ids = j.model_dir + "/input_ids.txt";
+  j.mode = Mode::Decode;
+  j.kv = kv;
+  const auto r = runPplJob(j).result;
+  std::vector<double> all;
+  for (auto& s : r.sequences) all.insert(all.end(), s.logprobs.begin(), s.logprobs.end());
+  return all;
+}
+
+TEST(KvEviction, FullBudgetReproducesTheFullCacheExactly) {
+  const auto full = decodeLogprobs("");
+  for (const char* m : {"h2o:budget=1", "scissorhands:budget=1", "streamingllm:budget=1"})
+    EXPECT_EQ(decodeLogprobs(m), full) << m;
+  EXPECT_NE(decodeLogprobs("h2o:budget=0.3"), full);
+}
+
+TEST(KvEviction, ProtectedDefaultDoesNotCollapse) {
+  // The trained default model, 2 windows of 512 tokens decoded with 20% of the cache.
+  auto ppl = [](const std::string& kv) {
+    PplJob j;
+    j.model_dir = "models/kvtp-llama-2m";
+    j.data = "data/c4/c4-heldout-200.json.gz";
+    j.seq_len = 512;
+    j.max_windows = 2;
+    j.mode = Mode::Decode;
+    j.kv = kv;
+    return runPplJob(j).result.ppl();
+  };
+  const double full = ppl(""), guarded = ppl("h2o:budget=0.2"), bare = ppl("h2o:budget=0.2,sinks=0,recent=0");
+  EXPECT_LT(guarded, 1.2 * full) << "sinks + recent window should keep 20% of the cache close to full";
+  EXPECT_GT(bare, 1.3 * guarded) << "without sinks and a recent window eviction should hurt much more";
+}
+
+}  // namespace
+}  // namespace kvtp::kv
