@@ -15,6 +15,7 @@
 #include "launcher/grpc_common.h"
 #include "launcher/job_store.h"
 #include "runtime/error.h"
+#include "kv/policy.h"
 #include "runtime/presets.h"
 
 namespace kvtp::launcher {
@@ -284,6 +285,14 @@ class State {
     if (r.stride() < 0 || r.max_windows() < 0 || r.max_docs() < 0 || r.layers() < 0) return bad("negative count");
     if (r.tp() < 0 || r.tp() > 65536) return bad("tp must be in [0, 65536]");
     if (r.join().size() > 4096) return bad("join is longer than 4096 bytes");
+    if (r.prefill() < 0) return bad("prefill must not be negative");
+    try {
+      const kv::PolicySpec spec = kv::parsePolicy(r.kv(), r.kv_quant());
+      if ((spec.evicts() || spec.quant != kv::Quant::None || r.prefill() > 0) && r.mode() != "decode")
+        return bad("kv, kv_quant and prefill evaluate token by token: set mode to decode");
+    } catch (const std::invalid_argument& e) {
+      return bad(e.what());
+    }
     if (!r.model().empty()) {
       if (Status s = resolve(r.mutable_model(), "model"); !s.ok()) return s;
     } else {

@@ -59,10 +59,13 @@ PplResult scoreWindows(const Model& model, const std::vector<Window>& windows, i
   kv::Policy policy(decode.policy ? *decode.policy : full_spec, model.headLayout(), model.group());
   kv::StepAttention attention;
   kv::StepAttention* collect = policy.spec().needsAttention() ? &attention : nullptr;
-  auto account = [&](int tokens_seen) {
+  auto account = [&](int tokens_seen) {  // before a step's compression: the peak
     const kv::KvBytes b = policy.bytes(cache, tokens_seen);
     r.kv_bytes_peak = std::max(r.kv_bytes_peak, b.stored);
     r.kv_bytes_full = std::max(r.kv_bytes_full, b.full);
+  };
+  auto settled = [&](int tokens_seen) {  // after it: what is held between steps
+    r.kv_bytes_steady = std::max(r.kv_bytes_steady, policy.bytes(cache, tokens_seen).stored);
   };
   for (const Window& w : windows) {
     const int n = int(w.ids.size());
@@ -96,12 +99,14 @@ PplResult scoreWindows(const Model& model, const std::vector<Window>& windows, i
         for (double lp : model.logprobs(h, w.ids.data() + from, first - from + 1)) record(lp);
         account(first);
         policy.afterStep(cache, attention, first - 1, true);
+        settled(first);
       }
       for (int i = first; i + 1 < n; ++i) {
         const auto hidden = model.forward(&w.ids[i], &pos[i], 1, cache, collect);
         if (i + 1 >= w.score_from) record(model.logprobs(hidden, &w.ids[i + 1], 1)[0]);
         account(i + 1);
         policy.afterStep(cache, attention, i, false);
+        settled(i + 1);
         if (progress && (i + 1) % 64 == 0) {
           p.seconds = elapsed();
           progress(p);

@@ -43,6 +43,7 @@ struct PplResult {
   double seconds = 0;
   int64_t kv_bytes_peak = 0;  // this rank: the most the KV cache held (docs/KV.md accounting)
   int64_t kv_bytes_full = 0;  // this rank: the uncompressed cache of the longest window
+  int64_t kv_bytes_steady = 0;  // this rank: the most the cache held between steps, after compression
   double ppl() const;
   double tokensPerSecond() const { return seconds > 0 ? tokens / seconds : 0; }
 };

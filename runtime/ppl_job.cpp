@@ -152,15 +152,15 @@ PplJobResult runPplJob(const PplJob& job, const comm::Topology* topo, const Prog
   PplResult local = scoreWindows(*model, mine, sequences, job.mode, progress, {job.prefill, &spec});
   // KV bytes per rank of the group (largest over the data-parallel groups).
   const int tp = out.tp, grank = group ? group->rank() : 0;
-  std::vector<double> peak(size_t(tp), 0.0), full(size_t(tp), 0.0);
-  peak[size_t(grank)] = double(local.kv_bytes_peak);
-  full[size_t(grank)] = double(local.kv_bytes_full);
-  if (topo) {
-    topo->world->allReduceMax(peak.data(), peak.size());
-    topo->world->allReduceMax(full.data(), full.size());
-  }
-  out.kv_bytes_peak.assign(peak.begin(), peak.end());
-  out.kv_bytes_full.assign(full.begin(), full.end());
+  auto perRank = [&](int64_t mine) {
+    std::vector<double> v(size_t(tp), 0.0);
+    v[size_t(grank)] = double(mine);
+    if (topo) topo->world->allReduceMax(v.data(), v.size());
+    return std::vector<int64_t>(v.begin(), v.end());
+  };
+  out.kv_bytes_peak = perRank(local.kv_bytes_peak);
+  out.kv_bytes_full = perRank(local.kv_bytes_full);
+  out.kv_bytes_steady = perRank(local.kv_bytes_steady);
   if (out.dp == 1) {
     out.result = std::move(local);
     return out;
@@ -189,9 +189,10 @@ PplJobResult runPplJob(const PplJob& job, const comm::Topology* topo, const Prog
 }
 
 nlohmann::json toJson(const PplJob& job, const PplJobResult& r) {
-  int64_t peak = 0, full = 0;
+  int64_t peak = 0, full = 0, steady = 0;
   for (auto b : r.kv_bytes_peak) peak += b;
   for (auto b : r.kv_bytes_full) full += b;
+  for (auto b : r.kv_bytes_steady) steady += b;
   nlohmann::json seqs = nlohmann::json::array();
   for (auto& s : r.result.sequences) seqs.push_back({{"ppl", s.ppl()}, {"tokens", s.tokens}});
   return {{"ppl", r.result.ppl()},
@@ -212,6 +213,8 @@ nlohmann::json toJson(const PplJob& job, const PplJobResult& r) {
           {"kv_bytes_peak", peak},
           {"kv_bytes_full", full},
           {"kv_ratio", full ? double(peak) / double(full) : 0.0},
+          {"kv_bytes_steady", steady},
+          {"kv_steady_ratio", full ? double(steady) / double(full) : 0.0},
           {"kv_bytes_peak_per_rank", r.kv_bytes_peak},
           {"kv_bytes_full_per_rank", r.kv_bytes_full}};
 }

@@ -39,11 +39,11 @@ class ControlPlane : public ::testing::Test {
     stub_ = v1::Coordinator::NewStub(launcher::makeChannel(address(), ""));
   }
 
-  test::Process& startWorkers(int np = 2) {
+  test::Process& startWorkers(int np = 2, const std::string& extra = "") {
     workers_.push_back(std::make_unique<test::Process>(
         "env OMP_NUM_THREADS=1 mpirun --oversubscribe --allow-run-as-root --bind-to none -x OMP_NUM_THREADS -np " +
             std::to_string(np) + " " + test::kvtpBinary() + " worker --coordinator " + address() + " --token-file " +
-            (dir_ / "token"),
+            (dir_ / "token") + " " + extra,
         dir_ / ("worker" + std::to_string(workers_.size()) + ".log")));
     EXPECT_TRUE(workers_.back()->waitForLog("registered as", 20s)) << workers_.back()->log();
     return *workers_.back();
@@ -127,6 +127,29 @@ TEST_F(ControlPlane, PplOverGrpcEqualsLocalPpl) {
   EXPECT_EQ(r["sequences"].size(), l["sequences"].size());
 }
 
+TEST_F(ControlPlane, OneLaunchWithTpOneServesAsTwoWorkersInParallel) {
+  test::Process& launch = startWorkers(2, "--tp 1");
+  EXPECT_TRUE(launch.waitForLog("registered as w2", 20s)) << launch.log();
+  const std::string a = submit(longJob()).id(), b = submit(longJob()).id();
+  // Both run at once, each on its own group.
+  const auto both = [&] { return get(a).state() == v1::RUNNING && get(b).state() == v1::RUNNING; };
+  const auto until = std::chrono::steady_clock::now() + 30s;
+  while (!both() && std::chrono::steady_clock::now() < until) std::this_thread::sleep_for(100ms);
+  EXPECT_TRUE(both());
+  EXPECT_NE(get(a).worker(), get(b).worker());
+  for (auto& id : {a, b}) {
+    v1::CancelJobRequest r;
+    r.set_id(id);
+    v1::Job j;
+    stub_->CancelJob(callContext(token_, 10s).get(), r, &j);
+  }
+  EXPECT_EQ(waitFinal(a, 30s).state(), v1::CANCELLED);
+  EXPECT_EQ(waitFinal(b, 30s).state(), v1::CANCELLED);
+  const v1::Job r = waitFinal(submit(smallJob()).id());
+  EXPECT_EQ(r.state(), v1::SUCCEEDED);
+  EXPECT_EQ(nlohmann::json::parse(r.result_json())["tp"], 1);
+}
+
 TEST_F(ControlPlane, CallsWithoutTheTokenAreRefused) {
   for (const std::string tok : {"", "wrong"}) {
     grpc::ClientContext ctx;
@@ -162,6 +185,8 @@ TEST_F(ControlPlane, BadRequestsGetClearErrorsAndTheServerStaysUp) {
   add([](auto& r) { r.set_data("data/c4/missing.json.gz"); }, grpc::StatusCode::NOT_FOUND, "does not exist");
   add([](auto& r) { r.set_seq_len(1); }, grpc::StatusCode::INVALID_ARGUMENT, "seq_len");
   add([](auto& r) { r.set_mode("sideways"); }, grpc::StatusCode::INVALID_ARGUMENT, "mode");
+  add([](auto& r) { r.set_kv("lru:budget=0.2"); }, grpc::StatusCode::INVALID_ARGUMENT, "KV method 'lru'");
+  add([](auto& r) { r.set_kv("h2o:budget=0.2"); }, grpc::StatusCode::INVALID_ARGUMENT, "set mode to decode");
   add([](auto& r) { r.set_join(std::string(2 << 20, 'x')); }, grpc::StatusCode::RESOURCE_EXHAUSTED, "");
   for (auto& c : cases) {
     v1::SubmitJobRequest r;
