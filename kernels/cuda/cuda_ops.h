@@ -1,0 +1,35 @@
+// The CUDA twins of kernels/cpu_ops.h: same arguments and layouts, device pointers, float32
+// storage and accumulation (the fp16/bf16 forward pass builds on these). Each launch is
+// checked; tests/cuda_kernels_test.cpp compares every one with its CPU twin.
+#pragma once
+#include <cstdint>
+
+#include "kernels/cpu_ops.h"
+#include "kernels/cuda/cuda_util.h"
+
+namespace kvtp::cuda {
+
+// y (T, out) = x (T, in) · W^T + b (+ y if accumulate), W (out, in) row-major, through cuBLAS in
+// strict float32 (no TF32), so it can match the CPU backend to 1e-5.
+void linear(const Blas& blas, const float* x, int T, int in, const float* W, int out, const float* b, float* y,
+            bool accumulate = false);
+
+void layerNorm(const float* x, int T, int dim, const float* w, const float* b, float eps, float* y);
+void rmsNorm(const float* x, int T, int dim, const float* w, float eps, float* y);
+void addInPlace(float* x, const float* y, int64_t n);
+void relu(float* x, int64_t n);
+void siluMul(float* gate, const float* up, int64_t n);
+void applyRope(float* x, int T, int heads, int head_dim, const int* positions, const float* inv_freq);
+
+// Causal attention of T queries of `heads` query heads (rows of stride q_stride) over each head's
+// KV head, K/V (L, head_dim) per KV head laid out [kv_head][L][head_dim], positions per entry.
+// Query head h reads KV head h / (heads / kv_heads). out (T, heads*head_dim). One block per
+// (query, head), scores in shared memory: L up to about 12k entries per call.
+void attention(const float* q, int q_stride, const int* q_pos, int T, int heads, const float* K, const float* V,
+               const int* k_pos, int L, int kv_heads, int head_dim, float scale, float* out);
+
+// Per row of logits (T, V_shard): max, sum of exp(logit - max), target logit (as the CPU twin).
+void softmaxPartials(const float* logits, int T, int V_shard, int vocab_offset, const int* targets,
+                     kernels::SoftmaxPartial* out);
+
+}  // namespace kvtp::cuda

@@ -1,0 +1,96 @@
+// Checked CUDA / cuBLAS calls and RAII owners for device memory, streams and cuBLAS handles.
+// Every failure names the host, file, line and the library's own message (as nccl-tests do).
+#pragma once
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+#include <unistd.h>
+
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace kvtp::cuda {
+
+inline std::string where(const char* file, int line) {
+  char host[128] = {};
+  gethostname(host, sizeof host - 1);
+  return std::string(host) + " " + file + ":" + std::to_string(line) + ": ";
+}
+
+#define KVTP_CUDA_CHECK(call)                                                                          \
+  do {                                                                                                 \
+    const cudaError_t e_ = (call);                                                                     \
+    if (e_ != cudaSuccess)                                                                             \
+      throw std::runtime_error(::kvtp::cuda::where(__FILE__, __LINE__) + #call + ": " + cudaGetErrorString(e_)); \
+  } while (0)
+
+#define KVTP_CUBLAS_CHECK(call)                                                                        \
+  do {                                                                                                 \
+    const cublasStatus_t s_ = (call);                                                                  \
+    if (s_ != CUBLAS_STATUS_SUCCESS)                                                                   \
+      throw std::runtime_error(::kvtp::cuda::where(__FILE__, __LINE__) + #call + ": " + cublasGetStatusString(s_)); \
+  } while (0)
+
+// After a kernel launch: launch errors now, execution errors at the next synchronisation.
+#define KVTP_CUDA_LAUNCHED() KVTP_CUDA_CHECK(cudaGetLastError())
+
+// Number of usable devices; 0 (not an error) on a machine without a GPU or driver.
+inline int deviceCount() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();  // clear the sticky "no driver" error
+    return 0;
+  }
+  return n;
+}
+
+template <class T>
+class DeviceBuffer {
+ public:
+  DeviceBuffer() = default;
+  explicit DeviceBuffer(size_t n) : n_(n) {
+    if (n) KVTP_CUDA_CHECK(cudaMalloc(&p_, n * sizeof(T)));
+  }
+  explicit DeviceBuffer(const std::vector<T>& host) : DeviceBuffer(host.size()) { upload(host); }
+  ~DeviceBuffer() {
+    if (p_) cudaFree(p_);
+  }
+  DeviceBuffer(DeviceBuffer&& o) noexcept : p_(o.p_), n_(o.n_) { o.p_ = nullptr, o.n_ = 0; }
+  DeviceBuffer& operator=(DeviceBuffer&& o) noexcept {
+    std::swap(p_, o.p_);
+    std::swap(n_, o.n_);
+    return *this;
+  }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+
+  T* get() const { return p_; }
+  size_t size() const { return n_; }
+  void upload(const std::vector<T>& host) {
+    if (host.size() != n_) throw std::runtime_error("DeviceBuffer::upload: size mismatch");
+    KVTP_CUDA_CHECK(cudaMemcpy(p_, host.data(), n_ * sizeof(T), cudaMemcpyHostToDevice));
+  }
+  std::vector<T> download() const {
+    std::vector<T> host(n_);
+    KVTP_CUDA_CHECK(cudaMemcpy(host.data(), p_, n_ * sizeof(T), cudaMemcpyDeviceToHost));
+    return host;
+  }
+
+ private:
+  T* p_ = nullptr;
+  size_t n_ = 0;
+};
+
+class Blas {
+ public:
+  Blas() { KVTP_CUBLAS_CHECK(cublasCreate(&h_)); }
+  ~Blas() { cublasDestroy(h_); }
+  Blas(const Blas&) = delete;
+  Blas& operator=(const Blas&) = delete;
+  cublasHandle_t get() const { return h_; }
+
+ private:
+  cublasHandle_t h_ = nullptr;
+};
+
+}  // namespace kvtp::cuda

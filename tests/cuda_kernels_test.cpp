@@ -1,0 +1,150 @@
+// Every CUDA kernel against its CPU twin on fresh random inputs, outputs poisoned with NaN first
+// so an unwritten element fails. Runs on the GPU machine; elsewhere each test says it skipped.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <limits>
+#include <random>
+
+#include "kernels/cpu_ops.h"
+#include "kernels/cuda/cuda_ops.h"
+
+namespace kvtp {
+namespace {
+
+using cuda::DeviceBuffer;
+
+#define REQUIRE_GPU()                                                                     \
+  if (cuda::deviceCount() == 0) GTEST_SKIP() << "no CUDA device here: this test runs on the GPU machine"
+
+std::vector<float> randn(size_t n, float sd = 1.0f) {
+  static std::mt19937 rng(std::random_device{}());  // fresh inputs every run
+  std::normal_distribution<float> d(0.0f, sd);
+  std::vector<float> v(n);
+  for (auto& x : v) x = d(rng);
+  return v;
+}
+
+std::vector<float> poisoned(size_t n) { return std::vector<float>(n, std::numeric_limits<float>::quiet_NaN()); }
+
+// ||a - b|| / ||b||, NaN anywhere fails.
+double relError(const std::vector<float>& a, const std::vector<float>& b) {
+  EXPECT_EQ(a.size(), b.size());
+  double num = 0, den = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (std::isnan(a[i]) || std::isnan(b[i])) return INFINITY;
+    num += double(a[i] - b[i]) * (a[i] - b[i]);
+    den += double(b[i]) * b[i];
+  }
+  return std::sqrt(num / std::max(den, 1e-300));
+}
+
+// Float32 everywhere: differences are summation order, far under 1e-5 relative.
+constexpr double kTol = 1e-5;
+
+TEST(CudaKernels, LinearMatchesCpuWithBiasAndAccumulate) {
+  REQUIRE_GPU();
+  cuda::Blas blas;
+  const int T = 37, in = 96, out = 80;
+  auto x = randn(T * in), W = randn(out * in), b = randn(out), y0 = randn(T * out);
+  for (bool acc : {false, true}) {
+    auto want = y0;
+    kernels::linear(x.data(), T, in, W.data(), out, b.data(), want.data(), acc);
+    DeviceBuffer<float> dx(x), dW(W), db(b), dy(acc ? y0 : poisoned(y0.size()));
+    cuda::linear(blas, dx.get(), T, in, dW.get(), out, db.get(), dy.get(), acc);
+    EXPECT_LE(relError(dy.download(), want), kTol) << "accumulate " << acc;
+  }
+}
+
+TEST(CudaKernels, NormsMatchCpu) {
+  REQUIRE_GPU();
+  const int T = 5, dim = 1000;
+  auto x = randn(T * dim, 3.0f), w = randn(dim), b = randn(dim);
+  std::vector<float> ln(T * dim), rms(T * dim);
+  kernels::layerNorm(x.data(), T, dim, w.data(), b.data(), 1e-5f, ln.data());
+  kernels::rmsNorm(x.data(), T, dim, w.data(), 1e-6f, rms.data());
+  DeviceBuffer<float> dx(x), dw(w), db(b), dln(poisoned(ln.size())), drms(poisoned(rms.size()));
+  cuda::layerNorm(dx.get(), T, dim, dw.get(), db.get(), 1e-5f, dln.get());
+  cuda::rmsNorm(dx.get(), T, dim, dw.get(), 1e-6f, drms.get());
+  EXPECT_LE(relError(dln.download(), ln), kTol);
+  EXPECT_LE(relError(drms.download(), rms), kTol);
+}
+
+TEST(CudaKernels, ElementwiseMatchCpu) {
+  REQUIRE_GPU();
+  const int n = 10007;
+  auto g = randn(n), u = randn(n), a = randn(n);
+  auto g_cpu = g, a_cpu = a, r_cpu = g;
+  kernels::siluMul(g_cpu.data(), u.data(), n);
+  kernels::addInPlace(a_cpu.data(), u.data(), n);
+  kernels::relu(r_cpu.data(), n);
+  DeviceBuffer<float> dg(g), du(u), da(a), dr(g);
+  cuda::siluMul(dg.get(), du.get(), n);
+  cuda::addInPlace(da.get(), du.get(), n);
+  cuda::relu(dr.get(), n);
+  EXPECT_LE(relError(dg.download(), g_cpu), kTol);
+  EXPECT_LE(relError(da.download(), a_cpu), kTol);
+  EXPECT_EQ(dr.download(), r_cpu);
+}
+
+TEST(CudaKernels, RopeMatchesCpuAtLargePositions) {
+  REQUIRE_GPU();
+  const int T = 7, heads = 3, hd = 64;
+  auto x = randn(T * heads * hd), inv = randn(hd / 2, 0.3f);
+  for (auto& f : inv) f = std::abs(f);
+  std::vector<int> pos = {0, 1, 17, 1000, 8191, 65536, 131071};
+  auto want = x;
+  kernels::applyRope(want.data(), T, heads, hd, pos.data(), inv.data());
+  DeviceBuffer<float> dx(x), dinv(inv);
+  DeviceBuffer<int> dpos(pos);
+  cuda::applyRope(dx.get(), T, heads, hd, dpos.get(), dinv.get());
+  EXPECT_LE(relError(dx.download(), want), kTol);
+}
+
+// GQA (8 query heads on 2 KV heads), a cache with holes (evicted positions), queries at several
+// positions; and a cache long enough to need more than 48 KB of shared memory.
+TEST(CudaKernels, AttentionMatchesCpuOverAnEvictedCache) {
+  REQUIRE_GPU();
+  for (int L : {300, 20000}) {
+    const int T = 5, heads = 8, kv_heads = 2, hd = 64;
+    const float scale = 1.0f / 8.0f;
+    std::vector<int> k_pos(L);
+    for (int i = 0; i < L; ++i) k_pos[i] = i * 2 + (i % 3 == 0);  // ascending, with gaps
+    std::vector<int> q_pos = {0, 3, L / 2, L + 7, 2 * L + 5};
+    auto q = randn(T * heads * hd), K = randn(size_t(kv_heads) * L * hd), V = randn(size_t(kv_heads) * L * hd);
+    std::vector<float> want(T * heads * hd);
+    for (int h = 0; h < heads; ++h) {
+      const int kvh = h / (heads / kv_heads);
+      kernels::attendHead(q.data() + h * hd, heads * hd, q_pos.data(), T, K.data() + size_t(kvh) * L * hd,
+                          V.data() + size_t(kvh) * L * hd, k_pos.data(), L, hd, scale, want.data() + h * hd, heads * hd);
+    }
+    DeviceBuffer<float> dq(q), dK(K), dV(V), dout(poisoned(want.size()));
+    DeviceBuffer<int> dqp(q_pos), dkp(k_pos);
+    cuda::attention(dq.get(), heads * hd, dqp.get(), T, heads, dK.get(), dV.get(), dkp.get(), L, kv_heads, hd, scale,
+                    dout.get());
+    EXPECT_LE(relError(dout.download(), want), 1e-4) << "L " << L;  // float sums over 20k entries
+  }
+}
+
+TEST(CudaKernels, SoftmaxPartialsMatchCpuOnAVocabShard) {
+  REQUIRE_GPU();
+  const int T = 9, V = 50272 / 2, offset = 50272 / 2;
+  auto logits = randn(size_t(T) * V, 4.0f);
+  std::vector<int> targets = {offset, offset + 5, 3, offset + V - 1, 100, offset + 777, 50271, 0, offset + 12345};
+  std::vector<kernels::SoftmaxPartial> want(T);
+  kernels::softmaxPartials(logits.data(), T, V, offset, targets.data(), want.data());
+  DeviceBuffer<float> dl(logits);
+  DeviceBuffer<int> dt(targets);
+  DeviceBuffer<kernels::SoftmaxPartial> dout(T);
+  cuda::softmaxPartials(dl.get(), T, V, offset, dt.get(), dout.get());
+  const auto got = dout.download();
+  for (int t = 0; t < T; ++t) {
+    EXPECT_EQ(got[t].max, want[t].max);
+    EXPECT_NEAR(got[t].sum, want[t].sum, 1e-6 * want[t].sum);
+    EXPECT_EQ(got[t].has_target, want[t].has_target);
+    EXPECT_EQ(got[t].target, want[t].target);
+  }
+}
+
+}  // namespace
+}  // namespace kvtp
