@@ -223,30 +223,21 @@ uint64_t Checkpoint::bytesStored() const {
 }
 
 namespace {
+template <class Word, class F>
+void convertEach(const uint8_t* src, int64_t n, float* dst, F&& f) {
+  for (int64_t i = 0; i < n; ++i) {
+    Word w;
+    std::memcpy(&w, src + sizeof(Word) * i, sizeof(Word));  // unaligned-safe
+    dst[i] = f(w);
+  }
+}
+
 void convert(const uint8_t* src, DType dt, int64_t n, float* dst) {
   switch (dt) {
     case DType::F32: std::memcpy(dst, src, size_t(n) * 4); break;
-    case DType::F16:
-      for (int64_t i = 0; i < n; ++i) {
-        uint16_t h;
-        std::memcpy(&h, src + 2 * i, 2);
-        dst[i] = halfToFloat(h);
-      }
-      break;
-    case DType::BF16:
-      for (int64_t i = 0; i < n; ++i) {
-        uint16_t h;
-        std::memcpy(&h, src + 2 * i, 2);
-        dst[i] = bfloat16ToFloat(h);
-      }
-      break;
-    case DType::F64:
-      for (int64_t i = 0; i < n; ++i) {
-        double d;
-        std::memcpy(&d, src + 8 * i, 8);
-        dst[i] = float(d);
-      }
-      break;
+    case DType::F16: convertEach<uint16_t>(src, n, dst, halfToFloat); break;
+    case DType::BF16: convertEach<uint16_t>(src, n, dst, bfloat16ToFloat); break;
+    case DType::F64: convertEach<double>(src, n, dst, [](double d) { return float(d); }); break;
   }
 }
 }  // namespace

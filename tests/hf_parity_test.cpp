@@ -54,10 +54,7 @@ std::vector<Case> cases() {
 }
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, HfParity, ::testing::ValuesIn(cases()), [](const auto& info) {
-  std::string n = info.param.model + "_" + modeName(info.param.mode);
-  for (auto& ch : n)
-    if (!isalnum(static_cast<unsigned char>(ch))) ch = '_';
-  return n;
+  return test::paramName(info.param.model + "_" + modeName(info.param.mode));
 });
 
 // The trained default models on the held-out C4 sample, by the documented protocol, against
@@ -78,12 +75,7 @@ TEST_P(DefaultModel, HeldOutC4PerplexityMatchesTransformers) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Trained, DefaultModel, ::testing::Values("kvtp-llama-2m", "kvtp-opt-3m"),
-                         [](const auto& info) {
-                           std::string n = info.param;
-                           for (auto& ch : n)
-                             if (!isalnum(static_cast<unsigned char>(ch))) ch = '_';
-                           return n;
-                         });
+                         [](const auto& info) { return test::paramName(info.param); });
 
 }  // namespace
 }  // namespace kvtp

@@ -15,7 +15,8 @@ namespace {
 // Each rank gets an equal share of the cores (at least one OpenMP thread).
 std::string mpirun(int np) {
   const int threads = std::max(1, int(std::thread::hardware_concurrency()) / np);
-  return "OMP_NUM_THREADS=" + std::to_string(threads) + " timeout 300 mpirun --oversubscribe --allow-run-as-root --bind-to none -x OMP_NUM_THREADS -np " +
+  return "OMP_NUM_THREADS=" + std::to_string(threads) +
+         " timeout 300 mpirun --oversubscribe --allow-run-as-root --bind-to none -x OMP_NUM_THREADS -np " +
          std::to_string(np) + " ";
 }
 
@@ -32,7 +33,8 @@ double maxDiff(const std::vector<std::vector<double>>& a, const std::vector<std:
   double worst = 0;
   for (size_t s = 0; s < std::min(a.size(), b.size()); ++s) {
     EXPECT_EQ(a[s].size(), b[s].size()) << "sequence " << s;
-    for (size_t i = 0; i < std::min(a[s].size(), b[s].size()); ++i) worst = std::max(worst, std::abs(a[s][i] - b[s][i]));
+    for (size_t i = 0; i < std::min(a[s].size(), b[s].size()); ++i)
+      worst = std::max(worst, std::abs(a[s][i] - b[s][i]));
   }
   return worst;
 }
@@ -64,13 +66,9 @@ TEST_P(TensorParallel, Tp2AndTp4MatchTp1AndTransformers) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, TensorParallel,
-                         ::testing::Values("opt-preln", "opt-postln-proj", "llama3-gqa", "llama2-tied", "llama-sharded-bf16"),
-                         [](const auto& info) {
-                           std::string n = info.param;
-                           for (auto& ch : n)
-                             if (!isalnum(static_cast<unsigned char>(ch))) ch = '_';
-                           return n;
-                         });
+                         ::testing::Values("opt-preln", "opt-postln-proj", "llama3-gqa", "llama2-tied",
+                                           "llama-sharded-bf16"),
+                         [](const auto& info) { return test::paramName(info.param); });
 
 TEST(TensorParallelDecode, Tp2DecodeMatchesTp1Prefill) {
   const std::string dir = test::fixture("models/llama3-gqa");
@@ -79,7 +77,8 @@ TEST(TensorParallelDecode, Tp2DecodeMatchesTp1Prefill) {
 }
 
 TEST(DataParallel, TwoGroupsOfTwoMatchOneProcess) {
-  const std::string args = "--model models/kvtp-opt-3m --data data/c4/c4-heldout-200.json.gz --seq-len 256 --max-windows 5";
+  const std::string args =
+      "--model models/kvtp-opt-3m --data data/c4/c4-heldout-200.json.gz --seq-len 256 --max-windows 5";
   const auto one = logprobs(0, args);
   const auto groups = logprobs(4, args + " --tp 2");
   ASSERT_EQ(one.size(), 5u);
@@ -95,12 +94,8 @@ TEST_P(Synthetic66b, TwoLayersAtTp2AndTp4MatchTp1) {
   for (int np : {2, 4}) EXPECT_LE(maxDiff(logprobs(np, args), tp1), 1e-4) << "np " << np;
 }
 
-INSTANTIATE_TEST_SUITE_P(Shapes, Synthetic66b, ::testing::Values("opt-66b", "llama-2-70b"), [](const auto& info) {
-  std::string n = info.param;
-  for (auto& ch : n)
-    if (!isalnum(static_cast<unsigned char>(ch))) ch = '_';
-  return n;
-});
+INSTANTIATE_TEST_SUITE_P(Shapes, Synthetic66b, ::testing::Values("opt-66b", "llama-2-70b"),
+                         [](const auto& info) { return test::paramName(info.param); });
 
 // Compressed caches under one global budget: the same tokens are kept at every tp (decisions are
 // taken from an all-reduced score table), so log-probs match tp 1. llama3-gqa has 2 KV heads, so
@@ -124,8 +119,9 @@ INSTANTIATE_TEST_SUITE_P(
     [](const auto& info) { return "m" + std::to_string(info.index); });
 
 TEST(Faults, FailingRankEndsTheJobWithItsError) {
-  const auto r = test::run(mpirun(2) + "bash -c 'm=models/kvtp-opt-3m; [ $OMPI_COMM_WORLD_RANK = 1 ] && m=/nonexistent; " +
-                           test::kvtpBinary() + " ppl --model $m --data data/c4/c4-heldout-200.json.gz --max-windows 2'");
+  const auto r =
+      test::run(mpirun(2) + "bash -c 'm=models/kvtp-opt-3m; [ $OMPI_COMM_WORLD_RANK = 1 ] && m=/nonexistent; " +
+                test::kvtpBinary() + " ppl --model $m --data data/c4/c4-heldout-200.json.gz --max-windows 2'");
   EXPECT_NE(r.status, 0);
   EXPECT_NE(r.status, 124) << "the job hung until the timeout";
   EXPECT_NE(r.err.find("kvtp: error: rank 1: model folder '/nonexistent' does not exist"), std::string::npos) << r.err;
@@ -133,14 +129,16 @@ TEST(Faults, FailingRankEndsTheJobWithItsError) {
 
 TEST(Faults, MismatchedJobsAcrossRanksAreDetected) {
   const auto r = test::run(mpirun(2) + "bash -c 's=128; [ $OMPI_COMM_WORLD_RANK = 1 ] && s=64; " + test::kvtpBinary() +
-                           " ppl --model tests/fixtures/models/opt-preln --input-ids tests/fixtures/models/opt-preln/input_ids.txt --seq-len $s'");
+                           " ppl --model tests/fixtures/models/opt-preln --input-ids "
+                           "tests/fixtures/models/opt-preln/input_ids.txt --seq-len $s'");
   EXPECT_NE(r.status, 0);
   EXPECT_NE(r.err.find("differs between rank 0 and rank 1"), std::string::npos) << r.err;
 }
 
 TEST(Faults, IndivisibleHeadsAreAClearError) {
-  const auto r = test::run(mpirun(3) + test::kvtpBinary() +
-                           " ppl --model tests/fixtures/models/opt-preln --input-ids tests/fixtures/models/opt-preln/input_ids.txt");
+  const auto r = test::run(
+      mpirun(3) + test::kvtpBinary() +
+      " ppl --model tests/fixtures/models/opt-preln --input-ids tests/fixtures/models/opt-preln/input_ids.txt");
   EXPECT_NE(r.status, 0);
   EXPECT_NE(r.err.find("num_attention_heads 4 is not divisible by --tp 3"), std::string::npos) << r.err;
 }

@@ -55,4 +55,11 @@ inline CommandResult run(const std::string& cmd) {
 
 inline std::string kvtpBinary() { return KVTP_BINARY; }
 
+// A test-parameter name GoogleTest accepts: letters and digits, the rest as '_'.
+inline std::string paramName(std::string s) {
+  for (auto& ch : s)
+    if (!isalnum(static_cast<unsigned char>(ch))) ch = '_';
+  return s;
+}
+
 }  // namespace kvtp::test

@@ -22,12 +22,7 @@ TEST_P(HfTokenizer, IdsEqualHuggingFace) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, HfTokenizer, ::testing::Values("gpt2-bpe", "llama3-json", "llama2-spm"),
-                         [](const auto& info) {
-                           std::string n = info.param;
-                           for (auto& ch : n)
-                             if (!isalnum(static_cast<unsigned char>(ch))) ch = '_';
-                           return n;
-                         });
+                         [](const auto& info) { return test::paramName(info.param); });
 
 TEST(Tokenizer, BpeFindsTheRightKind) {
   EXPECT_EQ(loadTokenizer(test::fixture("tokenizers/gpt2-bpe"))->kind(), "gpt2-bpe");
