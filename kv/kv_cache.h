@@ -15,7 +15,7 @@ struct HeadCache {
   // Per entry, kept in step with the entries by append/retain; owned by kv::Policy.
   std::vector<double> score;      // the eviction policy's importance score
   std::vector<uint64_t> history;  // Scissorhands: one bit per recent step, 1 = attended above average
-  std::vector<uint8_t> quantized; // 1 once the entry's key/value were quantized
+  std::vector<uint8_t> quantized; // 1 once quantized, 2 once reduced to low rank (kv/lowrank.h)
   int length() const { return int(positions.size()); }
 };
 

@@ -1,5 +1,7 @@
 #include "kv/policy.h"
 
+#include "kernels/cpu_ops.h"
+
 #include <algorithm>
 #include <bit>
 #include <cmath>
@@ -85,10 +87,11 @@ std::string PolicySpec::describe() const {
   }
   if (quant == Quant::Int8) o << " + int8";
   if (quant == Quant::Kivi) o << " + kivi:bits=" << bits << ",group=" << group << ",residual=" << residual;
+  if (rank) o << " + cskv:rank=" << rank << ",window=" << lowrank_window;
   return o.str();
 }
 
-PolicySpec parsePolicy(const std::string& kv, const std::string& kv_quant) {
+PolicySpec parsePolicy(const std::string& kv, const std::string& kv_quant, const std::string& kv_lowrank) {
   PolicySpec s;
   if (!kv.empty()) {
     std::string name;
@@ -140,6 +143,15 @@ PolicySpec parsePolicy(const std::string& kv, const std::string& kv_quant) {
       throw std::invalid_argument("KV quantization '" + name + "' is not one of: int8, kivi");
     }
   }
+  if (!kv_lowrank.empty()) {
+    std::string name;
+    const auto a = parseArgs(kv_lowrank, &name);
+    if (name != "cskv") throw std::invalid_argument("KV low-rank method '" + name + "' is not cskv");
+    rejectUnknown(a, {"rank", "window"}, kv_lowrank);
+    s.rank = int(number(a, "rank", 0, kv_lowrank));
+    s.lowrank_window = int(number(a, "window", s.lowrank_window, kv_lowrank));
+    if (s.rank < 1 || s.lowrank_window < 0) throw std::invalid_argument("cskv needs rank>=1, window>=0 (" + kv_lowrank + ")");
+  }
   return s;
 }
 
@@ -174,7 +186,33 @@ int Policy::globalIndex(int layer, int h) const { return layer * lay_.global_kv_
 void Policy::afterStep(KVCache& cache, const StepAttention& attn, int last_pos, bool prefill) {
   if (spec_.needsAttention()) score(cache, attn, prefill);
   if (spec_.evicts()) evict(cache, last_pos, prefill);
+  if (spec_.rank) project(cache);
   if (spec_.quant != Quant::None) quantize(cache);
+}
+
+// Entries older than the full-rank window become their rank-r reconstruction. Keys were rotated
+// (RoPE) after the projection W_k, so they are rotated back, projected, and rotated again.
+void Policy::project(KVCache& cache) const {
+  const int hd = lay_.head_dim, r = lowrank_.rank;
+  if (int(lowrank_.keys.size()) != lay_.layers * lay_.local_kv_heads)
+    throw std::logic_error("Policy: low-rank channels asked for but no bases were set");
+  for (int l = 0; l < lay_.layers; ++l)
+    for (int h = 0; h < lay_.local_kv_heads; ++h) {
+      HeadCache& c = cache.head(l, h);
+      const auto& kb = lowrank_.keys[size_t(l) * lay_.local_kv_heads + h];
+      const auto& vb = lowrank_.values[size_t(l) * lay_.local_kv_heads + h];
+      for (int i = 0; i < c.length() - spec_.lowrank_window; ++i) {
+        if (c.quantized[i]) continue;
+        float* k = &c.keys[size_t(i) * hd];
+        const bool rope = !lowrank_.rope_inv_freq.empty();
+        const int back = -c.positions[i];
+        if (rope) kernels::applyRope(k, 1, 1, hd, &back, lowrank_.rope_inv_freq.data());
+        projectOnto(k, kb.data(), hd, r);
+        if (rope) kernels::applyRope(k, 1, 1, hd, &c.positions[i], lowrank_.rope_inv_freq.data());
+        projectOnto(&c.values[size_t(i) * hd], vb.data(), hd, r);
+        c.quantized[i] = 2;
+      }
+    }
 }
 
 // Folds the step's attention into each entry's score. A replicated KV head sees only its local
@@ -380,6 +418,8 @@ KvBytes Policy::bytes(const KVCache& cache, int tokens_seen) const {
       for (int i = 0; i < c.length(); ++i) {
         if (!c.quantized[i]) {
           b.stored += 2 * hd * 2;
+        } else if (c.quantized[i] == 2) {
+          b.stored += 2 * int64_t(spec_.rank) * 2;  // r fp16 coordinates for key and value
         } else if (spec_.quant == Quant::Int8) {
           b.stored += 2 * (hd + 2);  // codes + one fp16 scale, for key and value
         } else {

@@ -14,6 +14,7 @@
 
 #include "comm/communicator.h"
 #include "kv/kv_cache.h"
+#include "kv/lowrank.h"
 
 namespace kvtp::kv {
 
@@ -37,13 +38,15 @@ struct PolicySpec {
   int bits = 8;             // KIVI: 2 or 4
   int group = 32;           // KIVI: tokens per key group (per channel), channels per value group
   int residual = 128;       // KIVI: most recent tokens kept in full precision
+  int rank = 0;             // low-rank channels (CSKV): 0 = off, else coordinates per key/value
+  int lowrank_window = 64;  // low-rank: most recent tokens kept at full rank (the second branch)
 
   bool evicts() const { return method != Method::Full; }
   bool needsAttention() const;
   std::string describe() const;
 };
 
-PolicySpec parsePolicy(const std::string& kv, const std::string& kv_quant);
+PolicySpec parsePolicy(const std::string& kv, const std::string& kv_quant, const std::string& kv_lowrank = "");
 
 // Where this rank's KV heads sit among the model's: global index = kv_head_begin + local index.
 // With fewer KV heads than ranks a head is replicated; `owner` marks the one copy counted.
@@ -76,6 +79,8 @@ class Policy {
   Policy(PolicySpec spec, HeadLayout layout, comm::Communicator* group);
 
   const PolicySpec& spec() const { return spec_; }
+  // Low-rank channels need the projection bases of the heads this rank holds.
+  void setLowRank(LowRankBases bases) { lowrank_ = std::move(bases); }
   // After a forward step that appended tokens up to absolute position `last_pos` (prefill: T > 1).
   // Updates scores, evicts to the budget, quantizes what aged out of the residual window.
   void afterStep(KVCache& cache, const StepAttention& attn, int last_pos, bool prefill);
@@ -85,11 +90,13 @@ class Policy {
   void score(KVCache& cache, const StepAttention& attn, bool prefill);
   void evict(KVCache& cache, int last_pos, bool prefill);
   void quantize(KVCache& cache) const;
+  void project(KVCache& cache) const;
   int globalIndex(int layer, int local_head) const;
 
   PolicySpec spec_;
   HeadLayout lay_;
   comm::Communicator* group_;
+  LowRankBases lowrank_;
 };
 
 // Quantize-dequantize helpers (also what the tests check against the analytic error bound).

@@ -76,6 +76,7 @@ v1::PplRequest toRequest(const PplJob& j, int tp) {
   r.set_kv(j.kv);
   r.set_kv_quant(j.kv_quant);
   r.set_prefill(j.prefill);
+  r.set_kv_lowrank(j.kv_lowrank);
   return r;
 }
 
@@ -98,6 +99,7 @@ PplJob fromRequest(const v1::PplRequest& r) {
   j.kv = r.kv();
   j.kv_quant = r.kv_quant();
   j.prefill = r.prefill();
+  j.kv_lowrank = r.kv_lowrank();
   return j;
 }
 

@@ -21,6 +21,7 @@ void addPplOptions(CLI::App* cmd, PplOptions& o) {
       ->check(CLI::IsMember({"prefill", "decode"}));
   cmd->add_option("--kv", j.kv, "KV eviction, e.g. h2o:budget=0.2,recent=16 (docs/KV.md); implies --mode decode");
   cmd->add_option("--kv-quant", j.kv_quant, "KV quantization: int8 | kivi:bits=2,group=32,residual=128");
+  cmd->add_option("--kv-lowrank", j.kv_lowrank, "low-rank KV channels: cskv:rank=R,window=W (docs/KV.md)");
   cmd->add_option("--prefill", j.prefill, "decode mode: the first N tokens of each window go through at once");
   cmd->add_option("--tp", o.tp, "tensor-parallel degree (default: the world size under mpirun; submit: any)");
 }
@@ -37,7 +38,8 @@ PplJob PplOptions::resolve() const {
   if (!drop_partial->count()) j.drop_partial = p.drop_partial;
   j.mode = parseMode(mode);
   // KV compression is evaluated token by token through the cache (the Scissorhands protocol).
-  if ((!j.kv.empty() || !j.kv_quant.empty() || j.prefill > 0) && !mode_option->count()) j.mode = Mode::Decode;
+  if ((!j.kv.empty() || !j.kv_quant.empty() || !j.kv_lowrank.empty() || j.prefill > 0) && !mode_option->count())
+    j.mode = Mode::Decode;
   return j;
 }
 

@@ -85,6 +85,20 @@ kv::HeadLayout Model::headLayout() const {
   return h;
 }
 
+kv::LowRankBases Model::lowRankBases(int rank) const {
+  const int hd = config_.head_dim, H = config_.hidden;
+  if (rank > hd) throw Error("cskv rank " + std::to_string(rank) + " exceeds head_dim " + std::to_string(hd));
+  kv::LowRankBases b;
+  b.rank = rank;
+  b.rope_inv_freq = inv_freq_;
+  for (int l = 0; l < config_.layers; ++l)
+    for (int h = 0; h < part_.kv_heads; ++h) {  // this head's hd rows of the local K / V projections
+      b.keys.push_back(kv::leftSingularBasis(weights_.layers[l].wk.data() + size_t(h) * hd * H, hd, H, rank));
+      b.values.push_back(kv::leftSingularBasis(weights_.layers[l].wv.data() + size_t(h) * hd * H, hd, H, rank));
+    }
+  return b;
+}
+
 void Model::attention(int layer, const float* xn, const int* positions, int T, kv::KVCache& cache, float* out,
                       kv::StepAttention* collect) const {
   const auto& c = config_;

@@ -39,6 +39,9 @@ class Model {
                              kv::StepAttention* attention = nullptr) const;
   // Where this rank's KV heads sit among the model's (for KV policies).
   kv::HeadLayout headLayout() const;
+  // Per layer and local KV head, the top-`rank` left singular vectors of its K and V projection
+  // rows (CSKV-style low-rank channels, docs/KV.md).
+  kv::LowRankBases lowRankBases(int rank) const;
 
   // log p(targets[t] | prefix) from hidden row t, in float64; the logits are made a few rows at a
   // time so that a 50k-256k vocabulary never needs a (T, vocab) buffer.

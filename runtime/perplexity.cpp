@@ -57,6 +57,7 @@ PplResult scoreWindows(const Model& model, const std::vector<Window>& windows, i
   kv::KVCache cache = model.newCache();
   const kv::PolicySpec full_spec;
   kv::Policy policy(decode.policy ? *decode.policy : full_spec, model.headLayout(), model.group());
+  if (policy.spec().rank) policy.setLowRank(model.lowRankBases(policy.spec().rank));
   kv::StepAttention attention;
   kv::StepAttention* collect = policy.spec().needsAttention() ? &attention : nullptr;
   auto account = [&](int tokens_seen) {  // before a step's compression: the peak

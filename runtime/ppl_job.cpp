@@ -98,12 +98,12 @@ PplJobResult runPplJob(const PplJob& job, const comm::Topology* topo, const Prog
     throw Error("--synthetic has no tokenizer: score --input-ids with it, not --data");
   kv::PolicySpec spec;
   try {
-    spec = kv::parsePolicy(job.kv, job.kv_quant);
+    spec = kv::parsePolicy(job.kv, job.kv_quant, job.kv_lowrank);
   } catch (const std::invalid_argument& e) {
     throw Error(e.what());
   }
-  if ((spec.evicts() || spec.quant != kv::Quant::None || job.prefill > 0) && job.mode != Mode::Decode)
-    throw Error("--kv, --kv-quant and --prefill evaluate token by token: use --mode decode");
+  if ((spec.evicts() || spec.quant != kv::Quant::None || spec.rank || job.prefill > 0) && job.mode != Mode::Decode)
+    throw Error("--kv, --kv-quant, --kv-lowrank and --prefill evaluate token by token: use --mode decode");
   if (job.prefill < 0) throw Error("--prefill must not be negative");
 
   comm::Communicator* group = topo ? topo->group.get() : nullptr;

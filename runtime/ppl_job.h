@@ -26,6 +26,7 @@ struct PplJob {
   Mode mode = Mode::Prefill;
   std::string kv;                // KV eviction spec (docs/KV.md); implies decode mode
   std::string kv_quant;          // KV quantization spec; implies decode mode
+  std::string kv_lowrank;        // KV low-rank channels spec (cskv:rank=R,window=W); implies decode mode
   int prefill = 0;               // decode mode: tokens per window that go through at once first
 };
 

@@ -189,11 +189,79 @@ std::vector<double> decodeLogprobs(const std::string& kv) {
   return all;
 }
 
+TEST(KvLowRank, LeadingEigenvectorsAreOrthonormalAndOrdered) {
+  std::mt19937 rng(5);
+  std::normal_distribution<float> d;
+  const int n = 12, cols = 40, r = 5;
+  std::vector<float> W(n * cols);
+  for (auto& w : W) w = d(rng);
+  const auto B = leftSingularBasis(W.data(), n, cols, r);
+  for (int a = 0; a < r; ++a)
+    for (int b = 0; b < r; ++b) {
+      double dot = 0;
+      for (int i = 0; i < n; ++i) dot += double(B[i * r + a]) * B[i * r + b];
+      EXPECT_NEAR(dot, a == b ? 1.0 : 0.0, 1e-5);
+    }
+  // Rayleigh quotients ||W^T b_k||^2 descend: the leading directions come first.
+  double last = 1e300;
+  for (int k = 0; k < r; ++k) {
+    double q = 0;
+    for (int c = 0; c < cols; ++c) {
+      double s = 0;
+      for (int i = 0; i < n; ++i) s += double(W[i * cols + c]) * B[i * r + k];
+      q += s * s;
+    }
+    EXPECT_LT(q, last * (1 + 1e-9));
+    last = q;
+  }
+  // A vector in the span of W's rows' leading directions survives projection; at full rank all do.
+  const auto full = leftSingularBasis(W.data(), n, cols, n);
+  std::vector<float> x(n);
+  for (auto& v : x) v = d(rng);
+  auto y = x;
+  projectOnto(y.data(), full.data(), n, n);
+  for (int i = 0; i < n; ++i) EXPECT_NEAR(y[i], x[i], 1e-5);
+}
+
+TEST(KvLowRank, BytesCountTheCoordinates) {
+  const int hd = 8;
+  KVCache c = filled(10, 1, hd);
+  LowRankBases b;
+  b.rank = 3;
+  std::vector<float> W(hd * 20, 0.0f);
+  for (int i = 0; i < hd; ++i) W[i * 20 + i] = float(hd - i);
+  b.keys = b.values = {leftSingularBasis(W.data(), hd, 20, 3)};
+  Policy p(parsePolicy("", "", "cskv:rank=3,window=4"), layout(1, hd), nullptr);
+  p.setLowRank(b);
+  p.afterStep(c, {}, 9, false);
+  // 6 old entries as 3 fp16 coordinates for key and value, 4 recent at full width.
+  EXPECT_EQ(p.bytes(c, 10).stored, 6 * 2 * 3 * 2 + 4 * 2 * hd * 2);
+  // Basis = the first 3 channels: old values keep channels 0..2 and lose the rest.
+  EXPECT_EQ(c.head(0, 0).values[0 * hd + 3], 0.0f);
+  EXPECT_EQ(c.head(0, 0).values[9 * hd + 3], -9.0f);
+}
+
 TEST(KvEviction, FullBudgetReproducesTheFullCacheExactly) {
   const auto full = decodeLogprobs("");
   for (const char* m : {"h2o:budget=1", "scissorhands:budget=1", "streamingllm:budget=1"})
     EXPECT_EQ(decodeLogprobs(m), full) << m;
   EXPECT_NE(decodeLogprobs("h2o:budget=0.3"), full);
+}
+
+TEST(KvLowRank, FullRankReproducesTheFullCache) {
+  PplJob j;
+  j.model_dir = "tests/fixtures/models/llama3-gqa";  // head_dim 8, RoPE with llama3 scaling
+  j.input_ids = j.model_dir + "/input_ids.txt";
+  j.mode = Mode::Decode;
+  const auto full = runPplJob(j).result;
+  j.kv_lowrank = "cskv:rank=8,window=4";
+  const auto same = runPplJob(j).result;
+  j.kv_lowrank = "cskv:rank=3,window=4";
+  const auto low = runPplJob(j).result;
+  for (size_t s = 0; s < full.sequences.size(); ++s)
+    for (size_t i = 0; i < full.sequences[s].logprobs.size(); ++i)
+      ASSERT_NEAR(same.sequences[s].logprobs[i], full.sequences[s].logprobs[i], 1e-4);  // un-rotate/rotate rounding
+  EXPECT_GT(std::abs(low.ppl() - full.ppl()), 1e-3 * full.ppl());
 }
 
 TEST(KvEviction, ProtectedDefaultDoesNotCollapse) {
