@@ -102,15 +102,15 @@ TEST(CudaKernels, RopeMatchesCpuAtLargePositions) {
 }
 
 // GQA (8 query heads on 2 KV heads), a cache with holes (evicted positions), queries at several
-// positions; and a cache long enough to need more than 48 KB of shared memory.
+// positions (the first sees one key, none is hidden in a whole split), short and long caches.
 TEST(CudaKernels, AttentionMatchesCpuOverAnEvictedCache) {
   REQUIRE_GPU();
-  for (int L : {300, 20000}) {
+  for (int L : {1, 300, 20000}) {
     const int T = 5, heads = 8, kv_heads = 2, hd = 64;
     const float scale = 1.0f / 8.0f;
     std::vector<int> k_pos(L);
     for (int i = 0; i < L; ++i) k_pos[i] = i * 2 + (i % 3 == 0);  // ascending, with gaps
-    std::vector<int> q_pos = {0, 3, L / 2, L + 7, 2 * L + 5};
+    std::vector<int> q_pos = {0, 3, L / 2, L + 7, 2 * L + 5};  // ascending k_pos are 0, 2 or 3, ...
     auto q = randn(T * heads * hd), K = randn(size_t(kv_heads) * L * hd), V = randn(size_t(kv_heads) * L * hd);
     std::vector<float> want(T * heads * hd);
     for (int h = 0; h < heads; ++h) {
@@ -120,8 +120,8 @@ TEST(CudaKernels, AttentionMatchesCpuOverAnEvictedCache) {
     }
     DeviceBuffer<float> dq(q), dK(K), dV(V), dout(poisoned(want.size()));
     DeviceBuffer<int> dqp(q_pos), dkp(k_pos);
-    cuda::attention(dq.get(), heads * hd, dqp.get(), T, heads, dK.get(), dV.get(), dkp.get(), L, kv_heads, hd, scale,
-                    dout.get());
+    cuda::attention(dq.get(), heads * hd, dqp.get(), T, heads, dK.get(), dV.get(), dkp.get(), L, kv_heads, hd,
+                    int64_t(L) * hd, scale, dout.get());
     EXPECT_LE(relError(dout.download(), want), 1e-4) << "L " << L;  // float sums over 20k entries
   }
 }

@@ -1,8 +1,12 @@
-// CUDA twins of kernels/cpu_ops.cpp. Versions:
-//   v1 (this file): the simplest correct kernels: one block per row (norms, softmax partials) or
-//   per (query, head) (attention, scores in shared memory), elementwise kernels one thread per
-//   element, GEMMs through cuBLAS sgemm. Checked against the CPU twins by
-//   tests/cuda_kernels_test.cpp on the GPU machine.
+// CUDA twins of kernels/cpu_ops.cpp, checked against them by tests/cuda_kernels_test.cpp on the
+// GPU machine and timed by bench/cuda_bench.cpp (docs/BENCHMARKS.md). Versions:
+//   v1: the simplest correct kernels: one block per row (norms, softmax partials), elementwise
+//       kernels one thread per element, GEMMs through cuBLAS sgemm; attention one block per
+//       (query, head) with all scores in shared memory — 1-2 % of the copy bandwidth at decode
+//       on an H100 (32 blocks for 132 SMs, each thread walking a key row: uncoalesced).
+//   v2 (attention): flash-decoding — keys split over many blocks, one warp per key row (lanes
+//       read consecutive channels: coalesced), online softmax per warp, a second kernel combines
+//       the splits.
 #include <cfloat>
 
 #include "kernels/cuda/cuda_ops.h"
@@ -95,40 +99,81 @@ __global__ void ropeKernel(float* x, int T, int heads, int head_dim, const int* 
   v[j + half] = b * float(c) + a * float(s);
 }
 
-// One block per (query t, head h): scores of all L entries in shared memory, softmax, then P·V.
-__global__ void attentionKernel(const float* q, int q_stride, const int* q_pos, int heads, const float* K,
-                                const float* V, const int* k_pos, int L, int kv_heads, int hd, float scale,
-                                float* out) {
-  extern __shared__ float smem[];  // [hd] query, then [L] scores
-  float* qs = smem;
-  float* s = smem + hd;
-  const int t = blockIdx.x, h = blockIdx.y, kvh = h / (heads / kv_heads);
+// Attention v2. Grid (heads, splits, T): a block scores keys [split * kChunk, +kChunk) of one
+// head for one query; each warp takes every 4th key, its lanes hold channels lane + 32 i of the
+// query and of the output accumulator (head_dim <= 256). Writes the block's unnormalised output
+// with its running max and sum; attentionCombine merges the splits.
+constexpr int kChunk = 256, kWarps = 4, kMaxPerLane = 8;
+
+__global__ void attentionSplit(const float* q, int q_stride, const int* q_pos, int heads, const float* K,
+                               const float* V, const int* k_pos, int L, int kv_heads, int hd, int64_t head_stride,
+                               float scale, int splits, float* part_o, float* part_ms) {
+  const int h = blockIdx.x, split = blockIdx.y, t = blockIdx.z;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, per_lane = hd / 32;
+  const int kvh = h / (heads / kv_heads);
+  const float* Kh = K + kvh * head_stride;
+  const float* Vh = V + kvh * head_stride;
   const float* qv = q + int64_t(t) * q_stride + int64_t(h) * hd;
-  const float* Kh = K + int64_t(kvh) * L * hd;
-  const float* Vh = V + int64_t(kvh) * L * hd;
-  for (int d = threadIdx.x; d < hd; d += blockDim.x) qs[d] = qv[d];
-  __syncthreads();
+  float qr[kMaxPerLane], acc[kMaxPerLane];
+  for (int i = 0; i < per_lane; ++i) {
+    qr[i] = qv[lane + 32 * i] * scale;
+    acc[i] = 0.0f;
+  }
   const int p = q_pos[t];
-  float mx = -FLT_MAX;
-  for (int l = threadIdx.x; l < L; l += blockDim.x) {
-    float dot = 0;
-    for (int d = 0; d < hd; ++d) dot += qs[d] * Kh[int64_t(l) * hd + d];
-    s[l] = k_pos[l] <= p ? dot * scale : -FLT_MAX;
-    mx = fmaxf(mx, s[l]);
+  float m = -FLT_MAX, sum = 0.0f;
+  const int end = min(L, (split + 1) * kChunk);
+  for (int l = split * kChunk + warp; l < end; l += kWarps) {
+    if (k_pos[l] > p) continue;  // the same for the whole warp
+    const float* kr = Kh + int64_t(l) * hd;
+    float dot = 0.0f;
+    for (int i = 0; i < per_lane; ++i) dot += qr[i] * kr[lane + 32 * i];
+    dot = warpSum(dot);
+    const float m_new = fmaxf(m, dot), corr = expf(m - m_new), w = expf(dot - m_new);
+    sum = sum * corr + w;
+    const float* vr = Vh + int64_t(l) * hd;
+    for (int i = 0; i < per_lane; ++i) acc[i] = acc[i] * corr + w * vr[lane + 32 * i];
+    m = m_new;
   }
-  mx = blockReduce(mx, warpMax, -FLT_MAX);
-  float sum = 0;
-  for (int l = threadIdx.x; l < L; l += blockDim.x) {
-    s[l] = k_pos[l] <= p ? expf(s[l] - mx) : 0.0f;
-    sum += s[l];
-  }
-  sum = blockReduce(sum, warpSum, 0.0f);
-  const float inv = sum > 0 ? 1.0f / sum : 0.0f;
+  // Merge the block's warps through shared memory, then write this split's partial.
+  __shared__ float s_m[kWarps], s_sum[kWarps], s_acc[kWarps][256];
+  if (lane == 0) s_m[warp] = m, s_sum[warp] = sum;
+  for (int i = 0; i < per_lane; ++i) s_acc[warp][lane + 32 * i] = acc[i];
   __syncthreads();
+  if (warp != 0) return;
+  float M = -FLT_MAX;
+  for (int w = 0; w < kWarps; ++w) M = fmaxf(M, s_m[w]);
+  float S = 0.0f;
+  for (int w = 0; w < kWarps; ++w) S += s_sum[w] * (s_m[w] == -FLT_MAX ? 0.0f : expf(s_m[w] - M));
+  const int64_t slot = (int64_t(t) * heads + h) * splits + split;
+  for (int i = 0; i < per_lane; ++i) {
+    float o = 0.0f;
+    for (int w = 0; w < kWarps; ++w)
+      if (s_m[w] != -FLT_MAX) o += s_acc[w][lane + 32 * i] * expf(s_m[w] - M);
+    part_o[slot * hd + lane + 32 * i] = o;
+  }
+  if (lane == 0) part_ms[slot * 2] = M, part_ms[slot * 2 + 1] = S;
+}
+
+// One block per (query, head): out = sum_j o_j e^(m_j - M) / sum_j s_j e^(m_j - M).
+__global__ void attentionCombine(const float* part_o, const float* part_ms, int splits, int heads, int hd,
+                                 float* out) {
+  const int h = blockIdx.x, t = blockIdx.y;
+  const int64_t base = (int64_t(t) * heads + h) * splits;
+  float M = -FLT_MAX;
+  for (int j = 0; j < splits; ++j) M = fmaxf(M, part_ms[(base + j) * 2]);
+  float S = 0.0f;
+  for (int j = 0; j < splits; ++j) {
+    const float mj = part_ms[(base + j) * 2];
+    if (mj != -FLT_MAX) S += part_ms[(base + j) * 2 + 1] * expf(mj - M);
+  }
+  const float inv = S > 0.0f ? 1.0f / S : 0.0f;
   for (int d = threadIdx.x; d < hd; d += blockDim.x) {
-    float acc = 0;
-    for (int l = 0; l < L; ++l) acc += s[l] * Vh[int64_t(l) * hd + d];
-    out[int64_t(t) * heads * hd + int64_t(h) * hd + d] = acc * inv;
+    float o = 0.0f;
+    for (int j = 0; j < splits; ++j) {
+      const float mj = part_ms[(base + j) * 2];
+      if (mj != -FLT_MAX) o += part_o[(base + j) * hd + d] * expf(mj - M);
+    }
+    out[(int64_t(t) * heads + h) * hd + d] = o * inv;
   }
 }
 
@@ -200,17 +245,21 @@ void applyRope(float* x, int T, int heads, int head_dim, const int* positions, c
 }
 
 void attention(const float* q, int q_stride, const int* q_pos, int T, int heads, const float* K, const float* V,
-               const int* k_pos, int L, int kv_heads, int head_dim, float scale, float* out) {
-  const size_t smem = size_t(head_dim + L) * sizeof(float);
-  if (smem > 48 * 1024) {
-    static bool raised = false;  // opt in to more than 48 KB of dynamic shared memory once
-    if (!raised) {
-      KVTP_CUDA_CHECK(cudaFuncSetAttribute(attentionKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
-      raised = true;
-    }
-  }
-  attentionKernel<<<dim3(T, heads), 128, smem>>>(q, q_stride, q_pos, heads, K, V, k_pos, L, kv_heads, head_dim,
-                                                  scale, out);
+               const int* k_pos, int L, int kv_heads, int head_dim, int64_t head_stride, float scale, float* out) {
+  if (head_dim % 32 != 0 || head_dim > 32 * kMaxPerLane)
+    throw std::runtime_error("cuda::attention: head_dim " + std::to_string(head_dim) + " must be a multiple of 32, at most 256");
+  if (L == 0 || T == 0) return;
+  const int splits = (L + kChunk - 1) / kChunk;
+  // Partials live in a grow-only scratch buffer: steady-state decode allocates nothing.
+  static thread_local DeviceBuffer<float> scratch;
+  const size_t need = size_t(T) * heads * splits * (head_dim + 2);
+  if (scratch.size() < need) scratch = DeviceBuffer<float>(need);
+  float* part_o = scratch.get();
+  float* part_ms = part_o + size_t(T) * heads * splits * head_dim;
+  attentionSplit<<<dim3(heads, splits, T), 32 * kWarps>>>(q, q_stride, q_pos, heads, K, V, k_pos, L, kv_heads, head_dim,
+                                                          head_stride, scale, splits, part_o, part_ms);
+  KVTP_CUDA_LAUNCHED();
+  attentionCombine<<<dim3(heads, T), 128>>>(part_o, part_ms, splits, heads, head_dim, out);
   KVTP_CUDA_LAUNCHED();
 }
 

@@ -21,12 +21,12 @@ void relu(float* x, int64_t n);
 void siluMul(float* gate, const float* up, int64_t n);
 void applyRope(float* x, int T, int heads, int head_dim, const int* positions, const float* inv_freq);
 
-// Causal attention of T queries of `heads` query heads (rows of stride q_stride) over each head's
-// KV head, K/V (L, head_dim) per KV head laid out [kv_head][L][head_dim], positions per entry.
-// Query head h reads KV head h / (heads / kv_heads). out (T, heads*head_dim). One block per
-// (query, head), scores in shared memory: L up to about 12k entries per call.
+// Causal attention of T queries of `heads` query heads (rows of stride q_stride) over L cached
+// entries per KV head: KV head g's keys start at K + g * head_stride, (L, head_dim) row-major
+// (values likewise); k_pos (L) ascending. Query head h reads KV head h / (heads / kv_heads).
+// out (T, heads * head_dim). head_dim a multiple of 32, at most 256; any L.
 void attention(const float* q, int q_stride, const int* q_pos, int T, int heads, const float* K, const float* V,
-               const int* k_pos, int L, int kv_heads, int head_dim, float scale, float* out);
+               const int* k_pos, int L, int kv_heads, int head_dim, int64_t head_stride, float scale, float* out);
 
 // Per row of logits (T, V_shard): max, sum of exp(logit - max), target logit (as the CPU twin).
 void softmaxPartials(const float* logits, int T, int V_shard, int vocab_offset, const int* targets,

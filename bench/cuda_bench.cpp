@@ -1,0 +1,87 @@
+// kvtp_cuda_bench: the GPU's two ceilings (device-to-device copy bandwidth, cuBLAS sgemm rate)
+// and the v1 kernels against them: decode attention (T = 1) over 2k/8k/32k-token caches, where
+// the floor is reading K and V once. CUDA events around each region, warm-up first, medians of
+// 20 runs. Prints a table; docs/BENCHMARKS.md records it.
+#include <algorithm>
+#include <cstdio>
+#include <random>
+#include <vector>
+
+#include "kernels/cuda/cuda_ops.h"
+
+namespace {
+using namespace kvtp;
+
+template <class F>
+float medianMs(F&& f, int reps = 20) {
+  cudaEvent_t a, b;
+  KVTP_CUDA_CHECK(cudaEventCreate(&a));
+  KVTP_CUDA_CHECK(cudaEventCreate(&b));
+  f();
+  f();  // warm-up
+  std::vector<float> ms;
+  for (int i = 0; i < reps; ++i) {
+    KVTP_CUDA_CHECK(cudaEventRecord(a));
+    f();
+    KVTP_CUDA_CHECK(cudaEventRecord(b));
+    KVTP_CUDA_CHECK(cudaEventSynchronize(b));
+    float t = 0;
+    KVTP_CUDA_CHECK(cudaEventElapsedTime(&t, a, b));
+    ms.push_back(t);
+  }
+  cudaEventDestroy(a);
+  cudaEventDestroy(b);
+  std::sort(ms.begin(), ms.end());
+  return ms[ms.size() / 2];
+}
+
+std::vector<float> random(size_t n) {
+  std::mt19937 rng(1);
+  std::normal_distribution<float> d;
+  std::vector<float> v(n);
+  for (auto& x : v) x = d(rng);
+  return v;
+}
+}  // namespace
+
+int main() {
+  if (cuda::deviceCount() == 0) {
+    std::printf("kvtp_cuda_bench: no CUDA device, nothing measured\n");
+    return 0;
+  }
+  cudaDeviceProp prop{};
+  KVTP_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+  std::printf("device: %s, %d SMs, %.0f MB L2\n", prop.name, prop.multiProcessorCount, prop.l2CacheSize / 1e6);
+
+  const size_t n = size_t(1) << 30;  // 4 GiB of floats copied: far beyond L2
+  cuda::DeviceBuffer<float> src(n / 2), dst(n / 2);
+  KVTP_CUDA_CHECK(cudaMemset(src.get(), 1, src.size() * 4));
+  const float copy_ms = medianMs([&] { KVTP_CUDA_CHECK(cudaMemcpy(dst.get(), src.get(), src.size() * 4, cudaMemcpyDeviceToDevice)); });
+  const double bw = 2.0 * src.size() * 4 / (copy_ms * 1e-3) / 1e12;  // read + write
+  std::printf("copy: %.2f TB/s (read + write, %.0f MiB)\n", bw, src.size() * 4 / 1048576.0);
+
+  cuda::Blas blas;
+  const int m = 8192;
+  cuda::DeviceBuffer<float> A(random(size_t(m) * m)), B(random(size_t(m) * m)), C(size_t(m) * m);
+  const float gemm_ms = medianMs([&] { cuda::linear(blas, A.get(), m, m, B.get(), m, nullptr, C.get()); }, 5);
+  std::printf("sgemm %d^3 (fp32, no TF32): %.1f TFLOP/s\n", m, 2.0 * m * m * m / (gemm_ms * 1e-3) / 1e12);
+
+  std::printf("decode attention (v2, flash-decoding), 32 heads (8 KV heads), head_dim 128, T = 1:\n");
+  for (int L : {2048, 8192, 32768}) {
+    const int heads = 32, kv = 8, hd = 128;
+    cuda::DeviceBuffer<float> q(random(size_t(heads) * hd)), K(random(size_t(kv) * L * hd)),
+        V(random(size_t(kv) * L * hd)), out(size_t(heads) * hd);
+    std::vector<int> kp(L);
+    for (int i = 0; i < L; ++i) kp[i] = i;
+    std::vector<int> qp = {L};
+    cuda::DeviceBuffer<int> dkp(kp), dqp(qp);
+    const float ms = medianMs([&] {
+      cuda::attention(q.get(), heads * hd, dqp.get(), 1, heads, K.get(), V.get(), dkp.get(), L, kv, hd, int64_t(L) * hd,
+                      0.088f, out.get());
+    });
+    const double bytes = 2.0 * kv * L * hd * 4;  // K and V read once: the floor
+    std::printf("  L %6d: %8.3f ms  %6.2f TB/s effective  (%.1f%% of the copy bandwidth)\n", L, ms,
+                bytes / (ms * 1e-3) / 1e12, 100 * bytes / (ms * 1e-3) / 1e12 / bw);
+  }
+  return 0;
+}
