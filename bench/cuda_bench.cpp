@@ -66,7 +66,7 @@ int main() {
   const float gemm_ms = medianMs([&] { cuda::linear(blas, A.get(), m, m, B.get(), m, nullptr, C.get()); }, 5);
   std::printf("sgemm %d^3 (fp32, no TF32): %.1f TFLOP/s\n", m, 2.0 * m * m * m / (gemm_ms * 1e-3) / 1e12);
 
-  std::printf("decode attention (v2, flash-decoding), 32 heads (8 KV heads), head_dim 128, T = 1:\n");
+  std::printf("decode attention (v4: per GQA group, register arrays), 32 heads (8 KV heads), head_dim 128, T = 1:\n");
   for (int L : {2048, 8192, 32768}) {
     const int heads = 32, kv = 8, hd = 128;
     cuda::DeviceBuffer<float> q(random(size_t(heads) * hd)), K(random(size_t(kv) * L * hd)),

@@ -101,12 +101,13 @@ TEST(CudaKernels, RopeMatchesCpuAtLargePositions) {
   EXPECT_LE(relError(dx.download(), want), kTol);
 }
 
-// GQA (8 query heads on 2 KV heads), a cache with holes (evicted positions), queries at several
+// GQA (8 query heads on 8, 2 or 1 KV heads), a cache with holes (evicted positions), queries at several
 // positions (the first sees one key, none is hidden in a whole split), short and long caches.
 TEST(CudaKernels, AttentionMatchesCpuOverAnEvictedCache) {
   REQUIRE_GPU();
-  for (int L : {1, 300, 20000}) {
-    const int T = 5, heads = 8, kv_heads = 2, hd = 64;
+  for (int L : {1, 300, 20000})
+  for (int kv_heads : {8, 2, 1}) {  // 1, 4 and 8 query heads per KV head
+    const int T = 5, heads = 8, hd = 64;
     const float scale = 1.0f / 8.0f;
     std::vector<int> k_pos(L);
     for (int i = 0; i < L; ++i) k_pos[i] = i * 2 + (i % 3 == 0);  // ascending, with gaps
@@ -122,7 +123,7 @@ TEST(CudaKernels, AttentionMatchesCpuOverAnEvictedCache) {
     DeviceBuffer<int> dqp(q_pos), dkp(k_pos);
     cuda::attention(dq.get(), heads * hd, dqp.get(), T, heads, dK.get(), dV.get(), dkp.get(), L, kv_heads, hd,
                     int64_t(L) * hd, scale, dout.get());
-    EXPECT_LE(relError(dout.download(), want), 1e-4) << "L " << L;  // float sums over 20k entries
+    EXPECT_LE(relError(dout.download(), want), 1e-4) << "L " << L << " kv_heads " << kv_heads;  // sums over 20k
   }
 }
 

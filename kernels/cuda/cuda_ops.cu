@@ -6,8 +6,18 @@
 //       on an H100 (32 blocks for 132 SMs, each thread walking a key row: uncoalesced).
 //   v2 (attention): flash-decoding — keys split over many blocks, one warp per key row (lanes
 //       read consecutive channels: coalesced), online softmax per warp, a second kernel combines
-//       the splits.
+//       the splits. 4.8-24x v1; 26 % of the copy bandwidth at 32k: each query head of a GQA
+//       group re-read its KV head's rows.
+//   v3 (attention): one block per (KV head, split, query) scores every query head of the group
+//       against each K/V row it reads once; the split count adapts so short caches still fill
+//       the GPU. No faster than v2: the compiler's report showed 128-576-byte stack frames —
+//       the per-lane arrays, indexed up to a run-time head_dim / 32, lived in local memory.
+//   v4 (attention): the group size G and channels per lane P are template parameters, so every
+//       array index is a compile-time constant and the arrays stay in registers.
+#include <algorithm>
 #include <cfloat>
+#include <string>
+#include <type_traits>
 
 #include "kernels/cuda/cuda_ops.h"
 
@@ -99,59 +109,82 @@ __global__ void ropeKernel(float* x, int T, int heads, int head_dim, const int* 
   v[j + half] = b * float(c) + a * float(s);
 }
 
-// Attention v2. Grid (heads, splits, T): a block scores keys [split * kChunk, +kChunk) of one
-// head for one query; each warp takes every 4th key, its lanes hold channels lane + 32 i of the
-// query and of the output accumulator (head_dim <= 256). Writes the block's unnormalised output
-// with its running max and sum; attentionCombine merges the splits.
-constexpr int kChunk = 256, kWarps = 4, kMaxPerLane = 8;
+// Attention v3. Grid (kv_heads, splits, T): a block takes keys [split * chunk, +chunk) of one KV
+// head for one query and all G = heads / kv_heads query heads that read it. Each warp takes every
+// kWarps-th key; its lanes hold channels lane + 32 i (head_dim <= 256) of the G queries and
+// accumulators, so a K/V row is read once per block for G heads. Writes each head's
+// unnormalised output with its running max and sum; attentionCombine merges the splits.
+constexpr int kWarps = 8, kMaxPerLane = 8, kMaxGroup = 8;  // head_dim <= 32 * kMaxPerLane
 
+template <int G, int P>  // query heads per KV head, channels per lane (head_dim = 32 P)
 __global__ void attentionSplit(const float* q, int q_stride, const int* q_pos, int heads, const float* K,
-                               const float* V, const int* k_pos, int L, int kv_heads, int hd, int64_t head_stride,
-                               float scale, int splits, float* part_o, float* part_ms) {
-  const int h = blockIdx.x, split = blockIdx.y, t = blockIdx.z;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, per_lane = hd / 32;
-  const int kvh = h / (heads / kv_heads);
+                               const float* V, const int* k_pos, int L, int64_t head_stride, float scale, int chunk,
+                               int splits, float* part_o, float* part_ms) {
+  constexpr int hd = 32 * P;
+  const int kvh = blockIdx.x, split = blockIdx.y, t = blockIdx.z;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const float* Kh = K + kvh * head_stride;
   const float* Vh = V + kvh * head_stride;
-  const float* qv = q + int64_t(t) * q_stride + int64_t(h) * hd;
-  float qr[kMaxPerLane], acc[kMaxPerLane];
-  for (int i = 0; i < per_lane; ++i) {
-    qr[i] = qv[lane + 32 * i] * scale;
-    acc[i] = 0.0f;
+  float qr[G][P], acc[G][P], m[G], sum[G];
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    const float* qv = q + int64_t(t) * q_stride + int64_t(kvh * G + g) * hd;
+#pragma unroll
+    for (int i = 0; i < P; ++i) {
+      qr[g][i] = qv[lane + 32 * i] * scale;
+      acc[g][i] = 0.0f;
+    }
+    m[g] = -FLT_MAX;
+    sum[g] = 0.0f;
   }
   const int p = q_pos[t];
-  float m = -FLT_MAX, sum = 0.0f;
-  const int end = min(L, (split + 1) * kChunk);
-  for (int l = split * kChunk + warp; l < end; l += kWarps) {
+  const int end = min(L, (split + 1) * chunk);
+  for (int l = split * chunk + warp; l < end; l += kWarps) {
     if (k_pos[l] > p) continue;  // the same for the whole warp
     const float* kr = Kh + int64_t(l) * hd;
-    float dot = 0.0f;
-    for (int i = 0; i < per_lane; ++i) dot += qr[i] * kr[lane + 32 * i];
-    dot = warpSum(dot);
-    const float m_new = fmaxf(m, dot), corr = expf(m - m_new), w = expf(dot - m_new);
-    sum = sum * corr + w;
     const float* vr = Vh + int64_t(l) * hd;
-    for (int i = 0; i < per_lane; ++i) acc[i] = acc[i] * corr + w * vr[lane + 32 * i];
-    m = m_new;
+    float kv[P], vv[P];
+#pragma unroll
+    for (int i = 0; i < P; ++i) kv[i] = kr[lane + 32 * i], vv[i] = vr[lane + 32 * i];
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+      float dot = 0.0f;
+#pragma unroll
+      for (int i = 0; i < P; ++i) dot += qr[g][i] * kv[i];
+      dot = warpSum(dot);
+      const float m_new = fmaxf(m[g], dot), corr = expf(m[g] - m_new), w = expf(dot - m_new);
+      sum[g] = sum[g] * corr + w;
+#pragma unroll
+      for (int i = 0; i < P; ++i) acc[g][i] = acc[g][i] * corr + w * vv[i];
+      m[g] = m_new;
+    }
   }
-  // Merge the block's warps through shared memory, then write this split's partial.
+  // Merge the block's warps through shared memory, one query head at a time.
   __shared__ float s_m[kWarps], s_sum[kWarps], s_acc[kWarps][256];
-  if (lane == 0) s_m[warp] = m, s_sum[warp] = sum;
-  for (int i = 0; i < per_lane; ++i) s_acc[warp][lane + 32 * i] = acc[i];
-  __syncthreads();
-  if (warp != 0) return;
-  float M = -FLT_MAX;
-  for (int w = 0; w < kWarps; ++w) M = fmaxf(M, s_m[w]);
-  float S = 0.0f;
-  for (int w = 0; w < kWarps; ++w) S += s_sum[w] * (s_m[w] == -FLT_MAX ? 0.0f : expf(s_m[w] - M));
-  const int64_t slot = (int64_t(t) * heads + h) * splits + split;
-  for (int i = 0; i < per_lane; ++i) {
-    float o = 0.0f;
-    for (int w = 0; w < kWarps; ++w)
-      if (s_m[w] != -FLT_MAX) o += s_acc[w][lane + 32 * i] * expf(s_m[w] - M);
-    part_o[slot * hd + lane + 32 * i] = o;
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    __syncthreads();
+    if (lane == 0) s_m[warp] = m[g], s_sum[warp] = sum[g];
+#pragma unroll
+    for (int i = 0; i < P; ++i) s_acc[warp][lane + 32 * i] = acc[g][i];
+    __syncthreads();
+    float M = -FLT_MAX;
+    for (int w = 0; w < kWarps; ++w) M = fmaxf(M, s_m[w]);
+    const int64_t slot = (int64_t(t) * heads + kvh * G + g) * splits + split;
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+      float o = 0.0f;
+      for (int w = 0; w < kWarps; ++w)
+        if (s_m[w] != -FLT_MAX) o += s_acc[w][d] * expf(s_m[w] - M);
+      part_o[slot * hd + d] = o;
+    }
+    if (threadIdx.x == 0) {
+      float S = 0.0f;
+      for (int w = 0; w < kWarps; ++w)
+        if (s_m[w] != -FLT_MAX) S += s_sum[w] * expf(s_m[w] - M);
+      part_ms[slot * 2] = M;
+      part_ms[slot * 2 + 1] = S;
+    }
   }
-  if (lane == 0) part_ms[slot * 2] = M, part_ms[slot * 2 + 1] = S;
 }
 
 // One block per (query, head): out = sum_j o_j e^(m_j - M) / sum_j s_j e^(m_j - M).
@@ -246,18 +279,45 @@ void applyRope(float* x, int T, int heads, int head_dim, const int* positions, c
 
 void attention(const float* q, int q_stride, const int* q_pos, int T, int heads, const float* K, const float* V,
                const int* k_pos, int L, int kv_heads, int head_dim, int64_t head_stride, float scale, float* out) {
-  if (head_dim % 32 != 0 || head_dim > 32 * kMaxPerLane)
+  if (head_dim % 32 != 0 || head_dim > 32 * kMaxPerLane || heads % kv_heads != 0)
     throw std::runtime_error("cuda::attention: head_dim " + std::to_string(head_dim) + " must be a multiple of 32, at most 256");
+  const int G = heads / kv_heads;
+  if (G > kMaxGroup) throw std::runtime_error("cuda::attention: more than 8 query heads per KV head");
   if (L == 0 || T == 0) return;
-  const int splits = (L + kChunk - 1) / kChunk;
+  // Enough blocks to fill the GPU (about 4 per SM) but at least 32 keys each.
+  int sms = 0;
+  KVTP_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+  const int want = std::max(1, 4 * sms / std::max(1, kv_heads * T));
+  const int chunk = std::max(32, (L + want - 1) / want), splits = (L + chunk - 1) / chunk;
   // Partials live in a grow-only scratch buffer: steady-state decode allocates nothing.
   static thread_local DeviceBuffer<float> scratch;
   const size_t need = size_t(T) * heads * splits * (head_dim + 2);
   if (scratch.size() < need) scratch = DeviceBuffer<float>(need);
   float* part_o = scratch.get();
   float* part_ms = part_o + size_t(T) * heads * splits * head_dim;
-  attentionSplit<<<dim3(heads, splits, T), 32 * kWarps>>>(q, q_stride, q_pos, heads, K, V, k_pos, L, kv_heads, head_dim,
-                                                          head_stride, scale, splits, part_o, part_ms);
+  const dim3 grid(kv_heads, splits, T);
+  const int threads = 32 * kWarps;
+  // One instantiation per (group size, channels per lane) in use.
+  auto launch = [&](auto g, auto p) {
+    attentionSplit<decltype(g)::value, decltype(p)::value><<<grid, threads>>>(
+        q, q_stride, q_pos, heads, K, V, k_pos, L, head_stride, scale, chunk, splits, part_o, part_ms);
+  };
+  auto byWidth = [&](auto g) {
+    switch (head_dim / 32) {
+      case 1: return launch(g, std::integral_constant<int, 1>{});
+      case 2: return launch(g, std::integral_constant<int, 2>{});
+      case 4: return launch(g, std::integral_constant<int, 4>{});
+      case 8: return launch(g, std::integral_constant<int, 8>{});
+      default: throw std::runtime_error("cuda::attention: head_dim must be 32, 64, 128 or 256");
+    }
+  };
+  switch (G) {
+    case 1: byWidth(std::integral_constant<int, 1>{}); break;
+    case 2: byWidth(std::integral_constant<int, 2>{}); break;
+    case 4: byWidth(std::integral_constant<int, 4>{}); break;
+    case 8: byWidth(std::integral_constant<int, 8>{}); break;
+    default: throw std::runtime_error("cuda::attention: query heads per KV head must be 1, 2, 4 or 8");
+  }
   KVTP_CUDA_LAUNCHED();
   attentionCombine<<<dim3(heads, T), 128>>>(part_o, part_ms, splits, heads, head_dim, out);
   KVTP_CUDA_LAUNCHED();
