@@ -68,6 +68,9 @@ INSTANTIATE_TEST_SUITE_P(
         BadInput{"UnknownMode", "--model models/kvtp-opt-3m --data data/c4/c4-heldout-200.json.gz --mode sideways", "sideways"},
         BadInput{"NoInput", "--model models/kvtp-opt-3m", "exactly one of --data and --input-ids"},
         BadInput{"NotAModelFolder", "--model tests/fixtures --data data/c4/c4-heldout-200.json.gz", "config.json"},
+        BadInput{"KvNeedsDecode", "--model models/kvtp-opt-3m --data data/c4/c4-heldout-200.json.gz --kv h2o:budget=0.2 "
+                 "--mode prefill", "use --mode decode"},
+        BadInput{"UnknownKvMethod", "--model models/kvtp-opt-3m --data data/c4/c4-heldout-200.json.gz --kv lru", "lru"},
         BadInput{"UnknownPreset", "--synthetic opt-9000b --input-ids tests/fixtures/models/opt-preln/input_ids.txt", "preset"}),
     [](const auto& info) { return info.param.name; });
 

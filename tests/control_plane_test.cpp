@@ -127,6 +127,23 @@ TEST_F(ControlPlane, PplOverGrpcEqualsLocalPpl) {
   EXPECT_EQ(r["sequences"].size(), l["sequences"].size());
 }
 
+TEST_F(ControlPlane, KvCompressionOptionsTravelWithTheJob) {
+  startWorkers(2);
+  const std::string args = "--model models/kvtp-llama-2m --data data/c4/c4-heldout-200.json.gz --seq-len 256 "
+                           "--max-windows 2 --kv h2o:budget=0.3 --kv-quant int8 --json";
+  const auto remote = test::run(test::kvtpBinary() + " submit ppl --coordinator " + address() + " --token-file " +
+                                (dir_ / "token") + " --wait --quiet " + args);
+  ASSERT_EQ(remote.status, 0) << remote.err;
+  const auto local = test::run(test::kvtpBinary() + " ppl --quiet " + args);
+  ASSERT_EQ(local.status, 0) << local.err;
+  const auto r = nlohmann::json::parse(remote.out), l = nlohmann::json::parse(local.out);
+  EXPECT_EQ(r["mode"], "decode");
+  EXPECT_EQ(r["kv"], l["kv"]);
+  EXPECT_EQ(r["kv_bytes_full"], l["kv_bytes_full"]);  // tp 2 holds the same cache, split by heads
+  EXPECT_LT(r["kv_ratio"].get<double>(), 0.5);
+  EXPECT_LE(std::abs(r["ppl"].get<double>() - l["ppl"].get<double>()) / l["ppl"].get<double>(), 1e-4);
+}
+
 TEST_F(ControlPlane, OneLaunchWithTpOneServesAsTwoWorkersInParallel) {
   test::Process& launch = startWorkers(2, "--tp 1");
   EXPECT_TRUE(launch.waitForLog("registered as w2", 20s)) << launch.log();
