@@ -84,6 +84,9 @@ std::string PolicySpec::describe() const {
     else o << "budget=" << budget;
     o << ",sinks=" << sinks << ",recent=" << recent << ",scope="
       << (scope == Scope::Global ? "global" : scope == Scope::Layer ? "layer" : "head");
+    if (decode != Decode::None)
+      o << ",decode=" << (decode == Decode::Slide ? "slide" : decode == Decode::Adaptive ? "adaptive" : "discontinuous")
+        << ",decode_budget=" << decode_budget << ",decode_recent=" << decode_recent << ",delta=" << delta;
   }
   if (quant == Quant::Int8) o << " + int8";
   if (quant == Quant::Kivi) o << " + kivi:bits=" << bits << ",group=" << group << ",residual=" << residual;
@@ -103,7 +106,9 @@ PolicySpec parsePolicy(const std::string& kv, const std::string& kv_quant, const
     if (m == methods.end())
       throw std::invalid_argument("KV method '" + name + "' is not one of: full, streamingllm, h2o, scissorhands, snapkv, pyramidkv");
     s.method = m->second;
-    rejectUnknown(a, {"budget", "tokens", "sinks", "recent", "scope", "history", "window", "kernel", "ratio"}, kv);
+    rejectUnknown(a, {"budget", "tokens", "sinks", "recent", "scope", "history", "window", "kernel", "ratio", "decode",
+                      "decode_budget", "decode_recent", "delta"},
+                  kv);
     s.budget = number(a, "budget", 1.0, kv);
     s.budget_tokens = int(number(a, "tokens", 0, kv));
     s.sinks = int(number(a, "sinks", s.sinks, kv));
@@ -118,6 +123,20 @@ PolicySpec parsePolicy(const std::string& kv, const std::string& kv_quant, const
       else if (sc->second == "head") s.scope = Scope::Head;
       else throw std::invalid_argument("scope must be global, layer or head (" + kv + ")");
     }
+    if (auto d = a.find("decode"); d != a.end()) {
+      if (s.method != Method::SnapKV && s.method != Method::PyramidKV)
+        throw std::invalid_argument("decode= (SCOPE) applies to snapkv and pyramidkv, which compress the prompt (" + kv + ")");
+      if (d->second == "none") s.decode = Decode::None;
+      else if (d->second == "slide") s.decode = Decode::Slide;
+      else if (d->second == "adaptive") s.decode = Decode::Adaptive;
+      else if (d->second == "discontinuous") s.decode = Decode::Discontinuous;
+      else throw std::invalid_argument("decode must be none, slide, adaptive or discontinuous (" + kv + ")");
+    }
+    s.decode_budget = int(number(a, "decode_budget", s.decode_budget, kv));
+    s.decode_recent = int(number(a, "decode_recent", s.decode_recent, kv));
+    s.delta = int(number(a, "delta", s.delta, kv));
+    if (s.decode_recent < 0 || s.delta < 1 || s.decode_budget < s.decode_recent)
+      throw std::invalid_argument("SCOPE needs decode_budget >= decode_recent >= 0 and delta >= 1 (" + kv + ")");
     if (s.method == Method::PyramidKV) s.scope = Scope::Layer;  // its budgets are per layer by definition
     if (s.budget <= 0 || s.budget > 1) throw std::invalid_argument("budget must be in (0, 1] (" + kv + ")");
     if (s.budget_tokens < 0 || s.sinks < 0 || s.recent < 0 || s.window < 1 || s.kernel < 1 || s.kernel % 2 == 0 ||
@@ -184,10 +203,41 @@ Policy::Policy(PolicySpec spec, HeadLayout layout, comm::Communicator* group)
 int Policy::globalIndex(int layer, int h) const { return layer * lay_.global_kv_heads + lay_.kv_head_begin + h; }
 
 void Policy::afterStep(KVCache& cache, const StepAttention& attn, int last_pos, bool prefill) {
+  if (prefill) prefill_end_ = last_pos + 1, decode_steps_ = 0;
+  else ++decode_steps_;
   if (spec_.needsAttention()) score(cache, attn, prefill);
   if (spec_.evicts()) evict(cache, last_pos, prefill);
   if (spec_.rank) project(cache);
   if (spec_.quant != Quant::None) quantize(cache);
+}
+
+// SCOPE's decode phase: the prompt's entries stay; decoded entries (position >= prefill_end_)
+// get their own budget per head — the `decode_recent` newest kept, the rest chosen by the current
+// step's attention. `slide`: a fixed budget; `adaptive`: it grows by one every `delta` steps;
+// `discontinuous`: adaptive, compressing only every `delta` steps. Per head, as SCOPE does; a
+// replicated head's scores were all-reduced, so every rank decides the same.
+void Policy::evictDecoded(KVCache& cache, int last_pos) {
+  if (spec_.decode == Decode::Discontinuous && decode_steps_ % spec_.delta != 0) return;
+  const int budget = spec_.decode == Decode::Slide ? spec_.decode_budget : spec_.decode_recent + decode_steps_ / spec_.delta;
+  for (int l = 0; l < lay_.layers; ++l)
+    for (int h = 0; h < lay_.local_kv_heads; ++h) {
+      const HeadCache& c = cache.head(l, h);
+      std::vector<int> decoded;
+      for (int i = 0; i < c.length(); ++i)
+        if (c.positions[i] >= prefill_end_) decoded.push_back(i);
+      if (int(decoded.size()) <= budget) continue;
+      std::vector<uint8_t> keep(size_t(c.length()), 1);
+      std::vector<int> candidates;
+      for (int i : decoded)
+        if (c.positions[i] <= last_pos - spec_.decode_recent) keep[i] = 0, candidates.push_back(i);
+      std::stable_sort(candidates.begin(), candidates.end(), [&](int a, int b) { return c.score[a] > c.score[b]; });
+      const int room = budget - (int(decoded.size()) - int(candidates.size()));
+      for (int k = 0; k < room && k < int(candidates.size()); ++k) keep[candidates[k]] = 1;
+      std::vector<int> idx;
+      for (int i = 0; i < c.length(); ++i)
+        if (keep[i]) idx.push_back(i);
+      cache.retain(l, h, idx);
+    }
 }
 
 // Entries older than the full-rank window become their rank-r reconstruction. Keys were rotated
@@ -255,8 +305,9 @@ void Policy::score(KVCache& cache, const StepAttention& attn, bool prefill) {
               if (row[i] > 0.0f) c.history[i] = (c.history[i] << 1) | (row[i] * visible > 1.0f ? 1u : 0u);
               break;
             case Method::SnapKV:
-            case Method::PyramidKV:  // only the prefill's last `window` queries observe
+            case Method::PyramidKV:  // only the prefill's last `window` queries observe; then SCOPE
               if (prefill && t >= T - spec_.window) c.score[i] += row[i];
+              if (!prefill && spec_.decode != Decode::None) c.score[i] = row[i];  // this step's attention
               break;
             default: break;
           }
@@ -269,7 +320,10 @@ void Policy::evict(KVCache& cache, int last_pos, bool prefill) {
   // SnapKV / PyramidKV compress the prompt once, at the end of the prefill; the tokens decoded
   // after it are all kept (SCOPE's "prefill-only" setting).
   const bool once = spec_.method == Method::SnapKV || spec_.method == Method::PyramidKV;
-  if (once && !prefill) return;
+  if (once && !prefill) {
+    if (spec_.decode != Decode::None) evictDecoded(cache, last_pos);
+    return;
+  }
   const int L = lay_.layers, H = lay_.local_kv_heads, G = lay_.global_kv_heads;
   const int seen = last_pos + 1;
 

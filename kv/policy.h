@@ -21,6 +21,7 @@ namespace kvtp::kv {
 enum class Method { Full, StreamingLLM, H2O, Scissorhands, SnapKV, PyramidKV };
 enum class Scope { Global, Layer, Head };  // who competes for the budget
 enum class Quant { None, Int8, Kivi };
+enum class Decode { None, Slide, Adaptive, Discontinuous };  // SCOPE's decode-phase strategies
 
 // `--kv NAME:key=value,...` and `--kv-quant NAME:key=value,...` (grammar in docs/KV.md).
 struct PolicySpec {
@@ -34,6 +35,10 @@ struct PolicySpec {
   int window = 32;          // SnapKV / PyramidKV: observation window (last prefill queries)
   int kernel = 7;           // SnapKV / PyramidKV: max-pool width over positions
   double pyramid_ratio = 4; // PyramidKV: first layer's budget / last layer's
+  Decode decode = Decode::None;  // SnapKV / PyramidKV: how decoded tokens are compressed (SCOPE)
+  int decode_budget = 64;   // SCOPE slide: decoded tokens kept per head
+  int decode_recent = 16;   // SCOPE: most recent decoded tokens always kept
+  int delta = 15;           // SCOPE adaptive/discontinuous: steps per budget increment / per compression
   Quant quant = Quant::None;
   int bits = 8;             // KIVI: 2 or 4
   int group = 32;           // KIVI: tokens per key group (per channel), channels per value group
@@ -84,11 +89,14 @@ class Policy {
   // After a forward step that appended tokens up to absolute position `last_pos` (prefill: T > 1).
   // Updates scores, evicts to the budget, quantizes what aged out of the residual window.
   void afterStep(KVCache& cache, const StepAttention& attn, int last_pos, bool prefill);
+  // A new window (sequence) starts: its prefill and decode steps count from here.
+  void startWindow() { prefill_end_ = 0, decode_steps_ = 0; }
   KvBytes bytes(const KVCache& cache, int tokens_seen) const;
 
  private:
   void score(KVCache& cache, const StepAttention& attn, bool prefill);
   void evict(KVCache& cache, int last_pos, bool prefill);
+  void evictDecoded(KVCache& cache, int last_pos);
   void quantize(KVCache& cache) const;
   void project(KVCache& cache) const;
   int globalIndex(int layer, int local_head) const;
@@ -97,6 +105,8 @@ class Policy {
   HeadLayout lay_;
   comm::Communicator* group_;
   LowRankBases lowrank_;
+  int prefill_end_ = 0;   // first position decoded (not part of the prompt)
+  int decode_steps_ = 0;  // decode steps since the prompt
 };
 
 // Quantize-dequantize helpers (also what the tests check against the analytic error bound).

@@ -72,6 +72,7 @@ PplResult scoreWindows(const Model& model, const std::vector<Window>& windows, i
     const int n = int(w.ids.size());
     SequenceResult& s = r.sequences.at(w.sequence);
     cache.clear();
+    policy.startWindow();
     std::vector<int> pos(n);
     std::iota(pos.begin(), pos.end(), 0);
     auto record = [&](double lp) {

@@ -57,6 +57,7 @@ TEST(KvSpec, ParsesTheGrammarAndRejectsTypos) {
   EXPECT_THROW(parsePolicy("lru", ""), std::invalid_argument);
   EXPECT_THROW(parsePolicy("", "kivi:bits=3"), std::invalid_argument);
   EXPECT_THROW(parsePolicy("h2o:budget=abc", ""), std::invalid_argument);
+  EXPECT_THROW(parsePolicy("h2o:budget=0.2,decode=slide", ""), std::invalid_argument);  // SCOPE needs a prompt method
 }
 
 TEST(KvEviction, StreamingLlmKeepsSinksAndTheMostRecent) {
@@ -107,6 +108,53 @@ TEST(KvEviction, SnapKvPoolsTheObservationWindowOnceAtPrefillEnd) {
   EXPECT_EQ(positions(c), (std::vector<int>{0, 7, 8, 9, 14, 15}));
   p.afterStep(c, attentionTo({{0}}, 6), 16, false);  // decode: SnapKV does not evict again
   EXPECT_EQ(c.head(0, 0).length(), 6);
+}
+
+// One decode query attending (by position) to `hot`, the rest of the cache sharing the remainder.
+StepAttention attentionToPositions(const KVCache& c, const std::vector<int>& hot) {
+  const auto& pos = c.head(0, 0).positions;
+  std::vector<int> idx;
+  for (int i = 0; i < int(pos.size()); ++i)
+    if (std::find(hot.begin(), hot.end(), pos[i]) != hot.end()) idx.push_back(i);
+  return attentionTo({idx}, int(pos.size()));
+}
+
+void appendToken(KVCache& c, int pos) {
+  std::vector<float> k(2, float(pos)), v(2, float(-pos));
+  c.append(0, k.data(), v.data(), &pos, 1);
+}
+
+TEST(KvEviction, ScopeSlideKeepsThePromptAndTheDecodedHeavyHitters) {
+  KVCache c = filled(10);
+  Policy p(parsePolicy("snapkv:budget=1,decode=slide,decode_budget=4,decode_recent=2", ""), layout(), nullptr);
+  StepAttention prompt;
+  prompt.T = 10;
+  prompt.blocks.assign(1, std::vector<float>(100, 0.01f));
+  p.afterStep(c, prompt, 9, true);  // budget 1: the prompt stays whole
+  for (int pos = 10; pos < 18; ++pos) {
+    appendToken(c, pos);
+    p.afterStep(c, attentionToPositions(c, {12, 14}), pos, false);
+  }
+  // Prompt 0..9 untouched; of the decoded tokens, the 2 newest and the 2 attended ones.
+  std::vector<int> want = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 14, 16, 17};
+  EXPECT_EQ(positions(c), want);
+}
+
+TEST(KvEviction, ScopeDiscontinuousCompressesEveryDeltaSteps) {
+  KVCache c = filled(4);
+  Policy p(parsePolicy("snapkv:budget=1,decode=discontinuous,decode_recent=1,delta=3", ""), layout(), nullptr);
+  StepAttention prompt;
+  prompt.T = 4;
+  prompt.blocks.assign(1, std::vector<float>(16, 0.1f));
+  p.afterStep(c, prompt, 3, true);
+  std::vector<int> lengths;
+  for (int pos = 4; pos < 13; ++pos) {
+    appendToken(c, pos);
+    p.afterStep(c, attentionToPositions(c, {}), pos, false);
+    lengths.push_back(c.head(0, 0).length() - 4);  // decoded entries held
+  }
+  // Steps 1..9: the cache grows, except at steps 3, 6, 9 where it is cut to 1 + step / 3.
+  EXPECT_EQ(lengths, (std::vector<int>{1, 2, 2, 3, 4, 3, 4, 5, 4}));
 }
 
 TEST(KvEviction, AGlobalBudgetGoesToTheHeadsWithTheHighestScores) {

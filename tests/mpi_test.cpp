@@ -116,7 +116,8 @@ INSTANTIATE_TEST_SUITE_P(
     ::testing::Values("--kv streamingllm:budget=0.3", "--kv h2o:budget=0.3", "--kv scissorhands:budget=0.3",
                       "--kv snapkv:budget=0.3 --prefill 48", "--kv pyramidkv:budget=0.3 --prefill 48",
                       "--kv h2o:budget=0.3,scope=layer --kv-quant kivi:bits=4,group=8,residual=16",
-                      "--kv streamingllm:budget=0.5 --kv-lowrank cskv:rank=4,window=8"),
+                      "--kv streamingllm:budget=0.5 --kv-lowrank cskv:rank=4,window=8",
+                      "--kv snapkv:budget=0.3,decode=slide,decode_budget=12,decode_recent=4 --prefill 32"),
     [](const auto& info) { return "m" + std::to_string(info.index); });
 
 TEST(Faults, FailingRankEndsTheJobWithItsError) {
