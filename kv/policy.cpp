@@ -80,7 +80,8 @@ std::string PolicySpec::describe() const {
   o << methodName(method);
   if (evicts()) {
     o << ":";
-    if (budget_tokens) o << "tokens=" << budget_tokens;
+    if (budget_bytes) o << "bytes=" << budget_bytes;
+    else if (budget_tokens) o << "tokens=" << budget_tokens;
     else o << "budget=" << budget;
     o << ",sinks=" << sinks << ",recent=" << recent << ",scope="
       << (scope == Scope::Global ? "global" : scope == Scope::Layer ? "layer" : "head");
@@ -106,11 +107,12 @@ PolicySpec parsePolicy(const std::string& kv, const std::string& kv_quant, const
     if (m == methods.end())
       throw std::invalid_argument("KV method '" + name + "' is not one of: full, streamingllm, h2o, scissorhands, snapkv, pyramidkv");
     s.method = m->second;
-    rejectUnknown(a, {"budget", "tokens", "sinks", "recent", "scope", "history", "window", "kernel", "ratio", "decode",
+    rejectUnknown(a, {"budget", "tokens", "bytes", "sinks", "recent", "scope", "history", "window", "kernel", "ratio", "decode",
                       "decode_budget", "decode_recent", "delta"},
                   kv);
     s.budget = number(a, "budget", 1.0, kv);
     s.budget_tokens = int(number(a, "tokens", 0, kv));
+    s.budget_bytes = int64_t(number(a, "bytes", 0, kv));
     s.sinks = int(number(a, "sinks", s.sinks, kv));
     s.recent = int(number(a, "recent", s.recent, kv));
     s.history = int(number(a, "history", s.history, kv));
@@ -139,7 +141,7 @@ PolicySpec parsePolicy(const std::string& kv, const std::string& kv_quant, const
       throw std::invalid_argument("SCOPE needs decode_budget >= decode_recent >= 0 and delta >= 1 (" + kv + ")");
     if (s.method == Method::PyramidKV) s.scope = Scope::Layer;  // its budgets are per layer by definition
     if (s.budget <= 0 || s.budget > 1) throw std::invalid_argument("budget must be in (0, 1] (" + kv + ")");
-    if (s.budget_tokens < 0 || s.sinks < 0 || s.recent < 0 || s.window < 1 || s.kernel < 1 || s.kernel % 2 == 0 ||
+    if (s.budget_tokens < 0 || s.budget_bytes < 0 || s.sinks < 0 || s.recent < 0 || s.window < 1 || s.kernel < 1 || s.kernel % 2 == 0 ||
         s.history < 1 || s.history > 64 || s.pyramid_ratio < 1)
       throw std::invalid_argument("bad option value in '" + kv + "' (see docs/KV.md)");
   }
@@ -369,7 +371,12 @@ void Policy::evict(KVCache& cache, int last_pos, bool prefill) {
   // Budgets per competition pool (one pool, one per layer, or one per head), in entries.
   const int pools = spec_.scope == Scope::Global ? 1 : spec_.scope == Scope::Layer ? L : L * G;
   auto poolOf = [&](int layer, int gh) { return spec_.scope == Scope::Global ? 0 : spec_.scope == Scope::Layer ? layer : layer * G + gh; };
-  const double per_head = spec_.budget_tokens > 0 ? double(spec_.budget_tokens) : spec_.budget * seen;
+  // Entries per head on average. A byte budget is counted at the full-precision entry size (fp16
+  // key + value + position), so a quantized cache stays within it.
+  const double entry_bytes = 2.0 * lay_.head_dim * 2 + 4;
+  const double per_head = spec_.budget_bytes > 0 ? spec_.budget_bytes / entry_bytes / (double(L) * G)
+                          : spec_.budget_tokens > 0 ? double(spec_.budget_tokens)
+                                                    : spec_.budget * seen;
   std::vector<int64_t> budget(pools);
   for (int p = 0; p < pools; ++p) {
     const int heads_in_pool = spec_.scope == Scope::Global ? L * G : spec_.scope == Scope::Layer ? G : 1;

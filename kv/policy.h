@@ -28,6 +28,7 @@ struct PolicySpec {
   Method method = Method::Full;
   double budget = 1.0;      // fraction of the full cache (tokens seen x layers x KV heads)
   int budget_tokens = 0;    // or: tokens per head on average (overrides budget when > 0)
+  int64_t budget_bytes = 0; // or: bytes for the whole model's cache, all ranks (overrides both)
   int sinks = 4;            // first tokens always kept
   int recent = 16;          // most recent tokens always kept
   Scope scope = Scope::Global;

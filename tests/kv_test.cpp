@@ -69,6 +69,15 @@ TEST(KvEviction, StreamingLlmKeepsSinksAndTheMostRecent) {
   EXPECT_EQ(c.head(0, 0).keys[2 * 2], 14.0f);  // keys moved with their positions
 }
 
+TEST(KvEviction, AByteBudgetCountsFullPrecisionEntries) {
+  const int hd = 8;
+  KVCache c = filled(20, 2, hd);  // 2 heads; an entry is 2 x 8 x 2 + 4 = 36 bytes
+  Policy p(parsePolicy("streamingllm:bytes=360,sinks=1,recent=1", ""), layout(2, hd), nullptr);
+  p.afterStep(c, {}, 19, false);
+  EXPECT_EQ(c.head(0, 0).length() + c.head(0, 1).length(), 10);  // 360 / 36
+  EXPECT_LE(p.bytes(c, 20).stored, 360);
+}
+
 TEST(KvEviction, H2oKeepsTheHeavyHitters) {
   KVCache c = filled(20);
   Policy p(parsePolicy("h2o:tokens=6,sinks=2,recent=2", ""), layout(), nullptr);
