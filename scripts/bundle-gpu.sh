@@ -4,12 +4,13 @@
 # friends via ../shared/tools/bundle-libs.sh when present), into .bundle/ — the folder to name in
 # the device tool's `carry`. On the GPU machine:
 #   export LD_LIBRARY_PATH=$PWD/.bundle; .bundle/kvtp_cuda_tests; .bundle/kvtp_cuda_bench
+#   mpirun --allow-run-as-root -np 2 -x LD_LIBRARY_PATH -x NCCL_NVLS_ENABLE=0 .bundle/kvtp_nccl_tests
 # usage: scripts/bundle-gpu.sh [more cmake targets...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 grep -qx '/.bundle/' .gitignore || { echo "add /.bundle/ to .gitignore first" >&2; exit 1; }
 cmake -S . -B build-cuda -G Ninja -DCMAKE_BUILD_TYPE=Release -DKVTP_CUDA=ON > /dev/null
-targets=(kvtp_cuda_tests kvtp_cuda_bench "$@")
+targets=(kvtp_cuda_tests kvtp_cuda_bench kvtp_nccl_tests kvtp_nccl_bench "$@")
 cmake --build build-cuda -j"$(nproc)" --target "${targets[@]}"
 rm -rf .bundle && mkdir -p .bundle
 for t in "${targets[@]}"; do find build-cuda -maxdepth 2 -type f -name "$t" -exec cp {} .bundle/ \; ; done

@@ -1,0 +1,86 @@
+#include "comm/nccl_communicator.h"
+
+#include <cuda_runtime.h>
+#include <nccl.h>
+#include <unistd.h>
+
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+namespace kvtp::comm {
+namespace {
+
+std::string where(const char* file, int line) {
+  char host[128] = {};
+  gethostname(host, sizeof host - 1);
+  return std::string(host) + " " + file + ":" + std::to_string(line) + ": ";
+}
+
+#define NCCL_CHECK(call)                                                                              \
+  do {                                                                                                \
+    const ncclResult_t r_ = (call);                                                                   \
+    if (r_ != ncclSuccess) throw std::runtime_error(where(__FILE__, __LINE__) + #call + ": " + ncclGetErrorString(r_)); \
+  } while (0)
+#define CUDA_CHECK(call)                                                                              \
+  do {                                                                                                \
+    const cudaError_t e_ = (call);                                                                    \
+    if (e_ != cudaSuccess) throw std::runtime_error(where(__FILE__, __LINE__) + #call + ": " + cudaGetErrorString(e_)); \
+  } while (0)
+
+class Nccl : public Communicator {
+ public:
+  Nccl(ncclComm_t comm, int device) : comm_(comm), device_(device) {
+    CUDA_CHECK(cudaSetDevice(device_));
+    CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+    NCCL_CHECK(ncclCommUserRank(comm_, &rank_));
+    NCCL_CHECK(ncclCommCount(comm_, &size_));
+    CUDA_CHECK(cudaMalloc(&scratch_, 64));
+  }
+  ~Nccl() override {
+    cudaFree(scratch_);
+    cudaStreamDestroy(stream_);
+    ncclCommDestroy(comm_);
+  }
+  int rank() const override { return rank_; }
+  int size() const override { return size_; }
+  void allReduceSum(float* d, size_t n) override { run(ncclAllReduce(d, d, n, ncclFloat32, ncclSum, comm_, stream_)); }
+  void allReduceSum(double* d, size_t n) override { run(ncclAllReduce(d, d, n, ncclFloat64, ncclSum, comm_, stream_)); }
+  void allReduceMax(double* d, size_t n) override { run(ncclAllReduce(d, d, n, ncclFloat64, ncclMax, comm_, stream_)); }
+  void allGather(const void* send, size_t bytes, void* recv) override {
+    run(ncclAllGather(send, recv, bytes, ncclUint8, comm_, stream_));
+  }
+  void broadcast(void* d, size_t bytes, int root) override { run(ncclBroadcast(d, d, bytes, ncclUint8, root, comm_, stream_)); }
+  void broadcastIdle(void* d, size_t bytes, int root) override { broadcast(d, bytes, root); }
+  void barrier() override { run(ncclAllReduce(scratch_, scratch_, 1, ncclFloat32, ncclSum, comm_, stream_)); }
+  std::unique_ptr<Communicator> duplicate() override {
+    ncclComm_t d;
+    NCCL_CHECK(ncclCommSplit(comm_, 0, rank_, &d, nullptr));
+    return std::make_unique<Nccl>(d, device_);
+  }
+
+ private:
+  void run(ncclResult_t launched) {
+    NCCL_CHECK(launched);
+    CUDA_CHECK(cudaStreamSynchronize(stream_));
+  }
+  ncclComm_t comm_;
+  int device_;
+  cudaStream_t stream_ = nullptr;
+  int rank_ = 0, size_ = 1;
+  float* scratch_ = nullptr;
+};
+
+}  // namespace
+
+std::unique_ptr<Communicator> makeNccl(Communicator& bootstrap, int device) {
+  CUDA_CHECK(cudaSetDevice(device));
+  ncclUniqueId id;
+  if (bootstrap.rank() == 0) NCCL_CHECK(ncclGetUniqueId(&id));
+  bootstrap.broadcast(&id, sizeof id, 0);  // host memory: the bootstrap is MPI
+  ncclComm_t comm;
+  NCCL_CHECK(ncclCommInitRank(&comm, bootstrap.size(), id, bootstrap.rank()));
+  return std::make_unique<Nccl>(comm, device);
+}
+
+}  // namespace kvtp::comm

@@ -1,0 +1,17 @@
+// The Communicator on GPUs: NCCL collectives over device memory (every pointer passed in is a
+// device pointer), bootstrapped through another communicator (MPI) as nccl-tests do — rank 0
+// makes the NCCL unique id, the bootstrap broadcasts it, every rank joins. Calls are blocking
+// like MPI's: each collective runs on the communicator's stream and is waited for.
+// Built only with the CUDA backend; NVLink multicast stays off (NCCL_NVLS_ENABLE=0 on the lent
+// multi-GPU machines, where it can take shared GPUs out of service).
+#pragma once
+#include <memory>
+
+#include "comm/communicator.h"
+
+namespace kvtp::comm {
+
+// Joins the ranks of `bootstrap` into an NCCL communicator on CUDA device `device`.
+std::unique_ptr<Communicator> makeNccl(Communicator& bootstrap, int device);
+
+}  // namespace kvtp::comm
