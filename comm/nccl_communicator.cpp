@@ -1,8 +1,8 @@
 #include "comm/nccl_communicator.h"
 
-#include <cuda_runtime.h>
+#include "kernels/cuda/cuda_util.h"
+
 #include <nccl.h>
-#include <unistd.h>
 
 #include <cstring>
 #include <stdexcept>
@@ -11,22 +11,13 @@
 namespace kvtp::comm {
 namespace {
 
-std::string where(const char* file, int line) {
-  char host[128] = {};
-  gethostname(host, sizeof host - 1);
-  return std::string(host) + " " + file + ":" + std::to_string(line) + ": ";
-}
-
-#define NCCL_CHECK(call)                                                                              \
-  do {                                                                                                \
-    const ncclResult_t r_ = (call);                                                                   \
-    if (r_ != ncclSuccess) throw std::runtime_error(where(__FILE__, __LINE__) + #call + ": " + ncclGetErrorString(r_)); \
+#define NCCL_CHECK(call)                                                                                 \
+  do {                                                                                                   \
+    const ncclResult_t r_ = (call);                                                                      \
+    if (r_ != ncclSuccess)                                                                               \
+      throw std::runtime_error(::kvtp::cuda::where(__FILE__, __LINE__) + #call + ": " + ncclGetErrorString(r_)); \
   } while (0)
-#define CUDA_CHECK(call)                                                                              \
-  do {                                                                                                \
-    const cudaError_t e_ = (call);                                                                    \
-    if (e_ != cudaSuccess) throw std::runtime_error(where(__FILE__, __LINE__) + #call + ": " + cudaGetErrorString(e_)); \
-  } while (0)
+#define CUDA_CHECK KVTP_CUDA_CHECK
 
 class Nccl : public Communicator {
  public:

@@ -50,6 +50,16 @@ class ControlPlane : public ::testing::Test {
   }
 
   std::string address() const { return "127.0.0.1:" + std::to_string(port_); }
+
+  // The same `kvtp ppl` options through `kvtp submit ppl --wait --json` and run locally.
+  std::pair<nlohmann::json, nlohmann::json> remoteAndLocal(const std::string& args) {
+    const auto remote = test::run(test::kvtpBinary() + " submit ppl --coordinator " + address() + " --token-file " +
+                                  (dir_ / "token") + " --wait --quiet --json " + args);
+    EXPECT_EQ(remote.status, 0) << remote.err;
+    const auto local = test::run(test::kvtpBinary() + " ppl --quiet --json " + args);
+    EXPECT_EQ(local.status, 0) << local.err;
+    return {nlohmann::json::parse(remote.out), nlohmann::json::parse(local.out)};
+  }
   std::string client() const {
     return test::kvtpBinary() + " --coordinator " + address() + " --token-file " + (dir_ / "token") + " ";
   }
@@ -113,13 +123,7 @@ class ControlPlane : public ::testing::Test {
 
 TEST_F(ControlPlane, PplOverGrpcEqualsLocalPpl) {
   startWorkers(2);
-  const std::string args = "--model models/kvtp-llama-2m --data data/c4/c4-heldout-200.json.gz --max-windows 6 --json";
-  const auto remote = test::run(test::kvtpBinary() + " submit ppl --coordinator " + address() + " --token-file " +
-                                (dir_ / "token") + " --wait --quiet " + args);
-  ASSERT_EQ(remote.status, 0) << remote.err;
-  const auto local = test::run(test::kvtpBinary() + " ppl --quiet " + args);
-  ASSERT_EQ(local.status, 0) << local.err;
-  const auto r = nlohmann::json::parse(remote.out), l = nlohmann::json::parse(local.out);
+  const auto [r, l] = remoteAndLocal("--model models/kvtp-llama-2m --data data/c4/c4-heldout-200.json.gz --max-windows 6");
   EXPECT_EQ(r["tokens"], l["tokens"]);
   EXPECT_EQ(r["tp"], 2);
   // tp 2 on the worker vs one process: fp32 sums in another order.
@@ -129,14 +133,9 @@ TEST_F(ControlPlane, PplOverGrpcEqualsLocalPpl) {
 
 TEST_F(ControlPlane, KvCompressionOptionsTravelWithTheJob) {
   startWorkers(2);
-  const std::string args = "--model models/kvtp-llama-2m --data data/c4/c4-heldout-200.json.gz --seq-len 256 "
-                           "--max-windows 2 --kv h2o:budget=0.3 --kv-quant int8 --json";
-  const auto remote = test::run(test::kvtpBinary() + " submit ppl --coordinator " + address() + " --token-file " +
-                                (dir_ / "token") + " --wait --quiet " + args);
-  ASSERT_EQ(remote.status, 0) << remote.err;
-  const auto local = test::run(test::kvtpBinary() + " ppl --quiet " + args);
-  ASSERT_EQ(local.status, 0) << local.err;
-  const auto r = nlohmann::json::parse(remote.out), l = nlohmann::json::parse(local.out);
+  const auto [r, l] = remoteAndLocal(
+      "--model models/kvtp-llama-2m --data data/c4/c4-heldout-200.json.gz --seq-len 256 --max-windows 2 "
+      "--kv h2o:budget=0.3 --kv-quant int8");
   EXPECT_EQ(r["mode"], "decode");
   EXPECT_EQ(r["kv"], l["kv"]);
   EXPECT_EQ(r["kv_bytes_full"], l["kv_bytes_full"]);  // tp 2 holds the same cache, split by heads
