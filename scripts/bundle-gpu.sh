@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the CUDA targets here (nvcc 13, sm_90a) into build-cuda/ and copies them, with the shared
 # libraries the GPU machine lacks (OpenBLAS's OpenMP build and its Fortran runtime, gRPC and
-# friends via ../shared/tools/bundle-libs.sh when present), into .bundle/ — the folder to name in
+# friends via ../shared/tools/bundle-libs.sh when present; Open MPI's C++ bindings), into .bundle/ — the folder to name in
 # the device tool's `carry`. On the GPU machine:
 #   export LD_LIBRARY_PATH=$PWD/.bundle; .bundle/kvtp_cuda_tests; .bundle/kvtp_cuda_bench
 #   mpirun --allow-run-as-root -np 2 -x LD_LIBRARY_PATH -x NCCL_NVLS_ENABLE=0 .bundle/kvtp_nccl_tests
@@ -16,7 +16,7 @@ rm -rf .bundle && mkdir -p .bundle
 for t in "${targets[@]}"; do find build-cuda -maxdepth 2 -type f -name "$t" -exec cp {} .bundle/ \; ; done
 arch=$(gcc -print-multiarch)
 for lib in "/usr/lib/$arch/openblas-openmp/libopenblas.so.0" "/lib/$arch/libgfortran.so.5" \
-           "/lib/$arch/libquadmath.so.0" "/lib/$arch/libgomp.so.1"; do
+           "/lib/$arch/libquadmath.so.0" "/lib/$arch/libgomp.so.1" "/lib/$arch/libmpi_cxx.so.40"; do
   cp -L "$lib" .bundle/
 done
 if [ -x ../shared/tools/bundle-libs.sh ]; then ../shared/tools/bundle-libs.sh .bundle .bundle/kvtp_cuda_*; fi
