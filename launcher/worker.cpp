@@ -201,12 +201,17 @@ int runWorker(const WorkerOptions& o) {
     const v1::Job job = receiveJob(group, have ? &fetched : nullptr, &stop);
     if (stop) break;
 
-    bool handed_back = false;
+    bool handed_back = false, cancel = false;
+    double last_report = -1;
     auto progress = [&](const Progress& p) {
-      // Every rank reaches each progress point; rank 0 decides and tells the others.
+      // Every rank reaches each progress point; rank 0 decides and tells the others. It reports
+      // at most 4 times a second (and at the last window), keeping the last answer in between.
       uint8_t halt = 0;
       if (lead) {
-        const bool cancel = link->progress(job.id(), p);
+        if (p.seconds - last_report >= 0.25 || p.windows_done == p.windows_total) {
+          cancel = link->progress(job.id(), p);
+          last_report = p.seconds;
+        }
         halt = cancel ? 1 : (g_stop ? 2 : 0);
       }
       group.broadcast(&halt, 1, 0);
