@@ -52,6 +52,12 @@ void addPplCommand(CLI::App& app) {
                   r.seq_len, r.windows, r.tp, r.dp);
       std::printf("ppl %.4f  over %lld tokens  (%.1f s, %.0f tok/s)\n", r.result.ppl(), (long long)r.result.tokens,
                   r.result.seconds, r.result.tokensPerSecond());
+      if (j.mode == Mode::Decode) {
+        const auto js = toJson(j, r);
+        std::printf("KV cache %s: held %.1f%%, peak %.1f%% of the full fp16 cache (%lld of %lld bytes at peak)\n",
+                    r.kv.c_str(), 100 * js["kv_steady_ratio"].get<double>(), 100 * js["kv_ratio"].get<double>(),
+                    (long long)js["kv_bytes_peak"].get<int64_t>(), (long long)js["kv_bytes_full"].get<int64_t>());
+      }
     }
   });
 }
