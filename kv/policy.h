@@ -48,6 +48,8 @@ struct PolicySpec {
   int lowrank_window = 64;  // low-rank: most recent tokens kept at full rank (the second branch)
 
   bool evicts() const { return method != Method::Full; }
+  // Whether the cache can differ from the full one (eviction, quantization or low rank).
+  bool compresses() const { return evicts() || quant != Quant::None || rank > 0; }
   bool needsAttention() const;
   std::string describe() const;
 };

@@ -288,7 +288,7 @@ class State {
     if (r.prefill() < 0) return bad("prefill must not be negative");
     try {
       const kv::PolicySpec spec = kv::parsePolicy(r.kv(), r.kv_quant(), r.kv_lowrank());
-      if ((spec.evicts() || spec.quant != kv::Quant::None || spec.rank || r.prefill() > 0) && r.mode() != "decode")
+      if ((spec.compresses() || r.prefill() > 0) && r.mode() != "decode")
         return bad("kv, kv_quant, kv_lowrank and prefill evaluate token by token: set mode to decode");
     } catch (const std::invalid_argument& e) {
       return bad(e.what());

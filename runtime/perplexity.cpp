@@ -60,6 +60,9 @@ PplResult scoreWindows(const Model& model, const std::vector<Window>& windows, i
   if (policy.spec().rank) policy.setLowRank(model.lowRankBases(policy.spec().rank));
   kv::StepAttention attention;
   kv::StepAttention* collect = policy.spec().needsAttention() ? &attention : nullptr;
+  // Counting bytes walks every cached entry, so it runs per step only when the policy can change
+  // the cache; a full cache is counted once per window, at its largest.
+  const bool compresses = policy.spec().compresses();
   auto account = [&](int tokens_seen) {  // before a step's compression: the peak
     const kv::KvBytes b = policy.bytes(cache, tokens_seen);
     r.kv_bytes_peak = std::max(r.kv_bytes_peak, b.stored);
@@ -99,21 +102,26 @@ PplResult scoreWindows(const Model& model, const std::vector<Window>& windows, i
         const int P = model.config().word_embed_proj_dim, from = std::min(w.score_from, first + 1);
         std::vector<float> h(hidden.begin() + int64_t(from - 1) * P, hidden.begin() + int64_t(first) * P);
         for (double lp : model.logprobs(h, w.ids.data() + from, first - from + 1)) record(lp);
-        account(first);
+        if (compresses) account(first);
         policy.afterStep(cache, attention, first - 1, true);
-        settled(first);
+        if (compresses) settled(first);
       }
       for (int i = first; i + 1 < n; ++i) {
         const auto hidden = model.forward(&w.ids[i], &pos[i], 1, cache, collect);
         if (i + 1 >= w.score_from) record(model.logprobs(hidden, &w.ids[i + 1], 1)[0]);
-        account(i + 1);
+        if (compresses) account(i + 1);
         policy.afterStep(cache, attention, i, false);
-        settled(i + 1);
+        if (compresses) settled(i + 1);
         if (progress && (i + 1) % 64 == 0) {
           p.seconds = elapsed();
           progress(p);
         }
       }
+    }
+    if (!compresses) {
+      const int held = cache.head(0, 0).length();  // every token fed to the model
+      account(held);
+      settled(held);
     }
     p.windows_done += 1;
     p.seconds = elapsed();

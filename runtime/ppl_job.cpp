@@ -102,7 +102,7 @@ PplJobResult runPplJob(const PplJob& job, const comm::Topology* topo, const Prog
   } catch (const std::invalid_argument& e) {
     throw Error(e.what());
   }
-  if ((spec.evicts() || spec.quant != kv::Quant::None || spec.rank || job.prefill > 0) && job.mode != Mode::Decode)
+  if ((spec.compresses() || job.prefill > 0) && job.mode != Mode::Decode)
     throw Error("--kv, --kv-quant, --kv-lowrank and --prefill evaluate token by token: use --mode decode");
   if (job.prefill < 0) throw Error("--prefill must not be negative");
 
