@@ -127,6 +127,7 @@ PplJobResult runPplJob(const PplJob& job, const comm::Topology* topo, const Prog
   out.tp = model->partition().tp;
   out.dp = topo ? topo->dp : 1;
   const int group_index = topo ? topo->group_index : 0;
+  out.kv = spec.describe();  // part of the job every rank must agree on
   if (topo) {  // every rank must run the same job on the same model
     nlohmann::json digest = {{"job", toJson(job, out)}, {"vocab", c.vocab_size}, {"layers", c.layers},
                              {"hidden", c.hidden}, {"heads", c.heads}, {"kv_heads", c.kv_heads}, {"ffn", c.ffn}};
@@ -148,13 +149,12 @@ PplJobResult runPplJob(const PplJob& job, const comm::Topology* topo, const Prog
     plan("memory plan per rank (tp " + std::to_string(out.tp) + ", dp " + std::to_string(out.dp) + "): weights " +
          mib(out.weight_bytes) + ", KV cache " + mib(out.kv_plan_bytes) + " at " + std::to_string(longest) +
          " tokens (float32, uncompressed)");
-  out.kv = spec.describe();
   PplResult local = scoreWindows(*model, mine, sequences, job.mode, progress, {job.prefill, &spec});
   // KV bytes per rank of the group (largest over the data-parallel groups).
   const int tp = out.tp, grank = group ? group->rank() : 0;
-  auto perRank = [&](int64_t mine) {
+  auto perRank = [&](int64_t bytes) {
     std::vector<double> v(size_t(tp), 0.0);
-    v[size_t(grank)] = double(mine);
+    v[size_t(grank)] = double(bytes);
     if (topo) topo->world->allReduceMax(v.data(), v.size());
     return std::vector<int64_t>(v.begin(), v.end());
   };

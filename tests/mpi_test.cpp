@@ -137,6 +137,14 @@ TEST(Faults, MismatchedJobsAcrossRanksAreDetected) {
   EXPECT_NE(r.err.find("differs between rank 0 and rank 1"), std::string::npos) << r.err;
 }
 
+TEST(Faults, MismatchedKvSpecsAcrossRanksAreDetected) {
+  const auto r = test::run(mpirun(2) + "bash -c 'b=0.3; [ $OMPI_COMM_WORLD_RANK = 1 ] && b=0.5; " + test::kvtpBinary() +
+                           " ppl --model tests/fixtures/models/llama3-gqa --input-ids "
+                           "tests/fixtures/models/llama3-gqa/input_ids.txt --kv h2o:budget=$b'");
+  EXPECT_NE(r.status, 0);
+  EXPECT_NE(r.err.find("differs between rank 0 and rank 1"), std::string::npos) << r.err;
+}
+
 TEST(Faults, IndivisibleHeadsAreAClearError) {
   const auto r = test::run(
       mpirun(3) + test::kvtpBinary() +
