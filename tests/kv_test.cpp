@@ -166,25 +166,28 @@ TEST(KvEviction, ScopeDiscontinuousCompressesEveryDeltaSteps) {
   EXPECT_EQ(lengths, (std::vector<int>{1, 2, 2, 3, 4, 3, 4, 5, 4}));
 }
 
-TEST(KvEviction, AGlobalBudgetGoesToTheHeadsWithTheHighestScores) {
+// Two heads, 10 tokens, 4 kept per head on average with one sink and one recent token each.
+// Head 0's attention is concentrated on tokens 3, 4, 5 (0.17 each, the rest 0.07); head 1's is
+// spread (0.1 each). Returns the cache after one step under `scope`.
+KVCache twoHeadsAfterOneStep(const std::string& scope) {
   KVCache c = filled(10, 2);
-  Policy p(parsePolicy("h2o:tokens=4,sinks=1,recent=1,scope=global", ""), layout(2), nullptr);
-  // Head 0's attention is concentrated on tokens 3, 4, 5 (high scores); head 1's is spread.
+  Policy p(parsePolicy("h2o:tokens=4,sinks=1,recent=1,scope=" + scope, ""), layout(2), nullptr);
   StepAttention a = attentionTo({{3, 4, 5}, {}}, 10);
   a.blocks[1].assign(10, 0.1f);
   p.afterStep(c, a, 9, false);
-  // 8 slots for 2 heads: 2 x (sink + recent) protected, the 4 free ones all go to head 0.
-  // Head 0 takes 3 of the 4 free slots; its other tokens (0.07) lose the last to head 1 (0.1).
+  return c;
+}
+
+TEST(KvEviction, AGlobalBudgetGoesToTheHeadsWithTheHighestScores) {
+  const KVCache c = twoHeadsAfterOneStep("global");
+  // 8 slots for 2 heads, 4 of them protected (sink + recent per head). Head 0 takes 3 of the 4
+  // free slots; its other tokens (0.07) lose the last one to head 1 (0.1).
   EXPECT_EQ(positions(c, 0), (std::vector<int>{0, 3, 4, 5, 9}));
   EXPECT_EQ(c.head(0, 0).length() + c.head(0, 1).length(), 8);
 }
 
 TEST(KvEviction, PerHeadScopeSplitsTheBudgetEvenly) {
-  KVCache c = filled(10, 2);
-  Policy p(parsePolicy("h2o:tokens=4,sinks=1,recent=1,scope=head", ""), layout(2), nullptr);
-  StepAttention a = attentionTo({{3, 4, 5}, {}}, 10);
-  a.blocks[1].assign(10, 0.1f);
-  p.afterStep(c, a, 9, false);
+  const KVCache c = twoHeadsAfterOneStep("head");
   EXPECT_EQ(c.head(0, 0).length(), 4);
   EXPECT_EQ(c.head(0, 1).length(), 4);
 }
