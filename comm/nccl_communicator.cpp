@@ -23,7 +23,9 @@ class Nccl : public Communicator {
  public:
   Nccl(ncclComm_t comm, int device) : comm_(comm), device_(device) {
     CUDA_CHECK(cudaSetDevice(device_));
-    CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+    // A blocking stream: its collectives wait for the kernels queued before them on the legacy
+    // default stream (where the CUDA engine computes), and those after wait for them.
+    CUDA_CHECK(cudaStreamCreate(&stream_));
     NCCL_CHECK(ncclCommUserRank(comm_, &rank_));
     NCCL_CHECK(ncclCommCount(comm_, &size_));
     CUDA_CHECK(cudaMalloc(&scratch_, 64));

@@ -1,5 +1,7 @@
 // kvtp bench: CPU forward-pass throughput beside the sgemm rate of the same BLAS, measured in
-// the same run, so the ratio says how much of the machine the forward pass uses.
+// the same run, so the ratio says how much of the machine the forward pass uses; with
+// --device cuda, prefill throughput and decode ms/token at several contexts beside the HBM
+// bandwidth floor (weights + KV bytes a decode step must read, at the device's peak bandwidth).
 #include <cblas.h>
 
 #include <algorithm>
@@ -10,6 +12,7 @@
 #include <random>
 
 #include "launcher/commands.h"
+#include "runtime/gpu_engine.h"
 #include "runtime/model.h"
 #include "runtime/presets.h"
 
@@ -41,22 +44,121 @@ double sgemmGflops(int n, int repeats) {
   return 2.0 * n * n * n / s / 1e9;
 }
 
+struct BenchArgs {
+  std::vector<std::string> models, synthetic;
+  int seq_len = 2048, repeats = 3, layers = 0, decode_steps = 32;
+  std::vector<int> contexts = {2048, 8192, 32768};
+  std::string device = "cpu", dtype = "fp16";
+  bool json = false;
+};
+
+std::vector<std::pair<std::string, std::unique_ptr<Model>>> benchModels(const BenchArgs& a) {
+  std::vector<std::pair<std::string, std::unique_ptr<Model>>> models;
+  for (auto& m : a.models) models.emplace_back(m, Model::load(m));
+  for (auto& s : a.synthetic) {
+    ModelConfig c = syntheticConfig(s);
+    if (a.layers > 0) c.layers = a.layers;
+    // RoPE has no position table: a synthetic Llama may run past its config's context length
+    // (the bandwidth and FLOPs of a step do not depend on it).
+    if (c.family == Family::Llama && !a.contexts.empty())
+      c.max_positions = std::max(c.max_positions, *std::max_element(a.contexts.begin(), a.contexts.end()) + a.decode_steps + 1);
+    models.emplace_back("synthetic:" + s, Model::synthetic(c, 0));
+  }
+  return models;
+}
+
+// Useful matrix FLOPs of a prefill of T tokens: weights (2 per parameter per token) + causal
+// attention, QK^T and PV over the T(T+1)/2 visible query-key pairs (masked work not counted).
+double prefillFlops(const ModelConfig& c, int T) {
+  return 2.0 * double(c.matmulParameterCount()) * T + 4.0 * double(T) * (T + 1) / 2 * c.heads * c.head_dim * c.layers;
+}
+
+void benchGpu(const BenchArgs& a) {
+  const Precision dtype = parsePrecision(a.dtype);
+  const int device = localDevice(), elem = dtype == Precision::F32 ? 4 : 2;
+  const double peak = peakMemoryBandwidth(device);
+  nlohmann::json out = {{"device", "cuda"}, {"dtype", a.dtype}, {"peak_bandwidth_gbs", peak / 1e9},
+                        {"models", nlohmann::json::array()}};
+  if (!a.json) std::printf("cuda device %d, %s, peak memory bandwidth %.0f GB/s\n", device, a.dtype.c_str(), peak / 1e9);
+  for (auto& [name, host] : benchModels(a)) {
+    const ModelConfig c = host->config();
+    const double weight_bytes = double(host->weights().bytes()) / 4 * elem;
+    auto engine = makeGpuEngine(*host, {dtype, device, nullptr});
+    host.reset();
+    std::mt19937 rng(2);
+    auto randomTokens = [&](int n) {
+      std::vector<int> t(n);
+      for (auto& x : t) x = int(rng() % c.vocab_size);
+      return t;
+    };
+    std::vector<int> pos(size_t(c.max_positions));
+    std::iota(pos.begin(), pos.end(), 0);
+    nlohmann::json m = {{"model", name}, {"weight_bytes", weight_bytes}};
+    // Prefill: a window scored whole (the perplexity job's step), head included.
+    const int T = std::min(a.seq_len, c.max_positions);
+    const auto tokens = randomTokens(T + 1);
+    const double s = medianSeconds(a.repeats, [&] {
+      engine->startWindow();
+      engine->step(tokens.data(), pos.data(), T, 0, T, tokens.data() + 1);
+    });
+    const double tflops = prefillFlops(c, T) / s / 1e12;
+    m["prefill"] = {{"seq_len", T}, {"seconds", s}, {"tokens_per_second", T / s}, {"tflops", tflops}};
+    if (!a.json)
+      std::printf("%-24s prefill %5d tokens: %8.2f ms  %9.0f tok/s  %6.1f TFLOP/s\n", name.c_str(), T, 1e3 * s, T / s,
+                  tflops);
+    // Decode at batch 1: after a context of C tokens, one token per step, its log-prob scored.
+    m["decode"] = nlohmann::json::array();
+    for (int C : a.contexts) {
+      if (C + a.decode_steps >= c.max_positions) {
+        if (!a.json) std::printf("%-24s decode at %d: skipped (max_position_embeddings %d)\n", name.c_str(), C, c.max_positions);
+        continue;
+      }
+      const auto ctx = randomTokens(C + a.decode_steps + 1);
+      engine->startWindow();
+      engine->step(ctx.data(), pos.data(), C, 0, 0, nullptr);
+      std::vector<double> times;
+      for (int i = C; i < C + a.decode_steps; ++i) {
+        const auto t0 = std::chrono::steady_clock::now();
+        engine->step(&ctx[i], &pos[i], 1, 0, 1, &ctx[i + 1]);
+        times.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+      }
+      std::sort(times.begin(), times.end());
+      const double step = times[times.size() / 2];
+      const double kv_bytes = double(C + a.decode_steps / 2) * c.layers * c.kv_heads * 2 * c.head_dim * elem;
+      const double floor = (weight_bytes + kv_bytes) / peak;
+      m["decode"].push_back({{"context", C}, {"batch", 1}, {"ms_per_token", 1e3 * step},
+                             {"floor_ms", 1e3 * floor}, {"ratio_to_floor", floor / step},
+                             {"achieved_gbs", (weight_bytes + kv_bytes) / step / 1e9}});
+      if (!a.json)
+        std::printf("%-24s decode at %5d: %7.3f ms/token (median of %d)  floor %7.3f ms  %5.1f%% of peak bandwidth\n",
+                    name.c_str(), C, 1e3 * step, a.decode_steps, 1e3 * floor, 100 * floor / step);
+    }
+    out["models"].push_back(m);
+  }
+  if (a.json) std::cout << out.dump() << std::endl;
+}
+
 }  // namespace
 
 void addBenchCommand(CLI::App& app) {
-  auto* cmd = app.add_subcommand("bench", "CPU prefill throughput vs the BLAS sgemm rate");
-  struct Args {
-    std::vector<std::string> models, synthetic;
-    int seq_len = 2048, repeats = 3;
-    bool json = false;
-  };
-  auto a = std::make_shared<Args>();
+  auto* cmd = app.add_subcommand("bench", "prefill throughput vs the sgemm rate (cpu); prefill and decode vs the HBM floor (cuda)");
+  auto a = std::make_shared<BenchArgs>();
   cmd->add_option("--model", a->models, "Hugging Face model folder(s)");
   cmd->add_option("--synthetic", a->synthetic, "preset shape(s) with random weights, e.g. opt-125m");
   cmd->add_option("--seq-len", a->seq_len, "prefill window length (capped at max positions)");
   cmd->add_option("--repeats", a->repeats, "timed repeats; the median is reported")->check(CLI::PositiveNumber);
   cmd->add_flag("--json", a->json, "print one JSON object");
+  cmd->add_option("--device", a->device, "cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}));
+  cmd->add_option("--dtype", a->dtype, "cuda: fp16, bf16 or fp32")->check(CLI::IsMember({"fp32", "fp16", "bf16"}));
+  cmd->add_option("--contexts", a->contexts, "cuda: decode context lengths")->delimiter(',');
+  cmd->add_option("--decode-steps", a->decode_steps, "cuda: timed decode steps per context (median reported)")
+      ->check(CLI::PositiveNumber);
+  cmd->add_option("--layers", a->layers, "synthetic: override the number of layers (0 = the preset's)");
   cmd->callback([a] {
+    if (a->device == "cuda") {
+      if (a->models.empty() && a->synthetic.empty()) a->synthetic = {"llama-2-7b"};
+      return benchGpu(*a);
+    }
     if (a->models.empty() && a->synthetic.empty()) {
       a->models = {"models/kvtp-llama-2m"};
       a->synthetic = {"opt-125m"};
@@ -65,13 +167,7 @@ void addBenchCommand(CLI::App& app) {
     nlohmann::json out = {{"sgemm_gflops", gemm}, {"sgemm_shape", "2048x2048x2048"}, {"models", nlohmann::json::array()}};
     if (!a->json) std::printf("sgemm 2048^3: %.1f GFLOP/s (median of %d)\n", gemm, a->repeats);
 
-    std::vector<std::pair<std::string, std::unique_ptr<Model>>> models;
-    for (auto& m : a->models) models.emplace_back(m, Model::load(m));
-    for (auto& s : a->synthetic) {
-      ModelConfig c = syntheticConfig(s);
-      models.emplace_back("synthetic:" + s, Model::synthetic(c, 0));
-    }
-    for (auto& [name, model] : models) {
+    for (auto& [name, model] : benchModels(*a)) {
       const auto& c = model->config();
       const int T = std::min(a->seq_len, c.max_positions);
       std::vector<int> tokens(T), pos(T);
@@ -84,11 +180,7 @@ void addBenchCommand(CLI::App& app) {
         auto h = model->forward(tokens.data(), pos.data(), T, cache);
         model->logprobs(h, tokens.data(), T);  // the head is part of scoring
       });
-      // Useful matrix FLOPs: weights (2 per parameter per token) + causal attention, QK^T and PV
-      // over the T(T+1)/2 visible query-key pairs (masked work the kernel may do is not counted).
-      const double flops = 2.0 * double(c.matmulParameterCount()) * T +
-                           4.0 * double(T) * (T + 1) / 2 * c.heads * c.head_dim * c.layers;
-      const double gflops = flops / s / 1e9;
+      const double gflops = prefillFlops(c, T) / s / 1e9;
       out["models"].push_back({{"model", name}, {"seq_len", T}, {"seconds", s}, {"tokens_per_second", T / s},
                                {"gflops", gflops}, {"ratio_to_sgemm", gflops / gemm}});
       if (!a->json)

@@ -77,6 +77,8 @@ v1::PplRequest toRequest(const PplJob& j, int tp) {
   r.set_kv_quant(j.kv_quant);
   r.set_prefill(j.prefill);
   r.set_kv_lowrank(j.kv_lowrank);
+  r.set_device(j.device);
+  r.set_dtype(j.dtype);
   return r;
 }
 
@@ -100,6 +102,8 @@ PplJob fromRequest(const v1::PplRequest& r) {
   j.kv_quant = r.kv_quant();
   j.prefill = r.prefill();
   j.kv_lowrank = r.kv_lowrank();
+  if (!r.device().empty()) j.device = r.device();
+  j.dtype = r.dtype();
   return j;
 }
 

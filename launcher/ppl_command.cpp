@@ -48,8 +48,8 @@ void addPplCommand(CLI::App& app) {
     if (a->json) {
       std::cout << toJson(j, r).dump() << std::endl;
     } else {
-      std::printf("model %s  mode %s  seq_len %d  windows %d  tp %d  dp %d\n", r.model.c_str(), modeName(j.mode),
-                  r.seq_len, r.windows, r.tp, r.dp);
+      std::printf("model %s  mode %s  seq_len %d  windows %d  tp %d  dp %d  %s %s\n", r.model.c_str(),
+                  modeName(j.mode), r.seq_len, r.windows, r.tp, r.dp, j.device.c_str(), j.resolvedDtype().c_str());
       std::printf("ppl %.4f  over %lld tokens  (%.1f s, %.0f tok/s)\n", r.result.ppl(), (long long)r.result.tokens,
                   r.result.seconds, r.result.tokensPerSecond());
       if (j.mode == Mode::Decode) {

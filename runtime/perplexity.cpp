@@ -44,8 +44,46 @@ std::vector<Window> planWindows(const std::vector<int>& ids, int seq_len, int st
   return out;
 }
 
-PplResult scoreWindows(const Model& model, const std::vector<Window>& windows, int sequences, Mode mode,
-                       const ProgressFn& progress, const DecodeOptions& decode) {
+namespace {
+
+class CpuEngine : public Engine {
+ public:
+  CpuEngine(const Model& model, const kv::PolicySpec* spec)
+      : model_(model), cache_(model.newCache()), policy_(spec ? *spec : kv::PolicySpec{}, model.headLayout(), model.group()) {
+    if (policy_.spec().rank) policy_.setLowRank(model.lowRankBases(policy_.spec().rank));
+  }
+  const ModelConfig& config() const override { return model_.config(); }
+  void startWindow() override {
+    cache_.clear();
+    policy_.startWindow();
+  }
+  std::vector<double> step(const int* tokens, const int* positions, int T, int from, int count,
+                           const int* targets) override {
+    const auto hidden = model_.forward(tokens, positions, T, cache_, policy_.spec().needsAttention() ? &attention_ : nullptr);
+    if (count == 0) return {};
+    const int P = model_.config().word_embed_proj_dim;
+    const std::vector<float> rows(hidden.begin() + int64_t(from) * P, hidden.begin() + int64_t(from + count) * P);
+    return model_.logprobs(rows, targets, count);
+  }
+  void compress(int last_pos, bool prefill) override { policy_.afterStep(cache_, attention_, last_pos, prefill); }
+  bool compresses() const override { return policy_.spec().compresses(); }
+  kv::KvBytes kvBytes(int tokens_seen) const override { return policy_.bytes(cache_, tokens_seen); }
+
+ private:
+  const Model& model_;
+  kv::KVCache cache_;
+  kv::Policy policy_;
+  kv::StepAttention attention_;
+};
+
+}  // namespace
+
+std::unique_ptr<Engine> makeCpuEngine(const Model& model, const kv::PolicySpec* policy) {
+  return std::make_unique<CpuEngine>(model, policy);
+}
+
+PplResult scoreWindows(Engine& engine, const std::vector<Window>& windows, int sequences, Mode mode,
+                       const ProgressFn& progress, int prefill) {
   const auto t0 = std::chrono::steady_clock::now();
   auto elapsed = [&] { return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(); };
   PplResult r;
@@ -54,63 +92,51 @@ PplResult scoreWindows(const Model& model, const std::vector<Window>& windows, i
   p.windows_total = int(windows.size());
   for (auto& w : windows) p.tokens_total += w.scored();
 
-  kv::KVCache cache = model.newCache();
-  const kv::PolicySpec full_spec;
-  kv::Policy policy(decode.policy ? *decode.policy : full_spec, model.headLayout(), model.group());
-  if (policy.spec().rank) policy.setLowRank(model.lowRankBases(policy.spec().rank));
-  kv::StepAttention attention;
-  kv::StepAttention* collect = policy.spec().needsAttention() ? &attention : nullptr;
   // Counting bytes walks every cached entry, so it runs per step only when the policy can change
   // the cache; a full cache is counted once per window, at its largest.
-  const bool compresses = policy.spec().compresses();
+  const bool compresses = engine.compresses();
   auto account = [&](int tokens_seen) {  // before a step's compression: the peak
-    const kv::KvBytes b = policy.bytes(cache, tokens_seen);
+    const kv::KvBytes b = engine.kvBytes(tokens_seen);
     r.kv_bytes_peak = std::max(r.kv_bytes_peak, b.stored);
     r.kv_bytes_full = std::max(r.kv_bytes_full, b.full);
   };
   auto settled = [&](int tokens_seen) {  // after it: what is held between steps
-    r.kv_bytes_steady = std::max(r.kv_bytes_steady, policy.bytes(cache, tokens_seen).stored);
+    r.kv_bytes_steady = std::max(r.kv_bytes_steady, engine.kvBytes(tokens_seen).stored);
   };
   for (const Window& w : windows) {
     const int n = int(w.ids.size());
     SequenceResult& s = r.sequences.at(w.sequence);
-    cache.clear();
-    policy.startWindow();
+    engine.startWindow();
     std::vector<int> pos(n);
     std::iota(pos.begin(), pos.end(), 0);
-    auto record = [&](double lp) {
-      s.logprobs.push_back(lp);
-      s.nll -= lp;
-      s.tokens += 1;
-      r.nll -= lp;
-      r.tokens += 1;
-      p.tokens_done += 1;
+    auto record = [&](const std::vector<double>& lps) {
+      for (double lp : lps) {
+        s.logprobs.push_back(lp);
+        s.nll -= lp;
+        s.tokens += 1;
+        r.nll -= lp;
+        r.tokens += 1;
+        p.tokens_done += 1;
+      }
       p.nll = r.nll;
     };
     if (mode == Mode::Prefill) {
-      const auto hidden = model.forward(w.ids.data(), pos.data(), n, cache);
       // rows score_from-1 .. n-2 predict ids[score_from .. n-1]
-      const int first = w.score_from - 1, rows = n - w.score_from;
-      const int P = model.config().word_embed_proj_dim;
-      std::vector<float> h(hidden.begin() + int64_t(first) * P, hidden.begin() + int64_t(first + rows) * P);
-      for (double lp : model.logprobs(h, w.ids.data() + w.score_from, rows)) record(lp);
+      record(engine.step(w.ids.data(), pos.data(), n, w.score_from - 1, n - w.score_from, w.ids.data() + w.score_from));
     } else {
       // A prefix at once (full attention; SnapKV compresses it at its end), then token by token.
-      const int first = std::clamp(decode.prefill, 0, n - 1);
+      const int first = std::clamp(prefill, 0, n - 1);
       if (first > 0) {
-        const auto hidden = model.forward(w.ids.data(), pos.data(), first, cache, collect);
-        const int P = model.config().word_embed_proj_dim, from = std::min(w.score_from, first + 1);
-        std::vector<float> h(hidden.begin() + int64_t(from - 1) * P, hidden.begin() + int64_t(first) * P);
-        for (double lp : model.logprobs(h, w.ids.data() + from, first - from + 1)) record(lp);
+        const int from = std::min(w.score_from, first + 1);  // rows from-1 .. first-1 predict ids[from .. first]
+        record(engine.step(w.ids.data(), pos.data(), first, from - 1, first - from + 1, w.ids.data() + from));
         if (compresses) account(first);
-        policy.afterStep(cache, attention, first - 1, true);
+        engine.compress(first - 1, true);
         if (compresses) settled(first);
       }
       for (int i = first; i + 1 < n; ++i) {
-        const auto hidden = model.forward(&w.ids[i], &pos[i], 1, cache, collect);
-        if (i + 1 >= w.score_from) record(model.logprobs(hidden, &w.ids[i + 1], 1)[0]);
+        record(engine.step(&w.ids[i], &pos[i], 1, 0, i + 1 >= w.score_from ? 1 : 0, &w.ids[i + 1]));
         if (compresses) account(i + 1);
-        policy.afterStep(cache, attention, i, false);
+        engine.compress(i, false);
         if (compresses) settled(i + 1);
         if (progress && (i + 1) % 64 == 0) {
           p.seconds = elapsed();
@@ -119,9 +145,8 @@ PplResult scoreWindows(const Model& model, const std::vector<Window>& windows, i
       }
     }
     if (!compresses) {
-      const int held = cache.head(0, 0).length();  // every token fed to the model
-      account(held);
-      settled(held);
+      account(n - (mode == Mode::Decode ? 1 : 0));  // every token fed to the model
+      settled(n - (mode == Mode::Decode ? 1 : 0));
     }
     p.windows_done += 1;
     p.seconds = elapsed();

@@ -6,7 +6,7 @@
 #include <string>
 #include <vector>
 
-#include "runtime/model.h"
+#include "runtime/engine.h"
 
 namespace kvtp {
 
@@ -56,15 +56,10 @@ struct Progress {
 };
 using ProgressFn = std::function<void(const Progress&)>;
 
-// How decode mode treats the KV cache: the first `prefill` tokens of each window go through at
-// once (full attention), the rest one at a time; `policy` (optional) compresses after each step.
-struct DecodeOptions {
-  int prefill = 0;
-  const kv::PolicySpec* policy = nullptr;
-};
-
-// Scores every window; calls `progress` after each window (and every 64 tokens in decode mode).
-PplResult scoreWindows(const Model& model, const std::vector<Window>& windows, int sequences, Mode mode,
-                       const ProgressFn& progress = {}, const DecodeOptions& decode = {});
+// Scores every window with `engine`; calls `progress` after each window (and every 64 tokens in
+// decode mode). Decode mode feeds the first `prefill` tokens of each window at once (full
+// attention), the rest one at a time, letting the engine's KV policy compress after each step.
+PplResult scoreWindows(Engine& engine, const std::vector<Window>& windows, int sequences, Mode mode,
+                       const ProgressFn& progress = {}, int prefill = 0);
 
 }  // namespace kvtp

@@ -6,6 +6,7 @@
 
 #include "runtime/dataset.h"
 #include "runtime/error.h"
+#include "runtime/gpu_engine.h"
 #include "runtime/presets.h"
 #include "runtime/tokenizer.h"
 
@@ -105,6 +106,12 @@ PplJobResult runPplJob(const PplJob& job, const comm::Topology* topo, const Prog
   if ((spec.compresses() || job.prefill > 0) && job.mode != Mode::Decode)
     throw Error("--kv, --kv-quant, --kv-lowrank and --prefill evaluate token by token: use --mode decode");
   if (job.prefill < 0) throw Error("--prefill must not be negative");
+  if (job.device != "cpu" && job.device != "cuda") throw Error("device '" + job.device + "' is not one of: cpu, cuda");
+  const Precision dtype = parsePrecision(job.resolvedDtype());
+  const bool gpu = job.device == "cuda";
+  if (!gpu && dtype != Precision::F32) throw Error("the CPU backend computes in fp32: --dtype fp16/bf16 need --device cuda");
+  if (gpu && spec.compresses())
+    throw Error("--device cuda keeps the full KV cache so far: run --kv, --kv-quant and --kv-lowrank with --device cpu");
 
   comm::Communicator* group = topo ? topo->group.get() : nullptr;
   std::unique_ptr<Model> model;
@@ -114,14 +121,16 @@ PplJobResult runPplJob(const PplJob& job, const comm::Topology* topo, const Prog
   // Loading and tokenizing fail per rank (a file missing on one node): all ranks agree on the
   // outcome before the first collective of the forward pass, so none waits for a dead one.
   std::string local_error;
+  int device = 0;
   try {
     prepare(job, group, model, out, windows, sequences);
+    if (gpu) device = localDevice();
   } catch (const std::exception& e) {
     local_error = e.what();
   }
   if (topo) comm::agreeOrThrow(*topo->world, local_error);
   else if (!local_error.empty()) throw Error(local_error);
-  const ModelConfig& c = model->config();
+  const ModelConfig c = model->config();  // a copy: the host model may be released below
   if (windows.empty()) throw Error("no window of at least 2 tokens to score");
   out.windows = int(windows.size());
   out.tp = model->partition().tp;
@@ -140,16 +149,34 @@ PplJobResult runPplJob(const PplJob& job, const comm::Topology* topo, const Prog
   std::vector<Window> mine;
   for (size_t i = 0; i < windows.size(); ++i)
     if (int(i % out.dp) == group_index) mine.push_back(windows[i]);
-  out.weight_bytes = model->weights().bytes();
+  // Weights and a full cache are stored in the dtype (norms and biases stay float32: negligible).
+  const int elem = dtype == Precision::F32 ? 4 : 2;
+  out.weight_bytes = model->weights().bytes() / 4 * elem;
   int longest = 0;
   for (auto& w : mine) longest = std::max(longest, int(w.ids.size()));
   out.kv_plan_bytes = int64_t(longest) * c.layers * model->partition().kv_heads *
-                      (2 * c.head_dim * int64_t(sizeof(float)) + int64_t(sizeof(int32_t)));
+                      (2 * c.head_dim * int64_t(elem) + int64_t(sizeof(int32_t)));
   if (plan)
-    plan("memory plan per rank (tp " + std::to_string(out.tp) + ", dp " + std::to_string(out.dp) + "): weights " +
-         mib(out.weight_bytes) + ", KV cache " + mib(out.kv_plan_bytes) + " at " + std::to_string(longest) +
-         " tokens (float32, uncompressed)");
-  PplResult local = scoreWindows(*model, mine, sequences, job.mode, progress, {job.prefill, &spec});
+    plan("memory plan per rank (tp " + std::to_string(out.tp) + ", dp " + std::to_string(out.dp) + ", " + job.device +
+         " " + precisionName(dtype) + "): weights " + mib(out.weight_bytes) + ", KV cache " + mib(out.kv_plan_bytes) +
+         " at " + std::to_string(longest) + " tokens (uncompressed)");
+  std::unique_ptr<comm::Communicator> device_group;  // NCCL, for the CUDA engine at tp > 1
+  std::unique_ptr<Engine> engine;
+  if (gpu) {
+    if (out.tp > 1) device_group = makeDeviceGroup(*group, device);
+    local_error.clear();
+    try {  // a rank out of GPU memory must not leave the others waiting in a collective
+      engine = makeGpuEngine(*model, {dtype, device, device_group.get()});
+    } catch (const std::exception& e) {
+      local_error = e.what();
+    }
+    if (topo) comm::agreeOrThrow(*topo->world, local_error);
+    else if (!local_error.empty()) throw Error(local_error);
+    model.reset();  // the device holds the weights now
+  } else {
+    engine = makeCpuEngine(*model, &spec);
+  }
+  PplResult local = scoreWindows(*engine, mine, sequences, job.mode, progress, job.prefill);
   // KV bytes per rank of the group (largest over the data-parallel groups).
   const int tp = out.tp, grank = group ? group->rank() : 0;
   auto perRank = [&](int64_t bytes) {
@@ -209,6 +236,8 @@ nlohmann::json toJson(const PplJob& job, const PplJobResult& r) {
           {"tp", r.tp},
           {"dp", r.dp},
           {"kv", r.kv},
+          {"device", job.device},
+          {"dtype", job.resolvedDtype()},
           {"prefill", job.prefill},
           {"kv_bytes_peak", peak},
           {"kv_bytes_full", full},

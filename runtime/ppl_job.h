@@ -28,6 +28,9 @@ struct PplJob {
   std::string kv_quant;          // KV quantization spec; implies decode mode
   std::string kv_lowrank;        // KV low-rank channels spec (cskv:rank=R,window=W); implies decode mode
   int prefill = 0;               // decode mode: tokens per window that go through at once first
+  std::string device = "cpu";    // cpu | cuda
+  std::string dtype;             // fp32 | fp16 | bf16; empty: fp32 on cpu, fp16 on cuda
+  std::string resolvedDtype() const { return !dtype.empty() ? dtype : device == "cuda" ? "fp16" : "fp32"; }
 };
 
 // Named evaluation protocols (docs/PERPLEXITY.md): "default", "gptq".
@@ -39,7 +42,7 @@ struct PplJobResult {
   int seq_len = 0;
   int windows = 0;
   int tp = 1, dp = 1;
-  int64_t weight_bytes = 0;   // this rank's
+  int64_t weight_bytes = 0;   // this rank's, as stored on its device
   int64_t kv_plan_bytes = 0;  // this rank's float32 full cache for the longest window (memory plan)
   std::string kv;             // the policy, as parsed
   std::vector<int64_t> kv_bytes_peak, kv_bytes_full, kv_bytes_steady;  // per rank of the group (docs/KV.md)

@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # Builds the CUDA targets here (nvcc 13, sm_90a) into build-cuda/ and copies them, with the shared
 # libraries the GPU machine lacks (OpenBLAS's OpenMP build and its Fortran runtime, gRPC and
-# friends via ../shared/tools/bundle-libs.sh when present; Open MPI's C++ bindings), into .bundle/ — the folder to name in
-# the device tool's `carry`. On the GPU machine:
-#   export LD_LIBRARY_PATH=$PWD/.bundle; .bundle/kvtp_cuda_tests; .bundle/kvtp_cuda_bench
+# friends via ../shared/tools/bundle-libs.sh when present; Open MPI's C++ bindings), into .bundle/,
+# packed as .bundle.tar.xz — the file to name in the device tool's `carry`. On the GPU machine:
+#   tar xJf .bundle.tar.xz
+#   export LD_LIBRARY_PATH=$PWD/.bundle KVTP_BINARY=$PWD/.bundle/kvtp
+#   .bundle/kvtp_cuda_tests; .bundle/kvtp_cuda_engine_tests; .bundle/kvtp bench --device cuda
 #   mpirun --allow-run-as-root -np 2 -x LD_LIBRARY_PATH -x NCCL_NVLS_ENABLE=0 .bundle/kvtp_nccl_tests
 # usage: scripts/bundle-gpu.sh [more cmake targets...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 grep -qx '/.bundle/' .gitignore || { echo "add /.bundle/ to .gitignore first" >&2; exit 1; }
 cmake -S . -B build-cuda -G Ninja -DCMAKE_BUILD_TYPE=Release -DKVTP_CUDA=ON > /dev/null
-targets=(kvtp_cuda_tests kvtp_cuda_bench kvtp_nccl_tests kvtp_nccl_bench "$@")
+targets=(kvtp kvtp_cuda_tests kvtp_cuda_engine_tests kvtp_cuda_bench kvtp_nccl_tests kvtp_nccl_bench "$@")
 cmake --build build-cuda -j"$(nproc)" --target "${targets[@]}"
 rm -rf .bundle && mkdir -p .bundle
 for t in "${targets[@]}"; do find build-cuda -maxdepth 2 -type f -name "$t" -exec cp {} .bundle/ \; ; done
@@ -19,5 +21,8 @@ for lib in "/usr/lib/$arch/openblas-openmp/libopenblas.so.0" "/lib/$arch/libgfor
            "/lib/$arch/libquadmath.so.0" "/lib/$arch/libgomp.so.1" "/lib/$arch/libmpi_cxx.so.40"; do
   cp -L "$lib" .bundle/
 done
-if [ -x ../shared/tools/bundle-libs.sh ]; then ../shared/tools/bundle-libs.sh .bundle .bundle/kvtp_cuda_*; fi
-echo "bundle: $(ls .bundle | wc -l) files, $(du -sh .bundle | cut -f1)"
+if [ -x ../shared/tools/bundle-libs.sh ]; then ../shared/tools/bundle-libs.sh .bundle .bundle/kvtp .bundle/kvtp_*; fi
+# The device tool carries at most 64 MiB: send it packed, unpack there with
+#   tar xJf .bundle.tar.xz
+tar cJf .bundle.tar.xz .bundle
+echo "bundle: $(ls .bundle | wc -l) files, $(du -sh .bundle | cut -f1); packed $(du -h .bundle.tar.xz | cut -f1)"

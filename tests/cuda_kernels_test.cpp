@@ -8,6 +8,7 @@
 
 #include "kernels/cpu_ops.h"
 #include "kernels/cuda/cuda_ops.h"
+#include "kernels/cuda/forward_ops.h"
 
 namespace kvtp {
 namespace {
@@ -105,10 +106,11 @@ TEST(CudaKernels, RopeMatchesCpuAtLargePositions) {
 // positions (the first sees one key, none is hidden in a whole split), short and long caches.
 TEST(CudaKernels, AttentionMatchesCpuOverAnEvictedCache) {
   REQUIRE_GPU();
+  for (int hd : {16, 64})  // narrower than a warp, and a multiple of it
   for (int L : {1, 300, 20000})
   for (int kv_heads : {8, 2, 1}) {  // 1, 4 and 8 query heads per KV head
-    const int T = 5, heads = 8, hd = 64;
-    const float scale = 1.0f / 8.0f;
+    const int T = 5, heads = 8;
+    const float scale = 1.0f / std::sqrt(float(hd));
     std::vector<int> k_pos(L);
     for (int i = 0; i < L; ++i) k_pos[i] = i * 2 + (i % 3 == 0);  // ascending, with gaps
     std::vector<int> q_pos = {0, 3, L / 2, L + 7, 2 * L + 5};  // ascending k_pos are 0, 2 or 3, ...
@@ -123,8 +125,58 @@ TEST(CudaKernels, AttentionMatchesCpuOverAnEvictedCache) {
     DeviceBuffer<int> dqp(q_pos), dkp(k_pos);
     cuda::attention(dq.get(), heads * hd, dqp.get(), T, heads, dK.get(), dV.get(), dkp.get(), L, kv_heads, hd,
                     int64_t(L) * hd, scale, dout.get());
-    EXPECT_LE(relError(dout.download(), want), 1e-4) << "L " << L << " kv_heads " << kv_heads;  // sums over 20k
+    EXPECT_LE(relError(dout.download(), want), 1e-4) << "hd " << hd << " L " << L << " kv_heads " << kv_heads;
   }
+}
+
+// The many-query path (score GEMMs, masked softmax, PV GEMM), in query chunks small enough that
+// several run, over a cache with holes laid out [kv_head][capacity][head_dim].
+TEST(CudaKernels, PrefillAttentionMatchesCpu) {
+  REQUIRE_GPU();
+  cuda::Blas blas;
+  const int T = 150, heads = 8, kv_heads = 2, hd = 32, L = 400, capacity = 512;
+  const float scale = 1.0f / std::sqrt(float(hd));
+  std::vector<int> k_pos(L), q_pos(T);
+  for (int i = 0; i < L; ++i) k_pos[i] = i * 2 + (i % 3 == 0);
+  for (int t = 0; t < T; ++t) q_pos[t] = 3 + 5 * t;  // the first query sees two keys, the last all
+  const int stride = heads * hd + 40;                 // q rows inside wider rows (a fused QKV product)
+  auto q = randn(size_t(T) * stride), K = randn(size_t(kv_heads) * capacity * hd), V = randn(K.size());
+  std::vector<float> want(size_t(T) * heads * hd);
+  for (int h = 0; h < heads; ++h) {
+    const size_t off = size_t(h / (heads / kv_heads)) * capacity * hd;
+    kernels::attendHead(q.data() + h * hd, stride, q_pos.data(), T, K.data() + off, V.data() + off, k_pos.data(), L,
+                        hd, scale, want.data() + h * hd, heads * hd);
+  }
+  DeviceBuffer<float> dq(q), dK(K), dV(V), dout(poisoned(want.size()));
+  DeviceBuffer<int> dqp(q_pos), dkp(k_pos);
+  const size_t score_bytes = size_t(40) * heads * L * 8;  // about 40 queries per chunk
+  cuda::attentionPrefill(blas, dq.get(), stride, dqp.get(), q_pos.data(), T, heads, dK.get(), dV.get(), dkp.get(),
+                         k_pos.data(), L, kv_heads, hd, capacity, scale, dout.get(), score_bytes);
+  EXPECT_LE(relError(dout.download(), want), 1e-5);
+}
+
+// Decode's GEMV kernel against cuBLAS on the same fp32 / fp16 inputs, with bias and accumulate.
+template <class T>
+void checkGemv() {
+  cuda::Blas blas;
+  const int in = 4096, out = 1000;
+  auto xf = randn(in), Wf = randn(size_t(out) * in, 0.02f), b = randn(out), y0 = randn(out);
+  std::vector<T> x(in), W(Wf.size());
+  for (int i = 0; i < in; ++i) x[i] = cuda::fromFloat<T>(xf[i]);
+  for (size_t i = 0; i < Wf.size(); ++i) W[i] = cuda::fromFloat<T>(Wf[i]);
+  DeviceBuffer<T> dx(x), dW(W);
+  DeviceBuffer<float> db(b), want(y0), got(y0);
+  cuda::gemmBlas(blas, dx.get(), 1, in, dW.get(), out, db.get(), want.get(), true);
+  cuda::gemm(blas, dx.get(), 1, in, dW.get(), out, db.get(), got.get(), true);
+  EXPECT_LE(relError(got.download(), want.download()), 1e-5);
+}
+TEST(CudaKernels, GemvMatchesCublasFp32) {
+  REQUIRE_GPU();
+  checkGemv<float>();
+}
+TEST(CudaKernels, GemvMatchesCublasFp16) {
+  REQUIRE_GPU();
+  checkGemv<__half>();
 }
 
 TEST(CudaKernels, SoftmaxPartialsMatchCpuOnAVocabShard) {

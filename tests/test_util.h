@@ -1,6 +1,7 @@
 // Helpers shared by the tests: fixture paths, JSON files, temporary folders, running the binary.
 #pragma once
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <random>
@@ -53,7 +54,12 @@ inline CommandResult run(const std::string& cmd) {
   return r;
 }
 
-inline std::string kvtpBinary() { return KVTP_BINARY; }
+// The kvtp binary this test was built with, unless KVTP_BINARY names another (a bundle copied to
+// the GPU machine).
+inline std::string kvtpBinary() {
+  const char* env = std::getenv("KVTP_BINARY");
+  return env && *env ? env : KVTP_BINARY;
+}
 
 // A test-parameter name GoogleTest accepts: letters and digits, the rest as '_'.
 inline std::string paramName(std::string s) {

@@ -13,7 +13,8 @@
 //       the GPU. No faster than v2: the compiler's report showed 128-576-byte stack frames —
 //       the per-lane arrays, indexed up to a run-time head_dim / 32, lived in local memory.
 //   v4 (attention): the group size G and channels per lane P are template parameters, so every
-//       array index is a compile-time constant and the arrays stay in registers.
+//       array index is a compile-time constant and the arrays stay in registers. The cache's
+//       element type (float, fp16, bf16) is a template parameter too, converted in registers.
 #include <algorithm>
 #include <cfloat>
 #include <string>
@@ -114,24 +115,26 @@ __global__ void ropeKernel(float* x, int T, int heads, int head_dim, const int* 
 // kWarps-th key; its lanes hold channels lane + 32 i (head_dim <= 256) of the G queries and
 // accumulators, so a K/V row is read once per block for G heads. Writes each head's
 // unnormalised output with its running max and sum; attentionCombine merges the splits.
-constexpr int kWarps = 8, kMaxPerLane = 8, kMaxGroup = 8;  // head_dim <= 32 * kMaxPerLane
+constexpr int kWarps = 8, kMaxGroup = 8;
 
-template <int G, int P>  // query heads per KV head, channels per lane (head_dim = 32 P)
-__global__ void attentionSplit(const float* q, int q_stride, const int* q_pos, int heads, const float* K,
-                               const float* V, const int* k_pos, int L, int64_t head_stride, float scale, int chunk,
+// Heads narrower than a warp (head_dim 8, 16) leave the upper lanes idle.
+template <int G, int HD, class KT>  // query heads per KV head, head_dim, cache element type
+__global__ void attentionSplit(const float* q, int q_stride, const int* q_pos, int heads, const KT* K,
+                               const KT* V, const int* k_pos, int L, int64_t head_stride, float scale, int chunk,
                                int splits, float* part_o, float* part_ms) {
-  constexpr int hd = 32 * P;
+  constexpr int hd = HD, P = (HD + 31) / 32;  // channels per lane
+  auto in = [](int lane, int i) { return HD % 32 == 0 || lane + 32 * i < HD; };
   const int kvh = blockIdx.x, split = blockIdx.y, t = blockIdx.z;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const float* Kh = K + kvh * head_stride;
-  const float* Vh = V + kvh * head_stride;
+  const KT* Kh = K + kvh * head_stride;
+  const KT* Vh = V + kvh * head_stride;
   float qr[G][P], acc[G][P], m[G], sum[G];
 #pragma unroll
   for (int g = 0; g < G; ++g) {
     const float* qv = q + int64_t(t) * q_stride + int64_t(kvh * G + g) * hd;
 #pragma unroll
     for (int i = 0; i < P; ++i) {
-      qr[g][i] = qv[lane + 32 * i] * scale;
+      qr[g][i] = in(lane, i) ? qv[lane + 32 * i] * scale : 0.0f;
       acc[g][i] = 0.0f;
     }
     m[g] = -FLT_MAX;
@@ -141,11 +144,14 @@ __global__ void attentionSplit(const float* q, int q_stride, const int* q_pos, i
   const int end = min(L, (split + 1) * chunk);
   for (int l = split * chunk + warp; l < end; l += kWarps) {
     if (k_pos[l] > p) continue;  // the same for the whole warp
-    const float* kr = Kh + int64_t(l) * hd;
-    const float* vr = Vh + int64_t(l) * hd;
+    const KT* kr = Kh + int64_t(l) * hd;
+    const KT* vr = Vh + int64_t(l) * hd;
     float kv[P], vv[P];
 #pragma unroll
-    for (int i = 0; i < P; ++i) kv[i] = kr[lane + 32 * i], vv[i] = vr[lane + 32 * i];
+    for (int i = 0; i < P; ++i) {
+      kv[i] = in(lane, i) ? toFloat(kr[lane + 32 * i]) : 0.0f;
+      vv[i] = in(lane, i) ? toFloat(vr[lane + 32 * i]) : 0.0f;
+    }
 #pragma unroll
     for (int g = 0; g < G; ++g) {
       float dot = 0.0f;
@@ -166,7 +172,8 @@ __global__ void attentionSplit(const float* q, int q_stride, const int* q_pos, i
     __syncthreads();
     if (lane == 0) s_m[warp] = m[g], s_sum[warp] = sum[g];
 #pragma unroll
-    for (int i = 0; i < P; ++i) s_acc[warp][lane + 32 * i] = acc[g][i];
+    for (int i = 0; i < P; ++i)
+      if (in(lane, i)) s_acc[warp][lane + 32 * i] = acc[g][i];
     __syncthreads();
     float M = -FLT_MAX;
     for (int w = 0; w < kWarps; ++w) M = fmaxf(M, s_m[w]);
@@ -188,8 +195,9 @@ __global__ void attentionSplit(const float* q, int q_stride, const int* q_pos, i
 }
 
 // One block per (query, head): out = sum_j o_j e^(m_j - M) / sum_j s_j e^(m_j - M).
+template <class OT>
 __global__ void attentionCombine(const float* part_o, const float* part_ms, int splits, int heads, int hd,
-                                 float* out) {
+                                 OT* out) {
   const int h = blockIdx.x, t = blockIdx.y;
   const int64_t base = (int64_t(t) * heads + h) * splits;
   float M = -FLT_MAX;
@@ -206,7 +214,7 @@ __global__ void attentionCombine(const float* part_o, const float* part_ms, int 
       const float mj = part_ms[(base + j) * 2];
       if (mj != -FLT_MAX) o += part_o[(base + j) * hd + d] * expf(mj - M);
     }
-    out[(int64_t(t) * heads + h) * hd + d] = o * inv;
+    out[(int64_t(t) * heads + h) * hd + d] = fromFloat<OT>(o * inv);
   }
 }
 
@@ -277,10 +285,10 @@ void applyRope(float* x, int T, int heads, int head_dim, const int* positions, c
   KVTP_CUDA_LAUNCHED();
 }
 
-void attention(const float* q, int q_stride, const int* q_pos, int T, int heads, const float* K, const float* V,
-               const int* k_pos, int L, int kv_heads, int head_dim, int64_t head_stride, float scale, float* out) {
-  if (head_dim % 32 != 0 || head_dim > 32 * kMaxPerLane || heads % kv_heads != 0)
-    throw std::runtime_error("cuda::attention: head_dim " + std::to_string(head_dim) + " must be a multiple of 32, at most 256");
+template <class KT, class OT>
+void attention(const float* q, int q_stride, const int* q_pos, int T, int heads, const KT* K, const KT* V,
+               const int* k_pos, int L, int kv_heads, int head_dim, int64_t head_stride, float scale, OT* out) {
+  if (heads % kv_heads != 0) throw std::runtime_error("cuda::attention: heads must be a multiple of kv_heads");
   const int G = heads / kv_heads;
   if (G > kMaxGroup) throw std::runtime_error("cuda::attention: more than 8 query heads per KV head");
   if (L == 0 || T == 0) return;
@@ -299,16 +307,19 @@ void attention(const float* q, int q_stride, const int* q_pos, int T, int heads,
   const int threads = 32 * kWarps;
   // One instantiation per (group size, channels per lane) in use.
   auto launch = [&](auto g, auto p) {
-    attentionSplit<decltype(g)::value, decltype(p)::value><<<grid, threads>>>(
+    attentionSplit<decltype(g)::value, decltype(p)::value, KT><<<grid, threads>>>(
         q, q_stride, q_pos, heads, K, V, k_pos, L, head_stride, scale, chunk, splits, part_o, part_ms);
   };
   auto byWidth = [&](auto g) {
-    switch (head_dim / 32) {
-      case 1: return launch(g, std::integral_constant<int, 1>{});
-      case 2: return launch(g, std::integral_constant<int, 2>{});
-      case 4: return launch(g, std::integral_constant<int, 4>{});
+    switch (head_dim) {
       case 8: return launch(g, std::integral_constant<int, 8>{});
-      default: throw std::runtime_error("cuda::attention: head_dim must be 32, 64, 128 or 256");
+      case 16: return launch(g, std::integral_constant<int, 16>{});
+      case 32: return launch(g, std::integral_constant<int, 32>{});
+      case 64: return launch(g, std::integral_constant<int, 64>{});
+      case 128: return launch(g, std::integral_constant<int, 128>{});
+      case 256: return launch(g, std::integral_constant<int, 256>{});
+      default: throw std::runtime_error("cuda::attention: head_dim " + std::to_string(head_dim) +
+                                        " is not one of 8, 16, 32, 64, 128, 256");
     }
   };
   switch (G) {
@@ -322,6 +333,14 @@ void attention(const float* q, int q_stride, const int* q_pos, int T, int heads,
   attentionCombine<<<dim3(heads, T), 128>>>(part_o, part_ms, splits, heads, head_dim, out);
   KVTP_CUDA_LAUNCHED();
 }
+
+#define KVTP_ATTENTION(KT, OT)                                                                                 \
+  template void attention<KT, OT>(const float*, int, const int*, int, int, const KT*, const KT*, const int*, int, \
+                                  int, int, int64_t, float, OT*);
+KVTP_ATTENTION(float, float)
+KVTP_ATTENTION(__half, __half)
+KVTP_ATTENTION(__nv_bfloat16, __nv_bfloat16)
+#undef KVTP_ATTENTION
 
 void softmaxPartials(const float* logits, int T, int V_shard, int vocab_offset, const int* targets,
                      kernels::SoftmaxPartial* out) {

@@ -2,6 +2,9 @@
 // storage and accumulation (the fp16/bf16 forward pass builds on these). Each launch is
 // checked; tests/cuda_kernels_test.cpp compares every one with its CPU twin.
 #pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
 #include <cstdint>
 
 #include "kernels/cpu_ops.h"
@@ -24,9 +27,11 @@ void applyRope(float* x, int T, int heads, int head_dim, const int* positions, c
 // Causal attention of T queries of `heads` query heads (rows of stride q_stride) over L cached
 // entries per KV head: KV head g's keys start at K + g * head_stride, (L, head_dim) row-major
 // (values likewise); k_pos (L) ascending. Query head h reads KV head h / (heads / kv_heads).
-// out (T, heads * head_dim). head_dim a multiple of 32, at most 256; any L.
-void attention(const float* q, int q_stride, const int* q_pos, int T, int heads, const float* K, const float* V,
-               const int* k_pos, int L, int kv_heads, int head_dim, int64_t head_stride, float scale, float* out);
+// out (T, heads * head_dim). head_dim 8, 16, 32, 64, 128 or 256; any L. The cache K/V and out are float,
+// __half or __nv_bfloat16 (instantiated with out of the cache's type); math is float32.
+template <class KT, class OT>
+void attention(const float* q, int q_stride, const int* q_pos, int T, int heads, const KT* K, const KT* V,
+               const int* k_pos, int L, int kv_heads, int head_dim, int64_t head_stride, float scale, OT* out);
 
 // Per row of logits (T, V_shard): max, sum of exp(logit - max), target logit (as the CPU twin).
 void softmaxPartials(const float* logits, int T, int V_shard, int vocab_offset, const int* targets,

@@ -2,14 +2,28 @@
 // Every failure names the host, file, line and the library's own message (as nccl-tests do).
 #pragma once
 #include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <unistd.h>
 
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace kvtp::cuda {
+
+// Element conversions shared by the kernels (float math, narrow storage).
+__host__ __device__ inline float toFloat(float x) { return x; }
+__host__ __device__ inline float toFloat(__half x) { return __half2float(x); }
+__host__ __device__ inline float toFloat(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <class T>
+__host__ __device__ inline T fromFloat(float x) {
+  if constexpr (std::is_same_v<T, __half>) return __float2half_rn(x);
+  else if constexpr (std::is_same_v<T, __nv_bfloat16>) return __float2bfloat16_rn(x);
+  else return x;
+}
 
 inline std::string where(const char* file, int line) {
   char host[128] = {};

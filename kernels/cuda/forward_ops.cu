@@ -1,0 +1,346 @@
+// Kernels of the GPU forward pass (forward_ops.h). Decode (one token) is bound by reading the
+// weights, so its GEMV streams each weight row once with 16-byte loads; prefill is bound by
+// GEMM throughput, left to cuBLAS (tensor cores for fp16/bf16), attention included.
+#include <algorithm>
+#include <cfloat>
+#include <stdexcept>
+#include <string>
+
+#include "kernels/cuda/forward_ops.h"
+
+namespace kvtp::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+unsigned blocksFor(int64_t n) { return unsigned((n + kThreads - 1) / kThreads); }
+
+template <class T>
+cudaDataType_t dataType() {
+  if constexpr (std::is_same_v<T, __half>) return CUDA_R_16F;
+  else if constexpr (std::is_same_v<T, __nv_bfloat16>) return CUDA_R_16BF;
+  else return CUDA_R_32F;
+}
+
+__device__ float warpSum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ float warpMax(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+template <class Op>
+__device__ float blockReduce(float v, Op warpOp, float identity) {
+  __shared__ float partial[32];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  v = warpOp(v);
+  __syncthreads();
+  if (lane == 0) partial[warp] = v;
+  __syncthreads();
+  v = threadIdx.x < blockDim.x / 32 ? partial[lane] : identity;
+  if (warp == 0) v = warpOp(v);
+  if (threadIdx.x == 0) partial[0] = v;
+  __syncthreads();
+  return partial[0];
+}
+
+template <class U>
+U* grow(DeviceBuffer<U>& b, size_t n) {
+  if (b.size() < n) b = DeviceBuffer<U>(n);
+  return b.get();
+}
+
+// One warp per output row: lanes stride the row in 16-byte vectors, four in flight each.
+template <class T>
+__global__ void gemvKernel(const T* x, const T* W, int in, int out, const float* bias, float* y, bool accumulate) {
+  constexpr int V = 16 / sizeof(T);
+  const int lane = threadIdx.x % 32;
+  const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+  if (row >= out) return;
+  const uint4* w4 = reinterpret_cast<const uint4*>(W + int64_t(row) * in);
+  const uint4* x4 = reinterpret_cast<const uint4*>(x);
+  const int n4 = in / V;
+  float s = 0.0f;
+#pragma unroll 4
+  for (int i = lane; i < n4; i += 32) {
+    const uint4 wv = __ldcs(w4 + i);  // streamed once: keep it out of the caches
+    const uint4 xv = __ldg(x4 + i);
+    const T* wp = reinterpret_cast<const T*>(&wv);
+    const T* xp = reinterpret_cast<const T*>(&xv);
+#pragma unroll
+    for (int j = 0; j < V; ++j) s += toFloat(wp[j]) * toFloat(xp[j]);
+  }
+  s = warpSum(s);
+  if (lane == 0) y[row] = s + (bias ? bias[row] : 0.0f) + (accumulate ? y[row] : 0.0f);
+}
+
+__global__ void fillRows(float* y, const float* b, int rows, int out, bool add) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= int64_t(rows) * out) return;
+  y[i] = add ? y[i] + b[i % out] : b[i % out];
+}
+
+template <class T>
+__global__ void convertKernel(const float* in, int64_t n, T* out) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < n) out[i] = fromFloat<T>(in[i]);
+}
+
+template <class T>
+__global__ void embedKernel(const int* tokens, const T* table, int begin, int end, int dim, float* out) {
+  const int t = blockIdx.x, id = tokens[t];
+  const bool mine = id >= begin && id < end;
+  for (int d = threadIdx.x; d < dim; d += blockDim.x)
+    out[int64_t(t) * dim + d] = mine ? toFloat(table[int64_t(id - begin) * dim + d]) : 0.0f;
+}
+
+__global__ void addPositionsKernel(float* x, int dim, const float* table, const int* positions, int offset) {
+  const int t = blockIdx.x;
+  const float* r = table + int64_t(positions[t] + offset) * dim;
+  for (int d = threadIdx.x; d < dim; d += blockDim.x) x[int64_t(t) * dim + d] += r[d];
+}
+
+template <class O>
+__global__ void layerNormKernel(const float* x, int dim, const float* w, const float* b, float eps, O* y) {
+  const float* r = x + int64_t(blockIdx.x) * dim;
+  O* o = y + int64_t(blockIdx.x) * dim;
+  float s = 0;
+  for (int i = threadIdx.x; i < dim; i += blockDim.x) s += r[i];
+  const float mean = blockReduce(s, warpSum, 0.0f) / dim;
+  float v = 0;
+  for (int i = threadIdx.x; i < dim; i += blockDim.x) v += (r[i] - mean) * (r[i] - mean);
+  const float inv = rsqrtf(blockReduce(v, warpSum, 0.0f) / dim + eps);
+  for (int i = threadIdx.x; i < dim; i += blockDim.x) o[i] = fromFloat<O>((r[i] - mean) * inv * w[i] + b[i]);
+}
+
+template <class O>
+__global__ void rmsNormKernel(const float* x, int dim, const float* w, float eps, O* y) {
+  const float* r = x + int64_t(blockIdx.x) * dim;
+  O* o = y + int64_t(blockIdx.x) * dim;
+  float s = 0;
+  for (int i = threadIdx.x; i < dim; i += blockDim.x) s += r[i] * r[i];
+  const float inv = rsqrtf(blockReduce(s, warpSum, 0.0f) / dim + eps);
+  for (int i = threadIdx.x; i < dim; i += blockDim.x) o[i] = fromFloat<O>(w[i] * (r[i] * inv));
+}
+
+// One thread per (row, head, pair); angles in double as the CPU twin computes them.
+__global__ void ropeKernel(float* x, int rows, int64_t stride, int col, int heads, int hd, const int* pos,
+                           const float* inv_freq) {
+  const int half = hd / 2;
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= int64_t(rows) * heads * half) return;
+  const int j = int(i % half), h = int((i / half) % heads), t = int(i / (int64_t(half) * heads));
+  double s, c;
+  sincos(double(pos[t]) * inv_freq[j], &s, &c);
+  float* v = x + int64_t(t) * stride + col + int64_t(h) * hd;
+  const float a = v[j], b = v[j + half];
+  v[j] = a * float(c) - b * float(s);
+  v[j + half] = b * float(c) + a * float(s);
+}
+
+template <class T>
+__global__ void appendKernel(const float* qkv, int rows, int64_t stride, int k_col, int v_col, int kv_heads, int hd,
+                             T* K, T* V, int64_t capacity, int first) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= int64_t(rows) * kv_heads * hd) return;
+  const int d = int(i % hd), h = int((i / hd) % kv_heads), t = int(i / (int64_t(hd) * kv_heads));
+  const int64_t dst = (h * capacity + first + t) * hd + d;
+  K[dst] = fromFloat<T>(qkv[t * stride + k_col + h * hd + d]);
+  V[dst] = fromFloat<T>(qkv[t * stride + v_col + h * hd + d]);
+}
+
+// qp[h][t][d] = T(q[t0 + t][h * hd + d] * scale): each KV head's G query heads stacked in rows.
+template <class T>
+__global__ void packQueries(const float* q, int64_t stride, int t0, int rows, int heads, int hd, float scale, T* qp) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= int64_t(rows) * heads * hd) return;
+  const int d = int(i % hd), t = int((i / hd) % rows), h = int(i / (int64_t(hd) * rows));
+  qp[i] = fromFloat<T>(q[(t0 + t) * stride + int64_t(h) * hd + d] * scale);
+}
+
+// One block per score row (head h, query t): softmax over the keys at positions <= the query's.
+template <class T>
+__global__ void maskedSoftmax(const float* S, int rows, int L, const int* q_pos, const int* k_pos, T* P) {
+  const int64_t r = blockIdx.x;
+  const int p = q_pos[r % rows];
+  const float* s = S + r * L;
+  T* out = P + r * L;
+  float mx = -FLT_MAX;
+  for (int l = threadIdx.x; l < L; l += blockDim.x)
+    if (k_pos[l] <= p) mx = fmaxf(mx, s[l]);
+  mx = blockReduce(mx, warpMax, -FLT_MAX);
+  float sum = 0.0f;
+  for (int l = threadIdx.x; l < L; l += blockDim.x)
+    if (k_pos[l] <= p) sum += expf(s[l] - mx);
+  const float inv = 1.0f / blockReduce(sum, warpSum, 0.0f);
+  for (int l = threadIdx.x; l < L; l += blockDim.x) out[l] = fromFloat<T>(k_pos[l] <= p ? expf(s[l] - mx) * inv : 0.0f);
+}
+
+// out[t0 + t][h * hd + d] = O[h][t][d].
+template <class T>
+__global__ void unpackHeads(const float* O, int t0, int rows, int heads, int hd, T* out) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= int64_t(rows) * heads * hd) return;
+  const int d = int(i % hd), t = int((i / hd) % rows), h = int(i / (int64_t(hd) * rows));
+  out[(int64_t(t0) + t) * heads * hd + int64_t(h) * hd + d] = fromFloat<T>(O[i]);
+}
+
+template <class T>
+__global__ void siluMulKernel(const float* gu, int rows, int F, T* act) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= int64_t(rows) * F) return;
+  const int64_t t = i / F, f = i % F;
+  const float g = gu[t * 2 * F + f], u = gu[t * 2 * F + F + f];
+  act[i] = fromFloat<T>(g / (1.0f + expf(-g)) * u);
+}
+
+template <class T>
+__global__ void reluKernel(const float* in, int64_t n, T* out) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < n) out[i] = fromFloat<T>(fmaxf(in[i], 0.0f));
+}
+
+}  // namespace
+
+template <class T>
+void gemmBlas(const Blas& blas, const T* x, int rows, int in, const T* W, int out, const float* bias, float* y,
+              bool accumulate) {
+  float beta = accumulate ? 1.0f : 0.0f;
+  if (bias) {
+    fillRows<<<blocksFor(int64_t(rows) * out), kThreads>>>(y, bias, rows, out, accumulate);
+    KVTP_CUDA_LAUNCHED();
+    beta = 1.0f;
+  }
+  const float alpha = 1.0f;
+  // Row-major y (rows, out) = x W^T is column-major y^T (out, rows) = W^T(col) x^T(col).
+  KVTP_CUBLAS_CHECK(cublasGemmEx(blas.get(), CUBLAS_OP_T, CUBLAS_OP_N, out, rows, in, &alpha, W, dataType<T>(), in, x,
+                                 dataType<T>(), in, &beta, y, CUDA_R_32F, out, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+
+template <class T>
+void gemm(const Blas& blas, const T* x, int rows, int in, const T* W, int out, const float* bias, float* y,
+          bool accumulate) {
+  constexpr int V = 16 / sizeof(T);
+  const bool aligned = in % V == 0 && (reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(W)) % 16 == 0;
+  if (rows != 1 || !aligned) return gemmBlas(blas, x, rows, in, W, out, bias, y, accumulate);
+  constexpr int kRowsPerBlock = 8;
+  gemvKernel<<<(out + kRowsPerBlock - 1) / kRowsPerBlock, 32 * kRowsPerBlock>>>(x, W, in, out, bias, y, accumulate);
+  KVTP_CUDA_LAUNCHED();
+}
+
+template <class T>
+void convert(const float* in, int64_t n, T* out) {
+  if (n == 0) return;
+  convertKernel<<<blocksFor(n), kThreads>>>(in, n, out);
+  KVTP_CUDA_LAUNCHED();
+}
+
+template <class T>
+void embed(const int* tokens, int rows, const T* table, int vocab_begin, int vocab_end, int dim, float* out) {
+  embedKernel<<<rows, kThreads>>>(tokens, table, vocab_begin, vocab_end, dim, out);
+  KVTP_CUDA_LAUNCHED();
+}
+
+void addPositions(float* x, int rows, int dim, const float* table, const int* positions, int offset) {
+  addPositionsKernel<<<rows, kThreads>>>(x, dim, table, positions, offset);
+  KVTP_CUDA_LAUNCHED();
+}
+
+template <class O>
+void layerNormTo(const float* x, int rows, int dim, const float* w, const float* b, float eps, O* y) {
+  layerNormKernel<<<rows, kThreads>>>(x, dim, w, b, eps, y);
+  KVTP_CUDA_LAUNCHED();
+}
+
+template <class O>
+void rmsNormTo(const float* x, int rows, int dim, const float* w, float eps, O* y) {
+  rmsNormKernel<<<rows, kThreads>>>(x, dim, w, eps, y);
+  KVTP_CUDA_LAUNCHED();
+}
+
+void ropeRows(float* x, int rows, int64_t row_stride, int col, int heads, int head_dim, const int* positions,
+              const float* inv_freq) {
+  ropeKernel<<<blocksFor(int64_t(rows) * heads * head_dim / 2), kThreads>>>(x, rows, row_stride, col, heads, head_dim,
+                                                                             positions, inv_freq);
+  KVTP_CUDA_LAUNCHED();
+}
+
+template <class T>
+void appendKV(const float* qkv, int rows, int64_t row_stride, int k_col, int v_col, int kv_heads, int head_dim, T* K,
+              T* V, int64_t capacity, int first_slot) {
+  appendKernel<<<blocksFor(int64_t(rows) * kv_heads * head_dim), kThreads>>>(qkv, rows, row_stride, k_col, v_col,
+                                                                             kv_heads, head_dim, K, V, capacity, first_slot);
+  KVTP_CUDA_LAUNCHED();
+}
+
+template <class T>
+void attentionPrefill(const Blas& blas, const float* q, int64_t q_stride, const int* q_pos, const int* q_pos_host,
+                      int rows, int heads, const T* K, const T* V, const int* k_pos, const int* k_pos_host, int L,
+                      int kv_heads, int hd, int64_t capacity, float scale, T* out, size_t score_bytes) {
+  if (rows == 0 || L == 0) return;
+  const int G = heads / kv_heads;
+  // Per query row: scores (float) and probabilities (T) over up to L keys, for every head.
+  const size_t per_row = size_t(heads) * (size_t(L) * (sizeof(float) + sizeof(T)) + hd * (sizeof(float) + sizeof(T)));
+  const int chunk = int(std::clamp<size_t>(score_bytes / per_row, 1, size_t(rows)));
+  static thread_local DeviceBuffer<char> scratch;
+  const size_t qp_n = size_t(heads) * chunk * hd, s_n = size_t(heads) * chunk * L;
+  char* base = grow(scratch, qp_n * sizeof(T) + s_n * (sizeof(float) + sizeof(T)) + qp_n * sizeof(float) + 64);
+  // Carve: S (float), O (float), P (T), qp (T): float parts first keep every part aligned.
+  float* S = reinterpret_cast<float*>(base);
+  float* O = S + s_n;
+  T* P = reinterpret_cast<T*>(O + qp_n);
+  T* qp = P + s_n;
+  const float one = 1.0f, zero = 0.0f;
+  for (int t0 = 0; t0 < rows; t0 += chunk) {
+    const int rc = std::min(chunk, rows - t0);
+    // Keys at positions up to the chunk's last query (the cache keeps positions ascending).
+    const int Lk = int(std::upper_bound(k_pos_host, k_pos_host + L, q_pos_host[t0 + rc - 1]) - k_pos_host);
+    if (Lk == 0) throw std::runtime_error("cuda::attentionPrefill: a query sees no key");
+    const int M = G * rc;  // score rows per KV head
+    packQueries<<<blocksFor(int64_t(rc) * heads * hd), kThreads>>>(q, q_stride, t0, rc, heads, hd, scale, qp);
+    KVTP_CUDA_LAUNCHED();
+    KVTP_CUBLAS_CHECK(cublasGemmStridedBatchedEx(
+        blas.get(), CUBLAS_OP_T, CUBLAS_OP_N, Lk, M, hd, &one, K, dataType<T>(), hd, capacity * hd, qp, dataType<T>(),
+        hd, int64_t(M) * hd, &zero, S, CUDA_R_32F, Lk, int64_t(M) * Lk, kv_heads, CUBLAS_COMPUTE_32F,
+        CUBLAS_GEMM_DEFAULT));
+    maskedSoftmax<<<unsigned(heads) * rc, kThreads>>>(S, rc, Lk, q_pos + t0, k_pos, P);
+    KVTP_CUDA_LAUNCHED();
+    KVTP_CUBLAS_CHECK(cublasGemmStridedBatchedEx(
+        blas.get(), CUBLAS_OP_N, CUBLAS_OP_N, hd, M, Lk, &one, V, dataType<T>(), hd, capacity * hd, P, dataType<T>(),
+        Lk, int64_t(M) * Lk, &zero, O, CUDA_R_32F, hd, int64_t(M) * hd, kv_heads, CUBLAS_COMPUTE_32F,
+        CUBLAS_GEMM_DEFAULT));
+    unpackHeads<<<blocksFor(int64_t(rc) * heads * hd), kThreads>>>(O, t0, rc, heads, hd, out);
+    KVTP_CUDA_LAUNCHED();
+  }
+}
+
+template <class T>
+void siluMulTo(const float* gu, int rows, int F, T* act) {
+  siluMulKernel<<<blocksFor(int64_t(rows) * F), kThreads>>>(gu, rows, F, act);
+  KVTP_CUDA_LAUNCHED();
+}
+
+template <class T>
+void reluTo(const float* in, int64_t n, T* out) {
+  reluKernel<<<blocksFor(n), kThreads>>>(in, n, out);
+  KVTP_CUDA_LAUNCHED();
+}
+
+#define KVTP_FORWARD_OPS(T)                                                                                         \
+  template void gemm<T>(const Blas&, const T*, int, int, const T*, int, const float*, float*, bool);               \
+  template void gemmBlas<T>(const Blas&, const T*, int, int, const T*, int, const float*, float*, bool);           \
+  template void convert<T>(const float*, int64_t, T*);                                                             \
+  template void embed<T>(const int*, int, const T*, int, int, int, float*);                                       \
+  template void layerNormTo<T>(const float*, int, int, const float*, const float*, float, T*);                     \
+  template void rmsNormTo<T>(const float*, int, int, const float*, float, T*);                                     \
+  template void appendKV<T>(const float*, int, int64_t, int, int, int, int, T*, T*, int64_t, int);                \
+  template void attentionPrefill<T>(const Blas&, const float*, int64_t, const int*, const int*, int, int, const T*, \
+                                    const T*, const int*, const int*, int, int, int, int64_t, float, T*, size_t);  \
+  template void siluMulTo<T>(const float*, int, int, T*);                                                          \
+  template void reluTo<T>(const float*, int64_t, T*);
+KVTP_FORWARD_OPS(float)
+KVTP_FORWARD_OPS(__half)
+KVTP_FORWARD_OPS(__nv_bfloat16)
+#undef KVTP_FORWARD_OPS
+
+}  // namespace kvtp::cuda

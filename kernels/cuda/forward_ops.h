@@ -1,0 +1,66 @@
+// The kernels of the GPU forward pass (runtime/gpu_engine.cu) beyond the float twins of
+// cuda_ops.h: mixed precision (T = float, __half or __nv_bfloat16 storage; float math and
+// accumulation), row strides for the fused QKV projection, and the device KV cache's layout
+// [kv_head][capacity][head_dim]. Their CPU counterparts are the float kernels of cpu_ops.h; the
+// engine as a whole is compared with the CPU model (tests/cuda_engine_test.cpp).
+#pragma once
+#include <cstdint>
+
+#include "kernels/cuda/cuda_util.h"
+
+namespace kvtp::cuda {
+
+// y (rows, out) float = x (rows, in) · W^T (+ bias, float) (+ y if accumulate); x and W of type T,
+// W (out, in) row-major; float32 accumulation (strict for T = float: no TF32). One row (decode)
+// goes through a bandwidth-bound GEMV kernel, more through cuBLAS.
+template <class T>
+void gemm(const Blas& blas, const T* x, int rows, int in, const T* W, int out, const float* bias, float* y,
+          bool accumulate);
+// The same product always through cuBLAS (benchmarks compare the two paths).
+template <class T>
+void gemmBlas(const Blas& blas, const T* x, int rows, int in, const T* W, int out, const float* bias, float* y,
+              bool accumulate);
+
+// out[i] = T(in[i]).
+template <class T>
+void convert(const float* in, int64_t n, T* out);
+
+// out (rows, dim) = the embedding rows of tokens inside [vocab_begin, vocab_end), zeros for the
+// others (a vocab-parallel shard; the all-reduce assembles whole rows).
+template <class T>
+void embed(const int* tokens, int rows, const T* table, int vocab_begin, int vocab_end, int dim, float* out);
+// x (rows, dim) += table[positions[t] + offset] (OPT's learned positions).
+void addPositions(float* x, int rows, int dim, const float* table, const int* positions, int offset);
+
+// Norms of float rows into T (or float, in place allowed); b null for RMSNorm.
+template <class O>
+void layerNormTo(const float* x, int rows, int dim, const float* w, const float* b, float eps, O* y);
+template <class O>
+void rmsNormTo(const float* x, int rows, int dim, const float* w, float eps, O* y);
+
+// RoPE (rotate_half) on `heads` heads starting at column `col` of rows with stride `row_stride`.
+void ropeRows(float* x, int rows, int64_t row_stride, int col, int heads, int head_dim, const int* positions,
+              const float* inv_freq);
+
+// Copies K and V of `rows` tokens (columns k_col.. and v_col.. of rows of stride row_stride) into the
+// cache at slots first_slot.. of each head: cache[(h * capacity + slot) * head_dim + d].
+template <class T>
+void appendKV(const float* qkv, int rows, int64_t row_stride, int k_col, int v_col, int kv_heads, int head_dim,
+              T* K, T* V, int64_t capacity, int first_slot);
+
+// Causal attention of many queries through cuBLAS: scores S = Q K^T per KV head (its G query
+// heads stacked), a masked softmax by position, O = P V. Queries in chunks so that the scores
+// never need more than `score_bytes`. q: columns [0, heads * head_dim) of rows of stride
+// q_stride, float; K/V as appendKV; out (rows, heads * head_dim) of type T.
+template <class T>
+void attentionPrefill(const Blas& blas, const float* q, int64_t q_stride, const int* q_pos, const int* q_pos_host,
+                      int rows, int heads, const T* K, const T* V, const int* k_pos, const int* k_pos_host, int L,
+                      int kv_heads, int head_dim, int64_t capacity, float scale, T* out, size_t score_bytes);
+
+// act (rows, F) = silu(gu[:, :F]) * gu[:, F:] from the fused gate|up product (rows, 2F).
+template <class T>
+void siluMulTo(const float* gu, int rows, int F, T* act);
+template <class T>
+void reluTo(const float* in, int64_t n, T* out);
+
+}  // namespace kvtp::cuda

@@ -1,0 +1,37 @@
+// An engine is one model with its KV cache on one device: what the perplexity job (and the
+// benchmarks) drive, whatever the backend. The CPU engine wraps Model + kv::KVCache + kv::Policy;
+// the CUDA engine (runtime/gpu_engine.h) keeps weights and cache in GPU memory.
+#pragma once
+#include <memory>
+#include <vector>
+
+#include "kv/policy.h"
+#include "runtime/model.h"
+
+namespace kvtp {
+
+class Engine {
+ public:
+  virtual ~Engine() = default;
+  virtual const ModelConfig& config() const = 0;
+  // A new window (sequence): the KV cache empties.
+  virtual void startWindow() = 0;
+  // Runs T new tokens at `positions` (ascending, after everything cached) through the model,
+  // appending them to the cache, and returns log p(targets[i] | prefix) from hidden rows
+  // from .. from + count - 1 (count may be 0).
+  virtual std::vector<double> step(const int* tokens, const int* positions, int T, int from, int count,
+                                   const int* targets) = 0;
+  // After a step that fed tokens up to absolute position `last_pos` (`prefill`: the prompt of a
+  // decode-mode window), the KV policy compresses the cache.
+  virtual void compress(int last_pos, bool prefill) = 0;
+  // Whether compress() can change the cache; if not, it is the full one, counted once per window.
+  virtual bool compresses() const = 0;
+  // KV bytes of the cache now (docs/KV.md accounting) and of an uncompressed one, this rank.
+  virtual kv::KvBytes kvBytes(int tokens_seen) const = 0;
+};
+
+// The CPU backend: `model` must outlive the engine; `policy` (null: full cache) compresses the
+// cache after every step.
+std::unique_ptr<Engine> makeCpuEngine(const Model& model, const kv::PolicySpec* policy);
+
+}  // namespace kvtp

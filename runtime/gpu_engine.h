@@ -1,0 +1,45 @@
+// The CUDA engine: the forward pass of runtime/model.cpp on one GPU, weights in fp16, bf16 or
+// fp32 (accumulation always fp32), the residual stream in fp32, and a full KV cache in GPU
+// memory laid out [layer][kv_head][capacity][head_dim] so that each head's rows are contiguous.
+// Tensor parallel over a device communicator (NCCL): the same sharding as the CPU model, whose
+// host weights the engine uploads (and converts) once.
+#pragma once
+#include <memory>
+#include <string>
+
+#include "comm/communicator.h"
+#include "runtime/engine.h"
+
+namespace kvtp {
+
+enum class Precision { F32, F16, BF16 };  // what weights and matrix inputs are stored in
+Precision parsePrecision(const std::string& s);  // fp32 | fp16 | bf16
+const char* precisionName(Precision d);
+
+struct GpuOptions {
+  Precision dtype = Precision::F16;
+  int device = 0;
+  // Collectives over device memory among the tensor-parallel ranks (comm::makeNccl); null when
+  // tp = 1. Must join the same ranks, in the same order, as the host model's group.
+  comm::Communicator* device_group = nullptr;
+};
+
+// Whether this kvtp was built with the CUDA backend, and how many GPUs it sees.
+bool cudaBuilt();
+int cudaDevices();
+
+// `host` supplies config, partition and this rank's weights; it may be destroyed afterwards.
+// Throws Error for what the CUDA backend does not do (KV compression, unsupported head_dim).
+std::unique_ptr<Engine> makeGpuEngine(const Model& host, const GpuOptions& options);
+
+// An NCCL communicator over the ranks of `host_group` (MPI), on `device`.
+std::unique_ptr<comm::Communicator> makeDeviceGroup(comm::Communicator& host_group, int device);
+
+// The device's peak memory bandwidth in bytes/s (memory clock x bus width x 2, DDR).
+double peakMemoryBandwidth(int device);
+
+// The device this process should use: its local rank on the node under mpirun, modulo the
+// device count.
+int localDevice();
+
+}  // namespace kvtp
