@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "kernels/cuda/cuda_ops.h"
+#include "kernels/cuda/forward_ops.h"
 
 namespace {
 using namespace kvtp;
@@ -82,6 +83,22 @@ int main() {
     const double bytes = 2.0 * kv * L * hd * 4;  // K and V read once: the floor
     std::printf("  L %6d: %8.3f ms  %6.2f TB/s effective  (%.1f%% of the copy bandwidth)\n", L, ms,
                 bytes / (ms * 1e-3) / 1e12, 100 * bytes / (ms * 1e-3) / 1e12 / bw);
+  }
+
+  // Decode's matrix-vector products at Llama-2-7B's shapes (fp16 weights): the GEMV kernel of
+  // forward_ops against cuBLAS, as a share of the copy bandwidth (the weights are read once).
+  std::printf("decode GEMV, fp16 weights, Llama-2-7B shapes (out x in):\n");
+  for (auto [out, in] : {std::pair{12288, 4096}, {4096, 4096}, {22016, 4096}, {4096, 11008}, {32000, 4096}}) {
+    cuda::DeviceBuffer<__half> W(size_t(out) * in), x(in);
+    KVTP_CUDA_CHECK(cudaMemset(W.get(), 0, W.size() * 2));
+    KVTP_CUDA_CHECK(cudaMemset(x.get(), 0, x.size() * 2));
+    cuda::DeviceBuffer<float> y(out);
+    const double bytes = double(out) * in * 2;
+    const float ours = medianMs([&] { cuda::gemm(blas, x.get(), 1, in, W.get(), out, nullptr, y.get(), true); });
+    const float cublas = medianMs([&] { cuda::gemmBlas(blas, x.get(), 1, in, W.get(), out, nullptr, y.get(), true); });
+    std::printf("  %5d x %5d: gemv %7.1f us (%4.2f TB/s, %3.0f%% of copy)   cuBLAS %7.1f us (%4.2f TB/s)\n", out, in,
+                ours * 1e3, bytes / (ours * 1e-3) / 1e12, 100 * bytes / (ours * 1e-3) / 1e12 / bw, cublas * 1e3,
+                bytes / (cublas * 1e-3) / 1e12);
   }
   return 0;
 }

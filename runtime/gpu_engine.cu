@@ -79,8 +79,6 @@ class GpuEngine : public Engine {
     if (!std::set<int>{8, 16, 32, 64, 128, 256}.count(c_.head_dim))
       throw Error("the CUDA backend needs head_dim 8, 16, 32, 64, 128 or 256 (this model: " +
                   std::to_string(c_.head_dim) + ")");
-    if (!std::set<int>{1, 2, 4, 8}.count(part_.q_heads / part_.kv_heads))
-      throw Error("the CUDA backend needs 1, 2, 4 or 8 query heads per KV head");
     if (part_.tp > 1 && (!group_ || group_->size() != part_.tp))
       throw Error("the CUDA engine at tp " + std::to_string(part_.tp) + " needs a device communicator of that size");
     KVTP_CUDA_CHECK(cudaSetDevice(o.device));

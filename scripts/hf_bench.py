@@ -50,7 +50,7 @@ def main():
     dtype = torch.float16 if a.dtype == "fp16" else torch.bfloat16
     cfg = transformers.LlamaConfig(**SHAPES[a.model], max_position_embeddings=max(contexts + [a.seq_len]) + 64)
     with torch.device("cuda"):
-        model = transformers.LlamaForCausalLM._from_config(cfg, attn_implementation=a.attn, torch_dtype=dtype).eval()
+        model = transformers.LlamaForCausalLM._from_config(cfg, attn_implementation=a.attn, dtype=dtype).eval()
     g = torch.Generator(device="cuda").manual_seed(2)
     result = {"model": a.model, "dtype": a.dtype, "attn": a.attn, "transformers": transformers.__version__,
               "torch": torch.__version__, "gpu": torch.cuda.get_device_name(), "decode": []}

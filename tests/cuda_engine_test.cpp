@@ -27,8 +27,11 @@ void PrintTo(const Case& c, std::ostream* os) { *os << c.model << " " << modeNam
 
 class CudaParity : public ::testing::TestWithParam<Case> {};
 
-// fp32 on the GPU differs from the CPU by summation order only; fp16/bf16 round weights and
-// activations (3-4 significant digits) and stay within the 2e-2 of transformers.
+// fp32 on the GPU differs from the CPU by summation order only. fp16/bf16 round weights and
+// activations; the yardstick is transformers itself in the same precision (reference_lowp.json,
+// scripts/lowp_references.py): kvtp must be within 2e-2 of the float64 log-probs, or at worst as
+// close as transformers gets (its bf16 is 0.13-0.44 away on these models; kvtp keeps the residual
+// stream in fp32 and lands 2-3x closer).
 TEST_P(CudaParity, LogprobsMatchTransformersAndTheCpu) {
   REQUIRE_GPUS(1);
   const auto& c = GetParam();
@@ -38,11 +41,19 @@ TEST_P(CudaParity, LogprobsMatchTransformersAndTheCpu) {
   job.model_dir = dir;
   job.input_ids = dir + "/input_ids.txt";
   job.mode = c.mode;
+  double hf_own = 0;  // transformers in this precision against its float64 log-probs
+  if (c.dtype != "fp32") {
+    const auto lowp = test::readJsonFile(dir + "/reference_lowp.json")[c.dtype]["logprobs"];
+    for (size_t s = 0; s < lowp.size(); ++s)
+      for (size_t i = 0; i < lowp[s].size(); ++i)
+        hf_own = std::max(hf_own, std::abs(lowp[s][i].get<double>() -
+                                           ref["sequences"][s]["logprobs"][i].get<double>()));
+  }
   const auto cpu = runPplJob(job).result;
   job.device = "cuda";
   job.dtype = c.dtype;
   const auto gpu = runPplJob(job).result;
-  const double tol_hf = c.dtype == "fp32" ? 1e-3 : 2e-2;
+  const double tol_hf = c.dtype == "fp32" ? 1e-3 : std::max(2e-2, hf_own);
   ASSERT_EQ(gpu.sequences.size(), ref["sequences"].size());
   double worst_hf = 0, worst_cpu = 0;
   for (size_t s = 0; s < gpu.sequences.size(); ++s) {
@@ -59,8 +70,8 @@ TEST_P(CudaParity, LogprobsMatchTransformersAndTheCpu) {
   EXPECT_EQ(gpu.tokens, cpu.tokens);
   RecordProperty("max_abs_error_vs_hf", std::to_string(worst_hf));
   RecordProperty("max_abs_error_vs_cpu", std::to_string(worst_cpu));
-  std::printf("%s %s %s: max |err| vs HF %.3g, vs CPU %.3g\n", c.model.c_str(), modeName(c.mode), c.dtype.c_str(),
-              worst_hf, worst_cpu);
+  std::printf("%s %s %s: max |err| vs HF float64 %.3g (HF's own in %s: %.3g), vs CPU %.3g\n", c.model.c_str(),
+              modeName(c.mode), c.dtype.c_str(), worst_hf, c.dtype.c_str(), hf_own, worst_cpu);
 }
 
 std::vector<Case> cases() {

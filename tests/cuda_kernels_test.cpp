@@ -102,14 +102,14 @@ TEST(CudaKernels, RopeMatchesCpuAtLargePositions) {
   EXPECT_LE(relError(dx.download(), want), kTol);
 }
 
-// GQA (8 query heads on 8, 2 or 1 KV heads), a cache with holes (evicted positions), queries at several
+// GQA (1, 4 and 8 query heads per KV head, and groups of 3 and 6 that split into blocks), a cache with holes (evicted positions), queries at several
 // positions (the first sees one key, none is hidden in a whole split), short and long caches.
 TEST(CudaKernels, AttentionMatchesCpuOverAnEvictedCache) {
   REQUIRE_GPU();
   for (int hd : {16, 64})  // narrower than a warp, and a multiple of it
   for (int L : {1, 300, 20000})
-  for (int kv_heads : {8, 2, 1}) {  // 1, 4 and 8 query heads per KV head
-    const int T = 5, heads = 8;
+  for (auto [heads, kv_heads] : {std::pair{8, 8}, {8, 2}, {8, 1}, {6, 2}, {12, 2}}) {
+    const int T = 5;
     const float scale = 1.0f / std::sqrt(float(hd));
     std::vector<int> k_pos(L);
     for (int i = 0; i < L; ++i) k_pos[i] = i * 2 + (i % 3 == 0);  // ascending, with gaps
@@ -125,7 +125,7 @@ TEST(CudaKernels, AttentionMatchesCpuOverAnEvictedCache) {
     DeviceBuffer<int> dqp(q_pos), dkp(k_pos);
     cuda::attention(dq.get(), heads * hd, dqp.get(), T, heads, dK.get(), dV.get(), dkp.get(), L, kv_heads, hd,
                     int64_t(L) * hd, scale, dout.get());
-    EXPECT_LE(relError(dout.download(), want), 1e-4) << "hd " << hd << " L " << L << " kv_heads " << kv_heads;
+    EXPECT_LE(relError(dout.download(), want), 1e-4) << "hd " << hd << " L " << L << " heads " << heads << " kv_heads " << kv_heads;
   }
 }
 

@@ -115,23 +115,25 @@ __global__ void ropeKernel(float* x, int T, int heads, int head_dim, const int* 
 // kWarps-th key; its lanes hold channels lane + 32 i (head_dim <= 256) of the G queries and
 // accumulators, so a K/V row is read once per block for G heads. Writes each head's
 // unnormalised output with its running max and sum; attentionCombine merges the splits.
-constexpr int kWarps = 8, kMaxGroup = 8;
+constexpr int kWarps = 8;
 
 // Heads narrower than a warp (head_dim 8, 16) leave the upper lanes idle.
 template <int G, int HD, class KT>  // query heads per KV head, head_dim, cache element type
-__global__ void attentionSplit(const float* q, int q_stride, const int* q_pos, int heads, const KT* K,
+// A block takes G consecutive query heads of one KV head: `group` (heads / kv_heads) is a multiple
+// of G, so a group of 3 or 6 runs as 3 blocks of 1 or 2 heads over the same KV rows.
+__global__ void attentionSplit(const float* q, int q_stride, const int* q_pos, int heads, int group, const KT* K,
                                const KT* V, const int* k_pos, int L, int64_t head_stride, float scale, int chunk,
                                int splits, float* part_o, float* part_ms) {
   constexpr int hd = HD, P = (HD + 31) / 32;  // channels per lane
   auto in = [](int lane, int i) { return HD % 32 == 0 || lane + 32 * i < HD; };
-  const int kvh = blockIdx.x, split = blockIdx.y, t = blockIdx.z;
+  const int h0 = blockIdx.x * G, kvh = h0 / group, split = blockIdx.y, t = blockIdx.z;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const KT* Kh = K + kvh * head_stride;
   const KT* Vh = V + kvh * head_stride;
   float qr[G][P], acc[G][P], m[G], sum[G];
 #pragma unroll
   for (int g = 0; g < G; ++g) {
-    const float* qv = q + int64_t(t) * q_stride + int64_t(kvh * G + g) * hd;
+    const float* qv = q + int64_t(t) * q_stride + int64_t(h0 + g) * hd;
 #pragma unroll
     for (int i = 0; i < P; ++i) {
       qr[g][i] = in(lane, i) ? qv[lane + 32 * i] * scale : 0.0f;
@@ -177,7 +179,7 @@ __global__ void attentionSplit(const float* q, int q_stride, const int* q_pos, i
     __syncthreads();
     float M = -FLT_MAX;
     for (int w = 0; w < kWarps; ++w) M = fmaxf(M, s_m[w]);
-    const int64_t slot = (int64_t(t) * heads + kvh * G + g) * splits + split;
+    const int64_t slot = (int64_t(t) * heads + h0 + g) * splits + split;
     for (int d = threadIdx.x; d < hd; d += blockDim.x) {
       float o = 0.0f;
       for (int w = 0; w < kWarps; ++w)
@@ -289,13 +291,13 @@ template <class KT, class OT>
 void attention(const float* q, int q_stride, const int* q_pos, int T, int heads, const KT* K, const KT* V,
                const int* k_pos, int L, int kv_heads, int head_dim, int64_t head_stride, float scale, OT* out) {
   if (heads % kv_heads != 0) throw std::runtime_error("cuda::attention: heads must be a multiple of kv_heads");
-  const int G = heads / kv_heads;
-  if (G > kMaxGroup) throw std::runtime_error("cuda::attention: more than 8 query heads per KV head");
+  const int group = heads / kv_heads;
+  const int G = group % 8 == 0 ? 8 : group % 4 == 0 ? 4 : group % 2 == 0 ? 2 : 1;  // query heads per block
   if (L == 0 || T == 0) return;
   // Enough blocks to fill the GPU (about 4 per SM) but at least 32 keys each.
   int sms = 0;
   KVTP_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
-  const int want = std::max(1, 4 * sms / std::max(1, kv_heads * T));
+  const int want = std::max(1, 4 * sms / std::max(1, (heads / G) * T));
   const int chunk = std::max(32, (L + want - 1) / want), splits = (L + chunk - 1) / chunk;
   // Partials live in a grow-only scratch buffer: steady-state decode allocates nothing.
   static thread_local DeviceBuffer<float> scratch;
@@ -303,12 +305,12 @@ void attention(const float* q, int q_stride, const int* q_pos, int T, int heads,
   if (scratch.size() < need) scratch = DeviceBuffer<float>(need);
   float* part_o = scratch.get();
   float* part_ms = part_o + size_t(T) * heads * splits * head_dim;
-  const dim3 grid(kv_heads, splits, T);
+  const dim3 grid(heads / G, splits, T);
   const int threads = 32 * kWarps;
   // One instantiation per (group size, channels per lane) in use.
   auto launch = [&](auto g, auto p) {
     attentionSplit<decltype(g)::value, decltype(p)::value, KT><<<grid, threads>>>(
-        q, q_stride, q_pos, heads, K, V, k_pos, L, head_stride, scale, chunk, splits, part_o, part_ms);
+        q, q_stride, q_pos, heads, group, K, V, k_pos, L, head_stride, scale, chunk, splits, part_o, part_ms);
   };
   auto byWidth = [&](auto g) {
     switch (head_dim) {
@@ -327,7 +329,6 @@ void attention(const float* q, int q_stride, const int* q_pos, int T, int heads,
     case 2: byWidth(std::integral_constant<int, 2>{}); break;
     case 4: byWidth(std::integral_constant<int, 4>{}); break;
     case 8: byWidth(std::integral_constant<int, 8>{}); break;
-    default: throw std::runtime_error("cuda::attention: query heads per KV head must be 1, 2, 4 or 8");
   }
   KVTP_CUDA_LAUNCHED();
   attentionCombine<<<dim3(heads, T), 128>>>(part_o, part_ms, splits, heads, head_dim, out);

@@ -26,7 +26,8 @@ void applyRope(float* x, int T, int heads, int head_dim, const int* positions, c
 
 // Causal attention of T queries of `heads` query heads (rows of stride q_stride) over L cached
 // entries per KV head: KV head g's keys start at K + g * head_stride, (L, head_dim) row-major
-// (values likewise); k_pos (L) ascending. Query head h reads KV head h / (heads / kv_heads).
+// (values likewise); k_pos (L) ascending. Query head h reads KV head h / (heads / kv_heads), any ratio
+// (a KV head's rows are read once per block of up to 8 of its query heads).
 // out (T, heads * head_dim). head_dim 8, 16, 32, 64, 128 or 256; any L. The cache K/V and out are float,
 // __half or __nv_bfloat16 (instantiated with out of the cache's type); math is float32.
 template <class KT, class OT>
