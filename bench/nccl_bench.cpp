@@ -29,7 +29,8 @@ int main() {
     for (int i = 0; i < 25; ++i) {
       nccl->barrier();
       const auto t0 = std::chrono::steady_clock::now();
-      nccl->allReduceSum(buf.get(), bytes / 4);  // blocking: returns after the stream finished
+      nccl->allReduceSum(buf.get(), bytes / 4);
+      KVTP_CUDA_CHECK(cudaDeviceSynchronize());  // collectives are stream-ordered: wait for it
       const auto t1 = std::chrono::steady_clock::now();
       if (i >= 5) us.push_back(std::chrono::duration<double, std::micro>(t1 - t0).count());
     }

@@ -23,16 +23,12 @@ class Nccl : public Communicator {
  public:
   Nccl(ncclComm_t comm, int device) : comm_(comm), device_(device) {
     CUDA_CHECK(cudaSetDevice(device_));
-    // A blocking stream: its collectives wait for the kernels queued before them on the legacy
-    // default stream (where the CUDA engine computes), and those after wait for them.
-    CUDA_CHECK(cudaStreamCreate(&stream_));
     NCCL_CHECK(ncclCommUserRank(comm_, &rank_));
     NCCL_CHECK(ncclCommCount(comm_, &size_));
     CUDA_CHECK(cudaMalloc(&scratch_, 64));
   }
   ~Nccl() override {
     cudaFree(scratch_);
-    cudaStreamDestroy(stream_);
     ncclCommDestroy(comm_);
   }
   int rank() const override { return rank_; }
@@ -45,7 +41,10 @@ class Nccl : public Communicator {
   }
   void broadcast(void* d, size_t bytes, int root) override { run(ncclBroadcast(d, d, bytes, ncclUint8, root, comm_, stream_)); }
   void broadcastIdle(void* d, size_t bytes, int root) override { broadcast(d, bytes, root); }
-  void barrier() override { run(ncclAllReduce(scratch_, scratch_, 1, ncclFloat32, ncclSum, comm_, stream_)); }
+  void barrier() override {
+    run(ncclAllReduce(scratch_, scratch_, 1, ncclFloat32, ncclSum, comm_, stream_));
+    CUDA_CHECK(cudaStreamSynchronize(stream_));
+  }
   std::unique_ptr<Communicator> duplicate() override {
     ncclComm_t d;
     NCCL_CHECK(ncclCommSplit(comm_, 0, rank_, &d, nullptr));
@@ -53,13 +52,12 @@ class Nccl : public Communicator {
   }
 
  private:
-  void run(ncclResult_t launched) {
-    NCCL_CHECK(launched);
-    CUDA_CHECK(cudaStreamSynchronize(stream_));
-  }
+  void run(ncclResult_t launched) { NCCL_CHECK(launched); }
   ncclComm_t comm_;
   int device_;
-  cudaStream_t stream_ = nullptr;
+  // The legacy default stream, where the CUDA engine's kernels run: collectives are ordered with
+  // them without the host waiting (a host wait per all-reduce drains the GPU's queue of launches).
+  const cudaStream_t stream_ = nullptr;
   int rank_ = 0, size_ = 1;
   float* scratch_ = nullptr;
 };

@@ -1,7 +1,9 @@
 // The Communicator on GPUs: NCCL collectives over device memory (every pointer passed in is a
 // device pointer), bootstrapped through another communicator (MPI) as nccl-tests do — rank 0
-// makes the NCCL unique id, the bootstrap broadcasts it, every rank joins. Calls are blocking
-// like MPI's: each collective runs on the communicator's stream and is waited for.
+// makes the NCCL unique id, the bootstrap broadcasts it, every rank joins. Collectives are
+// stream-ordered, not blocking: each is queued on the legacy default stream behind the kernels
+// that produce its input, and the host sees the result after any synchronising copy
+// (cudaMemcpy to the host) or barrier(), which waits.
 // Built only with the CUDA backend; NVLink multicast stays off (NCCL_NVLS_ENABLE=0 on the lent
 // multi-GPU machines, where it can take shared GPUs out of service).
 #pragma once

@@ -2,15 +2,21 @@
 # On the GPU machine, after scripts/bundle-gpu.sh here: every GPU test, the CUDA benchmarks, the
 # perplexity job at tp 1 and (with two GPUs) tp 2 on a Llama-2-7B shape, and transformers on the
 # same shapes — the runs behind docs/BENCHMARKS.md. Results as JSON files under $OUT (or /tmp).
-#   device tool: carry [".bundle.tar.xz"], command: bash scripts/gpu-check.sh
+#   device tool: carry [".bundle.tar.xz"], command: bash scripts/gpu-check.sh [tests] [bench] [tp] [hf]
+# (no section named: all of them)
 set -u
+want() { [ -z "$sections" ] || [[ " $sections " == *" $1 "* ]]; }
+sections="$*"
 out=${OUT:-/tmp}
 tar xJf .bundle.tar.xz
 export LD_LIBRARY_PATH=$PWD/.bundle KVTP_BINARY=$PWD/.bundle/kvtp NCCL_NVLS_ENABLE=0
 gpus=$(nvidia-smi --query-gpu=name --format=csv,noheader | tee /dev/stderr | wc -l)
-timeout 90 .bundle/kvtp_cuda_tests --gtest_brief=1 2>&1 | tail -3
-timeout 200 .bundle/kvtp_cuda_engine_tests 2>&1 | grep -E "max \||FAILED|Failure|exception|PASSED|SKIPPED \]" | head -50
-timeout 150 .bundle/kvtp bench --device cuda --synthetic llama-2-7b 2>&1 | tail -5
+if want tests; then
+  timeout 90 .bundle/kvtp_cuda_tests --gtest_brief=1 2>&1 | tail -3
+  timeout 200 .bundle/kvtp_cuda_engine_tests 2>&1 | grep -E "max \||FAILED|Failure|exception|PASSED|SKIPPED \]" | head -50
+  [ "$gpus" -ge 2 ] && timeout 60 mpirun --allow-run-as-root -np 2 -x LD_LIBRARY_PATH -x NCCL_NVLS_ENABLE=0 .bundle/kvtp_nccl_tests 2>&1 | grep -E "PASSED|FAILED" | head -4
+fi
+want bench && timeout 150 .bundle/kvtp bench --device cuda --synthetic llama-2-7b 2>&1 | tail -5
 # Random token ids: 8 windows of 2048 for prefill, one of 2600 (2048 prompt + 552 decoded tokens).
 python3 - <<'PY'
 import random
@@ -19,7 +25,9 @@ line = lambda n: " ".join(str(random.randrange(32000)) for _ in range(n)) + "\n"
 open("/tmp/ids2048.txt", "w").write("".join(line(2048) for _ in range(8)))
 open("/tmp/ids2600.txt", "w").write(line(2600))
 PY
+[ "$gpus" -ge 2 ] && want tp && timeout 60 mpirun --allow-run-as-root -np 2 -x LD_LIBRARY_PATH -x NCCL_NVLS_ENABLE=0 .bundle/kvtp_nccl_bench
 for tp in 1 2; do
+  want tp || continue
   [ "$tp" -le "$gpus" ] || continue
   run="timeout 150 mpirun --allow-run-as-root -np $tp -x LD_LIBRARY_PATH -x NCCL_NVLS_ENABLE=0 .bundle/kvtp ppl --synthetic llama-2-7b --device cuda --tp $tp --quiet --json"
   $run --input-ids /tmp/ids2048.txt > "$out/ppl_prefill_tp$tp.json"
@@ -28,4 +36,4 @@ for tp in 1 2; do
     python3 -c "import json,sys; j=json.load(open(sys.argv[1])); print(sys.argv[1].split('/')[-1], {k: j[k] for k in ('ppl','tokens','seconds','tokens_per_second','tp')})" "$f"
   done
 done
-timeout 240 python3 scripts/hf_bench.py 2>&1 | grep -E "^prefill|^decode|^\{" > "$out/hf_bench.txt"; cat "$out/hf_bench.txt"
+want hf && timeout 240 python3 scripts/hf_bench.py 2>&1 | grep -E "^prefill|^decode|^\{" > "$out/hf_bench.txt"; cat "$out/hf_bench.txt" 2>/dev/null
