@@ -3,7 +3,9 @@
 # perplexity job at tp 1 and (with two GPUs) tp 2 on a Llama-2-7B shape, and transformers on the
 # same shapes — the runs behind docs/BENCHMARKS.md. Results as JSON files under $OUT (or /tmp).
 #   device tool: carry [".bundle.tar.xz"], command: bash scripts/gpu-check.sh [tests] [bench] [tp] [hf]
-# (no section named: all of them); MPIRUN_ARGS adds mpirun options (e.g. --bind-to none)
+# (no section named: all of them); MPIRUN_ARGS: mpirun options, default --bind-to none
+# (Open MPI binds each rank to one core by default; a GPU rank then shares that core with
+# NCCL's proxy thread, which halved tp 2 throughput in our runs)
 set -u
 want() { [ -z "$sections" ] || [[ " $sections " == *" $1 "* ]]; }
 sections="$*"
@@ -29,7 +31,7 @@ PY
 for tp in 1 2; do
   want tp || continue
   [ "$tp" -le "$gpus" ] || continue
-  run="timeout 150 mpirun --allow-run-as-root ${MPIRUN_ARGS:-} -np $tp -x LD_LIBRARY_PATH -x NCCL_NVLS_ENABLE=0 .bundle/kvtp ppl --synthetic llama-2-7b --device cuda --tp $tp --quiet --json"
+  run="timeout 150 mpirun --allow-run-as-root ${MPIRUN_ARGS:---bind-to none} -np $tp -x LD_LIBRARY_PATH -x NCCL_NVLS_ENABLE=0 .bundle/kvtp ppl --synthetic llama-2-7b --device cuda --tp $tp --quiet --json"
   $run --input-ids /tmp/ids2048.txt > "$out/ppl_prefill_tp$tp.json"
   $run --input-ids /tmp/ids2600.txt --seq-len 2600 --mode decode --prefill 2048 > "$out/ppl_decode_tp$tp.json"
   for f in "$out/ppl_prefill_tp$tp.json" "$out/ppl_decode_tp$tp.json"; do
