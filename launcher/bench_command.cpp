@@ -52,9 +52,20 @@ struct BenchArgs {
   bool json = false;
 };
 
-std::vector<std::pair<std::string, std::unique_ptr<Model>>> benchModels(const BenchArgs& a) {
-  std::vector<std::pair<std::string, std::unique_ptr<Model>>> models;
-  for (auto& m : a.models) models.emplace_back(m, Model::load(m));
+// The models to measure: name, config, and where their weights come from.
+struct BenchModel {
+  std::string name;
+  ModelConfig config;
+  WeightSource weights;
+};
+
+std::vector<BenchModel> benchModels(const BenchArgs& a) {
+  std::vector<BenchModel> models;
+  for (auto& m : a.models) {
+    const ModelConfig c = loadConfig(m);
+    auto ck = std::make_shared<const Checkpoint>(m);
+    models.push_back({m, c, [c, ck](const WeightRange& r) { return loadWeights(c, *ck, Partition::make(c, 0, 1), r); }});
+  }
   for (auto& s : a.synthetic) {
     ModelConfig c = syntheticConfig(s);
     if (a.layers > 0) c.layers = a.layers;
@@ -62,7 +73,7 @@ std::vector<std::pair<std::string, std::unique_ptr<Model>>> benchModels(const Be
     // (the bandwidth and FLOPs of a step do not depend on it).
     if (c.family == Family::Llama && !a.contexts.empty())
       c.max_positions = std::max(c.max_positions, *std::max_element(a.contexts.begin(), a.contexts.end()) + a.decode_steps + 1);
-    models.emplace_back("synthetic:" + s, Model::synthetic(c, 0));
+    models.push_back({"synthetic:" + s, c, [c](const WeightRange& r) { return syntheticWeights(c, 0, Partition::make(c, 0, 1), r); }});
   }
   return models;
 }
@@ -80,11 +91,10 @@ void benchGpu(const BenchArgs& a) {
   nlohmann::json out = {{"device", "cuda"}, {"dtype", a.dtype}, {"peak_bandwidth_gbs", peak / 1e9},
                         {"models", nlohmann::json::array()}};
   if (!a.json) std::printf("cuda device %d, %s, peak memory bandwidth %.0f GB/s\n", device, a.dtype.c_str(), peak / 1e9);
-  for (auto& [name, host] : benchModels(a)) {
-    const ModelConfig c = host->config();
-    const double weight_bytes = double(host->weights().bytes()) / 4 * elem;
-    auto engine = makeGpuEngine(*host, {dtype, device, nullptr});
-    host.reset();
+  for (auto& [name, c, weights] : benchModels(a)) {
+    const Partition whole = Partition::make(c, 0, 1);
+    const double weight_bytes = double(weightElements(c, whole)) * elem;
+    auto engine = makeGpuEngine(c, whole, weights, {dtype, device, nullptr});
     std::mt19937 rng(2);
     auto randomTokens = [&](int n) {
       std::vector<int> t(n);
@@ -167,7 +177,8 @@ void addBenchCommand(CLI::App& app) {
     nlohmann::json out = {{"sgemm_gflops", gemm}, {"sgemm_shape", "2048x2048x2048"}, {"models", nlohmann::json::array()}};
     if (!a->json) std::printf("sgemm 2048^3: %.1f GFLOP/s (median of %d)\n", gemm, a->repeats);
 
-    for (auto& [name, model] : benchModels(*a)) {
+    for (auto& [name, config, weights] : benchModels(*a)) {
+      const auto model = std::make_unique<Model>(config, weights({}));
       const auto& c = model->config();
       const int T = std::min(a->seq_len, c.max_positions);
       std::vector<int> tokens(T), pos(T);

@@ -12,6 +12,7 @@
 #include "comm/communicator.h"
 #include "launcher/grpc_common.h"
 #include "runtime/error.h"
+#include "runtime/gpu_engine.h"
 
 namespace kvtp::launcher {
 namespace {
@@ -34,7 +35,7 @@ class Link {
       v1::RegisterRequest req;
       req.set_tp(tp_);
       req.set_host(host_);
-      req.set_devices("cpu");
+      req.set_devices(cudaDevices() > 0 ? "cpu,cuda x" + std::to_string(cudaDevices()) : "cpu");
       req.set_memory_bytes(int64_t(sysconf(_SC_PHYS_PAGES)) * sysconf(_SC_PAGESIZE));
       req.set_current_job(currentJob());
       v1::RegisterResponse resp;

@@ -24,7 +24,10 @@ bool cudaBuilt() { return false; }
 int cudaDevices() { return 0; }
 int localDevice() { noCuda(); }
 double peakMemoryBandwidth(int) { noCuda(); }
-std::unique_ptr<Engine> makeGpuEngine(const Model&, const GpuOptions&) { noCuda(); }
+std::unique_ptr<Engine> makeGpuEngine(const ModelConfig&, const Partition&, const WeightSource&, const GpuOptions&) {
+  noCuda();
+}
+int64_t deviceBytesPeak() { return 0; }
 std::unique_ptr<comm::Communicator> makeDeviceGroup(comm::Communicator&, int) { noCuda(); }
 #endif
 

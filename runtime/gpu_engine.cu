@@ -74,15 +74,17 @@ struct GpuLayer {
 template <class T>
 class GpuEngine : public Engine {
  public:
-  GpuEngine(const Model& host, const GpuOptions& o)
-      : c_(host.config()), part_(host.partition()), group_(o.device_group) {
+  GpuEngine(const ModelConfig& config, const Partition& part, const WeightSource& source, const GpuOptions& o)
+      : c_(config), part_(part), group_(o.device_group) {
     if (!std::set<int>{8, 16, 32, 64, 128, 256}.count(c_.head_dim))
       throw Error("the CUDA backend needs head_dim 8, 16, 32, 64, 128 or 256 (this model: " +
                   std::to_string(c_.head_dim) + ")");
     if (part_.tp > 1 && (!group_ || group_->size() != part_.tp))
       throw Error("the CUDA engine at tp " + std::to_string(part_.tp) + " needs a device communicator of that size");
     KVTP_CUDA_CHECK(cudaSetDevice(o.device));
-    const auto& w = host.weights();
+    // The model-level tensors, then one layer at a time: the host holds one layer's float32
+    // slices at most, so a 66B model loads on a machine with less memory than its weights.
+    const ModelWeights w = source({0, 0, true});
     DeviceBuffer<float> staging;
     embed_ = upload<T>({&w.embed}, staging);
     if (!w.lm_head.empty()) lm_head_ = upload<T>({&w.lm_head}, staging);
@@ -93,7 +95,9 @@ class GpuEngine : public Engine {
     final_norm_b_ = uploadFloat(w.final_norm_b);
     const size_t Q = size_t(part_.q_heads) * c_.head_dim, KV = size_t(part_.kv_heads) * c_.head_dim,
                  F = size_t(part_.ffn());
-    for (const auto& L : w.layers) {
+    for (int l = 0; l < c_.layers; ++l) {
+      const ModelWeights piece = source({l, l + 1, false});
+      const LayerWeights& L = piece.layers[l];
       GpuLayer<T>& g = layers_.emplace_back();
       g.attn_norm_w = uploadFloat(L.attn_norm_w);
       g.attn_norm_b = uploadFloat(L.attn_norm_b);
@@ -227,11 +231,8 @@ class GpuEngine : public Engine {
     const int hd = c_.head_dim, Q = part_.q_heads * hd, KV = part_.kv_heads * hd, W = Q + 2 * KV;
     float* qkv = grow(qkv_, size_t(T_) * W);
     cuda::gemm(blas_, xn, T_, c_.hidden, L.wqkv.get(), W, L.bqkv.get(), qkv, false);
-    if (c_.family == Family::Llama) {
-      cuda::ropeRows(qkv, T_, W, 0, part_.q_heads, hd, d_pos, inv_freq_.get());
-      cuda::ropeRows(qkv, T_, W, Q, part_.kv_heads, hd, d_pos, inv_freq_.get());
-    }
-    cuda::appendKV(qkv, T_, W, Q, Q + KV, part_.kv_heads, hd, L.K.get(), L.V.get(), capacity_, length_);
+    cuda::ropeAppendKV(qkv, T_, part_.q_heads, part_.kv_heads, hd, d_pos, inv_freq_.size() ? inv_freq_.get() : nullptr,
+                       L.K.get(), L.V.get(), capacity_, length_);
     const int cached = length_ + T_;
     const float scale = float(1.0 / std::sqrt(double(hd)));
     T* ctx = grow(ctx_, size_t(T_) * Q);
@@ -322,6 +323,7 @@ class GpuEngine : public Engine {
 }  // namespace
 
 bool cudaBuilt() { return true; }
+int64_t deviceBytesPeak() { return cuda::DeviceMemory::peak.load(); }
 int cudaDevices() { return cuda::deviceCount(); }
 
 double peakMemoryBandwidth(int device) {
@@ -338,11 +340,12 @@ int localDevice() {
   return local ? std::atoi(local) % n : 0;
 }
 
-std::unique_ptr<Engine> makeGpuEngine(const Model& host, const GpuOptions& o) {
+std::unique_ptr<Engine> makeGpuEngine(const ModelConfig& config, const Partition& part, const WeightSource& source,
+                                      const GpuOptions& o) {
   switch (o.dtype) {
-    case Precision::F32: return std::make_unique<GpuEngine<float>>(host, o);
-    case Precision::F16: return std::make_unique<GpuEngine<__half>>(host, o);
-    case Precision::BF16: return std::make_unique<GpuEngine<__nv_bfloat16>>(host, o);
+    case Precision::F32: return std::make_unique<GpuEngine<float>>(config, part, source, o);
+    case Precision::F16: return std::make_unique<GpuEngine<__half>>(config, part, source, o);
+    case Precision::BF16: return std::make_unique<GpuEngine<__nv_bfloat16>>(config, part, source, o);
   }
   throw Error("unknown dtype");
 }

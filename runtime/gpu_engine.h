@@ -28,9 +28,14 @@ struct GpuOptions {
 bool cudaBuilt();
 int cudaDevices();
 
-// `host` supplies config, partition and this rank's weights; it may be destroyed afterwards.
-// Throws Error for what the CUDA backend does not do (KV compression, unsupported head_dim).
-std::unique_ptr<Engine> makeGpuEngine(const Model& host, const GpuOptions& options);
+// This rank's weights come from `source` a layer at a time (uploaded and converted as they come).
+// Throws Error for what the CUDA backend does not do (unsupported head_dim).
+std::unique_ptr<Engine> makeGpuEngine(const ModelConfig& config, const Partition& part, const WeightSource& source,
+                                      const GpuOptions& options);
+
+// The most device memory this process's buffers held at once (weights, cache, workspaces;
+// cuBLAS's and NCCL's own workspaces not included), bytes.
+int64_t deviceBytesPeak();
 
 // An NCCL communicator over the ranks of `host_group` (MPI), on `device`.
 std::unique_ptr<comm::Communicator> makeDeviceGroup(comm::Communicator& host_group, int device);

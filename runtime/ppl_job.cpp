@@ -51,19 +51,38 @@ PplResult assemble(const std::vector<Window>& windows, const std::vector<double>
   return r;
 }
 
-// Loads the model and cuts the input into windows: everything that can fail on one rank alone.
-void prepare(const PplJob& job, comm::Communicator* group, std::unique_ptr<Model>& model, PplJobResult& out,
+// The model as this rank runs it: on the CPU a Model holding its weights; for the GPU only its
+// config, partition and where its weights come from (uploaded a layer at a time).
+struct Prepared {
+  ModelConfig config;
+  Partition part;
+  std::unique_ptr<Model> model;  // --device cpu
+  WeightSource weights;          // --device cuda
+};
+
+// Loads the model (or opens its checkpoint) and cuts the input into windows: everything that
+// can fail on one rank alone.
+void prepare(const PplJob& job, comm::Communicator* group, Prepared& m, PplJobResult& out,
              std::vector<Window>& windows, int& sequences) {
+  const bool gpu = job.device == "cuda";
   if (!job.model_dir.empty()) {
-    model = Model::load(job.model_dir, group);
+    m.config = loadConfig(job.model_dir);
     out.model = job.model_dir;
   } else {
-    ModelConfig c = syntheticConfig(job.synthetic);
-    if (job.layers > 0) c.layers = job.layers;
-    model = Model::synthetic(c, job.seed, group);
+    m.config = syntheticConfig(job.synthetic);
+    if (job.layers > 0) m.config.layers = job.layers;
     out.model = "synthetic:" + job.synthetic;
   }
-  const ModelConfig& c = model->config();
+  const ModelConfig& c = m.config;
+  m.part = group ? Partition::make(c, group->rank(), group->size()) : Partition::make(c, 0, 1);
+  if (!job.model_dir.empty() && gpu) {
+    auto checkpoint = std::make_shared<const Checkpoint>(job.model_dir);  // opened (and checked) now
+    m.weights = [c, part = m.part, checkpoint](const WeightRange& r) { return loadWeights(c, *checkpoint, part, r); };
+  } else if (gpu) {
+    m.weights = [c, part = m.part, seed = job.seed](const WeightRange& r) { return syntheticWeights(c, seed, part, r); };
+  } else {
+    m.model = job.model_dir.empty() ? Model::synthetic(c, job.seed, group) : Model::load(job.model_dir, group);
+  }
   out.seq_len = std::min(job.seq_len, c.max_positions);
 
   if (!job.data.empty()) {
@@ -114,7 +133,7 @@ PplJobResult runPplJob(const PplJob& job, const comm::Topology* topo, const Prog
     throw Error("--device cuda keeps the full KV cache so far: run --kv, --kv-quant and --kv-lowrank with --device cpu");
 
   comm::Communicator* group = topo ? topo->group.get() : nullptr;
-  std::unique_ptr<Model> model;
+  Prepared m;
   PplJobResult out;
   std::vector<Window> windows;
   int sequences = 0;
@@ -123,17 +142,17 @@ PplJobResult runPplJob(const PplJob& job, const comm::Topology* topo, const Prog
   std::string local_error;
   int device = 0;
   try {
-    prepare(job, group, model, out, windows, sequences);
+    prepare(job, group, m, out, windows, sequences);
     if (gpu) device = localDevice();
   } catch (const std::exception& e) {
     local_error = e.what();
   }
   if (topo) comm::agreeOrThrow(*topo->world, local_error);
   else if (!local_error.empty()) throw Error(local_error);
-  const ModelConfig c = model->config();  // a copy: the host model may be released below
+  const ModelConfig& c = m.config;
   if (windows.empty()) throw Error("no window of at least 2 tokens to score");
   out.windows = int(windows.size());
-  out.tp = model->partition().tp;
+  out.tp = m.part.tp;
   out.dp = topo ? topo->dp : 1;
   const int group_index = topo ? topo->group_index : 0;
   out.kv = spec.describe();  // part of the job every rank must agree on
@@ -151,10 +170,10 @@ PplJobResult runPplJob(const PplJob& job, const comm::Topology* topo, const Prog
     if (int(i % out.dp) == group_index) mine.push_back(windows[i]);
   // Weights and a full cache are stored in the dtype (norms and biases stay float32: negligible).
   const int elem = dtype == Precision::F32 ? 4 : 2;
-  out.weight_bytes = model->weights().bytes() / 4 * elem;
+  out.weight_bytes = weightElements(c, m.part) * elem;
   int longest = 0;
   for (auto& w : mine) longest = std::max(longest, int(w.ids.size()));
-  out.kv_plan_bytes = int64_t(longest) * c.layers * model->partition().kv_heads *
+  out.kv_plan_bytes = int64_t(longest) * c.layers * m.part.kv_heads *
                       (2 * c.head_dim * int64_t(elem) + int64_t(sizeof(int32_t)));
   if (plan)
     plan("memory plan per rank (tp " + std::to_string(out.tp) + ", dp " + std::to_string(out.dp) + ", " + job.device +
@@ -166,15 +185,14 @@ PplJobResult runPplJob(const PplJob& job, const comm::Topology* topo, const Prog
     if (out.tp > 1) device_group = makeDeviceGroup(*group, device);
     local_error.clear();
     try {  // a rank out of GPU memory must not leave the others waiting in a collective
-      engine = makeGpuEngine(*model, {dtype, device, device_group.get()});
+      engine = makeGpuEngine(c, m.part, m.weights, {dtype, device, device_group.get()});
     } catch (const std::exception& e) {
       local_error = e.what();
     }
     if (topo) comm::agreeOrThrow(*topo->world, local_error);
     else if (!local_error.empty()) throw Error(local_error);
-    model.reset();  // the device holds the weights now
   } else {
-    engine = makeCpuEngine(*model, &spec);
+    engine = makeCpuEngine(*m.model, &spec);
   }
   PplResult local = scoreWindows(*engine, mine, sequences, job.mode, progress, job.prefill);
   // KV bytes per rank of the group (largest over the data-parallel groups).
@@ -188,6 +206,7 @@ PplJobResult runPplJob(const PplJob& job, const comm::Topology* topo, const Prog
   out.kv_bytes_peak = perRank(local.kv_bytes_peak);
   out.kv_bytes_full = perRank(local.kv_bytes_full);
   out.kv_bytes_steady = perRank(local.kv_bytes_steady);
+  out.device_bytes_peak = perRank(gpu ? deviceBytesPeak() : 0);
   if (out.dp == 1) {
     out.result = std::move(local);
     return out;
@@ -245,7 +264,8 @@ nlohmann::json toJson(const PplJob& job, const PplJobResult& r) {
           {"kv_bytes_steady", steady},
           {"kv_steady_ratio", full ? double(steady) / double(full) : 0.0},
           {"kv_bytes_peak_per_rank", r.kv_bytes_peak},
-          {"kv_bytes_full_per_rank", r.kv_bytes_full}};
+          {"kv_bytes_full_per_rank", r.kv_bytes_full},
+          {"device_bytes_peak_per_rank", r.device_bytes_peak}};
 }
 
 }  // namespace kvtp

@@ -46,6 +46,7 @@ struct PplJobResult {
   int64_t kv_plan_bytes = 0;  // this rank's float32 full cache for the longest window (memory plan)
   std::string kv;             // the policy, as parsed
   std::vector<int64_t> kv_bytes_peak, kv_bytes_full, kv_bytes_steady;  // per rank of the group (docs/KV.md)
+  std::vector<int64_t> device_bytes_peak;  // per rank: GPU memory its buffers held at most (0 on cpu)
 };
 
 // Called once the model is loaded, before scoring: a one-line memory plan for the log.

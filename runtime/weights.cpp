@@ -1,5 +1,6 @@
 #include "runtime/weights.h"
 
+#include <algorithm>
 #include <random>
 
 #include "runtime/error.h"
@@ -10,25 +11,30 @@ namespace {
 // The one place that knows Hugging Face tensor names. `fill(name, shape, required)` returns the
 // tensor (empty if optional and absent); the same walk serves loading and synthetic weights.
 template <class Fill>
-ModelWeights buildWeights(const ModelConfig& c, Fill&& fill) {
+ModelWeights buildWeights(const ModelConfig& c, const WeightRange& range, Fill&& fill) {
   using S = std::vector<int64_t>;
   const int64_t H = c.hidden, Q = c.qDim(), KV = c.kvDim(), F = c.ffn, V = c.vocab_size,
                 P = c.word_embed_proj_dim;
   ModelWeights w;
   w.layers.resize(c.layers);
+  const int first = range.layer_begin, last = range.layer_end < 0 ? c.layers : std::min(range.layer_end, c.layers);
+  // Model-level tensors only when asked for: `fill` is called for the wanted tensors alone.
+  auto top = [&](const std::string& name, const S& shape, bool required) {
+    return range.top ? fill(name, shape, required) : Tensor{};
+  };
   if (c.family == Family::Opt) {
     const std::string d = "model.decoder.";
-    w.embed = fill(d + "embed_tokens.weight", S{V, P}, true);
-    w.positions = fill(d + "embed_positions.weight", S{c.max_positions + 2, H}, true);
+    w.embed = top(d + "embed_tokens.weight", S{V, P}, true);
+    w.positions = top(d + "embed_positions.weight", S{c.max_positions + 2, H}, true);
     if (c.hasProjection()) {
-      w.project_in = fill(d + "project_in.weight", S{H, P}, true);
-      w.project_out = fill(d + "project_out.weight", S{P, H}, true);
+      w.project_in = top(d + "project_in.weight", S{H, P}, true);
+      w.project_out = top(d + "project_out.weight", S{P, H}, true);
     }
     if (c.final_layer_norm) {
-      w.final_norm_w = fill(d + "final_layer_norm.weight", S{H}, true);
-      w.final_norm_b = fill(d + "final_layer_norm.bias", S{H}, true);
+      w.final_norm_w = top(d + "final_layer_norm.weight", S{H}, true);
+      w.final_norm_b = top(d + "final_layer_norm.bias", S{H}, true);
     }
-    for (int i = 0; i < c.layers; ++i) {
+    for (int i = first; i < last; ++i) {
       auto& L = w.layers[i];
       const std::string p = d + "layers." + std::to_string(i) + ".";
       const bool b = c.enable_bias;
@@ -50,10 +56,10 @@ ModelWeights buildWeights(const ModelConfig& c, Fill&& fill) {
       L.b_down = fill(p + "fc2.bias", S{H}, b);
     }
   } else {
-    w.embed = fill("model.embed_tokens.weight", S{V, H}, true);
-    w.final_norm_w = fill("model.norm.weight", S{H}, true);
-    if (!c.tie_embeddings) w.lm_head = fill("lm_head.weight", S{V, H}, true);
-    for (int i = 0; i < c.layers; ++i) {
+    w.embed = top("model.embed_tokens.weight", S{V, H}, true);
+    w.final_norm_w = top("model.norm.weight", S{H}, true);
+    if (!c.tie_embeddings) w.lm_head = top("lm_head.weight", S{V, H}, true);
+    for (int i = first; i < last; ++i) {
       auto& L = w.layers[i];
       const std::string p = "model.layers." + std::to_string(i) + ".";
       const bool ab = c.attention_bias, mb = c.mlp_bias;
@@ -96,11 +102,12 @@ int64_t ModelWeights::bytes() const {
   return b;
 }
 
-ModelWeights loadWeights(const ModelConfig& config, const Checkpoint& ck, const Partition& part) {
+ModelWeights loadWeights(const ModelConfig& config, const Checkpoint& ck, const Partition& part,
+                         const WeightRange& range) {
   // Some OPT checkpoints (facebook/opt-*) store names without the "model." prefix.
   const bool bare = config.family == Family::Opt && !ck.has("model.decoder.embed_tokens.weight") &&
                     ck.has("decoder.embed_tokens.weight");
-  return buildWeights(config, [&](const std::string& name, const std::vector<int64_t>& shape, bool required) {
+  return buildWeights(config, range, [&](const std::string& name, const std::vector<int64_t>& shape, bool required) {
     const std::string stored = bare && name.rfind("model.", 0) == 0 ? name.substr(6) : name;
     if (!ck.has(stored)) {
       if (required) throw Error("checkpoint: tensor '" + stored + "' is missing (needed by this " +
@@ -109,6 +116,19 @@ ModelWeights loadWeights(const ModelConfig& config, const Checkpoint& ck, const 
     }
     return ck.read(stored, shape, shardSlice(name, shape, config, part));
   });
+}
+
+int64_t weightElements(const ModelConfig& config, const Partition& part) {
+  int64_t n = 0;
+  buildWeights(config, {}, [&](const std::string& name, const std::vector<int64_t>& shape, bool required) {
+    if (!required) return Tensor{};
+    const Slice sl = shardSlice(name, shape, config, part);
+    int64_t e = 1;
+    for (int64_t d : shape) e *= d;
+    n += sl.dim < 0 ? e : e / shape[sl.dim] * (sl.end - sl.begin);
+    return Tensor{};
+  });
+  return n;
 }
 
 namespace {
@@ -120,8 +140,9 @@ uint64_t splitmix64(uint64_t x) {
 }
 }  // namespace
 
-ModelWeights syntheticWeights(const ModelConfig& config, uint64_t seed, const Partition& part) {
-  return buildWeights(config, [&](const std::string& name, const std::vector<int64_t>& shape, bool required) {
+ModelWeights syntheticWeights(const ModelConfig& config, uint64_t seed, const Partition& part,
+                              const WeightRange& range) {
+  return buildWeights(config, range, [&](const std::string& name, const std::vector<int64_t>& shape, bool required) {
     if (!required) return Tensor{};
     const Slice sl = shardSlice(name, shape, config, part);
     // View as (outer, dim, inner) around the sliced dimension (dim 0 when whole).

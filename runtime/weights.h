@@ -2,6 +2,7 @@
 // mapping from Hugging Face tensor names to these roles (loadWeights).
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -35,13 +36,29 @@ struct ModelWeights {
   int64_t bytes() const;
 };
 
+// Which part of the model to build: layers [layer_begin, layer_end) (-1: to the last) and, with
+// `top`, the model-level tensors (embeddings, positions, projections, final norm, head). Other
+// layers stay empty: a device can take a model larger than host memory a layer at a time.
+struct WeightRange {
+  int layer_begin = 0, layer_end = -1;
+  bool top = true;
+};
+
 // Reads this rank's slice of every tensor the config needs (shardSlice), checking names, shapes
 // and dtypes against the full shapes; only the slice's bytes are read.
-ModelWeights loadWeights(const ModelConfig& config, const Checkpoint& checkpoint, const Partition& part);
+ModelWeights loadWeights(const ModelConfig& config, const Checkpoint& checkpoint, const Partition& part,
+                         const WeightRange& range = {});
 
 // Deterministic random weights of the config's shapes (uniform, std 0.02; norms 1; biases 0),
 // for benchmarks and scale runs without a checkpoint. Each element is a hash of (seed, tensor
 // name, index), so a rank makes its slice alone and every tp gives the same model.
-ModelWeights syntheticWeights(const ModelConfig& config, uint64_t seed, const Partition& part);
+ModelWeights syntheticWeights(const ModelConfig& config, uint64_t seed, const Partition& part,
+                              const WeightRange& range = {});
+// Elements of this rank's slices of the tensors the config requires (optional biases not
+// counted): the memory plan before anything is read.
+int64_t weightElements(const ModelConfig& config, const Partition& part);
+
+// This rank's weights, one range at a time (a checkpoint read or synthetic weights).
+using WeightSource = std::function<ModelWeights(const WeightRange&)>;
 
 }  // namespace kvtp

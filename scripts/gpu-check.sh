@@ -2,7 +2,7 @@
 # On the GPU machine, after scripts/bundle-gpu.sh here: every GPU test, the CUDA benchmarks, the
 # perplexity job at tp 1 and (with two GPUs) tp 2 on a Llama-2-7B shape, and transformers on the
 # same shapes — the runs behind docs/BENCHMARKS.md. Results as JSON files under $OUT (or /tmp).
-#   device tool: carry [".bundle.tar.xz"], command: bash scripts/gpu-check.sh [tests] [bench] [tp] [hf]
+#   device tool: carry [".bundle.tar.xz"], command: bash scripts/gpu-check.sh [tests] [bench] [tp] [scale] [hf]
 # (no section named: all of them); MPIRUN_ARGS: mpirun options, default --bind-to none
 # (Open MPI binds each rank to one core by default; a GPU rank then shares that core with
 # NCCL's proxy thread, which halved tp 2 throughput in our runs)
@@ -38,4 +38,19 @@ for tp in 1 2; do
     python3 -c "import json,sys; j=json.load(open(sys.argv[1])); print(sys.argv[1].split('/')[-1], {k: j[k] for k in ('ppl','tokens','seconds','tokens_per_second','tp')})" "$f"
   done
 done
+# 66B scale (two GPUs): OPT-66B and Llama-2-70B shapes, fp16, all layers, tp 2, weights made a
+# layer at a time (the host never holds the model). The OPT-66B perplexity job goes through the
+# control plane: coordinator + `mpirun -np 2 kvtp worker`, submitted over gRPC.
+if [ "$gpus" -ge 2 ] && want scale; then
+  mkdir -p scale && cp /tmp/ids2048.txt /tmp/ids2600.txt scale/
+  KVTP=.bundle/kvtp timeout 300 bash scripts/run-local.sh --synthetic opt-66b --input-ids scale/ids2048.txt \
+    --max-windows 4 --device cuda --json > "$out/grpc_opt66b_prefill.json"
+  run="timeout 300 mpirun --allow-run-as-root --bind-to none -np 2 -x LD_LIBRARY_PATH -x NCCL_NVLS_ENABLE=0 .bundle/kvtp ppl --device cuda --tp 2 --json"
+  $run --synthetic opt-66b --input-ids scale/ids2048.txt --mode decode --prefill 1536 --max-windows 1 > "$out/opt66b_decode.json"
+  $run --synthetic llama-2-70b --input-ids scale/ids2048.txt --max-windows 4 > "$out/llama70b_prefill.json"
+  $run --synthetic llama-2-70b --input-ids scale/ids2600.txt --seq-len 2600 --mode decode --prefill 2048 > "$out/llama70b_decode.json"
+  for f in grpc_opt66b_prefill opt66b_decode llama70b_prefill llama70b_decode; do
+    python3 -c "import json,sys; j=json.load(open(sys.argv[1])); print(sys.argv[2], {k: j.get(k) for k in ('model','ppl','tokens','seconds','tokens_per_second','tp','device_bytes_peak_per_rank')})" "$out/$f.json" "$f"
+  done
+fi
 want hf && timeout 240 python3 scripts/hf_bench.py 2>&1 | grep -E "^prefill|^decode|^\{" > "$out/hf_bench.txt"; cat "$out/hf_bench.txt" 2>/dev/null

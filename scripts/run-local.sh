@@ -5,7 +5,7 @@
 # usage: scripts/run-local.sh [kvtp submit ppl options...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-kvtp=build/kvtp
+kvtp=${KVTP:-build/kvtp}  # KVTP: another binary (the GPU bundle's)
 [ -x "$kvtp" ] || { echo "run scripts/setup.sh first (no $kvtp)" >&2; exit 1; }
 args=("$@")
 [ ${#args[@]} -gt 0 ] || args=(--model models/kvtp-llama-2m --data data/c4/c4-heldout-200.json.gz)

@@ -71,6 +71,11 @@ INSTANTIATE_TEST_SUITE_P(
         BadInput{"KvNeedsDecode", "--model models/kvtp-opt-3m --data data/c4/c4-heldout-200.json.gz --kv h2o:budget=0.2 "
                  "--mode prefill", "use --mode decode"},
         BadInput{"UnknownKvMethod", "--model models/kvtp-opt-3m --data data/c4/c4-heldout-200.json.gz --kv lru", "lru"},
+        BadInput{"HalfPrecisionOnCpu", "--model models/kvtp-opt-3m --data data/c4/c4-heldout-200.json.gz --dtype fp16",
+                 "need --device cuda"},
+        // CI has no GPU: the build without CUDA says so, the CUDA build finds no device.
+        BadInput{"CudaWithoutGpu", "--model models/kvtp-opt-3m --data data/c4/c4-heldout-200.json.gz --device cuda",
+                 "--device cuda: "},
         BadInput{"UnknownPreset", "--synthetic opt-9000b --input-ids tests/fixtures/models/opt-preln/input_ids.txt", "preset"}),
     [](const auto& info) { return info.param.name; });
 

@@ -7,6 +7,8 @@
 #include <cuda_runtime.h>
 #include <unistd.h>
 
+#include <atomic>
+#include <cstdint>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -58,16 +60,32 @@ inline int deviceCount() {
   return n;
 }
 
+// Bytes held by DeviceBuffers of this process, now and at most (the measured memory peak).
+struct DeviceMemory {
+  static inline std::atomic<int64_t> current{0}, peak{0};
+  static void add(int64_t bytes) {
+    const int64_t now = current += bytes;
+    for (int64_t p = peak.load(); now > p && !peak.compare_exchange_weak(p, now);) {
+    }
+  }
+};
+
 template <class T>
 class DeviceBuffer {
  public:
   DeviceBuffer() = default;
   explicit DeviceBuffer(size_t n) : n_(n) {
-    if (n) KVTP_CUDA_CHECK(cudaMalloc(&p_, n * sizeof(T)));
+    if (n) {
+      KVTP_CUDA_CHECK(cudaMalloc(&p_, n * sizeof(T)));
+      DeviceMemory::add(int64_t(n * sizeof(T)));
+    }
   }
   explicit DeviceBuffer(const std::vector<T>& host) : DeviceBuffer(host.size()) { upload(host); }
   ~DeviceBuffer() {
-    if (p_) cudaFree(p_);
+    if (p_) {
+      cudaFree(p_);
+      DeviceMemory::add(-int64_t(n_ * sizeof(T)));
+    }
   }
   DeviceBuffer(DeviceBuffer&& o) noexcept : p_(o.p_), n_(o.n_) { o.p_ = nullptr, o.n_ = 0; }
   DeviceBuffer& operator=(DeviceBuffer&& o) noexcept {

@@ -123,30 +123,32 @@ __global__ void rmsNormKernel(const float* x, int dim, const float* w, float eps
   for (int i = threadIdx.x; i < dim; i += blockDim.x) o[i] = fromFloat<O>(w[i] * (r[i] * inv));
 }
 
-// One thread per (row, head, pair); angles in double as the CPU twin computes them.
-__global__ void ropeKernel(float* x, int rows, int64_t stride, int col, int heads, int hd, const int* pos,
-                           const float* inv_freq) {
-  const int half = hd / 2;
-  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= int64_t(rows) * heads * half) return;
-  const int j = int(i % half), h = int((i / half) % heads), t = int(i / (int64_t(half) * heads));
-  double s, c;
-  sincos(double(pos[t]) * inv_freq[j], &s, &c);
-  float* v = x + int64_t(t) * stride + col + int64_t(h) * hd;
-  const float a = v[j], b = v[j + half];
-  v[j] = a * float(c) - b * float(s);
-  v[j + half] = b * float(c) + a * float(s);
-}
-
+// One block per token row: threads take (head, pair) of the Q and K heads, then V's channels.
 template <class T>
-__global__ void appendKernel(const float* qkv, int rows, int64_t stride, int k_col, int v_col, int kv_heads, int hd,
-                             T* K, T* V, int64_t capacity, int first) {
-  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= int64_t(rows) * kv_heads * hd) return;
-  const int d = int(i % hd), h = int((i / hd) % kv_heads), t = int(i / (int64_t(hd) * kv_heads));
-  const int64_t dst = (h * capacity + first + t) * hd + d;
-  K[dst] = fromFloat<T>(qkv[t * stride + k_col + h * hd + d]);
-  V[dst] = fromFloat<T>(qkv[t * stride + v_col + h * hd + d]);
+__global__ void ropeAppendKernel(float* qkv, int q_heads, int kv_heads, int hd, const int* pos, const float* inv_freq,
+                                 T* K, T* V, int64_t capacity, int first) {
+  const int t = blockIdx.x, half = hd / 2, Q = q_heads * hd, KV = kv_heads * hd;
+  float* row = qkv + int64_t(t) * (Q + 2 * KV);
+  const int64_t slot = first + t;
+  for (int i = threadIdx.x; i < (q_heads + kv_heads) * half; i += blockDim.x) {
+    const int head = i / half, j = i % half;
+    float* v = row + int64_t(head) * hd;  // K heads follow the Q heads
+    float a = v[j], b = v[j + half];
+    if (inv_freq) {
+      double s, c;
+      sincos(double(pos[t]) * inv_freq[j], &s, &c);
+      const float ra = a * float(c) - b * float(s), rb = b * float(c) + a * float(s);
+      v[j] = a = ra;
+      v[j + half] = b = rb;
+    }
+    if (head >= q_heads) {
+      T* k = K + ((head - q_heads) * capacity + slot) * hd;
+      k[j] = fromFloat<T>(a);
+      k[j + half] = fromFloat<T>(b);
+    }
+  }
+  for (int i = threadIdx.x; i < KV; i += blockDim.x)
+    V[((i / hd) * capacity + slot) * hd + i % hd] = fromFloat<T>(row[Q + KV + i]);
 }
 
 // qp[h][t][d] = T(q[t0 + t][h * hd + d] * scale): each KV head's G query heads stacked in rows.
@@ -258,18 +260,10 @@ void rmsNormTo(const float* x, int rows, int dim, const float* w, float eps, O* 
   KVTP_CUDA_LAUNCHED();
 }
 
-void ropeRows(float* x, int rows, int64_t row_stride, int col, int heads, int head_dim, const int* positions,
-              const float* inv_freq) {
-  ropeKernel<<<blocksFor(int64_t(rows) * heads * head_dim / 2), kThreads>>>(x, rows, row_stride, col, heads, head_dim,
-                                                                             positions, inv_freq);
-  KVTP_CUDA_LAUNCHED();
-}
-
 template <class T>
-void appendKV(const float* qkv, int rows, int64_t row_stride, int k_col, int v_col, int kv_heads, int head_dim, T* K,
-              T* V, int64_t capacity, int first_slot) {
-  appendKernel<<<blocksFor(int64_t(rows) * kv_heads * head_dim), kThreads>>>(qkv, rows, row_stride, k_col, v_col,
-                                                                             kv_heads, head_dim, K, V, capacity, first_slot);
+void ropeAppendKV(float* qkv, int rows, int q_heads, int kv_heads, int head_dim, const int* positions,
+                  const float* inv_freq, T* K, T* V, int64_t capacity, int first_slot) {
+  ropeAppendKernel<<<rows, 128>>>(qkv, q_heads, kv_heads, head_dim, positions, inv_freq, K, V, capacity, first_slot);
   KVTP_CUDA_LAUNCHED();
 }
 
@@ -335,7 +329,7 @@ void reluTo(const float* in, int64_t n, T* out) {
   template void embed<T>(const int*, int, const T*, int, int, int, float*);                                       \
   template void layerNormTo<T>(const float*, int, int, const float*, const float*, float, T*);                     \
   template void rmsNormTo<T>(const float*, int, int, const float*, float, T*);                                     \
-  template void appendKV<T>(const float*, int, int64_t, int, int, int, int, T*, T*, int64_t, int);                \
+  template void ropeAppendKV<T>(float*, int, int, int, int, const int*, const float*, T*, T*, int64_t, int);      \
   template void attentionPrefill<T>(const Blas&, const float*, int64_t, const int*, const int*, int, int, const T*, \
                                     const T*, const int*, const int*, int, int, int, int64_t, float, T*, size_t);  \
   template void siluMulTo<T>(const float*, int, int, T*);                                                          \

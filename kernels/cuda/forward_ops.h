@@ -38,20 +38,18 @@ void layerNormTo(const float* x, int rows, int dim, const float* w, const float*
 template <class O>
 void rmsNormTo(const float* x, int rows, int dim, const float* w, float eps, O* y);
 
-// RoPE (rotate_half) on `heads` heads starting at column `col` of rows with stride `row_stride`.
-void ropeRows(float* x, int rows, int64_t row_stride, int col, int heads, int head_dim, const int* positions,
-              const float* inv_freq);
-
-// Copies K and V of `rows` tokens (columns k_col.. and v_col.. of rows of stride row_stride) into the
-// cache at slots first_slot.. of each head: cache[(h * capacity + slot) * head_dim + d].
+// One launch per step and layer for what follows the fused Q|K|V product (rows of q_heads + 2
+// kv_heads heads): RoPE (rotate_half, angles in double as on the CPU; skipped when inv_freq is
+// null) on the Q and K heads in place, then K and V appended to the cache at slots first_slot..
+// of each head: cache[(h * capacity + slot) * head_dim + d].
 template <class T>
-void appendKV(const float* qkv, int rows, int64_t row_stride, int k_col, int v_col, int kv_heads, int head_dim,
-              T* K, T* V, int64_t capacity, int first_slot);
+void ropeAppendKV(float* qkv, int rows, int q_heads, int kv_heads, int head_dim, const int* positions,
+                  const float* inv_freq, T* K, T* V, int64_t capacity, int first_slot);
 
 // Causal attention of many queries through cuBLAS: scores S = Q K^T per KV head (its G query
 // heads stacked), a masked softmax by position, O = P V. Queries in chunks so that the scores
 // never need more than `score_bytes`. q: columns [0, heads * head_dim) of rows of stride
-// q_stride, float; K/V as appendKV; out (rows, heads * head_dim) of type T.
+// q_stride, float; K/V as ropeAppendKV; out (rows, heads * head_dim) of type T.
 template <class T>
 void attentionPrefill(const Blas& blas, const float* q, int64_t q_stride, const int* q_pos, const int* q_pos_host,
                       int rows, int heads, const T* K, const T* V, const int* k_pos, const int* k_pos_host, int L,
