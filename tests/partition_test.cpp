@@ -106,5 +106,40 @@ TEST(Sharding, SyntheticSlicesAreSlicesOfTheWholeModel) {
   EXPECT_NE(whole.layers[0].w_up[0], whole.layers[0].w_up[1]);
 }
 
+// The GPU engine takes weights a layer at a time: a layer built alone (read from a sharded
+// checkpoint, or synthetic) equals that layer of the whole model, model-level tensors come only
+// with `top`, and weightElements counts what a rank holds.
+TEST(Sharding, OneLayerAtATimeEqualsTheWholeModel) {
+  const std::string dir = test::fixture("models/llama-sharded-bf16");
+  const ModelConfig c = loadConfig(dir);
+  const Partition p = Partition::make(c, 1, 2);
+  Checkpoint ck(dir);
+  const ModelWeights whole = loadWeights(c, ck, p);
+  const ModelWeights top = loadWeights(c, ck, p, {0, 0, true});
+  EXPECT_EQ(top.embed, whole.embed);
+  EXPECT_TRUE(top.layers[0].wq.empty());
+  int64_t elements = int64_t(whole.embed.size() + whole.final_norm_w.size() + whole.lm_head.size());
+  for (int l = 0; l < c.layers; ++l) {
+    const ModelWeights one = loadWeights(c, ck, p, {l, l + 1, false});
+    EXPECT_TRUE(one.embed.empty());
+    const auto& a = one.layers[l];
+    const auto& b = whole.layers[l];
+    EXPECT_EQ(a.wq, b.wq);
+    EXPECT_EQ(a.wk, b.wk);
+    EXPECT_EQ(a.w_down, b.w_down);
+    EXPECT_EQ(a.ffn_norm_w, b.ffn_norm_w);
+    for (const Tensor* t : {&b.attn_norm_w, &b.wq, &b.bq, &b.wk, &b.bk, &b.wv, &b.bv, &b.wo, &b.bo, &b.ffn_norm_w,
+                            &b.w_gate, &b.w_up, &b.w_down})
+      elements += int64_t(t->size());
+  }
+  EXPECT_EQ(weightElements(c, p), elements);
+
+  ModelConfig s = syntheticConfig("llama-2-7b");
+  s.layers = 3;
+  s.hidden = 256, s.heads = 4, s.kv_heads = 4, s.head_dim = 64, s.ffn = 512, s.vocab_size = 1000;
+  const ModelWeights synthetic_whole = syntheticWeights(s, 3, p);
+  EXPECT_EQ(syntheticWeights(s, 3, p, {2, 3, false}).layers[2].w_up, synthetic_whole.layers[2].w_up);
+}
+
 }  // namespace
 }  // namespace kvtp

@@ -123,14 +123,16 @@ __global__ void rmsNormKernel(const float* x, int dim, const float* w, float eps
   for (int i = threadIdx.x; i < dim; i += blockDim.x) o[i] = fromFloat<O>(w[i] * (r[i] * inv));
 }
 
-// One block per token row: threads take (head, pair) of the Q and K heads, then V's channels.
+// Grid (rows, items / blockDim): a thread takes one (head, pair) of the Q and K heads, or one
+// channel of V — a decode step's single row spreads over many SMs.
 template <class T>
 __global__ void ropeAppendKernel(float* qkv, int q_heads, int kv_heads, int hd, const int* pos, const float* inv_freq,
                                  T* K, T* V, int64_t capacity, int first) {
-  const int t = blockIdx.x, half = hd / 2, Q = q_heads * hd, KV = kv_heads * hd;
+  const int t = blockIdx.x, half = hd / 2, Q = q_heads * hd, KV = kv_heads * hd, pairs = (q_heads + kv_heads) * half;
   float* row = qkv + int64_t(t) * (Q + 2 * KV);
   const int64_t slot = first + t;
-  for (int i = threadIdx.x; i < (q_heads + kv_heads) * half; i += blockDim.x) {
+  const int i = blockIdx.y * blockDim.x + threadIdx.x;
+  if (i < pairs) {
     const int head = i / half, j = i % half;
     float* v = row + int64_t(head) * hd;  // K heads follow the Q heads
     float a = v[j], b = v[j + half];
@@ -146,9 +148,10 @@ __global__ void ropeAppendKernel(float* qkv, int q_heads, int kv_heads, int hd, 
       k[j] = fromFloat<T>(a);
       k[j + half] = fromFloat<T>(b);
     }
+  } else if (i < pairs + KV) {
+    const int c = i - pairs;
+    V[((c / hd) * capacity + slot) * hd + c % hd] = fromFloat<T>(row[Q + KV + c]);
   }
-  for (int i = threadIdx.x; i < KV; i += blockDim.x)
-    V[((i / hd) * capacity + slot) * hd + i % hd] = fromFloat<T>(row[Q + KV + i]);
 }
 
 // qp[h][t][d] = T(q[t0 + t][h * hd + d] * scale): each KV head's G query heads stacked in rows.
@@ -263,7 +266,9 @@ void rmsNormTo(const float* x, int rows, int dim, const float* w, float eps, O* 
 template <class T>
 void ropeAppendKV(float* qkv, int rows, int q_heads, int kv_heads, int head_dim, const int* positions,
                   const float* inv_freq, T* K, T* V, int64_t capacity, int first_slot) {
-  ropeAppendKernel<<<rows, 128>>>(qkv, q_heads, kv_heads, head_dim, positions, inv_freq, K, V, capacity, first_slot);
+  const int items = (q_heads + kv_heads) * head_dim / 2 + kv_heads * head_dim;
+  ropeAppendKernel<<<dim3(rows, (items + 127) / 128), 128>>>(qkv, q_heads, kv_heads, head_dim, positions, inv_freq, K,
+                                                              V, capacity, first_slot);
   KVTP_CUDA_LAUNCHED();
 }
 
