@@ -27,8 +27,8 @@ line = lambda n: " ".join(str(random.randrange(32000)) for _ in range(n)) + "\n"
 open("/tmp/ids2048.txt", "w").write("".join(line(2048) for _ in range(8)))
 open("/tmp/ids2600.txt", "w").write(line(2600))
 PY
-[ "$gpus" -ge 2 ] && want tp && timeout 60 mpirun --allow-run-as-root -np 2 -x LD_LIBRARY_PATH -x NCCL_NVLS_ENABLE=0 .bundle/kvtp_nccl_bench
-for tp in 1 2; do
+[ "$gpus" -ge 2 ] && want tp && timeout 60 mpirun --allow-run-as-root -np "$gpus" -x LD_LIBRARY_PATH -x NCCL_NVLS_ENABLE=0 .bundle/kvtp_nccl_bench
+for tp in 1 2 4 8; do
   want tp || continue
   [ "$tp" -le "$gpus" ] || continue
   run="timeout 150 mpirun --allow-run-as-root ${MPIRUN_ARGS:---bind-to none} -np $tp -x LD_LIBRARY_PATH -x NCCL_NVLS_ENABLE=0 .bundle/kvtp ppl --synthetic llama-2-7b --device cuda --tp $tp --quiet --json"
@@ -38,14 +38,14 @@ for tp in 1 2; do
     python3 -c "import json,sys; j=json.load(open(sys.argv[1])); print(sys.argv[1].split('/')[-1], {k: j[k] for k in ('ppl','tokens','seconds','tokens_per_second','tp')})" "$f"
   done
 done
-# 66B scale (two GPUs): OPT-66B and Llama-2-70B shapes, fp16, all layers, tp 2, weights made a
+# 66B scale (all GPUs of the machine): OPT-66B and Llama-2-70B shapes, fp16, all layers, tp = GPUs, weights made a
 # layer at a time (the host never holds the model). The OPT-66B perplexity job goes through the
 # control plane: coordinator + `mpirun -np 2 kvtp worker`, submitted over gRPC.
 if [ "$gpus" -ge 2 ] && want scale; then
   mkdir -p scale && cp /tmp/ids2048.txt /tmp/ids2600.txt scale/
-  KVTP=.bundle/kvtp timeout 300 bash scripts/run-local.sh --synthetic opt-66b --input-ids scale/ids2048.txt \
+  KVTP=.bundle/kvtp WORKERS=$gpus timeout 300 bash scripts/run-local.sh --synthetic opt-66b --input-ids scale/ids2048.txt \
     --max-windows 4 --device cuda --json > "$out/grpc_opt66b_prefill.json"
-  run="timeout 300 mpirun --allow-run-as-root --bind-to none -np 2 -x LD_LIBRARY_PATH -x NCCL_NVLS_ENABLE=0 .bundle/kvtp ppl --device cuda --tp 2 --json"
+  run="timeout 300 mpirun --allow-run-as-root --bind-to none -np $gpus -x LD_LIBRARY_PATH -x NCCL_NVLS_ENABLE=0 .bundle/kvtp ppl --device cuda --tp $gpus --json"
   $run --synthetic opt-66b --input-ids scale/ids2048.txt --mode decode --prefill 1536 --max-windows 1 > "$out/opt66b_decode.json"
   $run --synthetic llama-2-70b --input-ids scale/ids2048.txt --max-windows 4 > "$out/llama70b_prefill.json"
   $run --synthetic llama-2-70b --input-ids scale/ids2600.txt --seq-len 2600 --mode decode --prefill 2048 > "$out/llama70b_decode.json"

@@ -2,7 +2,7 @@
 # The headline use on one machine: start a coordinator on 127.0.0.1, an `mpirun -np 2` worker
 # group, submit a C4 perplexity job over gRPC, print the result, shut everything down.
 # Extra arguments go to `kvtp submit ppl` (default: the embedded Llama on the held-out C4 sample).
-# usage: scripts/run-local.sh [kvtp submit ppl options...]
+# usage: scripts/run-local.sh [kvtp submit ppl options...]   (WORKERS=N: a group of N ranks, default 2)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 kvtp=${KVTP:-build/kvtp}  # KVTP: another binary (the GPU bundle's)
@@ -30,7 +30,7 @@ echo "coordinator on 127.0.0.1:$port; starting a worker group: mpirun -np 2 kvtp
 
 root=(); [ "$(id -u)" -eq 0 ] && root=(--allow-run-as-root)
 threads=$(( $(nproc) / 2 )); [ "$threads" -ge 1 ] || threads=1
-OMP_NUM_THREADS=$threads mpirun "${root[@]}" --oversubscribe --bind-to none -x OMP_NUM_THREADS -np 2 \
+OMP_NUM_THREADS=$threads mpirun "${root[@]}" --oversubscribe --bind-to none -x OMP_NUM_THREADS -np "${WORKERS:-2}" \
   "$kvtp" worker --coordinator "127.0.0.1:$port" --token-file "$work/token" 2> "$work/worker.log" &
 pids+=($!)
 
