@@ -71,7 +71,15 @@ std::unique_ptr<Communicator> makeNccl(Communicator& bootstrap, int device) {
   bootstrap.broadcast(&id, sizeof id, 0);  // host memory: the bootstrap is MPI
   ncclComm_t comm;
   NCCL_CHECK(ncclCommInitRank(&comm, bootstrap.size(), id, bootstrap.rank()));
-  return std::make_unique<Nccl>(comm, device);
+  auto nccl = std::make_unique<Nccl>(comm, device);
+  // NCCL connects its peers lazily, at the first collective of each kind and size class: do it
+  // now, so that the first timed step of a job does not pay for it.
+  cuda::DeviceBuffer<float> warm(size_t(1) << 22);
+  nccl->allReduceSum(warm.get(), warm.size());
+  nccl->allReduceSum(warm.get(), 1);
+  nccl->allGather(warm.get(), 64, warm.get() + 1024);
+  nccl->barrier();
+  return nccl;
 }
 
 }  // namespace kvtp::comm

@@ -26,7 +26,7 @@ pids+=($!)
 for _ in $(seq 100); do grep -q "(port " "$work/coordinator.log" && break; sleep 0.1; done
 port=$(sed -n 's/.*(port \([0-9]*\)).*/\1/p' "$work/coordinator.log")
 [ -n "$port" ] || { cat "$work/coordinator.log" >&2; exit 1; }
-echo "coordinator on 127.0.0.1:$port; starting a worker group: mpirun -np 2 kvtp worker" >&2
+echo "coordinator on 127.0.0.1:$port; starting a worker group: mpirun -np ${WORKERS:-2} kvtp worker" >&2
 
 root=(); [ "$(id -u)" -eq 0 ] && root=(--allow-run-as-root)
 threads=$(( $(nproc) / 2 )); [ "$threads" -ge 1 ] || threads=1
