@@ -132,14 +132,7 @@ class GpuEngine : public Engine {
 
   std::vector<double> step(const int* tokens, const int* positions, int rows, int from, int count,
                            const int* targets) override {
-    for (int t = 0; t < rows; ++t) {
-      if (tokens[t] < 0 || tokens[t] >= c_.vocab_size)
-        throw Error("token id " + std::to_string(tokens[t]) + " is outside the vocabulary [0, " +
-                    std::to_string(c_.vocab_size) + ")");
-      if (positions[t] < 0 || positions[t] >= c_.max_positions)
-        throw Error("position " + std::to_string(positions[t]) + " is beyond the model's max_position_embeddings " +
-                    std::to_string(c_.max_positions));
-    }
+    checkTokens(c_, tokens, positions, rows);
     reserve(length_ + rows);
     int* d_tokens = grow(tokens_, rows);
     KVTP_CUDA_CHECK(cudaMemcpy(d_tokens, tokens, sizeof(int) * rows, cudaMemcpyHostToDevice));

@@ -35,6 +35,17 @@ std::vector<float> ropeInverseFrequencies(const ModelConfig& c) {
   return inv;
 }
 
+void checkTokens(const ModelConfig& c, const int* tokens, const int* positions, int T) {
+  for (int t = 0; t < T; ++t) {
+    if (tokens[t] < 0 || tokens[t] >= c.vocab_size)
+      throw Error("token id " + std::to_string(tokens[t]) + " is outside the vocabulary [0, " +
+                  std::to_string(c.vocab_size) + ")");
+    if (positions[t] < 0 || positions[t] >= c.max_positions)
+      throw Error("position " + std::to_string(positions[t]) + " is beyond the model's max_position_embeddings " +
+                  std::to_string(c.max_positions));
+  }
+}
+
 namespace {
 Partition partitionFor(const ModelConfig& c, comm::Communicator* group) {
   return group ? Partition::make(c, group->rank(), group->size()) : Partition::make(c, 0, 1);
@@ -164,14 +175,7 @@ std::vector<float> Model::forward(const int* tokens, const int* positions, int T
   const auto& c = config_;
   const auto& w = weights_;
   const int H = c.hidden, P = c.word_embed_proj_dim;
-  for (int t = 0; t < T; ++t) {
-    if (tokens[t] < 0 || tokens[t] >= c.vocab_size)
-      throw Error("token id " + std::to_string(tokens[t]) + " is outside the vocabulary [0, " +
-                  std::to_string(c.vocab_size) + ")");
-    if (positions[t] < 0 || positions[t] >= c.max_positions)
-      throw Error("position " + std::to_string(positions[t]) + " is beyond the model's max_position_embeddings " +
-                  std::to_string(c.max_positions));
-  }
+  checkTokens(c, tokens, positions, T);
 
   // embed: (T, P) -> (T, H). Vocab-parallel: a rank fills the rows of its vocabulary range,
   // zeros elsewhere, and the all-reduce assembles the full rows.

@@ -61,6 +61,10 @@ class Model {
   std::vector<float> inv_freq_;  // RoPE frequencies (Llama)
 };
 
+// Throws Error for a token id outside the vocabulary or a position beyond the model's context
+// (every backend checks its input before any work).
+void checkTokens(const ModelConfig& config, const int* tokens, const int* positions, int T);
+
 // RoPE inverse frequencies with the config's scaling (default, linear, llama3), as transformers
 // computes them.
 std::vector<float> ropeInverseFrequencies(const ModelConfig& config);

@@ -21,67 +21,10 @@
 #include <type_traits>
 
 #include "kernels/cuda/cuda_ops.h"
+#include "kernels/cuda/device_util.cuh"
 
 namespace kvtp::cuda {
 namespace {
-
-constexpr int kThreads = 256;
-
-__device__ float warpSum(float v) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-__device__ double warpSumD(double v) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-__device__ float warpMax(float v) {
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
-
-// Block-wide reductions (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
-template <class T, class Op>
-__device__ T blockReduce(T v, Op warpOp, T identity) {
-  __shared__ T partial[32];
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  v = warpOp(v);
-  __syncthreads();  // partial may still be read from a previous call
-  if (lane == 0) partial[warp] = v;
-  __syncthreads();
-  v = threadIdx.x < blockDim.x / 32 ? partial[lane] : identity;
-  if (warp == 0) v = warpOp(v);
-  if (threadIdx.x == 0) partial[0] = v;
-  __syncthreads();
-  return partial[0];
-}
-
-__global__ void fillRows(float* y, const float* b, int T, int out, bool add) {
-  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= int64_t(T) * out) return;
-  y[i] = add ? y[i] + b[i % out] : b[i % out];
-}
-
-__global__ void layerNormKernel(const float* x, int dim, const float* w, const float* b, float eps, float* y) {
-  const float* r = x + int64_t(blockIdx.x) * dim;
-  float* o = y + int64_t(blockIdx.x) * dim;
-  float s = 0;
-  for (int i = threadIdx.x; i < dim; i += blockDim.x) s += r[i];
-  const float mean = blockReduce(s, warpSum, 0.0f) / dim;
-  float v = 0;
-  for (int i = threadIdx.x; i < dim; i += blockDim.x) v += (r[i] - mean) * (r[i] - mean);
-  const float inv = rsqrtf(blockReduce(v, warpSum, 0.0f) / dim + eps);
-  for (int i = threadIdx.x; i < dim; i += blockDim.x) o[i] = (r[i] - mean) * inv * w[i] + b[i];
-}
-
-__global__ void rmsNormKernel(const float* x, int dim, const float* w, float eps, float* y) {
-  const float* r = x + int64_t(blockIdx.x) * dim;
-  float* o = y + int64_t(blockIdx.x) * dim;
-  float s = 0;
-  for (int i = threadIdx.x; i < dim; i += blockDim.x) s += r[i] * r[i];
-  const float inv = rsqrtf(blockReduce(s, warpSum, 0.0f) / dim + eps);
-  for (int i = threadIdx.x; i < dim; i += blockDim.x) o[i] = w[i] * (r[i] * inv);
-}
 
 __global__ void addKernel(float* x, const float* y, int64_t n) {
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -239,8 +182,6 @@ __global__ void softmaxPartialsKernel(const float* logits, int V, int offset, co
     out[blockIdx.x] = p;
   }
 }
-
-unsigned blocksFor(int64_t n) { return unsigned((n + kThreads - 1) / kThreads); }
 
 }  // namespace
 

@@ -6,42 +6,17 @@
 #include <stdexcept>
 #include <string>
 
+#include "kernels/cuda/device_util.cuh"
 #include "kernels/cuda/forward_ops.h"
 
 namespace kvtp::cuda {
 namespace {
-
-constexpr int kThreads = 256;
-unsigned blocksFor(int64_t n) { return unsigned((n + kThreads - 1) / kThreads); }
 
 template <class T>
 cudaDataType_t dataType() {
   if constexpr (std::is_same_v<T, __half>) return CUDA_R_16F;
   else if constexpr (std::is_same_v<T, __nv_bfloat16>) return CUDA_R_16BF;
   else return CUDA_R_32F;
-}
-
-__device__ float warpSum(float v) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-__device__ float warpMax(float v) {
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
-template <class Op>
-__device__ float blockReduce(float v, Op warpOp, float identity) {
-  __shared__ float partial[32];
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  v = warpOp(v);
-  __syncthreads();
-  if (lane == 0) partial[warp] = v;
-  __syncthreads();
-  v = threadIdx.x < blockDim.x / 32 ? partial[lane] : identity;
-  if (warp == 0) v = warpOp(v);
-  if (threadIdx.x == 0) partial[0] = v;
-  __syncthreads();
-  return partial[0];
 }
 
 template <class U>
@@ -74,12 +49,6 @@ __global__ void gemvKernel(const T* x, const T* W, int in, int out, const float*
   if (lane == 0) y[row] = s + (bias ? bias[row] : 0.0f) + (accumulate ? y[row] : 0.0f);
 }
 
-__global__ void fillRows(float* y, const float* b, int rows, int out, bool add) {
-  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= int64_t(rows) * out) return;
-  y[i] = add ? y[i] + b[i % out] : b[i % out];
-}
-
 template <class T>
 __global__ void convertKernel(const float* in, int64_t n, T* out) {
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -98,29 +67,6 @@ __global__ void addPositionsKernel(float* x, int dim, const float* table, const 
   const int t = blockIdx.x;
   const float* r = table + int64_t(positions[t] + offset) * dim;
   for (int d = threadIdx.x; d < dim; d += blockDim.x) x[int64_t(t) * dim + d] += r[d];
-}
-
-template <class O>
-__global__ void layerNormKernel(const float* x, int dim, const float* w, const float* b, float eps, O* y) {
-  const float* r = x + int64_t(blockIdx.x) * dim;
-  O* o = y + int64_t(blockIdx.x) * dim;
-  float s = 0;
-  for (int i = threadIdx.x; i < dim; i += blockDim.x) s += r[i];
-  const float mean = blockReduce(s, warpSum, 0.0f) / dim;
-  float v = 0;
-  for (int i = threadIdx.x; i < dim; i += blockDim.x) v += (r[i] - mean) * (r[i] - mean);
-  const float inv = rsqrtf(blockReduce(v, warpSum, 0.0f) / dim + eps);
-  for (int i = threadIdx.x; i < dim; i += blockDim.x) o[i] = fromFloat<O>((r[i] - mean) * inv * w[i] + b[i]);
-}
-
-template <class O>
-__global__ void rmsNormKernel(const float* x, int dim, const float* w, float eps, O* y) {
-  const float* r = x + int64_t(blockIdx.x) * dim;
-  O* o = y + int64_t(blockIdx.x) * dim;
-  float s = 0;
-  for (int i = threadIdx.x; i < dim; i += blockDim.x) s += r[i] * r[i];
-  const float inv = rsqrtf(blockReduce(s, warpSum, 0.0f) / dim + eps);
-  for (int i = threadIdx.x; i < dim; i += blockDim.x) o[i] = fromFloat<O>(w[i] * (r[i] * inv));
 }
 
 // Grid (rows, items / blockDim): a thread takes one (head, pair) of the Q and K heads, or one
