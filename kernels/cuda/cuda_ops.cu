@@ -22,6 +22,7 @@
 
 #include "kernels/cuda/cuda_ops.h"
 #include "kernels/cuda/device_util.cuh"
+#include "kernels/cuda/forward_ops.h"
 
 namespace kvtp::cuda {
 namespace {
@@ -187,15 +188,7 @@ __global__ void softmaxPartialsKernel(const float* logits, int V, int offset, co
 
 void linear(const Blas& blas, const float* x, int T, int in, const float* W, int out, const float* b, float* y,
             bool accumulate) {
-  float beta = accumulate ? 1.0f : 0.0f;
-  if (b) {
-    fillRows<<<blocksFor(int64_t(T) * out), kThreads>>>(y, b, T, out, accumulate);
-    KVTP_CUDA_LAUNCHED();
-    beta = 1.0f;
-  }
-  const float alpha = 1.0f;
-  // Row-major y (T, out) = x (T, in) W^T is column-major y^T (out, T) = W^T(col) x^T(col).
-  KVTP_CUBLAS_CHECK(cublasSgemm(blas.get(), CUBLAS_OP_T, CUBLAS_OP_N, out, T, in, &alpha, W, in, x, in, &beta, y, out));
+  gemmBlas(blas, x, T, in, W, out, b, y, accumulate);  // float32 compute: no TF32
 }
 
 void layerNorm(const float* x, int T, int dim, const float* w, const float* b, float eps, float* y) {
