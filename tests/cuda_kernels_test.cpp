@@ -2,6 +2,7 @@
 // so an unwritten element fails. Runs on the GPU machine; elsewhere each test says it skipped.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <random>
@@ -153,6 +154,45 @@ TEST(CudaKernels, PrefillAttentionMatchesCpu) {
   cuda::attentionPrefill(blas, dq.get(), stride, dqp.get(), q_pos.data(), T, heads, dK.get(), dV.get(), dkp.get(),
                          k_pos.data(), L, kv_heads, hd, capacity, scale, dout.get(), score_bytes);
   EXPECT_LE(relError(dout.download(), want), 1e-5);
+}
+
+// RoPE of the Q and K heads of fused Q|K|V rows and the append of K and V to a cache laid out
+// [kv_head][capacity][head_dim], against the CPU's applyRope and a plain copy.
+TEST(CudaKernels, RopeAppendMatchesCpu) {
+  REQUIRE_GPU();
+  const int T = 3, q_heads = 4, kv_heads = 2, hd = 64, Q = q_heads * hd, KV = kv_heads * hd, W = Q + 2 * KV;
+  const int capacity = 16, first = 5;
+  auto qkv = randn(size_t(T) * W);
+  std::vector<int> pos = {7, 8, 3000};
+  std::vector<float> inv(hd / 2);
+  for (int i = 0; i < hd / 2; ++i) inv[i] = float(std::pow(10000.0, -2.0 * i / hd));
+  std::vector<float> q(size_t(T) * Q), k(size_t(T) * KV);
+  for (int t = 0; t < T; ++t) {
+    std::copy_n(&qkv[size_t(t) * W], Q, &q[size_t(t) * Q]);
+    std::copy_n(&qkv[size_t(t) * W + Q], KV, &k[size_t(t) * KV]);
+  }
+  kernels::applyRope(q.data(), T, q_heads, hd, pos.data(), inv.data());
+  kernels::applyRope(k.data(), T, kv_heads, hd, pos.data(), inv.data());
+  DeviceBuffer<float> dqkv(qkv), dinv(inv), dK(poisoned(size_t(kv_heads) * capacity * hd)),
+      dV(poisoned(size_t(kv_heads) * capacity * hd));
+  DeviceBuffer<int> dpos(pos);
+  cuda::ropeAppendKV(dqkv.get(), T, q_heads, kv_heads, hd, dpos.get(), dinv.get(), dK.get(), dV.get(), capacity, first);
+  const auto out = dqkv.download(), K = dK.download(), V = dV.download();
+  std::vector<float> got_q, want_k, got_k, want_v, got_v;
+  for (int t = 0; t < T; ++t) {
+    got_q.insert(got_q.end(), &out[size_t(t) * W], &out[size_t(t) * W + Q]);
+    for (int h = 0; h < kv_heads; ++h)
+      for (int d = 0; d < hd; ++d) {
+        const size_t slot = (size_t(h) * capacity + first + t) * hd + d;
+        want_k.push_back(k[size_t(t) * KV + h * hd + d]);
+        got_k.push_back(K[slot]);
+        want_v.push_back(qkv[size_t(t) * W + Q + KV + h * hd + d]);
+        got_v.push_back(V[slot]);
+      }
+  }
+  EXPECT_LE(relError(got_q, q), kTol);
+  EXPECT_LE(relError(got_k, want_k), kTol);
+  EXPECT_EQ(got_v, want_v);
 }
 
 // Decode's GEMV kernel against cuBLAS on the same fp32 / fp16 inputs, with bias and accumulate.
