@@ -472,7 +472,7 @@ void Policy::quantize(KVCache& cache) const {
 KvBytes Policy::bytes(const KVCache& cache, int tokens_seen) const {
   const int64_t hd = lay_.head_dim;
   KvBytes b;
-  b.full = int64_t(tokens_seen) * lay_.layers * lay_.local_kv_heads * 2 * hd * 2;
+  b.full = fullCacheBytes(tokens_seen, lay_.layers, lay_.local_kv_heads, lay_.head_dim);
   for (int l = 0; l < lay_.layers; ++l)
     for (int h = 0; h < lay_.local_kv_heads; ++h) {
       const HeadCache& c = cache.head(l, h);

@@ -82,6 +82,11 @@ struct KvBytes {
   int64_t full = 0;    // the uncompressed cache of the same tokens, this rank
 };
 
+// An uncompressed cache of `tokens` entries per head: keys and values at 2 bytes, no index.
+inline int64_t fullCacheBytes(int64_t tokens, int layers, int kv_heads, int head_dim) {
+  return tokens * layers * kv_heads * 2 * int64_t(head_dim) * 2;
+}
+
 class Policy {
  public:
   Policy(PolicySpec spec, HeadLayout layout, comm::Communicator* group);

@@ -63,8 +63,7 @@ std::vector<BenchModel> benchModels(const BenchArgs& a) {
   std::vector<BenchModel> models;
   for (auto& m : a.models) {
     const ModelConfig c = loadConfig(m);
-    auto ck = std::make_shared<const Checkpoint>(m);
-    models.push_back({m, c, [c, ck](const WeightRange& r) { return loadWeights(c, *ck, Partition::make(c, 0, 1), r); }});
+    models.push_back({m, c, checkpointSource(c, Partition::make(c, 0, 1), m)});
   }
   for (auto& s : a.synthetic) {
     ModelConfig c = syntheticConfig(s);
@@ -73,7 +72,7 @@ std::vector<BenchModel> benchModels(const BenchArgs& a) {
     // (the bandwidth and FLOPs of a step do not depend on it).
     if (c.family == Family::Llama && !a.contexts.empty())
       c.max_positions = std::max(c.max_positions, *std::max_element(a.contexts.begin(), a.contexts.end()) + a.decode_steps + 1);
-    models.push_back({"synthetic:" + s, c, [c](const WeightRange& r) { return syntheticWeights(c, 0, Partition::make(c, 0, 1), r); }});
+    models.push_back({"synthetic:" + s, c, syntheticSource(c, Partition::make(c, 0, 1), 0)});
   }
   return models;
 }

@@ -20,7 +20,6 @@ namespace {
   throw Error("--device cuda: this kvtp was built without the CUDA backend (configure with -DKVTP_CUDA=ON where nvcc is)");
 }
 }  // namespace
-bool cudaBuilt() { return false; }
 int cudaDevices() { return 0; }
 int localDevice() { noCuda(); }
 double peakMemoryBandwidth(int) { noCuda(); }

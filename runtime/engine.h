@@ -13,7 +13,6 @@ namespace kvtp {
 class Engine {
  public:
   virtual ~Engine() = default;
-  virtual const ModelConfig& config() const = 0;
   // A new window (sequence): the KV cache empties.
   virtual void startWindow() = 0;
   // Runs T new tokens at `positions` (ascending, after everything cached) through the model,

@@ -18,12 +18,7 @@ namespace kvtp {
 namespace {
 
 using cuda::DeviceBuffer;
-
-template <class U>
-U* grow(DeviceBuffer<U>& b, size_t n) {
-  if (b.size() < n) b = DeviceBuffer<U>(n);
-  return b.get();
-}
+using cuda::grow;
 
 // Host float32 tensors, concatenated by rows, converted to T on the device (through a float32
 // staging buffer, so a 7B model converts in seconds).
@@ -120,13 +115,11 @@ class GpuEngine : public Engine {
     if (c_.family == Family::Llama) inv_freq_ = DeviceBuffer<float>(ropeInverseFrequencies(c_));
   }
 
-  const ModelConfig& config() const override { return c_; }
   void startWindow() override { length_ = 0, positions_host_.clear(); }
   void compress(int, bool) override {}
   bool compresses() const override { return false; }
   kv::KvBytes kvBytes(int tokens_seen) const override {
-    // docs/KV.md: a full cache of 2-byte values (the accounting every backend and policy shares).
-    const int64_t b = int64_t(tokens_seen) * c_.layers * part_.kv_heads * 2 * c_.head_dim * 2;
+    const int64_t b = kv::fullCacheBytes(tokens_seen, c_.layers, part_.kv_heads, c_.head_dim);  // docs/KV.md
     return {b, b};
   }
 
@@ -276,8 +269,8 @@ class GpuEngine : public Engine {
     int* d_targets = grow(targets_, rows);
     KVTP_CUDA_CHECK(cudaMemcpy(d_targets, targets, sizeof(int) * rows, cudaMemcpyHostToDevice));
     float* logits = grow(logits_, size_t(std::min(rows, kRows)) * V);
-    auto* mine = grow(partials_, size_t(kRows) * (part_.tp + 1));
-    auto* all = mine + kRows;
+    auto* mine = grow(partials_, size_t(kRows) * (part_.tp > 1 ? part_.tp + 1 : 1));
+    auto* all = part_.tp > 1 ? mine + kRows : mine;  // every rank's partials, in rank order
     std::vector<kernels::SoftmaxPartial> host(size_t(kRows) * part_.tp);
     std::vector<double> out(rows);
     for (int r0 = 0; r0 < rows; r0 += kRows) {
@@ -285,7 +278,6 @@ class GpuEngine : public Engine {
       cuda::gemm(blas_, hidden + size_t(r0) * P, n, P, head, V, nullptr, logits, false);
       cuda::softmaxPartials(logits, n, V, int(part_.vocab_begin), d_targets + r0, mine);
       if (part_.tp > 1) group_->allGather(mine, sizeof(kernels::SoftmaxPartial) * kRows, all);
-      else KVTP_CUDA_CHECK(cudaMemcpy(all, mine, sizeof(kernels::SoftmaxPartial) * kRows, cudaMemcpyDeviceToDevice));
       KVTP_CUDA_CHECK(cudaMemcpy(host.data(), all, sizeof(kernels::SoftmaxPartial) * host.size(), cudaMemcpyDeviceToHost));
       for (int i = 0; i < n; ++i) {
         kernels::SoftmaxPartial p = host[i];
@@ -315,7 +307,6 @@ class GpuEngine : public Engine {
 
 }  // namespace
 
-bool cudaBuilt() { return true; }
 int64_t deviceBytesPeak() { return cuda::DeviceMemory::peak.load(); }
 int cudaDevices() { return cuda::deviceCount(); }
 

@@ -24,8 +24,7 @@ struct GpuOptions {
   comm::Communicator* device_group = nullptr;
 };
 
-// Whether this kvtp was built with the CUDA backend, and how many GPUs it sees.
-bool cudaBuilt();
+// How many GPUs this process sees (0 in a build without the CUDA backend).
 int cudaDevices();
 
 // This rank's weights come from `source` a layer at a time (uploaded and converted as they come).

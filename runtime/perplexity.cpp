@@ -52,7 +52,6 @@ class CpuEngine : public Engine {
       : model_(model), cache_(model.newCache()), policy_(spec ? *spec : kv::PolicySpec{}, model.headLayout(), model.group()) {
     if (policy_.spec().rank) policy_.setLowRank(model.lowRankBases(policy_.spec().rank));
   }
-  const ModelConfig& config() const override { return model_.config(); }
   void startWindow() override {
     cache_.clear();
     policy_.startWindow();

@@ -75,11 +75,8 @@ void prepare(const PplJob& job, comm::Communicator* group, Prepared& m, PplJobRe
   }
   const ModelConfig& c = m.config;
   m.part = group ? Partition::make(c, group->rank(), group->size()) : Partition::make(c, 0, 1);
-  if (!job.model_dir.empty() && gpu) {
-    auto checkpoint = std::make_shared<const Checkpoint>(job.model_dir);  // opened (and checked) now
-    m.weights = [c, part = m.part, checkpoint](const WeightRange& r) { return loadWeights(c, *checkpoint, part, r); };
-  } else if (gpu) {
-    m.weights = [c, part = m.part, seed = job.seed](const WeightRange& r) { return syntheticWeights(c, seed, part, r); };
+  if (gpu) {
+    m.weights = job.model_dir.empty() ? syntheticSource(c, m.part, job.seed) : checkpointSource(c, m.part, job.model_dir);
   } else {
     m.model = job.model_dir.empty() ? Model::synthetic(c, job.seed, group) : Model::load(job.model_dir, group);
   }

@@ -1,6 +1,7 @@
 #include "runtime/weights.h"
 
 #include <algorithm>
+#include <memory>
 #include <random>
 
 #include "runtime/error.h"
@@ -116,6 +117,15 @@ ModelWeights loadWeights(const ModelConfig& config, const Checkpoint& ck, const 
     }
     return ck.read(stored, shape, shardSlice(name, shape, config, part));
   });
+}
+
+WeightSource checkpointSource(const ModelConfig& config, const Partition& part, const std::string& model_dir) {
+  auto checkpoint = std::make_shared<const Checkpoint>(model_dir);
+  return [config, part, checkpoint](const WeightRange& r) { return loadWeights(config, *checkpoint, part, r); };
+}
+
+WeightSource syntheticSource(const ModelConfig& config, const Partition& part, uint64_t seed) {
+  return [config, part, seed](const WeightRange& r) { return syntheticWeights(config, seed, part, r); };
 }
 
 int64_t weightElements(const ModelConfig& config, const Partition& part) {

@@ -60,5 +60,8 @@ int64_t weightElements(const ModelConfig& config, const Partition& part);
 
 // This rank's weights, one range at a time (a checkpoint read or synthetic weights).
 using WeightSource = std::function<ModelWeights(const WeightRange&)>;
+// From the safetensors of a Hugging Face folder (opened, and checked, now; read per range).
+WeightSource checkpointSource(const ModelConfig& config, const Partition& part, const std::string& model_dir);
+WeightSource syntheticSource(const ModelConfig& config, const Partition& part, uint64_t seed);
 
 }  // namespace kvtp

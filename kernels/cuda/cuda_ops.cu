@@ -229,15 +229,17 @@ void attention(const float* q, int q_stride, const int* q_pos, int T, int heads,
   const int G = group % 8 == 0 ? 8 : group % 4 == 0 ? 4 : group % 2 == 0 ? 2 : 1;  // query heads per block
   if (L == 0 || T == 0) return;
   // Enough blocks to fill the GPU (about 4 per SM) but at least 32 keys each.
-  int sms = 0;
-  KVTP_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+  static thread_local const int sms = [] {  // of this thread's device, asked once (a decode-step hot path)
+    int device = 0, n = 0;
+    KVTP_CUDA_CHECK(cudaGetDevice(&device));
+    KVTP_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+    return n;
+  }();
   const int want = std::max(1, 4 * sms / std::max(1, (heads / G) * T));
   const int chunk = std::max(32, (L + want - 1) / want), splits = (L + chunk - 1) / chunk;
   // Partials live in a grow-only scratch buffer: steady-state decode allocates nothing.
   static thread_local DeviceBuffer<float> scratch;
-  const size_t need = size_t(T) * heads * splits * (head_dim + 2);
-  if (scratch.size() < need) scratch = DeviceBuffer<float>(need);
-  float* part_o = scratch.get();
+  float* part_o = grow(scratch, size_t(T) * heads * splits * (head_dim + 2));
   float* part_ms = part_o + size_t(T) * heads * splits * head_dim;
   const dim3 grid(heads / G, splits, T);
   const int threads = 32 * kWarps;

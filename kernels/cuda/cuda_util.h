@@ -113,6 +113,14 @@ class DeviceBuffer {
   size_t n_ = 0;
 };
 
+// Grow-only scratch: reallocates only when `n` elements do not fit, so a steady state allocates
+// nothing. Returns the (possibly new) pointer.
+template <class T>
+T* grow(DeviceBuffer<T>& b, size_t n) {
+  if (b.size() < n) b = DeviceBuffer<T>(n);
+  return b.get();
+}
+
 class Blas {
  public:
   Blas() { KVTP_CUBLAS_CHECK(cublasCreate(&h_)); }

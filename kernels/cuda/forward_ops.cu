@@ -19,12 +19,6 @@ cudaDataType_t dataType() {
   else return CUDA_R_32F;
 }
 
-template <class U>
-U* grow(DeviceBuffer<U>& b, size_t n) {
-  if (b.size() < n) b = DeviceBuffer<U>(n);
-  return b.get();
-}
-
 // One warp per output row: lanes stride the row in 16-byte vectors, four in flight each.
 template <class T>
 __global__ void gemvKernel(const T* x, const T* W, int in, int out, const float* bias, float* y, bool accumulate) {
