@@ -1,72 +1,305 @@
 #include "kv/kv_cache.h"
 
 #include <algorithm>
+#include <cmath>
 #include <stdexcept>
+#include <string>
+
+#include "kernels/cpu_ops.h"
 
 namespace kvtp::kv {
 
-KVCache::KVCache(int layers, int kv_heads, int head_dim)
-    : layers_(layers), kv_heads_(kv_heads), head_dim_(head_dim), heads_(size_t(layers) * kv_heads) {}
+Affine fitAffine(const float* x, int n, int stride, int bits) {
+  float lo = x[0], hi = x[0];
+  for (int i = 1; i < n; ++i) {
+    lo = std::min(lo, x[int64_t(i) * stride]);
+    hi = std::max(hi, x[int64_t(i) * stride]);
+  }
+  return {lo, (hi - lo) / float((1 << bits) - 1)};
+}
+
+int encodeAffine(float x, Affine a, int bits) {
+  if (a.step <= 0) return 0;  // all values equal lo
+  return int(std::clamp(std::nearbyint((x - a.lo) / a.step), 0.0f, float((1 << bits) - 1)));
+}
+
+float fitInt8(const float* x, int n) {
+  float mx = 0;
+  for (int i = 0; i < n; ++i) mx = std::max(mx, std::abs(x[i]));
+  return mx / 127.0f;
+}
+
+int encodeInt8(float x, float step) {
+  if (step <= 0) return 0;
+  return int(std::clamp(std::nearbyint(x / step), -127.0f, 127.0f));
+}
+
+namespace {
+
+// n codes of `bits` bits (2, 4 or 8: a code never straddles a byte), low bits first.
+void pack(const int* q, int n, int bits, uint8_t* out) {
+  std::fill_n(out, (n * bits + 7) / 8, uint8_t(0));
+  for (int i = 0; i < n; ++i) out[i * bits / 8] |= uint8_t((q[i] & ((1 << bits) - 1)) << (i * bits % 8));
+}
+
+int unpack(const uint8_t* packed, int i, int bits) { return (packed[i * bits / 8] >> (i * bits % 8)) & ((1 << bits) - 1); }
+
+template <typename V>
+void appendRow(std::vector<V>& to, const std::vector<V>& from, int64_t row, int64_t width) {
+  to.insert(to.end(), from.begin() + row * width, from.begin() + (row + 1) * width);
+}
+
+}  // namespace
+
+// Which full entries a rebuild converts, and to what.
+struct KVCache::Conversion {
+  Form to = Form::Full;            // Full: none
+  std::vector<uint8_t> convert;    // per entry: 1 = convert it
+  std::vector<uint8_t> run_start;  // Kivi: per entry, 1 = a key group of `group` entries starts here
+  int bits = 0, group = 0;
+};
+
+KVCache::KVCache(int layers, int kv_heads, int head_dim, bool rows_on_device)
+    : layers_(layers), kv_heads_(kv_heads), head_dim_(head_dim), rows_on_device_(rows_on_device),
+      heads_(size_t(layers) * kv_heads) {}
 
 void KVCache::append(int layer, const float* k, const float* v, const int* positions, int T) {
   const int row = kv_heads_ * head_dim_;
   for (int h = 0; h < kv_heads_; ++h) {
-    HeadCache& c = heads_[size_t(layer) * kv_heads_ + h];
+    HeadCache& c = this->head(layer, h);
     for (int t = 0; t < T; ++t) {
-      const float* kr = k + int64_t(t) * row + h * head_dim_;
-      const float* vr = v + int64_t(t) * row + h * head_dim_;
-      c.keys.insert(c.keys.end(), kr, kr + head_dim_);
-      c.values.insert(c.values.end(), vr, vr + head_dim_);
+      const float* kr = rows_on_device_ ? nullptr : k + int64_t(t) * row + h * head_dim_;
+      const float* vr = rows_on_device_ ? nullptr : v + int64_t(t) * row + h * head_dim_;
+      if (!rows_on_device_) {
+        c.keys.insert(c.keys.end(), kr, kr + head_dim_);
+        c.values.insert(c.values.end(), vr, vr + head_dim_);
+      }
       c.positions.push_back(positions[t]);
       c.score.push_back(0.0);
       c.history.push_back(0);
-      c.quantized.push_back(0);
+      c.form.push_back(Form::Full);
     }
   }
 }
 
-void KVCache::retain(int layer, int head, const std::vector<int>& keep) {
-  HeadCache& c = heads_[size_t(layer) * kv_heads_ + head];
-  int out = 0;
-  for (int idx : keep) {
-    if (idx < out || idx >= c.length()) throw std::out_of_range("KVCache::retain: indices must ascend");
-    std::copy_n(c.keys.begin() + int64_t(idx) * head_dim_, head_dim_, c.keys.begin() + int64_t(out) * head_dim_);
-    std::copy_n(c.values.begin() + int64_t(idx) * head_dim_, head_dim_, c.values.begin() + int64_t(out) * head_dim_);
-    c.positions[out] = c.positions[idx];
-    c.score[out] = c.score[idx];
-    c.history[out] = c.history[idx];
-    c.quantized[out] = c.quantized[idx];
-    ++out;
-  }
-  c.keys.resize(size_t(out) * head_dim_);
-  c.values.resize(size_t(out) * head_dim_);
-  c.positions.resize(out);
-  c.score.resize(out);
-  c.history.resize(out);
-  c.quantized.resize(out);
-}
+void KVCache::retain(int layer, int head, const std::vector<int>& keep) { rebuild(layer, head, keep, {}); }
 
 void KVCache::clear() {
-  for (auto& c : heads_) {
-    c.keys.clear();
-    c.values.clear();
-    c.positions.clear();
-    c.score.clear();
-    c.history.clear();
-    c.quantized.clear();
+  for (auto& c : heads_) c = HeadCache{};
+}
+
+void KVCache::useBits(int bits) {
+  if (rows_on_device_) throw std::logic_error("KVCache: a device cache's mirror cannot quantize");
+  if (code_bits_ && code_bits_ != bits) throw std::logic_error("KVCache: one quantization per cache");
+  code_bits_ = bits;
+}
+
+void KVCache::quantizeInt8(int layer, int head) {
+  useBits(8);
+  Conversion cv;
+  cv.to = Form::Int8;
+  for (Form f : this->head(layer, head).form) cv.convert.push_back(f == Form::Full);
+  std::vector<int> all(this->head(layer, head).length());
+  for (int i = 0; i < int(all.size()); ++i) all[i] = i;
+  rebuild(layer, head, all, cv);
+}
+
+void KVCache::quantizeKivi(int layer, int head, const std::vector<int>& run_starts, int bits, int group) {
+  if (run_starts.empty()) return;
+  useBits(bits);
+  if (value_group_ && value_group_ != group) throw std::logic_error("KVCache: one KIVI group size per cache");
+  value_group_ = group;
+  const HeadCache& c = this->head(layer, head);
+  Conversion cv;
+  cv.to = Form::Kivi;
+  cv.bits = bits;
+  cv.group = group;
+  cv.convert.assign(size_t(c.length()), 0);
+  cv.run_start.assign(size_t(c.length()), 0);
+  for (int first : run_starts) {
+    if (first < 0 || first + group > c.length()) throw std::out_of_range("KVCache::quantizeKivi: run past the end");
+    cv.run_start[first] = 1;
+    for (int i = first; i < first + group; ++i) {
+      if (c.form[i] != Form::Full) throw std::logic_error("KVCache::quantizeKivi: a run must be full-precision entries");
+      cv.convert[i] = 1;
+    }
   }
+  std::vector<int> all(c.length());
+  for (int i = 0; i < c.length(); ++i) all[i] = i;
+  rebuild(layer, head, all, cv);
 }
 
-int64_t KVCache::tokensStored() const {
-  int64_t n = 0;
-  for (auto& c : heads_) n += c.length();
-  return n;
+void KVCache::toLowRank(int layer, int head, int end) {
+  if (rows_on_device_) throw std::logic_error("KVCache: a device cache's mirror cannot hold low-rank entries");
+  if (int(lowrank_.keys.size()) != layers_ * kv_heads_) throw std::logic_error("KVCache: low rank asked for but no bases were set");
+  const HeadCache& c = this->head(layer, head);
+  Conversion cv;
+  cv.to = Form::LowRank;
+  for (int i = 0; i < c.length(); ++i) cv.convert.push_back(i < end && c.form[i] == Form::Full);
+  if (std::find(cv.convert.begin(), cv.convert.end(), 1) == cv.convert.end()) return;
+  std::vector<int> all(c.length());
+  for (int i = 0; i < c.length(); ++i) all[i] = i;
+  rebuild(layer, head, all, cv);
 }
 
-int64_t KVCache::bytes() const {
-  int64_t b = 0;
-  for (auto& c : heads_) b += int64_t(c.length()) * (2 * head_dim_ * int64_t(sizeof(float)) + sizeof(int32_t));
-  return b;
+// Rebuilds a head's stores from the entries `keep`, converting those `cv` names: every store
+// stays dense and in entry order, so an entry's row is the count of earlier entries of its form.
+void KVCache::rebuild(int layer, int head, const std::vector<int>& keep, const Conversion& cv) {
+  const HeadCache& c = this->head(layer, head);
+  const int hd = head_dim_, n = c.length();
+  const int cb = code_bits_ ? codeBytes() : 0, r = lowrank_.rank;
+  const int row_params = code_bits_ == 8 ? 2 : value_group_ ? 2 * ((hd + value_group_ - 1) / value_group_) : 0;
+  std::vector<int> row(static_cast<size_t>(n)), group(static_cast<size_t>(n), -1);
+  int count[4] = {}, g = -1, left = 0;
+  for (int i = 0; i < n; ++i) {
+    row[i] = count[int(c.form[i])]++;
+    if (c.form[i] != Form::Kivi) continue;
+    if (left == 0) left = c.group_rows[++g];
+    group[i] = g, --left;
+  }
+
+  HeadCache out;
+  std::vector<int> q(static_cast<size_t>(hd));
+  auto pushCodes = [&](const std::vector<int>& codes, int bits) {
+    out.codes.resize(out.codes.size() + cb);
+    pack(codes.data(), hd, bits, out.codes.data() + out.codes.size() - cb);
+  };
+  int prev = -1, last_group = -1;
+  for (int i : keep) {
+    if (i <= prev || i >= n) throw std::out_of_range("KVCache::retain: indices must ascend within the head");
+    prev = i;
+    out.positions.push_back(c.positions[i]);
+    out.score.push_back(c.score[i]);
+    out.history.push_back(c.history[i]);
+    const bool convert = !cv.convert.empty() && cv.convert[i];
+    const Form f = convert ? cv.to : c.form[i];
+    out.form.push_back(f);
+    if (!convert) {
+      switch (f) {
+        case Form::Full:
+          if (rows_on_device_) break;
+          appendRow(out.keys, c.keys, row[i], hd);
+          appendRow(out.values, c.values, row[i], hd);
+          break;
+        case Form::Int8:
+        case Form::Kivi:
+          appendRow(out.codes, c.codes, row[i], 2 * cb);
+          appendRow(out.row_params, c.row_params, row[i], row_params);
+          if (f == Form::Kivi) {
+            if (group[i] != last_group) {
+              appendRow(out.key_params, c.key_params, group[i], 2 * hd);
+              out.group_rows.push_back(0);
+              last_group = group[i];
+            }
+            ++out.group_rows.back();
+          }
+          break;
+        case Form::LowRank: appendRow(out.coords, c.coords, row[i], 2 * r); break;
+      }
+      continue;
+    }
+    last_group = -1;  // a converted run opens its own group
+    const float* key = c.keys.data() + int64_t(row[i]) * hd;  // converted entries are full
+    const float* value = c.values.data() + int64_t(row[i]) * hd;
+    if (f == Form::Int8) {
+      for (const float* x : {key, value}) {
+        const float step = fitInt8(x, hd);
+        for (int ch = 0; ch < hd; ++ch) q[ch] = encodeInt8(x[ch], step);
+        pushCodes(q, 8);
+        out.row_params.push_back(step);
+      }
+    } else if (f == Form::Kivi) {
+      if (cv.run_start[i]) {  // keys: per channel over the run's `group` consecutive full rows
+        for (int ch = 0; ch < hd; ++ch) {
+          const Affine a = fitAffine(key + ch, cv.group, hd, cv.bits);
+          out.key_params.insert(out.key_params.end(), {a.lo, a.step});
+        }
+        out.group_rows.push_back(0);
+      }
+      const float* kp = out.key_params.data() + out.key_params.size() - 2 * hd;
+      for (int ch = 0; ch < hd; ++ch) q[ch] = encodeAffine(key[ch], {kp[2 * ch], kp[2 * ch + 1]}, cv.bits);
+      pushCodes(q, cv.bits);
+      for (int ch = 0; ch < hd; ch += cv.group) {  // values: per token over groups of channels
+        const int w = std::min(cv.group, hd - ch);
+        const Affine a = fitAffine(value + ch, w, 1, cv.bits);
+        for (int j = 0; j < w; ++j) q[ch + j] = encodeAffine(value[ch + j], a, cv.bits);
+        out.row_params.insert(out.row_params.end(), {a.lo, a.step});
+      }
+      pushCodes(q, cv.bits);
+      ++out.group_rows.back();
+    } else {  // low rank: keys leave their rotated frame (W_k acts before RoPE), then project
+      const size_t b = size_t(layer) * kv_heads_ + head;
+      std::vector<float> k(key, key + hd);
+      const int back = -c.positions[i];
+      if (!lowrank_.rope_inv_freq.empty()) kernels::applyRope(k.data(), 1, 1, hd, &back, lowrank_.rope_inv_freq.data());
+      out.coords.resize(out.coords.size() + 2 * r);
+      float* z = out.coords.data() + out.coords.size() - 2 * r;
+      coordinates(k.data(), lowrank_.keys[b].data(), hd, r, z);
+      coordinates(value, lowrank_.values[b].data(), hd, r, z + r);
+    }
+  }
+  this->head(layer, head) = std::move(out);
+}
+
+HeadRows KVCache::rows(int layer, int head, std::vector<float>& scratch) const {
+  if (rows_on_device_) throw std::logic_error("KVCache: a device cache's rows are on the device");
+  const HeadCache& c = this->head(layer, head);
+  if (c.codes.empty() && c.coords.empty()) return {c.keys.data(), c.values.data()};
+  const int hd = head_dim_, n = c.length(), cb = codeBytes(), r = lowrank_.rank;
+  scratch.resize(size_t(2) * n * hd);
+  float* keys = scratch.data();
+  float* values = keys + int64_t(n) * hd;
+  int count[4] = {}, g = -1, left = 0;
+  for (int i = 0; i < n; ++i) {
+    float* k = keys + int64_t(i) * hd;
+    float* v = values + int64_t(i) * hd;
+    const int row = count[int(c.form[i])]++;
+    switch (c.form[i]) {
+      case Form::Full:
+        std::copy_n(c.keys.data() + int64_t(row) * hd, hd, k);
+        std::copy_n(c.values.data() + int64_t(row) * hd, hd, v);
+        break;
+      case Form::Int8: {
+        const uint8_t* codes = c.codes.data() + int64_t(row) * 2 * cb;
+        const float* step = c.row_params.data() + int64_t(row) * 2;
+        for (int ch = 0; ch < hd; ++ch) {
+          k[ch] = float(int8_t(unpack(codes, ch, 8))) * step[0];
+          v[ch] = float(int8_t(unpack(codes + cb, ch, 8))) * step[1];
+        }
+        break;
+      }
+      case Form::Kivi: {
+        if (left == 0) left = c.group_rows[++g];
+        --left;
+        const uint8_t* codes = c.codes.data() + int64_t(row) * 2 * cb;
+        const float* kp = c.key_params.data() + int64_t(g) * 2 * hd;
+        const int vg = (hd + value_group_ - 1) / value_group_;
+        const float* vp = c.row_params.data() + int64_t(row) * 2 * vg;
+        for (int ch = 0; ch < hd; ++ch) {
+          k[ch] = Affine{kp[2 * ch], kp[2 * ch + 1]}.decode(unpack(codes, ch, code_bits_));
+          const int j = ch / value_group_;
+          v[ch] = Affine{vp[2 * j], vp[2 * j + 1]}.decode(unpack(codes + cb, ch, code_bits_));
+        }
+        break;
+      }
+      case Form::LowRank: {
+        const size_t b = size_t(layer) * kv_heads_ + head;
+        const float* z = c.coords.data() + int64_t(row) * 2 * r;
+        reconstruct(z, lowrank_.keys[b].data(), hd, r, k);
+        if (!lowrank_.rope_inv_freq.empty()) kernels::applyRope(k, 1, 1, hd, &c.positions[i], lowrank_.rope_inv_freq.data());
+        reconstruct(z + r, lowrank_.values[b].data(), hd, r, v);
+        break;
+      }
+    }
+  }
+  return {keys, values};
+}
+
+int64_t KVCache::storedBytes(int layer, int head) const {
+  const HeadCache& c = this->head(layer, head);
+  if (rows_on_device_) return int64_t(c.length()) * 2 * head_dim_ * 2;  // only full entries there
+  const size_t halves = c.keys.size() + c.values.size() + c.row_params.size() + c.key_params.size() + c.coords.size();
+  return int64_t(halves) * 2 + int64_t(c.codes.size()) + int64_t(c.group_rows.size()) * 2;
 }
 
 }  // namespace kvtp::kv

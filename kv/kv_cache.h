@@ -1,44 +1,102 @@
 // The KV cache: per layer, per (local) KV head, a variable-length list of kept tokens with their
 // keys, values and absolute positions. Heads are independent so that compression policies can
 // keep different tokens per head; attention masks by position, not by index.
+//
+// An entry is held in one of four forms: full precision, int8 codes, KIVI codes (2/4 bits) or
+// low-rank coordinates. Each form has its own packed store per head; attention asks for a head's
+// rows (`rows`), which are the stores themselves while every entry is full precision and are
+// otherwise dequantized / reconstructed into a scratch the caller owns.
 #pragma once
 #include <cstddef>
 #include <cstdint>
 #include <vector>
 
+#include "kv/lowrank.h"
+
 namespace kvtp::kv {
 
+enum class Form : uint8_t { Full, Int8, Kivi, LowRank };
+
+// Asymmetric `bits`-bit quantization of values: x ~ lo + code * step with codes in
+// [0, 2^bits - 1]; fitted to the min and max, so the error is at most step / 2.
+struct Affine {
+  float lo = 0, step = 0;
+  float decode(int code) const { return lo + float(code) * step; }
+};
+Affine fitAffine(const float* x, int n, int stride, int bits);
+int encodeAffine(float x, Affine a, int bits);
+// Symmetric int8: x ~ code * step with step = max|x| / 127, error at most step / 2.
+float fitInt8(const float* x, int n);
+int encodeInt8(float x, float step);
+
 struct HeadCache {
-  std::vector<float> keys;        // (length, head_dim)
-  std::vector<float> values;      // (length, head_dim)
-  std::vector<int32_t> positions; // (length): the token's absolute position
-  // Per entry, kept in step with the entries by append/retain; owned by kv::Policy.
-  std::vector<double> score;      // the eviction policy's importance score
-  std::vector<uint64_t> history;  // Scissorhands: one bit per recent step, 1 = attended above average
-  std::vector<uint8_t> quantized; // 1 once quantized, 2 once reduced to low rank (kv/lowrank.h)
+  // Per entry, in position order; score/history/... are kept in step by every change.
+  std::vector<int32_t> positions;  // the token's absolute position
+  std::vector<double> score;       // the eviction policy's importance score (kv::Policy)
+  std::vector<uint64_t> history;   // Scissorhands: one bit per recent step, 1 = attended above average
+  std::vector<Form> form;          // how the entry is stored
+  // The stores, one row per entry of that form, rows in entry order.
+  std::vector<float> keys, values;   // Full: head_dim each
+  std::vector<uint8_t> codes;        // Int8 / Kivi: key codes then value codes, bit-packed
+  std::vector<float> row_params;     // Int8: key step, value step; Kivi: value (lo, step) per channel group
+  std::vector<float> key_params;     // Kivi: per key group, (lo, step) per channel
+  std::vector<uint16_t> group_rows;  // Kivi: rows left in each key group (eviction thins groups)
+  std::vector<float> coords;         // LowRank: rank key then rank value coordinates
   int length() const { return int(positions.size()); }
+};
+
+// A head's keys and values as full-precision (length, head_dim) rows.
+struct HeadRows {
+  const float* keys;
+  const float* values;
 };
 
 class KVCache {
  public:
-  KVCache(int layers, int kv_heads, int head_dim);
+  // rows_on_device: a host mirror of a device cache (the CUDA engine's): positions, scores and
+  // forms only, so that kv::Policy decides for it; the rows live on the GPU.
+  KVCache(int layers, int kv_heads, int head_dim, bool rows_on_device = false);
 
-  // Appends T tokens to every head of `layer`; k and v are (T, kv_heads * head_dim).
+  // Appends T tokens to every head of `layer` at full precision; k and v are (T, kv_heads * head_dim).
   void append(int layer, const float* k, const float* v, const int* positions, int T);
   // Keeps only entries `keep` (ascending indices into the head's current list).
   void retain(int layer, int head, const std::vector<int>& keep);
   void clear();
 
+  // Storage conversions of full-precision entries (others are left as they are).
+  // Int8: every full entry, keys and values per token.
+  void quantizeInt8(int layer, int head);
+  // KIVI: each run [first, first + group) becomes one key group (keys per channel over the run's
+  // entries, values per token over groups of `group` channels).
+  void quantizeKivi(int layer, int head, const std::vector<int>& run_starts, int bits, int group);
+  // Low rank: full entries before index `end` become their coordinates in the head's bases.
+  void setLowRank(LowRankBases bases) { lowrank_ = std::move(bases); }
+  void toLowRank(int layer, int head, int end);
+
+  // Full-precision rows of every entry, in entry order; `scratch` holds them unless the head has
+  // only full entries (then they are the store itself).
+  HeadRows rows(int layer, int head, std::vector<float>& scratch) const;
+  // Bytes as a GPU stores this head: 2 per float (fp16), codes as packed, 2 per group count.
+  int64_t storedBytes(int layer, int head) const;
+
   const HeadCache& head(int layer, int h) const { return heads_[size_t(layer) * kv_heads_ + h]; }
+  // For the policy's per-entry score and history; the stores change only through the methods above.
   HeadCache& head(int layer, int h) { return heads_[size_t(layer) * kv_heads_ + h]; }
   int layers() const { return layers_; }
   int kvHeads() const { return kv_heads_; }
   int headDim() const { return head_dim_; }
-  int64_t tokensStored() const;  // summed over layers and heads
-  int64_t bytes() const;         // keys + values at float32, plus the position index (in memory here)
 
  private:
+  struct Conversion;
+  void rebuild(int layer, int head, const std::vector<int>& keep, const Conversion& convert);
+  int codeBytes() const { return (head_dim_ * code_bits_ + 7) / 8; }  // one key's or value's codes
+  void useBits(int bits);
+
   int layers_, kv_heads_, head_dim_;
+  bool rows_on_device_;
+  int code_bits_ = 0;   // 8 (int8) or KIVI's 2 / 4, fixed by the first quantization
+  int value_group_ = 0; // KIVI: channels per value group
+  LowRankBases lowrank_;
   std::vector<HeadCache> heads_;
 };
 

@@ -59,15 +59,26 @@ std::vector<float> leftSingularBasis(const float* W, int rows, int cols, int r) 
   return leadingEigenvectors(std::move(g), rows, r);
 }
 
-void projectOnto(float* x, const float* B, int n, int r) {
-  std::vector<double> z(r, 0.0);  // the r coordinates a cache would store
-  for (int i = 0; i < n; ++i)
-    for (int k = 0; k < r; ++k) z[k] += double(B[size_t(i) * r + k]) * x[i];
+void coordinates(const float* x, const float* B, int n, int r, float* z) {
+  for (int k = 0; k < r; ++k) {
+    double s = 0;
+    for (int i = 0; i < n; ++i) s += double(B[size_t(i) * r + k]) * x[i];
+    z[k] = float(s);
+  }
+}
+
+void reconstruct(const float* z, const float* B, int n, int r, float* x) {
   for (int i = 0; i < n; ++i) {
     double s = 0;
     for (int k = 0; k < r; ++k) s += double(B[size_t(i) * r + k]) * z[k];
     x[i] = float(s);
   }
+}
+
+void projectOnto(float* x, const float* B, int n, int r) {
+  std::vector<float> z(static_cast<size_t>(r));
+  coordinates(x, B, n, r, z.data());
+  reconstruct(z.data(), B, n, r, x);
 }
 
 }  // namespace kvtp::kv

@@ -14,6 +14,10 @@ std::vector<float> leadingEigenvectors(std::vector<double> a, int n, int r);
 // Basis of the top-r left singular vectors of W (rows x cols, row-major): eigenvectors of W W^T.
 std::vector<float> leftSingularBasis(const float* W, int rows, int cols, int r);
 
+// z (r) = B^T x: x's coordinates in the basis B (n x r, orthonormal columns).
+void coordinates(const float* x, const float* B, int n, int r, float* z);
+// x (n) = B z.
+void reconstruct(const float* z, const float* B, int n, int r, float* x);
 // x (n) <- B B^T x: its projection on the span of the basis B (n x r, orthonormal columns).
 void projectOnto(float* x, const float* B, int n, int r);
 

@@ -176,29 +176,6 @@ PolicySpec parsePolicy(const std::string& kv, const std::string& kv_quant, const
   return s;
 }
 
-void quantizeAsymmetric(float* x, int n, int stride, int bits) {
-  float lo = x[0], hi = x[0];
-  for (int i = 1; i < n; ++i) {
-    lo = std::min(lo, x[i * stride]);
-    hi = std::max(hi, x[i * stride]);
-  }
-  const int levels = (1 << bits) - 1;
-  const float scale = (hi - lo) / float(levels);
-  if (scale <= 0) return;
-  for (int i = 0; i < n; ++i) {
-    const float q = std::nearbyint((x[i * stride] - lo) / scale);
-    x[i * stride] = lo + std::clamp(q, 0.0f, float(levels)) * scale;
-  }
-}
-
-void quantizeInt8(float* x, int n) {
-  float mx = 0;
-  for (int i = 0; i < n; ++i) mx = std::max(mx, std::abs(x[i]));
-  if (mx == 0) return;
-  const float scale = mx / 127.0f;
-  for (int i = 0; i < n; ++i) x[i] = std::clamp(std::nearbyint(x[i] / scale), -127.0f, 127.0f) * scale;
-}
-
 Policy::Policy(PolicySpec spec, HeadLayout layout, comm::Communicator* group)
     : spec_(spec), lay_(layout), group_(group) {}
 
@@ -242,29 +219,10 @@ void Policy::evictDecoded(KVCache& cache, int last_pos) {
     }
 }
 
-// Entries older than the full-rank window become their rank-r reconstruction. Keys were rotated
-// (RoPE) after the projection W_k, so they are rotated back, projected, and rotated again.
+// Entries older than the full-rank window are cached as their low-rank coordinates.
 void Policy::project(KVCache& cache) const {
-  const int hd = lay_.head_dim, r = lowrank_.rank;
-  if (int(lowrank_.keys.size()) != lay_.layers * lay_.local_kv_heads)
-    throw std::logic_error("Policy: low-rank channels asked for but no bases were set");
   for (int l = 0; l < lay_.layers; ++l)
-    for (int h = 0; h < lay_.local_kv_heads; ++h) {
-      HeadCache& c = cache.head(l, h);
-      const auto& kb = lowrank_.keys[size_t(l) * lay_.local_kv_heads + h];
-      const auto& vb = lowrank_.values[size_t(l) * lay_.local_kv_heads + h];
-      for (int i = 0; i < c.length() - spec_.lowrank_window; ++i) {
-        if (c.quantized[i]) continue;
-        float* k = &c.keys[size_t(i) * hd];
-        const bool rope = !lowrank_.rope_inv_freq.empty();
-        const int back = -c.positions[i];
-        if (rope) kernels::applyRope(k, 1, 1, hd, &back, lowrank_.rope_inv_freq.data());
-        projectOnto(k, kb.data(), hd, r);
-        if (rope) kernels::applyRope(k, 1, 1, hd, &c.positions[i], lowrank_.rope_inv_freq.data());
-        projectOnto(&c.values[size_t(i) * hd], vb.data(), hd, r);
-        c.quantized[i] = 2;
-      }
-    }
+    for (int h = 0; h < lay_.local_kv_heads; ++h) cache.toLowRank(l, h, cache.head(l, h).length() - spec_.lowrank_window);
 }
 
 // Folds the step's attention into each entry's score. A replicated KV head sees only its local
@@ -433,66 +391,36 @@ void Policy::evict(KVCache& cache, int last_pos, bool prefill) {
     }
 }
 
-// Entries quantized in place (their values become what dequantizing would give). int8: every
-// entry, per token. KIVI: entries older than the residual window, keys per channel over groups
-// of `group` entries, values per token over groups of `group` channels.
+// int8: every entry, per token. KIVI: entries older than the residual window, keys per channel
+// over groups of `group` consecutive entries, values per token over groups of `group` channels.
 void Policy::quantize(KVCache& cache) const {
-  const int hd = lay_.head_dim;
   for (int l = 0; l < lay_.layers; ++l)
     for (int h = 0; h < lay_.local_kv_heads; ++h) {
-      HeadCache& c = cache.head(l, h);
-      const int n = c.length();
       if (spec_.quant == Quant::Int8) {
-        for (int i = 0; i < n; ++i)
-          if (!c.quantized[i]) {
-            quantizeInt8(&c.keys[size_t(i) * hd], hd);
-            quantizeInt8(&c.values[size_t(i) * hd], hd);
-            c.quantized[i] = 1;
-          }
+        cache.quantizeInt8(l, h);
         continue;
       }
-      const int old = std::max(0, n - spec_.residual);  // entries [0, old) left the residual window
-      std::vector<int> pending;
+      const HeadCache& c = cache.head(l, h);
+      const int old = std::max(0, c.length() - spec_.residual);  // entries [0, old) left the residual window
+      std::vector<int> pending, runs;
       for (int i = 0; i < old; ++i)
-        if (!c.quantized[i]) pending.push_back(i);
+        if (c.form[i] == Form::Full) pending.push_back(i);
       for (size_t g = 0; g + spec_.group <= pending.size(); g += spec_.group) {
-        // Keys: per channel over the group's entries (they are consecutive among the pending).
         const int first = pending[g], last = pending[g + spec_.group - 1];
         if (last - first + 1 != spec_.group) continue;  // a hole from eviction: wait for a clean group
-        for (int ch = 0; ch < hd; ++ch) quantizeAsymmetric(&c.keys[size_t(first) * hd + ch], spec_.group, hd, spec_.bits);
-        for (int i = first; i <= last; ++i) {
-          for (int ch = 0; ch < hd; ch += spec_.group)
-            quantizeAsymmetric(&c.values[size_t(i) * hd + ch], std::min(spec_.group, hd - ch), 1, spec_.bits);
-          c.quantized[i] = 1;
-        }
+        runs.push_back(first);
       }
+      cache.quantizeKivi(l, h, runs, spec_.bits, spec_.group);
     }
 }
 
+// Bytes as stored (kv/kv_cache.h), plus a 4-byte position per entry once tokens are evicted.
 KvBytes Policy::bytes(const KVCache& cache, int tokens_seen) const {
-  const int64_t hd = lay_.head_dim;
   KvBytes b;
   b.full = fullCacheBytes(tokens_seen, lay_.layers, lay_.local_kv_heads, lay_.head_dim);
   for (int l = 0; l < lay_.layers; ++l)
-    for (int h = 0; h < lay_.local_kv_heads; ++h) {
-      const HeadCache& c = cache.head(l, h);
-      for (int i = 0; i < c.length(); ++i) {
-        if (!c.quantized[i]) {
-          b.stored += 2 * hd * 2;
-        } else if (c.quantized[i] == 2) {
-          b.stored += 2 * int64_t(spec_.rank) * 2;  // r fp16 coordinates for key and value
-        } else if (spec_.quant == Quant::Int8) {
-          b.stored += 2 * (hd + 2);  // codes + one fp16 scale, for key and value
-        } else {
-          const int64_t codes = 2 * ((hd * spec_.bits + 7) / 8);  // key and value codes, whole bytes
-          // Scale + zero point (fp16 each): keys per channel shared by `group` entries, values
-          // per group of channels.
-          const double meta = 4.0 * hd / spec_.group + 4.0 * ((hd + spec_.group - 1) / spec_.group);
-          b.stored += codes + int64_t(std::ceil(meta));
-        }
-        if (spec_.evicts()) b.stored += 4;  // the entry's position
-      }
-    }
+    for (int h = 0; h < lay_.local_kv_heads; ++h)
+      b.stored += cache.storedBytes(l, h) + (spec_.evicts() ? 4 * int64_t(cache.head(l, h).length()) : 0);
   return b;
 }
 

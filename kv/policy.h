@@ -14,7 +14,6 @@
 
 #include "comm/communicator.h"
 #include "kv/kv_cache.h"
-#include "kv/lowrank.h"
 
 namespace kvtp::kv {
 
@@ -92,8 +91,6 @@ class Policy {
   Policy(PolicySpec spec, HeadLayout layout, comm::Communicator* group);
 
   const PolicySpec& spec() const { return spec_; }
-  // Low-rank channels need the projection bases of the heads this rank holds.
-  void setLowRank(LowRankBases bases) { lowrank_ = std::move(bases); }
   // After a forward step that appended tokens up to absolute position `last_pos` (prefill: T > 1).
   // Updates scores, evicts to the budget, quantizes what aged out of the residual window.
   void afterStep(KVCache& cache, const StepAttention& attn, int last_pos, bool prefill);
@@ -106,21 +103,14 @@ class Policy {
   void evict(KVCache& cache, int last_pos, bool prefill);
   void evictDecoded(KVCache& cache, int last_pos);
   void quantize(KVCache& cache) const;
-  void project(KVCache& cache) const;
+  void project(KVCache& cache) const;  // low-rank channels: the cache must hold the bases
   int globalIndex(int layer, int local_head) const;
 
   PolicySpec spec_;
   HeadLayout lay_;
   comm::Communicator* group_;
-  LowRankBases lowrank_;
   int prefill_end_ = 0;   // first position decoded (not part of the prompt)
   int decode_steps_ = 0;  // decode steps since the prompt
 };
-
-// Quantize-dequantize helpers (also what the tests check against the analytic error bound).
-// Asymmetric `bits`-bit over n values with stride: error <= (max - min) / (2^bits - 1) / 2.
-void quantizeAsymmetric(float* x, int n, int stride, int bits);
-// Symmetric int8: error <= max|x| / 127 / 2.
-void quantizeInt8(float* x, int n);
 
 }  // namespace kvtp::kv

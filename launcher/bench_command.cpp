@@ -12,6 +12,7 @@
 #include <random>
 
 #include "launcher/commands.h"
+#include "runtime/error.h"
 #include "runtime/gpu_engine.h"
 #include "runtime/model.h"
 #include "runtime/presets.h"
@@ -48,7 +49,7 @@ struct BenchArgs {
   std::vector<std::string> models, synthetic;
   int seq_len = 2048, repeats = 3, layers = 0, decode_steps = 32;
   std::vector<int> contexts = {2048, 8192, 32768};
-  std::string device = "cpu", dtype = "fp16";
+  std::string device = "cpu", dtype = "fp16", kv;
   bool json = false;
 };
 
@@ -93,7 +94,13 @@ void benchGpu(const BenchArgs& a) {
   for (auto& [name, c, weights] : benchModels(a)) {
     const Partition whole = Partition::make(c, 0, 1);
     const double weight_bytes = double(weightElements(c, whole)) * elem;
-    auto engine = makeGpuEngine(c, whole, weights, {dtype, device, nullptr});
+    kv::PolicySpec spec;
+    try {
+      spec = kv::parsePolicy(a.kv, "");
+    } catch (const std::invalid_argument& e) {
+      throw kvtp::Error(e.what());
+    }
+    auto engine = makeGpuEngine(c, whole, weights, {dtype, device, nullptr, spec, nullptr});
     std::mt19937 rng(2);
     auto randomTokens = [&](int n) {
       std::vector<int> t(n);
@@ -125,22 +132,26 @@ void benchGpu(const BenchArgs& a) {
       const auto ctx = randomTokens(C + a.decode_steps + 1);
       engine->startWindow();
       engine->step(ctx.data(), pos.data(), C, 0, 0, nullptr);
+      engine->compress(C - 1, true);  // --kv: the context is the prompt, compressed at its end
       std::vector<double> times;
       for (int i = C; i < C + a.decode_steps; ++i) {
         const auto t0 = std::chrono::steady_clock::now();
         engine->step(&ctx[i], &pos[i], 1, 0, 1, &ctx[i + 1]);
+        engine->compress(i, false);
         times.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
       }
       std::sort(times.begin(), times.end());
       const double step = times[times.size() / 2];
-      const double kv_bytes = double(C + a.decode_steps / 2) * c.layers * c.kv_heads * 2 * c.head_dim * elem;
+      // The KV bytes one step reads: what the cache holds mid-run (counted at 2 bytes a value).
+      const double kv_bytes = double(engine->kvBytes(C + a.decode_steps / 2).stored) * elem / 2;
       const double floor = (weight_bytes + kv_bytes) / peak;
-      m["decode"].push_back({{"context", C}, {"batch", 1}, {"ms_per_token", 1e3 * step},
+      m["decode"].push_back({{"context", C}, {"batch", 1}, {"kv", spec.describe()}, {"kv_bytes", kv_bytes},
+                             {"ms_per_token", 1e3 * step},
                              {"floor_ms", 1e3 * floor}, {"ratio_to_floor", floor / step},
                              {"achieved_gbs", (weight_bytes + kv_bytes) / step / 1e9}});
       if (!a.json)
-        std::printf("%-24s decode at %5d: %7.3f ms/token (median of %d)  floor %7.3f ms  %5.1f%% of peak bandwidth\n",
-                    name.c_str(), C, 1e3 * step, a.decode_steps, 1e3 * floor, 100 * floor / step);
+        std::printf("%-24s decode at %5d: %7.3f ms/token (median of %d)  KV %7.1f MiB  floor %7.3f ms  %5.1f%% of peak bandwidth\n",
+                    name.c_str(), C, 1e3 * step, a.decode_steps, kv_bytes / (1 << 20), 1e3 * floor, 100 * floor / step);
     }
     out["models"].push_back(m);
   }
@@ -162,6 +173,7 @@ void addBenchCommand(CLI::App& app) {
   cmd->add_option("--contexts", a->contexts, "cuda: decode context lengths")->delimiter(',');
   cmd->add_option("--decode-steps", a->decode_steps, "cuda: timed decode steps per context (median reported)")
       ->check(CLI::PositiveNumber);
+  cmd->add_option("--kv", a->kv, "cuda: compress each context as a prompt, e.g. snapkv:budget=0.2 (docs/KV.md)");
   cmd->add_option("--layers", a->layers, "synthetic: override the number of layers (0 = the preset's)");
   cmd->callback([a] {
     if (a->device == "cuda") {

@@ -7,12 +7,14 @@
 #include <cmath>
 #include <cstdlib>
 #include <set>
+#include <type_traits>
 #include <vector>
 
 #include "comm/nccl_communicator.h"
 #include "kernels/cuda/cuda_ops.h"
 #include "kernels/cuda/forward_ops.h"
 #include "runtime/error.h"
+#include "runtime/partition.h"
 
 namespace kvtp {
 namespace {
@@ -63,14 +65,19 @@ struct GpuLayer {
   DeviceBuffer<float> attn_norm_w, attn_norm_b, ffn_norm_w, ffn_norm_b;
   DeviceBuffer<T> wqkv, wo, w_in, w_down;  // w_in: Llama gate|up (2F, H), OPT fc1 (F, H)
   DeviceBuffer<float> bqkv, bo, b_in, b_down;
-  DeviceBuffer<T> K, V;  // the KV cache: [kv_head][capacity][head_dim]
+  DeviceBuffer<T> K, V;    // the KV cache: [kv_head][capacity][head_dim]
+  DeviceBuffer<int> pos;  // the cached rows' positions: [kv_head][capacity]
 };
 
 template <class T>
 class GpuEngine : public Engine {
  public:
   GpuEngine(const ModelConfig& config, const Partition& part, const WeightSource& source, const GpuOptions& o)
-      : c_(config), part_(part), group_(o.device_group) {
+      : c_(config), part_(part), group_(o.device_group), len_(size_t(config.layers) * part.kv_heads, 0),
+        policy_(o.kv, headLayout(config, part), o.host_group),
+        mirror_(config.layers, part.kv_heads, config.head_dim, true),
+        row_positions_(len_.size()) {
+    checkGpuCompression(o.kv);
     if (!std::set<int>{8, 16, 32, 64, 128, 256}.count(c_.head_dim))
       throw Error("the CUDA backend needs head_dim 8, 16, 32, 64, 128 or 256 (this model: " +
                   std::to_string(c_.head_dim) + ")");
@@ -115,24 +122,100 @@ class GpuEngine : public Engine {
     if (c_.family == Family::Llama) inv_freq_ = DeviceBuffer<float>(ropeInverseFrequencies(c_));
   }
 
-  void startWindow() override { length_ = 0, positions_host_.clear(); }
-  void compress(int, bool) override {}
-  bool compresses() const override { return false; }
+  void startWindow() override {
+    std::fill(len_.begin(), len_.end(), 0);
+    longest_ = 0, observed_len_ = 0, uniform_ = true;
+    positions_host_.clear();
+    mirror_.clear();
+    for (auto& p : row_positions_) p.clear();
+    policy_.startWindow();
+  }
+  bool compresses() const override { return policy_.spec().compresses(); }
   kv::KvBytes kvBytes(int tokens_seen) const override {
+    if (compresses()) return policy_.bytes(mirror_, tokens_seen);
     const int64_t b = kv::fullCacheBytes(tokens_seen, c_.layers, part_.kv_heads, c_.head_dim);  // docs/KV.md
     return {b, b};
+  }
+
+  // The policy decides on the mirror (scored by the prefill's observation window when it asks for
+  // attention); each head's kept entries are a subsequence of what it held, so matching positions
+  // gives the rows the device keeps.
+  void compress(int last_pos, bool prefill) override {
+    if (!compresses()) return;
+    const int H = part_.kv_heads, LH = c_.layers * H;
+    attention_.T = 0;
+    attention_.blocks.assign(size_t(LH), {});
+    if (observed_len_ > 0) {
+      std::vector<float> all(size_t(LH) * observed_len_);
+      KVTP_CUDA_CHECK(cudaMemcpy(all.data(), observed_.get(), all.size() * sizeof(float), cudaMemcpyDeviceToHost));
+      attention_.T = 1;  // the window's rows summed: what SnapKV adds up anyway
+      for (int i = 0; i < LH; ++i)
+        attention_.blocks[i].assign(all.begin() + int64_t(i) * observed_len_, all.begin() + int64_t(i + 1) * observed_len_);
+      observed_len_ = 0;
+    }
+    policy_.afterStep(mirror_, attention_, last_pos, prefill);
+    for (int l = 0; l < c_.layers; ++l) {
+      bool changed = false;
+      for (int h = 0; h < H; ++h) changed |= mirror_.head(l, h).length() != len_[size_t(l) * H + h];
+      if (!changed) continue;
+      int max_kept = 0;
+      for (int h = 0; h < H; ++h) max_kept = std::max(max_kept, mirror_.head(l, h).length());
+      std::vector<int> keep(size_t(H) * max_kept + H, 0);  // rows per head, then counts
+      for (int h = 0; h < H; ++h) {
+        auto& was = row_positions_[size_t(l) * H + h];
+        const auto& now = mirror_.head(l, h).positions;
+        size_t j = 0;
+        for (size_t i = 0; i < now.size(); ++i, ++j) {
+          while (was[j] != now[i]) ++j;
+          keep[size_t(h) * max_kept + i] = int(j);
+        }
+        keep[size_t(H) * max_kept + h] = len_[size_t(l) * H + h] = int(now.size());
+        was = now;
+      }
+      int* d_keep = grow(keep_, keep.size());
+      KVTP_CUDA_CHECK(cudaMemcpy(d_keep, keep.data(), keep.size() * sizeof(int), cudaMemcpyHostToDevice));
+      GpuLayer<T>& L = layers_[l];
+      cuda::compactKV(L.K.get(), L.V.get(), L.pos.get(), capacity_, H, c_.head_dim, d_keep, d_keep + size_t(H) * max_kept,
+                      max_kept);
+      uniform_ = false;
+    }
+    longest_ = *std::max_element(len_.begin(), len_.end());
   }
 
   std::vector<double> step(const int* tokens, const int* positions, int rows, int from, int count,
                            const int* targets) override {
     checkTokens(c_, tokens, positions, rows);
-    reserve(length_ + rows);
+    // SnapKV's observation window needs the prefill path's probabilities, even for a short prompt.
+    const bool observe = policy_.spec().needsAttention() && rows > 1;
+    const bool many = rows > 8 || observe;
+    if (many && !uniform_)
+      throw Error("the CUDA engine scores several tokens at once only over an uncompressed cache; a compressed "
+                  "window goes on token by token");
+    reserve(longest_ + rows);
     int* d_tokens = grow(tokens_, rows);
     KVTP_CUDA_CHECK(cudaMemcpy(d_tokens, tokens, sizeof(int) * rows, cudaMemcpyHostToDevice));
-    // Positions of the new tokens are the tail of the cache's position index.
-    KVTP_CUDA_CHECK(cudaMemcpy(k_pos_.get() + length_, positions, sizeof(int) * rows, cudaMemcpyHostToDevice));
+    // One upload: the new tokens' positions, then each head's first free slot, then its count after.
+    const int LH = c_.layers * part_.kv_heads;
+    std::vector<int> meta(positions, positions + rows);
+    meta.insert(meta.end(), len_.begin(), len_.end());
+    for (int n : len_) meta.push_back(n + rows);
+    int* d_meta = grow(meta_, meta.size());
+    KVTP_CUDA_CHECK(cudaMemcpy(d_meta, meta.data(), meta.size() * sizeof(int), cudaMemcpyHostToDevice));
+    const int* d_pos = d_meta;
     positions_host_.insert(positions_host_.end(), positions, positions + rows);
-    const int* d_pos = k_pos_.get() + length_;
+    if (compresses()) {
+      for (int l = 0; l < c_.layers; ++l) mirror_.append(l, nullptr, nullptr, positions, rows);
+      for (auto& p : row_positions_) p.insert(p.end(), positions, positions + rows);
+    }
+    if (observe) {
+      observed_len_ = longest_ + rows;
+      float* o = grow(observed_, size_t(LH) * observed_len_);
+      KVTP_CUDA_CHECK(cudaMemset(o, 0, size_t(LH) * observed_len_ * sizeof(float)));
+    }
+    auto attend = [&](int l, const T* in, float* x) {
+      attention(l, in, d_pos, d_meta + rows + l * part_.kv_heads, d_meta + rows + LH + l * part_.kv_heads, rows, many,
+                observe, x);
+    };
 
     const int H = c_.hidden, P = c_.word_embed_proj_dim;
     float* x = grow(x_, size_t(rows) * H);
@@ -152,24 +235,25 @@ class GpuEngine : public Engine {
       const GpuLayer<T>& L = layers_[l];
       if (c_.family == Family::Llama) {
         cuda::rmsNormTo(x, rows, H, L.attn_norm_w.get(), eps, xn);
-        attention(l, xn, d_pos, rows, x);
+        attend(l, xn, x);
         cuda::rmsNormTo(x, rows, H, L.ffn_norm_w.get(), eps, xn);
         mlp(l, xn, rows, x);
       } else if (c_.pre_layer_norm) {
         cuda::layerNormTo(x, rows, H, L.attn_norm_w.get(), L.attn_norm_b.get(), eps, xn);
-        attention(l, xn, d_pos, rows, x);
+        attend(l, xn, x);
         cuda::layerNormTo(x, rows, H, L.ffn_norm_w.get(), L.ffn_norm_b.get(), eps, xn);
         mlp(l, xn, rows, x);
       } else {  // OPT post-LN: norm after each residual add
         cuda::convert(x, int64_t(rows) * H, xn);
-        attention(l, xn, d_pos, rows, x);
+        attend(l, xn, x);
         cuda::layerNormTo(x, rows, H, L.attn_norm_w.get(), L.attn_norm_b.get(), eps, x);
         cuda::convert(x, int64_t(rows) * H, xn);
         mlp(l, xn, rows, x);
         cuda::layerNormTo(x, rows, H, L.ffn_norm_w.get(), L.ffn_norm_b.get(), eps, x);
       }
     }
-    length_ += rows;
+    for (int& n : len_) n += rows;
+    longest_ += rows;
     if (count == 0) {
       KVTP_CUDA_CHECK(cudaDeviceSynchronize());
       return {};
@@ -196,40 +280,47 @@ class GpuEngine : public Engine {
   void reserve(int need) {
     if (need <= capacity_) return;
     const int64_t cap = std::max<int64_t>({need, 2 * int64_t(capacity_), 256});
-    const size_t hd = c_.head_dim, row = hd * sizeof(T);
-    for (auto& L : layers_)
-      for (DeviceBuffer<T>* buf : {&L.K, &L.V}) {
-        DeviceBuffer<T> bigger(size_t(part_.kv_heads) * cap * hd);
-        if (length_ > 0)  // each head's rows move to the start of its new, longer span
-          KVTP_CUDA_CHECK(cudaMemcpy2D(bigger.get(), cap * row, buf->get(), capacity_ * row, length_ * row,
-                                       part_.kv_heads, cudaMemcpyDeviceToDevice));
-        *buf = std::move(bigger);
-      }
-    DeviceBuffer<int> pos(cap);
-    if (length_ > 0) KVTP_CUDA_CHECK(cudaMemcpy(pos.get(), k_pos_.get(), length_ * sizeof(int), cudaMemcpyDeviceToDevice));
-    k_pos_ = std::move(pos);
+    // Each head's rows (and positions) move to the start of its new, longer span.
+    auto regrow = [&](auto& buf, size_t width) {
+      using E = typename std::remove_reference_t<decltype(buf)>::value_type;
+      std::remove_reference_t<decltype(buf)> bigger(size_t(part_.kv_heads) * cap * width);
+      const size_t row = width * sizeof(E);
+      if (longest_ > 0)
+        KVTP_CUDA_CHECK(cudaMemcpy2D(bigger.get(), cap * row, buf.get(), capacity_ * row, longest_ * row,
+                                     part_.kv_heads, cudaMemcpyDeviceToDevice));
+      buf = std::move(bigger);
+    };
+    for (auto& L : layers_) {
+      regrow(L.K, c_.head_dim);
+      regrow(L.V, c_.head_dim);
+      regrow(L.pos, 1);
+    }
     capacity_ = int(cap);
   }
 
-  // x += o_proj(attention(qkv_proj(xn))), the new tokens' K/V appended to the cache first.
-  void attention(int layer, const T* xn, const int* d_pos, int T_, float* x) {
-    const GpuLayer<T>& L = layers_[layer];
+  // x += o_proj(attention(qkv_proj(xn))), the new tokens' K/V appended to the cache first:
+  // at `slots` (each KV head's count before), `lengths` its count after (device arrays).
+  void attention(int layer, const T* xn, const int* d_pos, const int* slots, const int* lengths, int T_, bool many,
+                 bool observe, float* x) {
+    GpuLayer<T>& L = layers_[layer];
     const int hd = c_.head_dim, Q = part_.q_heads * hd, KV = part_.kv_heads * hd, W = Q + 2 * KV;
     float* qkv = grow(qkv_, size_t(T_) * W);
     cuda::gemm(blas_, xn, T_, c_.hidden, L.wqkv.get(), W, L.bqkv.get(), qkv, false);
     cuda::ropeAppendKV(qkv, T_, part_.q_heads, part_.kv_heads, hd, d_pos, inv_freq_.size() ? inv_freq_.get() : nullptr,
-                       L.K.get(), L.V.get(), capacity_, length_);
-    const int cached = length_ + T_;
+                       L.K.get(), L.V.get(), L.pos.get(), capacity_, slots);
+    const int cached = longest_ + T_;
     const float scale = float(1.0 / std::sqrt(double(hd)));
     T* ctx = grow(ctx_, size_t(T_) * Q);
-    // Few queries: flash-decoding over the cache; many: score matrices through tensor-core GEMMs.
-    if (T_ <= 8) {
-      cuda::attention(qkv, W, d_pos, T_, part_.q_heads, L.K.get(), L.V.get(), k_pos_.get(), cached, part_.kv_heads,
-                      hd, int64_t(capacity_) * hd, scale, ctx);
+    // Few queries: flash-decoding over each head's rows; many (an uncompressed cache, every head
+    // at the same positions, head 0's read): score matrices through tensor-core GEMMs.
+    if (!many) {
+      cuda::attention(qkv, W, d_pos, T_, part_.q_heads, L.K.get(), L.V.get(), L.pos.get(), cached, part_.kv_heads,
+                      hd, int64_t(capacity_) * hd, scale, ctx, lengths, capacity_);
     } else {
-      cuda::attentionPrefill(blas_, qkv, W, d_pos, positions_host_.data() + length_, T_, part_.q_heads, L.K.get(),
-                             L.V.get(), k_pos_.get(), positions_host_.data(), cached, part_.kv_heads, hd, capacity_,
-                             scale, ctx, size_t(1) << 30);
+      float* observed = observe ? observed_.get() + size_t(layer) * part_.kv_heads * observed_len_ : nullptr;
+      cuda::attentionPrefill(blas_, qkv, W, d_pos, positions_host_.data() + longest_, T_, part_.q_heads, L.K.get(),
+                             L.V.get(), L.pos.get(), positions_host_.data(), cached, part_.kv_heads, hd, capacity_,
+                             scale, ctx, size_t(1) << 30, observed, T_ - policy_.spec().window);
     }
     rowParallel(ctx, T_, Q, L.wo.get(), L.bo.get(), x);
   }
@@ -295,11 +386,22 @@ class GpuEngine : public Engine {
   DeviceBuffer<T> embed_, lm_head_, project_in_, project_out_;
   DeviceBuffer<float> positions_, final_norm_w_, final_norm_b_, inv_freq_;
   std::vector<GpuLayer<T>> layers_;
-  int length_ = 0, capacity_ = 0;  // cached tokens; room per head
-  DeviceBuffer<int> k_pos_;        // positions of the cached tokens (every head keeps all of them)
+  // The cache: entries per (layer, KV head), their maximum, room per head; while no eviction has
+  // run this window every head holds the same positions, positions_host_.
+  std::vector<int> len_;
+  int longest_ = 0, capacity_ = 0;
+  bool uniform_ = true;
   std::vector<int> positions_host_;
+  // Compression: the policy, the host mirror it decides on, the prefill's observation sums
+  // [layer][kv_head][observed_len_] (0: none pending).
+  kv::Policy policy_;
+  kv::KVCache mirror_;
+  std::vector<std::vector<int32_t>> row_positions_;  // per (layer, KV head): its device rows' positions
+  kv::StepAttention attention_;
+  DeviceBuffer<float> observed_;
+  int observed_len_ = 0;
   // Grow-only activations: after the first step of the longest shape, nothing is allocated.
-  DeviceBuffer<int> tokens_, targets_;
+  DeviceBuffer<int> tokens_, targets_, meta_, keep_;
   DeviceBuffer<float> x_, e_, qkv_, h_, partial_, logits_;
   DeviceBuffer<T> xn_, ctx_, act_;
   DeviceBuffer<kernels::SoftmaxPartial> partials_;

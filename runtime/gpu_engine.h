@@ -1,6 +1,8 @@
 // The CUDA engine: the forward pass of runtime/model.cpp on one GPU, weights in fp16, bf16 or
-// fp32 (accumulation always fp32), the residual stream in fp32, and a full KV cache in GPU
-// memory laid out [layer][kv_head][capacity][head_dim] so that each head's rows are contiguous.
+// fp32 (accumulation always fp32), the residual stream in fp32, and the KV cache in GPU memory
+// laid out [layer][kv_head][capacity][head_dim] so that each head's rows are contiguous; heads
+// keep different tokens once compressed (kv::Policy decides on the host over a mirror of the
+// positions, the device compacts).
 // Tensor parallel over a device communicator (NCCL): the same sharding as the CPU model, whose
 // host weights the engine uploads (and converts) once.
 #pragma once
@@ -8,6 +10,7 @@
 #include <string>
 
 #include "comm/communicator.h"
+#include "kv/policy.h"
 #include "runtime/engine.h"
 
 namespace kvtp {
@@ -22,7 +25,15 @@ struct GpuOptions {
   // Collectives over device memory among the tensor-parallel ranks (comm::makeNccl); null when
   // tp = 1. Must join the same ranks, in the same order, as the host model's group.
   comm::Communicator* device_group = nullptr;
+  // KV compression (checkGpuCompression says which) and the host group its budget is settled over.
+  kv::PolicySpec kv;
+  comm::Communicator* host_group = nullptr;
 };
+
+// Throws Error unless the CUDA engine compresses the KV cache as `spec` asks. So far: eviction
+// of the prompt once at its end (snapkv, pyramidkv without SCOPE's decode phase) — the methods
+// that score from the prefill's attention, which the device computes anyway.
+void checkGpuCompression(const kv::PolicySpec& spec);
 
 // How many GPUs this process sees (0 in a build without the CUDA backend).
 int cudaDevices();

@@ -83,18 +83,7 @@ void Model::rowParallel(const float* in, int T, int in_dim, const Tensor& W, con
   k::addInPlace(x, partial.data(), int64_t(partial.size()));
 }
 
-kv::HeadLayout Model::headLayout() const {
-  kv::HeadLayout h;
-  h.layers = config_.layers;
-  h.global_kv_heads = config_.kv_heads;
-  h.kv_head_begin = part_.kv_head_begin;
-  h.local_kv_heads = part_.kv_heads;
-  h.head_dim = config_.head_dim;
-  h.replicated = config_.kv_heads < part_.tp;
-  // The first of the ranks sharing a replicated KV head is the one counted.
-  h.owner = !h.replicated || part_.rank % (part_.tp / config_.kv_heads) == 0;
-  return h;
-}
+kv::HeadLayout Model::headLayout() const { return kvtp::headLayout(config_, part_); }
 
 kv::LowRankBases Model::lowRankBases(int rank) const {
   const int hd = config_.head_dim, H = config_.hidden;
@@ -132,13 +121,16 @@ void Model::attention(int layer, const float* xn, const int* positions, int T, k
   std::vector<std::vector<float>> probs(collect ? part_.q_heads : 0);
 #pragma omp parallel for schedule(dynamic) if (T * cached >= 4096)
   for (int h = 0; h < part_.q_heads; ++h) {
-    const auto& kvh = cache.head(layer, part_.kvHeadOf(h, c));
+    const int kv_head = part_.kvHeadOf(h, c);
+    const auto& kvh = cache.head(layer, kv_head);
+    std::vector<float> scratch;  // dequantized rows, when the head holds packed entries
+    const kv::HeadRows rows = cache.rows(layer, kv_head, scratch);
     float* p = nullptr;
     if (collect) {
       probs[h].resize(size_t(T) * kvh.length());
       p = probs[h].data();
     }
-    k::attendHead(q.data() + h * hd, Q, positions, T, kvh.keys.data(), kvh.values.data(), kvh.positions.data(),
+    k::attendHead(q.data() + h * hd, Q, positions, T, rows.keys, rows.values, kvh.positions.data(),
                   kvh.length(), hd, scale, ctx.data() + h * hd, Q, p);
   }
   if (collect) {  // sum over the query heads that read each KV head

@@ -63,4 +63,17 @@ Slice shardSlice(const std::string& name, const std::vector<int64_t>& shape, con
   return {};  // norms, positions, project_in/out: replicated
 }
 
+kv::HeadLayout headLayout(const ModelConfig& c, const Partition& p) {
+  kv::HeadLayout h;
+  h.layers = c.layers;
+  h.global_kv_heads = c.kv_heads;
+  h.kv_head_begin = p.kv_head_begin;
+  h.local_kv_heads = p.kv_heads;
+  h.head_dim = c.head_dim;
+  h.replicated = c.kv_heads < p.tp;
+  // The first of the ranks sharing a replicated KV head is the one counted.
+  h.owner = !h.replicated || p.rank % (p.tp / c.kv_heads) == 0;
+  return h;
+}
+
 }  // namespace kvtp

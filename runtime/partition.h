@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "kv/policy.h"
 #include "runtime/config.h"
 #include "runtime/safetensors.h"
 
@@ -30,6 +31,9 @@ struct Partition {
   // Local KV head read by local query head i.
   int kvHeadOf(int i, const ModelConfig& c) const { return (q_head_begin + i) / (c.heads / c.kv_heads) - kv_head_begin; }
 };
+
+// Where this rank's KV heads sit among the model's, for the KV policy (kv/policy.h).
+kv::HeadLayout headLayout(const ModelConfig& c, const Partition& p);
 
 // The part of tensor `name` (full shape `shape`) that this rank reads: dim -1 for all of it.
 Slice shardSlice(const std::string& name, const std::vector<int64_t>& shape, const ModelConfig& c, const Partition& p);

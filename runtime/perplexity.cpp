@@ -50,7 +50,7 @@ class CpuEngine : public Engine {
  public:
   CpuEngine(const Model& model, const kv::PolicySpec* spec)
       : model_(model), cache_(model.newCache()), policy_(spec ? *spec : kv::PolicySpec{}, model.headLayout(), model.group()) {
-    if (policy_.spec().rank) policy_.setLowRank(model.lowRankBases(policy_.spec().rank));
+    if (policy_.spec().rank) cache_.setLowRank(model.lowRankBases(policy_.spec().rank));
   }
   void startWindow() override {
     cache_.clear();

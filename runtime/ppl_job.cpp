@@ -126,8 +126,7 @@ PplJobResult runPplJob(const PplJob& job, const comm::Topology* topo, const Prog
   const Precision dtype = parsePrecision(job.resolvedDtype());
   const bool gpu = job.device == "cuda";
   if (!gpu && dtype != Precision::F32) throw Error("the CPU backend computes in fp32: --dtype fp16/bf16 need --device cuda");
-  if (gpu && spec.compresses())
-    throw Error("--device cuda keeps the full KV cache so far: run --kv, --kv-quant and --kv-lowrank with --device cpu");
+  if (gpu) checkGpuCompression(spec);
 
   comm::Communicator* group = topo ? topo->group.get() : nullptr;
   Prepared m;
@@ -182,7 +181,7 @@ PplJobResult runPplJob(const PplJob& job, const comm::Topology* topo, const Prog
     if (out.tp > 1) device_group = makeDeviceGroup(*group, device);
     local_error.clear();
     try {  // a rank out of GPU memory must not leave the others waiting in a collective
-      engine = makeGpuEngine(c, m.part, m.weights, {dtype, device, device_group.get()});
+      engine = makeGpuEngine(c, m.part, m.weights, {dtype, device, device_group.get(), spec, group});
     } catch (const std::exception& e) {
       local_error = e.what();
     }

@@ -129,6 +129,37 @@ TEST(CudaEngine, DecodeThroughAGrowingCacheMatchesPrefill) {
   EXPECT_LE(worst, 1e-4);
 }
 
+// Prompt compression on the device (SnapKV / PyramidKV at the end of a 384-token prefill, then
+// decoded token by token over heads of different lengths) keeps the same tokens as the CPU: fp32
+// log-probs within 1e-3, the same KV bytes.
+TEST(CudaEngine, PromptCompressionMatchesTheCpu) {
+  REQUIRE_GPUS(1);
+  for (const char* kv : {"snapkv:budget=0.2", "pyramidkv:budget=0.3,window=16"}) {
+    PplJob job;
+    job.model_dir = "models/kvtp-llama-2m";
+    job.data = "data/c4/c4-heldout-200.json.gz";
+    job.seq_len = 512;
+    job.max_windows = 2;
+    job.mode = Mode::Decode;
+    job.prefill = 384;
+    job.kv = kv;
+    const auto cpu = runPplJob(job);
+    job.device = "cuda";
+    job.dtype = "fp32";
+    const auto gpu = runPplJob(job);
+    ASSERT_EQ(gpu.result.tokens, cpu.result.tokens);
+    double worst = 0;
+    for (size_t s = 0; s < gpu.result.sequences.size(); ++s)
+      for (size_t i = 0; i < gpu.result.sequences[s].logprobs.size(); ++i)
+        worst = std::max(worst, std::abs(gpu.result.sequences[s].logprobs[i] - cpu.result.sequences[s].logprobs[i]));
+    EXPECT_LE(worst, 1e-3) << kv;
+    EXPECT_EQ(gpu.kv_bytes_steady, cpu.kv_bytes_steady) << kv;
+    EXPECT_LT(gpu.kv_bytes_steady[0], gpu.kv_bytes_full[0] / 2) << kv << ": the cache was compressed";
+    std::printf("%s: max |log-prob difference| GPU vs CPU %.3g, KV held %lld of %lld bytes\n", kv, worst,
+                (long long)gpu.kv_bytes_steady[0], (long long)gpu.kv_bytes_full[0]);
+  }
+}
+
 // What the CUDA engine does not do yet is refused with a clear error, before any GPU work.
 TEST(CudaEngine, CompressedCacheIsRefusedClearly) {
   PplJob job;
@@ -146,19 +177,25 @@ TEST(CudaEngine, CompressedCacheIsRefusedClearly) {
 }
 
 // Tensor parallel over NCCL: mpirun -np 2 with one GPU per rank gives tp 1's log-probs.
+// With SnapKV's global budget, settled over the host group, the ranks keep the same tokens as tp 1.
 TEST(CudaEngine, TensorParallelTwoGpusMatchesOne) {
   REQUIRE_GPUS(2);
-  const std::string args = " ppl --model tests/fixtures/models/llama3-gqa --input-ids "
-                           "tests/fixtures/models/llama3-gqa/input_ids.txt --device cuda --dtype fp32 --json";
-  const auto one = test::run(test::kvtpBinary() + args);
-  ASSERT_EQ(one.status, 0) << one.err;
-  const auto two = test::run("mpirun --allow-run-as-root --oversubscribe -np 2 -x LD_LIBRARY_PATH -x NCCL_NVLS_ENABLE=0 " +
-                             test::kvtpBinary() + args + " --tp 2");
-  ASSERT_EQ(two.status, 0) << two.err;
-  const auto a = nlohmann::json::parse(one.out), b = nlohmann::json::parse(two.out.substr(two.out.find('{')));
-  EXPECT_EQ(b["tp"], 2);
-  EXPECT_EQ(a["tokens"], b["tokens"]);
-  EXPECT_LE(std::abs(a["ppl"].get<double>() - b["ppl"].get<double>()) / a["ppl"].get<double>(), 1e-5);
+  for (const std::string args :
+       {" ppl --model tests/fixtures/models/llama3-gqa --input-ids tests/fixtures/models/llama3-gqa/input_ids.txt",
+        " ppl --model models/kvtp-llama-2m --data data/c4/c4-heldout-200.json.gz --seq-len 256 --max-windows 2"
+        " --mode decode --prefill 192 --kv snapkv:budget=0.3"}) {
+    const std::string cmd = args + " --device cuda --dtype fp32 --json";
+    const auto one = test::run(test::kvtpBinary() + cmd);
+    ASSERT_EQ(one.status, 0) << one.err;
+    const auto two = test::run("mpirun --allow-run-as-root --oversubscribe -np 2 -x LD_LIBRARY_PATH -x NCCL_NVLS_ENABLE=0 " +
+                               test::kvtpBinary() + cmd + " --tp 2");
+    ASSERT_EQ(two.status, 0) << two.err;
+    const auto a = nlohmann::json::parse(one.out), b = nlohmann::json::parse(two.out.substr(two.out.find('{')));
+    EXPECT_EQ(b["tp"], 2);
+    EXPECT_EQ(a["tokens"], b["tokens"]);
+    EXPECT_EQ(a["kv_bytes_steady"], b["kv_bytes_steady"]) << args;
+    EXPECT_LE(std::abs(a["ppl"].get<double>() - b["ppl"].get<double>()) / a["ppl"].get<double>(), 1e-5) << args;
+  }
 }
 
 }  // namespace

@@ -143,17 +143,80 @@ TEST(CudaKernels, PrefillAttentionMatchesCpu) {
   const int stride = heads * hd + 40;                 // q rows inside wider rows (a fused QKV product)
   auto q = randn(size_t(T) * stride), K = randn(size_t(kv_heads) * capacity * hd), V = randn(K.size());
   std::vector<float> want(size_t(T) * heads * hd);
+  // SnapKV's observation: probabilities of the queries from row 100 on (they span two chunks),
+  // summed per KV head over its query heads.
+  const int observe_from = 100;
+  std::vector<float> want_obs(size_t(kv_heads) * L, 0.0f), probs(size_t(T) * L);
   for (int h = 0; h < heads; ++h) {
-    const size_t off = size_t(h / (heads / kv_heads)) * capacity * hd;
+    const int g = h / (heads / kv_heads);
+    const size_t off = size_t(g) * capacity * hd;
     kernels::attendHead(q.data() + h * hd, stride, q_pos.data(), T, K.data() + off, V.data() + off, k_pos.data(), L,
-                        hd, scale, want.data() + h * hd, heads * hd);
+                        hd, scale, want.data() + h * hd, heads * hd, probs.data());
+    for (int t = observe_from; t < T; ++t)
+      for (int l = 0; l < L; ++l) want_obs[size_t(g) * L + l] += probs[size_t(t) * L + l];
   }
-  DeviceBuffer<float> dq(q), dK(K), dV(V), dout(poisoned(want.size()));
+  DeviceBuffer<float> dq(q), dK(K), dV(V), dout(poisoned(want.size())), dobs(std::vector<float>(want_obs.size(), 0.0f));
   DeviceBuffer<int> dqp(q_pos), dkp(k_pos);
   const size_t score_bytes = size_t(40) * heads * L * 8;  // about 40 queries per chunk
   cuda::attentionPrefill(blas, dq.get(), stride, dqp.get(), q_pos.data(), T, heads, dK.get(), dV.get(), dkp.get(),
-                         k_pos.data(), L, kv_heads, hd, capacity, scale, dout.get(), score_bytes);
+                         k_pos.data(), L, kv_heads, hd, capacity, scale, dout.get(), score_bytes, dobs.get(),
+                         observe_from);
   EXPECT_LE(relError(dout.download(), want), 1e-5);
+  EXPECT_LE(relError(dobs.download(), want_obs), 1e-5);
+}
+
+// A compressed cache: every KV head holds its own number of entries at its own positions.
+TEST(CudaKernels, AttentionOverHeadsOfDifferentLengths) {
+  REQUIRE_GPU();
+  const int T = 1, heads = 8, kv_heads = 4, hd = 64, capacity = 1000;
+  const float scale = 1.0f / std::sqrt(float(hd));
+  const std::vector<int> lengths = {1000, 37, 512, 1};
+  std::vector<int> k_pos(size_t(kv_heads) * capacity, 1 << 30), q_pos = {5000};
+  for (int g = 0; g < kv_heads; ++g)
+    for (int i = 0; i < lengths[g]; ++i) k_pos[size_t(g) * capacity + i] = i * (g + 2);  // ascending, per head
+  auto q = randn(size_t(heads) * hd), K = randn(size_t(kv_heads) * capacity * hd), V = randn(K.size());
+  std::vector<float> want(size_t(heads) * hd);
+  for (int h = 0; h < heads; ++h) {
+    const int g = h / (heads / kv_heads);
+    const size_t off = size_t(g) * capacity * hd;
+    kernels::attendHead(q.data() + h * hd, heads * hd, q_pos.data(), T, K.data() + off, V.data() + off,
+                        k_pos.data() + size_t(g) * capacity, lengths[g], hd, scale, want.data() + h * hd, heads * hd);
+  }
+  DeviceBuffer<float> dq(q), dK(K), dV(V), dout(poisoned(want.size()));
+  DeviceBuffer<int> dqp(q_pos), dkp(k_pos), dlen(lengths);
+  cuda::attention(dq.get(), heads * hd, dqp.get(), T, heads, dK.get(), dV.get(), dkp.get(), 1000, kv_heads, hd,
+                  int64_t(capacity) * hd, scale, dout.get(), dlen.get(), capacity);
+  EXPECT_LE(relError(dout.download(), want), 1e-5);
+}
+
+// Eviction on the device: each head keeps its own ascending rows, moved to the front with their
+// positions; rows past the kept count are left alone.
+TEST(CudaKernels, CompactKeepsEachHeadsRowsInOrder) {
+  REQUIRE_GPU();
+  const int kv_heads = 3, hd = 16, capacity = 50, max_kept = 20;
+  const std::vector<std::vector<int>> keep = {{0, 1, 2, 40, 49}, {}, {3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22}};
+  auto K = randn(size_t(kv_heads) * capacity * hd), V = randn(K.size());
+  std::vector<int> pos(size_t(kv_heads) * capacity), flat(size_t(kv_heads) * max_kept, 0), kept;
+  for (size_t i = 0; i < pos.size(); ++i) pos[i] = int(i);
+  for (int g = 0; g < kv_heads; ++g) {
+    kept.push_back(int(keep[g].size()));
+    std::copy(keep[g].begin(), keep[g].end(), flat.begin() + size_t(g) * max_kept);
+  }
+  DeviceBuffer<float> dK(K), dV(V);
+  DeviceBuffer<int> dpos(pos), dkeep(flat), dkept(kept);
+  cuda::compactKV(dK.get(), dV.get(), dpos.get(), capacity, kv_heads, hd, dkeep.get(), dkept.get(), max_kept);
+  const auto gk = dK.download(), gv = dV.download();
+  const auto gp = dpos.download();
+  for (int g = 0; g < kv_heads; ++g)
+    for (int j = 0; j < int(keep[g].size()); ++j) {
+      const size_t to = size_t(g) * capacity + j, from = size_t(g) * capacity + keep[g][j];
+      EXPECT_EQ(gp[to], pos[from]);
+      for (int d = 0; d < hd; ++d) {
+        ASSERT_EQ(gk[to * hd + d], K[from * hd + d]) << g << " " << j;
+        ASSERT_EQ(gv[to * hd + d], V[from * hd + d]) << g << " " << j;
+      }
+    }
+  EXPECT_EQ(gk[(size_t(0) * capacity + 45) * hd], K[(size_t(0) * capacity + 45) * hd]);  // past the kept: untouched
 }
 
 // RoPE of the Q and K heads of fused Q|K|V rows and the append of K and V to a cache laid out
@@ -161,7 +224,8 @@ TEST(CudaKernels, PrefillAttentionMatchesCpu) {
 TEST(CudaKernels, RopeAppendMatchesCpu) {
   REQUIRE_GPU();
   const int T = 3, q_heads = 4, kv_heads = 2, hd = 64, Q = q_heads * hd, KV = kv_heads * hd, W = Q + 2 * KV;
-  const int capacity = 16, first = 5;
+  const int capacity = 16;
+  const std::vector<int> first = {5, 2};  // the heads hold different counts (a compressed cache)
   auto qkv = randn(size_t(T) * W);
   std::vector<int> pos = {7, 8, 3000};
   std::vector<float> inv(hd / 2);
@@ -175,20 +239,24 @@ TEST(CudaKernels, RopeAppendMatchesCpu) {
   kernels::applyRope(k.data(), T, kv_heads, hd, pos.data(), inv.data());
   DeviceBuffer<float> dqkv(qkv), dinv(inv), dK(poisoned(size_t(kv_heads) * capacity * hd)),
       dV(poisoned(size_t(kv_heads) * capacity * hd));
-  DeviceBuffer<int> dpos(pos);
-  cuda::ropeAppendKV(dqkv.get(), T, q_heads, kv_heads, hd, dpos.get(), dinv.get(), dK.get(), dV.get(), capacity, first);
+  DeviceBuffer<int> dpos(pos), dfirst(first), dkpos(std::vector<int>(size_t(kv_heads) * capacity, -1));
+  cuda::ropeAppendKV(dqkv.get(), T, q_heads, kv_heads, hd, dpos.get(), dinv.get(), dK.get(), dV.get(), dkpos.get(),
+                     capacity, dfirst.get());
   const auto out = dqkv.download(), K = dK.download(), V = dV.download();
+  const auto kpos = dkpos.download();
   std::vector<float> got_q, want_k, got_k, want_v, got_v;
   for (int t = 0; t < T; ++t) {
     got_q.insert(got_q.end(), &out[size_t(t) * W], &out[size_t(t) * W + Q]);
-    for (int h = 0; h < kv_heads; ++h)
+    for (int h = 0; h < kv_heads; ++h) {
+      EXPECT_EQ(kpos[size_t(h) * capacity + first[h] + t], pos[t]);
       for (int d = 0; d < hd; ++d) {
-        const size_t slot = (size_t(h) * capacity + first + t) * hd + d;
+        const size_t slot = (size_t(h) * capacity + first[h] + t) * hd + d;
         want_k.push_back(k[size_t(t) * KV + h * hd + d]);
         got_k.push_back(K[slot]);
         want_v.push_back(qkv[size_t(t) * W + Q + KV + h * hd + d]);
         got_v.push_back(V[slot]);
       }
+    }
   }
   EXPECT_LE(relError(got_q, q), kTol);
   EXPECT_LE(relError(got_k, want_k), kTol);

@@ -67,6 +67,22 @@ TEST(KvEviction, StreamingLlmKeepsSinksAndTheMostRecent) {
   // 8 kept: sinks 0, 1; then the 6 most recent (3 protected + 3 by recency).
   EXPECT_EQ(positions(c), (std::vector<int>{0, 1, 14, 15, 16, 17, 18, 19}));
   EXPECT_EQ(c.head(0, 0).keys[2 * 2], 14.0f);  // keys moved with their positions
+  EXPECT_EQ(c.head(0, 0).values[7 * 2 + 1], -19.0f);
+}
+
+// The CUDA engine's host mirror (rows on the device) gets the same decisions and byte counts.
+TEST(KvEviction, AMirrorOfDeviceRowsTakesTheSameDecisions) {
+  const int hd = 8;
+  KVCache real = filled(20, 2, hd), mirror(1, 2, hd, /*rows_on_device=*/true);
+  for (int t = 0; t < 20; ++t) mirror.append(0, nullptr, nullptr, &t, 1);
+  const auto spec = parsePolicy("streamingllm:tokens=8,sinks=2,recent=3", "");
+  Policy a(spec, layout(2, hd), nullptr), b(spec, layout(2, hd), nullptr);
+  a.afterStep(real, {}, 19, false);
+  b.afterStep(mirror, {}, 19, false);
+  for (int h = 0; h < 2; ++h) EXPECT_EQ(positions(mirror, h), positions(real, h));
+  EXPECT_EQ(b.bytes(mirror, 20).stored, a.bytes(real, 20).stored);
+  EXPECT_TRUE(mirror.head(0, 0).keys.empty());
+  EXPECT_THROW(mirror.quantizeInt8(0, 0), std::logic_error);
 }
 
 TEST(KvEviction, AByteBudgetCountsFullPrecisionEntries) {
@@ -199,21 +215,92 @@ TEST(KvQuant, ErrorsStayWithinTheAnalyticBounds) {
     for (int trial = 0; trial < 50; ++trial) {
       std::vector<float> x(32);
       for (auto& v : x) v = d(rng);
-      auto q = x;
-      quantizeAsymmetric(q.data(), 32, 1, bits);
+      const Affine a = fitAffine(x.data(), 32, 1, bits);
       const float lo = *std::min_element(x.begin(), x.end()), hi = *std::max_element(x.begin(), x.end());
       const float bound = (hi - lo) / float((1 << bits) - 1) / 2.0f;
-      for (int i = 0; i < 32; ++i) ASSERT_LE(std::abs(q[i] - x[i]), bound * 1.0001f) << bits << " bits";
+      for (int i = 0; i < 32; ++i) ASSERT_LE(std::abs(a.decode(encodeAffine(x[i], a, bits)) - x[i]), bound * 1.0001f) << bits << " bits";
     }
   }
   std::vector<float> x(64);
   for (auto& v : x) v = d(rng);
-  auto q = x;
-  quantizeInt8(q.data(), 64);
+  const float step = fitInt8(x.data(), 64);
   float mx = 0;
   for (float v : x) mx = std::max(mx, std::abs(v));
-  for (int i = 0; i < 64; ++i) EXPECT_LE(std::abs(q[i] - x[i]), mx / 127.0f / 2.0f * 1.0001f);
-  EXPECT_NE(q, x);
+  int exact = 0;
+  for (int i = 0; i < 64; ++i) {
+    const float back = float(encodeInt8(x[i], step)) * step;
+    EXPECT_LE(std::abs(back - x[i]), mx / 127.0f / 2.0f * 1.0001f);
+    exact += back == x[i];
+  }
+  EXPECT_LT(exact, 64);
+}
+
+// Random keys and values in a 1-layer, 1-head cache of n entries.
+KVCache randomCache(int n, int hd, std::vector<float>* k, std::vector<float>* v) {
+  std::mt19937 rng(11);
+  std::normal_distribution<float> d(0.0f, 1.0f);
+  KVCache c(1, 1, hd);
+  k->resize(size_t(n) * hd), v->resize(size_t(n) * hd);
+  for (auto& x : *k) x = d(rng);
+  for (auto& x : *v) x = d(rng);
+  std::vector<int> pos(n);
+  for (int i = 0; i < n; ++i) pos[i] = i;
+  c.append(0, k->data(), v->data(), pos.data(), n);
+  return c;
+}
+
+TEST(KvQuant, KiviIsStoredPackedAndDecodesWithinTheBound) {
+  const int hd = 16, n = 12, bits = 2, group = 4;
+  std::vector<float> k, v, scratch;
+  KVCache c = randomCache(n, hd, &k, &v);
+  c.quantizeKivi(0, 0, {0, 4}, bits, group);  // entries 0..7 in two key groups, 8..11 full
+  const HeadCache& h = c.head(0, 0);
+  EXPECT_EQ(h.codes.size(), size_t(8 * 2 * hd * bits / 8));  // 2 bits a number, nothing else
+  EXPECT_EQ(h.keys.size(), size_t(4 * hd));                   // only the full entries keep floats
+  EXPECT_EQ(h.group_rows, (std::vector<uint16_t>{4, 4}));
+  const HeadRows rows = c.rows(0, 0, scratch);
+  for (int i = 0; i < n; ++i)
+    for (int ch = 0; ch < hd; ++ch) {
+      // Keys: per channel over the entry's group; values: per token over `group` channels.
+      float klo = 1e30f, khi = -1e30f, vlo = 1e30f, vhi = -1e30f;
+      for (int j = i / group * group; j < i / group * group + group; ++j)
+        klo = std::min(klo, k[j * hd + ch]), khi = std::max(khi, k[j * hd + ch]);
+      for (int cc = ch / group * group; cc < ch / group * group + group; ++cc)
+        vlo = std::min(vlo, v[i * hd + cc]), vhi = std::max(vhi, v[i * hd + cc]);
+      const float kb = i < 8 ? (khi - klo) / 3 / 2 * 1.0001f : 0, vb = i < 8 ? (vhi - vlo) / 3 / 2 * 1.0001f : 0;
+      ASSERT_LE(std::abs(rows.keys[i * hd + ch] - k[i * hd + ch]), kb) << i << " " << ch;
+      ASSERT_LE(std::abs(rows.values[i * hd + ch] - v[i * hd + ch]), vb) << i << " " << ch;
+    }
+  // Evicting into a group keeps its parameters for the entries left, and drops an emptied group.
+  const std::vector<float> before(rows.keys, rows.keys + 2 * n * hd);
+  c.retain(0, 0, {1, 2, 9, 10});  // the first group thinned, the second emptied, two full entries
+  EXPECT_EQ(c.head(0, 0).group_rows, (std::vector<uint16_t>{2}));
+  EXPECT_EQ(c.head(0, 0).key_params.size(), size_t(2 * hd));
+  const HeadRows kept = c.rows(0, 0, scratch);
+  const int from[] = {1, 2, 9, 10};
+  for (int i = 0; i < 4; ++i)
+    for (int ch = 0; ch < hd; ++ch) {
+      ASSERT_EQ(kept.keys[i * hd + ch], before[from[i] * hd + ch]);
+      ASSERT_EQ(kept.values[i * hd + ch], before[n * hd + from[i] * hd + ch]);
+    }
+}
+
+TEST(KvQuant, Int8IsStoredAsBytes) {
+  const int hd = 8, n = 5;
+  std::vector<float> k, v, scratch;
+  KVCache c = randomCache(n, hd, &k, &v);
+  c.quantizeInt8(0, 0);
+  EXPECT_EQ(c.head(0, 0).codes.size(), size_t(n * 2 * hd));
+  EXPECT_TRUE(c.head(0, 0).keys.empty());
+  const HeadRows rows = c.rows(0, 0, scratch);
+  for (int i = 0; i < n; ++i) {
+    float mk = 0, mv = 0;
+    for (int ch = 0; ch < hd; ++ch) mk = std::max(mk, std::abs(k[i * hd + ch])), mv = std::max(mv, std::abs(v[i * hd + ch]));
+    for (int ch = 0; ch < hd; ++ch) {
+      ASSERT_LE(std::abs(rows.keys[i * hd + ch] - k[i * hd + ch]), mk / 127 / 2 * 1.0001f);
+      ASSERT_LE(std::abs(rows.values[i * hd + ch] - v[i * hd + ch]), mv / 127 / 2 * 1.0001f);
+    }
+  }
 }
 
 TEST(KvBytes, EqualAHandCount) {
@@ -225,11 +312,12 @@ TEST(KvBytes, EqualAHandCount) {
   EXPECT_EQ(int8.bytes(a, 10).stored, 200);
   EXPECT_EQ(int8.bytes(a, 10).full, 320);
   // KIVI 2-bit, group 4, residual 2: entries 0..7 quantized (two groups of 4), 8 and 9 in fp16.
-  // Quantized entry: codes 2 x 2 bytes + key scale/zero 4 x 8 / 4 + value scale/zero 4 x 2 = 20.
+  // Quantized entry: codes 2 x 2 bytes + value scale/zero 4 x 2 channel groups = 12; per key
+  // group: scale/zero per channel 4 x 8 + its 2-byte entry count = 34.
   KVCache b = filled(10, 1, hd);
   Policy kivi(parsePolicy("", "kivi:bits=2,group=4,residual=2"), layout(1, hd), nullptr);
   kivi.afterStep(b, {}, 9, false);
-  EXPECT_EQ(kivi.bytes(b, 10).stored, 8 * 20 + 2 * 32);
+  EXPECT_EQ(kivi.bytes(b, 10).stored, 8 * 12 + 2 * 34 + 2 * 32);
   // Eviction adds a 4-byte position per kept entry: 6 kept x (32 + 4).
   KVCache c = filled(10, 1, hd);
   Policy h2o(parsePolicy("streamingllm:tokens=6,sinks=1,recent=1", ""), layout(1, hd), nullptr);
@@ -292,13 +380,17 @@ TEST(KvLowRank, BytesCountTheCoordinates) {
   for (int i = 0; i < hd; ++i) W[i * 20 + i] = float(hd - i);
   b.keys = b.values = {leftSingularBasis(W.data(), hd, 20, 3)};
   Policy p(parsePolicy("", "", "cskv:rank=3,window=4"), layout(1, hd), nullptr);
-  p.setLowRank(b);
+  c.setLowRank(b);
   p.afterStep(c, {}, 9, false);
   // 6 old entries as 3 fp16 coordinates for key and value, 4 recent at full width.
   EXPECT_EQ(p.bytes(c, 10).stored, 6 * 2 * 3 * 2 + 4 * 2 * hd * 2);
+  EXPECT_EQ(c.head(0, 0).coords.size(), size_t(6 * 2 * 3));
   // Basis = the first 3 channels: old values keep channels 0..2 and lose the rest.
-  EXPECT_EQ(c.head(0, 0).values[0 * hd + 3], 0.0f);
-  EXPECT_EQ(c.head(0, 0).values[9 * hd + 3], -9.0f);
+  std::vector<float> scratch;
+  const HeadRows rows = c.rows(0, 0, scratch);
+  EXPECT_EQ(rows.values[5 * hd + 2], -5.0f);
+  EXPECT_EQ(rows.values[5 * hd + 3], 0.0f);
+  EXPECT_EQ(rows.values[9 * hd + 3], -9.0f);
 }
 
 TEST(KvEviction, FullBudgetReproducesTheFullCacheExactly) {

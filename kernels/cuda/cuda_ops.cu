@@ -66,14 +66,16 @@ template <int G, int HD, class KT>  // query heads per KV head, head_dim, cache 
 // A block takes G consecutive query heads of one KV head: `group` (heads / kv_heads) is a multiple
 // of G, so a group of 3 or 6 runs as 3 blocks of 1 or 2 heads over the same KV rows.
 __global__ void attentionSplit(const float* q, int q_stride, const int* q_pos, int heads, int group, const KT* K,
-                               const KT* V, const int* k_pos, int L, int64_t head_stride, float scale, int chunk,
-                               int splits, float* part_o, float* part_ms) {
+                               const KT* V, const int* k_pos, int L, const int* lengths, int64_t pos_stride,
+                               int64_t head_stride, float scale, int chunk, int splits, float* part_o, float* part_ms) {
   constexpr int hd = HD, P = (HD + 31) / 32;  // channels per lane
   auto in = [](int lane, int i) { return HD % 32 == 0 || lane + 32 * i < HD; };
   const int h0 = blockIdx.x * G, kvh = h0 / group, split = blockIdx.y, t = blockIdx.z;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const KT* Kh = K + kvh * head_stride;
   const KT* Vh = V + kvh * head_stride;
+  const int* pos = k_pos + kvh * pos_stride;
+  if (lengths) L = lengths[kvh];
   float qr[G][P], acc[G][P], m[G], sum[G];
 #pragma unroll
   for (int g = 0; g < G; ++g) {
@@ -89,7 +91,7 @@ __global__ void attentionSplit(const float* q, int q_stride, const int* q_pos, i
   const int p = q_pos[t];
   const int end = min(L, (split + 1) * chunk);
   for (int l = split * chunk + warp; l < end; l += kWarps) {
-    if (k_pos[l] > p) continue;  // the same for the whole warp
+    if (pos[l] > p) continue;  // the same for the whole warp
     const KT* kr = Kh + int64_t(l) * hd;
     const KT* vr = Vh + int64_t(l) * hd;
     float kv[P], vv[P];
@@ -223,7 +225,8 @@ void applyRope(float* x, int T, int heads, int head_dim, const int* positions, c
 
 template <class KT, class OT>
 void attention(const float* q, int q_stride, const int* q_pos, int T, int heads, const KT* K, const KT* V,
-               const int* k_pos, int L, int kv_heads, int head_dim, int64_t head_stride, float scale, OT* out) {
+               const int* k_pos, int L, int kv_heads, int head_dim, int64_t head_stride, float scale, OT* out,
+               const int* lengths, int64_t pos_stride) {
   if (heads % kv_heads != 0) throw std::runtime_error("cuda::attention: heads must be a multiple of kv_heads");
   const int group = heads / kv_heads;
   const int G = group % 8 == 0 ? 8 : group % 4 == 0 ? 4 : group % 2 == 0 ? 2 : 1;  // query heads per block
@@ -246,7 +249,8 @@ void attention(const float* q, int q_stride, const int* q_pos, int T, int heads,
   // One instantiation per (group size, channels per lane) in use.
   auto launch = [&](auto g, auto p) {
     attentionSplit<decltype(g)::value, decltype(p)::value, KT><<<grid, threads>>>(
-        q, q_stride, q_pos, heads, group, K, V, k_pos, L, head_stride, scale, chunk, splits, part_o, part_ms);
+        q, q_stride, q_pos, heads, group, K, V, k_pos, L, lengths, pos_stride, head_stride, scale, chunk, splits,
+        part_o, part_ms);
   };
   auto byWidth = [&](auto g) {
     switch (head_dim) {
@@ -273,7 +277,7 @@ void attention(const float* q, int q_stride, const int* q_pos, int T, int heads,
 
 #define KVTP_ATTENTION(KT, OT)                                                                                 \
   template void attention<KT, OT>(const float*, int, const int*, int, int, const KT*, const KT*, const int*, int, \
-                                  int, int, int64_t, float, OT*);
+                                  int, int, int64_t, float, OT*, const int*, int64_t);
 KVTP_ATTENTION(float, float)
 KVTP_ATTENTION(__half, __half)
 KVTP_ATTENTION(__nv_bfloat16, __nv_bfloat16)

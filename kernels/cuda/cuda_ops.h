@@ -30,9 +30,12 @@ void applyRope(float* x, int T, int heads, int head_dim, const int* positions, c
 // (a KV head's rows are read once per block of up to 8 of its query heads).
 // out (T, heads * head_dim). head_dim 8, 16, 32, 64, 128 or 256; any L. The cache K/V and out are float,
 // __half or __nv_bfloat16 (instantiated with out of the cache's type); math is float32.
+// A compressed cache (heads of different lengths): `lengths` (device, kv_heads) replaces L per
+// head (L is then their maximum) and KV head g's positions start at k_pos + g * pos_stride.
 template <class KT, class OT>
 void attention(const float* q, int q_stride, const int* q_pos, int T, int heads, const KT* K, const KT* V,
-               const int* k_pos, int L, int kv_heads, int head_dim, int64_t head_stride, float scale, OT* out);
+               const int* k_pos, int L, int kv_heads, int head_dim, int64_t head_stride, float scale, OT* out,
+               const int* lengths = nullptr, int64_t pos_stride = 0);
 
 // Per row of logits (T, V_shard): max, sum of exp(logit - max), target logit (as the CPU twin).
 void softmaxPartials(const float* logits, int T, int V_shard, int vocab_offset, const int* targets,

@@ -73,6 +73,7 @@ struct DeviceMemory {
 template <class T>
 class DeviceBuffer {
  public:
+  using value_type = T;
   DeviceBuffer() = default;
   explicit DeviceBuffer(size_t n) : n_(n) {
     if (n) {

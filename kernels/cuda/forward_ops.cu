@@ -67,10 +67,9 @@ __global__ void addPositionsKernel(float* x, int dim, const float* table, const 
 // channel of V — a decode step's single row spreads over many SMs.
 template <class T>
 __global__ void ropeAppendKernel(float* qkv, int q_heads, int kv_heads, int hd, const int* pos, const float* inv_freq,
-                                 T* K, T* V, int64_t capacity, int first) {
+                                 T* K, T* V, int* k_pos, int64_t capacity, const int* first) {
   const int t = blockIdx.x, half = hd / 2, Q = q_heads * hd, KV = kv_heads * hd, pairs = (q_heads + kv_heads) * half;
   float* row = qkv + int64_t(t) * (Q + 2 * KV);
-  const int64_t slot = first + t;
   const int i = blockIdx.y * blockDim.x + threadIdx.x;
   if (i < pairs) {
     const int head = i / half, j = i % half;
@@ -84,13 +83,16 @@ __global__ void ropeAppendKernel(float* qkv, int q_heads, int kv_heads, int hd, 
       v[j + half] = b = rb;
     }
     if (head >= q_heads) {
-      T* k = K + ((head - q_heads) * capacity + slot) * hd;
+      const int g = head - q_heads;
+      const int64_t slot = first[g] + t;
+      T* k = K + (g * capacity + slot) * hd;
       k[j] = fromFloat<T>(a);
       k[j + half] = fromFloat<T>(b);
+      if (j == 0) k_pos[g * capacity + slot] = pos[t];
     }
   } else if (i < pairs + KV) {
-    const int c = i - pairs;
-    V[((c / hd) * capacity + slot) * hd + c % hd] = fromFloat<T>(row[Q + KV + c]);
+    const int c = i - pairs, g = c / hd;
+    V[(g * capacity + first[g] + t) * hd + c % hd] = fromFloat<T>(row[Q + KV + c]);
   }
 }
 
@@ -205,17 +207,75 @@ void rmsNormTo(const float* x, int rows, int dim, const float* w, float eps, O* 
 
 template <class T>
 void ropeAppendKV(float* qkv, int rows, int q_heads, int kv_heads, int head_dim, const int* positions,
-                  const float* inv_freq, T* K, T* V, int64_t capacity, int first_slot) {
+                  const float* inv_freq, T* K, T* V, int* k_pos, int64_t capacity, const int* first_slots) {
   const int items = (q_heads + kv_heads) * head_dim / 2 + kv_heads * head_dim;
   ropeAppendKernel<<<dim3(rows, (items + 127) / 128), 128>>>(qkv, q_heads, kv_heads, head_dim, positions, inv_freq, K,
-                                                              V, capacity, first_slot);
+                                                              V, k_pos, capacity, first_slots);
+  KVTP_CUDA_LAUNCHED();
+}
+
+// observed[g][l] += the probabilities of key l summed over KV head g's query heads and the
+// chunk's query rows from `from` on. P: (heads, rows, Lk), each KV head's G heads consecutive.
+template <class T>
+__global__ void observeKernel(const T* P, int rows, int Lk, int G, int from, int64_t L, float* observed) {
+  const int g = blockIdx.y, l = blockIdx.x * blockDim.x + threadIdx.x;
+  if (l >= Lk) return;
+  float s = 0.0f;
+  for (int h = g * G; h < (g + 1) * G; ++h)
+    for (int t = from; t < rows; ++t) s += toFloat(P[(int64_t(h) * rows + t) * Lk + l]);
+  observed[g * L + l] += s;
+}
+
+// Gathers the kept rows of every head into `scratch`, then back to the head's first slots.
+template <class T>
+__global__ void gatherRows(const T* K, const T* V, const int* k_pos, int64_t capacity, int hd, const int* keep,
+                           const int* kept, int max_kept, T* sk, T* sv, int* sp) {
+  const int g = blockIdx.y, j = blockIdx.x;
+  if (j >= kept[g]) return;
+  const int64_t from = g * capacity + keep[int64_t(g) * max_kept + j], to = int64_t(g) * max_kept + j;
+  for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+    sk[to * hd + d] = K[from * hd + d];
+    sv[to * hd + d] = V[from * hd + d];
+  }
+  if (threadIdx.x == 0) sp[to] = k_pos[from];
+}
+
+template <class T>
+__global__ void scatterRows(T* K, T* V, int* k_pos, int64_t capacity, int hd, const int* kept, int max_kept,
+                            const T* sk, const T* sv, const int* sp) {
+  const int g = blockIdx.y, j = blockIdx.x;
+  if (j >= kept[g]) return;
+  const int64_t to = g * capacity + j, from = int64_t(g) * max_kept + j;
+  for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+    K[to * hd + d] = sk[from * hd + d];
+    V[to * hd + d] = sv[from * hd + d];
+  }
+  if (threadIdx.x == 0) k_pos[to] = sp[from];
+}
+
+template <class T>
+void compactKV(T* K, T* V, int* k_pos, int64_t capacity, int kv_heads, int head_dim, const int* keep, const int* kept,
+               int max_kept) {
+  if (max_kept == 0) return;
+  static thread_local DeviceBuffer<char> scratch;
+  const size_t rows = size_t(kv_heads) * max_kept;
+  char* base = grow(scratch, rows * (2 * head_dim * sizeof(T) + sizeof(int)));
+  T* sk = reinterpret_cast<T*>(base);
+  T* sv = sk + rows * head_dim;
+  int* sp = reinterpret_cast<int*>(sv + rows * head_dim);
+  const dim3 grid(max_kept, kv_heads);
+  const int threads = std::min(head_dim, 128);
+  gatherRows<<<grid, threads>>>(K, V, k_pos, capacity, head_dim, keep, kept, max_kept, sk, sv, sp);
+  KVTP_CUDA_LAUNCHED();
+  scatterRows<<<grid, threads>>>(K, V, k_pos, capacity, head_dim, kept, max_kept, sk, sv, sp);
   KVTP_CUDA_LAUNCHED();
 }
 
 template <class T>
 void attentionPrefill(const Blas& blas, const float* q, int64_t q_stride, const int* q_pos, const int* q_pos_host,
                       int rows, int heads, const T* K, const T* V, const int* k_pos, const int* k_pos_host, int L,
-                      int kv_heads, int hd, int64_t capacity, float scale, T* out, size_t score_bytes) {
+                      int kv_heads, int hd, int64_t capacity, float scale, T* out, size_t score_bytes,
+                      float* observed, int observe_from) {
   if (rows == 0 || L == 0) return;
   const int G = heads / kv_heads;
   // Per query row: scores (float) and probabilities (T) over up to L keys, for every head.
@@ -246,6 +306,10 @@ void attentionPrefill(const Blas& blas, const float* q, int64_t q_stride, const 
         CUBLAS_GEMM_DEFAULT));
     maskedSoftmax<<<unsigned(heads) * rc, kThreads>>>(S, rc, Lk, q_pos + t0, k_pos, P);
     KVTP_CUDA_LAUNCHED();
+    if (observed && t0 + rc > observe_from) {
+      observeKernel<<<dim3((Lk + 127) / 128, kv_heads), 128>>>(P, rc, Lk, G, std::max(0, observe_from - t0), L, observed);
+      KVTP_CUDA_LAUNCHED();
+    }
     KVTP_CUBLAS_CHECK(cublasGemmStridedBatchedEx(
         blas.get(), CUBLAS_OP_N, CUBLAS_OP_N, hd, M, Lk, &one, V, dataType<T>(), hd, capacity * hd, P, dataType<T>(),
         Lk, int64_t(M) * Lk, &zero, O, CUDA_R_32F, hd, int64_t(M) * hd, kv_heads, CUBLAS_COMPUTE_32F,
@@ -274,9 +338,12 @@ void reluTo(const float* in, int64_t n, T* out) {
   template void embed<T>(const int*, int, const T*, int, int, int, float*);                                       \
   template void layerNormTo<T>(const float*, int, int, const float*, const float*, float, T*);                     \
   template void rmsNormTo<T>(const float*, int, int, const float*, float, T*);                                     \
-  template void ropeAppendKV<T>(float*, int, int, int, int, const int*, const float*, T*, T*, int64_t, int);      \
+  template void ropeAppendKV<T>(float*, int, int, int, int, const int*, const float*, T*, T*, int*, int64_t,     \
+                                const int*);                                                                      \
+  template void compactKV<T>(T*, T*, int*, int64_t, int, int, const int*, const int*, int);                       \
   template void attentionPrefill<T>(const Blas&, const float*, int64_t, const int*, const int*, int, int, const T*, \
-                                    const T*, const int*, const int*, int, int, int, int64_t, float, T*, size_t);  \
+                                    const T*, const int*, const int*, int, int, int, int64_t, float, T*, size_t,   \
+                                    float*, int);                                                                 \
   template void siluMulTo<T>(const float*, int, int, T*);                                                          \
   template void reluTo<T>(const float*, int64_t, T*);
 KVTP_FORWARD_OPS(float)

@@ -40,20 +40,31 @@ void rmsNormTo(const float* x, int rows, int dim, const float* w, float eps, O* 
 
 // One launch per step and layer for what follows the fused Q|K|V product (rows of q_heads + 2
 // kv_heads heads): RoPE (rotate_half, angles in double as on the CPU; skipped when inv_freq is
-// null) on the Q and K heads in place, then K and V appended to the cache at slots first_slot..
-// of each head: cache[(h * capacity + slot) * head_dim + d].
+// null) on the Q and K heads in place, then K and V appended to the cache at slots
+// first_slots[h].. of each KV head h (device array: heads hold different counts once compressed):
+// cache[(h * capacity + slot) * head_dim + d], and the positions to k_pos[h * capacity + slot].
 template <class T>
 void ropeAppendKV(float* qkv, int rows, int q_heads, int kv_heads, int head_dim, const int* positions,
-                  const float* inv_freq, T* K, T* V, int64_t capacity, int first_slot);
+                  const float* inv_freq, T* K, T* V, int* k_pos, int64_t capacity, const int* first_slots);
+
+// Eviction on the device: KV head h keeps its rows keep[h * max_kept + j] for j < kept[h] (ascending
+// slots), moved with their positions to slots 0.. kept[h] - 1. keep and kept are device arrays.
+template <class T>
+void compactKV(T* K, T* V, int* k_pos, int64_t capacity, int kv_heads, int head_dim, const int* keep, const int* kept,
+               int max_kept);
 
 // Causal attention of many queries through cuBLAS: scores S = Q K^T per KV head (its G query
 // heads stacked), a masked softmax by position, O = P V. Queries in chunks so that the scores
 // never need more than `score_bytes`. q: columns [0, heads * head_dim) of rows of stride
-// q_stride, float; K/V as ropeAppendKV; out (rows, heads * head_dim) of type T.
+// q_stride, float; K/V as ropeAppendKV, every head holding the same L positions k_pos; out (rows,
+// heads * head_dim) of type T. With `observed` (kv_heads, L) float: adds, per KV head and key, the
+// attention probabilities of query rows observe_from.. summed over the KV head's query heads
+// (SnapKV's observation window).
 template <class T>
 void attentionPrefill(const Blas& blas, const float* q, int64_t q_stride, const int* q_pos, const int* q_pos_host,
                       int rows, int heads, const T* K, const T* V, const int* k_pos, const int* k_pos_host, int L,
-                      int kv_heads, int head_dim, int64_t capacity, float scale, T* out, size_t score_bytes);
+                      int kv_heads, int head_dim, int64_t capacity, float scale, T* out, size_t score_bytes,
+                      float* observed = nullptr, int observe_from = 0);
 
 // act (rows, F) = silu(gu[:, :F]) * gu[:, F:] from the fused gate|up product (rows, 2F).
 template <class T>
