@@ -2,7 +2,7 @@
 # On the GPU machine, after scripts/bundle-gpu.sh here: every GPU test, the CUDA benchmarks, the
 # perplexity job at tp 1 and (with two GPUs) tp 2 on a Llama-2-7B shape, and transformers on the
 # same shapes — the runs behind docs/BENCHMARKS.md. Results as JSON files under $OUT (or /tmp).
-#   device tool: carry [".bundle.tar.xz"], command: bash scripts/gpu-check.sh [tests] [bench] [tp] [scale] [hf]
+#   device tool: carry [".bundle.tar.xz"], command: bash scripts/gpu-check.sh [tests] [bench] [tp] [scale] [kv] [hf]
 # (no section named: all of them); MPIRUN_ARGS: mpirun options, default --bind-to none
 # (Open MPI binds each rank to one core by default; a GPU rank then shares that core with
 # NCCL's proxy thread, which halved tp 2 throughput in our runs)
@@ -52,5 +52,29 @@ if [ "$gpus" -ge 2 ] && want scale; then
   for f in grpc_opt66b_prefill opt66b_decode llama70b_prefill llama70b_decode; do
     python3 -c "import json,sys; j=json.load(open(sys.argv[1])); print(sys.argv[2], {k: j.get(k) for k in ('model','ppl','tokens','seconds','tokens_per_second','tp','device_bytes_peak_per_rank')})" "$out/$f.json" "$f"
   done
+fi
+# KV compression on the GPU (SnapKV/PyramidKV, the prompt compressed at its end): Llama-2-7B decode
+# at 2k/8k/32k with and without a 20 % budget; with 2+ GPUs, OPT-66B at tp = GPUs (2048 positions
+# at most): a 1536-token prompt then 511 decoded tokens, through the control plane (snapkv) and
+# mpirun (pyramidkv, full).
+if want kv; then
+  timeout 150 .bundle/kvtp bench --device cuda --synthetic llama-2-7b --contexts 2048,8192,32768 --kv snapkv:budget=0.2 --json > "$out/bench_snapkv.json"
+  timeout 150 .bundle/kvtp bench --device cuda --synthetic llama-2-7b --contexts 2048,8192,32768 --json > "$out/bench_full.json"
+  python3 -c "
+import json,sys
+for f in sys.argv[1:]:
+  for d in json.load(open(f))['models'][0]['decode']: print(f.split('/')[-1], d['context'], d['kv'], round(d['kv_bytes']/2**20), 'MiB', round(d['ms_per_token'],3), 'ms', round(100*d['ratio_to_floor'],1), '% of floor')
+" "$out/bench_snapkv.json" "$out/bench_full.json"
+  if [ "$gpus" -ge 2 ]; then
+    mkdir -p scale && cp /tmp/ids2048.txt scale/
+    dec="--synthetic opt-66b --input-ids scale/ids2048.txt --max-windows 1 --mode decode --prefill 1536 --device cuda --json"
+    KVTP=.bundle/kvtp WORKERS=$gpus timeout 200 bash scripts/run-local.sh $dec --kv snapkv:budget=0.2 > "$out/grpc_opt66b_snapkv.json"
+    run="timeout 200 mpirun --allow-run-as-root --bind-to none -np $gpus -x LD_LIBRARY_PATH -x NCCL_NVLS_ENABLE=0 .bundle/kvtp ppl --tp $gpus"
+    $run $dec --kv pyramidkv:budget=0.2 > "$out/opt66b_pyramidkv.json"
+    $run $dec > "$out/opt66b_full_decode.json"
+    for f in grpc_opt66b_snapkv opt66b_pyramidkv opt66b_full_decode; do
+      python3 -c "import json,sys; j=json.load(open(sys.argv[1])); print(sys.argv[2], {k: j.get(k) for k in ('kv','ppl','tokens','seconds','tokens_per_second','tp','kv_bytes_steady','kv_bytes_full','device_bytes_peak_per_rank')})" "$out/$f.json" "$f"
+    done
+  fi
 fi
 want hf && timeout 240 python3 scripts/hf_bench.py 2>&1 | grep -E "^prefill|^decode|^\{" > "$out/hf_bench.txt"; cat "$out/hf_bench.txt" 2>/dev/null
