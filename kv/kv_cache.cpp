@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <numeric>
 #include <stdexcept>
 #include <string>
 
@@ -43,6 +44,12 @@ void pack(const int* q, int n, int bits, uint8_t* out) {
 }
 
 int unpack(const uint8_t* packed, int i, int bits) { return (packed[i * bits / 8] >> (i * bits % 8)) & ((1 << bits) - 1); }
+
+std::vector<int> everyIndex(int n) {
+  std::vector<int> all(static_cast<size_t>(n));
+  std::iota(all.begin(), all.end(), 0);
+  return all;
+}
 
 template <typename V>
 void appendRow(std::vector<V>& to, const std::vector<V>& from, int64_t row, int64_t width) {
@@ -99,9 +106,7 @@ void KVCache::quantizeInt8(int layer, int head) {
   Conversion cv;
   cv.to = Form::Int8;
   for (Form f : this->head(layer, head).form) cv.convert.push_back(f == Form::Full);
-  std::vector<int> all(this->head(layer, head).length());
-  for (int i = 0; i < int(all.size()); ++i) all[i] = i;
-  rebuild(layer, head, all, cv);
+  rebuild(layer, head, everyIndex(this->head(layer, head).length()), cv);
 }
 
 void KVCache::quantizeKivi(int layer, int head, const std::vector<int>& run_starts, int bits, int group) {
@@ -124,9 +129,7 @@ void KVCache::quantizeKivi(int layer, int head, const std::vector<int>& run_star
       cv.convert[i] = 1;
     }
   }
-  std::vector<int> all(c.length());
-  for (int i = 0; i < c.length(); ++i) all[i] = i;
-  rebuild(layer, head, all, cv);
+  rebuild(layer, head, everyIndex(c.length()), cv);
 }
 
 void KVCache::toLowRank(int layer, int head, int end) {
@@ -137,9 +140,7 @@ void KVCache::toLowRank(int layer, int head, int end) {
   cv.to = Form::LowRank;
   for (int i = 0; i < c.length(); ++i) cv.convert.push_back(i < end && c.form[i] == Form::Full);
   if (std::find(cv.convert.begin(), cv.convert.end(), 1) == cv.convert.end()) return;
-  std::vector<int> all(c.length());
-  for (int i = 0; i < c.length(); ++i) all[i] = i;
-  rebuild(layer, head, all, cv);
+  rebuild(layer, head, everyIndex(c.length()), cv);
 }
 
 // Rebuilds a head's stores from the entries `keep`, converting those `cv` names: every store
