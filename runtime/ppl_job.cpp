@@ -71,6 +71,9 @@ void prepare(const PplJob& job, comm::Communicator* group, Prepared& m, PplJobRe
   } else {
     m.config = syntheticConfig(job.synthetic);
     if (job.layers > 0) m.config.layers = job.layers;
+    // RoPE has no position table: a synthetic Llama may score windows past its config's context
+    // (as kvtp bench does), e.g. Llama-2-70B's shape at 8k.
+    if (m.config.family == Family::Llama) m.config.max_positions = std::max(m.config.max_positions, job.seq_len);
     out.model = "synthetic:" + job.synthetic;
   }
   const ModelConfig& c = m.config;

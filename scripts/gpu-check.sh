@@ -2,7 +2,7 @@
 # On the GPU machine, after scripts/bundle-gpu.sh here: every GPU test, the CUDA benchmarks, the
 # perplexity job at tp 1 and (with two GPUs) tp 2 on a Llama-2-7B shape, and transformers on the
 # same shapes — the runs behind docs/BENCHMARKS.md. Results as JSON files under $OUT (or /tmp).
-#   device tool: carry [".bundle.tar.xz"], command: bash scripts/gpu-check.sh [tests] [bench] [tp] [scale] [kv] [hf]
+#   device tool: carry [".bundle.tar.xz"], command: bash scripts/gpu-check.sh [tests] [bench] [tp] [scale] [kv] [kv8k] [hf]
 # (no section named: all of them); MPIRUN_ARGS: mpirun options, default --bind-to none
 # (Open MPI binds each rank to one core by default; a GPU rank then shares that core with
 # NCCL's proxy thread, which halved tp 2 throughput in our runs)
@@ -26,6 +26,7 @@ random.seed(1)
 line = lambda n: " ".join(str(random.randrange(32000)) for _ in range(n)) + "\n"
 open("/tmp/ids2048.txt", "w").write("".join(line(2048) for _ in range(8)))
 open("/tmp/ids2600.txt", "w").write(line(2600))
+open("/tmp/ids8448.txt", "w").write(line(8448))
 PY
 [ "$gpus" -ge 2 ] && want tp && timeout 60 mpirun --allow-run-as-root -np "$gpus" -x LD_LIBRARY_PATH -x NCCL_NVLS_ENABLE=0 .bundle/kvtp_nccl_bench
 for tp in 1 2 4 8; do
@@ -76,5 +77,20 @@ for f in sys.argv[1:]:
       python3 -c "import json,sys; j=json.load(open(sys.argv[1])); print(sys.argv[2], {k: j.get(k) for k in ('kv','ppl','tokens','seconds','tokens_per_second','tp','kv_bytes_steady','kv_bytes_full','device_bytes_peak_per_rank')})" "$out/$f.json" "$f"
     done
   fi
+fi
+# Llama-2-70B at tp = GPUs, 8k context: an 8192-token prompt (compressed at its end) then 255
+# decoded tokens; snapkv through the control plane, pyramidkv and the full cache through mpirun.
+if [ "$gpus" -ge 2 ] && want kv8k; then
+  mkdir -p scale && cp /tmp/ids8448.txt scale/
+  dec="--synthetic llama-2-70b --input-ids scale/ids8448.txt --seq-len 8448 --max-windows 1 --mode decode --prefill 8192 --device cuda --json"
+  KVTP=.bundle/kvtp WORKERS=$gpus timeout 200 bash scripts/run-local.sh $dec --kv snapkv:budget=0.2 > "$out/grpc_llama70b_8k_snapkv.json"
+  run="timeout 200 mpirun --allow-run-as-root --bind-to none -np $gpus -x LD_LIBRARY_PATH -x NCCL_NVLS_ENABLE=0 .bundle/kvtp ppl --tp $gpus"
+  $run $dec --kv pyramidkv:budget=0.2 > "$out/llama70b_8k_pyramidkv.json"
+  $run $dec > "$out/llama70b_8k_full.json"
+  # The prompt alone, scored at once: decode ms/token = (decode job - this) / 255.
+  $run --synthetic llama-2-70b --input-ids scale/ids8448.txt --seq-len 8192 --max-windows 1 --device cuda --json > "$out/llama70b_8k_prefill.json"
+  for f in grpc_llama70b_8k_snapkv llama70b_8k_pyramidkv llama70b_8k_full llama70b_8k_prefill; do
+    python3 -c "import json,sys; j=json.load(open(sys.argv[1])); print(sys.argv[2], {k: j.get(k) for k in ('kv','tokens','seconds','tp','kv_bytes_steady','kv_bytes_full','device_bytes_peak_per_rank')})" "$out/$f.json" "$f"
+  done
 fi
 want hf && timeout 240 python3 scripts/hf_bench.py 2>&1 | grep -E "^prefill|^decode|^\{" > "$out/hf_bench.txt"; cat "$out/hf_bench.txt" 2>/dev/null
