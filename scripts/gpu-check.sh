@@ -54,6 +54,22 @@ if [ "$gpus" -ge 2 ] && want scale; then
     python3 -c "import json,sys; j=json.load(open(sys.argv[1])); print(sys.argv[2], {k: j.get(k) for k in ('model','ppl','tokens','seconds','tokens_per_second','tp','device_bytes_peak_per_rank')})" "$out/$f.json" "$f"
   done
 fi
+# One decode job at tp = GPUs three ways: snapkv over the control plane (coordinator + mpirun
+# workers), pyramidkv and the full cache through mpirun. usage: compressedRuns NAME ppl-options...
+mpi_ppl="timeout 200 mpirun --allow-run-as-root --bind-to none -np $gpus -x LD_LIBRARY_PATH -x NCCL_NVLS_ENABLE=0 .bundle/kvtp ppl --tp $gpus"
+summary() {
+  python3 -c "import json,sys; j=json.load(open(sys.argv[1])); print(sys.argv[1].split('/')[-1], {k: j.get(k) for k in ('kv','tokens','seconds','tp','kv_bytes_steady','kv_bytes_full','device_bytes_peak_per_rank')})" "$1"
+}
+compressedRuns() {  # inputs under scale/: the coordinator reads files below its --data-root only
+  local name=$1
+  shift
+  mkdir -p scale && cp /tmp/ids2048.txt /tmp/ids8448.txt scale/
+  KVTP=.bundle/kvtp WORKERS=$gpus timeout 200 bash scripts/run-local.sh "$@" --device cuda --json --kv snapkv:budget=0.2 \
+    > "$out/grpc_${name}_snapkv.json"
+  $mpi_ppl "$@" --device cuda --json --kv pyramidkv:budget=0.2 > "$out/${name}_pyramidkv.json"
+  $mpi_ppl "$@" --device cuda --json > "$out/${name}_full.json"
+  for f in "grpc_${name}_snapkv" "${name}_pyramidkv" "${name}_full"; do summary "$out/$f.json"; done
+}
 # KV compression on the GPU (SnapKV/PyramidKV, the prompt compressed at its end): Llama-2-7B decode
 # at 2k/8k/32k with and without a 20 % budget; with 2+ GPUs, OPT-66B at tp = GPUs (2048 positions
 # at most): a 1536-token prompt then 511 decoded tokens, through the control plane (snapkv) and
@@ -66,31 +82,16 @@ import json,sys
 for f in sys.argv[1:]:
   for d in json.load(open(f))['models'][0]['decode']: print(f.split('/')[-1], d['context'], d['kv'], round(d['kv_bytes']/2**20), 'MiB', round(d['ms_per_token'],3), 'ms', round(100*d['ratio_to_floor'],1), '% of floor')
 " "$out/bench_snapkv.json" "$out/bench_full.json"
-  if [ "$gpus" -ge 2 ]; then
-    mkdir -p scale && cp /tmp/ids2048.txt scale/
-    dec="--synthetic opt-66b --input-ids scale/ids2048.txt --max-windows 1 --mode decode --prefill 1536 --device cuda --json"
-    KVTP=.bundle/kvtp WORKERS=$gpus timeout 200 bash scripts/run-local.sh $dec --kv snapkv:budget=0.2 > "$out/grpc_opt66b_snapkv.json"
-    run="timeout 200 mpirun --allow-run-as-root --bind-to none -np $gpus -x LD_LIBRARY_PATH -x NCCL_NVLS_ENABLE=0 .bundle/kvtp ppl --tp $gpus"
-    $run $dec --kv pyramidkv:budget=0.2 > "$out/opt66b_pyramidkv.json"
-    $run $dec > "$out/opt66b_full_decode.json"
-    for f in grpc_opt66b_snapkv opt66b_pyramidkv opt66b_full_decode; do
-      python3 -c "import json,sys; j=json.load(open(sys.argv[1])); print(sys.argv[2], {k: j.get(k) for k in ('kv','ppl','tokens','seconds','tokens_per_second','tp','kv_bytes_steady','kv_bytes_full','device_bytes_peak_per_rank')})" "$out/$f.json" "$f"
-    done
-  fi
+  [ "$gpus" -ge 2 ] && compressedRuns opt66b --synthetic opt-66b --input-ids scale/ids2048.txt --max-windows 1 \
+    --mode decode --prefill 1536
 fi
 # Llama-2-70B at tp = GPUs, 8k context: an 8192-token prompt (compressed at its end) then 255
-# decoded tokens; snapkv through the control plane, pyramidkv and the full cache through mpirun.
+# decoded tokens, and the prompt alone scored at once (decode ms/token = (job - that) / 255).
 if [ "$gpus" -ge 2 ] && want kv8k; then
-  mkdir -p scale && cp /tmp/ids8448.txt scale/
-  dec="--synthetic llama-2-70b --input-ids scale/ids8448.txt --seq-len 8448 --max-windows 1 --mode decode --prefill 8192 --device cuda --json"
-  KVTP=.bundle/kvtp WORKERS=$gpus timeout 200 bash scripts/run-local.sh $dec --kv snapkv:budget=0.2 > "$out/grpc_llama70b_8k_snapkv.json"
-  run="timeout 200 mpirun --allow-run-as-root --bind-to none -np $gpus -x LD_LIBRARY_PATH -x NCCL_NVLS_ENABLE=0 .bundle/kvtp ppl --tp $gpus"
-  $run $dec --kv pyramidkv:budget=0.2 > "$out/llama70b_8k_pyramidkv.json"
-  $run $dec > "$out/llama70b_8k_full.json"
-  # The prompt alone, scored at once: decode ms/token = (decode job - this) / 255.
-  $run --synthetic llama-2-70b --input-ids scale/ids8448.txt --seq-len 8192 --max-windows 1 --device cuda --json > "$out/llama70b_8k_prefill.json"
-  for f in grpc_llama70b_8k_snapkv llama70b_8k_pyramidkv llama70b_8k_full llama70b_8k_prefill; do
-    python3 -c "import json,sys; j=json.load(open(sys.argv[1])); print(sys.argv[2], {k: j.get(k) for k in ('kv','tokens','seconds','tp','kv_bytes_steady','kv_bytes_full','device_bytes_peak_per_rank')})" "$out/$f.json" "$f"
-  done
+  compressedRuns llama70b_8k --synthetic llama-2-70b --input-ids scale/ids8448.txt --seq-len 8448 --max-windows 1 \
+    --mode decode --prefill 8192
+  $mpi_ppl --synthetic llama-2-70b --input-ids /tmp/ids8448.txt --seq-len 8192 --max-windows 1 --device cuda --json \
+    > "$out/llama70b_8k_prefill.json"
+  summary "$out/llama70b_8k_prefill.json"
 fi
 want hf && timeout 240 python3 scripts/hf_bench.py 2>&1 | grep -E "^prefill|^decode|^\{" > "$out/hf_bench.txt"; cat "$out/hf_bench.txt" 2>/dev/null
