@@ -62,8 +62,7 @@ void appendRow(std::vector<V>& to, const std::vector<V>& from, int64_t row, int6
 struct KVCache::Conversion {
   Form to = Form::Full;            // Full: none
   std::vector<uint8_t> convert;    // per entry: 1 = convert it
-  std::vector<uint8_t> run_start;  // Kivi: per entry, 1 = a key group of `group` entries starts here
-  int bits = 0, group = 0;
+  std::vector<uint8_t> run_start;  // Kivi: per entry, 1 = a key group of value_group_ entries starts here
 };
 
 KVCache::KVCache(int layers, int kv_heads, int head_dim, bool rows_on_device)
@@ -117,8 +116,6 @@ void KVCache::quantizeKivi(int layer, int head, const std::vector<int>& run_star
   const HeadCache& c = this->head(layer, head);
   Conversion cv;
   cv.to = Form::Kivi;
-  cv.bits = bits;
-  cv.group = group;
   cv.convert.assign(size_t(c.length()), 0);
   cv.run_start.assign(size_t(c.length()), 0);
   for (int first : run_starts) {
@@ -148,8 +145,7 @@ void KVCache::toLowRank(int layer, int head, int end) {
 void KVCache::rebuild(int layer, int head, const std::vector<int>& keep, const Conversion& cv) {
   const HeadCache& c = this->head(layer, head);
   const int hd = head_dim_, n = c.length();
-  const int cb = code_bits_ ? codeBytes() : 0, r = lowrank_.rank;
-  const int row_params = code_bits_ == 8 ? 2 : value_group_ ? 2 * ((hd + value_group_ - 1) / value_group_) : 0;
+  const int cb = code_bits_ ? codeBytes() : 0, r = lowrank_.rank, row_params = rowParams();
   std::vector<int> row(static_cast<size_t>(n)), group(static_cast<size_t>(n), -1);
   int count[4] = {}, g = -1, left = 0;
   for (int i = 0; i < n; ++i) {
@@ -161,9 +157,9 @@ void KVCache::rebuild(int layer, int head, const std::vector<int>& keep, const C
 
   HeadCache out;
   std::vector<int> q(static_cast<size_t>(hd));
-  auto pushCodes = [&](const std::vector<int>& codes, int bits) {
+  auto pushCodes = [&](const std::vector<int>& codes, int code_bits) {
     out.codes.resize(out.codes.size() + cb);
-    pack(codes.data(), hd, bits, out.codes.data() + out.codes.size() - cb);
+    pack(codes.data(), hd, code_bits, out.codes.data() + out.codes.size() - cb);
   };
   int prev = -1, last_group = -1;
   for (int i : keep) {
@@ -212,21 +208,21 @@ void KVCache::rebuild(int layer, int head, const std::vector<int>& keep, const C
     } else if (f == Form::Kivi) {
       if (cv.run_start[i]) {  // keys: per channel over the run's `group` consecutive full rows
         for (int ch = 0; ch < hd; ++ch) {
-          const Affine a = fitAffine(key + ch, cv.group, hd, cv.bits);
+          const Affine a = fitAffine(key + ch, value_group_, hd, code_bits_);  // one group size for both
           out.key_params.insert(out.key_params.end(), {a.lo, a.step});
         }
         out.group_rows.push_back(0);
       }
       const float* kp = out.key_params.data() + out.key_params.size() - 2 * hd;
-      for (int ch = 0; ch < hd; ++ch) q[ch] = encodeAffine(key[ch], {kp[2 * ch], kp[2 * ch + 1]}, cv.bits);
-      pushCodes(q, cv.bits);
-      for (int ch = 0; ch < hd; ch += cv.group) {  // values: per token over groups of channels
-        const int w = std::min(cv.group, hd - ch);
-        const Affine a = fitAffine(value + ch, w, 1, cv.bits);
-        for (int j = 0; j < w; ++j) q[ch + j] = encodeAffine(value[ch + j], a, cv.bits);
+      for (int ch = 0; ch < hd; ++ch) q[ch] = encodeAffine(key[ch], {kp[2 * ch], kp[2 * ch + 1]}, code_bits_);
+      pushCodes(q, code_bits_);
+      for (int ch = 0; ch < hd; ch += value_group_) {  // values: per token over groups of channels
+        const int w = std::min(value_group_, hd - ch);
+        const Affine a = fitAffine(value + ch, w, 1, code_bits_);
+        for (int j = 0; j < w; ++j) q[ch + j] = encodeAffine(value[ch + j], a, code_bits_);
         out.row_params.insert(out.row_params.end(), {a.lo, a.step});
       }
-      pushCodes(q, cv.bits);
+      pushCodes(q, code_bits_);
       ++out.group_rows.back();
     } else {  // low rank: keys leave their rotated frame (W_k acts before RoPE), then project
       const size_t b = size_t(layer) * kv_heads_ + head;
@@ -262,7 +258,7 @@ HeadRows KVCache::rows(int layer, int head, std::vector<float>& scratch) const {
         break;
       case Form::Int8: {
         const uint8_t* codes = c.codes.data() + int64_t(row) * 2 * cb;
-        const float* step = c.row_params.data() + int64_t(row) * 2;
+        const float* step = c.row_params.data() + int64_t(row) * rowParams();
         for (int ch = 0; ch < hd; ++ch) {
           k[ch] = float(int8_t(unpack(codes, ch, 8))) * step[0];
           v[ch] = float(int8_t(unpack(codes + cb, ch, 8))) * step[1];
@@ -274,8 +270,7 @@ HeadRows KVCache::rows(int layer, int head, std::vector<float>& scratch) const {
         --left;
         const uint8_t* codes = c.codes.data() + int64_t(row) * 2 * cb;
         const float* kp = c.key_params.data() + int64_t(g) * 2 * hd;
-        const int vg = (hd + value_group_ - 1) / value_group_;
-        const float* vp = c.row_params.data() + int64_t(row) * 2 * vg;
+        const float* vp = c.row_params.data() + int64_t(row) * rowParams();
         for (int ch = 0; ch < hd; ++ch) {
           k[ch] = Affine{kp[2 * ch], kp[2 * ch + 1]}.decode(unpack(codes, ch, code_bits_));
           const int j = ch / value_group_;

@@ -90,12 +90,17 @@ class KVCache {
   struct Conversion;
   void rebuild(int layer, int head, const std::vector<int>& keep, const Conversion& convert);
   int codeBytes() const { return (head_dim_ * code_bits_ + 7) / 8; }  // one key's or value's codes
+  // Parameters per packed row: int8 a step for the key and one for the value; KIVI the value's
+  // (lo, step) per channel group.
+  int rowParams() const {
+    return code_bits_ == 8 ? 2 : value_group_ ? 2 * ((head_dim_ + value_group_ - 1) / value_group_) : 0;
+  }
   void useBits(int bits);
 
   int layers_, kv_heads_, head_dim_;
   bool rows_on_device_;
   int code_bits_ = 0;   // 8 (int8) or KIVI's 2 / 4, fixed by the first quantization
-  int value_group_ = 0; // KIVI: channels per value group
+  int value_group_ = 0; // KIVI: entries per key group and channels per value group
   LowRankBases lowrank_;
   std::vector<HeadCache> heads_;
 };

@@ -8,8 +8,7 @@
 
 #include "kernels/cuda/cuda_util.h"
 #include "runtime/error.h"
-#include "runtime/ppl_job.h"
-#include "test_util.h"
+#include "ppl_jobs.h"
 
 namespace kvtp {
 namespace {
@@ -35,12 +34,9 @@ class CudaParity : public ::testing::TestWithParam<Case> {};
 TEST_P(CudaParity, LogprobsMatchTransformersAndTheCpu) {
   REQUIRE_GPUS(1);
   const auto& c = GetParam();
-  const std::string dir = test::fixture("models/" + c.model);
+  PplJob job = test::fixtureJob(c.model, c.mode);
+  const std::string dir = job.model_dir;
   const auto ref = test::readJsonFile(dir + "/reference.json");
-  PplJob job;
-  job.model_dir = dir;
-  job.input_ids = dir + "/input_ids.txt";
-  job.mode = c.mode;
   double hf_own = 0;  // transformers in this precision against its float64 log-probs
   if (c.dtype != "fp32") {
     const auto lowp = test::readJsonFile(dir + "/reference_lowp.json")[c.dtype]["logprobs"];
@@ -111,11 +107,7 @@ TEST(CudaEngine, DefaultModelHeldOutC4Perplexity) {
 // kernel; prefill mode scores the same tokens through the GEMM attention: they must agree.
 TEST(CudaEngine, DecodeThroughAGrowingCacheMatchesPrefill) {
   REQUIRE_GPUS(1);
-  PplJob job;
-  job.model_dir = "models/kvtp-llama-2m";
-  job.data = "data/c4/c4-heldout-200.json.gz";
-  job.seq_len = 700;
-  job.max_windows = 2;
+  PplJob job = test::heldOutC4Job(700, 2, Mode::Prefill);
   job.device = "cuda";
   job.dtype = "fp32";
   const auto prefill = runPplJob(job).result;
@@ -135,12 +127,7 @@ TEST(CudaEngine, DecodeThroughAGrowingCacheMatchesPrefill) {
 TEST(CudaEngine, PromptCompressionMatchesTheCpu) {
   REQUIRE_GPUS(1);
   for (const char* kv : {"snapkv:budget=0.2", "pyramidkv:budget=0.3,window=16"}) {
-    PplJob job;
-    job.model_dir = "models/kvtp-llama-2m";
-    job.data = "data/c4/c4-heldout-200.json.gz";
-    job.seq_len = 512;
-    job.max_windows = 2;
-    job.mode = Mode::Decode;
+    PplJob job = test::heldOutC4Job(512, 2, Mode::Decode);
     job.prefill = 384;
     job.kv = kv;
     const auto cpu = runPplJob(job);

@@ -4,8 +4,7 @@
 
 #include <cmath>
 
-#include "runtime/ppl_job.h"
-#include "test_util.h"
+#include "ppl_jobs.h"
 
 namespace kvtp {
 namespace {
@@ -20,12 +19,8 @@ class HfParity : public ::testing::TestWithParam<Case> {};
 
 TEST_P(HfParity, LogprobsMatchTransformers) {
   const auto& c = GetParam();
-  const std::string dir = test::fixture("models/" + c.model);
-  const auto ref = test::readJsonFile(dir + "/reference.json");
-  PplJob job;
-  job.model_dir = dir;
-  job.input_ids = dir + "/input_ids.txt";
-  job.mode = c.mode;
+  const PplJob job = test::fixtureJob(c.model, c.mode);
+  const auto ref = test::readJsonFile(job.model_dir + "/reference.json");
   const auto r = runPplJob(job).result;
 
   ASSERT_EQ(r.sequences.size(), ref["sequences"].size());

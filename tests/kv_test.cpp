@@ -6,7 +6,7 @@
 #include <random>
 
 #include "kv/policy.h"
-#include "runtime/ppl_job.h"
+#include "ppl_jobs.h"
 
 namespace kvtp::kv {
 namespace {
@@ -326,10 +326,7 @@ TEST(KvBytes, EqualAHandCount) {
 }
 
 std::vector<double> decodeLogprobs(const std::string& kv) {
-  PplJob j;
-  j.model_dir = "tests/fixtures/models/llama3-gqa";
-  j.input_ids = j.model_dir + "/input_ids.txt";
-  j.mode = Mode::Decode;
+  PplJob j = test::fixtureJob("llama3-gqa", Mode::Decode);
   j.kv = kv;
   const auto r = runPplJob(j).result;
   std::vector<double> all;
@@ -401,10 +398,7 @@ TEST(KvEviction, FullBudgetReproducesTheFullCacheExactly) {
 }
 
 TEST(KvLowRank, FullRankReproducesTheFullCache) {
-  PplJob j;
-  j.model_dir = "tests/fixtures/models/llama3-gqa";  // head_dim 8, RoPE with llama3 scaling
-  j.input_ids = j.model_dir + "/input_ids.txt";
-  j.mode = Mode::Decode;
+  PplJob j = test::fixtureJob("llama3-gqa", Mode::Decode);  // head_dim 8, RoPE with llama3 scaling
   const auto full = runPplJob(j).result;
   j.kv_lowrank = "cskv:rank=8,window=4";
   const auto same = runPplJob(j).result;
@@ -419,12 +413,7 @@ TEST(KvLowRank, FullRankReproducesTheFullCache) {
 TEST(KvEviction, ProtectedDefaultDoesNotCollapse) {
   // The trained default model, 2 windows of 512 tokens decoded with 20% of the cache.
   auto ppl = [](const std::string& kv) {
-    PplJob j;
-    j.model_dir = "models/kvtp-llama-2m";
-    j.data = "data/c4/c4-heldout-200.json.gz";
-    j.seq_len = 512;
-    j.max_windows = 2;
-    j.mode = Mode::Decode;
+    PplJob j = test::heldOutC4Job(512, 2, Mode::Decode);
     j.kv = kv;
     return runPplJob(j).result.ppl();
   };
