@@ -55,9 +55,10 @@ class Nccl : public Communicator {
   void run(ncclResult_t launched) { NCCL_CHECK(launched); }
   ncclComm_t comm_;
   int device_;
-  // The legacy default stream, where the CUDA engine's kernels run: collectives are ordered with
-  // them without the host waiting (a host wait per all-reduce drains the GPU's queue of launches).
-  const cudaStream_t stream_ = nullptr;
+  // The calling thread's default stream, where the CUDA engine's kernels run: collectives are
+  // ordered with them without the host waiting (a host wait per all-reduce drains the GPU's queue
+  // of launches), and a decode step's all-reduces are captured into its CUDA graph with them.
+  const cudaStream_t stream_ = cudaStreamPerThread;
   int rank_ = 0, size_ = 1;
   float* scratch_ = nullptr;
 };

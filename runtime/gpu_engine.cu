@@ -201,7 +201,6 @@ class GpuEngine : public Engine {
     for (int n : len_) meta.push_back(n + rows);
     int* d_meta = grow(meta_, meta.size());
     KVTP_CUDA_CHECK(cudaMemcpy(d_meta, meta.data(), meta.size() * sizeof(int), cudaMemcpyHostToDevice));
-    const int* d_pos = d_meta;
     positions_host_.insert(positions_host_.end(), positions, positions + rows);
     if (compresses()) {
       for (int l = 0; l < c_.layers; ++l) mirror_.append(l, nullptr, nullptr, positions, rows);
@@ -212,6 +211,65 @@ class GpuEngine : public Engine {
       float* o = grow(observed_, size_t(LH) * observed_len_);
       KVTP_CUDA_CHECK(cudaMemset(o, 0, size_t(LH) * observed_len_ * sizeof(float)));
     }
+    // The device work of the step reads only device buffers and this step's shape; a decode step
+    // (one token) replays it as a CUDA graph (captured at the second step of the same capacity).
+    auto launches = [&] { forward(d_tokens, d_meta, rows, many, observe); };
+    if (rows == 1 && !observe) decode_graph_.run(capacity_, launches);
+    else launches();
+    for (int& n : len_) n += rows;
+    longest_ += rows;
+    if (count == 0) {
+      KVTP_CUDA_CHECK(cudaDeviceSynchronize());
+      return {};
+    }
+    // The head reads rows from .. from + count - 1 only.
+    const int H = c_.hidden, P = c_.word_embed_proj_dim;
+    const float eps = float(c_.norm_eps);
+    T* xn = xn_.get();
+    float* xr = x_.get() + size_t(from) * H;
+    if (!final_norm_w_.size()) cuda::convert(xr, int64_t(count) * H, xn);
+    else if (c_.family == Family::Llama) cuda::rmsNormTo(xr, count, H, final_norm_w_.get(), eps, xn);
+    else cuda::layerNormTo(xr, count, H, final_norm_w_.get(), final_norm_b_.get(), eps, xn);
+    if (c_.hasProjection()) {
+      float* e = grow(e_, size_t(count) * P);
+      cuda::gemm(blas_, xn, count, H, project_out_.get(), P, nullptr, e, false);
+      cuda::convert(e, int64_t(count) * P, xn);
+    }
+    return logprobs(xn, count, targets);
+  }
+
+ private:
+  void allReduce(float* data, size_t n) {
+    if (part_.tp > 1) group_->allReduceSum(data, n);
+  }
+
+  // Makes room for `need` cached tokens, keeping what is cached (grows geometrically).
+  void reserve(int need) {
+    if (need <= capacity_) return;
+    const int64_t cap = std::max<int64_t>({need, 2 * int64_t(capacity_), 256});
+    // Each head's rows (and positions) move to the start of its new, longer span.
+    auto regrow = [&](auto& buf, size_t width) {
+      using E = typename std::remove_reference_t<decltype(buf)>::value_type;
+      std::remove_reference_t<decltype(buf)> bigger(size_t(part_.kv_heads) * cap * width);
+      const size_t row = width * sizeof(E);
+      if (longest_ > 0)
+        KVTP_CUDA_CHECK(cudaMemcpy2D(bigger.get(), cap * row, buf.get(), capacity_ * row, longest_ * row,
+                                     part_.kv_heads, cudaMemcpyDeviceToDevice));
+      buf = std::move(bigger);
+    };
+    for (auto& L : layers_) {
+      regrow(L.K, c_.head_dim);
+      regrow(L.V, c_.head_dim);
+      regrow(L.pos, 1);
+    }
+    capacity_ = int(cap);
+  }
+
+  // Embedding and every layer for `rows` tokens into x_ (d_meta: their positions, then each KV
+  // head's first free slot, then its count after): kernel launches only, no host synchronisation.
+  void forward(const int* d_tokens, const int* d_meta, int rows, bool many, bool observe) {
+    const int LH = c_.layers * part_.kv_heads;
+    const int* d_pos = d_meta;
     auto attend = [&](int l, const T* in, float* x) {
       attention(l, in, d_pos, d_meta + rows + l * part_.kv_heads, d_meta + rows + LH + l * part_.kv_heads, rows, many,
                 observe, x);
@@ -252,50 +310,6 @@ class GpuEngine : public Engine {
         cuda::layerNormTo(x, rows, H, L.ffn_norm_w.get(), L.ffn_norm_b.get(), eps, x);
       }
     }
-    for (int& n : len_) n += rows;
-    longest_ += rows;
-    if (count == 0) {
-      KVTP_CUDA_CHECK(cudaDeviceSynchronize());
-      return {};
-    }
-    // The head reads rows from .. from + count - 1 only.
-    float* xr = x + size_t(from) * H;
-    if (!final_norm_w_.size()) cuda::convert(xr, int64_t(count) * H, xn);
-    else if (c_.family == Family::Llama) cuda::rmsNormTo(xr, count, H, final_norm_w_.get(), eps, xn);
-    else cuda::layerNormTo(xr, count, H, final_norm_w_.get(), final_norm_b_.get(), eps, xn);
-    if (c_.hasProjection()) {
-      float* e = grow(e_, size_t(count) * P);
-      cuda::gemm(blas_, xn, count, H, project_out_.get(), P, nullptr, e, false);
-      cuda::convert(e, int64_t(count) * P, xn);
-    }
-    return logprobs(xn, count, targets);
-  }
-
- private:
-  void allReduce(float* data, size_t n) {
-    if (part_.tp > 1) group_->allReduceSum(data, n);
-  }
-
-  // Makes room for `need` cached tokens, keeping what is cached (grows geometrically).
-  void reserve(int need) {
-    if (need <= capacity_) return;
-    const int64_t cap = std::max<int64_t>({need, 2 * int64_t(capacity_), 256});
-    // Each head's rows (and positions) move to the start of its new, longer span.
-    auto regrow = [&](auto& buf, size_t width) {
-      using E = typename std::remove_reference_t<decltype(buf)>::value_type;
-      std::remove_reference_t<decltype(buf)> bigger(size_t(part_.kv_heads) * cap * width);
-      const size_t row = width * sizeof(E);
-      if (longest_ > 0)
-        KVTP_CUDA_CHECK(cudaMemcpy2D(bigger.get(), cap * row, buf.get(), capacity_ * row, longest_ * row,
-                                     part_.kv_heads, cudaMemcpyDeviceToDevice));
-      buf = std::move(bigger);
-    };
-    for (auto& L : layers_) {
-      regrow(L.K, c_.head_dim);
-      regrow(L.V, c_.head_dim);
-      regrow(L.pos, 1);
-    }
-    capacity_ = int(cap);
   }
 
   // x += o_proj(attention(qkv_proj(xn))), the new tokens' K/V appended to the cache first:
@@ -308,18 +322,19 @@ class GpuEngine : public Engine {
     cuda::gemm(blas_, xn, T_, c_.hidden, L.wqkv.get(), W, L.bqkv.get(), qkv, false);
     cuda::ropeAppendKV(qkv, T_, part_.q_heads, part_.kv_heads, hd, d_pos, inv_freq_.size() ? inv_freq_.get() : nullptr,
                        L.K.get(), L.V.get(), L.pos.get(), capacity_, slots);
-    const int cached = longest_ + T_;
     const float scale = float(1.0 / std::sqrt(double(hd)));
     T* ctx = grow(ctx_, size_t(T_) * Q);
-    // Few queries: flash-decoding over each head's rows; many (an uncompressed cache, every head
-    // at the same positions, head 0's read): score matrices through tensor-core GEMMs.
+    // Few queries: flash-decoding over each head's rows (bounded by the capacity, so the launch is
+    // the same every step); many (an uncompressed cache, every head at the same positions, head
+    // 0's read): the prefill attention.
     if (!many) {
-      cuda::attention(qkv, W, d_pos, T_, part_.q_heads, L.K.get(), L.V.get(), L.pos.get(), cached, part_.kv_heads,
+      cuda::attention(qkv, W, d_pos, T_, part_.q_heads, L.K.get(), L.V.get(), L.pos.get(), capacity_, part_.kv_heads,
                       hd, int64_t(capacity_) * hd, scale, ctx, lengths, capacity_);
     } else {
       float* observed = observe ? observed_.get() + size_t(layer) * part_.kv_heads * observed_len_ : nullptr;
       cuda::attentionPrefill(blas_, qkv, W, d_pos, positions_host_.data() + longest_, T_, part_.q_heads, L.K.get(),
-                             L.V.get(), L.pos.get(), positions_host_.data(), cached, part_.kv_heads, hd, capacity_,
+                             L.V.get(), L.pos.get(), positions_host_.data(), longest_ + T_, part_.kv_heads, hd,
+                             capacity_,
                              scale, ctx, size_t(1) << 30, observed, T_ - policy_.spec().window);
     }
     rowParallel(ctx, T_, Q, L.wo.get(), L.bo.get(), x);
@@ -328,16 +343,11 @@ class GpuEngine : public Engine {
   void mlp(int layer, const T* xn, int T_, float* x) {
     const GpuLayer<T>& L = layers_[layer];
     const int F = part_.ffn();
+    const bool llama = c_.family == Family::Llama;
     T* act = grow(act_, size_t(T_) * F);
-    if (c_.family == Family::Llama) {
-      float* gu = grow(h_, size_t(T_) * 2 * F);
-      cuda::gemm(blas_, xn, T_, c_.hidden, L.w_in.get(), 2 * F, L.b_in.get(), gu, false);
-      cuda::siluMulTo(gu, T_, F, act);
-    } else {
-      float* h = grow(h_, size_t(T_) * F);
-      cuda::gemm(blas_, xn, T_, c_.hidden, L.w_in.get(), F, L.b_in.get(), h, false);
-      cuda::reluTo(h, int64_t(T_) * F, act);
-    }
+    float* scratch = grow(h_, size_t(T_) * (llama ? 2 : 1) * F);
+    cuda::gemmActivation(blas_, xn, T_, c_.hidden, L.w_in.get(), F, L.b_in.get(),
+                         llama ? cuda::Activation::SiluMul : cuda::Activation::Relu, scratch, act);
     rowParallel(act, T_, F, L.w_down.get(), L.b_down.get(), x);
   }
 
@@ -399,6 +409,7 @@ class GpuEngine : public Engine {
   std::vector<std::vector<int32_t>> row_positions_;  // per (layer, KV head): its device rows' positions
   kv::StepAttention attention_;
   DeviceBuffer<float> observed_;
+  cuda::GraphReplay decode_graph_;
   int observed_len_ = 0;
   // Grow-only activations: after the first step of the longest shape, nothing is allocated.
   DeviceBuffer<int> tokens_, targets_, meta_, keep_;

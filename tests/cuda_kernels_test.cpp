@@ -165,6 +165,97 @@ TEST(CudaKernels, PrefillAttentionMatchesCpu) {
   EXPECT_LE(relError(dobs.download(), want_obs), 1e-5);
 }
 
+std::vector<float> roundedTo(std::vector<float> v, bool bf16) {
+  for (auto& x : v) x = bf16 ? cuda::toFloat(cuda::fromFloat<__nv_bfloat16>(x)) : cuda::toFloat(cuda::fromFloat<__half>(x));
+  return v;
+}
+template <class T>
+DeviceBuffer<T> deviceAs(const std::vector<float>& v) {
+  std::vector<T> t(v.size());
+  for (size_t i = 0; i < v.size(); ++i) t[i] = cuda::fromFloat<T>(v[i]);
+  return DeviceBuffer<T>(t);
+}
+template <class T>
+std::vector<float> floatsOf(const DeviceBuffer<T>& d) {
+  std::vector<float> v;
+  for (const T& x : d.download()) v.push_back(cuda::toFloat(x));
+  return v;
+}
+
+// fp16/bf16 prefill: the tensor-core flash kernel for the rows before the observation window, the
+// cuBLAS path for the window's rows (whose probabilities SnapKV sums), against the CPU on the
+// same rounded K and V. Queries whose 64-row block sees only part of the cache, a first query that
+// sees two keys, a block of queries past the last row, GQA.
+template <class T>
+void checkFlashPrefill(int hd, double tol) {
+  cuda::Blas blas;
+  const bool bf16 = std::is_same_v<T, __nv_bfloat16>;
+  const int rows = 300, heads = 8, kv_heads = 2, L = 700, capacity = 800, observe_from = 250;
+  const float scale = 1.0f / std::sqrt(float(hd));
+  std::vector<int> k_pos(L), q_pos(rows);
+  for (int i = 0; i < L; ++i) k_pos[i] = i * 2 + (i % 3 == 0);
+  for (int t = 0; t < rows; ++t) q_pos[t] = 3 + 4 * t;
+  const int stride = heads * hd + 24;
+  auto q = randn(size_t(rows) * stride);
+  auto K = roundedTo(randn(size_t(kv_heads) * capacity * hd), bf16), V = roundedTo(randn(K.size()), bf16);
+  std::vector<float> want(size_t(rows) * heads * hd), want_obs(size_t(kv_heads) * L, 0.0f), probs(size_t(rows) * L);
+  for (int h = 0; h < heads; ++h) {
+    const int g = h / (heads / kv_heads);
+    const size_t off = size_t(g) * capacity * hd;
+    kernels::attendHead(q.data() + h * hd, stride, q_pos.data(), rows, K.data() + off, V.data() + off, k_pos.data(), L,
+                        hd, scale, want.data() + h * hd, heads * hd, probs.data());
+    for (int t = observe_from; t < rows; ++t)
+      for (int l = 0; l < L; ++l) want_obs[size_t(g) * L + l] += probs[size_t(t) * L + l];
+  }
+  ASSERT_TRUE(cuda::flashAttentionFits<T>(hd));
+  DeviceBuffer<float> dq(q), dobs(std::vector<float>(want_obs.size(), 0.0f));
+  DeviceBuffer<T> dK = deviceAs<T>(K), dV = deviceAs<T>(V), dout = deviceAs<T>(poisoned(want.size()));
+  DeviceBuffer<int> dqp(q_pos), dkp(k_pos);
+  cuda::attentionPrefill(blas, dq.get(), stride, dqp.get(), q_pos.data(), rows, heads, dK.get(), dV.get(), dkp.get(),
+                         k_pos.data(), L, kv_heads, hd, capacity, scale, dout.get(), size_t(1) << 26, dobs.get(),
+                         observe_from);
+  const auto got = floatsOf(dout);
+  auto part = [&](const std::vector<float>& v, int from, int to) {
+    return std::vector<float>(v.begin() + size_t(from) * heads * hd, v.begin() + size_t(to) * heads * hd);
+  };
+  EXPECT_LE(relError(part(got, 0, observe_from), part(want, 0, observe_from)), tol) << "flash rows, hd " << hd;
+  EXPECT_LE(relError(part(got, observe_from, rows), part(want, observe_from, rows)), tol) << "cuBLAS rows, hd " << hd;
+  EXPECT_LE(relError(dobs.download(), want_obs), tol) << "observation, hd " << hd;
+}
+TEST(CudaKernels, FlashPrefillMatchesCpuInFp16) {
+  REQUIRE_GPU();
+  for (int hd : {64, 128}) checkFlashPrefill<__half>(hd, 2e-3);
+}
+TEST(CudaKernels, FlashPrefillMatchesCpuInBf16) {
+  REQUIRE_GPU();
+  for (int hd : {64, 128}) checkFlashPrefill<__nv_bfloat16>(hd, 1.5e-2);
+}
+
+// The MLP's first product and activation: one row through the fused GEMV epilogue, several
+// through cuBLAS and the activation kernel, both against the CPU's linear + siluMul / relu.
+TEST(CudaKernels, GemmActivationMatchesCpu) {
+  REQUIRE_GPU();
+  cuda::Blas blas;
+  const int in = 256, F = 300;
+  for (auto act : {cuda::Activation::SiluMul, cuda::Activation::Relu})
+  for (int rows : {1, 5}) {
+    const bool silu = act == cuda::Activation::SiluMul;
+    const int out = silu ? 2 * F : F;
+    auto x = randn(size_t(rows) * in), W = randn(size_t(out) * in, 0.1f), b = randn(out);
+    std::vector<float> y(size_t(rows) * out), want(size_t(rows) * F);
+    kernels::linear(x.data(), rows, in, W.data(), out, b.data(), y.data());
+    for (int r = 0; r < rows; ++r) {
+      float* yr = &y[size_t(r) * out];
+      if (silu) kernels::siluMul(yr, yr + F, F);
+      else kernels::relu(yr, F);
+      std::copy_n(yr, F, &want[size_t(r) * F]);
+    }
+    DeviceBuffer<float> dx(x), dW(W), db(b), scratch(size_t(rows) * out), dout(poisoned(want.size()));
+    cuda::gemmActivation(blas, dx.get(), rows, in, dW.get(), F, db.get(), act, scratch.get(), dout.get());
+    EXPECT_LE(relError(dout.download(), want), kTol) << (silu ? "silu" : "relu") << " rows " << rows;
+  }
+}
+
 // A compressed cache: every KV head holds its own number of entries at its own positions.
 TEST(CudaKernels, AttentionOverHeadsOfDifferentLengths) {
   REQUIRE_GPU();

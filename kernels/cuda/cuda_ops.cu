@@ -67,7 +67,7 @@ template <int G, int HD, class KT>  // query heads per KV head, head_dim, cache 
 // of G, so a group of 3 or 6 runs as 3 blocks of 1 or 2 heads over the same KV rows.
 __global__ void attentionSplit(const float* q, int q_stride, const int* q_pos, int heads, int group, const KT* K,
                                const KT* V, const int* k_pos, int L, const int* lengths, int64_t pos_stride,
-                               int64_t head_stride, float scale, int chunk, int splits, float* part_o, float* part_ms) {
+                               int64_t head_stride, float scale, int splits, float* part_o, float* part_ms) {
   constexpr int hd = HD, P = (HD + 31) / 32;  // channels per lane
   auto in = [](int lane, int i) { return HD % 32 == 0 || lane + 32 * i < HD; };
   const int h0 = blockIdx.x * G, kvh = h0 / group, split = blockIdx.y, t = blockIdx.z;
@@ -76,6 +76,9 @@ __global__ void attentionSplit(const float* q, int q_stride, const int* q_pos, i
   const KT* Vh = V + kvh * head_stride;
   const int* pos = k_pos + kvh * pos_stride;
   if (lengths) L = lengths[kvh];
+  // Each head's keys in `splits` equal parts, sized here from its own length: the launch does not
+  // depend on how many keys there are (a decode step replays as a CUDA graph).
+  const int chunk = (L + splits - 1) / splits;
   float qr[G][P], acc[G][P], m[G], sum[G];
 #pragma unroll
   for (int g = 0; g < G; ++g) {
@@ -238,8 +241,10 @@ void attention(const float* q, int q_stride, const int* q_pos, int T, int heads,
     KVTP_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
     return n;
   }();
+  // L bounds every head's length (with `lengths`, the kernel reads each head's own), so the split
+  // count depends on the bound only: a caller passing its capacity gets the same launch every step.
   const int want = std::max(1, 4 * sms / std::max(1, (heads / G) * T));
-  const int chunk = std::max(32, (L + want - 1) / want), splits = (L + chunk - 1) / chunk;
+  const int splits = std::clamp((L + 31) / 32, 1, want);
   // Partials live in a grow-only scratch buffer: steady-state decode allocates nothing.
   static thread_local DeviceBuffer<float> scratch;
   float* part_o = grow(scratch, size_t(T) * heads * splits * (head_dim + 2));
@@ -249,8 +254,8 @@ void attention(const float* q, int q_stride, const int* q_pos, int T, int heads,
   // One instantiation per (group size, channels per lane) in use.
   auto launch = [&](auto g, auto p) {
     attentionSplit<decltype(g)::value, decltype(p)::value, KT><<<grid, threads>>>(
-        q, q_stride, q_pos, heads, group, K, V, k_pos, L, lengths, pos_stride, head_stride, scale, chunk, splits,
-        part_o, part_ms);
+        q, q_stride, q_pos, heads, group, K, V, k_pos, L, lengths, pos_stride, head_stride, scale, splits, part_o,
+        part_ms);
   };
   auto byWidth = [&](auto g) {
     switch (head_dim) {

@@ -31,7 +31,8 @@ void applyRope(float* x, int T, int heads, int head_dim, const int* positions, c
 // out (T, heads * head_dim). head_dim 8, 16, 32, 64, 128 or 256; any L. The cache K/V and out are float,
 // __half or __nv_bfloat16 (instantiated with out of the cache's type); math is float32.
 // A compressed cache (heads of different lengths): `lengths` (device, kv_heads) replaces L per
-// head (L is then their maximum) and KV head g's positions start at k_pos + g * pos_stride.
+// head (L is then a bound on them, e.g. the capacity: the launch depends on L alone) and KV head
+// g's positions start at k_pos + g * pos_stride.
 template <class KT, class OT>
 void attention(const float* q, int q_stride, const int* q_pos, int T, int heads, const KT* K, const KT* V,
                const int* k_pos, int L, int kv_heads, int head_dim, int64_t head_stride, float scale, OT* out,

@@ -60,10 +60,12 @@ inline int deviceCount() {
   return n;
 }
 
-// Bytes held by DeviceBuffers of this process, now and at most (the measured memory peak).
+// Bytes held by DeviceBuffers of this process, now and at most (the measured memory peak), and
+// how many times a buffer was allocated or freed (a captured CUDA graph is valid while it stays).
 struct DeviceMemory {
-  static inline std::atomic<int64_t> current{0}, peak{0};
+  static inline std::atomic<int64_t> current{0}, peak{0}, changes{0};
   static void add(int64_t bytes) {
+    ++changes;
     const int64_t now = current += bytes;
     for (int64_t p = peak.load(); now > p && !peak.compare_exchange_weak(p, now);) {
     }
@@ -122,9 +124,15 @@ T* grow(DeviceBuffer<T>& b, size_t n) {
   return b.get();
 }
 
+// Kernels, copies, cuBLAS and NCCL all run on the calling thread's default stream
+// (CUDA_API_PER_THREAD_DEFAULT_STREAM, set by the build): unlike the legacy stream it can be
+// captured into a CUDA graph.
 class Blas {
  public:
-  Blas() { KVTP_CUBLAS_CHECK(cublasCreate(&h_)); }
+  Blas() {
+    KVTP_CUBLAS_CHECK(cublasCreate(&h_));
+    KVTP_CUBLAS_CHECK(cublasSetStream(h_, cudaStreamPerThread));
+  }
   ~Blas() { cublasDestroy(h_); }
   Blas(const Blas&) = delete;
   Blas& operator=(const Blas&) = delete;
@@ -132,6 +140,57 @@ class Blas {
 
  private:
   cublasHandle_t h_ = nullptr;
+};
+
+// Replays a captured sequence of launches (a decode step's layers) as one CUDA graph: one
+// launch instead of hundreds, no gaps between kernels. The launches are captured the second
+// time `run` sees the same key and no device buffer changed in between (the first run
+// allocates the workspaces the capture then reuses), and replayed while both hold.
+class GraphReplay {
+ public:
+  GraphReplay() = default;
+  GraphReplay(const GraphReplay&) = delete;
+  GraphReplay& operator=(const GraphReplay&) = delete;
+  ~GraphReplay() { reset(); }
+
+  template <class F>
+  void run(int64_t key, F&& launches) {
+    const int64_t changes = DeviceMemory::changes.load();
+    if (exec_ && key == key_ && changes == changes_) {
+      KVTP_CUDA_CHECK(cudaGraphLaunch(exec_, cudaStreamPerThread));
+      return;
+    }
+    reset();
+    if (key != seen_key_ || changes != seen_changes_) {  // first sight: run plainly (it may allocate)
+      launches();
+      seen_key_ = key, seen_changes_ = DeviceMemory::changes.load();
+      return;
+    }
+    KVTP_CUDA_CHECK(cudaStreamBeginCapture(cudaStreamPerThread, cudaStreamCaptureModeThreadLocal));
+    try {
+      launches();
+    } catch (...) {
+      cudaGraph_t broken = nullptr;
+      cudaStreamEndCapture(cudaStreamPerThread, &broken);
+      if (broken) cudaGraphDestroy(broken);
+      throw;
+    }
+    cudaGraph_t graph = nullptr;
+    KVTP_CUDA_CHECK(cudaStreamEndCapture(cudaStreamPerThread, &graph));
+    const cudaError_t made = cudaGraphInstantiate(&exec_, graph, 0);
+    cudaGraphDestroy(graph);
+    KVTP_CUDA_CHECK(made);
+    key_ = key, changes_ = DeviceMemory::changes.load();
+    KVTP_CUDA_CHECK(cudaGraphLaunch(exec_, cudaStreamPerThread));
+  }
+
+ private:
+  void reset() {
+    if (exec_) cudaGraphExecDestroy(exec_);
+    exec_ = nullptr;
+  }
+  cudaGraphExec_t exec_ = nullptr;
+  int64_t key_ = -1, changes_ = -1, seen_key_ = -1, seen_changes_ = -1;
 };
 
 }  // namespace kvtp::cuda

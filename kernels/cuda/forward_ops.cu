@@ -19,28 +19,50 @@ cudaDataType_t dataType() {
   else return CUDA_R_32F;
 }
 
-// One warp per output row: lanes stride the row in 16-byte vectors, four in flight each.
+// Dot product of one x with a weight row, one warp per row: lanes stride the row in 16-byte
+// vectors, four in flight each; weights are streamed once, so they bypass the caches.
 template <class T>
-__global__ void gemvKernel(const T* x, const T* W, int in, int out, const float* bias, float* y, bool accumulate) {
+__device__ float warpDot(const T* x, const T* w, int in) {
   constexpr int V = 16 / sizeof(T);
-  const int lane = threadIdx.x % 32;
-  const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
-  if (row >= out) return;
-  const uint4* w4 = reinterpret_cast<const uint4*>(W + int64_t(row) * in);
+  const uint4* w4 = reinterpret_cast<const uint4*>(w);
   const uint4* x4 = reinterpret_cast<const uint4*>(x);
   const int n4 = in / V;
   float s = 0.0f;
 #pragma unroll 4
-  for (int i = lane; i < n4; i += 32) {
-    const uint4 wv = __ldcs(w4 + i);  // streamed once: keep it out of the caches
+  for (int i = threadIdx.x % 32; i < n4; i += 32) {
+    const uint4 wv = __ldcs(w4 + i);
     const uint4 xv = __ldg(x4 + i);
     const T* wp = reinterpret_cast<const T*>(&wv);
     const T* xp = reinterpret_cast<const T*>(&xv);
 #pragma unroll
     for (int j = 0; j < V; ++j) s += toFloat(wp[j]) * toFloat(xp[j]);
   }
-  s = warpSum(s);
-  if (lane == 0) y[row] = s + (bias ? bias[row] : 0.0f) + (accumulate ? y[row] : 0.0f);
+  return warpSum(s);
+}
+
+template <class T>
+__global__ void gemvKernel(const T* x, const T* W, int in, int out, const float* bias, float* y, bool accumulate) {
+  const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+  if (row >= out) return;
+  const float s = warpDot(x, W + int64_t(row) * in, in);
+  if (threadIdx.x % 32 == 0) y[row] = s + (bias ? bias[row] : 0.0f) + (accumulate ? y[row] : 0.0f);
+}
+
+// The MLP's input product with its activation as the epilogue, for one token: act[f] =
+// silu(gate_f . x) * (up_f . x) (W = gate rows then up rows, a warp reads both of its rows) or
+// relu(w_f . x). The (1, 2F) float product never goes to memory.
+template <class T, Activation A>
+__global__ void gemvActivationKernel(const T* x, const T* W, int in, int F, const float* bias, T* act) {
+  const int f = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+  if (f >= F) return;
+  float a = warpDot(x, W + int64_t(f) * in, in) + (bias ? bias[f] : 0.0f);
+  if constexpr (A == Activation::SiluMul) {
+    const float up = warpDot(x, W + int64_t(F + f) * in, in) + (bias ? bias[F + f] : 0.0f);
+    a = a / (1.0f + expf(-a)) * up;
+  } else {
+    a = fmaxf(a, 0.0f);
+  }
+  if (threadIdx.x % 32 == 0) act[f] = fromFloat<T>(a);
 }
 
 template <class T>
@@ -164,14 +186,41 @@ void gemmBlas(const Blas& blas, const T* x, int rows, int in, const T* W, int ou
                                  dataType<T>(), in, &beta, y, CUDA_R_32F, out, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
+// One row whose vectors can be read 16 bytes at a time goes through the GEMV kernels.
+template <class T>
+bool gemvFits(const T* x, int rows, int in, const T* W) {
+  constexpr int V = 16 / sizeof(T);
+  return rows == 1 && in % V == 0 && (reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(W)) % 16 == 0;
+}
+constexpr int kGemvRowsPerBlock = 8;
+
 template <class T>
 void gemm(const Blas& blas, const T* x, int rows, int in, const T* W, int out, const float* bias, float* y,
           bool accumulate) {
-  constexpr int V = 16 / sizeof(T);
-  const bool aligned = in % V == 0 && (reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(W)) % 16 == 0;
-  if (rows != 1 || !aligned) return gemmBlas(blas, x, rows, in, W, out, bias, y, accumulate);
-  constexpr int kRowsPerBlock = 8;
-  gemvKernel<<<(out + kRowsPerBlock - 1) / kRowsPerBlock, 32 * kRowsPerBlock>>>(x, W, in, out, bias, y, accumulate);
+  if (!gemvFits(x, rows, in, W)) return gemmBlas(blas, x, rows, in, W, out, bias, y, accumulate);
+  gemvKernel<<<(out + kGemvRowsPerBlock - 1) / kGemvRowsPerBlock, 32 * kGemvRowsPerBlock>>>(x, W, in, out, bias, y,
+                                                                                           accumulate);
+  KVTP_CUDA_LAUNCHED();
+}
+
+template <class T>
+void gemmActivation(const Blas& blas, const T* x, int rows, int in, const T* W, int F, const float* bias,
+                    Activation act, float* scratch, T* out) {
+  if (gemvFits(x, rows, in, W)) {
+    const unsigned blocks = (F + kGemvRowsPerBlock - 1) / kGemvRowsPerBlock;
+    auto kernel = act == Activation::SiluMul ? gemvActivationKernel<T, Activation::SiluMul>
+                                             : gemvActivationKernel<T, Activation::Relu>;
+    kernel<<<blocks, 32 * kGemvRowsPerBlock>>>(x, W, in, F, bias, out);
+    KVTP_CUDA_LAUNCHED();
+    return;
+  }
+  if (act == Activation::SiluMul) {
+    gemmBlas(blas, x, rows, in, W, 2 * F, bias, scratch, false);
+    siluMulKernel<<<blocksFor(int64_t(rows) * F), kThreads>>>(scratch, rows, F, out);
+  } else {
+    gemmBlas(blas, x, rows, in, W, F, bias, scratch, false);
+    reluKernel<<<blocksFor(int64_t(rows) * F), kThreads>>>(scratch, int64_t(rows) * F, out);
+  }
   KVTP_CUDA_LAUNCHED();
 }
 
@@ -277,12 +326,19 @@ void attentionPrefill(const Blas& blas, const float* q, int64_t q_stride, const 
                       int kv_heads, int hd, int64_t capacity, float scale, T* out, size_t score_bytes,
                       float* observed, int observe_from) {
   if (rows == 0 || L == 0) return;
+  // Tensor-core flash attention for every row whose probabilities nobody asked for.
+  int first = 0;
+  if (flashAttentionFits<T>(hd)) {
+    first = observed ? std::clamp(observe_from, 0, rows) : rows;
+    flashAttention(q, q_stride, q_pos, first, heads, K, V, k_pos, L, kv_heads, hd, capacity, scale, out);
+  }
+  if (first == rows) return;
   const int G = heads / kv_heads;
   // Per query row: scores (float) and probabilities (T) over up to L keys, for every head.
   const size_t per_row = size_t(heads) * (size_t(L) * (sizeof(float) + sizeof(T)) + hd * (sizeof(float) + sizeof(T)));
   // At most 512 queries a chunk: a chunk scores only the keys up to its last query, so smaller
   // chunks skip more of the causal mask's upper triangle (5/8 of a 2048 square at 512).
-  const int chunk = int(std::clamp<size_t>(score_bytes / per_row, 1, std::min(rows, 512)));
+  const int chunk = int(std::clamp<size_t>(score_bytes / per_row, 1, std::min(rows - first, 512)));
   static thread_local DeviceBuffer<char> scratch;
   const size_t qp_n = size_t(heads) * chunk * hd, s_n = size_t(heads) * chunk * L;
   char* base = grow(scratch, qp_n * sizeof(T) + s_n * (sizeof(float) + sizeof(T)) + qp_n * sizeof(float) + 64);
@@ -292,7 +348,7 @@ void attentionPrefill(const Blas& blas, const float* q, int64_t q_stride, const 
   T* P = reinterpret_cast<T*>(O + qp_n);
   T* qp = P + s_n;
   const float one = 1.0f, zero = 0.0f;
-  for (int t0 = 0; t0 < rows; t0 += chunk) {
+  for (int t0 = first; t0 < rows; t0 += chunk) {
     const int rc = std::min(chunk, rows - t0);
     // Keys at positions up to the chunk's last query (the cache keeps positions ascending).
     const int Lk = int(std::upper_bound(k_pos_host, k_pos_host + L, q_pos_host[t0 + rc - 1]) - k_pos_host);
@@ -319,21 +375,11 @@ void attentionPrefill(const Blas& blas, const float* q, int64_t q_stride, const 
   }
 }
 
-template <class T>
-void siluMulTo(const float* gu, int rows, int F, T* act) {
-  siluMulKernel<<<blocksFor(int64_t(rows) * F), kThreads>>>(gu, rows, F, act);
-  KVTP_CUDA_LAUNCHED();
-}
-
-template <class T>
-void reluTo(const float* in, int64_t n, T* out) {
-  reluKernel<<<blocksFor(n), kThreads>>>(in, n, out);
-  KVTP_CUDA_LAUNCHED();
-}
-
 #define KVTP_FORWARD_OPS(T)                                                                                         \
   template void gemm<T>(const Blas&, const T*, int, int, const T*, int, const float*, float*, bool);               \
   template void gemmBlas<T>(const Blas&, const T*, int, int, const T*, int, const float*, float*, bool);           \
+  template void gemmActivation<T>(const Blas&, const T*, int, int, const T*, int, const float*, Activation, float*, \
+                                  T*);                                                                            \
   template void convert<T>(const float*, int64_t, T*);                                                             \
   template void embed<T>(const int*, int, const T*, int, int, int, float*);                                       \
   template void layerNormTo<T>(const float*, int, int, const float*, const float*, float, T*);                     \
@@ -343,9 +389,7 @@ void reluTo(const float* in, int64_t n, T* out) {
   template void compactKV<T>(T*, T*, int*, int64_t, int, int, const int*, const int*, int);                       \
   template void attentionPrefill<T>(const Blas&, const float*, int64_t, const int*, const int*, int, int, const T*, \
                                     const T*, const int*, const int*, int, int, int, int64_t, float, T*, size_t,   \
-                                    float*, int);                                                                 \
-  template void siluMulTo<T>(const float*, int, int, T*);                                                          \
-  template void reluTo<T>(const float*, int64_t, T*);
+                                    float*, int);
 KVTP_FORWARD_OPS(float)
 KVTP_FORWARD_OPS(__half)
 KVTP_FORWARD_OPS(__nv_bfloat16)

@@ -21,6 +21,15 @@ template <class T>
 void gemmBlas(const Blas& blas, const T* x, int rows, int in, const T* W, int out, const float* bias, float* y,
               bool accumulate);
 
+// The MLP's first product and activation: out (rows, F) = silu(x Wg^T + bg) * (x Wu^T + bu) for
+// W = [Wg; Wu] (2F, in) (Llama), or relu(x W^T + b) for W (F, in) (OPT). One row: a GEMV with the
+// activation in its epilogue; more: cuBLAS into `scratch` (rows x 2F or rows x F floats), then
+// the activation.
+enum class Activation { SiluMul, Relu };
+template <class T>
+void gemmActivation(const Blas& blas, const T* x, int rows, int in, const T* W, int F, const float* bias,
+                    Activation act, float* scratch, T* out);
+
 // out[i] = T(in[i]).
 template <class T>
 void convert(const float* in, int64_t n, T* out);
@@ -53,23 +62,27 @@ template <class T>
 void compactKV(T* K, T* V, int* k_pos, int64_t capacity, int kv_heads, int head_dim, const int* keep, const int* kept,
                int max_kept);
 
-// Causal attention of many queries through cuBLAS: scores S = Q K^T per KV head (its G query
-// heads stacked), a masked softmax by position, O = P V. Queries in chunks so that the scores
-// never need more than `score_bytes`. q: columns [0, heads * head_dim) of rows of stride
-// q_stride, float; K/V as ropeAppendKV, every head holding the same L positions k_pos; out (rows,
-// heads * head_dim) of type T. With `observed` (kv_heads, L) float: adds, per KV head and key, the
-// attention probabilities of query rows observe_from.. summed over the KV head's query heads
-// (SnapKV's observation window).
+// Causal attention of many queries. q: columns [0, heads * head_dim) of rows of stride q_stride,
+// float; K/V as ropeAppendKV, every head holding the same L positions k_pos (ascending); out
+// (rows, heads * head_dim) of type T. fp16/bf16 at head_dim 64 or 128 (flashAttentionFits): the
+// tensor-core kernel below. Otherwise, and for the rows whose probabilities are wanted, through
+// cuBLAS: scores S = Q K^T per KV head (its G query heads stacked), a masked softmax by position,
+// O = P V, queries in chunks so that the scores never need more than `score_bytes`. With
+// `observed` (kv_heads, L) float: adds, per KV head and key, the attention probabilities of
+// query rows observe_from.. summed over the KV head's query heads (SnapKV's observation window).
 template <class T>
 void attentionPrefill(const Blas& blas, const float* q, int64_t q_stride, const int* q_pos, const int* q_pos_host,
                       int rows, int heads, const T* K, const T* V, const int* k_pos, const int* k_pos_host, int L,
                       int kv_heads, int head_dim, int64_t capacity, float scale, T* out, size_t score_bytes,
                       float* observed = nullptr, int observe_from = 0);
 
-// act (rows, F) = silu(gu[:, :F]) * gu[:, F:] from the fused gate|up product (rows, 2F).
+// FlashAttention-2's scheme on mma.sync (kernels/cuda/flash_attention.cu): the same causal
+// attention as attentionPrefill, scores never in memory, float32 accumulation and softmax; the
+// probabilities are rounded to T for the product with V (as cuBLAS's path rounds them too).
 template <class T>
-void siluMulTo(const float* gu, int rows, int F, T* act);
+bool flashAttentionFits(int head_dim);
 template <class T>
-void reluTo(const float* in, int64_t n, T* out);
+void flashAttention(const float* q, int64_t q_stride, const int* q_pos, int rows, int heads, const T* K, const T* V,
+                    const int* k_pos, int L, int kv_heads, int head_dim, int64_t capacity, float scale, T* out);
 
 }  // namespace kvtp::cuda
