@@ -79,6 +79,7 @@ v1::PplRequest toRequest(const PplJob& j, int tp) {
   r.set_kv_lowrank(j.kv_lowrank);
   r.set_device(j.device);
   r.set_dtype(j.dtype);
+  r.set_time_collectives(j.time_collectives);
   return r;
 }
 
@@ -104,6 +105,7 @@ PplJob fromRequest(const v1::PplRequest& r) {
   j.kv_lowrank = r.kv_lowrank();
   if (!r.device().empty()) j.device = r.device();
   j.dtype = r.dtype();
+  j.time_collectives = r.time_collectives();
   return j;
 }
 

@@ -27,6 +27,8 @@ void addPplOptions(CLI::App* cmd, PplOptions& o) {
       ->check(CLI::IsMember({"cpu", "cuda"}));
   cmd->add_option("--dtype", j.dtype, "weights and activations: fp32, fp16, bf16 (default: fp32 on cpu, fp16 on cuda)")
       ->check(CLI::IsMember({"fp32", "fp16", "bf16"}));
+  cmd->add_flag("--time-collectives", j.time_collectives,
+                "cuda, tp > 1: measure the GPU time inside the all-reduces (collective_share; slows decode a little)");
   cmd->add_option("--tp", o.tp, "tensor-parallel degree (default: the world size under mpirun; submit: any)");
 }
 

@@ -27,6 +27,9 @@ class Engine {
   virtual bool compresses() const = 0;
   // KV bytes of the cache now (docs/KV.md accounting) and of an uncompressed one, this rank.
   virtual kv::KvBytes kvBytes(int tokens_seen) const = 0;
+  // Seconds this rank's device spent inside tensor-parallel collectives so far (0 where not measured:
+  // the CPU backend, or the CUDA engine unless asked to, GpuOptions::time_collectives).
+  virtual double collectiveSeconds() const { return 0; }
 };
 
 // The CPU backend: `model` must outlive the engine; `policy` (null: full cache) compresses the

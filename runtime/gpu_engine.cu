@@ -76,7 +76,7 @@ class GpuEngine : public Engine {
       : c_(config), part_(part), group_(o.device_group), len_(size_t(config.layers) * part.kv_heads, 0),
         policy_(o.kv, headLayout(config, part), o.host_group),
         mirror_(config.layers, part.kv_heads, config.head_dim, true),
-        row_positions_(len_.size()) {
+        row_positions_(len_.size()), time_collectives_(o.time_collectives) {
     checkGpuCompression(o.kv);
     if (!std::set<int>{8, 16, 32, 64, 128, 256}.count(c_.head_dim))
       throw Error("the CUDA backend needs head_dim 8, 16, 32, 64, 128 or 256 (this model: " +
@@ -214,12 +214,17 @@ class GpuEngine : public Engine {
     // The device work of the step reads only device buffers and this step's shape; a decode step
     // (one token) replays it as a CUDA graph (captured at the second step of the same capacity).
     auto launches = [&] { forward(d_tokens, d_meta, rows, many, observe); };
-    if (rows == 1 && !observe) decode_graph_.run(capacity_, launches);
-    else launches();
+    if (rows == 1 && !observe) {
+      if (decode_graph_.run(capacity_, launches)) collectives_.replayed(graph_marks_);
+      else graph_marks_ = collectives_.marks();
+    } else {
+      launches();
+    }
     for (int& n : len_) n += rows;
     longest_ += rows;
     if (count == 0) {
       KVTP_CUDA_CHECK(cudaDeviceSynchronize());
+      collectives_.collect();
       return {};
     }
     // The head reads rows from .. from + count - 1 only.
@@ -235,12 +240,22 @@ class GpuEngine : public Engine {
       cuda::gemm(blas_, xn, count, H, project_out_.get(), P, nullptr, e, false);
       cuda::convert(e, int64_t(count) * P, xn);
     }
-    return logprobs(xn, count, targets);
+    auto out = logprobs(xn, count, targets);  // ends with a copy to the host: the step is complete
+    collectives_.collect();
+    return out;
   }
+  double collectiveSeconds() const override { return collectives_.seconds(); }
 
  private:
   void allReduce(float* data, size_t n) {
-    if (part_.tp > 1) group_->allReduceSum(data, n);
+    if (part_.tp > 1) timed([&] { group_->allReduceSum(data, n); });
+  }
+  // A collective between two marks of the collective timer.
+  template <class F>
+  void timed(F&& collective) {
+    if (time_collectives_) collectives_.mark();
+    collective();
+    if (time_collectives_) collectives_.mark();
   }
 
   // Makes room for `need` cached tokens, keeping what is cached (grows geometrically).
@@ -357,7 +372,7 @@ class GpuEngine : public Engine {
     if (part_.tp == 1) return cuda::gemm(blas_, in, T_, in_dim, W, H, bias, x, true);
     float* partial = grow(partial_, size_t(T_) * H);
     cuda::gemm(blas_, in, T_, in_dim, W, H, bias, partial, false);
-    group_->allReduceSum(partial, size_t(T_) * H);
+    allReduce(partial, size_t(T_) * H);
     cuda::addInPlace(x, partial, int64_t(T_) * H);
   }
 
@@ -378,7 +393,7 @@ class GpuEngine : public Engine {
       const int n = std::min(kRows, rows - r0);
       cuda::gemm(blas_, hidden + size_t(r0) * P, n, P, head, V, nullptr, logits, false);
       cuda::softmaxPartials(logits, n, V, int(part_.vocab_begin), d_targets + r0, mine);
-      if (part_.tp > 1) group_->allGather(mine, sizeof(kernels::SoftmaxPartial) * kRows, all);
+      if (part_.tp > 1) timed([&] { group_->allGather(mine, sizeof(kernels::SoftmaxPartial) * kRows, all); });
       KVTP_CUDA_CHECK(cudaMemcpy(host.data(), all, sizeof(kernels::SoftmaxPartial) * host.size(), cudaMemcpyDeviceToHost));
       for (int i = 0; i < n; ++i) {
         kernels::SoftmaxPartial p = host[i];
@@ -409,7 +424,10 @@ class GpuEngine : public Engine {
   std::vector<std::vector<int32_t>> row_positions_;  // per (layer, KV head): its device rows' positions
   kv::StepAttention attention_;
   DeviceBuffer<float> observed_;
+  const bool time_collectives_;
+  cuda::StreamTimer collectives_;  // GPU time inside NCCL collectives (tp > 1); outlives the graph
   cuda::GraphReplay decode_graph_;
+  size_t graph_marks_ = 0;  // collective-timer marks of the captured decode step
   int observed_len_ = 0;
   // Grow-only activations: after the first step of the longest shape, nothing is allocated.
   DeviceBuffer<int> tokens_, targets_, meta_, keep_;

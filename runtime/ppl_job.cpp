@@ -184,7 +184,7 @@ PplJobResult runPplJob(const PplJob& job, const comm::Topology* topo, const Prog
     if (out.tp > 1) device_group = makeDeviceGroup(*group, device);
     local_error.clear();
     try {  // a rank out of GPU memory must not leave the others waiting in a collective
-      engine = makeGpuEngine(c, m.part, m.weights, {dtype, device, device_group.get(), spec, group});
+      engine = makeGpuEngine(c, m.part, m.weights, {dtype, device, device_group.get(), spec, group, job.time_collectives});
     } catch (const std::exception& e) {
       local_error = e.what();
     }
@@ -206,6 +206,9 @@ PplJobResult runPplJob(const PplJob& job, const comm::Topology* topo, const Prog
   out.kv_bytes_full = perRank(local.kv_bytes_full);
   out.kv_bytes_steady = perRank(local.kv_bytes_steady);
   out.device_bytes_peak = perRank(gpu ? deviceBytesPeak() : 0);
+  out.collective_seconds.assign(size_t(tp), 0.0);
+  out.collective_seconds[size_t(grank)] = engine->collectiveSeconds();
+  if (topo) topo->world->allReduceMax(out.collective_seconds.data(), out.collective_seconds.size());
   if (out.dp == 1) {
     out.result = std::move(local);
     return out;
@@ -238,6 +241,10 @@ nlohmann::json toJson(const PplJob& job, const PplJobResult& r) {
   for (auto b : r.kv_bytes_peak) peak += b;
   for (auto b : r.kv_bytes_full) full += b;
   for (auto b : r.kv_bytes_steady) steady += b;
+  // The largest rank's share of the job's time spent in collectives (0 where not measured).
+  double collective_share = 0;
+  for (double s : r.collective_seconds)
+    if (r.result.seconds > 0) collective_share = std::max(collective_share, s / r.result.seconds);
   nlohmann::json seqs = nlohmann::json::array();
   for (auto& s : r.result.sequences) seqs.push_back({{"ppl", s.ppl()}, {"tokens", s.tokens}});
   return {{"ppl", r.result.ppl()},
@@ -264,7 +271,9 @@ nlohmann::json toJson(const PplJob& job, const PplJobResult& r) {
           {"kv_steady_ratio", full ? double(steady) / double(full) : 0.0},
           {"kv_bytes_peak_per_rank", r.kv_bytes_peak},
           {"kv_bytes_full_per_rank", r.kv_bytes_full},
-          {"device_bytes_peak_per_rank", r.device_bytes_peak}};
+          {"device_bytes_peak_per_rank", r.device_bytes_peak},
+          {"collective_seconds_per_rank", r.collective_seconds},
+          {"collective_share", collective_share}};
 }
 
 }  // namespace kvtp

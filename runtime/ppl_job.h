@@ -30,6 +30,7 @@ struct PplJob {
   int prefill = 0;               // decode mode: tokens per window that go through at once first
   std::string device = "cpu";    // cpu | cuda
   std::string dtype;             // fp32 | fp16 | bf16; empty: fp32 on cpu, fp16 on cuda
+  bool time_collectives = false;  // cuda, tp > 1: measure collective_seconds (CUDA events; slows decode)
   std::string resolvedDtype() const { return !dtype.empty() ? dtype : device == "cuda" ? "fp16" : "fp32"; }
 };
 
@@ -47,6 +48,7 @@ struct PplJobResult {
   std::string kv;             // the policy, as parsed
   std::vector<int64_t> kv_bytes_peak, kv_bytes_full, kv_bytes_steady;  // per rank of the group (docs/KV.md)
   std::vector<int64_t> device_bytes_peak;  // per rank: GPU memory its buffers held at most (0 on cpu)
+  std::vector<double> collective_seconds;  // per rank: GPU time inside tensor-parallel collectives (cuda)
 };
 
 // Called once the model is loaded, before scoring: a one-line memory plan for the log.

@@ -36,7 +36,7 @@ for tp in 1 2 4 8; do
   $run --input-ids /tmp/ids2048.txt > "$out/ppl_prefill_tp$tp.json"
   $run --input-ids /tmp/ids2600.txt --seq-len 2600 --mode decode --prefill 2048 > "$out/ppl_decode_tp$tp.json"
   for f in "$out/ppl_prefill_tp$tp.json" "$out/ppl_decode_tp$tp.json"; do
-    python3 -c "import json,sys; j=json.load(open(sys.argv[1])); print(sys.argv[1].split('/')[-1], {k: j[k] for k in ('ppl','tokens','seconds','tokens_per_second','tp')})" "$f"
+    python3 -c "import json,sys; j=json.load(open(sys.argv[1])); print(sys.argv[1].split('/')[-1], {k: j[k] for k in ('ppl','tokens','seconds','tokens_per_second','tp','collective_share')})" "$f"
   done
 done
 # 66B scale (all GPUs of the machine): OPT-66B and Llama-2-70B shapes, fp16, all layers, tp = GPUs, weights made a
@@ -51,14 +51,14 @@ if [ "$gpus" -ge 2 ] && want scale; then
   $run --synthetic llama-2-70b --input-ids scale/ids2048.txt --max-windows 4 > "$out/llama70b_prefill.json"
   $run --synthetic llama-2-70b --input-ids scale/ids2600.txt --seq-len 2600 --mode decode --prefill 2048 > "$out/llama70b_decode.json"
   for f in grpc_opt66b_prefill opt66b_decode llama70b_prefill llama70b_decode; do
-    python3 -c "import json,sys; j=json.load(open(sys.argv[1])); print(sys.argv[2], {k: j.get(k) for k in ('model','ppl','tokens','seconds','tokens_per_second','tp','device_bytes_peak_per_rank')})" "$out/$f.json" "$f"
+    python3 -c "import json,sys; j=json.load(open(sys.argv[1])); print(sys.argv[2], {k: j.get(k) for k in ('model','ppl','tokens','seconds','tokens_per_second','tp','collective_share','device_bytes_peak_per_rank')})" "$out/$f.json" "$f"
   done
 fi
 # One decode job at tp = GPUs three ways: snapkv over the control plane (coordinator + mpirun
 # workers), pyramidkv and the full cache through mpirun. usage: compressedRuns NAME ppl-options...
 mpi_ppl="timeout 200 mpirun --allow-run-as-root --bind-to none -np $gpus -x LD_LIBRARY_PATH -x NCCL_NVLS_ENABLE=0 .bundle/kvtp ppl --tp $gpus"
 summary() {
-  python3 -c "import json,sys; j=json.load(open(sys.argv[1])); print(sys.argv[1].split('/')[-1], {k: j.get(k) for k in ('kv','tokens','seconds','tp','kv_bytes_steady','kv_bytes_full','device_bytes_peak_per_rank')})" "$1"
+  python3 -c "import json,sys; j=json.load(open(sys.argv[1])); print(sys.argv[1].split('/')[-1], {k: j.get(k) for k in ('kv','tokens','seconds','tp','collective_share','kv_bytes_steady','kv_bytes_full','device_bytes_peak_per_rank')})" "$1"
 }
 compressedRuns() {  # inputs under scale/: the coordinator reads files below its --data-root only
   local name=$1

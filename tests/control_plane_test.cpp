@@ -129,6 +129,9 @@ TEST_F(ControlPlane, PplOverGrpcEqualsLocalPpl) {
   // tp 2 on the worker vs one process: fp32 sums in another order.
   EXPECT_LE(std::abs(r["ppl"].get<double>() - l["ppl"].get<double>()) / l["ppl"].get<double>(), 1e-6);
   EXPECT_EQ(r["sequences"].size(), l["sequences"].size());
+  // The result carries every rank's collective time: not measured on the CPU backend.
+  EXPECT_EQ(r["collective_seconds_per_rank"], nlohmann::json::array({0.0, 0.0}));
+  EXPECT_EQ(r["collective_share"], 0.0);
 }
 
 TEST_F(ControlPlane, KvCompressionOptionsTravelWithTheJob) {

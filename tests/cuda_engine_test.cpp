@@ -172,7 +172,7 @@ TEST(CudaEngine, TensorParallelTwoGpusMatchesOne) {
        {" ppl --model tests/fixtures/models/llama3-gqa --input-ids tests/fixtures/models/llama3-gqa/input_ids.txt",
         " ppl --model models/kvtp-llama-2m --data data/c4/c4-heldout-200.json.gz --seq-len 256 --max-windows 2"
         " --mode decode --prefill 192 --kv snapkv:budget=0.3"}) {
-    const std::string cmd = args + " --device cuda --dtype fp32 --json";
+    const std::string cmd = args + " --device cuda --dtype fp32 --json --time-collectives";
     const auto one = test::run(test::kvtpBinary() + cmd);
     ASSERT_EQ(one.status, 0) << one.err;
     const auto two = test::run("mpirun --allow-run-as-root --oversubscribe -np 2 -x LD_LIBRARY_PATH -x NCCL_NVLS_ENABLE=0 " +
@@ -183,6 +183,12 @@ TEST(CudaEngine, TensorParallelTwoGpusMatchesOne) {
     EXPECT_EQ(a["tokens"], b["tokens"]);
     EXPECT_EQ(a["kv_bytes_full"], b["kv_bytes_full"]) << args;  // (held bytes are per-rank maxima, summed: not comparable)
     EXPECT_LE(std::abs(a["ppl"].get<double>() - b["ppl"].get<double>()) / a["ppl"].get<double>(), 1e-5) << args;
+    // Asked for, the time inside the all-reduces is measured on each rank (decode steps included,
+    // replayed as CUDA graphs), and is a part of the job's time; tp 1 has no collectives.
+    EXPECT_EQ(a["collective_share"], 0.0);
+    for (const auto& s : b["collective_seconds_per_rank"]) EXPECT_GT(s.get<double>(), 0.0) << args;
+    EXPECT_GT(b["collective_share"].get<double>(), 0.0) << args;
+    EXPECT_LT(b["collective_share"].get<double>(), 1.0) << args;
   }
 }
 

@@ -236,9 +236,9 @@ TEST(CudaKernels, FlashPrefillMatchesCpuInBf16) {
 TEST(CudaKernels, GemmActivationMatchesCpu) {
   REQUIRE_GPU();
   cuda::Blas blas;
-  const int in = 256, F = 300;
+  const int in = 256;
   for (auto act : {cuda::Activation::SiluMul, cuda::Activation::Relu})
-  for (int rows : {1, 5}) {
+  for (auto [rows, F] : {std::pair{1, 300}, {5, 300}, {1, 20000}}) {
     const bool silu = act == cuda::Activation::SiluMul;
     const int out = silu ? 2 * F : F;
     auto x = randn(size_t(rows) * in), W = randn(size_t(out) * in, 0.1f), b = randn(out);
@@ -252,7 +252,7 @@ TEST(CudaKernels, GemmActivationMatchesCpu) {
     }
     DeviceBuffer<float> dx(x), dW(W), db(b), scratch(size_t(rows) * out), dout(poisoned(want.size()));
     cuda::gemmActivation(blas, dx.get(), rows, in, dW.get(), F, db.get(), act, scratch.get(), dout.get());
-    EXPECT_LE(relError(dout.download(), want), kTol) << (silu ? "silu" : "relu") << " rows " << rows;
+    EXPECT_LE(relError(dout.download(), want), kTol) << (silu ? "silu" : "relu") << " rows " << rows << " F " << F;
   }
 }
 
@@ -354,11 +354,11 @@ TEST(CudaKernels, RopeAppendMatchesCpu) {
   EXPECT_EQ(got_v, want_v);
 }
 
-// Decode's GEMV kernel against cuBLAS on the same fp32 / fp16 inputs, with bias and accumulate.
+// Decode's GEMV kernel against cuBLAS on the same fp32 / fp16 inputs, with bias and accumulate;
+// more rows than the GPU holds warps at once.
 template <class T>
-void checkGemv() {
+void checkGemv(int in, int out) {
   cuda::Blas blas;
-  const int in = 4096, out = 1000;
   auto xf = randn(in), Wf = randn(size_t(out) * in, 0.02f), b = randn(out), y0 = randn(out);
   std::vector<T> x(in), W(Wf.size());
   for (int i = 0; i < in; ++i) x[i] = cuda::fromFloat<T>(xf[i]);
@@ -367,15 +367,17 @@ void checkGemv() {
   DeviceBuffer<float> db(b), want(y0), got(y0);
   cuda::gemmBlas(blas, dx.get(), 1, in, dW.get(), out, db.get(), want.get(), true);
   cuda::gemm(blas, dx.get(), 1, in, dW.get(), out, db.get(), got.get(), true);
-  EXPECT_LE(relError(got.download(), want.download()), 1e-5);
+  EXPECT_LE(relError(got.download(), want.download()), 1e-5) << in << " x " << out;
 }
 TEST(CudaKernels, GemvMatchesCublasFp32) {
   REQUIRE_GPU();
-  checkGemv<float>();
+  checkGemv<float>(4096, 1000);
+  checkGemv<float>(512, 20000);
 }
 TEST(CudaKernels, GemvMatchesCublasFp16) {
   REQUIRE_GPU();
-  checkGemv<__half>();
+  checkGemv<__half>(4096, 1000);
+  checkGemv<__half>(512, 20000);
 }
 
 TEST(CudaKernels, SoftmaxPartialsMatchCpuOnAVocabShard) {

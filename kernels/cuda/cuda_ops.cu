@@ -235,15 +235,9 @@ void attention(const float* q, int q_stride, const int* q_pos, int T, int heads,
   const int G = group % 8 == 0 ? 8 : group % 4 == 0 ? 4 : group % 2 == 0 ? 2 : 1;  // query heads per block
   if (L == 0 || T == 0) return;
   // Enough blocks to fill the GPU (about 4 per SM) but at least 32 keys each.
-  static thread_local const int sms = [] {  // of this thread's device, asked once (a decode-step hot path)
-    int device = 0, n = 0;
-    KVTP_CUDA_CHECK(cudaGetDevice(&device));
-    KVTP_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
-    return n;
-  }();
   // L bounds every head's length (with `lengths`, the kernel reads each head's own), so the split
   // count depends on the bound only: a caller passing its capacity gets the same launch every step.
-  const int want = std::max(1, 4 * sms / std::max(1, (heads / G) * T));
+  const int want = std::max(1, 4 * multiprocessors() / std::max(1, (heads / G) * T));
   const int splits = std::clamp((L + 31) / 32, 1, want);
   // Partials live in a grow-only scratch buffer: steady-state decode allocates nothing.
   static thread_local DeviceBuffer<float> scratch;

@@ -50,6 +50,18 @@ inline std::string where(const char* file, int line) {
 // After a kernel launch: launch errors now, execution errors at the next synchronisation.
 #define KVTP_CUDA_LAUNCHED() KVTP_CUDA_CHECK(cudaGetLastError())
 
+// Streaming multiprocessors of the calling thread's device, asked once per thread (launch
+// shapes on the decode hot path depend on it).
+inline int multiprocessors() {
+  static thread_local const int n = [] {
+    int device = 0, count = 0;
+    KVTP_CUDA_CHECK(cudaGetDevice(&device));
+    KVTP_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+    return count;
+  }();
+  return n;
+}
+
 // Number of usable devices; 0 (not an error) on a machine without a GPU or driver.
 inline int deviceCount() {
   int n = 0;
@@ -153,18 +165,19 @@ class GraphReplay {
   GraphReplay& operator=(const GraphReplay&) = delete;
   ~GraphReplay() { reset(); }
 
+  // Returns true when it replayed (`launches` did not run on the host).
   template <class F>
-  void run(int64_t key, F&& launches) {
+  bool run(int64_t key, F&& launches) {
     const int64_t changes = DeviceMemory::changes.load();
     if (exec_ && key == key_ && changes == changes_) {
       KVTP_CUDA_CHECK(cudaGraphLaunch(exec_, cudaStreamPerThread));
-      return;
+      return true;
     }
     reset();
     if (key != seen_key_ || changes != seen_changes_) {  // first sight: run plainly (it may allocate)
       launches();
       seen_key_ = key, seen_changes_ = DeviceMemory::changes.load();
-      return;
+      return false;
     }
     KVTP_CUDA_CHECK(cudaStreamBeginCapture(cudaStreamPerThread, cudaStreamCaptureModeThreadLocal));
     try {
@@ -182,6 +195,7 @@ class GraphReplay {
     KVTP_CUDA_CHECK(made);
     key_ = key, changes_ = DeviceMemory::changes.load();
     KVTP_CUDA_CHECK(cudaGraphLaunch(exec_, cudaStreamPerThread));
+    return false;
   }
 
  private:
@@ -191,6 +205,49 @@ class GraphReplay {
   }
   cudaGraphExec_t exec_ = nullptr;
   int64_t key_ = -1, changes_ = -1, seen_key_ = -1, seen_changes_ = -1;
+};
+
+// GPU time spent between pairs of marks on the calling thread's stream (the engine marks each
+// collective before and after), recorded so that a step captured into a CUDA graph records them
+// again on every replay. Read once the step's work is complete.
+class StreamTimer {
+ public:
+  StreamTimer() = default;
+  StreamTimer(const StreamTimer&) = delete;
+  StreamTimer& operator=(const StreamTimer&) = delete;
+  ~StreamTimer() {
+    for (cudaEvent_t e : events_) cudaEventDestroy(e);
+  }
+  void mark() {
+    if (used_ == events_.size()) {  // grows on plain runs only: a captured step reuses these
+      cudaEvent_t e = nullptr;
+      KVTP_CUDA_CHECK(cudaEventCreate(&e));
+      events_.push_back(e);
+    }
+    // While a graph is being captured, an external event becomes a node that records on every
+    // replay (the flag is refused outside a capture).
+    cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
+    KVTP_CUDA_CHECK(cudaStreamIsCapturing(cudaStreamPerThread, &capturing));
+    const unsigned flags = capturing == cudaStreamCaptureStatusActive ? cudaEventRecordExternal : cudaEventRecordDefault;
+    KVTP_CUDA_CHECK(cudaEventRecordWithFlags(events_[used_++], cudaStreamPerThread, flags));
+  }
+  size_t marks() const { return used_; }
+  void replayed(size_t marks) { used_ = marks; }  // a graph replay recorded the marks it captured
+  // Adds the marked intervals of the completed step and starts counting afresh.
+  void collect() {
+    for (size_t i = 0; i + 1 < used_; i += 2) {
+      float ms = 0;
+      KVTP_CUDA_CHECK(cudaEventElapsedTime(&ms, events_[i], events_[i + 1]));
+      seconds_ += ms * 1e-3;
+    }
+    used_ = 0;
+  }
+  double seconds() const { return seconds_; }
+
+ private:
+  std::vector<cudaEvent_t> events_;
+  size_t used_ = 0;
+  double seconds_ = 0;
 };
 
 }  // namespace kvtp::cuda
