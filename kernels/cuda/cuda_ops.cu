@@ -15,6 +15,10 @@
 //   v4 (attention): the group size G and channels per lane P are template parameters, so every
 //       array index is a compile-time constant and the arrays stay in registers. The cache's
 //       element type (float, fp16, bf16) is a template parameter too, converted in registers.
+//   v5 (attention): each warp requests U = 4 (2 for groups of 4+ query heads) key/value rows
+//       before using the first, each lane its P channels in one 4-16-byte load: a warp waited out
+//       one load per key before (Little's law: ~2 MB in flight, 2.4 TB/s). Llama-2-7B fp16 decode
+//       at 32k on an H200: 12.1 -> 8.8 ms per token; Llama-2-70B shape (8 layers): 5.65 -> 5.23.
 #include <algorithm>
 #include <cfloat>
 #include <string>
@@ -54,10 +58,31 @@ __global__ void ropeKernel(float* x, int T, int heads, int head_dim, const int* 
   v[j + half] = b * float(c) + a * float(s);
 }
 
+// A lane's P consecutive channels of a cache row as floats, in one load where they span 4, 8 or
+// 16 bytes (rows are 16-byte aligned: head_dim x element size is a multiple of 16); zeros when !in.
+template <int P, class KT>
+__device__ void loadChannels(const KT* row, int lane, bool in, float (&out)[P]) {
+  constexpr int bytes = P * int(sizeof(KT));
+  KT e[P];
+  if (!in) {
+#pragma unroll
+    for (int i = 0; i < P; ++i) out[i] = 0.0f;
+    return;
+  }
+  if constexpr (bytes == 16) *reinterpret_cast<uint4*>(e) = *reinterpret_cast<const uint4*>(row + lane * P);
+  else if constexpr (bytes == 8) *reinterpret_cast<uint2*>(e) = *reinterpret_cast<const uint2*>(row + lane * P);
+  else if constexpr (bytes == 4) *reinterpret_cast<uint32_t*>(e) = *reinterpret_cast<const uint32_t*>(row + lane * P);
+  else
+#pragma unroll
+    for (int i = 0; i < P; ++i) e[i] = row[lane * P + i];
+#pragma unroll
+  for (int i = 0; i < P; ++i) out[i] = toFloat(e[i]);
+}
+
 // Attention v3. Grid (kv_heads, splits, T): a block takes keys [split * chunk, +chunk) of one KV
 // head for one query and all G = heads / kv_heads query heads that read it. Each warp takes every
-// kWarps-th key; its lanes hold channels lane + 32 i (head_dim <= 256) of the G queries and
-// accumulators, so a K/V row is read once per block for G heads. Writes each head's
+// kWarps-th key; its lanes hold channels lane P .. lane P + P - 1 (P = head_dim / 32, head_dim <=
+// 256) of the G queries and accumulators, so a K/V row is read once per block for G heads. Writes each head's
 // unnormalised output with its running max and sum; attentionCombine merges the splits.
 constexpr int kWarps = 8;
 
@@ -68,8 +93,8 @@ template <int G, int HD, class KT>  // query heads per KV head, head_dim, cache 
 __global__ void attentionSplit(const float* q, int q_stride, const int* q_pos, int heads, int group, const KT* K,
                                const KT* V, const int* k_pos, int L, const int* lengths, int64_t pos_stride,
                                int64_t head_stride, float scale, int splits, float* part_o, float* part_ms) {
-  constexpr int hd = HD, P = (HD + 31) / 32;  // channels per lane
-  auto in = [](int lane, int i) { return HD % 32 == 0 || lane + 32 * i < HD; };
+  constexpr int hd = HD, P = (HD + 31) / 32;  // channels per lane: lane * P .. lane * P + P - 1
+  const bool lane_in = HD >= 32 || int(threadIdx.x % 32) < HD;
   const int h0 = blockIdx.x * G, kvh = h0 / group, split = blockIdx.y, t = blockIdx.z;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const KT* Kh = K + kvh * head_stride;
@@ -85,7 +110,7 @@ __global__ void attentionSplit(const float* q, int q_stride, const int* q_pos, i
     const float* qv = q + int64_t(t) * q_stride + int64_t(h0 + g) * hd;
 #pragma unroll
     for (int i = 0; i < P; ++i) {
-      qr[g][i] = in(lane, i) ? qv[lane + 32 * i] * scale : 0.0f;
+      qr[g][i] = lane_in ? qv[lane * P + i] * scale : 0.0f;
       acc[g][i] = 0.0f;
     }
     m[g] = -FLT_MAX;
@@ -93,27 +118,40 @@ __global__ void attentionSplit(const float* q, int q_stride, const int* q_pos, i
   }
   const int p = q_pos[t];
   const int end = min(L, (split + 1) * chunk);
-  for (int l = split * chunk + warp; l < end; l += kWarps) {
-    if (pos[l] > p) continue;  // the same for the whole warp
-    const KT* kr = Kh + int64_t(l) * hd;
-    const KT* vr = Vh + int64_t(l) * hd;
-    float kv[P], vv[P];
+  // U keys a warp at a time: their rows are all requested before the first is used, so each warp
+  // keeps U row loads in flight instead of waiting out one load per key.
+  constexpr int U = G >= 4 ? 2 : 4;  // fewer for big groups: their registers hold G queries
+  for (int l0 = split * chunk + warp; l0 < end; l0 += U * kWarps) {
+    float kv[U][P], vv[U][P];
+    bool seen[U];
 #pragma unroll
-    for (int i = 0; i < P; ++i) {
-      kv[i] = in(lane, i) ? toFloat(kr[lane + 32 * i]) : 0.0f;
-      vv[i] = in(lane, i) ? toFloat(vr[lane + 32 * i]) : 0.0f;
+    for (int u = 0; u < U; ++u) {
+      const int l = l0 + u * kWarps;
+      seen[u] = l < end && pos[l] <= p;  // the same for the whole warp
+      loadChannels<P>(Kh + int64_t(l) * hd, lane, seen[u] && lane_in, kv[u]);
+      loadChannels<P>(Vh + int64_t(l) * hd, lane, seen[u] && lane_in, vv[u]);
     }
+    float dot[U][G];
 #pragma unroll
-    for (int g = 0; g < G; ++g) {
-      float dot = 0.0f;
+    for (int u = 0; u < U; ++u)
 #pragma unroll
-      for (int i = 0; i < P; ++i) dot += qr[g][i] * kv[i];
-      dot = warpSum(dot);
-      const float m_new = fmaxf(m[g], dot), corr = expf(m[g] - m_new), w = expf(dot - m_new);
-      sum[g] = sum[g] * corr + w;
+      for (int g = 0; g < G; ++g) {
+        float d = 0.0f;
 #pragma unroll
-      for (int i = 0; i < P; ++i) acc[g][i] = acc[g][i] * corr + w * vv[i];
-      m[g] = m_new;
+        for (int i = 0; i < P; ++i) d += qr[g][i] * kv[u][i];
+        dot[u][g] = warpSum(d);
+      }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (!seen[u]) continue;
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+        const float m_new = fmaxf(m[g], dot[u][g]), corr = expf(m[g] - m_new), w = expf(dot[u][g] - m_new);
+        sum[g] = sum[g] * corr + w;
+#pragma unroll
+        for (int i = 0; i < P; ++i) acc[g][i] = acc[g][i] * corr + w * vv[u][i];
+        m[g] = m_new;
+      }
     }
   }
   // Merge the block's warps through shared memory, one query head at a time.
@@ -124,7 +162,7 @@ __global__ void attentionSplit(const float* q, int q_stride, const int* q_pos, i
     if (lane == 0) s_m[warp] = m[g], s_sum[warp] = sum[g];
 #pragma unroll
     for (int i = 0; i < P; ++i)
-      if (in(lane, i)) s_acc[warp][lane + 32 * i] = acc[g][i];
+      if (lane_in) s_acc[warp][lane * P + i] = acc[g][i];
     __syncthreads();
     float M = -FLT_MAX;
     for (int w = 0; w < kWarps; ++w) M = fmaxf(M, s_m[w]);
