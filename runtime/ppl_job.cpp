@@ -194,21 +194,19 @@ PplJobResult runPplJob(const PplJob& job, const comm::Topology* topo, const Prog
     engine = makeCpuEngine(*m.model, &spec);
   }
   PplResult local = scoreWindows(*engine, mine, sequences, job.mode, progress, job.prefill);
-  // KV bytes per rank of the group (largest over the data-parallel groups).
+  // KV bytes and collective seconds per rank of the group (largest over the data-parallel groups).
   const int tp = out.tp, grank = group ? group->rank() : 0;
-  auto perRank = [&](int64_t bytes) {
+  auto perRank = [&](auto value) {  // every rank's value, in group rank order
     std::vector<double> v(size_t(tp), 0.0);
-    v[size_t(grank)] = double(bytes);
+    v[size_t(grank)] = double(value);
     if (topo) topo->world->allReduceMax(v.data(), v.size());
-    return std::vector<int64_t>(v.begin(), v.end());
+    return std::vector<decltype(value)>(v.begin(), v.end());
   };
   out.kv_bytes_peak = perRank(local.kv_bytes_peak);
   out.kv_bytes_full = perRank(local.kv_bytes_full);
   out.kv_bytes_steady = perRank(local.kv_bytes_steady);
   out.device_bytes_peak = perRank(gpu ? deviceBytesPeak() : 0);
-  out.collective_seconds.assign(size_t(tp), 0.0);
-  out.collective_seconds[size_t(grank)] = engine->collectiveSeconds();
-  if (topo) topo->world->allReduceMax(out.collective_seconds.data(), out.collective_seconds.size());
+  out.collective_seconds = perRank(engine->collectiveSeconds());
   if (out.dp == 1) {
     out.result = std::move(local);
     return out;

@@ -130,6 +130,29 @@ TEST(CudaKernels, AttentionMatchesCpuOverAnEvictedCache) {
   }
 }
 
+// The CPU's causal attention of `rows` queries (rows of stride `stride`) over a cache laid out
+// [kv_head][capacity][head_dim] holding L entries per head, and SnapKV's observation: the
+// probabilities of the queries from row observe_from on, summed per KV head over its query heads.
+struct PrefillOnCpu {
+  std::vector<float> out, observed;
+};
+PrefillOnCpu prefillOnCpu(const std::vector<float>& q, int stride, const std::vector<int>& q_pos,
+                          const std::vector<float>& K, const std::vector<float>& V, const std::vector<int>& k_pos,
+                          int heads, int kv_heads, int hd, int capacity, int observe_from) {
+  const int rows = int(q_pos.size()), L = int(k_pos.size());
+  PrefillOnCpu r{std::vector<float>(size_t(rows) * heads * hd), std::vector<float>(size_t(kv_heads) * L, 0.0f)};
+  std::vector<float> probs(size_t(rows) * L);
+  for (int h = 0; h < heads; ++h) {
+    const int g = h / (heads / kv_heads);
+    const size_t off = size_t(g) * capacity * hd;
+    kernels::attendHead(q.data() + h * hd, stride, q_pos.data(), rows, K.data() + off, V.data() + off, k_pos.data(), L,
+                        hd, 1.0f / std::sqrt(float(hd)), r.out.data() + h * hd, heads * hd, probs.data());
+    for (int t = observe_from; t < rows; ++t)
+      for (int l = 0; l < L; ++l) r.observed[size_t(g) * L + l] += probs[size_t(t) * L + l];
+  }
+  return r;
+}
+
 // The many-query path (score GEMMs, masked softmax, PV GEMM), in query chunks small enough that
 // several run, over a cache with holes laid out [kv_head][capacity][head_dim].
 TEST(CudaKernels, PrefillAttentionMatchesCpu) {
@@ -142,19 +165,8 @@ TEST(CudaKernels, PrefillAttentionMatchesCpu) {
   for (int t = 0; t < T; ++t) q_pos[t] = 3 + 5 * t;  // the first query sees two keys, the last all
   const int stride = heads * hd + 40;                 // q rows inside wider rows (a fused QKV product)
   auto q = randn(size_t(T) * stride), K = randn(size_t(kv_heads) * capacity * hd), V = randn(K.size());
-  std::vector<float> want(size_t(T) * heads * hd);
-  // SnapKV's observation: probabilities of the queries from row 100 on (they span two chunks),
-  // summed per KV head over its query heads.
-  const int observe_from = 100;
-  std::vector<float> want_obs(size_t(kv_heads) * L, 0.0f), probs(size_t(T) * L);
-  for (int h = 0; h < heads; ++h) {
-    const int g = h / (heads / kv_heads);
-    const size_t off = size_t(g) * capacity * hd;
-    kernels::attendHead(q.data() + h * hd, stride, q_pos.data(), T, K.data() + off, V.data() + off, k_pos.data(), L,
-                        hd, scale, want.data() + h * hd, heads * hd, probs.data());
-    for (int t = observe_from; t < T; ++t)
-      for (int l = 0; l < L; ++l) want_obs[size_t(g) * L + l] += probs[size_t(t) * L + l];
-  }
+  const int observe_from = 100;  // the observed queries span two chunks
+  const auto [want, want_obs] = prefillOnCpu(q, stride, q_pos, K, V, k_pos, heads, kv_heads, hd, capacity, observe_from);
   DeviceBuffer<float> dq(q), dK(K), dV(V), dout(poisoned(want.size())), dobs(std::vector<float>(want_obs.size(), 0.0f));
   DeviceBuffer<int> dqp(q_pos), dkp(k_pos);
   const size_t score_bytes = size_t(40) * heads * L * 8;  // about 40 queries per chunk
@@ -198,15 +210,7 @@ void checkFlashPrefill(int hd, double tol) {
   const int stride = heads * hd + 24;
   auto q = randn(size_t(rows) * stride);
   auto K = roundedTo(randn(size_t(kv_heads) * capacity * hd), bf16), V = roundedTo(randn(K.size()), bf16);
-  std::vector<float> want(size_t(rows) * heads * hd), want_obs(size_t(kv_heads) * L, 0.0f), probs(size_t(rows) * L);
-  for (int h = 0; h < heads; ++h) {
-    const int g = h / (heads / kv_heads);
-    const size_t off = size_t(g) * capacity * hd;
-    kernels::attendHead(q.data() + h * hd, stride, q_pos.data(), rows, K.data() + off, V.data() + off, k_pos.data(), L,
-                        hd, scale, want.data() + h * hd, heads * hd, probs.data());
-    for (int t = observe_from; t < rows; ++t)
-      for (int l = 0; l < L; ++l) want_obs[size_t(g) * L + l] += probs[size_t(t) * L + l];
-  }
+  const auto [want, want_obs] = prefillOnCpu(q, stride, q_pos, K, V, k_pos, heads, kv_heads, hd, capacity, observe_from);
   ASSERT_TRUE(cuda::flashAttentionFits<T>(hd));
   DeviceBuffer<float> dq(q), dobs(std::vector<float>(want_obs.size(), 0.0f));
   DeviceBuffer<T> dK = deviceAs<T>(K), dV = deviceAs<T>(V), dout = deviceAs<T>(poisoned(want.size()));

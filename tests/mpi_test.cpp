@@ -1,4 +1,4 @@
-// Tensor and data parallelism under a real `mpirun` with 1, 2 and 4 ranks (oversubscribed on CI's
+// Tensor and data parallelism under a real `mpirun` with 1, 2, 4 and 8 ranks (oversubscribed on CI's
 // 2 cores, one OpenMP thread per rank): log-probs equal the single-process run within 1e-4 and
 // Hugging Face's within 1e-3; failing ranks end the job with their error instead of hanging.
 #include <gtest/gtest.h>
@@ -87,15 +87,28 @@ TEST(DataParallel, TwoGroupsOfTwoMatchOneProcess) {
 
 class Synthetic66b : public ::testing::TestWithParam<std::string> {};
 
-TEST_P(Synthetic66b, TwoLayersAtTp2AndTp4MatchTp1) {
+// Two full-width layers of the 66B-class shapes at tp 2, 4 and 8: what CI's CPUs can run of the
+// 4-8 GPU work (issue 9).
+TEST_P(Synthetic66b, TwoLayersAtTp2To8MatchTp1) {
   const std::string args = "--synthetic " + GetParam() + " --layers 2 --input-ids tests/data/synthetic_ids.txt";
   const auto tp1 = logprobs(1, args);
   ASSERT_EQ(tp1.size(), 2u);
-  for (int np : {2, 4}) EXPECT_LE(maxDiff(logprobs(np, args), tp1), 1e-4) << "np " << np;
+  for (int np : {2, 4, 8}) EXPECT_LE(maxDiff(logprobs(np, args), tp1), 1e-4) << "np " << np;
 }
 
 INSTANTIATE_TEST_SUITE_P(Shapes, Synthetic66b, ::testing::Values("opt-66b", "llama-2-70b"),
                          [](const auto& info) { return test::paramName(info.param); });
+
+// The same KV decisions at every tp on a Llama-2-70B shape: H2O under one global budget over its 8
+// KV heads (one per rank at tp 8). Keeping other tokens would move the log-probs by far more than
+// 1e-4 (the budget moves them by nats).
+TEST(Synthetic66bCompressed, H2oAtTp2To8KeepsWhatTp1Keeps) {
+  const std::string args = "--synthetic llama-2-70b --layers 2 --input-ids tests/data/synthetic_ids.txt --mode decode";
+  const std::string h2o = args + " --kv h2o:budget=0.3,sinks=1,recent=2";
+  const auto tp1 = logprobs(0, h2o);
+  EXPECT_GT(maxDiff(tp1, logprobs(0, args)), 0.1) << "the budget should change something";
+  for (int np : {2, 4, 8}) EXPECT_LE(maxDiff(logprobs(np, h2o), tp1), 1e-4) << "np " << np;
+}
 
 // Compressed caches under one global budget: the same tokens are kept at every tp (decisions are
 // taken from an all-reduced score table), so log-probs match tp 1. llama3-gqa has 2 KV heads, so
