@@ -363,11 +363,8 @@ TEST(CudaKernels, RopeAppendMatchesCpu) {
 template <class T>
 void checkGemv(int in, int out) {
   cuda::Blas blas;
-  auto xf = randn(in), Wf = randn(size_t(out) * in, 0.02f), b = randn(out), y0 = randn(out);
-  std::vector<T> x(in), W(Wf.size());
-  for (int i = 0; i < in; ++i) x[i] = cuda::fromFloat<T>(xf[i]);
-  for (size_t i = 0; i < Wf.size(); ++i) W[i] = cuda::fromFloat<T>(Wf[i]);
-  DeviceBuffer<T> dx(x), dW(W);
+  auto b = randn(out), y0 = randn(out);
+  DeviceBuffer<T> dx = deviceAs<T>(randn(in)), dW = deviceAs<T>(randn(size_t(out) * in, 0.02f));
   DeviceBuffer<float> db(b), want(y0), got(y0);
   cuda::gemmBlas(blas, dx.get(), 1, in, dW.get(), out, db.get(), want.get(), true);
   cuda::gemm(blas, dx.get(), 1, in, dW.get(), out, db.get(), got.get(), true);
