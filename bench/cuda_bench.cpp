@@ -3,6 +3,7 @@
 // the floor is reading K and V once. CUDA events around each region, warm-up first, medians of
 // 20 runs. Prints a table; docs/BENCHMARKS.md records it.
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <random>
 #include <vector>
@@ -99,6 +100,83 @@ int main() {
     std::printf("  %5d x %5d: gemv %7.1f us (%4.2f TB/s, %3.0f%% of copy)   cuBLAS %7.1f us (%4.2f TB/s)\n", out, in,
                 ours * 1e3, bytes / (ours * 1e-3) / 1e12, 100 * bytes / (ours * 1e-3) / 1e12 / bw, cublas * 1e3,
                 bytes / (cublas * 1e-3) / 1e12);
+  }
+
+  // A decode step's layers as the engine runs them (Llama-2-7B shapes, fp16, 32 layers of their
+  // own weights so nothing stays in L2, one CUDA graph replayed): the weight GEMVs alone, then
+  // with the norms and RoPE + KV append folded in, then with attention over a 2k cache — where a
+  // step's time goes, per layer.
+  {
+    const int layers = 32, H = 4096, F = 11008, heads = 32, hd = 128, L = 2048, W = 3 * H;
+    struct Layer {
+      cuda::DeviceBuffer<__half> qkv, o, gate_up, down, K, V;
+      cuda::DeviceBuffer<int> pos;
+    };
+    std::vector<Layer> ls(layers);
+    std::vector<int> kpos(size_t(heads) * L);
+    for (size_t i = 0; i < kpos.size(); ++i) kpos[i] = int(i % L);
+    auto filled = [](size_t n) {
+      cuda::DeviceBuffer<__half> b(n);
+      KVTP_CUDA_CHECK(cudaMemset(b.get(), 0x11, n * 2));  // small finite halves
+      return b;
+    };
+    for (auto& l : ls) {
+      l.qkv = filled(size_t(W) * H), l.o = filled(size_t(H) * H), l.gate_up = filled(size_t(2 * F) * H);
+      l.down = filled(size_t(H) * F), l.K = filled(size_t(heads) * L * hd), l.V = filled(size_t(heads) * L * hd);
+      l.pos = cuda::DeviceBuffer<int>(kpos);
+    }
+    std::vector<float> inv(hd / 2);
+    for (int i = 0; i < hd / 2; ++i) inv[i] = float(std::pow(10000.0, -2.0 * i / hd));
+    cuda::DeviceBuffer<float> x(random(H)), norm_w(random(H)), qkv(W), dinv(inv);
+    cuda::DeviceBuffer<__half> xn(F), ctx(H), act(F);
+    std::vector<int> meta = {L - 1};
+    for (int h = 0; h < heads; ++h) meta.push_back(L - 1);  // slots: the last row of each head
+    for (int h = 0; h < heads; ++h) meta.push_back(L);      // lengths after
+    cuda::DeviceBuffer<int> dmeta(meta);
+    const int* d_pos = dmeta.get();
+    cuda::DeviceBuffer<float2> rope(hd / 2);
+    cuda::ropeTable(d_pos, 1, hd, dinv.get(), rope.get());
+    const auto normed = cuda::Input<__half>::normed(x.get(), norm_w.get(), nullptr, 1e-5f, xn.get());
+    auto timeLayers = [&](const char* what, auto&& layer) {
+      cuda::GraphReplay graph;
+      auto all = [&] { for (auto& l : ls) layer(l); };
+      const float ms = medianMs([&] { graph.run(0, all); }, 9);
+      std::printf("  %-52s %7.1f us/layer\n", what, ms * 1e3 / layers);
+    };
+    std::printf("decode layers, Llama-2-7B shapes, fp16, %d layers in one graph:\n", layers);
+    timeLayers("4 GEMVs (Q|K|V, O, gate|up + SiLU, down)", [&](Layer& l) {
+      cuda::gemm(blas, xn.get(), 1, H, l.qkv.get(), W, nullptr, qkv.get(), false);
+      cuda::gemm(blas, ctx.get(), 1, H, l.o.get(), H, nullptr, x.get(), true);
+      cuda::gemmActivation(blas, xn.get(), 1, H, l.gate_up.get(), F, nullptr, cuda::Activation::SiluMul, nullptr, act.get());
+      cuda::gemm(blas, act.get(), 1, F, l.down.get(), H, nullptr, x.get(), true);
+    });
+    timeLayers("+ norms in the prologues", [&](Layer& l) {
+      cuda::gemm(blas, normed, 1, H, l.qkv.get(), W, nullptr, qkv.get(), false);
+      cuda::gemm(blas, ctx.get(), 1, H, l.o.get(), H, nullptr, x.get(), true);
+      cuda::gemmActivation(blas, normed, 1, H, l.gate_up.get(), F, nullptr, cuda::Activation::SiluMul, nullptr, act.get());
+      cuda::gemm(blas, act.get(), 1, F, l.down.get(), H, nullptr, x.get(), true);
+    });
+    auto fused = [&](Layer& l) {
+      const cuda::KvAppend<__half> append{heads, heads, hd, d_pos, rope.get(), l.K.get(), l.V.get(), l.pos.get(), L, d_pos + 1};
+      cuda::qkvAppend(blas, normed, 1, H, l.qkv.get(), nullptr, qkv.get(), append);
+      cuda::gemm(blas, ctx.get(), 1, H, l.o.get(), H, nullptr, x.get(), true);
+      cuda::gemmActivation(blas, normed, 1, H, l.gate_up.get(), F, nullptr, cuda::Activation::SiluMul, nullptr, act.get());
+      cuda::gemm(blas, act.get(), 1, F, l.down.get(), H, nullptr, x.get(), true);
+    };
+    timeLayers("+ RoPE + KV append in the Q|K|V epilogue", fused);
+    timeLayers("+ attention over 2048 keys (the engine's layer)", [&](Layer& l) {
+      const cuda::KvAppend<__half> append{heads, heads, hd, d_pos, rope.get(), l.K.get(), l.V.get(), l.pos.get(), L, d_pos + 1};
+      cuda::qkvAppend(blas, normed, 1, H, l.qkv.get(), nullptr, qkv.get(), append);
+      cuda::attention(qkv.get(), W, d_pos, 1, heads, l.K.get(), l.V.get(), l.pos.get(), L, heads, hd, int64_t(L) * hd,
+                      0.088f, ctx.get(), d_pos + 1 + heads, L);
+      cuda::gemm(blas, ctx.get(), 1, H, l.o.get(), H, nullptr, x.get(), true);
+      cuda::gemmActivation(blas, normed, 1, H, l.gate_up.get(), F, nullptr, cuda::Activation::SiluMul, nullptr, act.get());
+      cuda::gemm(blas, act.get(), 1, F, l.down.get(), H, nullptr, x.get(), true);
+    });
+    timeLayers("attention over 2048 keys alone", [&](Layer& l) {
+      cuda::attention(qkv.get(), W, d_pos, 1, heads, l.K.get(), l.V.get(), l.pos.get(), L, heads, hd, int64_t(L) * hd,
+                      0.088f, ctx.get(), d_pos + 1 + heads, L);
+    });
   }
 
   // Prefill attention of 2048 queries over their own 2048 keys, Llama-2-7B's 32 heads of 128, fp16:

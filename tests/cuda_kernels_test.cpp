@@ -314,29 +314,43 @@ TEST(CudaKernels, CompactKeepsEachHeadsRowsInOrder) {
   EXPECT_EQ(gk[(size_t(0) * capacity + 45) * hd], K[(size_t(0) * capacity + 45) * hd]);  // past the kept: untouched
 }
 
-// RoPE of the Q and K heads of fused Q|K|V rows and the append of K and V to a cache laid out
-// [kv_head][capacity][head_dim], against the CPU's applyRope and a plain copy.
-TEST(CudaKernels, RopeAppendMatchesCpu) {
-  REQUIRE_GPU();
-  const int T = 3, q_heads = 4, kv_heads = 2, hd = 64, Q = q_heads * hd, KV = kv_heads * hd, W = Q + 2 * KV;
+// The attention block's input product: the residual rows normalized (RMSNorm with RoPE as Llama,
+// LayerNorm without as OPT), Q|K|V projected, RoPE on the Q and K heads, K and V appended to a
+// cache laid out [kv_head][capacity][head_dim] at each head's own slot — one row through the
+// single fused GEMV kernel, three through norm + cuBLAS + ropeAppendKV — against the CPU's
+// rmsNorm / layerNorm, linear, applyRope and a plain copy.
+void checkQkvAppend(int T, bool llama) {
+  cuda::Blas blas;
+  const int in = 96, q_heads = 4, kv_heads = 2, hd = 64, Q = q_heads * hd, KV = kv_heads * hd, W = Q + 2 * KV;
   const int capacity = 16;
+  const float eps = 1e-5f;
   const std::vector<int> first = {5, 2};  // the heads hold different counts (a compressed cache)
-  auto qkv = randn(size_t(T) * W);
   std::vector<int> pos = {7, 8, 3000};
+  pos.resize(T);
+  auto x = randn(size_t(T) * in, 3.0f), nw = randn(in), nb = randn(in), Wt = randn(size_t(W) * in, 0.1f), b = randn(W);
   std::vector<float> inv(hd / 2);
   for (int i = 0; i < hd / 2; ++i) inv[i] = float(std::pow(10000.0, -2.0 * i / hd));
-  std::vector<float> q(size_t(T) * Q), k(size_t(T) * KV);
+  std::vector<float> xn(x.size()), qkv(size_t(T) * W), q(size_t(T) * Q), k(size_t(T) * KV);
+  if (llama) kernels::rmsNorm(x.data(), T, in, nw.data(), eps, xn.data());
+  else kernels::layerNorm(x.data(), T, in, nw.data(), nb.data(), eps, xn.data());
+  kernels::linear(xn.data(), T, in, Wt.data(), W, b.data(), qkv.data());
   for (int t = 0; t < T; ++t) {
     std::copy_n(&qkv[size_t(t) * W], Q, &q[size_t(t) * Q]);
     std::copy_n(&qkv[size_t(t) * W + Q], KV, &k[size_t(t) * KV]);
   }
-  kernels::applyRope(q.data(), T, q_heads, hd, pos.data(), inv.data());
-  kernels::applyRope(k.data(), T, kv_heads, hd, pos.data(), inv.data());
-  DeviceBuffer<float> dqkv(qkv), dinv(inv), dK(poisoned(size_t(kv_heads) * capacity * hd)),
-      dV(poisoned(size_t(kv_heads) * capacity * hd));
+  if (llama) {
+    kernels::applyRope(q.data(), T, q_heads, hd, pos.data(), inv.data());
+    kernels::applyRope(k.data(), T, kv_heads, hd, pos.data(), inv.data());
+  }
+  DeviceBuffer<float> dx(x), dnw(nw), dnb(nb), dW(Wt), db(b), dinv(inv), dxn(x.size()), dqkv(poisoned(qkv.size())),
+      dK(poisoned(size_t(kv_heads) * capacity * hd)), dV(poisoned(size_t(kv_heads) * capacity * hd));
   DeviceBuffer<int> dpos(pos), dfirst(first), dkpos(std::vector<int>(size_t(kv_heads) * capacity, -1));
-  cuda::ropeAppendKV(dqkv.get(), T, q_heads, kv_heads, hd, dpos.get(), dinv.get(), dK.get(), dV.get(), dkpos.get(),
-                     capacity, dfirst.get());
+  DeviceBuffer<float2> rope(size_t(T) * hd / 2);
+  cuda::ropeTable(dpos.get(), T, hd, dinv.get(), rope.get());
+  const auto input = cuda::Input<float>::normed(dx.get(), dnw.get(), llama ? nullptr : dnb.get(), eps, dxn.get());
+  const cuda::KvAppend<float> append{q_heads, kv_heads, hd, dpos.get(), llama ? rope.get() : nullptr,
+                                     dK.get(), dV.get(), dkpos.get(), capacity, dfirst.get()};
+  cuda::qkvAppend(blas, input, T, in, dW.get(), db.get(), dqkv.get(), append);
   const auto out = dqkv.download(), K = dK.download(), V = dV.download();
   const auto kpos = dkpos.download();
   std::vector<float> got_q, want_k, got_k, want_v, got_v;
@@ -353,9 +367,15 @@ TEST(CudaKernels, RopeAppendMatchesCpu) {
       }
     }
   }
-  EXPECT_LE(relError(got_q, q), kTol);
-  EXPECT_LE(relError(got_k, want_k), kTol);
-  EXPECT_EQ(got_v, want_v);
+  const std::string what = std::string(llama ? "rmsnorm + rope" : "layernorm") + ", rows " + std::to_string(T);
+  EXPECT_LE(relError(got_q, q), kTol) << what;
+  EXPECT_LE(relError(got_k, want_k), kTol) << what;
+  EXPECT_LE(relError(got_v, want_v), kTol) << what;
+}
+TEST(CudaKernels, QkvAppendMatchesCpu) {
+  REQUIRE_GPU();
+  for (int T : {1, 3})
+    for (bool llama : {true, false}) checkQkvAppend(T, llama);
 }
 
 // Decode's GEMV kernel against cuBLAS on the same fp32 / fp16 inputs, with bias and accumulate;
@@ -364,21 +384,34 @@ template <class T>
 void checkGemv(int in, int out) {
   cuda::Blas blas;
   auto b = randn(out), y0 = randn(out);
-  DeviceBuffer<T> dx = deviceAs<T>(randn(in)), dW = deviceAs<T>(randn(size_t(out) * in, 0.02f));
+  DeviceBuffer<T> dx = deviceAs<T>(randn(in)), dW = deviceAs<T>(randn(size_t(out) * in, 0.02f)), dxn(in);
   DeviceBuffer<float> db(b), want(y0), got(y0);
   cuda::gemmBlas(blas, dx.get(), 1, in, dW.get(), out, db.get(), want.get(), true);
   cuda::gemm(blas, dx.get(), 1, in, dW.get(), out, db.get(), got.get(), true);
   EXPECT_LE(relError(got.download(), want.download()), 1e-5) << in << " x " << out;
+  // The norm in the GEMV's prologue against the norm kernel, then cuBLAS (the same block sums).
+  DeviceBuffer<float> raw(randn(in, 4.0f)), nw(randn(in)), nb(randn(in));
+  for (bool layer : {false, true}) {
+    DeviceBuffer<float> want_n(y0), got_n(y0);
+    if (layer) cuda::layerNormTo(raw.get(), 1, in, nw.get(), nb.get(), 1e-5f, dxn.get());
+    else cuda::rmsNormTo(raw.get(), 1, in, nw.get(), 1e-5f, dxn.get());
+    cuda::gemmBlas(blas, dxn.get(), 1, in, dW.get(), out, db.get(), want_n.get(), true);
+    const auto input = cuda::Input<T>::normed(raw.get(), nw.get(), layer ? nb.get() : nullptr, 1e-5f, nullptr);
+    cuda::gemm(blas, input, 1, in, dW.get(), out, db.get(), got_n.get(), true);
+    EXPECT_LE(relError(got_n.download(), want_n.download()), 1e-5) << in << " x " << out << (layer ? " layernorm" : " rmsnorm");
+  }
 }
 TEST(CudaKernels, GemvMatchesCublasFp32) {
   REQUIRE_GPU();
   checkGemv<float>(4096, 1000);
   checkGemv<float>(512, 20000);
+  checkGemv<float>(16384, 100);  // x past 48 KiB of shared memory
 }
 TEST(CudaKernels, GemvMatchesCublasFp16) {
   REQUIRE_GPU();
   checkGemv<__half>(4096, 1000);
   checkGemv<__half>(512, 20000);
+  checkGemv<__half>(36864, 300);  // OPT-66B's down projection at tp 1
 }
 
 TEST(CudaKernels, SoftmaxPartialsMatchCpuOnAVocabShard) {

@@ -83,16 +83,20 @@ __device__ void loadChannels(const KT* row, int lane, bool in, float (&out)[P]) 
 // head for one query and all G = heads / kv_heads query heads that read it. Each warp takes every
 // kWarps-th key; its lanes hold channels lane P .. lane P + P - 1 (P = head_dim / 32, head_dim <=
 // 256) of the G queries and accumulators, so a K/V row is read once per block for G heads. Writes each head's
-// unnormalised output with its running max and sum; attentionCombine merges the splits.
+// unnormalised output with its running max and sum; the last block of a head merges the splits.
 constexpr int kWarps = 8;
+constexpr int kMaxSplits = 1024;
 
 // Heads narrower than a warp (head_dim 8, 16) leave the upper lanes idle.
-template <int G, int HD, class KT>  // query heads per KV head, head_dim, cache element type
+template <int G, int HD, class KT, class OT>  // query heads per KV head, head_dim, cache and output types
 // A block takes G consecutive query heads of one KV head: `group` (heads / kv_heads) is a multiple
-// of G, so a group of 3 or 6 runs as 3 blocks of 1 or 2 heads over the same KV rows.
+// of G, so a group of 3 or 6 runs as 3 blocks of 1 or 2 heads over the same KV rows. The last
+// block of a (query, heads) to finish combines the splits (no combining kernel: its launch and
+// single-wave latency cost more than the work); `done` counts finished splits and is left at 0.
 __global__ void attentionSplit(const float* q, int q_stride, const int* q_pos, int heads, int group, const KT* K,
                                const KT* V, const int* k_pos, int L, const int* lengths, int64_t pos_stride,
-                               int64_t head_stride, float scale, int splits, float* part_o, float* part_ms) {
+                               int64_t head_stride, float scale, int splits, float* part_o, float* part_ms,
+                               unsigned* done, OT* out) {
   constexpr int hd = HD, P = (HD + 31) / 32;  // channels per lane: lane * P .. lane * P + P - 1
   const bool lane_in = HD >= 32 || int(threadIdx.x % 32) < HD;
   const int h0 = blockIdx.x * G, kvh = h0 / group, split = blockIdx.y, t = blockIdx.z;
@@ -181,30 +185,41 @@ __global__ void attentionSplit(const float* q, int q_stride, const int* q_pos, i
       part_ms[slot * 2 + 1] = S;
     }
   }
-}
-
-// One block per (query, head): out = sum_j o_j e^(m_j - M) / sum_j s_j e^(m_j - M).
-template <class OT>
-__global__ void attentionCombine(const float* part_o, const float* part_ms, int splits, int heads, int hd,
-                                 OT* out) {
-  const int h = blockIdx.x, t = blockIdx.y;
-  const int64_t base = (int64_t(t) * heads + h) * splits;
-  float M = -FLT_MAX;
-  for (int j = 0; j < splits; ++j) M = fmaxf(M, part_ms[(base + j) * 2]);
-  float S = 0.0f;
-  for (int j = 0; j < splits; ++j) {
-    const float mj = part_ms[(base + j) * 2];
-    if (mj != -FLT_MAX) S += part_ms[(base + j) * 2 + 1] * expf(mj - M);
-  }
-  const float inv = S > 0.0f ? 1.0f / S : 0.0f;
-  for (int d = threadIdx.x; d < hd; d += blockDim.x) {
-    float o = 0.0f;
-    for (int j = 0; j < splits; ++j) {
-      const float mj = part_ms[(base + j) * 2];
-      if (mj != -FLT_MAX) o += part_o[(base + j) * hd + d] * expf(mj - M);
+  // Publish this split's partials, then count it; the block that counts last sees every split's.
+  __threadfence();
+  __syncthreads();
+  __shared__ bool last;
+  unsigned* counter = done + int64_t(t) * gridDim.x + blockIdx.x;
+  if (threadIdx.x == 0) last = atomicAdd(counter, 1u) == unsigned(splits - 1);
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  // out = sum_j o_j e^(m_j - M) / sum_j s_j e^(m_j - M) per head, the splits' weights found in
+  // parallel (a thread looping over the splits waited out one L2 read after another). __ldcg
+  // reads L2, where the other blocks' partials are (L1 is not coherent).
+  __shared__ float weight[kMaxSplits];
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    const int64_t base = (int64_t(t) * heads + h0 + g) * splits;
+    float M = -FLT_MAX;
+    for (int j = threadIdx.x; j < splits; j += blockDim.x) M = fmaxf(M, __ldcg(part_ms + (base + j) * 2));
+    M = blockReduce(M, warpMax, -FLT_MAX);
+    float S = 0.0f;
+    for (int j = threadIdx.x; j < splits; j += blockDim.x) {
+      const float mj = __ldcg(part_ms + (base + j) * 2);
+      weight[j] = mj == -FLT_MAX ? 0.0f : expf(mj - M);
+      S += __ldcg(part_ms + (base + j) * 2 + 1) * weight[j];
     }
-    out[(int64_t(t) * heads + h) * hd + d] = fromFloat<OT>(o * inv);
+    const float inv_sum = 1.0f / fmaxf(blockReduce(S, warpSum, 0.0f), FLT_MIN);  // its barriers publish weight[]
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+      float o = 0.0f;
+#pragma unroll 8
+      for (int j = 0; j < splits; ++j) o += __ldcg(part_o + (base + j) * hd + d) * weight[j];
+      out[(int64_t(t) * heads + h0 + g) * hd + d] = fromFloat<OT>(o * inv_sum);
+    }
+    __syncthreads();  // weight[] is the next head's
   }
+  if (threadIdx.x == 0) *counter = 0;  // ready for the next launch (a replayed graph's too)
 }
 
 __global__ void softmaxPartialsKernel(const float* logits, int V, int offset, const int* targets,
@@ -235,12 +250,12 @@ void linear(const Blas& blas, const float* x, int T, int in, const float* W, int
 }
 
 void layerNorm(const float* x, int T, int dim, const float* w, const float* b, float eps, float* y) {
-  layerNormKernel<<<T, kThreads>>>(x, dim, w, b, eps, y);
+  normKernel<<<T, kThreads>>>(x, dim, w, b, eps, y);
   KVTP_CUDA_LAUNCHED();
 }
 
 void rmsNorm(const float* x, int T, int dim, const float* w, float eps, float* y) {
-  rmsNormKernel<<<T, kThreads>>>(x, dim, w, eps, y);
+  normKernel<<<T, kThreads>>>(x, dim, w, nullptr, eps, y);
   KVTP_CUDA_LAUNCHED();
 }
 
@@ -276,18 +291,23 @@ void attention(const float* q, int q_stride, const int* q_pos, int T, int heads,
   // L bounds every head's length (with `lengths`, the kernel reads each head's own), so the split
   // count depends on the bound only: a caller passing its capacity gets the same launch every step.
   const int want = std::max(1, 4 * multiprocessors() / std::max(1, (heads / G) * T));
-  const int splits = std::clamp((L + 31) / 32, 1, want);
+  const int splits = std::clamp((L + 31) / 32, 1, std::min(want, kMaxSplits));
   // Partials live in a grow-only scratch buffer: steady-state decode allocates nothing.
   static thread_local DeviceBuffer<float> scratch;
   float* part_o = grow(scratch, size_t(T) * heads * splits * (head_dim + 2));
   float* part_ms = part_o + size_t(T) * heads * splits * head_dim;
   const dim3 grid(heads / G, splits, T);
+  static thread_local DeviceBuffer<unsigned> counters;  // zero between launches
+  if (counters.size() < size_t(grid.x) * T) {
+    counters = DeviceBuffer<unsigned>(size_t(grid.x) * T);
+    KVTP_CUDA_CHECK(cudaMemset(counters.get(), 0, counters.size() * sizeof(unsigned)));
+  }
   const int threads = 32 * kWarps;
   // One instantiation per (group size, channels per lane) in use.
   auto launch = [&](auto g, auto p) {
-    attentionSplit<decltype(g)::value, decltype(p)::value, KT><<<grid, threads>>>(
+    attentionSplit<decltype(g)::value, decltype(p)::value, KT, OT><<<grid, threads>>>(
         q, q_stride, q_pos, heads, group, K, V, k_pos, L, lengths, pos_stride, head_stride, scale, splits, part_o,
-        part_ms);
+        part_ms, counters.get(), out);
   };
   auto byWidth = [&](auto g) {
     switch (head_dim) {
@@ -308,8 +328,6 @@ void attention(const float* q, int q_stride, const int* q_pos, int T, int heads,
     case 8: byWidth(std::integral_constant<int, 8>{}); break;
   }
   KVTP_CUDA_LAUNCHED();
-  attentionCombine<<<dim3(heads, T), 128>>>(part_o, part_ms, splits, heads, head_dim, out);
-  KVTP_CUDA_LAUNCHED();
 }
 
 #define KVTP_ATTENTION(KT, OT)                                                                                 \
@@ -322,7 +340,8 @@ KVTP_ATTENTION(__nv_bfloat16, __nv_bfloat16)
 
 void softmaxPartials(const float* logits, int T, int V_shard, int vocab_offset, const int* targets,
                      kernels::SoftmaxPartial* out) {
-  softmaxPartialsKernel<<<T, kThreads>>>(logits, V_shard, vocab_offset, targets, out);
+  // 1024 threads: a decode step has one row of ~32k logits, and each takes a double exp.
+  softmaxPartialsKernel<<<T, 1024>>>(logits, V_shard, vocab_offset, targets, out);
   KVTP_CUDA_LAUNCHED();
 }
 

@@ -19,19 +19,38 @@ cudaDataType_t dataType() {
   else return CUDA_R_32F;
 }
 
-// Dot product of one x with a weight row, one warp per row: lanes stride the row in 16-byte
-// vectors, four in flight each; weights are streamed once, so they bypass the caches.
+// The decode GEMV (one row of x): one warp per weight row, lanes striding it in 16-byte vectors
+// with four loads in flight each; the weights are streamed once, so they bypass the caches. x
+// sits in shared memory (each block reads it once); the norm that feeds the product, when there is
+// one, runs in the prologue (every block normalizes the float row itself: no norm kernel, whose
+// single block took longer than the product's ramp) and the epilogue stores, activates, or applies
+// RoPE and appends to the KV cache. Versions and timings: docs/BENCHMARKS.md.
+constexpr int kGemvWarps = 16;
+
 template <class T>
-__device__ float warpDot(const T* x, const T* w, int in) {
+struct GemvArgs {
+  Input<T> in;
+  const T* W;
+  int in_dim, out;  // W is (out, in_dim); out counts the epilogue's outputs (F for SiluMul)
+  const float* bias;
+  float* y;  // Store, RopeAppend: float outputs
+  bool accumulate;
+  T* act;  // SiluMul, Relu: activations
+  KvAppend<T> kv;  // RopeAppend
+};
+
+enum class Epilogue { Store, SiluMul, Relu, RopeAppend };
+enum class Norm { None, Rms, Layer };
+
+template <class T>
+__device__ float warpDot(const uint4* xs, const T* w, int in) {
   constexpr int V = 16 / sizeof(T);
   const uint4* w4 = reinterpret_cast<const uint4*>(w);
-  const uint4* x4 = reinterpret_cast<const uint4*>(x);
   const int n4 = in / V;
   float s = 0.0f;
 #pragma unroll 4
   for (int i = threadIdx.x % 32; i < n4; i += 32) {
-    const uint4 wv = __ldcs(w4 + i);
-    const uint4 xv = __ldg(x4 + i);
+    const uint4 wv = __ldcs(w4 + i), xv = xs[i];
     const T* wp = reinterpret_cast<const T*>(&wv);
     const T* xp = reinterpret_cast<const T*>(&xv);
 #pragma unroll
@@ -40,29 +59,88 @@ __device__ float warpDot(const T* x, const T* w, int in) {
   return warpSum(s);
 }
 
-template <class T>
-__global__ void gemvKernel(const T* x, const T* W, int in, int out, const float* bias, float* y, bool accumulate) {
-  const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
-  if (row >= out) return;
-  const float s = warpDot(x, W + int64_t(row) * in, in);
-  if (threadIdx.x % 32 == 0) y[row] = s + (bias ? bias[row] : 0.0f) + (accumulate ? y[row] : 0.0f);
+// x of the product into shared memory as T: copied, or the float row normalized as normKernel
+// does it (the same RowNorm over the same block size: the same sums). The float row is staged in
+// shared memory behind x, so each block reads it from L2 once: every block of the product reads
+// it, and those reads competed with the weights' stream.
+template <class T, Norm N>
+__device__ void stageInput(const Input<T>& in, int dim, T* xs) {
+  if constexpr (N == Norm::None) {
+    const uint4* x4 = reinterpret_cast<const uint4*>(in.x);
+    for (int i = threadIdx.x; i < dim * int(sizeof(T)) / 16; i += blockDim.x) reinterpret_cast<uint4*>(xs)[i] = x4[i];
+  } else {
+    float* row = reinterpret_cast<float*>(xs + (dim + 7) / 8 * 8);  // 16-byte aligned
+    const float4* r4 = reinterpret_cast<const float4*>(in.raw);
+    for (int i = threadIdx.x; i < dim / 4; i += blockDim.x) reinterpret_cast<float4*>(row)[i] = r4[i];
+    __syncthreads();
+    const RowNorm norm(row, dim, in.norm_w, N == Norm::Layer ? in.norm_b : nullptr, in.eps);
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) xs[i] = fromFloat<T>(norm(row, i));
+  }
+  __syncthreads();
 }
 
-// The MLP's input product with its activation as the epilogue, for one token: act[f] =
-// silu(gate_f . x) * (up_f . x) (W = gate rows then up rows, a warp reads both of its rows) or
-// relu(w_f . x). The (1, 2F) float product never goes to memory.
-template <class T, Activation A>
-__global__ void gemvActivationKernel(const T* x, const T* W, int in, int F, const float* bias, T* act) {
-  const int f = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
-  if (f >= F) return;
-  float a = warpDot(x, W + int64_t(f) * in, in) + (bias ? bias[f] : 0.0f);
-  if constexpr (A == Activation::SiluMul) {
-    const float up = warpDot(x, W + int64_t(F + f) * in, in) + (bias ? bias[F + f] : 0.0f);
-    a = a / (1.0f + expf(-a)) * up;
+template <class T, Norm N, Epilogue E>
+__global__ void __launch_bounds__(32 * kGemvWarps) gemvKernel(GemvArgs<T> a) {
+  extern __shared__ uint4 smem[];
+  T* xs = reinterpret_cast<T*>(smem);
+  stageInput<T, N>(a.in, a.in_dim, xs);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  auto dot = [&](int row) { return warpDot(smem, a.W + int64_t(row) * a.in_dim, a.in_dim) + (a.bias ? a.bias[row] : 0.0f); };
+  if constexpr (E == Epilogue::RopeAppend) {
+    // Blocks over the Q and K heads take kGemvWarps / 2 RoPE pairs (j, j + head_dim / 2) of one
+    // head, a warp each row of a pair, so the rotation happens here; the V blocks, kGemvWarps rows.
+    const KvAppend<T>& kv = a.kv;
+    constexpr int kPairs = kGemvWarps / 2;
+    const int hd = kv.head_dim, half = hd / 2, per_head = half / kPairs;
+    const int rope_blocks = (kv.q_heads + kv.kv_heads) * per_head, Q = kv.q_heads * hd, KV = kv.kv_heads * hd;
+    if (int(blockIdx.x) < rope_blocks) {
+      __shared__ float rows[kGemvWarps];
+      const int head = blockIdx.x / per_head, j0 = blockIdx.x % per_head * kPairs;
+      const int row = head * hd + j0 + warp % kPairs + (warp < kPairs ? 0 : half);
+      const float s = dot(row);
+      if (lane == 0) rows[warp] = s;
+      __syncthreads();
+      if (threadIdx.x >= kPairs) return;
+      const int j = j0 + threadIdx.x;
+      float x0 = rows[threadIdx.x], x1 = rows[threadIdx.x + kPairs];
+      if (kv.rope) {
+        const float2 cs = kv.rope[j];
+        const float r0 = x0 * cs.x - x1 * cs.y, r1 = x1 * cs.x + x0 * cs.y;
+        x0 = r0;
+        x1 = r1;
+      }
+      a.y[head * hd + j] = x0;
+      a.y[head * hd + j + half] = x1;
+      if (head >= kv.q_heads) {
+        const int g = head - kv.q_heads;
+        const int64_t slot = g * kv.capacity + kv.first_slots[g];
+        kv.K[slot * hd + j] = fromFloat<T>(x0);
+        kv.K[slot * hd + j + half] = fromFloat<T>(x1);
+        if (j == 0) kv.k_pos[slot] = kv.positions[0];
+      }
+    } else {
+      const int c = (blockIdx.x - rope_blocks) * kGemvWarps + warp, row = Q + KV + c;
+      if (c >= KV) return;
+      const float s = dot(row);
+      if (lane != 0) return;
+      a.y[row] = s;
+      const int g = c / hd;
+      kv.V[(g * kv.capacity + kv.first_slots[g]) * hd + c % hd] = fromFloat<T>(s);
+    }
   } else {
-    a = fmaxf(a, 0.0f);
+    const int row = blockIdx.x * kGemvWarps + warp;
+    if (row >= a.out) return;
+    float s = dot(row);
+    if constexpr (E == Epilogue::SiluMul) {
+      const float up = dot(a.out + row);  // W = gate rows, then up rows
+      s = s / (1.0f + expf(-s)) * up;
+    } else if constexpr (E == Epilogue::Relu) {
+      s = fmaxf(s, 0.0f);
+    }
+    if (lane != 0) return;
+    if constexpr (E == Epilogue::Store) a.y[row] = s + (a.accumulate ? a.y[row] : 0.0f);
+    else a.act[row] = fromFloat<T>(s);
   }
-  if (threadIdx.x % 32 == 0) act[f] = fromFloat<T>(a);
 }
 
 template <class T>
@@ -88,7 +166,7 @@ __global__ void addPositionsKernel(float* x, int dim, const float* table, const 
 // Grid (rows, items / blockDim): a thread takes one (head, pair) of the Q and K heads, or one
 // channel of V — a decode step's single row spreads over many SMs.
 template <class T>
-__global__ void ropeAppendKernel(float* qkv, int q_heads, int kv_heads, int hd, const int* pos, const float* inv_freq,
+__global__ void ropeAppendKernel(float* qkv, int q_heads, int kv_heads, int hd, const int* pos, const float2* rope,
                                  T* K, T* V, int* k_pos, int64_t capacity, const int* first) {
   const int t = blockIdx.x, half = hd / 2, Q = q_heads * hd, KV = kv_heads * hd, pairs = (q_heads + kv_heads) * half;
   float* row = qkv + int64_t(t) * (Q + 2 * KV);
@@ -97,10 +175,9 @@ __global__ void ropeAppendKernel(float* qkv, int q_heads, int kv_heads, int hd, 
     const int head = i / half, j = i % half;
     float* v = row + int64_t(head) * hd;  // K heads follow the Q heads
     float a = v[j], b = v[j + half];
-    if (inv_freq) {
-      double s, c;
-      sincos(double(pos[t]) * inv_freq[j], &s, &c);
-      const float ra = a * float(c) - b * float(s), rb = b * float(c) + a * float(s);
+    if (rope) {
+      const float2 cs = rope[int64_t(t) * half + j];
+      const float ra = a * cs.x - b * cs.y, rb = b * cs.x + a * cs.y;
       v[j] = a = ra;
       v[j + half] = b = rb;
     }
@@ -115,6 +192,16 @@ __global__ void ropeAppendKernel(float* qkv, int q_heads, int kv_heads, int hd, 
   } else if (i < pairs + KV) {
     const int c = i - pairs, g = c / hd;
     V[(g * capacity + first[g] + t) * hd + c % hd] = fromFloat<T>(row[Q + KV + c]);
+  }
+}
+
+// rope[t][j] = (cos, sin) of positions[t] * inv_freq[j], the angle in double as on the CPU.
+__global__ void ropeTableKernel(const int* positions, int half, const float* inv_freq, float2* rope) {
+  const int t = blockIdx.x;
+  for (int j = threadIdx.x; j < half; j += blockDim.x) {
+    double s, c;
+    sincos(double(positions[t]) * inv_freq[j], &s, &c);
+    rope[int64_t(t) * half + j] = make_float2(float(c), float(s));
   }
 }
 
@@ -188,40 +275,74 @@ void gemmBlas(const Blas& blas, const T* x, int rows, int in, const T* W, int ou
 
 // One row whose vectors can be read 16 bytes at a time goes through the GEMV kernels.
 template <class T>
-bool gemvFits(const T* x, int rows, int in, const T* W) {
+bool gemvFits(const Input<T>& x, int rows, int in, const T* W) {
   constexpr int V = 16 / sizeof(T);
-  return rows == 1 && in % V == 0 && (reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(W)) % 16 == 0;
+  const auto address = reinterpret_cast<uintptr_t>(x.raw ? static_cast<const void*>(x.raw) : x.x);
+  return rows == 1 && in % V == 0 && (address | reinterpret_cast<uintptr_t>(W)) % 16 == 0;
 }
-constexpr int kGemvRowsPerBlock = 8;
 
+// The rows of type T a product reads: x itself, or the float rows normalized into x.scratch.
 template <class T>
-void gemm(const Blas& blas, const T* x, int rows, int in, const T* W, int out, const float* bias, float* y,
-          bool accumulate) {
-  if (!gemvFits(x, rows, in, W)) return gemmBlas(blas, x, rows, in, W, out, bias, y, accumulate);
-  gemvKernel<<<(out + kGemvRowsPerBlock - 1) / kGemvRowsPerBlock, 32 * kGemvRowsPerBlock>>>(x, W, in, out, bias, y,
-                                                                                           accumulate);
+const T* normalized(const Input<T>& x, int rows, int dim) {
+  if (!x.raw) return x.x;
+  if (x.norm_b) layerNormTo(x.raw, rows, dim, x.norm_w, x.norm_b, x.eps, x.scratch);
+  else rmsNormTo(x.raw, rows, dim, x.norm_w, x.eps, x.scratch);
+  return x.scratch;
+}
+
+template <class T, Epilogue E>
+void launchGemv(const GemvArgs<T>& a, unsigned blocks) {
+  // x as T, then (normed) the float row it is made from
+  const int smem = int((size_t(a.in_dim) * sizeof(T) + 15) / 16 * 16 + (a.in.raw ? size_t(a.in_dim) * 4 : 0));
+  auto launch = [&](auto kernel) {
+    if (smem > 48 * 1024) KVTP_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    kernel<<<blocks, 32 * kGemvWarps, smem>>>(a);
+  };
+  if (!a.in.raw) launch(gemvKernel<T, Norm::None, E>);
+  else if (a.in.norm_b) launch(gemvKernel<T, Norm::Layer, E>);
+  else launch(gemvKernel<T, Norm::Rms, E>);
   KVTP_CUDA_LAUNCHED();
 }
 
+unsigned blocksOf(int rows) { return unsigned((rows + kGemvWarps - 1) / kGemvWarps); }
+
 template <class T>
-void gemmActivation(const Blas& blas, const T* x, int rows, int in, const T* W, int F, const float* bias,
+void gemm(const Blas& blas, const Same<Input<T>>& x, int rows, int in, const T* W, int out, const float* bias, float* y,
+          bool accumulate) {
+  if (!gemvFits(x, rows, in, W)) return gemmBlas(blas, normalized(x, rows, in), rows, in, W, out, bias, y, accumulate);
+  launchGemv<T, Epilogue::Store>({x, W, in, out, bias, y, accumulate, nullptr, {}}, blocksOf(out));
+}
+
+template <class T>
+void gemmActivation(const Blas& blas, const Same<Input<T>>& x, int rows, int in, const T* W, int F, const float* bias,
                     Activation act, float* scratch, T* out) {
   if (gemvFits(x, rows, in, W)) {
-    const unsigned blocks = (F + kGemvRowsPerBlock - 1) / kGemvRowsPerBlock;
-    auto kernel = act == Activation::SiluMul ? gemvActivationKernel<T, Activation::SiluMul>
-                                             : gemvActivationKernel<T, Activation::Relu>;
-    kernel<<<blocks, 32 * kGemvRowsPerBlock>>>(x, W, in, F, bias, out);
-    KVTP_CUDA_LAUNCHED();
+    const GemvArgs<T> a{x, W, in, F, bias, nullptr, false, out, {}};
+    if (act == Activation::SiluMul) launchGemv<T, Epilogue::SiluMul>(a, blocksOf(F));
+    else launchGemv<T, Epilogue::Relu>(a, blocksOf(F));
     return;
   }
+  const T* xn = normalized(x, rows, in);
   if (act == Activation::SiluMul) {
-    gemmBlas(blas, x, rows, in, W, 2 * F, bias, scratch, false);
+    gemmBlas(blas, xn, rows, in, W, 2 * F, bias, scratch, false);
     siluMulKernel<<<blocksFor(int64_t(rows) * F), kThreads>>>(scratch, rows, F, out);
   } else {
-    gemmBlas(blas, x, rows, in, W, F, bias, scratch, false);
+    gemmBlas(blas, xn, rows, in, W, F, bias, scratch, false);
     reluKernel<<<blocksFor(int64_t(rows) * F), kThreads>>>(scratch, int64_t(rows) * F, out);
   }
   KVTP_CUDA_LAUNCHED();
+}
+
+template <class T>
+void qkvAppend(const Blas& blas, const Same<Input<T>>& x, int rows, int in, const T* W, const float* bias, float* qkv,
+               const KvAppend<T>& kv) {
+  const int hd = kv.head_dim, out = (kv.q_heads + 2 * kv.kv_heads) * hd;
+  if (gemvFits(x, rows, in, W) && hd % kGemvWarps == 0) {
+    launchGemv<T, Epilogue::RopeAppend>({x, W, in, out, bias, qkv, false, nullptr, kv}, blocksOf(out));
+    return;
+  }
+  gemm(blas, x, rows, in, W, out, bias, qkv, false);
+  ropeAppendKV(qkv, rows, kv);
 }
 
 template <class T>
@@ -244,22 +365,28 @@ void addPositions(float* x, int rows, int dim, const float* table, const int* po
 
 template <class O>
 void layerNormTo(const float* x, int rows, int dim, const float* w, const float* b, float eps, O* y) {
-  layerNormKernel<<<rows, kThreads>>>(x, dim, w, b, eps, y);
+  normKernel<<<rows, 32 * kGemvWarps>>>(x, dim, w, b, eps, y);  // as the GEMV prologue
   KVTP_CUDA_LAUNCHED();
 }
 
 template <class O>
 void rmsNormTo(const float* x, int rows, int dim, const float* w, float eps, O* y) {
-  rmsNormKernel<<<rows, kThreads>>>(x, dim, w, eps, y);
+  normKernel<<<rows, 32 * kGemvWarps>>>(x, dim, w, nullptr, eps, y);
+  KVTP_CUDA_LAUNCHED();
+}
+
+void ropeTable(const int* positions, int rows, int head_dim, const float* inv_freq, float2* rope) {
+  if (rows == 0) return;
+  ropeTableKernel<<<rows, 64>>>(positions, head_dim / 2, inv_freq, rope);
   KVTP_CUDA_LAUNCHED();
 }
 
 template <class T>
-void ropeAppendKV(float* qkv, int rows, int q_heads, int kv_heads, int head_dim, const int* positions,
-                  const float* inv_freq, T* K, T* V, int* k_pos, int64_t capacity, const int* first_slots) {
-  const int items = (q_heads + kv_heads) * head_dim / 2 + kv_heads * head_dim;
-  ropeAppendKernel<<<dim3(rows, (items + 127) / 128), 128>>>(qkv, q_heads, kv_heads, head_dim, positions, inv_freq, K,
-                                                              V, k_pos, capacity, first_slots);
+void ropeAppendKV(float* qkv, int rows, const KvAppend<T>& kv) {
+  const int items = (kv.q_heads + kv.kv_heads) * kv.head_dim / 2 + kv.kv_heads * kv.head_dim;
+  ropeAppendKernel<<<dim3(rows, (items + 127) / 128), 128>>>(qkv, kv.q_heads, kv.kv_heads, kv.head_dim, kv.positions,
+                                                              kv.rope, kv.K, kv.V, kv.k_pos, kv.capacity,
+                                                              kv.first_slots);
   KVTP_CUDA_LAUNCHED();
 }
 
@@ -376,16 +503,17 @@ void attentionPrefill(const Blas& blas, const float* q, int64_t q_stride, const 
 }
 
 #define KVTP_FORWARD_OPS(T)                                                                                         \
-  template void gemm<T>(const Blas&, const T*, int, int, const T*, int, const float*, float*, bool);               \
+  template void gemm<T>(const Blas&, const Input<T>&, int, int, const T*, int, const float*, float*, bool);       \
   template void gemmBlas<T>(const Blas&, const T*, int, int, const T*, int, const float*, float*, bool);           \
-  template void gemmActivation<T>(const Blas&, const T*, int, int, const T*, int, const float*, Activation, float*, \
-                                  T*);                                                                            \
+  template void gemmActivation<T>(const Blas&, const Input<T>&, int, int, const T*, int, const float*, Activation,  \
+                                  float*, T*);                                                                    \
+  template void qkvAppend<T>(const Blas&, const Input<T>&, int, int, const T*, const float*, float*,               \
+                             const KvAppend<T>&);                                                                 \
   template void convert<T>(const float*, int64_t, T*);                                                             \
   template void embed<T>(const int*, int, const T*, int, int, int, float*);                                       \
   template void layerNormTo<T>(const float*, int, int, const float*, const float*, float, T*);                     \
   template void rmsNormTo<T>(const float*, int, int, const float*, float, T*);                                     \
-  template void ropeAppendKV<T>(float*, int, int, int, int, const int*, const float*, T*, T*, int*, int64_t,     \
-                                const int*);                                                                      \
+  template void ropeAppendKV<T>(float*, int, const KvAppend<T>&);                                                  \
   template void compactKV<T>(T*, T*, int*, int64_t, int, int, const int*, const int*, int);                       \
   template void attentionPrefill<T>(const Blas&, const float*, int64_t, const int*, const int*, int, int, const T*, \
                                     const T*, const int*, const int*, int, int, int, int64_t, float, T*, size_t,   \
