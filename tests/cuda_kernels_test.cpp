@@ -412,6 +412,7 @@ TEST(CudaKernels, GemvMatchesCublasFp16) {
   checkGemv<__half>(4096, 1000);
   checkGemv<__half>(512, 20000);
   checkGemv<__half>(36864, 300);  // OPT-66B's down projection at tp 1
+  checkGemv<__half>(8192, 64);  // Llama-2-70B's normed x: 48 KiB of shared memory with the row
 }
 
 TEST(CudaKernels, SoftmaxPartialsMatchCpuOnAVocabShard) {

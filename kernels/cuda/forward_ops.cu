@@ -295,7 +295,8 @@ void launchGemv(const GemvArgs<T>& a, unsigned blocks) {
   // x as T, then (normed) the float row it is made from
   const int smem = int((size_t(a.in_dim) * sizeof(T) + 15) / 16 * 16 + (a.in.raw ? size_t(a.in_dim) * 4 : 0));
   auto launch = [&](auto kernel) {
-    if (smem > 48 * 1024) KVTP_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    // Past 40 KiB, ask for it: the kernel's static shared memory counts against the default 48 too.
+    if (smem > 40 * 1024) KVTP_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     kernel<<<blocks, 32 * kGemvWarps, smem>>>(a);
   };
   if (!a.in.raw) launch(gemvKernel<T, Norm::None, E>);
