@@ -406,6 +406,7 @@ TEST(CudaKernels, GemvMatchesCublasFp32) {
   checkGemv<float>(4096, 1000);
   checkGemv<float>(512, 20000);
   checkGemv<float>(16384, 100);  // x past 48 KiB of shared memory
+  checkGemv<float>(100, 50);  // 400 bytes of x: the float row starts right behind it
 }
 TEST(CudaKernels, GemvMatchesCublasFp16) {
   REQUIRE_GPU();

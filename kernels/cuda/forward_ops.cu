@@ -63,13 +63,17 @@ __device__ float warpDot(const uint4* xs, const T* w, int in) {
 // does it (the same RowNorm over the same block size: the same sums). The float row is staged in
 // shared memory behind x, so each block reads it from L2 once: every block of the product reads
 // it, and those reads competed with the weights' stream.
+// Shared memory of the GEMV: x as T (rounded up to 16 bytes), then, normed, the float row.
+template <class T>
+__host__ __device__ size_t xBytes(int dim) { return (size_t(dim) * sizeof(T) + 15) / 16 * 16; }
+
 template <class T, Norm N>
 __device__ void stageInput(const Input<T>& in, int dim, T* xs) {
   if constexpr (N == Norm::None) {
     const uint4* x4 = reinterpret_cast<const uint4*>(in.x);
     for (int i = threadIdx.x; i < dim * int(sizeof(T)) / 16; i += blockDim.x) reinterpret_cast<uint4*>(xs)[i] = x4[i];
   } else {
-    float* row = reinterpret_cast<float*>(xs + (dim + 7) / 8 * 8);  // 16-byte aligned
+    float* row = reinterpret_cast<float*>(reinterpret_cast<char*>(xs) + xBytes<T>(dim));
     const float4* r4 = reinterpret_cast<const float4*>(in.raw);
     for (int i = threadIdx.x; i < dim / 4; i += blockDim.x) reinterpret_cast<float4*>(row)[i] = r4[i];
     __syncthreads();
@@ -292,8 +296,7 @@ const T* normalized(const Input<T>& x, int rows, int dim) {
 
 template <class T, Epilogue E>
 void launchGemv(const GemvArgs<T>& a, unsigned blocks) {
-  // x as T, then (normed) the float row it is made from
-  const int smem = int((size_t(a.in_dim) * sizeof(T) + 15) / 16 * 16 + (a.in.raw ? size_t(a.in_dim) * 4 : 0));
+  const int smem = int(xBytes<T>(a.in_dim) + (a.in.raw ? size_t(a.in_dim) * sizeof(float) : 0));
   auto launch = [&](auto kernel) {
     // Past 40 KiB, ask for it: the kernel's static shared memory counts against the default 48 too.
     if (smem > 40 * 1024) KVTP_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
