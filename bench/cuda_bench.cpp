@@ -104,8 +104,8 @@ int main() {
 
   // A decode step's layers as the engine runs them (Llama-2-7B shapes, fp16, 32 layers of their
   // own weights so nothing stays in L2, one CUDA graph replayed): the weight GEMVs alone, then
-  // with the norms and RoPE + KV append folded in, then with attention over a 2k cache — where a
-  // step's time goes, per layer.
+  // with the two norm kernels, RoPE + KV append in the Q|K|V epilogue, attention over a 2k cache
+  // — where a step's time goes, per layer.
   {
     const int layers = 32, H = 4096, F = 11008, heads = 32, hd = 128, L = 2048, W = 3 * H;
     struct Layer {
@@ -136,7 +136,7 @@ int main() {
     const int* d_pos = dmeta.get();
     cuda::DeviceBuffer<float2> rope(hd / 2);
     cuda::ropeTable(d_pos, 1, hd, dinv.get(), rope.get());
-    const auto normed = cuda::Input<__half>::normed(x.get(), norm_w.get(), nullptr, 1e-5f, xn.get());
+    auto norm = [&] { cuda::rmsNormTo(x.get(), 1, H, norm_w.get(), 1e-5f, xn.get()); };
     auto timeLayers = [&](const char* what, auto&& layer) {
       cuda::GraphReplay graph;
       auto all = [&] { for (auto& l : ls) layer(l); };
@@ -144,35 +144,23 @@ int main() {
       std::printf("  %-52s %7.1f us/layer\n", what, ms * 1e3 / layers);
     };
     std::printf("decode layers, Llama-2-7B shapes, fp16, %d layers in one graph:\n", layers);
-    timeLayers("4 GEMVs (Q|K|V, O, gate|up + SiLU, down)", [&](Layer& l) {
-      cuda::gemm(blas, xn.get(), 1, H, l.qkv.get(), W, nullptr, qkv.get(), false);
+    auto layer = [&](Layer& l, bool norms, bool rope_append, bool attend) {
+      const cuda::KvAppend<__half> append{heads, heads, hd, d_pos, rope.get(), l.K.get(), l.V.get(), l.pos.get(), L, d_pos + 1};
+      if (norms) norm();
+      if (rope_append) cuda::qkvAppend(blas, xn.get(), 1, H, l.qkv.get(), nullptr, qkv.get(), append);
+      else cuda::gemm(blas, xn.get(), 1, H, l.qkv.get(), W, nullptr, qkv.get(), false);
+      if (attend)
+        cuda::attention(qkv.get(), W, d_pos, 1, heads, l.K.get(), l.V.get(), l.pos.get(), L, heads, hd, int64_t(L) * hd,
+                        0.088f, ctx.get(), d_pos + 1 + heads, L);
       cuda::gemm(blas, ctx.get(), 1, H, l.o.get(), H, nullptr, x.get(), true);
+      if (norms) norm();
       cuda::gemmActivation(blas, xn.get(), 1, H, l.gate_up.get(), F, nullptr, cuda::Activation::SiluMul, nullptr, act.get());
       cuda::gemm(blas, act.get(), 1, F, l.down.get(), H, nullptr, x.get(), true);
-    });
-    timeLayers("+ norms in the prologues", [&](Layer& l) {
-      cuda::gemm(blas, normed, 1, H, l.qkv.get(), W, nullptr, qkv.get(), false);
-      cuda::gemm(blas, ctx.get(), 1, H, l.o.get(), H, nullptr, x.get(), true);
-      cuda::gemmActivation(blas, normed, 1, H, l.gate_up.get(), F, nullptr, cuda::Activation::SiluMul, nullptr, act.get());
-      cuda::gemm(blas, act.get(), 1, F, l.down.get(), H, nullptr, x.get(), true);
-    });
-    auto fused = [&](Layer& l) {
-      const cuda::KvAppend<__half> append{heads, heads, hd, d_pos, rope.get(), l.K.get(), l.V.get(), l.pos.get(), L, d_pos + 1};
-      cuda::qkvAppend(blas, normed, 1, H, l.qkv.get(), nullptr, qkv.get(), append);
-      cuda::gemm(blas, ctx.get(), 1, H, l.o.get(), H, nullptr, x.get(), true);
-      cuda::gemmActivation(blas, normed, 1, H, l.gate_up.get(), F, nullptr, cuda::Activation::SiluMul, nullptr, act.get());
-      cuda::gemm(blas, act.get(), 1, F, l.down.get(), H, nullptr, x.get(), true);
     };
-    timeLayers("+ RoPE + KV append in the Q|K|V epilogue", fused);
-    timeLayers("+ attention over 2048 keys (the engine's layer)", [&](Layer& l) {
-      const cuda::KvAppend<__half> append{heads, heads, hd, d_pos, rope.get(), l.K.get(), l.V.get(), l.pos.get(), L, d_pos + 1};
-      cuda::qkvAppend(blas, normed, 1, H, l.qkv.get(), nullptr, qkv.get(), append);
-      cuda::attention(qkv.get(), W, d_pos, 1, heads, l.K.get(), l.V.get(), l.pos.get(), L, heads, hd, int64_t(L) * hd,
-                      0.088f, ctx.get(), d_pos + 1 + heads, L);
-      cuda::gemm(blas, ctx.get(), 1, H, l.o.get(), H, nullptr, x.get(), true);
-      cuda::gemmActivation(blas, normed, 1, H, l.gate_up.get(), F, nullptr, cuda::Activation::SiluMul, nullptr, act.get());
-      cuda::gemm(blas, act.get(), 1, F, l.down.get(), H, nullptr, x.get(), true);
-    });
+    timeLayers("4 GEMVs (Q|K|V, O, gate|up + SiLU, down)", [&](Layer& l) { layer(l, false, false, false); });
+    timeLayers("+ the two norm kernels", [&](Layer& l) { layer(l, true, false, false); });
+    timeLayers("+ RoPE + KV append in the Q|K|V epilogue", [&](Layer& l) { layer(l, true, true, false); });
+    timeLayers("+ attention over 2048 keys (the engine's layer)", [&](Layer& l) { layer(l, true, true, true); });
     timeLayers("attention over 2048 keys alone", [&](Layer& l) {
       cuda::attention(qkv.get(), W, d_pos, 1, heads, l.K.get(), l.V.get(), l.pos.get(), L, heads, hd, int64_t(L) * hd,
                       0.088f, ctx.get(), d_pos + 1 + heads, L);

@@ -285,7 +285,7 @@ class GpuEngine : public Engine {
   void forward(const int* d_tokens, const int* d_meta, int rows, bool many, bool observe) {
     const int LH = c_.layers * part_.kv_heads;
     const int* d_pos = d_meta;
-    auto attend = [&](int l, const cuda::Input<T>& in, float* x) {
+    auto attend = [&](int l, const T* in, float* x) {
       attention(l, in, d_pos, d_meta + rows + l * part_.kv_heads, d_meta + rows + LH + l * part_.kv_heads, rows, many,
                 observe, x);
     };
@@ -307,12 +307,16 @@ class GpuEngine : public Engine {
     const float eps = float(c_.norm_eps);
     for (int l = 0; l < c_.layers; ++l) {
       const GpuLayer<T>& L = layers_[l];
-      if (c_.family == Family::Llama || c_.pre_layer_norm) {  // the norms run inside the products
-        auto normed = [&](const DeviceBuffer<float>& w, const DeviceBuffer<float>& b) {
-          return cuda::Input<T>::normed(x, w.get(), b.size() ? b.get() : nullptr, eps, xn);
-        };
-        attend(l, normed(L.attn_norm_w, L.attn_norm_b), x);
-        mlp(l, normed(L.ffn_norm_w, L.ffn_norm_b), rows, x);
+      if (c_.family == Family::Llama) {
+        cuda::rmsNormTo(x, rows, H, L.attn_norm_w.get(), eps, xn);
+        attend(l, xn, x);
+        cuda::rmsNormTo(x, rows, H, L.ffn_norm_w.get(), eps, xn);
+        mlp(l, xn, rows, x);
+      } else if (c_.pre_layer_norm) {
+        cuda::layerNormTo(x, rows, H, L.attn_norm_w.get(), L.attn_norm_b.get(), eps, xn);
+        attend(l, xn, x);
+        cuda::layerNormTo(x, rows, H, L.ffn_norm_w.get(), L.ffn_norm_b.get(), eps, xn);
+        mlp(l, xn, rows, x);
       } else {  // OPT post-LN: norm after each residual add
         cuda::convert(x, int64_t(rows) * H, xn);
         attend(l, xn, x);
@@ -326,14 +330,14 @@ class GpuEngine : public Engine {
 
   // x += o_proj(attention(qkv_proj(xn))), the new tokens' K/V appended to the cache first:
   // at `slots` (each KV head's count before), `lengths` its count after (device arrays).
-  void attention(int layer, const cuda::Input<T>& in, const int* d_pos, const int* slots, const int* lengths, int T_, bool many,
+  void attention(int layer, const T* xn, const int* d_pos, const int* slots, const int* lengths, int T_, bool many,
                  bool observe, float* x) {
     GpuLayer<T>& L = layers_[layer];
     const int hd = c_.head_dim, Q = part_.q_heads * hd, KV = part_.kv_heads * hd, W = Q + 2 * KV;
     float* qkv = grow(qkv_, size_t(T_) * W);
     const cuda::KvAppend<T> append{part_.q_heads, part_.kv_heads, hd, d_pos, inv_freq_.size() ? rope_.get() : nullptr,
                                    L.K.get(), L.V.get(), L.pos.get(), capacity_, slots};
-    cuda::qkvAppend(blas_, in, T_, c_.hidden, L.wqkv.get(), L.bqkv.get(), qkv, append);
+    cuda::qkvAppend(blas_, xn, T_, c_.hidden, L.wqkv.get(), L.bqkv.get(), qkv, append);
     const float scale = float(1.0 / std::sqrt(double(hd)));
     T* ctx = grow(ctx_, size_t(T_) * Q);
     // Few queries: flash-decoding over each head's rows (bounded by the capacity, so the launch is
@@ -352,13 +356,13 @@ class GpuEngine : public Engine {
     rowParallel(ctx, T_, Q, L.wo.get(), L.bo.get(), x);
   }
 
-  void mlp(int layer, const cuda::Input<T>& in, int T_, float* x) {
+  void mlp(int layer, const T* xn, int T_, float* x) {
     const GpuLayer<T>& L = layers_[layer];
     const int F = part_.ffn();
     const bool llama = c_.family == Family::Llama;
     T* act = grow(act_, size_t(T_) * F);
     float* scratch = grow(h_, size_t(T_) * (llama ? 2 : 1) * F);
-    cuda::gemmActivation(blas_, in, T_, c_.hidden, L.w_in.get(), F, L.b_in.get(),
+    cuda::gemmActivation(blas_, xn, T_, c_.hidden, L.w_in.get(), F, L.b_in.get(),
                          llama ? cuda::Activation::SiluMul : cuda::Activation::Relu, scratch, act);
     rowParallel(act, T_, F, L.w_down.get(), L.b_down.get(), x);
   }

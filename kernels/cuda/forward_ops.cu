@@ -21,15 +21,14 @@ cudaDataType_t dataType() {
 
 // The decode GEMV (one row of x): one warp per weight row, lanes striding it in 16-byte vectors
 // with four loads in flight each; the weights are streamed once, so they bypass the caches. x
-// sits in shared memory (each block reads it once); the norm that feeds the product, when there is
-// one, runs in the prologue (every block normalizes the float row itself: no norm kernel, whose
-// single block took longer than the product's ramp) and the epilogue stores, activates, or applies
-// RoPE and appends to the KV cache. Versions and timings: docs/BENCHMARKS.md.
+// sits in shared memory (each block reads it once); the epilogue stores, activates, or applies
+// RoPE and appends to the KV cache. (Normalizing x in every block's prologue instead of a norm
+// kernel was built and measured slower once the norm kernel was fast: docs/BENCHMARKS.md.)
 constexpr int kGemvWarps = 16;
 
 template <class T>
 struct GemvArgs {
-  Input<T> in;
+  const T* x;
   const T* W;
   int in_dim, out;  // W is (out, in_dim); out counts the epilogue's outputs (F for SiluMul)
   const float* bias;
@@ -40,7 +39,6 @@ struct GemvArgs {
 };
 
 enum class Epilogue { Store, SiluMul, Relu, RopeAppend };
-enum class Norm { None, Rms, Layer };
 
 template <class T>
 __device__ float warpDot(const uint4* xs, const T* w, int in) {
@@ -59,35 +57,12 @@ __device__ float warpDot(const uint4* xs, const T* w, int in) {
   return warpSum(s);
 }
 
-// x of the product into shared memory as T: copied, or the float row normalized as normKernel
-// does it (the same RowNorm over the same block size: the same sums). The float row is staged in
-// shared memory behind x, so each block reads it from L2 once: every block of the product reads
-// it, and those reads competed with the weights' stream.
-// Shared memory of the GEMV: x as T (rounded up to 16 bytes), then, normed, the float row.
-template <class T>
-__host__ __device__ size_t xBytes(int dim) { return (size_t(dim) * sizeof(T) + 15) / 16 * 16; }
-
-template <class T, Norm N>
-__device__ void stageInput(const Input<T>& in, int dim, T* xs) {
-  if constexpr (N == Norm::None) {
-    const uint4* x4 = reinterpret_cast<const uint4*>(in.x);
-    for (int i = threadIdx.x; i < dim * int(sizeof(T)) / 16; i += blockDim.x) reinterpret_cast<uint4*>(xs)[i] = x4[i];
-  } else {
-    float* row = reinterpret_cast<float*>(reinterpret_cast<char*>(xs) + xBytes<T>(dim));
-    const float4* r4 = reinterpret_cast<const float4*>(in.raw);
-    for (int i = threadIdx.x; i < dim / 4; i += blockDim.x) reinterpret_cast<float4*>(row)[i] = r4[i];
-    __syncthreads();
-    const RowNorm norm(row, dim, in.norm_w, N == Norm::Layer ? in.norm_b : nullptr, in.eps);
-    for (int i = threadIdx.x; i < dim; i += blockDim.x) xs[i] = fromFloat<T>(norm(row, i));
-  }
-  __syncthreads();
-}
-
-template <class T, Norm N, Epilogue E>
+template <class T, Epilogue E>
 __global__ void __launch_bounds__(32 * kGemvWarps) gemvKernel(GemvArgs<T> a) {
-  extern __shared__ uint4 smem[];
-  T* xs = reinterpret_cast<T*>(smem);
-  stageInput<T, N>(a.in, a.in_dim, xs);
+  extern __shared__ uint4 smem[];  // x
+  for (int i = threadIdx.x; i < a.in_dim * int(sizeof(T)) / 16; i += blockDim.x)
+    smem[i] = reinterpret_cast<const uint4*>(a.x)[i];
+  __syncthreads();
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   auto dot = [&](int row) { return warpDot(smem, a.W + int64_t(row) * a.in_dim, a.in_dim) + (a.bias ? a.bias[row] : 0.0f); };
   if constexpr (E == Epilogue::RopeAppend) {
@@ -279,46 +254,32 @@ void gemmBlas(const Blas& blas, const T* x, int rows, int in, const T* W, int ou
 
 // One row whose vectors can be read 16 bytes at a time goes through the GEMV kernels.
 template <class T>
-bool gemvFits(const Input<T>& x, int rows, int in, const T* W) {
+bool gemvFits(const T* x, int rows, int in, const T* W) {
   constexpr int V = 16 / sizeof(T);
-  const auto address = reinterpret_cast<uintptr_t>(x.raw ? static_cast<const void*>(x.raw) : x.x);
-  return rows == 1 && in % V == 0 && (address | reinterpret_cast<uintptr_t>(W)) % 16 == 0;
-}
-
-// The rows of type T a product reads: x itself, or the float rows normalized into x.scratch.
-template <class T>
-const T* normalized(const Input<T>& x, int rows, int dim) {
-  if (!x.raw) return x.x;
-  if (x.norm_b) layerNormTo(x.raw, rows, dim, x.norm_w, x.norm_b, x.eps, x.scratch);
-  else rmsNormTo(x.raw, rows, dim, x.norm_w, x.eps, x.scratch);
-  return x.scratch;
+  return rows == 1 && in % V == 0 && (reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(W)) % 16 == 0;
 }
 
 template <class T, Epilogue E>
 void launchGemv(const GemvArgs<T>& a, unsigned blocks) {
-  const int smem = int(xBytes<T>(a.in_dim) + (a.in.raw ? size_t(a.in_dim) * sizeof(float) : 0));
-  auto launch = [&](auto kernel) {
-    // Past 40 KiB, ask for it: the kernel's static shared memory counts against the default 48 too.
-    if (smem > 40 * 1024) KVTP_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    kernel<<<blocks, 32 * kGemvWarps, smem>>>(a);
-  };
-  if (!a.in.raw) launch(gemvKernel<T, Norm::None, E>);
-  else if (a.in.norm_b) launch(gemvKernel<T, Norm::Layer, E>);
-  else launch(gemvKernel<T, Norm::Rms, E>);
+  const int smem = int(size_t(a.in_dim) * sizeof(T));
+  // Past 40 KiB, ask for it: the kernel's static shared memory counts against the default 48 too.
+  if (smem > 40 * 1024)
+    KVTP_CUDA_CHECK(cudaFuncSetAttribute(gemvKernel<T, E>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  gemvKernel<T, E><<<blocks, 32 * kGemvWarps, smem>>>(a);
   KVTP_CUDA_LAUNCHED();
 }
 
 unsigned blocksOf(int rows) { return unsigned((rows + kGemvWarps - 1) / kGemvWarps); }
 
 template <class T>
-void gemm(const Blas& blas, const Same<Input<T>>& x, int rows, int in, const T* W, int out, const float* bias, float* y,
+void gemm(const Blas& blas, const T* x, int rows, int in, const T* W, int out, const float* bias, float* y,
           bool accumulate) {
-  if (!gemvFits(x, rows, in, W)) return gemmBlas(blas, normalized(x, rows, in), rows, in, W, out, bias, y, accumulate);
+  if (!gemvFits(x, rows, in, W)) return gemmBlas(blas, x, rows, in, W, out, bias, y, accumulate);
   launchGemv<T, Epilogue::Store>({x, W, in, out, bias, y, accumulate, nullptr, {}}, blocksOf(out));
 }
 
 template <class T>
-void gemmActivation(const Blas& blas, const Same<Input<T>>& x, int rows, int in, const T* W, int F, const float* bias,
+void gemmActivation(const Blas& blas, const T* x, int rows, int in, const T* W, int F, const float* bias,
                     Activation act, float* scratch, T* out) {
   if (gemvFits(x, rows, in, W)) {
     const GemvArgs<T> a{x, W, in, F, bias, nullptr, false, out, {}};
@@ -326,19 +287,18 @@ void gemmActivation(const Blas& blas, const Same<Input<T>>& x, int rows, int in,
     else launchGemv<T, Epilogue::Relu>(a, blocksOf(F));
     return;
   }
-  const T* xn = normalized(x, rows, in);
   if (act == Activation::SiluMul) {
-    gemmBlas(blas, xn, rows, in, W, 2 * F, bias, scratch, false);
+    gemmBlas(blas, x, rows, in, W, 2 * F, bias, scratch, false);
     siluMulKernel<<<blocksFor(int64_t(rows) * F), kThreads>>>(scratch, rows, F, out);
   } else {
-    gemmBlas(blas, xn, rows, in, W, F, bias, scratch, false);
+    gemmBlas(blas, x, rows, in, W, F, bias, scratch, false);
     reluKernel<<<blocksFor(int64_t(rows) * F), kThreads>>>(scratch, int64_t(rows) * F, out);
   }
   KVTP_CUDA_LAUNCHED();
 }
 
 template <class T>
-void qkvAppend(const Blas& blas, const Same<Input<T>>& x, int rows, int in, const T* W, const float* bias, float* qkv,
+void qkvAppend(const Blas& blas, const T* x, int rows, int in, const T* W, const float* bias, float* qkv,
                const KvAppend<T>& kv) {
   const int hd = kv.head_dim, out = (kv.q_heads + 2 * kv.kv_heads) * hd;
   if (gemvFits(x, rows, in, W) && hd % kGemvWarps == 0) {
@@ -367,15 +327,18 @@ void addPositions(float* x, int rows, int dim, const float* table, const int* po
   KVTP_CUDA_LAUNCHED();
 }
 
+// A decode step normalizes one row: 512 threads, each with a few float4 loads in flight.
+constexpr int kNormThreads = 512;
+
 template <class O>
 void layerNormTo(const float* x, int rows, int dim, const float* w, const float* b, float eps, O* y) {
-  normKernel<<<rows, 32 * kGemvWarps>>>(x, dim, w, b, eps, y);  // as the GEMV prologue
+  normKernel<<<rows, kNormThreads>>>(x, dim, w, b, eps, y);
   KVTP_CUDA_LAUNCHED();
 }
 
 template <class O>
 void rmsNormTo(const float* x, int rows, int dim, const float* w, float eps, O* y) {
-  normKernel<<<rows, 32 * kGemvWarps>>>(x, dim, w, nullptr, eps, y);
+  normKernel<<<rows, kNormThreads>>>(x, dim, w, nullptr, eps, y);
   KVTP_CUDA_LAUNCHED();
 }
 
@@ -507,11 +470,11 @@ void attentionPrefill(const Blas& blas, const float* q, int64_t q_stride, const 
 }
 
 #define KVTP_FORWARD_OPS(T)                                                                                         \
-  template void gemm<T>(const Blas&, const Input<T>&, int, int, const T*, int, const float*, float*, bool);       \
+  template void gemm<T>(const Blas&, const T*, int, int, const T*, int, const float*, float*, bool);       \
   template void gemmBlas<T>(const Blas&, const T*, int, int, const T*, int, const float*, float*, bool);           \
-  template void gemmActivation<T>(const Blas&, const Input<T>&, int, int, const T*, int, const float*, Activation,  \
+  template void gemmActivation<T>(const Blas&, const T*, int, int, const T*, int, const float*, Activation,  \
                                   float*, T*);                                                                    \
-  template void qkvAppend<T>(const Blas&, const Input<T>&, int, int, const T*, const float*, float*,               \
+  template void qkvAppend<T>(const Blas&, const T*, int, int, const T*, const float*, float*,               \
                              const KvAppend<T>&);                                                                 \
   template void convert<T>(const float*, int64_t, T*);                                                             \
   template void embed<T>(const int*, int, const T*, int, int, int, float*);                                       \

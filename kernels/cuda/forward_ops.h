@@ -10,38 +10,11 @@
 
 namespace kvtp::cuda {
 
-// The rows a product reads: ready rows of type T, or float rows (the residual stream) normalized on
-// the way in — RMSNorm, or LayerNorm when norm_b is set. A decode GEMV normalizes in its prologue
-// (no norm kernel); more rows are normalized into `scratch` (rows x dim of T) first.
-template <class T>
-struct Input {
-  Input(const T* rows = nullptr) : x(rows) {}
-  static Input normed(const float* raw, const float* w, const float* b, float eps, T* scratch) {
-    Input in;
-    in.raw = raw, in.norm_w = w, in.norm_b = b, in.eps = eps, in.scratch = scratch;
-    return in;
-  }
-  const T* x = nullptr;
-  const float* raw = nullptr;
-  const float* norm_w = nullptr;
-  const float* norm_b = nullptr;
-  float eps = 0.0f;
-  T* scratch = nullptr;
-};
-
-// A parameter that does not take part in deducing T (pointers of type T convert to Input<T>).
-template <class X>
-struct SameType {
-  using type = X;
-};
-template <class X>
-using Same = typename SameType<X>::type;
-
 // y (rows, out) float = x (rows, in) · W^T (+ bias, float) (+ y if accumulate); x and W of type T,
 // W (out, in) row-major; float32 accumulation (strict for T = float: no TF32). One row (decode)
 // goes through a bandwidth-bound GEMV kernel, more through cuBLAS.
 template <class T>
-void gemm(const Blas& blas, const Same<Input<T>>& x, int rows, int in, const T* W, int out, const float* bias, float* y,
+void gemm(const Blas& blas, const T* x, int rows, int in, const T* W, int out, const float* bias, float* y,
           bool accumulate);
 // The same product always through cuBLAS (benchmarks compare the two paths).
 template <class T>
@@ -54,7 +27,7 @@ void gemmBlas(const Blas& blas, const T* x, int rows, int in, const T* W, int ou
 // the activation.
 enum class Activation { SiluMul, Relu };
 template <class T>
-void gemmActivation(const Blas& blas, const Same<Input<T>>& x, int rows, int in, const T* W, int F, const float* bias,
+void gemmActivation(const Blas& blas, const T* x, int rows, int in, const T* W, int F, const float* bias,
                     Activation act, float* scratch, T* out);
 
 // RoPE's rotations of a step's rows, computed once for all layers: rope (rows, head_dim / 2) =
@@ -81,7 +54,7 @@ void ropeAppendKV(float* qkv, int rows, const KvAppend<T>& kv);
 // qkv (rows, (q_heads + 2 kv_heads) head_dim) = x · W^T + bias, then ropeAppendKV. One row: a
 // single GEMV kernel whose epilogue rotates and appends (head_dim a multiple of 8).
 template <class T>
-void qkvAppend(const Blas& blas, const Same<Input<T>>& x, int rows, int in, const T* W, const float* bias, float* qkv,
+void qkvAppend(const Blas& blas, const T* x, int rows, int in, const T* W, const float* bias, float* qkv,
                const KvAppend<T>& kv);
 
 // out[i] = T(in[i]).
