@@ -52,7 +52,7 @@ struct KvAppend {
 template <class T>
 void ropeAppendKV(float* qkv, int rows, const KvAppend<T>& kv);
 // qkv (rows, (q_heads + 2 kv_heads) head_dim) = x · W^T + bias, then ropeAppendKV. One row: a
-// single GEMV kernel whose epilogue rotates and appends (head_dim a multiple of 8).
+// single GEMV kernel whose epilogue rotates and appends (head_dim a multiple of 16).
 template <class T>
 void qkvAppend(const Blas& blas, const T* x, int rows, int in, const T* W, const float* bias, float* qkv,
                const KvAppend<T>& kv);
