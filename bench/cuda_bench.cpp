@@ -1,7 +1,8 @@
 // kvtp_cuda_bench: the GPU's two ceilings (device-to-device copy bandwidth, cuBLAS sgemm rate)
-// and the v1 kernels against them: decode attention (T = 1) over 2k/8k/32k-token caches, where
-// the floor is reading K and V once. CUDA events around each region, warm-up first, medians of
-// 20 runs. Prints a table; docs/BENCHMARKS.md records it.
+// and the kernels against them: decode attention (T = 1) over 2k/8k/32k-token caches, where the
+// floor is reading K and V once; the decode GEMVs against cuBLAS; a decode step's layers as one
+// CUDA graph, piece by piece; prefill attention, flash against the cuBLAS path. CUDA events
+// around each region, warm-up first, medians. Prints a table; docs/BENCHMARKS.md records it.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
