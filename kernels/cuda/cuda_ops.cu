@@ -75,9 +75,10 @@ __device__ void loadChannels(const KT* row, int lane, bool in, float (&out)[P]) 
   if constexpr (bytes == 16) *reinterpret_cast<uint4*>(e) = *reinterpret_cast<const uint4*>(row + lane * P);
   else if constexpr (bytes == 8) *reinterpret_cast<uint2*>(e) = *reinterpret_cast<const uint2*>(row + lane * P);
   else if constexpr (bytes == 4) *reinterpret_cast<uint32_t*>(e) = *reinterpret_cast<const uint32_t*>(row + lane * P);
-  else
+  else {
 #pragma unroll
     for (int i = 0; i < P; ++i) e[i] = row[lane * P + i];
+  }
 #pragma unroll
   for (int i = 0; i < P; ++i) out[i] = toFloat(e[i]);
 }

@@ -57,6 +57,35 @@ __device__ float warpDot(const uint4* xs, const T* w, int in) {
   return warpSum(s);
 }
 
+// One (head, pair) of the Q and K heads of new row t, given the pair's product (x0, x1) =
+// channels (j, j + head_dim / 2): rotated by the RoPE table into `row` (the row's q|k|v) and, for a
+// K head, appended to the cache with the row's position. Shared by both ways of appending.
+template <class T>
+__device__ void ropeAppendPair(const KvAppend<T>& kv, int t, int head, int j, float x0, float x1, float* row) {
+  const int hd = kv.head_dim, half = hd / 2;
+  if (kv.rope) {
+    const float2 cs = kv.rope[int64_t(t) * half + j];
+    const float r0 = x0 * cs.x - x1 * cs.y, r1 = x1 * cs.x + x0 * cs.y;
+    x0 = r0;
+    x1 = r1;
+  }
+  row[head * hd + j] = x0;
+  row[head * hd + j + half] = x1;
+  if (head < kv.q_heads) return;
+  const int g = head - kv.q_heads;
+  const int64_t slot = g * kv.capacity + kv.first_slots[g] + t;
+  kv.K[slot * hd + j] = fromFloat<T>(x0);
+  kv.K[slot * hd + j + half] = fromFloat<T>(x1);
+  if (j == 0) kv.k_pos[slot] = kv.positions[t];
+}
+
+// Value channel c (of kv_heads * head_dim) of new row t into the cache.
+template <class T>
+__device__ void appendValue(const KvAppend<T>& kv, int t, int c, float v) {
+  const int hd = kv.head_dim, g = c / hd;
+  kv.V[(g * kv.capacity + kv.first_slots[g] + t) * hd + c % hd] = fromFloat<T>(v);
+}
+
 template <class T, Epilogue E>
 __global__ void __launch_bounds__(32 * kGemvWarps) gemvKernel(GemvArgs<T> a) {
   extern __shared__ uint4 smem[];  // x
@@ -79,32 +108,15 @@ __global__ void __launch_bounds__(32 * kGemvWarps) gemvKernel(GemvArgs<T> a) {
       const float s = dot(row);
       if (lane == 0) rows[warp] = s;
       __syncthreads();
-      if (threadIdx.x >= kPairs) return;
-      const int j = j0 + threadIdx.x;
-      float x0 = rows[threadIdx.x], x1 = rows[threadIdx.x + kPairs];
-      if (kv.rope) {
-        const float2 cs = kv.rope[j];
-        const float r0 = x0 * cs.x - x1 * cs.y, r1 = x1 * cs.x + x0 * cs.y;
-        x0 = r0;
-        x1 = r1;
-      }
-      a.y[head * hd + j] = x0;
-      a.y[head * hd + j + half] = x1;
-      if (head >= kv.q_heads) {
-        const int g = head - kv.q_heads;
-        const int64_t slot = g * kv.capacity + kv.first_slots[g];
-        kv.K[slot * hd + j] = fromFloat<T>(x0);
-        kv.K[slot * hd + j + half] = fromFloat<T>(x1);
-        if (j == 0) kv.k_pos[slot] = kv.positions[0];
-      }
+      if (threadIdx.x < kPairs)
+        ropeAppendPair(kv, 0, head, j0 + threadIdx.x, rows[threadIdx.x], rows[threadIdx.x + kPairs], a.y);
     } else {
       const int c = (blockIdx.x - rope_blocks) * kGemvWarps + warp, row = Q + KV + c;
       if (c >= KV) return;
       const float s = dot(row);
       if (lane != 0) return;
       a.y[row] = s;
-      const int g = c / hd;
-      kv.V[(g * kv.capacity + kv.first_slots[g]) * hd + c % hd] = fromFloat<T>(s);
+      appendValue(kv, 0, c, s);
     }
   } else {
     const int row = blockIdx.x * kGemvWarps + warp;
@@ -145,32 +157,16 @@ __global__ void addPositionsKernel(float* x, int dim, const float* table, const 
 // Grid (rows, items / blockDim): a thread takes one (head, pair) of the Q and K heads, or one
 // channel of V — a decode step's single row spreads over many SMs.
 template <class T>
-__global__ void ropeAppendKernel(float* qkv, int q_heads, int kv_heads, int hd, const int* pos, const float2* rope,
-                                 T* K, T* V, int* k_pos, int64_t capacity, const int* first) {
-  const int t = blockIdx.x, half = hd / 2, Q = q_heads * hd, KV = kv_heads * hd, pairs = (q_heads + kv_heads) * half;
+__global__ void ropeAppendKernel(float* qkv, KvAppend<T> kv) {
+  const int t = blockIdx.x, hd = kv.head_dim, half = hd / 2, Q = kv.q_heads * hd, KV = kv.kv_heads * hd;
+  const int pairs = (kv.q_heads + kv.kv_heads) * half;
   float* row = qkv + int64_t(t) * (Q + 2 * KV);
   const int i = blockIdx.y * blockDim.x + threadIdx.x;
   if (i < pairs) {
-    const int head = i / half, j = i % half;
-    float* v = row + int64_t(head) * hd;  // K heads follow the Q heads
-    float a = v[j], b = v[j + half];
-    if (rope) {
-      const float2 cs = rope[int64_t(t) * half + j];
-      const float ra = a * cs.x - b * cs.y, rb = b * cs.x + a * cs.y;
-      v[j] = a = ra;
-      v[j + half] = b = rb;
-    }
-    if (head >= q_heads) {
-      const int g = head - q_heads;
-      const int64_t slot = first[g] + t;
-      T* k = K + (g * capacity + slot) * hd;
-      k[j] = fromFloat<T>(a);
-      k[j + half] = fromFloat<T>(b);
-      if (j == 0) k_pos[g * capacity + slot] = pos[t];
-    }
+    const int head = i / half, j = i % half;  // K heads follow the Q heads
+    ropeAppendPair(kv, t, head, j, row[head * hd + j], row[head * hd + j + half], row);
   } else if (i < pairs + KV) {
-    const int c = i - pairs, g = c / hd;
-    V[(g * capacity + first[g] + t) * hd + c % hd] = fromFloat<T>(row[Q + KV + c]);
+    appendValue(kv, t, i - pairs, row[Q + KV + i - pairs]);
   }
 }
 
@@ -351,9 +347,7 @@ void ropeTable(const int* positions, int rows, int head_dim, const float* inv_fr
 template <class T>
 void ropeAppendKV(float* qkv, int rows, const KvAppend<T>& kv) {
   const int items = (kv.q_heads + kv.kv_heads) * kv.head_dim / 2 + kv.kv_heads * kv.head_dim;
-  ropeAppendKernel<<<dim3(rows, (items + 127) / 128), 128>>>(qkv, kv.q_heads, kv.kv_heads, kv.head_dim, kv.positions,
-                                                              kv.rope, kv.K, kv.V, kv.k_pos, kv.capacity,
-                                                              kv.first_slots);
+  ropeAppendKernel<<<dim3(rows, (items + 127) / 128), 128>>>(qkv, kv);
   KVTP_CUDA_LAUNCHED();
 }
 
@@ -470,20 +464,20 @@ void attentionPrefill(const Blas& blas, const float* q, int64_t q_stride, const 
 }
 
 #define KVTP_FORWARD_OPS(T)                                                                                         \
-  template void gemm<T>(const Blas&, const T*, int, int, const T*, int, const float*, float*, bool);       \
-  template void gemmBlas<T>(const Blas&, const T*, int, int, const T*, int, const float*, float*, bool);           \
-  template void gemmActivation<T>(const Blas&, const T*, int, int, const T*, int, const float*, Activation,  \
-                                  float*, T*);                                                                    \
-  template void qkvAppend<T>(const Blas&, const T*, int, int, const T*, const float*, float*,               \
-                             const KvAppend<T>&);                                                                 \
-  template void convert<T>(const float*, int64_t, T*);                                                             \
-  template void embed<T>(const int*, int, const T*, int, int, int, float*);                                       \
-  template void layerNormTo<T>(const float*, int, int, const float*, const float*, float, T*);                     \
-  template void rmsNormTo<T>(const float*, int, int, const float*, float, T*);                                     \
-  template void ropeAppendKV<T>(float*, int, const KvAppend<T>&);                                                  \
-  template void compactKV<T>(T*, T*, int*, int64_t, int, int, const int*, const int*, int);                       \
+  template void gemm<T>(const Blas&, const T*, int, int, const T*, int, const float*, float*, bool);                \
+  template void gemmBlas<T>(const Blas&, const T*, int, int, const T*, int, const float*, float*, bool);            \
+  template void gemmActivation<T>(const Blas&, const T*, int, int, const T*, int, const float*, Activation,         \
+                                  float*, T*);                                                                      \
+  template void qkvAppend<T>(const Blas&, const T*, int, int, const T*, const float*, float*,                       \
+                             const KvAppend<T>&);                                                                   \
+  template void convert<T>(const float*, int64_t, T*);                                                              \
+  template void embed<T>(const int*, int, const T*, int, int, int, float*);                                         \
+  template void layerNormTo<T>(const float*, int, int, const float*, const float*, float, T*);                      \
+  template void rmsNormTo<T>(const float*, int, int, const float*, float, T*);                                      \
+  template void ropeAppendKV<T>(float*, int, const KvAppend<T>&);                                                   \
+  template void compactKV<T>(T*, T*, int*, int64_t, int, int, const int*, const int*, int);                         \
   template void attentionPrefill<T>(const Blas&, const float*, int64_t, const int*, const int*, int, int, const T*, \
-                                    const T*, const int*, const int*, int, int, int, int64_t, float, T*, size_t,   \
+                                    const T*, const int*, const int*, int, int, int, int64_t, float, T*, size_t,    \
                                     float*, int);
 KVTP_FORWARD_OPS(float)
 KVTP_FORWARD_OPS(__half)
