@@ -61,18 +61,15 @@ const char* methodName(Method m) {
   return "?";
 }
 
-// An entry competing for the budget, in the global order: higher score first, then layer,
-// head, position (older first) — the same on every rank.
-struct Candidate {
-  double score;
-  int layer, head, pos, index;
-};
-
 }  // namespace
 
 bool PolicySpec::needsAttention() const {
   return method == Method::H2O || method == Method::Scissorhands || method == Method::SnapKV ||
          method == Method::PyramidKV;
+}
+
+bool PolicySpec::scoresDecoding() const {
+  return method == Method::H2O || method == Method::Scissorhands || (needsAttention() && decode != Decode::None);
 }
 
 std::string PolicySpec::describe() const {
@@ -295,7 +292,8 @@ void Policy::evict(KVCache& cache, int last_pos, bool prefill) {
   if (group_ && group_->size() > 1) group_->allReduceSum(lens.data(), lens.size());
   std::vector<int64_t> off(lens.size() + 1, 0);
   for (size_t i = 0; i < lens.size(); ++i) off[i + 1] = off[i] + int64_t(lens[i]);
-  std::vector<double> table(size_t(off.back()) * 2, 0.0);  // (position, score) pairs
+  std::vector<double>& table = table_;  // (position, score) pairs
+  table.assign(size_t(off.back()) * 2, 0.0);
   for (int l = 0; l < L; ++l)
     for (int h = 0; h < H; ++h) {
       if (!lay_.owner) continue;
@@ -347,7 +345,9 @@ void Policy::evict(KVCache& cache, int last_pos, bool prefill) {
     budget[p] = int64_t(std::ceil(share));
   }
 
-  std::vector<std::vector<Candidate>> free(pools);
+  std::vector<std::vector<Candidate>>& free = candidates_;
+  free.resize(pools);
+  for (auto& f : free) f.clear();
   std::vector<int64_t> kept(pools, 0);
   std::vector<std::vector<uint8_t>> keep(lens.size());
   for (int l = 0; l < L; ++l)
@@ -372,7 +372,10 @@ void Policy::evict(KVCache& cache, int last_pos, bool prefill) {
       for (auto& c : f) keep[size_t(c.layer) * G + c.head][c.index] = 1;
       continue;
     }
-    std::sort(f.begin(), f.end(), [](const Candidate& a, const Candidate& b) {
+    // The `room` best, ties broken by (layer, head, position): a strict total order, so the set
+    // is the one a full sort would give, found in linear time (a decode step evicts a handful of
+    // entries out of every head's).
+    std::nth_element(f.begin(), f.begin() + room, f.end(), [](const Candidate& a, const Candidate& b) {
       if (a.score != b.score) return a.score > b.score;
       if (a.layer != b.layer) return a.layer < b.layer;
       if (a.head != b.head) return a.head < b.head;

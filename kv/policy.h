@@ -50,6 +50,9 @@ struct PolicySpec {
   // Whether the cache can differ from the full one (eviction, quantization or low rank).
   bool compresses() const { return evicts() || quant != Quant::None || rank > 0; }
   bool needsAttention() const;
+  // Whether a decode step's attention changes the scores (SnapKV / PyramidKV without SCOPE's
+  // decode phase score the prompt only).
+  bool scoresDecoding() const;
   std::string describe() const;
 };
 
@@ -111,6 +114,16 @@ class Policy {
   comm::Communicator* group_;
   int prefill_end_ = 0;   // first position decoded (not part of the prompt)
   int decode_steps_ = 0;  // decode steps since the prompt
+  // evict()'s tables, kept between steps: a decode step allocating them afresh spent most of its
+  // time faulting pages in (7B shape, 8k context: 1.7M entries).
+  // An entry competing for the budget, in the global order: higher score first, then layer,
+  // head, position (older first) — the same on every rank.
+  struct Candidate {
+    double score;
+    int layer, head, pos, index;
+  };
+  std::vector<double> table_;
+  std::vector<std::vector<Candidate>> candidates_;  // per competition pool
 };
 
 }  // namespace kvtp::kv

@@ -15,10 +15,9 @@ Precision parsePrecision(const std::string& s) {
 const char* precisionName(Precision d) { return d == Precision::F32 ? "fp32" : d == Precision::F16 ? "fp16" : "bf16"; }
 
 void checkGpuCompression(const kv::PolicySpec& s) {
-  const bool prompt_once = (s.method == kv::Method::SnapKV || s.method == kv::Method::PyramidKV) && s.decode == kv::Decode::None;
-  if (s.quant != kv::Quant::None || s.rank > 0 || (s.evicts() && !prompt_once))
-    throw Error("--device cuda compresses the KV cache with snapkv and pyramidkv (the prompt, at its end) so far; '" +
-                s.describe() + "' needs per-step attention weights or quantized storage on the device: use --device cpu");
+  if (s.quant != kv::Quant::None || s.rank > 0)
+    throw Error("--device cuda evicts tokens (every --kv method) but does not yet store the cache quantized or in low "
+                "rank; '" + s.describe() + "' needs that: use --device cpu");
 }
 
 #ifndef KVTP_WITH_CUDA

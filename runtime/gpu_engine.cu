@@ -145,13 +145,21 @@ class GpuEngine : public Engine {
     const int H = part_.kv_heads, LH = c_.layers * H;
     attention_.T = 0;
     attention_.blocks.assign(size_t(LH), {});
-    if (observed_len_ > 0) {
-      std::vector<float> all(size_t(LH) * observed_len_);
+    if (observed_len_ > 0) {  // the prefill's observed rows (summed into one unless observed_rows_ > 1)
+      const size_t block = size_t(observed_rows_) * observed_len_;
+      std::vector<float> all(size_t(LH) * block);
       KVTP_CUDA_CHECK(cudaMemcpy(all.data(), observed_.get(), all.size() * sizeof(float), cudaMemcpyDeviceToHost));
-      attention_.T = 1;  // the window's rows summed: what SnapKV adds up anyway
-      for (int i = 0; i < LH; ++i)
-        attention_.blocks[i].assign(all.begin() + int64_t(i) * observed_len_, all.begin() + int64_t(i + 1) * observed_len_);
+      attention_.T = observed_rows_;
+      for (int i = 0; i < LH; ++i) attention_.blocks[i].assign(all.begin() + i * block, all.begin() + (i + 1) * block);
       observed_len_ = 0;
+    } else if (weights_pending_) {  // a decode step's probabilities, (layer, KV head, capacity)
+      std::vector<float> all(size_t(LH) * longest_);
+      KVTP_CUDA_CHECK(cudaMemcpy2D(all.data(), longest_ * sizeof(float), weights_.get(), capacity_ * sizeof(float),
+                                   longest_ * sizeof(float), LH, cudaMemcpyDeviceToHost));
+      attention_.T = 1;
+      for (int i = 0; i < LH; ++i)
+        attention_.blocks[i].assign(all.begin() + int64_t(i) * longest_, all.begin() + int64_t(i) * longest_ + len_[i]);
+      weights_pending_ = false;
     }
     policy_.afterStep(mirror_, attention_, last_pos, prefill);
     for (int l = 0; l < c_.layers; ++l) {
@@ -185,8 +193,20 @@ class GpuEngine : public Engine {
   std::vector<double> step(const int* tokens, const int* positions, int rows, int from, int count,
                            const int* targets) override {
     checkTokens(c_, tokens, positions, rows);
-    // SnapKV's observation window needs the prefill path's probabilities, even for a short prompt.
-    const bool observe = policy_.spec().needsAttention() && rows > 1;
+    // The policy scores by attention: several tokens go through the prefill path, which leaves
+    // the probabilities of the rows it observes (even for a short prompt); one token through
+    // flash-decoding, which leaves its own when a policy evicts during decoding.
+    const kv::PolicySpec& spec = policy_.spec();
+    const bool observe = spec.needsAttention() && rows > 1;
+    weights_pending_ = rows == 1 && spec.scoresDecoding();
+    if (observe) {
+      // H2O sums every row; Scissorhands keeps a bit per row for its last `history` rows (earlier
+      // bits would age out of its mask anyway); SnapKV / PyramidKV sum their observation window.
+      observed_rows_ = spec.method == kv::Method::Scissorhands ? std::min(rows, std::min(spec.history, 64)) : 1;
+      observe_from_ = spec.method == kv::Method::H2O ? 0
+                      : spec.method == kv::Method::Scissorhands ? rows - observed_rows_
+                                                                : rows - spec.window;
+    }
     const bool many = rows > 8 || observe;
     if (many && !uniform_)
       throw Error("the CUDA engine scores several tokens at once only over an uncompressed cache; a compressed "
@@ -208,9 +228,10 @@ class GpuEngine : public Engine {
     }
     if (observe) {
       observed_len_ = longest_ + rows;
-      float* o = grow(observed_, size_t(LH) * observed_len_);
-      KVTP_CUDA_CHECK(cudaMemset(o, 0, size_t(LH) * observed_len_ * sizeof(float)));
+      const size_t n = size_t(LH) * observed_rows_ * observed_len_;
+      KVTP_CUDA_CHECK(cudaMemset(grow(observed_, n), 0, n * sizeof(float)));
     }
+    if (weights_pending_) grow(weights_, size_t(LH) * capacity_);  // before a graph is captured
     // The device work of the step reads only device buffers and this step's shape; a decode step
     // (one token) replays it as a CUDA graph (captured at the second step of the same capacity).
     auto launches = [&] { forward(d_tokens, d_meta, rows, many, observe); };
@@ -344,14 +365,15 @@ class GpuEngine : public Engine {
     // the same every step); many (an uncompressed cache, every head at the same positions, head
     // 0's read): the prefill attention.
     if (!many) {
+      float* weights = weights_pending_ ? weights_.get() + size_t(layer) * part_.kv_heads * capacity_ : nullptr;
       cuda::attention(qkv, W, d_pos, T_, part_.q_heads, L.K.get(), L.V.get(), L.pos.get(), capacity_, part_.kv_heads,
-                      hd, int64_t(capacity_) * hd, scale, ctx, lengths, capacity_);
+                      hd, int64_t(capacity_) * hd, scale, ctx, lengths, capacity_, weights);
     } else {
-      float* observed = observe ? observed_.get() + size_t(layer) * part_.kv_heads * observed_len_ : nullptr;
+      float* observed =
+          observe ? observed_.get() + size_t(layer) * part_.kv_heads * observed_rows_ * observed_len_ : nullptr;
       cuda::attentionPrefill(blas_, qkv, W, d_pos, positions_host_.data() + longest_, T_, part_.q_heads, L.K.get(),
                              L.V.get(), L.pos.get(), positions_host_.data(), longest_ + T_, part_.kv_heads, hd,
-                             capacity_,
-                             scale, ctx, size_t(1) << 30, observed, T_ - policy_.spec().window);
+                             capacity_, scale, ctx, size_t(1) << 30, observed, observe_from_, observed_rows_ > 1);
     }
     rowParallel(ctx, T_, Q, L.wo.get(), L.bo.get(), x);
   }
@@ -426,6 +448,10 @@ class GpuEngine : public Engine {
   std::vector<std::vector<int32_t>> row_positions_;  // per (layer, KV head): its device rows' positions
   kv::StepAttention attention_;
   DeviceBuffer<float> observed_;
+  int observed_rows_ = 1, observe_from_ = 0;  // the prefill's observation: rows kept apart (1: summed), first row
+  // A decode step's probabilities [layer][kv_head][capacity], for policies that evict as they decode.
+  DeviceBuffer<float> weights_;
+  bool weights_pending_ = false;
   const bool time_collectives_;
   cuda::StreamTimer collectives_;  // GPU time inside NCCL collectives (tp > 1); outlives the graph
   cuda::GraphReplay decode_graph_;

@@ -33,9 +33,9 @@ struct GpuOptions {
   bool time_collectives = false;
 };
 
-// Throws Error unless the CUDA engine compresses the KV cache as `spec` asks. So far: eviction
-// of the prompt once at its end (snapkv, pyramidkv without SCOPE's decode phase) — the methods
-// that score from the prefill's attention, which the device computes anyway.
+// Throws Error unless the CUDA engine compresses the KV cache as `spec` asks. So far: eviction,
+// every method (the device leaves the attention probabilities the policy scores by: the
+// prefill's observed rows, each decode step's row); not quantized or low-rank storage.
 void checkGpuCompression(const kv::PolicySpec& spec);
 
 // How many GPUs this process sees (0 in a build without the CUDA backend).

@@ -121,12 +121,17 @@ TEST(CudaEngine, DecodeThroughAGrowingCacheMatchesPrefill) {
   EXPECT_LE(worst, 1e-4);
 }
 
-// Prompt compression on the device (SnapKV / PyramidKV at the end of a 384-token prefill, then
-// decoded token by token over heads of different lengths) keeps the same tokens as the CPU: fp32
-// log-probs within 1e-3, the same KV bytes.
-TEST(CudaEngine, PromptCompressionMatchesTheCpu) {
+// Eviction on the device keeps the same tokens as the CPU: fp32 log-probs within 1e-3, the same
+// KV bytes. A 384-token prefill, then 127 tokens decoded one by one over heads of different
+// lengths: SnapKV / PyramidKV compress the prompt at its end (from the prefill's observed rows),
+// with SCOPE's slide after it; H2O and Scissorhands score every step (H2O from every prefill row,
+// Scissorhands from its last `history` rows, then each decode step's probabilities);
+// StreamingLLM keeps sinks and the most recent tokens.
+TEST(CudaEngine, EvictionMatchesTheCpu) {
   REQUIRE_GPUS(1);
-  for (const char* kv : {"snapkv:budget=0.2", "pyramidkv:budget=0.3,window=16"}) {
+  for (const char* kv : {"snapkv:budget=0.2", "pyramidkv:budget=0.3,window=16", "h2o:budget=0.2",
+                         "scissorhands:budget=0.25,history=16", "streamingllm:budget=0.2",
+                         "snapkv:budget=0.2,decode=slide,decode_budget=32"}) {
     PplJob job = test::heldOutC4Job(512, 2, Mode::Decode);
     job.prefill = 384;
     job.kv = kv;
@@ -154,7 +159,7 @@ TEST(CudaEngine, CompressedCacheIsRefusedClearly) {
   job.input_ids = "tests/data/synthetic_ids.txt";
   job.device = "cuda";
   job.mode = Mode::Decode;
-  job.kv = "h2o:budget=0.5";
+  job.kv_quant = "int8";
   try {
     runPplJob(job);
     FAIL() << "expected an error";

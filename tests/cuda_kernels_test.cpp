@@ -132,15 +132,18 @@ TEST(CudaKernels, AttentionMatchesCpuOverAnEvictedCache) {
 
 // The CPU's causal attention of `rows` queries (rows of stride `stride`) over a cache laid out
 // [kv_head][capacity][head_dim] holding L entries per head, and SnapKV's observation: the
-// probabilities of the queries from row observe_from on, summed per KV head over its query heads.
+// probabilities of the queries from row observe_from on, summed per KV head over its query heads
+// (observed: the rows summed too; observed_rows: (kv_heads, rows - observe_from, L), a row each).
 struct PrefillOnCpu {
-  std::vector<float> out, observed;
+  std::vector<float> out, observed, observed_rows;
 };
 PrefillOnCpu prefillOnCpu(const std::vector<float>& q, int stride, const std::vector<int>& q_pos,
                           const std::vector<float>& K, const std::vector<float>& V, const std::vector<int>& k_pos,
                           int heads, int kv_heads, int hd, int capacity, int observe_from) {
   const int rows = int(q_pos.size()), L = int(k_pos.size());
-  PrefillOnCpu r{std::vector<float>(size_t(rows) * heads * hd), std::vector<float>(size_t(kv_heads) * L, 0.0f)};
+  const int R = rows - observe_from;
+  PrefillOnCpu r{std::vector<float>(size_t(rows) * heads * hd), std::vector<float>(size_t(kv_heads) * L, 0.0f),
+                 std::vector<float>(size_t(kv_heads) * R * L, 0.0f)};
   std::vector<float> probs(size_t(rows) * L);
   for (int h = 0; h < heads; ++h) {
     const int g = h / (heads / kv_heads);
@@ -148,7 +151,10 @@ PrefillOnCpu prefillOnCpu(const std::vector<float>& q, int stride, const std::ve
     kernels::attendHead(q.data() + h * hd, stride, q_pos.data(), rows, K.data() + off, V.data() + off, k_pos.data(), L,
                         hd, 1.0f / std::sqrt(float(hd)), r.out.data() + h * hd, heads * hd, probs.data());
     for (int t = observe_from; t < rows; ++t)
-      for (int l = 0; l < L; ++l) r.observed[size_t(g) * L + l] += probs[size_t(t) * L + l];
+      for (int l = 0; l < L; ++l) {
+        r.observed[size_t(g) * L + l] += probs[size_t(t) * L + l];
+        r.observed_rows[(size_t(g) * R + t - observe_from) * L + l] += probs[size_t(t) * L + l];
+      }
   }
   return r;
 }
@@ -166,15 +172,19 @@ TEST(CudaKernels, PrefillAttentionMatchesCpu) {
   const int stride = heads * hd + 40;                 // q rows inside wider rows (a fused QKV product)
   auto q = randn(size_t(T) * stride), K = randn(size_t(kv_heads) * capacity * hd), V = randn(K.size());
   const int observe_from = 100;  // the observed queries span two chunks
-  const auto [want, want_obs] = prefillOnCpu(q, stride, q_pos, K, V, k_pos, heads, kv_heads, hd, capacity, observe_from);
-  DeviceBuffer<float> dq(q), dK(K), dV(V), dout(poisoned(want.size())), dobs(std::vector<float>(want_obs.size(), 0.0f));
+  const auto want = prefillOnCpu(q, stride, q_pos, K, V, k_pos, heads, kv_heads, hd, capacity, observe_from);
+  DeviceBuffer<float> dq(q), dK(K), dV(V), dout(poisoned(want.out.size()));
   DeviceBuffer<int> dqp(q_pos), dkp(k_pos);
   const size_t score_bytes = size_t(40) * heads * L * 8;  // about 40 queries per chunk
-  cuda::attentionPrefill(blas, dq.get(), stride, dqp.get(), q_pos.data(), T, heads, dK.get(), dV.get(), dkp.get(),
-                         k_pos.data(), L, kv_heads, hd, capacity, scale, dout.get(), score_bytes, dobs.get(),
-                         observe_from);
-  EXPECT_LE(relError(dout.download(), want), 1e-5);
-  EXPECT_LE(relError(dobs.download(), want_obs), 1e-5);
+  for (bool rows : {false, true}) {  // summed (SnapKV, H2O), a row each (Scissorhands)
+    const auto& want_obs = rows ? want.observed_rows : want.observed;
+    DeviceBuffer<float> dobs(std::vector<float>(want_obs.size(), 0.0f));
+    cuda::attentionPrefill(blas, dq.get(), stride, dqp.get(), q_pos.data(), T, heads, dK.get(), dV.get(), dkp.get(),
+                           k_pos.data(), L, kv_heads, hd, capacity, scale, dout.get(), score_bytes, dobs.get(),
+                           observe_from, rows);
+    EXPECT_LE(relError(dout.download(), want.out), 1e-5);
+    EXPECT_LE(relError(dobs.download(), want_obs), 1e-5) << (rows ? "a row each" : "summed");
+  }
 }
 
 std::vector<float> roundedTo(std::vector<float> v, bool bf16) {
@@ -210,7 +220,9 @@ void checkFlashPrefill(int hd, double tol) {
   const int stride = heads * hd + 24;
   auto q = randn(size_t(rows) * stride);
   auto K = roundedTo(randn(size_t(kv_heads) * capacity * hd), bf16), V = roundedTo(randn(K.size()), bf16);
-  const auto [want, want_obs] = prefillOnCpu(q, stride, q_pos, K, V, k_pos, heads, kv_heads, hd, capacity, observe_from);
+  const auto cpu = prefillOnCpu(q, stride, q_pos, K, V, k_pos, heads, kv_heads, hd, capacity, observe_from);
+  const auto& want = cpu.out;
+  const auto& want_obs = cpu.observed;
   ASSERT_TRUE(cuda::flashAttentionFits<T>(hd));
   DeviceBuffer<float> dq(q), dobs(std::vector<float>(want_obs.size(), 0.0f));
   DeviceBuffer<T> dK = deviceAs<T>(K), dV = deviceAs<T>(V), dout = deviceAs<T>(poisoned(want.size()));
@@ -260,28 +272,39 @@ TEST(CudaKernels, GemmActivationMatchesCpu) {
   }
 }
 
-// A compressed cache: every KV head holds its own number of entries at its own positions.
+// A compressed cache: every KV head holds its own number of entries at its own positions; the
+// probabilities each KV head's entries got, summed over its query heads (what a per-step eviction
+// policy scores by), for a group of 2 (one block a KV head) and of 16 (two blocks of 8).
 TEST(CudaKernels, AttentionOverHeadsOfDifferentLengths) {
   REQUIRE_GPU();
-  const int T = 1, heads = 8, kv_heads = 4, hd = 64, capacity = 1000;
-  const float scale = 1.0f / std::sqrt(float(hd));
-  const std::vector<int> lengths = {1000, 37, 512, 1};
-  std::vector<int> k_pos(size_t(kv_heads) * capacity, 1 << 30), q_pos = {5000};
-  for (int g = 0; g < kv_heads; ++g)
-    for (int i = 0; i < lengths[g]; ++i) k_pos[size_t(g) * capacity + i] = i * (g + 2);  // ascending, per head
-  auto q = randn(size_t(heads) * hd), K = randn(size_t(kv_heads) * capacity * hd), V = randn(K.size());
-  std::vector<float> want(size_t(heads) * hd);
-  for (int h = 0; h < heads; ++h) {
-    const int g = h / (heads / kv_heads);
-    const size_t off = size_t(g) * capacity * hd;
-    kernels::attendHead(q.data() + h * hd, heads * hd, q_pos.data(), T, K.data() + off, V.data() + off,
-                        k_pos.data() + size_t(g) * capacity, lengths[g], hd, scale, want.data() + h * hd, heads * hd);
+  for (const int heads : {8, 64}) {
+    const int T = 1, kv_heads = 4, hd = 64, capacity = 1000;
+    const float scale = 1.0f / std::sqrt(float(hd));
+    const std::vector<int> lengths = {1000, 37, 512, 1};
+    std::vector<int> k_pos(size_t(kv_heads) * capacity, 1 << 30), q_pos = {1500};  // head 0's later entries unseen
+    for (int g = 0; g < kv_heads; ++g)
+      for (int i = 0; i < lengths[g]; ++i) k_pos[size_t(g) * capacity + i] = i * (g + 2);  // ascending, per head
+    auto q = randn(size_t(heads) * hd), K = randn(size_t(kv_heads) * capacity * hd), V = randn(K.size());
+    std::vector<float> want(size_t(heads) * hd), want_weights(size_t(kv_heads) * capacity, -1.0f), probs(capacity);
+    for (int g = 0; g < kv_heads; ++g) std::fill_n(want_weights.begin() + size_t(g) * capacity, lengths[g], 0.0f);
+    for (int h = 0; h < heads; ++h) {
+      const int g = h / (heads / kv_heads);
+      const size_t off = size_t(g) * capacity * hd;
+      kernels::attendHead(q.data() + h * hd, heads * hd, q_pos.data(), T, K.data() + off, V.data() + off,
+                          k_pos.data() + size_t(g) * capacity, lengths[g], hd, scale, want.data() + h * hd, heads * hd,
+                          probs.data());
+      for (int i = 0; i < lengths[g]; ++i) want_weights[size_t(g) * capacity + i] += probs[i];
+    }
+    DeviceBuffer<float> dq(q), dK(K), dV(V), dout(poisoned(want.size()));
+    DeviceBuffer<float> dweights(std::vector<float>(want_weights.size(), -1.0f));  // past each length: untouched
+    DeviceBuffer<int> dqp(q_pos), dkp(k_pos), dlen(lengths);
+    cuda::attention(dq.get(), heads * hd, dqp.get(), T, heads, dK.get(), dV.get(), dkp.get(), capacity, kv_heads, hd,
+                    int64_t(capacity) * hd, scale, dout.get(), dlen.get(), capacity, dweights.get());
+    EXPECT_LE(relError(dout.download(), want), 1e-5) << heads << " heads";
+    EXPECT_LE(relError(dweights.download(), want_weights), 1e-5) << heads << " heads";
+    EXPECT_EQ(std::count(want_weights.begin(), want_weights.begin() + lengths[0], 0.0f), 1000 - 751)
+        << "head 0's entries past position 1500 are unseen";
   }
-  DeviceBuffer<float> dq(q), dK(K), dV(V), dout(poisoned(want.size()));
-  DeviceBuffer<int> dqp(q_pos), dkp(k_pos), dlen(lengths);
-  cuda::attention(dq.get(), heads * hd, dqp.get(), T, heads, dK.get(), dV.get(), dkp.get(), 1000, kv_heads, hd,
-                  int64_t(capacity) * hd, scale, dout.get(), dlen.get(), capacity);
-  EXPECT_LE(relError(dout.download(), want), 1e-5);
 }
 
 // Eviction on the device: each head keeps its own ascending rows, moved to the front with their

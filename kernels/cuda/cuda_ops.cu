@@ -22,6 +22,8 @@
 //   v6 (attention): the last block of each (query, heads) to finish combines the splits (an
 //       atomic counter), the splits' weights found in parallel: no combining kernel. Part of the
 //       fused decode layer (docs/BENCHMARKS.md): H100 7B decode at 2k 6.25 -> 5.81 ms together.
+//       Asked for, it also leaves each query head's probabilities (the splits write their logits,
+//       the combining block normalises them) for the per-step eviction policies.
 #include <algorithm>
 #include <cfloat>
 #include <string>
@@ -100,7 +102,7 @@ template <int G, int HD, class KT, class OT>  // query heads per KV head, head_d
 __global__ void attentionSplit(const float* q, int q_stride, const int* q_pos, int heads, int group, const KT* K,
                                const KT* V, const int* k_pos, int L, const int* lengths, int64_t pos_stride,
                                int64_t head_stride, float scale, int splits, float* part_o, float* part_ms,
-                               unsigned* done, OT* out) {
+                               unsigned* done, OT* out, float* probs) {
   constexpr int hd = HD, P = (HD + 31) / 32;  // channels per lane: lane * P .. lane * P + P - 1
   const bool lane_in = HD >= 32 || int(threadIdx.x % 32) < HD;
   const int h0 = blockIdx.x * G, kvh = h0 / group, split = blockIdx.y, t = blockIdx.z;
@@ -108,6 +110,7 @@ __global__ void attentionSplit(const float* q, int q_stride, const int* q_pos, i
   const KT* Kh = K + kvh * head_stride;
   const KT* Vh = V + kvh * head_stride;
   const int* pos = k_pos + kvh * pos_stride;
+  const int row_stride = L;  // of probs
   if (lengths) L = lengths[kvh];
   // Each head's keys in `splits` equal parts, sized here from its own length: the launch does not
   // depend on how many keys there are (a decode step replays as a CUDA graph).
@@ -152,6 +155,10 @@ __global__ void attentionSplit(const float* q, int q_stride, const int* q_pos, i
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       if (!seen[u]) continue;
+      if (probs && lane == 0) {  // the logits, made probabilities by the combining block
+#pragma unroll
+        for (int g = 0; g < G; ++g) probs[(int64_t(t) * heads + h0 + g) * row_stride + l0 + u * kWarps] = dot[u][g];
+      }
 #pragma unroll
       for (int g = 0; g < G; ++g) {
         const float m_new = fmaxf(m[g], dot[u][g]), corr = expf(m[g] - m_new), w = expf(dot[u][g] - m_new);
@@ -221,9 +228,22 @@ __global__ void attentionSplit(const float* q, int q_stride, const int* q_pos, i
       for (int j = 0; j < splits; ++j) o += __ldcg(part_o + (base + j) * hd + d) * weight[j];
       out[(int64_t(t) * heads + h0 + g) * hd + d] = fromFloat<OT>(o * inv_sum);
     }
+    if (probs) {  // e^(logit - M) / sum for the keys this query sees, 0 for the others
+      float* row = probs + (int64_t(t) * heads + h0 + g) * row_stride;
+      for (int l = threadIdx.x; l < L; l += blockDim.x) row[l] = pos[l] <= p ? expf(__ldcg(row + l) - M) * inv_sum : 0.0f;
+    }
     __syncthreads();  // weight[] is the next head's
   }
   if (threadIdx.x == 0) *counter = 0;  // ready for the next launch (a replayed graph's too)
+}
+
+// weights[t][g][l] = sum of probs[t][h][l] over KV head g's query heads h, for l < its length.
+__global__ void sumGroupsKernel(const float* probs, int heads, int group, int L, const int* lengths, float* weights) {
+  const int g = blockIdx.y, t = blockIdx.z, l = blockIdx.x * blockDim.x + threadIdx.x;
+  if (l >= (lengths ? lengths[g] : L)) return;
+  float s = 0.0f;
+  for (int h = g * group; h < (g + 1) * group; ++h) s += probs[(int64_t(t) * heads + h) * L + l];
+  weights[(int64_t(t) * gridDim.y + g) * L + l] = s;
 }
 
 __global__ void softmaxPartialsKernel(const float* logits, int V, int offset, const int* targets,
@@ -286,7 +306,7 @@ void applyRope(float* x, int T, int heads, int head_dim, const int* positions, c
 template <class KT, class OT>
 void attention(const float* q, int q_stride, const int* q_pos, int T, int heads, const KT* K, const KT* V,
                const int* k_pos, int L, int kv_heads, int head_dim, int64_t head_stride, float scale, OT* out,
-               const int* lengths, int64_t pos_stride) {
+               const int* lengths, int64_t pos_stride, float* weights) {
   if (heads % kv_heads != 0) throw std::runtime_error("cuda::attention: heads must be a multiple of kv_heads");
   const int group = heads / kv_heads;
   const int G = group % 8 == 0 ? 8 : group % 4 == 0 ? 4 : group % 2 == 0 ? 2 : 1;  // query heads per block
@@ -301,6 +321,8 @@ void attention(const float* q, int q_stride, const int* q_pos, int T, int heads,
   float* part_o = grow(scratch, size_t(T) * heads * splits * (head_dim + 2));
   float* part_ms = part_o + size_t(T) * heads * splits * head_dim;
   const dim3 grid(heads / G, splits, T);
+  static thread_local DeviceBuffer<float> head_probs;  // (T, heads, L) when weights are asked for
+  float* probs = weights ? grow(head_probs, size_t(T) * heads * L) : nullptr;
   static thread_local DeviceBuffer<unsigned> counters;  // zero between launches
   if (counters.size() < size_t(grid.x) * T) {
     counters = DeviceBuffer<unsigned>(size_t(grid.x) * T);
@@ -311,7 +333,7 @@ void attention(const float* q, int q_stride, const int* q_pos, int T, int heads,
   auto launch = [&](auto g, auto p) {
     attentionSplit<decltype(g)::value, decltype(p)::value, KT, OT><<<grid, threads>>>(
         q, q_stride, q_pos, heads, group, K, V, k_pos, L, lengths, pos_stride, head_stride, scale, splits, part_o,
-        part_ms, counters.get(), out);
+        part_ms, counters.get(), out, probs);
   };
   auto byWidth = [&](auto g) {
     switch (head_dim) {
@@ -332,11 +354,15 @@ void attention(const float* q, int q_stride, const int* q_pos, int T, int heads,
     case 8: byWidth(std::integral_constant<int, 8>{}); break;
   }
   KVTP_CUDA_LAUNCHED();
+  if (weights) {
+    sumGroupsKernel<<<dim3((L + 255) / 256, kv_heads, T), 256>>>(probs, heads, group, L, lengths, weights);
+    KVTP_CUDA_LAUNCHED();
+  }
 }
 
 #define KVTP_ATTENTION(KT, OT)                                                                                 \
   template void attention<KT, OT>(const float*, int, const int*, int, int, const KT*, const KT*, const int*, int, \
-                                  int, int, int64_t, float, OT*, const int*, int64_t);
+                                  int, int, int64_t, float, OT*, const int*, int64_t, float*);
 KVTP_ATTENTION(float, float)
 KVTP_ATTENTION(__half, __half)
 KVTP_ATTENTION(__nv_bfloat16, __nv_bfloat16)

@@ -33,10 +33,13 @@ void applyRope(float* x, int T, int heads, int head_dim, const int* positions, c
 // A compressed cache (heads of different lengths): `lengths` (device, kv_heads) replaces L per
 // head (L is then a bound on them, e.g. the capacity: the launch depends on L alone) and KV head
 // g's positions start at k_pos + g * pos_stride.
+// weights, if not null: (T, kv_heads, L) float, the attention probabilities of each KV head's
+// entries summed over its query heads (what eviction policies score by; 0 for an entry the query
+// does not see; entries past a head's length are left as they were).
 template <class KT, class OT>
 void attention(const float* q, int q_stride, const int* q_pos, int T, int heads, const KT* K, const KT* V,
                const int* k_pos, int L, int kv_heads, int head_dim, int64_t head_stride, float scale, OT* out,
-               const int* lengths = nullptr, int64_t pos_stride = 0);
+               const int* lengths = nullptr, int64_t pos_stride = 0, float* weights = nullptr);
 
 // Per row of logits (T, V_shard): max, sum of exp(logit - max), target logit (as the CPU twin).
 void softmaxPartials(const float* logits, int T, int V_shard, int vocab_offset, const int* targets,

@@ -351,16 +351,21 @@ void ropeAppendKV(float* qkv, int rows, const KvAppend<T>& kv) {
   KVTP_CUDA_LAUNCHED();
 }
 
-// observed[g][l] += the probabilities of key l summed over KV head g's query heads and the
-// chunk's query rows from `from` on. P: (heads, rows, Lk), each KV head's G heads consecutive.
+// The probabilities of key l summed over KV head g's query heads, for the chunk's query rows from
+// `from` on: with R == 1 all rows summed into observed[g][0][l]; else row t into
+// observed[g][row0 + t - from][l] (observed: (kv_heads, R, L)). P: (heads, rows, Lk), each KV
+// head's G heads consecutive.
 template <class T>
-__global__ void observeKernel(const T* P, int rows, int Lk, int G, int from, int64_t L, float* observed) {
+__global__ void observeKernel(const T* P, int rows, int Lk, int G, int from, int64_t L, int R, int row0,
+                              float* observed) {
   const int g = blockIdx.y, l = blockIdx.x * blockDim.x + threadIdx.x;
   if (l >= Lk) return;
   float s = 0.0f;
-  for (int h = g * G; h < (g + 1) * G; ++h)
-    for (int t = from; t < rows; ++t) s += toFloat(P[(int64_t(h) * rows + t) * Lk + l]);
-  observed[g * L + l] += s;
+  for (int t = from; t < rows; ++t) {
+    for (int h = g * G; h < (g + 1) * G; ++h) s += toFloat(P[(int64_t(h) * rows + t) * Lk + l]);
+    if (R > 1) observed[(int64_t(g) * R + row0 + t - from) * L + l] = s, s = 0.0f;
+  }
+  if (R == 1) observed[g * L + l] += s;
 }
 
 // Gathers the kept rows of every head into `scratch`, then back to the head's first slots.
@@ -412,7 +417,7 @@ template <class T>
 void attentionPrefill(const Blas& blas, const float* q, int64_t q_stride, const int* q_pos, const int* q_pos_host,
                       int rows, int heads, const T* K, const T* V, const int* k_pos, const int* k_pos_host, int L,
                       int kv_heads, int hd, int64_t capacity, float scale, T* out, size_t score_bytes,
-                      float* observed, int observe_from) {
+                      float* observed, int observe_from, bool observe_rows) {
   if (rows == 0 || L == 0) return;
   // Tensor-core flash attention for every row whose probabilities nobody asked for.
   int first = 0;
@@ -451,7 +456,9 @@ void attentionPrefill(const Blas& blas, const float* q, int64_t q_stride, const 
     maskedSoftmax<<<unsigned(heads) * rc, kThreads>>>(S, rc, Lk, q_pos + t0, k_pos, P);
     KVTP_CUDA_LAUNCHED();
     if (observed && t0 + rc > observe_from) {
-      observeKernel<<<dim3((Lk + 127) / 128, kv_heads), 128>>>(P, rc, Lk, G, std::max(0, observe_from - t0), L, observed);
+      const int from = std::max(0, observe_from - t0);
+      observeKernel<<<dim3((Lk + 127) / 128, kv_heads), 128>>>(P, rc, Lk, G, from, L, observe_rows ? rows - observe_from : 1,
+                                                               t0 + from - observe_from, observed);
       KVTP_CUDA_LAUNCHED();
     }
     KVTP_CUBLAS_CHECK(cublasGemmStridedBatchedEx(
@@ -478,7 +485,7 @@ void attentionPrefill(const Blas& blas, const float* q, int64_t q_stride, const 
   template void compactKV<T>(T*, T*, int*, int64_t, int, int, const int*, const int*, int);                         \
   template void attentionPrefill<T>(const Blas&, const float*, int64_t, const int*, const int*, int, int, const T*, \
                                     const T*, const int*, const int*, int, int, int, int64_t, float, T*, size_t,    \
-                                    float*, int);
+                                    float*, int, bool);
 KVTP_FORWARD_OPS(float)
 KVTP_FORWARD_OPS(__half)
 KVTP_FORWARD_OPS(__nv_bfloat16)

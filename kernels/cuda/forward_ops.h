@@ -86,13 +86,16 @@ void compactKV(T* K, T* V, int* k_pos, int64_t capacity, int kv_heads, int head_
 // tensor-core kernel below. Otherwise, and for the rows whose probabilities are wanted, through
 // cuBLAS: scores S = Q K^T per KV head (its G query heads stacked), a masked softmax by position,
 // O = P V, queries in chunks so that the scores never need more than `score_bytes`. With
-// `observed` (kv_heads, L) float: adds, per KV head and key, the attention probabilities of
-// query rows observe_from.. summed over the KV head's query heads (SnapKV's observation window).
+// `observed` float: per KV head and key, the attention probabilities of query rows
+// observe_from.. summed over the KV head's query heads — (kv_heads, L), the rows added up
+// (SnapKV's observation window, H2O's scores), or with observe_rows (kv_heads, rows -
+// observe_from, L), a row each (Scissorhands' history). Keys past a row's chunk are not written:
+// zero it first.
 template <class T>
 void attentionPrefill(const Blas& blas, const float* q, int64_t q_stride, const int* q_pos, const int* q_pos_host,
                       int rows, int heads, const T* K, const T* V, const int* k_pos, const int* k_pos_host, int L,
                       int kv_heads, int head_dim, int64_t capacity, float scale, T* out, size_t score_bytes,
-                      float* observed = nullptr, int observe_from = 0);
+                      float* observed = nullptr, int observe_from = 0, bool observe_rows = false);
 
 // FlashAttention-2's scheme on mma.sync (kernels/cuda/flash_attention.cu): the same causal
 // attention as attentionPrefill, scores never in memory, float32 accumulation and softmax; the
