@@ -101,6 +101,14 @@ void KVCache::useBits(int bits) {
 }
 
 void KVCache::quantizeInt8(int layer, int head) {
+  if (rows_on_device_) {
+    // The device stores its rows in int8 from the start: the mirror records the form. Every step
+    // quantizes what it appended, so the full entries are the newest (a walk from the end: a
+    // decode step at 32k context spent ~10 ms walking all of them).
+    auto& form = this->head(layer, head).form;
+    for (auto f = form.rbegin(); f != form.rend() && *f == Form::Full; ++f) *f = Form::Int8;
+    return;
+  }
   useBits(8);
   Conversion cv;
   cv.to = Form::Int8;
@@ -180,6 +188,7 @@ void KVCache::rebuild(int layer, int head, const std::vector<int>& keep, const C
           break;
         case Form::Int8:
         case Form::Kivi:
+          if (rows_on_device_) break;
           appendRow(out.codes, c.codes, row[i], 2 * cb);
           appendRow(out.row_params, c.row_params, row[i], row_params);
           if (f == Form::Kivi) {
@@ -293,7 +302,10 @@ HeadRows KVCache::rows(int layer, int head, std::vector<float>& scratch) const {
 
 int64_t KVCache::storedBytes(int layer, int head) const {
   const HeadCache& c = this->head(layer, head);
-  if (rows_on_device_) return int64_t(c.length()) * 2 * head_dim_ * 2;  // only full entries there
+  if (rows_on_device_) {  // full entries (fp16) or int8 (codes and two 2-byte steps)
+    const int64_t int8 = std::count(c.form.begin(), c.form.end(), Form::Int8);
+    return (c.length() - int8) * 2 * head_dim_ * 2 + int8 * (2 * head_dim_ + 4);
+  }
   const size_t halves = c.keys.size() + c.values.size() + c.row_params.size() + c.key_params.size() + c.coords.size();
   return int64_t(halves) * 2 + int64_t(c.codes.size()) + int64_t(c.group_rows.size()) * 2;
 }

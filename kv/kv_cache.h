@@ -54,7 +54,7 @@ struct HeadRows {
 class KVCache {
  public:
   // rows_on_device: a host mirror of a device cache (the CUDA engine's): positions, scores and
-  // forms only, so that kv::Policy decides for it; the rows live on the GPU.
+  // forms only, so that kv::Policy decides for it; the rows live on the GPU (full or int8).
   KVCache(int layers, int kv_heads, int head_dim, bool rows_on_device = false);
 
   // Appends T tokens to every head of `layer` at full precision; k and v are (T, kv_heads * head_dim).

@@ -15,9 +15,9 @@ Precision parsePrecision(const std::string& s) {
 const char* precisionName(Precision d) { return d == Precision::F32 ? "fp32" : d == Precision::F16 ? "fp16" : "bf16"; }
 
 void checkGpuCompression(const kv::PolicySpec& s) {
-  if (s.quant != kv::Quant::None || s.rank > 0)
-    throw Error("--device cuda evicts tokens (every --kv method) but does not yet store the cache quantized or in low "
-                "rank; '" + s.describe() + "' needs that: use --device cpu");
+  if (s.quant == kv::Quant::Kivi || s.rank > 0)
+    throw Error("--device cuda evicts tokens (every --kv method) and stores the cache in int8, but not yet in KIVI's "
+                "2/4 bits or low rank; '" + s.describe() + "' needs that: use --device cpu");
 }
 
 #ifndef KVTP_WITH_CUDA

@@ -67,6 +67,9 @@ struct GpuLayer {
   DeviceBuffer<float> bqkv, bo, b_in, b_down;
   DeviceBuffer<T> K, V;    // the KV cache: [kv_head][capacity][head_dim]
   DeviceBuffer<int> pos;  // the cached rows' positions: [kv_head][capacity]
+  // An int8 cache instead of K, V: codes [kv_head][capacity][head_dim], steps [kv_head][capacity].
+  DeviceBuffer<int8_t> K8, V8;
+  DeviceBuffer<float> k_step, v_step;
 };
 
 template <class T>
@@ -76,7 +79,7 @@ class GpuEngine : public Engine {
       : c_(config), part_(part), group_(o.device_group), len_(size_t(config.layers) * part.kv_heads, 0),
         policy_(o.kv, headLayout(config, part), o.host_group),
         mirror_(config.layers, part.kv_heads, config.head_dim, true),
-        row_positions_(len_.size()), time_collectives_(o.time_collectives) {
+        row_positions_(len_.size()), int8_(o.kv.quant == kv::Quant::Int8), time_collectives_(o.time_collectives) {
     checkGpuCompression(o.kv);
     if (!std::set<int>{8, 16, 32, 64, 128, 256}.count(c_.head_dim))
       throw Error("the CUDA backend needs head_dim 8, 16, 32, 64, 128 or 256 (this model: " +
@@ -183,8 +186,13 @@ class GpuEngine : public Engine {
       int* d_keep = grow(keep_, keep.size());
       KVTP_CUDA_CHECK(cudaMemcpy(d_keep, keep.data(), keep.size() * sizeof(int), cudaMemcpyHostToDevice));
       GpuLayer<T>& L = layers_[l];
-      cuda::compactKV(L.K.get(), L.V.get(), L.pos.get(), capacity_, H, c_.head_dim, d_keep, d_keep + size_t(H) * max_kept,
-                      max_kept);
+      const int* kept = d_keep + size_t(H) * max_kept;
+      if (int8_) {
+        cuda::compactKV(L.K8.get(), L.V8.get(), L.pos.get(), capacity_, H, c_.head_dim, d_keep, kept, max_kept);
+        cuda::compactKV(L.k_step.get(), L.v_step.get(), nullptr, capacity_, H, 1, d_keep, kept, max_kept);
+      } else {
+        cuda::compactKV(L.K.get(), L.V.get(), L.pos.get(), capacity_, H, c_.head_dim, d_keep, kept, max_kept);
+      }
       uniform_ = false;
     }
     longest_ = *std::max_element(len_.begin(), len_.end());
@@ -294,8 +302,15 @@ class GpuEngine : public Engine {
       buf = std::move(bigger);
     };
     for (auto& L : layers_) {
-      regrow(L.K, c_.head_dim);
-      regrow(L.V, c_.head_dim);
+      if (int8_) {
+        regrow(L.K8, c_.head_dim);
+        regrow(L.V8, c_.head_dim);
+        regrow(L.k_step, 1);
+        regrow(L.v_step, 1);
+      } else {
+        regrow(L.K, c_.head_dim);
+        regrow(L.V, c_.head_dim);
+      }
       regrow(L.pos, 1);
     }
     capacity_ = int(cap);
@@ -354,26 +369,49 @@ class GpuEngine : public Engine {
   void attention(int layer, const T* xn, const int* d_pos, const int* slots, const int* lengths, int T_, bool many,
                  bool observe, float* x) {
     GpuLayer<T>& L = layers_[layer];
-    const int hd = c_.head_dim, Q = part_.q_heads * hd, KV = part_.kv_heads * hd, W = Q + 2 * KV;
+    const int hd = c_.head_dim, H = part_.kv_heads, Q = part_.q_heads * hd, KV = H * hd, W = Q + 2 * KV;
     float* qkv = grow(qkv_, size_t(T_) * W);
-    const cuda::KvAppend<T> append{part_.q_heads, part_.kv_heads, hd, d_pos, inv_freq_.size() ? rope_.get() : nullptr,
-                                   L.K.get(), L.V.get(), L.pos.get(), capacity_, slots};
+    // Where the new rows go in T: the cache; with an int8 cache, nowhere for one query (attention
+    // reads them from qkv), for many a stage the prefill attention reads, the cached rows
+    // dequantized in front of them. An int8 cache gets them quantized after RoPE.
+    T *K = L.K.get(), *V = L.V.get();
+    int* k_pos = L.pos.get();
+    int64_t capacity = capacity_;
+    const cuda::Int8Append int8{hd, L.K8.get(), L.V8.get(), L.k_step.get(), L.v_step.get(), L.pos.get(), capacity_,
+                                qkv, W, Q, Q + KV, slots, d_pos};
+    if (int8_) {
+      K = V = nullptr;
+      if (many) {
+        capacity = longest_ + T_;
+        K = grow(stage_k_, size_t(H) * capacity * hd), V = grow(stage_v_, size_t(H) * capacity * hd);
+        k_pos = grow(stage_pos_, size_t(H) * capacity);
+        cuda::dequantizeRows(int8, H, longest_, K, V, k_pos, capacity);
+      }
+    }
+    const cuda::KvAppend<T> append{part_.q_heads, H, hd, d_pos, inv_freq_.size() ? rope_.get() : nullptr,
+                                   K, V, k_pos, capacity, slots};
     cuda::qkvAppend(blas_, xn, T_, c_.hidden, L.wqkv.get(), L.bqkv.get(), qkv, append);
+    if (int8_) cuda::quantizeAppend(T_, H, int8);
     const float scale = float(1.0 / std::sqrt(double(hd)));
     T* ctx = grow(ctx_, size_t(T_) * Q);
     // Few queries: flash-decoding over each head's rows (bounded by the capacity, so the launch is
     // the same every step); many (an uncompressed cache, every head at the same positions, head
     // 0's read): the prefill attention.
     if (!many) {
-      float* weights = weights_pending_ ? weights_.get() + size_t(layer) * part_.kv_heads * capacity_ : nullptr;
-      cuda::attention(qkv, W, d_pos, T_, part_.q_heads, L.K.get(), L.V.get(), L.pos.get(), capacity_, part_.kv_heads,
-                      hd, int64_t(capacity_) * hd, scale, ctx, lengths, capacity_, weights);
+      float* weights = weights_pending_ ? weights_.get() + size_t(layer) * H * capacity_ : nullptr;
+      if (int8_) {
+        const cuda::Int8Rows rows{L.k_step.get(), L.v_step.get(), qkv + Q, qkv + Q + KV, W, slots};
+        cuda::attention(qkv, W, d_pos, T_, part_.q_heads, L.K8.get(), L.V8.get(), L.pos.get(), capacity_, H, hd,
+                        int64_t(capacity_) * hd, scale, ctx, lengths, capacity_, weights, &rows);
+      } else {
+        cuda::attention(qkv, W, d_pos, T_, part_.q_heads, L.K.get(), L.V.get(), L.pos.get(), capacity_, H, hd,
+                        int64_t(capacity_) * hd, scale, ctx, lengths, capacity_, weights);
+      }
     } else {
-      float* observed =
-          observe ? observed_.get() + size_t(layer) * part_.kv_heads * observed_rows_ * observed_len_ : nullptr;
-      cuda::attentionPrefill(blas_, qkv, W, d_pos, positions_host_.data() + longest_, T_, part_.q_heads, L.K.get(),
-                             L.V.get(), L.pos.get(), positions_host_.data(), longest_ + T_, part_.kv_heads, hd,
-                             capacity_, scale, ctx, size_t(1) << 30, observed, observe_from_, observed_rows_ > 1);
+      float* observed = observe ? observed_.get() + size_t(layer) * H * observed_rows_ * observed_len_ : nullptr;
+      cuda::attentionPrefill(blas_, qkv, W, d_pos, positions_host_.data() + longest_, T_, part_.q_heads, K, V, k_pos,
+                             positions_host_.data(), longest_ + T_, H, hd, capacity, scale, ctx, size_t(1) << 30,
+                             observed, observe_from_, observed_rows_ > 1);
     }
     rowParallel(ctx, T_, Q, L.wo.get(), L.bo.get(), x);
   }
@@ -441,8 +479,8 @@ class GpuEngine : public Engine {
   int longest_ = 0, capacity_ = 0;
   bool uniform_ = true;
   std::vector<int> positions_host_;
-  // Compression: the policy, the host mirror it decides on, the prefill's observation sums
-  // [layer][kv_head][observed_len_] (0: none pending).
+  // Compression: the policy, the host mirror it decides on, the prefill's observed probabilities
+  // [layer][kv_head][observed_rows_][observed_len_] (observed_len_ 0: none pending).
   kv::Policy policy_;
   kv::KVCache mirror_;
   std::vector<std::vector<int32_t>> row_positions_;  // per (layer, KV head): its device rows' positions
@@ -452,6 +490,10 @@ class GpuEngine : public Engine {
   // A decode step's probabilities [layer][kv_head][capacity], for policies that evict as they decode.
   DeviceBuffer<float> weights_;
   bool weights_pending_ = false;
+  // An int8 cache (GpuLayer::K8...), and the stage a many-row step reads it through in T.
+  const bool int8_;
+  DeviceBuffer<T> stage_k_, stage_v_;
+  DeviceBuffer<int> stage_pos_;
   const bool time_collectives_;
   cuda::StreamTimer collectives_;  // GPU time inside NCCL collectives (tp > 1); outlives the graph
   cuda::GraphReplay decode_graph_;

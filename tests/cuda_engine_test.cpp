@@ -121,34 +121,46 @@ TEST(CudaEngine, DecodeThroughAGrowingCacheMatchesPrefill) {
   EXPECT_LE(worst, 1e-4);
 }
 
-// Eviction on the device keeps the same tokens as the CPU: fp32 log-probs within 1e-3, the same
-// KV bytes. A 384-token prefill, then 127 tokens decoded one by one over heads of different
-// lengths: SnapKV / PyramidKV compress the prompt at its end (from the prefill's observed rows),
-// with SCOPE's slide after it; H2O and Scissorhands score every step (H2O from every prefill row,
-// Scissorhands from its last `history` rows, then each decode step's probabilities);
-// StreamingLLM keeps sinks and the most recent tokens.
-TEST(CudaEngine, EvictionMatchesTheCpu) {
+// Compression on the device keeps the same tokens, stored alike, as the CPU: fp32 log-probs
+// within 1e-3, the same KV bytes. A 384-token prefill, then 127 tokens decoded one by one over
+// heads of different lengths: SnapKV / PyramidKV compress the prompt at its end (from the
+// prefill's observed rows), with SCOPE's slide after it; H2O and Scissorhands score every step
+// (H2O from every prefill row, Scissorhands from its last `history` rows, then each decode
+// step's probabilities); StreamingLLM keeps sinks and the most recent tokens; int8 storage alone
+// and under H2O.
+TEST(CudaEngine, CompressionMatchesTheCpu) {
   REQUIRE_GPUS(1);
-  for (const char* kv : {"snapkv:budget=0.2", "pyramidkv:budget=0.3,window=16", "h2o:budget=0.2",
-                         "scissorhands:budget=0.25,history=16", "streamingllm:budget=0.2",
-                         "snapkv:budget=0.2,decode=slide,decode_budget=32"}) {
+  const std::vector<std::pair<std::string, std::string>> specs = {
+      {"snapkv:budget=0.2", ""}, {"pyramidkv:budget=0.3,window=16", ""}, {"h2o:budget=0.2", ""},
+      {"scissorhands:budget=0.25,history=16", ""}, {"streamingllm:budget=0.2", ""},
+      {"snapkv:budget=0.2,decode=slide,decode_budget=32", ""}, {"", "int8"}, {"h2o:budget=0.3", "int8"}};
+  for (const auto& [kv, quant] : specs) {
+    const std::string name = kv + (quant.empty() ? "" : " + " + quant);
     PplJob job = test::heldOutC4Job(512, 2, Mode::Decode);
     job.prefill = 384;
     job.kv = kv;
+    job.kv_quant = quant;
     const auto cpu = runPplJob(job);
     job.device = "cuda";
     job.dtype = "fp32";
     const auto gpu = runPplJob(job);
     ASSERT_EQ(gpu.result.tokens, cpu.result.tokens);
-    double worst = 0;
+    double worst = 0, sum = 0;
     for (size_t s = 0; s < gpu.result.sequences.size(); ++s)
-      for (size_t i = 0; i < gpu.result.sequences[s].logprobs.size(); ++i)
-        worst = std::max(worst, std::abs(gpu.result.sequences[s].logprobs[i] - cpu.result.sequences[s].logprobs[i]));
-    EXPECT_LE(worst, 1e-3) << kv;
-    EXPECT_EQ(gpu.kv_bytes_steady, cpu.kv_bytes_steady) << kv;
-    EXPECT_LT(gpu.kv_bytes_steady[0], gpu.kv_bytes_full[0] / 2) << kv << ": the cache was compressed";
-    std::printf("%s: max |log-prob difference| GPU vs CPU %.3g, KV held %lld of %lld bytes\n", kv, worst,
-                (long long)gpu.kv_bytes_steady[0], (long long)gpu.kv_bytes_full[0]);
+      for (size_t i = 0; i < gpu.result.sequences[s].logprobs.size(); ++i) {
+        const double d = std::abs(gpu.result.sequences[s].logprobs[i] - cpu.result.sequences[s].logprobs[i]);
+        worst = std::max(worst, d), sum += d;
+      }
+    // int8: a key or value whose x / step lands within float error of a rounding boundary can get
+    // the neighbouring code on one backend (the devices' projections differ in the last bits):
+    // an error of one step in one channel, so a looser bound on the worst token, the same on the mean.
+    EXPECT_LE(worst, quant.empty() ? 1e-3 : 1e-2) << name;
+    EXPECT_LE(sum / double(cpu.result.tokens), 1e-4) << name;
+    EXPECT_EQ(gpu.kv_bytes_steady, cpu.kv_bytes_steady) << name;
+    EXPECT_LT(gpu.kv_bytes_steady[0], gpu.kv_bytes_full[0] * 0.6) << name << ": the cache was compressed";
+    std::printf("%s: |log-prob difference| GPU vs CPU max %.3g mean %.3g, KV held %lld of %lld bytes\n", name.c_str(),
+                worst, sum / double(cpu.result.tokens), (long long)gpu.kv_bytes_steady[0],
+                (long long)gpu.kv_bytes_full[0]);
   }
 }
 
@@ -159,7 +171,7 @@ TEST(CudaEngine, CompressedCacheIsRefusedClearly) {
   job.input_ids = "tests/data/synthetic_ids.txt";
   job.device = "cuda";
   job.mode = Mode::Decode;
-  job.kv_quant = "int8";
+  job.kv_quant = "kivi:bits=2";
   try {
     runPplJob(job);
     FAIL() << "expected an error";

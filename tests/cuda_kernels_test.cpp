@@ -10,6 +10,7 @@
 #include "kernels/cpu_ops.h"
 #include "kernels/cuda/cuda_ops.h"
 #include "kernels/cuda/forward_ops.h"
+#include "kv/kv_cache.h"
 
 namespace kvtp {
 namespace {
@@ -305,6 +306,87 @@ TEST(CudaKernels, AttentionOverHeadsOfDifferentLengths) {
     EXPECT_EQ(std::count(want_weights.begin(), want_weights.begin() + lengths[0], 0.0f), 1000 - 751)
         << "head 0's entries past position 1500 are unseen";
   }
+}
+
+// An int8 cache (kv::KVCache's Int8 form) on the device: the step's new row quantized as the CPU
+// quantizes (the same codes and steps), attention over the older rows as codes x step and the new
+// row at full precision (the CPU quantizes a step's rows after it), and rows back to float for
+// the prefill's stage. Heads of different lengths.
+TEST(CudaKernels, Int8CacheMatchesCpu) {
+  REQUIRE_GPU();
+  const int heads = 8, kv_heads = 2, hd = 64, capacity = 300, Q = heads * hd, KV = kv_heads * hd, W = Q + 2 * KV;
+  const std::vector<int> old = {200, 57}, lengths = {201, 58};
+  const float scale = 1.0f / std::sqrt(float(hd));
+  // The older rows, quantized on the host.
+  auto K = randn(size_t(kv_heads) * capacity * hd), V = randn(K.size(), 3.0f);
+  std::vector<int8_t> K8(K.size()), V8(V.size());
+  std::vector<float> k_step(size_t(kv_heads) * capacity), v_step(k_step.size());
+  std::vector<int> k_pos(k_step.size(), 1 << 30), q_pos = {500}, first = old;
+  auto quantize = [&](const float* x, int8_t* codes, float& step) {
+    step = kv::fitInt8(x, hd);
+    for (int c = 0; c < hd; ++c) codes[c] = int8_t(kv::encodeInt8(x[c], step));
+  };
+  for (int g = 0; g < kv_heads; ++g)
+    for (int l = 0; l < old[g]; ++l) {
+      const size_t r = size_t(g) * capacity + l;
+      quantize(&K[r * hd], &K8[r * hd], k_step[r]);
+      quantize(&V[r * hd], &V8[r * hd], v_step[r]);
+      k_pos[r] = 2 * l + g;
+    }
+  const auto qkv = randn(W);
+  DeviceBuffer<int8_t> dK8(K8), dV8(V8);
+  DeviceBuffer<float> dks(k_step), dvs(v_step), dqkv(qkv), dout(poisoned(size_t(heads) * hd));
+  DeviceBuffer<int> dpos(k_pos), dqp(q_pos), dfirst(first), dlen(lengths);
+  const cuda::Int8Append cache{hd, dK8.get(), dV8.get(), dks.get(), dvs.get(), dpos.get(), capacity, dqkv.get(), W,
+                               Q, Q + KV, dfirst.get(), dqp.get()};
+  cuda::quantizeAppend(1, kv_heads, cache);
+  const cuda::Int8Rows rows{dks.get(), dvs.get(), dqkv.get() + Q, dqkv.get() + Q + KV, W, dfirst.get()};
+  cuda::attention(dqkv.get(), W, dqp.get(), 1, heads, dK8.get(), dV8.get(), dpos.get(), capacity, kv_heads, hd,
+                  int64_t(capacity) * hd, scale, dout.get(), dlen.get(), capacity, nullptr, &rows);
+
+  // The new row on the host: quantized the same way; attention over dequantized older rows + it.
+  std::vector<float> deq(size_t(capacity) * hd), deq_v(deq.size()), want(size_t(heads) * hd);
+  const auto got_K8 = dK8.download(), got_V8 = dV8.download();
+  const auto got_ks = dks.download(), got_vs = dvs.download();
+  const auto got_pos = dpos.download();
+  for (int g = 0; g < kv_heads; ++g) {
+    const size_t r = size_t(g) * capacity + old[g];
+    quantize(&qkv[Q + g * hd], &K8[r * hd], k_step[r]);
+    quantize(&qkv[Q + KV + g * hd], &V8[r * hd], v_step[r]);
+    EXPECT_TRUE(std::equal(K8.begin() + r * hd, K8.begin() + (r + 1) * hd, got_K8.begin() + r * hd)) << "key codes";
+    EXPECT_TRUE(std::equal(V8.begin() + r * hd, V8.begin() + (r + 1) * hd, got_V8.begin() + r * hd)) << "value codes";
+    EXPECT_EQ(got_ks[r], k_step[r]);
+    EXPECT_EQ(got_vs[r], v_step[r]);
+    EXPECT_EQ(got_pos[r], q_pos[0]);
+    std::vector<int> pos(got_pos.begin() + size_t(g) * capacity, got_pos.begin() + size_t(g) * capacity + lengths[g]);
+    for (int l = 0; l < lengths[g]; ++l)
+      for (int c = 0; c < hd; ++c) {
+        const size_t e = (size_t(g) * capacity + l) * hd + c;
+        deq[size_t(l) * hd + c] = l < old[g] ? float(K8[e]) * k_step[size_t(g) * capacity + l] : qkv[Q + g * hd + c];
+        deq_v[size_t(l) * hd + c] = l < old[g] ? float(V8[e]) * v_step[size_t(g) * capacity + l] : qkv[Q + KV + g * hd + c];
+      }
+    for (int h = g * (heads / kv_heads); h < (g + 1) * (heads / kv_heads); ++h)
+      kernels::attendHead(qkv.data() + h * hd, W, q_pos.data(), 1, deq.data(), deq_v.data(), pos.data(), lengths[g], hd,
+                          scale, want.data() + h * hd, heads * hd);
+  }
+  EXPECT_LE(relError(dout.download(), want), 1e-5);
+
+  // Back to float: every head's first 57 rows, into a stage of 60 rows a head.
+  const int count = 57, stage = 60;
+  DeviceBuffer<float> sK(poisoned(size_t(kv_heads) * stage * hd)), sV(poisoned(sK.size()));
+  DeviceBuffer<int> sp(std::vector<int>(size_t(kv_heads) * stage, -1));
+  cuda::dequantizeRows(cache, kv_heads, count, sK.get(), sV.get(), sp.get(), stage);
+  const auto gK = sK.download(), gV = sV.download();
+  const auto gp = sp.download();
+  for (int g = 0; g < kv_heads; ++g)
+    for (int l = 0; l < count; ++l) {
+      const size_t from = size_t(g) * capacity + l, to = size_t(g) * stage + l;
+      EXPECT_EQ(gp[to], k_pos[from]);
+      for (int c = 0; c < hd; c += 13) {
+        EXPECT_EQ(gK[to * hd + c], float(K8[from * hd + c]) * k_step[from]);
+        EXPECT_EQ(gV[to * hd + c], float(V8[from * hd + c]) * v_step[from]);
+      }
+    }
 }
 
 // Eviction on the device: each head keeps its own ascending rows, moved to the front with their

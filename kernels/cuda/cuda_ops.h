@@ -33,13 +33,28 @@ void applyRope(float* x, int T, int heads, int head_dim, const int* positions, c
 // A compressed cache (heads of different lengths): `lengths` (device, kv_heads) replaces L per
 // head (L is then a bound on them, e.g. the capacity: the launch depends on L alone) and KV head
 // g's positions start at k_pos + g * pos_stride.
+// An int8 cache (KT = int8_t) passes `int8`: see Int8Rows.
 // weights, if not null: (T, kv_heads, L) float, the attention probabilities of each KV head's
 // entries summed over its query heads (what eviction policies score by; 0 for an entry the query
 // does not see; entries past a head's length are left as they were).
+struct Int8Rows;
 template <class KT, class OT>
 void attention(const float* q, int q_stride, const int* q_pos, int T, int heads, const KT* K, const KT* V,
                const int* k_pos, int L, int kv_heads, int head_dim, int64_t head_stride, float scale, OT* out,
-               const int* lengths = nullptr, int64_t pos_stride = 0, float* weights = nullptr);
+               const int* lengths = nullptr, int64_t pos_stride = 0, float* weights = nullptr,
+               const Int8Rows* int8 = nullptr);
+
+// How attention reads an int8 cache (kv::KVCache's Int8 form): row l of KV head g is its codes x
+// the row's step (k_step / v_step [g * pos_stride + l]) — except the rows this step appended
+// (l >= fresh_from[g]), which it reads at full precision from the step's projection: the key of
+// the j-th new row at fresh_k + j * fresh_stride + g * head_dim (values likewise), as the CPU
+// quantizes a step's rows only after the step.
+struct Int8Rows {
+  const float *k_step, *v_step;
+  const float *fresh_k, *fresh_v;
+  int64_t fresh_stride;
+  const int* fresh_from;
+};
 
 // Per row of logits (T, V_shard): max, sum of exp(logit - max), target logit (as the CPU twin).
 void softmaxPartials(const float* logits, int T, int V_shard, int vocab_offset, const int* targets,

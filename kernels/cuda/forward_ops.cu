@@ -71,7 +71,7 @@ __device__ void ropeAppendPair(const KvAppend<T>& kv, int t, int head, int j, fl
   }
   row[head * hd + j] = x0;
   row[head * hd + j + half] = x1;
-  if (head < kv.q_heads) return;
+  if (head < kv.q_heads || !kv.K) return;
   const int g = head - kv.q_heads;
   const int64_t slot = g * kv.capacity + kv.first_slots[g] + t;
   kv.K[slot * hd + j] = fromFloat<T>(x0);
@@ -83,7 +83,7 @@ __device__ void ropeAppendPair(const KvAppend<T>& kv, int t, int head, int j, fl
 template <class T>
 __device__ void appendValue(const KvAppend<T>& kv, int t, int c, float v) {
   const int hd = kv.head_dim, g = c / hd;
-  kv.V[(g * kv.capacity + kv.first_slots[g] + t) * hd + c % hd] = fromFloat<T>(v);
+  if (kv.V) kv.V[(g * kv.capacity + kv.first_slots[g] + t) * hd + c % hd] = fromFloat<T>(v);
 }
 
 template <class T, Epilogue E>
@@ -379,7 +379,7 @@ __global__ void gatherRows(const T* K, const T* V, const int* k_pos, int64_t cap
     sk[to * hd + d] = K[from * hd + d];
     sv[to * hd + d] = V[from * hd + d];
   }
-  if (threadIdx.x == 0) sp[to] = k_pos[from];
+  if (threadIdx.x == 0 && k_pos) sp[to] = k_pos[from];
 }
 
 template <class T>
@@ -392,7 +392,38 @@ __global__ void scatterRows(T* K, T* V, int* k_pos, int64_t capacity, int hd, co
     K[to * hd + d] = sk[from * hd + d];
     V[to * hd + d] = sv[from * hd + d];
   }
-  if (threadIdx.x == 0) k_pos[to] = sp[from];
+  if (threadIdx.x == 0 && k_pos) k_pos[to] = sp[from];
+}
+
+// One warp per (new row t, KV head g, key or value): the row's step = max|x| / 127 and its codes
+// round(x / step) in [-127, 127] (kv::fitInt8 / encodeInt8, round half to even as nearbyint),
+// at slot first_slots[g] + t; the key's warp writes the position.
+__global__ void quantizeAppendKernel(Int8Append a) {
+  const int t = blockIdx.x, g = blockIdx.y, is_v = blockIdx.z, lane = threadIdx.x;
+  const float* x = a.qkv + int64_t(t) * a.qkv_stride + (is_v ? a.v_offset : a.k_offset) + g * a.head_dim;
+  float mx = 0.0f;
+  for (int c = lane; c < a.head_dim; c += 32) mx = fmaxf(mx, fabsf(x[c]));
+  const float step = warpMax(mx) / 127.0f;
+  const int64_t slot = g * a.capacity + a.first_slots[g] + t;
+  int8_t* codes = (is_v ? a.V : a.K) + slot * a.head_dim;
+  for (int c = lane; c < a.head_dim; c += 32)
+    codes[c] = int8_t(step > 0.0f ? fminf(fmaxf(rintf(x[c] / step), -127.0f), 127.0f) : 0.0f);
+  if (lane == 0) (is_v ? a.v_step : a.k_step)[slot] = step;
+  if (lane == 0 && !is_v) a.k_pos[slot] = a.positions[t];
+}
+
+// Rows [0, count) of every KV head of an int8 cache back to full precision in T, with their
+// positions, into a (kv_heads, stage_capacity) stage.
+template <class T>
+__global__ void dequantizeKernel(Int8Append a, int count, T* K, T* V, int* k_pos, int64_t stage_capacity) {
+  const int l = blockIdx.x, g = blockIdx.y;
+  if (l >= count) return;
+  const int64_t from = g * a.capacity + l, to = g * stage_capacity + l;
+  for (int c = threadIdx.x; c < a.head_dim; c += blockDim.x) {
+    K[to * a.head_dim + c] = fromFloat<T>(float(a.K[from * a.head_dim + c]) * a.k_step[from]);
+    V[to * a.head_dim + c] = fromFloat<T>(float(a.V[from * a.head_dim + c]) * a.v_step[from]);
+  }
+  if (threadIdx.x == 0) k_pos[to] = a.k_pos[from];
 }
 
 template <class T>
@@ -410,6 +441,19 @@ void compactKV(T* K, T* V, int* k_pos, int64_t capacity, int kv_heads, int head_
   gatherRows<<<grid, threads>>>(K, V, k_pos, capacity, head_dim, keep, kept, max_kept, sk, sv, sp);
   KVTP_CUDA_LAUNCHED();
   scatterRows<<<grid, threads>>>(K, V, k_pos, capacity, head_dim, kept, max_kept, sk, sv, sp);
+  KVTP_CUDA_LAUNCHED();
+}
+
+void quantizeAppend(int rows, int kv_heads, const Int8Append& a) {
+  if (rows == 0) return;
+  quantizeAppendKernel<<<dim3(rows, kv_heads, 2), 32>>>(a);
+  KVTP_CUDA_LAUNCHED();
+}
+
+template <class T>
+void dequantizeRows(const Int8Append& a, int kv_heads, int count, T* K, T* V, int* k_pos, int64_t stage_capacity) {
+  if (count == 0) return;
+  dequantizeKernel<<<dim3(count, kv_heads), std::min(a.head_dim, 128)>>>(a, count, K, V, k_pos, stage_capacity);
   KVTP_CUDA_LAUNCHED();
 }
 
@@ -483,6 +527,7 @@ void attentionPrefill(const Blas& blas, const float* q, int64_t q_stride, const 
   template void rmsNormTo<T>(const float*, int, int, const float*, float, T*);                                      \
   template void ropeAppendKV<T>(float*, int, const KvAppend<T>&);                                                   \
   template void compactKV<T>(T*, T*, int*, int64_t, int, int, const int*, const int*, int);                         \
+  template void dequantizeRows<T>(const Int8Append&, int, int, T*, T*, int*, int64_t);                              \
   template void attentionPrefill<T>(const Blas&, const float*, int64_t, const int*, const int*, int, int, const T*, \
                                     const T*, const int*, const int*, int, int, int, int64_t, float, T*, size_t,    \
                                     float*, int, bool);
@@ -490,5 +535,6 @@ KVTP_FORWARD_OPS(float)
 KVTP_FORWARD_OPS(__half)
 KVTP_FORWARD_OPS(__nv_bfloat16)
 #undef KVTP_FORWARD_OPS
+template void compactKV<int8_t>(int8_t*, int8_t*, int*, int64_t, int, int, const int*, const int*, int);
 
 }  // namespace kvtp::cuda

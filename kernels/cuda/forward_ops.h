@@ -38,7 +38,8 @@ void ropeTable(const int* positions, int rows, int head_dim, const float* inv_fr
 // the ropeTable; skipped when rope is null) on the Q and K heads in place,
 // then K and V appended to the cache at slots first_slots[h].. of each KV head h (device array:
 // heads hold different counts once compressed): cache[(h * capacity + slot) * head_dim + d], and
-// the rows' positions to k_pos[h * capacity + slot].
+// the rows' positions to k_pos[h * capacity + slot]. K and V null: RoPE only (an int8 cache
+// appends the rotated rows from qkv with quantizeAppend).
 template <class T>
 struct KvAppend {
   int q_heads, kv_heads, head_dim;
@@ -74,8 +75,31 @@ void layerNormTo(const float* x, int rows, int dim, const float* w, const float*
 template <class O>
 void rmsNormTo(const float* x, int rows, int dim, const float* w, float eps, O* y);
 
+// An int8 cache (kv::KVCache's Int8 form) on the device, [kv_head][capacity] rows of head_dim
+// codes with a float step each for keys and values, and where this step's rows are: the float
+// projection qkv (rows of qkv_stride; keys at k_offset, values at v_offset, after RoPE), to land
+// at each KV head's slots first_slots[g] + t with `positions`.
+struct Int8Append {
+  int head_dim;
+  int8_t *K, *V;
+  float *k_step, *v_step;
+  int* k_pos;
+  int64_t capacity;
+  const float* qkv;
+  int64_t qkv_stride, k_offset, v_offset;
+  const int* first_slots;
+  const int* positions;
+};
+// The new rows quantized into the cache, with their positions.
+void quantizeAppend(int rows, int kv_heads, const Int8Append& cache);
+// Rows [0, count) of every head back to T, with positions, into a stage laid out as a T cache of
+// stage_capacity rows per head (what the prefill attention reads).
+template <class T>
+void dequantizeRows(const Int8Append& cache, int kv_heads, int count, T* K, T* V, int* k_pos, int64_t stage_capacity);
+
 // Eviction on the device: KV head h keeps its rows keep[h * max_kept + j] for j < kept[h] (ascending
-// slots), moved with their positions to slots 0.. kept[h] - 1. keep and kept are device arrays.
+// slots), moved with their positions (unless k_pos is null) to slots 0.. kept[h] - 1. keep and
+// kept are device arrays. Rows of head_dim elements: an int8 cache's codes, or (head_dim 1) its steps.
 template <class T>
 void compactKV(T* K, T* V, int* k_pos, int64_t capacity, int kv_heads, int head_dim, const int* keep, const int* kept,
                int max_kept);
