@@ -226,8 +226,10 @@ void Policy::project(KVCache& cache) const {
 // query heads' share, so the step's blocks are first summed over the ranks holding that head.
 void Policy::score(KVCache& cache, const StepAttention& attn, bool prefill) {
   const int L = lay_.layers, H = lay_.local_kv_heads, T = attn.T;
-  std::vector<std::vector<float>> blocks = attn.blocks;
-  if (lay_.replicated && group_ && group_->size() > 1) {
+  std::vector<std::vector<float>> summed;  // replicated heads: the blocks summed over ranks
+  const std::vector<std::vector<float>>& blocks = lay_.replicated && group_ && group_->size() > 1 ? summed : attn.blocks;
+  if (&blocks == &summed) {
+    summed = attn.blocks;
     // Global layout: one slot per (layer, global KV head), T x length each; non-holders add 0.
     std::vector<int64_t> len(size_t(L) * lay_.global_kv_heads, 0);
     for (int l = 0; l < L; ++l)
@@ -243,7 +245,7 @@ void Policy::score(KVCache& cache, const StepAttention& attn, bool prefill) {
     for (int l = 0; l < L; ++l)
       for (int h = 0; h < H; ++h) {
         const int g = globalIndex(l, h);
-        blocks[l * H + h].assign(all.begin() + off[g], all.begin() + off[g + 1]);
+        summed[l * H + h].assign(all.begin() + off[g], all.begin() + off[g + 1]);
       }
   }
   for (int l = 0; l < L; ++l)

@@ -70,18 +70,25 @@ compressedRuns() {  # inputs under scale/: the coordinator reads files below its
   $mpi_ppl "$@" --device cuda --json > "$out/${name}_full.json"
   for f in "grpc_${name}_snapkv" "${name}_pyramidkv" "${name}_full"; do summary "$out/$f.json"; done
 }
-# KV compression on the GPU (SnapKV/PyramidKV, the prompt compressed at its end): Llama-2-7B decode
-# at 2k/8k/32k with and without a 20 % budget; with 2+ GPUs, OPT-66B at tp = GPUs (2048 positions
+# KV compression on the GPU: Llama-2-7B decode at 2k/8k/32k full, int8, SnapKV at a 20 % budget
+# (the prompt compressed at its end) with and without int8, the per-step methods at 2k/8k; with 2+ GPUs, OPT-66B at tp = GPUs (2048 positions
 # at most): a 1536-token prompt then 511 decoded tokens, through the control plane (snapkv) and
 # mpirun (pyramidkv, full).
 if want kv; then
-  timeout 150 .bundle/kvtp bench --device cuda --synthetic llama-2-7b --contexts 2048,8192,32768 --kv snapkv:budget=0.2 --json > "$out/bench_snapkv.json"
-  timeout 150 .bundle/kvtp bench --device cuda --synthetic llama-2-7b --contexts 2048,8192,32768 --json > "$out/bench_full.json"
+  bench7b="timeout 150 .bundle/kvtp bench --device cuda --synthetic llama-2-7b --json"
+  $bench7b --contexts 2048,8192,32768 --kv snapkv:budget=0.2 > "$out/bench_snapkv.json"
+  $bench7b --contexts 2048,8192,32768 > "$out/bench_full.json"
+  $bench7b --contexts 2048,8192,32768 --kv-quant int8 > "$out/bench_int8.json"
+  $bench7b --contexts 2048,8192,32768 --kv snapkv:budget=0.2 --kv-quant int8 > "$out/bench_snapkv_int8.json"
+  # The per-step methods decide on the host every step: 2k and 8k only.
+  for kv in h2o streamingllm scissorhands; do
+    $bench7b --contexts 2048,8192 --kv $kv:budget=0.2 > "$out/bench_$kv.json"
+  done
   python3 -c "
 import json,sys
 for f in sys.argv[1:]:
   for d in json.load(open(f))['models'][0]['decode']: print(f.split('/')[-1], d['context'], d['kv'], round(d['kv_bytes']/2**20), 'MiB', round(d['ms_per_token'],3), 'ms', round(100*d['ratio_to_floor'],1), '% of floor')
-" "$out/bench_snapkv.json" "$out/bench_full.json"
+" "$out"/bench_full.json "$out"/bench_int8.json "$out"/bench_snapkv*.json "$out"/bench_h2o.json "$out"/bench_streamingllm.json "$out"/bench_scissorhands.json
   [ "$gpus" -ge 2 ] && compressedRuns opt66b --synthetic opt-66b --input-ids scale/ids2048.txt --max-windows 1 \
     --mode decode --prefill 1536
 fi
