@@ -88,7 +88,21 @@ void KVCache::append(int layer, const float* k, const float* v, const int* posit
   }
 }
 
-void KVCache::retain(int layer, int head, const std::vector<int>& keep) { rebuild(layer, head, keep, {}); }
+void KVCache::retain(int layer, int head, const std::vector<int>& keep) {
+  if (!rows_on_device_) return rebuild(layer, head, keep, {});
+  // A mirror holds no rows: its per-entry fields compacted in place (a decode step retains in
+  // every head of the model).
+  HeadCache& c = this->head(layer, head);
+  int prev = -1;
+  size_t j = 0;
+  for (int i : keep) {
+    if (i <= prev || i >= c.length()) throw std::out_of_range("KVCache::retain: indices must ascend within the head");
+    prev = i;
+    c.positions[j] = c.positions[i], c.score[j] = c.score[i], c.history[j] = c.history[i], c.form[j] = c.form[i];
+    ++j;
+  }
+  c.positions.resize(j), c.score.resize(j), c.history.resize(j), c.form.resize(j);
+}
 
 void KVCache::clear() {
   for (auto& c : heads_) c = HeadCache{};

@@ -347,50 +347,43 @@ void Policy::evict(KVCache& cache, int last_pos, bool prefill) {
     budget[p] = int64_t(std::ceil(share));
   }
 
+  // Entry e of the table (in (layer, head, position) order, the tie-break order) is kept if
+  // keep[e]; the rest compete per pool.
   std::vector<std::vector<Candidate>>& free = candidates_;
   free.resize(pools);
   for (auto& f : free) f.clear();
   std::vector<int64_t> kept(pools, 0);
-  std::vector<std::vector<uint8_t>> keep(lens.size());
+  std::vector<uint8_t>& keep = keep_;
+  keep.assign(size_t(off.back()), 0);
   for (int l = 0; l < L; ++l)
     for (int gh = 0; gh < G; ++gh) {
-      const size_t g = size_t(l) * G + gh;
-      keep[g].assign(size_t(lens[g]), 0);
-      for (int64_t i = off[g]; i < off[g + 1]; ++i) {
-        const int pos = int(table[size_t(i) * 2]);
-        const int idx = int(i - off[g]);
-        if (pos < spec_.sinks || pos > last_pos - spec_.recent) {  // protected
-          keep[g][idx] = 1;
-          ++kept[poolOf(l, gh)];
-        } else {
-          free[poolOf(l, gh)].push_back({table[size_t(i) * 2 + 1], l, gh, pos, idx});
-        }
+      const int p = poolOf(l, gh);
+      for (int64_t e = off[size_t(l) * G + gh]; e < off[size_t(l) * G + gh + 1]; ++e) {
+        const int pos = int(table[size_t(e) * 2]);
+        if (pos < spec_.sinks || pos > last_pos - spec_.recent) keep[e] = 1, ++kept[p];  // protected
+        else free[p].push_back({table[size_t(e) * 2 + 1], e});
       }
     }
   for (int p = 0; p < pools; ++p) {
     auto& f = free[p];
-    const int64_t room = std::max<int64_t>(0, budget[p] - kept[p]);
-    if (int64_t(f.size()) <= room) {
-      for (auto& c : f) keep[size_t(c.layer) * G + c.head][c.index] = 1;
-      continue;
-    }
-    // The `room` best, ties broken by (layer, head, position): a strict total order, so the set
-    // is the one a full sort would give, found in linear time (a decode step evicts a handful of
-    // entries out of every head's).
-    std::nth_element(f.begin(), f.begin() + room, f.end(), [](const Candidate& a, const Candidate& b) {
-      if (a.score != b.score) return a.score > b.score;
-      if (a.layer != b.layer) return a.layer < b.layer;
-      if (a.head != b.head) return a.head < b.head;
-      return a.pos < b.pos;
-    });
-    for (int64_t k = 0; k < room; ++k) keep[size_t(f[k].layer) * G + f[k].head][f[k].index] = 1;
+    const int64_t room = std::min<int64_t>(std::max<int64_t>(0, budget[p] - kept[p]), int64_t(f.size()));
+    // The `room` best, ties broken by table order: a strict total order, so the set is the one a
+    // full sort would give, found in linear time (a decode step evicts a handful of entries out
+    // of every head's).
+    if (room < int64_t(f.size()))
+      std::nth_element(f.begin(), f.begin() + room, f.end(), [](const Candidate& a, const Candidate& b) {
+        return a.score != b.score ? a.score > b.score : a.entry < b.entry;
+      });
+    for (int64_t k = 0; k < room; ++k) keep[f[k].entry] = 1;
   }
+  std::vector<int> idx;
   for (int l = 0; l < L; ++l)
     for (int h = 0; h < H; ++h) {
-      const auto& k = keep[globalIndex(l, h)];
-      if (std::find(k.begin(), k.end(), 0) == k.end()) continue;
-      std::vector<int> idx;
-      for (int i = 0; i < int(k.size()); ++i)
+      const uint8_t* k = keep.data() + off[globalIndex(l, h)];
+      const int n = cache.head(l, h).length();
+      if (std::find(k, k + n, 0) == k + n) continue;
+      idx.clear();
+      for (int i = 0; i < n; ++i)
         if (k[i]) idx.push_back(i);
       cache.retain(l, h, idx);
     }

@@ -120,10 +120,11 @@ class Policy {
   // head, position (older first) — the same on every rank.
   struct Candidate {
     double score;
-    int layer, head, pos, index;
+    int64_t entry;  // in the table of every entry, laid out by (layer, head, position)
   };
   std::vector<double> table_;
   std::vector<std::vector<Candidate>> candidates_;  // per competition pool
+  std::vector<uint8_t> keep_;                       // per entry of the table
 };
 
 }  // namespace kvtp::kv
