@@ -156,6 +156,13 @@ TEST(CudaEngine, CompressionMatchesTheCpu) {
     // an error of one step in one channel, so a looser bound on the worst token, the same on the mean.
     EXPECT_LE(worst, quant.empty() ? 1e-3 : 1e-2) << name;
     EXPECT_LE(sum / double(cpu.result.tokens), 1e-4) << name;
+    if (!quant.empty()) {  // fp16: the prefill reads the int8 cache through an fp16 stage (flash attention)
+      job.dtype = "fp16";
+      const auto half = runPplJob(job);
+      const double rel = std::abs(half.result.ppl() - cpu.result.ppl()) / cpu.result.ppl();
+      EXPECT_LE(rel, 1e-2) << name << " fp16";
+      std::printf("%s fp16: ppl %.4f vs the CPU's %.4f\n", name.c_str(), half.result.ppl(), cpu.result.ppl());
+    }
     EXPECT_EQ(gpu.kv_bytes_steady, cpu.kv_bytes_steady) << name;
     EXPECT_LT(gpu.kv_bytes_steady[0], gpu.kv_bytes_full[0] * 0.6) << name << ": the cache was compressed";
     std::printf("%s: |log-prob difference| GPU vs CPU max %.3g mean %.3g, KV held %lld of %lld bytes\n", name.c_str(),
@@ -182,13 +189,15 @@ TEST(CudaEngine, CompressedCacheIsRefusedClearly) {
 
 // Tensor parallel over NCCL: mpirun -np 2 with one GPU per rank gives tp 1's log-probs.
 // With SnapKV's global budget, settled over the host group, the ranks keep the same tokens as tp 1
-// (the same log-probs).
+// (the same log-probs); likewise H2O deciding every step over an int8 cache.
 TEST(CudaEngine, TensorParallelTwoGpusMatchesOne) {
   REQUIRE_GPUS(2);
   for (const std::string args :
        {" ppl --model tests/fixtures/models/llama3-gqa --input-ids tests/fixtures/models/llama3-gqa/input_ids.txt",
         " ppl --model models/kvtp-llama-2m --data data/c4/c4-heldout-200.json.gz --seq-len 256 --max-windows 2"
-        " --mode decode --prefill 192 --kv snapkv:budget=0.3"}) {
+        " --mode decode --prefill 192 --kv snapkv:budget=0.3",
+        " ppl --model models/kvtp-llama-2m --data data/c4/c4-heldout-200.json.gz --seq-len 256 --max-windows 2"
+        " --mode decode --prefill 192 --kv h2o:budget=0.3 --kv-quant int8"}) {
     const std::string cmd = args + " --device cuda --dtype fp32 --json --time-collectives";
     const auto one = test::run(test::kvtpBinary() + cmd);
     ASSERT_EQ(one.status, 0) << one.err;
@@ -199,7 +208,10 @@ TEST(CudaEngine, TensorParallelTwoGpusMatchesOne) {
     EXPECT_EQ(b["tp"], 2);
     EXPECT_EQ(a["tokens"], b["tokens"]);
     EXPECT_EQ(a["kv_bytes_full"], b["kv_bytes_full"]) << args;  // (held bytes are per-rank maxima, summed: not comparable)
-    EXPECT_LE(std::abs(a["ppl"].get<double>() - b["ppl"].get<double>()) / a["ppl"].get<double>(), 1e-5) << args;
+    // int8: a code may flip where tp 2's projections differ from tp 1's in the last bits (see
+    // CompressionMatchesTheCpu), so a looser bound there.
+    const double tolerance = args.find("int8") == std::string::npos ? 1e-5 : 1e-4;
+    EXPECT_LE(std::abs(a["ppl"].get<double>() - b["ppl"].get<double>()) / a["ppl"].get<double>(), tolerance) << args;
     // Asked for, the time inside the all-reduces is measured on each rank (decode steps included,
     // replayed as CUDA graphs), and is a part of the job's time; tp 1 has no collectives.
     EXPECT_EQ(a["collective_share"], 0.0);
