@@ -28,7 +28,8 @@
 //       with them, twice the rows in flight; this step's rows read at full precision from the
 //       projection. H100 7B decode at 32k: 47 ms (first form: codes converted on load, a branch
 //       per row for the new one) -> 15.3 (rows' loads before any use) -> 9.9 (packed; 10.3 with
-//       the fp16 kernel's row count); the fp16 cache: 11.1 ms.
+//       the fp16 kernel's row count); the fp16 cache: 11.1 ms. Tried: __launch_bounds__ for 4
+//       blocks an SM (64 registers, small spills) — 10.3 ms, slower.
 #include <algorithm>
 #include <cfloat>
 #include <string>
