@@ -126,7 +126,7 @@ void benchGpu(const BenchArgs& a) {
       const auto ctx = randomTokens(C + a.decode_steps + 1);
       engine->startWindow();
       engine->step(ctx.data(), pos.data(), C, 0, 0, nullptr);
-      engine->compress(C - 1, true);  // --kv: the context is the prompt, compressed at its end
+      engine->compress(C - 1, true);  // --kv: the context is the prompt (snapkv compresses it at its end)
       std::vector<double> times;
       for (int i = C; i < C + a.decode_steps; ++i) {
         const auto t0 = std::chrono::steady_clock::now();
@@ -167,7 +167,9 @@ void addBenchCommand(CLI::App& app) {
   cmd->add_option("--contexts", a->contexts, "cuda: decode context lengths")->delimiter(',');
   cmd->add_option("--decode-steps", a->decode_steps, "cuda: timed decode steps per context (median reported)")
       ->check(CLI::PositiveNumber);
-  cmd->add_option("--kv", a->kv, "cuda: compress each context as a prompt, e.g. snapkv:budget=0.2 (docs/KV.md)");
+  cmd->add_option("--kv", a->kv,
+                  "cuda: compress the cache — the prompt-once methods (snapkv, pyramidkv) each context at its end, "
+                  "the others every step — e.g. snapkv:budget=0.2 (docs/KV.md)");
   cmd->add_option("--kv-quant", a->kv_quant, "cuda: store the cache quantized: int8 (docs/KV.md)");
   cmd->add_option("--layers", a->layers, "synthetic: override the number of layers (0 = the preset's)");
   cmd->callback([a] {
