@@ -226,10 +226,9 @@ void Policy::project(KVCache& cache) const {
 // query heads' share, so the step's blocks are first summed over the ranks holding that head.
 void Policy::score(KVCache& cache, const StepAttention& attn, bool prefill) {
   const int L = lay_.layers, H = lay_.local_kv_heads, T = attn.T;
-  std::vector<std::vector<float>> summed;  // replicated heads: the blocks summed over ranks
-  const std::vector<std::vector<float>>& blocks = lay_.replicated && group_ && group_->size() > 1 ? summed : attn.blocks;
-  if (&blocks == &summed) {
-    summed = attn.blocks;
+  const bool replicated = lay_.replicated && group_ && group_->size() > 1;
+  std::vector<std::vector<float>> summed(replicated ? attn.blocks.size() : 0);  // the blocks summed over ranks
+  if (replicated) {
     // Global layout: one slot per (layer, global KV head), T x length each; non-holders add 0.
     std::vector<int64_t> len(size_t(L) * lay_.global_kv_heads, 0);
     for (int l = 0; l < L; ++l)
@@ -240,7 +239,10 @@ void Policy::score(KVCache& cache, const StepAttention& attn, bool prefill) {
     for (size_t i = 0; i < lens.size(); ++i) off[i + 1] = off[i] + int64_t(lens[i]) * T;
     std::vector<float> all(size_t(off.back()), 0.0f);
     for (int l = 0; l < L; ++l)
-      for (int h = 0; h < H; ++h) std::copy(blocks[l * H + h].begin(), blocks[l * H + h].end(), all.begin() + off[globalIndex(l, h)]);
+      for (int h = 0; h < H; ++h) {
+        const auto& b = attn.blocks[l * H + h];
+        std::copy(b.begin(), b.end(), all.begin() + off[globalIndex(l, h)]);
+      }
     group_->allReduceSum(all.data(), all.size());
     for (int l = 0; l < L; ++l)
       for (int h = 0; h < H; ++h) {
@@ -248,6 +250,7 @@ void Policy::score(KVCache& cache, const StepAttention& attn, bool prefill) {
         summed[l * H + h].assign(all.begin() + off[g], all.begin() + off[g + 1]);
       }
   }
+  const std::vector<std::vector<float>>& blocks = replicated ? summed : attn.blocks;
   // Heads are independent: in parallel (a decode step of a 7B model scores ~1M entries).
 #pragma omp parallel for collapse(2) schedule(static)
   for (int l = 0; l < L; ++l)

@@ -114,14 +114,14 @@ class Policy {
   comm::Communicator* group_;
   int prefill_end_ = 0;   // first position decoded (not part of the prompt)
   int decode_steps_ = 0;  // decode steps since the prompt
-  // evict()'s tables, kept between steps: a decode step allocating them afresh spent most of its
-  // time faulting pages in (7B shape, 8k context: 1.7M entries).
   // An entry competing for the budget, in the global order: higher score first, then layer,
   // head, position (older first) — the same on every rank.
   struct Candidate {
     double score;
     int64_t entry;  // in the table of every entry, laid out by (layer, head, position)
   };
+  // evict()'s tables, kept between steps: a decode step allocating them afresh spent most of its
+  // time faulting pages in (7B shape, 8k context: 1.7M entries).
   std::vector<double> table_;
   std::vector<std::vector<Candidate>> candidates_;  // per competition pool
   std::vector<uint8_t> keep_;                       // per entry of the table

@@ -20,7 +20,6 @@ namespace kvtp::cuda {
 __host__ __device__ inline float toFloat(float x) { return x; }
 __host__ __device__ inline float toFloat(__half x) { return __half2float(x); }
 __host__ __device__ inline float toFloat(__nv_bfloat16 x) { return __bfloat162float(x); }
-__host__ __device__ inline float toFloat(int8_t x) { return float(x); }  // an int8 cache's code
 template <class T>
 __host__ __device__ inline T fromFloat(float x) {
   if constexpr (std::is_same_v<T, __half>) return __float2half_rn(x);
