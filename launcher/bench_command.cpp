@@ -1,7 +1,8 @@
 // kvtp bench: CPU forward-pass throughput beside the sgemm rate of the same BLAS, measured in
 // the same run, so the ratio says how much of the machine the forward pass uses; with
 // --device cuda, prefill throughput and decode ms/token at several contexts beside the HBM
-// bandwidth floor (weights + KV bytes a decode step must read, at the device's peak bandwidth).
+// bandwidth floor (weights + KV bytes a decode step must read, at the device's peak bandwidth), at
+// batch 1 and 8 (--batch).
 #include <cblas.h>
 
 #include <algorithm>
@@ -12,6 +13,7 @@
 #include <random>
 
 #include "launcher/commands.h"
+#include "runtime/error.h"
 #include "runtime/gpu_engine.h"
 #include "runtime/model.h"
 #include "runtime/presets.h"
@@ -47,7 +49,7 @@ double sgemmGflops(int n, int repeats) {
 struct BenchArgs {
   std::vector<std::string> models, synthetic;
   int seq_len = 2048, repeats = 3, layers = 0, decode_steps = 32;
-  std::vector<int> contexts = {2048, 8192, 32768};
+  std::vector<int> contexts = {2048, 8192, 32768}, batches = {1, 8};
   std::string device = "cpu", dtype = "fp16", kv, kv_quant;
   bool json = false;
 };
@@ -116,36 +118,63 @@ void benchGpu(const BenchArgs& a) {
     if (!a.json)
       std::printf("%-24s prefill %5d tokens: %8.2f ms  %9.0f tok/s  %6.1f TFLOP/s\n", name.c_str(), T, 1e3 * s, T / s,
                   tflops);
-    // Decode at batch 1: after a context of C tokens, one token per step, its log-prob scored.
+    // Decode: each of `batch` sequences holds a context of C tokens (its own), then every step
+    // decodes one token of each at once, its log-prob scored; the step's time is each sequence's
+    // time per token.
     m["decode"] = nlohmann::json::array();
+    m["skipped"] = nlohmann::json::array();
     for (int C : a.contexts) {
       if (C + a.decode_steps >= c.max_positions) {
         if (!a.json) std::printf("%-24s decode at %d: skipped (max_position_embeddings %d)\n", name.c_str(), C, c.max_positions);
         continue;
       }
-      const auto ctx = randomTokens(C + a.decode_steps + 1);
-      engine->startWindow();
-      engine->step(ctx.data(), pos.data(), C, 0, 0, nullptr);
-      engine->compress(C - 1, true);  // --kv: the context is the prompt (snapkv compresses it at its end)
-      std::vector<double> times;
-      for (int i = C; i < C + a.decode_steps; ++i) {
-        const auto t0 = std::chrono::steady_clock::now();
-        engine->step(&ctx[i], &pos[i], 1, 0, 1, &ctx[i + 1]);
-        engine->compress(i, false);
-        times.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+      for (int B : a.batches) {
+        try {
+          engine->reserve(B, C + a.decode_steps);
+        } catch (const Error& e) {  // the device cannot hold this batch's cache
+          m["skipped"].push_back({{"context", C}, {"batch", B}, {"reason", e.what()}});
+          if (!a.json) std::printf("%-24s decode at %5d, batch %d: skipped (%s)\n", name.c_str(), C, B, e.what());
+          continue;
+        }
+        std::vector<std::vector<int>> ctx(B);
+        for (int b = 0; b < B; ++b) {
+          ctx[b] = randomTokens(C + a.decode_steps + 1);
+          engine->useSequence(b);
+          engine->startWindow();
+          engine->step(ctx[b].data(), pos.data(), C, 0, 0, nullptr);
+          engine->compress(C - 1, true);  // --kv: the context is the prompt (snapkv compresses it at its end)
+        }
+        std::vector<int> tokens(B), positions(B), targets(B);
+        std::vector<double> times;
+        for (int i = C; i < C + a.decode_steps; ++i) {
+          for (int b = 0; b < B; ++b) tokens[b] = ctx[b][i], positions[b] = i, targets[b] = ctx[b][i + 1];
+          const auto t0 = std::chrono::steady_clock::now();
+          engine->decodeBatch(tokens.data(), positions.data(), targets.data());
+          for (int b = 0; b < B; ++b) {
+            engine->useSequence(b);
+            engine->compress(i, false);
+          }
+          times.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+        }
+        std::sort(times.begin(), times.end());
+        const double step = times[times.size() / 2];
+        // The KV bytes one step reads: what the caches hold mid-run (counted at 2 bytes a value).
+        double kv_bytes = 0;
+        for (int b = 0; b < B; ++b) {
+          engine->useSequence(b);
+          kv_bytes += double(engine->kvBytes(C + a.decode_steps / 2).stored) * elem / 2;
+        }
+        const double floor = (weight_bytes + kv_bytes) / peak;
+        m["decode"].push_back({{"context", C}, {"batch", B}, {"kv", spec.describe()}, {"kv_bytes", kv_bytes},
+                               {"ms_per_token", 1e3 * step}, {"tokens_per_second", B / step},
+                               {"floor_ms", 1e3 * floor}, {"ratio_to_floor", floor / step},
+                               {"achieved_gbs", (weight_bytes + kv_bytes) / step / 1e9}});
+        if (!a.json)
+          std::printf("%-24s decode at %5d, batch %d: %7.3f ms/token (median of %d)  %7.0f tok/s  KV %8.1f MiB  "
+                      "floor %7.3f ms  %5.1f%% of peak bandwidth\n",
+                      name.c_str(), C, B, 1e3 * step, a.decode_steps, B / step, kv_bytes / (1 << 20), 1e3 * floor,
+                      100 * floor / step);
       }
-      std::sort(times.begin(), times.end());
-      const double step = times[times.size() / 2];
-      // The KV bytes one step reads: what the cache holds mid-run (counted at 2 bytes a value).
-      const double kv_bytes = double(engine->kvBytes(C + a.decode_steps / 2).stored) * elem / 2;
-      const double floor = (weight_bytes + kv_bytes) / peak;
-      m["decode"].push_back({{"context", C}, {"batch", 1}, {"kv", spec.describe()}, {"kv_bytes", kv_bytes},
-                             {"ms_per_token", 1e3 * step},
-                             {"floor_ms", 1e3 * floor}, {"ratio_to_floor", floor / step},
-                             {"achieved_gbs", (weight_bytes + kv_bytes) / step / 1e9}});
-      if (!a.json)
-        std::printf("%-24s decode at %5d: %7.3f ms/token (median of %d)  KV %7.1f MiB  floor %7.3f ms  %5.1f%% of peak bandwidth\n",
-                    name.c_str(), C, 1e3 * step, a.decode_steps, kv_bytes / (1 << 20), 1e3 * floor, 100 * floor / step);
     }
     out["models"].push_back(m);
   }
@@ -165,6 +194,9 @@ void addBenchCommand(CLI::App& app) {
   cmd->add_option("--device", a->device, "cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}));
   cmd->add_option("--dtype", a->dtype, "cuda: fp16, bf16 or fp32")->check(CLI::IsMember({"fp32", "fp16", "bf16"}));
   cmd->add_option("--contexts", a->contexts, "cuda: decode context lengths")->delimiter(',');
+  cmd->add_option("--batch", a->batches, "cuda: decode batch sizes (sequences decoded together)")
+      ->delimiter(',')
+      ->check(CLI::Range(1, 256));
   cmd->add_option("--decode-steps", a->decode_steps, "cuda: timed decode steps per context (median reported)")
       ->check(CLI::PositiveNumber);
   cmd->add_option("--kv", a->kv,

@@ -27,6 +27,19 @@ class Engine {
   virtual bool compresses() const = 0;
   // KV bytes of the cache now (docs/KV.md accounting) and of an uncompressed one, this rank.
   virtual kv::KvBytes kvBytes(int tokens_seen) const = 0;
+  // Batched decoding. An engine holds `batch` sequences side by side (1 at first); startWindow,
+  // step, compress and kvBytes act on the one chosen by useSequence. reserve lays the cache out
+  // for `batch` sequences of up to `tokens` cached tokens each (more tokens still grow it as they
+  // come; a new batch size empties every sequence) and throws Error, changing nothing, when the
+  // device cannot hold them. The CPU engine holds one sequence and grows by the entry.
+  virtual void reserve(int batch, int tokens);
+  virtual void useSequence(int s);
+  // One new token for each of the batch's sequences at once (tokens, positions, targets: one per
+  // sequence, in order), appended to each one's cache; returns log p(target) per sequence. Each
+  // sequence is compressed afterwards on its own (useSequence, compress).
+  virtual std::vector<double> decodeBatch(const int* tokens, const int* positions, const int* targets) {
+    return step(tokens, positions, 1, 0, 1, targets);
+  }
   // Seconds this rank's device spent inside tensor-parallel collectives so far (0 where not measured:
   // the CPU backend, or the CUDA engine unless asked to, GpuOptions::time_collectives).
   virtual double collectiveSeconds() const { return 0; }

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <deque>
 #include <set>
 #include <type_traits>
 #include <vector>
@@ -72,14 +73,31 @@ struct GpuLayer {
   DeviceBuffer<float> k_step, v_step;
 };
 
+// One sequence of the batch as the host tracks it; the device holds every sequence's KV heads side
+// by side, [sequence][kv_head][capacity].
+struct Sequence {
+  Sequence(const ModelConfig& c, const Partition& part, const kv::PolicySpec& spec, comm::Communicator* host_group)
+      : len(size_t(c.layers) * part.kv_heads, 0), policy(spec, headLayout(c, part), host_group),
+        mirror(c.layers, part.kv_heads, c.head_dim, true), row_positions(len.size()) {}
+  std::vector<int> len;  // entries per (layer, KV head)
+  int longest = 0;
+  // While no eviction has run this window every head holds the same positions, `positions`.
+  bool uniform = true;
+  std::vector<int> positions;
+  // Compression: the policy, the host mirror it decides on, each (layer, KV head)'s device rows'
+  // positions; whether the last decode step left probabilities for the policy (GpuEngine::weights_).
+  kv::Policy policy;
+  kv::KVCache mirror;
+  std::vector<std::vector<int32_t>> row_positions;
+  bool weights_pending = false;
+};
+
 template <class T>
 class GpuEngine : public Engine {
  public:
   GpuEngine(const ModelConfig& config, const Partition& part, const WeightSource& source, const GpuOptions& o)
-      : c_(config), part_(part), group_(o.device_group), len_(size_t(config.layers) * part.kv_heads, 0),
-        policy_(o.kv, headLayout(config, part), o.host_group),
-        mirror_(config.layers, part.kv_heads, config.head_dim, true),
-        row_positions_(len_.size()), int8_(o.kv.quant == kv::Quant::Int8), time_collectives_(o.time_collectives) {
+      : c_(config), part_(part), group_(o.device_group), kv_spec_(o.kv), host_group_(o.host_group),
+        int8_(o.kv.quant == kv::Quant::Int8), time_collectives_(o.time_collectives) {
     checkGpuCompression(o.kv);
     if (!std::set<int>{8, 16, 32, 64, 128, 256}.count(c_.head_dim))
       throw Error("the CUDA backend needs head_dim 8, 16, 32, 64, 128 or 256 (this model: " +
@@ -87,6 +105,7 @@ class GpuEngine : public Engine {
     if (part_.tp > 1 && (!group_ || group_->size() != part_.tp))
       throw Error("the CUDA engine at tp " + std::to_string(part_.tp) + " needs a device communicator of that size");
     KVTP_CUDA_CHECK(cudaSetDevice(o.device));
+    seqs_.emplace_back(c_, part_, kv_spec_, host_group_);
     // The model-level tensors, then one layer at a time: the host holds one layer's float32
     // slices at most, so a 66B model loads on a machine with less memory than its weights.
     const ModelWeights w = source({0, 0, true});
@@ -126,18 +145,44 @@ class GpuEngine : public Engine {
   }
 
   void startWindow() override {
-    std::fill(len_.begin(), len_.end(), 0);
-    longest_ = 0, observed_len_ = 0, uniform_ = true;
-    positions_host_.clear();
-    mirror_.clear();
-    for (auto& p : row_positions_) p.clear();
-    policy_.startWindow();
+    if (observed_len_ > 0 && observed_seq_ == current_) observed_len_ = 0;
+    Sequence& s = seq();
+    std::fill(s.len.begin(), s.len.end(), 0);
+    s.longest = 0, s.uniform = true, s.weights_pending = false;
+    s.positions.clear();
+    s.mirror.clear();
+    for (auto& p : s.row_positions) p.clear();
+    s.policy.startWindow();
   }
-  bool compresses() const override { return policy_.spec().compresses(); }
+  bool compresses() const override { return kv_spec_.compresses(); }
   kv::KvBytes kvBytes(int tokens_seen) const override {
-    if (compresses()) return policy_.bytes(mirror_, tokens_seen);
+    const Sequence& s = seqs_[current_];
+    if (compresses()) return s.policy.bytes(s.mirror, tokens_seen);
     const int64_t b = kv::fullCacheBytes(tokens_seen, c_.layers, part_.kv_heads, c_.head_dim);  // docs/KV.md
     return {b, b};
+  }
+
+  void useSequence(int s) override {
+    if (s < 0 || s >= int(seqs_.size()))
+      throw Error("sequence " + std::to_string(s) + " of a batch of " + std::to_string(seqs_.size()));
+    current_ = s;
+  }
+
+  void reserve(int batch, int tokens) override {
+    if (batch < 1 || batch > kMaxBatch || tokens < 0)
+      throw Error("reserve: a batch of 1.." + std::to_string(kMaxBatch) + " sequences and tokens >= 0 (asked " +
+                  std::to_string(batch) + ", " + std::to_string(tokens) + ")");
+    if (batch == int(seqs_.size())) return growTo(tokens);
+    // A new layout: every sequence starts empty, the cache sized exactly.
+    checkRoom(batch, tokens);
+    for (auto& L : layers_) L.K = {}, L.V = {}, L.pos = {}, L.K8 = {}, L.V8 = {}, L.k_step = {}, L.v_step = {};
+    weights_ = {};
+    capacity_ = 0;
+    observed_len_ = 0;
+    seqs_.clear();
+    for (int s = 0; s < batch; ++s) seqs_.emplace_back(c_, part_, kv_spec_, host_group_);
+    current_ = 0;
+    growTo(tokens);
   }
 
   // The policy decides on the mirror (scored by the prefill's observation window when it asks for
@@ -145,69 +190,83 @@ class GpuEngine : public Engine {
   // gives the rows the device keeps.
   void compress(int last_pos, bool prefill) override {
     if (!compresses()) return;
+    Sequence& s = seq();
     const int H = part_.kv_heads, LH = c_.layers * H;
     attention_.T = 0;
     attention_.blocks.assign(size_t(LH), {});
-    if (observed_len_ > 0) {  // the prefill's observed rows (summed into one unless observed_rows_ > 1)
+    if (observed_len_ > 0 && observed_seq_ == current_) {  // the prefill's observed rows (summed unless observed_rows_ > 1)
       const size_t block = size_t(observed_rows_) * observed_len_;
       std::vector<float> all(size_t(LH) * block);
       KVTP_CUDA_CHECK(cudaMemcpy(all.data(), observed_.get(), all.size() * sizeof(float), cudaMemcpyDeviceToHost));
       attention_.T = observed_rows_;
       for (int i = 0; i < LH; ++i) attention_.blocks[i].assign(all.begin() + i * block, all.begin() + (i + 1) * block);
       observed_len_ = 0;
-    } else if (weights_pending_) {  // a decode step's probabilities, (layer, KV head, capacity)
-      std::vector<float> all(size_t(LH) * longest_);
-      KVTP_CUDA_CHECK(cudaMemcpy2D(all.data(), longest_ * sizeof(float), weights_.get(), capacity_ * sizeof(float),
-                                   longest_ * sizeof(float), LH, cudaMemcpyDeviceToHost));
+    } else if (s.weights_pending) {  // a decode step's probabilities: weights_ [layer][sequence][KV head][capacity]
+      std::vector<float> all(size_t(LH) * s.longest);
+      cudaMemcpy3DParms copy{};
+      const size_t row = s.longest * sizeof(float);
+      copy.srcPtr = make_cudaPitchedPtr(weights_.get() + size_t(current_) * H * capacity_, capacity_ * sizeof(float),
+                                        row, seqs_.size() * H);
+      copy.dstPtr = make_cudaPitchedPtr(all.data(), row, row, H);
+      copy.extent = make_cudaExtent(row, H, c_.layers);
+      copy.kind = cudaMemcpyDeviceToHost;
+      if (row > 0) KVTP_CUDA_CHECK(cudaMemcpy3D(&copy));
       attention_.T = 1;
       for (int i = 0; i < LH; ++i)
-        attention_.blocks[i].assign(all.begin() + int64_t(i) * longest_, all.begin() + int64_t(i) * longest_ + len_[i]);
-      weights_pending_ = false;
+        attention_.blocks[i].assign(all.begin() + int64_t(i) * s.longest, all.begin() + int64_t(i) * s.longest + s.len[i]);
+      s.weights_pending = false;
     }
-    policy_.afterStep(mirror_, attention_, last_pos, prefill);
+    s.policy.afterStep(s.mirror, attention_, last_pos, prefill);
+    const size_t head0 = size_t(current_) * H;  // the sequence's first KV head in the device cache
     for (int l = 0; l < c_.layers; ++l) {
       bool changed = false;
-      for (int h = 0; h < H; ++h) changed |= mirror_.head(l, h).length() != len_[size_t(l) * H + h];
+      for (int h = 0; h < H; ++h) changed |= s.mirror.head(l, h).length() != s.len[size_t(l) * H + h];
       if (!changed) continue;
       int max_kept = 0;
-      for (int h = 0; h < H; ++h) max_kept = std::max(max_kept, mirror_.head(l, h).length());
+      for (int h = 0; h < H; ++h) max_kept = std::max(max_kept, s.mirror.head(l, h).length());
       std::vector<int> keep(size_t(H) * max_kept + H, 0);  // rows per head, then counts
       for (int h = 0; h < H; ++h) {
-        auto& was = row_positions_[size_t(l) * H + h];
-        const auto& now = mirror_.head(l, h).positions;
+        auto& was = s.row_positions[size_t(l) * H + h];
+        const auto& now = s.mirror.head(l, h).positions;
         size_t j = 0;
         for (size_t i = 0; i < now.size(); ++i, ++j) {
           while (was[j] != now[i]) ++j;
           keep[size_t(h) * max_kept + i] = int(j);
         }
-        keep[size_t(H) * max_kept + h] = len_[size_t(l) * H + h] = int(now.size());
+        keep[size_t(H) * max_kept + h] = s.len[size_t(l) * H + h] = int(now.size());
         was = now;
       }
       int* d_keep = grow(keep_, keep.size());
       KVTP_CUDA_CHECK(cudaMemcpy(d_keep, keep.data(), keep.size() * sizeof(int), cudaMemcpyHostToDevice));
       GpuLayer<T>& L = layers_[l];
       const int* kept = d_keep + size_t(H) * max_kept;
+      const size_t rows = head0 * capacity_;
       if (int8_) {
-        cuda::compactKV(L.K8.get(), L.V8.get(), L.pos.get(), capacity_, H, c_.head_dim, d_keep, kept, max_kept);
-        cuda::compactKV(L.k_step.get(), L.v_step.get(), nullptr, capacity_, H, 1, d_keep, kept, max_kept);
+        cuda::compactKV(L.K8.get() + rows * c_.head_dim, L.V8.get() + rows * c_.head_dim, L.pos.get() + rows,
+                        capacity_, H, c_.head_dim, d_keep, kept, max_kept);
+        cuda::compactKV(L.k_step.get() + rows, L.v_step.get() + rows, nullptr, capacity_, H, 1, d_keep, kept, max_kept);
       } else {
-        cuda::compactKV(L.K.get(), L.V.get(), L.pos.get(), capacity_, H, c_.head_dim, d_keep, kept, max_kept);
+        cuda::compactKV(L.K.get() + rows * c_.head_dim, L.V.get() + rows * c_.head_dim, L.pos.get() + rows, capacity_,
+                        H, c_.head_dim, d_keep, kept, max_kept);
       }
-      uniform_ = false;
+      s.uniform = false;
     }
-    longest_ = *std::max_element(len_.begin(), len_.end());
+    s.longest = *std::max_element(s.len.begin(), s.len.end());
   }
 
   std::vector<double> step(const int* tokens, const int* positions, int rows, int from, int count,
                            const int* targets) override {
     checkTokens(c_, tokens, positions, rows);
+    Sequence& s = seq();
     // The policy scores by attention: several tokens go through the prefill path, which leaves
     // the probabilities of the rows it observes (even for a short prompt); one token through
     // flash-decoding, which leaves its own when a policy evicts during decoding.
-    const kv::PolicySpec& spec = policy_.spec();
+    const kv::PolicySpec& spec = kv_spec_;
     const bool observe = spec.needsAttention() && rows > 1;
-    weights_pending_ = rows == 1 && spec.scoresDecoding();
     if (observe) {
+      if (observed_len_ > 0 && observed_seq_ != current_)
+        throw Error("sequence " + std::to_string(observed_seq_) + "'s prompt observation is still pending: compress it "
+                    "before sequence " + std::to_string(current_) + " takes a prompt");
       // H2O sums every row; Scissorhands keeps a bit per row for its last `history` rows (earlier
       // bits would age out of its mask anyway); SnapKV / PyramidKV sum their observation window.
       observed_rows_ = spec.method == kv::Method::Scissorhands ? std::min(rows, std::min(spec.history, 64)) : 1;
@@ -216,47 +275,111 @@ class GpuEngine : public Engine {
                                                                 : rows - spec.window;
     }
     const bool many = rows > 8 || observe;
-    if (many && !uniform_)
+    if (many && !s.uniform)
       throw Error("the CUDA engine scores several tokens at once only over an uncompressed cache; a compressed "
                   "window goes on token by token");
-    reserve(longest_ + rows);
-    int* d_tokens = grow(tokens_, rows);
-    KVTP_CUDA_CHECK(cudaMemcpy(d_tokens, tokens, sizeof(int) * rows, cudaMemcpyHostToDevice));
-    // One upload: the new tokens' positions, then each head's first free slot, then its count after.
-    const int LH = c_.layers * part_.kv_heads;
-    std::vector<int> meta(positions, positions + rows);
-    meta.insert(meta.end(), len_.begin(), len_.end());
-    for (int n : len_) meta.push_back(n + rows);
-    int* d_meta = grow(meta_, meta.size());
-    KVTP_CUDA_CHECK(cudaMemcpy(d_meta, meta.data(), meta.size() * sizeof(int), cudaMemcpyHostToDevice));
-    positions_host_.insert(positions_host_.end(), positions, positions + rows);
+    makeRoom(s.longest + rows);
+    s.weights_pending = rows == 1 && spec.scoresDecoding();
+    s.positions.insert(s.positions.end(), positions, positions + rows);
     if (compresses()) {
-      for (int l = 0; l < c_.layers; ++l) mirror_.append(l, nullptr, nullptr, positions, rows);
-      for (auto& p : row_positions_) p.insert(p.end(), positions, positions + rows);
+      for (int l = 0; l < c_.layers; ++l) s.mirror.append(l, nullptr, nullptr, positions, rows);
+      for (auto& p : s.row_positions) p.insert(p.end(), positions, positions + rows);
     }
     if (observe) {
-      observed_len_ = longest_ + rows;
-      const size_t n = size_t(LH) * observed_rows_ * observed_len_;
+      observed_len_ = s.longest + rows, observed_seq_ = current_;
+      const size_t n = size_t(c_.layers) * part_.kv_heads * observed_rows_ * observed_len_;
       KVTP_CUDA_CHECK(cudaMemset(grow(observed_, n), 0, n * sizeof(float)));
     }
-    if (weights_pending_) grow(weights_, size_t(LH) * capacity_);  // before a graph is captured
+    const Shape shape{rows, many, observe, false};
+    run(tokens, positions, shape);
+    for (int& n : s.len) n += rows;
+    s.longest += rows;
+    return head(from, count, targets);
+  }
+
+  std::vector<double> decodeBatch(const int* tokens, const int* positions, const int* targets) override {
+    const int B = int(seqs_.size());
+    checkTokens(c_, tokens, positions, B);
+    int need = 0;
+    for (auto& s : seqs_) need = std::max(need, s.longest + 1);
+    makeRoom(need);
+    for (int b = 0; b < B; ++b) {
+      Sequence& s = seqs_[b];
+      if (!s.positions.empty() && positions[b] <= s.positions.back())
+        throw Error("decodeBatch: sequence " + std::to_string(b) + " is at position " +
+                    std::to_string(s.positions.back()) + "; its next token cannot be at " + std::to_string(positions[b]));
+      s.weights_pending = kv_spec_.scoresDecoding();
+      s.positions.push_back(positions[b]);
+      if (compresses()) {
+        for (int l = 0; l < c_.layers; ++l) s.mirror.append(l, nullptr, nullptr, positions + b, 1);
+        for (auto& p : s.row_positions) p.push_back(positions[b]);
+      }
+    }
+    run(tokens, positions, Shape{B, false, false, true});
+    for (auto& s : seqs_) {
+      for (int& n : s.len) ++n;
+      ++s.longest;
+    }
+    return head(0, B, targets);
+  }
+
+  double collectiveSeconds() const override { return collectives_.seconds(); }
+
+ private:
+  static constexpr int kMaxBatch = 256;
+  // What a step runs: `rows` new tokens of the current sequence, or (batch) one token of each
+  // sequence; `many` rows go through the prefill attention, `observe` leaves its probabilities.
+  struct Shape {
+    int rows;
+    bool many, observe, batch;
+  };
+
+  Sequence& seq() { return seqs_[current_]; }
+
+  // Uploads the step's tokens and cache bookkeeping, then runs the model's device work (a one-row
+  // step replays a CUDA graph).
+  void run(const int* tokens, const int* positions, const Shape& shape) {
+    const int rows = shape.rows;
+    int* d_tokens = grow(tokens_, rows);
+    KVTP_CUDA_CHECK(cudaMemcpy(d_tokens, tokens, sizeof(int) * rows, cudaMemcpyHostToDevice));
+    // One upload: the new tokens' positions, then each (layer, sequence, KV head)'s first free
+    // slot, then its count after the step.
+    const int B = int(seqs_.size()), H = part_.kv_heads;
+    std::vector<int> meta(positions, positions + rows);
+    meta.resize(size_t(rows) + 2 * size_t(c_.layers) * B * H);
+    int* slots = meta.data() + rows;
+    int* after = slots + size_t(c_.layers) * B * H;
+    for (int l = 0; l < c_.layers; ++l)
+      for (int b = 0; b < B; ++b)
+        for (int h = 0; h < H; ++h) {
+          const size_t i = (size_t(l) * B + b) * H + h;
+          slots[i] = after[i] = seqs_[b].len[size_t(l) * H + h];
+          if (shape.batch || b == current_) after[i] += shape.batch ? 1 : rows;
+        }
+    int* d_meta = grow(meta_, meta.size());
+    KVTP_CUDA_CHECK(cudaMemcpy(d_meta, meta.data(), meta.size() * sizeof(int), cudaMemcpyHostToDevice));
+    if (kv_spec_.scoresDecoding()) grow(weights_, size_t(c_.layers) * B * H * capacity_);  // before any capture
     // The device work of the step reads only device buffers and this step's shape; a decode step
-    // (one token) replays it as a CUDA graph (captured at the second step of the same capacity).
-    auto launches = [&] { forward(d_tokens, d_meta, rows, many, observe); };
-    if (rows == 1 && !observe) {
-      if (decode_graph_.run(capacity_, launches)) collectives_.replayed(graph_marks_);
-      else graph_marks_ = collectives_.marks();
+    // (one token a sequence) replays it as a CUDA graph (captured at the second step of the same
+    // capacity and sequence).
+    auto launches = [&] { forward(d_tokens, d_meta, shape); };
+    if (rows == 1 || shape.batch) {
+      cuda::GraphReplay& graph = shape.batch ? batch_graph_ : decode_graph_;
+      const int64_t key = (int64_t(capacity_) * (kMaxBatch + 1) + B) * (kMaxBatch + 1) + (shape.batch ? 0 : current_);
+      if (graph.run(key, launches)) collectives_.replayed(graph_marks_[shape.batch]);
+      else graph_marks_[shape.batch] = collectives_.marks();
     } else {
       launches();
     }
-    for (int& n : len_) n += rows;
-    longest_ += rows;
+  }
+
+  // log p(targets) from hidden rows from .. from + count - 1 of the step just run.
+  std::vector<double> head(int from, int count, const int* targets) {
     if (count == 0) {
       KVTP_CUDA_CHECK(cudaDeviceSynchronize());
       collectives_.collect();
       return {};
     }
-    // The head reads rows from .. from + count - 1 only.
     const int H = c_.hidden, P = c_.word_embed_proj_dim;
     const float eps = float(c_.norm_eps);
     T* xn = xn_.get();
@@ -273,9 +396,7 @@ class GpuEngine : public Engine {
     collectives_.collect();
     return out;
   }
-  double collectiveSeconds() const override { return collectives_.seconds(); }
 
- private:
   void allReduce(float* data, size_t n) {
     if (part_.tp > 1) timed([&] { group_->allReduceSum(data, n); });
   }
@@ -287,18 +408,44 @@ class GpuEngine : public Engine {
     if (time_collectives_) collectives_.mark();
   }
 
-  // Makes room for `need` cached tokens, keeping what is cached (grows geometrically).
-  void reserve(int need) {
-    if (need <= capacity_) return;
-    const int64_t cap = std::max<int64_t>({need, 2 * int64_t(capacity_), 256});
+  // Cache bytes per (KV head, token): K and V rows (int8: codes and a step each) and a position.
+  size_t rowBytes() const {
+    return int8_ ? 2 * (size_t(c_.head_dim) + sizeof(float)) + sizeof(int) : 2 * c_.head_dim * sizeof(T) + sizeof(int);
+  }
+  // Throws Error unless the device can hold a cache of `batch` x `tokens` rows per KV head (the
+  // present cache is freed as the new one is made).
+  void checkRoom(int batch, int64_t tokens) {
+    const size_t need = size_t(c_.layers) * part_.kv_heads * batch * tokens * rowBytes(),
+                 held = size_t(c_.layers) * part_.kv_heads * seqs_.size() * capacity_ * rowBytes();
+    size_t free = 0, total = 0;
+    KVTP_CUDA_CHECK(cudaMemGetInfo(&free, &total));
+    constexpr size_t kHeadroom = size_t(1) << 30;  // activations, workspaces, the decode probabilities
+    if (need + kHeadroom > free + held)
+      throw Error("a KV cache of " + std::to_string(batch) + " x " + std::to_string(tokens) + " tokens needs " +
+                  std::to_string(need >> 20) + " MiB (+1 GiB headroom); the device has " +
+                  std::to_string((free + held) >> 20) + " MiB for it");
+  }
+
+  // Room for a step that needs `need` cached tokens per KV head: geometric growth, so a long
+  // window regrows the cache O(log n) times.
+  void makeRoom(int need) {
+    if (need > capacity_) growTo(std::max<int64_t>({need, 2 * int64_t(capacity_), 256}));
+  }
+  // Grows the cache to `cap` tokens per KV head unless it holds that many, keeping what is cached.
+  void growTo(int64_t cap) {
+    if (cap <= capacity_) return;
+    checkRoom(int(seqs_.size()), cap);
+    int longest = 0;
+    for (auto& s : seqs_) longest = std::max(longest, s.longest);
+    const size_t heads = seqs_.size() * part_.kv_heads;
     // Each head's rows (and positions) move to the start of its new, longer span.
     auto regrow = [&](auto& buf, size_t width) {
       using E = typename std::remove_reference_t<decltype(buf)>::value_type;
-      std::remove_reference_t<decltype(buf)> bigger(size_t(part_.kv_heads) * cap * width);
+      std::remove_reference_t<decltype(buf)> bigger(heads * cap * width);
       const size_t row = width * sizeof(E);
-      if (longest_ > 0)
-        KVTP_CUDA_CHECK(cudaMemcpy2D(bigger.get(), cap * row, buf.get(), capacity_ * row, longest_ * row,
-                                     part_.kv_heads, cudaMemcpyDeviceToDevice));
+      if (longest > 0)
+        KVTP_CUDA_CHECK(cudaMemcpy2D(bigger.get(), cap * row, buf.get(), capacity_ * row, longest * row, heads,
+                                     cudaMemcpyDeviceToDevice));
       buf = std::move(bigger);
     };
     for (auto& L : layers_) {
@@ -316,14 +463,16 @@ class GpuEngine : public Engine {
     capacity_ = int(cap);
   }
 
-  // Embedding and every layer for `rows` tokens into x_ (d_meta: their positions, then each KV
-  // head's first free slot, then its count after): kernel launches only, no host synchronisation.
-  void forward(const int* d_tokens, const int* d_meta, int rows, bool many, bool observe) {
-    const int LH = c_.layers * part_.kv_heads;
+  // Embedding and every layer for the step's rows into x_ (d_meta: their positions, then per
+  // (layer, sequence, KV head) the first free slot, then the count after): kernel launches only,
+  // no host synchronisation.
+  void forward(const int* d_tokens, const int* d_meta, const Shape& shape) {
+    const int rows = shape.rows, BH = int(seqs_.size()) * part_.kv_heads, LBH = c_.layers * BH;
     const int* d_pos = d_meta;
+    const int head0 = shape.batch ? 0 : current_ * part_.kv_heads;  // the first KV head the step touches
     auto attend = [&](int l, const T* in, float* x) {
-      attention(l, in, d_pos, d_meta + rows + l * part_.kv_heads, d_meta + rows + LH + l * part_.kv_heads, rows, many,
-                observe, x);
+      const int* slots = d_meta + rows + l * BH + head0;
+      attention(l, in, d_pos, slots, slots + LBH, shape, x);
     };
 
     const int H = c_.hidden, P = c_.word_embed_proj_dim;
@@ -339,7 +488,8 @@ class GpuEngine : public Engine {
       }
       if (c_.family == Family::Opt) cuda::addPositions(x, rows, H, positions_.get(), d_pos, 2);
     }
-    if (inv_freq_.size()) cuda::ropeTable(d_pos, rows, c_.head_dim, inv_freq_.get(), grow(rope_, size_t(rows) * c_.head_dim / 2));
+    if (inv_freq_.size())
+      cuda::ropeTable(d_pos, rows, c_.head_dim, inv_freq_.get(), grow(rope_, size_t(rows) * c_.head_dim / 2));
     const float eps = float(c_.norm_eps);
     for (int l = 0; l < c_.layers; ++l) {
       const GpuLayer<T>& L = layers_[l];
@@ -365,31 +515,33 @@ class GpuEngine : public Engine {
   }
 
   // x += o_proj(attention(qkv_proj(xn))), the new tokens' K/V appended to the cache first:
-  // at `slots` (each KV head's count before), `lengths` its count after (device arrays).
-  void attention(int layer, const T* xn, const int* d_pos, const int* slots, const int* lengths, int T_, bool many,
-                 bool observe, float* x) {
+  // at `slots` (each KV head's count before), `lengths` its count after (device arrays, from the
+  // step's first KV head: the current sequence's, or in a batch every sequence's).
+  void attention(int layer, const T* xn, const int* d_pos, const int* slots, const int* lengths, const Shape& shape,
+                 float* x) {
     GpuLayer<T>& L = layers_[layer];
-    const int hd = c_.head_dim, H = part_.kv_heads, Q = part_.q_heads * hd, KV = H * hd, W = Q + 2 * KV;
+    const int T_ = shape.rows, hd = c_.head_dim, H = part_.kv_heads, Q = part_.q_heads * hd, KV = H * hd,
+              W = Q + 2 * KV;
+    const bool batch = shape.batch;
+    const size_t head0 = batch ? 0 : size_t(current_) * H, row0 = head0 * capacity_;  // the step's first head, row
     float* qkv = grow(qkv_, size_t(T_) * W);
-    // Where the new rows go in T: the cache; with an int8 cache, nowhere for one query (attention
+    // Where the new rows go in T: the cache; with an int8 cache, nowhere for few queries (attention
     // reads them from qkv), for many a stage the prefill attention reads, the cached rows
     // dequantized in front of them. An int8 cache gets them quantized after RoPE.
-    T *K = L.K.get(), *V = L.V.get();
-    int* k_pos = L.pos.get();
+    T *K = int8_ ? nullptr : L.K.get() + row0 * hd, *V = int8_ ? nullptr : L.V.get() + row0 * hd;
+    int* k_pos = L.pos.get() + row0;
     int64_t capacity = capacity_;
-    const cuda::Int8Append int8{hd, L.K8.get(), L.V8.get(), L.k_step.get(), L.v_step.get(), L.pos.get(), capacity_,
-                                qkv, W, Q, Q + KV, slots, d_pos};
-    if (int8_) {
-      K = V = nullptr;
-      if (many) {
-        capacity = longest_ + T_;
-        K = grow(stage_k_, size_t(H) * capacity * hd), V = grow(stage_v_, size_t(H) * capacity * hd);
-        k_pos = grow(stage_pos_, size_t(H) * capacity);
-        cuda::dequantizeRows(int8, H, longest_, K, V, k_pos, capacity);
-      }
+    const cuda::Int8Append int8{hd, L.K8.get() + row0 * hd, L.V8.get() + row0 * hd, L.k_step.get() + row0,
+                                L.v_step.get() + row0, k_pos, capacity_, qkv, W, Q, Q + KV, slots, d_pos, batch};
+    const int longest = seq().longest;  // many rows: the current sequence's, uniform
+    if (int8_ && shape.many) {
+      capacity = longest + T_;
+      K = grow(stage_k_, size_t(H) * capacity * hd), V = grow(stage_v_, size_t(H) * capacity * hd);
+      k_pos = grow(stage_pos_, size_t(H) * capacity);
+      cuda::dequantizeRows(int8, H, longest, K, V, k_pos, capacity);
     }
     const cuda::KvAppend<T> append{part_.q_heads, H, hd, d_pos, inv_freq_.size() ? rope_.get() : nullptr,
-                                   K, V, k_pos, capacity, slots};
+                                   K, V, k_pos, capacity, slots, batch};
     cuda::qkvAppend(blas_, xn, T_, c_.hidden, L.wqkv.get(), L.bqkv.get(), qkv, append);
     if (int8_) cuda::quantizeAppend(T_, H, int8);
     const float scale = float(1.0 / std::sqrt(double(hd)));
@@ -397,21 +549,23 @@ class GpuEngine : public Engine {
     // Few queries: flash-decoding over each head's rows (bounded by the capacity, so the launch is
     // the same every step); many (an uncompressed cache, every head at the same positions, head
     // 0's read): the prefill attention.
-    if (!many) {
-      float* weights = weights_pending_ ? weights_.get() + size_t(layer) * H * capacity_ : nullptr;
+    if (!shape.many) {
+      float* weights = kv_spec_.scoresDecoding() ? weights_.get() + (size_t(layer) * seqs_.size() * H + head0) * capacity_
+                                                 : nullptr;
       if (int8_) {
-        const cuda::Int8Rows rows{L.k_step.get(), L.v_step.get(), qkv + Q, qkv + Q + KV, W, slots};
-        cuda::attention(qkv, W, d_pos, T_, part_.q_heads, L.K8.get(), L.V8.get(), L.pos.get(), capacity_, H, hd,
-                        int64_t(capacity_) * hd, scale, ctx, lengths, capacity_, weights, &rows);
+        const cuda::Int8Rows rows{L.k_step.get() + row0, L.v_step.get() + row0, qkv + Q, qkv + Q + KV, W, slots};
+        cuda::attention(qkv, W, d_pos, T_, part_.q_heads, L.K8.get() + row0 * hd, L.V8.get() + row0 * hd, k_pos,
+                        capacity_, H, hd, int64_t(capacity_) * hd, scale, ctx, lengths, capacity_, weights, &rows, batch);
       } else {
-        cuda::attention(qkv, W, d_pos, T_, part_.q_heads, L.K.get(), L.V.get(), L.pos.get(), capacity_, H, hd,
-                        int64_t(capacity_) * hd, scale, ctx, lengths, capacity_, weights);
+        cuda::attention(qkv, W, d_pos, T_, part_.q_heads, K, V, k_pos, capacity_, H, hd, int64_t(capacity_) * hd, scale,
+                        ctx, lengths, capacity_, weights, nullptr, batch);
       }
     } else {
-      float* observed = observe ? observed_.get() + size_t(layer) * H * observed_rows_ * observed_len_ : nullptr;
-      cuda::attentionPrefill(blas_, qkv, W, d_pos, positions_host_.data() + longest_, T_, part_.q_heads, K, V, k_pos,
-                             positions_host_.data(), longest_ + T_, H, hd, capacity, scale, ctx, size_t(1) << 30,
-                             observed, observe_from_, observed_rows_ > 1);
+      float* observed = shape.observe ? observed_.get() + size_t(layer) * H * observed_rows_ * observed_len_ : nullptr;
+      const std::vector<int>& pos = seq().positions;
+      cuda::attentionPrefill(blas_, qkv, W, d_pos, pos.data() + longest, T_, part_.q_heads, K, V, k_pos, pos.data(),
+                             longest + T_, H, hd, capacity, scale, ctx, size_t(1) << 30, observed, observe_from_,
+                             observed_rows_ > 1);
     }
     rowParallel(ctx, T_, Q, L.wo.get(), L.bo.get(), x);
   }
@@ -468,37 +622,34 @@ class GpuEngine : public Engine {
   ModelConfig c_;
   Partition part_;
   comm::Communicator* group_;
+  const kv::PolicySpec kv_spec_;
+  comm::Communicator* host_group_;
   cuda::Blas blas_;
   DeviceBuffer<T> embed_, lm_head_, project_in_, project_out_;
   DeviceBuffer<float> positions_, final_norm_w_, final_norm_b_, inv_freq_;
   DeviceBuffer<float2> rope_;  // this step's RoPE rotations (cuda::ropeTable)
   std::vector<GpuLayer<T>> layers_;
-  // The cache: entries per (layer, KV head), their maximum, room per head; while no eviction has
-  // run this window every head holds the same positions, positions_host_.
-  std::vector<int> len_;
-  int longest_ = 0, capacity_ = 0;
-  bool uniform_ = true;
-  std::vector<int> positions_host_;
-  // Compression: the policy, the host mirror it decides on, the prefill's observed probabilities
-  // [layer][kv_head][observed_rows_][observed_len_] (observed_len_ 0: none pending).
-  kv::Policy policy_;
-  kv::KVCache mirror_;
-  std::vector<std::vector<int32_t>> row_positions_;  // per (layer, KV head): its device rows' positions
+  // The batch's sequences (std::deque: a Sequence does not move), the one step() acts on, and the
+  // cache's room per KV head.
+  std::deque<Sequence> seqs_;
+  int current_ = 0, capacity_ = 0;
   kv::StepAttention attention_;
+  // A prompt's observed probabilities [layer][kv_head][observed_rows_][observed_len_], pending
+  // for sequence observed_seq_'s compress() while observed_len_ > 0.
   DeviceBuffer<float> observed_;
-  int observed_rows_ = 1, observe_from_ = 0;  // the prefill's observation: rows kept apart (1: summed), first row
-  // A decode step's probabilities [layer][kv_head][capacity], for policies that evict as they decode.
+  int observed_rows_ = 1, observe_from_ = 0;  // the observation: rows kept apart (1: summed), first row
+  int observed_len_ = 0, observed_seq_ = 0;
+  // A decode step's probabilities [layer][sequence][kv_head][capacity], for policies that evict as
+  // they decode.
   DeviceBuffer<float> weights_;
-  bool weights_pending_ = false;
   // An int8 cache (GpuLayer::K8...), and the stage a many-row step reads it through in T.
   const bool int8_;
   DeviceBuffer<T> stage_k_, stage_v_;
   DeviceBuffer<int> stage_pos_;
   const bool time_collectives_;
-  cuda::StreamTimer collectives_;  // GPU time inside NCCL collectives (tp > 1); outlives the graph
-  cuda::GraphReplay decode_graph_;
-  size_t graph_marks_ = 0;  // collective-timer marks of the captured decode step
-  int observed_len_ = 0;
+  cuda::StreamTimer collectives_;  // GPU time inside NCCL collectives (tp > 1); outlives the graphs
+  cuda::GraphReplay decode_graph_, batch_graph_;  // one sequence's token; every sequence's
+  size_t graph_marks_[2] = {0, 0};  // collective-timer marks of each captured step
   // Grow-only activations: after the first step of the longest shape, nothing is allocated.
   DeviceBuffer<int> tokens_, targets_, meta_, keep_;
   DeviceBuffer<float> x_, e_, qkv_, h_, partial_, logits_;

@@ -44,6 +44,13 @@ std::vector<Window> planWindows(const std::vector<int>& ids, int seq_len, int st
   return out;
 }
 
+void Engine::reserve(int batch, int) {
+  if (batch != 1) throw Error("this engine decodes one sequence at a time (batch " + std::to_string(batch) + " asked)");
+}
+void Engine::useSequence(int s) {
+  if (s != 0) throw Error("this engine holds one sequence (sequence " + std::to_string(s) + " asked)");
+}
+
 namespace {
 
 class CpuEngine : public Engine {

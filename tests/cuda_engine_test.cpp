@@ -5,9 +5,13 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <numeric>
+#include <random>
 
 #include "kernels/cuda/cuda_util.h"
 #include "runtime/error.h"
+#include "runtime/gpu_engine.h"
+#include "runtime/weights.h"
 #include "ppl_jobs.h"
 
 namespace kvtp {
@@ -169,6 +173,102 @@ TEST(CudaEngine, CompressionMatchesTheCpu) {
                 worst, sum / double(cpu.result.tokens), (long long)gpu.kv_bytes_steady[0],
                 (long long)gpu.kv_bytes_full[0]);
   }
+}
+
+// Batched decoding: three sequences of different lengths (so different positions in one step)
+// decoded together give each one's log-probs as decoded alone — the same kernels, each row
+// reading its own sequence's heads — with the cache full, compressed as it goes (H2O, each
+// sequence its own decisions; the same KV bytes), int8, and StreamingLLM over int8; on a Llama
+// (GQA) and an OPT (learned positions) fixture. fp32: the batch's projections go through cuBLAS,
+// one row's through the GEMV kernel, so the sums differ in order only (int8: a code at a rounding
+// boundary may differ, as CompressionMatchesTheCpu says).
+TEST(CudaEngine, BatchedDecodeMatchesOneSequenceAtATime) {
+  REQUIRE_GPUS(1);
+  const std::vector<std::pair<std::string, std::string>> specs = {
+      {"", ""}, {"h2o:budget=0.3", ""}, {"", "int8"}, {"streamingllm:budget=0.4", "int8"}};
+  for (const std::string model : {"llama3-gqa", "opt-preln"}) {
+    const std::string dir = test::fixture("models/" + model);
+    const ModelConfig c = loadConfig(dir);
+    const Partition whole = Partition::make(c, 0, 1);
+    const WeightSource source = checkpointSource(c, whole, dir);
+    const std::vector<int> prompt = {23, 41, 60};
+    const int B = int(prompt.size()), steps = 20;
+    std::mt19937 rng(7);
+    std::vector<std::vector<int>> ids(B);
+    for (int b = 0; b < B; ++b)
+      for (int i = 0; i <= prompt[b] + steps; ++i) ids[b].push_back(int(rng() % c.vocab_size));
+    std::vector<int> pos(128);
+    std::iota(pos.begin(), pos.end(), 0);
+    for (const auto& [kv, quant] : specs) {
+      const std::string name = model + " " + kv + (quant.empty() ? "" : " + " + quant);
+      const GpuOptions o{Precision::F32, 0, nullptr, kv::parsePolicy(kv, quant), nullptr};
+      auto batched = makeGpuEngine(c, whole, source, o), alone = makeGpuEngine(c, whole, source, o);
+      batched->reserve(B, 0);
+      for (int b = 0; b < B; ++b) {
+        batched->useSequence(b);
+        batched->startWindow();
+        batched->step(ids[b].data(), pos.data(), prompt[b], 0, 0, nullptr);
+        batched->compress(prompt[b] - 1, true);
+      }
+      std::vector<std::vector<double>> together(B);
+      std::vector<int> tokens(B), positions(B), targets(B);
+      for (int i = 0; i < steps; ++i) {
+        for (int b = 0; b < B; ++b) {
+          const int p = prompt[b] + i;
+          tokens[b] = ids[b][p], positions[b] = p, targets[b] = ids[b][p + 1];
+        }
+        const auto lp = batched->decodeBatch(tokens.data(), positions.data(), targets.data());
+        ASSERT_EQ(lp.size(), size_t(B));
+        for (int b = 0; b < B; ++b) {
+          together[b].push_back(lp[b]);
+          batched->useSequence(b);
+          batched->compress(positions[b], false);
+        }
+      }
+      double worst = 0, sum = 0;
+      for (int b = 0; b < B; ++b) {
+        alone->startWindow();
+        alone->step(ids[b].data(), pos.data(), prompt[b], 0, 0, nullptr);
+        alone->compress(prompt[b] - 1, true);
+        for (int i = 0; i < steps; ++i) {
+          const int p = prompt[b] + i;
+          const double lp = alone->step(&ids[b][p], &pos[p], 1, 0, 1, &ids[b][p + 1]).at(0);
+          alone->compress(p, false);
+          const double d = std::abs(lp - together[b][i]);
+          worst = std::max(worst, d), sum += d;
+        }
+        batched->useSequence(b);
+        const int seen = prompt[b] + steps;
+        EXPECT_EQ(batched->kvBytes(seen).stored, alone->kvBytes(seen).stored) << name << " sequence " << b;
+        if (!kv.empty()) EXPECT_LT(alone->kvBytes(seen).stored, alone->kvBytes(seen).full) << name;
+      }
+      EXPECT_LE(worst, quant.empty() ? 1e-4 : 1e-2) << name;
+      EXPECT_LE(sum / (B * steps), 1e-4) << name;
+      std::printf("%s: batch of %d vs one at a time, |log-prob difference| max %.3g mean %.3g\n", name.c_str(), B,
+                  worst, sum / (B * steps));
+    }
+  }
+}
+
+// A batch the device cannot hold is refused before anything changes; the engine goes on. The
+// CPU engine holds one sequence and says so.
+TEST(CudaEngine, BatchTooLargeIsRefusedClearly) {
+  REQUIRE_GPUS(1);
+  const std::string dir = test::fixture("models/llama3-gqa");
+  const ModelConfig c = loadConfig(dir);
+  const Partition whole = Partition::make(c, 0, 1);
+  auto engine = makeGpuEngine(c, whole, checkpointSource(c, whole, dir), {Precision::F32, 0, nullptr, {}, nullptr});
+  const std::vector<int> ids = {5, 9, 14, 3, 7}, pos = {0, 1, 2, 3, 4};
+  engine->step(ids.data(), pos.data(), 3, 0, 0, nullptr);
+  try {
+    engine->reserve(256, 1 << 30);
+    FAIL() << "expected an error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("MiB"), std::string::npos) << e.what();
+  }
+  const double lp = engine->step(&ids[3], &pos[3], 1, 0, 1, &ids[4]).at(0);
+  EXPECT_TRUE(std::isfinite(lp) && lp < 0) << lp;
+  EXPECT_THROW(engine->useSequence(1), Error);
 }
 
 // What the CUDA engine does not do yet is refused with a clear error, before any GPU work.

@@ -39,6 +39,22 @@ TEST(Windows, SlidingScoresEachTokenOnce) {
   EXPECT_EQ(scored, 7);  // every token but the first
 }
 
+// The CPU engine holds one sequence: a batch of one decodes as a step does, more are refused.
+TEST(CpuEngine, BatchOfOneIsAStepAndMoreAreRefused) {
+  const auto model = Model::load(test::fixture("models/llama3-gqa"));
+  auto engine = makeCpuEngine(*model, nullptr);
+  const std::vector<int> ids = {5, 9, 14, 3, 7}, pos = iota(5);
+  engine->reserve(1, 64);
+  engine->useSequence(0);
+  engine->step(ids.data(), pos.data(), 3, 0, 0, nullptr);
+  const double batched = engine->decodeBatch(&ids[3], &pos[3], &ids[4]).at(0);
+  engine->startWindow();
+  engine->step(ids.data(), pos.data(), 3, 0, 0, nullptr);
+  EXPECT_EQ(batched, engine->step(&ids[3], &pos[3], 1, 0, 1, &ids[4]).at(0));
+  EXPECT_THROW(engine->reserve(2, 64), Error);
+  EXPECT_THROW(engine->useSequence(1), Error);
+}
+
 TEST(Dataset, ReadsGzipJsonLinesAndArrays) {
   const auto docs = readDocuments("data/c4/c4-heldout-200.json.gz");
   EXPECT_EQ(docs.size(), 200u);

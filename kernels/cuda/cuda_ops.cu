@@ -132,10 +132,13 @@ template <int G, int HD, class KT, class OT>  // query heads per KV head, head_d
 __global__ void attentionSplit(const float* q, int q_stride, const int* q_pos, int heads, int group, const KT* K,
                                const KT* V, const int* k_pos, int L, const int* lengths, int64_t pos_stride,
                                int64_t head_stride, float scale, int splits, float* part_o, float* part_ms,
-                               unsigned* done, OT* out, float* probs, Int8Rows q8) {
+                               unsigned* done, OT* out, float* probs, Int8Rows q8, bool rows_are_sequences) {
   constexpr int hd = HD, P = (HD + 31) / 32;  // channels per lane: lane * P .. lane * P + P - 1
   const bool lane_in = HD >= 32 || int(threadIdx.x % 32) < HD;
-  const int h0 = blockIdx.x * G, kvh = h0 / group, split = blockIdx.y, t = blockIdx.z;
+  const int h0 = blockIdx.x * G, split = blockIdx.y, t = blockIdx.z;
+  // The KV head: its index in the row's sequence (the projection's), and in the cache — a batch's
+  // row t reads sequence t's heads, which follow the earlier sequences'.
+  const int kv_local = h0 / group, kvh = rows_are_sequences ? t * (heads / group) + kv_local : kv_local;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const KT* Kh = K + kvh * head_stride;
   const KT* Vh = V + kvh * head_stride;
@@ -235,7 +238,7 @@ __global__ void attentionSplit(const float* q, int q_stride, const int* q_pos, i
     for (int l = max(split * chunk, fresh_from) + warp; l < end; l += kWarps) {
       if (pos[l] > p) continue;
       float kv[P], vv[P], dot[G];
-      const int64_t row = (l - fresh_from) * q8.fresh_stride + kvh * hd;
+      const int64_t row = (rows_are_sequences ? t : l - fresh_from) * q8.fresh_stride + kv_local * hd;
       loadChannels<P>(q8.fresh_k + row, lane, lane_in, kv);
       loadChannels<P>(q8.fresh_v + row, lane, lane_in, vv);
       scores([&](int i) { return kv[i]; }, dot);
@@ -311,9 +314,11 @@ __global__ void attentionSplit(const float* q, int q_stride, const int* q_pos, i
 }
 
 // weights[t][g][l] = sum of probs[t][h][l] over KV head g's query heads h, for l < its length.
-__global__ void sumGroupsKernel(const float* probs, int heads, int group, int L, const int* lengths, float* weights) {
+// In a batch (rows_are_sequences) row t's heads are sequence t's: lengths[t * kv_heads + g].
+__global__ void sumGroupsKernel(const float* probs, int heads, int group, int L, const int* lengths,
+                                bool rows_are_sequences, float* weights) {
   const int g = blockIdx.y, t = blockIdx.z, l = blockIdx.x * blockDim.x + threadIdx.x;
-  if (l >= (lengths ? lengths[g] : L)) return;
+  if (l >= (lengths ? lengths[rows_are_sequences ? t * gridDim.y + g : g] : L)) return;
   float s = 0.0f;
   for (int h = g * group; h < (g + 1) * group; ++h) s += probs[(int64_t(t) * heads + h) * L + l];
   weights[(int64_t(t) * gridDim.y + g) * L + l] = s;
@@ -379,7 +384,7 @@ void applyRope(float* x, int T, int heads, int head_dim, const int* positions, c
 template <class KT, class OT>
 void attention(const float* q, int q_stride, const int* q_pos, int T, int heads, const KT* K, const KT* V,
                const int* k_pos, int L, int kv_heads, int head_dim, int64_t head_stride, float scale, OT* out,
-               const int* lengths, int64_t pos_stride, float* weights, const Int8Rows* int8) {
+               const int* lengths, int64_t pos_stride, float* weights, const Int8Rows* int8, bool rows_are_sequences) {
   if (heads % kv_heads != 0) throw std::runtime_error("cuda::attention: heads must be a multiple of kv_heads");
   const int group = heads / kv_heads;
   const int G = group % 8 == 0 ? 8 : group % 4 == 0 ? 4 : group % 2 == 0 ? 2 : 1;  // query heads per block
@@ -406,7 +411,7 @@ void attention(const float* q, int q_stride, const int* q_pos, int T, int heads,
   auto launch = [&](auto g, auto p) {
     attentionSplit<decltype(g)::value, decltype(p)::value, KT, OT><<<grid, threads>>>(
         q, q_stride, q_pos, heads, group, K, V, k_pos, L, lengths, pos_stride, head_stride, scale, splits, part_o,
-        part_ms, counters.get(), out, probs, int8 ? *int8 : Int8Rows{});
+        part_ms, counters.get(), out, probs, int8 ? *int8 : Int8Rows{}, rows_are_sequences);
   };
   auto byWidth = [&](auto g) {
     switch (head_dim) {
@@ -428,14 +433,15 @@ void attention(const float* q, int q_stride, const int* q_pos, int T, int heads,
   }
   KVTP_CUDA_LAUNCHED();
   if (weights) {
-    sumGroupsKernel<<<dim3((L + 255) / 256, kv_heads, T), 256>>>(probs, heads, group, L, lengths, weights);
+    sumGroupsKernel<<<dim3((L + 255) / 256, kv_heads, T), 256>>>(probs, heads, group, L, lengths, rows_are_sequences,
+                                                                  weights);
     KVTP_CUDA_LAUNCHED();
   }
 }
 
 #define KVTP_ATTENTION(KT, OT)                                                                                 \
   template void attention<KT, OT>(const float*, int, const int*, int, int, const KT*, const KT*, const int*, int, \
-                                  int, int, int64_t, float, OT*, const int*, int64_t, float*, const Int8Rows*);
+                                  int, int, int64_t, float, OT*, const int*, int64_t, float*, const Int8Rows*, bool);
 KVTP_ATTENTION(float, float)
 KVTP_ATTENTION(__half, __half)
 KVTP_ATTENTION(__nv_bfloat16, __nv_bfloat16)

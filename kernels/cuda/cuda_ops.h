@@ -34,6 +34,8 @@ void applyRope(float* x, int T, int heads, int head_dim, const int* positions, c
 // head (L is then a bound on them, e.g. the capacity: the launch depends on L alone) and KV head
 // g's positions start at k_pos + g * pos_stride.
 // An int8 cache (KT = int8_t) passes `int8`: see Int8Rows.
+// A batch of sequences (rows_are_sequences): query row t is sequence t's, and reads KV heads
+// t * kv_heads .. (t + 1) * kv_heads - 1 (lengths, positions and weights' rows indexed alike).
 // weights, if not null: (T, kv_heads, L) float, the attention probabilities of each KV head's
 // entries summed over its query heads (what eviction policies score by; 0 for an entry the query
 // does not see; entries past a head's length are left as they were).
@@ -42,7 +44,7 @@ template <class KT, class OT>
 void attention(const float* q, int q_stride, const int* q_pos, int T, int heads, const KT* K, const KT* V,
                const int* k_pos, int L, int kv_heads, int head_dim, int64_t head_stride, float scale, OT* out,
                const int* lengths = nullptr, int64_t pos_stride = 0, float* weights = nullptr,
-               const Int8Rows* int8 = nullptr);
+               const Int8Rows* int8 = nullptr, bool rows_are_sequences = false);
 
 // How attention reads an int8 cache (kv::KVCache's Int8 form): row l of KV head g is its codes x
 // the row's step (k_step / v_step [g * pos_stride + l]) — except the rows this step appended

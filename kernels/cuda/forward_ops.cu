@@ -57,6 +57,16 @@ __device__ float warpDot(const uint4* xs, const T* w, int in) {
   return warpSum(s);
 }
 
+// The cache row (head * capacity + slot) where new row t's KV head g lands (KvAppend, Int8Append).
+template <class A>
+__device__ int64_t newRow(const A& a, int t, int g, int kv_heads) {
+  if (a.rows_are_sequences) {
+    const int head = t * kv_heads + g;
+    return head * a.capacity + a.first_slots[head];
+  }
+  return g * a.capacity + a.first_slots[g] + t;
+}
+
 // One (head, pair) of the Q and K heads of new row t, given the pair's product (x0, x1) =
 // channels (j, j + head_dim / 2): rotated by the RoPE table into `row` (the row's q|k|v) and, for a
 // K head, appended to the cache with the row's position. Shared by both ways of appending.
@@ -72,8 +82,7 @@ __device__ void ropeAppendPair(const KvAppend<T>& kv, int t, int head, int j, fl
   row[head * hd + j] = x0;
   row[head * hd + j + half] = x1;
   if (head < kv.q_heads || !kv.K) return;
-  const int g = head - kv.q_heads;
-  const int64_t slot = g * kv.capacity + kv.first_slots[g] + t;
+  const int64_t slot = newRow(kv, t, head - kv.q_heads, kv.kv_heads);
   kv.K[slot * hd + j] = fromFloat<T>(x0);
   kv.K[slot * hd + j + half] = fromFloat<T>(x1);
   if (j == 0) kv.k_pos[slot] = kv.positions[t];
@@ -83,7 +92,7 @@ __device__ void ropeAppendPair(const KvAppend<T>& kv, int t, int head, int j, fl
 template <class T>
 __device__ void appendValue(const KvAppend<T>& kv, int t, int c, float v) {
   const int hd = kv.head_dim, g = c / hd;
-  if (kv.V) kv.V[(g * kv.capacity + kv.first_slots[g] + t) * hd + c % hd] = fromFloat<T>(v);
+  if (kv.V) kv.V[newRow(kv, t, g, kv.kv_heads) * hd + c % hd] = fromFloat<T>(v);
 }
 
 template <class T, Epilogue E>
@@ -404,7 +413,7 @@ __global__ void quantizeAppendKernel(Int8Append a) {
   float mx = 0.0f;
   for (int c = lane; c < a.head_dim; c += 32) mx = fmaxf(mx, fabsf(x[c]));
   const float step = warpMax(mx) / 127.0f;
-  const int64_t slot = g * a.capacity + a.first_slots[g] + t;
+  const int64_t slot = newRow(a, t, g, int(gridDim.y));
   int8_t* codes = (is_v ? a.V : a.K) + slot * a.head_dim;
   for (int c = lane; c < a.head_dim; c += 32)
     codes[c] = int8_t(step > 0.0f ? fminf(fmaxf(rintf(x[c] / step), -127.0f), 127.0f) : 0.0f);

@@ -40,6 +40,9 @@ void ropeTable(const int* positions, int rows, int head_dim, const float* inv_fr
 // heads hold different counts once compressed): cache[(h * capacity + slot) * head_dim + d], and
 // the rows' positions to k_pos[h * capacity + slot]. K and V null: RoPE only (an int8 cache
 // appends the rotated rows from qkv with quantizeAppend).
+// A batch (rows_are_sequences): row t is the one new token of sequence t, whose KV heads follow
+// the earlier sequences' (cache heads t * kv_heads + h, first_slots indexed alike), at slot
+// first_slots[t * kv_heads + h].
 template <class T>
 struct KvAppend {
   int q_heads, kv_heads, head_dim;
@@ -49,6 +52,7 @@ struct KvAppend {
   int* k_pos;
   int64_t capacity;
   const int* first_slots;
+  bool rows_are_sequences = false;
 };
 template <class T>
 void ropeAppendKV(float* qkv, int rows, const KvAppend<T>& kv);
@@ -78,7 +82,7 @@ void rmsNormTo(const float* x, int rows, int dim, const float* w, float eps, O* 
 // An int8 cache (kv::KVCache's Int8 form) on the device, [kv_head][capacity] rows of head_dim
 // codes with a float step each for keys and values, and where this step's rows are: the float
 // projection qkv (rows of qkv_stride; keys at k_offset, values at v_offset, after RoPE), to land
-// at each KV head's slots first_slots[g] + t with `positions`.
+// at each KV head's slots first_slots[g] + t with `positions` (a batch: as KvAppend).
 struct Int8Append {
   int head_dim;
   int8_t *K, *V;
@@ -89,6 +93,7 @@ struct Int8Append {
   int64_t qkv_stride, k_offset, v_offset;
   const int* first_slots;
   const int* positions;
+  bool rows_are_sequences = false;
 };
 // The new rows quantized into the cache, with their positions.
 void quantizeAppend(int rows, int kv_heads, const Int8Append& cache);
