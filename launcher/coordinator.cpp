@@ -286,6 +286,9 @@ class State {
     if (r.tp() < 0 || r.tp() > 65536) return bad("tp must be in [0, 65536]");
     if (r.join().size() > 4096) return bad("join is longer than 4096 bytes");
     if (r.prefill() < 0) return bad("prefill must not be negative");
+    if (r.batch() < 0 || r.batch() > 256) return bad("batch must be in [0, 256]");
+    if (r.batch() > 1 && (r.mode() != "decode" || r.device() != "cuda"))
+      return bad("batch > 1 decodes several windows together: set mode to decode and device to cuda");
     if (!r.device().empty() && r.device() != "cpu" && r.device() != "cuda") return bad("device must be cpu or cuda");
     if (!r.dtype().empty() && r.dtype() != "fp32" && r.dtype() != "fp16" && r.dtype() != "bf16")
       return bad("dtype must be fp32, fp16 or bf16");

@@ -80,6 +80,7 @@ v1::PplRequest toRequest(const PplJob& j, int tp) {
   r.set_device(j.device);
   r.set_dtype(j.dtype);
   r.set_time_collectives(j.time_collectives);
+  r.set_batch(j.batch);
   return r;
 }
 
@@ -106,6 +107,7 @@ PplJob fromRequest(const v1::PplRequest& r) {
   if (!r.device().empty()) j.device = r.device();
   j.dtype = r.dtype();
   j.time_collectives = r.time_collectives();
+  if (r.batch()) j.batch = r.batch();
   return j;
 }
 

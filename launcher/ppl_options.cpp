@@ -23,6 +23,7 @@ void addPplOptions(CLI::App* cmd, PplOptions& o) {
   cmd->add_option("--kv-quant", j.kv_quant, "KV quantization: int8 | kivi:bits=2,group=32,residual=128");
   cmd->add_option("--kv-lowrank", j.kv_lowrank, "low-rank KV channels: cskv:rank=R,window=W (docs/KV.md)");
   cmd->add_option("--prefill", j.prefill, "decode mode: the first N tokens of each window go through at once");
+  cmd->add_option("--batch", j.batch, "decode mode, cuda: windows decoded together, a token of each per step (same log-probs)");
   cmd->add_option("--device", j.device, "cpu, or cuda (one GPU per rank: the rank's local index on its node)")
       ->check(CLI::IsMember({"cpu", "cuda"}));
   cmd->add_option("--dtype", j.dtype, "weights and activations: fp32, fp16, bf16 (default: fp32 on cpu, fp16 on cuda)")

@@ -89,7 +89,7 @@ std::unique_ptr<Engine> makeCpuEngine(const Model& model, const kv::PolicySpec* 
 }
 
 PplResult scoreWindows(Engine& engine, const std::vector<Window>& windows, int sequences, Mode mode,
-                       const ProgressFn& progress, int prefill) {
+                       const ProgressFn& progress, int prefill, int batch) {
   const auto t0 = std::chrono::steady_clock::now();
   auto elapsed = [&] { return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(); };
   PplResult r;
@@ -109,54 +109,77 @@ PplResult scoreWindows(Engine& engine, const std::vector<Window>& windows, int s
   auto settled = [&](int tokens_seen) {  // after it: what is held between steps
     r.kv_bytes_steady = std::max(r.kv_bytes_steady, engine.kvBytes(tokens_seen).stored);
   };
-  for (const Window& w : windows) {
-    const int n = int(w.ids.size());
-    SequenceResult& s = r.sequences.at(w.sequence);
-    engine.startWindow();
+  // Decode mode takes windows `batch` at a time when they have the same length and first scored
+  // token (consecutive full windows do): each is one of the engine's sequences, prefilled on its
+  // own, then decoded together a token each per step. Results go to their sequences in window order.
+  const bool batched = mode == Mode::Decode && batch > 1;
+  for (size_t w0 = 0; w0 < windows.size();) {
+    size_t w1 = w0 + 1;
+    while (batched && w1 < windows.size() && int(w1 - w0) < batch && windows[w1].ids.size() == windows[w0].ids.size() &&
+           windows[w1].score_from == windows[w0].score_from)
+      ++w1;
+    const int B = int(w1 - w0), n = int(windows[w0].ids.size()), score_from = windows[w0].score_from;
+    if (batched) engine.reserve(B, n);
     std::vector<int> pos(n);
     std::iota(pos.begin(), pos.end(), 0);
-    auto record = [&](const std::vector<double>& lps) {
-      for (double lp : lps) {
-        s.logprobs.push_back(lp);
-        s.nll -= lp;
-        s.tokens += 1;
-        r.nll -= lp;
-        r.tokens += 1;
-        p.tokens_done += 1;
-      }
+    std::vector<std::vector<double>> lps(B);  // each window's log-probs, in order
+    auto record = [&](int b, const std::vector<double>& v) {
+      lps[b].insert(lps[b].end(), v.begin(), v.end());
+      for (double lp : v) r.nll -= lp, r.tokens += 1, p.tokens_done += 1;
       p.nll = r.nll;
     };
+    auto compress = [&](int b, int last_pos, bool prefill) {  // sequence b: accounted, compressed, accounted
+      engine.useSequence(b);
+      if (compresses) account(last_pos + 1);
+      engine.compress(last_pos, prefill);
+      if (compresses) settled(last_pos + 1);
+    };
     if (mode == Mode::Prefill) {
+      const Window& w = windows[w0];
+      engine.startWindow();
       // rows score_from-1 .. n-2 predict ids[score_from .. n-1]
-      record(engine.step(w.ids.data(), pos.data(), n, w.score_from - 1, n - w.score_from, w.ids.data() + w.score_from));
+      record(0, engine.step(w.ids.data(), pos.data(), n, score_from - 1, n - score_from, w.ids.data() + score_from));
     } else {
       // A prefix at once (full attention; SnapKV compresses it at its end), then token by token.
       const int first = std::clamp(prefill, 0, n - 1);
-      if (first > 0) {
-        const int from = std::min(w.score_from, first + 1);  // rows from-1 .. first-1 predict ids[from .. first]
-        record(engine.step(w.ids.data(), pos.data(), first, from - 1, first - from + 1, w.ids.data() + from));
-        if (compresses) account(first);
-        engine.compress(first - 1, true);
-        if (compresses) settled(first);
+      for (int b = 0; b < B; ++b) {
+        const Window& w = windows[w0 + b];
+        engine.useSequence(b);
+        engine.startWindow();
+        if (first == 0) continue;
+        const int from = std::min(score_from, first + 1);  // rows from-1 .. first-1 predict ids[from .. first]
+        record(b, engine.step(w.ids.data(), pos.data(), first, from - 1, first - from + 1, w.ids.data() + from));
+        compress(b, first - 1, true);  // before the next sequence's prompt: its observation is pending
       }
+      std::vector<int> tokens(B), positions(B), targets(B);
       for (int i = first; i + 1 < n; ++i) {
-        record(engine.step(&w.ids[i], &pos[i], 1, 0, i + 1 >= w.score_from ? 1 : 0, &w.ids[i + 1]));
-        if (compresses) account(i + 1);
-        engine.compress(i, false);
-        if (compresses) settled(i + 1);
+        for (int b = 0; b < B; ++b) tokens[b] = windows[w0 + b].ids[i], positions[b] = i, targets[b] = windows[w0 + b].ids[i + 1];
+        if (batched) {
+          const auto v = engine.decodeBatch(tokens.data(), positions.data(), targets.data());
+          for (int b = 0; b < B && i + 1 >= score_from; ++b) record(b, {v[b]});
+        } else {
+          record(0, engine.step(&tokens[0], &pos[i], 1, 0, i + 1 >= score_from ? 1 : 0, &targets[0]));
+        }
+        for (int b = 0; b < B; ++b) compress(b, i, false);
         if (progress && (i + 1) % 64 == 0) {
           p.seconds = elapsed();
           progress(p);
         }
       }
     }
-    if (!compresses) {
-      account(n - (mode == Mode::Decode ? 1 : 0));  // every token fed to the model
-      settled(n - (mode == Mode::Decode ? 1 : 0));
+    for (int b = 0; b < B; ++b) {
+      SequenceResult& s = r.sequences.at(windows[w0 + b].sequence);
+      for (double lp : lps[b]) s.logprobs.push_back(lp), s.nll -= lp, s.tokens += 1;
+      if (!compresses) {
+        engine.useSequence(b);
+        account(n - (mode == Mode::Decode ? 1 : 0));  // every token fed to the model
+        settled(n - (mode == Mode::Decode ? 1 : 0));
+      }
     }
-    p.windows_done += 1;
+    p.windows_done += B;
     p.seconds = elapsed();
     if (progress) progress(p);
+    w0 = w1;
   }
   r.seconds = elapsed();
   return r;

@@ -58,8 +58,10 @@ using ProgressFn = std::function<void(const Progress&)>;
 
 // Scores every window with `engine`; calls `progress` after each window (and every 64 tokens in
 // decode mode). Decode mode feeds the first `prefill` tokens of each window at once (full
-// attention), the rest one at a time, letting the engine's KV policy compress after each step.
+// attention), the rest one at a time, letting the engine's KV policy compress after each step;
+// with batch > 1, up to `batch` windows of the same shape decode together (Engine::decodeBatch:
+// the same log-probs, the engine's throughput at that batch).
 PplResult scoreWindows(Engine& engine, const std::vector<Window>& windows, int sequences, Mode mode,
-                       const ProgressFn& progress = {}, int prefill = 0);
+                       const ProgressFn& progress = {}, int prefill = 0, int batch = 1);
 
 }  // namespace kvtp

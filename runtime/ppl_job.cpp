@@ -125,6 +125,9 @@ PplJobResult runPplJob(const PplJob& job, const comm::Topology* topo, const Prog
   if ((spec.compresses() || job.prefill > 0) && job.mode != Mode::Decode)
     throw Error("--kv, --kv-quant, --kv-lowrank and --prefill evaluate token by token: use --mode decode");
   if (job.prefill < 0) throw Error("--prefill must not be negative");
+  if (job.batch < 1 || job.batch > 256) throw Error("--batch must be in 1..256");
+  if (job.batch > 1 && (job.mode != Mode::Decode || job.device != "cuda"))
+    throw Error("--batch decodes several windows together: it needs --mode decode and --device cuda");
   if (job.device != "cpu" && job.device != "cuda") throw Error("device '" + job.device + "' is not one of: cpu, cuda");
   const Precision dtype = parsePrecision(job.resolvedDtype());
   const bool gpu = job.device == "cuda";
@@ -193,7 +196,7 @@ PplJobResult runPplJob(const PplJob& job, const comm::Topology* topo, const Prog
   } else {
     engine = makeCpuEngine(*m.model, &spec);
   }
-  PplResult local = scoreWindows(*engine, mine, sequences, job.mode, progress, job.prefill);
+  PplResult local = scoreWindows(*engine, mine, sequences, job.mode, progress, job.prefill, job.batch);
   // KV bytes and collective seconds per rank of the group (largest over the data-parallel groups).
   const int tp = out.tp, grank = group ? group->rank() : 0;
   auto perRank = [&](auto value) {  // every rank's value, in group rank order
@@ -262,6 +265,7 @@ nlohmann::json toJson(const PplJob& job, const PplJobResult& r) {
           {"device", job.device},
           {"dtype", job.resolvedDtype()},
           {"prefill", job.prefill},
+          {"batch", job.batch},
           {"kv_bytes_peak", peak},
           {"kv_bytes_full", full},
           {"kv_ratio", full ? double(peak) / double(full) : 0.0},

@@ -28,6 +28,7 @@ struct PplJob {
   std::string kv_quant;          // KV quantization spec; implies decode mode
   std::string kv_lowrank;        // KV low-rank channels spec (cskv:rank=R,window=W); implies decode mode
   int prefill = 0;               // decode mode: tokens per window that go through at once first
+  int batch = 1;                 // decode mode, cuda: windows decoded together (a token each per step)
   std::string device = "cpu";    // cpu | cuda
   std::string dtype;             // fp32 | fp16 | bf16; empty: fp32 on cpu, fp16 on cuda
   bool time_collectives = false;  // cuda, tp > 1: measure collective_seconds (CUDA events; slows decode)

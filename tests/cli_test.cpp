@@ -71,6 +71,8 @@ INSTANTIATE_TEST_SUITE_P(
         BadInput{"KvNeedsDecode", "--model models/kvtp-opt-3m --data data/c4/c4-heldout-200.json.gz --kv h2o:budget=0.2 "
                  "--mode prefill", "use --mode decode"},
         BadInput{"UnknownKvMethod", "--model models/kvtp-opt-3m --data data/c4/c4-heldout-200.json.gz --kv lru", "lru"},
+        BadInput{"BatchNeedsDecodeOnCuda", "--model models/kvtp-opt-3m --data data/c4/c4-heldout-200.json.gz --mode decode "
+                 "--batch 4", "needs --mode decode and --device cuda"},
         BadInput{"HalfPrecisionOnCpu", "--model models/kvtp-opt-3m --data data/c4/c4-heldout-200.json.gz --dtype fp16",
                  "need --device cuda"},
         // CI has no GPU: the build without CUDA says so, the CUDA build finds no device.

@@ -206,6 +206,7 @@ TEST_F(ControlPlane, BadRequestsGetClearErrorsAndTheServerStaysUp) {
   add([](auto& r) { r.set_mode("sideways"); }, grpc::StatusCode::INVALID_ARGUMENT, "mode");
   add([](auto& r) { r.set_kv("lru:budget=0.2"); }, grpc::StatusCode::INVALID_ARGUMENT, "KV method 'lru'");
   add([](auto& r) { r.set_kv("h2o:budget=0.2"); }, grpc::StatusCode::INVALID_ARGUMENT, "set mode to decode");
+  add([](auto& r) { r.set_batch(8); }, grpc::StatusCode::INVALID_ARGUMENT, "set mode to decode and device to cuda");
   add([](auto& r) { r.set_join(std::string(2 << 20, 'x')); }, grpc::StatusCode::RESOURCE_EXHAUSTED, "");
   for (auto& c : cases) {
     v1::SubmitJobRequest r;

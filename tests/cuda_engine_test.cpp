@@ -250,6 +250,35 @@ TEST(CudaEngine, BatchedDecodeMatchesOneSequenceAtATime) {
   }
 }
 
+// kvtp ppl --mode decode --batch 3: five windows as a batch of three, then one of two, give the
+// log-probs and KV bytes of one window at a time.
+TEST(CudaEngine, PerplexityInBatchesMatchesOneWindowAtATime) {
+  REQUIRE_GPUS(1);
+  for (const std::string kv : {"", "h2o:budget=0.3"}) {
+    PplJob job = test::heldOutC4Job(256, 5, Mode::Decode);
+    job.prefill = 128;
+    job.kv = kv;
+    job.device = "cuda";
+    job.dtype = "fp32";
+    const auto one = runPplJob(job);
+    job.batch = 3;
+    const auto three = runPplJob(job);
+    ASSERT_EQ(three.result.tokens, one.result.tokens);
+    ASSERT_EQ(three.windows, 5);
+    double worst = 0;
+    for (size_t s = 0; s < one.result.sequences.size(); ++s) {
+      ASSERT_EQ(three.result.sequences[s].logprobs.size(), one.result.sequences[s].logprobs.size());
+      for (size_t i = 0; i < one.result.sequences[s].logprobs.size(); ++i)
+        worst = std::max(worst, std::abs(three.result.sequences[s].logprobs[i] - one.result.sequences[s].logprobs[i]));
+    }
+    EXPECT_LE(worst, 1e-4) << kv;
+    EXPECT_EQ(three.kv_bytes_peak, one.kv_bytes_peak) << kv;
+    EXPECT_EQ(three.kv_bytes_steady, one.kv_bytes_steady) << kv;
+    std::printf("ppl --batch 3 %s: |log-prob difference| max %.3g, %.1f vs %.1f tokens/s\n", kv.c_str(), worst,
+                three.result.tokensPerSecond(), one.result.tokensPerSecond());
+  }
+}
+
 // A batch the device cannot hold is refused before anything changes; the engine goes on. The
 // CPU engine holds one sequence and says so.
 TEST(CudaEngine, BatchTooLargeIsRefusedClearly) {
