@@ -280,6 +280,33 @@ void Policy::score(KVCache& cache, const StepAttention& attn, bool prefill) {
     }
 }
 
+int Policy::poolCount() const {
+  const int L = lay_.layers, G = lay_.global_kv_heads;
+  return spec_.scope == Scope::Global ? 1 : spec_.scope == Scope::Layer ? L : L * G;
+}
+
+std::vector<int64_t> Policy::budgets(int last_pos) const {
+  const int L = lay_.layers, G = lay_.global_kv_heads, pools = poolCount();
+  // Entries per head on average. A byte budget is counted at the full-precision entry size (fp16
+  // key + value + position), so a quantized cache stays within it.
+  const double entry_bytes = 2.0 * lay_.head_dim * 2 + 4;
+  const double per_head = spec_.budget_bytes > 0 ? spec_.budget_bytes / entry_bytes / (double(L) * G)
+                          : spec_.budget_tokens > 0 ? double(spec_.budget_tokens)
+                                                    : spec_.budget * (last_pos + 1);
+  std::vector<int64_t> budget(pools);
+  for (int p = 0; p < pools; ++p) {
+    const int heads_in_pool = spec_.scope == Scope::Global ? L * G : spec_.scope == Scope::Layer ? G : 1;
+    double share = per_head * heads_in_pool;
+    if (spec_.method == Method::PyramidKV && L > 1) {
+      // Layer budgets fall linearly from ratio x to 1 x, scaled so that they sum to the total.
+      const double r = spec_.pyramid_ratio, w = r - (r - 1) * double(p) / (L - 1);
+      share *= w * L / (L * (r + 1) / 2.0);
+    }
+    budget[p] = int64_t(std::ceil(share));
+  }
+  return budget;
+}
+
 void Policy::evict(KVCache& cache, int last_pos, bool prefill) {
   // SnapKV / PyramidKV compress the prompt once, at the end of the prefill; the tokens decoded
   // after it are all kept (SCOPE's "prefill-only" setting).
@@ -289,7 +316,6 @@ void Policy::evict(KVCache& cache, int last_pos, bool prefill) {
     return;
   }
   const int L = lay_.layers, H = lay_.local_kv_heads, G = lay_.global_kv_heads;
-  const int seen = last_pos + 1;
 
   // Every head's length, then every entry's (position, score) in one global table.
   std::vector<double> lens(size_t(L) * G, 0.0);
@@ -332,26 +358,9 @@ void Policy::evict(KVCache& cache, int last_pos, bool prefill) {
     for (size_t i = 0; i < pooled.size(); ++i) table[i * 2 + 1] = pooled[i];
   }
 
-  // Budgets per competition pool (one pool, one per layer, or one per head), in entries.
-  const int pools = spec_.scope == Scope::Global ? 1 : spec_.scope == Scope::Layer ? L : L * G;
+  const int pools = poolCount();
+  const std::vector<int64_t> budget = budgets(last_pos);
   auto poolOf = [&](int layer, int gh) { return spec_.scope == Scope::Global ? 0 : spec_.scope == Scope::Layer ? layer : layer * G + gh; };
-  // Entries per head on average. A byte budget is counted at the full-precision entry size (fp16
-  // key + value + position), so a quantized cache stays within it.
-  const double entry_bytes = 2.0 * lay_.head_dim * 2 + 4;
-  const double per_head = spec_.budget_bytes > 0 ? spec_.budget_bytes / entry_bytes / (double(L) * G)
-                          : spec_.budget_tokens > 0 ? double(spec_.budget_tokens)
-                                                    : spec_.budget * seen;
-  std::vector<int64_t> budget(pools);
-  for (int p = 0; p < pools; ++p) {
-    const int heads_in_pool = spec_.scope == Scope::Global ? L * G : spec_.scope == Scope::Layer ? G : 1;
-    double share = per_head * heads_in_pool;
-    if (spec_.method == Method::PyramidKV && L > 1) {
-      // Layer budgets fall linearly from ratio x to 1 x, scaled so that they sum to the total.
-      const double r = spec_.pyramid_ratio, w = r - (r - 1) * double(p) / (L - 1);
-      share *= w * L / (L * (r + 1) / 2.0);
-    }
-    budget[p] = int64_t(std::ceil(share));
-  }
 
   // Entry e of the table (in (layer, head, position) order, the tie-break order) is kept if
   // keep[e]; the rest compete per pool.

@@ -100,6 +100,12 @@ class Policy {
   // A new window (sequence) starts: its prefill and decode steps count from here.
   void startWindow() { prefill_end_ = 0, decode_steps_ = 0; }
   KvBytes bytes(const KVCache& cache, int tokens_seen) const;
+  // The budget's competition pools (one, one per layer, or one per (layer, KV head): each a
+  // contiguous run of the global table) and each one's budget in entries after a step up to
+  // `last_pos` — what eviction keeps to, for a decision taken elsewhere (the CUDA engine's).
+  int poolCount() const;
+  std::vector<int64_t> budgets(int last_pos) const;
+  const HeadLayout& layout() const { return lay_; }
 
  private:
   void score(KVCache& cache, const StepAttention& attn, bool prefill);

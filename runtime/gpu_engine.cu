@@ -13,6 +13,7 @@
 
 #include "comm/nccl_communicator.h"
 #include "kernels/cuda/cuda_ops.h"
+#include "kernels/cuda/eviction.h"
 #include "kernels/cuda/forward_ops.h"
 #include "runtime/error.h"
 #include "runtime/partition.h"
@@ -90,6 +91,10 @@ struct Sequence {
   kv::KVCache mirror;
   std::vector<std::vector<int32_t>> row_positions;
   bool weights_pending = false;
+  // Rows appended since the last compress(), and whether this window's decode steps are decided
+  // on the device (GpuEngine::decideOnDevice; the mirror then stops following the cache).
+  int unscored = 0;
+  bool on_device = false;
 };
 
 template <class T>
@@ -97,6 +102,9 @@ class GpuEngine : public Engine {
  public:
   GpuEngine(const ModelConfig& config, const Partition& part, const WeightSource& source, const GpuOptions& o)
       : c_(config), part_(part), group_(o.device_group), kv_spec_(o.kv), host_group_(o.host_group),
+        device_decides_((o.kv.method == kv::Method::H2O || o.kv.method == kv::Method::Scissorhands ||
+                         o.kv.method == kv::Method::StreamingLLM) &&
+                        o.kv.rank == 0 && !headLayout(config, part).replicated),
         int8_(o.kv.quant == kv::Quant::Int8), time_collectives_(o.time_collectives) {
     checkGpuCompression(o.kv);
     if (!std::set<int>{8, 16, 32, 64, 128, 256}.count(c_.head_dim))
@@ -148,7 +156,7 @@ class GpuEngine : public Engine {
     if (observed_len_ > 0 && observed_seq_ == current_) observed_len_ = 0;
     Sequence& s = seq();
     std::fill(s.len.begin(), s.len.end(), 0);
-    s.longest = 0, s.uniform = true, s.weights_pending = false;
+    s.longest = 0, s.uniform = true, s.weights_pending = false, s.unscored = 0, s.on_device = false;
     s.positions.clear();
     s.mirror.clear();
     for (auto& p : s.row_positions) p.clear();
@@ -157,6 +165,12 @@ class GpuEngine : public Engine {
   bool compresses() const override { return kv_spec_.compresses(); }
   kv::KvBytes kvBytes(int tokens_seen) const override {
     const Sequence& s = seqs_[current_];
+    if (s.on_device) {  // as the mirror would count: rows since the last decision still full, then int8
+      const int64_t hd = c_.head_dim, full = 4 * hd, stored = int8_ ? 2 * hd + 4 : full;
+      int64_t bytes = 0;
+      for (int n : s.len) bytes += int64_t(n - s.unscored) * stored + int64_t(s.unscored) * full + 4 * int64_t(n);
+      return {bytes, kv::fullCacheBytes(tokens_seen, c_.layers, part_.kv_heads, c_.head_dim)};
+    }
     if (compresses()) return s.policy.bytes(s.mirror, tokens_seen);
     const int64_t b = kv::fullCacheBytes(tokens_seen, c_.layers, part_.kv_heads, c_.head_dim);  // docs/KV.md
     return {b, b};
@@ -176,7 +190,7 @@ class GpuEngine : public Engine {
     // A new layout: every sequence starts empty, the cache sized exactly.
     checkRoom(batch, tokens);
     for (auto& L : layers_) L.K = {}, L.V = {}, L.pos = {}, L.K8 = {}, L.V8 = {}, L.k_step = {}, L.v_step = {};
-    weights_ = {};
+    weights_ = {}, score_ = {}, history_ = {};
     capacity_ = 0;
     observed_len_ = 0;
     seqs_.clear();
@@ -191,6 +205,8 @@ class GpuEngine : public Engine {
   void compress(int last_pos, bool prefill) override {
     if (!compresses()) return;
     Sequence& s = seq();
+    if (device_decides_ && !prefill) return decideOnDevice(s, last_pos);
+    s.unscored = 0;
     const int H = part_.kv_heads, LH = c_.layers * H;
     attention_.T = 0;
     attention_.blocks.assign(size_t(LH), {});
@@ -281,7 +297,8 @@ class GpuEngine : public Engine {
     makeRoom(s.longest + rows);
     s.weights_pending = rows == 1 && spec.scoresDecoding();
     s.positions.insert(s.positions.end(), positions, positions + rows);
-    if (compresses()) {
+    s.unscored += rows;
+    if (compresses() && !s.on_device) {
       for (int l = 0; l < c_.layers; ++l) s.mirror.append(l, nullptr, nullptr, positions, rows);
       for (auto& p : s.row_positions) p.insert(p.end(), positions, positions + rows);
     }
@@ -310,7 +327,8 @@ class GpuEngine : public Engine {
                     std::to_string(s.positions.back()) + "; its next token cannot be at " + std::to_string(positions[b]));
       s.weights_pending = kv_spec_.scoresDecoding();
       s.positions.push_back(positions[b]);
-      if (compresses()) {
+      s.unscored += 1;
+      if (compresses() && !s.on_device) {
         for (int l = 0; l < c_.layers; ++l) s.mirror.append(l, nullptr, nullptr, positions + b, 1);
         for (auto& p : s.row_positions) p.push_back(positions[b]);
       }
@@ -373,6 +391,92 @@ class GpuEngine : public Engine {
     }
   }
 
+  // A decode step's eviction decided on the device (cuda/eviction.h): kv::Policy's decision over
+  // the same global table, to the same budgets. The first time in a window, the scores the
+  // prompt's decision left on the mirror go to the device; from then on the device holds them and
+  // the mirror rests (kvBytes counts from the lengths).
+  void decideOnDevice(Sequence& s, int last_pos) {
+    const int L = c_.layers, H = part_.kv_heads, LH = L * H, hd = c_.head_dim;
+    const kv::HeadLayout& lay = s.policy.layout();
+    const int G = lay.global_kv_heads;
+    const size_t stride = seqs_.size() * H * size_t(capacity_), head0 = size_t(current_) * H * capacity_;
+    const bool h2o = kv_spec_.method == kv::Method::H2O, scissorhands = kv_spec_.method == kv::Method::Scissorhands;
+    if (!s.on_device && (h2o || scissorhands) && s.longest > 0) {
+      std::vector<double> score(size_t(H) * s.longest);
+      std::vector<uint64_t> bits(size_t(H) * s.longest);
+      for (int l = 0; l < L; ++l) {
+        for (int h = 0; h < H; ++h) {
+          const kv::HeadCache& c = s.mirror.head(l, h);
+          std::copy(c.score.begin(), c.score.end(), score.begin() + size_t(h) * s.longest);
+          std::copy(c.history.begin(), c.history.end(), bits.begin() + size_t(h) * s.longest);
+        }
+        auto put = [&](auto* to, const auto& from) {
+          const size_t e = sizeof(from[0]);
+          KVTP_CUDA_CHECK(cudaMemcpy2D(to + l * stride + head0, capacity_ * e, from.data(), s.longest * e, s.longest * e,
+                                       H, cudaMemcpyHostToDevice));
+        };
+        if (h2o) put(score_.get(), score);
+        else put(history_.get(), bits);
+      }
+    }
+    s.on_device = true;
+    // Every head's entry count in the global table (layer, global KV head), over the ranks.
+    std::vector<double> lens(size_t(L) * G, 0.0);
+    for (int l = 0; l < L; ++l)
+      for (int h = 0; h < H; ++h) lens[size_t(l) * G + lay.kv_head_begin + h] = s.len[size_t(l) * H + h];
+    if (host_group_ && host_group_->size() > 1) host_group_->allReduceSum(lens.data(), lens.size());
+    std::vector<int64_t> off(lens.size() + 1, 0);
+    for (size_t i = 0; i < lens.size(); ++i) off[i + 1] = off[i] + int64_t(lens[i]);
+    const int64_t N = off.back();
+    // Device: table offsets, lengths, new lengths per (layer, head); each layer's arrays at the
+    // sequence's first head.
+    std::vector<int> meta(3 * size_t(LH));
+    for (int l = 0; l < L; ++l)
+      for (int h = 0; h < H; ++h) {
+        meta[size_t(l) * H + h] = int(off[size_t(l) * G + lay.kv_head_begin + h]);
+        meta[LH + size_t(l) * H + h] = s.len[size_t(l) * H + h];
+      }
+    int* d_meta = grow(evict_meta_, meta.size());
+    KVTP_CUDA_CHECK(cudaMemcpy(d_meta, meta.data(), meta.size() * sizeof(int), cudaMemcpyHostToDevice));
+    const size_t row0 = head0;
+    std::vector<void*> ptrs(5 * size_t(L), nullptr);  // K, V, positions, key steps, value steps
+    for (int l = 0; l < L; ++l) {
+      GpuLayer<T>& g = layers_[l];
+      ptrs[l] = int8_ ? static_cast<void*>(g.K8.get() + row0 * hd) : g.K.get() + row0 * hd;
+      ptrs[L + l] = int8_ ? static_cast<void*>(g.V8.get() + row0 * hd) : g.V.get() + row0 * hd;
+      ptrs[2 * L + l] = g.pos.get() + row0;
+      if (int8_) ptrs[3 * L + l] = g.k_step.get() + row0, ptrs[4 * L + l] = g.v_step.get() + row0;
+    }
+    void** d_ptrs = grow(evict_ptrs_, ptrs.size());
+    KVTP_CUDA_CHECK(cudaMemcpy(d_ptrs, ptrs.data(), ptrs.size() * sizeof(void*), cudaMemcpyHostToDevice));
+    const cuda::EvictionCache cache{L, H, capacity_, int(hd * (int8_ ? 1 : sizeof(T))), d_ptrs, d_ptrs + L,
+                                    reinterpret_cast<int* const*>(d_ptrs + 2 * L),
+                                    int8_ ? reinterpret_cast<float* const*>(d_ptrs + 3 * L) : nullptr,
+                                    int8_ ? reinterpret_cast<float* const*>(d_ptrs + 4 * L) : nullptr,
+                                    h2o ? score_.get() + head0 : nullptr, scissorhands ? history_.get() + head0 : nullptr,
+                                    s.weights_pending ? weights_.get() + head0 : nullptr, int64_t(stride), d_meta + LH,
+                                    d_meta};
+    double* table = grow(table_, size_t(std::max<int64_t>(N, 1)));
+    if (part_.tp > 1) KVTP_CUDA_CHECK(cudaMemset(table, 0, N * sizeof(double)));  // others' entries: theirs
+    const uint64_t mask = kv_spec_.history >= 64 ? ~0ull : (1ull << kv_spec_.history) - 1;
+    const cuda::EvictScore method = h2o ? cuda::EvictScore::H2O
+                                    : scissorhands ? cuda::EvictScore::Scissorhands
+                                                   : cuda::EvictScore::StreamingLLM;
+    cuda::evictionKeys(cache, method, s.unscored, mask, kv_spec_.sinks, kv_spec_.recent, last_pos, table);
+    if (part_.tp > 1) group_->allReduceSum(table, size_t(N));
+    // The pools: one run of the table each (1, per layer, or per head).
+    const int pools = s.policy.poolCount(), heads_per_pool = L * G / pools;
+    std::vector<int64_t> begin(pools + 1);
+    for (int p = 0; p <= pools; ++p) begin[p] = off[size_t(p) * heads_per_pool];
+    const std::vector<int64_t> budget = s.policy.budgets(last_pos);
+    uint8_t* keep = grow(keep_flags_, size_t(std::max<int64_t>(N, 1)));
+    cuda::evictionDecide(table, N, begin.data(), budget.data(), pools, keep);
+    cuda::evictionCompact(cache, keep, d_meta + 2 * LH);
+    KVTP_CUDA_CHECK(cudaMemcpy(s.len.data(), d_meta + 2 * LH, LH * sizeof(int), cudaMemcpyDeviceToHost));
+    s.longest = *std::max_element(s.len.begin(), s.len.end());
+    s.uniform = false, s.unscored = 0, s.weights_pending = false;
+  }
+
   // log p(targets) from hidden rows from .. from + count - 1 of the step just run.
   std::vector<double> head(int from, int count, const int* targets) {
     if (count == 0) {
@@ -410,7 +514,9 @@ class GpuEngine : public Engine {
 
   // Cache bytes per (KV head, token): K and V rows (int8: codes and a step each) and a position.
   size_t rowBytes() const {
-    return int8_ ? 2 * (size_t(c_.head_dim) + sizeof(float)) + sizeof(int) : 2 * c_.head_dim * sizeof(T) + sizeof(int);
+    const size_t decision = device_decides_ && kv_spec_.method != kv::Method::StreamingLLM ? 8 : 0;  // score or bits
+    return decision +
+           (int8_ ? 2 * (size_t(c_.head_dim) + sizeof(float)) + sizeof(int) : 2 * c_.head_dim * sizeof(T) + sizeof(int));
   }
   // Throws Error unless the device can hold a cache of `batch` x `tokens` rows per KV head (the
   // present cache is freed as the new one is made).
@@ -439,15 +545,19 @@ class GpuEngine : public Engine {
     for (auto& s : seqs_) longest = std::max(longest, s.longest);
     const size_t heads = seqs_.size() * part_.kv_heads;
     // Each head's rows (and positions) move to the start of its new, longer span.
-    auto regrow = [&](auto& buf, size_t width) {
+    auto regrow = [&](auto& buf, size_t width, size_t spans = 0) {  // spans: heads unless given
       using E = typename std::remove_reference_t<decltype(buf)>::value_type;
-      std::remove_reference_t<decltype(buf)> bigger(heads * cap * width);
+      if (!spans) spans = heads;
+      std::remove_reference_t<decltype(buf)> bigger(spans * cap * width);
       const size_t row = width * sizeof(E);
       if (longest > 0)
-        KVTP_CUDA_CHECK(cudaMemcpy2D(bigger.get(), cap * row, buf.get(), capacity_ * row, longest * row, heads,
+        KVTP_CUDA_CHECK(cudaMemcpy2D(bigger.get(), cap * row, buf.get(), capacity_ * row, longest * row, spans,
                                      cudaMemcpyDeviceToDevice));
       buf = std::move(bigger);
     };
+    // The device decision's per-entry state, [layer][sequence][kv_head][capacity].
+    if (kv_spec_.method == kv::Method::H2O && device_decides_) regrow(score_, 1, c_.layers * heads);
+    if (kv_spec_.method == kv::Method::Scissorhands && device_decides_) regrow(history_, 1, c_.layers * heads);
     for (auto& L : layers_) {
       if (int8_) {
         regrow(L.K8, c_.head_dim);
@@ -642,6 +752,14 @@ class GpuEngine : public Engine {
   // A decode step's probabilities [layer][sequence][kv_head][capacity], for policies that evict as
   // they decode.
   DeviceBuffer<float> weights_;
+  // Eviction decided on the device (decideOnDevice): which policies, their per-entry state
+  // [layer][sequence][kv_head][capacity] (H2O's scores, Scissorhands' bits), and scratch.
+  const bool device_decides_;
+  DeviceBuffer<double> score_, table_;
+  DeviceBuffer<uint64_t> history_;
+  DeviceBuffer<int> evict_meta_;
+  DeviceBuffer<void*> evict_ptrs_;
+  DeviceBuffer<uint8_t> keep_flags_;
   // An int8 cache (GpuLayer::K8...), and the stage a many-row step reads it through in T.
   const bool int8_;
   DeviceBuffer<T> stage_k_, stage_v_;

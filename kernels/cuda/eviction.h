@@ -1,0 +1,53 @@
+// Eviction decided on the device: kv::Policy's decision for the methods that evict after every
+// decode step (H2O, Scissorhands, StreamingLLM), taken over the same global table — every entry
+// of every head in (layer, global KV head, position) order, one key each, all-reduced over the
+// tensor-parallel ranks — and kept to the same budgets, so the kept tokens are the CPU's
+// (tests/cuda_engine_test.cpp). The host's decision walked every entry on the CPU each step (a
+// 7B model at 8k holds 1.7 M); here it is a few kernels and a radix sort.
+#pragma once
+#include <cstdint>
+
+namespace kvtp::cuda {
+
+enum class EvictScore { H2O, Scissorhands, StreamingLLM };
+
+// One sequence's KV heads of every layer, as the CUDA engine lays them out: head h of layer l at
+// row h * capacity of that layer's arrays (the per-layer arrays given as device arrays of
+// `layers` pointers, already at the sequence's first head), or of the engine-wide arrays at
+// l * layer_stride + h * capacity (scores, Scissorhands' history bits, the step's probabilities).
+struct EvictionCache {
+  int layers, heads;
+  int64_t capacity;
+  int row_bytes;  // one key (or value) row: head_dim x the element size (int8: head_dim)
+  void* const* K;
+  void* const* V;
+  int* const* pos;
+  float* const* k_step;  // an int8 cache's steps; null otherwise
+  float* const* v_step;
+  double* score;         // H2O's accumulated attention (null for the others)
+  uint64_t* history;     // Scissorhands' bits (null for the others)
+  const float* weights;  // the decode step's probabilities; null: none this step
+  int64_t layer_stride;
+  const int* length;        // device, per (layer, head): entries now
+  const int* table_offset;  // device, per (layer, head): its first entry in the table
+};
+
+// Folds the step's probabilities into each entry's score (the last `fresh` entries of a head,
+// appended since the last decision, start from zero) and writes its key into `table`: +inf for
+// the protected (position < sinks or > last_pos - recent), else H2O's score, the position
+// (StreamingLLM: the most recent win) or the count of Scissorhands' set bits under history_mask.
+void evictionKeys(const EvictionCache& c, EvictScore method, int fresh, uint64_t history_mask, int sinks, int recent,
+                  int last_pos, double* table);
+
+// keep[e] = whether table entry e is among the budget[p] highest keys of its pool p (pools:
+// consecutive runs [pool_begin[p], pool_begin[p + 1]) of the table, host arrays), ties to the
+// lower index, or is protected (+inf) — kv::Policy's rule.
+void evictionDecide(const double* table, int64_t n, const int64_t* pool_begin, const int64_t* budget, int pools,
+                    uint8_t* keep);
+
+// Each head keeps its entries e with keep[table_offset + e], in order, moved down over the
+// evicted ones with their positions, int8 steps, scores and history; new_length (device) gets
+// each head's count.
+void evictionCompact(const EvictionCache& c, const uint8_t* keep, int* new_length);
+
+}  // namespace kvtp::cuda
