@@ -105,7 +105,6 @@ class Policy {
   // `last_pos` — what eviction keeps to, for a decision taken elsewhere (the CUDA engine's).
   int poolCount() const;
   std::vector<int64_t> budgets(int last_pos) const;
-  const HeadLayout& layout() const { return lay_; }
 
  private:
   void score(KVCache& cache, const StepAttention& attn, bool prefill);

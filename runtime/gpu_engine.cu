@@ -102,9 +102,11 @@ class GpuEngine : public Engine {
  public:
   GpuEngine(const ModelConfig& config, const Partition& part, const WeightSource& source, const GpuOptions& o)
       : c_(config), part_(part), group_(o.device_group), kv_spec_(o.kv), host_group_(o.host_group),
+        // tp > 1 would all-reduce the table over NCCL before the sort; not yet verified on two
+        // GPUs, so those ranks decide on the host mirror.
         device_decides_((o.kv.method == kv::Method::H2O || o.kv.method == kv::Method::Scissorhands ||
                          o.kv.method == kv::Method::StreamingLLM) &&
-                        o.kv.rank == 0 && !headLayout(config, part).replicated),
+                        o.kv.rank == 0 && part.tp == 1),
         int8_(o.kv.quant == kv::Quant::Int8), time_collectives_(o.time_collectives) {
     checkGpuCompression(o.kv);
     if (!std::set<int>{8, 16, 32, 64, 128, 256}.count(c_.head_dim))
@@ -392,13 +394,11 @@ class GpuEngine : public Engine {
   }
 
   // A decode step's eviction decided on the device (cuda/eviction.h): kv::Policy's decision over
-  // the same global table, to the same budgets. The first time in a window, the scores the
+  // the same global table, to the same budgets (tp 1: this rank's heads are all of them). The first time in a window, the scores the
   // prompt's decision left on the mirror go to the device; from then on the device holds them and
   // the mirror rests (kvBytes counts from the lengths).
   void decideOnDevice(Sequence& s, int last_pos) {
     const int L = c_.layers, H = part_.kv_heads, LH = L * H, hd = c_.head_dim;
-    const kv::HeadLayout& lay = s.policy.layout();
-    const int G = lay.global_kv_heads;
     const size_t stride = seqs_.size() * H * size_t(capacity_), head0 = size_t(current_) * H * capacity_;
     const bool h2o = kv_spec_.method == kv::Method::H2O, scissorhands = kv_spec_.method == kv::Method::Scissorhands;
     if (!s.on_device && (h2o || scissorhands) && s.longest > 0) {
@@ -420,20 +420,17 @@ class GpuEngine : public Engine {
       }
     }
     s.on_device = true;
-    // Every head's entry count in the global table (layer, global KV head), over the ranks.
-    std::vector<double> lens(size_t(L) * G, 0.0);
-    for (int l = 0; l < L; ++l)
-      for (int h = 0; h < H; ++h) lens[size_t(l) * G + lay.kv_head_begin + h] = s.len[size_t(l) * H + h];
-    if (host_group_ && host_group_->size() > 1) host_group_->allReduceSum(lens.data(), lens.size());
-    std::vector<int64_t> off(lens.size() + 1, 0);
-    for (size_t i = 0; i < lens.size(); ++i) off[i + 1] = off[i] + int64_t(lens[i]);
+    // Every head's first entry in the global table (layer, KV head, position); at tp 1 the
+    // global heads are this rank's.
+    std::vector<int64_t> off(size_t(LH) + 1, 0);
+    for (int i = 0; i < LH; ++i) off[i + 1] = off[i] + s.len[i];
     const int64_t N = off.back();
     // Device: table offsets, lengths, new lengths per (layer, head); each layer's arrays at the
     // sequence's first head.
     std::vector<int> meta(3 * size_t(LH));
     for (int l = 0; l < L; ++l)
       for (int h = 0; h < H; ++h) {
-        meta[size_t(l) * H + h] = int(off[size_t(l) * G + lay.kv_head_begin + h]);
+        meta[size_t(l) * H + h] = int(off[size_t(l) * H + h]);
         meta[LH + size_t(l) * H + h] = s.len[size_t(l) * H + h];
       }
     int* d_meta = grow(evict_meta_, meta.size());
@@ -457,15 +454,13 @@ class GpuEngine : public Engine {
                                     s.weights_pending ? weights_.get() + head0 : nullptr, int64_t(stride), d_meta + LH,
                                     d_meta};
     double* table = grow(table_, size_t(std::max<int64_t>(N, 1)));
-    if (part_.tp > 1) KVTP_CUDA_CHECK(cudaMemset(table, 0, N * sizeof(double)));  // others' entries: theirs
     const uint64_t mask = kv_spec_.history >= 64 ? ~0ull : (1ull << kv_spec_.history) - 1;
     const cuda::EvictScore method = h2o ? cuda::EvictScore::H2O
                                     : scissorhands ? cuda::EvictScore::Scissorhands
                                                    : cuda::EvictScore::StreamingLLM;
     cuda::evictionKeys(cache, method, s.unscored, mask, kv_spec_.sinks, kv_spec_.recent, last_pos, table);
-    if (part_.tp > 1) group_->allReduceSum(table, size_t(N));
     // The pools: one run of the table each (1, per layer, or per head).
-    const int pools = s.policy.poolCount(), heads_per_pool = L * G / pools;
+    const int pools = s.policy.poolCount(), heads_per_pool = LH / pools;
     std::vector<int64_t> begin(pools + 1);
     for (int p = 0; p <= pools; ++p) begin[p] = off[size_t(p) * heads_per_pool];
     const std::vector<int64_t> budget = s.policy.budgets(last_pos);

@@ -1,9 +1,9 @@
 // Eviction decided on the device: kv::Policy's decision for the methods that evict after every
 // decode step (H2O, Scissorhands, StreamingLLM), taken over the same global table — every entry
-// of every head in (layer, global KV head, position) order, one key each, all-reduced over the
-// tensor-parallel ranks — and kept to the same budgets, so the kept tokens are the CPU's
-// (tests/cuda_engine_test.cpp). The host's decision walked every entry on the CPU each step (a
-// 7B model at 8k holds 1.7 M); here it is a few kernels and a radix sort.
+// of every head in (layer, KV head, position) order, one key each (tp 1, where one rank's heads
+// are the model's; tp > 1 would all-reduce the table first) — and kept to the same budgets, so
+// the kept tokens are the CPU's (tests/cuda_engine_test.cpp). The host's decision walked every
+// entry on the CPU each step (a 7B model at 8k holds 1.7 M); here it is a few kernels and a sort.
 #pragma once
 #include <cstdint>
 
