@@ -80,7 +80,7 @@ struct Sequence {
   Sequence(const ModelConfig& c, const Partition& part, const kv::PolicySpec& spec, comm::Communicator* host_group)
       : len(size_t(c.layers) * part.kv_heads, 0), policy(spec, headLayout(c, part), host_group),
         mirror(c.layers, part.kv_heads, c.head_dim, true), row_positions(len.size()) {}
-  std::vector<int> len;  // entries per (layer, KV head)
+  std::vector<int> len;  // slots in use per (layer, KV head): its entries (and, decided on the device, holes)
   int longest = 0;
   // While no eviction has run this window every head holds the same positions, `positions`.
   bool uniform = true;
@@ -95,6 +95,7 @@ struct Sequence {
   // on the device (GpuEngine::decideOnDevice; the mirror then stops following the cache).
   int unscored = 0;
   bool on_device = false;
+  std::vector<int> kept;  // on the device: entries per (layer, KV head) after its last decision
 };
 
 template <class T>
@@ -170,7 +171,7 @@ class GpuEngine : public Engine {
     if (s.on_device) {  // as the mirror would count: rows since the last decision still full, then int8
       const int64_t hd = c_.head_dim, full = 4 * hd, stored = int8_ ? 2 * hd + 4 : full;
       int64_t bytes = 0;
-      for (int n : s.len) bytes += int64_t(n - s.unscored) * stored + int64_t(s.unscored) * full + 4 * int64_t(n);
+      for (int k : s.kept) bytes += int64_t(k) * stored + int64_t(s.unscored) * full + 4 * int64_t(k + s.unscored);
       return {bytes, kv::fullCacheBytes(tokens_seen, c_.layers, part_.kv_heads, c_.head_dim)};
     }
     if (compresses()) return s.policy.bytes(s.mirror, tokens_seen);
@@ -394,9 +395,10 @@ class GpuEngine : public Engine {
   }
 
   // A decode step's eviction decided on the device (cuda/eviction.h): kv::Policy's decision over
-  // the same global table, to the same budgets (tp 1: this rank's heads are all of them). The first time in a window, the scores the
-  // prompt's decision left on the mirror go to the device; from then on the device holds them and
-  // the mirror rests (kvBytes counts from the lengths).
+  // the same global table, to the same budgets (tp 1: this rank's heads are all of them). The
+  // first time in a window, the scores the prompt's decision left on the mirror go to the device;
+  // from then on the device holds them and the mirror rests (kvBytes counts the kept entries).
+  // Evicted slots stay as holes until compaction pays (cuda::evictionCompact).
   void decideOnDevice(Sequence& s, int last_pos) {
     const int L = c_.layers, H = part_.kv_heads, LH = L * H, hd = c_.head_dim;
     const size_t stride = seqs_.size() * H * size_t(capacity_), head0 = size_t(current_) * H * capacity_;
@@ -425,9 +427,9 @@ class GpuEngine : public Engine {
     std::vector<int64_t> off(size_t(LH) + 1, 0);
     for (int i = 0; i < LH; ++i) off[i + 1] = off[i] + s.len[i];
     const int64_t N = off.back();
-    // Device: table offsets, lengths, new lengths per (layer, head); each layer's arrays at the
-    // sequence's first head.
-    std::vector<int> meta(3 * size_t(LH));
+    // Device: table offsets, slots, then slots and entries after, per (layer, head); each layer's
+    // arrays at the sequence's first head.
+    std::vector<int> meta(4 * size_t(LH));
     for (int l = 0; l < L; ++l)
       for (int h = 0; h < H; ++h) {
         meta[size_t(l) * H + h] = int(off[size_t(l) * H + h]);
@@ -466,8 +468,10 @@ class GpuEngine : public Engine {
     const std::vector<int64_t> budget = s.policy.budgets(last_pos);
     uint8_t* keep = grow(keep_flags_, size_t(std::max<int64_t>(N, 1)));
     cuda::evictionDecide(table, N, begin.data(), budget.data(), pools, keep);
-    cuda::evictionCompact(cache, keep, d_meta + 2 * LH);
-    KVTP_CUDA_CHECK(cudaMemcpy(s.len.data(), d_meta + 2 * LH, LH * sizeof(int), cudaMemcpyDeviceToHost));
+    cuda::evictionCompact(cache, keep, d_meta + 2 * LH, d_meta + 3 * LH);
+    KVTP_CUDA_CHECK(cudaMemcpy(meta.data(), d_meta + 2 * LH, 2 * LH * sizeof(int), cudaMemcpyDeviceToHost));
+    std::copy(meta.begin(), meta.begin() + LH, s.len.begin());
+    s.kept.assign(meta.begin() + LH, meta.begin() + 2 * LH);
     s.longest = *std::max_element(s.len.begin(), s.len.end());
     s.uniform = false, s.unscored = 0, s.weights_pending = false;
   }

@@ -1,8 +1,10 @@
-// Eviction on the device (eviction.h): keys, the decision by a stable radix sort, compaction.
+// Eviction on the device (eviction.h): keys; the decision by a radix select (one pool) or a
+// stable segmented radix sort (a pool per layer or head); holes, then compaction.
 #include <cub/block/block_scan.cuh>
-#include <cub/device/device_radix_sort.cuh>
+#include <cub/device/device_scan.cuh>
 #include <cub/device/device_segmented_radix_sort.cuh>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -48,7 +50,8 @@ __global__ void keysKernel(EvictionCache c, EvictScore method, int fresh, uint64
       history[i] = bits;
     }
     const int p = pos[i];
-    keys[i] = p < sinks || p > last_pos - recent ? INFINITY
+    keys[i] = p == kEvicted                      ? -INFINITY
+              : p < sinks || p > last_pos - recent ? INFINITY
               : method == EvictScore::H2O        ? s
               : method == EvictScore::StreamingLLM ? double(p)
                                                    : double(__popcll(bits & history_mask));
@@ -72,16 +75,54 @@ __global__ void markKernel(const double* keys, const int* entries, int64_t n, co
     if (pool_begin[mid] <= k) lo = mid;
     else hi = mid - 1;
   }
-  keep[entries[k]] = k - pool_begin[lo] < budget[lo] || isinf(keys[k]);
+  keep[entries[k]] = keys[k] == INFINITY || (k - pool_begin[lo] < budget[lo] && keys[k] != -INFINITY);
 }
 
-// One block per (layer, head). The kept entries' new slots come from a block-wide scan of the
-// keep flags, 256 entries at a time; rows then move down in sub-chunks whose reads all finish
+// A key as an unsigned integer of the same order (doubles: the sign bit flipped for positives,
+// every bit for negatives), so a radix pass can bucket it by its bytes.
+__device__ inline uint64_t ordered(double key) {
+  const uint64_t u = __double_as_longlong(key);
+  return u >> 63 ? ~u : u | (1ull << 63);
+}
+
+// A byte of every key whose higher bytes equal `prefix` (under `mask`) counted into hist[256].
+__global__ void byteHistogram(const double* keys, int64_t n, uint64_t prefix, uint64_t mask, int shift, unsigned* hist) {
+  __shared__ unsigned local[256];
+  for (int b = threadIdx.x; b < 256; b += blockDim.x) local[b] = 0;
+  __syncthreads();
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    const uint64_t u = ordered(keys[i]);
+    if ((u & mask) == prefix) atomicAdd(&local[(u >> shift) & 255], 1u);
+  }
+  __syncthreads();
+  for (int b = threadIdx.x; b < 256; b += blockDim.x)
+    if (local[b]) atomicAdd(&hist[b], local[b]);
+}
+
+__global__ void equalFlags(const double* keys, int64_t n, uint64_t threshold, int* flags) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < n) flags[i] = ordered(keys[i]) == threshold;
+}
+
+// The r highest keys: those above the threshold, then the first `ties` equal to it in table
+// order (rank among the equal ones from an exclusive scan of their flags).
+__global__ void markSelected(const double* keys, int64_t n, uint64_t threshold, const int* tie_rank, int64_t ties,
+                             uint8_t* keep) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  const uint64_t u = ordered(keys[i]);
+  keep[i] = u > threshold || (u == threshold && tie_rank[i] < ties);
+}
+
+// One block per (layer, head). Evicted entries become holes until holes pass an eighth of the
+// slots; then the kept entries' new slots come from a block-wide scan of the
+// keep flags, 256 entries at a time, and rows move down in sub-chunks whose reads all finish
 // before any write (a row can land where a later row of the same sub-chunk was; never where a
 // later sub-chunk's row is, since every row moves down and order is kept). WPL: 4-byte words
 // of a row per lane (a warp moves one row at a time), E rows per warp per sub-chunk.
 template <int WPL>
-__global__ void __launch_bounds__(kThreadsPerHead) compactKernel(EvictionCache c, const uint8_t* keep, int* new_length) {
+__global__ void __launch_bounds__(kThreadsPerHead) compactKernel(EvictionCache c, const uint8_t* keep, int* new_slots,
+                                                                  int* kept) {
   constexpr int E = 8 / WPL, kWarps = kThreadsPerHead / 32, kSub = kWarps * E;
   using Scan = cub::BlockScan<int, kThreadsPerHead>;
   __shared__ typename Scan::TempStorage scan;
@@ -98,6 +139,16 @@ __global__ void __launch_bounds__(kThreadsPerHead) compactKernel(EvictionCache c
   double* score = c.score ? c.score + stat : nullptr;
   uint64_t* history = c.history ? c.history + stat : nullptr;
   const uint8_t* flags = keep + c.table_offset[lh];
+  float count = 0.0f;  // kept entries (exact in float below 2^24)
+  for (int i = threadIdx.x; i < n; i += blockDim.x) count += flags[i] ? 1.0f : 0.0f;
+  const int k = int(blockReduce(count, warpSum, 0.0f));
+  if (threadIdx.x == 0) kept[lh] = k;
+  if (8 * (n - k) <= n) {  // holes stay: mark this step's evictions
+    for (int i = threadIdx.x; i < n; i += blockDim.x)
+      if (!flags[i] && pos[i] != kEvicted) pos[i] = kEvicted;
+    if (threadIdx.x == 0) new_slots[lh] = n;
+    return;
+  }
   if (threadIdx.x == 0) kept_before = 0;
   __syncthreads();
   for (int c0 = 0; c0 < n; c0 += kThreadsPerHead) {
@@ -152,7 +203,7 @@ __global__ void __launch_bounds__(kThreadsPerHead) compactKernel(EvictionCache c
       __syncthreads();
     }
   }
-  if (threadIdx.x == 0) new_length[lh] = kept_before;
+  if (threadIdx.x == 0) new_slots[lh] = kept_before;
 }
 
 }  // namespace
@@ -163,10 +214,58 @@ void evictionKeys(const EvictionCache& c, EvictScore method, int fresh, uint64_t
   KVTP_CUDA_LAUNCHED();
 }
 
+namespace {
+
+// One pool (the global budget): a radix select, not a sort — a step evicts about one entry a head
+// of millions. Eight passes, a byte each from the top, find the r-th highest key (r: the budget,
+// at least every +inf, at most every entry but the holes); keys above it are kept, and of those
+// equal to it the first in table order (a scan of their flags), as the stable sort would.
+void selectTop(const double* table, int64_t n, int64_t budget, uint8_t* keep) {
+  static thread_local DeviceBuffer<unsigned> hist;
+  static thread_local DeviceBuffer<int> ranks;
+  static thread_local DeviceBuffer<char> temp;
+  unsigned* d_hist = grow(hist, 256);
+  const unsigned blocks = std::min<unsigned>(blocksFor(n), 4 * 132);
+  uint64_t prefix = 0, mask = 0;
+  int64_t r = budget;
+  unsigned h[256];
+  for (int shift = 56; shift >= 0; shift -= 8) {
+    KVTP_CUDA_CHECK(cudaMemset(d_hist, 0, 256 * sizeof(unsigned)));
+    byteHistogram<<<blocks, kThreads>>>(table, n, prefix, mask, shift, d_hist);
+    KVTP_CUDA_LAUNCHED();
+    KVTP_CUDA_CHECK(cudaMemcpy(h, d_hist, sizeof h, cudaMemcpyDeviceToHost));
+    if (shift == 56)  // +inf's top byte is 0xff, -inf's (a hole's) 0x00; finite keys >= 0 lie between
+      r = std::clamp<int64_t>(r, h[255], n - h[0]);
+    if (r == 0) break;
+    int b = 255;
+    for (int64_t above = 0; b >= 0; --b) {
+      if (above + h[b] >= r) {
+        r -= above;
+        break;
+      }
+      above += h[b];
+    }
+    prefix |= uint64_t(b) << shift, mask |= uint64_t(255) << shift;
+  }
+  const uint64_t threshold = r == 0 ? ~0ull : prefix;  // r == 0: keep nothing, a threshold above every key
+  int* flags = grow(ranks, 2 * size_t(n));
+  int* rank = flags + n;
+  equalFlags<<<blocksFor(n), kThreads>>>(table, n, threshold, flags);
+  KVTP_CUDA_LAUNCHED();
+  size_t bytes = 0;
+  KVTP_CUDA_CHECK(cub::DeviceScan::ExclusiveSum(nullptr, bytes, flags, rank, int(n)));
+  KVTP_CUDA_CHECK(cub::DeviceScan::ExclusiveSum(grow(temp, bytes), bytes, flags, rank, int(n)));
+  markSelected<<<blocksFor(n), kThreads>>>(table, n, threshold, rank, r, keep);
+  KVTP_CUDA_LAUNCHED();
+}
+
+}  // namespace
+
 void evictionDecide(const double* table, int64_t n, const int64_t* pool_begin, const int64_t* budget, int pools,
                     uint8_t* keep) {
   if (n == 0) return;
   if (n > INT32_MAX) throw std::runtime_error("evictionDecide: more than 2^31 cache entries");
+  if (pools == 1) return selectTop(table, n, budget[0], keep);
   static thread_local DeviceBuffer<double> sorted;
   static thread_local DeviceBuffer<int> entries;
   static thread_local DeviceBuffer<int64_t> pool_args;
@@ -181,14 +280,11 @@ void evictionDecide(const double* table, int64_t n, const int64_t* pool_begin, c
   args.insert(args.end(), budget, budget + pools);
   int64_t* d_args = grow(pool_args, args.size());
   KVTP_CUDA_CHECK(cudaMemcpy(d_args, args.data(), args.size() * sizeof(int64_t), cudaMemcpyHostToDevice));
-  // Descending and stable: equal keys keep table order, the host's tie-break. One pool sorts
-  // device-wide; several (per layer / per head) as segments.
+  // Each pool's run sorted descending and stable: equal keys keep table order, the host's tie-break.
   size_t bytes = 0;
   auto sort = [&](void* storage) {
-    if (pools == 1)
-      return cub::DeviceRadixSort::SortPairsDescending(storage, bytes, table, keys_out, ids, ids_out, n);
-    return cub::DeviceSegmentedRadixSort::SortPairsDescending(storage, bytes, table, keys_out, ids, ids_out, n, pools,
-                                                              d_args, d_args + 1);
+    return cub::DeviceSegmentedRadixSort::SortPairsDescending(storage, bytes, table, keys_out, ids, ids_out, int(n),
+                                                              pools, d_args, d_args + 1);
   };
   KVTP_CUDA_CHECK(sort(nullptr));
   KVTP_CUDA_CHECK(sort(grow(temp, bytes)));
@@ -196,13 +292,13 @@ void evictionDecide(const double* table, int64_t n, const int64_t* pool_begin, c
   KVTP_CUDA_LAUNCHED();
 }
 
-void evictionCompact(const EvictionCache& c, const uint8_t* keep, int* new_length) {
+void evictionCompact(const EvictionCache& c, const uint8_t* keep, int* new_slots, int* kept) {
   const int words = c.row_bytes / 4, blocks = c.layers * c.heads;
   if (c.row_bytes % 4 || words > 256) throw std::runtime_error("evictionCompact: rows of 4 to 1024 bytes, whole words");
-  if (words <= 32) compactKernel<1><<<blocks, kThreadsPerHead>>>(c, keep, new_length);
-  else if (words <= 64) compactKernel<2><<<blocks, kThreadsPerHead>>>(c, keep, new_length);
-  else if (words <= 128) compactKernel<4><<<blocks, kThreadsPerHead>>>(c, keep, new_length);
-  else compactKernel<8><<<blocks, kThreadsPerHead>>>(c, keep, new_length);
+  if (words <= 32) compactKernel<1><<<blocks, kThreadsPerHead>>>(c, keep, new_slots, kept);
+  else if (words <= 64) compactKernel<2><<<blocks, kThreadsPerHead>>>(c, keep, new_slots, kept);
+  else if (words <= 128) compactKernel<4><<<blocks, kThreadsPerHead>>>(c, keep, new_slots, kept);
+  else compactKernel<8><<<blocks, kThreadsPerHead>>>(c, keep, new_slots, kept);
   KVTP_CUDA_LAUNCHED();
 }
 

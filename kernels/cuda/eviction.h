@@ -11,6 +11,11 @@ namespace kvtp::cuda {
 
 enum class EvictScore { H2O, Scissorhands, StreamingLLM };
 
+// The position of an evicted slot left in place (a hole: no query sees it, attention skips its
+// row): compaction waits until a head's holes are an eighth of its slots, so a step moves no rows
+// most of the time.
+constexpr int kEvicted = 0x7fffffff;
+
 // One sequence's KV heads of every layer, as the CUDA engine lays them out: head h of layer l at
 // row h * capacity of that layer's arrays (the per-layer arrays given as device arrays of
 // `layers` pointers, already at the sequence's first head), or of the engine-wide arrays at
@@ -28,14 +33,15 @@ struct EvictionCache {
   uint64_t* history;     // Scissorhands' bits (null for the others)
   const float* weights;  // the decode step's probabilities; null: none this step
   int64_t layer_stride;
-  const int* length;        // device, per (layer, head): entries now
+  const int* length;        // device, per (layer, head): slots in use (entries and holes)
   const int* table_offset;  // device, per (layer, head): its first entry in the table
 };
 
 // Folds the step's probabilities into each entry's score (the last `fresh` entries of a head,
 // appended since the last decision, start from zero) and writes its key into `table`: +inf for
 // the protected (position < sinks or > last_pos - recent), else H2O's score, the position
-// (StreamingLLM: the most recent win) or the count of Scissorhands' set bits under history_mask.
+// (StreamingLLM: the most recent win) or the count of Scissorhands' set bits under history_mask;
+// -inf for a hole, which is never kept and, sorting last, takes no entry's place.
 void evictionKeys(const EvictionCache& c, EvictScore method, int fresh, uint64_t history_mask, int sinks, int recent,
                   int last_pos, double* table);
 
@@ -45,9 +51,10 @@ void evictionKeys(const EvictionCache& c, EvictScore method, int fresh, uint64_t
 void evictionDecide(const double* table, int64_t n, const int64_t* pool_begin, const int64_t* budget, int pools,
                     uint8_t* keep);
 
-// Each head keeps its entries e with keep[table_offset + e], in order, moved down over the
-// evicted ones with their positions, int8 steps, scores and history; new_length (device) gets
-// each head's count.
-void evictionCompact(const EvictionCache& c, const uint8_t* keep, int* new_length);
+// Each head keeps its entries e with keep[table_offset + e]: the others become holes (position
+// kEvicted) or, once holes would pass an eighth of the head's slots, every kept entry moves down
+// over them, in order, with its position, int8 steps, score and history. Per head (device):
+// slots in use after, and entries kept.
+void evictionCompact(const EvictionCache& c, const uint8_t* keep, int* new_slots, int* kept);
 
 }  // namespace kvtp::cuda
