@@ -131,13 +131,15 @@ TEST(CudaEngine, DecodeThroughAGrowingCacheMatchesPrefill) {
 // prefill's observed rows), with SCOPE's slide after it; H2O and Scissorhands score every step
 // (H2O from every prefill row, Scissorhands from its last `history` rows, then each decode
 // step's probabilities); StreamingLLM keeps sinks and the most recent tokens; int8 storage alone
-// and under H2O.
+// and under H2O. The per-step methods' decode steps are decided on the device: the global pool
+// by a radix select, a pool per layer or per head by a segmented sort (the scope= cases).
 TEST(CudaEngine, CompressionMatchesTheCpu) {
   REQUIRE_GPUS(1);
   const std::vector<std::pair<std::string, std::string>> specs = {
       {"snapkv:budget=0.2", ""}, {"pyramidkv:budget=0.3,window=16", ""}, {"h2o:budget=0.2", ""},
       {"scissorhands:budget=0.25,history=16", ""}, {"streamingllm:budget=0.2", ""},
-      {"snapkv:budget=0.2,decode=slide,decode_budget=32", ""}, {"", "int8"}, {"h2o:budget=0.3", "int8"}};
+      {"snapkv:budget=0.2,decode=slide,decode_budget=32", ""}, {"", "int8"}, {"h2o:budget=0.3", "int8"},
+      {"h2o:budget=0.25,scope=layer", ""}, {"scissorhands:budget=0.3,history=16,scope=head", ""}};
   for (const auto& [kv, quant] : specs) {
     const std::string name = kv + (quant.empty() ? "" : " + " + quant);
     PplJob job = test::heldOutC4Job(512, 2, Mode::Decode);
