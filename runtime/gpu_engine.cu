@@ -204,11 +204,11 @@ class GpuEngine : public Engine {
 
   // The policy decides on the mirror (scored by the prefill's observation window when it asks for
   // attention); each head's kept entries are a subsequence of what it held, so matching positions
-  // gives the rows the device keeps.
+  // gives the rows the device keeps. The per-step methods' decode steps: decideOnDevice.
   void compress(int last_pos, bool prefill) override {
     if (!compresses()) return;
     Sequence& s = seq();
-    if (device_decides_ && !prefill) return decideOnDevice(s, last_pos);
+    if (device_decides_ && (!prefill || s.on_device)) return decideOnDevice(s, last_pos);
     s.unscored = 0;
     const int H = part_.kv_heads, LH = c_.layers * H;
     attention_.T = 0;

@@ -18,7 +18,7 @@ if want tests; then
   timeout 200 .bundle/kvtp_cuda_engine_tests 2>&1 | grep -E "max \||FAILED|Failure|exception|PASSED|SKIPPED \]" | head -50
   [ "$gpus" -ge 2 ] && timeout 60 mpirun --allow-run-as-root -np 2 -x LD_LIBRARY_PATH -x NCCL_NVLS_ENABLE=0 .bundle/kvtp_nccl_tests 2>&1 | grep -E "PASSED|FAILED" | head -4
 fi
-want bench && timeout 150 .bundle/kvtp bench --device cuda --synthetic llama-2-7b 2>&1 | tail -5
+want bench && timeout 200 .bundle/kvtp bench --device cuda --synthetic llama-2-7b 2>&1 | tail -8
 # Random token ids: 8 windows of 2048 for prefill, one of 2600 (2048 prompt + 552 decoded tokens).
 python3 - <<'PY'
 import random
@@ -75,19 +75,18 @@ compressedRuns() {  # inputs under scale/: the coordinator reads files below its
 # at most): a 1536-token prompt then 511 decoded tokens, through the control plane (snapkv) and
 # mpirun (pyramidkv, full).
 if want kv; then
-  bench7b="timeout 150 .bundle/kvtp bench --device cuda --synthetic llama-2-7b --json"
+  bench7b="timeout 200 .bundle/kvtp bench --device cuda --synthetic llama-2-7b --json"
   $bench7b --contexts 2048,8192,32768 --kv snapkv:budget=0.2 > "$out/bench_snapkv.json"
   $bench7b --contexts 2048,8192,32768 > "$out/bench_full.json"
   $bench7b --contexts 2048,8192,32768 --kv-quant int8 > "$out/bench_int8.json"
   $bench7b --contexts 2048,8192,32768 --kv snapkv:budget=0.2 --kv-quant int8 > "$out/bench_snapkv_int8.json"
-  # The per-step methods decide on the host every step: 2k and 8k only.
-  for kv in h2o streamingllm scissorhands; do
-    $bench7b --contexts 2048,8192 --kv $kv:budget=0.2 > "$out/bench_$kv.json"
+  for kv in h2o streamingllm scissorhands; do  # decided on the device every step
+    $bench7b --contexts 2048,8192,32768 --kv $kv:budget=0.2 > "$out/bench_$kv.json"
   done
   python3 -c "
 import json,sys
 for f in sys.argv[1:]:
-  for d in json.load(open(f))['models'][0]['decode']: print(f.split('/')[-1], d['context'], d['kv'], round(d['kv_bytes']/2**20), 'MiB', round(d['ms_per_token'],3), 'ms', round(100*d['ratio_to_floor'],1), '% of floor')
+  for d in json.load(open(f))['models'][0]['decode']: print(f.split('/')[-1], d['context'], 'batch', d['batch'], d['kv'], round(d['kv_bytes']/2**20), 'MiB', round(d['ms_per_token'],3), 'ms', round(100*d['ratio_to_floor'],1), '% of floor')
 " "$out"/bench_full.json "$out"/bench_int8.json "$out"/bench_snapkv*.json "$out"/bench_h2o.json "$out"/bench_streamingllm.json "$out"/bench_scissorhands.json
   [ "$gpus" -ge 2 ] && compressedRuns opt66b --synthetic opt-66b --input-ids scale/ids2048.txt --max-windows 1 \
     --mode decode --prefill 1536
