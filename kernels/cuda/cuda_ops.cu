@@ -23,7 +23,8 @@
 //       atomic counter), the splits' weights found in parallel: no combining kernel. Part of the
 //       fused decode layer (docs/BENCHMARKS.md): H100 7B decode at 2k 6.25 -> 5.81 ms together.
 //       Asked for, it also leaves each query head's probabilities (the splits write their logits,
-//       the combining block normalises them) for the per-step eviction policies.
+//       the combining block their softmax's max and sum, a kernel of its own the probabilities
+//       summed per KV head) for the per-step eviction policies.
 //   v7 (attention over an int8 cache): codes stay packed in registers until used, steps loaded
 //       with them, twice the rows in flight; this step's rows read at full precision from the
 //       projection. H100 7B decode at 32k: 47 ms (first form: codes converted on load, a branch
@@ -167,7 +168,7 @@ __global__ void attentionSplit(const float* q, int q_stride, const int* q_pos, i
   // Key row l's scores (already reduced over the warp) into the G heads' online softmax, its
   // value channels (value(i): channel i of this lane's) into their accumulators.
   auto accumulate = [&](int l, const float (&dot)[G], auto value) {
-    if (probs && lane == 0) {  // the logits, made probabilities by the combining block
+    if (probs && lane == 0) {  // the logits, made probabilities by probabilitiesKernel
 #pragma unroll
       for (int g = 0; g < G; ++g) probs[(int64_t(t) * heads + h0 + g) * row_stride + l] = dot[g];
     }
@@ -304,23 +305,33 @@ __global__ void attentionSplit(const float* q, int q_stride, const int* q_pos, i
       for (int j = 0; j < splits; ++j) o += __ldcg(part_o + (base + j) * hd + d) * weight[j];
       out[(int64_t(t) * heads + h0 + g) * hd + d] = fromFloat<OT>(o * inv_sum);
     }
-    if (probs) {  // e^(logit - M) / sum for the keys this query sees, 0 for the others
-      float* row = probs + (int64_t(t) * heads + h0 + g) * row_stride;
-      for (int l = threadIdx.x; l < L; l += blockDim.x) row[l] = pos[l] <= p ? expf(__ldcg(row + l) - M) * inv_sum : 0.0f;
+    if (probs && threadIdx.x == 0) {  // the softmax's max and 1 / sum, for probabilitiesKernel
+      float* ms = probs + int64_t(gridDim.z) * heads * row_stride + (int64_t(t) * heads + h0 + g) * 2;
+      ms[0] = M, ms[1] = inv_sum;
     }
     __syncthreads();  // weight[] is the next head's
   }
   if (threadIdx.x == 0) *counter = 0;  // ready for the next launch (a replayed graph's too)
 }
 
-// weights[t][g][l] = sum of probs[t][h][l] over KV head g's query heads h, for l < its length.
-// In a batch (rows_are_sequences) row t's heads are sequence t's: lengths[t * kv_heads + g].
-__global__ void sumGroupsKernel(const float* probs, int heads, int group, int L, const int* lengths,
-                                bool rows_are_sequences, float* weights) {
+// weights[t][g][l] = the probability e^(logit - M) / sum of key l summed over KV head g's query
+// heads, for the keys query t sees (0 for the others), l below the head's length; logits as the
+// split blocks left them, (M, 1 / sum) per (t, head) after them. A kernel of its own rather than
+// the combining block's tail, which walked a whole head's keys in one block while the layer
+// waited. In a batch (rows_are_sequences) row t's heads are sequence t's.
+__global__ void probabilitiesKernel(const float* probs, int heads, int group, int L, const int* lengths,
+                                    bool rows_are_sequences, const int* k_pos, int64_t pos_stride, const int* q_pos,
+                                    float* weights) {
   const int g = blockIdx.y, t = blockIdx.z, l = blockIdx.x * blockDim.x + threadIdx.x;
-  if (l >= (lengths ? lengths[rows_are_sequences ? t * gridDim.y + g : g] : L)) return;
+  const int kvh = rows_are_sequences ? t * gridDim.y + g : g;
+  if (l >= (lengths ? lengths[kvh] : L)) return;
+  const float* ms = probs + int64_t(gridDim.z) * heads * L;
   float s = 0.0f;
-  for (int h = g * group; h < (g + 1) * group; ++h) s += probs[(int64_t(t) * heads + h) * L + l];
+  if (k_pos[kvh * pos_stride + l] <= q_pos[t])
+    for (int h = g * group; h < (g + 1) * group; ++h) {
+      const int64_t row = int64_t(t) * heads + h;
+      s += expf(probs[row * L + l] - ms[row * 2]) * ms[row * 2 + 1];
+    }
   weights[(int64_t(t) * gridDim.y + g) * L + l] = s;
 }
 
@@ -399,8 +410,8 @@ void attention(const float* q, int q_stride, const int* q_pos, int T, int heads,
   float* part_o = grow(scratch, size_t(T) * heads * splits * (head_dim + 2));
   float* part_ms = part_o + size_t(T) * heads * splits * head_dim;
   const dim3 grid(heads / G, splits, T);
-  static thread_local DeviceBuffer<float> head_probs;  // (T, heads, L) when weights are asked for
-  float* probs = weights ? grow(head_probs, size_t(T) * heads * L) : nullptr;
+  static thread_local DeviceBuffer<float> head_probs;  // (T, heads, L) logits, then (T, heads) x (M, 1 / sum)
+  float* probs = weights ? grow(head_probs, size_t(T) * heads * (L + 2)) : nullptr;
   static thread_local DeviceBuffer<unsigned> counters;  // zero between launches
   if (counters.size() < size_t(grid.x) * T) {
     counters = DeviceBuffer<unsigned>(size_t(grid.x) * T);
@@ -433,8 +444,8 @@ void attention(const float* q, int q_stride, const int* q_pos, int T, int heads,
   }
   KVTP_CUDA_LAUNCHED();
   if (weights) {
-    sumGroupsKernel<<<dim3((L + 255) / 256, kv_heads, T), 256>>>(probs, heads, group, L, lengths, rows_are_sequences,
-                                                                  weights);
+    probabilitiesKernel<<<dim3((L + 255) / 256, kv_heads, T), 256>>>(probs, heads, group, L, lengths, rows_are_sequences,
+                                                                      k_pos, pos_stride, q_pos, weights);
     KVTP_CUDA_LAUNCHED();
   }
 }
