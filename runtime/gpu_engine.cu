@@ -401,6 +401,7 @@ class GpuEngine : public Engine {
   // Evicted slots stay as holes until compaction pays (cuda::evictionCompact).
   void decideOnDevice(Sequence& s, int last_pos) {
     const int L = c_.layers, H = part_.kv_heads, LH = L * H, hd = c_.head_dim;
+    // Between layers of score_ / history_ / weights_; the sequence's first row (head 0, slot 0).
     const size_t stride = seqs_.size() * H * size_t(capacity_), head0 = size_t(current_) * H * capacity_;
     const bool h2o = kv_spec_.method == kv::Method::H2O, scissorhands = kv_spec_.method == kv::Method::Scissorhands;
     if (!s.on_device && (h2o || scissorhands) && s.longest > 0) {
@@ -437,14 +438,13 @@ class GpuEngine : public Engine {
       }
     int* d_meta = grow(evict_meta_, meta.size());
     KVTP_CUDA_CHECK(cudaMemcpy(d_meta, meta.data(), meta.size() * sizeof(int), cudaMemcpyHostToDevice));
-    const size_t row0 = head0;
     std::vector<void*> ptrs(5 * size_t(L), nullptr);  // K, V, positions, key steps, value steps
     for (int l = 0; l < L; ++l) {
       GpuLayer<T>& g = layers_[l];
-      ptrs[l] = int8_ ? static_cast<void*>(g.K8.get() + row0 * hd) : g.K.get() + row0 * hd;
-      ptrs[L + l] = int8_ ? static_cast<void*>(g.V8.get() + row0 * hd) : g.V.get() + row0 * hd;
-      ptrs[2 * L + l] = g.pos.get() + row0;
-      if (int8_) ptrs[3 * L + l] = g.k_step.get() + row0, ptrs[4 * L + l] = g.v_step.get() + row0;
+      ptrs[l] = int8_ ? static_cast<void*>(g.K8.get() + head0 * hd) : g.K.get() + head0 * hd;
+      ptrs[L + l] = int8_ ? static_cast<void*>(g.V8.get() + head0 * hd) : g.V.get() + head0 * hd;
+      ptrs[2 * L + l] = g.pos.get() + head0;
+      if (int8_) ptrs[3 * L + l] = g.k_step.get() + head0, ptrs[4 * L + l] = g.v_step.get() + head0;
     }
     void** d_ptrs = grow(evict_ptrs_, ptrs.size());
     KVTP_CUDA_CHECK(cudaMemcpy(d_ptrs, ptrs.data(), ptrs.size() * sizeof(void*), cudaMemcpyHostToDevice));
