@@ -50,7 +50,7 @@ void attention(const float* q, int q_stride, const int* q_pos, int T, int heads,
 // the row's step (k_step / v_step [g * pos_stride + l]) — except the rows this step appended
 // (l >= fresh_from[g]), which it reads at full precision from the step's projection: the key of
 // the j-th new row at fresh_k + j * fresh_stride + g * head_dim (values likewise), as the CPU
-// quantizes a step's rows only after the step.
+// quantizes a step's rows only after the step. In a batch, sequence t's new row is row t.
 struct Int8Rows {
   const float *k_step, *v_step;
   const float *fresh_k, *fresh_v;
