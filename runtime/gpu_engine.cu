@@ -208,7 +208,8 @@ class GpuEngine : public Engine {
   void compress(int last_pos, bool prefill) override {
     if (!compresses()) return;
     Sequence& s = seq();
-    if (device_decides_ && (!prefill || s.on_device)) return decideOnDevice(s, last_pos);
+    if (device_decides_ && (!prefill || s.on_device || kv_spec_.method != kv::Method::Scissorhands))
+      return decideOnDevice(s, last_pos);
     s.unscored = 0;
     const int H = part_.kv_heads, LH = c_.layers * H;
     attention_.T = 0;
@@ -394,23 +395,23 @@ class GpuEngine : public Engine {
     }
   }
 
-  // A decode step's eviction decided on the device (cuda/eviction.h): kv::Policy's decision over
-  // the same global table, to the same budgets (tp 1: this rank's heads are all of them). The
-  // first time in a window, the scores the prompt's decision left on the mirror go to the device;
-  // from then on the device holds them and the mirror rests (kvBytes counts the kept entries).
-  // Evicted slots stay as holes until compaction pays (cuda::evictionCompact).
+  // Eviction decided on the device (cuda/eviction.h): kv::Policy's decision over the same global
+  // table, to the same budgets (tp 1: this rank's heads are all of them). H2O and StreamingLLM
+  // decide their prompt here too (H2O scores it by the prefill's rows summed); Scissorhands' prompt
+  // (a history bit per observed row) is decided on the host mirror, whose bits then go to the
+  // device. From the first decision here on, the device holds the scores and the mirror rests
+  // (kvBytes counts the kept entries). Evicted slots stay as holes until compaction pays
+  // (cuda::evictionCompact).
   void decideOnDevice(Sequence& s, int last_pos) {
     const int L = c_.layers, H = part_.kv_heads, LH = L * H, hd = c_.head_dim;
     // Between layers of score_ / history_ / weights_; the sequence's first row (head 0, slot 0).
     const size_t stride = seqs_.size() * H * size_t(capacity_), head0 = size_t(current_) * H * capacity_;
     const bool h2o = kv_spec_.method == kv::Method::H2O, scissorhands = kv_spec_.method == kv::Method::Scissorhands;
-    if (!s.on_device && (h2o || scissorhands) && s.longest > 0) {
-      std::vector<double> score(size_t(H) * s.longest);
+    if (!s.on_device && scissorhands && s.longest > 0) {
       std::vector<uint64_t> bits(size_t(H) * s.longest);
       for (int l = 0; l < L; ++l) {
         for (int h = 0; h < H; ++h) {
           const kv::HeadCache& c = s.mirror.head(l, h);
-          std::copy(c.score.begin(), c.score.end(), score.begin() + size_t(h) * s.longest);
           std::copy(c.history.begin(), c.history.end(), bits.begin() + size_t(h) * s.longest);
         }
         auto put = [&](auto* to, const auto& from) {
@@ -418,8 +419,7 @@ class GpuEngine : public Engine {
           KVTP_CUDA_CHECK(cudaMemcpy2D(to + l * stride + head0, capacity_ * e, from.data(), s.longest * e, s.longest * e,
                                        H, cudaMemcpyHostToDevice));
         };
-        if (h2o) put(score_.get(), score);
-        else put(history_.get(), bits);
+        put(history_.get(), bits);
       }
     }
     s.on_device = true;
@@ -448,13 +448,19 @@ class GpuEngine : public Engine {
     }
     void** d_ptrs = grow(evict_ptrs_, ptrs.size());
     KVTP_CUDA_CHECK(cudaMemcpy(d_ptrs, ptrs.data(), ptrs.size() * sizeof(void*), cudaMemcpyHostToDevice));
+    // What the step's attention left: a decode step's probabilities, or the prompt's observed rows
+    // summed ([layer][kv_head][observed_len_]; H2O observes every row).
+    const bool observed = observed_len_ > 0 && observed_seq_ == current_;
+    const float* weights = observed ? observed_.get() : s.weights_pending ? weights_.get() + head0 : nullptr;
+    const int64_t weights_layer = observed ? int64_t(H) * observed_len_ : int64_t(stride),
+                  weights_head = observed ? observed_len_ : capacity_;
+    if (observed) observed_len_ = 0;
     const cuda::EvictionCache cache{L, H, capacity_, int(hd * (int8_ ? 1 : sizeof(T))), d_ptrs, d_ptrs + L,
                                     reinterpret_cast<int* const*>(d_ptrs + 2 * L),
                                     int8_ ? reinterpret_cast<float* const*>(d_ptrs + 3 * L) : nullptr,
                                     int8_ ? reinterpret_cast<float* const*>(d_ptrs + 4 * L) : nullptr,
                                     h2o ? score_.get() + head0 : nullptr, scissorhands ? history_.get() + head0 : nullptr,
-                                    s.weights_pending ? weights_.get() + head0 : nullptr, int64_t(stride), d_meta + LH,
-                                    d_meta};
+                                    int64_t(stride), weights, weights_layer, weights_head, d_meta + LH, d_meta};
     double* table = grow(table_, size_t(std::max<int64_t>(N, 1)));
     const uint64_t mask = kv_spec_.history >= 64 ? ~0ull : (1ull << kv_spec_.history) - 1;
     const cuda::EvictScore method = h2o ? cuda::EvictScore::H2O

@@ -24,7 +24,7 @@ __global__ void keysKernel(EvictionCache c, EvictScore method, int fresh, uint64
                            int last_pos, double* table) {
   const int lh = blockIdx.x, l = lh / c.heads, h = lh % c.heads, n = c.length[lh];
   const int64_t row = l * c.layer_stride + h * c.capacity;
-  const float* w = c.weights ? c.weights + row : nullptr;
+  const float* w = c.weights ? c.weights + l * c.weights_layer + h * c.weights_head : nullptr;
   double* score = c.score ? c.score + row : nullptr;
   uint64_t* history = c.history ? c.history + row : nullptr;
   const int* pos = c.pos[l] + h * c.capacity;

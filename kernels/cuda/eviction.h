@@ -19,7 +19,7 @@ constexpr int kEvicted = 0x7fffffff;
 // One sequence's KV heads of every layer, as the CUDA engine lays them out: head h of layer l at
 // row h * capacity of that layer's arrays (the per-layer arrays given as device arrays of
 // `layers` pointers, already at the sequence's first head), or of the engine-wide arrays at
-// l * layer_stride + h * capacity (scores, Scissorhands' history bits, the step's probabilities).
+// l * layer_stride + h * capacity (scores, Scissorhands' history bits).
 struct EvictionCache {
   int layers, heads;
   int64_t capacity;
@@ -31,8 +31,11 @@ struct EvictionCache {
   float* const* v_step;
   double* score;         // H2O's accumulated attention (null for the others)
   uint64_t* history;     // Scissorhands' bits (null for the others)
-  const float* weights;  // the decode step's probabilities; null: none this step
   int64_t layer_stride;
+  // The step's probabilities per entry, head h of layer l at l * weights_layer + h * weights_head
+  // (a decode step's: laid out as the scores; a prompt's observation: its own); null: none.
+  const float* weights;
+  int64_t weights_layer, weights_head;
   const int* length;        // device, per (layer, head): slots in use (entries and holes)
   const int* table_offset;  // device, per (layer, head): its first entry in the table
 };
