@@ -168,15 +168,15 @@ class GpuEngine : public Engine {
   bool compresses() const override { return kv_spec_.compresses(); }
   kv::KvBytes kvBytes(int tokens_seen) const override {
     const Sequence& s = seqs_[current_];
+    const int64_t full = kv::fullCacheBytes(tokens_seen, c_.layers, part_.kv_heads, c_.head_dim);  // docs/KV.md
     if (s.on_device) {  // as the mirror would count: rows since the last decision still full, then int8
-      const int64_t hd = c_.head_dim, full = 4 * hd, stored = int8_ ? 2 * hd + 4 : full;
+      const int64_t hd = c_.head_dim, row = 4 * hd, stored = int8_ ? 2 * hd + 4 : row;
       int64_t bytes = 0;
-      for (int k : s.kept) bytes += int64_t(k) * stored + int64_t(s.unscored) * full + 4 * int64_t(k + s.unscored);
-      return {bytes, kv::fullCacheBytes(tokens_seen, c_.layers, part_.kv_heads, c_.head_dim)};
+      for (int k : s.kept) bytes += int64_t(k) * stored + int64_t(s.unscored) * row + 4 * int64_t(k + s.unscored);
+      return {bytes, full};
     }
     if (compresses()) return s.policy.bytes(s.mirror, tokens_seen);
-    const int64_t b = kv::fullCacheBytes(tokens_seen, c_.layers, part_.kv_heads, c_.head_dim);  // docs/KV.md
-    return {b, b};
+    return {full, full};
   }
 
   void useSequence(int s) override {
@@ -299,22 +299,14 @@ class GpuEngine : public Engine {
       throw Error("the CUDA engine scores several tokens at once only over an uncompressed cache; a compressed "
                   "window goes on token by token");
     makeRoom(s.longest + rows);
-    s.weights_pending = rows == 1 && spec.scoresDecoding();
-    s.positions.insert(s.positions.end(), positions, positions + rows);
-    s.unscored += rows;
-    if (compresses() && !s.on_device) {
-      for (int l = 0; l < c_.layers; ++l) s.mirror.append(l, nullptr, nullptr, positions, rows);
-      for (auto& p : s.row_positions) p.insert(p.end(), positions, positions + rows);
-    }
+    admit(s, positions, rows);
     if (observe) {
       observed_len_ = s.longest + rows, observed_seq_ = current_;
       const size_t n = size_t(c_.layers) * part_.kv_heads * observed_rows_ * observed_len_;
       KVTP_CUDA_CHECK(cudaMemset(grow(observed_, n), 0, n * sizeof(float)));
     }
-    const Shape shape{rows, many, observe, false};
-    run(tokens, positions, shape);
-    for (int& n : s.len) n += rows;
-    s.longest += rows;
+    run(tokens, positions, Shape{rows, many, observe, false});
+    cached(s, rows);
     return head(from, count, targets);
   }
 
@@ -323,25 +315,16 @@ class GpuEngine : public Engine {
     checkTokens(c_, tokens, positions, B);
     int need = 0;
     for (auto& s : seqs_) need = std::max(need, s.longest + 1);
+    for (int b = 0; b < B; ++b) {  // every position checked before any sequence changes
+      const std::vector<int>& seen = seqs_[b].positions;
+      if (!seen.empty() && positions[b] <= seen.back())
+        throw Error("decodeBatch: sequence " + std::to_string(b) + " is at position " + std::to_string(seen.back()) +
+                    "; its next token cannot be at " + std::to_string(positions[b]));
+    }
     makeRoom(need);
-    for (int b = 0; b < B; ++b) {
-      Sequence& s = seqs_[b];
-      if (!s.positions.empty() && positions[b] <= s.positions.back())
-        throw Error("decodeBatch: sequence " + std::to_string(b) + " is at position " +
-                    std::to_string(s.positions.back()) + "; its next token cannot be at " + std::to_string(positions[b]));
-      s.weights_pending = kv_spec_.scoresDecoding();
-      s.positions.push_back(positions[b]);
-      s.unscored += 1;
-      if (compresses() && !s.on_device) {
-        for (int l = 0; l < c_.layers; ++l) s.mirror.append(l, nullptr, nullptr, positions + b, 1);
-        for (auto& p : s.row_positions) p.push_back(positions[b]);
-      }
-    }
+    for (int b = 0; b < B; ++b) admit(seqs_[b], positions + b, 1);
     run(tokens, positions, Shape{B, false, false, true});
-    for (auto& s : seqs_) {
-      for (int& n : s.len) ++n;
-      ++s.longest;
-    }
+    for (auto& s : seqs_) cached(s, 1);
     return head(0, B, targets);
   }
 
@@ -357,6 +340,23 @@ class GpuEngine : public Engine {
   };
 
   Sequence& seq() { return seqs_[current_]; }
+
+  // Sequence s takes `rows` new tokens at `positions` (the step that appends them follows): its
+  // positions, the mirror the host policy decides on, whether the step leaves probabilities.
+  void admit(Sequence& s, const int* positions, int rows) {
+    s.weights_pending = rows == 1 && kv_spec_.scoresDecoding();
+    s.positions.insert(s.positions.end(), positions, positions + rows);
+    s.unscored += rows;
+    if (compresses() && !s.on_device) {
+      for (int l = 0; l < c_.layers; ++l) s.mirror.append(l, nullptr, nullptr, positions, rows);
+      for (auto& p : s.row_positions) p.insert(p.end(), positions, positions + rows);
+    }
+  }
+  // The step ran: its rows are cached in every head of s.
+  void cached(Sequence& s, int rows) {
+    for (int& n : s.len) n += rows;
+    s.longest += rows;
+  }
 
   // Uploads the step's tokens and cache bookkeeping, then runs the model's device work (a one-row
   // step replays a CUDA graph).
@@ -407,19 +407,16 @@ class GpuEngine : public Engine {
     // Between layers of score_ / history_ / weights_; the sequence's first row (head 0, slot 0).
     const size_t stride = seqs_.size() * H * size_t(capacity_), head0 = size_t(current_) * H * capacity_;
     const bool h2o = kv_spec_.method == kv::Method::H2O, scissorhands = kv_spec_.method == kv::Method::Scissorhands;
-    if (!s.on_device && scissorhands && s.longest > 0) {
+    if (!s.on_device && scissorhands && s.longest > 0) {  // the prompt's bits, decided on the mirror
       std::vector<uint64_t> bits(size_t(H) * s.longest);
+      const size_t row = s.longest * sizeof(uint64_t);
       for (int l = 0; l < L; ++l) {
         for (int h = 0; h < H; ++h) {
           const kv::HeadCache& c = s.mirror.head(l, h);
           std::copy(c.history.begin(), c.history.end(), bits.begin() + size_t(h) * s.longest);
         }
-        auto put = [&](auto* to, const auto& from) {
-          const size_t e = sizeof(from[0]);
-          KVTP_CUDA_CHECK(cudaMemcpy2D(to + l * stride + head0, capacity_ * e, from.data(), s.longest * e, s.longest * e,
-                                       H, cudaMemcpyHostToDevice));
-        };
-        put(history_.get(), bits);
+        KVTP_CUDA_CHECK(cudaMemcpy2D(history_.get() + l * stride + head0, capacity_ * sizeof(uint64_t), bits.data(), row,
+                                     row, H, cudaMemcpyHostToDevice));
       }
     }
     s.on_device = true;
@@ -431,11 +428,7 @@ class GpuEngine : public Engine {
     // Device: table offsets, slots, then slots and entries after, per (layer, head); each layer's
     // arrays at the sequence's first head.
     std::vector<int> meta(4 * size_t(LH));
-    for (int l = 0; l < L; ++l)
-      for (int h = 0; h < H; ++h) {
-        meta[size_t(l) * H + h] = int(off[size_t(l) * H + h]);
-        meta[LH + size_t(l) * H + h] = s.len[size_t(l) * H + h];
-      }
+    for (int i = 0; i < LH; ++i) meta[i] = int(off[i]), meta[LH + i] = s.len[i];
     int* d_meta = grow(evict_meta_, meta.size());
     KVTP_CUDA_CHECK(cudaMemcpy(d_meta, meta.data(), meta.size() * sizeof(int), cudaMemcpyHostToDevice));
     std::vector<void*> ptrs(5 * size_t(L), nullptr);  // K, V, positions, key steps, value steps
