@@ -72,6 +72,13 @@ struct GpuLayer {
   // An int8 cache instead of K, V: codes [kv_head][capacity][head_dim], steps [kv_head][capacity].
   DeviceBuffer<int8_t> K8, V8;
   DeviceBuffer<float> k_step, v_step;
+  // A KIVI cache instead (cuda::KiviCache): codes [kv_head][capacity][code bytes], key (lo, step)
+  // [kv_head][capacity / group + 1][head_dim], value (lo, step) [kv_head][capacity][value groups],
+  // the newest rows at full precision in a ring [kv_head][ring][head_dim].
+  DeviceBuffer<uint8_t> Kq, Vq;
+  DeviceBuffer<float> k_params, v_params;
+  DeviceBuffer<T> ring_k, ring_v;
+  void dropCache() { K = {}, V = {}, pos = {}, K8 = {}, V8 = {}, k_step = {}, v_step = {}, Kq = {}, Vq = {}, k_params = {}, v_params = {}, ring_k = {}, ring_v = {}; }
 };
 
 // One sequence of the batch as the host tracks it; the device holds every sequence's KV heads side
@@ -96,6 +103,9 @@ struct Sequence {
   int unscored = 0;
   bool on_device = false;
   std::vector<int> kept;  // on the device: entries per (layer, KV head) after its last decision
+  // KIVI: rows held as codes in every head (no eviction, so every head alike) — on the device, and
+  // as counted by kvBytes (the CPU quantizes in compress(), the device in the step itself).
+  int quantized = 0, quantized_counted = 0;
 };
 
 template <class T>
@@ -108,7 +118,8 @@ class GpuEngine : public Engine {
         device_decides_((o.kv.method == kv::Method::H2O || o.kv.method == kv::Method::Scissorhands ||
                          o.kv.method == kv::Method::StreamingLLM) &&
                         o.kv.rank == 0 && part.tp == 1),
-        int8_(o.kv.quant == kv::Quant::Int8), time_collectives_(o.time_collectives) {
+        int8_(o.kv.quant == kv::Quant::Int8), kivi_(o.kv.quant == kv::Quant::Kivi),
+        ring_(o.kv.residual + o.kv.group + kMaxFewRows), time_collectives_(o.time_collectives) {
     checkGpuCompression(o.kv);
     if (!std::set<int>{8, 16, 32, 64, 128, 256}.count(c_.head_dim))
       throw Error("the CUDA backend needs head_dim 8, 16, 32, 64, 128 or 256 (this model: " +
@@ -160,6 +171,7 @@ class GpuEngine : public Engine {
     Sequence& s = seq();
     std::fill(s.len.begin(), s.len.end(), 0);
     s.longest = 0, s.uniform = true, s.weights_pending = false, s.unscored = 0, s.on_device = false;
+    s.quantized = s.quantized_counted = 0;
     s.positions.clear();
     s.mirror.clear();
     for (auto& p : s.row_positions) p.clear();
@@ -173,6 +185,13 @@ class GpuEngine : public Engine {
       const int64_t hd = c_.head_dim, row = 4 * hd, stored = int8_ ? 2 * hd + 4 : row;
       int64_t bytes = 0;
       for (int k : s.kept) bytes += int64_t(k) * stored + int64_t(s.unscored) * row + 4 * int64_t(k + s.unscored);
+      return {bytes, full};
+    }
+    if (kivi_) {  // kv::KVCache::storedBytes: full rows, then codes with their (lo, step) pairs
+      const int64_t hd = c_.head_dim, q = s.quantized_counted;
+      int64_t bytes = 0;
+      for (int n : s.len) bytes += (n - q) * 4 * hd + q * (2 * kiviCodeBytes() + 4 * kiviValueGroups()) +
+                                   q / kv_spec_.group * (4 * hd + 2);
       return {bytes, full};
     }
     if (compresses()) return s.policy.bytes(s.mirror, tokens_seen);
@@ -192,7 +211,7 @@ class GpuEngine : public Engine {
     if (batch == int(seqs_.size())) return growTo(tokens);
     // A new layout: every sequence starts empty, the cache sized exactly.
     checkRoom(batch, tokens);
-    for (auto& L : layers_) L.K = {}, L.V = {}, L.pos = {}, L.K8 = {}, L.V8 = {}, L.k_step = {}, L.v_step = {};
+    for (auto& L : layers_) L.dropCache();
     weights_ = {}, score_ = {}, history_ = {};
     capacity_ = 0;
     observed_len_ = 0;
@@ -208,6 +227,10 @@ class GpuEngine : public Engine {
   void compress(int last_pos, bool prefill) override {
     if (!compresses()) return;
     Sequence& s = seq();
+    if (kivi_) {  // the step quantized on the device what the CPU quantizes here: now it counts
+      s.quantized_counted = s.quantized;
+      return;
+    }
     if (device_decides_ && (!prefill || s.on_device || kv_spec_.method != kv::Method::Scissorhands))
       return decideOnDevice(s, last_pos);
     s.unscored = 0;
@@ -294,7 +317,7 @@ class GpuEngine : public Engine {
                       : spec.method == kv::Method::Scissorhands ? rows - observed_rows_
                                                                 : rows - spec.window;
     }
-    const bool many = rows > 8 || observe;
+    const bool many = rows > kMaxFewRows || observe;
     if (many && !s.uniform)
       throw Error("the CUDA engine scores several tokens at once only over an uncompressed cache; a compressed "
                   "window goes on token by token");
@@ -332,6 +355,7 @@ class GpuEngine : public Engine {
 
  private:
   static constexpr int kMaxBatch = 256;
+  static constexpr int kMaxFewRows = 8;  // a step of more rows goes through the prefill attention
   // What a step runs: `rows` new tokens of the current sequence, or (batch) one token of each
   // sequence; `many` rows go through the prefill attention, `observe` leaves its probabilities.
   struct Shape {
@@ -347,16 +371,26 @@ class GpuEngine : public Engine {
     s.weights_pending = rows == 1 && kv_spec_.scoresDecoding();
     s.positions.insert(s.positions.end(), positions, positions + rows);
     s.unscored += rows;
-    if (compresses() && !s.on_device) {
+    if (compresses() && !kivi_ && !s.on_device) {
       for (int l = 0; l < c_.layers; ++l) s.mirror.append(l, nullptr, nullptr, positions, rows);
       for (auto& p : s.row_positions) p.insert(p.end(), positions, positions + rows);
     }
   }
   // The step ran: its rows are cached in every head of s.
   void cached(Sequence& s, int rows) {
+    if (kivi_) s.quantized = quantizedAfter(s, rows);
     for (int& n : s.len) n += rows;
     s.longest += rows;
   }
+
+  // KIVI: rows held as codes after `rows` more (kv::Policy::quantize: the runs of `group` rows
+  // that left the residual window).
+  int quantizedAfter(const Sequence& s, int rows) const {
+    const int pending = s.longest + rows - kv_spec_.residual - s.quantized;
+    return s.quantized + std::max(0, pending) / kv_spec_.group * kv_spec_.group;
+  }
+  int kiviCodeBytes() const { return (c_.head_dim * kv_spec_.bits + 7) / 8; }
+  int kiviValueGroups() const { return (c_.head_dim + kv_spec_.group - 1) / kv_spec_.group; }
 
   // Uploads the step's tokens and cache bookkeeping, then runs the model's device work (a one-row
   // step replays a CUDA graph).
@@ -365,10 +399,11 @@ class GpuEngine : public Engine {
     int* d_tokens = grow(tokens_, rows);
     KVTP_CUDA_CHECK(cudaMemcpy(d_tokens, tokens, sizeof(int) * rows, cudaMemcpyHostToDevice));
     // One upload: the new tokens' positions, then each (layer, sequence, KV head)'s first free
-    // slot, then its count after the step.
+    // slot, then its count after the step; KIVI: each (sequence, KV head)'s quantized rows before
+    // the step and after it.
     const int B = int(seqs_.size()), H = part_.kv_heads;
     std::vector<int> meta(positions, positions + rows);
-    meta.resize(size_t(rows) + 2 * size_t(c_.layers) * B * H);
+    meta.resize(size_t(rows) + 2 * size_t(c_.layers) * B * H + 2 * size_t(B) * H);
     int* slots = meta.data() + rows;
     int* after = slots + size_t(c_.layers) * B * H;
     for (int l = 0; l < c_.layers; ++l)
@@ -378,6 +413,13 @@ class GpuEngine : public Engine {
           slots[i] = after[i] = seqs_[b].len[size_t(l) * H + h];
           if (shape.batch || b == current_) after[i] += shape.batch ? 1 : rows;
         }
+    int* quantized = after + size_t(c_.layers) * B * H;
+    for (int b = 0; b < B; ++b) {
+      const Sequence& s = seqs_[b];
+      const bool stepped = shape.batch || b == current_;
+      std::fill_n(quantized + size_t(b) * H, H, s.quantized);
+      std::fill_n(quantized + size_t(B + b) * H, H, stepped ? quantizedAfter(s, shape.batch ? 1 : rows) : s.quantized);
+    }
     int* d_meta = grow(meta_, meta.size());
     KVTP_CUDA_CHECK(cudaMemcpy(d_meta, meta.data(), meta.size() * sizeof(int), cudaMemcpyHostToDevice));
     if (kv_spec_.scoresDecoding()) grow(weights_, size_t(c_.layers) * B * H * capacity_);  // before any capture
@@ -510,17 +552,23 @@ class GpuEngine : public Engine {
     if (time_collectives_) collectives_.mark();
   }
 
-  // Cache bytes per (KV head, token): K and V rows (int8: codes and a step each) and a position.
+  // Cache bytes per (KV head, token): K and V rows (int8: codes and a step each; KIVI: codes, the
+  // value's (lo, step) pairs and a share of its run's key pairs) and a position.
   size_t rowBytes() const {
     const size_t decision = device_decides_ && kv_spec_.method != kv::Method::StreamingLLM ? 8 : 0;  // score or bits
-    return decision +
-           (int8_ ? 2 * (size_t(c_.head_dim) + sizeof(float)) + sizeof(int) : 2 * c_.head_dim * sizeof(T) + sizeof(int));
+    const size_t hd = c_.head_dim;
+    const size_t rows = int8_   ? 2 * (hd + sizeof(float))
+                        : kivi_ ? 2 * kiviCodeBytes() + 2 * sizeof(float) * (kiviValueGroups() + hd / kv_spec_.group + 1)
+                                : 2 * hd * sizeof(T);
+    return decision + rows + sizeof(int);
   }
+  // Bytes per KV head that do not grow with the tokens: KIVI's ring.
+  size_t headBytes() const { return kivi_ ? 2 * size_t(ring_) * c_.head_dim * sizeof(T) : 0; }
   // Throws Error unless the device can hold a cache of `batch` x `tokens` rows per KV head (the
   // present cache is freed as the new one is made).
   void checkRoom(int batch, int64_t tokens) {
-    const size_t need = size_t(c_.layers) * part_.kv_heads * batch * tokens * rowBytes(),
-                 held = size_t(c_.layers) * part_.kv_heads * seqs_.size() * capacity_ * rowBytes();
+    const size_t need = size_t(c_.layers) * part_.kv_heads * batch * (tokens * rowBytes() + headBytes()),
+                 held = size_t(c_.layers) * part_.kv_heads * seqs_.size() * (capacity_ * rowBytes() + headBytes());
     size_t free = 0, total = 0;
     KVTP_CUDA_CHECK(cudaMemGetInfo(&free, &total));
     constexpr size_t kHeadroom = size_t(1) << 30;  // activations, workspaces, the decode probabilities
@@ -542,15 +590,17 @@ class GpuEngine : public Engine {
     int longest = 0;
     for (auto& s : seqs_) longest = std::max(longest, s.longest);
     const size_t heads = seqs_.size() * part_.kv_heads;
-    // Each head's rows (and positions) move to the start of its new, longer span.
-    auto regrow = [&](auto& buf, size_t width, size_t spans = 0) {  // spans: heads unless given
+    // Each head's rows (and positions) move to the start of its new, longer span; `per`: how
+    // many rows a span of c tokens has (KIVI's key pairs: one per run of `group`).
+    auto regrow = [&](auto& buf, size_t width, size_t spans = 0, int64_t (*per)(int64_t, int) = nullptr) {
       using E = typename std::remove_reference_t<decltype(buf)>::value_type;
       if (!spans) spans = heads;
-      std::remove_reference_t<decltype(buf)> bigger(spans * cap * width);
+      auto rows = [&](int64_t c) { return per ? per(c, kv_spec_.group) : c; };
+      std::remove_reference_t<decltype(buf)> bigger(spans * rows(cap) * width);
       const size_t row = width * sizeof(E);
       if (longest > 0)
-        KVTP_CUDA_CHECK(cudaMemcpy2D(bigger.get(), cap * row, buf.get(), capacity_ * row, longest * row, spans,
-                                     cudaMemcpyDeviceToDevice));
+        KVTP_CUDA_CHECK(cudaMemcpy2D(bigger.get(), rows(cap) * row, buf.get(), rows(capacity_) * row,
+                                     rows(longest) * row, spans, cudaMemcpyDeviceToDevice));
       buf = std::move(bigger);
     };
     // The device decision's per-entry state, [layer][sequence][kv_head][capacity].
@@ -562,6 +612,13 @@ class GpuEngine : public Engine {
         regrow(L.V8, c_.head_dim);
         regrow(L.k_step, 1);
         regrow(L.v_step, 1);
+      } else if (kivi_) {
+        regrow(L.Kq, kiviCodeBytes());
+        regrow(L.Vq, kiviCodeBytes());
+        regrow(L.k_params, 2 * size_t(c_.head_dim), 0, [](int64_t c, int group) { return c / group + 1; });
+        regrow(L.v_params, 2 * size_t(kiviValueGroups()));
+        if (L.ring_k.size() != heads * ring_ * c_.head_dim)
+          L.ring_k = DeviceBuffer<T>(heads * ring_ * c_.head_dim), L.ring_v = DeviceBuffer<T>(heads * ring_ * c_.head_dim);
       } else {
         regrow(L.K, c_.head_dim);
         regrow(L.V, c_.head_dim);
@@ -577,6 +634,7 @@ class GpuEngine : public Engine {
   void forward(const int* d_tokens, const int* d_meta, const Shape& shape) {
     const int rows = shape.rows, BH = int(seqs_.size()) * part_.kv_heads, LBH = c_.layers * BH;
     const int* d_pos = d_meta;
+    kivi_meta_ = d_meta + rows + 2 * LBH;
     const int head0 = shape.batch ? 0 : current_ * part_.kv_heads;  // the first KV head the step touches
     auto attend = [&](int l, const T* in, float* x) {
       const int* slots = d_meta + rows + l * BH + head0;
@@ -633,25 +691,36 @@ class GpuEngine : public Engine {
     const bool batch = shape.batch;
     const size_t head0 = batch ? 0 : size_t(current_) * H, row0 = head0 * capacity_;  // the step's first head, row
     float* qkv = grow(qkv_, size_t(T_) * W);
-    // Where the new rows go in T: the cache; with an int8 cache, nowhere for few queries (attention
-    // reads them from qkv), for many a stage the prefill attention reads, the cached rows
-    // dequantized in front of them. An int8 cache gets them quantized after RoPE.
-    T *K = int8_ ? nullptr : L.K.get() + row0 * hd, *V = int8_ ? nullptr : L.V.get() + row0 * hd;
+    // Where the new rows go in T: the cache; with a quantized cache, for few queries nowhere
+    // (int8: attention reads them from qkv; KIVI: kiviAppend moves them to its ring), for many a
+    // stage the prefill attention reads, the cached rows dequantized in front of them. An int8
+    // cache gets them quantized after RoPE; KIVI quantizes the runs that left its residual window
+    // after the attention.
+    const bool quantized = int8_ || kivi_;
+    T *K = quantized ? nullptr : L.K.get() + row0 * hd, *V = quantized ? nullptr : L.V.get() + row0 * hd;
     int* k_pos = L.pos.get() + row0;
     int64_t capacity = capacity_;
     const cuda::Int8Append int8{hd, L.K8.get() + row0 * hd, L.V8.get() + row0 * hd, L.k_step.get() + row0,
                                 L.v_step.get() + row0, k_pos, capacity_, qkv, W, Q, Q + KV, slots, d_pos, batch};
+    const int64_t key_groups = capacity_ / kv_spec_.group + 1;
+    const cuda::KiviCache<T> kivi{hd, kv_spec_.bits, kv_spec_.group, L.Kq.get() + row0 * kiviCodeBytes(),
+                                  L.Vq.get() + row0 * kiviCodeBytes(), L.k_params.get() + head0 * key_groups * 2 * hd,
+                                  L.v_params.get() + row0 * 2 * kiviValueGroups(), L.ring_k.get() + head0 * ring_ * hd,
+                                  L.ring_v.get() + head0 * ring_ * hd, ring_, k_pos, capacity_, kivi_meta_ + head0,
+                                  kivi_meta_ + seqs_.size() * H + head0};
     const int longest = seq().longest;  // many rows: the current sequence's, uniform
-    if (int8_ && shape.many) {
+    if (quantized && shape.many) {
       capacity = longest + T_;
       K = grow(stage_k_, size_t(H) * capacity * hd), V = grow(stage_v_, size_t(H) * capacity * hd);
       k_pos = grow(stage_pos_, size_t(H) * capacity);
-      cuda::dequantizeRows(int8, H, longest, K, V, k_pos, capacity);
+      if (int8_) cuda::dequantizeRows(int8, H, longest, K, V, k_pos, capacity);
+      else cuda::kiviRows(kivi, H, longest, K, V, k_pos, capacity);
     }
     const cuda::KvAppend<T> append{part_.q_heads, H, hd, d_pos, inv_freq_.size() ? rope_.get() : nullptr,
                                    K, V, k_pos, capacity, slots, batch};
     cuda::qkvAppend(blas_, xn, T_, c_.hidden, L.wqkv.get(), L.bqkv.get(), qkv, append);
     if (int8_) cuda::quantizeAppend(T_, H, int8);
+    if (kivi_ && !shape.many) cuda::kiviAppend(kivi, T_, H, qkv, W, Q, Q + KV, slots, d_pos, batch);
     const float scale = float(1.0 / std::sqrt(double(hd)));
     T* ctx = grow(ctx_, size_t(T_) * Q);
     // Few queries: flash-decoding over each head's rows (bounded by the capacity, so the launch is
@@ -664,6 +733,11 @@ class GpuEngine : public Engine {
         const cuda::Int8Rows rows{L.k_step.get() + row0, L.v_step.get() + row0, qkv + Q, qkv + Q + KV, W, slots};
         cuda::attention(qkv, W, d_pos, T_, part_.q_heads, L.K8.get() + row0 * hd, L.V8.get() + row0 * hd, k_pos,
                         capacity_, H, hd, int64_t(capacity_) * hd, scale, ctx, lengths, capacity_, weights, &rows, batch);
+      } else if (kivi_) {
+        cuda::attention(qkv, W, d_pos, T_, part_.q_heads, kivi.K, kivi.V, k_pos, capacity_, H, hd, 0, scale, ctx,
+                        lengths, capacity_, weights, nullptr, batch, &kivi);
+        // The launch must not depend on the step's counts (a CUDA graph replays it): a bound on its runs.
+        cuda::kiviSettle(kivi, batch ? int(seqs_.size()) * H : H, T_ / kv_spec_.group + 2);
       } else {
         cuda::attention(qkv, W, d_pos, T_, part_.q_heads, K, V, k_pos, capacity_, H, hd, int64_t(capacity_) * hd, scale,
                         ctx, lengths, capacity_, weights, nullptr, batch);
@@ -674,6 +748,9 @@ class GpuEngine : public Engine {
       cuda::attentionPrefill(blas_, qkv, W, d_pos, pos.data() + longest, T_, part_.q_heads, K, V, k_pos, pos.data(),
                              longest + T_, H, hd, capacity, scale, ctx, size_t(1) << 30, observed, observe_from_,
                              observed_rows_ > 1);
+      if (kivi_)
+        cuda::kiviSettle(kivi, H, (quantizedAfter(seq(), T_) - seq().quantized) / kv_spec_.group, K, V, k_pos, capacity,
+                         lengths, longest);
     }
     rowParallel(ctx, T_, Q, L.wo.get(), L.bo.get(), x);
   }
@@ -758,8 +835,12 @@ class GpuEngine : public Engine {
   DeviceBuffer<int> evict_meta_;
   DeviceBuffer<void*> evict_ptrs_;
   DeviceBuffer<uint8_t> keep_flags_;
-  // An int8 cache (GpuLayer::K8...), and the stage a many-row step reads it through in T.
-  const bool int8_;
+  // An int8 or KIVI cache (GpuLayer::K8..., Kq...; KIVI's ring of full-precision rows per KV
+  // head, and the step's quantized counts in its meta upload), and the stage a many-row step
+  // reads it through in T.
+  const bool int8_, kivi_;
+  const int ring_;
+  const int* kivi_meta_ = nullptr;
   DeviceBuffer<T> stage_k_, stage_v_;
   DeviceBuffer<int> stage_pos_;
   const bool time_collectives_;

@@ -2,7 +2,7 @@
 # On the GPU machine, after scripts/bundle-gpu.sh here: every GPU test, the CUDA benchmarks, the
 # perplexity job at tp 1 and (with two GPUs) tp 2 on a Llama-2-7B shape, and transformers on the
 # same shapes — the runs behind docs/BENCHMARKS.md. Results as JSON files under $OUT (or /tmp).
-#   device tool: carry [".bundle.tar.xz"], command: bash scripts/gpu-check.sh [tests] [bench] [tp] [scale] [kv] [kv8k] [hf]
+#   device tool: carry [".bundle.tar.xz"], command: bash scripts/gpu-check.sh [tests] [bench] [tp] [scale] [kv] [kivi] [kv8k] [hf]
 # (no section named: all of them); MPIRUN_ARGS: mpirun options, default --bind-to none
 # (Open MPI binds each rank to one core by default; a GPU rank then shares that core with
 # NCCL's proxy thread, which halved tp 2 throughput in our runs)
@@ -70,6 +70,13 @@ compressedRuns() {  # inputs under scale/: the coordinator reads files below its
   $mpi_ppl "$@" --device cuda --json > "$out/${name}_full.json"
   for f in "grpc_${name}_snapkv" "${name}_pyramidkv" "${name}_full"; do summary "$out/$f.json"; done
 }
+decodeTable() {  # bench JSON files: one line per decode entry
+  python3 -c "
+import json,sys
+for f in sys.argv[1:]:
+  for d in json.load(open(f))['models'][0]['decode']: print(f.split('/')[-1], d['context'], 'batch', d['batch'], d['kv'], round(d['kv_bytes']/2**20), 'MiB', round(d['ms_per_token'],3), 'ms', round(100*d['ratio_to_floor'],1), '% of floor')
+" "$@"
+}
 # KV compression on the GPU: Llama-2-7B decode at 2k/8k/32k full, int8, SnapKV at a 20 % budget
 # (the prompt compressed at its end) with and without int8, the per-step methods at 2k/8k; with 2+ GPUs, OPT-66B at tp = GPUs (2048 positions
 # at most): a 1536-token prompt then 511 decoded tokens, through the control plane (snapkv) and
@@ -83,13 +90,19 @@ if want kv; then
   for kv in h2o streamingllm scissorhands; do  # decided on the device every step
     $bench7b --contexts 2048,8192,32768 --kv $kv:budget=0.2 > "$out/bench_$kv.json"
   done
-  python3 -c "
-import json,sys
-for f in sys.argv[1:]:
-  for d in json.load(open(f))['models'][0]['decode']: print(f.split('/')[-1], d['context'], 'batch', d['batch'], d['kv'], round(d['kv_bytes']/2**20), 'MiB', round(d['ms_per_token'],3), 'ms', round(100*d['ratio_to_floor'],1), '% of floor')
-" "$out"/bench_full.json "$out"/bench_int8.json "$out"/bench_snapkv*.json "$out"/bench_h2o.json "$out"/bench_streamingllm.json "$out"/bench_scissorhands.json
+  decodeTable "$out"/bench_full.json "$out"/bench_int8.json "$out"/bench_snapkv*.json "$out"/bench_h2o.json \
+    "$out"/bench_streamingllm.json "$out"/bench_scissorhands.json
   [ "$gpus" -ge 2 ] && compressedRuns opt66b --synthetic opt-66b --input-ids scale/ids2048.txt --max-windows 1 \
     --mode decode --prefill 1536
+fi
+# KIVI on the GPU: Llama-2-7B decode at 2k/8k/32k, batch 1 and 8, full fp16 beside 4 and 2 bits
+# (runs of 32 tokens, a residual window of 128 at full precision).
+if want kivi; then
+  bench7b="timeout 200 .bundle/kvtp bench --device cuda --synthetic llama-2-7b --json --contexts 2048,8192,32768"
+  $bench7b > "$out/bench_kivi_none.json"
+  $bench7b --kv-quant kivi:bits=4 > "$out/bench_kivi4.json"
+  $bench7b --kv-quant kivi:bits=2 > "$out/bench_kivi2.json"
+  decodeTable "$out"/bench_kivi_none.json "$out"/bench_kivi4.json "$out"/bench_kivi2.json
 fi
 # Llama-2-70B at tp = GPUs, 8k context: an 8192-token prompt (compressed at its end) then 255
 # decoded tokens, and the prompt alone scored at once (decode ms/token = (job - that) / 255).

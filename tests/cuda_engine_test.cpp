@@ -4,6 +4,7 @@
 // against tp = 1. Runs on the GPU machine; elsewhere each test says it skipped.
 #include <gtest/gtest.h>
 
+#include <array>
 #include <cmath>
 #include <numeric>
 #include <random>
@@ -131,15 +132,18 @@ TEST(CudaEngine, DecodeThroughAGrowingCacheMatchesPrefill) {
 // prefill's observed rows), with SCOPE's slide after it; H2O and Scissorhands score every step
 // (H2O from every prefill row, Scissorhands from its last `history` rows, then each decode
 // step's probabilities); StreamingLLM keeps sinks and the most recent tokens; int8 storage alone
-// and under H2O. The per-step methods' decode steps are decided on the device: the global pool
-// by a radix select, a pool per layer or per head by a segmented sort (the scope= cases).
+// and under H2O; KIVI at 2 bits (default runs of 32, residual 128: 8 runs quantized at the
+// prompt's end, one every 32 steps after) and at 4 bits (runs of 16, residual 40). The per-step
+// methods' decode steps are decided on the device: the global pool by a radix select, a pool per
+// layer or per head by a segmented sort (the scope= cases).
 TEST(CudaEngine, CompressionMatchesTheCpu) {
   REQUIRE_GPUS(1);
   const std::vector<std::pair<std::string, std::string>> specs = {
       {"snapkv:budget=0.2", ""}, {"pyramidkv:budget=0.3,window=16", ""}, {"h2o:budget=0.2", ""},
       {"scissorhands:budget=0.25,history=16", ""}, {"streamingllm:budget=0.2", ""},
       {"snapkv:budget=0.2,decode=slide,decode_budget=32", ""}, {"", "int8"}, {"h2o:budget=0.3", "int8"},
-      {"h2o:budget=0.25,scope=layer", ""}, {"scissorhands:budget=0.3,history=16,scope=head", ""}};
+      {"h2o:budget=0.25,scope=layer", ""}, {"scissorhands:budget=0.3,history=16,scope=head", ""},
+      {"", "kivi:bits=2"}, {"", "kivi:bits=4,group=16,residual=40"}};
   for (const auto& [kv, quant] : specs) {
     const std::string name = kv + (quant.empty() ? "" : " + " + quant);
     PplJob job = test::heldOutC4Job(512, 2, Mode::Decode);
@@ -157,12 +161,13 @@ TEST(CudaEngine, CompressionMatchesTheCpu) {
         const double d = std::abs(gpu.result.sequences[s].logprobs[i] - cpu.result.sequences[s].logprobs[i]);
         worst = std::max(worst, d), sum += d;
       }
-    // int8: a key or value whose x / step lands within float error of a rounding boundary can get
-    // the neighbouring code on one backend (the devices' projections differ in the last bits):
-    // an error of one step in one channel, so a looser bound on the worst token, the same on the mean.
+    // int8 / KIVI: a key or value whose (x - lo) / step lands within float error of a rounding
+    // boundary can get the neighbouring code on one backend (the devices' projections differ in
+    // the last bits): an error of one step in one channel, so a looser bound on the worst token,
+    // the same on the mean.
     EXPECT_LE(worst, quant.empty() ? 1e-3 : 1e-2) << name;
     EXPECT_LE(sum / double(cpu.result.tokens), 1e-4) << name;
-    if (!quant.empty()) {  // fp16: the prefill reads the int8 cache through an fp16 stage (flash attention)
+    if (!quant.empty()) {  // fp16: the prefill reads the quantized cache through an fp16 stage (flash attention)
       job.dtype = "fp16";
       const auto half = runPplJob(job);
       const double rel = std::abs(half.result.ppl() - cpu.result.ppl()) / cpu.result.ppl();
@@ -180,14 +185,16 @@ TEST(CudaEngine, CompressionMatchesTheCpu) {
 // Batched decoding: three sequences of different lengths (so different positions in one step)
 // decoded together give each one's log-probs as decoded alone — the same kernels, each row
 // reading its own sequence's heads — with the cache full, compressed as it goes (H2O, each
-// sequence its own decisions; the same KV bytes), int8, and StreamingLLM over int8; on a Llama
+// sequence its own decisions; the same KV bytes), int8, StreamingLLM over int8, and KIVI (runs of
+// 8 behind a residual of 12: the sequences quantize at different steps); on a Llama
 // (GQA) and an OPT (learned positions) fixture. fp32: the batch's projections go through cuBLAS,
 // one row's through the GEMV kernel, so the sums differ in order only (int8: a code at a rounding
 // boundary may differ, as CompressionMatchesTheCpu says).
 TEST(CudaEngine, BatchedDecodeMatchesOneSequenceAtATime) {
   REQUIRE_GPUS(1);
   const std::vector<std::pair<std::string, std::string>> specs = {
-      {"", ""}, {"h2o:budget=0.3", ""}, {"", "int8"}, {"streamingllm:budget=0.4", "int8"}};
+      {"", ""}, {"h2o:budget=0.3", ""}, {"", "int8"}, {"streamingllm:budget=0.4", "int8"},
+      {"", "kivi:bits=4,group=8,residual=12"}};
   for (const std::string model : {"llama3-gqa", "opt-preln"}) {
     const std::string dir = test::fixture("models/" + model);
     const ModelConfig c = loadConfig(dir);
@@ -242,7 +249,7 @@ TEST(CudaEngine, BatchedDecodeMatchesOneSequenceAtATime) {
         batched->useSequence(b);
         const int seen = prompt[b] + steps;
         EXPECT_EQ(batched->kvBytes(seen).stored, alone->kvBytes(seen).stored) << name << " sequence " << b;
-        if (!kv.empty()) EXPECT_LT(alone->kvBytes(seen).stored, alone->kvBytes(seen).full) << name;
+        if (!kv.empty() || !quant.empty()) EXPECT_LT(alone->kvBytes(seen).stored, alone->kvBytes(seen).full) << name;
       }
       EXPECT_LE(worst, quant.empty() ? 1e-4 : 1e-2) << name;
       EXPECT_LE(sum / (B * steps), 1e-4) << name;
@@ -302,19 +309,23 @@ TEST(CudaEngine, BatchTooLargeIsRefusedClearly) {
   EXPECT_THROW(engine->useSequence(1), Error);
 }
 
-// What the CUDA engine does not do yet is refused with a clear error, before any GPU work.
+// What the CUDA engine does not do yet is refused with a clear error, before any GPU work:
+// low-rank channels, and KIVI under eviction.
 TEST(CudaEngine, CompressedCacheIsRefusedClearly) {
-  PplJob job;
-  job.model_dir = "models/kvtp-llama-2m";
-  job.input_ids = "tests/data/synthetic_ids.txt";
-  job.device = "cuda";
-  job.mode = Mode::Decode;
-  job.kv_quant = "kivi:bits=2";
-  try {
-    runPplJob(job);
-    FAIL() << "expected an error";
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("--device cpu"), std::string::npos) << e.what();
+  for (const auto& [kv, quant, lowrank] : std::vector<std::array<std::string, 3>>{
+           {"", "", "cskv:rank=8"}, {"h2o:budget=0.3", "kivi:bits=2", ""}}) {
+    PplJob job;
+    job.model_dir = "models/kvtp-llama-2m";
+    job.input_ids = "tests/data/synthetic_ids.txt";
+    job.device = "cuda";
+    job.mode = Mode::Decode;
+    job.kv = kv, job.kv_quant = quant, job.kv_lowrank = lowrank;
+    try {
+      runPplJob(job);
+      ADD_FAILURE() << "expected an error for " << kv << " " << quant << " " << lowrank;
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("--device cpu"), std::string::npos) << e.what();
+    }
   }
 }
 

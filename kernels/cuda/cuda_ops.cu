@@ -116,6 +116,19 @@ __device__ void loadCodes(const int8_t* row, int lane, bool in, Codes<P>& out) {
   }
 }
 
+// A lane's codes of a packed row: channels lane * P .. lane * P + P - 1 at `nbits` = P * bits
+// bits each lane, low bits first (nbits 2 or 4: within one byte).
+__device__ uint32_t lanePacked(const uint8_t* row, int lane, int nbits) {
+  const int bit0 = lane * nbits;
+  const uint8_t* b = row + bit0 / 8;
+  switch (nbits) {
+    case 32: return *reinterpret_cast<const uint32_t*>(b);
+    case 16: return *reinterpret_cast<const uint16_t*>(b);
+    case 8: return *b;
+    default: return uint32_t(*b) >> (bit0 % 8);
+  }
+}
+
 // Attention v3. Grid (kv_heads, splits, T): a block takes keys [split * chunk, +chunk) of one KV
 // head for one query and all G = heads / kv_heads query heads that read it. Each warp takes every
 // kWarps-th key; its lanes hold channels lane P .. lane P + P - 1 (P = head_dim / 32, head_dim <=
@@ -133,7 +146,8 @@ template <int G, int HD, class KT, class OT>  // query heads per KV head, head_d
 __global__ void attentionSplit(const float* q, int q_stride, const int* q_pos, int heads, int group, const KT* K,
                                const KT* V, const int* k_pos, int L, const int* lengths, int64_t pos_stride,
                                int64_t head_stride, float scale, int splits, float* part_o, float* part_ms,
-                               unsigned* done, OT* out, float* probs, Int8Rows q8, bool rows_are_sequences) {
+                               unsigned* done, OT* out, float* probs, Int8Rows q8, bool rows_are_sequences,
+                               KiviCache<OT> kc) {
   constexpr int hd = HD, P = (HD + 31) / 32;  // channels per lane: lane * P .. lane * P + P - 1
   const bool lane_in = HD >= 32 || int(threadIdx.x % 32) < HD;
   const int h0 = blockIdx.x * G, split = blockIdx.y, t = blockIdx.z;
@@ -194,16 +208,17 @@ __global__ void attentionSplit(const float* q, int q_stride, const int* q_pos, i
   // keeps U row loads in flight instead of waiting out one load per key. Fewer for big groups
   // (their registers hold G queries); int8 rows stay packed codes until used, so twice as many.
   constexpr int U = (G >= 4 ? 2 : 4) * (int8 ? 2 : 1);
-  if constexpr (!int8) {
-    for (int l0 = split * chunk + warp; l0 < end; l0 += U * kWarps) {
+  // Rows [from, to) of this warp's share, U at a time; load(l, in, key, value) fills a row's P
+  // channels of this lane as floats (zeros unless `in`).
+  auto walk = [&](int from, int to, auto load) {
+    for (int l0 = from + warp; l0 < to; l0 += U * kWarps) {
       float kv[U][P], vv[U][P];
       bool seen[U];
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         const int l = l0 + u * kWarps;
-        seen[u] = l < end && pos[l] <= p;  // the same for the whole warp
-        loadChannels<P>(Kh + int64_t(l) * hd, lane, seen[u] && lane_in, kv[u]);
-        loadChannels<P>(Vh + int64_t(l) * hd, lane, seen[u] && lane_in, vv[u]);
+        seen[u] = l < to && pos[l] <= p;  // the same for the whole warp
+        load(l, seen[u] && lane_in, kv[u], vv[u]);
       }
       float dot[U][G];
 #pragma unroll
@@ -212,6 +227,47 @@ __global__ void attentionSplit(const float* q, int q_stride, const int* q_pos, i
       for (int u = 0; u < U; ++u)
         if (seen[u]) accumulate(l0 + u * kWarps, dot[u], [&](int i) { return vv[u][i]; });
     }
+  };
+  if constexpr (std::is_same_v<KT, uint8_t>) {
+    // KIVI: the codes (this lane's P codes in one load), then the ring's full-precision rows.
+    // Every index that does not depend on the row is computed once here (a 64-bit division per
+    // channel per row made the first form ~10x slower than the fp16 cache).
+    const int quantized = kc.quantized[kvh], bits = kc.bits, nbits = P * bits, cb = kc.codeBytes(), group = kc.group,
+              value_groups = kc.valueGroups();
+    const uint32_t mask = (1u << bits) - 1;
+    const uint8_t* k_codes = kc.K + int64_t(kvh) * kc.capacity * cb;
+    const uint8_t* v_codes = kc.V + int64_t(kvh) * kc.capacity * cb;
+    const float2* k_params = reinterpret_cast<const float2*>(kc.k_params) + int64_t(kvh) * kc.keyGroups() * hd + lane * P;
+    const float2* v_params = reinterpret_cast<const float2*>(kc.v_params) + int64_t(kvh) * kc.capacity * value_groups;
+    int value_group[P];  // of each of this lane's channels
+#pragma unroll
+    for (int i = 0; i < P; ++i) value_group[i] = (lane * P + i) / group;
+    walk(split * chunk, min(end, quantized), [&](int l, bool in, float (&k)[P], float (&v)[P]) {
+      if (!in) {
+#pragma unroll
+        for (int i = 0; i < P; ++i) k[i] = v[i] = 0.0f;
+        return;
+      }
+      const uint32_t kw = lanePacked(k_codes + int64_t(l) * cb, lane, nbits);
+      const uint32_t vw = lanePacked(v_codes + int64_t(l) * cb, lane, nbits);
+      const float2* kp = k_params + (l / group) * hd;
+      const float2* vp = v_params + int64_t(l) * value_groups;
+#pragma unroll
+      for (int i = 0; i < P; ++i) {
+        k[i] = KiviCache<OT>::decode(kp[i], int((kw >> (i * bits)) & mask));
+        v[i] = KiviCache<OT>::decode(vp[value_group[i]], int((vw >> (i * bits)) & mask));
+      }
+    });
+    walk(max(split * chunk, quantized), end, [&](int l, bool in, float (&k)[P], float (&v)[P]) {
+      const int64_t row = (int64_t(kvh) * kc.ring + l % kc.ring) * hd;
+      loadChannels<P>(kc.ring_k + row, lane, in, k);
+      loadChannels<P>(kc.ring_v + row, lane, in, v);
+    });
+  } else if constexpr (!int8) {
+    walk(split * chunk, end, [&](int l, bool in, float (&k)[P], float (&v)[P]) {
+      loadChannels<P>(Kh + int64_t(l) * hd, lane, in, k);
+      loadChannels<P>(Vh + int64_t(l) * hd, lane, in, v);
+    });
   } else {
     // The cached rows: codes x step (the CPU's dequantized float, exactly).
     const int cached_end = min(end, fresh_from);
@@ -395,7 +451,8 @@ void applyRope(float* x, int T, int heads, int head_dim, const int* positions, c
 template <class KT, class OT>
 void attention(const float* q, int q_stride, const int* q_pos, int T, int heads, const KT* K, const KT* V,
                const int* k_pos, int L, int kv_heads, int head_dim, int64_t head_stride, float scale, OT* out,
-               const int* lengths, int64_t pos_stride, float* weights, const Int8Rows* int8, bool rows_are_sequences) {
+               const int* lengths, int64_t pos_stride, float* weights, const Int8Rows* int8, bool rows_are_sequences,
+               const KiviCache<OT>* kivi) {
   if (heads % kv_heads != 0) throw std::runtime_error("cuda::attention: heads must be a multiple of kv_heads");
   const int group = heads / kv_heads;
   const int G = group % 8 == 0 ? 8 : group % 4 == 0 ? 4 : group % 2 == 0 ? 2 : 1;  // query heads per block
@@ -422,7 +479,8 @@ void attention(const float* q, int q_stride, const int* q_pos, int T, int heads,
   auto launch = [&](auto g, auto p) {
     attentionSplit<decltype(g)::value, decltype(p)::value, KT, OT><<<grid, threads>>>(
         q, q_stride, q_pos, heads, group, K, V, k_pos, L, lengths, pos_stride, head_stride, scale, splits, part_o,
-        part_ms, counters.get(), out, probs, int8 ? *int8 : Int8Rows{}, rows_are_sequences);
+        part_ms, counters.get(), out, probs, int8 ? *int8 : Int8Rows{}, rows_are_sequences,
+        kivi ? *kivi : KiviCache<OT>{});
   };
   auto byWidth = [&](auto g) {
     switch (head_dim) {
@@ -452,13 +510,17 @@ void attention(const float* q, int q_stride, const int* q_pos, int T, int heads,
 
 #define KVTP_ATTENTION(KT, OT)                                                                                 \
   template void attention<KT, OT>(const float*, int, const int*, int, int, const KT*, const KT*, const int*, int, \
-                                  int, int, int64_t, float, OT*, const int*, int64_t, float*, const Int8Rows*, bool);
+                                  int, int, int64_t, float, OT*, const int*, int64_t, float*, const Int8Rows*, bool, \
+                                  const KiviCache<OT>*);
 KVTP_ATTENTION(float, float)
 KVTP_ATTENTION(__half, __half)
 KVTP_ATTENTION(__nv_bfloat16, __nv_bfloat16)
 KVTP_ATTENTION(int8_t, float)
 KVTP_ATTENTION(int8_t, __half)
 KVTP_ATTENTION(int8_t, __nv_bfloat16)
+KVTP_ATTENTION(uint8_t, float)
+KVTP_ATTENTION(uint8_t, __half)
+KVTP_ATTENTION(uint8_t, __nv_bfloat16)
 #undef KVTP_ATTENTION
 
 void softmaxPartials(const float* logits, int T, int V_shard, int vocab_offset, const int* targets,

@@ -33,18 +33,22 @@ void applyRope(float* x, int T, int heads, int head_dim, const int* positions, c
 // A compressed cache (heads of different lengths): `lengths` (device, kv_heads) replaces L per
 // head (L is then a bound on them, e.g. the capacity: the launch depends on L alone) and KV head
 // g's positions start at k_pos + g * pos_stride.
-// An int8 cache (KT = int8_t) passes `int8`: see Int8Rows.
+// An int8 cache (KT = int8_t) passes `int8`: see Int8Rows. A KIVI cache (KT = uint8_t, K / V
+// unused) passes `kivi` (forward_ops.h): each head's first quantized[g] rows are codes, decoded in
+// registers as the CPU decodes them, the rest full-precision rows of its ring.
 // A batch of sequences (rows_are_sequences): query row t is sequence t's, and reads KV heads
 // t * kv_heads .. (t + 1) * kv_heads - 1 (lengths, positions and weights' rows indexed alike).
 // weights, if not null: (T, kv_heads, L) float, the attention probabilities of each KV head's
 // entries summed over its query heads (what eviction policies score by; 0 for an entry the query
 // does not see; entries past a head's length are left as they were).
 struct Int8Rows;
+template <class T>
+struct KiviCache;
 template <class KT, class OT>
 void attention(const float* q, int q_stride, const int* q_pos, int T, int heads, const KT* K, const KT* V,
                const int* k_pos, int L, int kv_heads, int head_dim, int64_t head_stride, float scale, OT* out,
                const int* lengths = nullptr, int64_t pos_stride = 0, float* weights = nullptr,
-               const Int8Rows* int8 = nullptr, bool rows_are_sequences = false);
+               const Int8Rows* int8 = nullptr, bool rows_are_sequences = false, const KiviCache<OT>* kivi = nullptr);
 
 // How attention reads an int8 cache (kv::KVCache's Int8 form): row l of KV head g is its codes x
 // the row's step (k_step / v_step [g * pos_stride + l]) — except the rows this step appended

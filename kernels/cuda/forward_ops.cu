@@ -435,6 +435,151 @@ __global__ void dequantizeKernel(Int8Append a, int count, T* K, T* V, int* k_pos
   if (threadIdx.x == 0) k_pos[to] = a.k_pos[from];
 }
 
+// One block per (new row t, KV head g, key or value): the row into the ring, the key's block
+// writing the position.
+template <class T>
+__global__ void kiviAppendKernel(KiviCache<T> c, const float* qkv, int64_t qkv_stride, int64_t k_offset,
+                                 int64_t v_offset, const int* first_slots, const int* positions,
+                                 bool rows_are_sequences) {
+  const int t = blockIdx.x, g = blockIdx.y, is_v = blockIdx.z;
+  const int64_t head = rows_are_sequences ? int64_t(t) * gridDim.y + g : g;
+  const int slot = first_slots[head] + (rows_are_sequences ? 0 : t);
+  const float* x = qkv + int64_t(t) * qkv_stride + (is_v ? v_offset : k_offset) + int64_t(g) * c.head_dim;
+  T* row = (is_v ? c.ring_v : c.ring_k) + (head * c.ring + slot % c.ring) * c.head_dim;
+  for (int ch = threadIdx.x; ch < c.head_dim; ch += blockDim.x) row[ch] = fromFloat<T>(x[ch]);
+  if (threadIdx.x == 0 && !is_v) c.k_pos[head * c.capacity + slot] = positions[t];
+}
+
+// kv::encodeAffine: round((x - lo) / step) into [0, 2^bits - 1], 0 when every value equals lo.
+__device__ int encodeAffine(float x, float lo, float step, int bits) {
+  if (step <= 0.0f) return 0;
+  return int(fminf(fmaxf(rintf(__fdiv_rn(__fsub_rn(x, lo), step)), 0.0f), float((1 << bits) - 1)));
+}
+
+// One block per (run j, KV head h), a thread per channel: rows [first, first + group) with first =
+// quantized[h] + j * group, if the run ends by quantized_after[h]. Keys: (lo, step) per channel
+// over the run (kv::fitAffine), values: per row over groups of `group` channels; then each row's
+// codes packed, a thread per byte.
+template <class T>
+__global__ void kiviQuantizeKernel(KiviCache<T> c, const T* stage_k, const T* stage_v, int64_t stage_capacity) {
+  const int h = blockIdx.y, ch = threadIdx.x, hd = c.head_dim, G = c.group, bits = c.bits;
+  const int first = c.quantized[h] + int(blockIdx.x) * G;
+  if (first + G > c.quantized_after[h]) return;
+  const float levels = float((1 << bits) - 1);
+  auto source = [&](bool value, int l) -> const T* {  // row l of head h: the stage's, else the ring's
+    if (stage_k) return (value ? stage_v : stage_k) + (h * stage_capacity + l) * hd;
+    return (value ? c.ring_v : c.ring_k) + (int64_t(h) * c.ring + l % c.ring) * hd;
+  };
+  float k_lo = 0.0f, k_step = 0.0f;
+  if (ch < hd) {
+    float lo = toFloat(source(false, first)[ch]), hi = lo;
+    for (int l = first + 1; l < first + G; ++l) {
+      const float x = toFloat(source(false, l)[ch]);
+      lo = fminf(lo, x), hi = fmaxf(hi, x);
+    }
+    k_lo = lo, k_step = __fdiv_rn(__fsub_rn(hi, lo), levels);
+    reinterpret_cast<float2*>(c.k_params)[(int64_t(h) * c.keyGroups() + first / G) * hd + ch] = {k_lo, k_step};
+  }
+  __shared__ float value[256];
+  __shared__ float2 v_affine[256];
+  __shared__ uint8_t k_code[256], v_code[256];
+  const int VG = c.valueGroups(), cb = c.codeBytes();
+  for (int l = first; l < first + G; ++l) {
+    const int64_t row = int64_t(h) * c.capacity + l;
+    if (ch < hd) {
+      k_code[ch] = uint8_t(encodeAffine(toFloat(source(false, l)[ch]), k_lo, k_step, bits));
+      value[ch] = toFloat(source(true, l)[ch]);
+    }
+    __syncthreads();
+    if (ch < VG) {  // value group ch: channels [ch G, min(ch G + G, hd))
+      const int from = ch * G, to = min(from + G, hd);
+      float lo = value[from], hi = lo;
+      for (int i = from + 1; i < to; ++i) lo = fminf(lo, value[i]), hi = fmaxf(hi, value[i]);
+      v_affine[ch] = {lo, __fdiv_rn(__fsub_rn(hi, lo), levels)};
+      reinterpret_cast<float2*>(c.v_params)[row * VG + ch] = v_affine[ch];
+    }
+    __syncthreads();
+    if (ch < hd) {
+      const float2 a = v_affine[ch / G];
+      v_code[ch] = uint8_t(encodeAffine(value[ch], a.x, a.y, bits));
+    }
+    __syncthreads();
+    if (ch < cb) {  // byte ch holds channels ch * 8 / bits .. (ch + 1) * 8 / bits - 1, low bits first
+      uint8_t kb = 0, vb = 0;
+      for (int i = ch * 8 / bits; i < min((ch + 1) * 8 / bits, hd); ++i) {
+        kb |= uint8_t(k_code[i] << (i * bits % 8));
+        vb |= uint8_t(v_code[i] << (i * bits % 8));
+      }
+      c.K[row * cb + ch] = kb, c.V[row * cb + ch] = vb;
+    }
+    __syncthreads();
+  }
+}
+
+// After a stage's step: each head's rows [quantized_after, length) into the ring, and the
+// positions of rows first_new.. into k_pos (grid-stride over rows).
+template <class T>
+__global__ void kiviKeepKernel(KiviCache<T> c, const T* stage_k, const T* stage_v, const int* stage_pos,
+                               int64_t stage_capacity, const int* lengths, int first_new) {
+  const int h = blockIdx.y, hd = c.head_dim, keep_from = c.quantized_after[h];
+  for (int l = min(keep_from, first_new) + blockIdx.x; l < lengths[h]; l += gridDim.x) {
+    const int64_t from = h * stage_capacity + l, to = (int64_t(h) * c.ring + l % c.ring) * hd;
+    if (l >= keep_from)
+      for (int ch = threadIdx.x; ch < hd; ch += blockDim.x)
+        c.ring_k[to + ch] = stage_k[from * hd + ch], c.ring_v[to + ch] = stage_v[from * hd + ch];
+    if (l >= first_new && threadIdx.x == 0) c.k_pos[int64_t(h) * c.capacity + l] = stage_pos[from];
+  }
+}
+
+template <class T>
+__global__ void kiviRowsKernel(KiviCache<T> c, int count, T* K, T* V, int* k_pos, int64_t stage_capacity) {
+  const int l = blockIdx.x, h = blockIdx.y, hd = c.head_dim;
+  if (l >= count) return;
+  const int64_t to = h * stage_capacity + l, row = int64_t(h) * c.capacity + l;
+  const bool coded = l < c.quantized[h];
+  for (int ch = threadIdx.x; ch < hd; ch += blockDim.x) {
+    if (coded) {
+      K[to * hd + ch] = fromFloat<T>(KiviCache<T>::decode(c.keyParams(h, l, ch), c.code(c.K + row * c.codeBytes(), ch)));
+      V[to * hd + ch] = fromFloat<T>(KiviCache<T>::decode(c.valueParams(h, l, ch), c.code(c.V + row * c.codeBytes(), ch)));
+    } else {
+      const int64_t ring_row = (int64_t(h) * c.ring + l % c.ring) * hd;
+      K[to * hd + ch] = c.ring_k[ring_row + ch], V[to * hd + ch] = c.ring_v[ring_row + ch];
+    }
+  }
+  if (threadIdx.x == 0) k_pos[to] = c.k_pos[row];
+}
+
+template <class T>
+void kiviAppend(const KiviCache<T>& c, int rows, int kv_heads, const float* qkv, int64_t qkv_stride, int64_t k_offset,
+                int64_t v_offset, const int* first_slots, const int* positions, bool rows_are_sequences) {
+  if (rows == 0) return;
+  kiviAppendKernel<<<dim3(rows, kv_heads, 2), std::min(c.head_dim, 128)>>>(c, qkv, qkv_stride, k_offset, v_offset,
+                                                                           first_slots, positions, rows_are_sequences);
+  KVTP_CUDA_LAUNCHED();
+}
+
+template <class T>
+void kiviSettle(const KiviCache<T>& c, int kv_heads, int max_runs, const T* stage_k, const T* stage_v,
+                const int* stage_pos, int64_t stage_capacity, const int* lengths, int first_new) {
+  if (c.head_dim > 256) throw std::runtime_error("kiviSettle: head_dim above 256");
+  if (max_runs > 0) {
+    kiviQuantizeKernel<<<dim3(max_runs, kv_heads), std::max(32, c.head_dim)>>>(c, stage_k, stage_v, stage_capacity);
+    KVTP_CUDA_LAUNCHED();
+  }
+  if (stage_k) {
+    kiviKeepKernel<<<dim3(64, kv_heads), std::min(c.head_dim, 128)>>>(c, stage_k, stage_v, stage_pos, stage_capacity,
+                                                                     lengths, first_new);
+    KVTP_CUDA_LAUNCHED();
+  }
+}
+
+template <class T>
+void kiviRows(const KiviCache<T>& c, int kv_heads, int count, T* K, T* V, int* k_pos, int64_t stage_capacity) {
+  if (count == 0) return;
+  kiviRowsKernel<<<dim3(count, kv_heads), std::min(c.head_dim, 128)>>>(c, count, K, V, k_pos, stage_capacity);
+  KVTP_CUDA_LAUNCHED();
+}
+
 template <class T>
 void compactKV(T* K, T* V, int* k_pos, int64_t capacity, int kv_heads, int head_dim, const int* keep, const int* kept,
                int max_kept) {
@@ -537,6 +682,11 @@ void attentionPrefill(const Blas& blas, const float* q, int64_t q_stride, const 
   template void ropeAppendKV<T>(float*, int, const KvAppend<T>&);                                                   \
   template void compactKV<T>(T*, T*, int*, int64_t, int, int, const int*, const int*, int);                         \
   template void dequantizeRows<T>(const Int8Append&, int, int, T*, T*, int*, int64_t);                              \
+  template void kiviAppend<T>(const KiviCache<T>&, int, int, const float*, int64_t, int64_t, int64_t, const int*,   \
+                              const int*, bool);                                                                    \
+  template void kiviSettle<T>(const KiviCache<T>&, int, int, const T*, const T*, const int*, int64_t, const int*,   \
+                              int);                                                                                 \
+  template void kiviRows<T>(const KiviCache<T>&, int, int, T*, T*, int*, int64_t);                                  \
   template void attentionPrefill<T>(const Blas&, const float*, int64_t, const int*, const int*, int, int, const T*, \
                                     const T*, const int*, const int*, int, int, int, int64_t, float, T*, size_t,    \
                                     float*, int, bool);

@@ -102,6 +102,61 @@ void quantizeAppend(int rows, int kv_heads, const Int8Append& cache);
 template <class T>
 void dequantizeRows(const Int8Append& cache, int kv_heads, int count, T* K, T* V, int* k_pos, int64_t stage_capacity);
 
+// A KIVI cache (kv::KVCache's Kivi form) on the device. Each KV head's oldest rows, a multiple of
+// `group`, are codes of `bits` bits packed as the CPU packs them (low bits first): keys per
+// channel over each run of `group` rows — (lo, step) per channel per run in k_params — and values
+// per row over groups of `group` channels — (lo, step) per channel group in v_params; x = lo +
+// code * step. The newer rows (at most `ring`) stay full precision in T, row l of a head at ring
+// slot l % ring. Positions of every row in k_pos. Pointers at the step's first KV head, as K/V;
+// `quantized` / `quantized_after` (device, per KV head from there): rows held as codes before
+// the step and after it (the step quantizes the runs in between: kviSettle).
+template <class T>
+struct KiviCache {
+  int head_dim, bits, group;
+  uint8_t *K, *V;       // [kv_head][capacity][codeBytes()]
+  float* k_params;      // [kv_head][keyGroups()][head_dim] x (lo, step)
+  float* v_params;      // [kv_head][capacity][valueGroups()] x (lo, step)
+  T *ring_k, *ring_v;   // [kv_head][ring][head_dim]
+  int ring;
+  int* k_pos;           // [kv_head][capacity]
+  int64_t capacity;
+  const int *quantized, *quantized_after;
+  __host__ __device__ int codeBytes() const { return (head_dim * bits + 7) / 8; }
+  __host__ __device__ int valueGroups() const { return (head_dim + group - 1) / group; }
+  __host__ __device__ int64_t keyGroups() const { return capacity / group + 1; }
+  // Code c of a packed row; row l's key / value (lo, step) for channel c; a decoded value as
+  // kv::Affine::decode computes it (no fused multiply-add).
+  __host__ __device__ int code(const uint8_t* row, int c) const {
+    return (row[c * bits / 8] >> (c * bits % 8)) & ((1 << bits) - 1);
+  }
+  __host__ __device__ float2 keyParams(int64_t head, int l, int c) const {
+    return reinterpret_cast<const float2*>(k_params)[(head * keyGroups() + l / group) * head_dim + c];
+  }
+  __host__ __device__ float2 valueParams(int64_t head, int l, int c) const {
+    return reinterpret_cast<const float2*>(v_params)[(head * capacity + l) * valueGroups() + c / group];
+  }
+#ifdef __CUDACC__
+  static __device__ float decode(float2 a, int code) { return __fadd_rn(a.x, __fmul_rn(float(code), a.y)); }
+#endif
+};
+// The step's new rows (after RoPE, in qkv as Int8Append reads them) into the ring, with positions.
+template <class T>
+void kiviAppend(const KiviCache<T>& cache, int rows, int kv_heads, const float* qkv, int64_t qkv_stride,
+                int64_t k_offset, int64_t v_offset, const int* first_slots, const int* positions,
+                bool rows_are_sequences);
+// Quantizes each KV head's rows [quantized, quantized_after) (at most `max_runs` runs of `group`)
+// from the ring, or with a stage (a T cache of stage_capacity rows per head, stage_pos its
+// positions) from the stage, whose rows [quantized_after, lengths) then go to the ring and whose
+// positions from `first_new` on go to k_pos. kv::KVCache::quantizeKivi's arithmetic exactly.
+template <class T>
+void kiviSettle(const KiviCache<T>& cache, int kv_heads, int max_runs, const T* stage_k = nullptr,
+                const T* stage_v = nullptr, const int* stage_pos = nullptr, int64_t stage_capacity = 0,
+                const int* lengths = nullptr, int first_new = 0);
+// Rows [0, count) of every KV head back to T (codes dequantized, ring rows copied), with
+// positions, into a stage as dequantizeRows.
+template <class T>
+void kiviRows(const KiviCache<T>& cache, int kv_heads, int count, T* K, T* V, int* k_pos, int64_t stage_capacity);
+
 // Eviction on the device: KV head h keeps its rows keep[h * max_kept + j] for j < kept[h] (ascending
 // slots), moved with their positions (unless k_pos is null) to slots 0.. kept[h] - 1. keep and
 // kept are device arrays. Rows of head_dim elements: an int8 cache's codes, or (head_dim 1) its steps.
