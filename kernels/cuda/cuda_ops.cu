@@ -229,9 +229,10 @@ __global__ void attentionSplit(const float* q, int q_stride, const int* q_pos, i
     }
   };
   if constexpr (std::is_same_v<KT, uint8_t>) {
-    // KIVI: the codes (this lane's P codes in one load), then the ring's full-precision rows.
-    // Every index that does not depend on the row is computed once here (a 64-bit division per
-    // channel per row made the first form ~10x slower than the fp16 cache).
+    // KIVI: the codes, then the ring's full-precision rows. A key row's scores come from its codes
+    // and its run's (lo, step) pairs as q.k = sum q lo + sum (q step) code, both per run of `group`
+    // rows kept in registers; a value row's channels are decoded as kv::Affine::decode does.
+    // (Decoding every key channel, its pair read per row, took 2x the fp16 cache's time at 32k.)
     const int quantized = kc.quantized[kvh], bits = kc.bits, nbits = P * bits, cb = kc.codeBytes(), group = kc.group,
               value_groups = kc.valueGroups();
     const uint32_t mask = (1u << bits) - 1;
@@ -239,25 +240,56 @@ __global__ void attentionSplit(const float* q, int q_stride, const int* q_pos, i
     const uint8_t* v_codes = kc.V + int64_t(kvh) * kc.capacity * cb;
     const float2* k_params = reinterpret_cast<const float2*>(kc.k_params) + int64_t(kvh) * kc.keyGroups() * hd + lane * P;
     const float2* v_params = reinterpret_cast<const float2*>(kc.v_params) + int64_t(kvh) * kc.capacity * value_groups;
-    int value_group[P];  // of each of this lane's channels
+    int value_group[P];  // of each of this lane's channels; one pair for all of them when group % P == 0
 #pragma unroll
     for (int i = 0; i < P; ++i) value_group[i] = (lane * P + i) / group;
-    walk(split * chunk, min(end, quantized), [&](int l, bool in, float (&k)[P], float (&v)[P]) {
-      if (!in) {
+    const bool one_pair = group % P == 0;
+    const int coded_end = min(end, quantized);
+    float q_step[G][P], q_lo[G];  // the current run's: q x step per channel, this lane's share of q . lo
+    int run_end = -1;             // rows below it are the current run's (a warp's rows ascend)
+    for (int l0 = split * chunk + warp; l0 < coded_end; l0 += U * kWarps) {
+      uint32_t kw[U], vw[U];
+      float2 pair[U];
+      bool seen[U];
 #pragma unroll
-        for (int i = 0; i < P; ++i) k[i] = v[i] = 0.0f;
-        return;
+      for (int u = 0; u < U; ++u) {
+        const int l = l0 + u * kWarps;
+        seen[u] = l < coded_end && pos[l] <= p;  // the same for the whole warp
+        const bool in = seen[u] && lane_in;
+        kw[u] = in ? lanePacked(k_codes + int64_t(l) * cb, lane, nbits) : 0u;
+        vw[u] = in ? lanePacked(v_codes + int64_t(l) * cb, lane, nbits) : 0u;
+        pair[u] = in && one_pair ? v_params[int64_t(l) * value_groups + value_group[0]] : float2{0.0f, 0.0f};
       }
-      const uint32_t kw = lanePacked(k_codes + int64_t(l) * cb, lane, nbits);
-      const uint32_t vw = lanePacked(v_codes + int64_t(l) * cb, lane, nbits);
-      const float2* kp = k_params + (l / group) * hd;
-      const float2* vp = v_params + int64_t(l) * value_groups;
 #pragma unroll
-      for (int i = 0; i < P; ++i) {
-        k[i] = KiviCache<OT>::decode(kp[i], int((kw >> (i * bits)) & mask));
-        v[i] = KiviCache<OT>::decode(vp[value_group[i]], int((vw >> (i * bits)) & mask));
+      for (int u = 0; u < U; ++u) {
+        if (!seen[u]) continue;
+        const int l = l0 + u * kWarps;
+        if (l >= run_end) {  // a new run: its key pairs
+          const int run = l / group;
+          run_end = (run + 1) * group;
+#pragma unroll
+          for (int g = 0; g < G; ++g) q_lo[g] = 0.0f;
+#pragma unroll
+          for (int i = 0; i < P; ++i) {
+            const float2 a = lane_in ? k_params[int64_t(run) * hd + i] : float2{0.0f, 0.0f};
+#pragma unroll
+            for (int g = 0; g < G; ++g) q_step[g][i] = qr[g][i] * a.y, q_lo[g] += qr[g][i] * a.x;
+          }
+        }
+        float dot[G];
+#pragma unroll
+        for (int g = 0; g < G; ++g) {
+          float d = q_lo[g];
+#pragma unroll
+          for (int i = 0; i < P; ++i) d += q_step[g][i] * float((kw[u] >> (i * bits)) & mask);
+          dot[g] = warpSum(d);
+        }
+        accumulate(l, dot, [&](int i) {
+          const float2 a = one_pair ? pair[u] : v_params[int64_t(l) * value_groups + value_group[i]];
+          return lane_in ? KiviCache<OT>::decode(a, int((vw[u] >> (i * bits)) & mask)) : 0.0f;
+        });
       }
-    });
+    }
     walk(max(split * chunk, quantized), end, [&](int l, bool in, float (&k)[P], float (&v)[P]) {
       const int64_t row = (int64_t(kvh) * kc.ring + l % kc.ring) * hd;
       loadChannels<P>(kc.ring_k + row, lane, in, k);
