@@ -31,6 +31,10 @@
 //       per row for the new one) -> 15.3 (rows' loads before any use) -> 9.9 (packed; 10.3 with
 //       the fp16 kernel's row count); the fp16 cache: 11.1 ms. Tried: __launch_bounds__ for 4
 //       blocks an SM (64 registers, small spills) — 10.3 ms, slower.
+//   v8 (attention over a KIVI cache): packed 2/4-bit codes, a coded key scored as q.lo +
+//       (q x step).code with its run's pairs in registers, then the ring's full-precision rows.
+//       H100 7B decode at 32k, 4 bits: 51.4 ms (index math per channel) -> 23.3 -> 16.7; bound by
+//       the per-row reduction and softmax update, not bytes (docs/BENCHMARKS.md).
 #include <algorithm>
 #include <cfloat>
 #include <string>

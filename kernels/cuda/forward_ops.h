@@ -109,7 +109,7 @@ void dequantizeRows(const Int8Append& cache, int kv_heads, int count, T* K, T* V
 // code * step. The newer rows (at most `ring`) stay full precision in T, row l of a head at ring
 // slot l % ring. Positions of every row in k_pos. Pointers at the step's first KV head, as K/V;
 // `quantized` / `quantized_after` (device, per KV head from there): rows held as codes before
-// the step and after it (the step quantizes the runs in between: kviSettle).
+// the step and after it (the step quantizes the runs in between: kiviSettle).
 template <class T>
 struct KiviCache {
   int head_dim, bits, group;
