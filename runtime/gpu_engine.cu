@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <deque>
+#include <functional>
 #include <set>
 #include <type_traits>
 #include <vector>
@@ -190,7 +191,8 @@ class GpuEngine : public Engine {
     if (kivi_) {  // kv::KVCache::storedBytes: full rows, then codes with their (lo, step) pairs
       const int64_t hd = c_.head_dim, q = s.quantized_counted;
       int64_t bytes = 0;
-      for (int n : s.len) bytes += (n - q) * 4 * hd + q * (2 * kiviCodeBytes() + 4 * kiviValueGroups()) +
+      const cuda::KiviCache<T> shape = kiviShape();
+      for (int n : s.len) bytes += (n - q) * 4 * hd + q * (2 * shape.codeBytes() + 4 * shape.valueGroups()) +
                                    q / kv_spec_.group * (4 * hd + 2);
       return {bytes, full};
     }
@@ -389,8 +391,10 @@ class GpuEngine : public Engine {
     const int pending = s.longest + rows - kv_spec_.residual - s.quantized;
     return s.quantized + std::max(0, pending) / kv_spec_.group * kv_spec_.group;
   }
-  int kiviCodeBytes() const { return (c_.head_dim * kv_spec_.bits + 7) / 8; }
-  int kiviValueGroups() const { return (c_.head_dim + kv_spec_.group - 1) / kv_spec_.group; }
+  // A KIVI cache's geometry (its code bytes, value groups, key groups of `capacity` rows), no buffers.
+  cuda::KiviCache<T> kiviShape(int64_t capacity = 0) const {
+    return {.head_dim = c_.head_dim, .bits = kv_spec_.bits, .group = kv_spec_.group, .capacity = capacity};
+  }
 
   // Uploads the step's tokens and cache bookkeeping, then runs the model's device work (a one-row
   // step replays a CUDA graph).
@@ -557,8 +561,9 @@ class GpuEngine : public Engine {
   size_t rowBytes() const {
     const size_t decision = device_decides_ && kv_spec_.method != kv::Method::StreamingLLM ? 8 : 0;  // score or bits
     const size_t hd = c_.head_dim;
+    const cuda::KiviCache<T> kivi = kiviShape();
     const size_t rows = int8_   ? 2 * (hd + sizeof(float))
-                        : kivi_ ? 2 * kiviCodeBytes() + 2 * sizeof(float) * (kiviValueGroups() + hd / kv_spec_.group + 1)
+                        : kivi_ ? 2 * kivi.codeBytes() + 2 * sizeof(float) * (kivi.valueGroups() + hd / kivi.group + 1)
                                 : 2 * hd * sizeof(T);
     return decision + rows + sizeof(int);
   }
@@ -592,10 +597,10 @@ class GpuEngine : public Engine {
     const size_t heads = seqs_.size() * part_.kv_heads;
     // Each head's rows (and positions) move to the start of its new, longer span; `per`: how
     // many rows a span of c tokens has (KIVI's key pairs: one per run of `group`).
-    auto regrow = [&](auto& buf, size_t width, size_t spans = 0, int64_t (*per)(int64_t, int) = nullptr) {
+    auto regrow = [&](auto& buf, size_t width, size_t spans = 0, std::function<int64_t(int64_t)> per = {}) {
       using E = typename std::remove_reference_t<decltype(buf)>::value_type;
       if (!spans) spans = heads;
-      auto rows = [&](int64_t c) { return per ? per(c, kv_spec_.group) : c; };
+      auto rows = [&](int64_t c) { return per ? per(c) : c; };
       std::remove_reference_t<decltype(buf)> bigger(spans * rows(cap) * width);
       const size_t row = width * sizeof(E);
       if (longest > 0)
@@ -613,10 +618,11 @@ class GpuEngine : public Engine {
         regrow(L.k_step, 1);
         regrow(L.v_step, 1);
       } else if (kivi_) {
-        regrow(L.Kq, kiviCodeBytes());
-        regrow(L.Vq, kiviCodeBytes());
-        regrow(L.k_params, 2 * size_t(c_.head_dim), 0, [](int64_t c, int group) { return c / group + 1; });
-        regrow(L.v_params, 2 * size_t(kiviValueGroups()));
+        const cuda::KiviCache<T> kivi = kiviShape();
+        regrow(L.Kq, kivi.codeBytes());
+        regrow(L.Vq, kivi.codeBytes());
+        regrow(L.k_params, 2 * size_t(c_.head_dim), 0, [&](int64_t c) { return kiviShape(c).keyGroups(); });
+        regrow(L.v_params, 2 * size_t(kivi.valueGroups()));
         if (L.ring_k.size() != heads * ring_ * c_.head_dim)
           L.ring_k = DeviceBuffer<T>(heads * ring_ * c_.head_dim), L.ring_v = DeviceBuffer<T>(heads * ring_ * c_.head_dim);
       } else {
@@ -634,11 +640,11 @@ class GpuEngine : public Engine {
   void forward(const int* d_tokens, const int* d_meta, const Shape& shape) {
     const int rows = shape.rows, BH = int(seqs_.size()) * part_.kv_heads, LBH = c_.layers * BH;
     const int* d_pos = d_meta;
-    kivi_meta_ = d_meta + rows + 2 * LBH;
+    const int* quantized = d_meta + rows + 2 * LBH;  // KIVI's counts per (sequence, KV head)
     const int head0 = shape.batch ? 0 : current_ * part_.kv_heads;  // the first KV head the step touches
     auto attend = [&](int l, const T* in, float* x) {
       const int* slots = d_meta + rows + l * BH + head0;
-      attention(l, in, d_pos, slots, slots + LBH, shape, x);
+      attention(l, in, d_pos, slots, slots + LBH, quantized + head0, shape, x);
     };
 
     const int H = c_.hidden, P = c_.word_embed_proj_dim;
@@ -682,9 +688,10 @@ class GpuEngine : public Engine {
 
   // x += o_proj(attention(qkv_proj(xn))), the new tokens' K/V appended to the cache first:
   // at `slots` (each KV head's count before), `lengths` its count after (device arrays, from the
-  // step's first KV head: the current sequence's, or in a batch every sequence's).
-  void attention(int layer, const T* xn, const int* d_pos, const int* slots, const int* lengths, const Shape& shape,
-                 float* x) {
+  // step's first KV head: the current sequence's, or in a batch every sequence's); KIVI: its rows
+  // held as codes before the step at `quantized`, after it one sequence-batch of heads further.
+  void attention(int layer, const T* xn, const int* d_pos, const int* slots, const int* lengths, const int* quantized,
+                 const Shape& shape, float* x) {
     GpuLayer<T>& L = layers_[layer];
     const int T_ = shape.rows, hd = c_.head_dim, H = part_.kv_heads, Q = part_.q_heads * hd, KV = H * hd,
               W = Q + 2 * KV;
@@ -696,20 +703,21 @@ class GpuEngine : public Engine {
     // stage the prefill attention reads, the cached rows dequantized in front of them. An int8
     // cache gets them quantized after RoPE; KIVI quantizes the runs that left its residual window
     // after the attention.
-    const bool quantized = int8_ || kivi_;
-    T *K = quantized ? nullptr : L.K.get() + row0 * hd, *V = quantized ? nullptr : L.V.get() + row0 * hd;
+    const bool coded = int8_ || kivi_;
+    T *K = coded ? nullptr : L.K.get() + row0 * hd, *V = coded ? nullptr : L.V.get() + row0 * hd;
     int* k_pos = L.pos.get() + row0;
     int64_t capacity = capacity_;
     const cuda::Int8Append int8{hd, L.K8.get() + row0 * hd, L.V8.get() + row0 * hd, L.k_step.get() + row0,
                                 L.v_step.get() + row0, k_pos, capacity_, qkv, W, Q, Q + KV, slots, d_pos, batch};
-    const int64_t key_groups = capacity_ / kv_spec_.group + 1;
-    const cuda::KiviCache<T> kivi{hd, kv_spec_.bits, kv_spec_.group, L.Kq.get() + row0 * kiviCodeBytes(),
-                                  L.Vq.get() + row0 * kiviCodeBytes(), L.k_params.get() + head0 * key_groups * 2 * hd,
-                                  L.v_params.get() + row0 * 2 * kiviValueGroups(), L.ring_k.get() + head0 * ring_ * hd,
-                                  L.ring_v.get() + head0 * ring_ * hd, ring_, k_pos, capacity_, kivi_meta_ + head0,
-                                  kivi_meta_ + seqs_.size() * H + head0};
+    cuda::KiviCache<T> kivi = kiviShape(capacity_);
+    kivi.K = L.Kq.get() + row0 * kivi.codeBytes(), kivi.V = L.Vq.get() + row0 * kivi.codeBytes();
+    kivi.k_params = L.k_params.get() + head0 * kivi.keyGroups() * 2 * hd;
+    kivi.v_params = L.v_params.get() + row0 * 2 * kivi.valueGroups();
+    kivi.ring_k = L.ring_k.get() + head0 * ring_ * hd, kivi.ring_v = L.ring_v.get() + head0 * ring_ * hd;
+    kivi.ring = ring_, kivi.k_pos = k_pos;
+    kivi.quantized = quantized, kivi.quantized_after = quantized + seqs_.size() * H;
     const int longest = seq().longest;  // many rows: the current sequence's, uniform
-    if (quantized && shape.many) {
+    if (coded && shape.many) {
       capacity = longest + T_;
       K = grow(stage_k_, size_t(H) * capacity * hd), V = grow(stage_v_, size_t(H) * capacity * hd);
       k_pos = grow(stage_pos_, size_t(H) * capacity);
@@ -836,11 +844,9 @@ class GpuEngine : public Engine {
   DeviceBuffer<void*> evict_ptrs_;
   DeviceBuffer<uint8_t> keep_flags_;
   // An int8 or KIVI cache (GpuLayer::K8..., Kq...; KIVI's ring of full-precision rows per KV
-  // head, and the step's quantized counts in its meta upload), and the stage a many-row step
-  // reads it through in T.
+  // head), and the stage a many-row step reads it through in T.
   const bool int8_, kivi_;
   const int ring_;
-  const int* kivi_meta_ = nullptr;
   DeviceBuffer<T> stage_k_, stage_v_;
   DeviceBuffer<int> stage_pos_;
   const bool time_collectives_;
