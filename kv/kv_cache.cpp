@@ -314,14 +314,30 @@ HeadRows KVCache::rows(int layer, int head, std::vector<float>& scratch) const {
   return {keys, values};
 }
 
+int64_t StoreShape::bytes(Form form, int64_t entries, int64_t runs) const {
+  const int64_t hd = head_dim;
+  if (entries == 0 && runs == 0) return 0;  // (a form the cache does not use has no shape)
+  switch (form) {
+    case Form::Full: return entries * 4 * hd;
+    case Form::Int8: return entries * (2 * hd + 4);
+    case Form::Kivi: {
+      const int64_t code_bytes = (hd * code_bits + 7) / 8, value_groups = (hd + value_group - 1) / value_group;
+      return entries * (2 * code_bytes + 4 * value_groups) + runs * (4 * hd + 2);
+    }
+    case Form::LowRank: return entries * 4 * int64_t(rank);
+  }
+  return 0;
+}
+
 int64_t KVCache::storedBytes(int layer, int head) const {
   const HeadCache& c = this->head(layer, head);
-  if (rows_on_device_) {  // full entries (fp16) or int8 (codes and two 2-byte steps)
-    const int64_t int8 = std::count(c.form.begin(), c.form.end(), Form::Int8);
-    return (c.length() - int8) * 2 * head_dim_ * 2 + int8 * (2 * head_dim_ + 4);
-  }
-  const size_t halves = c.keys.size() + c.values.size() + c.row_params.size() + c.key_params.size() + c.coords.size();
-  return int64_t(halves) * 2 + int64_t(c.codes.size()) + int64_t(c.group_rows.size()) * 2;
+  int64_t count[4] = {};
+  for (Form f : c.form) ++count[int(f)];
+  const StoreShape shape{head_dim_, code_bits_, value_group_, lowrank_.rank};
+  int64_t bytes = 0;
+  for (Form f : {Form::Full, Form::Int8, Form::Kivi, Form::LowRank})
+    bytes += shape.bytes(f, count[int(f)], f == Form::Kivi ? int64_t(c.group_rows.size()) : 0);
+  return bytes;
 }
 
 }  // namespace kvtp::kv

@@ -45,6 +45,17 @@ struct HeadCache {
   int length() const { return int(positions.size()); }
 };
 
+// What a store's entries measure: the bytes of `entries` entries of `form` as a GPU stores them —
+// 2 per float (fp16), codes as packed — with KIVI's `runs` key groups (a (lo, step) per channel
+// and a 2-byte row count each). Full 4 head_dim; int8 2 head_dim + 4; KIVI 2 code bytes + 4 per
+// value group, 4 head_dim + 2 per run; low rank 4 rank.
+struct StoreShape {
+  int head_dim;
+  int code_bits = 0, value_group = 0;  // KIVI: bits and group
+  int rank = 0;                        // low rank
+  int64_t bytes(Form form, int64_t entries, int64_t runs = 0) const;
+};
+
 // A head's keys and values as full-precision (length, head_dim) rows.
 struct HeadRows {
   const float* keys;
@@ -76,7 +87,7 @@ class KVCache {
   // Full-precision rows of every entry, in entry order; `scratch` holds them unless the head has
   // only full entries (then they are the store itself).
   HeadRows rows(int layer, int head, std::vector<float>& scratch) const;
-  // Bytes as a GPU stores this head: 2 per float (fp16), codes as packed, 2 per group count.
+  // Bytes as a GPU stores this head (StoreShape::bytes over its entries).
   int64_t storedBytes(int layer, int head) const;
 
   const HeadCache& head(int layer, int h) const { return heads_[size_t(layer) * kv_heads_ + h]; }

@@ -81,4 +81,15 @@ void projectOnto(float* x, const float* B, int n, int r) {
   reconstruct(z.data(), B, n, r, x);
 }
 
+void addLayerBases(LowRankBases& b, const float* wk, const float* wv, int heads, int head_dim, int cols) {
+  std::vector<std::vector<float>> keys(static_cast<size_t>(heads)), values(static_cast<size_t>(heads));
+#pragma omp parallel for schedule(dynamic)
+  for (int h = 0; h < 2 * heads; ++h) {
+    const float* w = (h < heads ? wk : wv) + size_t(h % heads) * head_dim * cols;
+    (h < heads ? keys : values)[h % heads] = leftSingularBasis(w, head_dim, cols, b.rank);
+  }
+  b.keys.insert(b.keys.end(), keys.begin(), keys.end());
+  b.values.insert(b.values.end(), values.begin(), values.end());
+}
+
 }  // namespace kvtp::kv

@@ -29,4 +29,8 @@ struct LowRankBases {
   std::vector<float> rope_inv_freq;              // empty: no RoPE (OPT)
 };
 
+// Appends one layer's bases to b: head h's from its head_dim rows of the layer's local K and V
+// projections wk / wv (rows of `cols`), heads in parallel.
+void addLayerBases(LowRankBases& b, const float* wk, const float* wv, int heads, int head_dim, int cols);
+
 }  // namespace kvtp::kv

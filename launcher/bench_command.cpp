@@ -50,7 +50,7 @@ struct BenchArgs {
   std::vector<std::string> models, synthetic;
   int seq_len = 2048, repeats = 3, layers = 0, decode_steps = 32;
   std::vector<int> contexts = {2048, 8192, 32768}, batches = {1, 8};
-  std::string device = "cpu", dtype = "fp16", kv, kv_quant;
+  std::string device = "cpu", dtype = "fp16", kv, kv_quant, kv_lowrank;
   bool json = false;
 };
 
@@ -95,7 +95,7 @@ void benchGpu(const BenchArgs& a) {
   for (auto& [name, c, weights] : benchModels(a)) {
     const Partition whole = Partition::make(c, 0, 1);
     const double weight_bytes = double(weightElements(c, whole)) * elem;
-    const kv::PolicySpec spec = kv::parsePolicy(a.kv, a.kv_quant);  // a bad spec: main prints its message
+    const kv::PolicySpec spec = kv::parsePolicy(a.kv, a.kv_quant, a.kv_lowrank);  // a bad spec: main prints its message
     auto engine = makeGpuEngine(c, whole, weights, {dtype, device, nullptr, spec, nullptr});
     std::mt19937 rng(2);
     auto randomTokens = [&](int n) {
@@ -202,7 +202,9 @@ void addBenchCommand(CLI::App& app) {
   cmd->add_option("--kv", a->kv,
                   "cuda: compress the cache — the prompt-once methods (snapkv, pyramidkv) each context at its end, "
                   "the others every step — e.g. snapkv:budget=0.2 (docs/KV.md)");
-  cmd->add_option("--kv-quant", a->kv_quant, "cuda: store the cache quantized: int8 (docs/KV.md)");
+  cmd->add_option("--kv-quant", a->kv_quant,
+                  "cuda: store the cache quantized: int8 | kivi:bits=2,group=32,residual=128 (docs/KV.md)");
+  cmd->add_option("--kv-lowrank", a->kv_lowrank, "cuda: low-rank KV channels: cskv:rank=R,window=W (docs/KV.md)");
   cmd->add_option("--layers", a->layers, "synthetic: override the number of layers (0 = the preset's)");
   cmd->callback([a] {
     if (a->device == "cuda") {

@@ -15,9 +15,9 @@ Precision parsePrecision(const std::string& s) {
 const char* precisionName(Precision d) { return d == Precision::F32 ? "fp32" : d == Precision::F16 ? "fp16" : "bf16"; }
 
 void checkGpuCompression(const kv::PolicySpec& s) {
-  if (s.rank > 0)
-    throw Error("--device cuda evicts tokens (every --kv method) and stores the cache in int8 or KIVI's 2/4 bits, but "
-                "does not hold low-rank channels yet; '" + s.describe() + "' needs that: use --device cpu");
+  if (s.rank > 0 && (s.evicts() || s.quant != kv::Quant::None))
+    throw Error("--device cuda holds low-rank channels (cskv) alone, without eviction or quantization; '" +
+                s.describe() + "' combines them: use --device cpu");
   if (s.quant == kv::Quant::Kivi && s.evicts())
     throw Error("--device cuda stores a KIVI cache without eviction only (its runs of quantized keys would thin as "
                 "tokens go); '" + s.describe() + "' needs both: use --device cpu, or int8 with eviction");

@@ -79,7 +79,13 @@ struct GpuLayer {
   DeviceBuffer<uint8_t> Kq, Vq;
   DeviceBuffer<float> k_params, v_params;
   DeviceBuffer<T> ring_k, ring_v;
-  void dropCache() { K = {}, V = {}, pos = {}, K8 = {}, V8 = {}, k_step = {}, v_step = {}, Kq = {}, Vq = {}, k_params = {}, v_params = {}, ring_k = {}, ring_v = {}; }
+  // A low-rank cache instead (cuda::LowRankCache): coordinates [kv_head][capacity][2 rank], the ring
+  // as KIVI's; the layer's bases [kv_head][head_dim][rank] (weights: they stay).
+  DeviceBuffer<T> coords, key_basis, value_basis;
+  void dropCache() {
+    K = {}, V = {}, pos = {}, K8 = {}, V8 = {}, k_step = {}, v_step = {}, Kq = {}, Vq = {}, k_params = {},
+    v_params = {}, ring_k = {}, ring_v = {}, coords = {};
+  }
 };
 
 // One sequence of the batch as the host tracks it; the device holds every sequence's KV heads side
@@ -104,9 +110,10 @@ struct Sequence {
   int unscored = 0;
   bool on_device = false;
   std::vector<int> kept;  // on the device: entries per (layer, KV head) after its last decision
-  // KIVI: rows held as codes in every head (no eviction, so every head alike) — on the device, and
-  // as counted by kvBytes (the CPU quantizes in compress(), the device in the step itself).
-  int quantized = 0, quantized_counted = 0;
+  // KIVI or low rank: rows held in the compact form (codes, coordinates) in every head (no
+  // eviction, so every head alike) — on the device, and as counted by kvBytes (the CPU converts in
+  // compress(), the device in the step itself).
+  int compact = 0, compact_counted = 0;
 };
 
 template <class T>
@@ -119,9 +126,13 @@ class GpuEngine : public Engine {
         device_decides_((o.kv.method == kv::Method::H2O || o.kv.method == kv::Method::Scissorhands ||
                          o.kv.method == kv::Method::StreamingLLM) &&
                         o.kv.rank == 0 && part.tp == 1),
-        int8_(o.kv.quant == kv::Quant::Int8), kivi_(o.kv.quant == kv::Quant::Kivi),
-        ring_(o.kv.residual + o.kv.group + kMaxFewRows), time_collectives_(o.time_collectives) {
+        int8_(o.kv.quant == kv::Quant::Int8), kivi_(o.kv.quant == kv::Quant::Kivi), lowrank_(o.kv.rank > 0),
+        windowed_(kivi_ || lowrank_),
+        ring_((lowrank_ ? o.kv.lowrank_window : o.kv.residual + o.kv.group) + kMaxFewRows),
+        time_collectives_(o.time_collectives) {
     checkGpuCompression(o.kv);
+    if (o.kv.rank > c_.head_dim)
+      throw Error("cskv rank " + std::to_string(o.kv.rank) + " exceeds head_dim " + std::to_string(c_.head_dim));
     if (!std::set<int>{8, 16, 32, 64, 128, 256}.count(c_.head_dim))
       throw Error("the CUDA backend needs head_dim 8, 16, 32, 64, 128 or 256 (this model: " +
                   std::to_string(c_.head_dim) + ")");
@@ -163,6 +174,14 @@ class GpuEngine : public Engine {
       }
       g.w_down = upload<T>({&L.w_down}, staging);
       g.b_down = part_.rank == 0 ? uploadFloat(L.b_down) : DeviceBuffer<float>();
+      if (lowrank_) {  // the CPU's bases (Model::lowRankBases), from the same float weights
+        kv::LowRankBases b{.rank = kv_spec_.rank};
+        kv::addLayerBases(b, L.wk.data(), L.wv.data(), part_.kv_heads, c_.head_dim, c_.hidden);
+        std::vector<const std::vector<float>*> keys, values;
+        for (int h = 0; h < part_.kv_heads; ++h) keys.push_back(&b.keys[h]), values.push_back(&b.values[h]);
+        g.key_basis = upload<T>(keys, staging);
+        g.value_basis = upload<T>(values, staging);
+      }
     }
     if (c_.family == Family::Llama) inv_freq_ = DeviceBuffer<float>(ropeInverseFrequencies(c_));
   }
@@ -172,7 +191,7 @@ class GpuEngine : public Engine {
     Sequence& s = seq();
     std::fill(s.len.begin(), s.len.end(), 0);
     s.longest = 0, s.uniform = true, s.weights_pending = false, s.unscored = 0, s.on_device = false;
-    s.quantized = s.quantized_counted = 0;
+    s.compact = s.compact_counted = 0;
     s.positions.clear();
     s.mirror.clear();
     for (auto& p : s.row_positions) p.clear();
@@ -182,18 +201,20 @@ class GpuEngine : public Engine {
   kv::KvBytes kvBytes(int tokens_seen) const override {
     const Sequence& s = seqs_[current_];
     const int64_t full = kv::fullCacheBytes(tokens_seen, c_.layers, part_.kv_heads, c_.head_dim);  // docs/KV.md
-    if (s.on_device) {  // as the mirror would count: rows since the last decision still full, then int8
-      const int64_t hd = c_.head_dim, row = 4 * hd, stored = int8_ ? 2 * hd + 4 : row;
+    // kv::Policy::bytes of the cache the mirror would hold (kv::KVCache::storedBytes).
+    const kv::StoreShape store{c_.head_dim, kv_spec_.bits, kv_spec_.group, kv_spec_.rank};
+    if (s.on_device) {  // rows since the last decision still full, then int8; a position each
       int64_t bytes = 0;
-      for (int k : s.kept) bytes += int64_t(k) * stored + int64_t(s.unscored) * row + 4 * int64_t(k + s.unscored);
+      for (int k : s.kept)
+        bytes += store.bytes(int8_ ? kv::Form::Int8 : kv::Form::Full, k) + store.bytes(kv::Form::Full, s.unscored) +
+                 4 * int64_t(k + s.unscored);
       return {bytes, full};
     }
-    if (kivi_) {  // kv::KVCache::storedBytes: full rows, then codes with their (lo, step) pairs
-      const int64_t hd = c_.head_dim, q = s.quantized_counted;
+    if (windowed_) {  // full rows, then codes or coordinates
+      const int64_t c = s.compact_counted;
+      const kv::Form form = kivi_ ? kv::Form::Kivi : kv::Form::LowRank;
       int64_t bytes = 0;
-      const cuda::KiviCache<T> shape = kiviShape();
-      for (int n : s.len) bytes += (n - q) * 4 * hd + q * (2 * shape.codeBytes() + 4 * shape.valueGroups()) +
-                                   q / kv_spec_.group * (4 * hd + 2);
+      for (int n : s.len) bytes += store.bytes(kv::Form::Full, n - c) + store.bytes(form, c, kivi_ ? c / kv_spec_.group : 0);
       return {bytes, full};
     }
     if (compresses()) return s.policy.bytes(s.mirror, tokens_seen);
@@ -229,8 +250,8 @@ class GpuEngine : public Engine {
   void compress(int last_pos, bool prefill) override {
     if (!compresses()) return;
     Sequence& s = seq();
-    if (kivi_) {  // the step quantized on the device what the CPU quantizes here: now it counts
-      s.quantized_counted = s.quantized;
+    if (windowed_) {  // the step converted on the device what the CPU converts here: now it counts
+      s.compact_counted = s.compact;
       return;
     }
     if (device_decides_ && (!prefill || s.on_device || kv_spec_.method != kv::Method::Scissorhands))
@@ -373,23 +394,25 @@ class GpuEngine : public Engine {
     s.weights_pending = rows == 1 && kv_spec_.scoresDecoding();
     s.positions.insert(s.positions.end(), positions, positions + rows);
     s.unscored += rows;
-    if (compresses() && !kivi_ && !s.on_device) {
+    if (compresses() && !windowed_ && !s.on_device) {
       for (int l = 0; l < c_.layers; ++l) s.mirror.append(l, nullptr, nullptr, positions, rows);
       for (auto& p : s.row_positions) p.insert(p.end(), positions, positions + rows);
     }
   }
   // The step ran: its rows are cached in every head of s.
   void cached(Sequence& s, int rows) {
-    if (kivi_) s.quantized = quantizedAfter(s, rows);
+    if (windowed_) s.compact = compactAfter(s, rows);
     for (int& n : s.len) n += rows;
     s.longest += rows;
   }
 
-  // KIVI: rows held as codes after `rows` more (kv::Policy::quantize: the runs of `group` rows
-  // that left the residual window).
-  int quantizedAfter(const Sequence& s, int rows) const {
-    const int pending = s.longest + rows - kv_spec_.residual - s.quantized;
-    return s.quantized + std::max(0, pending) / kv_spec_.group * kv_spec_.group;
+  // Rows held in the compact form after `rows` more: KIVI's codes (kv::Policy::quantize: the runs
+  // of `group` rows that left the residual window), low rank's coordinates (kv::Policy::project:
+  // every row older than the window).
+  int compactAfter(const Sequence& s, int rows) const {
+    if (lowrank_) return std::max(s.compact, s.longest + rows - kv_spec_.lowrank_window);
+    const int pending = s.longest + rows - kv_spec_.residual - s.compact;
+    return s.compact + std::max(0, pending) / kv_spec_.group * kv_spec_.group;
   }
   // A KIVI cache's geometry (its code bytes, value groups, key groups of `capacity` rows), no buffers.
   cuda::KiviCache<T> kiviShape(int64_t capacity = 0) const {
@@ -403,8 +426,8 @@ class GpuEngine : public Engine {
     int* d_tokens = grow(tokens_, rows);
     KVTP_CUDA_CHECK(cudaMemcpy(d_tokens, tokens, sizeof(int) * rows, cudaMemcpyHostToDevice));
     // One upload: the new tokens' positions, then each (layer, sequence, KV head)'s first free
-    // slot, then its count after the step; KIVI: each (sequence, KV head)'s quantized rows before
-    // the step and after it.
+    // slot, then its count after the step; KIVI, low rank: each (sequence, KV head)'s compact rows
+    // before the step and after it.
     const int B = int(seqs_.size()), H = part_.kv_heads;
     std::vector<int> meta(positions, positions + rows);
     meta.resize(size_t(rows) + 2 * size_t(c_.layers) * B * H + 2 * size_t(B) * H);
@@ -417,12 +440,12 @@ class GpuEngine : public Engine {
           slots[i] = after[i] = seqs_[b].len[size_t(l) * H + h];
           if (shape.batch || b == current_) after[i] += shape.batch ? 1 : rows;
         }
-    int* quantized = after + size_t(c_.layers) * B * H;
+    int* compact = after + size_t(c_.layers) * B * H;
     for (int b = 0; b < B; ++b) {
       const Sequence& s = seqs_[b];
       const bool stepped = shape.batch || b == current_;
-      std::fill_n(quantized + size_t(b) * H, H, s.quantized);
-      std::fill_n(quantized + size_t(B + b) * H, H, stepped ? quantizedAfter(s, shape.batch ? 1 : rows) : s.quantized);
+      std::fill_n(compact + size_t(b) * H, H, s.compact);
+      std::fill_n(compact + size_t(B + b) * H, H, stepped ? compactAfter(s, shape.batch ? 1 : rows) : s.compact);
     }
     int* d_meta = grow(meta_, meta.size());
     KVTP_CUDA_CHECK(cudaMemcpy(d_meta, meta.data(), meta.size() * sizeof(int), cudaMemcpyHostToDevice));
@@ -557,23 +580,29 @@ class GpuEngine : public Engine {
   }
 
   // Cache bytes per (KV head, token): K and V rows (int8: codes and a step each; KIVI: codes, the
-  // value's (lo, step) pairs and a share of its run's key pairs) and a position.
+  // value's (lo, step) pairs and a share of its run's key pairs; low rank: coordinates) and a position.
   size_t rowBytes() const {
     const size_t decision = device_decides_ && kv_spec_.method != kv::Method::StreamingLLM ? 8 : 0;  // score or bits
     const size_t hd = c_.head_dim;
     const cuda::KiviCache<T> kivi = kiviShape();
     const size_t rows = int8_   ? 2 * (hd + sizeof(float))
                         : kivi_ ? 2 * kivi.codeBytes() + 2 * sizeof(float) * (kivi.valueGroups() + hd / kivi.group + 1)
-                                : 2 * hd * sizeof(T);
+                        : lowrank_ ? 2 * kv_spec_.rank * sizeof(T)
+                                   : 2 * hd * sizeof(T);
     return decision + rows + sizeof(int);
   }
-  // Bytes per KV head that do not grow with the tokens: KIVI's ring.
-  size_t headBytes() const { return kivi_ ? 2 * size_t(ring_) * c_.head_dim * sizeof(T) : 0; }
+  // Bytes per KV head that do not grow with the tokens: KIVI's and low rank's ring.
+  size_t headBytes() const { return windowed_ ? 2 * size_t(ring_) * c_.head_dim * sizeof(T) : 0; }
+  // Bytes of a cache of `batch` x `tokens` rows per KV head: every layer's, and low rank's stage
+  // (one layer's rows at full precision).
+  size_t cacheBytes(size_t batch, int64_t tokens) const {
+    const size_t heads = batch * part_.kv_heads, stage = lowrank_ ? 2 * size_t(c_.head_dim) * sizeof(T) : 0;
+    return heads * (c_.layers * (tokens * rowBytes() + headBytes()) + tokens * stage);
+  }
   // Throws Error unless the device can hold a cache of `batch` x `tokens` rows per KV head (the
   // present cache is freed as the new one is made).
   void checkRoom(int batch, int64_t tokens) {
-    const size_t need = size_t(c_.layers) * part_.kv_heads * batch * (tokens * rowBytes() + headBytes()),
-                 held = size_t(c_.layers) * part_.kv_heads * seqs_.size() * (capacity_ * rowBytes() + headBytes());
+    const size_t need = cacheBytes(batch, tokens), held = cacheBytes(seqs_.size(), capacity_);
     size_t free = 0, total = 0;
     KVTP_CUDA_CHECK(cudaMemGetInfo(&free, &total));
     constexpr size_t kHeadroom = size_t(1) << 30;  // activations, workspaces, the decode probabilities
@@ -623,13 +652,15 @@ class GpuEngine : public Engine {
         regrow(L.Vq, kivi.codeBytes());
         regrow(L.k_params, 2 * size_t(c_.head_dim), 0, [&](int64_t c) { return kiviShape(c).keyGroups(); });
         regrow(L.v_params, 2 * size_t(kivi.valueGroups()));
-        if (L.ring_k.size() != heads * ring_ * c_.head_dim)
-          L.ring_k = DeviceBuffer<T>(heads * ring_ * c_.head_dim), L.ring_v = DeviceBuffer<T>(heads * ring_ * c_.head_dim);
+      } else if (lowrank_) {
+        regrow(L.coords, 2 * size_t(kv_spec_.rank));
       } else {
         regrow(L.K, c_.head_dim);
         regrow(L.V, c_.head_dim);
       }
       regrow(L.pos, 1);
+      if (windowed_ && L.ring_k.size() != heads * ring_ * c_.head_dim)
+        L.ring_k = DeviceBuffer<T>(heads * ring_ * c_.head_dim), L.ring_v = DeviceBuffer<T>(heads * ring_ * c_.head_dim);
     }
     capacity_ = int(cap);
   }
@@ -640,11 +671,11 @@ class GpuEngine : public Engine {
   void forward(const int* d_tokens, const int* d_meta, const Shape& shape) {
     const int rows = shape.rows, BH = int(seqs_.size()) * part_.kv_heads, LBH = c_.layers * BH;
     const int* d_pos = d_meta;
-    const int* quantized = d_meta + rows + 2 * LBH;  // KIVI's counts per (sequence, KV head)
+    const int* compact = d_meta + rows + 2 * LBH;  // KIVI's, low rank's counts per (sequence, KV head)
     const int head0 = shape.batch ? 0 : current_ * part_.kv_heads;  // the first KV head the step touches
     auto attend = [&](int l, const T* in, float* x) {
       const int* slots = d_meta + rows + l * BH + head0;
-      attention(l, in, d_pos, slots, slots + LBH, quantized + head0, shape, x);
+      attention(l, in, d_pos, slots, slots + LBH, compact + head0, shape, x);
     };
 
     const int H = c_.hidden, P = c_.word_embed_proj_dim;
@@ -688,21 +719,24 @@ class GpuEngine : public Engine {
 
   // x += o_proj(attention(qkv_proj(xn))), the new tokens' K/V appended to the cache first:
   // at `slots` (each KV head's count before), `lengths` its count after (device arrays, from the
-  // step's first KV head: the current sequence's, or in a batch every sequence's); KIVI: its rows
-  // held as codes before the step at `quantized`, after it one sequence-batch of heads further.
-  void attention(int layer, const T* xn, const int* d_pos, const int* slots, const int* lengths, const int* quantized,
+  // step's first KV head: the current sequence's, or in a batch every sequence's); KIVI, low rank:
+  // its rows held in the compact form before the step at `compact`, after it one sequence-batch of
+  // heads further.
+  void attention(int layer, const T* xn, const int* d_pos, const int* slots, const int* lengths, const int* compact,
                  const Shape& shape, float* x) {
     GpuLayer<T>& L = layers_[layer];
     const int T_ = shape.rows, hd = c_.head_dim, H = part_.kv_heads, Q = part_.q_heads * hd, KV = H * hd,
               W = Q + 2 * KV;
     const bool batch = shape.batch;
+    const int heads = batch ? int(seqs_.size()) * H : H;  // the step's KV heads
     const size_t head0 = batch ? 0 : size_t(current_) * H, row0 = head0 * capacity_;  // the step's first head, row
     float* qkv = grow(qkv_, size_t(T_) * W);
-    // Where the new rows go in T: the cache; with a quantized cache, for few queries nowhere
-    // (int8: attention reads them from qkv; KIVI: kiviAppend moves them to its ring), for many a
-    // stage the prefill attention reads, the cached rows dequantized in front of them. An int8
-    // cache gets them quantized after RoPE; KIVI quantizes the runs that left its residual window
-    // after the attention.
+    // Where the new rows go in T: the cache; with a coded cache, for few queries nowhere (int8:
+    // attention reads them from qkv; KIVI: kiviAppend moves them to its ring), for many a stage
+    // the prefill attention reads, the cached rows dequantized in front of them; with low rank
+    // always a stage (the cached rows reconstructed in front of them). An int8 cache gets them
+    // quantized after RoPE; KIVI quantizes the runs that left its residual window after the
+    // attention, low rank projects the rows that left its window.
     const bool coded = int8_ || kivi_;
     T *K = coded ? nullptr : L.K.get() + row0 * hd, *V = coded ? nullptr : L.V.get() + row0 * hd;
     int* k_pos = L.pos.get() + row0;
@@ -715,7 +749,11 @@ class GpuEngine : public Engine {
     kivi.v_params = L.v_params.get() + row0 * 2 * kivi.valueGroups();
     kivi.ring_k = L.ring_k.get() + head0 * ring_ * hd, kivi.ring_v = L.ring_v.get() + head0 * ring_ * hd;
     kivi.ring = ring_, kivi.k_pos = k_pos;
-    kivi.quantized = quantized, kivi.quantized_after = quantized + seqs_.size() * H;
+    kivi.quantized = compact, kivi.quantized_after = compact + seqs_.size() * H;
+    const cuda::LowRankCache<T> lowrank{hd, kv_spec_.rank, H, L.coords.get() + row0 * 2 * kv_spec_.rank,
+                                        L.key_basis.get(), L.value_basis.get(), inv_freq_.size() ? inv_freq_.get() : nullptr,
+                                        kivi.ring_k, kivi.ring_v, ring_, k_pos, capacity_,
+                                        compact, compact + seqs_.size() * H};
     const int longest = seq().longest;  // many rows: the current sequence's, uniform
     if (coded && shape.many) {
       capacity = longest + T_;
@@ -723,6 +761,11 @@ class GpuEngine : public Engine {
       k_pos = grow(stage_pos_, size_t(H) * capacity);
       if (int8_) cuda::dequantizeRows(int8, H, longest, K, V, k_pos, capacity);
       else cuda::kiviRows(kivi, H, longest, K, V, k_pos, capacity);
+    }
+    if (lowrank_) {  // the stage is laid out as the cache (its positions are the cache's)
+      K = grow(stage_k_, size_t(heads) * capacity_ * hd), V = grow(stage_v_, size_t(heads) * capacity_ * hd);
+      // A decode step's launch must not depend on the counts (a CUDA graph replays it): all the room.
+      cuda::lowRankRows(blas_, lowrank, heads, shape.many ? longest : capacity_, slots, K, V);
     }
     const cuda::KvAppend<T> append{part_.q_heads, H, hd, d_pos, inv_freq_.size() ? rope_.get() : nullptr,
                                    K, V, k_pos, capacity, slots, batch};
@@ -757,9 +800,11 @@ class GpuEngine : public Engine {
                              longest + T_, H, hd, capacity, scale, ctx, size_t(1) << 30, observed, observe_from_,
                              observed_rows_ > 1);
       if (kivi_)
-        cuda::kiviSettle(kivi, H, (quantizedAfter(seq(), T_) - seq().quantized) / kv_spec_.group, K, V, k_pos, capacity,
+        cuda::kiviSettle(kivi, H, (compactAfter(seq(), T_) - seq().compact) / kv_spec_.group, K, V, k_pos, capacity,
                          lengths, longest);
     }
+    if (lowrank_) cuda::lowRankSettle(lowrank, heads, shape.many ? compactAfter(seq(), T_) - seq().compact : T_, K, V,
+                                      slots, lengths);
     rowParallel(ctx, T_, Q, L.wo.get(), L.bo.get(), x);
   }
 
@@ -843,9 +888,10 @@ class GpuEngine : public Engine {
   DeviceBuffer<int> evict_meta_;
   DeviceBuffer<void*> evict_ptrs_;
   DeviceBuffer<uint8_t> keep_flags_;
-  // An int8 or KIVI cache (GpuLayer::K8..., Kq...; KIVI's ring of full-precision rows per KV
-  // head), and the stage a many-row step reads it through in T.
-  const bool int8_, kivi_;
+  // An int8, KIVI or low-rank cache (GpuLayer::K8..., Kq..., coords; KIVI's and low rank's ring
+  // of full-precision rows per KV head: `windowed_`), and the stage a step reads it through in T
+  // (int8, KIVI: many-row steps; low rank: every step).
+  const bool int8_, kivi_, lowrank_, windowed_;
   const int ring_;
   DeviceBuffer<T> stage_k_, stage_v_;
   DeviceBuffer<int> stage_pos_;

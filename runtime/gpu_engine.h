@@ -35,8 +35,8 @@ struct GpuOptions {
 
 // Throws Error unless the CUDA engine compresses the KV cache as `spec` asks. So far: eviction,
 // every method (the device leaves the attention probabilities the policy scores by: the
-// prefill's observed rows, each decode step's row), int8 storage (with or without eviction) and
-// KIVI storage (without); not low rank.
+// prefill's observed rows, each decode step's row), int8 storage (with or without eviction),
+// KIVI storage and low-rank channels (each alone).
 void checkGpuCompression(const kv::PolicySpec& spec);
 
 // How many GPUs this process sees (0 in a build without the CUDA backend).

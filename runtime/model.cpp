@@ -91,11 +91,7 @@ kv::LowRankBases Model::lowRankBases(int rank) const {
   kv::LowRankBases b;
   b.rank = rank;
   b.rope_inv_freq = inv_freq_;
-  for (int l = 0; l < config_.layers; ++l)
-    for (int h = 0; h < part_.kv_heads; ++h) {  // this head's hd rows of the local K / V projections
-      b.keys.push_back(kv::leftSingularBasis(weights_.layers[l].wk.data() + size_t(h) * hd * H, hd, H, rank));
-      b.values.push_back(kv::leftSingularBasis(weights_.layers[l].wv.data() + size_t(h) * hd * H, hd, H, rank));
-    }
+  for (const auto& L : weights_.layers) kv::addLayerBases(b, L.wk.data(), L.wv.data(), part_.kv_heads, hd, H);
   return b;
 }
 

@@ -2,7 +2,7 @@
 # On the GPU machine, after scripts/bundle-gpu.sh here: every GPU test, the CUDA benchmarks, the
 # perplexity job at tp 1 and (with two GPUs) tp 2 on a Llama-2-7B shape, and transformers on the
 # same shapes — the runs behind docs/BENCHMARKS.md. Results as JSON files under $OUT (or /tmp).
-#   device tool: carry [".bundle.tar.xz"], command: bash scripts/gpu-check.sh [tests] [bench] [tp] [scale] [kv] [kivi] [kv8k] [hf]
+#   device tool: carry [".bundle.tar.xz"], command: bash scripts/gpu-check.sh [tests] [bench] [tp] [scale] [kv] [kivi] [lowrank] [kv8k] [hf]
 # (no section named: all of them); MPIRUN_ARGS: mpirun options, default --bind-to none
 # (Open MPI binds each rank to one core by default; a GPU rank then shares that core with
 # NCCL's proxy thread, which halved tp 2 throughput in our runs)
@@ -103,6 +103,12 @@ if want kivi; then
   $bench7b --kv-quant kivi:bits=4 > "$out/bench_kivi4.json"
   $bench7b --kv-quant kivi:bits=2 > "$out/bench_kivi2.json"
   decodeTable "$out"/bench_kivi_none.json "$out"/bench_kivi4.json "$out"/bench_kivi2.json
+fi
+# Low-rank channels on the GPU: the same contexts, rank 32 of 128 behind the default window of 64.
+if want lowrank; then
+  bench7b="timeout 300 .bundle/kvtp bench --device cuda --synthetic llama-2-7b --json --contexts 2048,8192,32768"
+  $bench7b --kv-lowrank cskv:rank=32 > "$out/bench_lowrank32.json"
+  decodeTable "$out"/bench_lowrank32.json
 fi
 # Llama-2-70B at tp = GPUs, 8k context: an 8192-token prompt (compressed at its end) then 255
 # decoded tokens, and the prompt alone scored at once (decode ms/token = (job - that) / 255).

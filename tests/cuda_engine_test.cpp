@@ -133,23 +133,27 @@ TEST(CudaEngine, DecodeThroughAGrowingCacheMatchesPrefill) {
 // (H2O from every prefill row, Scissorhands from its last `history` rows, then each decode
 // step's probabilities); StreamingLLM keeps sinks and the most recent tokens; int8 storage alone
 // and under H2O; KIVI at 2 bits (default runs of 32, residual 128: 8 runs quantized at the
-// prompt's end, one every 32 steps after) and at 4 bits (runs of 16, residual 40). The per-step
+// prompt's end, one every 32 steps after) and at 4 bits (runs of 16, residual 40); low-rank
+// channels (CSKV: rank 8 of 32 behind the default window of 64; rank 16 with no window, so each
+// decoded row is projected in its own step). The per-step
 // methods' decode steps are decided on the device: the global pool by a radix select, a pool per
 // layer or per head by a segmented sort (the scope= cases).
 TEST(CudaEngine, CompressionMatchesTheCpu) {
   REQUIRE_GPUS(1);
-  const std::vector<std::pair<std::string, std::string>> specs = {
-      {"snapkv:budget=0.2", ""}, {"pyramidkv:budget=0.3,window=16", ""}, {"h2o:budget=0.2", ""},
-      {"scissorhands:budget=0.25,history=16", ""}, {"streamingllm:budget=0.2", ""},
-      {"snapkv:budget=0.2,decode=slide,decode_budget=32", ""}, {"", "int8"}, {"h2o:budget=0.3", "int8"},
-      {"h2o:budget=0.25,scope=layer", ""}, {"scissorhands:budget=0.3,history=16,scope=head", ""},
-      {"", "kivi:bits=2"}, {"", "kivi:bits=4,group=16,residual=40"}};
-  for (const auto& [kv, quant] : specs) {
-    const std::string name = kv + (quant.empty() ? "" : " + " + quant);
+  const std::vector<std::array<std::string, 3>> specs = {
+      {"snapkv:budget=0.2", "", ""}, {"pyramidkv:budget=0.3,window=16", "", ""}, {"h2o:budget=0.2", "", ""},
+      {"scissorhands:budget=0.25,history=16", "", ""}, {"streamingllm:budget=0.2", "", ""},
+      {"snapkv:budget=0.2,decode=slide,decode_budget=32", "", ""}, {"", "int8", ""}, {"h2o:budget=0.3", "int8", ""},
+      {"h2o:budget=0.25,scope=layer", "", ""}, {"scissorhands:budget=0.3,history=16,scope=head", "", ""},
+      {"", "kivi:bits=2", ""}, {"", "kivi:bits=4,group=16,residual=40", ""}, {"", "", "cskv:rank=8"},
+      {"", "", "cskv:rank=16,window=0"}};
+  for (const auto& [kv, quant, lowrank] : specs) {
+    const std::string name = kv + (quant.empty() ? "" : " + " + quant) + (lowrank.empty() ? "" : " + " + lowrank);
     PplJob job = test::heldOutC4Job(512, 2, Mode::Decode);
     job.prefill = 384;
     job.kv = kv;
     job.kv_quant = quant;
+    job.kv_lowrank = lowrank;
     const auto cpu = runPplJob(job);
     job.device = "cuda";
     job.dtype = "fp32";
@@ -167,7 +171,7 @@ TEST(CudaEngine, CompressionMatchesTheCpu) {
     // the same on the mean.
     EXPECT_LE(worst, quant.empty() ? 1e-3 : 1e-2) << name;
     EXPECT_LE(sum / double(cpu.result.tokens), 1e-4) << name;
-    if (!quant.empty()) {  // fp16: the prefill reads the quantized cache through an fp16 stage (flash attention)
+    if (!quant.empty() || !lowrank.empty()) {  // fp16: the prefill reads the cache through an fp16 stage (flash attention)
       job.dtype = "fp16";
       const auto half = runPplJob(job);
       const double rel = std::abs(half.result.ppl() - cpu.result.ppl()) / cpu.result.ppl();
@@ -185,16 +189,17 @@ TEST(CudaEngine, CompressionMatchesTheCpu) {
 // Batched decoding: three sequences of different lengths (so different positions in one step)
 // decoded together give each one's log-probs as decoded alone — the same kernels, each row
 // reading its own sequence's heads — with the cache full, compressed as it goes (H2O, each
-// sequence its own decisions; the same KV bytes), int8, StreamingLLM over int8, and KIVI (runs of
-// 8 behind a residual of 12: the sequences quantize at different steps); on a Llama
+// sequence its own decisions; the same KV bytes), int8, StreamingLLM over int8, KIVI (runs of
+// 8 behind a residual of 12: the sequences quantize at different steps) and low rank (behind a
+// window of 10: the sequences project at different steps); on a Llama
 // (GQA) and an OPT (learned positions) fixture. fp32: the batch's projections go through cuBLAS,
 // one row's through the GEMV kernel, so the sums differ in order only (int8: a code at a rounding
 // boundary may differ, as CompressionMatchesTheCpu says).
 TEST(CudaEngine, BatchedDecodeMatchesOneSequenceAtATime) {
   REQUIRE_GPUS(1);
-  const std::vector<std::pair<std::string, std::string>> specs = {
-      {"", ""}, {"h2o:budget=0.3", ""}, {"", "int8"}, {"streamingllm:budget=0.4", "int8"},
-      {"", "kivi:bits=4,group=8,residual=12"}};
+  const std::vector<std::array<std::string, 3>> specs = {
+      {"", "", ""}, {"h2o:budget=0.3", "", ""}, {"", "int8", ""}, {"streamingllm:budget=0.4", "int8", ""},
+      {"", "kivi:bits=4,group=8,residual=12", ""}, {"", "", "cskv:rank=4,window=10"}};
   for (const std::string model : {"llama3-gqa", "opt-preln"}) {
     const std::string dir = test::fixture("models/" + model);
     const ModelConfig c = loadConfig(dir);
@@ -208,9 +213,9 @@ TEST(CudaEngine, BatchedDecodeMatchesOneSequenceAtATime) {
       for (int i = 0; i <= prompt[b] + steps; ++i) ids[b].push_back(int(rng() % c.vocab_size));
     std::vector<int> pos(128);
     std::iota(pos.begin(), pos.end(), 0);
-    for (const auto& [kv, quant] : specs) {
-      const std::string name = model + " " + kv + (quant.empty() ? "" : " + " + quant);
-      const GpuOptions o{Precision::F32, 0, nullptr, kv::parsePolicy(kv, quant), nullptr};
+    for (const auto& [kv, quant, lowrank] : specs) {
+      const std::string name = model + " " + kv + (quant.empty() ? "" : " + " + quant) + " " + lowrank;
+      const GpuOptions o{Precision::F32, 0, nullptr, kv::parsePolicy(kv, quant, lowrank), nullptr};
       auto batched = makeGpuEngine(c, whole, source, o), alone = makeGpuEngine(c, whole, source, o);
       batched->reserve(B, 0);
       for (int b = 0; b < B; ++b) {
@@ -310,10 +315,10 @@ TEST(CudaEngine, BatchTooLargeIsRefusedClearly) {
 }
 
 // What the CUDA engine does not do yet is refused with a clear error, before any GPU work:
-// low-rank channels, and KIVI under eviction.
+// low-rank channels with eviction or quantization, and KIVI under eviction.
 TEST(CudaEngine, CompressedCacheIsRefusedClearly) {
   for (const auto& [kv, quant, lowrank] : std::vector<std::array<std::string, 3>>{
-           {"", "", "cskv:rank=8"}, {"h2o:budget=0.3", "kivi:bits=2", ""}}) {
+           {"h2o:budget=0.3", "", "cskv:rank=8"}, {"", "int8", "cskv:rank=8"}, {"h2o:budget=0.3", "kivi:bits=2", ""}}) {
     PplJob job;
     job.model_dir = "models/kvtp-llama-2m";
     job.input_ids = "tests/data/synthetic_ids.txt";

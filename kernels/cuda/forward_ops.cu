@@ -580,6 +580,108 @@ void kiviRows(const KiviCache<T>& c, int kv_heads, int count, T* K, T* V, int* k
   KVTP_CUDA_LAUNCHED();
 }
 
+// kernels::applyRope on the channel pair (a, b) = (x[i], x[i + half]) at position p. The CPU takes
+// cos and sin of the angle in double; here the angle is formed and reduced to [-pi, pi] in double
+// (float angles lose the low bits past a few thousand positions), then its sine and cosine come
+// from the special function units (absolute error ~4e-7 there, below fp16's rounding; the stage
+// rotates every row of every step, where a double sincos cost 2.5x the row's memory time).
+__device__ float2 ropePair(float a, float b, int p, float inv_freq) {
+  constexpr double kTwoPi = 6.283185307179586476925, kInvTwoPi = 0.15915494309189533577;
+  const double angle = double(p) * inv_freq;
+  float sn, cs;
+  __sincosf(float(fma(-kTwoPi, rint(angle * kInvTwoPi), angle)), &sn, &cs);
+  return {a * cs - b * sn, b * cs + a * sn};
+}
+
+// The stage after lowRankRows' products: rows below `projected` rotated to their positions
+// (kv::KVCache::rows), rows up to counts[h] copied from the ring. A thread per channel pair
+// (i, i + half) of a row, the block's threads over consecutive rows, grid-stride over rows.
+template <class T>
+__global__ void lowRankFinishKernel(LowRankCache<T> c, const int* counts, T* K, T* V) {
+  const int h = blockIdx.y, hd = c.head_dim, half = hd / 2, projected = c.projected[h];
+  const int per_block = blockDim.x / half, i = threadIdx.x % half;
+  if (threadIdx.x >= per_block * half) return;
+  for (int l = blockIdx.x * per_block + threadIdx.x / half; l < counts[h]; l += gridDim.x * per_block) {
+    const int64_t row = (int64_t(h) * c.capacity + l) * hd;
+    T* k = K + row;
+    if (l < projected) {
+      if (!c.inv_freq) continue;
+      const float2 x = ropePair(toFloat(k[i]), toFloat(k[i + half]), c.k_pos[int64_t(h) * c.capacity + l], c.inv_freq[i]);
+      k[i] = fromFloat<T>(x.x), k[i + half] = fromFloat<T>(x.y);
+    } else {
+      const int64_t from = (int64_t(h) * c.ring + l % c.ring) * hd;
+      for (int ch : {i, i + half}) k[ch] = c.ring_k[from + ch], V[row + ch] = c.ring_v[from + ch];
+    }
+  }
+}
+
+// Rows [projected, projected_after) of each head (blockIdx.y) from the stage to coordinates: the
+// key taken out of its rotation (RoPE at -position), then z = B^T x for key and value, a thread
+// per coordinate; then the rows the ring keeps. Grid-stride over rows.
+template <class T>
+__global__ void lowRankSettleKernel(LowRankCache<T> c, const T* K, const T* V, const int* first_new,
+                                    const int* lengths) {
+  extern __shared__ float kv_row[];  // the row's key then value, float
+  const int h = blockIdx.y, hd = c.head_dim, half = hd / 2, r = c.rank;
+  const int64_t basis = int64_t(h % c.kv_heads) * hd * r;
+  for (int l = c.projected[h] + blockIdx.x; l < c.projected_after[h]; l += gridDim.x) {
+    const int64_t row = int64_t(h) * c.capacity + l;
+    for (int ch = threadIdx.x; ch < hd; ch += blockDim.x)
+      kv_row[ch] = toFloat(K[row * hd + ch]), kv_row[hd + ch] = toFloat(V[row * hd + ch]);
+    __syncthreads();
+    if (c.inv_freq)
+      for (int i = threadIdx.x; i < half; i += blockDim.x) {
+        const float2 x = ropePair(kv_row[i], kv_row[i + half], -c.k_pos[row], c.inv_freq[i]);
+        kv_row[i] = x.x, kv_row[i + half] = x.y;
+      }
+    __syncthreads();
+    for (int j = threadIdx.x; j < 2 * r; j += blockDim.x) {  // kv::coordinates
+      const bool value = j >= r;
+      const T* B = (value ? c.value_basis : c.key_basis) + basis + (value ? j - r : j);
+      const float* x = kv_row + (value ? hd : 0);
+      double z = 0;
+      for (int i = 0; i < hd; ++i) z += double(toFloat(B[int64_t(i) * r])) * x[i];
+      c.coords[row * 2 * r + j] = fromFloat<T>(float(z));
+    }
+    __syncthreads();
+  }
+  for (int l = max(c.projected_after[h], first_new[h]) + blockIdx.x; l < lengths[h]; l += gridDim.x) {
+    const int64_t from = (int64_t(h) * c.capacity + l) * hd, to = (int64_t(h) * c.ring + l % c.ring) * hd;
+    for (int ch = threadIdx.x; ch < hd; ch += blockDim.x) c.ring_k[to + ch] = K[from + ch], c.ring_v[to + ch] = V[from + ch];
+  }
+}
+
+template <class T>
+void lowRankRows(const Blas& blas, const LowRankCache<T>& c, int heads, int rows, const int* counts, T* K, T* V) {
+  if (rows == 0 || heads == 0) return;
+  const float one = 1.0f, zero = 0.0f;
+  const int hd = c.head_dim, r = c.rank;
+  // Per sequence (a batch's heads reuse the layer's bases): stage (rows, hd) = Z (rows, r) B^T,
+  // Z a row's key or value coordinates, B (hd, r) — column-major, C^T = B Z^T.
+  for (int first = 0; first < heads; first += c.kv_heads)
+    for (int value = 0; value < 2; ++value) {
+      const T* B = value ? c.value_basis : c.key_basis;
+      const T* Z = c.coords + int64_t(first) * c.capacity * 2 * r + (value ? r : 0);
+      T* out = (value ? V : K) + int64_t(first) * c.capacity * hd;
+      KVTP_CUBLAS_CHECK(cublasGemmStridedBatchedEx(
+          blas.get(), CUBLAS_OP_T, CUBLAS_OP_N, hd, rows, r, &one, B, dataType<T>(), r, int64_t(hd) * r, Z,
+          dataType<T>(), 2 * r, c.capacity * 2 * r, &zero, out, dataType<T>(), hd, c.capacity * hd,
+          std::min(c.kv_heads, heads - first), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    }
+  const int threads = std::max(128, hd / 2), per_block = threads / (hd / 2);
+  lowRankFinishKernel<<<dim3(std::min((rows + per_block - 1) / per_block, 2048), heads), threads>>>(c, counts, K, V);
+  KVTP_CUDA_LAUNCHED();
+}
+
+template <class T>
+void lowRankSettle(const LowRankCache<T>& c, int heads, int max_rows, const T* K, const T* V, const int* first_new,
+                   const int* lengths) {
+  if (heads == 0) return;
+  lowRankSettleKernel<<<dim3(std::clamp(max_rows, 1, 512), heads), 128, 2 * c.head_dim * sizeof(float)>>>(
+      c, K, V, first_new, lengths);
+  KVTP_CUDA_LAUNCHED();
+}
+
 template <class T>
 void compactKV(T* K, T* V, int* k_pos, int64_t capacity, int kv_heads, int head_dim, const int* keep, const int* kept,
                int max_kept) {
@@ -687,6 +789,8 @@ void attentionPrefill(const Blas& blas, const float* q, int64_t q_stride, const 
   template void kiviSettle<T>(const KiviCache<T>&, int, int, const T*, const T*, const int*, int64_t, const int*,   \
                               int);                                                                                 \
   template void kiviRows<T>(const KiviCache<T>&, int, int, T*, T*, int*, int64_t);                                  \
+  template void lowRankRows<T>(const Blas&, const LowRankCache<T>&, int, int, const int*, T*, T*);                  \
+  template void lowRankSettle<T>(const LowRankCache<T>&, int, int, const T*, const T*, const int*, const int*);     \
   template void attentionPrefill<T>(const Blas&, const float*, int64_t, const int*, const int*, int, int, const T*, \
                                     const T*, const int*, const int*, int, int, int, int64_t, float, T*, size_t,    \
                                     float*, int, bool);

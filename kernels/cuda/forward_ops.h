@@ -157,6 +157,40 @@ void kiviSettle(const KiviCache<T>& cache, int kv_heads, int max_runs, const T* 
 template <class T>
 void kiviRows(const KiviCache<T>& cache, int kv_heads, int count, T* K, T* V, int* k_pos, int64_t stage_capacity);
 
+// A low-rank cache (kv::KVCache's LowRank form, CSKV) on the device. Each KV head's oldest rows,
+// all but the newest `window`, are their coordinates in the head's bases: `rank` key coordinates
+// (of the key taken out of RoPE's rotation: W_k acts before it) then `rank` value coordinates, as
+// the CPU stores them. The newer rows stay full precision in T in a ring as KiviCache's (row l of
+// a head at ring slot l % ring). Attention reads full rows from a stage the step fills
+// (lowRankRows); `projected` / `projected_after` (device, per KV head from the step's first):
+// rows held as coordinates before the step and after it.
+template <class T>
+struct LowRankCache {
+  int head_dim, rank;
+  int kv_heads;                          // the layer's bases: cache head h uses basis h % kv_heads
+  T* coords;                             // [kv_head][capacity][2 rank]
+  const T *key_basis, *value_basis;      // [kv_heads][head_dim][rank] (kv::LowRankBases' layout)
+  const float* inv_freq;                 // RoPE's (null: none, OPT)
+  T *ring_k, *ring_v;                    // [kv_head][ring][head_dim]
+  int ring;
+  const int* k_pos;                      // [kv_head][capacity]
+  int64_t capacity;
+  const int *projected, *projected_after;
+};
+// Rows [0, counts[h]) of each of `heads` KV heads into a stage laid out as the cache (capacity rows
+// per head): coordinates reconstructed (B z, then keys rotated to their positions), the ring's
+// rows copied. Reconstructs `rows` rows per head (a bound on counts[h]: the launch stays the same
+// while the counts change, for CUDA graphs) with cuBLAS, tensor cores for fp16/bf16.
+template <class T>
+void lowRankRows(const Blas& blas, const LowRankCache<T>& cache, int heads, int rows, const int* counts, T* K, T* V);
+// After the step's attention over the stage: rows [projected, projected_after) of each head become
+// coordinates (kv::KVCache::toLowRank's arithmetic, accumulated in double as there), rows
+// [max(projected_after, first_new[h]), lengths[h]) go to the ring. `max_rows`: a bound on the rows
+// a head projects (more are projected in turns).
+template <class T>
+void lowRankSettle(const LowRankCache<T>& cache, int heads, int max_rows, const T* K, const T* V,
+                   const int* first_new, const int* lengths);
+
 // Eviction on the device: KV head h keeps its rows keep[h * max_kept + j] for j < kept[h] (ascending
 // slots), moved with their positions (unless k_pos is null) to slots 0.. kept[h] - 1. keep and
 // kept are device arrays. Rows of head_dim elements: an int8 cache's codes, or (head_dim 1) its steps.
