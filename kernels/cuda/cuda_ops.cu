@@ -35,6 +35,11 @@
 //       (q x step).code with its run's pairs in registers, then the ring's full-precision rows.
 //       H100 7B decode at 32k, 4 bits: 51.4 ms (index math per channel) -> 23.3 -> 16.7; bound by
 //       the per-row reduction and softmax update, not bytes (docs/BENCHMARKS.md).
+//   v9 (KIVI): the coded rows by sub-warps (C = 16 / G channels a lane, so 4 rows at once a warp
+//       for a group of one), each with its own softmax state, merged within the warp before the
+//       ring's rows, each sub-warp a contiguous range of rows. H100 7B decode at 32k, 4 / 2 bits:
+//       16.7 / 16.7 ms -> 13.4 / 17.6 (130 registers: one block an SM) -> 10.8 / 12.8 with two
+//       blocks an SM; whole runs round-robin over the sub-warps instead: 22.0, reverted.
 #include <algorithm>
 #include <cfloat>
 #include <string>
@@ -120,12 +125,13 @@ __device__ void loadCodes(const int8_t* row, int lane, bool in, Codes<P>& out) {
   }
 }
 
-// A lane's codes of a packed row: channels lane * P .. lane * P + P - 1 at `nbits` = P * bits
-// bits each lane, low bits first (nbits 2 or 4: within one byte).
-__device__ uint32_t lanePacked(const uint8_t* row, int lane, int nbits) {
+// A lane's codes of a packed row: channels lane * C .. lane * C + C - 1 at `nbits` = C * bits
+// bits each lane, low bits first (nbits below 8: within one byte).
+__device__ uint64_t lanePacked(const uint8_t* row, int lane, int nbits) {
   const int bit0 = lane * nbits;
   const uint8_t* b = row + bit0 / 8;
   switch (nbits) {
+    case 64: return *reinterpret_cast<const uint64_t*>(b);
     case 32: return *reinterpret_cast<const uint32_t*>(b);
     case 16: return *reinterpret_cast<const uint16_t*>(b);
     case 8: return *b;
@@ -147,7 +153,9 @@ template <int G, int HD, class KT, class OT>  // query heads per KV head, head_d
 // of G, so a group of 3 or 6 runs as 3 blocks of 1 or 2 heads over the same KV rows. The last
 // block of a (query, heads) to finish combines the splits (no combining kernel: its launch and
 // single-wave latency cost more than the work); `done` counts finished splits and is left at 0.
-__global__ void attentionSplit(const float* q, int q_stride, const int* q_pos, int heads, int group, const KT* K,
+// KIVI's instantiations are held to two blocks an SM (at most 128 registers): its sub-warps' state
+// took 130, one block an SM, which left its loads' latency exposed (ncu: 12.5 % of warps active).
+__global__ void __launch_bounds__(32 * kWarps, std::is_same_v<KT, uint8_t> ? 2 : 1) attentionSplit(const float* q, int q_stride, const int* q_pos, int heads, int group, const KT* K,
                                const KT* V, const int* k_pos, int L, const int* lengths, int64_t pos_stride,
                                int64_t head_stride, float scale, int splits, float* part_o, float* part_ms,
                                unsigned* done, OT* out, float* probs, Int8Rows q8, bool rows_are_sequences,
@@ -233,65 +241,116 @@ __global__ void attentionSplit(const float* q, int q_stride, const int* q_pos, i
     }
   };
   if constexpr (std::is_same_v<KT, uint8_t>) {
-    // KIVI: the codes, then the ring's full-precision rows. A key row's scores come from its codes
-    // and its run's (lo, step) pairs as q.k = sum q lo + sum (q step) code, both per run of `group`
-    // rows kept in registers; a value row's channels are decoded as kv::Affine::decode does.
-    // (Decoding every key channel, its pair read per row, took 2x the fp16 cache's time at 32k.)
-    const int quantized = kc.quantized[kvh], bits = kc.bits, nbits = P * bits, cb = kc.codeBytes(), group = kc.group,
-              value_groups = kc.valueGroups();
-    const uint32_t mask = (1u << bits) - 1;
+    // KIVI: the codes, then the ring's full-precision rows. The coded rows go to sub-warps of S
+    // lanes, C channels a lane (R = 32 / S rows at once a warp), each sub-warp a contiguous range
+    // of rows with its own softmax state, so a row's reduction takes log2 S shuffles and its
+    // softmax update is shared by R rows per instruction (a whole warp per row of a few bytes a
+    // lane spent its time there: docs/BENCHMARKS.md). A key row's scores come from its codes and
+    // its run's (lo, step) pairs as q.k = sum q lo + sum (q step) code, per run of `group` rows
+    // kept in registers; a value row's channels are decoded as kv::Affine::decode does.
+    constexpr int C = 16 / G < P ? P : 16 / G > hd ? hd : 16 / G, S = hd / C, R = 32 / S;
+    const int quantized = kc.quantized[kvh], bits = kc.bits, nbits = C * bits, cb = kc.codeBytes(), group = kc.group,
+              value_groups = kc.valueGroups(), sub = lane / S, sl = lane % S;
+    const uint64_t mask = (1u << bits) - 1;
     const uint8_t* k_codes = kc.K + int64_t(kvh) * kc.capacity * cb;
     const uint8_t* v_codes = kc.V + int64_t(kvh) * kc.capacity * cb;
-    const float2* k_params = reinterpret_cast<const float2*>(kc.k_params) + int64_t(kvh) * kc.keyGroups() * hd + lane * P;
+    const float2* k_params = reinterpret_cast<const float2*>(kc.k_params) + int64_t(kvh) * kc.keyGroups() * hd + sl * C;
     const float2* v_params = reinterpret_cast<const float2*>(kc.v_params) + int64_t(kvh) * kc.capacity * value_groups;
-    int value_group[P];  // of each of this lane's channels; one pair for all of them when group % P == 0
+    const bool one_pair = group % C == 0;  // this lane's channels share one value group
+    float q_c[G][C], acc_c[G][C], m_c[G], sum_c[G];
 #pragma unroll
-    for (int i = 0; i < P; ++i) value_group[i] = (lane * P + i) / group;
-    const bool one_pair = group % P == 0;
-    const int coded_end = min(end, quantized);
-    float q_step[G][P], q_lo[G];  // the current run's: q x step per channel, this lane's share of q . lo
-    int run_end = -1;             // rows below it are the current run's (a warp's rows ascend)
-    for (int l0 = split * chunk + warp; l0 < coded_end; l0 += U * kWarps) {
-      uint32_t kw[U], vw[U];
+    for (int g = 0; g < G; ++g) {
+#pragma unroll
+      for (int c = 0; c < C; ++c) {
+        q_c[g][c] = q[int64_t(t) * q_stride + int64_t(h0 + g) * hd + sl * C + c] * scale;
+        acc_c[g][c] = 0.0f;
+      }
+      m_c[g] = -FLT_MAX, sum_c[g] = 0.0f;
+    }
+    const int from = split * chunk, coded_end = min(end, quantized), subs = kWarps * R;
+    const int per = max(0, (coded_end - from + subs - 1) / subs), lo = from + (warp * R + sub) * per,
+              hi = min(coded_end, lo + per);
+    float q_step[G][C] = {}, q_lo[G] = {};  // the current run's: q x step per channel, this lane's q . lo
+    int run_end = -1;  // rows below it are the current run's (a sub-warp's rows ascend)
+    for (int k = 0; k < per; k += U) {  // the same trip count for the whole warp (its shuffles)
+      uint64_t kw[U], vw[U];
       float2 pair[U];
       bool seen[U];
 #pragma unroll
       for (int u = 0; u < U; ++u) {
-        const int l = l0 + u * kWarps;
-        seen[u] = l < coded_end && pos[l] <= p;  // the same for the whole warp
-        const bool in = seen[u] && lane_in;
-        kw[u] = in ? lanePacked(k_codes + int64_t(l) * cb, lane, nbits) : 0u;
-        vw[u] = in ? lanePacked(v_codes + int64_t(l) * cb, lane, nbits) : 0u;
-        pair[u] = in && one_pair ? v_params[int64_t(l) * value_groups + value_group[0]] : float2{0.0f, 0.0f};
+        const int l = lo + k + u;
+        seen[u] = l < hi && pos[l] <= p;
+        kw[u] = seen[u] ? lanePacked(k_codes + int64_t(l) * cb, sl, nbits) : 0u;
+        vw[u] = seen[u] ? lanePacked(v_codes + int64_t(l) * cb, sl, nbits) : 0u;
+        pair[u] = seen[u] && one_pair ? v_params[int64_t(l) * value_groups + sl * C / group] : float2{0.0f, 0.0f};
       }
 #pragma unroll
       for (int u = 0; u < U; ++u) {
-        if (!seen[u]) continue;
-        const int l = l0 + u * kWarps;
-        if (l >= run_end) {  // a new run: its key pairs
+        const int l = lo + k + u;
+        if (seen[u] && l >= run_end) {  // a new run: its key pairs
           const int run = l / group;
           run_end = (run + 1) * group;
 #pragma unroll
           for (int g = 0; g < G; ++g) q_lo[g] = 0.0f;
 #pragma unroll
-          for (int i = 0; i < P; ++i) {
-            const float2 a = lane_in ? k_params[int64_t(run) * hd + i] : float2{0.0f, 0.0f};
+          for (int c = 0; c < C; ++c) {
+            const float2 a = k_params[int64_t(run) * hd + c];
 #pragma unroll
-            for (int g = 0; g < G; ++g) q_step[g][i] = qr[g][i] * a.y, q_lo[g] += qr[g][i] * a.x;
+            for (int g = 0; g < G; ++g) q_step[g][c] = q_c[g][c] * a.y, q_lo[g] += q_c[g][c] * a.x;
           }
         }
         float dot[G];
 #pragma unroll
         for (int g = 0; g < G; ++g) {
-          float d = q_lo[g];
+          float d = seen[u] ? q_lo[g] : 0.0f;
 #pragma unroll
-          for (int i = 0; i < P; ++i) d += q_step[g][i] * float((kw[u] >> (i * bits)) & mask);
-          dot[g] = warpSum(d);
+          for (int c = 0; c < C; ++c) d += q_step[g][c] * float((kw[u] >> (c * bits)) & mask);
+#pragma unroll
+          for (int o = S / 2; o > 0; o /= 2) d += __shfl_xor_sync(0xffffffffu, d, o);
+          dot[g] = d;
         }
-        accumulate(l, dot, [&](int i) {
-          const float2 a = one_pair ? pair[u] : v_params[int64_t(l) * value_groups + value_group[i]];
-          return lane_in ? KiviCache<OT>::decode(a, int((vw[u] >> (i * bits)) & mask)) : 0.0f;
-        });
+        if (!seen[u]) continue;
+        if (probs && sl == 0) {
+#pragma unroll
+          for (int g = 0; g < G; ++g) probs[(int64_t(t) * heads + h0 + g) * row_stride + l] = dot[g];
+        }
+#pragma unroll
+        for (int g = 0; g < G; ++g) {
+          const float m_new = fmaxf(m_c[g], dot[g]), corr = expf(m_c[g] - m_new), w = expf(dot[g] - m_new);
+          sum_c[g] = sum_c[g] * corr + w;
+#pragma unroll
+          for (int c = 0; c < C; ++c) {
+            const float2 a = one_pair ? pair[u] : v_params[int64_t(l) * value_groups + (sl * C + c) / group];
+            acc_c[g][c] = acc_c[g][c] * corr + w * KiviCache<OT>::decode(a, int((vw[u] >> (c * bits)) & mask));
+          }
+          m_c[g] = m_new;
+        }
+      }
+    }
+    // The warp's R states merged (each sub-warp ends with all of them), then handed to the warp's
+    // layout (lane i: channels i P .. i P + P - 1) for the ring's rows and the block's merge.
+#pragma unroll
+    for (int o = S; o < 32; o *= 2)
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+        const float m_o = __shfl_xor_sync(0xffffffffu, m_c[g], o), s_o = __shfl_xor_sync(0xffffffffu, sum_c[g], o);
+        const float M = fmaxf(m_c[g], m_o), a = expf(m_c[g] - M), b = expf(m_o - M);
+        sum_c[g] = sum_c[g] * a + s_o * b;
+#pragma unroll
+        for (int c = 0; c < C; ++c) acc_c[g][c] = acc_c[g][c] * a + __shfl_xor_sync(0xffffffffu, acc_c[g][c], o) * b;
+        m_c[g] = M;
+      }
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+      m[g] = m_c[g], sum[g] = sum_c[g];
+#pragma unroll
+      for (int i = 0; i < P; ++i) {
+        const int ch = lane * P + i;  // held by lane ch / C of the first sub-warp, as its element ch % C
+#pragma unroll
+        for (int c = 0; c < C; ++c) {
+          const float x = __shfl_sync(0xffffffffu, acc_c[g][c], (ch / C) % 32);
+          if (c == ch % C) acc[g][i] = lane_in ? x : 0.0f;
+        }
       }
     }
     walk(max(split * chunk, quantized), end, [&](int l, bool in, float (&k)[P], float (&v)[P]) {
