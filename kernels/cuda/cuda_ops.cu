@@ -139,6 +139,20 @@ __device__ uint64_t lanePacked(const uint8_t* row, int lane, int nbits) {
   }
 }
 
+// Key row scores `dot` into G heads' online softmax (running max m, sum) and the row's values into
+// their N accumulated channels (value(i): channel i of this lane's).
+template <int G, int N, class Value>
+__device__ void softmaxUpdate(const float (&dot)[G], float (&m)[G], float (&sum)[G], float (&acc)[G][N], Value value) {
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    const float m_new = fmaxf(m[g], dot[g]), corr = expf(m[g] - m_new), w = expf(dot[g] - m_new);
+    sum[g] = sum[g] * corr + w;
+#pragma unroll
+    for (int i = 0; i < N; ++i) acc[g][i] = acc[g][i] * corr + w * value(i);
+    m[g] = m_new;
+  }
+}
+
 // Attention v3. Grid (kv_heads, splits, T): a block takes keys [split * chunk, +chunk) of one KV
 // head for one query and all G = heads / kv_heads query heads that read it. Each warp takes every
 // kWarps-th key; its lanes hold channels lane P .. lane P + P - 1 (P = head_dim / 32, head_dim <=
@@ -198,14 +212,7 @@ __global__ void __launch_bounds__(32 * kWarps, std::is_same_v<KT, uint8_t> ? 2 :
 #pragma unroll
       for (int g = 0; g < G; ++g) probs[(int64_t(t) * heads + h0 + g) * row_stride + l] = dot[g];
     }
-#pragma unroll
-    for (int g = 0; g < G; ++g) {
-      const float m_new = fmaxf(m[g], dot[g]), corr = expf(m[g] - m_new), w = expf(dot[g] - m_new);
-      sum[g] = sum[g] * corr + w;
-#pragma unroll
-      for (int i = 0; i < P; ++i) acc[g][i] = acc[g][i] * corr + w * value(i);
-      m[g] = m_new;
-    }
+    softmaxUpdate(dot, m, sum, acc, value);
   };
   auto scores = [&](auto key, float (&dot)[G]) {  // key(i): channel i of this lane's
 #pragma unroll
@@ -314,17 +321,10 @@ __global__ void __launch_bounds__(32 * kWarps, std::is_same_v<KT, uint8_t> ? 2 :
 #pragma unroll
           for (int g = 0; g < G; ++g) probs[(int64_t(t) * heads + h0 + g) * row_stride + l] = dot[g];
         }
-#pragma unroll
-        for (int g = 0; g < G; ++g) {
-          const float m_new = fmaxf(m_c[g], dot[g]), corr = expf(m_c[g] - m_new), w = expf(dot[g] - m_new);
-          sum_c[g] = sum_c[g] * corr + w;
-#pragma unroll
-          for (int c = 0; c < C; ++c) {
-            const float2 a = one_pair ? pair[u] : v_params[int64_t(l) * value_groups + (sl * C + c) / group];
-            acc_c[g][c] = acc_c[g][c] * corr + w * KiviCache<OT>::decode(a, int((vw[u] >> (c * bits)) & mask));
-          }
-          m_c[g] = m_new;
-        }
+        softmaxUpdate(dot, m_c, sum_c, acc_c, [&](int c) {
+          const float2 a = one_pair ? pair[u] : v_params[int64_t(l) * value_groups + (sl * C + c) / group];
+          return KiviCache<OT>::decode(a, int((vw[u] >> (c * bits)) & mask));
+        });
       }
     }
     // The warp's R states merged (each sub-warp ends with all of them), then handed to the warp's
