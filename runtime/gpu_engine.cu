@@ -1,6 +1,7 @@
 // The CUDA engine (gpu_engine.h): model.cpp's forward pass on the kernels of kernels/cuda/.
 // Activations: the residual stream x stays float32; what feeds a matrix product (normed rows,
-// attention output, MLP activations) is stored in T; every product accumulates in float32.
+// attention output, MLP activations) is stored in T; every product accumulates in float32. A
+// Llama decode step on one GPU defers each RMSNorm into the products around it (cuda::DeferredNorm).
 #include "runtime/gpu_engine.h"
 
 #include <algorithm>
@@ -673,9 +674,9 @@ class GpuEngine : public Engine {
     const int* d_pos = d_meta;
     const int* compact = d_meta + rows + 2 * LBH;  // KIVI's, low rank's counts per (sequence, KV head)
     const int head0 = shape.batch ? 0 : current_ * part_.kv_heads;  // the first KV head the step touches
-    auto attend = [&](int l, const T* in, float* x) {
+    auto attend = [&](int l, const T* in, float* x, const Norms& norms) {
       const int* slots = d_meta + rows + l * BH + head0;
-      attention(l, in, d_pos, slots, slots + LBH, compact + head0, shape, x);
+      attention(l, in, d_pos, slots, slots + LBH, compact + head0, shape, x, norms);
     };
 
     const int H = c_.hidden, P = c_.word_embed_proj_dim;
@@ -694,27 +695,52 @@ class GpuEngine : public Engine {
     if (inv_freq_.size())
       cuda::ropeTable(d_pos, rows, c_.head_dim, inv_freq_.get(), grow(rope_, size_t(rows) * c_.head_dim / 2));
     const float eps = float(c_.norm_eps);
+    // One row on one GPU (decode): every RMSNorm after the first is folded into the products
+    // around it (cuda::DeferredNorm): the residual's last product emits it, the next one scales.
+    const bool defer = deferNorms(rows);
+    float* sums = defer ? grow(norm_sums_, cuda::deferredNormSums(H)) : nullptr;
+    auto deferred = [&](const DeviceBuffer<float>& w) { return cuda::DeferredNorm<T>{w.get(), xn, sums, eps}; };
     for (int l = 0; l < c_.layers; ++l) {
       const GpuLayer<T>& L = layers_[l];
-      if (c_.family == Family::Llama) {
+      if (c_.family == Family::Llama && defer) {
+        if (l == 0) cuda::rmsNormTo(x, rows, H, L.attn_norm_w.get(), eps, xn);
+        const cuda::DeferredNorm<T> attn = deferred(L.attn_norm_w), ffn = deferred(L.ffn_norm_w);
+        attend(l, xn, x, {l > 0 ? &attn : nullptr, &ffn});
+        const bool last = l + 1 == c_.layers;
+        const cuda::DeferredNorm<T> next = last ? cuda::DeferredNorm<T>{} : deferred(layers_[l + 1].attn_norm_w);
+        mlp(l, xn, rows, x, {&ffn, last ? nullptr : &next});
+      } else if (c_.family == Family::Llama) {
         cuda::rmsNormTo(x, rows, H, L.attn_norm_w.get(), eps, xn);
-        attend(l, xn, x);
+        attend(l, xn, x, {});
         cuda::rmsNormTo(x, rows, H, L.ffn_norm_w.get(), eps, xn);
-        mlp(l, xn, rows, x);
+        mlp(l, xn, rows, x, {});
       } else if (c_.pre_layer_norm) {
         cuda::layerNormTo(x, rows, H, L.attn_norm_w.get(), L.attn_norm_b.get(), eps, xn);
-        attend(l, xn, x);
+        attend(l, xn, x, {});
         cuda::layerNormTo(x, rows, H, L.ffn_norm_w.get(), L.ffn_norm_b.get(), eps, xn);
-        mlp(l, xn, rows, x);
+        mlp(l, xn, rows, x, {});
       } else {  // OPT post-LN: norm after each residual add
         cuda::convert(x, int64_t(rows) * H, xn);
-        attend(l, xn, x);
+        attend(l, xn, x, {});
         cuda::layerNormTo(x, rows, H, L.attn_norm_w.get(), L.attn_norm_b.get(), eps, x);
         cuda::convert(x, int64_t(rows) * H, xn);
-        mlp(l, xn, rows, x);
+        mlp(l, xn, rows, x, {});
         cuda::layerNormTo(x, rows, H, L.ffn_norm_w.get(), L.ffn_norm_b.get(), eps, x);
       }
     }
+  }
+
+  // The norms a layer's halves take part in (cuda::DeferredNorm): the first product reads `in`'s
+  // fed row (null: its input is normalized already), the residual's product emits `out`'s.
+  struct Norms {
+    const cuda::DeferredNorm<T>*in = nullptr, *out = nullptr;
+  };
+  // Whether this step's norms can be deferred: one row through the GEMV kernels for all four
+  // products of a layer on one GPU (the all-reduce of tp > 1 adds the residual outside them).
+  bool deferNorms(int rows) const {
+    constexpr int V = 16 / sizeof(T);
+    return c_.family == Family::Llama && rows == 1 && part_.tp == 1 && c_.head_dim % 16 == 0 &&
+           c_.hidden % V == 0 && part_.q_heads * c_.head_dim % V == 0 && part_.ffn() % V == 0;
   }
 
   // x += o_proj(attention(qkv_proj(xn))), the new tokens' K/V appended to the cache first:
@@ -723,7 +749,7 @@ class GpuEngine : public Engine {
   // its rows held in the compact form before the step at `compact`, after it one sequence-batch of
   // heads further.
   void attention(int layer, const T* xn, const int* d_pos, const int* slots, const int* lengths, const int* compact,
-                 const Shape& shape, float* x) {
+                 const Shape& shape, float* x, const Norms& norms) {
     GpuLayer<T>& L = layers_[layer];
     const int T_ = shape.rows, hd = c_.head_dim, H = part_.kv_heads, Q = part_.q_heads * hd, KV = H * hd,
               W = Q + 2 * KV;
@@ -769,7 +795,7 @@ class GpuEngine : public Engine {
     }
     const cuda::KvAppend<T> append{part_.q_heads, H, hd, d_pos, inv_freq_.size() ? rope_.get() : nullptr,
                                    K, V, k_pos, capacity, slots, batch};
-    cuda::qkvAppend(blas_, xn, T_, c_.hidden, L.wqkv.get(), L.bqkv.get(), qkv, append);
+    cuda::qkvAppend(blas_, xn, T_, c_.hidden, L.wqkv.get(), L.bqkv.get(), qkv, append, norms.in);
     if (int8_) cuda::quantizeAppend(T_, H, int8);
     if (kivi_ && !shape.many) cuda::kiviAppend(kivi, T_, H, qkv, W, Q, Q + KV, slots, d_pos, batch);
     const float scale = float(1.0 / std::sqrt(double(hd)));
@@ -805,24 +831,25 @@ class GpuEngine : public Engine {
     }
     if (lowrank_) cuda::lowRankSettle(lowrank, heads, shape.many ? compactAfter(seq(), T_) - seq().compact : T_, K, V,
                                       slots, lengths);
-    rowParallel(ctx, T_, Q, L.wo.get(), L.bo.get(), x);
+    rowParallel(ctx, T_, Q, L.wo.get(), L.bo.get(), x, norms.out);
   }
 
-  void mlp(int layer, const T* xn, int T_, float* x) {
+  void mlp(int layer, const T* xn, int T_, float* x, const Norms& norms) {
     const GpuLayer<T>& L = layers_[layer];
     const int F = part_.ffn();
     const bool llama = c_.family == Family::Llama;
     T* act = grow(act_, size_t(T_) * F);
     float* scratch = grow(h_, size_t(T_) * (llama ? 2 : 1) * F);
     cuda::gemmActivation(blas_, xn, T_, c_.hidden, L.w_in.get(), F, L.b_in.get(),
-                         llama ? cuda::Activation::SiluMul : cuda::Activation::Relu, scratch, act);
-    rowParallel(act, T_, F, L.w_down.get(), L.b_down.get(), x);
+                         llama ? cuda::Activation::SiluMul : cuda::Activation::Relu, scratch, act, norms.in);
+    rowParallel(act, T_, F, L.w_down.get(), L.b_down.get(), x, norms.out);
   }
 
-  // x += all-reduce(in · W^T) (+ bias, on rank 0 only).
-  void rowParallel(const T* in, int T_, int in_dim, const T* W, const float* bias, float* x) {
+  // x += all-reduce(in · W^T) (+ bias, on rank 0 only); `emit`: a deferred norm of the new x (tp 1).
+  void rowParallel(const T* in, int T_, int in_dim, const T* W, const float* bias, float* x,
+                   const cuda::DeferredNorm<T>* emit) {
     const int H = c_.hidden;
-    if (part_.tp == 1) return cuda::gemm(blas_, in, T_, in_dim, W, H, bias, x, true);
+    if (part_.tp == 1) return cuda::gemm(blas_, in, T_, in_dim, W, H, bias, x, true, emit);
     float* partial = grow(partial_, size_t(T_) * H);
     cuda::gemm(blas_, in, T_, in_dim, W, H, bias, partial, false);
     allReduce(partial, size_t(T_) * H);
@@ -865,6 +892,7 @@ class GpuEngine : public Engine {
   cuda::Blas blas_;
   DeviceBuffer<T> embed_, lm_head_, project_in_, project_out_;
   DeviceBuffer<float> positions_, final_norm_w_, final_norm_b_, inv_freq_;
+  DeviceBuffer<float> norm_sums_;  // a deferred norm's partial sums (cuda::DeferredNorm)
   DeviceBuffer<float2> rope_;  // this step's RoPE rotations (cuda::ropeTable)
   std::vector<GpuLayer<T>> layers_;
   // The batch's sequences (std::deque: a Sequence does not move), the one step() acts on, and the

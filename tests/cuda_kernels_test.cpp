@@ -484,6 +484,42 @@ TEST(CudaKernels, QkvAppendMatchesCpu) {
     for (bool llama : {true, false}) checkQkvAppend(T, llama);
 }
 
+// A decode step's RMSNorm folded into the products around it (cuda::DeferredNorm): the residual's
+// product emits x ∘ w and its partial sums of x², the next products (Q|K|V with RoPE and append,
+// gate|up with SiLU·mul) scale their dots — against the CPU's linear, rmsNorm, linear, siluMul.
+TEST(CudaKernels, DeferredRmsNormMatchesCpu) {
+  REQUIRE_GPU();
+  cuda::Blas blas;
+  const int in = 96, H = 320, F = 200, q_heads = 2, kv_heads = 1, hd = 64, W = (q_heads + 2 * kv_heads) * hd;
+  const float eps = 1e-5f;
+  auto a = randn(in), Wo = randn(size_t(H) * in, 0.3f), bo = randn(H), x0 = randn(H, 2.0f), nw = randn(H);
+  auto Wqkv = randn(size_t(W) * H, 0.1f), Wgu = randn(size_t(2 * F) * H, 0.1f);
+  std::vector<float> x = x0, xn(H), qkv(W), gu(2 * F);
+  kernels::linear(a.data(), 1, in, Wo.data(), H, bo.data(), x.data(), true);
+  kernels::rmsNorm(x.data(), 1, H, nw.data(), eps, xn.data());
+  kernels::linear(xn.data(), 1, H, Wqkv.data(), W, nullptr, qkv.data());
+  kernels::linear(xn.data(), 1, H, Wgu.data(), 2 * F, nullptr, gu.data());
+  kernels::siluMul(gu.data(), gu.data() + F, F);
+  gu.resize(F);
+  DeviceBuffer<float> da(a), dWo(Wo), dbo(bo), dx(x0), dnw(nw), dWqkv(Wqkv), dWgu(Wgu), fed(poisoned(H)),
+      sums(poisoned(cuda::deferredNormSums(H))), dqkv(poisoned(W)), dact(poisoned(F)), scratch(2 * F),
+      dK(size_t(kv_heads) * 4 * hd), dV(size_t(kv_heads) * 4 * hd);
+  DeviceBuffer<int> dpos(std::vector<int>{0}), dfirst(std::vector<int>{0}), dkpos(std::vector<int>(4, -1));
+  const cuda::DeferredNorm<float> norm{dnw.get(), fed.get(), sums.get(), eps};
+  cuda::gemm(blas, da.get(), 1, in, dWo.get(), H, dbo.get(), dx.get(), true, &norm);
+  // Position 0: RoPE is the identity there, so the Q|K|V row is the plain product.
+  const cuda::KvAppend<float> append{q_heads, kv_heads, hd, dpos.get(), nullptr, dK.get(), dV.get(), dkpos.get(), 4,
+                                     dfirst.get()};
+  cuda::qkvAppend(blas, fed.get(), 1, H, dWqkv.get(), nullptr, dqkv.get(), append, &norm);
+  cuda::gemmActivation(blas, fed.get(), 1, H, dWgu.get(), F, nullptr, cuda::Activation::SiluMul, scratch.get(),
+                       dact.get(), &norm);
+  EXPECT_LE(relError(dx.download(), x), kTol) << "the residual";
+  EXPECT_LE(relError(dqkv.download(), qkv), kTol) << "q|k|v";
+  EXPECT_LE(relError(dact.download(), gu), kTol) << "silu(gate) * up";
+  // Two rows take the cuBLAS path, which cannot defer a norm: refused, not silently wrong.
+  EXPECT_THROW(cuda::gemm(blas, da.get(), 2, in / 2, dWo.get(), H, nullptr, dx.get(), true, &norm), std::invalid_argument);
+}
+
 // Decode's GEMV kernel against cuBLAS on the same fp32 / fp16 inputs, with bias and accumulate;
 // more rows than the GPU holds warps at once.
 template <class T>

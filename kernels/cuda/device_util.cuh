@@ -9,6 +9,37 @@ namespace kvtp::cuda {
 namespace {
 
 constexpr int kThreads = 256;
+
+// Programmatic dependent launch (sm_90): a kernel started by launchDependent may begin while the
+// kernel before it in the stream is still running, so it can request what never changes (the
+// weights) early; it must call waitForPrevious() before it touches anything an earlier kernel
+// writes or reads, in every block. letNextStart() lets the next such kernel be scheduled once every
+// block of this one has started (its wait still waits for this kernel to finish and its writes
+// to land). Both are no-ops on older GPUs and in kernels launched the ordinary way.
+__device__ inline void waitForPrevious() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ inline void letNextStart() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+template <class... Params, class... Args>
+void launchDependent(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, Args... args) {
+  cudaLaunchAttribute early{};
+  early.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  early.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = cudaStreamPerThread;
+  config.attrs = &early;
+  config.numAttrs = 1;
+  KVTP_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, Params(args)...));
+}
 inline unsigned blocksFor(int64_t n) { return unsigned((n + kThreads - 1) / kThreads); }
 
 __device__ inline float warpSum(float v) {
@@ -83,6 +114,8 @@ struct RowNorm {
 // One block per row; y may be x (in place). b null: RMSNorm.
 template <class O>
 __global__ void normKernel(const float* x, int dim, const float* w, const float* b, float eps, O* y) {
+  letNextStart();
+  waitForPrevious();
   const float* r = x + int64_t(blockIdx.x) * dim;
   O* o = y + int64_t(blockIdx.x) * dim;
   const RowNorm norm(r, dim, w, b, eps);

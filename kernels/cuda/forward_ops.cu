@@ -22,9 +22,13 @@ cudaDataType_t dataType() {
 // The decode GEMV (one row of x): one warp per weight row, lanes striding it in 16-byte vectors
 // with four loads in flight each; the weights are streamed once, so they bypass the caches. x
 // sits in shared memory (each block reads it once); the epilogue stores, activates, or applies
-// RoPE and appends to the KV cache. (Normalizing x in every block's prologue instead of a norm
-// kernel was built and measured slower once the norm kernel was fast: docs/BENCHMARKS.md.)
+// RoPE and appends to the KV cache. Launched dependent, each warp requests its row's first
+// vectors while the kernel before finishes (WeightRow). A Llama decode step's RMSNorms live in
+// these kernels too (DeferredNorm): the residual's product emits x ∘ w and its sums of squares,
+// the next scales its dots. (Normalizing x in every block's prologue was built and measured
+// slower than a norm kernel; the deferred form leaves no norm work at all between products.)
 constexpr int kGemvWarps = 16;
+__host__ __device__ constexpr int gemvBlocks(int rows) { return (rows + kGemvWarps - 1) / kGemvWarps; }
 
 template <class T>
 struct GemvArgs {
@@ -36,26 +40,43 @@ struct GemvArgs {
   bool accumulate;
   T* act;  // SiluMul, Relu: activations
   KvAppend<T> kv;  // RopeAppend
+  DeferredNorm<T> emit = {}, normed = {};  // Store: writes emit's fed row and sums; x is normed's fed row
 };
 
 enum class Epilogue { Store, SiluMul, Relu, RopeAppend };
 
-template <class T>
-__device__ float warpDot(const uint4* xs, const T* w, int in) {
-  constexpr int V = 16 / sizeof(T);
-  const uint4* w4 = reinterpret_cast<const uint4*>(w);
-  const int n4 = in / V;
-  float s = 0.0f;
-#pragma unroll 4
-  for (int i = threadIdx.x % 32; i < n4; i += 32) {
-    const uint4 wv = __ldcs(w4 + i), xv = xs[i];
-    const T* wp = reinterpret_cast<const T*>(&wv);
-    const T* xp = reinterpret_cast<const T*>(&xv);
+// A warp's weight row for one product with x: each lane requests its first kEarly 16-byte vectors
+// before the kernel waits for the one before it (launchDependent: the weights never change, so
+// the loads overlap that kernel's tail), the rest four in flight at a time once x is staged.
+// (8 early vectors; 4 for SiluMul's two rows, which would otherwise cost blocks an SM.)
+template <class T, int kEarly>
+struct WeightRow {
+  const uint4* w = nullptr;
+  uint4 early[kEarly];
+  __device__ void request(const T* row, int in) {
+    w = reinterpret_cast<const uint4*>(row);
+    const int lane = threadIdx.x % 32, n4 = in * int(sizeof(T)) / 16;
 #pragma unroll
-    for (int j = 0; j < V; ++j) s += toFloat(wp[j]) * toFloat(xp[j]);
+    for (int e = 0; e < kEarly; ++e) early[e] = lane + 32 * e < n4 ? __ldcs(w + lane + 32 * e) : uint4{};
   }
-  return warpSum(s);
-}
+  __device__ float dot(const uint4* xs, int in) const {
+    constexpr int V = 16 / sizeof(T);
+    const int lane = threadIdx.x % 32, n4 = in / V;
+    float s = 0.0f;
+    auto add = [&](const uint4& wv, const uint4& xv) {
+      const T* wp = reinterpret_cast<const T*>(&wv);
+      const T* xp = reinterpret_cast<const T*>(&xv);
+#pragma unroll
+      for (int j = 0; j < V; ++j) s += toFloat(wp[j]) * toFloat(xp[j]);
+    };
+#pragma unroll
+    for (int e = 0; e < kEarly; ++e)
+      if (lane + 32 * e < n4) add(early[e], xs[lane + 32 * e]);
+#pragma unroll 4
+    for (int i = lane + 32 * kEarly; i < n4; i += 32) add(__ldcs(w + i), xs[i]);
+    return warpSum(s);
+  }
+};
 
 // The cache row (head * capacity + slot) where new row t's KV head g lands (KvAppend, Int8Append).
 template <class A>
@@ -98,48 +119,79 @@ __device__ void appendValue(const KvAppend<T>& kv, int t, int c, float v) {
 template <class T, Epilogue E>
 __global__ void __launch_bounds__(32 * kGemvWarps) gemvKernel(GemvArgs<T> a) {
   extern __shared__ uint4 smem[];  // x
+  letNextStart();
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  // This warp's row, which depends on the launch only. RopeAppend: blocks over the Q and K heads
+  // take kGemvWarps / 2 RoPE pairs (j, j + head_dim / 2) of one head, a warp each row of a pair, so
+  // the rotation happens here; the V blocks, kGemvWarps rows. SiluMul: the gate row and its up row.
+  const KvAppend<T>& kv = a.kv;
+  constexpr int kPairs = kGemvWarps / 2;
+  const int hd = kv.head_dim, half = hd / 2, per_head = E == Epilogue::RopeAppend ? half / kPairs : 1;
+  const int rope_blocks = (kv.q_heads + kv.kv_heads) * per_head, Q = kv.q_heads * hd, KV = kv.kv_heads * hd;
+  const bool rope_block = E == Epilogue::RopeAppend && int(blockIdx.x) < rope_blocks;
+  const int head = blockIdx.x / per_head, j0 = blockIdx.x % per_head * kPairs;
+  const int c = (blockIdx.x - rope_blocks) * kGemvWarps + warp;  // RopeAppend's V channel
+  int row = blockIdx.x * kGemvWarps + warp;
+  bool live = row < a.out;
+  if constexpr (E == Epilogue::RopeAppend) {
+    row = rope_block ? head * hd + j0 + warp % kPairs + (warp < kPairs ? 0 : half) : Q + KV + c;
+    live = rope_block || c < KV;
+  }
+  WeightRow<T, E == Epilogue::SiluMul ? 4 : 8> w, up;
+  if (live) w.request(a.W + int64_t(row) * a.in_dim, a.in_dim);
+  if constexpr (E == Epilogue::SiluMul)  // W = gate rows, then up rows
+    if (live) up.request(a.W + int64_t(a.out + row) * a.in_dim, a.in_dim);
+  waitForPrevious();
   for (int i = threadIdx.x; i < a.in_dim * int(sizeof(T)) / 16; i += blockDim.x)
     smem[i] = reinterpret_cast<const uint4*>(a.x)[i];
+  float scale = 1.0f;  // a deferred RMSNorm's, from the emitting product's sums (in a fixed order)
+  if (a.normed.sums) {
+    float ss = 0.0f;
+    for (int i = lane; i < gemvBlocks(a.in_dim); i += 32) ss += a.normed.sums[i];
+    scale = rsqrtf(warpSum(ss) / a.in_dim + a.normed.eps);
+  }
   __syncthreads();
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  auto dot = [&](int row) { return warpDot(smem, a.W + int64_t(row) * a.in_dim, a.in_dim) + (a.bias ? a.bias[row] : 0.0f); };
+  auto dot = [&](const auto& r, int at) { return r.dot(smem, a.in_dim) * scale + (a.bias ? a.bias[at] : 0.0f); };
   if constexpr (E == Epilogue::RopeAppend) {
-    // Blocks over the Q and K heads take kGemvWarps / 2 RoPE pairs (j, j + head_dim / 2) of one
-    // head, a warp each row of a pair, so the rotation happens here; the V blocks, kGemvWarps rows.
-    const KvAppend<T>& kv = a.kv;
-    constexpr int kPairs = kGemvWarps / 2;
-    const int hd = kv.head_dim, half = hd / 2, per_head = half / kPairs;
-    const int rope_blocks = (kv.q_heads + kv.kv_heads) * per_head, Q = kv.q_heads * hd, KV = kv.kv_heads * hd;
-    if (int(blockIdx.x) < rope_blocks) {
+    if (rope_block) {
       __shared__ float rows[kGemvWarps];
-      const int head = blockIdx.x / per_head, j0 = blockIdx.x % per_head * kPairs;
-      const int row = head * hd + j0 + warp % kPairs + (warp < kPairs ? 0 : half);
-      const float s = dot(row);
+      const float s = dot(w, row);
       if (lane == 0) rows[warp] = s;
       __syncthreads();
       if (threadIdx.x < kPairs)
         ropeAppendPair(kv, 0, head, j0 + threadIdx.x, rows[threadIdx.x], rows[threadIdx.x + kPairs], a.y);
     } else {
-      const int c = (blockIdx.x - rope_blocks) * kGemvWarps + warp, row = Q + KV + c;
-      if (c >= KV) return;
-      const float s = dot(row);
+      if (!live) return;
+      const float s = dot(w, row);
       if (lane != 0) return;
       a.y[row] = s;
       appendValue(kv, 0, c, s);
     }
+  } else if constexpr (E == Epilogue::Store) {
+    float v = live ? dot(w, row) : 0.0f;
+    if (live && lane == 0) a.y[row] = v = v + (a.accumulate ? a.y[row] : 0.0f);
+    if (!a.emit.w) return;
+    __shared__ float squares[kGemvWarps];
+    if (lane == 0) {
+      squares[warp] = v * v;
+      if (live) a.emit.fed[row] = fromFloat<T>(v * a.emit.w[row]);
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      float ss = 0.0f;
+      for (int i = 0; i < kGemvWarps; ++i) ss += squares[i];
+      a.emit.sums[blockIdx.x] = ss;
+    }
   } else {
-    const int row = blockIdx.x * kGemvWarps + warp;
-    if (row >= a.out) return;
-    float s = dot(row);
+    if (!live) return;
+    float s = dot(w, row);
     if constexpr (E == Epilogue::SiluMul) {
-      const float up = dot(a.out + row);  // W = gate rows, then up rows
-      s = s / (1.0f + expf(-s)) * up;
-    } else if constexpr (E == Epilogue::Relu) {
+      const float u = dot(up, a.out + row);
+      s = s / (1.0f + expf(-s)) * u;
+    } else {
       s = fmaxf(s, 0.0f);
     }
-    if (lane != 0) return;
-    if constexpr (E == Epilogue::Store) a.y[row] = s + (a.accumulate ? a.y[row] : 0.0f);
-    else a.act[row] = fromFloat<T>(s);
+    if (lane == 0) a.act[row] = fromFloat<T>(s);
   }
 }
 
@@ -270,26 +322,39 @@ void launchGemv(const GemvArgs<T>& a, unsigned blocks) {
   // Past 40 KiB, ask for it: the kernel's static shared memory counts against the default 48 too.
   if (smem > 40 * 1024)
     KVTP_CUDA_CHECK(cudaFuncSetAttribute(gemvKernel<T, E>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  gemvKernel<T, E><<<blocks, 32 * kGemvWarps, smem>>>(a);
-  KVTP_CUDA_LAUNCHED();
+  launchDependent(gemvKernel<T, E>, blocks, 32 * kGemvWarps, size_t(smem), a);
 }
 
-unsigned blocksOf(int rows) { return unsigned((rows + kGemvWarps - 1) / kGemvWarps); }
+
+int deferredNormSums(int dim) { return gemvBlocks(dim); }
+
+// A product that takes part in a DeferredNorm goes through the GEMV kernels or not at all.
+template <class T>
+void requireGemv(bool fits, const DeferredNorm<T>* norm, const char* what) {
+  if (norm && !fits) throw std::invalid_argument(std::string(what) + ": a deferred norm needs one row through the GEMV kernels");
+}
 
 template <class T>
 void gemm(const Blas& blas, const T* x, int rows, int in, const T* W, int out, const float* bias, float* y,
-          bool accumulate) {
-  if (!gemvFits(x, rows, in, W)) return gemmBlas(blas, x, rows, in, W, out, bias, y, accumulate);
-  launchGemv<T, Epilogue::Store>({x, W, in, out, bias, y, accumulate, nullptr, {}}, blocksOf(out));
+          bool accumulate, const DeferredNorm<T>* emit) {
+  const bool fits = gemvFits(x, rows, in, W);
+  requireGemv(fits, emit, "cuda::gemm");
+  if (!fits) return gemmBlas(blas, x, rows, in, W, out, bias, y, accumulate);
+  GemvArgs<T> a{x, W, in, out, bias, y, accumulate, nullptr, {}};
+  if (emit) a.emit = *emit;
+  launchGemv<T, Epilogue::Store>(a, unsigned(gemvBlocks(out)));
 }
 
 template <class T>
 void gemmActivation(const Blas& blas, const T* x, int rows, int in, const T* W, int F, const float* bias,
-                    Activation act, float* scratch, T* out) {
-  if (gemvFits(x, rows, in, W)) {
-    const GemvArgs<T> a{x, W, in, F, bias, nullptr, false, out, {}};
-    if (act == Activation::SiluMul) launchGemv<T, Epilogue::SiluMul>(a, blocksOf(F));
-    else launchGemv<T, Epilogue::Relu>(a, blocksOf(F));
+                    Activation act, float* scratch, T* out, const DeferredNorm<T>* normed) {
+  const bool fits = gemvFits(x, rows, in, W);
+  requireGemv(fits, normed, "cuda::gemmActivation");
+  if (fits) {
+    GemvArgs<T> a{x, W, in, F, bias, nullptr, false, out, {}};
+    if (normed) a.normed = *normed;
+    if (act == Activation::SiluMul) launchGemv<T, Epilogue::SiluMul>(a, unsigned(gemvBlocks(F)));
+    else launchGemv<T, Epilogue::Relu>(a, unsigned(gemvBlocks(F)));
     return;
   }
   if (act == Activation::SiluMul) {
@@ -304,10 +369,14 @@ void gemmActivation(const Blas& blas, const T* x, int rows, int in, const T* W, 
 
 template <class T>
 void qkvAppend(const Blas& blas, const T* x, int rows, int in, const T* W, const float* bias, float* qkv,
-               const KvAppend<T>& kv) {
+               const KvAppend<T>& kv, const DeferredNorm<T>* normed) {
   const int hd = kv.head_dim, out = (kv.q_heads + 2 * kv.kv_heads) * hd;
-  if (gemvFits(x, rows, in, W) && hd % kGemvWarps == 0) {
-    launchGemv<T, Epilogue::RopeAppend>({x, W, in, out, bias, qkv, false, nullptr, kv}, blocksOf(out));
+  const bool fits = gemvFits(x, rows, in, W) && hd % kGemvWarps == 0;
+  requireGemv(fits, normed, "cuda::qkvAppend");
+  if (fits) {
+    GemvArgs<T> a{x, W, in, out, bias, qkv, false, nullptr, kv};
+    if (normed) a.normed = *normed;
+    launchGemv<T, Epilogue::RopeAppend>(a, unsigned(gemvBlocks(out)));
     return;
   }
   gemm(blas, x, rows, in, W, out, bias, qkv, false);
@@ -337,14 +406,12 @@ constexpr int kNormThreads = 512;
 
 template <class O>
 void layerNormTo(const float* x, int rows, int dim, const float* w, const float* b, float eps, O* y) {
-  normKernel<<<rows, kNormThreads>>>(x, dim, w, b, eps, y);
-  KVTP_CUDA_LAUNCHED();
+  launchDependent(normKernel<O>, rows, kNormThreads, 0, x, dim, w, b, eps, y);
 }
 
 template <class O>
 void rmsNormTo(const float* x, int rows, int dim, const float* w, float eps, O* y) {
-  normKernel<<<rows, kNormThreads>>>(x, dim, w, nullptr, eps, y);
-  KVTP_CUDA_LAUNCHED();
+  launchDependent(normKernel<O>, rows, kNormThreads, 0, x, dim, w, static_cast<const float*>(nullptr), eps, y);
 }
 
 void ropeTable(const int* positions, int rows, int head_dim, const float* inv_freq, float2* rope) {
@@ -771,12 +838,14 @@ void attentionPrefill(const Blas& blas, const float* q, int64_t q_stride, const 
 }
 
 #define KVTP_FORWARD_OPS(T)                                                                                         \
-  template void gemm<T>(const Blas&, const T*, int, int, const T*, int, const float*, float*, bool);                \
+  template void gemm<T>(const Blas&, const T*, int, int, const T*, int, const float*, float*, bool,                 \
+                        const DeferredNorm<T>*);                                                                    \
+  template bool gemvFits<T>(const T*, int, int, const T*);                                                          \
   template void gemmBlas<T>(const Blas&, const T*, int, int, const T*, int, const float*, float*, bool);            \
   template void gemmActivation<T>(const Blas&, const T*, int, int, const T*, int, const float*, Activation,         \
-                                  float*, T*);                                                                      \
+                                  float*, T*, const DeferredNorm<T>*);                                              \
   template void qkvAppend<T>(const Blas&, const T*, int, int, const T*, const float*, float*,                       \
-                             const KvAppend<T>&);                                                                   \
+                             const KvAppend<T>&, const DeferredNorm<T>*);                                           \
   template void convert<T>(const float*, int64_t, T*);                                                              \
   template void embed<T>(const int*, int, const T*, int, int, int, float*);                                         \
   template void layerNormTo<T>(const float*, int, int, const float*, const float*, float, T*);                      \

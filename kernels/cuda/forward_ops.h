@@ -10,12 +10,32 @@
 
 namespace kvtp::cuda {
 
+// RMSNorm folded into the decode products around it, so that no norm kernel runs between them:
+// the product adding into the residual row x (gemm, accumulate) also writes fed = T(x ∘ w) and,
+// per block of its GEMV, the sum of the new x² (sums); the next product (qkvAppend,
+// gemmActivation) reads fed as its input and scales each dot by rsqrt(mean x² + eps) before bias
+// and activation: W (x ∘ w) rsqrt(mean x² + eps) is W rmsnorm(x). One row through the GEMV
+// kernels only (gemvFits; the products throw otherwise). fed holds x ∘ w unnormalized: in fp16
+// that is exact in relative terms but must stay below 65504, as a model run in fp16 needs anyway.
+template <class T>
+struct DeferredNorm {
+  const float* w = nullptr;  // the norm's weights (the emitting product)
+  T* fed = nullptr;
+  float* sums = nullptr;     // deferredNormSums(dim) of them
+  float eps = 0.0f;
+};
+// How many partial sums a row of `dim` leaves.
+int deferredNormSums(int dim);
+// Whether one row of x goes through the GEMV kernels (16-byte vectors).
+template <class T>
+bool gemvFits(const T* x, int rows, int in, const T* W);
+
 // y (rows, out) float = x (rows, in) · W^T (+ bias, float) (+ y if accumulate); x and W of type T,
 // W (out, in) row-major; float32 accumulation (strict for T = float: no TF32). One row (decode)
-// goes through a bandwidth-bound GEMV kernel, more through cuBLAS.
+// goes through a bandwidth-bound GEMV kernel, more through cuBLAS. `emit`: see DeferredNorm.
 template <class T>
 void gemm(const Blas& blas, const T* x, int rows, int in, const T* W, int out, const float* bias, float* y,
-          bool accumulate);
+          bool accumulate, const DeferredNorm<T>* emit = nullptr);
 // The same product always through cuBLAS (benchmarks compare the two paths).
 template <class T>
 void gemmBlas(const Blas& blas, const T* x, int rows, int in, const T* W, int out, const float* bias, float* y,
@@ -26,9 +46,10 @@ void gemmBlas(const Blas& blas, const T* x, int rows, int in, const T* W, int ou
 // activation in its epilogue; more: cuBLAS into `scratch` (rows x 2F or rows x F floats), then
 // the activation.
 enum class Activation { SiluMul, Relu };
+// `normed`: x is a DeferredNorm's fed row, scaled here.
 template <class T>
 void gemmActivation(const Blas& blas, const T* x, int rows, int in, const T* W, int F, const float* bias,
-                    Activation act, float* scratch, T* out);
+                    Activation act, float* scratch, T* out, const DeferredNorm<T>* normed = nullptr);
 
 // RoPE's rotations of a step's rows, computed once for all layers: rope (rows, head_dim / 2) =
 // (cos, sin) of positions[t] * inv_freq[j], the angle in double as on the CPU.
@@ -57,10 +78,11 @@ struct KvAppend {
 template <class T>
 void ropeAppendKV(float* qkv, int rows, const KvAppend<T>& kv);
 // qkv (rows, (q_heads + 2 kv_heads) head_dim) = x · W^T + bias, then ropeAppendKV. One row: a
-// single GEMV kernel whose epilogue rotates and appends (head_dim a multiple of 16).
+// single GEMV kernel whose epilogue rotates and appends (head_dim a multiple of 16). `normed`: as
+// gemmActivation's.
 template <class T>
 void qkvAppend(const Blas& blas, const T* x, int rows, int in, const T* W, const float* bias, float* qkv,
-               const KvAppend<T>& kv);
+               const KvAppend<T>& kv, const DeferredNorm<T>* normed = nullptr);
 
 // out[i] = T(in[i]).
 template <class T>
