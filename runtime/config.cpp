@@ -133,4 +133,8 @@ ModelConfig loadConfig(const std::string& model_dir) {
   return parseConfig(j, path);
 }
 
+void ModelConfig::checkLowRank(int rank) const {
+  if (rank > head_dim) throw Error("cskv rank " + std::to_string(rank) + " exceeds head_dim " + std::to_string(head_dim));
+}
+
 }  // namespace kvtp

@@ -51,6 +51,8 @@ struct ModelConfig {
   // Parameters that take part in a matrix product per token (FLOPs = 2 x this x tokens).
   int64_t matmulParameterCount() const;
   void validate() const;
+  // A low-rank KV cache (cskv) of this rank fits the heads; throws Error otherwise.
+  void checkLowRank(int rank) const;
 };
 
 ModelConfig parseConfig(const nlohmann::json& j, const std::string& source);

@@ -132,8 +132,7 @@ class GpuEngine : public Engine {
         ring_((lowrank_ ? o.kv.lowrank_window : o.kv.residual + o.kv.group) + kMaxFewRows),
         time_collectives_(o.time_collectives) {
     checkGpuCompression(o.kv);
-    if (o.kv.rank > c_.head_dim)
-      throw Error("cskv rank " + std::to_string(o.kv.rank) + " exceeds head_dim " + std::to_string(c_.head_dim));
+    c_.checkLowRank(o.kv.rank);
     if (!std::set<int>{8, 16, 32, 64, 128, 256}.count(c_.head_dim))
       throw Error("the CUDA backend needs head_dim 8, 16, 32, 64, 128 or 256 (this model: " +
                   std::to_string(c_.head_dim) + ")");
@@ -773,12 +772,12 @@ class GpuEngine : public Engine {
     kivi.K = L.Kq.get() + row0 * kivi.codeBytes(), kivi.V = L.Vq.get() + row0 * kivi.codeBytes();
     kivi.k_params = L.k_params.get() + head0 * kivi.keyGroups() * 2 * hd;
     kivi.v_params = L.v_params.get() + row0 * 2 * kivi.valueGroups();
-    kivi.ring_k = L.ring_k.get() + head0 * ring_ * hd, kivi.ring_v = L.ring_v.get() + head0 * ring_ * hd;
-    kivi.ring = ring_, kivi.k_pos = k_pos;
+    const cuda::Ring<T> ring{L.ring_k.get() + head0 * ring_ * hd, L.ring_v.get() + head0 * ring_ * hd, ring_, hd};
+    kivi.ring = ring, kivi.k_pos = k_pos;
     kivi.quantized = compact, kivi.quantized_after = compact + seqs_.size() * H;
     const cuda::LowRankCache<T> lowrank{hd, kv_spec_.rank, H, L.coords.get() + row0 * 2 * kv_spec_.rank,
                                         L.key_basis.get(), L.value_basis.get(), inv_freq_.size() ? inv_freq_.get() : nullptr,
-                                        kivi.ring_k, kivi.ring_v, ring_, k_pos, capacity_,
+                                        ring, k_pos, capacity_,
                                         compact, compact + seqs_.size() * H};
     const int longest = seq().longest;  // many rows: the current sequence's, uniform
     if (coded && shape.many) {

@@ -87,7 +87,7 @@ kv::HeadLayout Model::headLayout() const { return kvtp::headLayout(config_, part
 
 kv::LowRankBases Model::lowRankBases(int rank) const {
   const int hd = config_.head_dim, H = config_.hidden;
-  if (rank > hd) throw Error("cskv rank " + std::to_string(rank) + " exceeds head_dim " + std::to_string(hd));
+  config_.checkLowRank(rank);
   kv::LowRankBases b;
   b.rank = rank;
   b.rope_inv_freq = inv_freq_;

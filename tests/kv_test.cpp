@@ -6,6 +6,7 @@
 #include <random>
 
 #include "kv/policy.h"
+#include "runtime/error.h"
 #include "ppl_jobs.h"
 
 namespace kvtp::kv {
@@ -413,6 +414,17 @@ TEST(KvLowRank, FullRankReproducesTheFullCache) {
     for (size_t i = 0; i < full.sequences[s].logprobs.size(); ++i)
       ASSERT_NEAR(same.sequences[s].logprobs[i], full.sequences[s].logprobs[i], 1e-4);  // un-rotate/rotate rounding
   EXPECT_GT(std::abs(low.ppl() - full.ppl()), 1e-3 * full.ppl());
+}
+
+TEST(KvLowRank, RankPastHeadDimIsRefused) {
+  PplJob j = test::fixtureJob("llama3-gqa", Mode::Decode);  // head_dim 8
+  j.kv_lowrank = "cskv:rank=9,window=4";
+  try {
+    runPplJob(j);
+    ADD_FAILURE() << "expected an error";
+  } catch (const kvtp::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("cskv rank 9 exceeds head_dim 8"), std::string::npos) << e.what();
+  }
 }
 
 TEST(KvEviction, ProtectedDefaultDoesNotCollapse) {

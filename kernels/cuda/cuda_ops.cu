@@ -361,9 +361,9 @@ __global__ void __launch_bounds__(32 * kWarps, std::is_same_v<KT, uint8_t> ? 2 :
       }
     }
     walk(max(split * chunk, quantized), end, [&](int l, bool in, float (&k)[P], float (&v)[P]) {
-      const int64_t row = (int64_t(kvh) * kc.ring + l % kc.ring) * hd;
-      loadChannels<P>(kc.ring_k + row, lane, in, k);
-      loadChannels<P>(kc.ring_v + row, lane, in, v);
+      const int64_t row = kc.ring.at(kvh, l);
+      loadChannels<P>(kc.ring.k + row, lane, in, k);
+      loadChannels<P>(kc.ring.v + row, lane, in, v);
     });
   } else if constexpr (!int8) {
     walk(split * chunk, end, [&](int l, bool in, float (&k)[P], float (&v)[P]) {

@@ -512,7 +512,7 @@ __global__ void kiviAppendKernel(KiviCache<T> c, const float* qkv, int64_t qkv_s
   const int64_t head = rows_are_sequences ? int64_t(t) * gridDim.y + g : g;
   const int slot = first_slots[head] + (rows_are_sequences ? 0 : t);
   const float* x = qkv + int64_t(t) * qkv_stride + (is_v ? v_offset : k_offset) + int64_t(g) * c.head_dim;
-  T* row = (is_v ? c.ring_v : c.ring_k) + (head * c.ring + slot % c.ring) * c.head_dim;
+  T* row = (is_v ? c.ring.v : c.ring.k) + c.ring.at(head, slot);
   for (int ch = threadIdx.x; ch < c.head_dim; ch += blockDim.x) row[ch] = fromFloat<T>(x[ch]);
   if (threadIdx.x == 0 && !is_v) c.k_pos[head * c.capacity + slot] = positions[t];
 }
@@ -535,7 +535,7 @@ __global__ void kiviQuantizeKernel(KiviCache<T> c, const T* stage_k, const T* st
   const float levels = float((1 << bits) - 1);
   auto source = [&](bool value, int l) -> const T* {  // row l of head h: the stage's, else the ring's
     if (stage_k) return (value ? stage_v : stage_k) + (h * stage_capacity + l) * hd;
-    return (value ? c.ring_v : c.ring_k) + (int64_t(h) * c.ring + l % c.ring) * hd;
+    return (value ? c.ring.v : c.ring.k) + c.ring.at(h, l);
   };
   float k_lo = 0.0f, k_step = 0.0f;
   if (ch < hd) {
@@ -590,10 +590,8 @@ __global__ void kiviKeepKernel(KiviCache<T> c, const T* stage_k, const T* stage_
                                int64_t stage_capacity, const int* lengths, int first_new) {
   const int h = blockIdx.y, hd = c.head_dim, keep_from = c.quantized_after[h];
   for (int l = min(keep_from, first_new) + blockIdx.x; l < lengths[h]; l += gridDim.x) {
-    const int64_t from = h * stage_capacity + l, to = (int64_t(h) * c.ring + l % c.ring) * hd;
-    if (l >= keep_from)
-      for (int ch = threadIdx.x; ch < hd; ch += blockDim.x)
-        c.ring_k[to + ch] = stage_k[from * hd + ch], c.ring_v[to + ch] = stage_v[from * hd + ch];
+    const int64_t from = h * stage_capacity + l;
+    if (l >= keep_from) c.ring.put(h, l, stage_k + from * hd, stage_v + from * hd);
     if (l >= first_new && threadIdx.x == 0) c.k_pos[int64_t(h) * c.capacity + l] = stage_pos[from];
   }
 }
@@ -609,8 +607,8 @@ __global__ void kiviRowsKernel(KiviCache<T> c, int count, T* K, T* V, int* k_pos
       K[to * hd + ch] = fromFloat<T>(KiviCache<T>::decode(c.keyParams(h, l, ch), c.code(c.K + row * c.codeBytes(), ch)));
       V[to * hd + ch] = fromFloat<T>(KiviCache<T>::decode(c.valueParams(h, l, ch), c.code(c.V + row * c.codeBytes(), ch)));
     } else {
-      const int64_t ring_row = (int64_t(h) * c.ring + l % c.ring) * hd;
-      K[to * hd + ch] = c.ring_k[ring_row + ch], V[to * hd + ch] = c.ring_v[ring_row + ch];
+      const int64_t ring_row = c.ring.at(h, l);
+      K[to * hd + ch] = c.ring.k[ring_row + ch], V[to * hd + ch] = c.ring.v[ring_row + ch];
     }
   }
   if (threadIdx.x == 0) k_pos[to] = c.k_pos[row];
@@ -676,8 +674,8 @@ __global__ void lowRankFinishKernel(LowRankCache<T> c, const int* counts, T* K, 
       const float2 x = ropePair(toFloat(k[i]), toFloat(k[i + half]), c.k_pos[int64_t(h) * c.capacity + l], c.inv_freq[i]);
       k[i] = fromFloat<T>(x.x), k[i + half] = fromFloat<T>(x.y);
     } else {
-      const int64_t from = (int64_t(h) * c.ring + l % c.ring) * hd;
-      for (int ch : {i, i + half}) k[ch] = c.ring_k[from + ch], V[row + ch] = c.ring_v[from + ch];
+      const int64_t from = c.ring.at(h, l);
+      for (int ch : {i, i + half}) k[ch] = c.ring.k[from + ch], V[row + ch] = c.ring.v[from + ch];
     }
   }
 }
@@ -713,8 +711,8 @@ __global__ void lowRankSettleKernel(LowRankCache<T> c, const T* K, const T* V, c
     __syncthreads();
   }
   for (int l = max(c.projected_after[h], first_new[h]) + blockIdx.x; l < lengths[h]; l += gridDim.x) {
-    const int64_t from = (int64_t(h) * c.capacity + l) * hd, to = (int64_t(h) * c.ring + l % c.ring) * hd;
-    for (int ch = threadIdx.x; ch < hd; ch += blockDim.x) c.ring_k[to + ch] = K[from + ch], c.ring_v[to + ch] = V[from + ch];
+    const int64_t from = (int64_t(h) * c.capacity + l) * hd;
+    c.ring.put(h, l, K + from, V + from);
   }
 }
 

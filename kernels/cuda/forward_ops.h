@@ -124,12 +124,27 @@ void quantizeAppend(int rows, int kv_heads, const Int8Append& cache);
 template <class T>
 void dequantizeRows(const Int8Append& cache, int kv_heads, int count, T* K, T* V, int* k_pos, int64_t stage_capacity);
 
+// The newest rows of each KV head kept at full precision (KIVI's residual window, low rank's
+// window): row l of head h at slot l % rows, [kv_head][rows][head_dim], keys and values.
+template <class T>
+struct Ring {
+  T *k = nullptr, *v = nullptr;
+  int rows = 0, head_dim = 0;
+  __host__ __device__ int64_t at(int64_t head, int64_t l) const { return (head * rows + l % rows) * head_dim; }
+#ifdef __CUDACC__
+  // Row l of head h from key and value rows elsewhere, a channel per thread of the block.
+  __device__ void put(int64_t head, int64_t l, const T* key, const T* value) const {
+    const int64_t to = at(head, l);
+    for (int ch = threadIdx.x; ch < head_dim; ch += blockDim.x) k[to + ch] = key[ch], v[to + ch] = value[ch];
+  }
+#endif
+};
+
 // A KIVI cache (kv::KVCache's Kivi form) on the device. Each KV head's oldest rows, a multiple of
 // `group`, are codes of `bits` bits packed as the CPU packs them (low bits first): keys per
 // channel over each run of `group` rows — (lo, step) per channel per run in k_params — and values
 // per row over groups of `group` channels — (lo, step) per channel group in v_params; x = lo +
-// code * step. The newer rows (at most `ring`) stay full precision in T, row l of a head at ring
-// slot l % ring. Positions of every row in k_pos. Pointers at the step's first KV head, as K/V;
+// code * step. The newer rows (at most ring.rows) stay full precision in the ring. Positions of every row in k_pos. Pointers at the step's first KV head, as K/V;
 // `quantized` / `quantized_after` (device, per KV head from there): rows held as codes before
 // the step and after it (the step quantizes the runs in between: kiviSettle).
 template <class T>
@@ -138,8 +153,7 @@ struct KiviCache {
   uint8_t *K, *V;       // [kv_head][capacity][codeBytes()]
   float* k_params;      // [kv_head][keyGroups()][head_dim] x (lo, step)
   float* v_params;      // [kv_head][capacity][valueGroups()] x (lo, step)
-  T *ring_k, *ring_v;   // [kv_head][ring][head_dim]
-  int ring;
+  Ring<T> ring;
   int* k_pos;           // [kv_head][capacity]
   int64_t capacity;
   const int *quantized, *quantized_after;
@@ -182,8 +196,7 @@ void kiviRows(const KiviCache<T>& cache, int kv_heads, int count, T* K, T* V, in
 // A low-rank cache (kv::KVCache's LowRank form, CSKV) on the device. Each KV head's oldest rows,
 // all but the newest `window`, are their coordinates in the head's bases: `rank` key coordinates
 // (of the key taken out of RoPE's rotation: W_k acts before it) then `rank` value coordinates, as
-// the CPU stores them. The newer rows stay full precision in T in a ring as KiviCache's (row l of
-// a head at ring slot l % ring). Attention reads full rows from a stage the step fills
+// the CPU stores them. The newer rows stay full precision in the ring. Attention reads full rows from a stage the step fills
 // (lowRankRows); `projected` / `projected_after` (device, per KV head from the step's first):
 // rows held as coordinates before the step and after it.
 template <class T>
@@ -193,8 +206,7 @@ struct LowRankCache {
   T* coords;                             // [kv_head][capacity][2 rank]
   const T *key_basis, *value_basis;      // [kv_heads][head_dim][rank] (kv::LowRankBases' layout)
   const float* inv_freq;                 // RoPE's (null: none, OPT)
-  T *ring_k, *ring_v;                    // [kv_head][ring][head_dim]
-  int ring;
+  Ring<T> ring;
   const int* k_pos;                      // [kv_head][capacity]
   int64_t capacity;
   const int *projected, *projected_after;
