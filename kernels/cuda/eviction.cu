@@ -86,8 +86,25 @@ __device__ inline uint64_t ordered(double key) {
 }
 
 // A byte of every key whose higher bytes equal `prefix` (under `mask`) counted into hist[256].
-__global__ void byteHistogram(const double* keys, int64_t n, uint64_t prefix, uint64_t mask, int shift, unsigned* hist) {
+// The radix select's state between passes, on the device: no pass waits for the host.
+struct SelectState {
+  unsigned hist[256];     // this pass's histogram of the next byte
+  uint64_t prefix, mask;  // the bytes of the r-th highest key found so far
+  int64_t r;              // its rank among the keys under the prefix
+  int done;               // r fell to 0: nothing is kept but the protected
+  // Every key above `threshold` is kept, and the first r of those equal to it.
+  __device__ uint64_t threshold() const { return r == 0 ? ~0ull : prefix; }
+};
+
+__global__ void startSelect(SelectState* s, int64_t budget) {
+  s->hist[threadIdx.x] = 0;
+  if (threadIdx.x == 0) s->prefix = s->mask = 0, s->r = budget, s->done = 0;
+}
+
+__global__ void byteHistogram(const double* keys, int64_t n, int shift, SelectState* s) {
+  if (s->done) return;
   __shared__ unsigned local[256];
+  const uint64_t prefix = s->prefix, mask = s->mask;
   for (int b = threadIdx.x; b < 256; b += blockDim.x) local[b] = 0;
   __syncthreads();
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
@@ -96,22 +113,45 @@ __global__ void byteHistogram(const double* keys, int64_t n, uint64_t prefix, ui
   }
   __syncthreads();
   for (int b = threadIdx.x; b < 256; b += blockDim.x)
-    if (local[b]) atomicAdd(&hist[b], local[b]);
+    if (local[b]) atomicAdd(&s->hist[b], local[b]);
 }
 
-__global__ void equalFlags(const double* keys, int64_t n, uint64_t threshold, int* flags) {
+// One thread: the byte at `shift` of the r-th highest key under the prefix, from the pass's
+// histogram, which it clears for the next pass.
+__global__ void pickByte(int64_t n, int shift, SelectState* s) {
+  if (s->done) return;
+  unsigned* h = s->hist;
+  int64_t r = s->r;
+  if (shift == 56)  // +inf's top byte is 0xff, -inf's (a hole's) 0x00; finite keys >= 0 lie between
+    r = min(max(r, int64_t(h[255])), n - h[0]);
+  if (r == 0) {
+    s->r = 0, s->done = 1;
+    return;
+  }
+  int b = 255;
+  for (int64_t above = 0; b >= 0; --b) {
+    if (above + h[b] >= r) {
+      r -= above;
+      break;
+    }
+    above += h[b];
+  }
+  s->prefix |= uint64_t(b) << shift, s->mask |= uint64_t(255) << shift, s->r = r;
+  for (int i = 0; i < 256; ++i) h[i] = 0;
+}
+
+__global__ void equalFlags(const double* keys, int64_t n, const SelectState* s, int* flags) {
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i < n) flags[i] = ordered(keys[i]) == threshold;
+  if (i < n) flags[i] = ordered(keys[i]) == s->threshold();
 }
 
 // The r highest keys: those above the threshold, then the first `ties` equal to it in table
 // order (rank among the equal ones from an exclusive scan of their flags).
-__global__ void markSelected(const double* keys, int64_t n, uint64_t threshold, const int* tie_rank, int64_t ties,
-                             uint8_t* keep) {
+__global__ void markSelected(const double* keys, int64_t n, const SelectState* s, const int* tie_rank, uint8_t* keep) {
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= n) return;
-  const uint64_t u = ordered(keys[i]);
-  keep[i] = u > threshold || (u == threshold && tie_rank[i] < ties);
+  const uint64_t u = ordered(keys[i]), threshold = s->threshold();
+  keep[i] = u > threshold || (u == threshold && tie_rank[i] < s->r);
 }
 
 // One block per (layer, head). Evicted entries become holes until holes pass an eighth of the
@@ -219,43 +259,29 @@ namespace {
 // One pool (the global budget): a radix select, not a sort — a step evicts about one entry a head
 // of millions. Eight passes, a byte each from the top, find the r-th highest key (r: the budget,
 // at least every +inf, at most every entry but the holes); keys above it are kept, and of those
-// equal to it the first in table order (a scan of their flags), as the stable sort would.
+// equal to it the first in table order (a scan of their flags), as the stable sort would. The
+// passes hand their state on in device memory (the host choosing each byte cost eight round trips).
 void selectTop(const double* table, int64_t n, int64_t budget, uint8_t* keep) {
-  static thread_local DeviceBuffer<unsigned> hist;
+  static thread_local DeviceBuffer<SelectState> state;
   static thread_local DeviceBuffer<int> ranks;
   static thread_local DeviceBuffer<char> temp;
-  unsigned* d_hist = grow(hist, 256);
-  const unsigned blocks = std::min<unsigned>(blocksFor(n), 4 * 132);
-  uint64_t prefix = 0, mask = 0;
-  int64_t r = budget;
-  unsigned h[256];
+  SelectState* s = grow(state, 1);
+  const unsigned blocks = std::min<unsigned>(blocksFor(n), 4 * multiprocessors());
+  startSelect<<<1, 256>>>(s, budget);
+  KVTP_CUDA_LAUNCHED();
   for (int shift = 56; shift >= 0; shift -= 8) {
-    KVTP_CUDA_CHECK(cudaMemset(d_hist, 0, 256 * sizeof(unsigned)));
-    byteHistogram<<<blocks, kThreads>>>(table, n, prefix, mask, shift, d_hist);
+    byteHistogram<<<blocks, kThreads>>>(table, n, shift, s);
+    pickByte<<<1, 1>>>(n, shift, s);
     KVTP_CUDA_LAUNCHED();
-    KVTP_CUDA_CHECK(cudaMemcpy(h, d_hist, sizeof h, cudaMemcpyDeviceToHost));
-    if (shift == 56)  // +inf's top byte is 0xff, -inf's (a hole's) 0x00; finite keys >= 0 lie between
-      r = std::clamp<int64_t>(r, h[255], n - h[0]);
-    if (r == 0) break;
-    int b = 255;
-    for (int64_t above = 0; b >= 0; --b) {
-      if (above + h[b] >= r) {
-        r -= above;
-        break;
-      }
-      above += h[b];
-    }
-    prefix |= uint64_t(b) << shift, mask |= uint64_t(255) << shift;
   }
-  const uint64_t threshold = r == 0 ? ~0ull : prefix;  // r == 0: keep nothing, a threshold above every key
   int* flags = grow(ranks, 2 * size_t(n));
   int* rank = flags + n;
-  equalFlags<<<blocksFor(n), kThreads>>>(table, n, threshold, flags);
+  equalFlags<<<blocksFor(n), kThreads>>>(table, n, s, flags);
   KVTP_CUDA_LAUNCHED();
   size_t bytes = 0;
   KVTP_CUDA_CHECK(cub::DeviceScan::ExclusiveSum(nullptr, bytes, flags, rank, int(n)));
   KVTP_CUDA_CHECK(cub::DeviceScan::ExclusiveSum(grow(temp, bytes), bytes, flags, rank, int(n)));
-  markSelected<<<blocksFor(n), kThreads>>>(table, n, threshold, rank, r, keep);
+  markSelected<<<blocksFor(n), kThreads>>>(table, n, s, rank, keep);
   KVTP_CUDA_LAUNCHED();
 }
 
