@@ -44,7 +44,9 @@
 //       blocks are scheduled while the Q|K|V product finishes and wait for it in-kernel, and it
 //       lets the O product start early in turn. H100 7B decode at 2k: 5.64 -> 5.49 ms, the GEMVs'
 //       early weight loads included. Tried: the waiting blocks asking L2 for their K/V rows
-//       (prefetch.global.L2) — 5.54 ms at 2k, 12.8 instead of 10.8 at 32k — dropped.
+//       (prefetch.global.L2) — 5.54 ms at 2k, 12.8 instead of 10.8 at 32k — dropped. The
+//       full-precision instantiations for groups of 4+ held to two blocks an SM again
+//       (kTwoBlocksAnSM): H200 70B-shape decode at 8k 4.54 -> 4.28 ms.
 #include <algorithm>
 #include <cfloat>
 #include <string>
@@ -158,6 +160,13 @@ __device__ void softmaxUpdate(const float (&dot)[G], float (&m)[G], float (&sum)
   }
 }
 
+// The instantiations held to two blocks an SM (128 registers): KIVI's (v9), and the full-precision
+// caches' at groups of 4+ query heads, whose registers grew past 128 with KIVI's template
+// parameters (176 at G = 8, fp16: one block an SM, the Llama-2-70B shape's decode at 8k 6 % and
+// at 32k 12-14 % slower; capped, no spills). int8's stay uncapped (capping them spills).
+template <int G, class KT, class OT>
+constexpr bool kTwoBlocksAnSM = std::is_same_v<KT, uint8_t> || (std::is_same_v<KT, OT> && G >= 4);
+
 // Attention v3. Grid (kv_heads, splits, T): a block takes keys [split * chunk, +chunk) of one KV
 // head for one query and all G = heads / kv_heads query heads that read it. Each warp takes every
 // kWarps-th key; its lanes hold channels lane P .. lane P + P - 1 (P = head_dim / 32, head_dim <=
@@ -174,7 +183,7 @@ template <int G, int HD, class KT, class OT>  // query heads per KV head, head_d
 // single-wave latency cost more than the work); `done` counts finished splits and is left at 0.
 // KIVI's instantiations are held to two blocks an SM (at most 128 registers): its sub-warps' state
 // took 130, one block an SM, which left its loads' latency exposed (ncu: 12.5 % of warps active).
-__global__ void __launch_bounds__(32 * kWarps, std::is_same_v<KT, uint8_t> ? 2 : 1) attentionSplit(const float* q, int q_stride, const int* q_pos, int heads, int group, const KT* K,
+__global__ void __launch_bounds__(32 * kWarps, kTwoBlocksAnSM<G, KT, OT> ? 2 : 1) attentionSplit(const float* q, int q_stride, const int* q_pos, int heads, int group, const KT* K,
                                const KT* V, const int* k_pos, int L, const int* lengths, int64_t pos_stride,
                                int64_t head_stride, float scale, int splits, float* part_o, float* part_ms,
                                unsigned* done, OT* out, float* probs, Int8Rows q8, bool rows_are_sequences,
