@@ -732,7 +732,7 @@ class GpuEngine : public Engine {
   // The norms a layer's halves take part in (cuda::DeferredNorm): the first product reads `in`'s
   // fed row (null: its input is normalized already), the residual's product emits `out`'s.
   struct Norms {
-    const cuda::DeferredNorm<T>*in = nullptr, *out = nullptr;
+    const cuda::DeferredNorm<T> *in = nullptr, *out = nullptr;
   };
   // Whether this step's norms can be deferred: one row through the GEMV kernels for all four
   // products of a layer on one GPU (the all-reduce of tp > 1 adds the residual outside them).
