@@ -701,7 +701,7 @@ class GpuEngine : public Engine {
     auto deferred = [&](const DeviceBuffer<float>& w) { return cuda::DeferredNorm<T>{w.get(), xn, sums, eps}; };
     for (int l = 0; l < c_.layers; ++l) {
       const GpuLayer<T>& L = layers_[l];
-      if (c_.family == Family::Llama && defer) {
+      if (defer) {
         if (l == 0) cuda::rmsNormTo(x, rows, H, L.attn_norm_w.get(), eps, xn);
         const cuda::DeferredNorm<T> attn = deferred(L.attn_norm_w), ffn = deferred(L.ffn_norm_w);
         attend(l, xn, x, {l > 0 ? &attn : nullptr, &ffn});
@@ -734,12 +734,11 @@ class GpuEngine : public Engine {
   struct Norms {
     const cuda::DeferredNorm<T> *in = nullptr, *out = nullptr;
   };
-  // Whether this step's norms can be deferred: one row through the GEMV kernels for all four
-  // products of a layer on one GPU (the all-reduce of tp > 1 adds the residual outside them).
+  // Whether this step's RMSNorms can be deferred: Llama on one GPU (the all-reduce of tp > 1 adds
+  // the residual outside the products), one row through the GEMV kernels for all four products.
   bool deferNorms(int rows) const {
-    constexpr int V = 16 / sizeof(T);
-    return c_.family == Family::Llama && rows == 1 && part_.tp == 1 && c_.head_dim % 16 == 0 &&
-           c_.hidden % V == 0 && part_.q_heads * c_.head_dim % V == 0 && part_.ffn() % V == 0;
+    return c_.family == Family::Llama && part_.tp == 1 &&
+           cuda::deferredNormFits<T>(rows, c_.hidden, part_.q_heads * c_.head_dim, part_.ffn(), c_.head_dim);
   }
 
   // x += o_proj(attention(qkv_proj(xn))), the new tokens' K/V appended to the cache first:

@@ -160,8 +160,9 @@ __device__ void softmaxUpdate(const float (&dot)[G], float (&m)[G], float (&sum)
   }
 }
 
-// The instantiations held to two blocks an SM (128 registers): KIVI's (v9), and the full-precision
-// caches' at groups of 4+ query heads, whose registers grew past 128 with KIVI's template
+// The instantiations held to two blocks an SM (128 registers): KIVI's (v9: its sub-warps' state
+// took 130, one block an SM, which left its loads' latency exposed — ncu: 12.5 % of warps active),
+// and the full-precision caches' at groups of 4+ query heads, whose registers grew past 128 with KIVI's template
 // parameters (176 at G = 8, fp16: one block an SM, the Llama-2-70B shape's decode at 8k 6 % and
 // at 32k 12-14 % slower; capped, no spills). int8's stay uncapped (capping them spills).
 template <int G, class KT, class OT>
@@ -181,8 +182,7 @@ template <int G, int HD, class KT, class OT>  // query heads per KV head, head_d
 // of G, so a group of 3 or 6 runs as 3 blocks of 1 or 2 heads over the same KV rows. The last
 // block of a (query, heads) to finish combines the splits (no combining kernel: its launch and
 // single-wave latency cost more than the work); `done` counts finished splits and is left at 0.
-// KIVI's instantiations are held to two blocks an SM (at most 128 registers): its sub-warps' state
-// took 130, one block an SM, which left its loads' latency exposed (ncu: 12.5 % of warps active).
+// Some instantiations are held to two blocks an SM (kTwoBlocksAnSM).
 __global__ void __launch_bounds__(32 * kWarps, kTwoBlocksAnSM<G, KT, OT> ? 2 : 1) attentionSplit(const float* q, int q_stride, const int* q_pos, int heads, int group, const KT* K,
                                const KT* V, const int* k_pos, int L, const int* lengths, int64_t pos_stride,
                                int64_t head_stride, float scale, int splits, float* part_o, float* part_ms,

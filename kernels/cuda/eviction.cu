@@ -85,7 +85,6 @@ __device__ inline uint64_t ordered(double key) {
   return u >> 63 ? ~u : u | (1ull << 63);
 }
 
-// A byte of every key whose higher bytes equal `prefix` (under `mask`) counted into hist[256].
 // The radix select's state between passes, on the device: no pass waits for the host.
 struct SelectState {
   unsigned hist[256];     // this pass's histogram of the next byte
@@ -101,6 +100,8 @@ __global__ void startSelect(SelectState* s, int64_t budget) {
   if (threadIdx.x == 0) s->prefix = s->mask = 0, s->r = budget, s->done = 0;
 }
 
+// The byte at `shift` of every key whose higher bytes equal the state's prefix (under its mask),
+// counted into the state's histogram.
 __global__ void byteHistogram(const double* keys, int64_t n, int shift, SelectState* s) {
   if (s->done) return;
   __shared__ unsigned local[256];

@@ -309,12 +309,22 @@ void gemmBlas(const Blas& blas, const T* x, int rows, int in, const T* W, int ou
                                  dataType<T>(), in, &beta, y, CUDA_R_32F, out, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
-// One row whose vectors can be read 16 bytes at a time goes through the GEMV kernels.
+namespace {
+
+// One row whose vectors can be read 16 bytes at a time goes through the GEMV kernels: its shape,
+// then (gemvFits) its buffers' alignment.
+template <class T>
+bool gemvShapeFits(int rows, int in) {
+  return rows == 1 && in % (16 / int(sizeof(T))) == 0;
+}
 template <class T>
 bool gemvFits(const T* x, int rows, int in, const T* W) {
-  constexpr int V = 16 / sizeof(T);
-  return rows == 1 && in % V == 0 && (reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(W)) % 16 == 0;
+  return gemvShapeFits<T>(rows, in) && (reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(W)) % 16 == 0;
 }
+// The fused Q|K|V product rotates pairs of a head within a block.
+bool qkvGemvFits(int head_dim) { return head_dim % kGemvWarps == 0; }
+
+}  // namespace
 
 template <class T, Epilogue E>
 void launchGemv(const GemvArgs<T>& a, unsigned blocks) {
@@ -325,8 +335,13 @@ void launchGemv(const GemvArgs<T>& a, unsigned blocks) {
   launchDependent(gemvKernel<T, E>, blocks, 32 * kGemvWarps, size_t(smem), a);
 }
 
-
 int deferredNormSums(int dim) { return gemvBlocks(dim); }
+
+template <class T>
+bool deferredNormFits(int rows, int hidden, int q_dim, int ffn, int head_dim) {
+  return gemvShapeFits<T>(rows, hidden) && gemvShapeFits<T>(rows, q_dim) && gemvShapeFits<T>(rows, ffn) &&
+         qkvGemvFits(head_dim);
+}
 
 // A product that takes part in a DeferredNorm goes through the GEMV kernels or not at all.
 template <class T>
@@ -371,7 +386,7 @@ template <class T>
 void qkvAppend(const Blas& blas, const T* x, int rows, int in, const T* W, const float* bias, float* qkv,
                const KvAppend<T>& kv, const DeferredNorm<T>* normed) {
   const int hd = kv.head_dim, out = (kv.q_heads + 2 * kv.kv_heads) * hd;
-  const bool fits = gemvFits(x, rows, in, W) && hd % kGemvWarps == 0;
+  const bool fits = gemvFits(x, rows, in, W) && qkvGemvFits(hd);
   requireGemv(fits, normed, "cuda::qkvAppend");
   if (fits) {
     GemvArgs<T> a{x, W, in, out, bias, qkv, false, nullptr, kv};
@@ -838,7 +853,7 @@ void attentionPrefill(const Blas& blas, const float* q, int64_t q_stride, const 
 #define KVTP_FORWARD_OPS(T)                                                                                         \
   template void gemm<T>(const Blas&, const T*, int, int, const T*, int, const float*, float*, bool,                 \
                         const DeferredNorm<T>*);                                                                    \
-  template bool gemvFits<T>(const T*, int, int, const T*);                                                          \
+  template bool deferredNormFits<T>(int, int, int, int, int);                                                       \
   template void gemmBlas<T>(const Blas&, const T*, int, int, const T*, int, const float*, float*, bool);            \
   template void gemmActivation<T>(const Blas&, const T*, int, int, const T*, int, const float*, Activation,         \
                                   float*, T*, const DeferredNorm<T>*);                                              \

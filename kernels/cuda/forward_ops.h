@@ -15,7 +15,7 @@ namespace kvtp::cuda {
 // per block of its GEMV, the sum of the new x² (sums); the next product (qkvAppend,
 // gemmActivation) reads fed as its input and scales each dot by rsqrt(mean x² + eps) before bias
 // and activation: W (x ∘ w) rsqrt(mean x² + eps) is W rmsnorm(x). One row through the GEMV
-// kernels only (gemvFits; the products throw otherwise). fed holds x ∘ w unnormalized: in fp16
+// kernels only (deferredNormFits; the products throw otherwise). fed holds x ∘ w unnormalized: in fp16
 // that is exact in relative terms but must stay below 65504, as a model run in fp16 needs anyway.
 template <class T>
 struct DeferredNorm {
@@ -26,9 +26,10 @@ struct DeferredNorm {
 };
 // How many partial sums a row of `dim` leaves.
 int deferredNormSums(int dim);
-// Whether one row of x goes through the GEMV kernels (16-byte vectors).
+// Whether a layer's four products (Q|K|V of head_dim heads over hidden, O over q_dim, gate|up over
+// hidden, down over ffn) all take the GEMV kernels for `rows` rows, as a DeferredNorm needs.
 template <class T>
-bool gemvFits(const T* x, int rows, int in, const T* W);
+bool deferredNormFits(int rows, int hidden, int q_dim, int ffn, int head_dim);
 
 // y (rows, out) float = x (rows, in) · W^T (+ bias, float) (+ y if accumulate); x and W of type T,
 // W (out, in) row-major; float32 accumulation (strict for T = float: no TF32). One row (decode)
@@ -144,8 +145,8 @@ struct Ring {
 // `group`, are codes of `bits` bits packed as the CPU packs them (low bits first): keys per
 // channel over each run of `group` rows — (lo, step) per channel per run in k_params — and values
 // per row over groups of `group` channels — (lo, step) per channel group in v_params; x = lo +
-// code * step. The newer rows (at most ring.rows) stay full precision in the ring. Positions of every row in k_pos. Pointers at the step's first KV head, as K/V;
-// `quantized` / `quantized_after` (device, per KV head from there): rows held as codes before
+// code * step. The newer rows (at most ring.rows) stay full precision in the ring. Positions of
+// every row in k_pos. Pointers at the step's first KV head, as K/V; `quantized` / `quantized_after` (device, per KV head from there): rows held as codes before
 // the step and after it (the step quantizes the runs in between: kiviSettle).
 template <class T>
 struct KiviCache {
@@ -196,8 +197,8 @@ void kiviRows(const KiviCache<T>& cache, int kv_heads, int count, T* K, T* V, in
 // A low-rank cache (kv::KVCache's LowRank form, CSKV) on the device. Each KV head's oldest rows,
 // all but the newest `window`, are their coordinates in the head's bases: `rank` key coordinates
 // (of the key taken out of RoPE's rotation: W_k acts before it) then `rank` value coordinates, as
-// the CPU stores them. The newer rows stay full precision in the ring. Attention reads full rows from a stage the step fills
-// (lowRankRows); `projected` / `projected_after` (device, per KV head from the step's first):
+// the CPU stores them. The newer rows stay full precision in the ring. Attention reads full rows
+// from a stage the step fills (lowRankRows); `projected` / `projected_after` (device, per KV head from the step's first):
 // rows held as coordinates before the step and after it.
 template <class T>
 struct LowRankCache {
