@@ -1,6 +1,7 @@
 #include "kv/policy.h"
 
 #include "kernels/cpu_ops.h"
+#include "kv/budget_select.h"
 
 #include <algorithm>
 #include <bit>
@@ -316,23 +317,18 @@ void Policy::evict(KVCache& cache, int last_pos, bool prefill) {
     return;
   }
   const int L = lay_.layers, H = lay_.local_kv_heads, G = lay_.global_kv_heads;
-
-  // Every head's length, then every entry's (position, score) in one global table.
-  std::vector<double> lens(size_t(L) * G, 0.0);
-  for (int l = 0; l < L; ++l)
-    for (int h = 0; h < H; ++h)
-      if (lay_.owner) lens[globalIndex(l, h)] = cache.head(l, h).length();
-  if (group_ && group_->size() > 1) group_->allReduceSum(lens.data(), lens.size());
-  std::vector<int64_t> off(lens.size() + 1, 0);
-  for (size_t i = 0; i < lens.size(); ++i) off[i + 1] = off[i] + int64_t(lens[i]);
-  std::vector<double>& table = table_;  // (position, score) pairs
-  table.assign(size_t(off.back()) * 2, 0.0);
+  // A pool per head lies on one rank (or is replicated alike): decided locally; wider pools
+  // over the group (kv/budget_select.h).
+  const bool shared = group_ && group_->size() > 1 && spec_.scope != Scope::Head;
+  keys_.resize(size_t(L) * H);
+  std::vector<SelectHead> heads(size_t(L) * H);
+  // Each entry's key: +inf for the protected (sinks, recent window), else the method's score.
 #pragma omp parallel for collapse(2) schedule(static)
   for (int l = 0; l < L; ++l)
     for (int h = 0; h < H; ++h) {
-      if (!lay_.owner) continue;
       const HeadCache& c = cache.head(l, h);
-      const int64_t o = off[globalIndex(l, h)];
+      std::vector<double>& key = keys_[size_t(l) * H + h];
+      key.resize(size_t(c.length()));
       for (int i = 0; i < c.length(); ++i) {
         double s = c.score[i];
         if (spec_.method == Method::StreamingLLM) s = c.positions[i];  // keep the most recent
@@ -340,65 +336,30 @@ void Policy::evict(KVCache& cache, int last_pos, bool prefill) {
           const uint64_t mask = spec_.history >= 64 ? ~0ull : ((1ull << spec_.history) - 1);
           s = std::popcount(c.history[i] & mask);
         }
-        table[size_t(o + i) * 2] = c.positions[i];
-        table[size_t(o + i) * 2 + 1] = s;
+        key[i] = s;
       }
+      if (once) {  // SnapKV: max-pool the observed attention over neighbouring positions
+        const std::vector<double> raw = key;
+        for (int i = 0; i < c.length(); ++i)
+          key[i] = *std::max_element(raw.begin() + std::max(0, i - spec_.kernel / 2),
+                                     raw.begin() + std::min(c.length(), i + spec_.kernel / 2 + 1));
+      }
+      for (int i = 0; i < c.length(); ++i)
+        if (c.positions[i] < spec_.sinks || c.positions[i] > last_pos - spec_.recent) key[i] = INFINITY;
+      heads[size_t(l) * H + h] = {key.data(), c.length(), globalIndex(l, h), lay_.owner || !shared};
     }
-  if (group_ && group_->size() > 1) group_->allReduceSum(table.data(), table.size());
-
-  if (once) {  // SnapKV: max-pool the observed attention over neighbouring positions
-    std::vector<double> pooled(table.size() / 2);
-    for (size_t g = 0; g + 1 < off.size(); ++g)
-      for (int64_t i = off[g]; i < off[g + 1]; ++i) {
-        double m = 0;
-        for (int64_t j = std::max(off[g], i - spec_.kernel / 2); j <= std::min(off[g + 1] - 1, i + spec_.kernel / 2); ++j)
-          m = std::max(m, table[size_t(j) * 2 + 1]);
-        pooled[size_t(i)] = m;
-      }
-    for (size_t i = 0; i < pooled.size(); ++i) table[i * 2 + 1] = pooled[i];
-  }
-
-  const int pools = poolCount();
-  const std::vector<int64_t> budget = budgets(last_pos);
-  auto poolOf = [&](int layer, int gh) { return spec_.scope == Scope::Global ? 0 : spec_.scope == Scope::Layer ? layer : layer * G + gh; };
-
-  // Entry e of the table (in (layer, head, position) order, the tie-break order) is kept if
-  // keep[e]; the rest compete per pool.
-  std::vector<std::vector<Candidate>>& free = candidates_;
-  free.resize(pools);
-  for (auto& f : free) f.clear();
-  std::vector<int64_t> kept(pools, 0);
-  std::vector<uint8_t>& keep = keep_;
-  keep.assign(size_t(off.back()), 0);
+  std::vector<int> pool_of(size_t(L) * G);
   for (int l = 0; l < L; ++l)
-    for (int gh = 0; gh < G; ++gh) {
-      const int p = poolOf(l, gh);
-      for (int64_t e = off[size_t(l) * G + gh]; e < off[size_t(l) * G + gh + 1]; ++e) {
-        const int pos = int(table[size_t(e) * 2]);
-        if (pos < spec_.sinks || pos > last_pos - spec_.recent) keep[e] = 1, ++kept[p];  // protected
-        else free[p].push_back({table[size_t(e) * 2 + 1], e});
-      }
-    }
-  for (int p = 0; p < pools; ++p) {
-    auto& f = free[p];
-    const int64_t room = std::min<int64_t>(std::max<int64_t>(0, budget[p] - kept[p]), int64_t(f.size()));
-    // The `room` best, ties broken by table order: a strict total order, so the set is the one a
-    // full sort would give, found in linear time (a decode step evicts a handful of entries out
-    // of every head's).
-    if (room < int64_t(f.size()))
-      std::nth_element(f.begin(), f.begin() + room, f.end(), [](const Candidate& a, const Candidate& b) {
-        return a.score != b.score ? a.score > b.score : a.entry < b.entry;
-      });
-    for (int64_t k = 0; k < room; ++k) keep[f[k].entry] = 1;
-  }
+    for (int gh = 0; gh < G; ++gh)
+      pool_of[size_t(l) * G + gh] = spec_.scope == Scope::Global ? 0 : spec_.scope == Scope::Layer ? l : l * G + gh;
+  last_traffic_ = selectBudget(heads, pool_of, budgets(last_pos), shared ? group_ : nullptr, keep_);
 #pragma omp parallel for collapse(2) schedule(static)
   for (int l = 0; l < L; ++l)
     for (int h = 0; h < H; ++h) {  // each head retains its own entries
-      const uint8_t* k = keep.data() + off[globalIndex(l, h)];
-      const int n = cache.head(l, h).length();
-      if (std::find(k, k + n, 0) == k + n) continue;
+      const std::vector<uint8_t>& k = keep_[size_t(l) * H + h];
+      if (std::find(k.begin(), k.end(), 0) == k.end()) continue;
       std::vector<int> idx;
-      for (int i = 0; i < n; ++i)
+      for (int i = 0; i < int(k.size()); ++i)
         if (k[i]) idx.push_back(i);
       cache.retain(l, h, idx);
     }

@@ -2,10 +2,10 @@
 //
 // A Policy sees every forward step's attention (per layer and local KV head, summed over the
 // query heads that read it), keeps a score per cached entry, and after each step settles ONE
-// budget shared by all heads of all layers of all ranks: scores are laid out in a global table,
-// all-reduced over the tensor-parallel group, and every rank takes the same deterministic
-// decision (ties broken by layer, head, position), so kept tokens and perplexity do not depend
-// on tp. A few sink tokens and a recent window are always kept unless the spec turns them off.
+// budget shared by all heads of all layers of all ranks: a radix select whose histograms are
+// all-reduced over the tensor-parallel group (kv/budget_select.h) gives every rank the same
+// deterministic decision (ties broken by layer, head, position), so kept tokens and perplexity
+// do not depend on tp. A few sink tokens and a recent window are always kept unless the spec turns them off.
 #pragma once
 #include <cstdint>
 #include <map>
@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "comm/communicator.h"
+#include "kv/budget_select.h"
 #include "kv/kv_cache.h"
 
 namespace kvtp::kv {
@@ -105,6 +106,8 @@ class Policy {
   // `last_pos` — what eviction keeps to, for a decision taken elsewhere (the CUDA engine's).
   int poolCount() const;
   std::vector<int64_t> budgets(int last_pos) const;
+  // What the last eviction's decision sent through the group's collectives.
+  SelectTraffic lastDecisionTraffic() const { return last_traffic_; }
 
  private:
   void score(KVCache& cache, const StepAttention& attn, bool prefill);
@@ -119,17 +122,11 @@ class Policy {
   comm::Communicator* group_;
   int prefill_end_ = 0;   // first position decoded (not part of the prompt)
   int decode_steps_ = 0;  // decode steps since the prompt
-  // An entry competing for the budget, in the global order: higher score first, then layer,
-  // head, position (older first) — the same on every rank.
-  struct Candidate {
-    double score;
-    int64_t entry;  // in the table of every entry, laid out by (layer, head, position)
-  };
-  // evict()'s tables, kept between steps: a decode step allocating them afresh spent most of its
-  // time faulting pages in (7B shape, 8k context: 1.7M entries).
-  std::vector<double> table_;
-  std::vector<std::vector<Candidate>> candidates_;  // per competition pool
-  std::vector<uint8_t> keep_;                       // per entry of the table
+  // evict()'s keys and decisions per (layer, local KV head), kept between steps: a decode step
+  // allocating them afresh spent most of its time faulting pages in (7B shape, 8k: 1.7M entries).
+  std::vector<std::vector<double>> keys_;
+  std::vector<std::vector<uint8_t>> keep_;
+  SelectTraffic last_traffic_;
 };
 
 }  // namespace kvtp::kv

@@ -122,11 +122,9 @@ class GpuEngine : public Engine {
  public:
   GpuEngine(const ModelConfig& config, const Partition& part, const WeightSource& source, const GpuOptions& o)
       : c_(config), part_(part), group_(o.device_group), kv_spec_(o.kv), host_group_(o.host_group),
-        // tp > 1 would all-reduce the table over NCCL before the sort; not yet verified on two
-        // GPUs, so those ranks decide on the host mirror.
         device_decides_((o.kv.method == kv::Method::H2O || o.kv.method == kv::Method::Scissorhands ||
                          o.kv.method == kv::Method::StreamingLLM) &&
-                        o.kv.rank == 0 && part.tp == 1),
+                        o.kv.rank == 0),
         int8_(o.kv.quant == kv::Quant::Int8), kivi_(o.kv.quant == kv::Quant::Kivi), lowrank_(o.kv.rank > 0),
         windowed_(kivi_ || lowrank_),
         ring_((lowrank_ ? o.kv.lowrank_window : o.kv.residual + o.kv.group) + kMaxFewRows),
@@ -489,17 +487,24 @@ class GpuEngine : public Engine {
       }
     }
     s.on_device = true;
-    // Every head's first entry in the global table (layer, KV head, position); at tp 1 the
-    // global heads are this rank's.
+    // This rank's table: its heads' entries in (layer, KV head, position) order, each head's
+    // first entry at off[head].
     std::vector<int64_t> off(size_t(LH) + 1, 0);
     for (int i = 0; i < LH; ++i) off[i + 1] = off[i] + s.len[i];
     const int64_t N = off.back();
-    // Device: table offsets, slots, then slots and entries after, per (layer, head); each layer's
-    // arrays at the sequence's first head.
-    std::vector<int> meta(4 * size_t(LH));
-    for (int i = 0; i < LH; ++i) meta[i] = int(off[i]), meta[LH + i] = s.len[i];
+    if (N > INT32_MAX) throw Error("eviction on the device: more than 2^31 cache entries on one GPU");
+    // Device: table offsets, slots, then slots and entries after, per (layer, head); each head's
+    // (layer, global KV head) and every table head's pool (kv::Policy's pools over every rank).
+    const int G = c_.kv_heads, pools = s.policy.poolCount(), heads_per_pool = L * G / pools;
+    std::vector<int> meta(5 * size_t(LH) + size_t(L) * G);
+    for (int i = 0; i < LH; ++i)
+      meta[i] = int(off[i]), meta[LH + i] = s.len[i], meta[4 * LH + i] = (i / H) * G + part_.kv_head_begin + i % H;
+    for (int t = 0; t < L * G; ++t) meta[5 * LH + t] = t / heads_per_pool;
     int* d_meta = grow(evict_meta_, meta.size());
     KVTP_CUDA_CHECK(cudaMemcpy(d_meta, meta.data(), meta.size() * sizeof(int), cudaMemcpyHostToDevice));
+    const std::vector<int64_t> budget = s.policy.budgets(last_pos);
+    int64_t* d_budget = grow(evict_budget_, budget.size());
+    KVTP_CUDA_CHECK(cudaMemcpy(d_budget, budget.data(), budget.size() * sizeof(int64_t), cudaMemcpyHostToDevice));
     std::vector<void*> ptrs(5 * size_t(L), nullptr);  // K, V, positions, key steps, value steps
     for (int l = 0; l < L; ++l) {
       GpuLayer<T>& g = layers_[l];
@@ -514,8 +519,10 @@ class GpuEngine : public Engine {
     // summed ([layer][kv_head][observed_len_]; H2O observes every row).
     const bool observed = observed_len_ > 0 && observed_seq_ == current_;
     const float* weights = observed ? observed_.get() : s.weights_pending ? weights_.get() + head0 : nullptr;
-    const int64_t weights_layer = observed ? int64_t(H) * observed_len_ : int64_t(stride),
-                  weights_head = observed ? observed_len_ : capacity_;
+    int64_t weights_layer = observed ? int64_t(H) * observed_len_ : int64_t(stride),
+            weights_head = observed ? observed_len_ : capacity_;
+    if (weights && part_.tp > c_.kv_heads)
+      weights = sumReplicated(weights, weights_layer, weights_head, observed ? observed_len_ : s.longest);
     if (observed) observed_len_ = 0;
     const cuda::EvictionCache cache{L, H, capacity_, int(hd * (int8_ ? 1 : sizeof(T))), d_ptrs, d_ptrs + L,
                                     reinterpret_cast<int* const*>(d_ptrs + 2 * L),
@@ -529,19 +536,38 @@ class GpuEngine : public Engine {
                                     : scissorhands ? cuda::EvictScore::Scissorhands
                                                    : cuda::EvictScore::StreamingLLM;
     cuda::evictionKeys(cache, method, s.unscored, mask, kv_spec_.sinks, kv_spec_.recent, last_pos, table);
-    // The pools: one run of the table each (1, per layer, or per head).
-    const int pools = s.policy.poolCount(), heads_per_pool = LH / pools;
-    std::vector<int64_t> begin(pools + 1);
-    for (int p = 0; p <= pools; ++p) begin[p] = off[size_t(p) * heads_per_pool];
-    const std::vector<int64_t> budget = s.policy.budgets(last_pos);
+    // The pools span ranks unless each is one head (kv/budget_select.h): then the sums are local.
+    const bool shared = part_.tp > 1 && kv_spec_.scope != kv::Scope::Head;
+    const cuda::SelectLayout select{d_meta + 4 * LH, d_meta + 5 * LH, d_budget, L * G, pools,
+                                    !shared || headLayout(c_, part_).owner};
+    std::function<void(double*, size_t)> sum_over_ranks;
+    if (shared) sum_over_ranks = [this](double* d, size_t n) { group_->allReduceSum(d, n); };
     uint8_t* keep = grow(keep_flags_, size_t(std::max<int64_t>(N, 1)));
-    cuda::evictionDecide(table, N, begin.data(), budget.data(), pools, keep);
+    cuda::evictionDecide(cache, table, select, sum_over_ranks, keep);
     cuda::evictionCompact(cache, keep, d_meta + 2 * LH, d_meta + 3 * LH);
     KVTP_CUDA_CHECK(cudaMemcpy(meta.data(), d_meta + 2 * LH, 2 * LH * sizeof(int), cudaMemcpyDeviceToHost));
     std::copy(meta.begin(), meta.begin() + LH, s.len.begin());
     s.kept.assign(meta.begin() + LH, meta.begin() + 2 * LH);
     s.longest = *std::max_element(s.len.begin(), s.len.end());
     s.uniform = false, s.unscored = 0, s.weights_pending = false;
+  }
+
+  // A replicated KV head (kv_heads < tp) sees only this rank's query heads: its probabilities are
+  // summed over the ranks that hold it before they score, as kv::Policy::score does on the host.
+  // Laid out by (layer, global KV head), so that the ranks holding other heads add nothing to it;
+  // the strides become the sum's.
+  const float* sumReplicated(const float* w, int64_t& layer_stride, int64_t& head_stride, int n) {
+    const int L = c_.layers, G = c_.kv_heads;
+    const size_t size = size_t(L) * G * n;
+    float* all = grow(replicated_weights_, std::max<size_t>(size, 1));
+    KVTP_CUDA_CHECK(cudaMemsetAsync(all, 0, size * sizeof(float), cudaStreamPerThread));
+    for (int h = 0; h < part_.kv_heads; ++h)
+      KVTP_CUDA_CHECK(cudaMemcpy2DAsync(all + size_t(part_.kv_head_begin + h) * n, size_t(G) * n * sizeof(float),
+                                        w + h * head_stride, layer_stride * sizeof(float), n * sizeof(float), L,
+                                        cudaMemcpyDeviceToDevice, cudaStreamPerThread));
+    group_->allReduceSum(all, size);
+    layer_stride = int64_t(G) * n, head_stride = n;
+    return all + size_t(part_.kv_head_begin) * n;
   }
 
   // log p(targets) from hidden rows from .. from + count - 1 of the step just run.
@@ -912,6 +938,8 @@ class GpuEngine : public Engine {
   DeviceBuffer<double> score_, table_;
   DeviceBuffer<uint64_t> history_;
   DeviceBuffer<int> evict_meta_;
+  DeviceBuffer<int64_t> evict_budget_;
+  DeviceBuffer<float> replicated_weights_;  // sumReplicated's
   DeviceBuffer<void*> evict_ptrs_;
   DeviceBuffer<uint8_t> keep_flags_;
   // An int8, KIVI or low-rank cache (GpuLayer::K8..., Kq..., coords; KIVI's and low rank's ring

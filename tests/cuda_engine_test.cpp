@@ -336,7 +336,8 @@ TEST(CudaEngine, CompressedCacheIsRefusedClearly) {
 
 // Tensor parallel over NCCL: mpirun -np 2 with one GPU per rank gives tp 1's log-probs.
 // With SnapKV's global budget, settled over the host group, the ranks keep the same tokens as tp 1
-// (the same log-probs); likewise H2O deciding every step over an int8 cache.
+// (the same log-probs); likewise the per-step methods, decided on the device with their
+// histograms summed over NCCL (H2O over an int8 cache, Scissorhands per layer, StreamingLLM).
 TEST(CudaEngine, TensorParallelTwoGpusMatchesOne) {
   REQUIRE_GPUS(2);
   for (const std::string args :
@@ -344,7 +345,11 @@ TEST(CudaEngine, TensorParallelTwoGpusMatchesOne) {
         " ppl --model models/kvtp-llama-2m --data data/c4/c4-heldout-200.json.gz --seq-len 256 --max-windows 2"
         " --mode decode --prefill 192 --kv snapkv:budget=0.3",
         " ppl --model models/kvtp-llama-2m --data data/c4/c4-heldout-200.json.gz --seq-len 256 --max-windows 2"
-        " --mode decode --prefill 192 --kv h2o:budget=0.3 --kv-quant int8"}) {
+        " --mode decode --prefill 192 --kv h2o:budget=0.3 --kv-quant int8",
+        " ppl --model models/kvtp-llama-2m --data data/c4/c4-heldout-200.json.gz --seq-len 256 --max-windows 2"
+        " --mode decode --prefill 192 --kv scissorhands:budget=0.3,scope=layer",
+        " ppl --model models/kvtp-llama-2m --data data/c4/c4-heldout-200.json.gz --seq-len 256 --max-windows 2"
+        " --mode decode --prefill 64 --kv streamingllm:budget=0.2"}) {
     const std::string cmd = args + " --device cuda --dtype fp32 --json --time-collectives";
     const auto one = test::run(test::kvtpBinary() + cmd);
     ASSERT_EQ(one.status, 0) << one.err;

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <random>
 
+#include "kv/budget_select.h"
 #include "kv/policy.h"
 #include "runtime/error.h"
 #include "ppl_jobs.h"
@@ -212,6 +213,61 @@ TEST(KvEviction, PerHeadScopeSplitsTheBudgetEvenly) {
   const KVCache c = twoHeadsAfterOneStep("head");
   EXPECT_EQ(c.head(0, 0).length(), 4);
   EXPECT_EQ(c.head(0, 1).length(), 4);
+}
+
+// The budget's select by hand: one pool of three heads, protected keys +inf. Budget 5: the two
+// protected, then the three keys of 0.5 (0.2 and 0.1 go). Budget 4: only two of the 0.5s fit,
+// the first two in table order (head 0's, then head 1's first).
+TEST(KvBudgetSelect, KeepsTheHighestKeysTiesInTableOrder) {
+  const std::vector<double> h0 = {INFINITY, 0.5, 0.2}, h1 = {0.5, 0.5, INFINITY}, h2 = {0.1};
+  const std::vector<SelectHead> heads = {{h0.data(), 3, 0, true}, {h1.data(), 3, 1, true}, {h2.data(), 1, 2, true}};
+  std::vector<std::vector<uint8_t>> keep;
+  selectBudget(heads, {0, 0, 0}, {5}, nullptr, keep);
+  EXPECT_EQ(keep, (std::vector<std::vector<uint8_t>>{{1, 1, 0}, {1, 1, 1}, {0}}));
+  selectBudget(heads, {0, 0, 0}, {4}, nullptr, keep);
+  EXPECT_EQ(keep, (std::vector<std::vector<uint8_t>>{{1, 1, 0}, {1, 0, 1}, {0}}));
+  selectBudget(heads, {0, 0, 0}, {1}, nullptr, keep);  // below the protected: they alone stay
+  EXPECT_EQ(keep, (std::vector<std::vector<uint8_t>>{{1, 0, 0}, {0, 0, 1}, {0}}));
+  selectBudget(heads, {0, 1, 1}, {1, 2}, nullptr, keep);  // pools: head 0; heads 1 and 2
+  EXPECT_EQ(keep, (std::vector<std::vector<uint8_t>>{{1, 0, 0}, {1, 0, 1}, {0}}));
+  selectBudget(heads, {0, 0, 0}, {100}, nullptr, keep);  // a budget past every entry keeps them all
+  EXPECT_EQ(keep, (std::vector<std::vector<uint8_t>>{{1, 1, 1}, {1, 1, 1}, {1}}));
+}
+
+// Against a stable sort of every pool's keys (the definition), on random keys with many ties,
+// protected entries and budgets from 0 past the pool's size.
+TEST(KvBudgetSelect, EqualsAStableSortOfEachPool) {
+  std::mt19937 rng(7);
+  for (int trial = 0; trial < 200; ++trial) {
+    const int table_heads = 1 + int(rng() % 6), pools = 1 + int(rng() % table_heads);
+    std::vector<int> pool_of(table_heads);
+    for (int t = 0; t < table_heads; ++t) pool_of[t] = std::min(pools - 1, t * pools / table_heads);
+    std::vector<std::vector<double>> keys(table_heads);
+    for (auto& k : keys) {
+      k.resize(rng() % 40);
+      for (double& x : k) x = rng() % 9 == 0 ? INFINITY : trial % 2 ? double(rng() % 4) : std::ldexp(double(rng()), -20);
+    }
+    std::vector<int64_t> budget(pools);
+    for (auto& b : budget) b = int64_t(rng() % 60);
+    std::vector<SelectHead> heads;
+    for (int t = 0; t < table_heads; ++t) heads.push_back({keys[t].data(), int(keys[t].size()), t, true});
+    std::vector<std::vector<uint8_t>> keep;
+    selectBudget(heads, pool_of, budget, nullptr, keep);
+    for (int p = 0; p < pools; ++p) {
+      std::vector<std::pair<int, int>> entries;  // (head, index) in table order
+      for (int t = 0; t < table_heads; ++t)
+        if (pool_of[t] == p)
+          for (int e = 0; e < int(keys[t].size()); ++e) entries.push_back({t, e});
+      std::stable_sort(entries.begin(), entries.end(),
+                       [&](auto a, auto b) { return keys[a.first][a.second] > keys[b.first][b.second]; });
+      int64_t room = budget[p];
+      for (auto [t, e] : entries) {
+        const bool expected = std::isinf(keys[t][e]) || room > 0;  // +inf first in the sorted order
+        if (expected) --room;
+        EXPECT_EQ(keep[t][e], expected) << "trial " << trial << ", head " << t << ", entry " << e;
+      }
+    }
+  }
 }
 
 TEST(KvQuant, ErrorsStayWithinTheAnalyticBounds) {

@@ -1,12 +1,8 @@
-// Eviction on the device (eviction.h): keys; the decision by a radix select (one pool) or a
-// stable segmented radix sort (a pool per layer or head); holes, then compaction.
+// Eviction on the device (eviction.h): keys; the decision by kernels::RadixSelect over every pool
+// at once, summed over the ranks between passes; holes, then compaction.
 #include <cub/block/block_scan.cuh>
-#include <cub/device/device_scan.cuh>
-#include <cub/device/device_segmented_radix_sort.cuh>
 
-#include <algorithm>
 #include <cmath>
-#include <vector>
 
 #include "kernels/cuda/cuda_util.h"
 #include "kernels/cuda/device_util.cuh"
@@ -14,6 +10,9 @@
 
 namespace kvtp::cuda {
 namespace {
+
+using kernels::orderedKey;
+using kernels::RadixSelect;
 
 constexpr int kThreadsPerHead = 256;
 
@@ -58,101 +57,78 @@ __global__ void keysKernel(EvictionCache c, EvictScore method, int fresh, uint64
   }
 }
 
-__global__ void iotaKernel(int* v, int64_t n) {
-  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i < n) v[i] = int(i);
-}
-
-// Sorted position k of the table belongs to the pool whose run holds k (each pool sorted in
-// place); it is kept while within the pool's budget, or when protected.
-__global__ void markKernel(const double* keys, const int* entries, int64_t n, const int64_t* pool_begin, int pools,
-                           const int64_t* budget, uint8_t* keep) {
-  const int64_t k = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (k >= n) return;
-  int lo = 0, hi = pools - 1;  // the last pool whose begin <= k
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) / 2;
-    if (pool_begin[mid] <= k) lo = mid;
-    else hi = mid - 1;
-  }
-  keep[entries[k]] = keys[k] == INFINITY || (k - pool_begin[lo] < budget[lo] && keys[k] != -INFINITY);
-}
-
-// A key as an unsigned integer of the same order (doubles: the sign bit flipped for positives,
-// every bit for negatives), so a radix pass can bucket it by its bytes.
-__device__ inline uint64_t ordered(double key) {
-  const uint64_t u = __double_as_longlong(key);
-  return u >> 63 ? ~u : u | (1ull << 63);
-}
-
-// The radix select's state between passes, on the device: no pass waits for the host.
-struct SelectState {
-  unsigned hist[256];     // this pass's histogram of the next byte
-  uint64_t prefix, mask;  // the bytes of the r-th highest key found so far
-  int64_t r;              // its rank among the keys under the prefix
-  int done;               // r fell to 0: nothing is kept but the protected
-  // Every key above `threshold` is kept, and the first r of those equal to it.
-  __device__ uint64_t threshold() const { return r == 0 ? ~0ull : prefix; }
-};
-
-__global__ void startSelect(SelectState* s, int64_t budget) {
-  s->hist[threadIdx.x] = 0;
-  if (threadIdx.x == 0) s->prefix = s->mask = 0, s->r = budget, s->done = 0;
-}
-
-// The byte at `shift` of every key whose higher bytes equal the state's prefix (under its mask),
-// counted into the state's histogram.
-__global__ void byteHistogram(const double* keys, int64_t n, int shift, SelectState* s) {
-  if (s->done) return;
+// One block per (layer, head) of this rank: the byte at `shift` of each key still under its
+// pool's prefix, counted into the pool's histogram (doubles: what the ranks all-reduce).
+__global__ void byteHistogram(const double* table, EvictionCache c, SelectLayout s, const RadixSelect* select,
+                              int shift, double* hist) {
+  const int lh = blockIdx.x, p = s.pool_of[s.head_table[lh]], n = c.length[lh];
+  const RadixSelect sel = select[p];
+  if (sel.done) return;
   __shared__ unsigned local[256];
-  const uint64_t prefix = s->prefix, mask = s->mask;
   for (int b = threadIdx.x; b < 256; b += blockDim.x) local[b] = 0;
   __syncthreads();
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
-    const uint64_t u = ordered(keys[i]);
-    if ((u & mask) == prefix) atomicAdd(&local[(u >> shift) & 255], 1u);
+  const double* keys = table + c.table_offset[lh];
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    const uint64_t u = orderedKey(keys[i]);
+    if (sel.under(u)) atomicAdd(&local[(u >> shift) & 255], 1u);
   }
   __syncthreads();
   for (int b = threadIdx.x; b < 256; b += blockDim.x)
-    if (local[b]) atomicAdd(&s->hist[b], local[b]);
+    if (local[b]) atomicAdd(&hist[p * 256 + b], double(local[b]));
 }
 
-// One thread: the byte at `shift` of the r-th highest key under the prefix, from the pass's
-// histogram, which it clears for the next pass.
-__global__ void pickByte(int64_t n, int shift, SelectState* s) {
-  if (s->done) return;
-  unsigned* h = s->hist;
-  int64_t r = s->r;
-  if (shift == 56)  // +inf's top byte is 0xff, -inf's (a hole's) 0x00; finite keys >= 0 lie between
-    r = min(max(r, int64_t(h[255])), n - h[0]);
-  if (r == 0) {
-    s->r = 0, s->done = 1;
-    return;
+__global__ void startSelect(RadixSelect* select, const int64_t* budget, int pools) {
+  for (int p = threadIdx.x; p < pools; p += blockDim.x) select[p] = RadixSelect::start(budget[p]);
+}
+
+// Each pool fixes the pass's byte from its histogram (summed over the ranks), then clears it.
+__global__ void pickByte(RadixSelect* select, int pools, int shift, double* hist) {
+  for (int p = threadIdx.x; p < pools; p += blockDim.x) {
+    select[p].pick(hist + p * 256, shift);
+    for (int b = 0; b < 256; ++b) hist[p * 256 + b] = 0;
   }
-  int b = 255;
-  for (int64_t above = 0; b >= 0; --b) {
-    if (above + h[b] >= r) {
-      r -= above;
-      break;
-    }
-    above += h[b];
+}
+
+// Per (layer, head) of this rank: how many of its keys equal its pool's threshold, at its table
+// head's place (the other ranks' places stay 0 for the all-reduce).
+__global__ void countEqual(const double* table, EvictionCache c, SelectLayout s, const RadixSelect* select,
+                           double* equal) {
+  const int lh = blockIdx.x, t = s.head_table[lh], n = c.length[lh];
+  const uint64_t threshold = select[s.pool_of[t]].threshold();
+  const double* keys = table + c.table_offset[lh];
+  float count = 0.0f;  // exact below 2^24
+  for (int i = threadIdx.x; i < n; i += blockDim.x) count += orderedKey(keys[i]) == threshold ? 1.0f : 0.0f;
+  count = blockReduce(count, warpSum, 0.0f);
+  if (threadIdx.x == 0) equal[t] = count;
+}
+
+__global__ void shareTies(const double* equal, SelectLayout s, const RadixSelect* select, int64_t* quota) {
+  tieQuotas(equal, s.pool_of, s.table_heads, select, quota);
+}
+
+// Per (layer, head): keys above the threshold are kept, and the head's first quota keys equal to
+// it (their rank among the head's equal keys from a block-wide scan, 256 entries at a time).
+__global__ void __launch_bounds__(kThreadsPerHead) markKept(const double* table, EvictionCache c, SelectLayout s,
+                                                            const RadixSelect* select, const int64_t* quota,
+                                                            uint8_t* keep) {
+  using Scan = cub::BlockScan<int, kThreadsPerHead>;
+  __shared__ typename Scan::TempStorage scan;
+  const int lh = blockIdx.x, t = s.head_table[lh], n = c.length[lh];
+  const uint64_t threshold = select[s.pool_of[t]].threshold();
+  const int64_t ties = quota[t];
+  const double* keys = table + c.table_offset[lh];
+  uint8_t* out = keep + c.table_offset[lh];
+  int64_t equal_before = 0;
+  for (int c0 = 0; c0 < n; c0 += kThreadsPerHead) {
+    const int i = c0 + threadIdx.x;
+    const uint64_t u = i < n ? orderedKey(keys[i]) : 0;
+    const int equal = i < n && u == threshold;
+    int before = 0, total = 0;
+    Scan(scan).ExclusiveSum(equal, before, total);
+    if (i < n) out[i] = u > threshold || (equal && equal_before + before < ties);
+    equal_before += total;
+    __syncthreads();  // the scan's storage is reused
   }
-  s->prefix |= uint64_t(b) << shift, s->mask |= uint64_t(255) << shift, s->r = r;
-  for (int i = 0; i < 256; ++i) h[i] = 0;
-}
-
-__global__ void equalFlags(const double* keys, int64_t n, const SelectState* s, int* flags) {
-  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i < n) flags[i] = ordered(keys[i]) == s->threshold();
-}
-
-// The r highest keys: those above the threshold, then the first `ties` equal to it in table
-// order (rank among the equal ones from an exclusive scan of their flags).
-__global__ void markSelected(const double* keys, int64_t n, const SelectState* s, const int* tie_rank, uint8_t* keep) {
-  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= n) return;
-  const uint64_t u = ordered(keys[i]), threshold = s->threshold();
-  keep[i] = u > threshold || (u == threshold && tie_rank[i] < s->r);
 }
 
 // One block per (layer, head). Evicted entries become holes until holes pass an eighth of the
@@ -255,67 +231,36 @@ void evictionKeys(const EvictionCache& c, EvictScore method, int fresh, uint64_t
   KVTP_CUDA_LAUNCHED();
 }
 
-namespace {
-
-// One pool (the global budget): a radix select, not a sort — a step evicts about one entry a head
-// of millions. Eight passes, a byte each from the top, find the r-th highest key (r: the budget,
-// at least every +inf, at most every entry but the holes); keys above it are kept, and of those
-// equal to it the first in table order (a scan of their flags), as the stable sort would. The
-// passes hand their state on in device memory (the host choosing each byte cost eight round trips).
-void selectTop(const double* table, int64_t n, int64_t budget, uint8_t* keep) {
-  static thread_local DeviceBuffer<SelectState> state;
-  static thread_local DeviceBuffer<int> ranks;
-  static thread_local DeviceBuffer<char> temp;
-  SelectState* s = grow(state, 1);
-  const unsigned blocks = std::min<unsigned>(blocksFor(n), 4 * multiprocessors());
-  startSelect<<<1, 256>>>(s, budget);
+// kv::selectBudget's decision (kv/budget_select.h) on the device: eight passes of a radix
+// select, each pool's histogram summed over the ranks by `sum_over_ranks` between the counting
+// and the pick, then the keys equal to each pool's threshold shared out in table order. The state
+// stays in device memory, so the host waits for nothing inside the decision.
+void evictionDecide(const EvictionCache& c, const double* table, const SelectLayout& s,
+                    const std::function<void(double*, size_t)>& sum_over_ranks, uint8_t* keep) {
+  static thread_local DeviceBuffer<RadixSelect> state;
+  static thread_local DeviceBuffer<double> sums;
+  static thread_local DeviceBuffer<int64_t> quotas;
+  const int heads = c.layers * c.heads;
+  RadixSelect* select = grow(state, size_t(s.pools));
+  double* hist = grow(sums, size_t(s.pools) * 256 + s.table_heads);
+  double* equal = hist + size_t(s.pools) * 256;
+  int64_t* quota = grow(quotas, size_t(s.table_heads));
+  KVTP_CUDA_CHECK(cudaMemsetAsync(hist, 0, (size_t(s.pools) * 256 + s.table_heads) * sizeof(double),
+                                  cudaStreamPerThread));
+  startSelect<<<1, 256>>>(select, s.budget, s.pools);
   KVTP_CUDA_LAUNCHED();
   for (int shift = 56; shift >= 0; shift -= 8) {
-    byteHistogram<<<blocks, kThreads>>>(table, n, shift, s);
-    pickByte<<<1, 1>>>(n, shift, s);
+    if (s.counted) byteHistogram<<<heads, kThreadsPerHead>>>(table, c, s, select, shift, hist);
+    KVTP_CUDA_LAUNCHED();
+    if (sum_over_ranks) sum_over_ranks(hist, size_t(s.pools) * 256);
+    pickByte<<<1, 256>>>(select, s.pools, shift, hist);
     KVTP_CUDA_LAUNCHED();
   }
-  int* flags = grow(ranks, 2 * size_t(n));
-  int* rank = flags + n;
-  equalFlags<<<blocksFor(n), kThreads>>>(table, n, s, flags);
+  if (s.counted) countEqual<<<heads, kThreadsPerHead>>>(table, c, s, select, equal);
   KVTP_CUDA_LAUNCHED();
-  size_t bytes = 0;
-  KVTP_CUDA_CHECK(cub::DeviceScan::ExclusiveSum(nullptr, bytes, flags, rank, int(n)));
-  KVTP_CUDA_CHECK(cub::DeviceScan::ExclusiveSum(grow(temp, bytes), bytes, flags, rank, int(n)));
-  markSelected<<<blocksFor(n), kThreads>>>(table, n, s, rank, keep);
-  KVTP_CUDA_LAUNCHED();
-}
-
-}  // namespace
-
-void evictionDecide(const double* table, int64_t n, const int64_t* pool_begin, const int64_t* budget, int pools,
-                    uint8_t* keep) {
-  if (n == 0) return;
-  if (n > INT32_MAX) throw std::runtime_error("evictionDecide: more than 2^31 cache entries");
-  if (pools == 1) return selectTop(table, n, budget[0], keep);
-  static thread_local DeviceBuffer<double> sorted;
-  static thread_local DeviceBuffer<int> entries;
-  static thread_local DeviceBuffer<int64_t> pool_args;
-  static thread_local DeviceBuffer<char> temp;
-  double* keys_out = grow(sorted, size_t(n));
-  int* ids = grow(entries, 2 * size_t(n));
-  int* ids_out = ids + n;
-  iotaKernel<<<blocksFor(n), kThreads>>>(ids, n);
-  KVTP_CUDA_LAUNCHED();
-  // The pools' runs [begin, end) and budgets, uploaded once (pools + 1 begins, then budgets).
-  std::vector<int64_t> args(pool_begin, pool_begin + pools + 1);
-  args.insert(args.end(), budget, budget + pools);
-  int64_t* d_args = grow(pool_args, args.size());
-  KVTP_CUDA_CHECK(cudaMemcpy(d_args, args.data(), args.size() * sizeof(int64_t), cudaMemcpyHostToDevice));
-  // Each pool's run sorted descending and stable: equal keys keep table order, the host's tie-break.
-  size_t bytes = 0;
-  auto sort = [&](void* storage) {
-    return cub::DeviceSegmentedRadixSort::SortPairsDescending(storage, bytes, table, keys_out, ids, ids_out, int(n),
-                                                              pools, d_args, d_args + 1);
-  };
-  KVTP_CUDA_CHECK(sort(nullptr));
-  KVTP_CUDA_CHECK(sort(grow(temp, bytes)));
-  markKernel<<<blocksFor(n), kThreads>>>(keys_out, ids_out, n, d_args, pools, d_args + pools + 1, keep);
+  if (sum_over_ranks) sum_over_ranks(equal, size_t(s.table_heads));
+  shareTies<<<1, 1>>>(equal, s, select, quota);
+  markKept<<<heads, kThreadsPerHead>>>(table, c, s, select, quota, keep);
   KVTP_CUDA_LAUNCHED();
 }
 

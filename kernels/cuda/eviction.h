@@ -1,11 +1,15 @@
 // Eviction decided on the device: kv::Policy's decision for the methods that evict after every
-// decode step (H2O, Scissorhands, StreamingLLM), taken over the same global table — every entry
-// of every head in (layer, KV head, position) order, one key each (tp 1, where one rank's heads
-// are the model's; tp > 1 would all-reduce the table first) — and kept to the same budgets, so
-// the kept tokens are the CPU's (tests/cuda_engine_test.cpp). The host's decision walked every
-// entry on the CPU each step (a 7B model at 8k holds 1.7 M); here it is a few kernels and a sort.
+// decode step (H2O, Scissorhands, StreamingLLM) — one key per entry of this rank's heads, the
+// same budgets, the same select as the CPU's (kv/budget_select.h: histograms summed over the
+// ranks, never a table of every entry), so the kept tokens are the CPU's at any tp
+// (tests/cuda_engine_test.cpp). The host's decision walked every entry on the CPU each step (a
+// 7B model at 8k holds 1.7 M); here it is a few kernels.
 #pragma once
+#include <cstddef>
 #include <cstdint>
+#include <functional>
+
+#include "kernels/radix_select.h"
 
 namespace kvtp::cuda {
 
@@ -37,7 +41,7 @@ struct EvictionCache {
   const float* weights;
   int64_t weights_layer, weights_head;
   const int* length;        // device, per (layer, head): slots in use (entries and holes)
-  const int* table_offset;  // device, per (layer, head): its first entry in the table
+  const int* table_offset;  // device, per (layer, head): its first entry in this rank's table
 };
 
 // Folds the step's probabilities into each entry's score (the last `fresh` entries of a head,
@@ -48,11 +52,21 @@ struct EvictionCache {
 void evictionKeys(const EvictionCache& c, EvictScore method, int fresh, uint64_t history_mask, int sinks, int recent,
                   int last_pos, double* table);
 
-// keep[e] = whether table entry e is among the budget[p] highest keys of its pool p (pools:
-// consecutive runs [pool_begin[p], pool_begin[p + 1]) of the table, host arrays), ties to the
-// lower index, or is protected (+inf) — kv::Policy's rule.
-void evictionDecide(const double* table, int64_t n, const int64_t* pool_begin, const int64_t* budget, int pools,
-                    uint8_t* keep);
+// The budget's pools as this rank's decision sees them (kv/budget_select.h).
+struct SelectLayout {
+  const int* head_table;  // device, per (layer, head) of this rank: its (layer, global KV head) index
+  const int* pool_of;     // device, per table head of every rank: its pool (nondecreasing)
+  const int64_t* budget;  // device, per pool: entries kept
+  int table_heads, pools;
+  bool counted;           // this rank's entries count in the sums (a replicated head: one copy does)
+};
+
+// keep[table_offset + e] = whether entry e of a head is kept: kv::selectBudget's rule (each pool's
+// r highest keys, ties to the lower table place, every +inf, no -inf) over the pools of every
+// rank. sum_over_ranks all-reduces a device array of doubles over the ranks the pools span
+// (eight histograms of pools x 256 counts, then a count per table head), empty at one rank.
+void evictionDecide(const EvictionCache& c, const double* table, const SelectLayout& s,
+                    const std::function<void(double*, size_t)>& sum_over_ranks, uint8_t* keep);
 
 // Each head keeps its entries e with keep[table_offset + e]: the others become holes (position
 // kEvicted) or, once holes would pass an eighth of the head's slots, every kept entry moves down
