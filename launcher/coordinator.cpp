@@ -4,14 +4,20 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <cmath>
 #include <condition_variable>
 #include <cstdio>
 #include <filesystem>
 #include <map>
 #include <mutex>
+#include <random>
 #include <set>
 #include <thread>
 
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/health_check_service_interface.h>
+
+#include "launcher/coordinator_metrics.h"
 #include "launcher/grpc_common.h"
 #include "launcher/job_store.h"
 #include "runtime/error.h"
@@ -38,6 +44,54 @@ struct Worker {
   Clock::time_point last_seen;
 };
 
+// Why a worker's result for job j cannot be stored ("" if it can): it must be the `kvtp ppl
+// --json` object of that job, run by a group of `group_tp` ranks, consistent with itself and
+// with the plan the worker reported in its progress (tokens and windows).
+std::string checkResult(const v1::Job& j, int group_tp, const std::string& text) {
+  nlohmann::json r;
+  try {
+    r = nlohmann::json::parse(text);
+  } catch (const std::exception& e) {
+    return std::string("not JSON (") + e.what() + ")";
+  }
+  if (!r.is_object()) return "not a JSON object";
+  for (const char* key : {"ppl", "nll", "tokens", "windows", "tp", "sequences", "model", "data", "mode", "device", "kv"})
+    if (!r.contains(key)) return std::string("no '") + key + "'";
+  if (!r["ppl"].is_number() || !r["nll"].is_number() || !r["tokens"].is_number_integer() ||
+      !r["windows"].is_number_integer() || !r["tp"].is_number_integer() || !r["sequences"].is_array())
+    return "ppl, nll, tokens, windows, tp or sequences has the wrong type";
+  const double ppl = r["ppl"].get<double>(), nll = r["nll"].get<double>();
+  const int64_t tokens = r["tokens"].get<int64_t>();
+  if (!std::isfinite(ppl) || ppl <= 0) return "perplexity " + r["ppl"].dump() + " is not finite and positive";
+  if (tokens <= 0) return "no tokens scored";
+  if (!std::isfinite(nll) || std::abs(std::exp(nll / double(tokens)) - ppl) > 1e-9 * ppl + 1e-12)
+    return "ppl " + r["ppl"].dump() + " is not exp(nll / tokens)";
+  int64_t summed = 0;
+  for (const auto& s : r["sequences"]) summed += s.is_object() && s.value("tokens", int64_t(0)) > 0 ? s["tokens"].get<int64_t>() : 0;
+  if (summed != tokens || int64_t(r["sequences"].size()) != r["windows"].get<int64_t>())
+    return "the windows' tokens do not add up to the result's";
+  const v1::PplRequest& q = j.request();
+  const std::string model = q.model().empty() ? "synthetic:" + q.synthetic() : q.model();
+  const std::string data = q.data().empty() ? q.input_ids() : q.data();
+  const std::string mode = q.mode().empty() ? "prefill" : q.mode(), device = q.device().empty() ? "cpu" : q.device();
+  std::string kv;
+  try {
+    kv = kv::parsePolicy(q.kv(), q.kv_quant(), q.kv_lowrank()).describe();
+  } catch (const std::exception&) {
+  }
+  const std::pair<const char*, std::string> same[] = {{"model", model}, {"data", data}, {"mode", mode}, {"device", device}, {"kv", kv}};
+  for (auto& [key, want] : same)
+    if (r[key] != want) return std::string(key) + " " + r[key].dump() + " is not the job's (\"" + want + "\")";
+  const int tp = r["tp"].get<int>();
+  if ((q.tp() && tp != q.tp()) || (group_tp && tp != group_tp))
+    return "tp " + std::to_string(tp) + " is not the worker group's (" + std::to_string(group_tp) + ")";
+  const v1::Progress& p = j.progress();  // the plan the worker reported
+  if (p.tokens_total() && (tokens != p.tokens_total() || r["windows"].get<int64_t>() != p.windows_total()))
+    return std::to_string(tokens) + " tokens in " + r["windows"].dump() + " windows, but the worker planned " +
+           std::to_string(p.tokens_total()) + " in " + std::to_string(p.windows_total());
+  return "";
+}
+
 // All coordinator state behind one mutex; every change bumps `version_` and wakes waiters
 // (long-polling workers, watching clients).
 class State {
@@ -48,22 +102,48 @@ class State {
       // A job running when the coordinator stopped keeps its worker's id for a grace period: the
       // worker re-registers with it and is re-attached, or the monitor re-queues it.
       if (j.state() == v1::RUNNING) j.set_updated_unix_ms(nowMs());
+      if (isFinal(j.state())) ended_.insert(j.id());
+      next_array_ = std::max(next_array_, sequence(j.array_id()) + 1);
       jobs_[j.id()] = j;
     }
     next_seq_ = store_.lastSequence() + 1;
   }
 
-  Status submit(const v1::PplRequest& req, v1::Job* out) {
+  Status submit(const Caller& who, const v1::PplRequest& req, v1::Job* out) {
     v1::PplRequest resolved = req;
     if (Status s = validate(resolved); !s.ok()) return s;
     std::lock_guard<std::mutex> lk(mu_);
-    v1::Job j;
-    j.set_id("job-" + std::to_string(next_seq_++));
-    j.set_state(v1::QUEUED);
-    *j.mutable_request() = resolved;
-    j.set_created_unix_ms(nowMs());
-    changed(j);
-    *out = j;
+    *out = queue(who, resolved, "", "");
+    return Status::OK;
+  }
+
+  // All runs validated before any is queued: a sweep is queued whole or not at all.
+  Status submitSweep(const Caller& who, const v1::SubmitSweepRequest& req, v1::JobArray* out) {
+    if (req.runs_size() < 1 || req.runs_size() > 1000)
+      return {StatusCode::INVALID_ARGUMENT, "a sweep needs 1 to 1000 runs (has " + std::to_string(req.runs_size()) + ")"};
+    std::vector<v1::PplRequest> runs;
+    for (const auto& run : req.runs()) {
+      v1::PplRequest r = req.base();
+      r.set_kv(run.kv()), r.set_kv_quant(run.kv_quant()), r.set_mode("decode");
+      if (Status s = validate(r); !s.ok())
+        return {s.error_code(), "run '" + run.label().substr(0, 200) + "': " + s.error_message()};
+      runs.push_back(r);
+    }
+    std::lock_guard<std::mutex> lk(mu_);
+    out->set_array_id("array-" + std::to_string(next_array_++));
+    for (size_t i = 0; i < runs.size(); ++i) *out->add_jobs() = queue(who, runs[i], out->array_id(), req.runs(i).label());
+    return Status::OK;
+  }
+
+  Status array(const std::string& id, v1::JobArray* out) {
+    std::lock_guard<std::mutex> lk(mu_);
+    std::vector<const v1::Job*> jobs;
+    for (auto& [job_id, j] : jobs_)
+      if (!id.empty() && j.array_id() == id) jobs.push_back(&j);
+    if (jobs.empty()) return {StatusCode::NOT_FOUND, "no job array '" + id.substr(0, 64) + "'"};
+    std::sort(jobs.begin(), jobs.end(), [](auto* a, auto* b) { return sequence(a->id()) < sequence(b->id()); });
+    out->set_array_id(id);
+    for (auto* j : jobs) *out->add_jobs() = *j;
     return Status::OK;
   }
 
@@ -107,11 +187,13 @@ class State {
     }
   }
 
-  Status cancel(const std::string& id, v1::Job* out) {
+  Status cancel(const Caller& who, const std::string& id, v1::Job* out) {
     std::lock_guard<std::mutex> lk(mu_);
     auto it = jobs_.find(id);
     if (it == jobs_.end()) return {StatusCode::NOT_FOUND, "no job '" + id.substr(0, 64) + "'"};
     v1::Job& j = it->second;
+    if (who.role != Role::Admin && j.owner() != who.name)
+      return {StatusCode::PERMISSION_DENIED, id + " was submitted by '" + j.owner() + "'; only it or an admin can cancel it"};
     if (isFinal(j.state()))
       return {StatusCode::FAILED_PRECONDITION, "job " + id + " already ended (" + stateName(j.state()) + ")"};
     if (j.state() == v1::QUEUED) {
@@ -128,7 +210,11 @@ class State {
   void registerWorker(const v1::RegisterRequest& req, v1::RegisterResponse* out) {
     std::lock_guard<std::mutex> lk(mu_);
     Worker w;
-    w.id = "w" + std::to_string(next_worker_++) + "@" + req.host().substr(0, 64);
+    // Unguessable (the lease of a fetched job is bound to it), still readable in logs.
+    std::random_device entropy;
+    char secret[33];
+    for (int i = 0; i < 4; ++i) std::snprintf(secret + 8 * i, 9, "%08x", unsigned(entropy()));
+    w.id = "w" + std::to_string(next_worker_++) + "-" + secret + "@" + req.host().substr(0, 64);
     w.info = req;
     w.last_seen = Clock::now();
     workers_[w.id] = w;
@@ -201,10 +287,15 @@ class State {
     j.set_state(r.state());
     j.set_error(r.error());
     if (r.state() == v1::SUCCEEDED) {
-      j.set_result_json(r.result_json());
-      try {
-        j.set_ppl(nlohmann::json::parse(r.result_json()).value("ppl", 0.0));
-      } catch (const std::exception&) {
+      const auto w = workers_.find(r.worker_id());
+      const std::string wrong = checkResult(j, w == workers_.end() ? 0 : w->second.info.tp(), r.result_json());
+      if (wrong.empty()) {
+        j.set_result_json(r.result_json());
+        j.set_ppl(nlohmann::json::parse(r.result_json())["ppl"].get<double>());
+      } else {
+        j.set_state(v1::FAILED);
+        j.set_error("the worker's result was rejected: " + wrong);
+        std::fprintf(stderr, "coordinator: %s: %s\n", j.id().c_str(), j.error().c_str());
       }
     }
     if (r.state() == v1::QUEUED) j.clear_worker();  // handed back (worker shutting down)
@@ -250,9 +341,44 @@ class State {
     cv_.notify_all();
   }
 
+  // The metrics endpoint's view: jobs by state, worker groups, tokens/s, jobs ended since last.
+  void report(CoordinatorMetrics& m) {
+    std::lock_guard<std::mutex> lk(mu_);
+    std::map<std::string, int> by_state;
+    double tokens_per_second = 0;
+    for (auto& [id, j] : jobs_) {
+      ++by_state[stateName(j.state())];
+      if (j.state() == v1::RUNNING) tokens_per_second += j.progress().tokens_per_second();
+    }
+    m.set(by_state, int(workers_.size()), tokens_per_second);
+    for (double seconds : ended_latencies_) m.jobEnded(seconds);
+    ended_latencies_.clear();
+  }
+
  private:
+  // A new queued job (caller holds mu_).
+  v1::Job queue(const Caller& who, const v1::PplRequest& resolved, const std::string& array_id, const std::string& label) {
+    v1::Job j;
+    j.set_id("job-" + std::to_string(next_seq_++));
+    j.set_state(v1::QUEUED);
+    j.set_owner(who.name);
+    j.set_array_id(array_id);
+    j.set_label(label);
+    *j.mutable_request() = resolved;
+    j.set_created_unix_ms(nowMs());
+    changed(j);
+    return j;
+  }
+  // "job-12" -> 12, "array-3" -> 3: ids sort in creation order by it.
+  static int64_t sequence(const std::string& id) {
+    const auto dash = id.rfind('-');
+    return dash == std::string::npos ? 0 : std::atoll(id.c_str() + dash + 1);
+  }
+
   void changed(v1::Job& j) {  // caller holds mu_
     j.set_updated_unix_ms(nowMs());
+    if (isFinal(j.state()) && ended_.insert(j.id()).second)
+      ended_latencies_.push_back(double(j.updated_unix_ms() - j.created_unix_ms()) / 1000.0);
     jobs_[j.id()] = j;
     store_.save(j);
     ++version_;
@@ -321,64 +447,98 @@ class State {
   std::map<std::string, v1::Job> jobs_;
   std::map<std::string, Worker> workers_;
   std::set<std::string> cancel_requested_;
-  int64_t next_seq_ = 1, next_worker_ = 1, version_ = 0;
+  std::set<std::string> ended_;          // jobs in a final state
+  std::vector<double> ended_latencies_;  // seconds from submit to end, not yet reported
+  int64_t next_seq_ = 1, next_array_ = 1, next_worker_ = 1, version_ = 0;
   bool stopping_ = false;
 };
 
+// The caller of a Coordinator call, if a client whose role is at least `least`.
+Status clientAtLeast(const Credentials& creds, ServerContext* ctx, Role least, Caller* who) {
+  if (Status a = creds.identify(ctx, who); !a.ok()) return a;
+  if (who->role == Role::Worker) return {StatusCode::PERMISSION_DENIED, "a worker credential cannot call the Coordinator service"};
+  if (int(who->role) < int(least))
+    return {StatusCode::PERMISSION_DENIED, "client '" + who->name + "' may only read (its role in --client-tokens)"};
+  return Status::OK;
+}
+
 class CoordinatorService final : public v1::Coordinator::Service {
  public:
-  CoordinatorService(State& s, std::string token) : s_(s), token_(std::move(token)) {}
+  CoordinatorService(State& s, const Credentials& creds) : s_(s), creds_(creds) {}
   Status SubmitJob(ServerContext* ctx, const v1::SubmitJobRequest* req, v1::Job* out) override {
-    if (Status a = checkToken(ctx, token_); !a.ok()) return a;
-    return s_.submit(req->ppl(), out);
+    Caller who;
+    if (Status a = clientAtLeast(creds_, ctx, Role::Submit, &who); !a.ok()) return a;
+    return s_.submit(who, req->ppl(), out);
   }
   Status GetJob(ServerContext* ctx, const v1::GetJobRequest* req, v1::Job* out) override {
-    if (Status a = checkToken(ctx, token_); !a.ok()) return a;
+    Caller who;
+    if (Status a = clientAtLeast(creds_, ctx, Role::Read, &who); !a.ok()) return a;
     return s_.get(req->id(), out);
   }
   Status ListJobs(ServerContext* ctx, const v1::ListJobsRequest* req, v1::ListJobsResponse* out) override {
-    if (Status a = checkToken(ctx, token_); !a.ok()) return a;
+    Caller who;
+    if (Status a = clientAtLeast(creds_, ctx, Role::Read, &who); !a.ok()) return a;
     s_.list(*req, out);
     return Status::OK;
   }
   Status WatchJob(ServerContext* ctx, const v1::WatchJobRequest* req, grpc::ServerWriter<v1::Job>* w) override {
-    if (Status a = checkToken(ctx, token_); !a.ok()) return a;
+    Caller who;
+    if (Status a = clientAtLeast(creds_, ctx, Role::Read, &who); !a.ok()) return a;
     return s_.watch(ctx, req->id(), w);
   }
   Status CancelJob(ServerContext* ctx, const v1::CancelJobRequest* req, v1::Job* out) override {
-    if (Status a = checkToken(ctx, token_); !a.ok()) return a;
-    return s_.cancel(req->id(), out);
+    Caller who;
+    if (Status a = clientAtLeast(creds_, ctx, Role::Submit, &who); !a.ok()) return a;
+    return s_.cancel(who, req->id(), out);
+  }
+  Status SubmitSweep(ServerContext* ctx, const v1::SubmitSweepRequest* req, v1::JobArray* out) override {
+    Caller who;
+    if (Status a = clientAtLeast(creds_, ctx, Role::Submit, &who); !a.ok()) return a;
+    return s_.submitSweep(who, *req, out);
+  }
+  Status GetArray(ServerContext* ctx, const v1::GetArrayRequest* req, v1::JobArray* out) override {
+    Caller who;
+    if (Status a = clientAtLeast(creds_, ctx, Role::Read, &who); !a.ok()) return a;
+    return s_.array(req->array_id(), out);
   }
 
  private:
   State& s_;
-  std::string token_;
+  const Credentials& creds_;
 };
+
+Status workerOnly(const Credentials& creds, ServerContext* ctx) {
+  Caller who;
+  if (Status a = creds.identify(ctx, &who); !a.ok()) return a;
+  if (who.role != Role::Worker)
+    return {StatusCode::PERMISSION_DENIED, "client '" + who.name + "' holds a client credential; the WorkerApi takes the worker token"};
+  return Status::OK;
+}
 
 class WorkerService final : public v1::WorkerApi::Service {
  public:
-  WorkerService(State& s, std::string token) : s_(s), token_(std::move(token)) {}
+  WorkerService(State& s, const Credentials& creds) : s_(s), creds_(creds) {}
   Status Register(ServerContext* ctx, const v1::RegisterRequest* req, v1::RegisterResponse* out) override {
-    if (Status a = checkToken(ctx, token_); !a.ok()) return a;
+    if (Status a = workerOnly(creds_, ctx); !a.ok()) return a;
     if (req->tp() < 1) return {StatusCode::INVALID_ARGUMENT, "tp must be at least 1"};
     s_.registerWorker(*req, out);
     return Status::OK;
   }
   Status Heartbeat(ServerContext* ctx, const v1::HeartbeatRequest* req, v1::HeartbeatResponse*) override {
-    if (Status a = checkToken(ctx, token_); !a.ok()) return a;
+    if (Status a = workerOnly(creds_, ctx); !a.ok()) return a;
     return s_.heartbeat(*req);
   }
   Status FetchJob(ServerContext* ctx, const v1::FetchJobRequest* req, v1::FetchJobResponse* out) override {
-    if (Status a = checkToken(ctx, token_); !a.ok()) return a;
+    if (Status a = workerOnly(creds_, ctx); !a.ok()) return a;
     return s_.fetch(ctx, *req, out);
   }
   Status ReportProgress(ServerContext* ctx, const v1::ProgressReport* req, v1::ProgressAck* out) override {
-    if (Status a = checkToken(ctx, token_); !a.ok()) return a;
+    if (Status a = workerOnly(creds_, ctx); !a.ok()) return a;
     out->set_cancel(s_.progress(*req));
     return Status::OK;
   }
   Status ReportResult(ServerContext* ctx, const v1::ResultReport* req, v1::ResultAck*) override {
-    if (Status a = checkToken(ctx, token_); !a.ok()) return a;
+    if (Status a = workerOnly(creds_, ctx); !a.ok()) return a;
     if (!isFinal(req->state()) && req->state() != v1::QUEUED)
       return {StatusCode::INVALID_ARGUMENT, "a result must be SUCCEEDED, FAILED, CANCELLED or QUEUED"};
     s_.result(*req);
@@ -387,16 +547,20 @@ class WorkerService final : public v1::WorkerApi::Service {
 
  private:
   State& s_;
-  std::string token_;
+  const Credentials& creds_;
 };
 
 }  // namespace
 
 int runCoordinator(const CoordinatorOptions& o) {
-  if (o.token_file.empty()) throw Error("--token-file is required: every call must carry the shared token");
+  if (!o.token_file.empty())
+    throw Error("the coordinator takes no --token-file (one token for clients and workers alike let any client act as "
+                "a worker): give --client-tokens FILE (lines: NAME TOKEN [read|submit|admin]) and --worker-token-file FILE");
+  if (o.client_tokens.empty() || o.worker_token_file.empty())
+    throw Error("--client-tokens and --worker-token-file are required: every call must carry a token of its role");
   if (o.data_root.empty() || !fs::is_directory(o.data_root))
     throw Error("--data-root '" + o.data_root + "' is not a folder");
-  const std::string token = readToken(o.token_file);
+  const Credentials credentials(o.client_tokens, o.worker_token_file);
 
   // SIGTERM / SIGINT are taken by a thread of our own (sigwait), not by a handler.
   sigset_t sigs;
@@ -407,8 +571,12 @@ int runCoordinator(const CoordinatorOptions& o) {
 
   JobStore store(o.db);
   State state(o, store);
-  CoordinatorService clients(state, token);
-  WorkerService workers(state, token);
+  CoordinatorService clients(state, credentials);
+  WorkerService workers(state, credentials);
+  // The gRPC ecosystem's conventions: grpc.health.v1 (grpc_health_probe, load balancers) and
+  // server reflection (grpcurl without the proto); neither needs a token.
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
   int port = 0;
   builder.AddListeningPort(o.listen, serverCredentials(o.tls_cert, o.tls_key), &port);
@@ -417,12 +585,19 @@ int runCoordinator(const CoordinatorOptions& o) {
   builder.SetMaxReceiveMessageSize(1 << 20);  // requests are small; larger ones are refused
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (!server || port == 0) throw Error("cannot listen on '" + o.listen + "'");
-  std::fprintf(stderr, "coordinator: listening on %s (port %d), jobs in %s\n", o.listen.c_str(), port, o.db.c_str());
+  std::fprintf(stderr, "coordinator: listening on %s (port %d), jobs in %s, %zu client credential(s)\n", o.listen.c_str(),
+               port, o.db.c_str(), credentials.clients());
 
+  std::unique_ptr<CoordinatorMetrics> metrics;
+  if (!o.metrics_listen.empty()) {
+    metrics = std::make_unique<CoordinatorMetrics>(o.metrics_listen);
+    std::fprintf(stderr, "coordinator: metrics on %s (port %d)\n", o.metrics_listen.c_str(), metrics->port());
+  }
   std::atomic<bool> done{false};
   std::thread monitor([&] {
     while (!done) {
       state.sweep();
+      if (metrics) state.report(*metrics);
       std::this_thread::sleep_for(std::chrono::milliseconds(200));
     }
   });
@@ -430,7 +605,11 @@ int runCoordinator(const CoordinatorOptions& o) {
     int sig = 0;
     sigwait(&sigs, &sig);
     if (done) return;
-    std::fprintf(stderr, "coordinator: signal %d, shutting down\n", sig);
+    // Drain: health turns NOT_SERVING so that probes and load balancers stop sending calls,
+    // while calls still get answers; then the server stops.
+    std::fprintf(stderr, "coordinator: signal %d, draining for %d ms, then shutting down\n", sig, o.drain_ms);
+    server->GetHealthCheckService()->SetServingStatus(false);
+    std::this_thread::sleep_for(std::chrono::milliseconds(std::max(0, o.drain_ms)));
     state.stop();
     server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
   });

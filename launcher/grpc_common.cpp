@@ -1,6 +1,8 @@
 #include "launcher/grpc_common.h"
 
+#include <algorithm>
 #include <fstream>
+#include <map>
 #include <sstream>
 
 #include "runtime/error.h"
@@ -45,16 +47,47 @@ std::unique_ptr<grpc::ClientContext> callContext(const std::string& token, std::
   return ctx;
 }
 
-grpc::Status checkToken(const grpc::ServerContext* ctx, const std::string& token) {
-  const auto& md = ctx->client_metadata();
-  auto it = md.find("authorization");
-  const std::string want = "Bearer " + token;
-  if (it != md.end() && it->second.size() == want.size()) {
-    unsigned diff = 0;  // constant time: no early exit on the first differing byte
-    for (size_t i = 0; i < want.size(); ++i) diff |= unsigned(it->second.data()[i] ^ want[i]);
-    if (diff == 0) return grpc::Status::OK;
+Credentials::Credentials(const std::string& client_tokens_file, const std::string& worker_token_file) {
+  const std::string worker = readToken(worker_token_file);
+  if (worker.size() < 16) throw Error("the worker token in '" + worker_token_file + "' is shorter than 16 characters");
+  std::istringstream lines(readFile(client_tokens_file, "client tokens file"));
+  std::string line;
+  for (int n = 1; std::getline(lines, line); ++n) {
+    if (const auto hash = line.find('#'); hash != std::string::npos) line.resize(hash);
+    std::istringstream words(line);
+    std::string name, token, role, extra;
+    if (!(words >> name)) continue;
+    const std::string where = "'" + client_tokens_file + "' line " + std::to_string(n);
+    if (!(words >> token) || (words >> role && words >> extra))
+      throw Error(where + ": expected NAME TOKEN [read|submit|admin]");
+    const std::map<std::string, Role> roles = {{"", Role::Submit}, {"read", Role::Read}, {"submit", Role::Submit},
+                                               {"admin", Role::Admin}};
+    if (!roles.count(role)) throw Error(where + ": role '" + role + "' is not read, submit or admin");
+    if (token.size() < 16) throw Error(where + ": the token of '" + name + "' is shorter than 16 characters");
+    if (token == worker) throw Error(where + ": '" + name + "' holds the workers' token; a client needs its own");
+    for (auto& [t, c] : tokens_)
+      if (c.name == name || t == "Bearer " + token)
+        throw Error(where + ": '" + name + "' repeats the " + (c.name == name ? "name" : "token") + " of an earlier line");
+    tokens_.push_back({"Bearer " + token, {name, roles.at(role)}});
   }
-  return {grpc::StatusCode::UNAUTHENTICATED, "missing or wrong bearer token (authorization metadata)"};
+  if (tokens_.empty()) throw Error("'" + client_tokens_file + "' names no client (lines: NAME TOKEN [read|submit|admin])");
+  tokens_.push_back({"Bearer " + worker, {"worker", Role::Worker}});
+}
+
+grpc::Status Credentials::identify(const grpc::ServerContext* ctx, Caller* out) const {
+  const auto& md = ctx->client_metadata();
+  const auto it = md.find("authorization");
+  const std::string_view given = it == md.end() ? std::string_view() : std::string_view(it->second.data(), it->second.size());
+  const Caller* found = nullptr;
+  for (auto& [want, who] : tokens_) {  // every token of that length compared to its end: no early exit
+    if (given.size() != want.size()) continue;
+    unsigned diff = 0;
+    for (size_t i = 0; i < want.size(); ++i) diff |= unsigned(given[i] ^ want[i]);
+    if (diff == 0) found = &who;
+  }
+  if (!found) return {grpc::StatusCode::UNAUTHENTICATED, "missing or unknown bearer token (authorization metadata)"};
+  *out = *found;
+  return grpc::Status::OK;
 }
 
 v1::PplRequest toRequest(const PplJob& j, int tp) {

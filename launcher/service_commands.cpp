@@ -1,94 +1,17 @@
-// kvtp coordinator | worker | submit ppl | jobs | watch | cancel: the gRPC control plane.
+// kvtp coordinator | worker | submit ppl|sweep | jobs | watch | cancel: the gRPC control plane.
 #include <cstdio>
 #include <iostream>
-#include <thread>
 
+#include "launcher/client.h"
 #include "launcher/commands.h"
 #include "launcher/coordinator.h"
 #include "launcher/grpc_common.h"
 #include "launcher/ppl_options.h"
-#include "launcher/progress.h"
+#include "launcher/sweep.h"
 #include "launcher/worker.h"
 #include "runtime/error.h"
 
 namespace kvtp::launcher {
-namespace {
-
-using namespace std::chrono_literals;
-
-struct ClientOptions {
-  std::string coordinator = "127.0.0.1:50051";
-  std::string token_file;
-  std::string tls_ca;
-  int timeout_s = 30;
-};
-
-void addClientOptions(CLI::App* cmd, ClientOptions& c) {
-  cmd->add_option("--coordinator", c.coordinator, "coordinator address host:port");
-  cmd->add_option("--token-file", c.token_file, "file holding the shared bearer token")->required();
-  cmd->add_option("--tls-ca", c.tls_ca, "CA certificate: use TLS and trust this CA");
-  cmd->add_option("--timeout", c.timeout_s, "deadline of each call, seconds (not of --wait)");
-}
-
-struct Client {
-  explicit Client(const ClientOptions& o)
-      : stub(v1::Coordinator::NewStub(makeChannel(o.coordinator, o.tls_ca))), token(readToken(o.token_file)),
-        deadline(std::chrono::seconds(o.timeout_s)) {}
-  void check(const grpc::Status& st, const char* what) const {
-    if (!st.ok())
-      throw Error(std::string(what) + " failed: " + st.error_message() + " (gRPC code " +
-                  std::to_string(int(st.error_code())) + ")");
-  }
-  std::unique_ptr<v1::Coordinator::Stub> stub;
-  std::string token;
-  std::chrono::milliseconds deadline;
-};
-
-// Follows a job to its end with a progress bar; prints the result. Returns the exit code.
-int waitFor(Client& c, const std::string& id, bool json, bool quiet) {
-  ProgressBar bar(!quiet);
-  v1::Job last;
-  for (int reconnects = 0; !isFinal(last.state()); ++reconnects) {
-    auto ctx = callContext(c.token, std::chrono::hours(24 * 365));
-    v1::WatchJobRequest req;
-    req.set_id(id);
-    auto reader = c.stub->WatchJob(ctx.get(), req);
-    v1::Job j;
-    while (reader->Read(&j)) {
-      last = j;
-      const auto& p = j.progress();
-      Progress pr;
-      pr.windows_done = p.windows_done();
-      pr.windows_total = p.windows_total();
-      pr.tokens_done = p.tokens_done();
-      pr.tokens_total = p.tokens_total();
-      pr.nll = p.tokens_done() ? std::log(std::max(p.running_ppl(), 1e-300)) * double(p.tokens_done()) : 0;
-      pr.seconds = p.seconds();
-      if (j.state() == v1::RUNNING && p.windows_total()) bar.update(pr);
-    }
-    const auto st = reader->Finish();
-    if (isFinal(last.state())) break;
-    if (st.error_code() != grpc::StatusCode::UNAVAILABLE || reconnects >= 60) c.check(st, "WatchJob");
-    std::this_thread::sleep_for(1s);  // the coordinator is restarting: watch again
-  }
-  bar.finish();
-  if (last.state() == v1::SUCCEEDED) {
-    if (json) {
-      std::cout << last.result_json() << std::endl;
-    } else {
-      const auto r = nlohmann::json::parse(last.result_json());
-      std::printf("%s: ppl %.4f  over %lld tokens  (%s, tp %d, %.1f s, %.0f tok/s)\n", last.id().c_str(),
-                  r["ppl"].get<double>(), (long long)r["tokens"].get<int64_t>(), last.worker().c_str(),
-                  r.value("tp", 1), r["seconds"].get<double>(), r["tokens_per_second"].get<double>());
-    }
-    return 0;
-  }
-  std::fprintf(stderr, "kvtp: job %s %s%s%s\n", last.id().c_str(), stateName(last.state()),
-               last.error().empty() ? "" : ": ", last.error().c_str());
-  return 1;
-}
-
-}  // namespace
 
 void addServiceCommands(CLI::App& app) {
   {
@@ -96,12 +19,17 @@ void addServiceCommands(CLI::App& app) {
     auto o = std::make_shared<CoordinatorOptions>();
     cmd->add_option("--listen", o->listen, "address to listen on (host:port; port 0 picks one)");
     cmd->add_option("--db", o->db, "SQLite job database (created if missing)");
-    cmd->add_option("--token-file", o->token_file, "file holding the shared bearer token")->required();
+    cmd->add_option("--client-tokens", o->client_tokens,
+                    "clients' credentials: lines NAME TOKEN [read|submit|admin] (submit when omitted)");
+    cmd->add_option("--worker-token-file", o->worker_token_file, "file holding the workers' token");
+    cmd->add_option("--token-file", o->token_file)->group("");  // the old shared token: refused with the way out
     cmd->add_option("--data-root", o->data_root, "jobs may only read files under this folder")->required();
     cmd->add_option("--tls-cert", o->tls_cert, "TLS certificate (PEM)");
     cmd->add_option("--tls-key", o->tls_key, "TLS private key (PEM)");
     cmd->add_option("--worker-timeout-ms", o->worker_timeout_ms, "a worker silent this long is lost");
     cmd->add_option("--max-attempts", o->max_attempts, "starts of a job before a lost worker fails it");
+    cmd->add_option("--metrics-listen", o->metrics_listen, "serve Prometheus metrics at http://ADDR/metrics (host:port)");
+    cmd->add_option("--drain-ms", o->drain_ms, "after SIGTERM, health reports NOT_SERVING this long before the server stops");
     cmd->callback([o] {
       const int rc = runCoordinator(*o);
       if (rc) std::exit(rc);
@@ -111,7 +39,7 @@ void addServiceCommands(CLI::App& app) {
     auto* cmd = app.add_subcommand("worker", "Run jobs from a coordinator (launch with mpirun)");
     auto o = std::make_shared<WorkerOptions>();
     cmd->add_option("--coordinator", o->coordinator, "coordinator address host:port");
-    cmd->add_option("--token-file", o->token_file, "file holding the shared bearer token")->required();
+    cmd->add_option("--token-file", o->token_file, "file holding the workers' token")->required();
     cmd->add_option("--tls-ca", o->tls_ca, "CA certificate: use TLS and trust this CA");
     cmd->add_option("--tp", o->tp, "ranks per worker group (default: the whole launch)");
     cmd->callback([o] {
@@ -119,9 +47,9 @@ void addServiceCommands(CLI::App& app) {
       if (rc) std::exit(rc);
     });
   }
+  auto* submit = app.add_subcommand("submit", "Submit a job or a sweep to a coordinator");
+  submit->require_subcommand(1);
   {
-    auto* submit = app.add_subcommand("submit", "Submit a job to a coordinator");
-    submit->require_subcommand(1);
     auto* cmd = submit->add_subcommand("ppl", "a perplexity job (the options of kvtp ppl)");
     struct Args {
       ClientOptions client;
@@ -146,6 +74,42 @@ void addServiceCommands(CLI::App& app) {
       }
       if (!a->quiet) std::fprintf(stderr, "submitted %s\n", job.id().c_str());
       if (const int rc = waitFor(c, job.id(), a->json, a->quiet)) std::exit(rc);
+    });
+  }
+  {
+    auto* cmd = submit->add_subcommand("sweep", "a sweep as a job array (the options of kvtp sweep)");
+    struct Args {
+      ClientOptions client;
+      PplOptions ppl;
+      SweepGrid grid;
+      std::string out = "kv-sweep";
+      bool wait = false, quiet = false;
+    };
+    auto a = std::make_shared<Args>();
+    addClientOptions(cmd, a->client);
+    addPplOptions(cmd, a->ppl);
+    addSweepGridOptions(cmd, a->grid);
+    cmd->add_flag("--wait", a->wait, "follow the array to its end and write PREFIX.csv and PREFIX.png");
+    cmd->add_option("--out", a->out, "with --wait: output prefix");
+    cmd->add_flag("--quiet", a->quiet, "no progress lines");
+    cmd->callback([a] {
+      Client c(a->client);
+      PplJob base = a->ppl.resolve();
+      base.mode = Mode::Decode;
+      v1::SubmitSweepRequest req;
+      *req.mutable_base() = toRequest(base, a->ppl.tp);
+      for (const SweepRun& r : sweepRuns(a->grid)) {
+        v1::SweepRun* run = req.add_runs();
+        run->set_label(r.label), run->set_kv(r.kv), run->set_kv_quant(r.quant);
+      }
+      v1::JobArray array;
+      c.check(c.stub->SubmitSweep(callContext(c.token, c.deadline).get(), req, &array), "SubmitSweep");
+      if (!a->wait) {
+        std::printf("%s\n", array.array_id().c_str());
+        return;
+      }
+      if (!a->quiet) std::fprintf(stderr, "submitted %s: %d runs\n", array.array_id().c_str(), array.jobs_size());
+      if (const int rc = writeArray(c, array.array_id(), a->out, a->quiet)) std::exit(rc);
     });
   }
   {

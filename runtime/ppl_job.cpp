@@ -255,6 +255,7 @@ nlohmann::json toJson(const PplJob& job, const PplJobResult& r) {
           {"seconds", r.result.seconds},
           {"tokens_per_second", r.result.tokensPerSecond()},
           {"model", r.model},
+          {"data", job.data.empty() ? job.input_ids : job.data},
           {"mode", modeName(job.mode)},
           {"seq_len", r.seq_len},
           {"stride", job.stride},

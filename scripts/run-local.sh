@@ -18,10 +18,14 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
-head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$work/token"
+# Two roles, two tokens: this script's client (submit) and the worker group.
+token() { head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n'; }
+token > "$work/client-token"
+token > "$work/worker-token"
+echo "local $(cat "$work/client-token") submit" > "$work/client-tokens"
 
-"$kvtp" coordinator --listen 127.0.0.1:0 --db "$work/jobs.db" --token-file "$work/token" --data-root "$PWD" \
-  2> "$work/coordinator.log" &
+"$kvtp" coordinator --listen 127.0.0.1:0 --db "$work/jobs.db" --client-tokens "$work/client-tokens" \
+  --worker-token-file "$work/worker-token" --data-root "$PWD" 2> "$work/coordinator.log" &
 pids+=($!)
 for _ in $(seq 100); do grep -q "(port " "$work/coordinator.log" && break; sleep 0.1; done
 port=$(sed -n 's/.*(port \([0-9]*\)).*/\1/p' "$work/coordinator.log")
@@ -31,7 +35,7 @@ echo "coordinator on 127.0.0.1:$port; starting a worker group: mpirun -np ${WORK
 root=(); [ "$(id -u)" -eq 0 ] && root=(--allow-run-as-root)
 threads=$(( $(nproc) / 2 )); [ "$threads" -ge 1 ] || threads=1
 OMP_NUM_THREADS=$threads mpirun "${root[@]}" --oversubscribe --bind-to none -x OMP_NUM_THREADS -np "${WORKERS:-2}" \
-  "$kvtp" worker --coordinator "127.0.0.1:$port" --token-file "$work/token" 2> "$work/worker.log" &
+  "$kvtp" worker --coordinator "127.0.0.1:$port" --token-file "$work/worker-token" 2> "$work/worker.log" &
 pids+=($!)
 
-"$kvtp" submit ppl --coordinator "127.0.0.1:$port" --token-file "$work/token" --wait "${args[@]}"
+"$kvtp" submit ppl --coordinator "127.0.0.1:$port" --token-file "$work/client-token" --wait "${args[@]}"

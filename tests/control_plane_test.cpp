@@ -1,13 +1,17 @@
 // The gRPC control plane end to end, with real processes on 127.0.0.1: a coordinator, worker
 // groups under `mpirun -np 2`, and clients (the kvtp binary and a gRPC stub).
 #include <gtest/gtest.h>
+#include <sqlite3.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <regex>
+#include <set>
 #include <thread>
 
 #include "launcher/grpc_common.h"
+#include "launcher/sweep.h"
 #include "process.h"
 #include "test_util.h"
 
@@ -20,17 +24,25 @@ using launcher::callContext;
 
 class ControlPlane : public ::testing::Test {
  protected:
+  // Four clients (alice and bob submit, reader reads, root administers) and the workers' token;
+  // the client commands use alice's (dir_/token).
   void SetUp() override {
-    token_ = "token-" + std::to_string(::getpid());
+    const std::string pid = std::to_string(::getpid()) + "-0123456789";  // tokens of 16 characters at least
+    token_ = "alice-token-" + pid, bob_ = "bob-token-000-" + pid, reader_ = "reader-token-0-" + pid,
+    admin_ = "root-token-000-" + pid, worker_token_ = "worker-token-0-" + pid;
     std::ofstream(dir_ / "token") << token_ << "\n";
+    std::ofstream(dir_ / "worker-token") << worker_token_ << "\n";
+    std::ofstream(dir_ / "client-tokens") << "# name token role\nalice " << token_ << "\nbob " << bob_ << " submit\nreader "
+                                          << reader_ << " read\nroot " << admin_ << " admin\n";
     startCoordinator();
   }
 
   void startCoordinator(const std::string& extra = "") {
     const std::string listen = "127.0.0.1:" + std::to_string(port_);  // port 0 first, then the same again
     coordinator_ = std::make_unique<test::Process>(
-        test::kvtpBinary() + " coordinator --listen " + listen + " --db " + (dir_ / "jobs.db") + " --token-file " +
-            (dir_ / "token") + " --data-root " + std::filesystem::current_path().string() +
+        test::kvtpBinary() + " coordinator --listen " + listen + " --db " + (dir_ / "jobs.db") + " --client-tokens " +
+            (dir_ / "client-tokens") + " --worker-token-file " + (dir_ / "worker-token") + " --data-root " +
+            std::filesystem::current_path().string() +
             " --worker-timeout-ms 2000 " + extra,
         dir_ / ("coordinator" + std::to_string(++coordinators_) + ".log"));
     ASSERT_TRUE(coordinator_->waitForLog("(port ", 10s)) << coordinator_->log();
@@ -43,7 +55,7 @@ class ControlPlane : public ::testing::Test {
     workers_.push_back(std::make_unique<test::Process>(
         "env OMP_NUM_THREADS=1 mpirun --oversubscribe --allow-run-as-root --bind-to none -x OMP_NUM_THREADS -np " +
             std::to_string(np) + " " + test::kvtpBinary() + " worker --coordinator " + address() + " --token-file " +
-            (dir_ / "token") + " " + extra,
+            (dir_ / "worker-token") + " " + extra,
         dir_ / ("worker" + std::to_string(workers_.size()) + ".log")));
     EXPECT_TRUE(workers_.back()->waitForLog("registered as", 20s)) << workers_.back()->log();
     return *workers_.back();
@@ -114,7 +126,7 @@ class ControlPlane : public ::testing::Test {
   }
 
   test::TempDir dir_;
-  std::string token_;
+  std::string token_, bob_, reader_, admin_, worker_token_;
   int port_ = 0, coordinators_ = 0;
   std::unique_ptr<test::Process> coordinator_;
   std::vector<std::unique_ptr<test::Process>> workers_;
@@ -184,6 +196,175 @@ TEST_F(ControlPlane, CallsWithoutTheTokenAreRefused) {
   req.set_tp(1);
   v1::RegisterResponse resp;
   EXPECT_EQ(worker->Register(&ctx, req, &resp).error_code(), grpc::StatusCode::UNAUTHENTICATED);
+}
+
+// Each WorkerApi method with a client credential (even an admin's) is refused, and the Coordinator
+// service with the workers' token; a read-only client reads but cannot submit or cancel.
+TEST_F(ControlPlane, EachRoleCallsOnlyWhatItMay) {
+  auto worker = v1::WorkerApi::NewStub(launcher::makeChannel(address(), ""));
+  for (const std::string& tok : {token_, admin_, reader_}) {
+    v1::RegisterRequest reg;
+    reg.set_tp(1);
+    v1::RegisterResponse rr;
+    EXPECT_EQ(worker->Register(callContext(tok, 10s).get(), reg, &rr).error_code(), grpc::StatusCode::PERMISSION_DENIED);
+    v1::HeartbeatResponse hr;
+    EXPECT_EQ(worker->Heartbeat(callContext(tok, 10s).get(), {}, &hr).error_code(), grpc::StatusCode::PERMISSION_DENIED);
+    v1::FetchJobResponse fr;
+    EXPECT_EQ(worker->FetchJob(callContext(tok, 10s).get(), {}, &fr).error_code(), grpc::StatusCode::PERMISSION_DENIED);
+    v1::ProgressAck pa;
+    EXPECT_EQ(worker->ReportProgress(callContext(tok, 10s).get(), {}, &pa).error_code(),
+              grpc::StatusCode::PERMISSION_DENIED);
+    v1::ResultReport result;
+    result.set_state(v1::SUCCEEDED);
+    v1::ResultAck ra;
+    const auto st = worker->ReportResult(callContext(tok, 10s).get(), result, &ra);
+    EXPECT_EQ(st.error_code(), grpc::StatusCode::PERMISSION_DENIED);
+    EXPECT_NE(st.error_message().find("client credential"), std::string::npos) << st.error_message();
+  }
+  v1::SubmitJobRequest submit;
+  *submit.mutable_ppl() = smallJob();
+  v1::Job j;
+  EXPECT_EQ(stub_->SubmitJob(callContext(worker_token_, 10s).get(), submit, &j).error_code(),
+            grpc::StatusCode::PERMISSION_DENIED);
+  EXPECT_EQ(stub_->SubmitJob(callContext(reader_, 10s).get(), submit, &j).error_code(), grpc::StatusCode::PERMISSION_DENIED);
+  v1::ListJobsResponse list;
+  EXPECT_EQ(stub_->ListJobs(callContext(worker_token_, 10s).get(), {}, &list).error_code(),
+            grpc::StatusCode::PERMISSION_DENIED);
+  const v1::Job mine = this->submit(smallJob());
+  EXPECT_EQ(mine.owner(), "alice");
+  EXPECT_TRUE(stub_->ListJobs(callContext(reader_, 10s).get(), {}, &list).ok());
+  EXPECT_EQ(list.jobs_size(), 1);
+  v1::CancelJobRequest cancel;
+  cancel.set_id(mine.id());
+  EXPECT_EQ(stub_->CancelJob(callContext(reader_, 10s).get(), cancel, &j).error_code(), grpc::StatusCode::PERMISSION_DENIED);
+  EXPECT_TRUE(coordinator_->running());
+}
+
+TEST_F(ControlPlane, AClientCancelsOnlyItsOwnJobsUnlessAdmin) {
+  const v1::Job a = submit(smallJob()), b = submit(smallJob());
+  v1::CancelJobRequest req;
+  req.set_id(a.id());
+  v1::Job j;
+  const auto bob = stub_->CancelJob(callContext(bob_, 10s).get(), req, &j);
+  EXPECT_EQ(bob.error_code(), grpc::StatusCode::PERMISSION_DENIED);
+  EXPECT_NE(bob.error_message().find("submitted by 'alice'"), std::string::npos) << bob.error_message();
+  EXPECT_EQ(get(a.id()).state(), v1::QUEUED);
+  ASSERT_TRUE(stub_->CancelJob(callContext(token_, 10s).get(), req, &j).ok());  // its owner
+  EXPECT_EQ(j.state(), v1::CANCELLED);
+  req.set_id(b.id());
+  ASSERT_TRUE(stub_->CancelJob(callContext(admin_, 10s).get(), req, &j).ok());  // an admin
+  EXPECT_EQ(j.state(), v1::CANCELLED);
+}
+
+// A worker (the real credential) that reports forged results: each fails its job with the reason,
+// and the coordinator takes the next. The plan is what the worker said in its progress.
+TEST_F(ControlPlane, ForgedResultsFailTheJob) {
+  auto worker = v1::WorkerApi::NewStub(launcher::makeChannel(address(), ""));
+  v1::RegisterRequest reg;
+  reg.set_tp(1);
+  reg.set_host("forger");
+  v1::RegisterResponse me;
+  ASSERT_TRUE(worker->Register(callContext(worker_token_, 10s).get(), reg, &me).ok());
+  EXPECT_TRUE(std::regex_match(me.worker_id(), std::regex("w[0-9]+-[0-9a-f]{32}@forger"))) << me.worker_id();
+  const std::string model = std::filesystem::canonical("models/kvtp-opt-3m").string(),
+                    data = std::filesystem::canonical("data/c4/c4-heldout-200.json.gz").string();
+  const auto good = [&] {
+    return nlohmann::json{{"ppl", std::exp(600.0 / 200)}, {"nll", 600.0}, {"tokens", 200}, {"windows", 2}, {"tp", 1},
+                          {"sequences", {{{"ppl", 20.0}, {"tokens", 100}}, {{"ppl", 20.1}, {"tokens", 100}}}},
+                          {"model", model}, {"data", data}, {"mode", "prefill"}, {"device", "cpu"}, {"kv", "full"}};
+  };
+  std::vector<std::pair<std::string, std::string>> forged = {  // result, what the error says
+      {"ppl 1.0", "not JSON"},
+      {R"([1, 2])", "not a JSON object"},
+      {[&] { auto r = good(); r["ppl"] = 1.0; return r.dump(); }(), "is not exp(nll / tokens)"},
+      {[&] { auto r = good(); r["nll"] = nlohmann::json::parse("1e999", nullptr, false); return r.dump(); }(), ""},
+      {[&] { auto r = good(); r["model"] = "/data/other-model"; return r.dump(); }(), "model \"/data/other-model\""},
+      {[&] { auto r = good(); r["tokens"] = 5; r["nll"] = 15.0; r["ppl"] = std::exp(3.0); return r.dump(); }(),
+       "do not add up"},
+      {[&] {
+         auto r = good();
+         r["tokens"] = 150, r["nll"] = 450.0, r["sequences"][1]["tokens"] = 50;
+         return r.dump();
+       }(), "but the worker planned 200 in 2"},
+      {good().dump(), ""}};
+  for (auto& [result, says] : forged) {
+    const std::string id = submit(smallJob()).id();
+    v1::FetchJobRequest fetch;
+    fetch.set_worker_id(me.worker_id());
+    fetch.set_wait_ms(5000);
+    v1::FetchJobResponse got;
+    ASSERT_TRUE(worker->FetchJob(callContext(worker_token_, 10s).get(), fetch, &got).ok());
+    ASSERT_EQ(got.job().id(), id);
+    v1::ProgressReport progress;
+    progress.set_worker_id(me.worker_id());
+    progress.set_job_id(id);
+    progress.mutable_progress()->set_windows_total(2);
+    progress.mutable_progress()->set_tokens_total(200);
+    v1::ProgressAck ack;
+    ASSERT_TRUE(worker->ReportProgress(callContext(worker_token_, 10s).get(), progress, &ack).ok());
+    v1::ResultReport report;
+    report.set_worker_id(me.worker_id());
+    report.set_job_id(id);
+    report.set_state(v1::SUCCEEDED);
+    report.set_result_json(result);
+    v1::ResultAck ra;
+    ASSERT_TRUE(worker->ReportResult(callContext(worker_token_, 10s).get(), report, &ra).ok());
+    const v1::Job j = get(id);
+    if (&result == &forged.back().first) {  // the last one is consistent: stored
+      EXPECT_EQ(j.state(), v1::SUCCEEDED) << j.error();
+      EXPECT_DOUBLE_EQ(j.ppl(), std::exp(3.0));
+      continue;
+    }
+    EXPECT_EQ(j.state(), v1::FAILED) << result;
+    EXPECT_NE(j.error().find("result was rejected"), std::string::npos) << j.error();
+    EXPECT_NE(j.error().find(says), std::string::npos) << j.error();
+    EXPECT_TRUE(j.result_json().empty());
+  }
+  EXPECT_TRUE(coordinator_->running());
+}
+
+// A jobs.db written before jobs had owners (the same table, each Job serialized without field 12)
+// stays readable: its jobs are served as they were, and with no owner only an admin cancels them.
+TEST_F(ControlPlane, AJobsDbFromBeforeOwnersStaysReadable) {
+  coordinator_->signalGroup(SIGKILL);
+  coordinator_->wait(10s);
+  for (const char* f : {"jobs.db", "jobs.db-wal", "jobs.db-shm"}) std::filesystem::remove(dir_ / f);
+  sqlite3* db = nullptr;
+  ASSERT_EQ(sqlite3_open((dir_ / "jobs.db").c_str(), &db), SQLITE_OK);
+  ASSERT_EQ(sqlite3_exec(db, "CREATE TABLE jobs (seq INTEGER PRIMARY KEY, id TEXT UNIQUE NOT NULL, job BLOB NOT NULL)",
+                         nullptr, nullptr, nullptr),
+            SQLITE_OK);
+  v1::Job done, queued;
+  done.set_id("job-1"), done.set_state(v1::SUCCEEDED), done.set_ppl(12.5), done.set_result_json(R"({"ppl": 12.5})");
+  queued.set_id("job-2"), queued.set_state(v1::QUEUED);
+  for (v1::Job* j : {&done, &queued}) {
+    *j->mutable_request() = smallJob();
+    j->set_created_unix_ms(1700000000000), j->set_updated_unix_ms(1700000000000);
+    const std::string blob = j->SerializeAsString();
+    sqlite3_stmt* st = nullptr;
+    sqlite3_prepare_v2(db, "INSERT INTO jobs (seq, id, job) VALUES (?, ?, ?)", -1, &st, nullptr);
+    sqlite3_bind_int64(st, 1, std::stoll(j->id().substr(4)));
+    sqlite3_bind_text(st, 2, j->id().c_str(), -1, SQLITE_TRANSIENT);
+    sqlite3_bind_blob(st, 3, blob.data(), int(blob.size()), SQLITE_TRANSIENT);
+    ASSERT_EQ(sqlite3_step(st), SQLITE_DONE);
+    sqlite3_finalize(st);
+  }
+  sqlite3_close(db);
+  startCoordinator();
+  const v1::Job kept = get("job-1");
+  EXPECT_EQ(kept.state(), v1::SUCCEEDED);
+  EXPECT_EQ(kept.ppl(), 12.5);
+  EXPECT_EQ(kept.owner(), "");
+  EXPECT_EQ(get("job-2").state(), v1::QUEUED);
+  v1::CancelJobRequest req;
+  req.set_id("job-2");
+  v1::Job j;
+  EXPECT_EQ(stub_->CancelJob(callContext(token_, 10s).get(), req, &j).error_code(), grpc::StatusCode::PERMISSION_DENIED);
+  ASSERT_TRUE(stub_->CancelJob(callContext(admin_, 10s).get(), req, &j).ok());
+  EXPECT_EQ(j.state(), v1::CANCELLED);
+  const v1::Job fresh = submit(smallJob());
+  EXPECT_EQ(fresh.id(), "job-3");
+  EXPECT_EQ(fresh.owner(), "alice");
 }
 
 TEST_F(ControlPlane, BadRequestsGetClearErrorsAndTheServerStaysUp) {
@@ -376,6 +557,66 @@ TEST_F(ControlPlane, TwoHundredConcurrentCallsLoseNoJob) {
   ASSERT_TRUE(stub_->ListJobs(callContext(token_, 10s).get(), lr, &resp).ok());
   EXPECT_EQ(resp.jobs_size(), int(ids.size()));
   for (auto& id : ids) EXPECT_EQ(get(id).state(), v1::QUEUED);
+}
+
+// A sweep submitted as a job array runs over two worker groups (one launch, --tp 1) and gives the
+// CSV the local `kvtp sweep` gives: the same rows in the same order, the same numbers (tp 1 both
+// ways; perplexity to 1e-6, threads may sum in another order), all but the seconds.
+TEST_F(ControlPlane, ASweepArrayOverTwoGroupsEqualsTheLocalSweep) {
+  test::Process& launch = startWorkers(2, "--tp 1");
+  EXPECT_TRUE(launch.waitForLog("registered as w2", 20s)) << launch.log();
+  const std::string grid =
+      " --model models/kvtp-llama-2m --data data/c4/c4-heldout-200.json.gz --seq-len 96 --max-windows 2 --methods "
+      "h2o,streamingllm --budgets 0.3,0.6 --quants 'kivi:bits=4,group=8,residual=16' --extra 'h2o:budget=0.4,scope=layer|int8'";
+  const auto remote = test::run(test::kvtpBinary() + " submit sweep --coordinator " + address() + " --token-file " +
+                                (dir_ / "token") + " --wait --out " + (dir_ / "remote") + grid);
+  ASSERT_EQ(remote.status, 0) << remote.err;
+  EXPECT_NE(remote.err.find("7 of 7 runs ended"), std::string::npos) << remote.err;
+  const auto local = test::run(test::kvtpBinary() + " sweep --out " + (dir_ / "local") + grid);
+  ASSERT_EQ(local.status, 0) << local.err;
+  const auto rows = [](const std::string& path) {
+    std::ifstream in(path);
+    std::vector<std::vector<std::string>> out;
+    for (std::string line; std::getline(in, line);) {
+      std::vector<std::string> fields(1);  // no field here holds a quote: split on commas outside quotes
+      bool quoted = false;
+      for (char c : line) {
+        if (c == '"') quoted = !quoted;
+        else if (c == ',' && !quoted) fields.emplace_back();
+        else fields.back() += c;
+      }
+      out.push_back(fields);
+    }
+    return out;
+  };
+  const auto a = rows(dir_ / "remote.csv"), b = rows(dir_ / "local.csv");
+  ASSERT_EQ(a.size(), 8u);
+  ASSERT_EQ(a.size(), b.size());
+  for (size_t i = 0; i < a.size(); ++i) {
+    ASSERT_EQ(a[i].size(), 11u);
+    for (int f : {0, 1, 2, 4, 5, 6, 9}) EXPECT_EQ(a[i][f], b[i][f]) << "row " << i << " column " << f;
+    if (i == 0) continue;
+    for (int f : {3, 7, 10}) EXPECT_NEAR(std::stod(a[i][f]), std::stod(b[i][f]), 1e-6 * std::stod(b[i][f])) << "row " << i;
+  }
+  // Every run was a job of the array, and both groups took some.
+  v1::ListJobsResponse list;
+  ASSERT_TRUE(stub_->ListJobs(callContext(token_, 10s).get(), {}, &list).ok());
+  std::set<std::string> workers;
+  for (const auto& j : list.jobs()) {
+    EXPECT_EQ(j.array_id(), "array-1");
+    workers.insert(j.worker());
+  }
+  EXPECT_EQ(list.jobs_size(), 7);
+  EXPECT_EQ(workers.size(), 2u);
+  // The files again from the array alone, as another client would fetch them.
+  const auto again = test::run(test::kvtpBinary() + " sweep --array array-1 --coordinator " + address() + " --token-file " +
+                               (dir_ / "token") + " --out " + (dir_ / "again"));
+  ASSERT_EQ(again.status, 0) << again.err;
+  EXPECT_EQ(rows(dir_ / "again.csv"), a);
+}
+
+TEST(Csv, FieldsAreQuotedPerRfc4180) {
+  EXPECT_EQ(launcher::csvLine({"a", "b,c", "say \"hi\"", "", "x\ny"}), "a,\"b,c\",\"say \"\"hi\"\"\",,\"x\ny\"");
 }
 
 }  // namespace

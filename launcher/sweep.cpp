@@ -1,0 +1,121 @@
+#include "launcher/sweep.h"
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <sstream>
+
+#include "runtime/error.h"
+
+namespace kvtp::launcher {
+namespace {
+
+std::vector<std::string> split(const std::string& s, char sep) {
+  std::vector<std::string> out;
+  std::stringstream ss(s);
+  std::string item;
+  while (std::getline(ss, item, sep))
+    if (!item.empty()) out.push_back(item);
+  return out;
+}
+
+// As the CSV has always written numbers (the stream's default: 6 significant digits).
+template <class T>
+std::string number(T v) {
+  std::ostringstream o;
+  o << v;
+  return o.str();
+}
+
+// A gnuplot single-quoted string: a quote inside is doubled.
+std::string gnuplotString(const std::string& s) {
+  std::string out = "'";
+  for (char c : s) out += c == '\'' ? std::string("''") : std::string(1, c);
+  return out + "'";
+}
+
+}  // namespace
+
+void addSweepGridOptions(CLI::App* cmd, SweepGrid& g) {
+  cmd->add_option("--methods", g.methods, "eviction methods (comma-separated), each run at every budget");
+  cmd->add_option("--budgets", g.budgets, "budgets (fractions of the full cache, comma-separated)");
+  cmd->add_option("--quants", g.quants, "quantizations run alone (semicolon-separated specs)");
+  cmd->add_option("--extra", g.extra, "more runs, semicolon-separated, each 'KV' or 'KV|QUANT'");
+}
+
+std::vector<SweepRun> sweepRuns(const SweepGrid& g) {
+  std::vector<SweepRun> runs = {{"full", "", ""}};
+  for (auto& m : split(g.methods, ','))
+    for (auto& b : split(g.budgets, ',')) runs.push_back({m, m + ":budget=" + b, ""});
+  for (auto& q : split(g.quants, ';')) runs.push_back({q, "", q});
+  for (auto& e : split(g.extra, ';')) {
+    const auto bar = e.find('|');
+    const std::string kv = e.substr(0, bar), quant = bar == std::string::npos ? "" : e.substr(bar + 1);
+    runs.push_back({kv + (quant.empty() ? "" : " + " + quant), kv, quant});  // its own line in the plot
+  }
+  return runs;
+}
+
+std::string csvLine(const std::vector<std::string>& fields) {
+  std::string line;
+  for (size_t i = 0; i < fields.size(); ++i) {
+    const std::string& f = fields[i];
+    if (i) line += ',';
+    if (f.find_first_of(",\"\r\n") == std::string::npos) {
+      line += f;
+      continue;
+    }
+    line += '"';
+    for (char c : f) line += c == '"' ? std::string("\"\"") : std::string(1, c);
+    line += '"';
+  }
+  return line;
+}
+
+SweepFiles::SweepFiles(const std::string& prefix) : prefix_(prefix) {
+  std::ofstream csv(prefix + ".csv");
+  if (!csv) throw Error("cannot write '" + prefix + ".csv'");
+  csv << "label,kv,kv_quant,ppl,tokens,kv_bytes_peak,kv_bytes_full,kv_ratio,seconds,kv_bytes_steady,kv_steady_ratio\n";
+}
+
+void SweepFiles::add(const SweepRun& run, const nlohmann::json& r) {
+  std::ofstream csv(prefix_ + ".csv", std::ios::app);  // each row lands as soon as its run ends
+  csv << csvLine({run.label, run.kv, run.quant, number(r["ppl"].get<double>()), number(r["tokens"].get<int64_t>()),
+                  number(r["kv_bytes_peak"].get<int64_t>()), number(r["kv_bytes_full"].get<int64_t>()),
+                  number(r["kv_ratio"].get<double>()), number(r["seconds"].get<double>()),
+                  number(r["kv_bytes_steady"].get<int64_t>()), number(r["kv_steady_ratio"].get<double>())})
+      << "\n";
+  if (!csv) throw Error("cannot write '" + prefix_ + ".csv'");
+  points_.push_back({run.label, 100 * r["kv_steady_ratio"].get<double>(), r["ppl"].get<double>()});
+}
+
+bool SweepFiles::plot() {
+  // One gnuplot data block per label, its points sorted by memory: the script reads no CSV.
+  std::vector<std::string> labels;
+  for (auto& p : points_)
+    if (std::find(labels.begin(), labels.end(), p.label) == labels.end()) labels.push_back(p.label);
+  std::ofstream gp(prefix_ + ".gp");
+  gp << "set terminal pngcairo size 900,750\nset output " << gnuplotString(prefix_ + ".png") << "\n"
+     << "set xlabel 'KV cache held between steps (% of the full fp16 cache)'\nset ylabel 'perplexity'\nset key below\n"
+     << "set grid\nset xrange [0:105]\n";
+  for (size_t i = 0; i < labels.size(); ++i) {
+    std::vector<Point> line;
+    for (auto& p : points_)
+      if (p.label == labels[i]) line.push_back(p);
+    std::stable_sort(line.begin(), line.end(), [](const Point& a, const Point& b) { return a.held < b.held; });
+    gp << "$run" << i << " << EOD\n";
+    for (auto& p : line) gp << p.held << " " << p.ppl << "\n";
+    gp << "EOD\n";
+  }
+  gp << "plot";
+  for (size_t i = 0; i < labels.size(); ++i)
+    gp << (i ? ", \\\n     " : " ") << "$run" << i << " using 1:2 with linespoints title " << gnuplotString(labels[i]);
+  gp << "\n";
+  gp.close();
+  std::string script;  // the path in single quotes for the shell, a quote inside as '\''
+  for (char c : prefix_ + ".gp") script += c == '\'' ? std::string("'\\''") : std::string(1, c);
+  return std::system(("gnuplot '" + script + "' 2>/dev/null").c_str()) == 0;
+}
+
+}  // namespace kvtp::launcher

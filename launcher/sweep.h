@@ -1,0 +1,49 @@
+// A sweep: perplexity against KV memory over a grid of compression specs on one model and data
+// set — the runs it makes, and the CSV + PNG it writes. Shared by `kvtp sweep` (runs it here),
+// `kvtp submit sweep` (a job array on a coordinator) and `kvtp sweep --array` (the array's files),
+// so a sweep gives the same files wherever it ran.
+#pragma once
+#include <string>
+#include <vector>
+
+#include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
+
+namespace kvtp::launcher {
+
+struct SweepGrid {
+  std::string methods = "streamingllm,h2o,scissorhands", budgets = "0.1,0.2,0.5", quants = "int8;kivi:bits=4;kivi:bits=2";
+  std::string extra;
+};
+void addSweepGridOptions(CLI::App* cmd, SweepGrid& g);
+
+struct SweepRun {
+  std::string label, kv, quant;  // label: the run's line in the plot (a method, a quantization, a combination)
+};
+// The full cache, every method at every budget, each quantization alone, then the extra runs.
+std::vector<SweepRun> sweepRuns(const SweepGrid& g);
+
+// One CSV row per run from its `kvtp ppl --json` result; fields quoted per RFC 4180 where needed.
+// Column names: label,kv,kv_quant,ppl,tokens,kv_bytes_peak,kv_bytes_full,kv_ratio,seconds,
+// kv_bytes_steady,kv_steady_ratio.
+class SweepFiles {
+ public:
+  explicit SweepFiles(const std::string& prefix);  // opens PREFIX.csv and writes the header
+  void add(const SweepRun& run, const nlohmann::json& result);
+  // Closes the CSV and plots perplexity against the KV held (one line per label) into
+  // PREFIX.png with gnuplot; false if gnuplot failed or is missing.
+  bool plot();
+
+ private:
+  std::string prefix_;
+  struct Point {
+    std::string label;
+    double held, ppl;
+  };
+  std::vector<Point> points_;
+};
+
+// A CSV line (no newline) of these fields, each quoted when it holds a comma, quote or line break.
+std::string csvLine(const std::vector<std::string>& fields);
+
+}  // namespace kvtp::launcher
