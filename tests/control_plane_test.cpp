@@ -277,7 +277,9 @@ TEST_F(ControlPlane, ForgedResultsFailTheJob) {
       {"ppl 1.0", "not JSON"},
       {R"([1, 2])", "not a JSON object"},
       {[&] { auto r = good(); r["ppl"] = 1.0; return r.dump(); }(), "is not exp(nll / tokens)"},
-      {[&] { auto r = good(); r["nll"] = nlohmann::json::parse("1e999", nullptr, false); return r.dump(); }(), ""},
+      {R"({"ppl": NaN, "tokens": 200})", "not JSON"},  // NaN is no JSON number
+      {[&] { auto r = good(); r["ppl"] = -20.0; return r.dump(); }(), "is not finite and positive"},
+      {[&] { auto r = good(); r["nll"] = "600"; return r.dump(); }(), "wrong type"},
       {[&] { auto r = good(); r["model"] = "/data/other-model"; return r.dump(); }(), "model \"/data/other-model\""},
       {[&] { auto r = good(); r["tokens"] = 5; r["nll"] = 15.0; r["ppl"] = std::exp(3.0); return r.dump(); }(),
        "do not add up"},
