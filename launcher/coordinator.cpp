@@ -284,7 +284,11 @@ class State {
     auto it = jobs_.find(r.job_id());
     if (it == jobs_.end() || it->second.state() != v1::RUNNING || it->second.worker() != r.worker_id()) return;
     v1::Job& j = it->second;
-    j.set_state(r.state());
+    // A worker also stops a job it is told is no longer its (it was cut off, the job re-queued,
+    // and it came back) and reports it CANCELLED; only a client's cancel ends a job so: otherwise
+    // the job goes back to the queue.
+    const bool cancelled = r.state() == v1::CANCELLED && cancel_requested_.count(j.id());
+    j.set_state(r.state() == v1::CANCELLED && !cancelled ? v1::QUEUED : r.state());
     j.set_error(r.error());
     if (r.state() == v1::SUCCEEDED) {
       const auto w = workers_.find(r.worker_id());
@@ -298,7 +302,7 @@ class State {
         std::fprintf(stderr, "coordinator: %s: %s\n", j.id().c_str(), j.error().c_str());
       }
     }
-    if (r.state() == v1::QUEUED) j.clear_worker();  // handed back (worker shutting down)
+    if (j.state() == v1::QUEUED) j.clear_worker();  // handed back (worker shutting down or cut off)
     cancel_requested_.erase(j.id());
     changed(j);
   }
