@@ -6,8 +6,11 @@
 #                                           prints the folder holding `hosts` (a hostfile, slots=8
 #                                           each), `agent` (the rsh agent), `mpirun-args` and `subnet`
 #   scripts/netns-cluster.sh down [NAME]    removes the namespaces, the bridge and the folder
-#   scripts/netns-cluster.sh exec HOST CMD  runs CMD inside HOST's namespace
+#   scripts/netns-cluster.sh exec HOST CMD  runs CMD inside HOST's namespace, hostname HOST
 #   scripts/netns-cluster.sh link HOST up|down   takes a host's link up or down (a partition)
+#   scripts/netns-cluster.sh slurm NAME CTLD NODE...   Slurm on the hosts: slurmctld on CTLD,
+#                                           slurmd on each NODE (auth/none: a test cluster);
+#                                           prints the slurm.conf for SLURM_CONF
 # Open MPI across the hosts: PMIX_MCA_gds=hash mpirun $(cat DIR/mpirun-args) --hostfile DIR/hosts
 # -np ... (the agent enters a namespace instead of ssh; TCP between ranks stays on the subnet).
 # NAME defaults to kvtp; the host names are NAME-h1.., the namespaces the same.
@@ -44,11 +47,12 @@ up)
     echo "$net.$i" > "$dir/$host.addr"
     echo "$host slots=8" >> "$dir/hosts"
   done
-  # The rsh agent: Open MPI calls `agent HOST command...`; run it in HOST's namespace.
+  # The rsh agent: Open MPI calls `agent HOST command...`; run it in HOST's namespace, under
+  # HOST's own hostname (a UTS namespace), as ssh would on that host.
   cat > "$dir/agent" <<EOF
 #!/bin/sh
 host=\$1; shift
-exec ip netns exec "\$host" sh -c "\$*"
+exec ip netns exec "\$host" unshare --uts sh -c "hostname \$host; \$*"
 EOF
   chmod +x "$dir/agent"
   # routed=direct: each daemon talks to mpirun itself (the default tree routing failed here);
@@ -73,7 +77,52 @@ down)
 exec)
   host=${2:?usage: netns-cluster.sh exec HOST CMD...}
   shift 2
-  exec ip netns exec "$host" "$@"
+  exec ip netns exec "$host" unshare --uts sh -c 'hostname "$0"; exec "$@"' "$host" "$@"
+  ;;
+slurm)
+  name=${2:?usage: netns-cluster.sh slurm NAME CTLD NODE...}
+  ctld=${3:?usage: netns-cluster.sh slurm NAME CTLD NODE...}
+  shift 3
+  dir=/tmp/netns-cluster-$name
+  conf=$dir/slurm
+  mkdir -p "$conf/state" "$conf/log"
+  nodes=$(IFS=,; echo "$*")
+  {
+    echo "ClusterName=kvtp"
+    echo "SlurmctldHost=$ctld($(cat "$dir/$ctld.addr"))"
+    echo "AuthType=auth/none"
+    echo "CredType=cred/none"
+    echo "SlurmUser=root"
+    echo "StateSaveLocation=$conf/state"
+    echo "SlurmdSpoolDir=$conf/spool-%n"
+    echo "SlurmctldPidFile=$conf/slurmctld.pid"
+    echo "SlurmdPidFile=$conf/slurmd-%n.pid"
+    echo "SlurmctldLogFile=$conf/log/slurmctld.log"
+    echo "SlurmdLogFile=$conf/log/slurmd-%n.log"
+    echo "ProctrackType=proctrack/linuxproc"
+    echo "TaskPlugin=task/none"
+    echo "JobAcctGatherType=jobacct_gather/none"
+    echo "SelectType=select/linear"
+    echo "MailProg=/bin/true"
+    echo "ReturnToService=2"
+    for node in "$@"; do echo "NodeName=$node NodeAddr=$(cat "$dir/$node.addr") CPUs=$(nproc) State=UNKNOWN"; done
+    echo "PartitionName=main Nodes=$nodes Default=YES MaxTime=INFINITE State=UP"
+  } > "$conf/slurm.conf"
+  printf 'CgroupPlugin=cgroup/v1\nCgroupMountpoint=/sys/fs/cgroup\nCgroupAutomount=no\n' > "$conf/cgroup.conf"
+  "$0" exec "$ctld" slurmctld -f "$conf/slurm.conf" -i
+  # Each slurmd reads a copy of the configuration whose mpi.conf gives PMIx a folder of its own:
+  # the hosts share /tmp, where PMIx's default folder names would collide.
+  for node in "$@"; do
+    mkdir -p "$conf/$node" "$conf/pmix-$node"
+    cp "$conf/slurm.conf" "$conf/cgroup.conf" "$conf/$node/"
+    echo "PMIxCliTmpDirBase=$conf/pmix-$node" > "$conf/$node/mpi.conf"
+    "$0" exec "$node" slurmd -f "$conf/$node/slurm.conf"
+  done
+  for _ in $(seq 50); do
+    SLURM_CONF=$conf/slurm.conf "$0" exec "$ctld" sinfo -h -o %T 2>/dev/null | grep -q idle && break
+    sleep 0.2
+  done
+  echo "$conf/slurm.conf"
   ;;
 link)
   host=${2:?usage: netns-cluster.sh link HOST up|down}

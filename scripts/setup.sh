@@ -9,7 +9,8 @@ pkgs=(build-essential cmake ninja-build pkg-config
       libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
       libsentencepiece-dev nlohmann-json3-dev libcli11-dev zlib1g-dev libsqlite3-dev
       libgtest-dev libgmock-dev libpcre2-dev gnuplot-nox openssl
-      python3-grpcio python3-protobuf prometheus-cpp-dev iproute2)
+      python3-grpcio python3-protobuf prometheus-cpp-dev iproute2
+      slurmctld slurmd slurm-client)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

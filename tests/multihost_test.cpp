@@ -240,5 +240,34 @@ TEST_F(Hosts, APartitionedWorkerRegistersAgainAndNoJobStaysRunning) {
   EXPECT_NE(log.find("registered as", log.find("registered as") + 1), std::string::npos) << log;
 }
 
+// Slurm, as users launch on clusters: slurmctld on one emulated host, slurmd on two, and
+// scripts/kvtp.sbatch starting a worker group over both nodes (srun --mpi=pmix); a job submitted
+// over gRPC from a fourth host runs on it at tp 2 and gives the local result.
+TEST_F(Hosts, SbatchStartsAWorkerGroupThatServesAJob) {
+  if (test::run("which slurmctld slurmd sbatch").status != 0) GTEST_SKIP() << "Slurm is not installed";
+  const std::string coordinator = startCoordinator(1);
+  const auto slurm = test::run("bash scripts/netns-cluster.sh slurm " + name_ + " " + host(1) + " " + host(2) + " " + host(3));
+  ASSERT_EQ(slurm.status, 0) << slurm.err;
+  const std::string conf = "SLURM_CONF=" + slurm.out.substr(0, slurm.out.find('\n')) + " ";
+  const auto batch = test::run(conf + "bash scripts/netns-cluster.sh exec " + host(4) + " sbatch --nodes=2 --output=" +
+                               (*tokens_ / "slurm-%j.out") + " scripts/kvtp.sbatch " + coordinator + " " +
+                               (*tokens_ / "worker-token"));
+  ASSERT_EQ(batch.status, 0) << batch.err;
+  EXPECT_NE(batch.out.find("Submitted batch job"), std::string::npos) << batch.out;
+  const std::string job = "--model models/kvtp-llama-2m --data data/c4/c4-heldout-200.json.gz --max-windows 3";
+  const std::string id = submit(coordinator, job);
+  const v1::Job done = waitUntil(coordinator, id, [](const v1::Job& j) { return launcher::isFinal(j.state()); }, 120s);
+  ASSERT_EQ(done.state(), v1::SUCCEEDED) << done.error() << test::run("cat " + (*tokens_ / "slurm-*.out")).out;
+  const auto r = nlohmann::json::parse(done.result_json());
+  EXPECT_EQ(r["tp"], 2);
+  EXPECT_NE(done.worker().find("@" + host(2)), std::string::npos) << done.worker();  // rank 0 on the first node
+  const auto local = test::run(test::kvtpBinary() + " ppl --quiet --json " + job);
+  ASSERT_EQ(local.status, 0) << local.err;
+  const auto l = nlohmann::json::parse(local.out);
+  EXPECT_EQ(r["tokens"], l["tokens"]);
+  EXPECT_LE(std::abs(r["ppl"].get<double>() - l["ppl"].get<double>()) / l["ppl"].get<double>(), 1e-6);
+  test::run(conf + "bash scripts/netns-cluster.sh exec " + host(4) + " scancel --user=root");
+}
+
 }  // namespace
 }  // namespace kvtp
