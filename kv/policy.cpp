@@ -179,9 +179,19 @@ Policy::Policy(PolicySpec spec, HeadLayout layout, comm::Communicator* group)
 
 int Policy::globalIndex(int layer, int h) const { return layer * lay_.global_kv_heads + lay_.kv_head_begin + h; }
 
-void Policy::afterStep(KVCache& cache, const StepAttention& attn, int last_pos, bool prefill) {
+void Policy::countStep(int last_pos, bool prefill) {
   if (prefill) prefill_end_ = last_pos + 1, decode_steps_ = 0;
   else ++decode_steps_;
+}
+
+Policy::DecodedBudget Policy::decodedBudget() const {
+  return {spec_.decode != Decode::Discontinuous || decode_steps_ % spec_.delta == 0,
+          spec_.decode == Decode::Slide ? spec_.decode_budget : spec_.decode_recent + decode_steps_ / spec_.delta,
+          prefill_end_};
+}
+
+void Policy::afterStep(KVCache& cache, const StepAttention& attn, int last_pos, bool prefill) {
+  countStep(last_pos, prefill);
   if (spec_.needsAttention()) score(cache, attn, prefill);
   if (spec_.evicts()) evict(cache, last_pos, prefill);
   if (spec_.rank) project(cache);
@@ -194,8 +204,9 @@ void Policy::afterStep(KVCache& cache, const StepAttention& attn, int last_pos, 
 // `discontinuous`: adaptive, compressing only every `delta` steps. Per head, as SCOPE does; a
 // replicated head's scores were all-reduced, so every rank decides the same.
 void Policy::evictDecoded(KVCache& cache, int last_pos) {
-  if (spec_.decode == Decode::Discontinuous && decode_steps_ % spec_.delta != 0) return;
-  const int budget = spec_.decode == Decode::Slide ? spec_.decode_budget : spec_.decode_recent + decode_steps_ / spec_.delta;
+  const DecodedBudget b = decodedBudget();
+  if (!b.decides) return;
+  const int budget = b.per_head;
   for (int l = 0; l < lay_.layers; ++l)
     for (int h = 0; h < lay_.local_kv_heads; ++h) {
       const HeadCache& c = cache.head(l, h);

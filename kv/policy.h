@@ -106,6 +106,16 @@ class Policy {
   // `last_pos` — what eviction keeps to, for a decision taken elsewhere (the CUDA engine's).
   int poolCount() const;
   std::vector<int64_t> budgets(int last_pos) const;
+  // A step ran (afterStep counts it; a decision taken elsewhere counts it here instead).
+  void countStep(int last_pos, bool prefill);
+  // SCOPE's decode phase after the step counted last: whether it compresses the decoded entries,
+  // how many of them each head keeps, and the first decoded position (the prompt's end).
+  struct DecodedBudget {
+    bool decides;
+    int per_head;
+    int prefill_end;
+  };
+  DecodedBudget decodedBudget() const;
   // What the last eviction's decision sent through the group's collectives.
   SelectTraffic lastDecisionTraffic() const { return last_traffic_; }
 

@@ -111,6 +111,7 @@ struct Sequence {
   int unscored = 0;
   bool on_device = false;
   std::vector<int> kept;  // on the device: entries per (layer, KV head) after its last decision
+  std::vector<int> prompt_kept;  // SCOPE: the prompt's entries per (layer, KV head), decided once
   // KIVI or low rank: rows held in the compact form (codes, coordinates) in every head (no
   // eviction, so every head alike) — on the device, and as counted by kvBytes (the CPU converts in
   // compress(), the device in the step itself).
@@ -125,6 +126,8 @@ class GpuEngine : public Engine {
         device_decides_((o.kv.method == kv::Method::H2O || o.kv.method == kv::Method::Scissorhands ||
                          o.kv.method == kv::Method::StreamingLLM) &&
                         o.kv.rank == 0),
+        device_decides_decoded_((o.kv.method == kv::Method::SnapKV || o.kv.method == kv::Method::PyramidKV) &&
+                                o.kv.decode != kv::Decode::None && o.kv.rank == 0),
         int8_(o.kv.quant == kv::Quant::Int8), kivi_(o.kv.quant == kv::Quant::Kivi), lowrank_(o.kv.rank > 0),
         windowed_(kivi_ || lowrank_),
         ring_((lowrank_ ? o.kv.lowrank_window : o.kv.residual + o.kv.group) + kMaxFewRows),
@@ -190,6 +193,7 @@ class GpuEngine : public Engine {
     std::fill(s.len.begin(), s.len.end(), 0);
     s.longest = 0, s.uniform = true, s.weights_pending = false, s.unscored = 0, s.on_device = false;
     s.compact = s.compact_counted = 0;
+    s.prompt_kept.assign(s.len.size(), 0);
     s.positions.clear();
     s.mirror.clear();
     for (auto& p : s.row_positions) p.clear();
@@ -254,6 +258,7 @@ class GpuEngine : public Engine {
     }
     if (device_decides_ && (!prefill || s.on_device || kv_spec_.method != kv::Method::Scissorhands))
       return decideOnDevice(s, last_pos);
+    if (device_decides_decoded_ && !prefill) return decideDecodedOnDevice(s, last_pos);
     s.unscored = 0;
     const int H = part_.kv_heads, LH = c_.layers * H;
     attention_.T = 0;
@@ -316,6 +321,7 @@ class GpuEngine : public Engine {
       s.uniform = false;
     }
     s.longest = *std::max_element(s.len.begin(), s.len.end());
+    if (device_decides_decoded_ && prefill) s.prompt_kept = s.len;
   }
 
   std::vector<double> step(const int* tokens, const int* positions, int rows, int from, int count,
@@ -462,6 +468,22 @@ class GpuEngine : public Engine {
     }
   }
 
+  // SCOPE's decode phase on the device (kv::Policy::evictDecoded's rule): the prompt's entries
+  // and the newest decoded ones are protected, each head's other decoded entries compete in a
+  // pool of their own by this step's attention, the head keeping its prompt and the phase's
+  // budget. A step that does not compress (discontinuous) just counts its rows as kept.
+  void decideDecodedOnDevice(Sequence& s, int last_pos) {
+    s.policy.countStep(last_pos, false);
+    const kv::Policy::DecodedBudget b = s.policy.decodedBudget();
+    if (b.decides) return decideOnDevice(s, last_pos, &b);
+    if (s.on_device) {
+      for (int& k : s.kept) k += s.unscored;
+    } else {  // the mirror compacted the prompt: every slot holds an entry
+      s.kept = s.len, s.on_device = true;
+    }
+    s.unscored = 0, s.weights_pending = false;
+  }
+
   // Eviction decided on the device (cuda/eviction.h): kv::Policy's decision over the same global
   // table, to the same budgets (tp 1: this rank's heads are all of them). H2O and StreamingLLM
   // decide their prompt here too (H2O scores it by the prefill's rows summed); Scissorhands' prompt
@@ -469,7 +491,7 @@ class GpuEngine : public Engine {
   // device. From the first decision here on, the device holds the scores and the mirror rests
   // (kvBytes counts the kept entries). Evicted slots stay as holes until compaction pays
   // (cuda::evictionCompact).
-  void decideOnDevice(Sequence& s, int last_pos) {
+  void decideOnDevice(Sequence& s, int last_pos, const kv::Policy::DecodedBudget* decoded = nullptr) {
     const int L = c_.layers, H = part_.kv_heads, LH = L * H, hd = c_.head_dim;
     // Between layers of score_ / history_ / weights_; the sequence's first row (head 0, slot 0).
     const size_t stride = seqs_.size() * H * size_t(capacity_), head0 = size_t(current_) * H * capacity_;
@@ -495,14 +517,17 @@ class GpuEngine : public Engine {
     if (N > INT32_MAX) throw Error("eviction on the device: more than 2^31 cache entries on one GPU");
     // Device: table offsets, slots, then slots and entries after, per (layer, head); each head's
     // (layer, global KV head) and every table head's pool (kv::Policy's pools over every rank).
-    const int G = c_.kv_heads, pools = s.policy.poolCount(), heads_per_pool = L * G / pools;
+    // SCOPE's decode phase: a pool per head, keeping its prompt and the phase's budget.
+    const int G = c_.kv_heads, pools = decoded ? L * G : s.policy.poolCount(), heads_per_pool = L * G / pools;
     std::vector<int> meta(5 * size_t(LH) + size_t(L) * G);
     for (int i = 0; i < LH; ++i)
       meta[i] = int(off[i]), meta[LH + i] = s.len[i], meta[4 * LH + i] = (i / H) * G + part_.kv_head_begin + i % H;
     for (int t = 0; t < L * G; ++t) meta[5 * LH + t] = t / heads_per_pool;
     int* d_meta = grow(evict_meta_, meta.size());
     KVTP_CUDA_CHECK(cudaMemcpy(d_meta, meta.data(), meta.size() * sizeof(int), cudaMemcpyHostToDevice));
-    const std::vector<int64_t> budget = s.policy.budgets(last_pos);
+    std::vector<int64_t> budget = decoded ? std::vector<int64_t>(size_t(pools), 0) : s.policy.budgets(last_pos);
+    if (decoded)
+      for (int i = 0; i < LH; ++i) budget[meta[4 * LH + i]] = s.prompt_kept[i] + decoded->per_head;
     int64_t* d_budget = grow(evict_budget_, budget.size());
     KVTP_CUDA_CHECK(cudaMemcpy(d_budget, budget.data(), budget.size() * sizeof(int64_t), cudaMemcpyHostToDevice));
     std::vector<void*> ptrs(5 * size_t(L), nullptr);  // K, V, positions, key steps, value steps
@@ -532,12 +557,16 @@ class GpuEngine : public Engine {
                                     int64_t(stride), weights, weights_layer, weights_head, d_meta + LH, d_meta};
     double* table = grow(table_, size_t(std::max<int64_t>(N, 1)));
     const uint64_t mask = kv_spec_.history >= 64 ? ~0ull : (1ull << kv_spec_.history) - 1;
-    const cuda::EvictScore method = h2o ? cuda::EvictScore::H2O
+    const cuda::EvictScore method = decoded        ? cuda::EvictScore::StepAttention
+                                    : h2o          ? cuda::EvictScore::H2O
                                     : scissorhands ? cuda::EvictScore::Scissorhands
                                                    : cuda::EvictScore::StreamingLLM;
-    cuda::evictionKeys(cache, method, s.unscored, mask, kv_spec_.sinks, kv_spec_.recent, last_pos, table);
+    // Protected: the sinks and the recent window; in SCOPE's phase the prompt and the newest decoded.
+    const int protect_below = decoded ? decoded->prefill_end : kv_spec_.sinks,
+              protect_recent = decoded ? kv_spec_.decode_recent : kv_spec_.recent;
+    cuda::evictionKeys(cache, method, s.unscored, mask, protect_below, protect_recent, last_pos, table);
     // The pools span ranks unless each is one head (kv/budget_select.h): then the sums are local.
-    const bool shared = part_.tp > 1 && kv_spec_.scope != kv::Scope::Head;
+    const bool shared = part_.tp > 1 && !decoded && kv_spec_.scope != kv::Scope::Head;
     const cuda::SelectLayout select{d_meta + 4 * LH, d_meta + 5 * LH, d_budget, L * G, pools,
                                     !shared || headLayout(c_, part_).owner};
     std::function<void(double*, size_t)> sum_over_ranks;
@@ -935,6 +964,7 @@ class GpuEngine : public Engine {
   // Eviction decided on the device (decideOnDevice): which policies, their per-entry state
   // [layer][sequence][kv_head][capacity] (H2O's scores, Scissorhands' bits), and scratch.
   const bool device_decides_;
+  const bool device_decides_decoded_;  // SCOPE's decode phase (the prompt is decided on the mirror)
   DeviceBuffer<double> score_, table_;
   DeviceBuffer<uint64_t> history_;
   DeviceBuffer<int> evict_meta_;

@@ -13,6 +13,7 @@
 #include <nlohmann/json.hpp>
 
 #include "runtime/error.h"
+#include "runtime/torch_checkpoint.h"
 
 namespace kvtp {
 namespace fs = std::filesystem;
@@ -95,7 +96,8 @@ uint16_t floatToHalf(float f) {  // round to nearest even
   return sign | uint16_t(r >> 13);
 }
 
-SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
+SafetensorsFile::SafetensorsFile(const std::string& path) {
+  path_ = path;
   const int fd = ::open(path.c_str(), O_RDONLY);
   if (fd < 0) throw Error("cannot open '" + path + "': " + std::strerror(errno));
   struct stat st {};
@@ -157,36 +159,42 @@ SafetensorsFile::~SafetensorsFile() {
   if (map_) ::munmap(map_, size_);
 }
 
-const TensorInfo* SafetensorsFile::find(const std::string& name) const {
+const TensorInfo* TensorFile::find(const std::string& name) const {
   auto it = tensors_.find(name);
   return it == tensors_.end() ? nullptr : &it->second;
 }
 
+std::unique_ptr<TensorFile> openTensorFile(const std::string& path) {
+  if (path.size() >= 4 && path.compare(path.size() - 4, 4, ".bin") == 0) return std::make_unique<TorchFile>(path);
+  return std::make_unique<SafetensorsFile>(path);
+}
+
 Checkpoint::Checkpoint(const std::string& model_dir) : dir_(model_dir) {
   const fs::path dir(model_dir);
-  const auto index = dir / "model.safetensors.index.json";
-  if (fs::exists(index)) {
-    std::ifstream in(index);
-    try {
-      auto j = nlohmann::json::parse(in);
-      for (auto& [name, file] : j.at("weight_map").items()) weight_map_[name] = file.get<std::string>();
-    } catch (const nlohmann::json::exception& e) {
-      throw Error("'" + index.string() + "' is not a valid safetensors index: " + e.what());
+  // safetensors first (the format Hugging Face writes by default), then PyTorch's pickles.
+  for (const char* single : {"model.safetensors", "pytorch_model.bin"}) {
+    const auto index = dir / (std::string(single) + ".index.json");
+    if (fs::exists(index)) {
+      std::ifstream in(index);
+      try {
+        auto j = nlohmann::json::parse(in);
+        for (auto& [name, file] : j.at("weight_map").items()) weight_map_[name] = file.get<std::string>();
+      } catch (const nlohmann::json::exception& e) {
+        throw Error("'" + index.string() + "' is not a valid checkpoint index: " + e.what());
+      }
+      for (auto& [name, file] : weight_map_)
+        if (file.find('/') != std::string::npos || !fs::exists(dir / file))
+          throw Error("'" + index.string() + "' names shard '" + file + "' (for '" + name + "'), which is missing");
+      return;
     }
-    for (auto& [name, file] : weight_map_)
-      if (!fs::exists(dir / file))
-        throw Error("'" + index.string() + "' names shard '" + file + "' (for '" + name + "'), which is missing");
-  } else if (fs::exists(dir / "model.safetensors")) {
-    auto& f = files_["model.safetensors"];
-    f = std::make_unique<SafetensorsFile>((dir / "model.safetensors").string());
-    for (auto& [name, info] : f->tensors()) weight_map_[name] = "model.safetensors";
-  } else if (fs::exists(dir / "pytorch_model.bin") || fs::exists(dir / "pytorch_model.bin.index.json")) {
-    throw Error("'" + model_dir + "' holds PyTorch pickles (pytorch_model.bin); convert to safetensors "
-                "first, e.g. AutoModelForCausalLM.from_pretrained(dir).save_pretrained(out, "
-                "safe_serialization=True)");
-  } else {
-    throw Error("'" + model_dir + "' has no model.safetensors or model.safetensors.index.json");
+    if (fs::exists(dir / single)) {
+      auto& f = files_[single];
+      f = openTensorFile((dir / single).string());
+      for (auto& [name, info] : f->tensors()) weight_map_[name] = single;
+      return;
+    }
   }
+  throw Error("'" + model_dir + "' has no model.safetensors, pytorch_model.bin or an index of their shards");
 }
 
 Checkpoint::~Checkpoint() = default;
@@ -205,11 +213,11 @@ const TensorInfo& Checkpoint::info(const std::string& name) const {
   return *t;
 }
 
-const SafetensorsFile& Checkpoint::file(const std::string& name) const {
+const TensorFile& Checkpoint::file(const std::string& name) const {
   auto it = weight_map_.find(name);
   if (it == weight_map_.end()) throw Error("'" + dir_ + "': tensor '" + name + "' is missing");
   auto& f = files_[it->second];
-  if (!f) f = std::make_unique<SafetensorsFile>((fs::path(dir_) / it->second).string());
+  if (!f) f = openTensorFile((fs::path(dir_) / it->second).string());
   return *f;
 }
 

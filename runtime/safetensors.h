@@ -1,6 +1,8 @@
-// Reads Hugging Face safetensors checkpoints: one model.safetensors, or shards listed by
-// model.safetensors.index.json. Files are memory-mapped; a tensor (or a slice of one, for tensor
-// parallelism) is converted to float32 on read, so only the bytes asked for are touched.
+// Reads Hugging Face checkpoints: one model.safetensors, or shards listed by
+// model.safetensors.index.json; or PyTorch's pytorch_model.bin, or its shards listed by
+// pytorch_model.bin.index.json (runtime/torch_checkpoint.h). Files are memory-mapped; a tensor
+// (or a slice of one, for tensor parallelism) is converted to float32 on read, so only the bytes
+// asked for are touched.
 #pragma once
 #include <cstdint>
 #include <map>
@@ -21,24 +23,35 @@ struct TensorInfo {
   int64_t numel() const;
 };
 
-// One memory-mapped .safetensors file with its header validated against the file size.
-class SafetensorsFile {
+// One memory-mapped checkpoint file: its tensors, each a contiguous row-major view into the
+// mapping, validated against the file's size when the file is opened.
+class TensorFile {
  public:
-  explicit SafetensorsFile(const std::string& path);
-  ~SafetensorsFile();
-  SafetensorsFile(const SafetensorsFile&) = delete;
-  SafetensorsFile& operator=(const SafetensorsFile&) = delete;
-
+  virtual ~TensorFile() = default;
   const std::string& path() const { return path_; }
   const TensorInfo* find(const std::string& name) const;
   const std::map<std::string, TensorInfo>& tensors() const { return tensors_; }
 
- private:
+ protected:
   std::string path_;
-  void* map_ = nullptr;
-  size_t size_ = 0;
   std::map<std::string, TensorInfo> tensors_;
 };
+
+// A .safetensors file, its header validated against the file size.
+class SafetensorsFile : public TensorFile {
+ public:
+  explicit SafetensorsFile(const std::string& path);
+  ~SafetensorsFile() override;
+  SafetensorsFile(const SafetensorsFile&) = delete;
+  SafetensorsFile& operator=(const SafetensorsFile&) = delete;
+
+ private:
+  void* map_ = nullptr;
+  size_t size_ = 0;
+};
+
+// The file's reader by its name: .safetensors, or PyTorch's .bin.
+std::unique_ptr<TensorFile> openTensorFile(const std::string& path);
 
 // A contiguous range [begin, end) along one dimension (0 = rows, 1 = columns); dim -1 = whole.
 struct Slice {
@@ -63,10 +76,10 @@ class Checkpoint {
   uint64_t bytesStored() const;  // all tensor bytes of the checkpoint
 
  private:
-  const SafetensorsFile& file(const std::string& name) const;
+  const TensorFile& file(const std::string& name) const;
   std::string dir_;
   std::map<std::string, std::string> weight_map_;  // tensor -> file name
-  mutable std::map<std::string, std::unique_ptr<SafetensorsFile>> files_;
+  mutable std::map<std::string, std::unique_ptr<TensorFile>> files_;
   mutable uint64_t bytes_read_ = 0;
 };
 

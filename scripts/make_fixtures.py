@@ -6,6 +6,7 @@ Runs where torch, transformers, tokenizers and sentencepiece are installed (the 
 is enough). Deterministic for a given library version: seeds are fixed.
 
     python3 scripts/make_fixtures.py --out tests/fixtures --c4 data/c4/c4-train-1800.json.gz
+    python3 scripts/make_fixtures.py --torch-copies tests/fixtures   # PyTorch .bin copies only
 """
 import argparse
 import gzip
@@ -167,11 +168,45 @@ def save_model(model, folder, dtype, tokenizer_dir, **kw):
             shutil.copy(os.path.join(tokenizer_dir, f), folder)
 
 
+def torch_copies(fixtures):
+    """fixtures/torch/NAME: each model fixture saved again as PyTorch pickles by transformers
+    (save_pretrained(safe_serialization=False), sharded as its safetensors are), the same weights
+    bit for bit: kvtp must give the same log-probs from either copy."""
+    models = os.path.join(fixtures, "models")
+    for name in sorted(os.listdir(models)):
+        src, dst = os.path.join(models, name), os.path.join(fixtures, "torch", name)
+        shutil.rmtree(dst, ignore_errors=True)
+        model = AutoModelForCausalLM.from_pretrained(src, dtype="auto")
+        sharded = os.path.exists(os.path.join(src, "model.safetensors.index.json"))
+        try:
+            model.save_pretrained(dst, safe_serialization=False, **({"max_shard_size": "150KB"} if sharded else {}))
+        except (TypeError, ValueError) as e:  # a transformers that writes safetensors only: torch.save per shard
+            print(name, "save_pretrained:", repr(e), "-> torch.save of each shard")
+            from safetensors.torch import load_file
+            os.makedirs(dst, exist_ok=True)
+            shards = sorted(f for f in os.listdir(src) if f.endswith(".safetensors"))
+            weight_map = {}
+            for i, f in enumerate(shards):
+                out = "pytorch_model.bin" if not sharded else f"pytorch_model-{i + 1:05d}-of-{len(shards):05d}.bin"
+                tensors = load_file(os.path.join(src, f))
+                torch.save(tensors, os.path.join(dst, out))
+                weight_map.update({k: out for k in tensors})
+            if sharded:
+                write_json(os.path.join(dst, "pytorch_model.bin.index.json"), {"metadata": {}, "weight_map": weight_map})
+        for f in os.listdir(src):  # config, tokenizer, inputs and references as they are
+            if not f.startswith("model"):
+                shutil.copy(os.path.join(src, f), dst)
+        print(name, torch.__version__, transformers.__version__, sorted(os.listdir(dst)))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="tests/fixtures")
     ap.add_argument("--c4", default="data/c4/c4-train-1800.json.gz")
+    ap.add_argument("--torch-copies", metavar="FIXTURES", help="only write FIXTURES/torch/ (PyTorch .bin copies)")
     args = ap.parse_args()
+    if args.torch_copies:
+        return torch_copies(args.torch_copies)
     torch.manual_seed(0)
     texts = c4_texts(args.c4, 600)
     tok_root = os.path.join(args.out, "tokenizers")

@@ -10,7 +10,7 @@ pkgs=(build-essential cmake ninja-build pkg-config
       libsentencepiece-dev nlohmann-json3-dev libcli11-dev zlib1g-dev libsqlite3-dev
       libgtest-dev libgmock-dev libpcre2-dev gnuplot-nox openssl
       python3-grpcio python3-protobuf prometheus-cpp-dev iproute2
-      slurmctld slurmd slurm-client)
+      slurmctld slurmd slurm-client libminizip-dev)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

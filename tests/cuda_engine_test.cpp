@@ -136,8 +136,9 @@ TEST(CudaEngine, DecodeThroughAGrowingCacheMatchesPrefill) {
 // prompt's end, one every 32 steps after) and at 4 bits (runs of 16, residual 40); low-rank
 // channels (CSKV: rank 8 of 32 behind the default window of 64; rank 16 with no window, so each
 // decoded row is projected in its own step). The per-step
-// methods' decode steps are decided on the device: the global pool by a radix select, a pool per
-// layer or per head by a segmented sort (the scope= cases).
+// methods' decode steps are decided on the device by one radix select for every pool (global,
+// per layer, per head: the scope= cases), and so is SCOPE's decode phase (slide, adaptive,
+// discontinuous; a pool per head).
 TEST(CudaEngine, CompressionMatchesTheCpu) {
   REQUIRE_GPUS(1);
   const std::vector<std::array<std::string, 3>> specs = {
@@ -146,7 +147,8 @@ TEST(CudaEngine, CompressionMatchesTheCpu) {
       {"snapkv:budget=0.2,decode=slide,decode_budget=32", "", ""}, {"", "int8", ""}, {"h2o:budget=0.3", "int8", ""},
       {"h2o:budget=0.25,scope=layer", "", ""}, {"scissorhands:budget=0.3,history=16,scope=head", "", ""},
       {"", "kivi:bits=2", ""}, {"", "kivi:bits=4,group=16,residual=40", ""}, {"", "", "cskv:rank=8"},
-      {"", "", "cskv:rank=16,window=0"}};
+      {"", "", "cskv:rank=16,window=0"}, {"pyramidkv:budget=0.3,decode=adaptive,decode_recent=8,delta=4", "", ""},
+      {"snapkv:budget=0.2,decode=discontinuous,decode_recent=8,delta=4", "int8", ""}};
   for (const auto& [kv, quant, lowrank] : specs) {
     const std::string name = kv + (quant.empty() ? "" : " + " + quant) + (lowrank.empty() ? "" : " + " + lowrank);
     PplJob job = test::heldOutC4Job(512, 2, Mode::Decode);

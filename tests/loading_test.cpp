@@ -96,12 +96,6 @@ TEST(Safetensors, UnsupportedDtypeIsNamed) {
   EXPECT_HAS(errorOf([&] { Checkpoint ck(d.path.string()); }), "dtype I32");
 }
 
-TEST(Safetensors, PytorchBinAsksForConversion) {
-  test::TempDir d;
-  std::ofstream(d / "pytorch_model.bin") << "pickle";
-  EXPECT_HAS(errorOf([&] { Checkpoint ck(d.path.string()); }), "convert to safetensors");
-}
-
 TEST(Safetensors, MissingShardIsNamed) {
   test::TempDir d;
   std::ofstream(d / "model.safetensors.index.json") << R"({"weight_map": {"a": "model-00002-of-00002.safetensors"}})";

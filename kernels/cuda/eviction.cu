@@ -53,6 +53,7 @@ __global__ void keysKernel(EvictionCache c, EvictScore method, int fresh, uint64
               : p < sinks || p > last_pos - recent ? INFINITY
               : method == EvictScore::H2O        ? s
               : method == EvictScore::StreamingLLM ? double(p)
+              : method == EvictScore::StepAttention ? double(wi)
                                                    : double(__popcll(bits & history_mask));
   }
 }

@@ -13,7 +13,8 @@
 
 namespace kvtp::cuda {
 
-enum class EvictScore { H2O, Scissorhands, StreamingLLM };
+// StepAttention: this step's probability alone (SCOPE's decode phase).
+enum class EvictScore { H2O, Scissorhands, StreamingLLM, StepAttention };
 
 // The position of an evicted slot left in place (a hole: no query sees it, attention skips its
 // row): compaction waits until a head's holes are an eighth of its slots, so a step moves no rows
@@ -47,8 +48,8 @@ struct EvictionCache {
 // Folds the step's probabilities into each entry's score (the last `fresh` entries of a head,
 // appended since the last decision, start from zero) and writes its key into `table`: +inf for
 // the protected (position < sinks or > last_pos - recent), else H2O's score, the position
-// (StreamingLLM: the most recent win) or the count of Scissorhands' set bits under history_mask;
-// -inf for a hole, which is never kept and, sorting last, takes no entry's place.
+// (StreamingLLM: the most recent win), the count of Scissorhands' set bits under history_mask or
+// the step's probability; -inf for a hole, which is never kept and takes no entry's place.
 void evictionKeys(const EvictionCache& c, EvictScore method, int fresh, uint64_t history_mask, int sinks, int recent,
                   int last_pos, double* table);
 
