@@ -236,6 +236,15 @@ class State {
     auto it = workers_.find(req.worker_id());
     if (it == workers_.end()) return {StatusCode::NOT_FOUND, "unknown worker: register again"};
     it->second.last_seen = Clock::now();
+    // A job this worker holds but says it no longer runs (it stopped it while cut off, and was
+    // given it back when it registered again) goes back to the queue rather than stay RUNNING.
+    // Quiet for a few heartbeats first: a heartbeat may leave before the worker sees its fetch.
+    for (auto& [id, j] : jobs_)
+      if (j.state() == v1::RUNNING && j.worker() == req.worker_id() && req.current_job() != id &&
+          nowMs() - j.updated_unix_ms() > 3 * int64_t(opts_.heartbeat_ms)) {
+        requeue(j, "worker " + req.worker_id() + " no longer runs the job");
+        changed(j);
+      }
     return Status::OK;
   }
 
@@ -324,17 +333,7 @@ class State {
     for (auto& [id, j] : jobs_) {
       if (j.state() != v1::RUNNING || workers_.count(j.worker())) continue;
       if (nowMs() - j.updated_unix_ms() < opts_.worker_timeout_ms) continue;  // grace after a restart
-      const std::string why = "worker " + j.worker() + " was lost while running the job";
-      if (cancel_requested_.erase(id)) {
-        j.set_state(v1::CANCELLED);
-      } else if (j.attempts() < opts_.max_attempts) {
-        j.set_state(v1::QUEUED);
-        j.set_error(why + "; re-queued");
-      } else {
-        j.set_state(v1::FAILED);
-        j.set_error(why + " (attempt " + std::to_string(j.attempts()) + " of " + std::to_string(opts_.max_attempts) + ")");
-      }
-      j.clear_worker();
+      requeue(j, "worker " + j.worker() + " was lost while running the job");
       changed(j);
     }
   }
@@ -360,6 +359,21 @@ class State {
   }
 
  private:
+  // A running job whose worker is gone: queued again until max_attempts starts, then FAILED;
+  // CANCELLED if a client asked for that meanwhile (caller holds mu_, then calls changed()).
+  void requeue(v1::Job& j, const std::string& why) {
+    if (cancel_requested_.erase(j.id())) {
+      j.set_state(v1::CANCELLED);
+    } else if (j.attempts() < opts_.max_attempts) {
+      j.set_state(v1::QUEUED);
+      j.set_error(why + "; re-queued");
+    } else {
+      j.set_state(v1::FAILED);
+      j.set_error(why + " (attempt " + std::to_string(j.attempts()) + " of " + std::to_string(opts_.max_attempts) + ")");
+    }
+    j.clear_worker();
+  }
+
   // A new queued job (caller holds mu_).
   v1::Job queue(const Caller& who, const v1::PplRequest& resolved, const std::string& array_id, const std::string& label) {
     v1::Job j;

@@ -369,6 +369,38 @@ TEST_F(ControlPlane, AJobsDbFromBeforeOwnersStaysReadable) {
   EXPECT_EQ(fresh.owner(), "alice");
 }
 
+// A worker that heartbeats as idle while a job is RUNNING on it (it stopped the job while cut
+// off and was handed it back as it registered again): the job goes back to the queue after a few
+// heartbeats instead of staying RUNNING forever.
+TEST_F(ControlPlane, AJobItsWorkerNoLongerRunsIsRequeued) {
+  auto worker = v1::WorkerApi::NewStub(launcher::makeChannel(address(), ""));
+  v1::RegisterRequest reg;
+  reg.set_tp(1);
+  v1::RegisterResponse me;
+  ASSERT_TRUE(worker->Register(callContext(worker_token_, 10s).get(), reg, &me).ok());
+  const std::string id = submit(smallJob()).id();
+  v1::FetchJobRequest fetch;
+  fetch.set_worker_id(me.worker_id());
+  fetch.set_wait_ms(5000);
+  v1::FetchJobResponse got;
+  ASSERT_TRUE(worker->FetchJob(callContext(worker_token_, 10s).get(), fetch, &got).ok());
+  ASSERT_EQ(got.job().id(), id);
+  const auto beat = [&](const std::string& job) {
+    v1::HeartbeatRequest hb;
+    hb.set_worker_id(me.worker_id());
+    hb.set_current_job(job);
+    v1::HeartbeatResponse r;
+    return worker->Heartbeat(callContext(worker_token_, 10s).get(), hb, &r).ok();
+  };
+  ASSERT_TRUE(beat(""));  // right after the fetch: not yet taken for orphaned
+  EXPECT_EQ(get(id).state(), v1::RUNNING);
+  for (int i = 0; i < 6; ++i) ASSERT_TRUE(beat(id)), std::this_thread::sleep_for(700ms);
+  EXPECT_EQ(get(id).state(), v1::RUNNING) << "a worker that says it runs the job keeps it";
+  const v1::Job j = waitUntil(id, [&](const v1::Job& j) { return beat("") && j.state() != v1::RUNNING; }, 20s);
+  EXPECT_EQ(j.state(), v1::QUEUED);
+  EXPECT_NE(j.error().find("no longer runs the job"), std::string::npos) << j.error();
+}
+
 TEST_F(ControlPlane, BadRequestsGetClearErrorsAndTheServerStaysUp) {
   struct Bad {
     v1::PplRequest req;

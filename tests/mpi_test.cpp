@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <filesystem>
 #include <fstream>
 #include <thread>
 
@@ -132,6 +133,17 @@ INSTANTIATE_TEST_SUITE_P(
                       "--kv streamingllm:budget=0.5 --kv-lowrank cskv:rank=4,window=8",
                       "--kv snapkv:budget=0.3,decode=slide,decode_budget=12,decode_recent=4 --prefill 32"),
     [](const auto& info) { return "m" + std::to_string(info.index); });
+
+// The fixtures' PyTorch copies (scripts/make_fixtures.py --torch-copies) under tensor
+// parallelism: each rank reads its slices of the pickled shards, and the log-probs are the
+// safetensors original's.
+TEST(TorchCheckpoint, Tp2And4MatchTheSafetensorsCopy) {
+  const std::string bin = test::fixture("torch/llama-sharded-bf16"), st = test::fixture("models/llama-sharded-bf16");
+  if (!std::filesystem::exists(bin)) GTEST_SKIP() << bin << " not made";
+  const auto ref = logprobs(0, "--model " + st + " --input-ids " + st + "/input_ids.txt");
+  for (int np : {2, 4})
+    EXPECT_LE(maxDiff(logprobs(np, "--model " + bin + " --input-ids " + st + "/input_ids.txt"), ref), 1e-5) << "np " << np;
+}
 
 TEST(Faults, FailingRankEndsTheJobWithItsError) {
   const auto r =

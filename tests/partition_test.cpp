@@ -1,6 +1,8 @@
 // Sharding as a pure function (name, shape, rank, tp) -> slice, and shard-only weight reads.
 #include <gtest/gtest.h>
 
+#include <filesystem>
+
 #include "runtime/config.h"
 #include "runtime/error.h"
 #include "runtime/partition.h"
@@ -68,10 +70,14 @@ TEST(Sharding, IndivisibleHeadsFailBeforeLoading) {
   EXPECT_THROW(Partition::make(syntheticConfig("llama-2-70b"), 0, 3), Error);
 }
 
-TEST(Sharding, EachRankReadsAboutTotalOverTp) {
-  // 4 bf16 shards, 4 q heads, 2 KV heads: at tp 4 each rank reads a quarter of every split tensor,
-  // all of the replicated ones, and one of the two KV heads (the GQA replication rule).
-  const std::string dir = test::fixture("models/llama-sharded-bf16");
+// 4 bf16 shards, 4 q heads, 2 KV heads: at tp 4 each rank reads a quarter of every split tensor,
+// all of the replicated ones, and one of the two KV heads (the GQA replication rule) — from the
+// safetensors shards and from their PyTorch copy alike.
+class ShardedReads : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(ShardedReads, EachRankReadsAboutTotalOverTp) {
+  const std::string dir = test::fixture(GetParam() + "/llama-sharded-bf16");
+  if (!std::filesystem::exists(dir)) GTEST_SKIP() << dir << " not made (scripts/make_fixtures.py --torch-copies)";
   const ModelConfig c = loadConfig(dir);
   const int tp = 4;
   Checkpoint whole(dir);
@@ -93,6 +99,8 @@ TEST(Sharding, EachRankReadsAboutTotalOverTp) {
     EXPECT_EQ(ck.bytesRead(), expected) << "rank " << r;
   }
 }
+
+INSTANTIATE_TEST_SUITE_P(Formats, ShardedReads, ::testing::Values("models", "torch"));
 
 TEST(Sharding, SyntheticSlicesAreSlicesOfTheWholeModel) {
   ModelConfig c = syntheticConfig("opt-125m");
