@@ -16,9 +16,13 @@ import os
 import shutil
 
 import torch
-import transformers
-from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM,
-                          OPTConfig, OPTForCausalLM)
+
+try:  # --torch-copies can do without transformers (torch.save of the same state_dicts)
+    import transformers
+    from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM,
+                              OPTConfig, OPTForCausalLM)
+except ImportError:
+    transformers = None
 
 # Unicode, emoji (with a zero-width joiner), whitespace runs, tabs, digits, contractions, newlines.
 TEST_TEXT = ("Hello world! Ünïcödé — naïve café 😀🚀  multiple   spaces\n\nnew lines\ttabs "
@@ -168,6 +172,22 @@ def save_model(model, folder, dtype, tokenizer_dir, **kw):
             shutil.copy(os.path.join(tokenizer_dir, f), folder)
 
 
+def read_safetensors(path):
+    """name -> tensor of a .safetensors file (its JSON header, then the raw little-endian data)."""
+    dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+    with open(path, "rb") as f:
+        raw = f.read()
+    n = int.from_bytes(raw[:8], "little")
+    header, data = json.loads(raw[8:8 + n]), raw[8 + n:]
+    out = {}
+    for name, t in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = t["data_offsets"]
+        out[name] = torch.frombuffer(bytearray(data[begin:end]), dtype=dtypes[t["dtype"]]).reshape(t["shape"]).clone()
+    return out
+
+
 def torch_copies(fixtures):
     """fixtures/torch/NAME: each model fixture saved again as PyTorch pickles by transformers
     (save_pretrained(safe_serialization=False), sharded as its safetensors are), the same weights
@@ -176,19 +196,20 @@ def torch_copies(fixtures):
     for name in sorted(os.listdir(models)):
         src, dst = os.path.join(models, name), os.path.join(fixtures, "torch", name)
         shutil.rmtree(dst, ignore_errors=True)
-        model = AutoModelForCausalLM.from_pretrained(src, dtype="auto")
         sharded = os.path.exists(os.path.join(src, "model.safetensors.index.json"))
         try:
+            model = AutoModelForCausalLM.from_pretrained(src, dtype="auto")
             model.save_pretrained(dst, safe_serialization=False, **({"max_shard_size": "150KB"} if sharded else {}))
-        except (TypeError, ValueError) as e:  # a transformers that writes safetensors only: torch.save per shard
+        except (NameError, TypeError, ValueError) as e:
+            # No transformers, or one that writes safetensors only: what save_pretrained does
+            # itself, torch.save of each shard's state_dict under its names.
             print(name, "save_pretrained:", repr(e), "-> torch.save of each shard")
-            from safetensors.torch import load_file
             os.makedirs(dst, exist_ok=True)
             shards = sorted(f for f in os.listdir(src) if f.endswith(".safetensors"))
             weight_map = {}
             for i, f in enumerate(shards):
                 out = "pytorch_model.bin" if not sharded else f"pytorch_model-{i + 1:05d}-of-{len(shards):05d}.bin"
-                tensors = load_file(os.path.join(src, f))
+                tensors = read_safetensors(os.path.join(src, f))
                 torch.save(tensors, os.path.join(dst, out))
                 weight_map.update({k: out for k in tensors})
             if sharded:
@@ -196,7 +217,8 @@ def torch_copies(fixtures):
         for f in os.listdir(src):  # config, tokenizer, inputs and references as they are
             if not f.startswith("model"):
                 shutil.copy(os.path.join(src, f), dst)
-        print(name, torch.__version__, transformers.__version__, sorted(os.listdir(dst)))
+        print(name, "torch", torch.__version__, "transformers", transformers and transformers.__version__,
+              sorted(os.listdir(dst)))
 
 
 def main():
