@@ -125,8 +125,9 @@ void addServiceCommands(CLI::App& app) {
       c.check(c.stub->ListJobs(callContext(c.token, c.deadline).get(), req, &resp), "ListJobs");
       for (const auto& j : resp.jobs()) {
         if (*json) {
-          std::cout << nlohmann::json{{"id", j.id()}, {"state", stateName(j.state())}, {"ppl", j.ppl()},
-                                      {"worker", j.worker()}, {"attempts", j.attempts()}, {"error", j.error()}}
+          std::cout << nlohmann::json{{"id", j.id()},         {"state", stateName(j.state())}, {"ppl", j.ppl()},
+                                      {"worker", j.worker()}, {"attempts", j.attempts()},        {"error", j.error()},
+                                      {"owner", j.owner()},   {"array_id", j.array_id()},        {"label", j.label()}}
                            .dump()
                     << "\n";
         } else {

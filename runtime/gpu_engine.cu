@@ -484,8 +484,9 @@ class GpuEngine : public Engine {
     s.unscored = 0, s.weights_pending = false;
   }
 
-  // Eviction decided on the device (cuda/eviction.h): kv::Policy's decision over the same global
-  // table, to the same budgets (tp 1: this rank's heads are all of them). H2O and StreamingLLM
+  // Eviction decided on the device (cuda/eviction.h): kv::Policy's decision, by the same select
+  // over this rank's heads with the pools' histograms summed over NCCL (kv/budget_select.h), to
+  // the same budgets, so every rank keeps what tp 1 keeps. H2O and StreamingLLM
   // decide their prompt here too (H2O scores it by the prefill's rows summed); Scissorhands' prompt
   // (a history bit per observed row) is decided on the host mirror, whose bits then go to the
   // device. From the first decision here on, the device holds the scores and the mirror rests
