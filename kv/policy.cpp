@@ -58,6 +58,7 @@ const char* methodName(Method m) {
     case Method::Scissorhands: return "scissorhands";
     case Method::SnapKV: return "snapkv";
     case Method::PyramidKV: return "pyramidkv";
+    case Method::Random: return "random";
   }
   return "?";
 }
@@ -83,6 +84,7 @@ std::string PolicySpec::describe() const {
     else o << "budget=" << budget;
     o << ",sinks=" << sinks << ",recent=" << recent << ",scope="
       << (scope == Scope::Global ? "global" : scope == Scope::Layer ? "layer" : "head");
+    if (method == Method::Random) o << ",seed=" << seed;
     if (decode != Decode::None)
       o << ",decode=" << (decode == Decode::Slide ? "slide" : decode == Decode::Adaptive ? "adaptive" : "discontinuous")
         << ",decode_budget=" << decode_budget << ",decode_recent=" << decode_recent << ",delta=" << delta;
@@ -100,13 +102,15 @@ PolicySpec parsePolicy(const std::string& kv, const std::string& kv_quant, const
     const auto a = parseArgs(kv, &name);
     const std::map<std::string, Method> methods = {{"full", Method::Full},       {"streamingllm", Method::StreamingLLM},
                                                    {"h2o", Method::H2O},         {"scissorhands", Method::Scissorhands},
-                                                   {"snapkv", Method::SnapKV},   {"pyramidkv", Method::PyramidKV}};
+                                                   {"snapkv", Method::SnapKV},   {"pyramidkv", Method::PyramidKV},
+                                                   {"random", Method::Random}};
     auto m = methods.find(name);
     if (m == methods.end())
-      throw std::invalid_argument("KV method '" + name + "' is not one of: full, streamingllm, h2o, scissorhands, snapkv, pyramidkv");
+      throw std::invalid_argument("KV method '" + name +
+                                  "' is not one of: full, streamingllm, h2o, scissorhands, snapkv, pyramidkv, random");
     s.method = m->second;
     rejectUnknown(a, {"budget", "tokens", "bytes", "sinks", "recent", "scope", "history", "window", "kernel", "ratio", "decode",
-                      "decode_budget", "decode_recent", "delta"},
+                      "decode_budget", "decode_recent", "delta", "seed"},
                   kv);
     s.budget = number(a, "budget", 1.0, kv);
     s.budget_tokens = int(number(a, "tokens", 0, kv));
@@ -135,6 +139,10 @@ PolicySpec parsePolicy(const std::string& kv, const std::string& kv_quant, const
     s.decode_budget = int(number(a, "decode_budget", s.decode_budget, kv));
     s.decode_recent = int(number(a, "decode_recent", s.decode_recent, kv));
     s.delta = int(number(a, "delta", s.delta, kv));
+    const double seed = number(a, "seed", 0, kv);
+    if (seed < 0 || seed != std::floor(seed) || seed > 9007199254740992.0)
+      throw std::invalid_argument("seed must be a whole number >= 0 (" + kv + ")");
+    s.seed = uint64_t(seed);
     if (s.decode_recent < 0 || s.delta < 1 || s.decode_budget < s.decode_recent)
       throw std::invalid_argument("SCOPE needs decode_budget >= decode_recent >= 0 and delta >= 1 (" + kv + ")");
     if (s.method == Method::PyramidKV) s.scope = Scope::Layer;  // its budgets are per layer by definition
@@ -172,6 +180,15 @@ PolicySpec parsePolicy(const std::string& kv, const std::string& kv_quant, const
     if (s.rank < 1 || s.lowrank_window < 0) throw std::invalid_argument("cskv needs rank>=1, window>=0 (" + kv_lowrank + ")");
   }
   return s;
+}
+
+double randomScore(uint64_t seed, int layer, int global_head, int position) {
+  // splitmix64 of the entry's coordinates: a fixed, well-mixed draw per entry.
+  uint64_t z = seed + 0x9e3779b97f4a7c15ull * (1 + ((uint64_t(layer) << 40) ^ (uint64_t(global_head) << 32) ^ uint32_t(position)));
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  z ^= z >> 31;
+  return double(z >> 11) * 0x1.0p-53;
 }
 
 Policy::Policy(PolicySpec spec, HeadLayout layout, comm::Communicator* group)
@@ -343,6 +360,7 @@ void Policy::evict(KVCache& cache, int last_pos, bool prefill) {
       for (int i = 0; i < c.length(); ++i) {
         double s = c.score[i];
         if (spec_.method == Method::StreamingLLM) s = c.positions[i];  // keep the most recent
+        if (spec_.method == Method::Random) s = randomScore(spec_.seed, l, lay_.kv_head_begin + h, c.positions[i]);
         if (spec_.method == Method::Scissorhands) {
           const uint64_t mask = spec_.history >= 64 ? ~0ull : ((1ull << spec_.history) - 1);
           s = std::popcount(c.history[i] & mask);

@@ -18,7 +18,7 @@
 
 namespace kvtp::kv {
 
-enum class Method { Full, StreamingLLM, H2O, Scissorhands, SnapKV, PyramidKV };
+enum class Method { Full, StreamingLLM, H2O, Scissorhands, SnapKV, PyramidKV, Random };
 enum class Scope { Global, Layer, Head };  // who competes for the budget
 enum class Quant { None, Int8, Kivi };
 enum class Decode { None, Slide, Adaptive, Discontinuous };  // SCOPE's decode-phase strategies
@@ -40,6 +40,7 @@ struct PolicySpec {
   int decode_budget = 64;   // SCOPE slide: decoded tokens kept per head
   int decode_recent = 16;   // SCOPE: most recent decoded tokens always kept
   int delta = 15;           // SCOPE adaptive/discontinuous: steps per budget increment / per compression
+  uint64_t seed = 0;        // Random: the draw (the same at every tp)
   Quant quant = Quant::None;
   int bits = 8;             // KIVI: 2 or 4
   int group = 32;           // KIVI: tokens per key group (per channel), channels per value group
@@ -58,6 +59,10 @@ struct PolicySpec {
 };
 
 PolicySpec parsePolicy(const std::string& kv, const std::string& kv_quant, const std::string& kv_lowrank = "");
+
+// The Random method's score of an entry: uniform in [0, 1), a hash of the seed, the layer, the
+// global KV head and the position, so every rank draws the same and an entry keeps its draw.
+double randomScore(uint64_t seed, int layer, int global_head, int position);
 
 // Where this rank's KV heads sit among the model's: global index = kv_head_begin + local index.
 // With fewer KV heads than ranks a head is replicated; `owner` marks the one copy counted.

@@ -2,6 +2,7 @@
 // quantization error bounds, byte accounting, and the budget-100% identity.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <random>
 
@@ -199,6 +200,36 @@ KVCache twoHeadsAfterOneStep(const std::string& scope) {
   a.blocks[1].assign(10, 0.1f);
   p.afterStep(c, a, 9, false);
   return c;
+}
+
+// Random, the control: the budget is kept (protected first), the rest are the entries with the
+// highest draws of kv::randomScore, the draws depend on the seed only, not on the run.
+TEST(KvEviction, RandomKeepsTheHighestDrawsOfItsSeed) {
+  const auto keptBy = [](const std::string& spec) {
+    KVCache c = filled(40, 2);
+    Policy p(parsePolicy(spec, ""), layout(2), nullptr);
+    p.afterStep(c, {}, 39, false);
+    return std::vector<std::vector<int>>{positions(c, 0), positions(c, 1)};
+  };
+  const auto a = keptBy("random:tokens=10,sinks=1,recent=2,seed=3");
+  EXPECT_EQ(a[0].size() + a[1].size(), 20u);
+  std::vector<std::pair<double, int>> free;  // (draw, head * 100 + position) of the unprotected
+  for (int h = 0; h < 2; ++h) {
+    EXPECT_EQ(a[h].front(), 0);  // the sink
+    EXPECT_EQ(a[h].back(), 39);  // the recent window
+    for (int pos = 1; pos < 38; ++pos) free.push_back({randomScore(3, 0, h, pos), h * 100 + pos});
+  }
+  std::sort(free.rbegin(), free.rend());
+  std::vector<int> want, got;
+  for (int k = 0; k < 20 - 6; ++k) want.push_back(free[k].second);  // 6 protected: 1 sink + 2 recent a head
+  for (int h = 0; h < 2; ++h)
+    for (int pos : a[h])
+      if (pos > 0 && pos < 38) got.push_back(h * 100 + pos);
+  std::sort(want.begin(), want.end());
+  EXPECT_EQ(got, want);
+  EXPECT_EQ(keptBy("random:tokens=10,sinks=1,recent=2,seed=3"), a);  // the same draw again
+  EXPECT_NE(keptBy("random:tokens=10,sinks=1,recent=2,seed=4"), a);  // another seed, another draw
+  EXPECT_THROW(parsePolicy("random:seed=-1", ""), std::invalid_argument);
 }
 
 TEST(KvEviction, AGlobalBudgetGoesToTheHeadsWithTheHighestScores) {

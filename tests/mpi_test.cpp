@@ -131,7 +131,8 @@ INSTANTIATE_TEST_SUITE_P(
                       "--kv snapkv:budget=0.3 --prefill 48", "--kv pyramidkv:budget=0.3 --prefill 48",
                       "--kv h2o:budget=0.3,scope=layer --kv-quant kivi:bits=4,group=8,residual=16",
                       "--kv streamingllm:budget=0.5 --kv-lowrank cskv:rank=4,window=8",
-                      "--kv snapkv:budget=0.3,decode=slide,decode_budget=12,decode_recent=4 --prefill 32"),
+                      "--kv snapkv:budget=0.3,decode=slide,decode_budget=12,decode_recent=4 --prefill 32",
+                      "--kv random:budget=0.3,seed=7"),
     [](const auto& info) { return "m" + std::to_string(info.index); });
 
 // The fixtures' PyTorch copies (scripts/make_fixtures.py --torch-copies) under tensor
