@@ -63,6 +63,17 @@ class ControlPlane : public ::testing::Test {
 
   std::string address() const { return "127.0.0.1:" + std::to_string(port_); }
 
+  // The id of the job a worker stub fetches as `worker_id` (the worker credential); "" if none.
+  std::string fetchAs(v1::WorkerApi::Stub& worker, const std::string& worker_id) {
+    v1::FetchJobRequest fetch;
+    fetch.set_worker_id(worker_id);
+    fetch.set_wait_ms(5000);
+    v1::FetchJobResponse got;
+    const auto st = worker.FetchJob(callContext(worker_token_, 10s).get(), fetch, &got);
+    EXPECT_TRUE(st.ok()) << st.error_message();
+    return got.job().id();
+  }
+
   // The same `kvtp ppl` options through `kvtp submit ppl --wait --json` and run locally.
   std::pair<nlohmann::json, nlohmann::json> remoteAndLocal(const std::string& args) {
     const auto remote = test::run(test::kvtpBinary() + " submit ppl --coordinator " + address() + " --token-file " +
@@ -291,12 +302,7 @@ TEST_F(ControlPlane, ForgedResultsFailTheJob) {
       {good().dump(), ""}};
   for (auto& [result, says] : forged) {
     const std::string id = submit(smallJob()).id();
-    v1::FetchJobRequest fetch;
-    fetch.set_worker_id(me.worker_id());
-    fetch.set_wait_ms(5000);
-    v1::FetchJobResponse got;
-    ASSERT_TRUE(worker->FetchJob(callContext(worker_token_, 10s).get(), fetch, &got).ok());
-    ASSERT_EQ(got.job().id(), id);
+    ASSERT_EQ(fetchAs(*worker, me.worker_id()), id);
     v1::ProgressReport progress;
     progress.set_worker_id(me.worker_id());
     progress.set_job_id(id);
@@ -379,12 +385,7 @@ TEST_F(ControlPlane, AJobItsWorkerNoLongerRunsIsRequeued) {
   v1::RegisterResponse me;
   ASSERT_TRUE(worker->Register(callContext(worker_token_, 10s).get(), reg, &me).ok());
   const std::string id = submit(smallJob()).id();
-  v1::FetchJobRequest fetch;
-  fetch.set_worker_id(me.worker_id());
-  fetch.set_wait_ms(5000);
-  v1::FetchJobResponse got;
-  ASSERT_TRUE(worker->FetchJob(callContext(worker_token_, 10s).get(), fetch, &got).ok());
-  ASSERT_EQ(got.job().id(), id);
+  ASSERT_EQ(fetchAs(*worker, me.worker_id()), id);
   const auto beat = [&](const std::string& job) {
     v1::HeartbeatRequest hb;
     hb.set_worker_id(me.worker_id());

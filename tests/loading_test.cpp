@@ -36,17 +36,7 @@ void writeSafetensors(const std::string& path, const std::vector<std::pair<std::
   out << h << data;
 }
 
-std::string errorOf(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
-
-#define EXPECT_HAS(haystack, needle) \
-  EXPECT_NE(std::string(haystack).find(needle), std::string::npos) << "message: " << (haystack)
+using test::errorOf;
 
 TEST(Safetensors, ReadsSlicesOfRowsAndColumns) {
   test::TempDir d;

@@ -3,11 +3,14 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <functional>
 #include <fstream>
 #include <random>
 #include <string>
 
 #include <nlohmann/json.hpp>
+
+#include "runtime/error.h"
 
 namespace kvtp::test {
 
@@ -68,4 +71,17 @@ inline std::string paramName(std::string s) {
   return s;
 }
 
+// The message of the kvtp::Error that f throws, or "(no error)".
+inline std::string errorOf(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "(no error)";
+}
+
 }  // namespace kvtp::test
+
+#define EXPECT_HAS(haystack, needle) \
+  EXPECT_NE(std::string(haystack).find(needle), std::string::npos) << "message: " << (haystack)

@@ -62,16 +62,7 @@ void writeArchive(const std::string& path, const std::string& pickle,
 
 std::string floats(const std::vector<float>& v) { return std::string(reinterpret_cast<const char*>(v.data()), v.size() * 4); }
 
-std::string errorOf(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
-#define EXPECT_HAS(haystack, needle) \
-  EXPECT_NE(std::string(haystack).find(needle), std::string::npos) << "message: " << (haystack)
+using test::errorOf;
 
 TEST(TorchCheckpoint, ReadsAStateDictWithSharedStorages) {
   test::TempDir d;
