@@ -100,9 +100,7 @@ int writeArray(Client& c, const std::string& array_id, const std::string& prefix
     std::fprintf(stderr, "kvtp: %s (%s) %s%s%s\n", j.id().c_str(), j.label().c_str(), stateName(j.state()),
                  j.error().empty() ? "" : ": ", j.error().c_str());
   }
-  const bool plotted = files.plot();
-  std::printf("wrote %s.csv%s\n", prefix.c_str(),
-              plotted ? (" and " + prefix + ".png").c_str() : " (no PNG: gnuplot failed or is missing)");
+  files.finish();
   return missing ? 1 : 0;
 }
 

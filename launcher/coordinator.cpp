@@ -44,10 +44,11 @@ struct Worker {
   Clock::time_point last_seen;
 };
 
-// Why a worker's result for job j cannot be stored ("" if it can): it must be the `kvtp ppl
-// --json` object of that job, run by a group of `group_tp` ranks, consistent with itself and
-// with the plan the worker reported in its progress (tokens and windows).
-std::string checkResult(const v1::Job& j, int group_tp, const std::string& text) {
+// Why a worker's result for job j cannot be stored ("" if it can, its perplexity in *ppl_out):
+// it must be the `kvtp ppl --json` object of that job, run by a group of `group_tp` ranks,
+// consistent with itself and with the plan the worker reported in its progress (tokens and
+// windows).
+std::string checkResult(const v1::Job& j, int group_tp, const std::string& text, double* ppl_out) {
   nlohmann::json r;
   try {
     r = nlohmann::json::parse(text);
@@ -89,6 +90,7 @@ std::string checkResult(const v1::Job& j, int group_tp, const std::string& text)
   if (p.tokens_total() && (tokens != p.tokens_total() || r["windows"].get<int64_t>() != p.windows_total()))
     return std::to_string(tokens) + " tokens in " + r["windows"].dump() + " windows, but the worker planned " +
            std::to_string(p.tokens_total()) + " in " + std::to_string(p.windows_total());
+  *ppl_out = ppl;
   return "";
 }
 
@@ -102,7 +104,6 @@ class State {
       // A job running when the coordinator stopped keeps its worker's id for a grace period: the
       // worker re-registers with it and is re-attached, or the monitor re-queues it.
       if (j.state() == v1::RUNNING) j.set_updated_unix_ms(nowMs());
-      if (isFinal(j.state())) ended_.insert(j.id());
       next_array_ = std::max(next_array_, sequence(j.array_id()) + 1);
       jobs_[j.id()] = j;
     }
@@ -301,10 +302,11 @@ class State {
     j.set_error(r.error());
     if (r.state() == v1::SUCCEEDED) {
       const auto w = workers_.find(r.worker_id());
-      const std::string wrong = checkResult(j, w == workers_.end() ? 0 : w->second.info.tp(), r.result_json());
+      double ppl = 0;
+      const std::string wrong = checkResult(j, w == workers_.end() ? 0 : w->second.info.tp(), r.result_json(), &ppl);
       if (wrong.empty()) {
         j.set_result_json(r.result_json());
-        j.set_ppl(nlohmann::json::parse(r.result_json())["ppl"].get<double>());
+        j.set_ppl(ppl);
       } else {
         j.set_state(v1::FAILED);
         j.set_error("the worker's result was rejected: " + wrong);
@@ -395,8 +397,8 @@ class State {
 
   void changed(v1::Job& j) {  // caller holds mu_
     j.set_updated_unix_ms(nowMs());
-    if (isFinal(j.state()) && ended_.insert(j.id()).second)
-      ended_latencies_.push_back(double(j.updated_unix_ms() - j.created_unix_ms()) / 1000.0);
+    // A job reaches a final state once (nothing changes an ended job), here.
+    if (isFinal(j.state())) ended_latencies_.push_back(double(j.updated_unix_ms() - j.created_unix_ms()) / 1000.0);
     jobs_[j.id()] = j;
     store_.save(j);
     ++version_;
@@ -465,7 +467,6 @@ class State {
   std::map<std::string, v1::Job> jobs_;
   std::map<std::string, Worker> workers_;
   std::set<std::string> cancel_requested_;
-  std::set<std::string> ended_;          // jobs in a final state
   std::vector<double> ended_latencies_;  // seconds from submit to end, not yet reported
   int64_t next_seq_ = 1, next_array_ = 1, next_worker_ = 1, version_ = 0;
   bool stopping_ = false;

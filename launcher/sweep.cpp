@@ -90,7 +90,7 @@ void SweepFiles::add(const SweepRun& run, const nlohmann::json& r) {
   points_.push_back({run.label, 100 * r["kv_steady_ratio"].get<double>(), r["ppl"].get<double>()});
 }
 
-bool SweepFiles::plot() {
+void SweepFiles::finish() {
   // One gnuplot data block per label, its points sorted by memory: the script reads no CSV.
   std::vector<std::string> labels;
   for (auto& p : points_)
@@ -115,7 +115,10 @@ bool SweepFiles::plot() {
   gp.close();
   std::string script;  // the path in single quotes for the shell, a quote inside as '\''
   for (char c : prefix_ + ".gp") script += c == '\'' ? std::string("'\\''") : std::string(1, c);
-  return std::system(("gnuplot '" + script + "' 2>/dev/null").c_str()) == 0;
+  if (std::system(("gnuplot '" + script + "' 2>/dev/null").c_str()) == 0)
+    std::printf("wrote %s.csv and %s.png\n", prefix_.c_str(), prefix_.c_str());
+  else
+    std::printf("wrote %s.csv (no PNG: gnuplot failed or is missing)\n", prefix_.c_str());
 }
 
 }  // namespace kvtp::launcher

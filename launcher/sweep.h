@@ -30,9 +30,9 @@ class SweepFiles {
  public:
   explicit SweepFiles(const std::string& prefix);  // opens PREFIX.csv and writes the header
   void add(const SweepRun& run, const nlohmann::json& result);
-  // Closes the CSV and plots perplexity against the KV held (one line per label) into
-  // PREFIX.png with gnuplot; false if gnuplot failed or is missing.
-  bool plot();
+  // Plots perplexity against the KV held (one line per label) into PREFIX.png with gnuplot and
+  // says on stdout which files it wrote (no PNG where gnuplot failed or is missing).
+  void finish();
 
  private:
   std::string prefix_;

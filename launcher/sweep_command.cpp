@@ -18,7 +18,6 @@ void addSweepCommand(CLI::App& app) {
     SweepGrid grid;
     std::string out = "kv-sweep", array;
     ClientOptions client;
-    bool quiet = false;
   };
   auto a = std::make_shared<Args>();
   addPplOptions(cmd, a->ppl);
@@ -52,9 +51,7 @@ void addSweepCommand(CLI::App& app) {
                   100 * js["kv_steady_ratio"].get<double>(), 100 * js["kv_ratio"].get<double>(), js["seconds"].get<double>());
       std::fflush(stdout);
     }
-    if (!lead) return;
-    if (files->plot()) std::printf("wrote %s.csv and %s.png\n", a->out.c_str(), a->out.c_str());
-    else std::printf("wrote %s.csv (no PNG: gnuplot failed or is missing)\n", a->out.c_str());
+    if (lead) files->finish();
   });
 }
 

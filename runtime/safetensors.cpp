@@ -96,29 +96,34 @@ uint16_t floatToHalf(float f) {  // round to nearest even
   return sign | uint16_t(r >> 13);
 }
 
-SafetensorsFile::SafetensorsFile(const std::string& path) {
-  path_ = path;
+TensorFile::TensorFile(const std::string& path) : path_(path) {
   const int fd = ::open(path.c_str(), O_RDONLY);
   if (fd < 0) throw Error("cannot open '" + path + "': " + std::strerror(errno));
   struct stat st {};
   ::fstat(fd, &st);
   size_ = size_t(st.st_size);
-  if (size_ < 8) {
-    ::close(fd);
-    throw Error("'" + path + "' is truncated: " + std::to_string(size_) + " bytes, no safetensors header");
-  }
-  map_ = ::mmap(nullptr, size_, PROT_READ, MAP_PRIVATE, fd, 0);
+  if (size_ > 0) map_ = ::mmap(nullptr, size_, PROT_READ, MAP_PRIVATE, fd, 0);  // an empty file maps nothing
   ::close(fd);
   if (map_ == MAP_FAILED) {
     map_ = nullptr;
     throw Error("cannot map '" + path + "'");
   }
-  const auto* base = static_cast<const uint8_t*>(map_);
+}
+
+TensorFile::~TensorFile() {
+  if (map_) ::munmap(map_, size_);
+}
+
+SafetensorsFile::SafetensorsFile(const std::string& path) : TensorFile(path) {
+  const size_t size = mappedSize();
+  if (size < 8)
+    throw Error("'" + path + "' is truncated: " + std::to_string(size) + " bytes, no safetensors header");
+  const uint8_t* base = mapped();
   uint64_t header_len;
   std::memcpy(&header_len, base, 8);
-  if (header_len > size_ - 8)
+  if (header_len > size - 8)
     throw Error("'" + path + "' is truncated or not safetensors: header of " + std::to_string(header_len) +
-                " bytes in a file of " + std::to_string(size_));
+                " bytes in a file of " + std::to_string(size));
   nlohmann::json header;
   try {
     header = nlohmann::json::parse(base + 8, base + 8 + header_len);
@@ -126,7 +131,7 @@ SafetensorsFile::SafetensorsFile(const std::string& path) {
     throw Error("'" + path + "' has a corrupt safetensors header: " + e.what());
   }
   const uint8_t* data = base + 8 + header_len;
-  const size_t data_size = size_ - 8 - header_len;
+  const size_t data_size = size - 8 - header_len;
   for (auto& [name, t] : header.items()) {
     if (name == "__metadata__") continue;
     const auto where = "'" + path + "': tensor '" + name + "'";
@@ -153,10 +158,6 @@ SafetensorsFile::SafetensorsFile(const std::string& path) {
       throw Error(where + " has a malformed header entry: " + e.what());
     }
   }
-}
-
-SafetensorsFile::~SafetensorsFile() {
-  if (map_) ::munmap(map_, size_);
 }
 
 const TensorInfo* TensorFile::find(const std::string& name) const {

@@ -24,30 +24,35 @@ struct TensorInfo {
 };
 
 // One memory-mapped checkpoint file: its tensors, each a contiguous row-major view into the
-// mapping, validated against the file's size when the file is opened.
+// mapping, validated against the file's size when the file is opened. The mapping belongs to
+// this base, so it is released also when a format's constructor throws.
 class TensorFile {
  public:
-  virtual ~TensorFile() = default;
+  virtual ~TensorFile();
+  TensorFile(const TensorFile&) = delete;
+  TensorFile& operator=(const TensorFile&) = delete;
+
   const std::string& path() const { return path_; }
   const TensorInfo* find(const std::string& name) const;
   const std::map<std::string, TensorInfo>& tensors() const { return tensors_; }
 
  protected:
+  explicit TensorFile(const std::string& path);  // maps the whole file read-only
+  const uint8_t* mapped() const { return static_cast<const uint8_t*>(map_); }
+  size_t mappedSize() const { return size_; }
+
   std::string path_;
   std::map<std::string, TensorInfo> tensors_;
+
+ private:
+  void* map_ = nullptr;
+  size_t size_ = 0;
 };
 
 // A .safetensors file, its header validated against the file size.
 class SafetensorsFile : public TensorFile {
  public:
   explicit SafetensorsFile(const std::string& path);
-  ~SafetensorsFile() override;
-  SafetensorsFile(const SafetensorsFile&) = delete;
-  SafetensorsFile& operator=(const SafetensorsFile&) = delete;
-
- private:
-  void* map_ = nullptr;
-  size_t size_ = 0;
 };
 
 // The file's reader by its name: .safetensors, or PyTorch's .bin.

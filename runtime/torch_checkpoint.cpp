@@ -1,13 +1,10 @@
 #include "runtime/torch_checkpoint.h"
 
-#include <fcntl.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
-#include <unistd.h>
 #include <unzip.h>
 
 #include <cstring>
 #include <memory>
+#include <optional>
 #include <vector>
 
 #include "runtime/error.h"
@@ -15,20 +12,27 @@
 namespace kvtp {
 namespace {
 
-// The members of the archive: name -> where its bytes lie in the file (stored ones only) and
-// whether it is stored uncompressed.
+// A member of the archive: where its bytes lie in the file (stored ones only) and whether it is
+// stored uncompressed.
 struct Member {
   uint64_t offset = 0, size = 0;
   bool stored = false;
 };
 
-std::map<std::string, Member> listMembers(const std::string& path, std::string* pickle) {
+// What the archive holds: its members by name, the folder they sit in ("archive" as torch.save
+// names it), and the folder's data.pkl.
+struct Archive {
+  std::map<std::string, Member> members;
+  std::string folder, pickle;
+};
+
+Archive readArchive(const std::string& path) {
   unzFile zip = unzOpen64(path.c_str());
   if (!zip)
     throw Error("'" + path + "' is not a zip archive: not a PyTorch checkpoint, or one saved before torch 1.6 (re-save "
                 "it with a newer torch, or as safetensors)");
   std::unique_ptr<void, int (*)(unzFile)> closer(zip, unzClose);
-  std::map<std::string, Member> members;
+  Archive a;
   for (int r = unzGoToFirstFile(zip); r == UNZ_OK; r = unzGoToNextFile(zip)) {
     unz_file_info64 info;
     char name[1024];
@@ -39,16 +43,16 @@ std::map<std::string, Member> listMembers(const std::string& path, std::string* 
     const std::string n = name;
     if (n.size() >= 9 && n.compare(n.size() - 9, 9, "/data.pkl") == 0) {
       if (info.uncompressed_size > (uint64_t(1) << 30)) throw Error("'" + path + "': data.pkl is over 1 GiB");
-      pickle->resize(info.uncompressed_size);
-      if (unzReadCurrentFile(zip, pickle->data(), unsigned(pickle->size())) != int(pickle->size()))
+      a.pickle.resize(info.uncompressed_size);
+      if (unzReadCurrentFile(zip, a.pickle.data(), unsigned(a.pickle.size())) != int(a.pickle.size()))
         throw Error("'" + path + "': cannot read " + n + " (truncated archive?)");
-      *pickle = n.substr(0, n.size() - 9) + '\n' + *pickle;  // the members' folder, then the pickle
+      a.folder = n.substr(0, n.size() - 9);
     }
     unzCloseCurrentFile(zip);
-    members[n] = m;
+    a.members[n] = m;
   }
-  if (pickle->empty()) throw Error("'" + path + "' holds no data.pkl: not a PyTorch checkpoint");
-  return members;
+  if (a.pickle.empty()) throw Error("'" + path + "' holds no data.pkl: not a PyTorch checkpoint");
+  return a;
 }
 
 // What the unpickler's stack holds. Only the shapes a state_dict needs.
@@ -58,8 +62,8 @@ struct Value {
   double f = 0;
   std::string s;                                    // String, Global ("module.name"), Storage's key
   std::vector<std::shared_ptr<Value>> items;        // Tuple (and list); Dict: key, value, key, ...
-  DType dtype = DType::F32;                         // Storage, Tensor
-  bool supported = true;                            // Storage, Tensor: a dtype kvtp reads
+  std::optional<DType> dtype;                       // Storage, Tensor (and its storage type's Global):
+                                                    // none for the integer types kvtp never reads
   int64_t offset = 0;                               // Tensor: in elements of its storage
   std::vector<int64_t> shape, stride;               // Tensor
 };
@@ -266,16 +270,18 @@ class Unpickler {
 
   // The globals a state_dict names; any other is refused here, before anything could call it.
   V global(const std::string& name) {
-    static const std::map<std::string, std::pair<DType, bool>> storages = {
-        {"torch.FloatStorage", {DType::F32, true}},    {"torch.HalfStorage", {DType::F16, true}},
-        {"torch.BFloat16Storage", {DType::BF16, true}}, {"torch.DoubleStorage", {DType::F64, true}},
-        {"torch.LongStorage", {DType::F64, false}},     {"torch.IntStorage", {DType::F32, false}},
-        {"torch.ShortStorage", {DType::F16, false}},    {"torch.CharStorage", {DType::F32, false}},
-        {"torch.ByteStorage", {DType::F32, false}},     {"torch.BoolStorage", {DType::F32, false}}};
+    // The storage types, with the dtype kvtp reads them as; integer ones (buffers such as position
+    // ids) have none: accepted, never read.
+    static const std::map<std::string, std::optional<DType>> storages = {
+        {"torch.FloatStorage", DType::F32},     {"torch.HalfStorage", DType::F16},
+        {"torch.BFloat16Storage", DType::BF16}, {"torch.DoubleStorage", DType::F64},
+        {"torch.LongStorage", std::nullopt},    {"torch.IntStorage", std::nullopt},
+        {"torch.ShortStorage", std::nullopt},   {"torch.CharStorage", std::nullopt},
+        {"torch.ByteStorage", std::nullopt},    {"torch.BoolStorage", std::nullopt}};
     V g = make(Value::Global);
     g->s = name;
     if (auto it = storages.find(name); it != storages.end()) {
-      g->dtype = it->second.first, g->supported = it->second.second;
+      g->dtype = it->second;
       return g;
     }
     if (name == "collections.OrderedDict" || name == "torch._utils._rebuild_tensor_v2") return g;
@@ -291,7 +297,7 @@ class Unpickler {
     if (id->items[1]->s.find("Storage") == std::string::npos) throw bad("a storage of type " + id->items[1]->s);
     V st = make(Value::Storage);
     st->s = id->items[2]->s;
-    st->dtype = id->items[1]->dtype, st->supported = id->items[1]->supported;
+    st->dtype = id->items[1]->dtype;
     return st;
   }
 
@@ -306,7 +312,7 @@ class Unpickler {
     if (args->items.size() < 4 || args->items[0]->kind != Value::Storage || args->items[1]->kind != Value::Int)
       throw bad("a tensor rebuilt from something other than a storage, offset, size and stride");
     V t = make(Value::Tensor);
-    t->s = args->items[0]->s, t->dtype = args->items[0]->dtype, t->supported = args->items[0]->supported;
+    t->s = args->items[0]->s, t->dtype = args->items[0]->dtype;
     t->offset = args->items[1]->i;
     t->shape = ints(args->items[2], where_ + ": a tensor's size");
     t->stride = ints(args->items[3], where_ + ": a tensor's stride");
@@ -322,36 +328,21 @@ class Unpickler {
 
 }  // namespace
 
-TorchFile::TorchFile(const std::string& path) {
-  path_ = path;
-  std::string pickle;
-  const auto members = listMembers(path, &pickle);
-  const std::string folder = pickle.substr(0, pickle.find('\n'));
-  pickle.erase(0, folder.size() + 1);
-  const V root = Unpickler(pickle, "'" + path + "'").run();
+TorchFile::TorchFile(const std::string& path) : TensorFile(path) {
+  const Archive archive = readArchive(path);
+  const V root = Unpickler(archive.pickle, "'" + path + "'").run();
   if (root->kind != Value::Dict) throw Error("'" + path + "': data.pkl does not hold a dict of tensors (a state_dict)");
-
-  const int fd = ::open(path.c_str(), O_RDONLY);
-  if (fd < 0) throw Error("cannot open '" + path + "': " + std::strerror(errno));
-  struct stat st {};
-  ::fstat(fd, &st);
-  size_ = size_t(st.st_size);
-  map_ = size_ ? ::mmap(nullptr, size_, PROT_READ, MAP_PRIVATE, fd, 0) : MAP_FAILED;
-  ::close(fd);
-  if (map_ == MAP_FAILED) {
-    map_ = nullptr;
-    throw Error("cannot map '" + path + "'");
-  }
-  const auto* base = static_cast<const uint8_t*>(map_);
+  const uint8_t* base = mapped();
+  const uint64_t size = mappedSize();
   for (size_t k = 0; k + 1 < root->items.size(); k += 2) {
     const V& key = root->items[k];
     const V& t = root->items[k + 1];
     if (key->kind != Value::String) throw Error("'" + path + "': a state_dict key that is not a string");
     if (t->kind != Value::Tensor) continue;  // not a tensor (kvtp reads only tensors)
-    if (!t->supported) continue;             // integer buffers (position ids): never read by kvtp
+    if (!t->dtype) continue;                 // integer buffers (position ids): never read by kvtp
     const std::string where = "'" + path + "': tensor '" + key->s + "'";
     TensorInfo info;
-    info.dtype = t->dtype;
+    info.dtype = *t->dtype;
     info.shape = t->shape;
     int64_t expect = 1;  // row-major strides, from the last dimension
     for (size_t d = t->shape.size(); d-- > 0;) {
@@ -362,21 +353,17 @@ TorchFile::TorchFile(const std::string& path) {
       if (t->shape[d] && expect > (int64_t(1) << 48) / t->shape[d]) throw Error(where + " has an impossible size");
       expect *= t->shape[d];
     }
-    const auto m = members.find(folder + "/data/" + t->s);
-    if (m == members.end()) throw Error(where + " names storage " + t->s + ", which the archive lacks");
+    const auto m = archive.members.find(archive.folder + "/data/" + t->s);
+    if (m == archive.members.end()) throw Error(where + " names storage " + t->s + ", which the archive lacks");
     if (!m->second.stored) throw Error(where + ": its storage is compressed in the zip (torch.save stores them as they are)");
     const uint64_t es = dtypeSize(info.dtype), bytes = uint64_t(info.numel()) * es;
-    if (m->second.offset > size_ || m->second.size > size_ - m->second.offset)
+    if (m->second.offset > size || m->second.size > size - m->second.offset)
       throw Error(where + ": its storage lies past the end of the file (truncated?)");
     if (uint64_t(t->offset) > m->second.size / es || bytes > m->second.size - uint64_t(t->offset) * es)
       throw Error(where + " reaches past the end of its storage (" + std::to_string(m->second.size) + " bytes)");
     info.data = base + m->second.offset + uint64_t(t->offset) * es;
     tensors_.emplace(key->s, info);
   }
-}
-
-TorchFile::~TorchFile() {
-  if (map_) ::munmap(map_, size_);
 }
 
 }  // namespace kvtp

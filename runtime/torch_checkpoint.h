@@ -15,13 +15,6 @@ namespace kvtp {
 class TorchFile : public TensorFile {
  public:
   explicit TorchFile(const std::string& path);
-  ~TorchFile() override;
-  TorchFile(const TorchFile&) = delete;
-  TorchFile& operator=(const TorchFile&) = delete;
-
- private:
-  void* map_ = nullptr;
-  size_t size_ = 0;
 };
 
 }  // namespace kvtp
