@@ -9,6 +9,7 @@ int main(int argc, char** argv) {
   CLI::App app{"kvtp: tensor-parallel LLM runtime with KV-cache compression"};
   app.require_subcommand(1);
   kvtp::launcher::addPplCommand(app);
+  kvtp::launcher::addGenerateCommand(app);
   kvtp::launcher::addBenchCommand(app);
   kvtp::launcher::addSweepCommand(app);
   kvtp::launcher::addServiceCommands(app);

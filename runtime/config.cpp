@@ -25,6 +25,27 @@ T get(const nlohmann::json& j, const char* key, T fallback) {
   return j[key].get<T>();
 }
 
+// eos_token_id as transformers writes it: a number, a list of numbers, or null.
+std::vector<int> eosIds(const nlohmann::json& j, const std::string& source) {
+  if (!j.contains("eos_token_id") || j["eos_token_id"].is_null()) return {};
+  const auto& e = j["eos_token_id"];
+  try {
+    return e.is_array() ? e.get<std::vector<int>>() : std::vector<int>{e.get<int>()};
+  } catch (const nlohmann::json::exception&) {
+    throw Error(source + ": \"eos_token_id\" is neither a token id nor a list of them (" + e.dump() + ")");
+  }
+}
+
+nlohmann::json readJsonFile(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) throw Error("cannot read '" + path + "'");
+  try {
+    return nlohmann::json::parse(in);
+  } catch (const nlohmann::json::exception& e) {
+    throw Error("'" + path + "' is not valid JSON: " + e.what());
+  }
+}
+
 // Llama rope settings come as "rope_scaling" (transformers 4) or "rope_parameters"
 // (transformers 5, which also moves rope_theta inside it).
 void parseRope(const nlohmann::json& j, ModelConfig& c, const std::string& source) {
@@ -57,6 +78,7 @@ ModelConfig parseConfig(const nlohmann::json& j, const std::string& source) {
   c.heads = need<int>(j, "num_attention_heads", source);
   c.max_positions = need<int>(j, "max_position_embeddings", source);
   c.bos_token_id = get<int>(j, "bos_token_id", -1);
+  c.eos_token_ids = eosIds(j, source);
   c.tie_embeddings = get<bool>(j, "tie_word_embeddings", true);
   if (c.model_type == "opt") {
     c.family = Family::Opt;
@@ -122,15 +144,13 @@ ModelConfig loadConfig(const std::string& model_dir) {
   namespace fs = std::filesystem;
   if (!fs::is_directory(model_dir)) throw Error("model folder '" + model_dir + "' does not exist");
   const auto path = (fs::path(model_dir) / "config.json").string();
-  std::ifstream in(path);
-  if (!in) throw Error("'" + path + "' not found: a Hugging Face model folder needs config.json");
-  nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(in);
-  } catch (const nlohmann::json::exception& e) {
-    throw Error("'" + path + "' is not valid JSON: " + e.what());
-  }
-  return parseConfig(j, path);
+  if (!fs::exists(path)) throw Error("'" + path + "' not found: a Hugging Face model folder needs config.json");
+  ModelConfig c = parseConfig(readJsonFile(path), path);
+  // generation_config.json is what transformers' generate() stops by.
+  const auto generation = (fs::path(model_dir) / "generation_config.json").string();
+  if (fs::exists(generation))
+    if (auto eos = eosIds(readJsonFile(generation), generation); !eos.empty()) c.eos_token_ids = eos;
+  return c;
 }
 
 void ModelConfig::checkLowRank(int rank) const {

@@ -2,6 +2,7 @@
 #pragma once
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include <nlohmann/json.hpp>
 
@@ -32,6 +33,9 @@ struct ModelConfig {
   double norm_eps = 1e-5;
   bool tie_embeddings = true;
   int bos_token_id = -1;
+  // Ids that end generation: eos_token_id (a number or a list) of generation_config.json, else
+  // of config.json; empty when neither names one.
+  std::vector<int> eos_token_ids;
   // OPT
   bool pre_layer_norm = true;      // do_layer_norm_before
   bool final_layer_norm = true;    // OPT has one only when pre-LN (and not removed)

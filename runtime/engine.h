@@ -40,6 +40,14 @@ class Engine {
   virtual std::vector<double> decodeBatch(const int* tokens, const int* positions, const int* targets) {
     return step(tokens, positions, 1, 0, 1, targets);
   }
+  // Generation: runs T new tokens as step() does and returns the logits of the last one over the
+  // whole vocabulary (vocab_size floats, float32), the same on every rank of the group.
+  virtual std::vector<float> stepLogits(const int* tokens, const int* positions, int T) = 0;
+  // One new token for each of the batch's sequences as decodeBatch() does; the logits of each,
+  // (batch, vocab_size).
+  virtual std::vector<float> decodeBatchLogits(const int* tokens, const int* positions) {
+    return stepLogits(tokens, positions, 1);
+  }
   // Seconds this rank's device spent inside tensor-parallel collectives so far (0 where not measured:
   // the CPU backend, or the CUDA engine unless asked to, GpuOptions::time_collectives).
   virtual double collectiveSeconds() const { return 0; }

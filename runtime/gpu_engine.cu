@@ -326,6 +326,27 @@ class GpuEngine : public Engine {
 
   std::vector<double> step(const int* tokens, const int* positions, int rows, int from, int count,
                            const int* targets) override {
+    advance(tokens, positions, rows);
+    return head(from, count, targets);
+  }
+  std::vector<float> stepLogits(const int* tokens, const int* positions, int rows) override {
+    advance(tokens, positions, rows);
+    return headLogits(rows - 1, 1);
+  }
+  std::vector<double> decodeBatch(const int* tokens, const int* positions, const int* targets) override {
+    advanceBatch(tokens, positions);
+    return head(0, int(seqs_.size()), targets);
+  }
+  std::vector<float> decodeBatchLogits(const int* tokens, const int* positions) override {
+    advanceBatch(tokens, positions);
+    return headLogits(0, int(seqs_.size()));
+  }
+
+  double collectiveSeconds() const override { return collectives_.seconds(); }
+
+ private:
+  // `rows` new tokens of the current sequence through the model and into its cache.
+  void advance(const int* tokens, const int* positions, int rows) {
     checkTokens(c_, tokens, positions, rows);
     Sequence& s = seq();
     // The policy scores by attention: several tokens go through the prefill path, which leaves
@@ -357,10 +378,10 @@ class GpuEngine : public Engine {
     }
     run(tokens, positions, Shape{rows, many, observe, false});
     cached(s, rows);
-    return head(from, count, targets);
   }
 
-  std::vector<double> decodeBatch(const int* tokens, const int* positions, const int* targets) override {
+  // One new token of each of the batch's sequences through the model and into its cache.
+  void advanceBatch(const int* tokens, const int* positions) {
     const int B = int(seqs_.size());
     checkTokens(c_, tokens, positions, B);
     int need = 0;
@@ -375,12 +396,8 @@ class GpuEngine : public Engine {
     for (int b = 0; b < B; ++b) admit(seqs_[b], positions + b, 1);
     run(tokens, positions, Shape{B, false, false, true});
     for (auto& s : seqs_) cached(s, 1);
-    return head(0, B, targets);
   }
 
-  double collectiveSeconds() const override { return collectives_.seconds(); }
-
- private:
   static constexpr int kMaxBatch = 256;
   static constexpr int kMaxFewRows = 8;  // a step of more rows goes through the prefill attention
   // What a step runs: `rows` new tokens of the current sequence, or (batch) one token of each
@@ -607,6 +624,37 @@ class GpuEngine : public Engine {
       collectives_.collect();
       return {};
     }
+    auto out = logprobs(finalRows(from, count), count, targets);  // ends with a copy to the host: the step is complete
+    collectives_.collect();
+    return out;
+  }
+  // The logits of hidden rows from .. from + count - 1 over the whole vocabulary, (count, vocab):
+  // each rank's slice gathered over the group.
+  std::vector<float> headLogits(int from, int count) {
+    const int P = c_.word_embed_proj_dim, V = part_.vocab(), slot = vocabSlot(c_, part_.tp);
+    const T* hidden = finalRows(from, count);
+    const T* head = lm_head_.size() ? lm_head_.get() : embed_.get();
+    float* logits = grow(logits_, size_t(count) * slot * (part_.tp + 1));
+    float* all = logits + size_t(count) * slot;  // every rank's rows, in rank order
+    cuda::gemm(blas_, hidden, count, P, head, V, nullptr, logits, false);
+    std::vector<float> host(size_t(count) * slot * part_.tp);
+    if (part_.tp == 1) {
+      KVTP_CUDA_CHECK(cudaMemcpy(host.data(), logits, sizeof(float) * count * V, cudaMemcpyDeviceToHost));
+      collectives_.collect();
+      return host;
+    }
+    // Rows of V into rows of `slot`, the same layout on every rank, then gathered.
+    KVTP_CUDA_CHECK(cudaMemcpy2D(all, slot * sizeof(float), logits, V * sizeof(float), V * sizeof(float), count,
+                                 cudaMemcpyDeviceToDevice));
+    KVTP_CUDA_CHECK(cudaMemcpy(logits, all, sizeof(float) * count * slot, cudaMemcpyDeviceToDevice));
+    timed([&] { group_->allGather(logits, sizeof(float) * count * slot, all); });
+    KVTP_CUDA_CHECK(cudaMemcpy(host.data(), all, sizeof(float) * host.size(), cudaMemcpyDeviceToHost));
+    collectives_.collect();
+    return joinVocabSlices(c_, part_.tp, host.data(), count, slot);
+  }
+  // Hidden rows from .. from + count - 1 of the step just run, final-normed (and projected) into
+  // the head's input (type T).
+  const T* finalRows(int from, int count) {
     const int H = c_.hidden, P = c_.word_embed_proj_dim;
     const float eps = float(c_.norm_eps);
     T* xn = xn_.get();
@@ -619,9 +667,7 @@ class GpuEngine : public Engine {
       cuda::gemm(blas_, xn, count, H, project_out_.get(), P, nullptr, e, false);
       cuda::convert(e, int64_t(count) * P, xn);
     }
-    auto out = logprobs(xn, count, targets);  // ends with a copy to the host: the step is complete
-    collectives_.collect();
-    return out;
+    return xn;
   }
 
   void allReduce(float* data, size_t n) {

@@ -241,4 +241,15 @@ std::vector<double> Model::logprobs(const std::vector<float>& hidden, const int*
   return out;
 }
 
+std::vector<float> Model::logits(const float* hidden, int T) const {
+  const int P = config_.word_embed_proj_dim, V = part_.vocab(), slot = vocabSlot(config_, part_.tp);
+  std::vector<float> local(size_t(T) * V);
+  k::linear(hidden, T, P, weights_.head().data(), V, nullptr, local.data());
+  if (part_.tp == 1) return local;
+  std::vector<float> mine(size_t(T) * slot), all(size_t(T) * slot * part_.tp);
+  for (int t = 0; t < T; ++t) std::copy_n(local.begin() + int64_t(t) * V, V, mine.begin() + int64_t(t) * slot);
+  group_->allGather(mine.data(), mine.size() * sizeof(float), all.data());
+  return joinVocabSlices(config_, part_.tp, all.data(), T, slot);
+}
+
 }  // namespace kvtp

@@ -46,6 +46,9 @@ class Model {
   // log p(targets[t] | prefix) from hidden row t, in float64; the logits are made a few rows at a
   // time so that a 50k-256k vocabulary never needs a (T, vocab) buffer.
   std::vector<double> logprobs(const std::vector<float>& hidden, const int* targets, int T) const;
+  // The logits of `T` hidden rows over the whole vocabulary, (T, vocab_size), the same on every
+  // rank (each computes its vocabulary slice; the slices are gathered): what generation samples.
+  std::vector<float> logits(const float* hidden, int T) const;
 
  private:
   void attention(int layer, const float* x_norm, const int* positions, int T, kv::KVCache& cache, float* out,

@@ -1,5 +1,7 @@
 #include "runtime/partition.h"
 
+#include <algorithm>
+
 #include "runtime/error.h"
 
 namespace kvtp {
@@ -61,6 +63,16 @@ Slice shardSlice(const std::string& name, const std::vector<int64_t>& shape, con
   if (endsWith(name, "embed_tokens.weight") || name == "lm_head.weight") return rows(p.vocab_begin, p.vocab_end);
   (void)shape;
   return {};  // norms, positions, project_in/out: replicated
+}
+
+std::vector<float> joinVocabSlices(const ModelConfig& c, int tp, const float* gathered, int rows, int slot) {
+  std::vector<float> out(size_t(rows) * c.vocab_size);
+  for (int r = 0; r < tp; ++r) {
+    const auto [begin, end] = evenRange(c.vocab_size, r, tp);
+    for (int i = 0; i < rows; ++i)
+      std::copy_n(gathered + (size_t(r) * rows + i) * slot, end - begin, out.begin() + int64_t(i) * c.vocab_size + begin);
+  }
+  return out;
 }
 
 kv::HeadLayout headLayout(const ModelConfig& c, const Partition& p) {

@@ -32,6 +32,12 @@ struct Partition {
   int kvHeadOf(int i, const ModelConfig& c) const { return (q_head_begin + i) / (c.heads / c.kv_heads) - kv_head_begin; }
 };
 
+// Full-vocabulary rows from every rank's slice: `gathered` holds tp blocks (rank order) of `rows`
+// rows of `slot` floats (vocabSlot: room for the largest slice), rank r's logits of its vocabulary
+// range first in each row. Returns (rows, vocab_size), the same on every rank.
+std::vector<float> joinVocabSlices(const ModelConfig& c, int tp, const float* gathered, int rows, int slot);
+inline int vocabSlot(const ModelConfig& c, int tp) { return (c.vocab_size + tp - 1) / tp; }
+
 // Where this rank's KV heads sit among the model's, for the KV policy (kv/policy.h).
 kv::HeadLayout headLayout(const ModelConfig& c, const Partition& p);
 

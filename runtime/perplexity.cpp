@@ -71,6 +71,10 @@ class CpuEngine : public Engine {
     const std::vector<float> rows(hidden.begin() + int64_t(from) * P, hidden.begin() + int64_t(from + count) * P);
     return model_.logprobs(rows, targets, count);
   }
+  std::vector<float> stepLogits(const int* tokens, const int* positions, int T) override {
+    const auto hidden = model_.forward(tokens, positions, T, cache_, policy_.spec().needsAttention() ? &attention_ : nullptr);
+    return model_.logits(hidden.data() + int64_t(T - 1) * model_.config().word_embed_proj_dim, 1);
+  }
   void compress(int last_pos, bool prefill) override { policy_.afterStep(cache_, attention_, last_pos, prefill); }
   bool compresses() const override { return policy_.spec().compresses(); }
   kv::KvBytes kvBytes(int tokens_seen) const override { return policy_.bytes(cache_, tokens_seen); }

@@ -6,8 +6,7 @@
 
 #include "runtime/dataset.h"
 #include "runtime/error.h"
-#include "runtime/gpu_engine.h"
-#include "runtime/presets.h"
+#include "runtime/job_model.h"
 #include "runtime/tokenizer.h"
 
 namespace kvtp {
@@ -51,38 +50,13 @@ PplResult assemble(const std::vector<Window>& windows, const std::vector<double>
   return r;
 }
 
-// The model as this rank runs it: on the CPU a Model holding its weights; for the GPU only its
-// config, partition and where its weights come from (uploaded a layer at a time).
-struct Prepared {
-  ModelConfig config;
-  Partition part;
-  std::unique_ptr<Model> model;  // --device cpu
-  WeightSource weights;          // --device cuda
-};
-
 // Loads the model (or opens its checkpoint) and cuts the input into windows: everything that
 // can fail on one rank alone.
-void prepare(const PplJob& job, comm::Communicator* group, Prepared& m, PplJobResult& out,
+void prepare(const PplJob& job, comm::Communicator* group, JobModel& m, PplJobResult& out,
              std::vector<Window>& windows, int& sequences) {
-  const bool gpu = job.device == "cuda";
-  if (!job.model_dir.empty()) {
-    m.config = loadConfig(job.model_dir);
-    out.model = job.model_dir;
-  } else {
-    m.config = syntheticConfig(job.synthetic);
-    if (job.layers > 0) m.config.layers = job.layers;
-    // RoPE has no position table: a synthetic Llama may score windows past its config's context
-    // (as kvtp bench does), e.g. Llama-2-70B's shape at 8k.
-    if (m.config.family == Family::Llama) m.config.max_positions = std::max(m.config.max_positions, job.seq_len);
-    out.model = "synthetic:" + job.synthetic;
-  }
+  m = openJobModel({job.model_dir, job.synthetic, job.seed, job.layers}, job.device == "cuda", job.seq_len, group);
+  out.model = m.name;
   const ModelConfig& c = m.config;
-  m.part = group ? Partition::make(c, group->rank(), group->size()) : Partition::make(c, 0, 1);
-  if (gpu) {
-    m.weights = job.model_dir.empty() ? syntheticSource(c, m.part, job.seed) : checkpointSource(c, m.part, job.model_dir);
-  } else {
-    m.model = job.model_dir.empty() ? Model::synthetic(c, job.seed, group) : Model::load(job.model_dir, group);
-  }
   out.seq_len = std::min(job.seq_len, c.max_positions);
 
   if (!job.data.empty()) {
@@ -135,17 +109,15 @@ PplJobResult runPplJob(const PplJob& job, const comm::Topology* topo, const Prog
   if (gpu) checkGpuCompression(spec);
 
   comm::Communicator* group = topo ? topo->group.get() : nullptr;
-  Prepared m;
+  JobModel m;
   PplJobResult out;
   std::vector<Window> windows;
   int sequences = 0;
   // Loading and tokenizing fail per rank (a file missing on one node): all ranks agree on the
   // outcome before the first collective of the forward pass, so none waits for a dead one.
   std::string local_error;
-  int device = 0;
   try {
     prepare(job, group, m, out, windows, sequences);
-    if (gpu) device = localDevice();
   } catch (const std::exception& e) {
     local_error = e.what();
   }
@@ -181,22 +153,8 @@ PplJobResult runPplJob(const PplJob& job, const comm::Topology* topo, const Prog
     plan("memory plan per rank (tp " + std::to_string(out.tp) + ", dp " + std::to_string(out.dp) + ", " + job.device +
          " " + precisionName(dtype) + "): weights " + mib(out.weight_bytes) + ", KV cache " + mib(out.kv_plan_bytes) +
          " at " + std::to_string(longest) + " tokens (uncompressed)");
-  std::unique_ptr<comm::Communicator> device_group;  // NCCL, for the CUDA engine at tp > 1
-  std::unique_ptr<Engine> engine;
-  if (gpu) {
-    if (out.tp > 1) device_group = makeDeviceGroup(*group, device);
-    local_error.clear();
-    try {  // a rank out of GPU memory must not leave the others waiting in a collective
-      engine = makeGpuEngine(c, m.part, m.weights, {dtype, device, device_group.get(), spec, group, job.time_collectives});
-    } catch (const std::exception& e) {
-      local_error = e.what();
-    }
-    if (topo) comm::agreeOrThrow(*topo->world, local_error);
-    else if (!local_error.empty()) throw Error(local_error);
-  } else {
-    engine = makeCpuEngine(*m.model, &spec);
-  }
-  PplResult local = scoreWindows(*engine, mine, sequences, job.mode, progress, job.prefill, job.batch);
+  const JobEngine engine = startJobEngine(m, spec, gpu, dtype, job.time_collectives, topo);
+  PplResult local = scoreWindows(*engine.engine, mine, sequences, job.mode, progress, job.prefill, job.batch);
   // KV bytes and collective seconds per rank of the group (largest over the data-parallel groups).
   const int tp = out.tp, grank = group ? group->rank() : 0;
   auto perRank = [&](auto value) {  // every rank's value, in group rank order
@@ -209,7 +167,7 @@ PplJobResult runPplJob(const PplJob& job, const comm::Topology* topo, const Prog
   out.kv_bytes_full = perRank(local.kv_bytes_full);
   out.kv_bytes_steady = perRank(local.kv_bytes_steady);
   out.device_bytes_peak = perRank(gpu ? deviceBytesPeak() : 0);
-  out.collective_seconds = perRank(engine->collectiveSeconds());
+  out.collective_seconds = perRank(engine.engine->collectiveSeconds());
   if (out.dp == 1) {
     out.result = std::move(local);
     return out;

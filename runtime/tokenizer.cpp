@@ -8,6 +8,7 @@
 #include <fstream>
 #include <limits>
 #include <map>
+#include <set>
 #include <unordered_map>
 
 #include <nlohmann/json.hpp>
@@ -116,12 +117,19 @@ std::vector<std::string> byteToUnicode() {
 // Byte-level BPE: regex pre-split, bytes mapped to GPT-2's unicode alphabet, merges by rank.
 class ByteLevelBpe : public Tokenizer {
  public:
+  // `added`: tokens matched verbatim before the split; `special`: the ids decode leaves out.
   ByteLevelBpe(std::unordered_map<std::string, int> vocab, const std::vector<std::pair<std::string, std::string>>& merges,
-               const std::string& pattern, std::vector<std::string> added, bool ignore_merges, std::string kind)
+               const std::string& pattern, std::vector<std::string> added, std::vector<int> special, bool ignore_merges,
+               std::string kind)
       : vocab_(std::move(vocab)), splitter_(pattern), bytes_(byteToUnicode()), added_(std::move(added)),
         ignore_merges_(ignore_merges), kind_(std::move(kind)) {
     for (size_t i = 0; i < merges.size(); ++i) ranks_.emplace(merges[i].first + ' ' + merges[i].second, int(i));
     for (auto& [tok, id] : vocab_) max_id_ = std::max(max_id_, id);
+    tokens_.resize(size_t(max_id_ + 1));
+    for (auto& [tok, id] : vocab_) tokens_[size_t(id)] = tok;
+    for (int b = 0; b < 256; ++b) byte_of_.emplace(bytes_[b], char(b));
+    for (const auto& a : added_) verbatim_.insert(vocab_.at(a));
+    special_.insert(special.begin(), special.end());
   }
   void setBos(int id, bool add) {
     bos_id_ = id;
@@ -133,6 +141,26 @@ class ByteLevelBpe : public Tokenizer {
   }
   int vocabSize() const override { return max_id_ + 1; }
   std::string kind() const override { return kind_; }
+
+  std::string decode(const std::vector<int>& ids) const override {
+    std::string text;
+    for (int id : ids) {
+      if (id < 0 || id > max_id_ || special_.count(id) || tokens_[size_t(id)].empty()) continue;
+      const std::string& token = tokens_[size_t(id)];
+      if (verbatim_.count(id)) {
+        text += token;
+        continue;
+      }
+      // Each symbol is one byte in GPT-2's printable alphabet (1 or 2 UTF-8 bytes).
+      for (size_t i = 0; i < token.size();) {
+        const size_t n = (static_cast<unsigned char>(token[i]) & 0xE0) == 0xC0 ? 2 : 1;
+        auto b = byte_of_.find(token.substr(i, n));
+        if (b != byte_of_.end()) text += b->second;
+        i += n;
+      }
+    }
+    return text;
+  }
 
   std::vector<int> encodeText(const std::string& text) const override {
     std::vector<int> ids;
@@ -215,6 +243,9 @@ class ByteLevelBpe : public Tokenizer {
   bool ignore_merges_;
   std::string kind_;
   int max_id_ = -1;
+  std::vector<std::string> tokens_;               // by id
+  std::unordered_map<std::string, char> byte_of_;  // GPT-2's alphabet back to bytes
+  std::set<int> verbatim_, special_;               // added tokens; those decode leaves out
   mutable std::unordered_map<std::string, std::vector<int>> cache_;  // not thread-safe
 };
 
@@ -233,6 +264,14 @@ class SentencePiece : public Tokenizer {
     return ids;
   }
   int vocabSize() const override { return sp_.GetPieceSize(); }
+  std::string decode(const std::vector<int>& ids) const override {
+    std::vector<int> known;  // SentencePiece drops control ids (BOS, EOS) itself
+    for (int id : ids)
+      if (id >= 0 && id < sp_.GetPieceSize()) known.push_back(id);
+    std::string text;
+    if (const auto st = sp_.Decode(known, &text); !st.ok()) throw Error("SentencePiece failed to decode: " + st.ToString());
+    return text;
+  }
   std::string kind() const override { return "sentencepiece"; }
 
  private:
@@ -254,9 +293,11 @@ std::unique_ptr<Tokenizer> loadGpt2(const fs::path& dir, const json& cfg) {
     merges.emplace_back(line.substr(0, sp), line.substr(sp + 1));
   }
   std::vector<std::string> specials;
+  std::vector<int> special_ids;
   for (const char* k : {"bos_token", "eos_token", "unk_token", "pad_token"})
-    if (auto s = tokenString(cfg, k); !s.empty() && vocab.count(s)) specials.push_back(s);
-  auto tok = std::make_unique<ByteLevelBpe>(std::move(vocab), merges, kGpt2Pattern, specials, false, "gpt2-bpe");
+    if (auto s = tokenString(cfg, k); !s.empty() && vocab.count(s)) specials.push_back(s), special_ids.push_back(vocab[s]);
+  auto tok = std::make_unique<ByteLevelBpe>(std::move(vocab), merges, kGpt2Pattern, specials, special_ids, false,
+                                            "gpt2-bpe");
   tok->setBos(tok->idOf(tokenString(cfg, "bos_token")), cfg.value("add_bos_token", false));
   return tok;
 }
@@ -327,12 +368,14 @@ std::unique_ptr<Tokenizer> loadTokenizerJson(const fs::path& path, const json& c
     }
   }
   std::vector<std::string> added;
+  std::vector<int> special;
   for (auto& a : j["added_tokens"]) {
     added.push_back(a["content"].get<std::string>());
     vocab[added.back()] = a["id"].get<int>();
+    if (a.value("special", false)) special.push_back(a["id"].get<int>());
   }
   auto tok = std::make_unique<ByteLevelBpe>(std::move(vocab), merges, preTokenizerPattern(j["pre_tokenizer"]), added,
-                                            m.value("ignore_merges", false), "tokenizer.json-bpe");
+                                            special, m.value("ignore_merges", false), "tokenizer.json-bpe");
   const int bos = templateBos(j["post_processor"]);
   if (bos >= 0) tok->setBos(bos, true);
   else tok->setBos(tok->idOf(tokenString(cfg, "bos_token")), cfg.value("add_bos_token", false));

@@ -16,6 +16,10 @@ class Tokenizer {
   // Ids of the text alone, no special tokens added.
   virtual std::vector<int> encodeText(const std::string& text) const = 0;
   virtual int vocabSize() const = 0;
+  // The text of `ids` with special tokens (BOS, EOS, padding) left out, as transformers'
+  // decode(ids, skip_special_tokens=True) gives it (without its clean_up_tokenization_spaces).
+  // Byte-level tokens may end inside a UTF-8 character: the bytes are returned as they are.
+  virtual std::string decode(const std::vector<int>& ids) const = 0;
   // Ids as the model's tokenizer gives them by default (BOS first when configured).
   std::vector<int> encode(const std::string& text) const;
   int bosId() const { return bos_id_; }

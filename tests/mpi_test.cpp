@@ -71,6 +71,28 @@ INSTANTIATE_TEST_SUITE_P(Fixtures, TensorParallel,
                                            "llama-sharded-bf16"),
                          [](const auto& info) { return test::paramName(info.param); });
 
+// Every rank samples the same token (one seed, one decision): greedy, sampled and under a KV
+// budget shared by all ranks, tp 2 and 4 (replicated KV heads) generate what one process does.
+TEST(TensorParallelGenerate, Tp2And4GenerateWhatTp1Generates) {
+  const std::string dir = test::fixture("models/llama3-gqa");
+  for (const std::string opts : {"", " --temperature 0.9 --top-k 50 --seed 11", " --kv h2o:budget=0.5,recent=4"}) {
+    auto ids = [&](int np) {
+      const auto r = test::run((np ? mpirun(np) : std::string()) + test::kvtpBinary() + " generate --model " + dir +
+                               " --prompt 'the first prompt' --prompt 'and a second one' --max-new-tokens 24"
+                               " --ignore-eos --json" + opts + " | tail -1");
+      EXPECT_EQ(r.status, 0) << r.err;
+      const auto result = nlohmann::json::parse(r.out);
+      nlohmann::json out = nlohmann::json::array();
+      for (auto& s : result["sequences"]) out.push_back(s["ids"]);
+      return out;
+    };
+    const auto tp1 = ids(0);
+    ASSERT_EQ(tp1.size(), 2u);
+    EXPECT_EQ(tp1[0].size(), 24u);
+    for (int np : {2, 4}) EXPECT_EQ(ids(np), tp1) << "np " << np << opts;
+  }
+}
+
 TEST(TensorParallelDecode, Tp2DecodeMatchesTp1Prefill) {
   const std::string dir = test::fixture("models/llama3-gqa");
   const std::string args = "--model " + dir + " --input-ids " + dir + "/input_ids.txt";
