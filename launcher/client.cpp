@@ -33,6 +33,7 @@ void Client::check(const grpc::Status& st, const char* what) const {
 int waitFor(Client& c, const std::string& id, bool json, bool quiet) {
   ProgressBar bar(!quiet);
   v1::Job last;
+  std::string streamed;  // a one-prompt generation job's text, printed as it arrives
   for (int reconnects = 0; !isFinal(last.state()); ++reconnects) {
     auto ctx = callContext(c.token, std::chrono::hours(24 * 365));
     v1::WatchJobRequest req;
@@ -50,6 +51,10 @@ int waitFor(Client& c, const std::string& id, bool json, bool quiet) {
       pr.nll = p.tokens_done() ? std::log(std::max(p.running_ppl(), 1e-300)) * double(p.tokens_done()) : 0;
       pr.seconds = p.seconds();
       if (j.state() == v1::RUNNING && p.windows_total()) bar.update(pr);
+      if (!json && p.texts_size() == 1 && p.texts(0).size() > streamed.size() && p.texts(0).starts_with(streamed)) {
+        std::cout << p.texts(0).substr(streamed.size()) << std::flush;
+        streamed = p.texts(0);
+      }
     }
     const auto st = reader->Finish();
     if (isFinal(last.state())) break;
@@ -60,6 +65,17 @@ int waitFor(Client& c, const std::string& id, bool json, bool quiet) {
   if (last.state() == v1::SUCCEEDED) {
     if (json) {
       std::cout << last.result_json() << std::endl;
+    } else if (last.has_generate()) {
+      const auto r = nlohmann::json::parse(last.result_json());
+      const auto& seqs = r["sequences"];
+      for (size_t i = 0; i < seqs.size(); ++i) {
+        const std::string text = seqs[i]["text"];
+        if (seqs.size() == 1 && text.starts_with(streamed)) std::cout << text.substr(streamed.size()) << "\n";
+        else std::cout << (seqs.size() > 1 ? "--- " + std::to_string(i + 1) + " ---\n" : "") << text << "\n";
+      }
+      std::fprintf(stderr, "%s: %lld new tokens (%s, tp %d, %.2f s, %.1f tok/s)\n", last.id().c_str(),
+                   (long long)r["new_tokens"].get<int64_t>(), last.worker().c_str(), r.value("tp", 1),
+                   r["seconds"].get<double>(), r["tokens_per_second"].get<double>());
     } else {
       const auto r = nlohmann::json::parse(last.result_json());
       std::printf("%s: ppl %.4f  over %lld tokens  (%s, tp %d, %.1f s, %.0f tok/s)\n", last.id().c_str(),

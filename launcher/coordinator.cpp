@@ -94,6 +94,57 @@ std::string checkResult(const v1::Job& j, int group_tp, const std::string& text,
   return "";
 }
 
+// Why a worker's result for generation job j cannot be stored ("" if it can): it must be the
+// `kvtp generate --json` object of that job, run by a group of `group_tp` ranks.
+std::string checkGeneration(const v1::Job& j, int group_tp, const std::string& text) {
+  nlohmann::json r;
+  try {
+    r = nlohmann::json::parse(text);
+  } catch (const std::exception& e) {
+    return std::string("not JSON (") + e.what() + ")";
+  }
+  if (!r.is_object()) return "not a JSON object";
+  for (const char* key : {"sequences", "new_tokens", "model", "device", "kv", "tp"})
+    if (!r.contains(key)) return std::string("no '") + key + "'";
+  if (!r["sequences"].is_array() || r["sequences"].empty() || !r["new_tokens"].is_number_integer() ||
+      !r["tp"].is_number_integer())
+    return "sequences, new_tokens or tp has the wrong type";
+  const v1::GenerateRequest& q = j.generate();
+  const int64_t most = q.max_new_tokens() ? q.max_new_tokens() : 64;
+  int64_t summed = 0;
+  for (const auto& s : r["sequences"]) {
+    if (!s.is_object() || !s.contains("ids") || !s["ids"].is_array() || !s.contains("text") || !s["text"].is_string() ||
+        !s.contains("finish") || !s["finish"].is_string())
+      return "a sequence lacks ids, text or finish";
+    for (const auto& id : s["ids"])
+      if (!id.is_number_integer() || id.get<int64_t>() < 0) return "a sequence's ids are not token ids";
+    const std::string finish = s["finish"];
+    if (finish != "length" && finish != "eos" && finish != "stop" && finish != "context")
+      return "finish '" + finish.substr(0, 32) + "' is not length, eos, stop or context";
+    if (int64_t(s["ids"].size()) > most || s["ids"].empty())
+      return "a sequence has " + std::to_string(s["ids"].size()) + " new ids (1 to " + std::to_string(most) + " asked)";
+    summed += int64_t(s["ids"].size());
+  }
+  if (summed != r["new_tokens"].get<int64_t>()) return "the sequences' ids do not add up to new_tokens";
+  const std::string model = q.model().empty() ? "synthetic:" + q.synthetic() : q.model();
+  const std::string device = q.device().empty() ? "cpu" : q.device();
+  std::string kv;
+  try {
+    kv = kv::parsePolicy(q.kv(), q.kv_quant(), q.kv_lowrank()).describe();
+  } catch (const std::exception&) {
+  }
+  const std::pair<const char*, std::string> same[] = {{"model", model}, {"device", device}, {"kv", kv}};
+  for (auto& [key, want] : same)
+    if (r[key] != want) return std::string(key) + " " + r[key].dump() + " is not the job's (\"" + want + "\")";
+  const int tp = r["tp"].get<int>();
+  if ((q.tp() && tp != q.tp()) || (group_tp && tp != group_tp))
+    return "tp " + std::to_string(tp) + " is not the worker group's (" + std::to_string(group_tp) + ")";
+  return "";
+}
+
+// The tensor-parallel size a job asks for (0: any group).
+int jobTp(const v1::Job& j) { return j.has_generate() ? j.generate().tp() : j.request().tp(); }
+
 // All coordinator state behind one mutex; every change bumps `version_` and wakes waiters
 // (long-polling workers, watching clients).
 class State {
@@ -110,11 +161,19 @@ class State {
     next_seq_ = store_.lastSequence() + 1;
   }
 
-  Status submit(const Caller& who, const v1::PplRequest& req, v1::Job* out) {
-    v1::PplRequest resolved = req;
-    if (Status s = validate(resolved); !s.ok()) return s;
+  Status submit(const Caller& who, const v1::SubmitJobRequest& req, v1::Job* out) {
+    if (req.has_ppl() == req.has_generate())
+      return {StatusCode::INVALID_ARGUMENT, "give exactly one of ppl and generate"};
+    v1::Job j;
+    if (req.has_ppl()) {
+      *j.mutable_request() = req.ppl();
+      if (Status s = validate(*j.mutable_request()); !s.ok()) return s;
+    } else {
+      *j.mutable_generate() = req.generate();
+      if (Status s = validate(*j.mutable_generate()); !s.ok()) return s;
+    }
     std::lock_guard<std::mutex> lk(mu_);
-    *out = queue(who, resolved, "", "");
+    *out = queue(who, std::move(j), "", "");
     return Status::OK;
   }
 
@@ -122,17 +181,19 @@ class State {
   Status submitSweep(const Caller& who, const v1::SubmitSweepRequest& req, v1::JobArray* out) {
     if (req.runs_size() < 1 || req.runs_size() > 1000)
       return {StatusCode::INVALID_ARGUMENT, "a sweep needs 1 to 1000 runs (has " + std::to_string(req.runs_size()) + ")"};
-    std::vector<v1::PplRequest> runs;
+    std::vector<v1::Job> runs;
     for (const auto& run : req.runs()) {
-      v1::PplRequest r = req.base();
+      v1::Job j;
+      v1::PplRequest& r = *j.mutable_request() = req.base();
       r.set_kv(run.kv()), r.set_kv_quant(run.kv_quant()), r.set_mode("decode");
       if (Status s = validate(r); !s.ok())
         return {s.error_code(), "run '" + run.label().substr(0, 200) + "': " + s.error_message()};
-      runs.push_back(r);
+      runs.push_back(std::move(j));
     }
     std::lock_guard<std::mutex> lk(mu_);
     out->set_array_id("array-" + std::to_string(next_array_++));
-    for (size_t i = 0; i < runs.size(); ++i) *out->add_jobs() = queue(who, runs[i], out->array_id(), req.runs(i).label());
+    for (size_t i = 0; i < runs.size(); ++i)
+      *out->add_jobs() = queue(who, std::move(runs[i]), out->array_id(), req.runs(i).label());
     return Status::OK;
   }
 
@@ -258,7 +319,7 @@ class State {
       w->second.last_seen = Clock::now();
       v1::Job* pick = nullptr;  // the oldest queued job this group can run
       for (auto& [id, j] : jobs_)
-        if (j.state() == v1::QUEUED && (!j.request().tp() || j.request().tp() == w->second.info.tp()) &&
+        if (j.state() == v1::QUEUED && (!jobTp(j) || jobTp(j) == w->second.info.tp()) &&
             (!pick || j.created_unix_ms() < pick->created_unix_ms() ||
              (j.created_unix_ms() == pick->created_unix_ms() && id.size() < pick->id().size())))
           pick = &j;
@@ -303,7 +364,9 @@ class State {
     if (r.state() == v1::SUCCEEDED) {
       const auto w = workers_.find(r.worker_id());
       double ppl = 0;
-      const std::string wrong = checkResult(j, w == workers_.end() ? 0 : w->second.info.tp(), r.result_json(), &ppl);
+      const int group_tp = w == workers_.end() ? 0 : w->second.info.tp();
+      const std::string wrong = j.has_generate() ? checkGeneration(j, group_tp, r.result_json())
+                                                 : checkResult(j, group_tp, r.result_json(), &ppl);
       if (wrong.empty()) {
         j.set_result_json(r.result_json());
         j.set_ppl(ppl);
@@ -376,15 +439,13 @@ class State {
     j.clear_worker();
   }
 
-  // A new queued job (caller holds mu_).
-  v1::Job queue(const Caller& who, const v1::PplRequest& resolved, const std::string& array_id, const std::string& label) {
-    v1::Job j;
+  // A new queued job, `j` holding its validated request (caller holds mu_).
+  v1::Job queue(const Caller& who, v1::Job j, const std::string& array_id, const std::string& label) {
     j.set_id("job-" + std::to_string(next_seq_++));
     j.set_state(v1::QUEUED);
     j.set_owner(who.name);
     j.set_array_id(array_id);
     j.set_label(label);
-    *j.mutable_request() = resolved;
     j.set_created_unix_ms(nowMs());
     changed(j);
     return j;
@@ -420,6 +481,14 @@ class State {
     return Status::OK;
   }
 
+  // A model folder under the data root, or a synthetic preset's name (or a config.json under it).
+  Status resolveModel(std::string* model, std::string* synthetic) {
+    if (!model->empty()) return resolve(model, "model");
+    const auto names = presetNames();
+    if (std::find(names.begin(), names.end(), *synthetic) != names.end()) return Status::OK;
+    return resolve(synthetic, "synthetic config");
+  }
+
   Status validate(v1::PplRequest& r) {
     auto bad = [](const std::string& m) { return Status(StatusCode::INVALID_ARGUMENT, m); };
     if (r.model().empty() == r.synthetic().empty()) return bad("give exactly one of model and synthetic");
@@ -445,15 +514,45 @@ class State {
     } catch (const std::invalid_argument& e) {
       return bad(e.what());
     }
-    if (!r.model().empty()) {
-      if (Status s = resolve(r.mutable_model(), "model"); !s.ok()) return s;
-    } else {
-      const auto names = presetNames();
-      if (std::find(names.begin(), names.end(), r.synthetic()) == names.end())
-        if (Status s = resolve(r.mutable_synthetic(), "synthetic config"); !s.ok()) return s;
-    }
+    if (Status s = resolveModel(r.mutable_model(), r.mutable_synthetic()); !s.ok()) return s;
     if (!r.data().empty())
       if (Status s = resolve(r.mutable_data(), "data"); !s.ok()) return s;
+    if (!r.input_ids().empty())
+      if (Status s = resolve(r.mutable_input_ids(), "input_ids"); !s.ok()) return s;
+    return Status::OK;
+  }
+
+  Status validate(v1::GenerateRequest& r) {
+    auto bad = [](const std::string& m) { return Status(StatusCode::INVALID_ARGUMENT, m); };
+    if (r.model().empty() == r.synthetic().empty()) return bad("give exactly one of model and synthetic");
+    const bool texts = r.prompts_size() > 0 || !r.prompts_file().empty();
+    if (texts == !r.input_ids().empty()) return bad("give the prompts as text (prompts, prompts_file) or as input_ids");
+    if (!r.synthetic().empty() && texts) return bad("synthetic weights have no tokenizer: use input_ids");
+    if (r.prompts_size() > 1000) return bad("at most 1000 prompts (use prompts_file for more)");
+    for (const auto& p : r.prompts())
+      if (p.size() > (1 << 20)) return bad("a prompt is longer than 1 MiB");
+    if (r.stop_size() > 16) return bad("at most 16 stop strings");
+    for (const auto& s : r.stop())
+      if (s.empty() || s.size() > 1024) return bad("a stop string must have 1 to 1024 bytes");
+    if (r.max_new_tokens() < 0 || r.max_new_tokens() > (1 << 20)) return bad("max_new_tokens must be in [0, 1048576]");
+    if (!(r.temperature() >= 0) || !std::isfinite(r.temperature())) return bad("temperature must be 0 or positive");
+    if (r.top_k() < 0) return bad("top_k must not be negative");
+    if (!(r.top_p() >= 0 && r.top_p() <= 1)) return bad("top_p must be in [0, 1]");
+    if (r.layers() < 0) return bad("negative count");
+    if (r.tp() < 0 || r.tp() > 65536) return bad("tp must be in [0, 65536]");
+    if (r.batch() < 0 || r.batch() > 256) return bad("batch must be in [0, 256]");
+    if (r.batch() > 1 && r.device() != "cuda") return bad("batch > 1 generates several prompts together: set device to cuda");
+    if (!r.device().empty() && r.device() != "cpu" && r.device() != "cuda") return bad("device must be cpu or cuda");
+    if (!r.dtype().empty() && r.dtype() != "fp32" && r.dtype() != "fp16" && r.dtype() != "bf16")
+      return bad("dtype must be fp32, fp16 or bf16");
+    try {
+      kv::parsePolicy(r.kv(), r.kv_quant(), r.kv_lowrank());
+    } catch (const std::invalid_argument& e) {
+      return bad(e.what());
+    }
+    if (Status s = resolveModel(r.mutable_model(), r.mutable_synthetic()); !s.ok()) return s;
+    if (!r.prompts_file().empty())
+      if (Status s = resolve(r.mutable_prompts_file(), "prompts_file"); !s.ok()) return s;
     if (!r.input_ids().empty())
       if (Status s = resolve(r.mutable_input_ids(), "input_ids"); !s.ok()) return s;
     return Status::OK;
@@ -487,7 +586,7 @@ class CoordinatorService final : public v1::Coordinator::Service {
   Status SubmitJob(ServerContext* ctx, const v1::SubmitJobRequest* req, v1::Job* out) override {
     Caller who;
     if (Status a = clientAtLeast(creds_, ctx, Role::Submit, &who); !a.ok()) return a;
-    return s_.submit(who, req->ppl(), out);
+    return s_.submit(who, *req, out);
   }
   Status GetJob(ServerContext* ctx, const v1::GetJobRequest* req, v1::Job* out) override {
     Caller who;

@@ -144,6 +144,75 @@ PplJob fromRequest(const v1::PplRequest& r) {
   return j;
 }
 
+std::string validUtf8(const std::string& s) {
+  std::string out;
+  for (size_t i = 0; i < s.size();) {
+    const auto c = static_cast<unsigned char>(s[i]);
+    const size_t n = c < 0x80 ? 1 : (c >> 5) == 0x6 ? 2 : (c >> 4) == 0xE ? 3 : (c >> 3) == 0x1E ? 4 : 0;
+    bool ok = n > 0 && i + n <= s.size();
+    for (size_t k = 1; ok && k < n; ++k) ok = (static_cast<unsigned char>(s[i + k]) & 0xC0) == 0x80;
+    if (ok && n > 1) {  // no overlong forms, surrogates or code points past U+10FFFF
+      uint32_t cp = c & (0x7F >> n);
+      for (size_t k = 1; k < n; ++k) cp = (cp << 6) | (static_cast<unsigned char>(s[i + k]) & 0x3F);
+      ok = cp >= (n == 2 ? 0x80u : n == 3 ? 0x800u : 0x10000u) && cp <= 0x10FFFF && (cp < 0xD800 || cp > 0xDFFF);
+    }
+    if (ok) out.append(s, i, n), i += n;
+    else out += "\xEF\xBF\xBD", i += 1;
+  }
+  return out;
+}
+
+v1::GenerateRequest toRequest(const GenerateJob& j, int tp) {
+  v1::GenerateRequest r;
+  r.set_model(j.model_dir);
+  r.set_synthetic(j.synthetic);
+  r.set_weights_seed(j.seed);
+  r.set_layers(j.layers);
+  for (const auto& p : j.prompts) r.add_prompts(p);
+  r.set_prompts_file(j.prompts_file);
+  r.set_input_ids(j.input_ids);
+  r.set_max_new_tokens(j.max_new_tokens);
+  r.set_temperature(j.sampling.temperature);
+  r.set_top_k(j.sampling.top_k);
+  r.set_top_p(j.sampling.top_p);
+  r.set_seed(j.sampling.seed);
+  for (const auto& s : j.stop) r.add_stop(s);
+  r.set_ignore_eos(j.ignore_eos);
+  r.set_kv(j.kv);
+  r.set_kv_quant(j.kv_quant);
+  r.set_kv_lowrank(j.kv_lowrank);
+  r.set_batch(j.batch);
+  r.set_device(j.device);
+  r.set_dtype(j.dtype);
+  r.set_tp(tp);
+  return r;
+}
+
+GenerateJob fromRequest(const v1::GenerateRequest& r) {
+  GenerateJob j;
+  j.model_dir = r.model();
+  j.synthetic = r.synthetic();
+  j.seed = r.weights_seed();
+  j.layers = r.layers();
+  j.prompts.assign(r.prompts().begin(), r.prompts().end());
+  j.prompts_file = r.prompts_file();
+  j.input_ids = r.input_ids();
+  if (r.max_new_tokens()) j.max_new_tokens = r.max_new_tokens();
+  j.sampling.temperature = r.temperature();
+  j.sampling.top_k = r.top_k();
+  if (r.top_p()) j.sampling.top_p = r.top_p();
+  j.sampling.seed = r.seed();
+  j.stop.assign(r.stop().begin(), r.stop().end());
+  j.ignore_eos = r.ignore_eos();
+  j.kv = r.kv();
+  j.kv_quant = r.kv_quant();
+  j.kv_lowrank = r.kv_lowrank();
+  if (r.batch()) j.batch = r.batch();
+  if (!r.device().empty()) j.device = r.device();
+  j.dtype = r.dtype();
+  return j;
+}
+
 const char* stateName(v1::JobState s) {
   switch (s) {
     case v1::QUEUED: return "QUEUED";

@@ -1,10 +1,11 @@
-// kvtp coordinator | worker | submit ppl|sweep | jobs | watch | cancel: the gRPC control plane.
+// kvtp coordinator | worker | submit ppl|generate|sweep | jobs | watch | cancel: the gRPC control plane.
 #include <cstdio>
 #include <iostream>
 
 #include "launcher/client.h"
 #include "launcher/commands.h"
 #include "launcher/coordinator.h"
+#include "launcher/generate_options.h"
 #include "launcher/grpc_common.h"
 #include "launcher/ppl_options.h"
 #include "launcher/sweep.h"
@@ -77,6 +78,33 @@ void addServiceCommands(CLI::App& app) {
     });
   }
   {
+    auto* cmd = submit->add_subcommand("generate", "a generation job (the options of kvtp generate)");
+    struct Args {
+      ClientOptions client;
+      GenerateOptions gen;
+      bool wait = false, json = false, quiet = false;
+    };
+    auto a = std::make_shared<Args>();
+    addClientOptions(cmd, a->client);
+    addGenerateOptions(cmd, a->gen);
+    cmd->add_flag("--wait", a->wait, "follow the job to its end (a single prompt's text as it comes) and print the text");
+    cmd->add_flag("--json", a->json, "with --wait: print the result as kvtp generate --json ends");
+    cmd->add_flag("--quiet", a->quiet, "no progress");
+    cmd->callback([a] {
+      Client c(a->client);
+      v1::SubmitJobRequest req;
+      *req.mutable_generate() = toRequest(a->gen.job, a->gen.tp);
+      v1::Job job;
+      c.check(c.stub->SubmitJob(callContext(c.token, c.deadline).get(), req, &job), "SubmitJob");
+      if (!a->wait) {
+        std::printf("%s\n", job.id().c_str());
+        return;
+      }
+      if (!a->quiet) std::fprintf(stderr, "submitted %s\n", job.id().c_str());
+      if (const int rc = waitFor(c, job.id(), a->json, a->quiet)) std::exit(rc);
+    });
+  }
+  {
     auto* cmd = submit->add_subcommand("sweep", "a sweep as a job array (the options of kvtp sweep)");
     struct Args {
       ClientOptions client;
@@ -127,7 +155,8 @@ void addServiceCommands(CLI::App& app) {
         if (*json) {
           std::cout << nlohmann::json{{"id", j.id()},         {"state", stateName(j.state())}, {"ppl", j.ppl()},
                                       {"worker", j.worker()}, {"attempts", j.attempts()},        {"error", j.error()},
-                                      {"owner", j.owner()},   {"array_id", j.array_id()},        {"label", j.label()}}
+                                      {"owner", j.owner()},   {"array_id", j.array_id()},        {"label", j.label()},
+                                      {"kind", j.has_generate() ? "generate" : "ppl"}}
                            .dump()
                     << "\n";
         } else {

@@ -6,6 +6,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdio>
+#include <functional>
 #include <mutex>
 #include <thread>
 
@@ -87,18 +88,11 @@ class Link {
 
   // Returns true if the job should stop (cancelled or no longer ours). A coordinator that cannot
   // be reached does not stop the job.
-  bool progress(const std::string& job, const Progress& p) {
+  bool progress(const std::string& job, const v1::Progress& p) {
     v1::ProgressReport r;
     r.set_worker_id(id());
     r.set_job_id(job);
-    auto* q = r.mutable_progress();
-    q->set_windows_done(p.windows_done);
-    q->set_windows_total(p.windows_total);
-    q->set_tokens_done(p.tokens_done);
-    q->set_tokens_total(p.tokens_total);
-    q->set_running_ppl(p.tokens_done ? std::exp(p.nll / double(p.tokens_done)) : 0.0);
-    q->set_tokens_per_second(p.seconds > 0 ? double(p.tokens_done) / p.seconds : 0.0);
-    q->set_seconds(p.seconds);
+    *r.mutable_progress() = p;
     v1::ProgressAck ack;
     const auto st = stub_->ReportProgress(callContext(token_, 5s).get(), r, &ack);
     return st.ok() && ack.cancel();
@@ -144,6 +138,18 @@ class Link {
   std::string id_, job_;
   int heartbeat_ms_ = 1000;
 };
+
+v1::Progress toProto(const Progress& p) {
+  v1::Progress q;
+  q.set_windows_done(p.windows_done);
+  q.set_windows_total(p.windows_total);
+  q.set_tokens_done(p.tokens_done);
+  q.set_tokens_total(p.tokens_total);
+  q.set_running_ppl(p.tokens_done ? std::exp(p.nll / double(p.tokens_done)) : 0.0);
+  q.set_tokens_per_second(p.seconds > 0 ? double(p.tokens_done) / p.seconds : 0.0);
+  q.set_seconds(p.seconds);
+  return q;
+}
 
 // Rank 0 -> group: the next job (serialized), or a stop message (size -1).
 v1::Job receiveJob(comm::Communicator& group, const v1::Job* job, bool* stop) {
@@ -203,15 +209,17 @@ int runWorker(const WorkerOptions& o) {
     if (stop) break;
 
     bool handed_back = false, cancel = false;
+    const auto started = std::chrono::steady_clock::now();
     double last_report = -1;
-    auto progress = [&](const Progress& p) {
-      // Every rank reaches each progress point; rank 0 decides and tells the others. It reports
-      // at most 4 times a second (and at the last window), keeping the last answer in between.
+    // Every rank reaches each progress point; rank 0 reports (at most 4 times a second, and at
+    // `last`), decides and tells the others, keeping the last answer in between.
+    auto checkpoint = [&](const std::function<v1::Progress()>& report, bool last) {
       uint8_t halt = 0;
       if (lead) {
-        if (p.seconds - last_report >= 0.25 || p.windows_done == p.windows_total) {
-          cancel = link->progress(job.id(), p);
-          last_report = p.seconds;
+        const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+        if (seconds - last_report >= 0.25 || last) {
+          cancel = link->progress(job.id(), report());
+          last_report = seconds;
         }
         halt = cancel ? 1 : (g_stop ? 2 : 0);
       }
@@ -220,9 +228,36 @@ int runWorker(const WorkerOptions& o) {
       if (halt) throw Cancelled();
     };
     try {
-      const PplJob pj = fromRequest(job.request());
-      const PplJobResult r = runPplJob(pj, &topo, progress);
-      if (lead) link->result(job.id(), v1::SUCCEEDED, toJson(pj, r).dump(), "");
+      std::string result;
+      if (job.has_generate()) {
+        const GenerateJob gj = fromRequest(job.generate());
+        std::vector<std::string> texts;  // each prompt's streamed text so far
+        int64_t tokens = 0;
+        const GenerateJobResult r = runGenerateJob(gj, &topo, [&](int sequence, int, const std::string& text) {
+          if (size_t(sequence) >= texts.size()) texts.resize(size_t(sequence) + 1);
+          texts[size_t(sequence)] += text;
+          ++tokens;
+          checkpoint(
+              [&] {
+                v1::Progress p;
+                const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+                p.set_tokens_done(tokens);
+                p.set_seconds(seconds);
+                p.set_tokens_per_second(seconds > 0 ? double(tokens) / seconds : 0.0);
+                for (const auto& t : texts) p.add_texts(validUtf8(t));
+                return p;
+              },
+              false);
+        });
+        result = toJson(gj, r).dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+      } else {
+        const PplJob pj = fromRequest(job.request());
+        const PplJobResult r = runPplJob(pj, &topo, [&](const Progress& p) {
+          checkpoint([&] { return toProto(p); }, p.windows_done == p.windows_total);
+        });
+        result = toJson(pj, r).dump();
+      }
+      if (lead) link->result(job.id(), v1::SUCCEEDED, result, "");
     } catch (const Cancelled&) {
       if (lead) link->result(job.id(), handed_back ? v1::QUEUED : v1::CANCELLED, "", handed_back ? "worker stopped" : "");
     } catch (const std::exception& e) {

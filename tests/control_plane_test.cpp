@@ -495,6 +495,101 @@ TEST_F(ControlPlane, CancelStopsARunningJobOnAllRanks) {
   EXPECT_EQ(waitFinal(submit(smallJob()).id()).state(), v1::SUCCEEDED);  // the group is free again
 }
 
+// A generation job over gRPC: the same ids and text as `kvtp generate` here (tp 2 on the worker),
+// the text arriving in its progress as it is generated, cancel stopping it within a step, and a
+// result that is not this job's generation rejected.
+TEST_F(ControlPlane, GenerationOverGrpcEqualsLocalAndStreamsItsText) {
+  startWorkers(2);
+  const std::string args = "--model models/kvtp-llama-2m --prompt 'The city council' --prompt 'Rain fell' "
+                           "--max-new-tokens 24 --temperature 0.7 --seed 4 --kv h2o:budget=0.5";
+  const auto remote = test::run(test::kvtpBinary() + " submit generate --coordinator " + address() + " --token-file " +
+                                (dir_ / "token") + " --wait --quiet --json " + args);
+  ASSERT_EQ(remote.status, 0) << remote.err;
+  const auto local = test::run(test::kvtpBinary() + " generate --json " + args + " | tail -1");
+  ASSERT_EQ(local.status, 0) << local.err;
+  const auto r = nlohmann::json::parse(remote.out), l = nlohmann::json::parse(local.out);
+  EXPECT_EQ(r["tp"], 2);
+  ASSERT_EQ(r["sequences"].size(), 2u);
+  for (int i = 0; i < 2; ++i) {
+    EXPECT_EQ(r["sequences"][i]["ids"], l["sequences"][i]["ids"]) << i;
+    EXPECT_EQ(r["sequences"][i]["text"], l["sequences"][i]["text"]) << i;
+  }
+
+  // Progress carries the text so far; a long generation is cancelled within a step.
+  v1::SubmitJobRequest req;
+  v1::GenerateRequest& g = *req.mutable_generate();
+  g.set_model("models/kvtp-llama-2m");
+  for (int i = 0; i < 200; ++i) g.add_prompts("Once upon a time " + std::to_string(i));  // minutes of work
+  g.set_max_new_tokens(900);
+  g.set_ignore_eos(true);
+  g.set_kv("h2o:budget=0.3");
+  v1::Job job;
+  ASSERT_TRUE(stub_->SubmitJob(callContext(token_, 10s).get(), req, &job).ok());
+  const v1::Job seen = waitUntil(job.id(), [](const v1::Job& j) { return j.progress().tokens_done() >= 20; }, 60s);
+  ASSERT_EQ(seen.state(), v1::RUNNING);
+  ASSERT_GE(seen.progress().texts_size(), 1);
+  EXPECT_FALSE(seen.progress().texts(0).empty());
+  v1::CancelJobRequest cancel;
+  cancel.set_id(job.id());
+  v1::Job cancelled;
+  ASSERT_TRUE(stub_->CancelJob(callContext(token_, 10s).get(), cancel, &cancelled).ok());
+  EXPECT_EQ(waitFinal(job.id(), 30s).state(), v1::CANCELLED);
+
+  // A request with both kinds, or none, is refused.
+  *req.mutable_ppl() = smallJob();
+  ASSERT_EQ(stub_->SubmitJob(callContext(token_, 10s).get(), req, &job).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  req.clear_ppl();
+  req.mutable_generate()->set_top_p(2);
+  const auto st = stub_->SubmitJob(callContext(token_, 10s).get(), req, &job);
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(st.error_message().find("top_p"), std::string::npos) << st.error_message();
+}
+
+TEST_F(ControlPlane, ForgedGenerationResultsFailTheJob) {
+  auto worker = v1::WorkerApi::NewStub(launcher::makeChannel(address(), ""));
+  v1::RegisterRequest reg;
+  reg.set_tp(1);
+  reg.set_host("forger");
+  v1::RegisterResponse me;
+  ASSERT_TRUE(worker->Register(callContext(worker_token_, 10s).get(), reg, &me).ok());
+  const std::string model = std::filesystem::canonical("models/kvtp-opt-3m").string();
+  const auto good = [&] {
+    return nlohmann::json{{"sequences", {{{"ids", {5, 6, 7}}, {"text", "abc"}, {"finish", "length"}}}},
+                          {"new_tokens", 3}, {"model", model}, {"device", "cpu"}, {"kv", "full"}, {"tp", 1}};
+  };
+  std::vector<std::pair<std::string, std::string>> forged = {
+      {"{", "not JSON"},
+      {[&] { auto r = good(); r["sequences"][0]["ids"] = {1, 2, 3, 4, 5}; r["new_tokens"] = 5; return r.dump(); }(),
+       "new ids (1 to 4 asked)"},
+      {[&] { auto r = good(); r["new_tokens"] = 4; return r.dump(); }(), "do not add up"},
+      {[&] { auto r = good(); r["sequences"][0]["finish"] = "tired"; return r.dump(); }(), "is not length"},
+      {[&] { auto r = good(); r["kv"] = "h2o:budget=0.1"; return r.dump(); }(), "kv \"h2o"},
+      {good().dump(), ""}};
+  for (auto& [result, says] : forged) {
+    v1::SubmitJobRequest req;
+    req.mutable_generate()->set_model("models/kvtp-opt-3m");
+    req.mutable_generate()->add_prompts("hello");
+    req.mutable_generate()->set_max_new_tokens(4);
+    v1::Job job;
+    ASSERT_TRUE(stub_->SubmitJob(callContext(token_, 10s).get(), req, &job).ok());
+    ASSERT_EQ(fetchAs(*worker, me.worker_id()), job.id());
+    v1::ResultReport report;
+    report.set_worker_id(me.worker_id());
+    report.set_job_id(job.id());
+    report.set_state(v1::SUCCEEDED);
+    report.set_result_json(result);
+    v1::ResultAck ra;
+    ASSERT_TRUE(worker->ReportResult(callContext(worker_token_, 10s).get(), report, &ra).ok());
+    const v1::Job j = get(job.id());
+    if (says.empty()) {
+      EXPECT_EQ(j.state(), v1::SUCCEEDED) << j.error();
+      continue;
+    }
+    EXPECT_EQ(j.state(), v1::FAILED) << result;
+    EXPECT_NE(j.error().find(says), std::string::npos) << j.error();
+  }
+}
+
 TEST_F(ControlPlane, RestartedCoordinatorLosesNothing) {
   startWorkers(2);
   const v1::Job finished = waitFinal(submit(smallJob()).id());
