@@ -6,6 +6,7 @@ namespace kvtp::launcher {
 
 void addPplCommand(CLI::App& app);
 void addGenerateCommand(CLI::App& app);
+void addPasskeyCommand(CLI::App& app);
 void addBenchCommand(CLI::App& app);
 void addSweepCommand(CLI::App& app);
 void addServiceCommands(CLI::App& app);  // coordinator, worker, submit, jobs, watch, cancel

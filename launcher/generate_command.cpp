@@ -51,10 +51,11 @@ void addGenerateCommand(CLI::App& app) {
       std::cout << "\n";
       std::fprintf(stderr, "[%zu new tokens, finish: %s]\n", g.ids.size(), g.finish.c_str());
     }
-    std::fprintf(stderr, "%lld new tokens in %.2f s (%.1f tok/s), %s %s, tp %d, KV cache %s: peak %.1f%% of full fp16\n",
-                 (long long)r.new_tokens, r.seconds, r.seconds > 0 ? r.new_tokens / r.seconds : 0.0, j.device.c_str(),
-                 j.resolvedDtype().c_str(), r.tp, r.kv.c_str(),
-                 r.kv_bytes_full ? 100.0 * r.kv_bytes_peak / r.kv_bytes_full : 0.0);
+    const double full = double(std::max<int64_t>(r.kv_bytes_full, 1));
+    std::fprintf(stderr, "%lld new tokens in %.2f s (%.1f tok/s), %s %s, tp %d, KV cache %s: held %.1f%%, peak %.1f%% "
+                 "of the full fp16 cache\n", (long long)r.new_tokens, r.seconds, r.seconds > 0 ? r.new_tokens / r.seconds : 0.0,
+                 j.device.c_str(), j.resolvedDtype().c_str(), r.tp, r.kv.c_str(), 100.0 * r.kv_bytes_steady / full,
+                 100.0 * r.kv_bytes_peak / full);
   });
 }
 

@@ -10,6 +10,7 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
   kvtp::launcher::addPplCommand(app);
   kvtp::launcher::addGenerateCommand(app);
+  kvtp::launcher::addPasskeyCommand(app);
   kvtp::launcher::addBenchCommand(app);
   kvtp::launcher::addSweepCommand(app);
   kvtp::launcher::addServiceCommands(app);

@@ -6,6 +6,7 @@
 #include <fstream>
 #include <sstream>
 
+#include "launcher/gnuplot.h"
 #include "runtime/error.h"
 
 namespace kvtp::launcher {
@@ -26,13 +27,6 @@ std::string number(T v) {
   std::ostringstream o;
   o << v;
   return o.str();
-}
-
-// A gnuplot single-quoted string: a quote inside is doubled.
-std::string gnuplotString(const std::string& s) {
-  std::string out = "'";
-  for (char c : s) out += c == '\'' ? std::string("''") : std::string(1, c);
-  return out + "'";
 }
 
 }  // namespace
@@ -113,9 +107,7 @@ void SweepFiles::finish() {
     gp << (i ? ", \\\n     " : " ") << "$run" << i << " using 1:2 with linespoints title " << gnuplotString(labels[i]);
   gp << "\n";
   gp.close();
-  std::string script;  // the path in single quotes for the shell, a quote inside as '\''
-  for (char c : prefix_ + ".gp") script += c == '\'' ? std::string("'\\''") : std::string(1, c);
-  if (std::system(("gnuplot '" + script + "' 2>/dev/null").c_str()) == 0)
+  if (runGnuplot(prefix_ + ".gp"))
     std::printf("wrote %s.csv and %s.png\n", prefix_.c_str(), prefix_.c_str());
   else
     std::printf("wrote %s.csv (no PNG: gnuplot failed or is missing)\n", prefix_.c_str());

@@ -140,6 +140,7 @@ std::vector<Generated> generate(Engine& engine, int max_positions, const Tokeniz
     engine.useSequence(b);
     if (compresses) account(last_pos + 1);
     engine.compress(last_pos, prefill);
+    if (compresses) local.kv_bytes_steady = std::max(local.kv_bytes_steady, engine.kvBytes(last_pos + 1).stored);
   };
 
   std::vector<Generated> out(prompts.size());
@@ -200,6 +201,7 @@ std::vector<Generated> generate(Engine& engine, int max_positions, const Tokeniz
       if (!compresses) {
         engine.useSequence(b);
         account(int(r.g.prompt.size() + r.g.ids.size()) - 1);  // every token fed to the model
+        local.kv_bytes_steady = local.kv_bytes_peak;
       }
       local.new_tokens += int64_t(r.g.ids.size());
       out[size_t(r.index)] = std::move(r.g);

@@ -51,7 +51,9 @@ using TokenFn = std::function<void(int sequence, int id, const std::string& text
 struct GenerateStats {
   int64_t new_tokens = 0;
   double seconds = 0;
-  int64_t kv_bytes_peak = 0, kv_bytes_full = 0;  // this rank, as a perplexity job counts them
+  // This rank, as a perplexity job counts them: the most the cache held (a prompt before its
+  // compression), the uncompressed cache of the longest sequence, and the most held between steps.
+  int64_t kv_bytes_peak = 0, kv_bytes_full = 0, kv_bytes_steady = 0;
 };
 
 // Generates for every prompt (each at least one token, shorter than the model's context), up to

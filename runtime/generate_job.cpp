@@ -80,13 +80,13 @@ GenerateJobResult runGenerateJob(const GenerateJob& job, const comm::Topology* t
   GenerateStats stats;
   out.sequences = generate(*engine.engine, m.config.max_positions, tokenizer.get(), prompts, job.sampling, stop,
                            job.batch, on_token, &stats);
-  double totals[2] = {double(stats.kv_bytes_peak), double(stats.kv_bytes_full)};
+  double totals[3] = {double(stats.kv_bytes_peak), double(stats.kv_bytes_full), double(stats.kv_bytes_steady)};
   out.seconds = stats.seconds;
   if (topo) {
-    topo->world->allReduceSum(totals, 2);
+    topo->world->allReduceSum(totals, 3);
     topo->world->allReduceMax(&out.seconds, 1);
   }
-  out.kv_bytes_peak = int64_t(totals[0]), out.kv_bytes_full = int64_t(totals[1]);
+  out.kv_bytes_peak = int64_t(totals[0]), out.kv_bytes_full = int64_t(totals[1]), out.kv_bytes_steady = int64_t(totals[2]);
   out.new_tokens = stats.new_tokens;
   return out;
 }
@@ -112,7 +112,9 @@ nlohmann::json toJson(const GenerateJob& job, const GenerateJobResult& r) {
           {"max_new_tokens", job.max_new_tokens},
           {"kv_bytes_peak", r.kv_bytes_peak},
           {"kv_bytes_full", r.kv_bytes_full},
-          {"kv_ratio", r.kv_bytes_full ? double(r.kv_bytes_peak) / double(r.kv_bytes_full) : 0.0}};
+          {"kv_ratio", r.kv_bytes_full ? double(r.kv_bytes_peak) / double(r.kv_bytes_full) : 0.0},
+          {"kv_bytes_steady", r.kv_bytes_steady},
+          {"kv_steady_ratio", r.kv_bytes_full ? double(r.kv_bytes_steady) / double(r.kv_bytes_full) : 0.0}};
 }
 
 }  // namespace kvtp

@@ -36,7 +36,7 @@ struct GenerateJobResult {
   int tp = 1;
   double seconds = 0;
   int64_t new_tokens = 0;
-  int64_t kv_bytes_peak = 0, kv_bytes_full = 0;  // summed over the group's ranks
+  int64_t kv_bytes_peak = 0, kv_bytes_full = 0, kv_bytes_steady = 0;  // summed over the group's ranks
 };
 
 // Runs the job on every rank of `topology` (null: this process alone), the tensor-parallel group
@@ -46,7 +46,8 @@ GenerateJobResult runGenerateJob(const GenerateJob& job, const comm::Topology* t
                                  const TokenFn& on_token = {});
 
 // The result as `kvtp generate --json` ends it: {"sequences": [{prompt_tokens, ids, text, finish}],
-// new_tokens, seconds, tokens_per_second, model, kv, tp, device, dtype, kv_bytes_peak, kv_bytes_full}.
+// new_tokens, seconds, tokens_per_second, model, kv, tp, device, dtype, kv_bytes_peak, kv_bytes_full,
+// kv_ratio, kv_bytes_steady, kv_steady_ratio}.
 nlohmann::json toJson(const GenerateJob& job, const GenerateJobResult& r);
 
 }  // namespace kvtp

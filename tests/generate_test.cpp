@@ -9,6 +9,8 @@
 #include "runtime/generate.h"
 #include "runtime/generate_job.h"
 #include "runtime/model.h"
+#include "runtime/passkey.h"
+#include "runtime/dataset.h"
 #include "test_util.h"
 
 namespace kvtp {
@@ -214,6 +216,73 @@ TEST(Tokenizer, DecodeInvertsEncodeWithoutSpecialTokens) {
     const std::string text = "Hello world, caf\xc3\xa9 123 -- the end.";
     EXPECT_EQ(tok->decode(tok->encode(text)), text) << dir;  // the BOS (where added) left out
   }
+}
+
+TEST(Passkey, MatchesScoreAsTheBenchmarkDefinesThem) {
+  EXPECT_EQ(passkeyExactMatch("1234567", "The pass key is 1234567. Remember"), 1.0);
+  EXPECT_EQ(passkeyExactMatch("1234567", "123 4567"), 0.0);
+  EXPECT_EQ(passkeyExactMatch("1234567", "1234567"), 1.0);
+  EXPECT_DOUBLE_EQ(passkeyPartialMatch("1234567", "xx12345yy"), 5.0 / 7);
+  EXPECT_DOUBLE_EQ(passkeyPartialMatch("1234567", "7 then 4567"), 4.0 / 7);
+  EXPECT_EQ(passkeyPartialMatch("1234567", ""), 0.0);
+  EXPECT_EQ(passkeyPartialMatch("1234567", "1234567"), 1.0);
+}
+
+TEST(Passkey, PromptsHideTheKeyAtItsDepthWithinTheirLength) {
+  const auto tok = loadTokenizer("models/kvtp-llama-2m");
+  const auto docs = readDocuments("data/c4/c4-heldout-200.json.gz", 40);
+  PasskeyGrid grid;
+  grid.lengths = {200, 400};
+  grid.depths = 3, grid.trials = 2, grid.seed = 9;
+  const auto cases = passkeyCases(*tok, docs, grid);
+  ASSERT_EQ(cases.size(), 12u);
+  const std::string question = "\nWhat is the pass key? The pass key is ";
+  for (const auto& c : cases) {
+    EXPECT_EQ(c.key.size(), 7u);
+    EXPECT_EQ(c.key.find_first_not_of("0123456789"), std::string::npos);
+    EXPECT_LE(c.prompt_tokens, c.length);
+    EXPECT_GE(c.prompt_tokens, c.length - 40);  // as many background words as fit
+    EXPECT_EQ(int(tok->encode(c.prompt).size()), c.prompt_tokens);
+    const std::string target = "The pass key is " + c.key + ". Remember it. " + c.key + " is the pass key.";
+    const size_t at = c.prompt.find(target), question_at = c.prompt.size() - question.size();
+    ASSERT_NE(at, std::string::npos);
+    EXPECT_EQ(c.prompt.substr(question_at), question);
+    const size_t instruction_end = c.prompt.find("there.\n") + 7;
+    // Depth 0: right after the instruction; 1: right before the question; 0.5: about halfway.
+    if (c.depth == 0) EXPECT_EQ(at, instruction_end);
+    if (c.depth == 1) EXPECT_EQ(at + target.size(), question_at);
+    if (c.depth == 0.5) {
+      const double share = double(at - instruction_end) / double(question_at - instruction_end - target.size());
+      EXPECT_NEAR(share, 0.5, 0.1);
+    }
+  }
+  EXPECT_NE(cases[0].key, cases[1].key);           // trials draw different keys
+  EXPECT_EQ(passkeyCases(*tok, docs, grid)[5].key, cases[5].key);  // the seed fixes them
+  grid.lengths = {20};
+  EXPECT_HAS(test::errorOf([&] { passkeyCases(*tok, docs, grid); }), "cannot hold");
+  grid.lengths = {900};
+  EXPECT_HAS(test::errorOf([&] { passkeyCases(*tok, {"only a few words here"}, grid); }), "too few words");
+}
+
+TEST(Passkey, CommandWritesTheTableCsvJsonAndHeatMap) {
+  test::TempDir d;
+  const auto r = test::run(test::kvtpBinary() + " passkey --model models/kvtp-llama-2m --lengths 128,256 --depths 2 "
+                           "--trials 1 --kv h2o:budget=0.5 --quiet --json --out " + (d / "pk"));
+  ASSERT_EQ(r.status, 0) << r.err;
+  const auto summary = nlohmann::json::parse(r.out);
+  EXPECT_EQ(summary["cases"], 4);
+  EXPECT_EQ(summary["kv"], "h2o:budget=0.5,sinks=4,recent=16,scope=global");
+  EXPECT_LT(summary["kv_steady_ratio"].get<double>(), 0.6);  // held after each prompt's compression
+  EXPECT_GT(summary["kv_ratio"].get<double>(), 0.9);         // the prompt before it
+  const auto file = test::readJsonFile(d / "pk.json");
+  ASSERT_EQ(file["cases"].size(), 4u);
+  for (const auto& c : file["cases"])  // each score is the definition's, from the stored answer
+    EXPECT_DOUBLE_EQ(c["partial_match"].get<double>(), passkeyPartialMatch(c["key"], c["answer"]));
+  std::ifstream csv(d / "pk.csv");
+  int lines = 0;
+  for (std::string line; std::getline(csv, line);) ++lines;
+  EXPECT_EQ(lines, 5);
+  if (!test::run("command -v gnuplot").out.empty()) EXPECT_TRUE(std::filesystem::exists(d / "pk.png"));
 }
 
 TEST(GenerateJob, CheckedBeforeAnyWork) {
