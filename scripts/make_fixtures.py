@@ -7,6 +7,7 @@ is enough). Deterministic for a given library version: seeds are fixed.
 
     python3 scripts/make_fixtures.py --out tests/fixtures --c4 data/c4/c4-train-1800.json.gz
     python3 scripts/make_fixtures.py --torch-copies tests/fixtures   # PyTorch .bin copies only
+    python3 scripts/make_fixtures.py --generation-references tests/fixtures models/kvtp-llama-2m models/kvtp-opt-3m
 """
 import argparse
 import gzip
@@ -221,12 +222,49 @@ def torch_copies(fixtures):
               sorted(os.listdir(dst)))
 
 
+GENERATION_PROMPTS = ["The city council met on Tuesday to", "In the beginning", "Prices rose sharply after"]
+GENERATION_NEW_TOKENS = 24
+
+
+def generation_references(folders):
+    """generate_reference.json in each model folder: transformers' greedy generate() (float64,
+    eager) from a few prompts, stopping at the model's EOS as kvtp does, with each step's margin
+    between the two most likely tokens (where it is tiny, float32 may pick the other one)."""
+    for folder in folders:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float64, attn_implementation="eager").eval()
+        tok = AutoTokenizer.from_pretrained(folder)
+        seqs = []
+        for text in GENERATION_PROMPTS:
+            ids = tok(text, return_tensors="pt").input_ids
+            with torch.no_grad():
+                out = model.generate(ids, max_new_tokens=GENERATION_NEW_TOKENS, do_sample=False, output_scores=True,
+                                     return_dict_in_generate=True, pad_token_id=tok.pad_token_id or 0)
+            new = out.sequences[0, ids.shape[1]:]
+            margins = [float(s[0].topk(2).values[0] - s[0].topk(2).values[1]) for s in out.scores]
+            seqs.append({"prompt": text, "prompt_ids": ids[0].tolist(), "ids": new.tolist(),
+                         "text": tok.decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=False),
+                         "margins": margins})
+        write_json(os.path.join(folder, "generate_reference.json"), {
+            "generator": f"transformers {transformers.__version__}, torch {torch.__version__}, float64, eager, "
+                         "generate(do_sample=False)",
+            "max_new_tokens": GENERATION_NEW_TOKENS, "sequences": seqs})
+        print(folder, [len(s["ids"]) for s in seqs])
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="tests/fixtures")
     ap.add_argument("--c4", default="data/c4/c4-train-1800.json.gz")
     ap.add_argument("--torch-copies", metavar="FIXTURES", help="only write FIXTURES/torch/ (PyTorch .bin copies)")
+    ap.add_argument("--generation-references", nargs="+", metavar="FOLDER",
+                    help="only write generate_reference.json in these model folders (tests/fixtures: each model)")
     args = ap.parse_args()
+    if args.generation_references:
+        folders = []
+        for f in args.generation_references:
+            models = os.path.join(f, "models")
+            folders += [os.path.join(models, n) for n in sorted(os.listdir(models))] if os.path.isdir(models) else [f]
+        return generation_references(folders)
     if args.torch_copies:
         return torch_copies(args.torch_copies)
     torch.manual_seed(0)

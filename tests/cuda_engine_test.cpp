@@ -340,6 +340,28 @@ TEST(CudaEngine, CompressedCacheIsRefusedClearly) {
 // With SnapKV's global budget, settled over the host group, the ranks keep the same tokens as tp 1
 // (the same log-probs); likewise the per-step methods, decided on the device with their
 // histograms summed over NCCL (H2O over an int8 cache, Scissorhands per layer, StreamingLLM).
+// kvtp generate on the GPU: greedy ids equal the CPU's (fp32), a batch of prompts generates what
+// they do one at a time, and sampling with a seed is the CPU's too; under a KV budget as well.
+TEST(CudaEngine, GenerationMatchesTheCpuAndBatchesDoNotChangeIt) {
+  REQUIRE_GPUS(1);
+  for (const std::string opts : {"", " --kv h2o:budget=0.5", " --kv-quant int8", " --temperature 0.8 --seed 3"}) {
+    const std::string base = test::kvtpBinary() +
+                             " generate --model models/kvtp-llama-2m --prompt 'The city council' --prompt 'Rain fell on'"
+                             " --prompt 'In 1990, the' --max-new-tokens 32 --ignore-eos --json" + opts;
+    auto ids = [&](const std::string& extra) {
+      const auto r = test::run(base + extra + " | tail -1");
+      EXPECT_EQ(r.status, 0) << r.err;
+      nlohmann::json out = nlohmann::json::array();
+      const auto result = nlohmann::json::parse(r.out);
+      for (const auto& seq : result["sequences"]) out.push_back(seq["ids"]);
+      return out;
+    };
+    const auto cpu = ids("");
+    EXPECT_EQ(ids(" --device cuda --dtype fp32"), cpu) << opts;
+    EXPECT_EQ(ids(" --device cuda --dtype fp32 --batch 3"), cpu) << opts;
+  }
+}
+
 TEST(CudaEngine, TensorParallelTwoGpusMatchesOne) {
   REQUIRE_GPUS(2);
   for (const std::string args :
@@ -351,7 +373,21 @@ TEST(CudaEngine, TensorParallelTwoGpusMatchesOne) {
         " ppl --model models/kvtp-llama-2m --data data/c4/c4-heldout-200.json.gz --seq-len 256 --max-windows 2"
         " --mode decode --prefill 192 --kv scissorhands:budget=0.3,scope=layer",
         " ppl --model models/kvtp-llama-2m --data data/c4/c4-heldout-200.json.gz --seq-len 256 --max-windows 2"
-        " --mode decode --prefill 64 --kv streamingllm:budget=0.2"}) {
+        " --mode decode --prefill 64 --kv streamingllm:budget=0.2",
+        " generate --model models/kvtp-llama-2m --prompt 'The city council' --max-new-tokens 32 --ignore-eos"
+        " --kv h2o:budget=0.5 --temperature 0.8 --seed 3"}) {
+    if (args.starts_with(" generate")) {  // every rank draws the same tokens: the ids of one GPU
+      const std::string cmd = args + " --device cuda --dtype fp32 --json | tail -1";
+      const auto one = test::run(test::kvtpBinary() + cmd);
+      const auto two = test::run("mpirun --allow-run-as-root --oversubscribe -np 2 -x LD_LIBRARY_PATH -x NCCL_NVLS_ENABLE=0 " +
+                                 test::kvtpBinary() + args + " --device cuda --dtype fp32 --json --tp 2 | tail -1");
+      ASSERT_EQ(one.status, 0) << one.err;
+      ASSERT_EQ(two.status, 0) << two.err;
+      const auto a = nlohmann::json::parse(one.out), b = nlohmann::json::parse(two.out);
+      EXPECT_EQ(b["tp"], 2);
+      EXPECT_EQ(a["sequences"][0]["ids"], b["sequences"][0]["ids"]);
+      continue;
+    }
     const std::string cmd = args + " --device cuda --dtype fp32 --json --time-collectives";
     const auto one = test::run(test::kvtpBinary() + cmd);
     ASSERT_EQ(one.status, 0) << one.err;

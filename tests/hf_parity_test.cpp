@@ -4,7 +4,10 @@
 
 #include <cmath>
 
+#include <filesystem>
+
 #include "ppl_jobs.h"
+#include "runtime/generate_job.h"
 
 namespace kvtp {
 namespace {
@@ -71,6 +74,48 @@ TEST_P(DefaultModel, HeldOutC4PerplexityMatchesTransformers) {
 
 INSTANTIATE_TEST_SUITE_P(Trained, DefaultModel, ::testing::Values("kvtp-llama-2m", "kvtp-opt-3m"),
                          [](const auto& info) { return test::paramName(info.param); });
+
+// Greedy generation against transformers' generate() (float64; scripts/make_fixtures.py
+// --generation-references): the same prompt ids, the same new ids and text, stopping at the
+// same EOS. Compared up to the first step whose two most likely tokens the reference separates by
+// less than 1e-3 (kvtp's float32 may rank those the other way; the rest follows from that token).
+class GenerationParity : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(GenerationParity, GreedyIdsMatchTransformersGenerate) {
+  const std::string dir = GetParam(), path = dir + "/generate_reference.json";
+  if (!std::filesystem::exists(path))
+    GTEST_SKIP() << "no " << path << ": make it with scripts/make_fixtures.py --generation-references (transformers)";
+  const auto ref = test::readJsonFile(path);
+  for (const auto& seq : ref["sequences"]) {
+    GenerateJob job;
+    job.model_dir = dir;
+    job.prompts = {seq["prompt"].get<std::string>()};
+    job.max_new_tokens = ref["max_new_tokens"].get<int>();
+    const Generated g = runGenerateJob(job).sequences.at(0);
+    EXPECT_EQ(g.prompt, seq["prompt_ids"].get<std::vector<int>>()) << "tokenization differs from Hugging Face's";
+    const auto want = seq["ids"].get<std::vector<int>>();
+    const auto margins = seq["margins"].get<std::vector<double>>();
+    size_t sure = 0;  // steps whose choice float32 cannot flip
+    while (sure < want.size() && margins[sure] >= 1e-3) ++sure;
+    ASSERT_GE(g.ids.size(), sure) << seq["prompt"];
+    EXPECT_EQ(std::vector<int>(g.ids.begin(), g.ids.begin() + int64_t(sure)),
+              std::vector<int>(want.begin(), want.begin() + int64_t(sure)))
+        << seq["prompt"];
+    if (sure == want.size()) {
+      EXPECT_EQ(g.ids, want) << seq["prompt"];
+      EXPECT_EQ(g.text, seq["text"].get<std::string>()) << seq["prompt"];
+    }
+  }
+}
+
+std::vector<std::string> generationModels() {
+  std::vector<std::string> dirs = {"models/kvtp-llama-2m", "models/kvtp-opt-3m"};
+  for (const char* m : {"opt-preln", "opt-postln-proj", "llama3-gqa", "llama2-tied", "llama-sharded-bf16"})
+    dirs.push_back(test::fixture(std::string("models/") + m));
+  return dirs;
+}
+INSTANTIATE_TEST_SUITE_P(Models, GenerationParity, ::testing::ValuesIn(generationModels()),
+                         [](const auto& info) { return test::paramName(info.param.substr(info.param.rfind('/') + 1)); });
 
 }  // namespace
 }  // namespace kvtp
