@@ -2,7 +2,7 @@
 // the same run, so the ratio says how much of the machine the forward pass uses; with
 // --device cuda, prefill throughput and decode ms/token at several contexts beside the HBM
 // bandwidth floor (weights + KV bytes a decode step must read, at the device's peak bandwidth), at
-// batch 1 and 8 (--batch).
+// batch 1 and 8 (--batch), and generation tokens/s at those batches (kvtp generate's loop).
 #include <cblas.h>
 
 #include <algorithm>
@@ -14,6 +14,7 @@
 
 #include "launcher/commands.h"
 #include "runtime/error.h"
+#include "runtime/generate.h"
 #include "runtime/gpu_engine.h"
 #include "runtime/model.h"
 #include "runtime/presets.h"
@@ -175,6 +176,29 @@ void benchGpu(const BenchArgs& a) {
                       name.c_str(), C, B, 1e3 * step, a.decode_steps, B / step, kv_bytes / (1 << 20), 1e3 * floor,
                       100 * floor / step);
       }
+    }
+    // Generation (kvtp generate): B prompts of 128 tokens, greedy, 4 x decode-steps new tokens
+    // each, batch B; the time includes the prompts' prefill and choosing each token on the host.
+    m["generate"] = nlohmann::json::array();
+    for (int B : a.batches) {
+      const int prompt = std::min(128, c.max_positions / 2), new_tokens = std::min(4 * a.decode_steps, c.max_positions / 2);
+      std::vector<std::vector<int>> prompts(static_cast<size_t>(B));
+      for (auto& p : prompts) p = randomTokens(prompt);
+      StopRule stop;
+      stop.max_new_tokens = new_tokens;
+      GenerateStats stats;
+      try {
+        generate(*engine, c.max_positions, nullptr, prompts, {}, stop, B, {}, &stats);
+      } catch (const Error& e) {
+        m["skipped"].push_back({{"generate_batch", B}, {"reason", e.what()}});
+        continue;
+      }
+      const double rate = double(stats.new_tokens) / stats.seconds;
+      m["generate"].push_back({{"batch", B}, {"prompt_tokens", prompt}, {"new_tokens", stats.new_tokens},
+                               {"seconds", stats.seconds}, {"tokens_per_second", rate}});
+      if (!a.json)
+        std::printf("%-24s generate, batch %d: %d-token prompts, %d new tokens each: %7.0f tok/s (%.2f s)\n",
+                    name.c_str(), B, prompt, new_tokens, rate, stats.seconds);
     }
     out["models"].push_back(m);
   }
