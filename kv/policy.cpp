@@ -2,6 +2,7 @@
 
 #include "kernels/cpu_ops.h"
 #include "kv/budget_select.h"
+#include "kv/scorers.h"
 
 #include <algorithm>
 #include <bit>
@@ -59,6 +60,10 @@ const char* methodName(Method m) {
     case Method::SnapKV: return "snapkv";
     case Method::PyramidKV: return "pyramidkv";
     case Method::Random: return "random";
+    case Method::TOVA: return "tova";
+    case Method::KNorm: return "knorm";
+    case Method::KeyDiff: return "keydiff";
+    case Method::LagKV: return "lagkv";
   }
   return "?";
 }
@@ -67,11 +72,12 @@ const char* methodName(Method m) {
 
 bool PolicySpec::needsAttention() const {
   return method == Method::H2O || method == Method::Scissorhands || method == Method::SnapKV ||
-         method == Method::PyramidKV;
+         method == Method::PyramidKV || method == Method::TOVA;
 }
 
 bool PolicySpec::scoresDecoding() const {
-  return method == Method::H2O || method == Method::Scissorhands || (needsAttention() && decode != Decode::None);
+  return method == Method::H2O || method == Method::Scissorhands || method == Method::TOVA ||
+         (needsAttention() && decode != Decode::None);
 }
 
 std::string PolicySpec::describe() const {
@@ -85,6 +91,8 @@ std::string PolicySpec::describe() const {
     o << ",sinks=" << sinks << ",recent=" << recent << ",scope="
       << (scope == Scope::Global ? "global" : scope == Scope::Layer ? "layer" : "head");
     if (method == Method::Random) o << ",seed=" << seed;
+    if (method == Method::LagKV) o << ",lag=" << lag;
+    if (interval > 1) o << ",interval=" << interval;
     if (decode != Decode::None)
       o << ",decode=" << (decode == Decode::Slide ? "slide" : decode == Decode::Adaptive ? "adaptive" : "discontinuous")
         << ",decode_budget=" << decode_budget << ",decode_recent=" << decode_recent << ",delta=" << delta;
@@ -103,15 +111,21 @@ PolicySpec parsePolicy(const std::string& kv, const std::string& kv_quant, const
     const std::map<std::string, Method> methods = {{"full", Method::Full},       {"streamingllm", Method::StreamingLLM},
                                                    {"h2o", Method::H2O},         {"scissorhands", Method::Scissorhands},
                                                    {"snapkv", Method::SnapKV},   {"pyramidkv", Method::PyramidKV},
-                                                   {"random", Method::Random}};
+                                                   {"random", Method::Random},   {"tova", Method::TOVA},
+                                                   {"knorm", Method::KNorm},     {"keydiff", Method::KeyDiff},
+                                                   {"lagkv", Method::LagKV}};
     auto m = methods.find(name);
     if (m == methods.end())
       throw std::invalid_argument("KV method '" + name +
-                                  "' is not one of: full, streamingllm, h2o, scissorhands, snapkv, pyramidkv, random");
+                                  "' is not one of: full, streamingllm, h2o, scissorhands, snapkv, pyramidkv, random, "
+                                  "tova, knorm, keydiff, lagkv");
     s.method = m->second;
     rejectUnknown(a, {"budget", "tokens", "bytes", "sinks", "recent", "scope", "history", "window", "kernel", "ratio", "decode",
-                      "decode_budget", "decode_recent", "delta", "seed"},
+                      "decode_budget", "decode_recent", "delta", "seed", "lag", "interval"},
                   kv);
+    s.lag = int(number(a, "lag", s.lag, kv));
+    s.interval = int(number(a, "interval", s.interval, kv));
+    if (s.lag < 1 || s.interval < 1) throw std::invalid_argument("lag and interval must be at least 1 (" + kv + ")");
     s.budget = number(a, "budget", 1.0, kv);
     s.budget_tokens = int(number(a, "tokens", 0, kv));
     s.budget_bytes = int64_t(number(a, "bytes", 0, kv));
@@ -297,6 +311,9 @@ void Policy::score(KVCache& cache, const StepAttention& attn, bool prefill) {
             case Method::Scissorhands:  // one history bit per query that sees it: above the average?
               if (row[i] > 0.0f) c.history[i] = (c.history[i] << 1) | (row[i] * visible > 1.0f ? 1u : 0u);
               break;
+            case Method::TOVA:  // the newest query's attention alone (TOVA: the last token's)
+              if (t == T - 1) c.score[i] = row[i];
+              break;
             case Method::SnapKV:
             case Method::PyramidKV:  // only the prefill's last `window` queries observe; then SCOPE
               if (prefill && t >= T - spec_.window) c.score[i] += row[i];
@@ -344,6 +361,8 @@ void Policy::evict(KVCache& cache, int last_pos, bool prefill) {
     if (spec_.decode != Decode::None) evictDecoded(cache, last_pos);
     return;
   }
+  // Per-step methods may decide every `interval` decode steps only (the cache grows between).
+  if (!once && !prefill && decode_steps_ % spec_.interval != 0) return;
   const int L = lay_.layers, H = lay_.local_kv_heads, G = lay_.global_kv_heads;
   // A pool per head lies on one rank (or is replicated alike): decided locally; wider pools
   // over the group (kv/budget_select.h).
@@ -357,7 +376,14 @@ void Policy::evict(KVCache& cache, int last_pos, bool prefill) {
       const HeadCache& c = cache.head(l, h);
       std::vector<double>& key = keys_[size_t(l) * H + h];
       key.resize(size_t(c.length()));
-      for (int i = 0; i < c.length(); ++i) {
+      if (spec_.readsRows()) {  // scores of the cached keys and values (dequantized where stored coded)
+        std::vector<float> scratch;
+        const HeadRows rows = cache.rows(l, h, scratch);
+        if (spec_.method == Method::KNorm) keyNormScores(rows, c.length(), lay_.head_dim, key.data());
+        if (spec_.method == Method::KeyDiff) keyDiffScores(rows, c.length(), lay_.head_dim, key.data());
+        if (spec_.method == Method::LagKV) lagScores(rows, c.length(), lay_.head_dim, spec_.sinks, spec_.lag, key.data());
+      }
+      for (int i = 0; !spec_.readsRows() && i < c.length(); ++i) {
         double s = c.score[i];
         if (spec_.method == Method::StreamingLLM) s = c.positions[i];  // keep the most recent
         if (spec_.method == Method::Random) s = randomScore(spec_.seed, l, lay_.kv_head_begin + h, c.positions[i]);

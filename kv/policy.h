@@ -18,7 +18,11 @@
 
 namespace kvtp::kv {
 
-enum class Method { Full, StreamingLLM, H2O, Scissorhands, SnapKV, PyramidKV, Random };
+// How a method scores entries: by the attention they receive (H2O, Scissorhands, SnapKV,
+// PyramidKV, TOVA: Policy::score folds each step in), by position (StreamingLLM), by a fixed draw
+// (Random), or by the cached keys and values at decision time (K-norm, KeyDiff, LagKV:
+// kv/scorers.h).
+enum class Method { Full, StreamingLLM, H2O, Scissorhands, SnapKV, PyramidKV, Random, TOVA, KNorm, KeyDiff, LagKV };
 enum class Scope { Global, Layer, Head };  // who competes for the budget
 enum class Quant { None, Int8, Kivi };
 enum class Decode { None, Slide, Adaptive, Discontinuous };  // SCOPE's decode-phase strategies
@@ -41,6 +45,8 @@ struct PolicySpec {
   int decode_recent = 16;   // SCOPE: most recent decoded tokens always kept
   int delta = 15;           // SCOPE adaptive/discontinuous: steps per budget increment / per compression
   uint64_t seed = 0;        // Random: the draw (the same at every tp)
+  int lag = 128;            // LagKV: entries per partition
+  int interval = 1;         // per-step methods: decode steps between decisions (kvpress's DecodingPress)
   Quant quant = Quant::None;
   int bits = 8;             // KIVI: 2 or 4
   int group = 32;           // KIVI: tokens per key group (per channel), channels per value group
@@ -52,6 +58,8 @@ struct PolicySpec {
   // Whether the cache can differ from the full one (eviction, quantization or low rank).
   bool compresses() const { return evicts() || quant != Quant::None || rank > 0; }
   bool needsAttention() const;
+  // Whether the method reads the cached keys and values when it decides (kv/scorers.h).
+  bool readsRows() const { return method == Method::KNorm || method == Method::KeyDiff || method == Method::LagKV; }
   // Whether a decode step's attention changes the scores (SnapKV / PyramidKV without SCOPE's
   // decode phase score the prompt only).
   bool scoresDecoding() const;

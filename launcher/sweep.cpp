@@ -32,7 +32,8 @@ std::string number(T v) {
 }  // namespace
 
 void addSweepGridOptions(CLI::App* cmd, SweepGrid& g) {
-  cmd->add_option("--methods", g.methods, "eviction methods (comma-separated), each run at every budget");
+  cmd->add_option("--methods", g.methods,
+                  "eviction methods (comma-separated), each run at every budget; 'all': every method of docs/KV.md");
   cmd->add_option("--budgets", g.budgets, "budgets (fractions of the full cache, comma-separated)");
   cmd->add_option("--quants", g.quants, "quantizations run alone (semicolon-separated specs)");
   cmd->add_option("--extra", g.extra, "more runs, semicolon-separated, each 'KV' or 'KV|QUANT'");
@@ -40,7 +41,10 @@ void addSweepGridOptions(CLI::App* cmd, SweepGrid& g) {
 
 std::vector<SweepRun> sweepRuns(const SweepGrid& g) {
   std::vector<SweepRun> runs = {{"full", "", ""}};
-  for (auto& m : split(g.methods, ','))
+  // SnapKV and PyramidKV decide at the prompt's end: they need --prefill to compress anything.
+  const std::string methods =
+      g.methods == "all" ? "streamingllm,h2o,scissorhands,tova,knorm,keydiff,lagkv,snapkv,pyramidkv,random" : g.methods;
+  for (auto& m : split(methods, ','))
     for (auto& b : split(g.budgets, ',')) runs.push_back({m, m + ":budget=" + b, ""});
   for (auto& q : split(g.quants, ';')) runs.push_back({q, "", q});
   for (auto& e : split(g.extra, ';')) {

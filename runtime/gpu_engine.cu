@@ -361,7 +361,8 @@ class GpuEngine : public Engine {
       // H2O sums every row; Scissorhands keeps a bit per row for its last `history` rows (earlier
       // bits would age out of its mask anyway); SnapKV / PyramidKV sum their observation window.
       observed_rows_ = spec.method == kv::Method::Scissorhands ? std::min(rows, std::min(spec.history, 64)) : 1;
-      observe_from_ = spec.method == kv::Method::H2O ? 0
+      observe_from_ = spec.method == kv::Method::H2O    ? 0
+                      : spec.method == kv::Method::TOVA ? rows - 1
                       : spec.method == kv::Method::Scissorhands ? rows - observed_rows_
                                                                 : rows - spec.window;
     }

@@ -3,11 +3,13 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <random>
 
 #include "kv/budget_select.h"
 #include "kv/policy.h"
+#include "kv/scorers.h"
 #include "runtime/error.h"
 #include "ppl_jobs.h"
 
@@ -230,6 +232,88 @@ TEST(KvEviction, RandomKeepsTheHighestDrawsOfItsSeed) {
   EXPECT_EQ(keptBy("random:tokens=10,sinks=1,recent=2,seed=3"), a);  // the same draw again
   EXPECT_NE(keptBy("random:tokens=10,sinks=1,recent=2,seed=4"), a);  // another seed, another draw
   EXPECT_THROW(parsePolicy("random:seed=-1", ""), std::invalid_argument);
+}
+
+// One head of head_dim 2 holding `keys` (values equal to the keys), positions 0, 1, ...
+KVCache withKeys(const std::vector<std::array<float, 2>>& keys) {
+  KVCache c(1, 1, 2);
+  for (int t = 0; t < int(keys.size()); ++t) c.append(0, keys[t].data(), keys[t].data(), &t, 1);
+  return c;
+}
+
+// K-norm keeps the keys of lowest L2 norm (besides the protected).
+TEST(KvEviction, KnormKeepsTheLowNormKeys) {
+  KVCache c = withKeys({{5, 0}, {1, 0}, {4, 0}, {0.5f, 0}, {3, 0}, {2, 0}, {0, 6}, {0.1f, 0}, {7, 0}, {8, 0}});
+  Policy p(parsePolicy("knorm:tokens=5,sinks=1,recent=1", ""), layout(), nullptr);
+  p.afterStep(c, {}, 9, false);
+  EXPECT_EQ(positions(c), (std::vector<int>{0, 1, 3, 7, 9}));  // sink, recent, norms 1, 0.5, 0.1
+}
+
+// KeyDiff: normalized keys (1,0) (1,0) (0,1) (0.995,0.0995) (-1,0) (1,0) average to
+// a = (0.4992, 0.1833); cosines with a are 0.939, 0.345, 0.968, -0.939 for entries 1..4, so the two
+// free slots go to the least similar: 4 (-0.939) and 2 (0.345).
+TEST(KvEviction, KeyDiffKeepsTheKeysLeastLikeTheAverage) {
+  KVCache c = withKeys({{1, 0}, {1, 0}, {0, 1}, {1, 0.1f}, {-1, 0}, {1, 0}});
+  Policy p(parsePolicy("keydiff:tokens=4,sinks=1,recent=1", ""), layout(), nullptr);
+  p.afterStep(c, {}, 5, false);
+  EXPECT_EQ(positions(c), (std::vector<int>{0, 2, 4, 5}));
+}
+
+// TOVA scores by the newest query alone: in a prompt of three queries the first two attend to
+// token 2, the last to token 6; token 6 is kept, token 2 is not. The next step's query replaces
+// the scores (H2O would add them up).
+TEST(KvEviction, TovaKeepsWhatTheLastQueryAttendsTo) {
+  KVCache c = filled(10);
+  Policy p(parsePolicy("tova:tokens=4,sinks=1,recent=2", ""), layout(), nullptr);
+  StepAttention a;
+  a.T = 3;
+  for (int hot : {2, 2, 6}) {
+    std::vector<float> row(10, 0.01f);
+    row[size_t(hot)] = 0.9f;
+    a.blocks.resize(1);
+    a.blocks[0].insert(a.blocks[0].end(), row.begin(), row.end());
+  }
+  p.afterStep(c, a, 9, true);
+  EXPECT_EQ(positions(c), (std::vector<int>{0, 6, 8, 9}));
+  const int next = 10;
+  std::vector<float> kv(2, 1.0f);
+  c.append(0, kv.data(), kv.data(), &next, 1);
+  // The new query attends to entry 2 (position 8): it replaces 6, which summed scores would keep.
+  p.afterStep(c, attentionTo({{2}}, 5), 10, false);
+  EXPECT_EQ(positions(c), (std::vector<int>{0, 8, 9, 10}));
+}
+
+// LagKV, lag 2 after one sink: partition {1, 2} is scored against {3, 4} (per channel range 0..1):
+// entry 1 (0.5, 0.5) normalizes to a standard deviation of 0, entry 2 (0, 1) to 0.707, so within
+// the partition entry 1 ranks 0 and entry 2 ranks 1/2; entries 3.. have no successor and score 1.
+TEST(KvEviction, LagKvRanksEachPartitionAgainstTheNext) {
+  KVCache c = withKeys({{9, 9}, {0.5f, 0.5f}, {0, 1}, {0, 0}, {1, 1}, {3, 3}});
+  std::vector<float> scratch;
+  std::vector<double> score(6);
+  lagScores(c.rows(0, 0, scratch), 6, 2, 1, 2, score.data());
+  EXPECT_EQ(score, (std::vector<double>{1, 0, 0.5, 1, 1, 1}));
+  Policy p(parsePolicy("lagkv:tokens=5,sinks=1,recent=1,lag=2", ""), layout(), nullptr);
+  p.afterStep(c, {}, 5, false);
+  EXPECT_EQ(positions(c), (std::vector<int>{0, 2, 3, 4, 5}));
+  lagScores(c.rows(0, 0, scratch), 3, 2, 1, 2, score.data());  // too short for a partition: all kept alike
+  EXPECT_EQ(std::vector<double>(score.begin(), score.begin() + 3), (std::vector<double>{1, 1, 1}));
+}
+
+// interval=3: a per-step method decides every third decode step; the cache grows in between.
+TEST(KvEviction, AnIntervalDecidesEveryNthDecodeStep) {
+  KVCache c = filled(8);
+  Policy p(parsePolicy("streamingllm:tokens=4,sinks=1,recent=1,interval=3", ""), layout(), nullptr);
+  p.afterStep(c, {}, 7, true);  // the prompt: decided
+  EXPECT_EQ(c.head(0, 0).length(), 4);
+  std::vector<float> kv(2, 0.0f);
+  std::vector<int> lengths;
+  for (int pos = 8; pos < 14; ++pos) {
+    c.append(0, kv.data(), kv.data(), &pos, 1);
+    p.afterStep(c, {}, pos, false);
+    lengths.push_back(c.head(0, 0).length());
+  }
+  EXPECT_EQ(lengths, (std::vector<int>{5, 6, 4, 5, 6, 4}));
+  EXPECT_EQ(positions(c), (std::vector<int>{0, 11, 12, 13}));
 }
 
 TEST(KvEviction, AGlobalBudgetGoesToTheHeadsWithTheHighestScores) {
@@ -485,7 +569,8 @@ TEST(KvLowRank, BytesCountTheCoordinates) {
 
 TEST(KvEviction, FullBudgetReproducesTheFullCacheExactly) {
   const auto full = decodeLogprobs("");
-  for (const char* m : {"h2o:budget=1", "scissorhands:budget=1", "streamingllm:budget=1"})
+  for (const char* m : {"h2o:budget=1", "scissorhands:budget=1", "streamingllm:budget=1", "tova:budget=1",
+                        "knorm:budget=1", "keydiff:budget=1", "lagkv:budget=1,lag=8", "h2o:budget=1,interval=4"})
     EXPECT_EQ(decodeLogprobs(m), full) << m;
   EXPECT_NE(decodeLogprobs("h2o:budget=0.3"), full);
 }

@@ -154,7 +154,9 @@ INSTANTIATE_TEST_SUITE_P(
                       "--kv h2o:budget=0.3,scope=layer --kv-quant kivi:bits=4,group=8,residual=16",
                       "--kv streamingllm:budget=0.5 --kv-lowrank cskv:rank=4,window=8",
                       "--kv snapkv:budget=0.3,decode=slide,decode_budget=12,decode_recent=4 --prefill 32",
-                      "--kv random:budget=0.3,seed=7"),
+                      "--kv random:budget=0.3,seed=7", "--kv tova:budget=0.3",
+                      "--kv knorm:budget=0.3 --kv-quant int8", "--kv keydiff:budget=0.3,scope=layer",
+                      "--kv lagkv:budget=0.3,lag=8", "--kv h2o:budget=0.3,interval=4"),
     [](const auto& info) { return "m" + std::to_string(info.index); });
 
 // The fixtures' PyTorch copies (scripts/make_fixtures.py --torch-copies) under tensor

@@ -1,0 +1,28 @@
+// Scores that read a head's cached keys and values when the policy decides (no state between
+// steps): a method of this kind is one function from the head's rows to a score per entry, higher
+// kept (kvpress's ScorerPress, one selection for all). The budget, scopes, schedule and storage
+// forms are the policy's (kv/policy.h); these say only which entries matter.
+#pragma once
+#include <vector>
+
+#include "kv/kv_cache.h"
+
+namespace kvtp::kv {
+
+// K-norm (Devoto et al. 2024, "A Simple and Effective L2 Norm-Based Strategy for KV Cache
+// Compression"): keys of low L2 norm draw attention; score = -||k||.
+void keyNormScores(const HeadRows& rows, int length, int head_dim, double* out);
+
+// KeyDiff (Park et al. 2025): keys least like the head's average direction are kept;
+// score = -cos(k, a), a = the mean of the normalized keys.
+void keyDiffScores(const HeadRows& rows, int length, int head_dim, double* out);
+
+// LagKV (Liang et al. 2025): entries after the first `sinks` in partitions of `lag`; each entry of
+// a partition is scored against the next partition (its "lag" reference): the standard deviation
+// over channels of the entry min-max normalized by the reference's per-channel range, softmax over
+// the partition, keys and values averaged, then ranked within the partition (0 .. (lag-1)/lag).
+// The sinks and the last partitions without a successor (the tail: lag .. 2 lag - 1 entries)
+// score 1, above every ranked entry.
+void lagScores(const HeadRows& rows, int length, int head_dim, int sinks, int lag, double* out);
+
+}  // namespace kvtp::kv
