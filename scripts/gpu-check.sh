@@ -2,7 +2,7 @@
 # On the GPU machine, after scripts/bundle-gpu.sh here: every GPU test, the CUDA benchmarks, the
 # perplexity job at tp 1 and (with two GPUs) tp 2 on a Llama-2-7B shape, and transformers on the
 # same shapes — the runs behind docs/BENCHMARKS.md. Results as JSON files under $OUT (or /tmp).
-#   device tool: carry [".bundle.tar.xz"], command: bash scripts/gpu-check.sh [tests] [bench] [tp] [scale] [kv] [kivi] [lowrank] [kv8k] [hf]
+#   device tool: carry [".bundle.tar.xz"], command: bash scripts/gpu-check.sh [tests] [bench] [tp] [scale] [kv] [kivi] [lowrank] [kv8k] [hf] [refs] [passkey]
 # (no section named: all of them); MPIRUN_ARGS: mpirun options, default --bind-to none
 # (Open MPI binds each rank to one core by default; a GPU rank then shares that core with
 # NCCL's proxy thread, which halved tp 2 throughput in our runs)
@@ -120,3 +120,19 @@ if [ "$gpus" -ge 2 ] && want kv8k; then
   summary "$out/llama70b_8k_prefill.json"
 fi
 want hf && timeout 240 python3 scripts/hf_bench.py 2>&1 | grep -E "^prefill|^decode|^\{" > "$out/hf_bench.txt"; cat "$out/hf_bench.txt" 2>/dev/null
+# Ground truth from transformers (installed here): greedy generate() references for the fixture
+# and bundled models (tests/hf_parity_test.cpp, GenerationParity), under $OUT/refs/ at their
+# paths in the tree, to copy back.
+if want refs; then
+  python3 scripts/make_fixtures.py --generation-references tests/fixtures models/kvtp-llama-2m models/kvtp-opt-3m
+  for f in tests/fixtures/models/*/generate_reference.json models/*/generate_reference.json; do
+    mkdir -p "$out/refs/$(dirname "$f")" && cp "$f" "$out/refs/$f"
+  done
+fi
+# The bundled model that retrieves (scripts/train_default.py --passkey, a few minutes), its
+# folder under $OUT to copy back, and its full-cache passkey table.
+if want passkey; then
+  timeout 500 python3 scripts/train_default.py --passkey --out models 2>&1 | tail -12
+  cp -r models/kvtp-llama-2m-passkey "$out/" && .bundle/kvtp passkey --model models/kvtp-llama-2m-passkey \
+    --lengths 256,512,768,1000 --trials 4 --out "$out/passkey-full" --quiet
+fi
