@@ -64,6 +64,7 @@ const char* methodName(Method m) {
     case Method::KNorm: return "knorm";
     case Method::KeyDiff: return "keydiff";
     case Method::LagKV: return "lagkv";
+    case Method::SimLayerKV: return "simlayerkv";
   }
   return "?";
 }
@@ -72,7 +73,7 @@ const char* methodName(Method m) {
 
 bool PolicySpec::needsAttention() const {
   return method == Method::H2O || method == Method::Scissorhands || method == Method::SnapKV ||
-         method == Method::PyramidKV || method == Method::TOVA;
+         method == Method::PyramidKV || method == Method::TOVA || method == Method::SimLayerKV;
 }
 
 bool PolicySpec::scoresDecoding() const {
@@ -85,13 +86,16 @@ std::string PolicySpec::describe() const {
   o << methodName(method);
   if (evicts()) {
     o << ":";
-    if (budget_bytes) o << "bytes=" << budget_bytes;
+    if (method == Method::SimLayerKV) o << "sinks=" << sinks << ",recent=" << recent << ",threshold=" << threshold;
+    else if (budget_bytes) o << "bytes=" << budget_bytes;
     else if (budget_tokens) o << "tokens=" << budget_tokens;
     else o << "budget=" << budget;
-    o << ",sinks=" << sinks << ",recent=" << recent << ",scope="
-      << (scope == Scope::Global ? "global" : scope == Scope::Layer ? "layer" : "head");
+    if (method != Method::SimLayerKV)
+      o << ",sinks=" << sinks << ",recent=" << recent << ",scope="
+        << (scope == Scope::Global ? "global" : scope == Scope::Layer ? "layer" : "head");
     if (method == Method::Random) o << ",seed=" << seed;
     if (method == Method::LagKV) o << ",lag=" << lag;
+    if (chunk > 1) o << ",chunk=" << chunk;
     if (interval > 1) o << ",interval=" << interval;
     if (decode != Decode::None)
       o << ",decode=" << (decode == Decode::Slide ? "slide" : decode == Decode::Adaptive ? "adaptive" : "discontinuous")
@@ -113,19 +117,26 @@ PolicySpec parsePolicy(const std::string& kv, const std::string& kv_quant, const
                                                    {"snapkv", Method::SnapKV},   {"pyramidkv", Method::PyramidKV},
                                                    {"random", Method::Random},   {"tova", Method::TOVA},
                                                    {"knorm", Method::KNorm},     {"keydiff", Method::KeyDiff},
-                                                   {"lagkv", Method::LagKV}};
+                                                   {"lagkv", Method::LagKV},     {"simlayerkv", Method::SimLayerKV}};
     auto m = methods.find(name);
     if (m == methods.end())
       throw std::invalid_argument("KV method '" + name +
                                   "' is not one of: full, streamingllm, h2o, scissorhands, snapkv, pyramidkv, random, "
-                                  "tova, knorm, keydiff, lagkv");
+                                  "tova, knorm, keydiff, lagkv, simlayerkv");
     s.method = m->second;
     rejectUnknown(a, {"budget", "tokens", "bytes", "sinks", "recent", "scope", "history", "window", "kernel", "ratio", "decode",
-                      "decode_budget", "decode_recent", "delta", "seed", "lag", "interval"},
+                      "decode_budget", "decode_recent", "delta", "seed", "lag", "interval", "chunk", "threshold"},
                   kv);
     s.lag = int(number(a, "lag", s.lag, kv));
     s.interval = int(number(a, "interval", s.interval, kv));
-    if (s.lag < 1 || s.interval < 1) throw std::invalid_argument("lag and interval must be at least 1 (" + kv + ")");
+    s.chunk = int(number(a, "chunk", s.chunk, kv));
+    s.threshold = number(a, "threshold", s.threshold, kv);
+    if (s.lag < 1 || s.interval < 1 || s.chunk < 1)
+      throw std::invalid_argument("lag, interval and chunk must be at least 1 (" + kv + ")");
+    if (s.threshold < 0 || s.threshold > 1) throw std::invalid_argument("threshold must be in [0, 1] (" + kv + ")");
+    if (s.method == Method::SimLayerKV && (a.count("budget") || a.count("tokens") || a.count("bytes") || a.count("scope")))
+      throw std::invalid_argument("simlayerkv keeps whole layers or their sinks and recent window: it takes no budget or "
+                                  "scope (" + kv + ")");
     s.budget = number(a, "budget", 1.0, kv);
     s.budget_tokens = int(number(a, "tokens", 0, kv));
     s.budget_bytes = int64_t(number(a, "bytes", 0, kv));
@@ -223,8 +234,13 @@ Policy::DecodedBudget Policy::decodedBudget() const {
 
 void Policy::afterStep(KVCache& cache, const StepAttention& attn, int last_pos, bool prefill) {
   countStep(last_pos, prefill);
-  if (spec_.needsAttention()) score(cache, attn, prefill);
-  if (spec_.evicts()) evict(cache, last_pos, prefill);
+  if (spec_.method == Method::SimLayerKV) {
+    if (prefill) findLazyLayers(cache, attn);
+    streamLazyLayers(cache, last_pos);
+  } else {
+    if (spec_.needsAttention()) score(cache, attn, prefill);
+    if (spec_.evicts()) evict(cache, last_pos, prefill);
+  }
   if (spec_.rank) project(cache);
   if (spec_.quant != Quant::None) quantize(cache);
 }
@@ -257,6 +273,43 @@ void Policy::evictDecoded(KVCache& cache, int last_pos) {
         if (keep[i]) idx.push_back(i);
       cache.retain(l, h, idx);
     }
+}
+
+// SimLayerKV: a layer is lazy when its newest query puts more than `threshold` of its attention,
+// averaged over all the layer's query heads (on every rank), on the sinks and the recent window.
+// Each block row holds one unit of probability per query head summed into it, so the average is
+// the ratio of two sums: the mass on sinks and recent, over the mass. Every rank adds its own
+// query heads' rows (a replicated KV head's copies hold disjoint query heads), summed over the group.
+void Policy::findLazyLayers(const KVCache& cache, const StepAttention& attn) {
+  const int L = lay_.layers, H = lay_.local_kv_heads, T = attn.T;
+  std::vector<double> mass(2 * size_t(L), 0.0);  // per layer: on sinks and recent, in all
+  for (int l = 0; l < L && T > 0; ++l)
+    for (int h = 0; h < H; ++h) {
+      const HeadCache& c = cache.head(l, h);
+      const int n = c.length(), last = c.positions.empty() ? 0 : c.positions.back();
+      const float* row = attn.blocks[size_t(l) * H + h].data() + int64_t(T - 1) * n;
+      for (int i = 0; i < n; ++i) {
+        mass[2 * l + 1] += row[i];
+        if (c.positions[i] < spec_.sinks || c.positions[i] > last - spec_.recent) mass[2 * l] += row[i];
+      }
+    }
+  if (group_ && group_->size() > 1) group_->allReduceSum(mass.data(), mass.size());
+  lazy_.assign(size_t(L), 0);
+  for (int l = 0; l < L; ++l) lazy_[l] = mass[2 * l + 1] > 0 && mass[2 * l] / mass[2 * l + 1] > spec_.threshold;
+}
+
+// Lazy layers keep their sinks and recent window (StreamingLLM), after the prompt and every step.
+void Policy::streamLazyLayers(KVCache& cache, int last_pos) {
+  for (int l = 0; l < int(lazy_.size()); ++l) {
+    if (!lazy_[l]) continue;
+    for (int h = 0; h < lay_.local_kv_heads; ++h) {
+      const HeadCache& c = cache.head(l, h);
+      std::vector<int> idx;
+      for (int i = 0; i < c.length(); ++i)
+        if (c.positions[i] < spec_.sinks || c.positions[i] > last_pos - spec_.recent) idx.push_back(i);
+      if (int(idx.size()) < c.length()) cache.retain(l, h, idx);
+    }
+  }
 }
 
 // Entries older than the full-rank window are cached as their low-rank coordinates.
@@ -393,6 +446,12 @@ void Policy::evict(KVCache& cache, int last_pos, bool prefill) {
         }
         key[i] = s;
       }
+      if (spec_.chunk > 1)  // ChunkKV: each chunk of consecutive entries shares its mean score
+        for (int b = 0; b < c.length(); b += spec_.chunk) {
+          const int e = std::min(c.length(), b + spec_.chunk);
+          const double mean = std::accumulate(key.begin() + b, key.begin() + e, 0.0) / (e - b);
+          std::fill(key.begin() + b, key.begin() + e, mean);
+        }
       if (once) {  // SnapKV: max-pool the observed attention over neighbouring positions
         const std::vector<double> raw = key;
         for (int i = 0; i < c.length(); ++i)

@@ -22,7 +22,10 @@ namespace kvtp::kv {
 // PyramidKV, TOVA: Policy::score folds each step in), by position (StreamingLLM), by a fixed draw
 // (Random), or by the cached keys and values at decision time (K-norm, KeyDiff, LagKV:
 // kv/scorers.h).
-enum class Method { Full, StreamingLLM, H2O, Scissorhands, SnapKV, PyramidKV, Random, TOVA, KNorm, KeyDiff, LagKV };
+// SimLayerKV decides per layer instead: at the prompt's end a layer whose newest query looks at
+// the sinks and the recent window only is "lazy" and streams from then on; the others keep all.
+enum class Method { Full, StreamingLLM, H2O, Scissorhands, SnapKV, PyramidKV, Random, TOVA, KNorm, KeyDiff, LagKV,
+                    SimLayerKV };
 enum class Scope { Global, Layer, Head };  // who competes for the budget
 enum class Quant { None, Int8, Kivi };
 enum class Decode { None, Slide, Adaptive, Discontinuous };  // SCOPE's decode-phase strategies
@@ -47,6 +50,8 @@ struct PolicySpec {
   uint64_t seed = 0;        // Random: the draw (the same at every tp)
   int lag = 128;            // LagKV: entries per partition
   int interval = 1;         // per-step methods: decode steps between decisions (kvpress's DecodingPress)
+  int chunk = 1;            // ChunkKV: entries share the mean score of their chunk of this many (1: off)
+  double threshold = 0.9;   // SimLayerKV: a layer is lazy past this share of attention on sinks + recent
   Quant quant = Quant::None;
   int bits = 8;             // KIVI: 2 or 4
   int group = 32;           // KIVI: tokens per key group (per channel), channels per value group
@@ -112,7 +117,7 @@ class Policy {
   // Updates scores, evicts to the budget, quantizes what aged out of the residual window.
   void afterStep(KVCache& cache, const StepAttention& attn, int last_pos, bool prefill);
   // A new window (sequence) starts: its prefill and decode steps count from here.
-  void startWindow() { prefill_end_ = 0, decode_steps_ = 0; }
+  void startWindow() { prefill_end_ = 0, decode_steps_ = 0, lazy_.clear(); }
   KvBytes bytes(const KVCache& cache, int tokens_seen) const;
   // The budget's competition pools (one, one per layer, or one per (layer, KV head): each a
   // contiguous run of the global table) and each one's budget in entries after a step up to
@@ -139,6 +144,8 @@ class Policy {
   void quantize(KVCache& cache) const;
   void project(KVCache& cache) const;  // low-rank channels: the cache must hold the bases
   int globalIndex(int layer, int local_head) const;
+  void findLazyLayers(const KVCache& cache, const StepAttention& attn);  // SimLayerKV, at the prompt's end
+  void streamLazyLayers(KVCache& cache, int last_pos);
 
   PolicySpec spec_;
   HeadLayout lay_;
@@ -149,6 +156,7 @@ class Policy {
   // allocating them afresh spent most of its time faulting pages in (7B shape, 8k: 1.7M entries).
   std::vector<std::vector<double>> keys_;
   std::vector<std::vector<uint8_t>> keep_;
+  std::vector<uint8_t> lazy_;  // SimLayerKV: per layer, decided at the prompt's end
   SelectTraffic last_traffic_;
 };
 

@@ -299,6 +299,56 @@ TEST(KvEviction, LagKvRanksEachPartitionAgainstTheNext) {
   EXPECT_EQ(std::vector<double>(score.begin(), score.begin() + 3), (std::vector<double>{1, 1, 1}));
 }
 
+// ChunkKV (chunk=3): entries share the mean score of their chunk, so chunks go whole. Attention
+// 0.6 on entry 5 and 0.27 on entry 8: chunk {3, 4, 5} averages 0.2, chunk {6, 7, 8} 0.09, and the
+// 3 free entries take chunk 3-5, though 8 alone would outscore 3 and 4.
+TEST(KvEviction, ChunksAreKeptWhole) {
+  KVCache c = filled(12);
+  Policy p(parsePolicy("h2o:tokens=5,sinks=1,recent=1,chunk=3", ""), layout(), nullptr);
+  StepAttention a;
+  a.T = 1;
+  a.blocks = {std::vector<float>(12, 0.0f)};
+  a.blocks[0][5] = 0.6f, a.blocks[0][8] = 0.27f;
+  p.afterStep(c, a, 11, false);
+  EXPECT_EQ(positions(c), (std::vector<int>{0, 3, 4, 5, 11}));
+  KVCache alone = filled(12);
+  Policy q(parsePolicy("h2o:tokens=5,sinks=1,recent=1", ""), layout(), nullptr);
+  q.afterStep(alone, a, 11, false);
+  EXPECT_EQ(positions(alone), (std::vector<int>{0, 1, 5, 8, 11}));  // without chunks: 5, 8, then the oldest tie
+}
+
+// SimLayerKV: at the prompt's end layer 0's last query puts 0.95 of its attention on the sink and
+// the recent window (lazy: it streams from then on), layer 1's 0.3 (it keeps everything).
+TEST(KvEviction, SimLayerKvStreamsTheLazyLayersOnly) {
+  KVCache c(2, 1, 2);
+  for (int t = 0; t < 10; ++t) {
+    const std::vector<float> kv(2, float(t));
+    c.append(0, kv.data(), kv.data(), &t, 1);
+    c.append(1, kv.data(), kv.data(), &t, 1);
+  }
+  HeadLayout two = layout();
+  two.layers = 2;
+  Policy p(parsePolicy("simlayerkv:sinks=1,recent=2,threshold=0.9", ""), two, nullptr);
+  StepAttention a;
+  a.T = 2;  // two prompt rows; only the last one counts
+  std::vector<float> lazy(20, 0.0f), busy(20, 0.0f);
+  lazy[10 + 0] = 0.5f, lazy[10 + 8] = 0.2f, lazy[10 + 9] = 0.25f, lazy[10 + 4] = 0.05f;  // 0.95 on sink + recent
+  busy[10 + 0] = 0.1f, busy[10 + 9] = 0.2f, busy[10 + 4] = 0.7f;                           // 0.3
+  busy[3] = 1.0f;  // the first row: ignored
+  a.blocks = {lazy, busy};
+  p.afterStep(c, a, 9, true);
+  EXPECT_EQ(c.head(0, 0).positions, (std::vector<int>{0, 8, 9}));
+  EXPECT_EQ(c.head(1, 0).length(), 10);
+  const int next = 10;
+  const std::vector<float> kv(2, 1.0f);
+  c.append(0, kv.data(), kv.data(), &next, 1);
+  c.append(1, kv.data(), kv.data(), &next, 1);
+  p.afterStep(c, {}, 10, false);  // decode: the lazy layer slides, the other grows
+  EXPECT_EQ(c.head(0, 0).positions, (std::vector<int>{0, 9, 10}));
+  EXPECT_EQ(c.head(1, 0).length(), 11);
+  EXPECT_THROW(parsePolicy("simlayerkv:budget=0.2", ""), std::invalid_argument);
+}
+
 // interval=3: a per-step method decides every third decode step; the cache grows in between.
 TEST(KvEviction, AnIntervalDecidesEveryNthDecodeStep) {
   KVCache c = filled(8);
