@@ -44,20 +44,50 @@ struct Worker {
   Clock::time_point last_seen;
 };
 
+// `text` as a JSON object holding every one of `keys` in *r, or why it is not one.
+std::string parseResult(const std::string& text, std::initializer_list<const char*> keys, nlohmann::json* r) {
+  try {
+    *r = nlohmann::json::parse(text);
+  } catch (const std::exception& e) {
+    return std::string("not JSON (") + e.what() + ")";
+  }
+  if (!r->is_object()) return "not a JSON object";
+  for (const char* key : keys)
+    if (!r->contains(key)) return std::string("no '") + key + "'";
+  return "";
+}
+
+// Why result r was not run for request q (a PplRequest or GenerateRequest): its model, device, kv
+// and the extra `same` fields must be the request's, its tp the request's and the group's.
+template <class Request>
+std::string checkSameJob(const nlohmann::json& r, const Request& q, int group_tp,
+                         std::vector<std::pair<const char*, std::string>> same) {
+  std::string kv;
+  try {
+    kv = kv::parsePolicy(q.kv(), q.kv_quant(), q.kv_lowrank()).describe();
+  } catch (const std::exception&) {
+  }
+  same.push_back({"model", q.model().empty() ? "synthetic:" + q.synthetic() : q.model()});
+  same.push_back({"device", q.device().empty() ? "cpu" : q.device()});
+  same.push_back({"kv", kv});
+  for (auto& [key, want] : same)
+    if (r[key] != want) return std::string(key) + " " + r[key].dump() + " is not the job's (\"" + want + "\")";
+  const int tp = r["tp"].get<int>();
+  if ((q.tp() && tp != q.tp()) || (group_tp && tp != group_tp))
+    return "tp " + std::to_string(tp) + " is not the worker group's (" + std::to_string(group_tp) + ")";
+  return "";
+}
+
 // Why a worker's result for job j cannot be stored ("" if it can, its perplexity in *ppl_out):
 // it must be the `kvtp ppl --json` object of that job, run by a group of `group_tp` ranks,
 // consistent with itself and with the plan the worker reported in its progress (tokens and
 // windows).
 std::string checkResult(const v1::Job& j, int group_tp, const std::string& text, double* ppl_out) {
   nlohmann::json r;
-  try {
-    r = nlohmann::json::parse(text);
-  } catch (const std::exception& e) {
-    return std::string("not JSON (") + e.what() + ")";
-  }
-  if (!r.is_object()) return "not a JSON object";
-  for (const char* key : {"ppl", "nll", "tokens", "windows", "tp", "sequences", "model", "data", "mode", "device", "kv"})
-    if (!r.contains(key)) return std::string("no '") + key + "'";
+  if (std::string why = parseResult(
+          text, {"ppl", "nll", "tokens", "windows", "tp", "sequences", "model", "data", "mode", "device", "kv"}, &r);
+      !why.empty())
+    return why;
   if (!r["ppl"].is_number() || !r["nll"].is_number() || !r["tokens"].is_number_integer() ||
       !r["windows"].is_number_integer() || !r["tp"].is_number_integer() || !r["sequences"].is_array())
     return "ppl, nll, tokens, windows, tp or sequences has the wrong type";
@@ -72,20 +102,11 @@ std::string checkResult(const v1::Job& j, int group_tp, const std::string& text,
   if (summed != tokens || int64_t(r["sequences"].size()) != r["windows"].get<int64_t>())
     return "the windows' tokens do not add up to the result's";
   const v1::PplRequest& q = j.request();
-  const std::string model = q.model().empty() ? "synthetic:" + q.synthetic() : q.model();
-  const std::string data = q.data().empty() ? q.input_ids() : q.data();
-  const std::string mode = q.mode().empty() ? "prefill" : q.mode(), device = q.device().empty() ? "cpu" : q.device();
-  std::string kv;
-  try {
-    kv = kv::parsePolicy(q.kv(), q.kv_quant(), q.kv_lowrank()).describe();
-  } catch (const std::exception&) {
-  }
-  const std::pair<const char*, std::string> same[] = {{"model", model}, {"data", data}, {"mode", mode}, {"device", device}, {"kv", kv}};
-  for (auto& [key, want] : same)
-    if (r[key] != want) return std::string(key) + " " + r[key].dump() + " is not the job's (\"" + want + "\")";
-  const int tp = r["tp"].get<int>();
-  if ((q.tp() && tp != q.tp()) || (group_tp && tp != group_tp))
-    return "tp " + std::to_string(tp) + " is not the worker group's (" + std::to_string(group_tp) + ")";
+  if (std::string why = checkSameJob(r, q, group_tp,
+                                     {{"data", q.data().empty() ? q.input_ids() : q.data()},
+                                      {"mode", q.mode().empty() ? "prefill" : q.mode()}});
+      !why.empty())
+    return why;
   const v1::Progress& p = j.progress();  // the plan the worker reported
   if (p.tokens_total() && (tokens != p.tokens_total() || r["windows"].get<int64_t>() != p.windows_total()))
     return std::to_string(tokens) + " tokens in " + r["windows"].dump() + " windows, but the worker planned " +
@@ -98,14 +119,8 @@ std::string checkResult(const v1::Job& j, int group_tp, const std::string& text,
 // `kvtp generate --json` object of that job, run by a group of `group_tp` ranks.
 std::string checkGeneration(const v1::Job& j, int group_tp, const std::string& text) {
   nlohmann::json r;
-  try {
-    r = nlohmann::json::parse(text);
-  } catch (const std::exception& e) {
-    return std::string("not JSON (") + e.what() + ")";
-  }
-  if (!r.is_object()) return "not a JSON object";
-  for (const char* key : {"sequences", "new_tokens", "model", "device", "kv", "tp"})
-    if (!r.contains(key)) return std::string("no '") + key + "'";
+  if (std::string why = parseResult(text, {"sequences", "new_tokens", "model", "device", "kv", "tp"}, &r); !why.empty())
+    return why;
   if (!r["sequences"].is_array() || r["sequences"].empty() || !r["new_tokens"].is_number_integer() ||
       !r["tp"].is_number_integer())
     return "sequences, new_tokens or tp has the wrong type";
@@ -126,20 +141,7 @@ std::string checkGeneration(const v1::Job& j, int group_tp, const std::string& t
     summed += int64_t(s["ids"].size());
   }
   if (summed != r["new_tokens"].get<int64_t>()) return "the sequences' ids do not add up to new_tokens";
-  const std::string model = q.model().empty() ? "synthetic:" + q.synthetic() : q.model();
-  const std::string device = q.device().empty() ? "cpu" : q.device();
-  std::string kv;
-  try {
-    kv = kv::parsePolicy(q.kv(), q.kv_quant(), q.kv_lowrank()).describe();
-  } catch (const std::exception&) {
-  }
-  const std::pair<const char*, std::string> same[] = {{"model", model}, {"device", device}, {"kv", kv}};
-  for (auto& [key, want] : same)
-    if (r[key] != want) return std::string(key) + " " + r[key].dump() + " is not the job's (\"" + want + "\")";
-  const int tp = r["tp"].get<int>();
-  if ((q.tp() && tp != q.tp()) || (group_tp && tp != group_tp))
-    return "tp " + std::to_string(tp) + " is not the worker group's (" + std::to_string(group_tp) + ")";
-  return "";
+  return checkSameJob(r, q, group_tp, {});
 }
 
 // The tensor-parallel size a job asks for (0: any group).
@@ -481,12 +483,22 @@ class State {
     return Status::OK;
   }
 
+  Status resolveIfSet(std::string* path, const char* field) { return path->empty() ? Status::OK : resolve(path, field); }
+
   // A model folder under the data root, or a synthetic preset's name (or a config.json under it).
   Status resolveModel(std::string* model, std::string* synthetic) {
     if (!model->empty()) return resolve(model, "model");
     const auto names = presetNames();
     if (std::find(names.begin(), names.end(), *synthetic) != names.end()) return Status::OK;
     return resolve(synthetic, "synthetic config");
+  }
+
+  static Status checkDevice(const std::string& device, const std::string& dtype) {
+    if (!device.empty() && device != "cpu" && device != "cuda")
+      return {StatusCode::INVALID_ARGUMENT, "device must be cpu or cuda"};
+    if (!dtype.empty() && dtype != "fp32" && dtype != "fp16" && dtype != "bf16")
+      return {StatusCode::INVALID_ARGUMENT, "dtype must be fp32, fp16 or bf16"};
+    return Status::OK;
   }
 
   Status validate(v1::PplRequest& r) {
@@ -504,9 +516,7 @@ class State {
     if (r.batch() < 0 || r.batch() > 256) return bad("batch must be in [0, 256]");
     if (r.batch() > 1 && (r.mode() != "decode" || r.device() != "cuda"))
       return bad("batch > 1 decodes several windows together: set mode to decode and device to cuda");
-    if (!r.device().empty() && r.device() != "cpu" && r.device() != "cuda") return bad("device must be cpu or cuda");
-    if (!r.dtype().empty() && r.dtype() != "fp32" && r.dtype() != "fp16" && r.dtype() != "bf16")
-      return bad("dtype must be fp32, fp16 or bf16");
+    if (Status s = checkDevice(r.device(), r.dtype()); !s.ok()) return s;
     try {
       const kv::PolicySpec spec = kv::parsePolicy(r.kv(), r.kv_quant(), r.kv_lowrank());
       if ((spec.compresses() || r.prefill() > 0) && r.mode() != "decode")
@@ -515,10 +525,8 @@ class State {
       return bad(e.what());
     }
     if (Status s = resolveModel(r.mutable_model(), r.mutable_synthetic()); !s.ok()) return s;
-    if (!r.data().empty())
-      if (Status s = resolve(r.mutable_data(), "data"); !s.ok()) return s;
-    if (!r.input_ids().empty())
-      if (Status s = resolve(r.mutable_input_ids(), "input_ids"); !s.ok()) return s;
+    if (Status s = resolveIfSet(r.mutable_data(), "data"); !s.ok()) return s;
+    if (Status s = resolveIfSet(r.mutable_input_ids(), "input_ids"); !s.ok()) return s;
     return Status::OK;
   }
 
@@ -542,19 +550,15 @@ class State {
     if (r.tp() < 0 || r.tp() > 65536) return bad("tp must be in [0, 65536]");
     if (r.batch() < 0 || r.batch() > 256) return bad("batch must be in [0, 256]");
     if (r.batch() > 1 && r.device() != "cuda") return bad("batch > 1 generates several prompts together: set device to cuda");
-    if (!r.device().empty() && r.device() != "cpu" && r.device() != "cuda") return bad("device must be cpu or cuda");
-    if (!r.dtype().empty() && r.dtype() != "fp32" && r.dtype() != "fp16" && r.dtype() != "bf16")
-      return bad("dtype must be fp32, fp16 or bf16");
+    if (Status s = checkDevice(r.device(), r.dtype()); !s.ok()) return s;
     try {
       kv::parsePolicy(r.kv(), r.kv_quant(), r.kv_lowrank());
     } catch (const std::invalid_argument& e) {
       return bad(e.what());
     }
     if (Status s = resolveModel(r.mutable_model(), r.mutable_synthetic()); !s.ok()) return s;
-    if (!r.prompts_file().empty())
-      if (Status s = resolve(r.mutable_prompts_file(), "prompts_file"); !s.ok()) return s;
-    if (!r.input_ids().empty())
-      if (Status s = resolve(r.mutable_input_ids(), "input_ids"); !s.ok()) return s;
+    if (Status s = resolveIfSet(r.mutable_prompts_file(), "prompts_file"); !s.ok()) return s;
+    if (Status s = resolveIfSet(r.mutable_input_ids(), "input_ids"); !s.ok()) return s;
     return Status::OK;
   }
 

@@ -14,6 +14,23 @@
 
 namespace kvtp::launcher {
 
+namespace {
+
+// Submits the job; prints its id, or with `wait` follows it to its end (exiting 1 unless it succeeded).
+void submitJob(const ClientOptions& options, const v1::SubmitJobRequest& req, bool wait, bool json, bool quiet) {
+  Client c(options);
+  v1::Job job;
+  c.check(c.stub->SubmitJob(callContext(c.token, c.deadline).get(), req, &job), "SubmitJob");
+  if (!wait) {
+    std::printf("%s\n", job.id().c_str());
+    return;
+  }
+  if (!quiet) std::fprintf(stderr, "submitted %s\n", job.id().c_str());
+  if (const int rc = waitFor(c, job.id(), json, quiet)) std::exit(rc);
+}
+
+}  // namespace
+
 void addServiceCommands(CLI::App& app) {
   {
     auto* cmd = app.add_subcommand("coordinator", "Serve the job queue over gRPC");
@@ -64,17 +81,9 @@ void addServiceCommands(CLI::App& app) {
     cmd->add_flag("--json", a->json, "with --wait: print the result as kvtp ppl --json does");
     cmd->add_flag("--quiet", a->quiet, "no progress bar");
     cmd->callback([a] {
-      Client c(a->client);
       v1::SubmitJobRequest req;
       *req.mutable_ppl() = toRequest(a->ppl.resolve(), a->ppl.tp);
-      v1::Job job;
-      c.check(c.stub->SubmitJob(callContext(c.token, c.deadline).get(), req, &job), "SubmitJob");
-      if (!a->wait) {
-        std::printf("%s\n", job.id().c_str());
-        return;
-      }
-      if (!a->quiet) std::fprintf(stderr, "submitted %s\n", job.id().c_str());
-      if (const int rc = waitFor(c, job.id(), a->json, a->quiet)) std::exit(rc);
+      submitJob(a->client, req, a->wait, a->json, a->quiet);
     });
   }
   {
@@ -91,17 +100,9 @@ void addServiceCommands(CLI::App& app) {
     cmd->add_flag("--json", a->json, "with --wait: print the result as kvtp generate --json ends");
     cmd->add_flag("--quiet", a->quiet, "no progress");
     cmd->callback([a] {
-      Client c(a->client);
       v1::SubmitJobRequest req;
       *req.mutable_generate() = toRequest(a->gen.job, a->gen.tp);
-      v1::Job job;
-      c.check(c.stub->SubmitJob(callContext(c.token, c.deadline).get(), req, &job), "SubmitJob");
-      if (!a->wait) {
-        std::printf("%s\n", job.id().c_str());
-        return;
-      }
-      if (!a->quiet) std::fprintf(stderr, "submitted %s\n", job.id().c_str());
-      if (const int rc = waitFor(c, job.id(), a->json, a->quiet)) std::exit(rc);
+      submitJob(a->client, req, a->wait, a->json, a->quiet);
     });
   }
   {

@@ -74,6 +74,29 @@ class ControlPlane : public ::testing::Test {
     return got.job().id();
   }
 
+  // A worker group of `tp` registered through the worker credential as `host`: its worker id.
+  std::string registerAs(v1::WorkerApi::Stub& worker, const std::string& host, int tp = 1) {
+    v1::RegisterRequest reg;
+    reg.set_tp(tp);
+    reg.set_host(host);
+    v1::RegisterResponse me;
+    const auto st = worker.Register(callContext(worker_token_, 10s).get(), reg, &me);
+    EXPECT_TRUE(st.ok()) << st.error_message();
+    return me.worker_id();
+  }
+  // Reports job `id` SUCCEEDED with `result` as worker `worker_id`.
+  void reportSuccess(v1::WorkerApi::Stub& worker, const std::string& worker_id, const std::string& id,
+                     const std::string& result) {
+    v1::ResultReport report;
+    report.set_worker_id(worker_id);
+    report.set_job_id(id);
+    report.set_state(v1::SUCCEEDED);
+    report.set_result_json(result);
+    v1::ResultAck ack;
+    const auto st = worker.ReportResult(callContext(worker_token_, 10s).get(), report, &ack);
+    EXPECT_TRUE(st.ok()) << st.error_message();
+  }
+
   // The same `kvtp ppl` options through `kvtp submit ppl --wait --json` and run locally.
   std::pair<nlohmann::json, nlohmann::json> remoteAndLocal(const std::string& args) {
     const auto remote = test::run(test::kvtpBinary() + " submit ppl --coordinator " + address() + " --token-file " +
@@ -271,12 +294,8 @@ TEST_F(ControlPlane, AClientCancelsOnlyItsOwnJobsUnlessAdmin) {
 // and the coordinator takes the next. The plan is what the worker said in its progress.
 TEST_F(ControlPlane, ForgedResultsFailTheJob) {
   auto worker = v1::WorkerApi::NewStub(launcher::makeChannel(address(), ""));
-  v1::RegisterRequest reg;
-  reg.set_tp(1);
-  reg.set_host("forger");
-  v1::RegisterResponse me;
-  ASSERT_TRUE(worker->Register(callContext(worker_token_, 10s).get(), reg, &me).ok());
-  EXPECT_TRUE(std::regex_match(me.worker_id(), std::regex("w[0-9]+-[0-9a-f]{32}@forger"))) << me.worker_id();
+  const std::string me = registerAs(*worker, "forger");
+  EXPECT_TRUE(std::regex_match(me, std::regex("w[0-9]+-[0-9a-f]{32}@forger"))) << me;
   const std::string model = std::filesystem::canonical("models/kvtp-opt-3m").string(),
                     data = std::filesystem::canonical("data/c4/c4-heldout-200.json.gz").string();
   const auto good = [&] {
@@ -302,21 +321,15 @@ TEST_F(ControlPlane, ForgedResultsFailTheJob) {
       {good().dump(), ""}};
   for (auto& [result, says] : forged) {
     const std::string id = submit(smallJob()).id();
-    ASSERT_EQ(fetchAs(*worker, me.worker_id()), id);
+    ASSERT_EQ(fetchAs(*worker, me), id);
     v1::ProgressReport progress;
-    progress.set_worker_id(me.worker_id());
+    progress.set_worker_id(me);
     progress.set_job_id(id);
     progress.mutable_progress()->set_windows_total(2);
     progress.mutable_progress()->set_tokens_total(200);
     v1::ProgressAck ack;
     ASSERT_TRUE(worker->ReportProgress(callContext(worker_token_, 10s).get(), progress, &ack).ok());
-    v1::ResultReport report;
-    report.set_worker_id(me.worker_id());
-    report.set_job_id(id);
-    report.set_state(v1::SUCCEEDED);
-    report.set_result_json(result);
-    v1::ResultAck ra;
-    ASSERT_TRUE(worker->ReportResult(callContext(worker_token_, 10s).get(), report, &ra).ok());
+    reportSuccess(*worker, me, id, result);
     const v1::Job j = get(id);
     if (&result == &forged.back().first) {  // the last one is consistent: stored
       EXPECT_EQ(j.state(), v1::SUCCEEDED) << j.error();
@@ -380,15 +393,12 @@ TEST_F(ControlPlane, AJobsDbFromBeforeOwnersStaysReadable) {
 // heartbeats instead of staying RUNNING forever.
 TEST_F(ControlPlane, AJobItsWorkerNoLongerRunsIsRequeued) {
   auto worker = v1::WorkerApi::NewStub(launcher::makeChannel(address(), ""));
-  v1::RegisterRequest reg;
-  reg.set_tp(1);
-  v1::RegisterResponse me;
-  ASSERT_TRUE(worker->Register(callContext(worker_token_, 10s).get(), reg, &me).ok());
+  const std::string me = registerAs(*worker, "idler");
   const std::string id = submit(smallJob()).id();
-  ASSERT_EQ(fetchAs(*worker, me.worker_id()), id);
+  ASSERT_EQ(fetchAs(*worker, me), id);
   const auto beat = [&](const std::string& job) {
     v1::HeartbeatRequest hb;
-    hb.set_worker_id(me.worker_id());
+    hb.set_worker_id(me);
     hb.set_current_job(job);
     v1::HeartbeatResponse r;
     return worker->Heartbeat(callContext(worker_token_, 10s).get(), hb, &r).ok();
@@ -547,11 +557,7 @@ TEST_F(ControlPlane, GenerationOverGrpcEqualsLocalAndStreamsItsText) {
 
 TEST_F(ControlPlane, ForgedGenerationResultsFailTheJob) {
   auto worker = v1::WorkerApi::NewStub(launcher::makeChannel(address(), ""));
-  v1::RegisterRequest reg;
-  reg.set_tp(1);
-  reg.set_host("forger");
-  v1::RegisterResponse me;
-  ASSERT_TRUE(worker->Register(callContext(worker_token_, 10s).get(), reg, &me).ok());
+  const std::string me = registerAs(*worker, "forger");
   const std::string model = std::filesystem::canonical("models/kvtp-opt-3m").string();
   const auto good = [&] {
     return nlohmann::json{{"sequences", {{{"ids", {5, 6, 7}}, {"text", "abc"}, {"finish", "length"}}}},
@@ -572,14 +578,8 @@ TEST_F(ControlPlane, ForgedGenerationResultsFailTheJob) {
     req.mutable_generate()->set_max_new_tokens(4);
     v1::Job job;
     ASSERT_TRUE(stub_->SubmitJob(callContext(token_, 10s).get(), req, &job).ok());
-    ASSERT_EQ(fetchAs(*worker, me.worker_id()), job.id());
-    v1::ResultReport report;
-    report.set_worker_id(me.worker_id());
-    report.set_job_id(job.id());
-    report.set_state(v1::SUCCEEDED);
-    report.set_result_json(result);
-    v1::ResultAck ra;
-    ASSERT_TRUE(worker->ReportResult(callContext(worker_token_, 10s).get(), report, &ra).ok());
+    ASSERT_EQ(fetchAs(*worker, me), job.id());
+    reportSuccess(*worker, me, job.id(), result);
     const v1::Job j = get(job.id());
     if (says.empty()) {
       EXPECT_EQ(j.state(), v1::SUCCEEDED) << j.error();
