@@ -244,7 +244,11 @@ int runWorker(const WorkerOptions& o) {
                 p.set_tokens_done(tokens);
                 p.set_seconds(seconds);
                 p.set_tokens_per_second(seconds > 0 ? double(tokens) / seconds : 0.0);
-                for (const auto& t : texts) p.add_texts(validUtf8(t));
+                size_t bytes = 0;  // a progress report stays far below gRPC's 4 MiB message limit
+                for (const auto& t : texts) {
+                  bytes += t.size();
+                  p.add_texts(bytes <= (1 << 20) ? validUtf8(t) : std::string());
+                }
                 return p;
               },
               false);
