@@ -246,83 +246,8 @@ class GpuEngine : public Engine {
     growTo(tokens);
   }
 
-  // The policy decides on the mirror (scored by the prefill's observation window when it asks for
-  // attention); each head's kept entries are a subsequence of what it held, so matching positions
-  // gives the rows the device keeps. The per-step methods' decode steps: decideOnDevice.
-  void compress(int last_pos, bool prefill) override {
-    if (!compresses()) return;
-    Sequence& s = seq();
-    if (windowed_) {  // the step converted on the device what the CPU converts here: now it counts
-      s.compact_counted = s.compact;
-      return;
-    }
-    if (device_decides_ && (!prefill || s.on_device || kv_spec_.method != kv::Method::Scissorhands))
-      return decideOnDevice(s, last_pos);
-    if (device_decides_decoded_ && !prefill) return decideDecodedOnDevice(s, last_pos);
-    s.unscored = 0;
-    const int H = part_.kv_heads, LH = c_.layers * H;
-    attention_.T = 0;
-    attention_.blocks.assign(size_t(LH), {});
-    if (observed_len_ > 0 && observed_seq_ == current_) {  // the prefill's observed rows (summed unless observed_rows_ > 1)
-      const size_t block = size_t(observed_rows_) * observed_len_;
-      std::vector<float> all(size_t(LH) * block);
-      KVTP_CUDA_CHECK(cudaMemcpy(all.data(), observed_.get(), all.size() * sizeof(float), cudaMemcpyDeviceToHost));
-      attention_.T = observed_rows_;
-      for (int i = 0; i < LH; ++i) attention_.blocks[i].assign(all.begin() + i * block, all.begin() + (i + 1) * block);
-      observed_len_ = 0;
-    } else if (s.weights_pending) {  // a decode step's probabilities: weights_ [layer][sequence][KV head][capacity]
-      std::vector<float> all(size_t(LH) * s.longest);
-      cudaMemcpy3DParms copy{};
-      const size_t row = s.longest * sizeof(float);
-      copy.srcPtr = make_cudaPitchedPtr(weights_.get() + size_t(current_) * H * capacity_, capacity_ * sizeof(float),
-                                        row, seqs_.size() * H);
-      copy.dstPtr = make_cudaPitchedPtr(all.data(), row, row, H);
-      copy.extent = make_cudaExtent(row, H, c_.layers);
-      copy.kind = cudaMemcpyDeviceToHost;
-      if (row > 0) KVTP_CUDA_CHECK(cudaMemcpy3D(&copy));
-      attention_.T = 1;
-      for (int i = 0; i < LH; ++i)
-        attention_.blocks[i].assign(all.begin() + int64_t(i) * s.longest, all.begin() + int64_t(i) * s.longest + s.len[i]);
-      s.weights_pending = false;
-    }
-    s.policy.afterStep(s.mirror, attention_, last_pos, prefill);
-    const size_t head0 = size_t(current_) * H;  // the sequence's first KV head in the device cache
-    for (int l = 0; l < c_.layers; ++l) {
-      bool changed = false;
-      for (int h = 0; h < H; ++h) changed |= s.mirror.head(l, h).length() != s.len[size_t(l) * H + h];
-      if (!changed) continue;
-      int max_kept = 0;
-      for (int h = 0; h < H; ++h) max_kept = std::max(max_kept, s.mirror.head(l, h).length());
-      std::vector<int> keep(size_t(H) * max_kept + H, 0);  // rows per head, then counts
-      for (int h = 0; h < H; ++h) {
-        auto& was = s.row_positions[size_t(l) * H + h];
-        const auto& now = s.mirror.head(l, h).positions;
-        size_t j = 0;
-        for (size_t i = 0; i < now.size(); ++i, ++j) {
-          while (was[j] != now[i]) ++j;
-          keep[size_t(h) * max_kept + i] = int(j);
-        }
-        keep[size_t(H) * max_kept + h] = s.len[size_t(l) * H + h] = int(now.size());
-        was = now;
-      }
-      int* d_keep = grow(keep_, keep.size());
-      KVTP_CUDA_CHECK(cudaMemcpy(d_keep, keep.data(), keep.size() * sizeof(int), cudaMemcpyHostToDevice));
-      GpuLayer<T>& L = layers_[l];
-      const int* kept = d_keep + size_t(H) * max_kept;
-      const size_t rows = head0 * capacity_;
-      if (int8_) {
-        cuda::compactKV(L.K8.get() + rows * c_.head_dim, L.V8.get() + rows * c_.head_dim, L.pos.get() + rows,
-                        capacity_, H, c_.head_dim, d_keep, kept, max_kept);
-        cuda::compactKV(L.k_step.get() + rows, L.v_step.get() + rows, nullptr, capacity_, H, 1, d_keep, kept, max_kept);
-      } else {
-        cuda::compactKV(L.K.get() + rows * c_.head_dim, L.V.get() + rows * c_.head_dim, L.pos.get() + rows, capacity_,
-                        H, c_.head_dim, d_keep, kept, max_kept);
-      }
-      s.uniform = false;
-    }
-    s.longest = *std::max_element(s.len.begin(), s.len.end());
-    if (device_decides_decoded_ && prefill) s.prompt_kept = s.len;
-  }
+  // The KV policy after a step (runtime/gpu_compress.cuh: on the host mirror, or on the device).
+  void compress(int last_pos, bool prefill) override;
 
   std::vector<double> step(const int* tokens, const int* positions, int rows, int from, int count,
                            const int* targets) override {
@@ -486,137 +411,11 @@ class GpuEngine : public Engine {
     }
   }
 
-  // SCOPE's decode phase on the device (kv::Policy::evictDecoded's rule): the prompt's entries
-  // and the newest decoded ones are protected, each head's other decoded entries compete in a
-  // pool of their own by this step's attention, the head keeping its prompt and the phase's
-  // budget. A step that does not compress (discontinuous) just counts its rows as kept.
-  void decideDecodedOnDevice(Sequence& s, int last_pos) {
-    s.policy.countStep(last_pos, false);
-    const kv::Policy::DecodedBudget b = s.policy.decodedBudget();
-    if (b.decides) return decideOnDevice(s, last_pos, &b);
-    if (s.on_device) {
-      for (int& k : s.kept) k += s.unscored;
-    } else {  // the mirror compacted the prompt: every slot holds an entry
-      s.kept = s.len, s.on_device = true;
-    }
-    s.unscored = 0, s.weights_pending = false;
-  }
-
-  // Eviction decided on the device (cuda/eviction.h): kv::Policy's decision, by the same select
-  // over this rank's heads with the pools' histograms summed over NCCL (kv/budget_select.h), to
-  // the same budgets, so every rank keeps what tp 1 keeps. H2O and StreamingLLM
-  // decide their prompt here too (H2O scores it by the prefill's rows summed); Scissorhands' prompt
-  // (a history bit per observed row) is decided on the host mirror, whose bits then go to the
-  // device. From the first decision here on, the device holds the scores and the mirror rests
-  // (kvBytes counts the kept entries). Evicted slots stay as holes until compaction pays
-  // (cuda::evictionCompact).
-  void decideOnDevice(Sequence& s, int last_pos, const kv::Policy::DecodedBudget* decoded = nullptr) {
-    const int L = c_.layers, H = part_.kv_heads, LH = L * H, hd = c_.head_dim;
-    // Between layers of score_ / history_ / weights_; the sequence's first row (head 0, slot 0).
-    const size_t stride = seqs_.size() * H * size_t(capacity_), head0 = size_t(current_) * H * capacity_;
-    const bool h2o = kv_spec_.method == kv::Method::H2O, scissorhands = kv_spec_.method == kv::Method::Scissorhands;
-    if (!s.on_device && scissorhands && s.longest > 0) {  // the prompt's bits, decided on the mirror
-      std::vector<uint64_t> bits(size_t(H) * s.longest);
-      const size_t row = s.longest * sizeof(uint64_t);
-      for (int l = 0; l < L; ++l) {
-        for (int h = 0; h < H; ++h) {
-          const kv::HeadCache& c = s.mirror.head(l, h);
-          std::copy(c.history.begin(), c.history.end(), bits.begin() + size_t(h) * s.longest);
-        }
-        KVTP_CUDA_CHECK(cudaMemcpy2D(history_.get() + l * stride + head0, capacity_ * sizeof(uint64_t), bits.data(), row,
-                                     row, H, cudaMemcpyHostToDevice));
-      }
-    }
-    s.on_device = true;
-    // This rank's table: its heads' entries in (layer, KV head, position) order, each head's
-    // first entry at off[head].
-    std::vector<int64_t> off(size_t(LH) + 1, 0);
-    for (int i = 0; i < LH; ++i) off[i + 1] = off[i] + s.len[i];
-    const int64_t N = off.back();
-    if (N > INT32_MAX) throw Error("eviction on the device: more than 2^31 cache entries on one GPU");
-    // Device: table offsets, slots, then slots and entries after, per (layer, head); each head's
-    // (layer, global KV head) and every table head's pool (kv::Policy's pools over every rank).
-    // SCOPE's decode phase: a pool per head, keeping its prompt and the phase's budget.
-    const int G = c_.kv_heads, pools = decoded ? L * G : s.policy.poolCount(), heads_per_pool = L * G / pools;
-    std::vector<int> meta(5 * size_t(LH) + size_t(L) * G);
-    for (int i = 0; i < LH; ++i)
-      meta[i] = int(off[i]), meta[LH + i] = s.len[i], meta[4 * LH + i] = (i / H) * G + part_.kv_head_begin + i % H;
-    for (int t = 0; t < L * G; ++t) meta[5 * LH + t] = t / heads_per_pool;
-    int* d_meta = grow(evict_meta_, meta.size());
-    KVTP_CUDA_CHECK(cudaMemcpy(d_meta, meta.data(), meta.size() * sizeof(int), cudaMemcpyHostToDevice));
-    std::vector<int64_t> budget = decoded ? std::vector<int64_t>(size_t(pools), 0) : s.policy.budgets(last_pos);
-    if (decoded)
-      for (int i = 0; i < LH; ++i) budget[meta[4 * LH + i]] = s.prompt_kept[i] + decoded->per_head;
-    int64_t* d_budget = grow(evict_budget_, budget.size());
-    KVTP_CUDA_CHECK(cudaMemcpy(d_budget, budget.data(), budget.size() * sizeof(int64_t), cudaMemcpyHostToDevice));
-    std::vector<void*> ptrs(5 * size_t(L), nullptr);  // K, V, positions, key steps, value steps
-    for (int l = 0; l < L; ++l) {
-      GpuLayer<T>& g = layers_[l];
-      ptrs[l] = int8_ ? static_cast<void*>(g.K8.get() + head0 * hd) : g.K.get() + head0 * hd;
-      ptrs[L + l] = int8_ ? static_cast<void*>(g.V8.get() + head0 * hd) : g.V.get() + head0 * hd;
-      ptrs[2 * L + l] = g.pos.get() + head0;
-      if (int8_) ptrs[3 * L + l] = g.k_step.get() + head0, ptrs[4 * L + l] = g.v_step.get() + head0;
-    }
-    void** d_ptrs = grow(evict_ptrs_, ptrs.size());
-    KVTP_CUDA_CHECK(cudaMemcpy(d_ptrs, ptrs.data(), ptrs.size() * sizeof(void*), cudaMemcpyHostToDevice));
-    // What the step's attention left: a decode step's probabilities, or the prompt's observed rows
-    // summed ([layer][kv_head][observed_len_]; H2O observes every row).
-    const bool observed = observed_len_ > 0 && observed_seq_ == current_;
-    const float* weights = observed ? observed_.get() : s.weights_pending ? weights_.get() + head0 : nullptr;
-    int64_t weights_layer = observed ? int64_t(H) * observed_len_ : int64_t(stride),
-            weights_head = observed ? observed_len_ : capacity_;
-    if (weights && part_.tp > c_.kv_heads)
-      weights = sumReplicated(weights, weights_layer, weights_head, observed ? observed_len_ : s.longest);
-    if (observed) observed_len_ = 0;
-    const cuda::EvictionCache cache{L, H, capacity_, int(hd * (int8_ ? 1 : sizeof(T))), d_ptrs, d_ptrs + L,
-                                    reinterpret_cast<int* const*>(d_ptrs + 2 * L),
-                                    int8_ ? reinterpret_cast<float* const*>(d_ptrs + 3 * L) : nullptr,
-                                    int8_ ? reinterpret_cast<float* const*>(d_ptrs + 4 * L) : nullptr,
-                                    h2o ? score_.get() + head0 : nullptr, scissorhands ? history_.get() + head0 : nullptr,
-                                    int64_t(stride), weights, weights_layer, weights_head, d_meta + LH, d_meta};
-    double* table = grow(table_, size_t(std::max<int64_t>(N, 1)));
-    const uint64_t mask = kv_spec_.history >= 64 ? ~0ull : (1ull << kv_spec_.history) - 1;
-    const cuda::EvictScore method = decoded        ? cuda::EvictScore::StepAttention
-                                    : h2o          ? cuda::EvictScore::H2O
-                                    : scissorhands ? cuda::EvictScore::Scissorhands
-                                                   : cuda::EvictScore::StreamingLLM;
-    // Protected: the sinks and the recent window; in SCOPE's phase the prompt and the newest decoded.
-    const int protect_below = decoded ? decoded->prefill_end : kv_spec_.sinks,
-              protect_recent = decoded ? kv_spec_.decode_recent : kv_spec_.recent;
-    cuda::evictionKeys(cache, method, s.unscored, mask, protect_below, protect_recent, last_pos, table);
-    // The pools span ranks unless each is one head (kv/budget_select.h): then the sums are local.
-    const bool shared = part_.tp > 1 && !decoded && kv_spec_.scope != kv::Scope::Head;
-    const cuda::SelectLayout select{d_meta + 4 * LH, d_meta + 5 * LH, d_budget, L * G, pools,
-                                    !shared || headLayout(c_, part_).owner};
-    std::function<void(double*, size_t)> sum_over_ranks;
-    if (shared) sum_over_ranks = [this](double* d, size_t n) { group_->allReduceSum(d, n); };
-    uint8_t* keep = grow(keep_flags_, size_t(std::max<int64_t>(N, 1)));
-    cuda::evictionDecide(cache, table, select, sum_over_ranks, keep);
-    cuda::evictionCompact(cache, keep, d_meta + 2 * LH, d_meta + 3 * LH);
-    KVTP_CUDA_CHECK(cudaMemcpy(meta.data(), d_meta + 2 * LH, 2 * LH * sizeof(int), cudaMemcpyDeviceToHost));
-    std::copy(meta.begin(), meta.begin() + LH, s.len.begin());
-    s.kept.assign(meta.begin() + LH, meta.begin() + 2 * LH);
-    s.longest = *std::max_element(s.len.begin(), s.len.end());
-    s.uniform = false, s.unscored = 0, s.weights_pending = false;
-  }
-
-  // A replicated KV head (kv_heads < tp) sees only this rank's query heads: its probabilities are
-  // summed over the ranks that hold it before they score, as kv::Policy::score does on the host.
-  // Laid out by (layer, global KV head), so that the ranks holding other heads add nothing to it;
-  // the strides become the sum's.
-  const float* sumReplicated(const float* w, int64_t& layer_stride, int64_t& head_stride, int n) {
-    const int L = c_.layers, G = c_.kv_heads;
-    const size_t size = size_t(L) * G * n;
-    float* all = grow(replicated_weights_, std::max<size_t>(size, 1));
-    KVTP_CUDA_CHECK(cudaMemsetAsync(all, 0, size * sizeof(float), cudaStreamPerThread));
-    for (int h = 0; h < part_.kv_heads; ++h)
-      KVTP_CUDA_CHECK(cudaMemcpy2DAsync(all + size_t(part_.kv_head_begin + h) * n, size_t(G) * n * sizeof(float),
-                                        w + h * head_stride, layer_stride * sizeof(float), n * sizeof(float), L,
-                                        cudaMemcpyDeviceToDevice, cudaStreamPerThread));
-    group_->allReduceSum(all, size);
-    layer_stride = int64_t(G) * n, head_stride = n;
-    return all + size_t(part_.kv_head_begin) * n;
-  }
+  // Eviction decided on the device (runtime/gpu_compress.cuh): SCOPE's decode phase, the per-step
+  // methods' select with histograms summed over NCCL, replicated heads' probabilities summed first.
+  void decideDecodedOnDevice(Sequence& s, int last_pos);
+  void decideOnDevice(Sequence& s, int last_pos, const kv::Policy::DecodedBudget* decoded = nullptr);
+  const float* sumReplicated(const float* w, int64_t& layer_stride, int64_t& head_stride, int n);
 
   // log p(targets) from hidden rows from .. from + count - 1 of the step just run.
   std::vector<double> head(int from, int count, const int* targets) {
@@ -1037,6 +836,8 @@ class GpuEngine : public Engine {
   DeviceBuffer<T> xn_, ctx_, act_;
   DeviceBuffer<kernels::SoftmaxPartial> partials_;
 };
+
+#include "runtime/gpu_compress.cuh"
 
 }  // namespace
 
