@@ -96,6 +96,7 @@ std::string PolicySpec::describe() const {
     if (method == Method::Random) o << ",seed=" << seed;
     if (method == Method::LagKV) o << ",lag=" << lag;
     if (chunk > 1) o << ",chunk=" << chunk;
+    if (evict_below > -INFINITY) o << ",evict_below=" << evict_below;
     if (interval > 1) o << ",interval=" << interval;
     if (decode != Decode::None)
       o << ",decode=" << (decode == Decode::Slide ? "slide" : decode == Decode::Adaptive ? "adaptive" : "discontinuous")
@@ -125,12 +126,14 @@ PolicySpec parsePolicy(const std::string& kv, const std::string& kv_quant, const
                                   "tova, knorm, keydiff, lagkv, simlayerkv");
     s.method = m->second;
     rejectUnknown(a, {"budget", "tokens", "bytes", "sinks", "recent", "scope", "history", "window", "kernel", "ratio", "decode",
-                      "decode_budget", "decode_recent", "delta", "seed", "lag", "interval", "chunk", "threshold"},
+                      "decode_budget", "decode_recent", "delta", "seed", "lag", "interval", "chunk", "threshold",
+                      "evict_below"},
                   kv);
     s.lag = int(number(a, "lag", s.lag, kv));
     s.interval = int(number(a, "interval", s.interval, kv));
     s.chunk = int(number(a, "chunk", s.chunk, kv));
     s.threshold = number(a, "threshold", s.threshold, kv);
+    s.evict_below = number(a, "evict_below", s.evict_below, kv);
     if (s.lag < 1 || s.interval < 1 || s.chunk < 1)
       throw std::invalid_argument("lag, interval and chunk must be at least 1 (" + kv + ")");
     if (s.threshold < 0 || s.threshold > 1) throw std::invalid_argument("threshold must be in [0, 1] (" + kv + ")");
@@ -470,7 +473,10 @@ void Policy::evict(KVCache& cache, int last_pos, bool prefill) {
 #pragma omp parallel for collapse(2) schedule(static)
   for (int l = 0; l < L; ++l)
     for (int h = 0; h < H; ++h) {  // each head retains its own entries
-      const std::vector<uint8_t>& k = keep_[size_t(l) * H + h];
+      std::vector<uint8_t>& k = keep_[size_t(l) * H + h];
+      const std::vector<double>& key = keys_[size_t(l) * H + h];
+      for (size_t i = 0; i < k.size(); ++i)  // DMS-style: below the threshold, out whatever the budget
+        if (key[i] < spec_.evict_below) k[i] = 0;
       if (std::find(k.begin(), k.end(), 0) == k.end()) continue;
       std::vector<int> idx;
       for (int i = 0; i < int(k.size()); ++i)

@@ -7,6 +7,7 @@
 // deterministic decision (ties broken by layer, head, position), so kept tokens and perplexity
 // do not depend on tp. A few sink tokens and a recent window are always kept unless the spec turns them off.
 #pragma once
+#include <cmath>
 #include <cstdint>
 #include <map>
 #include <string>
@@ -52,6 +53,7 @@ struct PolicySpec {
   int interval = 1;         // per-step methods: decode steps between decisions (kvpress's DecodingPress)
   int chunk = 1;            // ChunkKV: entries share the mean score of their chunk of this many (1: off)
   double threshold = 0.9;   // SimLayerKV: a layer is lazy past this share of attention on sinks + recent
+  double evict_below = -INFINITY;  // DMS-style: entries scoring below this go whatever the budget (-inf: off)
   Quant quant = Quant::None;
   int bits = 8;             // KIVI: 2 or 4
   int group = 32;           // KIVI: tokens per key group (per channel), channels per value group

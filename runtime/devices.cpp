@@ -1,5 +1,7 @@
 // What every build knows about devices and dtypes; the CUDA engine itself is gpu_engine.cu, or,
 // in a build without CUDA, the clear errors at the end of this file.
+#include <cmath>
+
 #include "runtime/error.h"
 #include "runtime/gpu_engine.h"
 
@@ -18,9 +20,9 @@ void checkGpuCompression(const kv::PolicySpec& s) {
   if (s.readsRows())
     throw Error("'" + s.describe() + "' scores the cached keys and values, which the CUDA engine does not copy to its "
                 "host mirror yet: use --device cpu");
-  if (s.interval > 1 || s.chunk > 1 || s.method == kv::Method::SimLayerKV)
-    throw Error("interval= (deciding every N decode steps), chunk= (ChunkKV) and simlayerkv run on --device cpu only so "
-                "far ('" + s.describe() + "')");
+  if (s.interval > 1 || s.chunk > 1 || s.evict_below > -INFINITY || s.method == kv::Method::SimLayerKV)
+    throw Error("interval= (deciding every N decode steps), chunk= (ChunkKV), evict_below= (DMS-style) and simlayerkv "
+                "run on --device cpu only so far ('" + s.describe() + "')");
   if (s.rank > 0 && (s.evicts() || s.quant != kv::Quant::None))
     throw Error("--device cuda holds low-rank channels (cskv) alone, without eviction or quantization; '" +
                 s.describe() + "' combines them: use --device cpu");

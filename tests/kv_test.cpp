@@ -249,6 +249,21 @@ TEST(KvEviction, KnormKeepsTheLowNormKeys) {
   EXPECT_EQ(positions(c), (std::vector<int>{0, 1, 3, 7, 9}));  // sink, recent, norms 1, 0.5, 0.1
 }
 
+// DMS-style (evict_below): entries scoring below the threshold go whatever the budget — here
+// K-norm's -||k|| below -2.5, norms 4, 3, 6, 7; with a budget too, the budget decides first.
+TEST(KvEviction, EntriesBelowTheThresholdGoWhateverTheBudget) {
+  const std::vector<std::array<float, 2>> keys = {{5, 0}, {1, 0}, {4, 0}, {0.5f, 0}, {3, 0},
+                                                  {2, 0}, {6, 0}, {0.1f, 0}, {7, 0}, {8, 0}};
+  KVCache c = withKeys(keys);
+  Policy p(parsePolicy("knorm:budget=1,sinks=1,recent=1,evict_below=-2.5", ""), layout(), nullptr);
+  p.afterStep(c, {}, 9, false);
+  EXPECT_EQ(positions(c), (std::vector<int>{0, 1, 3, 5, 7, 9}));  // the sink and the recent stay
+  KVCache d = withKeys(keys);
+  Policy q(parsePolicy("knorm:tokens=4,sinks=1,recent=1,evict_below=-2.5", ""), layout(), nullptr);
+  q.afterStep(d, {}, 9, false);
+  EXPECT_EQ(positions(d), (std::vector<int>{0, 3, 7, 9}));
+}
+
 // KeyDiff: normalized keys (1,0) (1,0) (0,1) (0.995,0.0995) (-1,0) (1,0) average to
 // a = (0.4992, 0.1833); cosines with a are 0.939, 0.345, 0.968, -0.939 for entries 1..4, so the two
 // free slots go to the least similar: 4 (-0.939) and 2 (0.345).
