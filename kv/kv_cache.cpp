@@ -58,12 +58,31 @@ void appendRow(std::vector<V>& to, const std::vector<V>& from, int64_t row, int6
 
 }  // namespace
 
-// Which full entries a rebuild converts, and to what.
+// Which entries a rebuild converts, and to what.
 struct KVCache::Conversion {
   Form to = Form::Full;            // Full: none
   std::vector<uint8_t> convert;    // per entry: 1 = convert it
   std::vector<uint8_t> run_start;  // Kivi: per entry, 1 = a key group of value_group_ entries starts here
+  std::vector<Form> each;          // demote: per entry, its own target (then `to` is unused)
 };
+
+namespace {
+
+int tokenIndex(Form f) { return f == Form::Token4 ? 0 : 1; }
+int tokenCodeBytes(int head_dim, Form f) { return (head_dim * tokenBits(f) + 7) / 8; }
+int tokenGroups(int head_dim) { return (head_dim + kTokenGroup - 1) / kTokenGroup; }
+
+// A rung of the tiered ladder: higher holds more.
+int rung(Form f) {
+  switch (f) {
+    case Form::Full: return 3;
+    case Form::Int8: return 2;
+    case Form::Token4: return 1;
+    default: return 0;  // Token2 (KIVI and low rank are not on the ladder)
+  }
+}
+
+}  // namespace
 
 KVCache::KVCache(int layers, int kv_heads, int head_dim, bool rows_on_device)
     : layers_(layers), kv_heads_(kv_heads), head_dim_(head_dim), rows_on_device_(rows_on_device),
@@ -162,6 +181,80 @@ void KVCache::toLowRank(int layer, int head, int end) {
   rebuild(layer, head, everyIndex(c.length()), cv);
 }
 
+void KVCache::demote(int layer, int head, const std::vector<int>& keep, const std::vector<Form>& to) {
+  if (rows_on_device_) throw std::logic_error("KVCache: a device cache's mirror cannot demote");
+  if (keep.size() != to.size()) throw std::invalid_argument("KVCache::demote: a form per kept entry");
+  const HeadCache& c = this->head(layer, head);
+  Conversion cv;
+  cv.convert.assign(size_t(c.length()), 0);
+  cv.each.assign(size_t(c.length()), Form::Full);
+  for (size_t k = 0; k < keep.size(); ++k) {
+    const int i = keep[k];
+    if (i < 0 || i >= c.length()) throw std::out_of_range("KVCache::demote: no such entry");
+    if (to[k] != Form::Full && to[k] != Form::Int8 && to[k] != Form::Token4 && to[k] != Form::Token2)
+      throw std::invalid_argument("KVCache::demote: the ladder's forms are full, int8, 4-bit and 2-bit tokens");
+    if (c.form[i] == Form::Kivi || c.form[i] == Form::LowRank)
+      throw std::logic_error("KVCache::demote: KIVI and low-rank entries are not on the ladder");
+    if (rung(to[k]) < rung(c.form[i])) cv.convert[i] = 1, cv.each[i] = to[k];
+  }
+  if (keep.size() == size_t(c.length()) && std::find(cv.convert.begin(), cv.convert.end(), 1) == cv.convert.end())
+    return;  // nothing goes, nothing steps down
+  if (std::find(cv.each.begin(), cv.each.end(), Form::Int8) != cv.each.end()) useBits(8);
+  rebuild(layer, head, keep, cv);
+}
+
+void KVCache::decodeEntry(const HeadCache& c, int layer, int head, int i, int row, int group, float* k,
+                          float* v) const {
+  const int hd = head_dim_, cb = code_bits_ ? codeBytes() : 0, r = lowrank_.rank;
+  switch (c.form[i]) {
+    case Form::Full:
+      std::copy_n(c.keys.data() + int64_t(row) * hd, hd, k);
+      std::copy_n(c.values.data() + int64_t(row) * hd, hd, v);
+      break;
+    case Form::Int8: {
+      const uint8_t* codes = c.codes.data() + int64_t(row) * 2 * cb;
+      const float* step = c.row_params.data() + int64_t(row) * rowParams();
+      for (int ch = 0; ch < hd; ++ch) {
+        k[ch] = float(int8_t(unpack(codes, ch, 8))) * step[0];
+        v[ch] = float(int8_t(unpack(codes + cb, ch, 8))) * step[1];
+      }
+      break;
+    }
+    case Form::Kivi: {
+      const uint8_t* codes = c.codes.data() + int64_t(row) * 2 * cb;
+      const float* kp = c.key_params.data() + int64_t(group) * 2 * hd;
+      const float* vp = c.row_params.data() + int64_t(row) * rowParams();
+      for (int ch = 0; ch < hd; ++ch) {
+        k[ch] = Affine{kp[2 * ch], kp[2 * ch + 1]}.decode(unpack(codes, ch, code_bits_));
+        const int j = ch / value_group_;
+        v[ch] = Affine{vp[2 * j], vp[2 * j + 1]}.decode(unpack(codes + cb, ch, code_bits_));
+      }
+      break;
+    }
+    case Form::LowRank: {
+      const size_t b = size_t(layer) * kv_heads_ + head;
+      const float* z = c.coords.data() + int64_t(row) * 2 * r;
+      reconstruct(z, lowrank_.keys[b].data(), hd, r, k);
+      if (!lowrank_.rope_inv_freq.empty()) kernels::applyRope(k, 1, 1, hd, &c.positions[i], lowrank_.rope_inv_freq.data());
+      reconstruct(z + r, lowrank_.values[b].data(), hd, r, v);
+      break;
+    }
+    case Form::Token4:
+    case Form::Token2: {
+      const int t = tokenIndex(c.form[i]), bits = tokenBits(c.form[i]), tb = tokenCodeBytes(hd, c.form[i]),
+                groups = tokenGroups(hd);
+      const uint8_t* codes = c.token_codes[t].data() + int64_t(row) * 2 * tb;
+      const float* params = c.token_params[t].data() + int64_t(row) * 4 * groups;
+      for (int ch = 0; ch < hd; ++ch) {
+        const int j = ch / kTokenGroup;
+        k[ch] = Affine{params[2 * j], params[2 * j + 1]}.decode(unpack(codes, ch, bits));
+        v[ch] = Affine{params[2 * (groups + j)], params[2 * (groups + j) + 1]}.decode(unpack(codes + tb, ch, bits));
+      }
+      break;
+    }
+  }
+}
+
 // Rebuilds a head's stores from the entries `keep`, converting those `cv` names: every store
 // stays dense and in entry order, so an entry's row is the count of earlier entries of its form.
 void KVCache::rebuild(int layer, int head, const std::vector<int>& keep, const Conversion& cv) {
@@ -169,7 +262,7 @@ void KVCache::rebuild(int layer, int head, const std::vector<int>& keep, const C
   const int hd = head_dim_, n = c.length();
   const int cb = code_bits_ ? codeBytes() : 0, r = lowrank_.rank, row_params = rowParams();
   std::vector<int> row(static_cast<size_t>(n)), group(static_cast<size_t>(n), -1);
-  int count[4] = {}, g = -1, left = 0;
+  int count[kForms] = {}, g = -1, left = 0;
   for (int i = 0; i < n; ++i) {
     row[i] = count[int(c.form[i])]++;
     if (c.form[i] != Form::Kivi) continue;
@@ -191,7 +284,7 @@ void KVCache::rebuild(int layer, int head, const std::vector<int>& keep, const C
     out.score.push_back(c.score[i]);
     out.history.push_back(c.history[i]);
     const bool convert = !cv.convert.empty() && cv.convert[i];
-    const Form f = convert ? cv.to : c.form[i];
+    const Form f = !convert ? c.form[i] : cv.each.empty() ? cv.to : cv.each[i];
     out.form.push_back(f);
     if (!convert) {
       switch (f) {
@@ -215,13 +308,39 @@ void KVCache::rebuild(int layer, int head, const std::vector<int>& keep, const C
           }
           break;
         case Form::LowRank: appendRow(out.coords, c.coords, row[i], 2 * r); break;
+        case Form::Token4:
+        case Form::Token2: {
+          const int t = tokenIndex(f);
+          appendRow(out.token_codes[t], c.token_codes[t], row[i], 2 * tokenCodeBytes(hd, f));
+          appendRow(out.token_params[t], c.token_params[t], row[i], 4 * tokenGroups(hd));
+          break;
+        }
       }
       continue;
     }
     last_group = -1;  // a converted run opens its own group
-    const float* key = c.keys.data() + int64_t(row[i]) * hd;  // converted entries are full
+    // The entry's rows at full precision: the store itself, or decoded (a demotion of a coded entry).
+    std::vector<float> decoded;
+    const float* key = c.keys.data() + int64_t(row[i]) * hd;
     const float* value = c.values.data() + int64_t(row[i]) * hd;
-    if (f == Form::Int8) {
+    if (c.form[i] != Form::Full) {
+      decoded.resize(size_t(2) * hd);
+      decodeEntry(c, layer, head, i, row[i], group[i], decoded.data(), decoded.data() + hd);
+      key = decoded.data(), value = decoded.data() + hd;
+    }
+    if (f == Form::Token4 || f == Form::Token2) {
+      const int t = tokenIndex(f), bits = tokenBits(f), tb = tokenCodeBytes(hd, f);
+      for (const float* x : {key, value}) {
+        for (int ch = 0; ch < hd; ch += kTokenGroup) {
+          const int w = std::min(kTokenGroup, hd - ch);
+          const Affine a = fitAffine(x + ch, w, 1, bits);
+          for (int j = 0; j < w; ++j) q[ch + j] = encodeAffine(x[ch + j], a, bits);
+          out.token_params[t].insert(out.token_params[t].end(), {a.lo, a.step});
+        }
+        out.token_codes[t].resize(out.token_codes[t].size() + tb);
+        pack(q.data(), hd, bits, out.token_codes[t].data() + out.token_codes[t].size() - tb);
+      }
+    } else if (f == Form::Int8) {
       for (const float* x : {key, value}) {
         const float step = fitInt8(x, hd);
         for (int ch = 0; ch < hd; ++ch) q[ch] = encodeInt8(x[ch], step);
@@ -264,52 +383,20 @@ void KVCache::rebuild(int layer, int head, const std::vector<int>& keep, const C
 HeadRows KVCache::rows(int layer, int head, std::vector<float>& scratch) const {
   if (rows_on_device_) throw std::logic_error("KVCache: a device cache's rows are on the device");
   const HeadCache& c = this->head(layer, head);
-  if (c.codes.empty() && c.coords.empty()) return {c.keys.data(), c.values.data()};
-  const int hd = head_dim_, n = c.length(), cb = codeBytes(), r = lowrank_.rank;
+  if (std::all_of(c.form.begin(), c.form.end(), [](Form f) { return f == Form::Full; }))
+    return {c.keys.data(), c.values.data()};
+  const int hd = head_dim_, n = c.length();
   scratch.resize(size_t(2) * n * hd);
   float* keys = scratch.data();
   float* values = keys + int64_t(n) * hd;
-  int count[4] = {}, g = -1, left = 0;
+  int count[kForms] = {}, g = -1, left = 0;
   for (int i = 0; i < n; ++i) {
-    float* k = keys + int64_t(i) * hd;
-    float* v = values + int64_t(i) * hd;
     const int row = count[int(c.form[i])]++;
-    switch (c.form[i]) {
-      case Form::Full:
-        std::copy_n(c.keys.data() + int64_t(row) * hd, hd, k);
-        std::copy_n(c.values.data() + int64_t(row) * hd, hd, v);
-        break;
-      case Form::Int8: {
-        const uint8_t* codes = c.codes.data() + int64_t(row) * 2 * cb;
-        const float* step = c.row_params.data() + int64_t(row) * rowParams();
-        for (int ch = 0; ch < hd; ++ch) {
-          k[ch] = float(int8_t(unpack(codes, ch, 8))) * step[0];
-          v[ch] = float(int8_t(unpack(codes + cb, ch, 8))) * step[1];
-        }
-        break;
-      }
-      case Form::Kivi: {
-        if (left == 0) left = c.group_rows[++g];
-        --left;
-        const uint8_t* codes = c.codes.data() + int64_t(row) * 2 * cb;
-        const float* kp = c.key_params.data() + int64_t(g) * 2 * hd;
-        const float* vp = c.row_params.data() + int64_t(row) * rowParams();
-        for (int ch = 0; ch < hd; ++ch) {
-          k[ch] = Affine{kp[2 * ch], kp[2 * ch + 1]}.decode(unpack(codes, ch, code_bits_));
-          const int j = ch / value_group_;
-          v[ch] = Affine{vp[2 * j], vp[2 * j + 1]}.decode(unpack(codes + cb, ch, code_bits_));
-        }
-        break;
-      }
-      case Form::LowRank: {
-        const size_t b = size_t(layer) * kv_heads_ + head;
-        const float* z = c.coords.data() + int64_t(row) * 2 * r;
-        reconstruct(z, lowrank_.keys[b].data(), hd, r, k);
-        if (!lowrank_.rope_inv_freq.empty()) kernels::applyRope(k, 1, 1, hd, &c.positions[i], lowrank_.rope_inv_freq.data());
-        reconstruct(z + r, lowrank_.values[b].data(), hd, r, v);
-        break;
-      }
+    if (c.form[i] == Form::Kivi) {
+      if (left == 0) left = c.group_rows[++g];
+      --left;
     }
+    decodeEntry(c, layer, head, i, row, g, keys + int64_t(i) * hd, values + int64_t(i) * hd);
   }
   return {keys, values};
 }
@@ -325,17 +412,19 @@ int64_t StoreShape::bytes(Form form, int64_t entries, int64_t runs) const {
       return entries * (2 * code_bytes + 4 * value_groups) + runs * (4 * hd + 2);
     }
     case Form::LowRank: return entries * 4 * int64_t(rank);
+    case Form::Token4:
+    case Form::Token2: return entries * (2 * ((hd * tokenBits(form) + 7) / 8) + 8 * ((hd + kTokenGroup - 1) / kTokenGroup));
   }
   return 0;
 }
 
 int64_t KVCache::storedBytes(int layer, int head) const {
   const HeadCache& c = this->head(layer, head);
-  int64_t count[4] = {};
+  int64_t count[kForms] = {};
   for (Form f : c.form) ++count[int(f)];
   const StoreShape shape{head_dim_, code_bits_, value_group_, lowrank_.rank};
   int64_t bytes = 0;
-  for (Form f : {Form::Full, Form::Int8, Form::Kivi, Form::LowRank})
+  for (Form f : {Form::Full, Form::Int8, Form::Kivi, Form::LowRank, Form::Token4, Form::Token2})
     bytes += shape.bytes(f, count[int(f)], f == Form::Kivi ? int64_t(c.group_rows.size()) : 0);
   return bytes;
 }

@@ -2,8 +2,8 @@
 // keys, values and absolute positions. Heads are independent so that compression policies can
 // keep different tokens per head; attention masks by position, not by index.
 //
-// An entry is held in one of four forms: full precision, int8 codes, KIVI codes (2/4 bits) or
-// low-rank coordinates. Each form has its own packed store per head; attention asks for a head's
+// An entry is held in one of six forms: full precision, int8 codes, KIVI codes (2/4 bits),
+// low-rank coordinates, or per-token 4-/2-bit codes (the tiered policy's lower rungs). Each form has its own packed store per head; attention asks for a head's
 // rows (`rows`), which are the stores themselves while every entry is full precision and are
 // otherwise dequantized / reconstructed into a scratch the caller owns.
 #pragma once
@@ -15,7 +15,13 @@
 
 namespace kvtp::kv {
 
-enum class Form : uint8_t { Full, Int8, Kivi, LowRank };
+// Token4 / Token2: keys and values each quantized on their own, asymmetric over groups of
+// kTokenGroup channels (a (lo, step) pair per group): entries need no neighbours, so any entry can
+// be demoted alone (KIVI's keys share per-channel pairs over a run of consecutive entries).
+enum class Form : uint8_t { Full, Int8, Kivi, LowRank, Token4, Token2 };
+constexpr int kForms = 6;
+constexpr int kTokenGroup = 32;
+inline int tokenBits(Form f) { return f == Form::Token4 ? 4 : 2; }
 
 // Asymmetric `bits`-bit quantization of values: x ~ lo + code * step with codes in
 // [0, 2^bits - 1]; fitted to the min and max, so the error is at most step / 2.
@@ -42,13 +48,15 @@ struct HeadCache {
   std::vector<float> key_params;     // Kivi: per key group, (lo, step) per channel
   std::vector<uint16_t> group_rows;  // Kivi: rows left in each key group (eviction thins groups)
   std::vector<float> coords;         // LowRank: rank key then rank value coordinates
+  std::vector<uint8_t> token_codes[2];   // Token4, Token2: key codes then value codes, bit-packed
+  std::vector<float> token_params[2];    // Token4, Token2: (lo, step) per channel group, key then value
   int length() const { return int(positions.size()); }
 };
 
 // What a store's entries measure: the bytes of `entries` entries of `form` as a GPU stores them —
 // 2 per float (fp16), codes as packed — with KIVI's `runs` key groups (a (lo, step) per channel
 // and a 2-byte row count each). Full 4 head_dim; int8 2 head_dim + 4; KIVI 2 code bytes + 4 per
-// value group, 4 head_dim + 2 per run; low rank 4 rank.
+// value group, 4 head_dim + 2 per run; low rank 4 rank; Token4/2 2 code bytes + 8 per channel group.
 struct StoreShape {
   int head_dim;
   int code_bits = 0, value_group = 0;  // KIVI: bits and group
@@ -83,6 +91,10 @@ class KVCache {
   // Low rank: full entries before index `end` become their coordinates in the head's bases.
   void setLowRank(LowRankBases bases) { lowrank_ = std::move(bases); }
   void toLowRank(int layer, int head, int end);
+  // The tiered policy: keeps entries `keep` (ascending), each demoted to `to[k]` (Full, Int8,
+  // Token4 or Token2) where that is a lower rung than its form (Full > Int8 > Token4 > Token2;
+  // an entry is never promoted: what a demotion dropped is gone).
+  void demote(int layer, int head, const std::vector<int>& keep, const std::vector<Form>& to);
 
   // Full-precision rows of every entry, in entry order; `scratch` holds them unless the head has
   // only full entries (then they are the store itself).
@@ -100,6 +112,8 @@ class KVCache {
  private:
   struct Conversion;
   void rebuild(int layer, int head, const std::vector<int>& keep, const Conversion& convert);
+  // Entry i (the `row`-th of its form; KIVI: of key group `group`) at full precision into k, v.
+  void decodeEntry(const HeadCache& c, int layer, int head, int i, int row, int group, float* k, float* v) const;
   int codeBytes() const { return (head_dim_ * code_bits_ + 7) / 8; }  // one key's or value's codes
   // Parameters per packed row: int8 a step for the key and one for the value; KIVI the value's
   // (lo, step) per channel group.

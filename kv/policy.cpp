@@ -97,6 +97,10 @@ std::string PolicySpec::describe() const {
     if (method == Method::LagKV) o << ",lag=" << lag;
     if (chunk > 1) o << ",chunk=" << chunk;
     if (evict_below > -INFINITY) o << ",evict_below=" << evict_below;
+    for (size_t i = 0; i < ladder.size(); ++i)
+      o << (i ? "/" : ",ladder=") << (ladder[i] == Form::Full ? "fp16" : ladder[i] == Form::Int8 ? "int8"
+                                       : ladder[i] == Form::Token4                             ? "int4"
+                                                                                               : "int2");
     if (interval > 1) o << ",interval=" << interval;
     if (decode != Decode::None)
       o << ",decode=" << (decode == Decode::Slide ? "slide" : decode == Decode::Adaptive ? "adaptive" : "discontinuous")
@@ -127,13 +131,33 @@ PolicySpec parsePolicy(const std::string& kv, const std::string& kv_quant, const
     s.method = m->second;
     rejectUnknown(a, {"budget", "tokens", "bytes", "sinks", "recent", "scope", "history", "window", "kernel", "ratio", "decode",
                       "decode_budget", "decode_recent", "delta", "seed", "lag", "interval", "chunk", "threshold",
-                      "evict_below"},
+                      "evict_below", "ladder"},
                   kv);
     s.lag = int(number(a, "lag", s.lag, kv));
     s.interval = int(number(a, "interval", s.interval, kv));
     s.chunk = int(number(a, "chunk", s.chunk, kv));
     s.threshold = number(a, "threshold", s.threshold, kv);
     s.evict_below = number(a, "evict_below", s.evict_below, kv);
+    if (auto l = a.find("ladder"); l != a.end()) {
+      const std::map<std::string, Form> rungs = {{"fp16", Form::Full}, {"int8", Form::Int8}, {"int4", Form::Token4},
+                                                 {"int2", Form::Token2}};
+      std::stringstream ss(l->second);
+      for (std::string item; std::getline(ss, item, '/');) {
+        auto r = rungs.find(item);
+        if (r == rungs.end()) throw std::invalid_argument("ladder rung '" + item + "' is not one of fp16, int8, int4, int2 (" + kv + ")");
+        s.ladder.push_back(r->second);
+      }
+      const std::vector<Form> order = {Form::Full, Form::Int8, Form::Token4, Form::Token2};
+      size_t at = 0;
+      for (Form f : s.ladder) {  // a subsequence of the order, from fp16
+        while (at < order.size() && order[at] != f) ++at;
+        if (at == order.size()) throw std::invalid_argument("a ladder steps down: fp16, int8, int4, int2 in order (" + kv + ")");
+        ++at;
+      }
+      if (s.ladder.size() < 2 || s.ladder.front() != Form::Full)
+        throw std::invalid_argument("a ladder starts at fp16 and has a lower rung, e.g. fp16/int8/int4 (" + kv + ")");
+      if (s.method == Method::SimLayerKV) throw std::invalid_argument("simlayerkv keeps whole layers: no ladder (" + kv + ")");
+    }
     if (s.lag < 1 || s.interval < 1 || s.chunk < 1)
       throw std::invalid_argument("lag, interval and chunk must be at least 1 (" + kv + ")");
     if (s.threshold < 0 || s.threshold > 1) throw std::invalid_argument("threshold must be in [0, 1] (" + kv + ")");
@@ -207,6 +231,8 @@ PolicySpec parsePolicy(const std::string& kv, const std::string& kv_quant, const
     s.lowrank_window = int(number(a, "window", s.lowrank_window, kv_lowrank));
     if (s.rank < 1 || s.lowrank_window < 0) throw std::invalid_argument("cskv needs rank>=1, window>=0 (" + kv_lowrank + ")");
   }
+  if (!s.ladder.empty() && (s.quant != Quant::None || s.rank))
+    throw std::invalid_argument("a ladder sets each entry's form itself: no --kv-quant or --kv-lowrank with it");
   return s;
 }
 
@@ -469,6 +495,7 @@ void Policy::evict(KVCache& cache, int last_pos, bool prefill) {
   for (int l = 0; l < L; ++l)
     for (int gh = 0; gh < G; ++gh)
       pool_of[size_t(l) * G + gh] = spec_.scope == Scope::Global ? 0 : spec_.scope == Scope::Layer ? l : l * G + gh;
+  if (!spec_.ladder.empty()) return settleLadder(cache, heads, pool_of, last_pos, shared);
   last_traffic_ = selectBudget(heads, pool_of, budgets(last_pos), shared ? group_ : nullptr, keep_);
 #pragma omp parallel for collapse(2) schedule(static)
   for (int l = 0; l < L; ++l)
@@ -482,6 +509,64 @@ void Policy::evict(KVCache& cache, int last_pos, bool prefill) {
       for (int i = 0; i < int(k.size()); ++i)
         if (k[i]) idx.push_back(i);
       cache.retain(l, h, idx);
+    }
+}
+
+// Tiered precision. Rung j costs b_j bytes an entry (its form as stored, and its position); a
+// pool's budget is its entry budget at b_0 (fp16). The pool keeps as many entries as fit at the
+// lowest rung, the most important first; the bytes left lift the most important entries to the
+// top rung, then the next ones to the next rung, and so on: n_0 = left / (b_0 - b_min) entries at
+// the top, ... So a budget of 1 keeps every entry at fp16, and a small one keeps the most
+// important entries at the lowest rung. The top c_j = n_0 + ... + n_j entries of each pool (one
+// select per rung, over the group as eviction's) are at rung j or above; the protected (sinks and
+// recent window) are at the top whatever the count. An entry is never lifted above the form it has.
+void Policy::settleLadder(KVCache& cache, const std::vector<SelectHead>& heads, const std::vector<int>& pool_of,
+                          int last_pos, bool shared) {
+  const int L = lay_.layers, H = lay_.local_kv_heads, rungs = int(spec_.ladder.size());
+  const StoreShape shape{lay_.head_dim};
+  std::vector<double> cost(static_cast<size_t>(rungs));
+  for (int j = 0; j < rungs; ++j) cost[j] = double(shape.bytes(spec_.ladder[j], 1) + 4);
+  const std::vector<int64_t> entry_budget = budgets(last_pos);
+  const int pools = int(entry_budget.size());
+  std::vector<double> held(static_cast<size_t>(pools), 0.0);  // entries of each pool, over every rank
+  for (const SelectHead& h : heads)
+    if (h.counted) held[pool_of[h.table_head]] += h.n;
+  if (shared) group_->allReduceSum(held.data(), held.size());
+  std::vector<std::vector<int64_t>> top(static_cast<size_t>(rungs), std::vector<int64_t>(static_cast<size_t>(pools)));
+  for (int p = 0; p < pools; ++p) {
+    const double bytes = double(entry_budget[p]) * cost[0], lowest = cost[rungs - 1];
+    const int64_t kept = std::min<int64_t>(int64_t(held[p]), int64_t(bytes / lowest));
+    double left = bytes - double(kept) * lowest;
+    int64_t placed = 0;
+    for (int j = 0; j < rungs; ++j) {
+      int64_t n = kept - placed;  // the lowest rung takes the rest
+      if (j < rungs - 1) n = std::min<int64_t>(n, int64_t(left / (cost[j] - lowest)));
+      left -= double(n) * (cost[j] - lowest);
+      placed += n;
+      top[j][p] = placed;
+    }
+  }
+  std::vector<std::vector<std::vector<uint8_t>>> in_top(static_cast<size_t>(rungs));
+  last_traffic_ = {};
+  for (int j = 0; j < rungs; ++j) {
+    const SelectTraffic t = selectBudget(heads, pool_of, top[j], shared ? group_ : nullptr, in_top[j]);
+    last_traffic_.bytes += t.bytes, last_traffic_.collectives += t.collectives;
+  }
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int l = 0; l < L; ++l)
+    for (int h = 0; h < H; ++h) {
+      const size_t at = size_t(l) * H + h;
+      const std::vector<double>& key = keys_[at];
+      std::vector<int> idx;
+      std::vector<Form> forms;
+      for (int i = 0; i < int(key.size()); ++i) {
+        int j = 0;
+        while (j < rungs && !in_top[j][at][i]) ++j;
+        if (key[i] == INFINITY) j = 0;                 // protected: at the top
+        if (j == rungs || key[i] < spec_.evict_below) continue;  // evicted
+        idx.push_back(i), forms.push_back(spec_.ladder[j]);
+      }
+      cache.demote(l, h, idx, forms);
     }
 }
 

@@ -54,6 +54,9 @@ struct PolicySpec {
   int chunk = 1;            // ChunkKV: entries share the mean score of their chunk of this many (1: off)
   double threshold = 0.9;   // SimLayerKV: a layer is lazy past this share of attention on sinks + recent
   double evict_below = -INFINITY;  // DMS-style: entries scoring below this go whatever the budget (-inf: off)
+  // Tiered precision: the forms an entry steps down through as it loses importance (first Full),
+  // evicted after the last; empty: keep or evict. The budget is then in bytes (docs/KV.md).
+  std::vector<Form> ladder;
   Quant quant = Quant::None;
   int bits = 8;             // KIVI: 2 or 4
   int group = 32;           // KIVI: tokens per key group (per channel), channels per value group
@@ -148,6 +151,10 @@ class Policy {
   int globalIndex(int layer, int local_head) const;
   void findLazyLayers(const KVCache& cache, const StepAttention& attn);  // SimLayerKV, at the prompt's end
   void streamLazyLayers(KVCache& cache, int last_pos);
+  // Tiered precision: each entry's rung from its key (SelectHead), every pool filled as
+  // docs/KV.md says, by one select per rung; applies the forms and the evictions.
+  void settleLadder(KVCache& cache, const std::vector<SelectHead>& heads, const std::vector<int>& pool_of,
+                    int last_pos, bool shared);
 
   PolicySpec spec_;
   HeadLayout lay_;

@@ -5,6 +5,8 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <numeric>
+#include <map>
 #include <random>
 
 #include "kv/budget_select.h"
@@ -381,6 +383,61 @@ TEST(KvEviction, AnIntervalDecidesEveryNthDecodeStep) {
   EXPECT_EQ(positions(c), (std::vector<int>{0, 11, 12, 13}));
 }
 
+// Tiered precision, head_dim 32: an entry costs 132 bytes at fp16, 72 at int8, 28 at 2 bits (its
+// form and a 4-byte position). tokens=6 gives 6 x 132 = 792 bytes for 10 entries: all 10 fit at
+// 2 bits (280), and the 512 left lift 4 entries to fp16 (104 each) and, with the 96 then left, 2
+// to int8 (44 each). Ranked: the sink and the recent entry (protected), then by H2O's score.
+TEST(KvTiered, ALadderFillsTheBudgetTopDownAndNeverPromotes) {
+  const int hd = 32;
+  KVCache c(1, 1, hd);
+  std::mt19937 rng(5);
+  std::normal_distribution<float> d(0.0f, 1.0f);
+  std::vector<float> k(size_t(10) * hd), v(size_t(10) * hd);
+  for (auto& x : k) x = d(rng);
+  for (auto& x : v) x = d(rng);
+  std::vector<int> pos(10);
+  std::iota(pos.begin(), pos.end(), 0);
+  c.append(0, k.data(), v.data(), pos.data(), 10);
+  StepAttention a;
+  a.T = 1;
+  a.blocks = {{0, .08f, .01f, .07f, .02f, .06f, .03f, .05f, .04f, 0}};
+  const auto formsBy = [&](const std::string& spec, const StepAttention& attention) {
+    Policy p(parsePolicy(spec, ""), layout(1, hd), nullptr);
+    p.afterStep(c, attention, 9, false);
+    std::map<int, Form> out;
+    for (int i = 0; i < c.head(0, 0).length(); ++i) out[c.head(0, 0).positions[i]] = c.head(0, 0).form[i];
+    return out;
+  };
+  const Form F = Form::Full, I8 = Form::Int8, T2 = Form::Token2;
+  EXPECT_EQ(formsBy("h2o:tokens=6,sinks=1,recent=1,ladder=fp16/int8/int2", a),
+            (std::map<int, Form>{{0, F}, {1, F}, {2, T2}, {3, F}, {4, T2}, {5, I8}, {6, T2}, {7, I8}, {8, T2}, {9, F}}));
+  // Bytes as stored: 4 x 128 + 2 x (64 + 4) + 4 x (16 + 8), and a position each: within 792.
+  EXPECT_EQ(c.storedBytes(0, 0), 4 * 128 + 2 * 68 + 4 * 24);
+  // Decoded within half a step of each group's range (2 bits: range / 3 / 2).
+  std::vector<float> scratch;
+  const HeadRows rows = c.rows(0, 0, scratch);
+  for (int ch = 0; ch < hd; ++ch) {
+    float lo = INFINITY, hi = -INFINITY;
+    for (int j = 0; j < hd; ++j) lo = std::min(lo, k[2 * hd + j]), hi = std::max(hi, k[2 * hd + j]);
+    EXPECT_NEAR(rows.keys[2 * hd + ch], k[2 * hd + ch], (hi - lo) / 3 / 2 + 1e-5) << ch;  // position 2, at 2 bits
+  }
+  // tokens=2: 264 bytes hold 9 entries at 2 bits, none lifted (but the protected stay at fp16);
+  // the lowest-ranked (position 2) goes. Then tokens=6 again: what stepped down stays down.
+  EXPECT_EQ(formsBy("h2o:tokens=2,sinks=1,recent=1,ladder=fp16/int8/int2", {}),
+            (std::map<int, Form>{{0, F}, {1, T2}, {3, T2}, {4, T2}, {5, T2}, {6, T2}, {7, T2}, {8, T2}, {9, F}}));
+  EXPECT_EQ(formsBy("h2o:tokens=6,sinks=1,recent=1,ladder=fp16/int8/int2", {}),
+            (std::map<int, Form>{{0, F}, {1, T2}, {3, T2}, {4, T2}, {5, T2}, {6, T2}, {7, T2}, {8, T2}, {9, F}}));
+}
+
+TEST(KvTiered, LaddersAreParsedStrictly) {
+  EXPECT_EQ(parsePolicy("h2o:budget=0.2,ladder=fp16/int4/int2", "").describe(),
+            "h2o:budget=0.2,sinks=4,recent=16,scope=global,ladder=fp16/int4/int2");
+  for (const char* bad : {"h2o:ladder=int8/int4", "h2o:ladder=fp16", "h2o:ladder=fp16/int2/int4", "h2o:ladder=fp16/int3",
+                          "simlayerkv:ladder=fp16/int8"})
+    EXPECT_THROW(parsePolicy(bad, ""), std::invalid_argument) << bad;
+  EXPECT_THROW(parsePolicy("h2o:ladder=fp16/int8", "int8"), std::invalid_argument);
+}
+
 TEST(KvEviction, AGlobalBudgetGoesToTheHeadsWithTheHighestScores) {
   const KVCache c = twoHeadsAfterOneStep("global");
   // 8 slots for 2 heads, 4 of them protected (sink + recent per head). Head 0 takes 3 of the 4
@@ -635,7 +692,8 @@ TEST(KvLowRank, BytesCountTheCoordinates) {
 TEST(KvEviction, FullBudgetReproducesTheFullCacheExactly) {
   const auto full = decodeLogprobs("");
   for (const char* m : {"h2o:budget=1", "scissorhands:budget=1", "streamingllm:budget=1", "tova:budget=1",
-                        "knorm:budget=1", "keydiff:budget=1", "lagkv:budget=1,lag=8", "h2o:budget=1,interval=4"})
+                        "knorm:budget=1", "keydiff:budget=1", "lagkv:budget=1,lag=8", "h2o:budget=1,interval=4",
+                        "h2o:budget=1,ladder=fp16/int8/int4/int2"})
     EXPECT_EQ(decodeLogprobs(m), full) << m;
   EXPECT_NE(decodeLogprobs("h2o:budget=0.3"), full);
 }
