@@ -181,6 +181,8 @@ void KVCache::toLowRank(int layer, int head, int end) {
   rebuild(layer, head, everyIndex(c.length()), cv);
 }
 
+bool KVCache::canHold(Form form, Form rung_form) { return rung(rung_form) <= rung(form); }
+
 void KVCache::demote(int layer, int head, const std::vector<int>& keep, const std::vector<Form>& to) {
   if (rows_on_device_) throw std::logic_error("KVCache: a device cache's mirror cannot demote");
   if (keep.size() != to.size()) throw std::invalid_argument("KVCache::demote: a form per kept entry");

@@ -95,6 +95,8 @@ class KVCache {
   // Token4 or Token2) where that is a lower rung than its form (Full > Int8 > Token4 > Token2;
   // an entry is never promoted: what a demotion dropped is gone).
   void demote(int layer, int head, const std::vector<int>& keep, const std::vector<Form>& to);
+  // Whether an entry held as `form` can be held as `rung` of the ladder (no form moves up).
+  static bool canHold(Form form, Form rung);
 
   // Full-precision rows of every entry, in entry order; `scratch` holds them unless the head has
   // only full entries (then they are the store itself).

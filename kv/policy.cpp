@@ -528,14 +528,23 @@ void Policy::settleLadder(KVCache& cache, const std::vector<SelectHead>& heads, 
   for (int j = 0; j < rungs; ++j) cost[j] = double(shape.bytes(spec_.ladder[j], 1) + 4);
   const std::vector<int64_t> entry_budget = budgets(last_pos);
   const int pools = int(entry_budget.size());
-  std::vector<double> held(static_cast<size_t>(pools), 0.0);  // entries of each pool, over every rank
+  // Per pool, over every rank: its entries, and the protected among them (at fp16 whatever the
+  // budget: their bytes come first).
+  std::vector<double> held(2 * static_cast<size_t>(pools), 0.0);
   for (const SelectHead& h : heads)
-    if (h.counted) held[pool_of[h.table_head]] += h.n;
+    if (h.counted) {
+      held[2 * pool_of[h.table_head]] += h.n;
+      held[2 * pool_of[h.table_head] + 1] += double(std::count(h.keys, h.keys + h.n, INFINITY));
+    }
   if (shared) group_->allReduceSum(held.data(), held.size());
+  // top[j]: unprotected entries at rung j or above, cumulative.
   std::vector<std::vector<int64_t>> top(static_cast<size_t>(rungs), std::vector<int64_t>(static_cast<size_t>(pools)));
+  std::vector<int64_t> protected_count(static_cast<size_t>(pools));
   for (int p = 0; p < pools; ++p) {
-    const double bytes = double(entry_budget[p]) * cost[0], lowest = cost[rungs - 1];
-    const int64_t kept = std::min<int64_t>(int64_t(held[p]), int64_t(bytes / lowest));
+    const int64_t fixed = int64_t(held[2 * p + 1]), rest = int64_t(held[2 * p]) - fixed;
+    const double bytes = std::max(0.0, double(entry_budget[p]) * cost[0] - double(fixed) * cost[0]),
+                 lowest = cost[rungs - 1];
+    const int64_t kept = std::min<int64_t>(rest, int64_t(bytes / lowest));
     double left = bytes - double(kept) * lowest;
     int64_t placed = 0;
     for (int j = 0; j < rungs; ++j) {
@@ -545,12 +554,43 @@ void Policy::settleLadder(KVCache& cache, const std::vector<SelectHead>& heads, 
       placed += n;
       top[j][p] = placed;
     }
+    protected_count[p] = fixed;
   }
-  std::vector<std::vector<std::vector<uint8_t>>> in_top(static_cast<size_t>(rungs));
+  // Rung by rung from the top, over the entries not placed yet that can still hold the rung (an
+  // entry never moves up): the n_j highest keys of each pool. Keys of the others are -inf for that
+  // select, and an entry it keeps at -inf (a pool with fewer candidates than slots) is not placed.
+  std::vector<int8_t> placed_at;  // per entry of this rank, flattened by head: its rung, or -1
+  std::vector<size_t> first(heads.size() + 1, 0);
+  for (size_t k = 0; k < heads.size(); ++k) first[k + 1] = first[k] + size_t(heads[k].n);
+  placed_at.assign(first.back(), -1);
+  std::vector<double> rung_keys(first.back());
+  std::vector<SelectHead> rung_heads = heads;
+  std::vector<std::vector<uint8_t>> picked;
   last_traffic_ = {};
+  std::vector<double> filled(static_cast<size_t>(pools), 0.0);  // unprotected entries placed so far, every rank
   for (int j = 0; j < rungs; ++j) {
-    const SelectTraffic t = selectBudget(heads, pool_of, top[j], shared ? group_ : nullptr, in_top[j]);
+    // The slots of rung j and those above that entries could not take (an entry too far down
+    // for a rung waits for the one it can hold).
+    std::vector<int64_t> slots(static_cast<size_t>(pools));
+    for (int p = 0; p < pools; ++p) slots[p] = top[j][p] - int64_t(filled[p]) + (j ? 0 : protected_count[p]);
+    for (size_t k = 0; k < heads.size(); ++k) {
+      const HeadCache& c = cache.head(int(k) / H, int(k) % H);
+      for (int i = 0; i < heads[k].n; ++i) {
+        const bool open = placed_at[first[k] + i] < 0 && KVCache::canHold(c.form[i], spec_.ladder[j]);
+        rung_keys[first[k] + i] = open ? heads[k].keys[i] : -INFINITY;
+      }
+      rung_heads[k].keys = rung_keys.data() + first[k];
+    }
+    const SelectTraffic t = selectBudget(rung_heads, pool_of, slots, shared ? group_ : nullptr, picked);
     last_traffic_.bytes += t.bytes, last_traffic_.collectives += t.collectives;
+    std::fill(filled.begin(), filled.end(), 0.0);
+    for (size_t k = 0; k < heads.size(); ++k)
+      for (int i = 0; i < heads[k].n; ++i) {
+        if (picked[k][i] && rung_keys[first[k] + i] > -INFINITY) placed_at[first[k] + i] = int8_t(j);
+        if (heads[k].counted && placed_at[first[k] + i] >= 0 && heads[k].keys[i] < INFINITY)
+          filled[pool_of[heads[k].table_head]] += 1;
+      }
+    if (shared && j + 1 < rungs) group_->allReduceSum(filled.data(), filled.size());
   }
 #pragma omp parallel for collapse(2) schedule(static)
   for (int l = 0; l < L; ++l)
@@ -560,10 +600,9 @@ void Policy::settleLadder(KVCache& cache, const std::vector<SelectHead>& heads, 
       std::vector<int> idx;
       std::vector<Form> forms;
       for (int i = 0; i < int(key.size()); ++i) {
-        int j = 0;
-        while (j < rungs && !in_top[j][at][i]) ++j;
-        if (key[i] == INFINITY) j = 0;                 // protected: at the top
-        if (j == rungs || key[i] < spec_.evict_below) continue;  // evicted
+        int j = placed_at[first[at] + i];
+        if (key[i] == INFINITY) j = 0;                        // protected: at the top
+        if (j < 0 || key[i] < spec_.evict_below) continue;  // evicted
         idx.push_back(i), forms.push_back(spec_.ladder[j]);
       }
       cache.demote(l, h, idx, forms);

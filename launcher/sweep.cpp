@@ -37,6 +37,7 @@ void addSweepGridOptions(CLI::App* cmd, SweepGrid& g) {
   cmd->add_option("--budgets", g.budgets, "budgets (fractions of the full cache, comma-separated)");
   cmd->add_option("--quants", g.quants, "quantizations run alone (semicolon-separated specs)");
   cmd->add_option("--extra", g.extra, "more runs, semicolon-separated, each 'KV' or 'KV|QUANT'");
+  cmd->add_option("--ladder", g.ladder, "tiered precision: every method and budget again with this ladder (e.g. fp16/int8/int4/int2)");
 }
 
 std::vector<SweepRun> sweepRuns(const SweepGrid& g) {
@@ -46,6 +47,9 @@ std::vector<SweepRun> sweepRuns(const SweepGrid& g) {
       g.methods == "all" ? "streamingllm,h2o,scissorhands,tova,knorm,keydiff,lagkv,snapkv,pyramidkv,random" : g.methods;
   for (auto& m : split(methods, ','))
     for (auto& b : split(g.budgets, ',')) runs.push_back({m, m + ":budget=" + b, ""});
+  if (!g.ladder.empty())
+    for (auto& m : split(methods, ','))
+      for (auto& b : split(g.budgets, ',')) runs.push_back({m + " tiered", m + ":budget=" + b + ",ladder=" + g.ladder, ""});
   for (auto& q : split(g.quants, ';')) runs.push_back({q, "", q});
   for (auto& e : split(g.extra, ';')) {
     const auto bar = e.find('|');

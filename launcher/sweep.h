@@ -14,13 +14,15 @@ namespace kvtp::launcher {
 struct SweepGrid {
   std::string methods = "streamingllm,h2o,scissorhands", budgets = "0.1,0.2,0.5", quants = "int8;kivi:bits=4;kivi:bits=2";
   std::string extra;
+  std::string ladder;  // tiered precision: every method and budget again with ladder=LADDER (its own line)
 };
 void addSweepGridOptions(CLI::App* cmd, SweepGrid& g);
 
 struct SweepRun {
   std::string label, kv, quant;  // label: the run's line in the plot (a method, a quantization, a combination)
 };
-// The full cache, every method at every budget, each quantization alone, then the extra runs.
+// The full cache, every method at every budget (and again with the ladder), each quantization
+// alone, then the extra runs.
 std::vector<SweepRun> sweepRuns(const SweepGrid& g);
 
 // One CSV row per run from its `kvtp ppl --json` result; fields quoted per RFC 4180 where needed.

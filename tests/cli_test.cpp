@@ -96,20 +96,22 @@ TEST(Cli, SweepCsvRoundTripsThroughACsvReader) {
   test::TempDir d;
   const auto r = run(test::kvtpBinary() + " sweep --model models/kvtp-llama-2m --data data/c4/c4-heldout-200.json.gz "
                      "--seq-len 96 --max-windows 1 --methods h2o --budgets 0.5 --quants 'kivi:bits=2,residual=32' "
-                     "--extra 'streamingllm:budget=0.5,sinks=2|int8' --out " + (d / "s"));
+                     "--extra 'streamingllm:budget=0.5,sinks=2|int8' --ladder fp16/int4 --out " + (d / "s"));
   ASSERT_EQ(r.status, 0) << r.err;
   const auto read = run("/usr/bin/python3 -c 'import csv, json, sys; print(json.dumps(list(csv.reader(open(sys.argv[1])))))' " +
                         (d / "s.csv"));
   ASSERT_EQ(read.status, 0) << read.err;
   const auto rows = nlohmann::json::parse(read.out);
-  ASSERT_EQ(rows.size(), 5u);  // header, full, h2o, kivi, the combination
+  ASSERT_EQ(rows.size(), 6u);  // header, full, h2o, h2o tiered, kivi, the combination
   EXPECT_EQ(rows[0][3], "ppl");
   for (const auto& row : rows) EXPECT_EQ(row.size(), 11u) << row.dump();
-  EXPECT_EQ(rows[3][0], "kivi:bits=2,residual=32");
-  EXPECT_EQ(rows[3][2], "kivi:bits=2,residual=32");
-  EXPECT_EQ(rows[4][0], "streamingllm:budget=0.5,sinks=2 + int8");
-  EXPECT_EQ(rows[4][1], "streamingllm:budget=0.5,sinks=2");
-  EXPECT_EQ(rows[4][2], "int8");
+  EXPECT_EQ(rows[3][0], "h2o tiered");
+  EXPECT_EQ(rows[3][1], "h2o:budget=0.5,ladder=fp16/int4");
+  EXPECT_EQ(rows[4][0], "kivi:bits=2,residual=32");
+  EXPECT_EQ(rows[4][2], "kivi:bits=2,residual=32");
+  EXPECT_EQ(rows[5][0], "streamingllm:budget=0.5,sinks=2 + int8");
+  EXPECT_EQ(rows[5][1], "streamingllm:budget=0.5,sinks=2");
+  EXPECT_EQ(rows[5][2], "int8");
   for (size_t i = 1; i < rows.size(); ++i) {
     EXPECT_GT(std::stod(rows[i][3].get<std::string>()), 1.0) << rows[i].dump();  // ppl where it belongs
     EXPECT_GT(std::stoll(rows[i][4].get<std::string>()), 0) << rows[i].dump();   // tokens

@@ -384,9 +384,9 @@ TEST(KvEviction, AnIntervalDecidesEveryNthDecodeStep) {
 }
 
 // Tiered precision, head_dim 32: an entry costs 132 bytes at fp16, 72 at int8, 28 at 2 bits (its
-// form and a 4-byte position). tokens=6 gives 6 x 132 = 792 bytes for 10 entries: all 10 fit at
-// 2 bits (280), and the 512 left lift 4 entries to fp16 (104 each) and, with the 96 then left, 2
-// to int8 (44 each). Ranked: the sink and the recent entry (protected), then by H2O's score.
+// form and a 4-byte position). tokens=6 gives 6 x 132 = 792 bytes; the sink and the recent entry
+// (protected, fp16) take 264; the 528 left hold the other 8 at 2 bits (224), and the 304 then left
+// lift 2 of them to fp16 (104 each) and, with the 96 after that, 2 to int8 (44 each), by H2O's score.
 TEST(KvTiered, ALadderFillsTheBudgetTopDownAndNeverPromotes) {
   const int hd = 32;
   KVCache c(1, 1, hd);
@@ -421,12 +421,13 @@ TEST(KvTiered, ALadderFillsTheBudgetTopDownAndNeverPromotes) {
     for (int j = 0; j < hd; ++j) lo = std::min(lo, k[2 * hd + j]), hi = std::max(hi, k[2 * hd + j]);
     EXPECT_NEAR(rows.keys[2 * hd + ch], k[2 * hd + ch], (hi - lo) / 3 / 2 + 1e-5) << ch;  // position 2, at 2 bits
   }
-  // tokens=2: 264 bytes hold 9 entries at 2 bits, none lifted (but the protected stay at fp16);
-  // the lowest-ranked (position 2) goes. Then tokens=6 again: what stepped down stays down.
-  EXPECT_EQ(formsBy("h2o:tokens=2,sinks=1,recent=1,ladder=fp16/int8/int2", {}),
-            (std::map<int, Form>{{0, F}, {1, T2}, {3, T2}, {4, T2}, {5, T2}, {6, T2}, {7, T2}, {8, T2}, {9, F}}));
+  // tokens=3: 396 bytes, 264 of them the protected's; the 132 left hold 4 entries at 2 bits and
+  // lift none: the 4 highest-ranked stay, stepped down. Then tokens=6 again: the 528 bytes would
+  // lift them to fp16, but what stepped down stays down (and what went is gone).
+  EXPECT_EQ(formsBy("h2o:tokens=3,sinks=1,recent=1,ladder=fp16/int8/int2", {}),
+            (std::map<int, Form>{{0, F}, {1, T2}, {3, T2}, {5, T2}, {7, T2}, {9, F}}));
   EXPECT_EQ(formsBy("h2o:tokens=6,sinks=1,recent=1,ladder=fp16/int8/int2", {}),
-            (std::map<int, Form>{{0, F}, {1, T2}, {3, T2}, {4, T2}, {5, T2}, {6, T2}, {7, T2}, {8, T2}, {9, F}}));
+            (std::map<int, Form>{{0, F}, {1, T2}, {3, T2}, {5, T2}, {7, T2}, {9, F}}));
 }
 
 TEST(KvTiered, LaddersAreParsedStrictly) {
