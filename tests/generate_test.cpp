@@ -285,6 +285,29 @@ TEST(Passkey, CommandWritesTheTableCsvJsonAndHeatMap) {
   if (!test::run("command -v gnuplot").out.empty()) EXPECT_TRUE(std::filesystem::exists(d / "pk.png"));
 }
 
+// Several compressions in one run: a set of files each and a summary row each, in order.
+TEST(Passkey, SpecsRunEachCompressionAndSummarizeThem) {
+  test::TempDir d;
+  const std::string base = test::kvtpBinary() + " passkey --model models/kvtp-llama-2m --lengths 128 --depths 2 "
+                           "--trials 1 --quiet --out " + (d / "pk");
+  const auto r = test::run(base + " --json --specs 'full;h2o:budget=0.3;streamingllm:budget=0.5|int8'");
+  ASSERT_EQ(r.status, 0) << r.err;
+  const auto runs = nlohmann::json::parse(r.out)["runs"];
+  ASSERT_EQ(runs.size(), 3u);
+  EXPECT_EQ(runs[0]["kv"], "full");
+  EXPECT_EQ(runs[1]["kv"], "h2o:budget=0.3,sinks=4,recent=16,scope=global");
+  EXPECT_EQ(runs[2]["kv"], "streamingllm:budget=0.5,sinks=4,recent=16,scope=global + int8");
+  EXPECT_LT(runs[2]["kv_steady_ratio"].get<double>(), runs[0]["kv_steady_ratio"].get<double>());
+  for (int i = 1; i <= 3; ++i) EXPECT_TRUE(std::filesystem::exists(d / ("pk-" + std::to_string(i) + ".csv"))) << i;
+  std::ifstream summary(d / "pk-summary.csv");
+  int lines = 0;
+  for (std::string line; std::getline(summary, line);) ++lines;
+  EXPECT_EQ(lines, 4);  // the header and a row each
+  const auto both = test::run(base + " --specs 'full' --kv h2o:budget=0.3");
+  EXPECT_NE(both.status, 0);
+  EXPECT_HAS(both.err, "not both");
+}
+
 TEST(GenerateJob, CheckedBeforeAnyWork) {
   GenerateJob j;
   j.model_dir = "models/kvtp-llama-2m";
