@@ -90,6 +90,9 @@ class KVCache {
   void quantizeKivi(int layer, int head, const std::vector<int>& run_starts, int bits, int group);
   // Low rank: full entries before index `end` become their coordinates in the head's bases.
   void setLowRank(LowRankBases bases) { lowrank_ = std::move(bases); }
+  // The model's RoPE frequencies (empty: no RoPE), for scores that read keys before rotation.
+  void setRope(std::vector<float> inv_freq) { rope_inv_freq_ = std::move(inv_freq); }
+  const std::vector<float>& ropeInvFreq() const { return rope_inv_freq_; }
   void toLowRank(int layer, int head, int end);
   // The tiered policy: keeps entries `keep` (ascending), each demoted to `to[k]` (Full, Int8,
   // Token4 or Token2) where that is a lower rung than its form (Full > Int8 > Token4 > Token2;
@@ -129,6 +132,7 @@ class KVCache {
   int code_bits_ = 0;   // 8 (int8) or KIVI's 2 / 4, fixed by the first quantization
   int value_group_ = 0; // KIVI: entries per key group and channels per value group
   LowRankBases lowrank_;
+  std::vector<float> rope_inv_freq_;
   std::vector<HeadCache> heads_;
 };
 

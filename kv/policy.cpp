@@ -65,6 +65,7 @@ const char* methodName(Method m) {
     case Method::KeyDiff: return "keydiff";
     case Method::LagKV: return "lagkv";
     case Method::SimLayerKV: return "simlayerkv";
+    case Method::Leverage: return "leverage";
   }
   return "?";
 }
@@ -122,12 +123,13 @@ PolicySpec parsePolicy(const std::string& kv, const std::string& kv_quant, const
                                                    {"snapkv", Method::SnapKV},   {"pyramidkv", Method::PyramidKV},
                                                    {"random", Method::Random},   {"tova", Method::TOVA},
                                                    {"knorm", Method::KNorm},     {"keydiff", Method::KeyDiff},
-                                                   {"lagkv", Method::LagKV},     {"simlayerkv", Method::SimLayerKV}};
+                                                   {"lagkv", Method::LagKV},     {"simlayerkv", Method::SimLayerKV},
+                                                   {"leverage", Method::Leverage}};
     auto m = methods.find(name);
     if (m == methods.end())
       throw std::invalid_argument("KV method '" + name +
                                   "' is not one of: full, streamingllm, h2o, scissorhands, snapkv, pyramidkv, random, "
-                                  "tova, knorm, keydiff, lagkv, simlayerkv");
+                                  "tova, knorm, keydiff, lagkv, leverage, simlayerkv");
     s.method = m->second;
     rejectUnknown(a, {"budget", "tokens", "bytes", "sinks", "recent", "scope", "history", "window", "kernel", "ratio", "decode",
                       "decode_budget", "decode_recent", "delta", "seed", "lag", "interval", "chunk", "threshold",
@@ -464,6 +466,8 @@ void Policy::evict(KVCache& cache, int last_pos, bool prefill) {
         if (spec_.method == Method::KNorm) keyNormScores(rows, c.length(), lay_.head_dim, key.data());
         if (spec_.method == Method::KeyDiff) keyDiffScores(rows, c.length(), lay_.head_dim, key.data());
         if (spec_.method == Method::LagKV) lagScores(rows, c.length(), lay_.head_dim, spec_.sinks, spec_.lag, key.data());
+        if (spec_.method == Method::Leverage)
+          leverageScores(rows, c.positions.data(), c.length(), lay_.head_dim, cache.ropeInvFreq(), key.data());
       }
       for (int i = 0; !spec_.readsRows() && i < c.length(); ++i) {
         double s = c.score[i];

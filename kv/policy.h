@@ -26,7 +26,7 @@ namespace kvtp::kv {
 // SimLayerKV decides per layer instead: at the prompt's end a layer whose newest query looks at
 // the sinks and the recent window only is "lazy" and streams from then on; the others keep all.
 enum class Method { Full, StreamingLLM, H2O, Scissorhands, SnapKV, PyramidKV, Random, TOVA, KNorm, KeyDiff, LagKV,
-                    SimLayerKV };
+                    SimLayerKV, Leverage };
 enum class Scope { Global, Layer, Head };  // who competes for the budget
 enum class Quant { None, Int8, Kivi };
 enum class Decode { None, Slide, Adaptive, Discontinuous };  // SCOPE's decode-phase strategies
@@ -69,7 +69,9 @@ struct PolicySpec {
   bool compresses() const { return evicts() || quant != Quant::None || rank > 0; }
   bool needsAttention() const;
   // Whether the method reads the cached keys and values when it decides (kv/scorers.h).
-  bool readsRows() const { return method == Method::KNorm || method == Method::KeyDiff || method == Method::LagKV; }
+  bool readsRows() const {
+    return method == Method::KNorm || method == Method::KeyDiff || method == Method::LagKV || method == Method::Leverage;
+  }
   // Whether a decode step's attention changes the scores (SnapKV / PyramidKV without SCOPE's
   // decode phase score the prompt only).
   bool scoresDecoding() const;

@@ -4,6 +4,8 @@
 #include <cmath>
 #include <numeric>
 
+#include "kernels/cpu_ops.h"
+
 namespace kvtp::kv {
 
 void keyNormScores(const HeadRows& rows, int length, int head_dim, double* out) {
@@ -82,6 +84,60 @@ void lagScores(const HeadRows& rows, int length, int head_dim, int sinks, int la
     std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return s[a] < s[b]; });
     for (int r = 0; r < lag; ++r) out[begin + order[r]] = double(r) / lag;
   }
+}
+
+void leverageScores(const HeadRows& rows, const int* positions, int length, int head_dim,
+                    const std::vector<float>& rope_inv_freq, double* out) {
+  const int d = head_dim;
+  if (length < 2) {
+    std::fill(out, out + length, 0.0);
+    return;
+  }
+  // Pre-RoPE keys, centred.
+  std::vector<float> k(rows.keys, rows.keys + int64_t(length) * d);
+  for (int i = 0; i < length && !rope_inv_freq.empty(); ++i) {
+    const int back = -positions[i];
+    kernels::applyRope(k.data() + int64_t(i) * d, 1, 1, d, &back, rope_inv_freq.data());
+  }
+  std::vector<double> x(k.begin(), k.end()), mean(static_cast<size_t>(d), 0.0);
+  for (int i = 0; i < length; ++i)
+    for (int c = 0; c < d; ++c) mean[c] += x[size_t(i) * d + c] / length;
+  for (int i = 0; i < length; ++i)
+    for (int c = 0; c < d; ++c) x[size_t(i) * d + c] -= mean[c];
+  // G = X^T X + a little ridge (a rank-deficient head: fewer entries than channels), then its
+  // Cholesky factor, G = L L^T.
+  std::vector<double> g(size_t(d) * d, 0.0);
+  for (int i = 0; i < length; ++i)
+    for (int a = 0; a < d; ++a)
+      for (int b = 0; b <= a; ++b) g[size_t(a) * d + b] += x[size_t(i) * d + a] * x[size_t(i) * d + b];
+  double trace = 0;
+  for (int a = 0; a < d; ++a) trace += g[size_t(a) * d + a];
+  const double ridge = 1e-6 * trace / d + 1e-12;
+  for (int a = 0; a < d; ++a) g[size_t(a) * d + a] += ridge;
+  for (int a = 0; a < d; ++a)
+    for (int b = 0; b <= a; ++b) {
+      double v = g[size_t(a) * d + b];
+      for (int c = 0; c < b; ++c) v -= g[size_t(a) * d + c] * g[size_t(b) * d + c];
+      g[size_t(a) * d + b] = a == b ? std::sqrt(std::max(v, 1e-300)) : v / g[size_t(b) * d + b];
+    }
+  // leverage_i = |L^-1 x_i|^2 (forward substitution).
+  std::vector<double> y(static_cast<size_t>(d));
+  double sum = 0;
+  for (int i = 0; i < length; ++i) {
+    double s = 0;
+    for (int a = 0; a < d; ++a) {
+      double v = x[size_t(i) * d + a];
+      for (int c = 0; c < a; ++c) v -= g[size_t(a) * d + c] * y[c];
+      y[a] = v / g[size_t(a) * d + a];
+      s += y[a] * y[a];
+    }
+    sum += out[i] = s;
+  }
+  const double m = sum / length;
+  double var = 0;
+  for (int i = 0; i < length; ++i) var += (out[i] - m) * (out[i] - m) / (length - 1);
+  const double sd = std::max(std::sqrt(var), 1e-6);
+  for (int i = 0; i < length; ++i) out[i] = (out[i] - m) / sd;
 }
 
 }  // namespace kvtp::kv

@@ -25,4 +25,12 @@ void keyDiffScores(const HeadRows& rows, int length, int head_dim, double* out);
 // score 1, above every ranked entry.
 void lagScores(const HeadRows& rows, int length, int head_dim, int sinks, int lag, double* out);
 
+// Leverage (Chari & Van Durme 2025, Compactor; kvpress's LeverageScorePress, exact rather than
+// sketched): keys that are geometric outliers among the head's keys carry information others do
+// not. On pre-RoPE keys (`rope_inv_freq` non-empty: the cached keys are rotated back by their
+// `positions`), centred over the head's entries, X: leverage_i = x_i^T (X^T X)^-1 x_i, then
+// z-scored over the head (mean 0, unbiased standard deviation 1).
+void leverageScores(const HeadRows& rows, const int* positions, int length, int head_dim,
+                    const std::vector<float>& rope_inv_freq, double* out);
+
 }  // namespace kvtp::kv

@@ -58,6 +58,7 @@ class CpuEngine : public Engine {
   CpuEngine(const Model& model, const kv::PolicySpec* spec)
       : model_(model), cache_(model.newCache()), policy_(spec ? *spec : kv::PolicySpec{}, model.headLayout(), model.group()) {
     if (policy_.spec().rank) cache_.setLowRank(model.lowRankBases(policy_.spec().rank));
+    if (model.config().family == Family::Llama) cache_.setRope(ropeInverseFrequencies(model.config()));
   }
   void startWindow() override {
     cache_.clear();

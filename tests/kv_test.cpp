@@ -9,6 +9,7 @@
 #include <map>
 #include <random>
 
+#include "kernels/cpu_ops.h"
 #include "kv/budget_select.h"
 #include "kv/policy.h"
 #include "kv/scorers.h"
@@ -274,6 +275,40 @@ TEST(KvEviction, KeyDiffKeepsTheKeysLeastLikeTheAverage) {
   Policy p(parsePolicy("keydiff:tokens=4,sinks=1,recent=1", ""), layout(), nullptr);
   p.afterStep(c, {}, 5, false);
   EXPECT_EQ(positions(c), (std::vector<int>{0, 2, 4, 5}));
+}
+
+// Leverage: centred keys (3,0) (-1,0) (-1,0) (-1,0) (0,1) (0,-1) give X^T X = diag(12, 2), so
+// leverages 9/12, 1/12 (three times), 1/2, 1/2 — z-scored over the head; the two outlier
+// directions are kept. Keys cached after RoPE score as their pre-RoPE selves.
+TEST(KvEviction, LeverageKeepsTheGeometricOutliers) {
+  KVCache c = withKeys({{3, 0}, {-1, 0}, {-1, 0}, {-1, 0}, {0, 1}, {0, -1}});
+  std::vector<float> scratch;
+  std::vector<double> got(6);
+  const std::vector<int> pos = {0, 1, 2, 3, 4, 5};
+  leverageScores(c.rows(0, 0, scratch), pos.data(), 6, 2, {}, got.data());
+  const std::vector<double> raw = {0.75, 1.0 / 12, 1.0 / 12, 1.0 / 12, 0.5, 0.5};
+  double mean = 0, var = 0;
+  for (double r : raw) mean += r / 6;
+  for (double r : raw) var += (r - mean) * (r - mean) / 5;
+  for (int i = 0; i < 6; ++i) EXPECT_NEAR(got[i], (raw[i] - mean) / std::sqrt(var), 1e-5) << i;
+  Policy p(parsePolicy("leverage:tokens=3,sinks=0,recent=0", ""), layout(), nullptr);
+  p.afterStep(c, {}, 5, false);
+  EXPECT_EQ(positions(c), (std::vector<int>{0, 4, 5}));
+
+  // RoPE: keys rotated by their positions, with the frequencies, score as the unrotated keys.
+  const int hd = 4, n = 7;
+  std::mt19937 rng(3);
+  std::normal_distribution<float> d(0.0f, 1.0f);
+  std::vector<float> k(size_t(n) * hd), rotated;
+  for (auto& x : k) x = d(rng);
+  rotated = k;
+  const std::vector<float> inv_freq = {1.0f, 0.01f};
+  std::vector<int> at(n);
+  for (int i = 0; i < n; ++i) at[i] = 3 * i + 1, kernels::applyRope(rotated.data() + i * hd, 1, 1, hd, &at[i], inv_freq.data());
+  std::vector<double> plain(n), back(n);
+  leverageScores({k.data(), k.data()}, at.data(), n, hd, {}, plain.data());
+  leverageScores({rotated.data(), rotated.data()}, at.data(), n, hd, inv_freq, back.data());
+  for (int i = 0; i < n; ++i) EXPECT_NEAR(back[i], plain[i], 1e-4) << i;
 }
 
 // TOVA scores by the newest query alone: in a prompt of three queries the first two attend to
@@ -694,7 +729,7 @@ TEST(KvEviction, FullBudgetReproducesTheFullCacheExactly) {
   const auto full = decodeLogprobs("");
   for (const char* m : {"h2o:budget=1", "scissorhands:budget=1", "streamingllm:budget=1", "tova:budget=1",
                         "knorm:budget=1", "keydiff:budget=1", "lagkv:budget=1,lag=8", "h2o:budget=1,interval=4",
-                        "h2o:budget=1,ladder=fp16/int8/int4/int2"})
+                        "h2o:budget=1,ladder=fp16/int8/int4/int2", "leverage:budget=1"})
     EXPECT_EQ(decodeLogprobs(m), full) << m;
   EXPECT_NE(decodeLogprobs("h2o:budget=0.3"), full);
 }
