@@ -1,11 +1,13 @@
 #include "kv/policy.h"
 
 #include "kernels/cpu_ops.h"
+#include "kernels/splitmix.h"
 #include "kv/budget_select.h"
 #include "kv/scorers.h"
 
 #include <algorithm>
 #include <bit>
+#include <iterator>
 #include <cmath>
 #include <numeric>
 #include <sstream>
@@ -49,6 +51,16 @@ void rejectUnknown(const std::map<std::string, std::string>& a, const std::vecto
   for (auto& [k, v] : a)
     if (std::find(known.begin(), known.end(), k) == known.end())
       throw std::invalid_argument("'" + k + "' is not an option of '" + spec + "'");
+}
+
+// The tiered ladder's rungs by name, in the order a ladder steps down.
+const std::pair<const char*, Form> kRungs[] = {{"fp16", Form::Full}, {"int8", Form::Int8}, {"int4", Form::Token4},
+                                               {"int2", Form::Token2}};
+
+const char* rungName(Form f) {
+  for (const auto& [name, form] : kRungs)
+    if (form == f) return name;
+  return "?";
 }
 
 const char* methodName(Method m) {
@@ -98,10 +110,7 @@ std::string PolicySpec::describe() const {
     if (method == Method::LagKV) o << ",lag=" << lag;
     if (chunk > 1) o << ",chunk=" << chunk;
     if (evict_below > -INFINITY) o << ",evict_below=" << evict_below;
-    for (size_t i = 0; i < ladder.size(); ++i)
-      o << (i ? "/" : ",ladder=") << (ladder[i] == Form::Full ? "fp16" : ladder[i] == Form::Int8 ? "int8"
-                                       : ladder[i] == Form::Token4                             ? "int4"
-                                                                                               : "int2");
+    for (size_t i = 0; i < ladder.size(); ++i) o << (i ? "/" : ",ladder=") << rungName(ladder[i]);
     if (interval > 1) o << ",interval=" << interval;
     if (decode != Decode::None)
       o << ",decode=" << (decode == Decode::Slide ? "slide" : decode == Decode::Adaptive ? "adaptive" : "discontinuous")
@@ -141,20 +150,16 @@ PolicySpec parsePolicy(const std::string& kv, const std::string& kv_quant, const
     s.threshold = number(a, "threshold", s.threshold, kv);
     s.evict_below = number(a, "evict_below", s.evict_below, kv);
     if (auto l = a.find("ladder"); l != a.end()) {
-      const std::map<std::string, Form> rungs = {{"fp16", Form::Full}, {"int8", Form::Int8}, {"int4", Form::Token4},
-                                                 {"int2", Form::Token2}};
       std::stringstream ss(l->second);
+      size_t at = 0;  // the rungs named must be a subsequence of kRungs
       for (std::string item; std::getline(ss, item, '/');) {
-        auto r = rungs.find(item);
-        if (r == rungs.end()) throw std::invalid_argument("ladder rung '" + item + "' is not one of fp16, int8, int4, int2 (" + kv + ")");
-        s.ladder.push_back(r->second);
-      }
-      const std::vector<Form> order = {Form::Full, Form::Int8, Form::Token4, Form::Token2};
-      size_t at = 0;
-      for (Form f : s.ladder) {  // a subsequence of the order, from fp16
-        while (at < order.size() && order[at] != f) ++at;
-        if (at == order.size()) throw std::invalid_argument("a ladder steps down: fp16, int8, int4, int2 in order (" + kv + ")");
-        ++at;
+        const auto named = [&](const auto& r) { return item == r.first; };
+        if (std::none_of(std::begin(kRungs), std::end(kRungs), named))
+          throw std::invalid_argument("ladder rung '" + item + "' is not one of fp16, int8, int4, int2 (" + kv + ")");
+        while (at < std::size(kRungs) && !named(kRungs[at])) ++at;
+        if (at == std::size(kRungs))
+          throw std::invalid_argument("a ladder steps down: fp16, int8, int4, int2 in order (" + kv + ")");
+        s.ladder.push_back(kRungs[at++].second);
       }
       if (s.ladder.size() < 2 || s.ladder.front() != Form::Full)
         throw std::invalid_argument("a ladder starts at fp16 and has a lower rung, e.g. fp16/int8/int4 (" + kv + ")");
@@ -240,11 +245,8 @@ PolicySpec parsePolicy(const std::string& kv, const std::string& kv_quant, const
 
 double randomScore(uint64_t seed, int layer, int global_head, int position) {
   // splitmix64 of the entry's coordinates: a fixed, well-mixed draw per entry.
-  uint64_t z = seed + 0x9e3779b97f4a7c15ull * (1 + ((uint64_t(layer) << 40) ^ (uint64_t(global_head) << 32) ^ uint32_t(position)));
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-  z ^= z >> 31;
-  return double(z >> 11) * 0x1.0p-53;
+  const uint64_t coordinates = (uint64_t(layer) << 40) ^ (uint64_t(global_head) << 32) ^ uint32_t(position);
+  return kernels::unitInterval(kernels::splitmix64(seed + 0x9e3779b97f4a7c15ull * coordinates));
 }
 
 Policy::Policy(PolicySpec spec, HeadLayout layout, comm::Communicator* group)
@@ -468,16 +470,17 @@ void Policy::evict(KVCache& cache, int last_pos, bool prefill) {
         if (spec_.method == Method::LagKV) lagScores(rows, c.length(), lay_.head_dim, spec_.sinks, spec_.lag, key.data());
         if (spec_.method == Method::Leverage)
           leverageScores(rows, c.positions.data(), c.length(), lay_.head_dim, cache.ropeInvFreq(), key.data());
-      }
-      for (int i = 0; !spec_.readsRows() && i < c.length(); ++i) {
-        double s = c.score[i];
-        if (spec_.method == Method::StreamingLLM) s = c.positions[i];  // keep the most recent
-        if (spec_.method == Method::Random) s = randomScore(spec_.seed, l, lay_.kv_head_begin + h, c.positions[i]);
-        if (spec_.method == Method::Scissorhands) {
-          const uint64_t mask = spec_.history >= 64 ? ~0ull : ((1ull << spec_.history) - 1);
-          s = std::popcount(c.history[i] & mask);
+      } else {
+        for (int i = 0; i < c.length(); ++i) {
+          double s = c.score[i];
+          if (spec_.method == Method::StreamingLLM) s = c.positions[i];  // keep the most recent
+          if (spec_.method == Method::Random) s = randomScore(spec_.seed, l, lay_.kv_head_begin + h, c.positions[i]);
+          if (spec_.method == Method::Scissorhands) {
+            const uint64_t mask = spec_.history >= 64 ? ~0ull : ((1ull << spec_.history) - 1);
+            s = std::popcount(c.history[i] & mask);
+          }
+          key[i] = s;
         }
-        key[i] = s;
       }
       if (spec_.chunk > 1)  // ChunkKV: each chunk of consecutive entries shares its mean score
         for (int b = 0; b < c.length(); b += spec_.chunk) {
@@ -517,13 +520,13 @@ void Policy::evict(KVCache& cache, int last_pos, bool prefill) {
 }
 
 // Tiered precision. Rung j costs b_j bytes an entry (its form as stored, and its position); a
-// pool's budget is its entry budget at b_0 (fp16). The pool keeps as many entries as fit at the
-// lowest rung, the most important first; the bytes left lift the most important entries to the
-// top rung, then the next ones to the next rung, and so on: n_0 = left / (b_0 - b_min) entries at
-// the top, ... So a budget of 1 keeps every entry at fp16, and a small one keeps the most
-// important entries at the lowest rung. The top c_j = n_0 + ... + n_j entries of each pool (one
-// select per rung, over the group as eviction's) are at rung j or above; the protected (sinks and
-// recent window) are at the top whatever the count. An entry is never lifted above the form it has.
+// pool's budget is its entry budget at b_0 (fp16). The protected (sinks and recent window) take
+// their fp16 bytes first; of the rest, the pool keeps as many entries as fit at the lowest rung,
+// the most important first, and the bytes left lift the most important entries to the top rung
+// (n_0 = left / (b_0 - b_min)), then the next ones to the next rung, and so on. So a budget of 1
+// keeps every entry at fp16, and a small one keeps the most important at the lowest rung. The
+// rungs are filled from the top, each by a select over the group as eviction's (see below); an
+// entry is never lifted above the form it has.
 void Policy::settleLadder(KVCache& cache, const std::vector<SelectHead>& heads, const std::vector<int>& pool_of,
                           int last_pos, bool shared) {
   const int L = lay_.layers, H = lay_.local_kv_heads, rungs = int(spec_.ladder.size());

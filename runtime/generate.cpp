@@ -5,6 +5,7 @@
 #include <cmath>
 #include <numeric>
 
+#include "kernels/splitmix.h"
 #include "runtime/error.h"
 
 namespace kvtp {
@@ -47,15 +48,10 @@ int chooseToken(const float* logits, int vocab, const Sampling& s, double draw) 
 }
 
 double samplingDraw(uint64_t seed, int sequence, int step) {
-  // splitmix64 over the three numbers in turn: a well-mixed 64-bit hash, the top 53 bits as [0, 1).
-  auto mix = [](uint64_t z) {
-    z += 0x9E3779B97F4A7C15ull;
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-  };
-  const uint64_t h = mix(mix(mix(seed) ^ uint64_t(uint32_t(sequence))) ^ uint64_t(uint32_t(step)));
-  return double(h >> 11) * 0x1.0p-53;
+  // splitmix64 over the three numbers in turn.
+  using kernels::splitmix64;
+  return kernels::unitInterval(
+      splitmix64(splitmix64(splitmix64(seed) ^ uint64_t(uint32_t(sequence))) ^ uint64_t(uint32_t(step))));
 }
 
 namespace {

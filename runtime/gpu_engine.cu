@@ -434,8 +434,10 @@ class GpuEngine : public Engine {
     const int P = c_.word_embed_proj_dim, V = part_.vocab(), slot = vocabSlot(c_, part_.tp);
     const T* hidden = finalRows(from, count);
     const T* head = lm_head_.size() ? lm_head_.get() : embed_.get();
-    float* logits = grow(logits_, size_t(count) * slot * (part_.tp + 1));
-    float* all = logits + size_t(count) * slot;  // every rank's rows, in rank order
+    // This rank's logits, then its rows padded to `slot`, then every rank's padded rows in rank order.
+    float* logits = grow(logits_, size_t(count) * slot * (part_.tp + 2));
+    float* mine = logits + size_t(count) * slot;
+    float* all = mine + size_t(count) * slot;
     cuda::gemm(blas_, hidden, count, P, head, V, nullptr, logits, false);
     std::vector<float> host(size_t(count) * slot * part_.tp);
     if (part_.tp == 1) {
@@ -444,10 +446,9 @@ class GpuEngine : public Engine {
       return host;
     }
     // Rows of V into rows of `slot`, the same layout on every rank, then gathered.
-    KVTP_CUDA_CHECK(cudaMemcpy2D(all, slot * sizeof(float), logits, V * sizeof(float), V * sizeof(float), count,
+    KVTP_CUDA_CHECK(cudaMemcpy2D(mine, slot * sizeof(float), logits, V * sizeof(float), V * sizeof(float), count,
                                  cudaMemcpyDeviceToDevice));
-    KVTP_CUDA_CHECK(cudaMemcpy(logits, all, sizeof(float) * count * slot, cudaMemcpyDeviceToDevice));
-    timed([&] { group_->allGather(logits, sizeof(float) * count * slot, all); });
+    timed([&] { group_->allGather(mine, sizeof(float) * count * slot, all); });
     KVTP_CUDA_CHECK(cudaMemcpy(host.data(), all, sizeof(float) * host.size(), cudaMemcpyDeviceToHost));
     collectives_.collect();
     return joinVocabSlices(c_, part_.tp, host.data(), count, slot);

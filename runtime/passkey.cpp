@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cctype>
 
+#include "kernels/splitmix.h"
 #include "runtime/error.h"
 
 namespace kvtp {
@@ -48,13 +49,6 @@ std::string prompt(const std::vector<std::string>& w, size_t n, double depth, co
   return kInstruction + content + kQuestion;
 }
 
-uint64_t mix(uint64_t z) {  // splitmix64
-  z += 0x9E3779B97F4A7C15ull;
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
-}
-
 std::string normalized(const std::string& s) {
   std::string t;
   for (unsigned char c : s)
@@ -87,8 +81,9 @@ std::vector<PasskeyCase> passkeyCases(const Tokenizer& tokenizer, const std::vec
       const double depth = grid.depths == 1 ? 0.0 : double(di) / (grid.depths - 1);
       for (int trial = 0; trial < grid.trials; ++trial) {
         PasskeyCase c{length, depth, trial, "", "", 0};
-        uint64_t h = mix(mix(mix(grid.seed) ^ uint64_t(length)) ^ uint64_t(di)) ^ uint64_t(trial);
-        for (int d = 0; d < grid.digits; ++d) c.key += char('0' + (h = mix(h)) % 10);
+        using kernels::splitmix64;
+        uint64_t h = splitmix64(splitmix64(splitmix64(grid.seed) ^ uint64_t(length)) ^ uint64_t(di)) ^ uint64_t(trial);
+        for (int d = 0; d < grid.digits; ++d) c.key += char('0' + (h = splitmix64(h)) % 10);
         // The most background words that keep the prompt within `length` tokens.
         auto tokens = [&](size_t n) { return int(tokenizer.encode(prompt(w, n, depth, c.key)).size()); };
         if (tokens(0) > length)

@@ -66,14 +66,14 @@ class CpuEngine : public Engine {
   }
   std::vector<double> step(const int* tokens, const int* positions, int T, int from, int count,
                            const int* targets) override {
-    const auto hidden = model_.forward(tokens, positions, T, cache_, policy_.spec().needsAttention() ? &attention_ : nullptr);
+    const auto hidden = forward(tokens, positions, T);
     if (count == 0) return {};
     const int P = model_.config().word_embed_proj_dim;
     const std::vector<float> rows(hidden.begin() + int64_t(from) * P, hidden.begin() + int64_t(from + count) * P);
     return model_.logprobs(rows, targets, count);
   }
   std::vector<float> stepLogits(const int* tokens, const int* positions, int T) override {
-    const auto hidden = model_.forward(tokens, positions, T, cache_, policy_.spec().needsAttention() ? &attention_ : nullptr);
+    const auto hidden = forward(tokens, positions, T);
     return model_.logits(hidden.data() + int64_t(T - 1) * model_.config().word_embed_proj_dim, 1);
   }
   void compress(int last_pos, bool prefill) override { policy_.afterStep(cache_, attention_, last_pos, prefill); }
@@ -81,6 +81,11 @@ class CpuEngine : public Engine {
   kv::KvBytes kvBytes(int tokens_seen) const override { return policy_.bytes(cache_, tokens_seen); }
 
  private:
+  // The tokens through the model into the cache, keeping the attention when the policy scores by it.
+  std::vector<float> forward(const int* tokens, const int* positions, int T) {
+    return model_.forward(tokens, positions, T, cache_, policy_.spec().needsAttention() ? &attention_ : nullptr);
+  }
+
   const Model& model_;
   kv::KVCache cache_;
   kv::Policy policy_;

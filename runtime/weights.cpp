@@ -4,6 +4,7 @@
 #include <memory>
 #include <random>
 
+#include "kernels/splitmix.h"
 #include "runtime/error.h"
 
 namespace kvtp {
@@ -141,15 +142,6 @@ int64_t weightElements(const ModelConfig& config, const Partition& part) {
   return n;
 }
 
-namespace {
-uint64_t splitmix64(uint64_t x) {
-  x += 0x9e3779b97f4a7c15ull;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-  return x ^ (x >> 31);
-}
-}  // namespace
-
 ModelWeights syntheticWeights(const ModelConfig& config, uint64_t seed, const Partition& part,
                               const WeightRange& range) {
   return buildWeights(config, range, [&](const std::string& name, const std::vector<int64_t>& shape, bool required) {
@@ -167,14 +159,14 @@ ModelWeights syntheticWeights(const ModelConfig& config, uint64_t seed, const Pa
       std::fill(t.begin(), t.end(), norm_weight ? 1.0f : 0.0f);
       return t;
     }
-    const uint64_t key = splitmix64(seed ^ std::hash<std::string>{}(name));
+    const uint64_t key = kernels::splitmix64(seed ^ std::hash<std::string>{}(name));
     constexpr float kScale = 0.02f * 1.7320508f / 9007199254740992.0f;  // uniform std 0.02 from 53 bits
 #pragma omp parallel for collapse(2)
     for (int64_t o = 0; o < outer; ++o)
       for (int64_t r = 0; r < len; ++r) {
         const int64_t global_row = (o * shape[d] + b + r) * inner, local_row = (o * len + r) * inner;
         for (int64_t i = 0; i < inner; ++i) {
-          const uint64_t h = splitmix64(key + uint64_t(global_row + i)) >> 11;  // 53 bits
+          const uint64_t h = kernels::splitmix64(key + uint64_t(global_row + i)) >> 11;  // 53 bits
           t[size_t(local_row + i)] = (2.0f * float(h) - 9007199254740992.0f) * kScale;
         }
       }
