@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Builds the CUDA targets here (nvcc 13, sm_90a) into build-cuda/ and copies them, with the shared
 # libraries the GPU machine lacks (OpenBLAS's OpenMP build and its Fortran runtime, gRPC and
-# friends via ../shared/tools/bundle-libs.sh when present; Open MPI's C++ bindings), into .bundle/,
-# packed as .bundle.tar.xz — the file to name in the device tool's `carry`. On the GPU machine:
+# friends via ../shared/tools/bundle-libs.sh when present; Open MPI's C++ bindings; minizip for
+# PyTorch .bin checkpoints), into .bundle/, packed as .bundle.tar.xz — the file to name in the device tool's `carry`. On the GPU machine:
 #   tar xJf .bundle.tar.xz
 #   export LD_LIBRARY_PATH=$PWD/.bundle KVTP_BINARY=$PWD/.bundle/kvtp
 #   .bundle/kvtp_cuda_tests; .bundle/kvtp_cuda_engine_tests; .bundle/kvtp bench --device cuda
@@ -16,13 +16,15 @@ targets=(kvtp kvtp_cuda_tests kvtp_cuda_engine_tests kvtp_cuda_bench kvtp_nccl_t
 cmake --build build-cuda -j"$(nproc)" --target "${targets[@]}"
 rm -rf .bundle && mkdir -p .bundle
 for t in "${targets[@]}"; do find build-cuda -maxdepth 2 -type f -name "$t" -exec cp {} .bundle/ \; ; done
+strip .bundle/kvtp*  # symbols would take the bundle past what the device tool carries
 arch=$(gcc -print-multiarch)
 for lib in "/usr/lib/$arch/openblas-openmp/libopenblas.so.0" "/lib/$arch/libgfortran.so.5" \
-           "/lib/$arch/libquadmath.so.0" "/lib/$arch/libgomp.so.1" "/lib/$arch/libmpi_cxx.so.40"; do
+           "/lib/$arch/libquadmath.so.0" "/lib/$arch/libgomp.so.1" "/lib/$arch/libmpi_cxx.so.40" \
+           "/lib/$arch/libminizip.so.1"; do
   cp -L "$lib" .bundle/
 done
 if [ -x ../shared/tools/bundle-libs.sh ]; then ../shared/tools/bundle-libs.sh .bundle .bundle/kvtp .bundle/kvtp_*; fi
 # The device tool carries at most 64 MiB: send it packed, unpack there with
 #   tar xJf .bundle.tar.xz
-tar cJf .bundle.tar.xz .bundle
+tar cf - .bundle | xz -9 -T2 > .bundle.tar.xz
 echo "bundle: $(ls .bundle | wc -l) files, $(du -sh .bundle | cut -f1); packed $(du -h .bundle.tar.xz | cut -f1)"

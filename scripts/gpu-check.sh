@@ -121,12 +121,13 @@ if [ "$gpus" -ge 2 ] && want kv8k; then
 fi
 want hf && timeout 240 python3 scripts/hf_bench.py 2>&1 | grep -E "^prefill|^decode|^\{" > "$out/hf_bench.txt"; cat "$out/hf_bench.txt" 2>/dev/null
 # Ground truth from transformers (installed here): greedy generate() references for the fixture
-# and bundled models (tests/hf_parity_test.cpp, GenerationParity), under $OUT/refs/ at their
-# paths in the tree, to copy back.
+# and bundled models (tests/hf_parity_test.cpp, GenerationParity), under $OUT/refs/ named by their paths in the
+# tree, to copy back.
 if want refs; then
   python3 scripts/make_fixtures.py --generation-references tests/fixtures models/kvtp-llama-2m models/kvtp-opt-3m
+  mkdir -p "$out/refs"  # flat: the device tool brings back shallow folders only ('/' written '__')
   for f in tests/fixtures/models/*/generate_reference.json models/*/generate_reference.json; do
-    mkdir -p "$out/refs/$(dirname "$f")" && cp "$f" "$out/refs/$f"
+    cp "$f" "$out/refs/${f//\//__}"
   done
 fi
 # The bundled model that retrieves (scripts/train_default.py --passkey, a few minutes), its

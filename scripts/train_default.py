@@ -135,7 +135,9 @@ def passkey_accuracy(model, tok, ws, device, cases=40, seed=1):
     for _ in range(cases):
         text, key = passkey_data.example(ws, rng, max_words=550)
         ids = tok(text, return_tensors="pt").input_ids[:, -(MAX_POS - 12):].to(device)
-        out = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id or 0)
+        # An explicit mask: the pad id would be the BOS id, which generate() then masks out.
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                             pad_token_id=tok.eos_token_id)
         hits += key in tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
     return hits / cases
 

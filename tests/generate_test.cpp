@@ -285,6 +285,21 @@ TEST(Passkey, CommandWritesTheTableCsvJsonAndHeatMap) {
   if (!test::run("command -v gnuplot").out.empty()) EXPECT_TRUE(std::filesystem::exists(d / "pk.png"));
 }
 
+// The bundled retrieval model (scripts/train_default.py --passkey) finds held-out keys through the
+// full cache — the bar of 90 % — and a 2-bit KIVI cache keeps it: greedy generation through
+// the cache works end to end, or this fails.
+TEST(Passkey, TheRetrievalModelFindsTheKeyThroughTheFullCache) {
+  test::TempDir d;
+  const auto r = test::run(test::kvtpBinary() + " passkey --model models/kvtp-llama-2m-passkey --lengths 256,1000 "
+                           "--trials 2 --quiet --json --specs 'full;full|kivi:bits=2' --out " + (d / "pk"));
+  ASSERT_EQ(r.status, 0) << r.err;
+  const auto runs = nlohmann::json::parse(r.out)["runs"];
+  ASSERT_EQ(runs.size(), 2u);
+  EXPECT_GE(runs[0]["exact_match"].get<double>(), 0.9);
+  EXPECT_GE(runs[1]["exact_match"].get<double>(), 0.9);
+  EXPECT_LT(runs[1]["kv_steady_ratio"].get<double>(), 0.4);
+}
+
 // Several compressions in one run: a set of files each and a summary row each, in order.
 TEST(Passkey, SpecsRunEachCompressionAndSummarizeThem) {
   test::TempDir d;

@@ -72,7 +72,7 @@ TEST_P(DefaultModel, HeldOutC4PerplexityMatchesTransformers) {
   EXPECT_LE(std::abs(r.ppl() - want) / want, 1e-4) << r.ppl() << " vs " << want;
 }
 
-INSTANTIATE_TEST_SUITE_P(Trained, DefaultModel, ::testing::Values("kvtp-llama-2m", "kvtp-opt-3m"),
+INSTANTIATE_TEST_SUITE_P(Trained, DefaultModel, ::testing::Values("kvtp-llama-2m", "kvtp-opt-3m", "kvtp-llama-2m-passkey"),
                          [](const auto& info) { return test::paramName(info.param); });
 
 // Greedy generation against transformers' generate() (float64; scripts/make_fixtures.py
