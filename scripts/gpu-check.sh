@@ -15,10 +15,11 @@ export LD_LIBRARY_PATH=$PWD/.bundle KVTP_BINARY=$PWD/.bundle/kvtp NCCL_NVLS_ENAB
 gpus=$(nvidia-smi --query-gpu=name --format=csv,noheader | tee /dev/stderr | wc -l)
 if want tests; then
   timeout 90 .bundle/kvtp_cuda_tests --gtest_brief=1 2>&1 | tail -3
-  timeout 200 .bundle/kvtp_cuda_engine_tests 2>&1 | grep -E "max \||FAILED|Failure|exception|PASSED|SKIPPED \]" | head -50
+  timeout 240 .bundle/kvtp_cuda_engine_tests > "$out/cuda_engine_tests.txt" 2>&1
+  grep -E "max \||FAILED|Failure|exception|PASSED|SKIPPED \]|error while" "$out/cuda_engine_tests.txt" | head -50
   [ "$gpus" -ge 2 ] && timeout 60 mpirun --allow-run-as-root -np 2 -x LD_LIBRARY_PATH -x NCCL_NVLS_ENABLE=0 .bundle/kvtp_nccl_tests 2>&1 | grep -E "PASSED|FAILED" | head -4
 fi
-want bench && timeout 200 .bundle/kvtp bench --device cuda --synthetic llama-2-7b 2>&1 | tail -8
+want bench && timeout 200 .bundle/kvtp bench --device cuda --synthetic llama-2-7b 2>&1 | tail -16
 # Random token ids: 8 windows of 2048 for prefill, one of 2600 (2048 prompt + 552 decoded tokens).
 python3 - <<'PY'
 import random
@@ -121,14 +122,12 @@ if [ "$gpus" -ge 2 ] && want kv8k; then
 fi
 want hf && timeout 240 python3 scripts/hf_bench.py 2>&1 | grep -E "^prefill|^decode|^\{" > "$out/hf_bench.txt"; cat "$out/hf_bench.txt" 2>/dev/null
 # Ground truth from transformers (installed here): greedy generate() references for the fixture
-# and bundled models (tests/hf_parity_test.cpp, GenerationParity), under $OUT/refs/ named by their paths in the
-# tree, to copy back.
+# and bundled models (tests/hf_parity_test.cpp, GenerationParity), as $OUT/refs.tar (paths in the tree) to unpack here.
 if want refs; then
-  python3 scripts/make_fixtures.py --generation-references tests/fixtures models/kvtp-llama-2m models/kvtp-opt-3m
-  mkdir -p "$out/refs"  # flat: the device tool brings back shallow folders only ('/' written '__')
-  for f in tests/fixtures/models/*/generate_reference.json models/*/generate_reference.json; do
-    cp "$f" "$out/refs/${f//\//__}"
-  done
+  python3 scripts/make_fixtures.py --generation-references tests/fixtures models/kvtp-llama-2m models/kvtp-opt-3m \
+    models/kvtp-llama-2m-passkey
+  # one file: the device tool brings back a few files and shallow folders only
+  tar cf "$out/refs.tar" tests/fixtures/models/*/generate_reference.json models/*/generate_reference.json
 fi
 # The bundled model that retrieves (scripts/train_default.py --passkey, a few minutes), its
 # folder under $OUT to copy back, and its full-cache passkey table.

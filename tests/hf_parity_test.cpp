@@ -109,7 +109,7 @@ TEST_P(GenerationParity, GreedyIdsMatchTransformersGenerate) {
 }
 
 std::vector<std::string> generationModels() {
-  std::vector<std::string> dirs = {"models/kvtp-llama-2m", "models/kvtp-opt-3m"};
+  std::vector<std::string> dirs = {"models/kvtp-llama-2m", "models/kvtp-opt-3m", "models/kvtp-llama-2m-passkey"};
   for (const char* m : {"opt-preln", "opt-postln-proj", "llama3-gqa", "llama2-tied", "llama-sharded-bf16"})
     dirs.push_back(test::fixture(std::string("models/") + m));
   return dirs;
