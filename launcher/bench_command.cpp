@@ -2,15 +2,20 @@
 // the same run, so the ratio says how much of the machine the forward pass uses; with
 // --device cuda, prefill throughput and decode ms/token at several contexts beside the HBM
 // bandwidth floor (weights + KV bytes a decode step must read, at the device's peak bandwidth), at
-// batch 1 and 8 (--batch), and generation tokens/s at those batches (kvtp generate's loop).
+// batch 1 and 8 (--batch), and generation tokens/s at those batches (kvtp generate's loop);
+// --compare-hf runs transformers on the same shapes in the same run (scripts/hf_bench.py) and
+// prints the ratios.
 #include <cblas.h>
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cstdio>
+#include <filesystem>
 #include <iostream>
 #include <numeric>
 #include <random>
+#include <sstream>
 
 #include "launcher/commands.h"
 #include "runtime/error.h"
@@ -52,7 +57,7 @@ struct BenchArgs {
   int seq_len = 2048, repeats = 3, layers = 0, decode_steps = 32;
   std::vector<int> contexts = {2048, 8192, 32768}, batches = {1, 8};
   std::string device = "cpu", dtype = "fp16", kv, kv_quant, kv_lowrank;
-  bool json = false;
+  bool json = false, compare_hf = false;
 };
 
 // The models to measure: name, config, and where their weights come from.
@@ -84,6 +89,76 @@ std::vector<BenchModel> benchModels(const BenchArgs& a) {
 // attention, QK^T and PV over the T(T+1)/2 visible query-key pairs (masked work not counted).
 double prefillFlops(const ModelConfig& c, int T) {
   return 2.0 * double(c.matmulParameterCount()) * T + 4.0 * double(T) * (T + 1) / 2 * c.heads * c.head_dim * c.layers;
+}
+
+// scripts/hf_bench.py beside this binary (build/kvtp, .bundle/kvtp: ../scripts), else under the
+// working directory; empty if neither has it.
+std::string hfBenchScript() {
+  std::vector<std::filesystem::path> places = {"scripts/hf_bench.py"};
+  std::error_code ec;
+  const auto exe = std::filesystem::read_symlink("/proc/self/exe", ec);
+  if (!ec) places.insert(places.begin(), exe.parent_path().parent_path() / "scripts/hf_bench.py");
+  for (const auto& p : places)
+    if (std::filesystem::exists(p)) return p.string();
+  return "";
+}
+
+// transformers on a synthetic preset's shape, same dtype, window and contexts (batch 1): the
+// script's JSON line, or {"error": why} (no python3, no transformers, a shape it lacks).
+nlohmann::json runHfBench(const BenchArgs& a, const std::string& preset, int seq_len) {
+  const std::string script = hfBenchScript();
+  if (script.empty()) return {{"error", "scripts/hf_bench.py not found beside the binary or here"}};
+  if (a.dtype == "fp32") return {{"error", "scripts/hf_bench.py measures fp16 or bf16"}};
+  std::string contexts;
+  for (int c : a.contexts) contexts += (contexts.empty() ? "" : ",") + std::to_string(c);
+  const std::string cmd = "python3 '" + script + "' --model " + preset + " --dtype " + a.dtype + " --seq-len " +
+                          std::to_string(seq_len) + " --contexts '" + contexts + "' --decode-steps " +
+                          std::to_string(a.decode_steps) + " --repeats " + std::to_string(a.repeats) +
+                          (a.layers > 0 ? " --layers " + std::to_string(a.layers) : "") + " 2>&1";
+  std::string output;
+  if (FILE* pipe = popen(cmd.c_str(), "r")) {
+    std::array<char, 4096> buf;
+    while (size_t n = std::fread(buf.data(), 1, buf.size(), pipe)) output.append(buf.data(), n);
+    pclose(pipe);
+  }
+  // The last line that is a JSON object is the result; otherwise the output's end says why.
+  std::vector<std::string> lines;
+  std::istringstream in(output);
+  for (std::string line; std::getline(in, line);) lines.push_back(line);
+  for (auto it = lines.rbegin(); it != lines.rend(); ++it)
+    if (it->starts_with("{")) {
+      auto j = nlohmann::json::parse(*it, nullptr, false);
+      if (!j.is_discarded()) return j;
+    }
+  const std::string tail = output.size() > 600 ? output.substr(output.size() - 600) : output;
+  return {{"error", "transformers did not run: " + tail}};
+}
+
+// The peer's numbers beside kvtp's: prefill tokens/s and batch-1 decode ms/token at each context.
+void compareWithHf(const nlohmann::json& hf, nlohmann::json& m, bool quiet) {
+  m["transformers"] = hf;
+  if (hf.contains("error")) {
+    if (!quiet) std::printf("transformers: %s\n", hf["error"].get<std::string>().c_str());
+    return;
+  }
+  const double ours = m["prefill"]["tokens_per_second"], theirs = hf["prefill"]["tokens_per_second"];
+  m["prefill"]["hf_tokens_per_second"] = theirs;
+  m["prefill"]["ratio_to_hf"] = ours / theirs;
+  if (!quiet)
+    std::printf("transformers %s (%s, %s): prefill %9.0f tok/s — kvtp %.2fx\n", hf["transformers"].get<std::string>().c_str(),
+                hf["attn"].get<std::string>().c_str(), hf["gpu"].get<std::string>().c_str(), theirs, ours / theirs);
+  for (auto& d : m["decode"]) {
+    if (d["batch"] != 1) continue;
+    for (const auto& h : hf["decode"])
+      if (h["context"] == d["context"]) {
+        const double ms = h["ms_per_token"];
+        d["hf_ms_per_token"] = ms;
+        d["ratio_to_hf"] = ms / d["ms_per_token"].get<double>();
+        if (!quiet)
+          std::printf("transformers decode at %5d, batch 1: %7.3f ms/token — kvtp %.2fx\n", d["context"].get<int>(), ms,
+                      d["ratio_to_hf"].get<double>());
+      }
+  }
 }
 
 void benchGpu(const BenchArgs& a) {
@@ -200,6 +275,10 @@ void benchGpu(const BenchArgs& a) {
         std::printf("%-24s generate, batch %d: %d-token prompts, %d new tokens each: %7.0f tok/s (%.2f s)\n",
                     name.c_str(), B, prompt, new_tokens, rate, stats.seconds);
     }
+    if (a.compare_hf) {
+      if (name.starts_with("synthetic:")) compareWithHf(runHfBench(a, name.substr(10), T), m, a.json);
+      else if (!a.json) std::printf("transformers: --compare-hf measures --synthetic presets only\n");
+    }
     out["models"].push_back(m);
   }
   if (a.json) std::cout << out.dump() << std::endl;
@@ -230,6 +309,9 @@ void addBenchCommand(CLI::App& app) {
                   "cuda: store the cache quantized: int8 | kivi:bits=2,group=32,residual=128 (docs/KV.md)");
   cmd->add_option("--kv-lowrank", a->kv_lowrank, "cuda: low-rank KV channels: cskv:rank=R,window=W (docs/KV.md)");
   cmd->add_option("--layers", a->layers, "synthetic: override the number of layers (0 = the preset's)");
+  cmd->add_flag("--compare-hf", a->compare_hf,
+                "cuda: run transformers on the same synthetic shapes in this run (scripts/hf_bench.py) and print "
+                "the ratios");
   cmd->callback([a] {
     if (a->device == "cuda") {
       if (a->models.empty() && a->synthetic.empty()) a->synthetic = {"llama-2-7b"};

@@ -120,7 +120,9 @@ if [ "$gpus" -ge 2 ] && want kv8k; then
     > "$out/llama70b_8k_prefill.json"
   summary "$out/llama70b_8k_prefill.json"
 fi
-want hf && timeout 240 python3 scripts/hf_bench.py 2>&1 | grep -E "^prefill|^decode|^\{" > "$out/hf_bench.txt"; cat "$out/hf_bench.txt" 2>/dev/null
+# kvtp beside transformers on the same shapes in one run (kvtp bench --compare-hf runs scripts/hf_bench.py)
+want hf && timeout 400 .bundle/kvtp bench --device cuda --synthetic llama-2-7b --contexts 2048,8192,32768 --batch 1 \
+  --compare-hf 2>&1 | tee "$out/bench_compare_hf.txt" | grep -E "prefill|batch 1|transformers"
 # Ground truth from transformers (installed here): greedy generate() references for the fixture
 # and bundled models (tests/hf_parity_test.cpp, GenerationParity), as $OUT/refs.tar (paths in the tree) to unpack here.
 if want refs; then

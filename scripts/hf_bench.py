@@ -2,11 +2,12 @@
 """Hugging Face transformers on the shapes `kvtp bench --device cuda` measures, on the same GPU:
 the side-by-side of docs/BENCHMARKS.md. Random weights (speed does not depend on them).
 
-  prefill: one 2048-token window scored whole (logits for every position, as a perplexity job)
+  prefill: B 2048-token windows (--batch, default 1) scored whole (logits for every position, as a perplexity job)
   decode:  batch 1, after a context of C tokens, one token per step through the KV cache
 
 usage (GPU machine): python3 scripts/hf_bench.py [--model llama-2-7b] [--dtype fp16]
-                     [--contexts 2048,8192,32768] [--attn sdpa]
+                     [--contexts 2048,8192,32768] [--attn sdpa] [--batch B] [--layers N]
+(`kvtp bench --device cuda --compare-hf` runs it on its own shapes and prints the ratios.)
 """
 import argparse
 import json
@@ -45,20 +46,24 @@ def main():
     ap.add_argument("--decode-steps", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
+    ap.add_argument("--layers", type=int, default=0, help="override the shape's layers (0 = its own)")
+    ap.add_argument("--batch", type=int, default=1, help="prefill: windows scored in one forward pass")
     a = ap.parse_args()
     contexts = [int(c) for c in a.contexts.split(",") if c]
     dtype = torch.float16 if a.dtype == "fp16" else torch.bfloat16
-    cfg = transformers.LlamaConfig(**SHAPES[a.model], max_position_embeddings=max(contexts + [a.seq_len]) + 64)
+    shape = dict(SHAPES[a.model], **({"num_hidden_layers": a.layers} if a.layers > 0 else {}))
+    cfg = transformers.LlamaConfig(**shape, max_position_embeddings=max(contexts + [a.seq_len]) + 64)
     with torch.device("cuda"):
         model = transformers.LlamaForCausalLM._from_config(cfg, attn_implementation=a.attn, dtype=dtype).eval()
     g = torch.Generator(device="cuda").manual_seed(2)
     result = {"model": a.model, "dtype": a.dtype, "attn": a.attn, "transformers": transformers.__version__,
               "torch": torch.__version__, "gpu": torch.cuda.get_device_name(), "decode": []}
     with torch.inference_mode():
-        ids = torch.randint(0, cfg.vocab_size, (1, a.seq_len), device="cuda", generator=g)
+        ids = torch.randint(0, cfg.vocab_size, (a.batch, a.seq_len), device="cuda", generator=g)
         s = timed(lambda: model(ids, labels=ids, use_cache=False), a.repeats)
-        result["prefill"] = {"seq_len": a.seq_len, "seconds": s, "tokens_per_second": a.seq_len / s}
-        print(f"prefill {a.seq_len}: {1e3 * s:.2f} ms, {a.seq_len / s:.0f} tok/s", flush=True)
+        tokens = a.batch * a.seq_len
+        result["prefill"] = {"seq_len": a.seq_len, "batch": a.batch, "seconds": s, "tokens_per_second": tokens / s}
+        print(f"prefill {a.batch} x {a.seq_len}: {1e3 * s:.2f} ms, {tokens / s:.0f} tok/s", flush=True)
         for C in contexts:
             ctx = torch.randint(0, cfg.vocab_size, (1, C + a.decode_steps), device="cuda", generator=g)
             try:
