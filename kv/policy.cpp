@@ -78,6 +78,8 @@ const char* methodName(Method m) {
     case Method::LagKV: return "lagkv";
     case Method::SimLayerKV: return "simlayerkv";
     case Method::Leverage: return "leverage";
+    case Method::CUR: return "cur";
+    case Method::Expected: return "expected";
   }
   return "?";
 }
@@ -108,6 +110,8 @@ std::string PolicySpec::describe() const {
         << (scope == Scope::Global ? "global" : scope == Scope::Layer ? "layer" : "head");
     if (method == Method::Random) o << ",seed=" << seed;
     if (method == Method::LagKV) o << ",lag=" << lag;
+    if (method == Method::CUR) o << ",local=" << local;
+    if (method == Method::Expected) o << ",future=" << future;
     if (chunk > 1) o << ",chunk=" << chunk;
     if (evict_below > -INFINITY) o << ",evict_below=" << evict_below;
     for (size_t i = 0; i < ladder.size(); ++i) o << (i ? "/" : ",ladder=") << rungName(ladder[i]);
@@ -133,18 +137,21 @@ PolicySpec parsePolicy(const std::string& kv, const std::string& kv_quant, const
                                                    {"random", Method::Random},   {"tova", Method::TOVA},
                                                    {"knorm", Method::KNorm},     {"keydiff", Method::KeyDiff},
                                                    {"lagkv", Method::LagKV},     {"simlayerkv", Method::SimLayerKV},
-                                                   {"leverage", Method::Leverage}};
+                                                   {"leverage", Method::Leverage}, {"cur", Method::CUR},
+                                                   {"expected", Method::Expected}};
     auto m = methods.find(name);
     if (m == methods.end())
       throw std::invalid_argument("KV method '" + name +
                                   "' is not one of: full, streamingllm, h2o, scissorhands, snapkv, pyramidkv, random, "
-                                  "tova, knorm, keydiff, lagkv, leverage, simlayerkv");
+                                  "tova, knorm, keydiff, lagkv, leverage, cur, expected, simlayerkv");
     s.method = m->second;
     rejectUnknown(a, {"budget", "tokens", "bytes", "sinks", "recent", "scope", "history", "window", "kernel", "ratio", "decode",
                       "decode_budget", "decode_recent", "delta", "seed", "lag", "interval", "chunk", "threshold",
-                      "evict_below", "ladder"},
+                      "evict_below", "ladder", "local", "future"},
                   kv);
     s.lag = int(number(a, "lag", s.lag, kv));
+    s.local = int(number(a, "local", s.local, kv));
+    s.future = int(number(a, "future", s.future, kv));
     s.interval = int(number(a, "interval", s.interval, kv));
     s.chunk = int(number(a, "chunk", s.chunk, kv));
     s.threshold = number(a, "threshold", s.threshold, kv);
@@ -165,8 +172,9 @@ PolicySpec parsePolicy(const std::string& kv, const std::string& kv_quant, const
         throw std::invalid_argument("a ladder starts at fp16 and has a lower rung, e.g. fp16/int8/int4 (" + kv + ")");
       if (s.method == Method::SimLayerKV) throw std::invalid_argument("simlayerkv keeps whole layers: no ladder (" + kv + ")");
     }
-    if (s.lag < 1 || s.interval < 1 || s.chunk < 1)
-      throw std::invalid_argument("lag, interval and chunk must be at least 1 (" + kv + ")");
+    if (s.lag < 1 || s.interval < 1 || s.chunk < 1 || s.future < 1)
+      throw std::invalid_argument("lag, interval, chunk and future must be at least 1 (" + kv + ")");
+    if (s.local < 0) throw std::invalid_argument("local must be 0 (the whole head) or more (" + kv + ")");
     if (s.threshold < 0 || s.threshold > 1) throw std::invalid_argument("threshold must be in [0, 1] (" + kv + ")");
     if (s.method == Method::SimLayerKV && (a.count("budget") || a.count("tokens") || a.count("bytes") || a.count("scope")))
       throw std::invalid_argument("simlayerkv keeps whole layers or their sinks and recent window: it takes no budget or "
@@ -272,6 +280,7 @@ void Policy::afterStep(KVCache& cache, const StepAttention& attn, int last_pos, 
     streamLazyLayers(cache, last_pos);
   } else {
     if (spec_.needsAttention()) score(cache, attn, prefill);
+    if (spec_.needsQueries()) addQueries(attn, last_pos);
     if (spec_.evicts()) evict(cache, last_pos, prefill);
   }
   if (spec_.rank) project(cache);
@@ -356,29 +365,8 @@ void Policy::project(KVCache& cache) const {
 void Policy::score(KVCache& cache, const StepAttention& attn, bool prefill) {
   const int L = lay_.layers, H = lay_.local_kv_heads, T = attn.T;
   const bool replicated = lay_.replicated && group_ && group_->size() > 1;
-  std::vector<std::vector<float>> summed(replicated ? attn.blocks.size() : 0);  // the blocks summed over ranks
-  if (replicated) {
-    // Global layout: one slot per (layer, global KV head), T x length each; non-holders add 0.
-    std::vector<int64_t> len(size_t(L) * lay_.global_kv_heads, 0);
-    for (int l = 0; l < L; ++l)
-      for (int h = 0; h < H; ++h) len[globalIndex(l, h)] = cache.head(l, h).length();
-    std::vector<double> lens(len.begin(), len.end());
-    group_->allReduceMax(lens.data(), lens.size());
-    std::vector<int64_t> off(lens.size() + 1, 0);
-    for (size_t i = 0; i < lens.size(); ++i) off[i + 1] = off[i] + int64_t(lens[i]) * T;
-    std::vector<float> all(size_t(off.back()), 0.0f);
-    for (int l = 0; l < L; ++l)
-      for (int h = 0; h < H; ++h) {
-        const auto& b = attn.blocks[l * H + h];
-        std::copy(b.begin(), b.end(), all.begin() + off[globalIndex(l, h)]);
-      }
-    group_->allReduceSum(all.data(), all.size());
-    for (int l = 0; l < L; ++l)
-      for (int h = 0; h < H; ++h) {
-        const int g = globalIndex(l, h);
-        summed[l * H + h].assign(all.begin() + off[g], all.begin() + off[g + 1]);
-      }
-  }
+  std::vector<std::vector<float>> summed;
+  if (replicated) summed = sumOverReplicas(cache, attn.blocks, T);
   const std::vector<std::vector<float>>& blocks = replicated ? summed : attn.blocks;
   // Heads are independent: in parallel (a decode step of a 7B model scores ~1M entries).
 #pragma omp parallel for collapse(2) schedule(static)
@@ -410,6 +398,48 @@ void Policy::score(KVCache& cache, const StepAttention& attn, bool prefill) {
         }
       }
     }
+}
+
+std::vector<std::vector<float>> Policy::sumOverReplicas(const KVCache& cache, const std::vector<std::vector<float>>& blocks,
+                                                         int T) const {
+  if (!lay_.replicated || !group_ || group_->size() == 1) return blocks;
+  const int L = lay_.layers, H = lay_.local_kv_heads;
+  // Global layout: one slot per (layer, global KV head), T x length each; non-holders add 0.
+  std::vector<int64_t> len(size_t(L) * lay_.global_kv_heads, 0);
+  for (int l = 0; l < L; ++l)
+    for (int h = 0; h < H; ++h) len[globalIndex(l, h)] = cache.head(l, h).length();
+  std::vector<double> lens(len.begin(), len.end());
+  group_->allReduceMax(lens.data(), lens.size());
+  std::vector<int64_t> off(lens.size() + 1, 0);
+  for (size_t i = 0; i < lens.size(); ++i) off[i + 1] = off[i] + int64_t(lens[i]) * T;
+  std::vector<float> all(size_t(off.back()), 0.0f);
+  for (int l = 0; l < L; ++l)
+    for (int h = 0; h < H; ++h) {
+      const auto& b = blocks[l * H + h];
+      std::copy(b.begin(), b.end(), all.begin() + off[globalIndex(l, h)]);
+    }
+  group_->allReduceSum(all.data(), all.size());
+  std::vector<std::vector<float>> summed(blocks.size());
+  for (int l = 0; l < L; ++l)
+    for (int h = 0; h < H; ++h) {
+      const int g = globalIndex(l, h);
+      summed[l * H + h].assign(all.begin() + off[g], all.begin() + off[g + 1]);
+    }
+  return summed;
+}
+
+// Expected attention: each step's queries at positions past the sinks join their head's statistics.
+void Policy::addQueries(const StepAttention& attn, int last_pos) {
+  const int hd = lay_.head_dim;
+  queries_.resize(attn.queries.size());
+  for (size_t i = 0; i < attn.queries.size(); ++i) {
+    const std::vector<float>& q = attn.queries[i];
+    const int members = int(q.size() / (size_t(attn.T) * hd));
+    queries_[i].resize(size_t(members));
+    for (int m = 0; m < members; ++m)
+      for (int t = 0; t < attn.T; ++t)
+        if (last_pos - attn.T + 1 + t >= spec_.sinks) queries_[i][m].add(q.data() + (int64_t(m) * attn.T + t) * hd, hd);
+  }
 }
 
 int Policy::poolCount() const {
@@ -455,6 +485,24 @@ void Policy::evict(KVCache& cache, int last_pos, bool prefill) {
   const bool shared = group_ && group_->size() > 1 && spec_.scope != Scope::Head;
   keys_.resize(size_t(L) * H);
   std::vector<SelectHead> heads(size_t(L) * H);
+  // Expected attention sums over a KV head's query heads, which a replicated head has on several ranks.
+  std::vector<std::vector<float>> expected;
+  if (spec_.method == Method::Expected) {
+    expected.resize(size_t(L) * H);
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int l = 0; l < L; ++l)
+      for (int h = 0; h < H; ++h) {
+        const HeadCache& c = cache.head(l, h);
+        std::vector<float> scratch;
+        std::vector<double> s(size_t(c.length()));
+        const size_t i = size_t(l) * H + h;
+        expectedAttentionScores(cache.rows(l, h, scratch), c.positions.data(), c.length(), lay_.head_dim,
+                                i < queries_.size() ? queries_[i] : std::vector<QueryStats>{}, cache.ropeInvFreq(),
+                                last_pos + 1, spec_.future, spec_.sinks, s.data());
+        expected[i].assign(s.begin(), s.end());
+      }
+    expected = sumOverReplicas(cache, expected, 1);
+  }
   // Each entry's key: +inf for the protected (sinks, recent window), else the method's score.
 #pragma omp parallel for collapse(2) schedule(static)
   for (int l = 0; l < L; ++l)
@@ -470,11 +518,13 @@ void Policy::evict(KVCache& cache, int last_pos, bool prefill) {
         if (spec_.method == Method::LagKV) lagScores(rows, c.length(), lay_.head_dim, spec_.sinks, spec_.lag, key.data());
         if (spec_.method == Method::Leverage)
           leverageScores(rows, c.positions.data(), c.length(), lay_.head_dim, cache.ropeInvFreq(), key.data());
+        if (spec_.method == Method::CUR) curScores(rows, c.length(), lay_.head_dim, spec_.local, key.data());
       } else {
         for (int i = 0; i < c.length(); ++i) {
           double s = c.score[i];
           if (spec_.method == Method::StreamingLLM) s = c.positions[i];  // keep the most recent
           if (spec_.method == Method::Random) s = randomScore(spec_.seed, l, lay_.kv_head_begin + h, c.positions[i]);
+          if (spec_.method == Method::Expected) s = expected[size_t(l) * H + h][i];
           if (spec_.method == Method::Scissorhands) {
             const uint64_t mask = spec_.history >= 64 ? ~0ull : ((1ull << spec_.history) - 1);
             s = std::popcount(c.history[i] & mask);

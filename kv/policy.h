@@ -16,17 +16,18 @@
 #include "comm/communicator.h"
 #include "kv/budget_select.h"
 #include "kv/kv_cache.h"
+#include "kv/scorers.h"
 
 namespace kvtp::kv {
 
 // How a method scores entries: by the attention they receive (H2O, Scissorhands, SnapKV,
 // PyramidKV, TOVA: Policy::score folds each step in), by position (StreamingLLM), by a fixed draw
-// (Random), or by the cached keys and values at decision time (K-norm, KeyDiff, LagKV:
-// kv/scorers.h).
+// (Random), or by the cached keys and values at decision time (K-norm, KeyDiff, LagKV, leverage,
+// CUR: kv/scorers.h).
 // SimLayerKV decides per layer instead: at the prompt's end a layer whose newest query looks at
 // the sinks and the recent window only is "lazy" and streams from then on; the others keep all.
 enum class Method { Full, StreamingLLM, H2O, Scissorhands, SnapKV, PyramidKV, Random, TOVA, KNorm, KeyDiff, LagKV,
-                    SimLayerKV, Leverage };
+                    SimLayerKV, Leverage, CUR, Expected };
 enum class Scope { Global, Layer, Head };  // who competes for the budget
 enum class Quant { None, Int8, Kivi };
 enum class Decode { None, Slide, Adaptive, Discontinuous };  // SCOPE's decode-phase strategies
@@ -50,6 +51,8 @@ struct PolicySpec {
   int delta = 15;           // SCOPE adaptive/discontinuous: steps per budget increment / per compression
   uint64_t seed = 0;        // Random: the draw (the same at every tp)
   int lag = 128;            // LagKV: entries per partition
+  int local = 16;           // CUR: entries per local normalization window (0: the whole head)
+  int future = 512;         // expected attention: future positions RoPE's rotation is averaged over
   int interval = 1;         // per-step methods: decode steps between decisions (kvpress's DecodingPress)
   int chunk = 1;            // ChunkKV: entries share the mean score of their chunk of this many (1: off)
   double threshold = 0.9;   // SimLayerKV: a layer is lazy past this share of attention on sinks + recent
@@ -68,9 +71,12 @@ struct PolicySpec {
   // Whether the cache can differ from the full one (eviction, quantization or low rank).
   bool compresses() const { return evicts() || quant != Quant::None || rank > 0; }
   bool needsAttention() const;
+  // Whether the method reads the queries' statistics (expected attention).
+  bool needsQueries() const { return method == Method::Expected; }
   // Whether the method reads the cached keys and values when it decides (kv/scorers.h).
   bool readsRows() const {
-    return method == Method::KNorm || method == Method::KeyDiff || method == Method::LagKV || method == Method::Leverage;
+    return method == Method::KNorm || method == Method::KeyDiff || method == Method::LagKV || method == Method::Leverage ||
+           method == Method::CUR;
   }
   // Whether a decode step's attention changes the scores (SnapKV / PyramidKV without SCOPE's
   // decode phase score the prompt only).
@@ -96,11 +102,15 @@ struct HeadLayout {
   bool owner = true;
 };
 
-// One forward step's attention: for each (layer, local KV head), a (T, L) row-major block of
-// probabilities summed over the local query heads of that KV head.
+// What one forward step shows the policy (kv::PolicySpec::needsAttention, needsQueries): for each
+// (layer, local KV head), a (T, L) row-major block of probabilities summed over the local query
+// heads of that KV head; and/or the step's pre-RoPE queries of those query heads, each a (T,
+// head_dim) block, one after another in head order.
 struct StepAttention {
   int T = 0;
-  std::vector<std::vector<float>> blocks;  // index layer * local_kv_heads + head
+  bool want_probabilities = true, want_queries = false;
+  std::vector<std::vector<float>> blocks;   // index layer * local_kv_heads + head
+  std::vector<std::vector<float>> queries;  // index layer * local_kv_heads + head
 };
 
 // Bytes as a GPU runtime stores the cache: 2-byte values (fp16/bf16), packed codes with 2-byte
@@ -124,7 +134,7 @@ class Policy {
   // Updates scores, evicts to the budget, quantizes what aged out of the residual window.
   void afterStep(KVCache& cache, const StepAttention& attn, int last_pos, bool prefill);
   // A new window (sequence) starts: its prefill and decode steps count from here.
-  void startWindow() { prefill_end_ = 0, decode_steps_ = 0, lazy_.clear(); }
+  void startWindow() { prefill_end_ = 0, decode_steps_ = 0, lazy_.clear(), queries_.clear(); }
   KvBytes bytes(const KVCache& cache, int tokens_seen) const;
   // The budget's competition pools (one, one per layer, or one per (layer, KV head): each a
   // contiguous run of the global table) and each one's budget in entries after a step up to
@@ -152,6 +162,11 @@ class Policy {
   void project(KVCache& cache) const;  // low-rank channels: the cache must hold the bases
   int globalIndex(int layer, int local_head) const;
   void findLazyLayers(const KVCache& cache, const StepAttention& attn);  // SimLayerKV, at the prompt's end
+  void addQueries(const StepAttention& attn, int last_pos);             // expected attention's statistics
+  // Blocks per (layer, local KV head) of T rows each, summed over the ranks holding a replicated
+  // KV head (each holds a share of its query heads); as they are otherwise.
+  std::vector<std::vector<float>> sumOverReplicas(const KVCache& cache, const std::vector<std::vector<float>>& blocks,
+                                                  int T) const;
   void streamLazyLayers(KVCache& cache, int last_pos);
   // Tiered precision: each entry's rung from its key (SelectHead), every pool filled as
   // docs/KV.md says, by one select per rung; applies the forms and the evictions.
@@ -168,6 +183,7 @@ class Policy {
   std::vector<std::vector<double>> keys_;
   std::vector<std::vector<uint8_t>> keep_;
   std::vector<uint8_t> lazy_;  // SimLayerKV: per layer, decided at the prompt's end
+  std::vector<std::vector<QueryStats>> queries_;  // expected attention: per (layer, local KV head), its query heads
   SelectTraffic last_traffic_;
 };
 

@@ -35,6 +35,103 @@ void keyDiffScores(const HeadRows& rows, int length, int head_dim, double* out) 
   }
 }
 
+void QueryStats::add(const float* q, int head_dim) {
+  if (sum.empty()) sum.assign(size_t(head_dim), 0.0), outer.assign(size_t(head_dim) * head_dim, 0.0);
+  ++n;
+  for (int i = 0; i < head_dim; ++i) {
+    sum[i] += q[i];
+    for (int j = 0; j < head_dim; ++j) outer[size_t(i) * head_dim + j] += double(q[i]) * q[j];
+  }
+}
+
+void expectedAttentionScores(const HeadRows& rows, const int* positions, int length, int head_dim,
+                             const std::vector<QueryStats>& members, const std::vector<float>& rope_inv_freq,
+                             int next_pos, int future, int sinks, double* out) {
+  const int d = head_dim, half = d / 2;
+  // RoPE's rotation averaged over the future positions: per channel pair (i, i + d/2) the block
+  // [[c, -s], [s, c]] with c, s the means of cos and sin of p * theta_i (HF's rotate_half layout).
+  std::vector<double> rot(static_cast<size_t>(d) * d, 0.0);
+  for (int i = 0; i < d; ++i) rot[size_t(i) * d + i] = 1.0;
+  if (!rope_inv_freq.empty())
+    for (int i = 0; i < half; ++i) {
+      double c = 0, s = 0;
+      for (int p = next_pos; p < next_pos + future; ++p)
+        c += std::cos(double(p) * rope_inv_freq[i]) / future, s += std::sin(double(p) * rope_inv_freq[i]) / future;
+      rot[size_t(i) * d + i] = c, rot[size_t(i) * d + i + half] = -s;
+      rot[size_t(i + half) * d + i] = s, rot[size_t(i + half) * d + i + half] = c;
+    }
+  std::fill(out, out + length, 0.0);
+  std::vector<double> mu(static_cast<size_t>(d)), cov(static_cast<size_t>(d) * d), tmp(static_cast<size_t>(d) * d),
+      logit(static_cast<size_t>(length));
+  for (const QueryStats& m : members) {
+    if (m.n == 0) continue;
+    // mu = R mean; cov = R (E[q q^T] - mean mean^T) R^T
+    std::vector<double> mean(static_cast<size_t>(d));
+    for (int i = 0; i < d; ++i) mean[i] = m.sum[i] / double(m.n);
+    for (int i = 0; i < d; ++i) {
+      mu[i] = 0;
+      for (int j = 0; j < d; ++j) mu[i] += rot[size_t(i) * d + j] * mean[j];
+    }
+    for (int i = 0; i < d; ++i)  // tmp = R C
+      for (int j = 0; j < d; ++j) {
+        double acc = 0;
+        for (int k = 0; k < d; ++k) acc += rot[size_t(i) * d + k] * (m.outer[size_t(k) * d + j] / double(m.n) - mean[k] * mean[j]);
+        tmp[size_t(i) * d + j] = acc;
+      }
+    for (int i = 0; i < d; ++i)  // cov = tmp R^T
+      for (int j = 0; j < d; ++j) {
+        double acc = 0;
+        for (int k = 0; k < d; ++k) acc += tmp[size_t(i) * d + k] * rot[size_t(j) * d + k];
+        cov[size_t(i) * d + j] = acc;
+      }
+    double top = -INFINITY;
+    for (int e = 0; e < length; ++e) {
+      if (positions[e] < sinks) continue;
+      const float* k = rows.keys + int64_t(e) * d;
+      double lin = 0, quad = 0;
+      for (int i = 0; i < d; ++i) {
+        lin += mu[i] * k[i];
+        double row = 0;
+        for (int j = 0; j < d; ++j) row += cov[size_t(i) * d + j] * k[j];
+        quad += k[i] * row;
+      }
+      logit[e] = lin / std::sqrt(double(d)) + quad / (2.0 * d);
+      top = std::max(top, logit[e]);
+    }
+    double total = 0;
+    for (int e = 0; e < length; ++e)
+      if (positions[e] >= sinks) total += std::exp(logit[e] - top);
+    for (int e = 0; e < length; ++e)
+      if (positions[e] >= sinks) out[e] += std::exp(logit[e] - top) / total;
+  }
+  for (int e = 0; e < length; ++e) {
+    const float* v = rows.values + int64_t(e) * d;
+    double sq = 0;
+    for (int i = 0; i < d; ++i) sq += double(v[i]) * v[i];
+    out[e] *= std::sqrt(sq);
+  }
+}
+
+void curScores(const HeadRows& rows, int length, int head_dim, int local, double* out) {
+  const int w = local > 0 ? local : std::max(length, 1);
+  std::vector<double> k2(static_cast<size_t>(length)), v2(static_cast<size_t>(length));
+  for (int i = 0; i < length; ++i) {
+    const float *k = rows.keys + int64_t(i) * head_dim, *v = rows.values + int64_t(i) * head_dim;
+    for (int d = 0; d < head_dim; ++d) k2[i] += double(k[d]) * k[d], v2[i] += double(v[d]) * v[d];
+  }
+  for (int b = 0; b < length; b += w) {  // each window's squared norms as shares of the window's
+    const int e = std::min(length, b + w);
+    for (auto* x : {&k2, &v2}) {
+      const double sum = std::accumulate(x->begin() + b, x->begin() + e, 0.0);
+      for (int i = b; i < e; ++i) (*x)[i] = sum > 0 ? (*x)[i] / sum : 0.0;
+    }
+  }
+  double total = 0;
+  for (int i = 0; i < length; ++i) total += out[i] = k2[i] * v2[i];
+  if (total > 0)
+    for (int i = 0; i < length; ++i) out[i] /= total;
+}
+
 namespace {
 
 // One partition's entries [begin, begin + lag) of `x` against the reference [begin + lag,

@@ -33,4 +33,29 @@ void lagScores(const HeadRows& rows, int length, int head_dim, int sinks, int la
 void leverageScores(const HeadRows& rows, const int* positions, int length, int head_dim,
                     const std::vector<float>& rope_inv_freq, double* out);
 
+// Running statistics of one query head's pre-RoPE queries (expected attention's input).
+struct QueryStats {
+  int64_t n = 0;
+  std::vector<double> sum, outer;  // sum of q, of q q^T (head_dim x head_dim, row-major)
+  void add(const float* q, int head_dim);
+};
+
+// Expected attention (Devoto et al. 2025, "Expected Attention: KV Cache Compression by Estimating
+// Attention from Future Queries Distribution"; kvpress's ExpectedAttentionPress with its defaults):
+// future queries of each query head are modelled as Gaussian, mean mu and covariance S of the
+// queries seen (`members`: the query heads reading this KV head), rotated by RoPE's rotation
+// averaged over the next `future` positions from `next_pos` (R; none without RoPE). An entry's
+// expected logit is (R mu).k / sqrt(d) + k^T (R S R^T) k / (2 d); softmax over the entries at
+// positions >= `sinks` (the sinks score 0: the policy keeps them anyway), summed over the members,
+// times ||v||.
+void expectedAttentionScores(const HeadRows& rows, const int* positions, int length, int head_dim,
+                             const std::vector<QueryStats>& members, const std::vector<float>& rope_inv_freq,
+                             int next_pos, int future, int sinks, double* out);
+
+// CUR (Sengupta et al. 2025, CurDKV; kvpress's CURPress with its defaults): approximate leverage
+// of keys and values by their squared norms, each normalized over local windows of `local`
+// consecutive entries (0: the whole head), multiplied (key x value), normalized to sum 1 over the
+// head. The sinks are the policy's to protect.
+void curScores(const HeadRows& rows, int length, int head_dim, int local, double* out);
+
 }  // namespace kvtp::kv

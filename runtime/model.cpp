@@ -104,6 +104,11 @@ void Model::attention(int layer, const float* xn, const int* positions, int T, k
   k::linear(xn, T, c.hidden, L.wq.data(), Q, L.bq.empty() ? nullptr : L.bq.data(), q.data());
   k::linear(xn, T, c.hidden, L.wk.data(), KV, L.bk.empty() ? nullptr : L.bk.data(), kx.data());
   k::linear(xn, T, c.hidden, L.wv.data(), KV, L.bv.empty() ? nullptr : L.bv.data(), vx.data());
+  if (collect && collect->want_queries)  // before RoPE: each query head's rows after its KV head's others
+    for (int h = 0; h < part_.q_heads; ++h) {
+      auto& block = collect->queries[size_t(layer) * part_.kv_heads + part_.kvHeadOf(h, c)];
+      for (int t = 0; t < T; ++t) block.insert(block.end(), q.begin() + int64_t(t) * Q + h * hd, q.begin() + int64_t(t) * Q + (h + 1) * hd);
+    }
   if (c.family == Family::Llama) {
     k::applyRope(q.data(), T, part_.q_heads, hd, positions, inv_freq_.data());
     k::applyRope(kx.data(), T, part_.kv_heads, hd, positions, inv_freq_.data());
@@ -114,7 +119,8 @@ void Model::attention(int layer, const float* xn, const int* positions, int T, k
   // Heads in parallel, with BLAS single-threaded inside (OpenBLAS's OpenMP build); a decode step
   // over a short cache is too little work to be worth waking threads for.
   const int64_t cached = cache.head(layer, 0).length();
-  std::vector<std::vector<float>> probs(collect ? part_.q_heads : 0);
+  const bool probabilities = collect && collect->want_probabilities;
+  std::vector<std::vector<float>> probs(probabilities ? part_.q_heads : 0);
 #pragma omp parallel for schedule(dynamic) if (T * cached >= 4096)
   for (int h = 0; h < part_.q_heads; ++h) {
     const int kv_head = part_.kvHeadOf(h, c);
@@ -122,14 +128,14 @@ void Model::attention(int layer, const float* xn, const int* positions, int T, k
     std::vector<float> scratch;  // dequantized rows, when the head holds packed entries
     const kv::HeadRows rows = cache.rows(layer, kv_head, scratch);
     float* p = nullptr;
-    if (collect) {
+    if (probabilities) {
       probs[h].resize(size_t(T) * kvh.length());
       p = probs[h].data();
     }
     k::attendHead(q.data() + h * hd, Q, positions, T, rows.keys, rows.values, kvh.positions.data(),
                   kvh.length(), hd, scale, ctx.data() + h * hd, Q, p);
   }
-  if (collect) {  // sum over the query heads that read each KV head
+  if (probabilities) {  // sum over the query heads that read each KV head
     collect->T = T;
     for (int h = 0; h < part_.q_heads; ++h) {
       auto& block = collect->blocks[size_t(layer) * part_.kv_heads + part_.kvHeadOf(h, c)];
@@ -159,7 +165,11 @@ void Model::mlp(int layer, const float* xn, int T, float* x) const {
 
 std::vector<float> Model::forward(const int* tokens, const int* positions, int T, kv::KVCache& cache,
                                   kv::StepAttention* collect) const {
-  if (collect) collect->blocks.assign(size_t(config_.layers) * part_.kv_heads, {});
+  if (collect) {
+    collect->T = T;
+    collect->blocks.assign(size_t(config_.layers) * part_.kv_heads, {});
+    collect->queries.assign(collect->want_queries ? size_t(config_.layers) * part_.kv_heads : 0, {});
+  }
   const auto& c = config_;
   const auto& w = weights_;
   const int H = c.hidden, P = c.word_embed_proj_dim;

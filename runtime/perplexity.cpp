@@ -81,9 +81,13 @@ class CpuEngine : public Engine {
   kv::KvBytes kvBytes(int tokens_seen) const override { return policy_.bytes(cache_, tokens_seen); }
 
  private:
-  // The tokens through the model into the cache, keeping the attention when the policy scores by it.
+  // The tokens through the model into the cache, keeping the attention and the queries when the
+  // policy scores by them.
   std::vector<float> forward(const int* tokens, const int* positions, int T) {
-    return model_.forward(tokens, positions, T, cache_, policy_.spec().needsAttention() ? &attention_ : nullptr);
+    const kv::PolicySpec& s = policy_.spec();
+    attention_.want_probabilities = s.needsAttention(), attention_.want_queries = s.needsQueries();
+    const bool collect = attention_.want_probabilities || attention_.want_queries;
+    return model_.forward(tokens, positions, T, cache_, collect ? &attention_ : nullptr);
   }
 
   const Model& model_;

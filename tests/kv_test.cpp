@@ -277,6 +277,80 @@ TEST(KvEviction, KeyDiffKeepsTheKeysLeastLikeTheAverage) {
   EXPECT_EQ(positions(c), (std::vector<int>{0, 2, 4, 5}));
 }
 
+// CUR: keys = values (1,0) (3,0) (1,1) (0,2) (2,0) (0,1), squared norms 1 9 2 4 4 1. In local
+// windows of 2 they are shares .1 .9 | 1/3 2/3 | .8 .2; key share x value share = .01 .81 1/9 4/9
+// .64 .04, normalized by their sum; the best two are entries 1 and 4. Over the whole head (local=0)
+// the shares are n/21 and the product's order is 1, then 3 and 4 tied (the lower place wins).
+TEST(KvEviction, CurKeepsTheEntriesOfHighKeyAndValueLeverage) {
+  KVCache c = withKeys({{1, 0}, {3, 0}, {1, 1}, {0, 2}, {2, 0}, {0, 1}});
+  std::vector<float> scratch;
+  std::vector<double> got(6);
+  curScores(c.rows(0, 0, scratch), 6, 2, 2, got.data());
+  const std::vector<double> want = {0.01, 0.81, 1.0 / 9, 4.0 / 9, 0.64, 0.04};
+  const double total = std::accumulate(want.begin(), want.end(), 0.0);
+  for (int i = 0; i < 6; ++i) EXPECT_NEAR(got[i], want[i] / total, 1e-12) << i;
+  Policy local(parsePolicy("cur:tokens=2,sinks=0,recent=0,local=2", ""), layout(), nullptr);
+  local.afterStep(c, {}, 5, false);
+  EXPECT_EQ(positions(c), (std::vector<int>{1, 4}));
+  KVCache whole = withKeys({{1, 0}, {3, 0}, {1, 1}, {0, 2}, {2, 0}, {0, 1}});
+  Policy p(parsePolicy("cur:tokens=2,sinks=0,recent=0,local=0", ""), layout(), nullptr);
+  p.afterStep(whole, {}, 5, false);
+  EXPECT_EQ(positions(whole), (std::vector<int>{1, 3}));
+  EXPECT_THROW(parsePolicy("cur:budget=0.5,local=-1", ""), std::invalid_argument);
+}
+
+// Expected attention, no RoPE: queries (1,0) and (3,0) have mean (2,0) and covariance diag(1,0);
+// keys = values (1,0) (0,1) (-1,0) (2,0) get logits mu.k/sqrt(2) + k^T S k/4 = sqrt(2) + 1/4, 0,
+// -sqrt(2) + 1/4, 2 sqrt(2) + 1; scores are their softmax times ||v|| (1, 1, 1, 2). Two kept: 3, 0.
+TEST(KvEviction, ExpectedAttentionKeepsWhatTheQueriesDistributionWouldAttend) {
+  KVCache c = withKeys({{1, 0}, {0, 1}, {-1, 0}, {2, 0}});
+  const std::vector<int> pos = {0, 1, 2, 3};
+  QueryStats q;
+  const float q1[2] = {1, 0}, q2[2] = {3, 0};
+  q.add(q1, 2), q.add(q2, 2);
+  std::vector<float> scratch;
+  std::vector<double> got(4);
+  expectedAttentionScores(c.rows(0, 0, scratch), pos.data(), 4, 2, {q}, {}, 4, 512, 0, got.data());
+  const double r2 = std::sqrt(2.0);
+  const std::vector<double> logit = {r2 + 0.25, 0, -r2 + 0.25, 2 * r2 + 1}, vnorm = {1, 1, 1, 2};
+  double total = 0;
+  for (double x : logit) total += std::exp(x);
+  for (int i = 0; i < 4; ++i) EXPECT_NEAR(got[i], std::exp(logit[i]) / total * vnorm[i], 1e-12) << i;
+
+  StepAttention a;  // the same queries through the policy, as the model hands them over
+  a.T = 2, a.want_probabilities = false, a.want_queries = true;
+  a.queries = {{1, 0, 3, 0}};
+  Policy p(parsePolicy("expected:tokens=2,sinks=0,recent=0", ""), layout(), nullptr);
+  p.afterStep(c, a, 3, true);
+  EXPECT_EQ(positions(c), (std::vector<int>{0, 3}));
+}
+
+// With RoPE: one query repeated (no covariance) and future=1, the rotation averaged over the next
+// position is that position's, so the expected logits are the attention logits of the query
+// rotated to it (kernels::applyRope) against the cached keys.
+TEST(KvEviction, ExpectedAttentionRotatesTheMeanQueryToTheNextPosition) {
+  const int hd = 4, n = 5, next = 9;
+  const std::vector<float> inv_freq = {1.0f, 0.01f};
+  std::vector<float> keys(n * hd), query = {0.3f, -1.2f, 0.8f, 0.5f}, rotated = query;
+  std::mt19937 rng(5);
+  std::normal_distribution<float> dist;
+  for (auto& x : keys) x = dist(rng);
+  std::vector<float> ones(n * hd, 1.0f);  // ||v|| = 2 for every entry
+  const std::vector<int> pos = {0, 1, 2, 3, 4};
+  QueryStats q;
+  for (int t = 0; t < 3; ++t) q.add(query.data(), hd);
+  std::vector<double> got(n);
+  expectedAttentionScores({keys.data(), ones.data()}, pos.data(), n, hd, {q}, inv_freq, next, 1, 0, got.data());
+  kernels::applyRope(rotated.data(), 1, 1, hd, &next, inv_freq.data());
+  std::vector<double> logit(n);
+  double total = 0;
+  for (int e = 0; e < n; ++e) {
+    for (int i = 0; i < hd; ++i) logit[e] += double(rotated[i]) * keys[e * hd + i] / 2.0;
+    total += std::exp(logit[e]);
+  }
+  for (int e = 0; e < n; ++e) EXPECT_NEAR(got[e], 2 * std::exp(logit[e]) / total, 1e-6) << e;
+}
+
 // Leverage: centred keys (3,0) (-1,0) (-1,0) (-1,0) (0,1) (0,-1) give X^T X = diag(12, 2), so
 // leverages 9/12, 1/12 (three times), 1/2, 1/2 — z-scored over the head; the two outlier
 // directions are kept. Keys cached after RoPE score as their pre-RoPE selves.
@@ -729,7 +803,7 @@ TEST(KvEviction, FullBudgetReproducesTheFullCacheExactly) {
   const auto full = decodeLogprobs("");
   for (const char* m : {"h2o:budget=1", "scissorhands:budget=1", "streamingllm:budget=1", "tova:budget=1",
                         "knorm:budget=1", "keydiff:budget=1", "lagkv:budget=1,lag=8", "h2o:budget=1,interval=4",
-                        "h2o:budget=1,ladder=fp16/int8/int4/int2", "leverage:budget=1"})
+                        "h2o:budget=1,ladder=fp16/int8/int4/int2", "leverage:budget=1", "cur:budget=1", "expected:budget=1"})
     EXPECT_EQ(decodeLogprobs(m), full) << m;
   EXPECT_NE(decodeLogprobs("h2o:budget=0.3"), full);
 }
