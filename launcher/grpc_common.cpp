@@ -144,24 +144,6 @@ PplJob fromRequest(const v1::PplRequest& r) {
   return j;
 }
 
-std::string validUtf8(const std::string& s) {
-  std::string out;
-  for (size_t i = 0; i < s.size();) {
-    const auto c = static_cast<unsigned char>(s[i]);
-    const size_t n = c < 0x80 ? 1 : (c >> 5) == 0x6 ? 2 : (c >> 4) == 0xE ? 3 : (c >> 3) == 0x1E ? 4 : 0;
-    bool ok = n > 0 && i + n <= s.size();
-    for (size_t k = 1; ok && k < n; ++k) ok = (static_cast<unsigned char>(s[i + k]) & 0xC0) == 0x80;
-    if (ok && n > 1) {  // no overlong forms, surrogates or code points past U+10FFFF
-      uint32_t cp = c & (0x7F >> n);
-      for (size_t k = 1; k < n; ++k) cp = (cp << 6) | (static_cast<unsigned char>(s[i + k]) & 0x3F);
-      ok = cp >= (n == 2 ? 0x80u : n == 3 ? 0x800u : 0x10000u) && cp <= 0x10FFFF && (cp < 0xD800 || cp > 0xDFFF);
-    }
-    if (ok) out.append(s, i, n), i += n;
-    else out += "\xEF\xBF\xBD", i += 1;
-  }
-  return out;
-}
-
 v1::GenerateRequest toRequest(const GenerateJob& j, int tp) {
   v1::GenerateRequest r;
   r.set_model(j.model_dir);

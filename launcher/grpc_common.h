@@ -54,9 +54,6 @@ class Credentials {
 
 v1::PplRequest toRequest(const PplJob& job, int tp);
 PplJob fromRequest(const v1::PplRequest& req);  // preset first, then the fields that are set
-// `s` with every byte that does not belong to a valid UTF-8 character replaced by U+FFFD:
-// protobuf strings must be UTF-8, a model's byte-level tokens need not be.
-std::string validUtf8(const std::string& s);
 v1::GenerateRequest toRequest(const GenerateJob& job, int tp);
 GenerateJob fromRequest(const v1::GenerateRequest& req);  // defaults where a field is 0 / empty
 const char* stateName(v1::JobState s);

@@ -14,6 +14,7 @@
 #include "launcher/grpc_common.h"
 #include "runtime/error.h"
 #include "runtime/gpu_engine.h"
+#include "runtime/tokenizer.h"
 
 namespace kvtp::launcher {
 namespace {
@@ -247,7 +248,8 @@ int runWorker(const WorkerOptions& o) {
                 size_t bytes = 0;  // a progress report stays far below gRPC's 4 MiB message limit
                 for (const auto& t : texts) {
                   bytes += t.size();
-                  p.add_texts(bytes <= (1 << 20) ? validUtf8(t) : std::string());
+                  // (protobuf strings must be UTF-8: generated text is, as decoded)
+                  p.add_texts(bytes <= (1 << 20) ? replaceInvalidUtf8(t) : std::string());
                 }
                 return p;
               },

@@ -56,17 +56,6 @@ double samplingDraw(uint64_t seed, int sequence, int step) {
 
 namespace {
 
-// Bytes at the end of `s` that open a UTF-8 character not yet complete.
-size_t incompleteUtf8Tail(const std::string& s) {
-  for (size_t back = 1; back <= std::min<size_t>(3, s.size()); ++back) {
-    const unsigned char c = static_cast<unsigned char>(s[s.size() - back]);
-    if ((c & 0xC0) == 0x80) continue;  // a continuation byte: look further back
-    const size_t need = c >= 0xF0 ? 4 : c >= 0xE0 ? 3 : c >= 0xC0 ? 2 : 1;
-    return need > back ? back : 0;
-  }
-  return 0;
-}
-
 // One sequence being generated: its ids, its text and what of it was streamed.
 struct Running {
   int index = 0;     // the prompt's index (its sampling stream)
@@ -87,7 +76,7 @@ void accept(Running& r, int id, const Tokenizer* tokenizer, const StopRule& stop
     std::string text = tokenizer->decode(r.g.ids);
     size_t first_stop = std::string::npos;
     for (const auto& s : stop.stop) first_stop = std::min(first_stop, text.find(s));
-    size_t certain = text.size();
+    size_t certain = tokenizer->decodeSettled(r.g.ids).size();  // what later tokens cannot change
     if (first_stop != std::string::npos) {
       text.resize(first_stop), certain = first_stop, r.g.finish = "stop";
     } else {
@@ -99,7 +88,6 @@ void accept(Running& r, int id, const Tokenizer* tokenizer, const StopRule& stop
           }
     }
     if (!r.g.finish.empty()) certain = text.size();  // the end: everything goes out
-    else certain = std::min(certain, text.size() - incompleteUtf8Tail(text));
     if (certain > r.streamed) delta = text.substr(r.streamed, certain - r.streamed), r.streamed = certain;
     r.g.text = std::move(text);
   }

@@ -19,6 +19,50 @@ namespace kvtp {
 namespace fs = std::filesystem;
 using json = nlohmann::json;
 
+std::string replaceInvalidUtf8(const std::string& s) {
+  std::string out;
+  out.reserve(s.size());
+  const auto byte = [&](size_t i) { return static_cast<unsigned char>(s[i]); };
+  for (size_t i = 0; i < s.size();) {
+    const unsigned char c = byte(i);
+    if (c < 0x80) {
+      out += char(c), ++i;
+      continue;
+    }
+    // Continuation bytes a lead needs, and the range its first one must fall in (which rules out
+    // overlong forms, surrogates and code points past U+10FFFF).
+    int need = 0;
+    unsigned char lo = 0x80, hi = 0xBF;
+    if (c >= 0xC2 && c <= 0xDF) need = 1;
+    else if (c == 0xE0) need = 2, lo = 0xA0;
+    else if (c == 0xED) need = 2, hi = 0x9F;
+    else if (c >= 0xE1 && c <= 0xEF) need = 2;
+    else if (c == 0xF0) need = 3, lo = 0x90;
+    else if (c >= 0xF1 && c <= 0xF3) need = 3;
+    else if (c == 0xF4) need = 3, hi = 0x8F;
+    size_t j = i + 1;
+    bool ok = need > 0;
+    for (int k = 0; ok && k < need; ++k, ++j) {
+      ok = j < s.size() && byte(j) >= (k ? 0x80 : lo) && byte(j) <= (k ? 0xBF : hi);
+      if (!ok) break;
+    }
+    if (ok) out.append(s, i, j - i);
+    else out += "\xEF\xBF\xBD";
+    i = std::max(j, i + 1);  // a bad sequence ends where it went wrong (that byte starts the next)
+  }
+  return out;
+}
+
+size_t incompleteUtf8Tail(const std::string& s) {
+  for (size_t back = 1; back <= std::min<size_t>(3, s.size()); ++back) {
+    const unsigned char c = static_cast<unsigned char>(s[s.size() - back]);
+    if ((c & 0xC0) == 0x80) continue;  // a continuation byte: look further back
+    const size_t need = c >= 0xF0 ? 4 : c >= 0xE0 ? 3 : c >= 0xC0 ? 2 : 1;
+    return need > back ? back : 0;
+  }
+  return 0;
+}
+
 std::vector<int> Tokenizer::encode(const std::string& text) const {
   std::vector<int> ids = encodeText(text);
   if (addsBos()) ids.insert(ids.begin(), bos_id_);
@@ -142,7 +186,15 @@ class ByteLevelBpe : public Tokenizer {
   int vocabSize() const override { return max_id_ + 1; }
   std::string kind() const override { return kind_; }
 
-  std::string decode(const std::vector<int>& ids) const override {
+  // The byte-level decoder: the tokens' bytes, then from_utf8_lossy.
+  std::string decode(const std::vector<int>& ids) const override { return replaceInvalidUtf8(bytesOf(ids)); }
+  std::string decodeSettled(const std::vector<int>& ids) const override {
+    const std::string bytes = bytesOf(ids);
+    return replaceInvalidUtf8(bytes.substr(0, bytes.size() - incompleteUtf8Tail(bytes)));
+  }
+
+ private:
+  std::string bytesOf(const std::vector<int>& ids) const {
     std::string text;
     for (int id : ids) {
       if (id < 0 || id > max_id_ || special_.count(id) || tokens_[size_t(id)].empty()) continue;
@@ -264,13 +316,38 @@ class SentencePiece : public Tokenizer {
     return ids;
   }
   int vocabSize() const override { return sp_.GetPieceSize(); }
+  // As transformers' Llama tokenizer decodes (tokenizers' decoders Replace("\u2581", " "),
+  // ByteFallback, Fuse, Strip(left 1)): control and unknown pieces left out, a run of byte pieces
+  // (<0xNN>) kept when its bytes are UTF-8 and otherwise one U+FFFD a byte, one leading space off.
   std::string decode(const std::vector<int>& ids) const override {
-    std::vector<int> known;  // SentencePiece drops control ids (BOS, EOS) itself
-    for (int id : ids)
-      if (id >= 0 && id < sp_.GetPieceSize()) known.push_back(id);
-    std::string text;
-    if (const auto st = sp_.Decode(known, &text); !st.ok()) throw Error("SentencePiece failed to decode: " + st.ToString());
+    std::string text, run;
+    auto flush = [&] {
+      if (replaceInvalidUtf8(run) == run) text += run;
+      else for (size_t i = 0; i < run.size(); ++i) text += "\xEF\xBF\xBD";
+      run.clear();
+    };
+    for (int id : ids) {
+      if (id < 0 || id >= sp_.GetPieceSize() || sp_.IsControl(id) || sp_.IsUnknown(id)) continue;
+      const std::string piece = sp_.IdToPiece(id);
+      if (sp_.IsByte(id)) {  // "<0xNN>"
+        run += char(std::stoi(piece.substr(3, 2), nullptr, 16));
+        continue;
+      }
+      flush();
+      for (size_t at = 0; at < piece.size();) {  // U+2581 (the word boundary) is a space
+        if (piece.compare(at, 3, "\xE2\x96\x81") == 0) text += ' ', at += 3;
+        else text += piece[at++];
+      }
+    }
+    flush();
+    if (!text.empty() && text[0] == ' ') text.erase(0, 1);
     return text;
+  }
+  // Up to the trailing run of byte pieces, which more bytes may turn into a character.
+  std::string decodeSettled(const std::vector<int>& ids) const override {
+    size_t end = ids.size();
+    while (end > 0 && ids[end - 1] >= 0 && ids[end - 1] < sp_.GetPieceSize() && sp_.IsByte(ids[end - 1])) --end;
+    return decode(std::vector<int>(ids.begin(), ids.begin() + int64_t(end)));
   }
   std::string kind() const override { return "sentencepiece"; }
 

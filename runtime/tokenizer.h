@@ -10,6 +10,13 @@
 
 namespace kvtp {
 
+// `s` with each maximal ill-formed subsequence (Unicode's "maximal subpart": a truncated or
+// invalid UTF-8 sequence, overlong forms and surrogates included) replaced by U+FFFD — Python's
+// bytes.decode("utf-8", errors="replace") and Rust's from_utf8_lossy (the byte-level decoders).
+std::string replaceInvalidUtf8(const std::string& s);
+// Bytes at the end of `s` that open a UTF-8 character not yet complete.
+size_t incompleteUtf8Tail(const std::string& s);
+
 class Tokenizer {
  public:
   virtual ~Tokenizer() = default;
@@ -17,9 +24,12 @@ class Tokenizer {
   virtual std::vector<int> encodeText(const std::string& text) const = 0;
   virtual int vocabSize() const = 0;
   // The text of `ids` with special tokens (BOS, EOS, padding) left out, as transformers'
-  // decode(ids, skip_special_tokens=True) gives it (without its clean_up_tokenization_spaces).
-  // Byte-level tokens may end inside a UTF-8 character: the bytes are returned as they are.
+  // decode(ids, skip_special_tokens=True) gives it (without its clean_up_tokenization_spaces),
+  // bytes that form no character replaced by U+FFFD as its decoders replace them.
   virtual std::string decode(const std::vector<int>& ids) const = 0;
+  // The part of decode(ids) that more ids cannot change (a prefix of it): it ends before bytes
+  // that may yet complete a character — what a stream can send.
+  virtual std::string decodeSettled(const std::vector<int>& ids) const = 0;
   // Ids as the model's tokenizer gives them by default (BOS first when configured).
   std::vector<int> encode(const std::string& text) const;
   int bosId() const { return bos_id_; }

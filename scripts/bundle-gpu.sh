@@ -2,7 +2,7 @@
 # Builds the CUDA targets here (nvcc 13, sm_90a) into build-cuda/ and copies them, with the shared
 # libraries the GPU machine lacks (OpenBLAS's OpenMP build and its Fortran runtime, gRPC and
 # friends via ../shared/tools/bundle-libs.sh when present; Open MPI's C++ bindings; minizip for
-# PyTorch .bin checkpoints), into .bundle/, packed as .bundle.tar.xz — the file to name in the device tool's `carry`. On the GPU machine:
+# PyTorch .bin checkpoints; prometheus-cpp for the metrics endpoint), into .bundle/, packed as .bundle.tar.xz — the file to name in the device tool's `carry`. On the GPU machine:
 #   tar xJf .bundle.tar.xz
 #   export LD_LIBRARY_PATH=$PWD/.bundle KVTP_BINARY=$PWD/.bundle/kvtp
 #   .bundle/kvtp_cuda_tests; .bundle/kvtp_cuda_engine_tests; .bundle/kvtp bench --device cuda
@@ -20,7 +20,7 @@ strip .bundle/kvtp*  # symbols would take the bundle past what the device tool c
 arch=$(gcc -print-multiarch)
 for lib in "/usr/lib/$arch/openblas-openmp/libopenblas.so.0" "/lib/$arch/libgfortran.so.5" \
            "/lib/$arch/libquadmath.so.0" "/lib/$arch/libgomp.so.1" "/lib/$arch/libmpi_cxx.so.40" \
-           "/lib/$arch/libminizip.so.1"; do
+           "/lib/$arch/libminizip.so.1" "/lib/$arch/libprometheus-cpp-core.so.1.0"; do
   cp -L "$lib" .bundle/
 done
 if [ -x ../shared/tools/bundle-libs.sh ]; then ../shared/tools/bundle-libs.sh .bundle .bundle/kvtp .bundle/kvtp_*; fi

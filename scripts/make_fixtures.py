@@ -236,11 +236,14 @@ def generation_references(folders):
         seqs = []
         for text in GENERATION_PROMPTS:
             ids = tok(text, return_tensors="pt").input_ids
-            with torch.no_grad():
-                out = model.generate(ids, max_new_tokens=GENERATION_NEW_TOKENS, do_sample=False, output_scores=True,
-                                     return_dict_in_generate=True, pad_token_id=tok.pad_token_id or 0)
+            with torch.no_grad():  # an explicit mask: a pad id equal to BOS's would mask BOS (NaN rows in eager)
+                out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=GENERATION_NEW_TOKENS,
+                                     do_sample=False, output_scores=True, return_dict_in_generate=True,
+                                     pad_token_id=tok.eos_token_id if tok.eos_token_id is not None else 0)
             new = out.sequences[0, ids.shape[1]:]
             margins = [float(s[0].topk(2).values[0] - s[0].topk(2).values[1]) for s in out.scores]
+            if not all(math.isfinite(m) for m in margins):
+                raise SystemExit(f"{folder}: transformers' scores are not finite for {text!r}")
             seqs.append({"prompt": text, "prompt_ids": ids[0].tolist(), "ids": new.tolist(),
                          "text": tok.decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=False),
                          "margins": margins})

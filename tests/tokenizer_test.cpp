@@ -37,6 +37,23 @@ TEST(Tokenizer, SpecialTokenInTextIsOneId) {
   EXPECT_EQ(ids[1], 1);
 }
 
+// Python's bytes.decode("utf-8", errors="replace") — what transformers' decode gives — replaces
+// each maximal ill-formed subsequence by one U+FFFD: a truncated sequence is one, a byte that
+// cannot start or continue one (or a first continuation out of its lead's range) is one each.
+TEST(Tokenizer, InvalidUtf8IsReplacedAsPythonReplacesIt) {
+  const std::string R = "\xEF\xBF\xBD";
+  EXPECT_EQ(replaceInvalidUtf8("caf\xC3\xA9 \xE2\x82\xAC \xF0\x9F\x98\x80"), "caf\xC3\xA9 \xE2\x82\xAC \xF0\x9F\x98\x80");
+  EXPECT_EQ(replaceInvalidUtf8("hed \xE2\x80 comple"), "hed " + R + " comple");  // truncated: one
+  EXPECT_EQ(replaceInvalidUtf8("sp\xF1\xF1\xF1ox"), "sp" + R + R + R + "ox");
+  EXPECT_EQ(replaceInvalidUtf8("find\xA0\xF1"), "find" + R + R);
+  EXPECT_EQ(replaceInvalidUtf8("\xF0\x9F\x98"), R);                          // truncated at the end
+  EXPECT_EQ(replaceInvalidUtf8("\xED\xA0\x80"), R + R + R);                  // a surrogate
+  EXPECT_EQ(replaceInvalidUtf8("\xC0\xAF"), R + R);                           // overlong
+  EXPECT_EQ(replaceInvalidUtf8("\xE0\x80\xAF"), R + R + R);                  // overlong
+  EXPECT_EQ(replaceInvalidUtf8("\xF4\x90\x80\x80"), R + R + R + R);         // past U+10FFFF
+  EXPECT_EQ(replaceInvalidUtf8(""), "");
+}
+
 TEST(Tokenizer, InvalidUtf8DoesNotThrow) {
   const auto tok = loadTokenizer(test::fixture("tokenizers/gpt2-bpe"));
   const std::string bad = "ok \xff\xfe broken \xc3";
