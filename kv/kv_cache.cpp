@@ -102,6 +102,7 @@ void KVCache::append(int layer, const float* k, const float* v, const int* posit
       c.positions.push_back(positions[t]);
       c.score.push_back(0.0);
       c.history.push_back(0);
+      c.out_norm.push_back(0.0f);
       c.form.push_back(Form::Full);
     }
   }
@@ -118,9 +119,10 @@ void KVCache::retain(int layer, int head, const std::vector<int>& keep) {
     if (i <= prev || i >= c.length()) throw std::out_of_range("KVCache::retain: indices must ascend within the head");
     prev = i;
     c.positions[j] = c.positions[i], c.score[j] = c.score[i], c.history[j] = c.history[i], c.form[j] = c.form[i];
+    c.out_norm[j] = c.out_norm[i];
     ++j;
   }
-  c.positions.resize(j), c.score.resize(j), c.history.resize(j), c.form.resize(j);
+  c.positions.resize(j), c.score.resize(j), c.history.resize(j), c.form.resize(j), c.out_norm.resize(j);
 }
 
 void KVCache::clear() {
@@ -285,6 +287,7 @@ void KVCache::rebuild(int layer, int head, const std::vector<int>& keep, const C
     out.positions.push_back(c.positions[i]);
     out.score.push_back(c.score[i]);
     out.history.push_back(c.history[i]);
+    out.out_norm.push_back(c.out_norm[i]);
     const bool convert = !cv.convert.empty() && cv.convert[i];
     const Form f = !convert ? c.form[i] : cv.each.empty() ? cv.to : cv.each[i];
     out.form.push_back(f);

@@ -40,6 +40,7 @@ struct HeadCache {
   std::vector<int32_t> positions;  // the token's absolute position
   std::vector<double> score;       // the eviction policy's importance score (kv::Policy)
   std::vector<uint64_t> history;   // Scissorhands: one bit per recent step, 1 = attended above average
+  std::vector<float> out_norm;     // CriticalKV: ||W_o v||_1 over the query heads reading it (kv::Policy sets it)
   std::vector<Form> form;          // how the entry is stored
   // The stores, one row per entry of that form, rows in entry order.
   std::vector<float> keys, values;   // Full: head_dim each

@@ -9,6 +9,7 @@
 #include <bit>
 #include <iterator>
 #include <cmath>
+#include <limits>
 #include <numeric>
 #include <sstream>
 #include <stdexcept>
@@ -114,6 +115,7 @@ std::string PolicySpec::describe() const {
     if (method == Method::Expected) o << ",future=" << future;
     if (chunk > 1) o << ",chunk=" << chunk;
     if (evict_below > -INFINITY) o << ",evict_below=" << evict_below;
+    if (critical > 0) o << ",critical=" << critical;
     for (size_t i = 0; i < ladder.size(); ++i) o << (i ? "/" : ",ladder=") << rungName(ladder[i]);
     if (interval > 1) o << ",interval=" << interval;
     if (decode != Decode::None)
@@ -147,7 +149,7 @@ PolicySpec parsePolicy(const std::string& kv, const std::string& kv_quant, const
     s.method = m->second;
     rejectUnknown(a, {"budget", "tokens", "bytes", "sinks", "recent", "scope", "history", "window", "kernel", "ratio", "decode",
                       "decode_budget", "decode_recent", "delta", "seed", "lag", "interval", "chunk", "threshold",
-                      "evict_below", "ladder", "local", "future"},
+                      "evict_below", "ladder", "local", "future", "critical"},
                   kv);
     s.lag = int(number(a, "lag", s.lag, kv));
     s.local = int(number(a, "local", s.local, kv));
@@ -156,6 +158,12 @@ PolicySpec parsePolicy(const std::string& kv, const std::string& kv_quant, const
     s.chunk = int(number(a, "chunk", s.chunk, kv));
     s.threshold = number(a, "threshold", s.threshold, kv);
     s.evict_below = number(a, "evict_below", s.evict_below, kv);
+    s.critical = number(a, "critical", s.critical, kv);
+    if (s.critical < 0 || s.critical > 1) throw std::invalid_argument("critical must be in [0, 1] (" + kv + ")");
+    if (s.critical > 0 && (s.method == Method::KNorm || s.method == Method::KeyDiff || s.method == Method::Leverage ||
+                           s.method == Method::SimLayerKV || s.method == Method::Full))
+      throw std::invalid_argument("critical= rescales a method's nonnegative scores by ||W_o v||: not " +
+                                  std::string(methodName(s.method)) + "'s (" + kv + ")");
     if (auto l = a.find("ladder"); l != a.end()) {
       std::stringstream ss(l->second);
       size_t at = 0;  // the rungs named must be a subsequence of kRungs
@@ -171,6 +179,7 @@ PolicySpec parsePolicy(const std::string& kv, const std::string& kv_quant, const
       if (s.ladder.size() < 2 || s.ladder.front() != Form::Full)
         throw std::invalid_argument("a ladder starts at fp16 and has a lower rung, e.g. fp16/int8/int4 (" + kv + ")");
       if (s.method == Method::SimLayerKV) throw std::invalid_argument("simlayerkv keeps whole layers: no ladder (" + kv + ")");
+      if (a.count("critical")) throw std::invalid_argument("critical= chooses entries, ladder= their forms: not both (" + kv + ")");
     }
     if (s.lag < 1 || s.interval < 1 || s.chunk < 1 || s.future < 1)
       throw std::invalid_argument("lag, interval, chunk and future must be at least 1 (" + kv + ")");
@@ -281,6 +290,7 @@ void Policy::afterStep(KVCache& cache, const StepAttention& attn, int last_pos, 
   } else {
     if (spec_.needsAttention()) score(cache, attn, prefill);
     if (spec_.needsQueries()) addQueries(attn, last_pos);
+    if (spec_.needsOutputNorms()) addOutputNorms(cache, attn);
     if (spec_.evicts()) evict(cache, last_pos, prefill);
   }
   if (spec_.rank) project(cache);
@@ -442,6 +452,38 @@ void Policy::addQueries(const StepAttention& attn, int last_pos) {
   }
 }
 
+// The step's tokens are each head's last T entries (the policy has not decided since they came);
+// a replicated KV head's query heads are on several ranks, so their norms are summed first.
+void Policy::addOutputNorms(KVCache& cache, const StepAttention& attn) {
+  const int L = lay_.layers, H = lay_.local_kv_heads, G = lay_.global_kv_heads, T = attn.T;
+  std::vector<float> all(size_t(L) * G * T, 0.0f);
+  for (int l = 0; l < L; ++l)
+    for (int h = 0; h < H; ++h) {
+      const auto& n = attn.output_norms.at(size_t(l) * H + h);
+      std::copy(n.begin(), n.end(), all.begin() + int64_t(globalIndex(l, h)) * T);
+    }
+  if (lay_.replicated && group_ && group_->size() > 1) group_->allReduceSum(all.data(), all.size());
+  for (int l = 0; l < L; ++l)
+    for (int h = 0; h < H; ++h) {
+      HeadCache& c = cache.head(l, h);
+      std::copy_n(all.begin() + int64_t(globalIndex(l, h)) * T, T, c.out_norm.end() - T);
+    }
+}
+
+void Policy::criticalKeys(const HeadCache& c, int first, std::vector<double>& key) {
+  constexpr double kEpsilon = 1e-4;  // kvpress's
+  std::vector<int> order;
+  for (int i = 0; i < c.length(); ++i)
+    if (key[i] != INFINITY) order.push_back(i);
+  first = std::min(first, int(order.size()));
+  std::partial_sort(order.begin(), order.begin() + first, order.end(),
+                    [&](int a, int b) { return key[a] > key[b] || (key[a] == key[b] && a < b); });
+  for (size_t r = 0; r < order.size(); ++r) {
+    const int i = order[r];
+    key[i] = int(r) < first ? std::numeric_limits<double>::max() : (key[i] + kEpsilon) * c.out_norm[i];
+  }
+}
+
 int Policy::poolCount() const {
   const int L = lay_.layers, G = lay_.global_kv_heads;
   return spec_.scope == Scope::Global ? 1 : spec_.scope == Scope::Layer ? L : L * G;
@@ -485,6 +527,7 @@ void Policy::evict(KVCache& cache, int last_pos, bool prefill) {
   const bool shared = group_ && group_->size() > 1 && spec_.scope != Scope::Head;
   keys_.resize(size_t(L) * H);
   std::vector<SelectHead> heads(size_t(L) * H);
+  const std::vector<int64_t> pool_budget = budgets(last_pos);
   // Expected attention sums over a KV head's query heads, which a replicated head has on several ranks.
   std::vector<std::vector<float>> expected;
   if (spec_.method == Method::Expected) {
@@ -546,6 +589,11 @@ void Policy::evict(KVCache& cache, int last_pos, bool prefill) {
       }
       for (int i = 0; i < c.length(); ++i)
         if (c.positions[i] < spec_.sinks || c.positions[i] > last_pos - spec_.recent) key[i] = INFINITY;
+      if (spec_.critical > 0) {  // the first stage: this head's share of its pool's budget
+        const int pool = spec_.scope == Scope::Global ? 0 : spec_.scope == Scope::Layer ? l : l * G + lay_.kv_head_begin + h;
+        const int pool_heads = spec_.scope == Scope::Global ? L * G : spec_.scope == Scope::Layer ? G : 1;
+        criticalKeys(c, int(spec_.critical * double(pool_budget[size_t(pool)]) / pool_heads), key);
+      }
       heads[size_t(l) * H + h] = {key.data(), c.length(), globalIndex(l, h), lay_.owner || !shared};
     }
   std::vector<int> pool_of(size_t(L) * G);
@@ -553,7 +601,7 @@ void Policy::evict(KVCache& cache, int last_pos, bool prefill) {
     for (int gh = 0; gh < G; ++gh)
       pool_of[size_t(l) * G + gh] = spec_.scope == Scope::Global ? 0 : spec_.scope == Scope::Layer ? l : l * G + gh;
   if (!spec_.ladder.empty()) return settleLadder(cache, heads, pool_of, last_pos, shared);
-  last_traffic_ = selectBudget(heads, pool_of, budgets(last_pos), shared ? group_ : nullptr, keep_);
+  last_traffic_ = selectBudget(heads, pool_of, pool_budget, shared ? group_ : nullptr, keep_);
 #pragma omp parallel for collapse(2) schedule(static)
   for (int l = 0; l < L; ++l)
     for (int h = 0; h < H; ++h) {  // each head retains its own entries

@@ -57,6 +57,7 @@ struct PolicySpec {
   int chunk = 1;            // ChunkKV: entries share the mean score of their chunk of this many (1: off)
   double threshold = 0.9;   // SimLayerKV: a layer is lazy past this share of attention on sinks + recent
   double evict_below = -INFINITY;  // DMS-style: entries scoring below this go whatever the budget (-inf: off)
+  double critical = 0;      // CriticalKV: share of a head's budget chosen by the score alone (0: off)
   // Tiered precision: the forms an entry steps down through as it loses importance (first Full),
   // evicted after the last; empty: keep or evict. The budget is then in bytes (docs/KV.md).
   std::vector<Form> ladder;
@@ -73,6 +74,8 @@ struct PolicySpec {
   bool needsAttention() const;
   // Whether the method reads the queries' statistics (expected attention).
   bool needsQueries() const { return method == Method::Expected; }
+  // Whether entries need their ||W_o v||_1 (CriticalKV).
+  bool needsOutputNorms() const { return critical > 0; }
   // Whether the method reads the cached keys and values when it decides (kv/scorers.h).
   bool readsRows() const {
     return method == Method::KNorm || method == Method::KeyDiff || method == Method::LagKV || method == Method::Leverage ||
@@ -108,9 +111,12 @@ struct HeadLayout {
 // head_dim) block, one after another in head order.
 struct StepAttention {
   int T = 0;
-  bool want_probabilities = true, want_queries = false;
+  bool want_probabilities = true, want_queries = false, want_output_norms = false;
   std::vector<std::vector<float>> blocks;   // index layer * local_kv_heads + head
   std::vector<std::vector<float>> queries;  // index layer * local_kv_heads + head
+  // CriticalKV: per (layer, local KV head), each new token's ||W_o v||_1 summed over the local
+  // query heads reading it (T values)
+  std::vector<std::vector<float>> output_norms;
 };
 
 // Bytes as a GPU runtime stores the cache: 2-byte values (fp16/bf16), packed codes with 2-byte
@@ -163,6 +169,10 @@ class Policy {
   int globalIndex(int layer, int local_head) const;
   void findLazyLayers(const KVCache& cache, const StepAttention& attn);  // SimLayerKV, at the prompt's end
   void addQueries(const StepAttention& attn, int last_pos);             // expected attention's statistics
+  void addOutputNorms(KVCache& cache, const StepAttention& attn);       // CriticalKV's ||W_o v||, new entries
+  // CriticalKV on one head's keys: its `first` best by the score alone kept first, the others by
+  // (score + eps) x ||W_o v||_1 (entries already +inf, the protected, left as they are).
+  static void criticalKeys(const HeadCache& c, int first, std::vector<double>& key);
   // Blocks per (layer, local KV head) of T rows each, summed over the ranks holding a replicated
   // KV head (each holds a share of its query heads); as they are otherwise.
   std::vector<std::vector<float>> sumOverReplicas(const KVCache& cache, const std::vector<std::vector<float>>& blocks,

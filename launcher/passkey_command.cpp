@@ -14,6 +14,7 @@
 #include "runtime/dataset.h"
 #include "runtime/error.h"
 #include "runtime/generate_job.h"
+#include "runtime/job_model.h"
 #include "runtime/passkey.h"
 
 namespace kvtp::launcher {
@@ -121,16 +122,20 @@ void addPasskeyCommand(CLI::App& app) {
     // Every rank builds the same prompts (the job checks that they agree).
     const auto cases = passkeyCases(*loadTokenizer(a->job.model_dir), readDocuments(a->data), grid);
     // One compression's run: its files under `prefix`; returns its summary (rank 0; others null).
+    JobModel model;  // loaded by the first run, kept for the next compressions
     auto run = [&](GenerateJob job, const std::string& prefix) -> nlohmann::json {
       for (const auto& c : cases) job.prompts.push_back(c.prompt);
       ProgressBar bar(lead && !a->quiet);
       Progress p;
       p.windows_total = int(cases.size());
       p.tokens_total = int64_t(cases.size()) * job.max_new_tokens;
-      const GenerateJobResult r = runGenerateJob(job, &topo, [&](int sequence, int, const std::string&) {
-        p.windows_done = sequence, p.tokens_done += 1;
-        bar.update(p);
-      });
+      const GenerateJobResult r = runGenerateJob(
+          job, &topo,
+          [&](int sequence, int, const std::string&) {
+            p.windows_done = sequence, p.tokens_done += 1;
+            bar.update(p);
+          },
+          &model);
       bar.finish();
       if (!lead) return nullptr;
 

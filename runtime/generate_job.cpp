@@ -22,7 +22,8 @@ void checkJob(const GenerateJob& job) {
 
 }  // namespace
 
-GenerateJobResult runGenerateJob(const GenerateJob& job, const comm::Topology* topo, const TokenFn& on_token) {
+GenerateJobResult runGenerateJob(const GenerateJob& job, const comm::Topology* topo, const TokenFn& on_token,
+                                 JobModel* model) {
   checkJob(job);
   kv::PolicySpec spec;
   try {
@@ -41,7 +42,8 @@ GenerateJobResult runGenerateJob(const GenerateJob& job, const comm::Topology* t
 
   // Everything that can fail on one rank alone (a file missing on one node), agreed on before the
   // first collective.
-  JobModel m;
+  JobModel own;
+  JobModel& m = model ? *model : own;
   std::unique_ptr<Tokenizer> tokenizer;
   std::vector<std::vector<int>> prompts;
   std::string local_error;
@@ -57,8 +59,9 @@ GenerateJobResult runGenerateJob(const GenerateJob& job, const comm::Topology* t
     if (prompts.empty()) throw Error("no prompt to generate from");
     size_t longest = 0;
     for (const auto& p : prompts) longest = std::max(longest, p.size());
-    m = openJobModel({job.model_dir, job.synthetic, job.seed, job.layers}, gpu, int(longest) + job.max_new_tokens,
-                     group);
+    if (m.name.empty())
+      m = openJobModel({job.model_dir, job.synthetic, job.seed, job.layers}, gpu, int(longest) + job.max_new_tokens,
+                       group);
   } catch (const std::exception& e) {
     local_error = e.what();
   }

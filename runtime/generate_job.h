@@ -39,11 +39,15 @@ struct GenerateJobResult {
   int64_t kv_bytes_peak = 0, kv_bytes_full = 0, kv_bytes_steady = 0;  // summed over the group's ranks
 };
 
+struct JobModel;
+
 // Runs the job on every rank of `topology` (null: this process alone), the tensor-parallel group
 // being the whole world (data parallel has nothing to split); every rank returns the whole
-// result, and `on_token` is called on every rank.
+// result, and `on_token` is called on every rank. `model`, when given, keeps the model between
+// jobs of the same model, device and prompts (several compressions of one prompt set: kvtp
+// passkey --specs): opened into it by the first, used as it is by the next.
 GenerateJobResult runGenerateJob(const GenerateJob& job, const comm::Topology* topology = nullptr,
-                                 const TokenFn& on_token = {});
+                                 const TokenFn& on_token = {}, JobModel* model = nullptr);
 
 // The result as `kvtp generate --json` ends it: {"sequences": [{prompt_tokens, ids, text, finish}],
 // new_tokens, seconds, tokens_per_second, model, kv, tp, device, dtype, kv_bytes_peak, kv_bytes_full,

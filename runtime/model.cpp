@@ -143,6 +143,22 @@ void Model::attention(int layer, const float* xn, const int* positions, int T, k
       k::addInPlace(block.data(), probs[h].data(), int64_t(block.size()));
     }
   }
+  if (collect && collect->want_output_norms)  // CriticalKV: ||W_o v||_1, W_o's columns of each query head
+    for (int h = 0; h < part_.q_heads; ++h) {
+      auto& norms = collect->output_norms[size_t(layer) * part_.kv_heads + part_.kvHeadOf(h, c)];
+      norms.resize(size_t(T), 0.0f);
+      for (int t = 0; t < T; ++t) {
+        const float* v = vx.data() + int64_t(t) * KV + part_.kvHeadOf(h, c) * hd;
+        double sum = 0;
+        for (int j = 0; j < c.hidden; ++j) {
+          const float* w = L.wo.data() + int64_t(j) * Q + h * hd;  // W_o is (hidden, local q heads x hd)
+          double dot = 0;
+          for (int d = 0; d < hd; ++d) dot += double(w[d]) * v[d];
+          sum += std::abs(dot);
+        }
+        norms[t] += float(sum);
+      }
+    }
   rowParallel(ctx.data(), T, Q, L.wo, L.bo, out);
 }
 
@@ -169,6 +185,7 @@ std::vector<float> Model::forward(const int* tokens, const int* positions, int T
     collect->T = T;
     collect->blocks.assign(size_t(config_.layers) * part_.kv_heads, {});
     collect->queries.assign(collect->want_queries ? size_t(config_.layers) * part_.kv_heads : 0, {});
+    collect->output_norms.assign(collect->want_output_norms ? size_t(config_.layers) * part_.kv_heads : 0, {});
   }
   const auto& c = config_;
   const auto& w = weights_;

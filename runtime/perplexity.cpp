@@ -86,7 +86,8 @@ class CpuEngine : public Engine {
   std::vector<float> forward(const int* tokens, const int* positions, int T) {
     const kv::PolicySpec& s = policy_.spec();
     attention_.want_probabilities = s.needsAttention(), attention_.want_queries = s.needsQueries();
-    const bool collect = attention_.want_probabilities || attention_.want_queries;
+    attention_.want_output_norms = s.needsOutputNorms();
+    const bool collect = attention_.want_probabilities || attention_.want_queries || attention_.want_output_norms;
     return model_.forward(tokens, positions, T, cache_, collect ? &attention_ : nullptr);
   }
 

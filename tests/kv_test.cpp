@@ -351,6 +351,23 @@ TEST(KvEviction, ExpectedAttentionRotatesTheMeanQueryToTheNextPosition) {
   for (int e = 0; e < n; ++e) EXPECT_NEAR(got[e], 2 * std::exp(logit[e]) / total, 1e-6) << e;
 }
 
+// CriticalKV over StreamingLLM (score = position): tokens=4 in one head, critical=0.5 keeps the
+// best 2 by position first (5, 4); the others compete by (position + 1e-4) x ||W_o v||_1, norms
+// 10, 5, 0.1, 1 for positions 0..3: 0.001, 5.0005, 0.2, 3.0003, so 1 and 3 join them (without
+// critical=, 2 and 3 would).
+TEST(KvEviction, CriticalKvRescalesTheSecondStageByTheOutputNorm) {
+  KVCache c = withKeys({{1, 0}, {1, 0}, {1, 0}, {1, 0}, {1, 0}, {1, 0}});
+  StepAttention a;
+  a.T = 6, a.want_probabilities = false, a.want_output_norms = true;
+  a.output_norms = {{10, 5, 0.1f, 1, 7, 7}};
+  Policy p(parsePolicy("streamingllm:tokens=4,sinks=0,recent=0,critical=0.5", ""), layout(), nullptr);
+  p.afterStep(c, a, 5, true);
+  EXPECT_EQ(positions(c), (std::vector<int>{1, 3, 4, 5}));
+  EXPECT_EQ(c.head(0, 0).out_norm, (std::vector<float>{5, 1, 7, 7}));  // kept with their entries
+  EXPECT_THROW(parsePolicy("knorm:budget=0.5,critical=0.5", ""), std::invalid_argument);  // negative scores
+  EXPECT_THROW(parsePolicy("h2o:budget=0.5,critical=1.5", ""), std::invalid_argument);
+}
+
 // Leverage: centred keys (3,0) (-1,0) (-1,0) (-1,0) (0,1) (0,-1) give X^T X = diag(12, 2), so
 // leverages 9/12, 1/12 (three times), 1/2, 1/2 — z-scored over the head; the two outlier
 // directions are kept. Keys cached after RoPE score as their pre-RoPE selves.
@@ -803,7 +820,7 @@ TEST(KvEviction, FullBudgetReproducesTheFullCacheExactly) {
   const auto full = decodeLogprobs("");
   for (const char* m : {"h2o:budget=1", "scissorhands:budget=1", "streamingllm:budget=1", "tova:budget=1",
                         "knorm:budget=1", "keydiff:budget=1", "lagkv:budget=1,lag=8", "h2o:budget=1,interval=4",
-                        "h2o:budget=1,ladder=fp16/int8/int4/int2", "leverage:budget=1", "cur:budget=1", "expected:budget=1"})
+                        "h2o:budget=1,ladder=fp16/int8/int4/int2", "leverage:budget=1", "cur:budget=1", "expected:budget=1", "h2o:budget=1,critical=0.5"})
     EXPECT_EQ(decodeLogprobs(m), full) << m;
   EXPECT_NE(decodeLogprobs("h2o:budget=0.3"), full);
 }
