@@ -113,6 +113,7 @@ std::string PolicySpec::describe() const {
     if (method == Method::LagKV) o << ",lag=" << lag;
     if (method == Method::CUR) o << ",local=" << local;
     if (method == Method::Expected) o << ",future=" << future;
+    if (block > 0) o << ",block=" << block;
     if (chunk > 1) o << ",chunk=" << chunk;
     if (evict_below > -INFINITY) o << ",evict_below=" << evict_below;
     if (critical > 0) o << ",critical=" << critical;
@@ -149,7 +150,7 @@ PolicySpec parsePolicy(const std::string& kv, const std::string& kv_quant, const
     s.method = m->second;
     rejectUnknown(a, {"budget", "tokens", "bytes", "sinks", "recent", "scope", "history", "window", "kernel", "ratio", "decode",
                       "decode_budget", "decode_recent", "delta", "seed", "lag", "interval", "chunk", "threshold",
-                      "evict_below", "ladder", "local", "future", "critical"},
+                      "evict_below", "ladder", "local", "future", "critical", "block"},
                   kv);
     s.lag = int(number(a, "lag", s.lag, kv));
     s.local = int(number(a, "local", s.local, kv));
@@ -159,6 +160,14 @@ PolicySpec parsePolicy(const std::string& kv, const std::string& kv_quant, const
     s.threshold = number(a, "threshold", s.threshold, kv);
     s.evict_below = number(a, "evict_below", s.evict_below, kv);
     s.critical = number(a, "critical", s.critical, kv);
+    s.block = int(number(a, "block", s.block, kv));
+    if (s.block < 0) throw std::invalid_argument("block must be 0 (off) or more (" + kv + ")");
+    if (s.block > 0 && !s.readsRows())
+      throw std::invalid_argument("block= compresses the prompt in blocks for the methods that score the cached keys and "
+                                  "values (knorm, keydiff, lagkv, leverage, cur) (" + kv + ")");
+    if (s.block > 0 && (s.critical > 0 || s.chunk > 1 || s.evict_below > -INFINITY || a.count("ladder")))
+      throw std::invalid_argument("block= takes the method's own decision: not with critical=, chunk=, evict_below= or "
+                                  "ladder= (" + kv + ")");
     if (s.critical < 0 || s.critical > 1) throw std::invalid_argument("critical must be in [0, 1] (" + kv + ")");
     if (s.critical > 0 && (s.method == Method::KNorm || s.method == Method::KeyDiff || s.method == Method::Leverage ||
                            s.method == Method::SimLayerKV || s.method == Method::Full))
@@ -452,6 +461,86 @@ void Policy::addQueries(const StepAttention& attn, int last_pos) {
   }
 }
 
+void Policy::rowScores(const HeadRows& rows, const int* positions, int n, const std::vector<float>& rope_inv_freq,
+                       double* key) const {
+  const int hd = lay_.head_dim;
+  if (spec_.method == Method::KNorm) keyNormScores(rows, n, hd, key);
+  if (spec_.method == Method::KeyDiff) keyDiffScores(rows, n, hd, key);
+  if (spec_.method == Method::LagKV) lagScores(rows, n, hd, spec_.sinks, spec_.lag, key);
+  if (spec_.method == Method::Leverage) leverageScores(rows, positions, n, hd, rope_inv_freq, key);
+  if (spec_.method == Method::CUR) curScores(rows, n, hd, spec_.local, key);
+}
+
+// Block-wise prompt compression (the KeyDiff paper's block prompt processing, kvpress's
+// BlockPress): each head starts from its first `share` entries (its share of its pool's budget),
+// then takes the next `block` entries at a time, scored together with those it kept, and the
+// budget's select keeps as many as the pool allows — so each decision sees a block and what
+// survived before it, not the whole prompt. Leaves the decision in keep_.
+void Policy::evictInBlocks(const KVCache& cache, int last_pos, const std::vector<int64_t>& pool_budget,
+                           const std::vector<int>& pool_of, bool shared) {
+  const int L = lay_.layers, H = lay_.local_kv_heads, G = lay_.global_kv_heads, hd = lay_.head_dim;
+  std::vector<std::vector<int>> kept(size_t(L) * H);  // entry indices per head, ascending
+  std::vector<int> next(size_t(L) * H);                 // each head's first entry not yet seen
+  for (int l = 0; l < L; ++l)
+    for (int h = 0; h < H; ++h) {
+      const int pool = spec_.scope == Scope::Global ? 0 : spec_.scope == Scope::Layer ? l : l * G + lay_.kv_head_begin + h;
+      const int pool_heads = spec_.scope == Scope::Global ? L * G : spec_.scope == Scope::Layer ? G : 1;
+      const size_t i = size_t(l) * H + h;
+      next[i] = int(std::min<int64_t>(cache.head(l, h).length(), pool_budget[size_t(pool)] / pool_heads));
+      for (int e = 0; e < next[i]; ++e) kept[i].push_back(e);
+    }
+  std::vector<std::vector<double>> keys(size_t(L) * H);
+  std::vector<SelectHead> heads(size_t(L) * H);
+  std::vector<std::vector<int>> candidates(size_t(L) * H);
+  // Every rank takes as many blocks as the longest head needs (a head with none left re-decides
+  // what it kept), so that the collectives match.
+  int64_t longest = 0;
+  for (int l = 0; l < L; ++l)
+    for (int h = 0; h < H; ++h) longest = std::max<int64_t>(longest, cache.head(l, h).length() - next[size_t(l) * H + h]);
+  if (shared) {
+    double x = double(longest);
+    group_->allReduceMax(&x, 1);
+    longest = int64_t(x);
+  }
+  for (int64_t done = 0; done < longest; done += spec_.block) {
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int l = 0; l < L; ++l)
+      for (int h = 0; h < H; ++h) {
+        const size_t i = size_t(l) * H + h;
+        const HeadCache& c = cache.head(l, h);
+        std::vector<int>& cand = candidates[i];
+        cand = kept[i];
+        for (int e = next[i]; e < std::min(c.length(), next[i] + spec_.block); ++e) cand.push_back(e);
+        next[i] = std::min(c.length(), next[i] + spec_.block);
+        std::vector<float> scratch, k(cand.size() * hd), v(cand.size() * hd);
+        const HeadRows rows = cache.rows(l, h, scratch);
+        std::vector<int> pos(cand.size());
+        for (size_t j = 0; j < cand.size(); ++j) {
+          std::copy_n(rows.keys + int64_t(cand[j]) * hd, hd, k.begin() + int64_t(j) * hd);
+          std::copy_n(rows.values + int64_t(cand[j]) * hd, hd, v.begin() + int64_t(j) * hd);
+          pos[j] = c.positions[cand[j]];
+        }
+        keys[i].assign(cand.size(), 0.0);
+        rowScores({k.data(), v.data()}, pos.data(), int(cand.size()), cache.ropeInvFreq(), keys[i].data());
+        for (size_t j = 0; j < cand.size(); ++j)
+          if (pos[j] < spec_.sinks || pos[j] > last_pos - spec_.recent) keys[i][j] = INFINITY;
+        heads[i] = {keys[i].data(), int(cand.size()), globalIndex(l, h), lay_.owner || !shared};
+      }
+    last_traffic_ = selectBudget(heads, pool_of, pool_budget, shared ? group_ : nullptr, keep_);
+    for (size_t i = 0; i < kept.size(); ++i) {
+      kept[i].clear();
+      for (size_t j = 0; j < candidates[i].size(); ++j)
+        if (keep_[i][j]) kept[i].push_back(candidates[i][j]);
+    }
+  }
+  for (int l = 0; l < L; ++l)
+    for (int h = 0; h < H; ++h) {  // the decision as evict() takes it: a flag per entry of the head
+      const size_t i = size_t(l) * H + h;
+      keep_[i].assign(size_t(cache.head(l, h).length()), 0);
+      for (int e : kept[i]) keep_[i][size_t(e)] = 1;
+    }
+}
+
 // The step's tokens are each head's last T entries (the policy has not decided since they came);
 // a replicated KV head's query heads are on several ranks, so their norms are summed first.
 void Policy::addOutputNorms(KVCache& cache, const StepAttention& attn) {
@@ -528,6 +617,14 @@ void Policy::evict(KVCache& cache, int last_pos, bool prefill) {
   keys_.resize(size_t(L) * H);
   std::vector<SelectHead> heads(size_t(L) * H);
   const std::vector<int64_t> pool_budget = budgets(last_pos);
+  if (prefill && spec_.block > 0) {
+    std::vector<int> pool_of(size_t(L) * G);
+    for (int l = 0; l < L; ++l)
+      for (int gh = 0; gh < G; ++gh)
+        pool_of[size_t(l) * G + gh] = spec_.scope == Scope::Global ? 0 : spec_.scope == Scope::Layer ? l : l * G + gh;
+    evictInBlocks(cache, last_pos, pool_budget, pool_of, shared);
+    return retainKept(cache);
+  }
   // Expected attention sums over a KV head's query heads, which a replicated head has on several ranks.
   std::vector<std::vector<float>> expected;
   if (spec_.method == Method::Expected) {
@@ -555,13 +652,7 @@ void Policy::evict(KVCache& cache, int last_pos, bool prefill) {
       key.resize(size_t(c.length()));
       if (spec_.readsRows()) {  // scores of the cached keys and values (dequantized where stored coded)
         std::vector<float> scratch;
-        const HeadRows rows = cache.rows(l, h, scratch);
-        if (spec_.method == Method::KNorm) keyNormScores(rows, c.length(), lay_.head_dim, key.data());
-        if (spec_.method == Method::KeyDiff) keyDiffScores(rows, c.length(), lay_.head_dim, key.data());
-        if (spec_.method == Method::LagKV) lagScores(rows, c.length(), lay_.head_dim, spec_.sinks, spec_.lag, key.data());
-        if (spec_.method == Method::Leverage)
-          leverageScores(rows, c.positions.data(), c.length(), lay_.head_dim, cache.ropeInvFreq(), key.data());
-        if (spec_.method == Method::CUR) curScores(rows, c.length(), lay_.head_dim, spec_.local, key.data());
+        rowScores(cache.rows(l, h, scratch), c.positions.data(), c.length(), cache.ropeInvFreq(), key.data());
       } else {
         for (int i = 0; i < c.length(); ++i) {
           double s = c.score[i];
@@ -602,13 +693,21 @@ void Policy::evict(KVCache& cache, int last_pos, bool prefill) {
       pool_of[size_t(l) * G + gh] = spec_.scope == Scope::Global ? 0 : spec_.scope == Scope::Layer ? l : l * G + gh;
   if (!spec_.ladder.empty()) return settleLadder(cache, heads, pool_of, last_pos, shared);
   last_traffic_ = selectBudget(heads, pool_of, pool_budget, shared ? group_ : nullptr, keep_);
+  retainKept(cache);
+}
+
+// Each head keeps the entries keep_ flags (and, DMS-style, none whose key is below evict_below).
+void Policy::retainKept(KVCache& cache) {
+  const int L = lay_.layers, H = lay_.local_kv_heads;
 #pragma omp parallel for collapse(2) schedule(static)
   for (int l = 0; l < L; ++l)
     for (int h = 0; h < H; ++h) {  // each head retains its own entries
       std::vector<uint8_t>& k = keep_[size_t(l) * H + h];
-      const std::vector<double>& key = keys_[size_t(l) * H + h];
-      for (size_t i = 0; i < k.size(); ++i)  // DMS-style: below the threshold, out whatever the budget
-        if (key[i] < spec_.evict_below) k[i] = 0;
+      if (spec_.evict_below > -INFINITY) {  // below the threshold, out whatever the budget
+        const std::vector<double>& key = keys_[size_t(l) * H + h];
+        for (size_t i = 0; i < k.size(); ++i)
+          if (key[i] < spec_.evict_below) k[i] = 0;
+      }
       if (std::find(k.begin(), k.end(), 0) == k.end()) continue;
       std::vector<int> idx;
       for (int i = 0; i < int(k.size()); ++i)

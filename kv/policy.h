@@ -58,6 +58,7 @@ struct PolicySpec {
   double threshold = 0.9;   // SimLayerKV: a layer is lazy past this share of attention on sinks + recent
   double evict_below = -INFINITY;  // DMS-style: entries scoring below this go whatever the budget (-inf: off)
   double critical = 0;      // CriticalKV: share of a head's budget chosen by the score alone (0: off)
+  int block = 0;            // the prompt compressed in blocks of this many entries (0: at once)
   // Tiered precision: the forms an entry steps down through as it loses importance (first Full),
   // evicted after the last; empty: keep or evict. The budget is then in bytes (docs/KV.md).
   std::vector<Form> ladder;
@@ -173,6 +174,12 @@ class Policy {
   // CriticalKV on one head's keys: its `first` best by the score alone kept first, the others by
   // (score + eps) x ||W_o v||_1 (entries already +inf, the protected, left as they are).
   static void criticalKeys(const HeadCache& c, int first, std::vector<double>& key);
+  // The row-reading method's scores of n entries (kv/scorers.h).
+  void rowScores(const HeadRows& rows, const int* positions, int n, const std::vector<float>& rope_inv_freq,
+                 double* key) const;
+  void evictInBlocks(const KVCache& cache, int last_pos, const std::vector<int64_t>& pool_budget,
+                     const std::vector<int>& pool_of, bool shared);
+  void retainKept(KVCache& cache);
   // Blocks per (layer, local KV head) of T rows each, summed over the ranks holding a replicated
   // KV head (each holds a share of its query heads); as they are otherwise.
   std::vector<std::vector<float>> sumOverReplicas(const KVCache& cache, const std::vector<std::vector<float>>& blocks,

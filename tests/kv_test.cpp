@@ -368,6 +368,31 @@ TEST(KvEviction, CriticalKvRescalesTheSecondStageByTheOutputNorm) {
   EXPECT_THROW(parsePolicy("h2o:budget=0.5,critical=1.5", ""), std::invalid_argument);
 }
 
+// Block-wise prompt compression, KeyDiff, one kept: keys (1,0) (1,0) (0,1) (-1,0) (-1,0) in blocks of
+// 2 after the first entry. {0, 1, 2}: the normalized mean is (2/3, 1/3), (0,1) the least like it:
+// kept. {2, 3, 4}: mean (-2/3, 1/3), (0,1) again (cos 0.447 against 0.894). The whole prompt at
+// once has mean (0, 1/5), to which (0,1) is the most alike: the others tie and the first stays.
+TEST(KvEviction, BlocksDecideWhatEachBlockAndTheSurvivorsShow) {
+  const std::vector<std::array<float, 2>> keys = {{1, 0}, {1, 0}, {0, 1}, {-1, 0}, {-1, 0}};
+  KVCache blocks = withKeys(keys), whole = withKeys(keys);
+  Policy(parsePolicy("keydiff:tokens=1,sinks=0,recent=0,block=2", ""), layout(), nullptr).afterStep(blocks, {}, 4, true);
+  Policy(parsePolicy("keydiff:tokens=1,sinks=0,recent=0", ""), layout(), nullptr).afterStep(whole, {}, 4, true);
+  EXPECT_EQ(positions(blocks), (std::vector<int>{2}));
+  EXPECT_EQ(positions(whole), (std::vector<int>{0}));
+  // K-norm's score does not depend on the others: blocks keep what the whole prompt keeps.
+  std::vector<std::array<float, 2>> random(40);
+  std::mt19937 rng(4);
+  std::normal_distribution<float> d;
+  for (auto& k : random) k = {d(rng), d(rng)};
+  KVCache a = withKeys(random), b = withKeys(random);
+  Policy(parsePolicy("knorm:tokens=9,sinks=0,recent=0,block=5", ""), layout(), nullptr).afterStep(a, {}, 39, true);
+  Policy(parsePolicy("knorm:tokens=9,sinks=0,recent=0", ""), layout(), nullptr).afterStep(b, {}, 39, true);
+  EXPECT_EQ(positions(a), positions(b));
+  EXPECT_EQ(positions(a).size(), 9u);
+  EXPECT_THROW(parsePolicy("h2o:budget=0.5,block=8", ""), std::invalid_argument);  // reads no rows
+  EXPECT_THROW(parsePolicy("knorm:budget=0.5,block=8,chunk=2", ""), std::invalid_argument);
+}
+
 // Leverage: centred keys (3,0) (-1,0) (-1,0) (-1,0) (0,1) (0,-1) give X^T X = diag(12, 2), so
 // leverages 9/12, 1/12 (three times), 1/2, 1/2 — z-scored over the head; the two outlier
 // directions are kept. Keys cached after RoPE score as their pre-RoPE selves.
