@@ -17,7 +17,7 @@ Precision parsePrecision(const std::string& s) {
 const char* precisionName(Precision d) { return d == Precision::F32 ? "fp32" : d == Precision::F16 ? "fp16" : "bf16"; }
 
 void checkGpuCompression(const kv::PolicySpec& s) {
-  if (s.readsRows() || s.needsQueries())
+  if ((s.readsRows() && s.method != kv::Method::KNorm) || s.needsQueries())
     throw Error("'" + s.describe() + "' scores the cached keys and values (or the queries), which the CUDA engine does "
                 "not copy to its host mirror yet: use --device cpu");
   if (s.interval > 1 || s.chunk > 1 || s.evict_below > -INFINITY || s.method == kv::Method::SimLayerKV ||

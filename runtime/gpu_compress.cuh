@@ -168,7 +168,11 @@ void GpuEngine<T>::decideOnDevice(Sequence& s, int last_pos, const kv::Policy::D
   if (weights && part_.tp > c_.kv_heads)
     weights = sumReplicated(weights, weights_layer, weights_head, observed ? observed_len_ : s.longest);
   if (observed) observed_len_ = 0;
-  const cuda::EvictionCache cache{L, H, capacity_, int(hd * (int8_ ? 1 : sizeof(T))), d_ptrs, d_ptrs + L,
+  const cuda::KeyFormat key_format = int8_                                  ? cuda::KeyFormat::Int8
+                                     : std::is_same_v<T, float>             ? cuda::KeyFormat::F32
+                                     : std::is_same_v<T, __nv_bfloat16>     ? cuda::KeyFormat::BF16
+                                                                            : cuda::KeyFormat::F16;
+  const cuda::EvictionCache cache{L, H, capacity_, int(hd * (int8_ ? 1 : sizeof(T))), key_format, d_ptrs, d_ptrs + L,
                                   reinterpret_cast<int* const*>(d_ptrs + 2 * L),
                                   int8_ ? reinterpret_cast<float* const*>(d_ptrs + 3 * L) : nullptr,
                                   int8_ ? reinterpret_cast<float* const*>(d_ptrs + 4 * L) : nullptr,
@@ -179,7 +183,8 @@ void GpuEngine<T>::decideOnDevice(Sequence& s, int last_pos, const kv::Policy::D
   const cuda::EvictScore method = decoded        ? cuda::EvictScore::StepAttention
                                   : h2o          ? cuda::EvictScore::H2O
                                   : scissorhands ? cuda::EvictScore::Scissorhands
-                                                 : cuda::EvictScore::StreamingLLM;
+                                  : kv_spec_.method == kv::Method::KNorm ? cuda::EvictScore::KeyNorm
+                                                                          : cuda::EvictScore::StreamingLLM;
   // Protected: the sinks and the recent window; in SCOPE's phase the prompt and the newest decoded.
   const int protect_below = decoded ? decoded->prefill_end : kv_spec_.sinks,
             protect_recent = decoded ? kv_spec_.decode_recent : kv_spec_.recent;

@@ -124,7 +124,7 @@ class GpuEngine : public Engine {
   GpuEngine(const ModelConfig& config, const Partition& part, const WeightSource& source, const GpuOptions& o)
       : c_(config), part_(part), group_(o.device_group), kv_spec_(o.kv), host_group_(o.host_group),
         device_decides_((o.kv.method == kv::Method::H2O || o.kv.method == kv::Method::Scissorhands ||
-                         o.kv.method == kv::Method::StreamingLLM) &&
+                         o.kv.method == kv::Method::StreamingLLM || o.kv.method == kv::Method::KNorm) &&
                         o.kv.rank == 0),
         device_decides_decoded_((o.kv.method == kv::Method::SnapKV || o.kv.method == kv::Method::PyramidKV) &&
                                 o.kv.decode != kv::Decode::None && o.kv.rank == 0),
@@ -485,7 +485,8 @@ class GpuEngine : public Engine {
   // Cache bytes per (KV head, token): K and V rows (int8: codes and a step each; KIVI: codes, the
   // value's (lo, step) pairs and a share of its run's key pairs; low rank: coordinates) and a position.
   size_t rowBytes() const {
-    const size_t decision = device_decides_ && kv_spec_.method != kv::Method::StreamingLLM ? 8 : 0;  // score or bits
+    const bool state = kv_spec_.method == kv::Method::H2O || kv_spec_.method == kv::Method::Scissorhands;
+    const size_t decision = device_decides_ && state ? 8 : 0;  // H2O's score or Scissorhands' bits
     const size_t hd = c_.head_dim;
     const cuda::KiviCache<T> kivi = kiviShape();
     const size_t rows = int8_   ? 2 * (hd + sizeof(float))

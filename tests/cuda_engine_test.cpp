@@ -149,7 +149,8 @@ TEST(CudaEngine, CompressionMatchesTheCpu) {
       {"", "kivi:bits=2", ""}, {"", "kivi:bits=4,group=16,residual=40", ""}, {"", "", "cskv:rank=8"},
       {"", "", "cskv:rank=16,window=0"}, {"pyramidkv:budget=0.3,decode=adaptive,decode_recent=8,delta=4", "", ""},
       {"snapkv:budget=0.2,decode=discontinuous,decode_recent=8,delta=4", "int8", ""}, {"random:budget=0.2,seed=5", "", ""},
-      {"tova:budget=0.2", "", ""}, {"tova:budget=0.3,scope=layer", "int8", ""}};
+      {"tova:budget=0.2", "", ""}, {"tova:budget=0.3,scope=layer", "int8", ""}, {"knorm:budget=0.2", "", ""},
+      {"knorm:budget=0.3,scope=layer", "int8", ""}};
   for (const auto& [kv, quant, lowrank] : specs) {
     const std::string name = kv + (quant.empty() ? "" : " + " + quant) + (lowrank.empty() ? "" : " + " + lowrank);
     PplJob job = test::heldOutC4Job(512, 2, Mode::Decode);

@@ -1,5 +1,8 @@
 // Eviction on the device (eviction.h): keys; the decision by kernels::RadixSelect over every pool
 // at once, summed over the ranks between passes; holes, then compaction.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
 #include <cub/block/block_scan.cuh>
 
 #include <cmath>
@@ -49,11 +52,29 @@ __global__ void keysKernel(EvictionCache c, EvictScore method, int fresh, uint64
       history[i] = bits;
     }
     const int p = pos[i];
+    double norm = 0.0;  // K-norm: the key's squared norm in double, channel by channel as the CPU sums it
+    if (method == EvictScore::KeyNorm && p != kEvicted) {
+      const int hd = c.key_format == KeyFormat::Int8 ? c.row_bytes
+                     : c.key_format == KeyFormat::F32 ? c.row_bytes / 4 : c.row_bytes / 2;
+      const char* krow = static_cast<const char*>(c.K[l]) + (h * c.capacity + i) * int64_t(c.row_bytes);
+      const float step = c.key_format == KeyFormat::Int8 ? c.k_step[l][h * c.capacity + i] : 0.0f;
+      for (int d = 0; d < hd; ++d) {
+        float x;
+        switch (c.key_format) {
+          case KeyFormat::F32: x = reinterpret_cast<const float*>(krow)[d]; break;
+          case KeyFormat::F16: x = __half2float(reinterpret_cast<const __half*>(krow)[d]); break;
+          case KeyFormat::BF16: x = __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(krow)[d]); break;
+          default: x = __fmul_rn(float(reinterpret_cast<const int8_t*>(krow)[d]), step); break;
+        }
+        norm = __dadd_rn(norm, __dmul_rn(double(x), double(x)));
+      }
+    }
     keys[i] = p == kEvicted                      ? -INFINITY
               : p < sinks || p > last_pos - recent ? INFINITY
               : method == EvictScore::H2O        ? s
               : method == EvictScore::StreamingLLM ? double(p)
               : method == EvictScore::StepAttention ? double(wi)
+              : method == EvictScore::KeyNorm    ? -sqrt(norm)
                                                    : double(__popcll(bits & history_mask));
   }
 }

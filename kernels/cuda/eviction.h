@@ -13,8 +13,13 @@
 
 namespace kvtp::cuda {
 
-// StepAttention: this step's probability alone (SCOPE's decode phase).
-enum class EvictScore { H2O, Scissorhands, StreamingLLM, StepAttention };
+// StepAttention: this step's probability alone (SCOPE's decode phase); KeyNorm: -||k|| of the
+// cached key (K-norm, kv::keyNormScores).
+enum class EvictScore { H2O, Scissorhands, StreamingLLM, StepAttention, KeyNorm };
+
+// How the cache's K rows hold a key (KeyNorm reads them): fp32, fp16, bf16, or int8 codes times
+// the row's step.
+enum class KeyFormat { F32, F16, BF16, Int8 };
 
 // The position of an evicted slot left in place (a hole: no query sees it, attention skips its
 // row): compaction waits until a head's holes are an eighth of its slots, so a step moves no rows
@@ -29,6 +34,7 @@ struct EvictionCache {
   int layers, heads;
   int64_t capacity;
   int row_bytes;  // one key (or value) row: head_dim x the element size (int8: head_dim)
+  KeyFormat key_format;
   void* const* K;
   void* const* V;
   int* const* pos;
@@ -49,7 +55,7 @@ struct EvictionCache {
 // appended since the last decision, start from zero) and writes its key into `table`: +inf for
 // the protected (position < sinks or > last_pos - recent), else H2O's score, the position
 // (StreamingLLM: the most recent win), the count of Scissorhands' set bits under history_mask or
-// the step's probability; -inf for a hole, which is never kept and takes no entry's place.
+// the step's probability or -||k||; -inf for a hole, which is never kept and takes no entry's place.
 void evictionKeys(const EvictionCache& c, EvictScore method, int fresh, uint64_t history_mask, int sinks, int recent,
                   int last_pos, double* table);
 
