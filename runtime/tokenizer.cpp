@@ -53,6 +53,9 @@ std::string replaceInvalidUtf8(const std::string& s) {
   return out;
 }
 
+namespace {
+
+// Bytes at the end of `s` that open a UTF-8 character not yet complete.
 size_t incompleteUtf8Tail(const std::string& s) {
   for (size_t back = 1; back <= std::min<size_t>(3, s.size()); ++back) {
     const unsigned char c = static_cast<unsigned char>(s[s.size() - back]);
@@ -62,6 +65,8 @@ size_t incompleteUtf8Tail(const std::string& s) {
   }
   return 0;
 }
+
+}  // namespace
 
 std::vector<int> Tokenizer::encode(const std::string& text) const {
   std::vector<int> ids = encodeText(text);

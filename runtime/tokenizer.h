@@ -14,8 +14,6 @@ namespace kvtp {
 // invalid UTF-8 sequence, overlong forms and surrogates included) replaced by U+FFFD — Python's
 // bytes.decode("utf-8", errors="replace") and Rust's from_utf8_lossy (the byte-level decoders).
 std::string replaceInvalidUtf8(const std::string& s);
-// Bytes at the end of `s` that open a UTF-8 character not yet complete.
-size_t incompleteUtf8Tail(const std::string& s);
 
 class Tokenizer {
  public:
