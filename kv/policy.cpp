@@ -478,15 +478,13 @@ void Policy::rowScores(const HeadRows& rows, const int* positions, int n, const 
 // survived before it, not the whole prompt. Leaves the decision in keep_.
 void Policy::evictInBlocks(const KVCache& cache, int last_pos, const std::vector<int64_t>& pool_budget,
                            const std::vector<int>& pool_of, bool shared) {
-  const int L = lay_.layers, H = lay_.local_kv_heads, G = lay_.global_kv_heads, hd = lay_.head_dim;
+  const int L = lay_.layers, H = lay_.local_kv_heads, hd = lay_.head_dim;
   std::vector<std::vector<int>> kept(size_t(L) * H);  // entry indices per head, ascending
   std::vector<int> next(size_t(L) * H);                 // each head's first entry not yet seen
   for (int l = 0; l < L; ++l)
     for (int h = 0; h < H; ++h) {
-      const int pool = spec_.scope == Scope::Global ? 0 : spec_.scope == Scope::Layer ? l : l * G + lay_.kv_head_begin + h;
-      const int pool_heads = spec_.scope == Scope::Global ? L * G : spec_.scope == Scope::Layer ? G : 1;
       const size_t i = size_t(l) * H + h;
-      next[i] = int(std::min<int64_t>(cache.head(l, h).length(), pool_budget[size_t(pool)] / pool_heads));
+      next[i] = int(std::min<int64_t>(cache.head(l, h).length(), headShare(pool_budget, pool_of, l, h)));
       for (int e = 0; e < next[i]; ++e) kept[i].push_back(e);
     }
   std::vector<std::vector<double>> keys(size_t(L) * H);
@@ -578,6 +576,21 @@ int Policy::poolCount() const {
   return spec_.scope == Scope::Global ? 1 : spec_.scope == Scope::Layer ? L : L * G;
 }
 
+std::vector<int> Policy::poolOfTableHeads() const {
+  const int L = lay_.layers, G = lay_.global_kv_heads;
+  std::vector<int> pool_of(size_t(L) * G);
+  for (int l = 0; l < L; ++l)
+    for (int gh = 0; gh < G; ++gh)
+      pool_of[size_t(l) * G + gh] = spec_.scope == Scope::Global ? 0 : spec_.scope == Scope::Layer ? l : l * G + gh;
+  return pool_of;
+}
+
+int64_t Policy::headShare(const std::vector<int64_t>& pool_budget, const std::vector<int>& pool_of, int layer,
+                          int local_head) const {
+  const int heads_per_pool = lay_.layers * lay_.global_kv_heads / poolCount();
+  return pool_budget[size_t(pool_of[size_t(globalIndex(layer, local_head))])] / heads_per_pool;
+}
+
 std::vector<int64_t> Policy::budgets(int last_pos) const {
   const int L = lay_.layers, G = lay_.global_kv_heads, pools = poolCount();
   // Entries per head on average. A byte budget is counted at the full-precision entry size (fp16
@@ -617,11 +630,8 @@ void Policy::evict(KVCache& cache, int last_pos, bool prefill) {
   keys_.resize(size_t(L) * H);
   std::vector<SelectHead> heads(size_t(L) * H);
   const std::vector<int64_t> pool_budget = budgets(last_pos);
+  const std::vector<int> pool_of = poolOfTableHeads();
   if (prefill && spec_.block > 0) {
-    std::vector<int> pool_of(size_t(L) * G);
-    for (int l = 0; l < L; ++l)
-      for (int gh = 0; gh < G; ++gh)
-        pool_of[size_t(l) * G + gh] = spec_.scope == Scope::Global ? 0 : spec_.scope == Scope::Layer ? l : l * G + gh;
     evictInBlocks(cache, last_pos, pool_budget, pool_of, shared);
     return retainKept(cache);
   }
@@ -680,17 +690,10 @@ void Policy::evict(KVCache& cache, int last_pos, bool prefill) {
       }
       for (int i = 0; i < c.length(); ++i)
         if (c.positions[i] < spec_.sinks || c.positions[i] > last_pos - spec_.recent) key[i] = INFINITY;
-      if (spec_.critical > 0) {  // the first stage: this head's share of its pool's budget
-        const int pool = spec_.scope == Scope::Global ? 0 : spec_.scope == Scope::Layer ? l : l * G + lay_.kv_head_begin + h;
-        const int pool_heads = spec_.scope == Scope::Global ? L * G : spec_.scope == Scope::Layer ? G : 1;
-        criticalKeys(c, int(spec_.critical * double(pool_budget[size_t(pool)]) / pool_heads), key);
-      }
+      if (spec_.critical > 0)  // the first stage: this head's share of its pool's budget
+        criticalKeys(c, int(spec_.critical * double(headShare(pool_budget, pool_of, l, h))), key);
       heads[size_t(l) * H + h] = {key.data(), c.length(), globalIndex(l, h), lay_.owner || !shared};
     }
-  std::vector<int> pool_of(size_t(L) * G);
-  for (int l = 0; l < L; ++l)
-    for (int gh = 0; gh < G; ++gh)
-      pool_of[size_t(l) * G + gh] = spec_.scope == Scope::Global ? 0 : spec_.scope == Scope::Layer ? l : l * G + gh;
   if (!spec_.ladder.empty()) return settleLadder(cache, heads, pool_of, last_pos, shared);
   last_traffic_ = selectBudget(heads, pool_of, pool_budget, shared ? group_ : nullptr, keep_);
   retainKept(cache);

@@ -147,6 +147,8 @@ class Policy {
   // contiguous run of the global table) and each one's budget in entries after a step up to
   // `last_pos` — what eviction keeps to, for a decision taken elsewhere (the CUDA engine's).
   int poolCount() const;
+  // Each (layer, global KV head)'s pool, in table order.
+  std::vector<int> poolOfTableHeads() const;
   std::vector<int64_t> budgets(int last_pos) const;
   // A step ran (afterStep counts it; a decision taken elsewhere counts it here instead).
   void countStep(int last_pos, bool prefill);
@@ -180,6 +182,9 @@ class Policy {
   void evictInBlocks(const KVCache& cache, int last_pos, const std::vector<int64_t>& pool_budget,
                      const std::vector<int>& pool_of, bool shared);
   void retainKept(KVCache& cache);
+  // A head's even share of its pool's budget (CriticalKV's first stage, block-wise compression's start).
+  int64_t headShare(const std::vector<int64_t>& pool_budget, const std::vector<int>& pool_of, int layer,
+                    int local_head) const;
   // Blocks per (layer, local KV head) of T rows each, summed over the ranks holding a replicated
   // KV head (each holds a share of its query heads); as they are otherwise.
   std::vector<std::vector<float>> sumOverReplicas(const KVCache& cache, const std::vector<std::vector<float>>& blocks,
