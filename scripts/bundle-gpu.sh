@@ -2,7 +2,8 @@
 # Builds the CUDA targets here (nvcc 13, sm_90a) into build-cuda/ and copies them, with the shared
 # libraries the GPU machine lacks (OpenBLAS's OpenMP build and its Fortran runtime, gRPC and
 # friends via ../shared/tools/bundle-libs.sh when present; Open MPI's C++ bindings; minizip for
-# PyTorch .bin checkpoints; prometheus-cpp for the metrics endpoint), into .bundle/, packed as .bundle.tar.xz — the file to name in the device tool's `carry`. On the GPU machine:
+# PyTorch .bin checkpoints; prometheus-cpp for the metrics endpoint), into .bundle/, stripped and
+# packed as .bundle.tar.xz — the file to name in the device tool's `carry`. On the GPU machine:
 #   tar xJf .bundle.tar.xz
 #   export LD_LIBRARY_PATH=$PWD/.bundle KVTP_BINARY=$PWD/.bundle/kvtp
 #   .bundle/kvtp_cuda_tests; .bundle/kvtp_cuda_engine_tests; .bundle/kvtp bench --device cuda
