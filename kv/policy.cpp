@@ -385,7 +385,7 @@ void Policy::score(KVCache& cache, const StepAttention& attn, bool prefill) {
   const int L = lay_.layers, H = lay_.local_kv_heads, T = attn.T;
   const bool replicated = lay_.replicated && group_ && group_->size() > 1;
   std::vector<std::vector<float>> summed;
-  if (replicated) summed = sumOverReplicas(cache, attn.blocks, T);
+  if (replicated) summed = sumOverReplicas(attn.blocks);
   const std::vector<std::vector<float>>& blocks = replicated ? summed : attn.blocks;
   // Heads are independent: in parallel (a decode step of a 7B model scores ~1M entries).
 #pragma omp parallel for collapse(2) schedule(static)
@@ -419,18 +419,17 @@ void Policy::score(KVCache& cache, const StepAttention& attn, bool prefill) {
     }
 }
 
-std::vector<std::vector<float>> Policy::sumOverReplicas(const KVCache& cache, const std::vector<std::vector<float>>& blocks,
-                                                         int T) const {
+std::vector<std::vector<float>> Policy::sumOverReplicas(const std::vector<std::vector<float>>& blocks) const {
   if (!lay_.replicated || !group_ || group_->size() == 1) return blocks;
   const int L = lay_.layers, H = lay_.local_kv_heads;
-  // Global layout: one slot per (layer, global KV head), T x length each; non-holders add 0.
-  std::vector<int64_t> len(size_t(L) * lay_.global_kv_heads, 0);
+  // Global layout: one slot per (layer, global KV head), as long as its holders' blocks (the
+  // holders of a head have blocks of one size); non-holders add 0.
+  std::vector<double> sizes(size_t(L) * lay_.global_kv_heads, 0.0);
   for (int l = 0; l < L; ++l)
-    for (int h = 0; h < H; ++h) len[globalIndex(l, h)] = cache.head(l, h).length();
-  std::vector<double> lens(len.begin(), len.end());
-  group_->allReduceMax(lens.data(), lens.size());
-  std::vector<int64_t> off(lens.size() + 1, 0);
-  for (size_t i = 0; i < lens.size(); ++i) off[i + 1] = off[i] + int64_t(lens[i]) * T;
+    for (int h = 0; h < H; ++h) sizes[globalIndex(l, h)] = double(blocks[size_t(l) * H + h].size());
+  group_->allReduceMax(sizes.data(), sizes.size());
+  std::vector<int64_t> off(sizes.size() + 1, 0);
+  for (size_t i = 0; i < sizes.size(); ++i) off[i + 1] = off[i] + int64_t(sizes[i]);
   std::vector<float> all(size_t(off.back()), 0.0f);
   for (int l = 0; l < L; ++l)
     for (int h = 0; h < H; ++h) {
@@ -542,18 +541,13 @@ void Policy::evictInBlocks(const KVCache& cache, int last_pos, const std::vector
 // The step's tokens are each head's last T entries (the policy has not decided since they came);
 // a replicated KV head's query heads are on several ranks, so their norms are summed first.
 void Policy::addOutputNorms(KVCache& cache, const StepAttention& attn) {
-  const int L = lay_.layers, H = lay_.local_kv_heads, G = lay_.global_kv_heads, T = attn.T;
-  std::vector<float> all(size_t(L) * G * T, 0.0f);
+  const int L = lay_.layers, H = lay_.local_kv_heads;
+  const std::vector<std::vector<float>> norms = sumOverReplicas(attn.output_norms);
   for (int l = 0; l < L; ++l)
     for (int h = 0; h < H; ++h) {
-      const auto& n = attn.output_norms.at(size_t(l) * H + h);
-      std::copy(n.begin(), n.end(), all.begin() + int64_t(globalIndex(l, h)) * T);
-    }
-  if (lay_.replicated && group_ && group_->size() > 1) group_->allReduceSum(all.data(), all.size());
-  for (int l = 0; l < L; ++l)
-    for (int h = 0; h < H; ++h) {
+      const std::vector<float>& n = norms.at(size_t(l) * H + h);
       HeadCache& c = cache.head(l, h);
-      std::copy_n(all.begin() + int64_t(globalIndex(l, h)) * T, T, c.out_norm.end() - T);
+      std::copy(n.begin(), n.end(), c.out_norm.end() - int64_t(n.size()));
     }
 }
 
@@ -651,7 +645,7 @@ void Policy::evict(KVCache& cache, int last_pos, bool prefill) {
                                 last_pos + 1, spec_.future, spec_.sinks, s.data());
         expected[i].assign(s.begin(), s.end());
       }
-    expected = sumOverReplicas(cache, expected, 1);
+    expected = sumOverReplicas(expected);
   }
   // Each entry's key: +inf for the protected (sinks, recent window), else the method's score.
 #pragma omp parallel for collapse(2) schedule(static)

@@ -185,10 +185,9 @@ class Policy {
   // A head's even share of its pool's budget (CriticalKV's first stage, block-wise compression's start).
   int64_t headShare(const std::vector<int64_t>& pool_budget, const std::vector<int>& pool_of, int layer,
                     int local_head) const;
-  // Blocks per (layer, local KV head) of T rows each, summed over the ranks holding a replicated
-  // KV head (each holds a share of its query heads); as they are otherwise.
-  std::vector<std::vector<float>> sumOverReplicas(const KVCache& cache, const std::vector<std::vector<float>>& blocks,
-                                                  int T) const;
+  // Blocks per (layer, local KV head), summed over the ranks holding a replicated KV head (each
+  // holds a share of its query heads); as they are otherwise.
+  std::vector<std::vector<float>> sumOverReplicas(const std::vector<std::vector<float>>& blocks) const;
   void streamLazyLayers(KVCache& cache, int last_pos);
   // Tiered precision: each entry's rung from its key (SelectHead), every pool filled as
   // docs/KV.md says, by one select per rung; applies the forms and the evictions.

@@ -159,7 +159,7 @@ void addPasskeyCommand(CLI::App& app) {
         case_list.push_back({{"length", c.length}, {"depth", c.depth}, {"key", c.key}, {"answer", answer}, {"exact_match", e},
                              {"partial_match", m}});
       }
-      if (!csv) throw Error("cannot write '" + a->out + ".csv'");
+      if (!csv) throw Error("cannot write '" + prefix + ".csv'");
       const double n = double(cases.size());
       nlohmann::json summary = {{"model", r.model},
                                 {"kv", r.kv},

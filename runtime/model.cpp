@@ -136,7 +136,6 @@ void Model::attention(int layer, const float* xn, const int* positions, int T, k
                   kvh.length(), hd, scale, ctx.data() + h * hd, Q, p);
   }
   if (probabilities) {  // sum over the query heads that read each KV head
-    collect->T = T;
     for (int h = 0; h < part_.q_heads; ++h) {
       auto& block = collect->blocks[size_t(layer) * part_.kv_heads + part_.kvHeadOf(h, c)];
       if (block.empty()) block.assign(probs[h].size(), 0.0f);

@@ -59,6 +59,10 @@ class CpuEngine : public Engine {
       : model_(model), cache_(model.newCache()), policy_(spec ? *spec : kv::PolicySpec{}, model.headLayout(), model.group()) {
     if (policy_.spec().rank) cache_.setLowRank(model.lowRankBases(policy_.spec().rank));
     if (model.config().family == Family::Llama) cache_.setRope(ropeInverseFrequencies(model.config()));
+    // What the forward pass keeps for the policy: the attention, the queries, the values' output norms.
+    const kv::PolicySpec& s = policy_.spec();
+    attention_.want_probabilities = s.needsAttention(), attention_.want_queries = s.needsQueries();
+    attention_.want_output_norms = s.needsOutputNorms();
   }
   void startWindow() override {
     cache_.clear();
@@ -81,12 +85,8 @@ class CpuEngine : public Engine {
   kv::KvBytes kvBytes(int tokens_seen) const override { return policy_.bytes(cache_, tokens_seen); }
 
  private:
-  // The tokens through the model into the cache, keeping the attention and the queries when the
-  // policy scores by them.
+  // The tokens through the model into the cache, keeping what the policy scores by.
   std::vector<float> forward(const int* tokens, const int* positions, int T) {
-    const kv::PolicySpec& s = policy_.spec();
-    attention_.want_probabilities = s.needsAttention(), attention_.want_queries = s.needsQueries();
-    attention_.want_output_norms = s.needsOutputNorms();
     const bool collect = attention_.want_probabilities || attention_.want_queries || attention_.want_output_norms;
     return model_.forward(tokens, positions, T, cache_, collect ? &attention_ : nullptr);
   }
