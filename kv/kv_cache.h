@@ -74,8 +74,9 @@ struct HeadRows {
 class KVCache {
  public:
   // rows_on_device: a host mirror of a device cache (the CUDA engine's): positions, scores and
-  // forms only, so that kv::Policy decides for it; the rows live on the GPU (full or int8).
+  // forms only, so that kv::Policy decides for it; the rows live on the GPU (full, int8 or KIVI).
   KVCache(int layers, int kv_heads, int head_dim, bool rows_on_device = false);
+  bool rowsOnDevice() const { return rows_on_device_; }
 
   // Appends T tokens to every head of `layer` at full precision; k and v are (T, kv_heads * head_dim).
   void append(int layer, const float* k, const float* v, const int* positions, int T);

@@ -813,6 +813,8 @@ void Policy::settleLadder(KVCache& cache, const std::vector<SelectHead>& heads, 
 // int8: every entry, per token. KIVI: entries older than the residual window, keys per channel
 // over groups of `group` consecutive entries, values per token over groups of `group` channels.
 void Policy::quantize(KVCache& cache) const {
+  // A device's mirror: the device quantizes KIVI's runs itself after this decision (GpuEngine::settleKivi).
+  if (spec_.quant == Quant::Kivi && cache.rowsOnDevice()) return;
   for (int l = 0; l < lay_.layers; ++l)
     for (int h = 0; h < lay_.local_kv_heads; ++h) {
       if (spec_.quant == Quant::Int8) {

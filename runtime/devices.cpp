@@ -28,9 +28,9 @@ void checkGpuCompression(const kv::PolicySpec& s) {
   if (s.rank > 0 && (s.evicts() || s.quant != kv::Quant::None))
     throw Error("--device cuda holds low-rank channels (cskv) alone, without eviction or quantization; '" +
                 s.describe() + "' combines them: use --device cpu");
-  if (s.quant == kv::Quant::Kivi && s.evicts())
-    throw Error("--device cuda stores a KIVI cache without eviction only (its runs of quantized keys would thin as "
-                "tokens go); '" + s.describe() + "' needs both: use --device cpu, or int8 with eviction");
+  if (s.quant == kv::Quant::Kivi && s.method == kv::Method::KNorm)
+    throw Error("--device cuda scores K-norm from full-precision or int8 keys, not KIVI's codes ('" + s.describe() +
+                "'): use --device cpu, or int8");
 }
 
 #ifndef KVTP_WITH_CUDA

@@ -5,17 +5,25 @@
 // KV heads' probabilities summed over the group first (sumReplicated). Included by
 // gpu_engine.cu after the class, inside its namespace: not a header to include elsewhere.
 
-// The policy decides on the mirror (scored by the prefill's observation window when it asks for
-// attention); each head's kept entries are a subsequence of what it held, so matching positions
-// gives the rows the device keeps. The per-step methods' decode steps: decideOnDevice.
+// The step's decision, then (KIVI under eviction) the runs that left the residual window among
+// the kept rows, as kv::Policy::afterStep evicts and then quantizes.
 template <class T>
 void GpuEngine<T>::compress(int last_pos, bool prefill) {
   if (!compresses()) return;
   Sequence& s = seq();
-  if (windowed_) {  // the step converted on the device what the CPU converts here: now it counts
+  if (windowed_ && !kivi_evicts_) {  // the step converted on the device what the CPU converts here: now it counts
     s.compact_counted = s.compact;
     return;
   }
+  decide(s, last_pos, prefill);
+  if (kivi_evicts_) settleKivi(s);
+}
+
+// The policy decides on the mirror (scored by the prefill's observation window when it asks for
+// attention); each head's kept entries are a subsequence of what it held, so matching positions
+// gives the rows the device keeps. The per-step methods' decode steps: decideOnDevice.
+template <class T>
+void GpuEngine<T>::decide(Sequence& s, int last_pos, bool prefill) {
   if (device_decides_ && (!prefill || s.on_device || kv_spec_.method != kv::Method::Scissorhands))
     return decideOnDevice(s, last_pos);
   if (device_decides_decoded_ && !prefill) return decideDecodedOnDevice(s, last_pos);
@@ -46,6 +54,17 @@ void GpuEngine<T>::compress(int last_pos, bool prefill) {
     s.weights_pending = false;
   }
   s.policy.afterStep(s.mirror, attention_, last_pos, prefill);
+  if (kivi_) compactKiviAsMirror(s);
+  else compactAsMirror(s);
+  s.longest = *std::max_element(s.len.begin(), s.len.end());
+  if (device_decides_decoded_ && prefill) s.prompt_kept = s.len;
+}
+
+// The mirror's kept entries, matched by position to the device's rows, kept on the device too:
+// each head's rows move down in order (cuda::compactKV), layer by layer where a head changed.
+template <class T>
+void GpuEngine<T>::compactAsMirror(Sequence& s) {
+  const int H = part_.kv_heads;
   const size_t head0 = size_t(current_) * H;  // the sequence's first KV head in the device cache
   for (int l = 0; l < c_.layers; ++l) {
     bool changed = false;
@@ -80,8 +99,6 @@ void GpuEngine<T>::compress(int last_pos, bool prefill) {
     }
     s.uniform = false;
   }
-  s.longest = *std::max_element(s.len.begin(), s.len.end());
-  if (device_decides_decoded_ && prefill) s.prompt_kept = s.len;
 }
 
 // SCOPE's decode phase on the device (kv::Policy::evictDecoded's rule): the prompt's entries
@@ -111,7 +128,7 @@ void GpuEngine<T>::decideDecodedOnDevice(Sequence& s, int last_pos) {
 // (cuda::evictionCompact).
 template <class T>
 void GpuEngine<T>::decideOnDevice(Sequence& s, int last_pos, const kv::Policy::DecodedBudget* decoded) {
-  const int L = c_.layers, H = part_.kv_heads, LH = L * H, hd = c_.head_dim;
+  const int L = c_.layers, H = part_.kv_heads, LH = L * H;
   // Between layers of score_ / history_ / weights_; the sequence's first row (head 0, slot 0).
   const size_t stride = seqs_.size() * H * size_t(capacity_), head0 = size_t(current_) * H * capacity_;
   const bool h2o = kv_spec_.method == kv::Method::H2O, scissorhands = kv_spec_.method == kv::Method::Scissorhands;
@@ -149,16 +166,7 @@ void GpuEngine<T>::decideOnDevice(Sequence& s, int last_pos, const kv::Policy::D
     for (int i = 0; i < LH; ++i) budget[meta[4 * LH + i]] = s.prompt_kept[i] + decoded->per_head;
   int64_t* d_budget = grow(evict_budget_, budget.size());
   KVTP_CUDA_CHECK(cudaMemcpy(d_budget, budget.data(), budget.size() * sizeof(int64_t), cudaMemcpyHostToDevice));
-  std::vector<void*> ptrs(5 * size_t(L), nullptr);  // K, V, positions, key steps, value steps
-  for (int l = 0; l < L; ++l) {
-    GpuLayer<T>& g = layers_[l];
-    ptrs[l] = int8_ ? static_cast<void*>(g.K8.get() + head0 * hd) : g.K.get() + head0 * hd;
-    ptrs[L + l] = int8_ ? static_cast<void*>(g.V8.get() + head0 * hd) : g.V.get() + head0 * hd;
-    ptrs[2 * L + l] = g.pos.get() + head0;
-    if (int8_) ptrs[3 * L + l] = g.k_step.get() + head0, ptrs[4 * L + l] = g.v_step.get() + head0;
-  }
-  void** d_ptrs = grow(evict_ptrs_, ptrs.size());
-  KVTP_CUDA_CHECK(cudaMemcpy(d_ptrs, ptrs.data(), ptrs.size() * sizeof(void*), cudaMemcpyHostToDevice));
+  cuda::EvictionCache cache = deviceRows(d_meta);
   // What the step's attention left: a decode step's probabilities, or the prompt's observed rows
   // summed ([layer][kv_head][observed_len_]; H2O observes every row).
   const bool observed = observed_len_ > 0 && observed_seq_ == current_;
@@ -168,16 +176,8 @@ void GpuEngine<T>::decideOnDevice(Sequence& s, int last_pos, const kv::Policy::D
   if (weights && part_.tp > c_.kv_heads)
     weights = sumReplicated(weights, weights_layer, weights_head, observed ? observed_len_ : s.longest);
   if (observed) observed_len_ = 0;
-  const cuda::KeyFormat key_format = int8_                                  ? cuda::KeyFormat::Int8
-                                     : std::is_same_v<T, float>             ? cuda::KeyFormat::F32
-                                     : std::is_same_v<T, __nv_bfloat16>     ? cuda::KeyFormat::BF16
-                                                                            : cuda::KeyFormat::F16;
-  const cuda::EvictionCache cache{L, H, capacity_, int(hd * (int8_ ? 1 : sizeof(T))), key_format, d_ptrs, d_ptrs + L,
-                                  reinterpret_cast<int* const*>(d_ptrs + 2 * L),
-                                  int8_ ? reinterpret_cast<float* const*>(d_ptrs + 3 * L) : nullptr,
-                                  int8_ ? reinterpret_cast<float* const*>(d_ptrs + 4 * L) : nullptr,
-                                  h2o ? score_.get() + head0 : nullptr, scissorhands ? history_.get() + head0 : nullptr,
-                                  int64_t(stride), weights, weights_layer, weights_head, d_meta + LH, d_meta};
+  cache.score = h2o ? score_.get() + head0 : nullptr, cache.history = scissorhands ? history_.get() + head0 : nullptr;
+  cache.weights = weights, cache.weights_layer = weights_layer, cache.weights_head = weights_head;
   double* table = grow(table_, size_t(std::max<int64_t>(N, 1)));
   const uint64_t mask = kv_spec_.history >= 64 ? ~0ull : (1ull << kv_spec_.history) - 1;
   const cuda::EvictScore method = decoded        ? cuda::EvictScore::StepAttention
@@ -197,12 +197,46 @@ void GpuEngine<T>::decideOnDevice(Sequence& s, int last_pos, const kv::Policy::D
   if (shared) sum_over_ranks = [this](double* d, size_t n) { group_->allReduceSum(d, n); };
   uint8_t* keep = grow(keep_flags_, size_t(std::max<int64_t>(N, 1)));
   cuda::evictionDecide(cache, table, select, sum_over_ranks, keep);
-  cuda::evictionCompact(cache, keep, d_meta + 2 * LH, d_meta + 3 * LH);
-  KVTP_CUDA_CHECK(cudaMemcpy(meta.data(), d_meta + 2 * LH, 2 * LH * sizeof(int), cudaMemcpyDeviceToHost));
-  std::copy(meta.begin(), meta.begin() + LH, s.len.begin());
-  s.kept.assign(meta.begin() + LH, meta.begin() + 2 * LH);
+  if (kivi_) {
+    compactKivi(s, cache, keep, false);
+  } else {
+    cuda::evictionCompact(cache, keep, d_meta + 2 * LH, d_meta + 3 * LH);
+    KVTP_CUDA_CHECK(cudaMemcpy(meta.data(), d_meta + 2 * LH, 2 * LH * sizeof(int), cudaMemcpyDeviceToHost));
+    std::copy(meta.begin(), meta.begin() + LH, s.len.begin());
+    s.kept.assign(meta.begin() + LH, meta.begin() + 2 * LH);
+  }
   s.longest = *std::max_element(s.len.begin(), s.len.end());
   s.uniform = false, s.unscored = 0, s.weights_pending = false;
+}
+
+// The sequence's rows for the device decision: per layer its K and V rows (int8 codes, KIVI's
+// codes), positions and int8 steps at its first head; the table's offsets and slots per (layer,
+// KV head) from d_offsets_lengths. Scores, history and probabilities are the caller's to set.
+template <class T>
+cuda::EvictionCache GpuEngine<T>::deviceRows(const int* d_offsets_lengths) {
+  const int L = c_.layers, LH = L * part_.kv_heads;
+  const size_t hd = c_.head_dim, head0 = size_t(current_) * part_.kv_heads * capacity_;
+  const int row_bytes = kivi_ ? kiviShape().codeBytes() : int(hd * (int8_ ? 1 : sizeof(T)));
+  std::vector<void*> ptrs(5 * size_t(L), nullptr);  // K, V, positions, key steps, value steps
+  for (int l = 0; l < L; ++l) {
+    GpuLayer<T>& g = layers_[l];
+    ptrs[l] = kivi_ ? static_cast<void*>(g.Kq.get() + head0 * row_bytes)
+              : int8_ ? static_cast<void*>(g.K8.get() + head0 * hd) : g.K.get() + head0 * hd;
+    ptrs[L + l] = kivi_ ? static_cast<void*>(g.Vq.get() + head0 * row_bytes)
+                  : int8_ ? static_cast<void*>(g.V8.get() + head0 * hd) : g.V.get() + head0 * hd;
+    ptrs[2 * L + l] = g.pos.get() + head0;
+    if (int8_) ptrs[3 * L + l] = g.k_step.get() + head0, ptrs[4 * L + l] = g.v_step.get() + head0;
+  }
+  void** d_ptrs = grow(evict_ptrs_, ptrs.size());
+  KVTP_CUDA_CHECK(cudaMemcpy(d_ptrs, ptrs.data(), ptrs.size() * sizeof(void*), cudaMemcpyHostToDevice));
+  const cuda::KeyFormat key_format = int8_                              ? cuda::KeyFormat::Int8
+                                     : std::is_same_v<T, float>         ? cuda::KeyFormat::F32
+                                     : std::is_same_v<T, __nv_bfloat16> ? cuda::KeyFormat::BF16
+                                                                        : cuda::KeyFormat::F16;
+  return {L, part_.kv_heads, capacity_, row_bytes, key_format, d_ptrs, d_ptrs + L,
+          reinterpret_cast<int* const*>(d_ptrs + 2 * L), int8_ ? reinterpret_cast<float* const*>(d_ptrs + 3 * L) : nullptr,
+          int8_ ? reinterpret_cast<float* const*>(d_ptrs + 4 * L) : nullptr, nullptr, nullptr,
+          int64_t(seqs_.size()) * part_.kv_heads * capacity_, nullptr, 0, 0, d_offsets_lengths + LH, d_offsets_lengths};
 }
 
 // A replicated KV head (kv_heads < tp) sees only this rank's query heads: its probabilities are

@@ -77,15 +77,18 @@ struct GpuLayer {
   // A KIVI cache instead (cuda::KiviCache): codes [kv_head][capacity][code bytes], key (lo, step)
   // [kv_head][capacity / group + 1][head_dim], value (lo, step) [kv_head][capacity][value groups],
   // the newest rows at full precision in a ring [kv_head][ring][head_dim].
+  // Under eviction each coded row's run [kv_head][capacity], and the key pairs sized by the runs
+  // held (GpuEngine::run_capacity_), not by the capacity: eviction thins runs.
   DeviceBuffer<uint8_t> Kq, Vq;
   DeviceBuffer<float> k_params, v_params;
+  DeviceBuffer<int> k_run;
   DeviceBuffer<T> ring_k, ring_v;
   // A low-rank cache instead (cuda::LowRankCache): coordinates [kv_head][capacity][2 rank], the ring
   // as KIVI's; the layer's bases [kv_head][head_dim][rank] (weights: they stay).
   DeviceBuffer<T> coords, key_basis, value_basis;
   void dropCache() {
     K = {}, V = {}, pos = {}, K8 = {}, V8 = {}, k_step = {}, v_step = {}, Kq = {}, Vq = {}, k_params = {},
-    v_params = {}, ring_k = {}, ring_v = {}, coords = {};
+    v_params = {}, k_run = {}, ring_k = {}, ring_v = {}, coords = {};
   }
 };
 
@@ -94,7 +97,8 @@ struct GpuLayer {
 struct Sequence {
   Sequence(const ModelConfig& c, const Partition& part, const kv::PolicySpec& spec, comm::Communicator* host_group)
       : len(size_t(c.layers) * part.kv_heads, 0), policy(spec, headLayout(c, part), host_group),
-        mirror(c.layers, part.kv_heads, c.head_dim, true), row_positions(len.size()) {}
+        mirror(c.layers, part.kv_heads, c.head_dim, true), row_positions(len.size()), coded(len.size(), 0),
+        coded_kept(len.size(), 0), runs_alive(len.size(), 0), next_run(len.size(), 0) {}
   std::vector<int> len;  // slots in use per (layer, KV head): its entries (and, decided on the device, holes)
   int longest = 0;
   // While no eviction has run this window every head holds the same positions, `positions`.
@@ -116,6 +120,9 @@ struct Sequence {
   // eviction, so every head alike) — on the device, and as counted by kvBytes (the CPU converts in
   // compress(), the device in the step itself).
   int compact = 0, compact_counted = 0;
+  // KIVI under eviction, per (layer, KV head): coded slots (holes included), the coded entries
+  // kept, the runs with a kept row, and the run the next quantized one takes (runtime/gpu_kivi.cuh).
+  std::vector<int> coded, coded_kept, runs_alive, next_run;
 };
 
 template <class T>
@@ -129,7 +136,7 @@ class GpuEngine : public Engine {
         device_decides_decoded_((o.kv.method == kv::Method::SnapKV || o.kv.method == kv::Method::PyramidKV) &&
                                 o.kv.decode != kv::Decode::None && o.kv.rank == 0),
         int8_(o.kv.quant == kv::Quant::Int8), kivi_(o.kv.quant == kv::Quant::Kivi), lowrank_(o.kv.rank > 0),
-        windowed_(kivi_ || lowrank_),
+        windowed_(kivi_ || lowrank_), kivi_evicts_(kivi_ && o.kv.evicts()),
         ring_((lowrank_ ? o.kv.lowrank_window : o.kv.residual + o.kv.group) + kMaxFewRows),
         time_collectives_(o.time_collectives) {
     checkGpuCompression(o.kv);
@@ -193,6 +200,8 @@ class GpuEngine : public Engine {
     std::fill(s.len.begin(), s.len.end(), 0);
     s.longest = 0, s.uniform = true, s.weights_pending = false, s.unscored = 0, s.on_device = false;
     s.compact = s.compact_counted = 0;
+    if (prompt_seq_ == current_) prompt_seq_ = -1;  // its buffer stays for the next prompt
+    for (auto* v : {&s.coded, &s.coded_kept, &s.runs_alive, &s.next_run}) std::fill(v->begin(), v->end(), 0);
     s.prompt_kept.assign(s.len.size(), 0);
     s.positions.clear();
     s.mirror.clear();
@@ -205,6 +214,15 @@ class GpuEngine : public Engine {
     const int64_t full = kv::fullCacheBytes(tokens_seen, c_.layers, part_.kv_heads, c_.head_dim);  // docs/KV.md
     // kv::Policy::bytes of the cache the mirror would hold (kv::KVCache::storedBytes).
     const kv::StoreShape store{c_.head_dim, kv_spec_.bits, kv_spec_.group, kv_spec_.rank};
+    if (kivi_evicts_) {  // per head: the ring's full rows, the kept coded ones in their runs, a position each
+      int64_t bytes = 0;
+      for (size_t i = 0; i < s.len.size(); ++i) {
+        const int full_rows = s.len[i] - s.coded[i];
+        bytes += store.bytes(kv::Form::Full, full_rows) + store.bytes(kv::Form::Kivi, s.coded_kept[i], s.runs_alive[i]) +
+                 4 * int64_t(full_rows + s.coded_kept[i]);
+      }
+      return {bytes, full};
+    }
     if (s.on_device) {  // rows since the last decision still full, then int8; a position each
       int64_t bytes = 0;
       for (int k : s.kept)
@@ -238,7 +256,8 @@ class GpuEngine : public Engine {
     checkRoom(batch, tokens);
     for (auto& L : layers_) L.dropCache();
     weights_ = {}, score_ = {}, history_ = {};
-    capacity_ = 0;
+    capacity_ = 0, run_capacity_ = 0;
+    prompt_ring_k_ = {}, prompt_ring_v_ = {}, prompt_seq_ = -1;
     observed_len_ = 0;
     seqs_.clear();
     for (int s = 0; s < batch; ++s) seqs_.emplace_back(c_, part_, kv_spec_, host_group_);
@@ -296,6 +315,7 @@ class GpuEngine : public Engine {
       throw Error("the CUDA engine scores several tokens at once only over an uncompressed cache; a compressed "
                   "window goes on token by token");
     makeRoom(s.longest + rows);
+    if (kivi_evicts_) ringRoom(rows);
     admit(s, positions, rows);
     if (observe) {
       observed_len_ = s.longest + rows, observed_seq_ = current_;
@@ -318,6 +338,9 @@ class GpuEngine : public Engine {
         throw Error("decodeBatch: sequence " + std::to_string(b) + " is at position " + std::to_string(seen.back()) +
                     "; its next token cannot be at " + std::to_string(positions[b]));
     }
+    if (kivi_evicts_ && prompt_seq_ >= 0)
+      throw Error("sequence " + std::to_string(prompt_seq_) + "'s prompt waits for its decision: compress it before a "
+                  "batch step");
     makeRoom(need);
     for (int b = 0; b < B; ++b) admit(seqs_[b], positions + b, 1);
     run(tokens, positions, Shape{B, false, false, true});
@@ -341,14 +364,14 @@ class GpuEngine : public Engine {
     s.weights_pending = rows == 1 && kv_spec_.scoresDecoding();
     s.positions.insert(s.positions.end(), positions, positions + rows);
     s.unscored += rows;
-    if (compresses() && !windowed_ && !s.on_device) {
+    if (compresses() && (!windowed_ || kivi_evicts_) && !s.on_device) {
       for (int l = 0; l < c_.layers; ++l) s.mirror.append(l, nullptr, nullptr, positions, rows);
       for (auto& p : s.row_positions) p.insert(p.end(), positions, positions + rows);
     }
   }
   // The step ran: its rows are cached in every head of s.
   void cached(Sequence& s, int rows) {
-    if (windowed_) s.compact = compactAfter(s, rows);
+    if (windowed_ && !kivi_evicts_) s.compact = compactAfter(s, rows);
     for (int& n : s.len) n += rows;
     s.longest += rows;
   }
@@ -363,7 +386,21 @@ class GpuEngine : public Engine {
   }
   // A KIVI cache's geometry (its code bytes, value groups, key groups of `capacity` rows), no buffers.
   cuda::KiviCache<T> kiviShape(int64_t capacity = 0) const {
-    return {.head_dim = c_.head_dim, .bits = kv_spec_.bits, .group = kv_spec_.group, .capacity = capacity};
+    return {.head_dim = c_.head_dim, .bits = kv_spec_.bits, .group = kv_spec_.group, .capacity = capacity,
+            .key_groups = kivi_evicts_ ? run_capacity_ : capacity / kv_spec_.group + 1};
+  }
+  // Layer l's KIVI cache from KV head head0 (of the batch's heads) on; counts not set.
+  cuda::KiviCache<T> kiviAt(int l, size_t head0) {
+    GpuLayer<T>& L = layers_[l];
+    cuda::KiviCache<T> kivi = kiviShape(capacity_);
+    const size_t row0 = head0 * capacity_, hd = c_.head_dim;
+    kivi.K = L.Kq.get() + row0 * kivi.codeBytes(), kivi.V = L.Vq.get() + row0 * kivi.codeBytes();
+    kivi.k_params = L.k_params.get() + head0 * kivi.keyGroups() * 2 * hd;
+    kivi.v_params = L.v_params.get() + row0 * 2 * kivi.valueGroups();
+    kivi.ring = ringAt(l, head0);
+    kivi.k_pos = L.pos.get() + row0;
+    if (kivi_evicts_) kivi.run = L.k_run.get() + row0;
+    return kivi;
   }
 
   // Uploads the step's tokens and cache bookkeeping, then runs the model's device work (a one-row
@@ -373,11 +410,12 @@ class GpuEngine : public Engine {
     int* d_tokens = grow(tokens_, rows);
     KVTP_CUDA_CHECK(cudaMemcpy(d_tokens, tokens, sizeof(int) * rows, cudaMemcpyHostToDevice));
     // One upload: the new tokens' positions, then each (layer, sequence, KV head)'s first free
-    // slot, then its count after the step; KIVI, low rank: each (sequence, KV head)'s compact rows
-    // before the step and after it.
+    // slot, then its count after the step; KIVI, low rank: its compact rows before the step, then
+    // after it (under eviction KIVI quantizes after the decision: the same).
     const int B = int(seqs_.size()), H = part_.kv_heads;
+    const size_t LBH = size_t(c_.layers) * B * H;
     std::vector<int> meta(positions, positions + rows);
-    meta.resize(size_t(rows) + 2 * size_t(c_.layers) * B * H + 2 * size_t(B) * H);
+    meta.resize(size_t(rows) + 4 * LBH);
     int* slots = meta.data() + rows;
     int* after = slots + size_t(c_.layers) * B * H;
     for (int l = 0; l < c_.layers; ++l)
@@ -387,21 +425,27 @@ class GpuEngine : public Engine {
           slots[i] = after[i] = seqs_[b].len[size_t(l) * H + h];
           if (shape.batch || b == current_) after[i] += shape.batch ? 1 : rows;
         }
-    int* compact = after + size_t(c_.layers) * B * H;
-    for (int b = 0; b < B; ++b) {
-      const Sequence& s = seqs_[b];
-      const bool stepped = shape.batch || b == current_;
-      std::fill_n(compact + size_t(b) * H, H, s.compact);
-      std::fill_n(compact + size_t(B + b) * H, H, stepped ? compactAfter(s, shape.batch ? 1 : rows) : s.compact);
-    }
+    int* compact = after + LBH;
+    for (int l = 0; l < c_.layers; ++l)
+      for (int b = 0; b < B; ++b) {
+        const Sequence& s = seqs_[b];
+        const bool stepped = shape.batch || b == current_;
+        const int before = s.compact, then = stepped ? compactAfter(s, shape.batch ? 1 : rows) : s.compact;
+        for (int h = 0; h < H; ++h) {
+          const size_t i = (size_t(l) * B + b) * H + h;
+          compact[i] = compact[LBH + i] = kivi_evicts_ ? s.coded[size_t(l) * H + h] : before;
+          if (!kivi_evicts_) compact[LBH + i] = then;
+        }
+      }
     int* d_meta = grow(meta_, meta.size());
     KVTP_CUDA_CHECK(cudaMemcpy(d_meta, meta.data(), meta.size() * sizeof(int), cudaMemcpyHostToDevice));
     if (kv_spec_.scoresDecoding()) grow(weights_, size_t(c_.layers) * B * H * capacity_);  // before any capture
     // The device work of the step reads only device buffers and this step's shape; a decode step
     // (one token a sequence) replays it as a CUDA graph (captured at the second step of the same
-    // capacity and sequence).
+    // capacity and sequence) — not while a prompt's own ring is pending, whose buffer a later
+    // prompt may reuse with another length.
     auto launches = [&] { forward(d_tokens, d_meta, shape); };
-    if (rows == 1 || shape.batch) {
+    if ((rows == 1 || shape.batch) && prompt_seq_ < 0) {
       cuda::GraphReplay& graph = shape.batch ? batch_graph_ : decode_graph_;
       const int64_t key = (int64_t(capacity_) * (kMaxBatch + 1) + B) * (kMaxBatch + 1) + (shape.batch ? 0 : current_);
       if (graph.run(key, launches)) collectives_.replayed(graph_marks_[shape.batch]);
@@ -416,6 +460,33 @@ class GpuEngine : public Engine {
   void decideDecodedOnDevice(Sequence& s, int last_pos);
   void decideOnDevice(Sequence& s, int last_pos, const kv::Policy::DecodedBudget* decoded = nullptr);
   const float* sumReplicated(const float* w, int64_t& layer_stride, int64_t& head_stride, int n);
+  // The decision of a step, on the mirror or the device (compress() then settles KIVI's runs).
+  void decide(Sequence& s, int last_pos, bool prefill);
+  // This sequence's rows as the device decision and compaction see them (cuda::EvictionCache):
+  // per-layer pointers at its first head; d_offsets_lengths: per (layer, KV head) table offsets,
+  // then slots.
+  cuda::EvictionCache deviceRows(const int* d_offsets_lengths);
+
+  // KIVI under eviction (runtime/gpu_kivi.cuh): the compaction by keep flags, the runs quantized
+  // after the decision, the ring's room for a step, the key pairs' room.
+  void compactKivi(Sequence& s, const cuda::EvictionCache& rows, const uint8_t* keep, bool compact_all);
+  void compactKiviAsMirror(Sequence& s);
+  void compactAsMirror(Sequence& s);  // gpu_compress.cuh: the caches other than KIVI
+  void settleKivi(Sequence& s);
+  void ringRoom(int rows);
+  void leavePromptRing(Sequence& s);
+  const int* uploadRingRows(const Sequence& s);
+  void growRuns(int64_t runs);
+  // Layer l's ring from KV head head0 on: the shared one, or the pending prompt's.
+  cuda::Ring<T> ringAt(int l, size_t head0) {
+    const size_t hd = c_.head_dim;
+    if (prompt_seq_ >= 0 && head0 == size_t(prompt_seq_) * part_.kv_heads) {
+      const size_t layer0 = size_t(l) * part_.kv_heads * prompt_rows_ * hd;
+      return {prompt_ring_k_.get() + layer0, prompt_ring_v_.get() + layer0, prompt_rows_, int(hd)};
+    }
+    GpuLayer<T>& L = layers_[l];
+    return {L.ring_k.get() + head0 * ring_ * hd, L.ring_v.get() + head0 * ring_ * hd, ring_, int(hd)};
+  }
 
   // log p(targets) from hidden rows from .. from + count - 1 of the step just run.
   std::vector<double> head(int from, int count, const int* targets) {
@@ -490,7 +561,8 @@ class GpuEngine : public Engine {
     const size_t hd = c_.head_dim;
     const cuda::KiviCache<T> kivi = kiviShape();
     const size_t rows = int8_   ? 2 * (hd + sizeof(float))
-                        : kivi_ ? 2 * kivi.codeBytes() + 2 * sizeof(float) * (kivi.valueGroups() + hd / kivi.group + 1)
+                        : kivi_ ? 2 * kivi.codeBytes() + 2 * sizeof(float) * (kivi.valueGroups() + hd / kivi.group + 1) +
+                                    (kivi_evicts_ ? sizeof(int) : 0)
                         : lowrank_ ? 2 * kv_spec_.rank * sizeof(T)
                                    : 2 * hd * sizeof(T);
     return decision + rows + sizeof(int);
@@ -554,7 +626,8 @@ class GpuEngine : public Engine {
         const cuda::KiviCache<T> kivi = kiviShape();
         regrow(L.Kq, kivi.codeBytes());
         regrow(L.Vq, kivi.codeBytes());
-        regrow(L.k_params, 2 * size_t(c_.head_dim), 0, [&](int64_t c) { return kiviShape(c).keyGroups(); });
+        if (kivi_evicts_) regrow(L.k_run, 1);  // the key pairs: growRuns
+        else regrow(L.k_params, 2 * size_t(c_.head_dim), 0, [&](int64_t c) { return kiviShape(c).keyGroups(); });
         regrow(L.v_params, 2 * size_t(kivi.valueGroups()));
       } else if (lowrank_) {
         regrow(L.coords, 2 * size_t(kv_spec_.rank));
@@ -567,6 +640,7 @@ class GpuEngine : public Engine {
         L.ring_k = DeviceBuffer<T>(heads * ring_ * c_.head_dim), L.ring_v = DeviceBuffer<T>(heads * ring_ * c_.head_dim);
     }
     capacity_ = int(cap);
+    if (kivi_evicts_) growRuns(cap / kv_spec_.group + 1);
   }
 
   // Embedding and every layer for the step's rows into x_ (d_meta: their positions, then per
@@ -575,11 +649,11 @@ class GpuEngine : public Engine {
   void forward(const int* d_tokens, const int* d_meta, const Shape& shape) {
     const int rows = shape.rows, BH = int(seqs_.size()) * part_.kv_heads, LBH = c_.layers * BH;
     const int* d_pos = d_meta;
-    const int* compact = d_meta + rows + 2 * LBH;  // KIVI's, low rank's counts per (sequence, KV head)
+    const int* compact = d_meta + rows + 2 * LBH;  // KIVI's, low rank's counts per (layer, sequence, KV head)
     const int head0 = shape.batch ? 0 : current_ * part_.kv_heads;  // the first KV head the step touches
     auto attend = [&](int l, const T* in, float* x, const Norms& norms) {
       const int* slots = d_meta + rows + l * BH + head0;
-      attention(l, in, d_pos, slots, slots + LBH, compact + head0, shape, x, norms);
+      attention(l, in, d_pos, slots, slots + LBH, compact + l * BH + head0, shape, x, norms);
     };
 
     const int H = c_.hidden, P = c_.word_embed_proj_dim;
@@ -648,8 +722,8 @@ class GpuEngine : public Engine {
   // x += o_proj(attention(qkv_proj(xn))), the new tokens' K/V appended to the cache first:
   // at `slots` (each KV head's count before), `lengths` its count after (device arrays, from the
   // step's first KV head: the current sequence's, or in a batch every sequence's); KIVI, low rank:
-  // its rows held in the compact form before the step at `compact`, after it one sequence-batch of
-  // heads further.
+  // its rows held in the compact form before the step at `compact`, after it one (layer, sequence,
+  // KV head) table further.
   void attention(int layer, const T* xn, const int* d_pos, const int* slots, const int* lengths, const int* compact,
                  const Shape& shape, float* x, const Norms& norms) {
     GpuLayer<T>& L = layers_[layer];
@@ -671,17 +745,12 @@ class GpuEngine : public Engine {
     int64_t capacity = capacity_;
     const cuda::Int8Append int8{hd, L.K8.get() + row0 * hd, L.V8.get() + row0 * hd, L.k_step.get() + row0,
                                 L.v_step.get() + row0, k_pos, capacity_, qkv, W, Q, Q + KV, slots, d_pos, batch};
-    cuda::KiviCache<T> kivi = kiviShape(capacity_);
-    kivi.K = L.Kq.get() + row0 * kivi.codeBytes(), kivi.V = L.Vq.get() + row0 * kivi.codeBytes();
-    kivi.k_params = L.k_params.get() + head0 * kivi.keyGroups() * 2 * hd;
-    kivi.v_params = L.v_params.get() + row0 * 2 * kivi.valueGroups();
-    const cuda::Ring<T> ring{L.ring_k.get() + head0 * ring_ * hd, L.ring_v.get() + head0 * ring_ * hd, ring_, hd};
-    kivi.ring = ring, kivi.k_pos = k_pos;
-    kivi.quantized = compact, kivi.quantized_after = compact + seqs_.size() * H;
+    const int* compact_after = compact + size_t(c_.layers) * seqs_.size() * H;
+    cuda::KiviCache<T> kivi = kiviAt(layer, head0);
+    kivi.quantized = compact, kivi.quantized_after = compact_after;
     const cuda::LowRankCache<T> lowrank{hd, kv_spec_.rank, H, L.coords.get() + row0 * 2 * kv_spec_.rank,
                                         L.key_basis.get(), L.value_basis.get(), inv_freq_.size() ? inv_freq_.get() : nullptr,
-                                        ring, k_pos, capacity_,
-                                        compact, compact + seqs_.size() * H};
+                                        kivi.ring, k_pos, capacity_, compact, compact_after};
     const int longest = seq().longest;  // many rows: the current sequence's, uniform
     if (coded && shape.many) {
       capacity = longest + T_;
@@ -715,8 +784,9 @@ class GpuEngine : public Engine {
       } else if (kivi_) {
         cuda::attention(qkv, W, d_pos, T_, part_.q_heads, kivi.K, kivi.V, k_pos, capacity_, H, hd, 0, scale, ctx,
                         lengths, capacity_, weights, nullptr, batch, &kivi);
-        // The launch must not depend on the step's counts (a CUDA graph replays it): a bound on its runs.
-        cuda::kiviSettle(kivi, batch ? int(seqs_.size()) * H : H, T_ / kv_spec_.group + 2);
+        // The launch must not depend on the step's counts (a CUDA graph replays it): a bound on its
+        // runs. Under eviction the decision goes first (settleKivi).
+        if (!kivi_evicts_) cuda::kiviSettle(kivi, batch ? int(seqs_.size()) * H : H, T_ / kv_spec_.group + 2);
       } else {
         cuda::attention(qkv, W, d_pos, T_, part_.q_heads, K, V, k_pos, capacity_, H, hd, int64_t(capacity_) * hd, scale,
                         ctx, lengths, capacity_, weights, nullptr, batch);
@@ -727,9 +797,9 @@ class GpuEngine : public Engine {
       cuda::attentionPrefill(blas_, qkv, W, d_pos, pos.data() + longest, T_, part_.q_heads, K, V, k_pos, pos.data(),
                              longest + T_, H, hd, capacity, scale, ctx, size_t(1) << 30, observed, observe_from_,
                              observed_rows_ > 1);
-      if (kivi_)
-        cuda::kiviSettle(kivi, H, (compactAfter(seq(), T_) - seq().compact) / kv_spec_.group, K, V, k_pos, capacity,
-                         lengths, longest);
+      if (kivi_)  // under eviction no runs yet: the rows wait in the ring for the decision
+        cuda::kiviSettle(kivi, H, kivi_evicts_ ? 0 : (compactAfter(seq(), T_) - seq().compact) / kv_spec_.group, K, V,
+                         k_pos, capacity, lengths, longest);
     }
     if (lowrank_) cuda::lowRankSettle(lowrank, heads, shape.many ? compactAfter(seq(), T_) - seq().compact : T_, K, V,
                                       slots, lengths);
@@ -824,8 +894,17 @@ class GpuEngine : public Engine {
   // An int8, KIVI or low-rank cache (GpuLayer::K8..., Kq..., coords; KIVI's and low rank's ring
   // of full-precision rows per KV head: `windowed_`), and the stage a step reads it through in T
   // (int8, KIVI: many-row steps; low rank: every step).
-  const bool int8_, kivi_, lowrank_, windowed_;
+  // KIVI under eviction (runtime/gpu_kivi.cuh) quantizes after the decision, not in the step, so a
+  // prompt waits for its decision at full precision in a ring of its own (sequence prompt_seq_'s
+  // heads of every layer, prompt_rows_ rows each), then its kept rows move to the shared ring.
+  const bool int8_, kivi_, lowrank_, windowed_, kivi_evicts_;
   const int ring_;
+  DeviceBuffer<T> prompt_ring_k_, prompt_ring_v_;  // [layer][kv_head][prompt_rows_][head_dim]
+  int prompt_rows_ = 0, prompt_seq_ = -1;
+  int64_t run_capacity_ = 0;  // KIVI under eviction: key pairs per KV head
+  DeviceBuffer<int> run_map_, kivi_meta_;
+  DeviceBuffer<void*> kivi_ptrs_;
+  DeviceBuffer<uint8_t> ring_scratch_;
   DeviceBuffer<T> stage_k_, stage_v_;
   DeviceBuffer<int> stage_pos_;
   const bool time_collectives_;
@@ -840,6 +919,7 @@ class GpuEngine : public Engine {
 };
 
 #include "runtime/gpu_compress.cuh"
+#include "runtime/gpu_kivi.cuh"
 
 }  // namespace
 

@@ -33,10 +33,10 @@ struct GpuOptions {
   bool time_collectives = false;
 };
 
-// Throws Error unless the CUDA engine compresses the KV cache as `spec` asks. So far: eviction,
-// every method (the device leaves the attention probabilities the policy scores by: the
-// prefill's observed rows, each decode step's row), int8 storage (with or without eviction),
-// KIVI storage and low-rank channels (each alone).
+// Throws Error unless the CUDA engine compresses the KV cache as `spec` asks. So far: eviction
+// by the methods that score by attention or position, and K-norm (the device leaves the attention
+// probabilities the policy scores by: the prefill's observed rows, each decode step's row), int8
+// and KIVI storage (with or without eviction; K-norm not over KIVI), low-rank channels (alone).
 void checkGpuCompression(const kv::PolicySpec& spec);
 
 // How many GPUs this process sees (0 in a build without the CUDA backend).

@@ -138,7 +138,9 @@ TEST(CudaEngine, DecodeThroughAGrowingCacheMatchesPrefill) {
 // decoded row is projected in its own step). The per-step
 // methods' decode steps are decided on the device by one radix select for every pool (global,
 // per layer, per head: the scope= cases), and so is SCOPE's decode phase (slide, adaptive,
-// discontinuous; a pool per head).
+// discontinuous; a pool per head). KIVI under eviction: the device evicts, then quantizes the kept
+// rows that left the residual window as the CPU does (the same runs, thinned the same way: the
+// same bytes).
 TEST(CudaEngine, CompressionMatchesTheCpu) {
   REQUIRE_GPUS(1);
   const std::vector<std::array<std::string, 3>> specs = {
@@ -150,7 +152,17 @@ TEST(CudaEngine, CompressionMatchesTheCpu) {
       {"", "", "cskv:rank=16,window=0"}, {"pyramidkv:budget=0.3,decode=adaptive,decode_recent=8,delta=4", "", ""},
       {"snapkv:budget=0.2,decode=discontinuous,decode_recent=8,delta=4", "int8", ""}, {"random:budget=0.2,seed=5", "", ""},
       {"tova:budget=0.2", "", ""}, {"tova:budget=0.3,scope=layer", "int8", ""}, {"knorm:budget=0.2", "", ""},
-      {"knorm:budget=0.3,scope=layer", "int8", ""}};
+      {"knorm:budget=0.3,scope=layer", "int8", ""},
+      // KIVI under eviction: runs thinned by the per-step methods decided on the device (the
+      // prompt too for H2O and StreamingLLM), by the prompt methods decided on the mirror, by
+      // SCOPE's decode phase, by TOVA on the mirror every step.
+      {"h2o:budget=0.3", "kivi:bits=4,group=16,residual=40", ""},
+      {"scissorhands:budget=0.25,history=16", "kivi:bits=2,group=16,residual=32", ""},
+      {"streamingllm:budget=0.2", "kivi:bits=4,group=8,residual=24", ""},
+      {"h2o:budget=0.25,scope=layer", "kivi:bits=2,group=8,residual=16", ""},
+      {"snapkv:budget=0.2", "kivi:bits=2,group=16,residual=40", ""},
+      {"snapkv:budget=0.3,decode=slide,decode_budget=32", "kivi:bits=4,group=8,residual=16", ""},
+      {"tova:budget=0.2", "kivi:bits=4,group=16,residual=24", ""}, {"random:budget=0.2,seed=5", "kivi:bits=4", ""}};
   for (const auto& [kv, quant, lowrank] : specs) {
     const std::string name = kv + (quant.empty() ? "" : " + " + quant) + (lowrank.empty() ? "" : " + " + lowrank);
     PplJob job = test::heldOutC4Job(512, 2, Mode::Decode);
@@ -172,8 +184,10 @@ TEST(CudaEngine, CompressionMatchesTheCpu) {
     // int8 / KIVI: a key or value whose (x - lo) / step lands within float error of a rounding
     // boundary can get the neighbouring code on one backend (the devices' projections differ in
     // the last bits): an error of one step in one channel, so a looser bound on the worst token,
-    // the same on the mean.
-    EXPECT_LE(worst, quant.empty() ? 1e-3 : 1e-2) << name;
+    // the same on the mean. K-norm likewise: two keys whose norms lie within float error of each
+    // other at the budget's boundary can swap (measured once on an H200: one token off by 1.3e-2,
+    // mean 2e-5), so a looser worst bound there too.
+    EXPECT_LE(worst, kv.rfind("knorm", 0) == 0 ? 3e-2 : quant.empty() ? 1e-3 : 1e-2) << name;
     EXPECT_LE(sum / double(cpu.result.tokens), 1e-4) << name;
     if (!quant.empty() || !lowrank.empty()) {  // fp16: the prefill reads the cache through an fp16 stage (flash attention)
       job.dtype = "fp16";
@@ -194,8 +208,9 @@ TEST(CudaEngine, CompressionMatchesTheCpu) {
 // decoded together give each one's log-probs as decoded alone — the same kernels, each row
 // reading its own sequence's heads — with the cache full, compressed as it goes (H2O, each
 // sequence its own decisions; the same KV bytes), int8, StreamingLLM over int8, KIVI (runs of
-// 8 behind a residual of 12: the sequences quantize at different steps) and low rank (behind a
-// window of 10: the sequences project at different steps); on a Llama
+// 8 behind a residual of 12: the sequences quantize at different steps), low rank (behind a
+// window of 10: the sequences project at different steps) and H2O over KIVI (each prompt waits in
+// the one ring all sequences share, grown for it); on a Llama
 // (GQA) and an OPT (learned positions) fixture. fp32: the batch's projections go through cuBLAS,
 // one row's through the GEMV kernel, so the sums differ in order only (int8: a code at a rounding
 // boundary may differ, as CompressionMatchesTheCpu says).
@@ -203,7 +218,8 @@ TEST(CudaEngine, BatchedDecodeMatchesOneSequenceAtATime) {
   REQUIRE_GPUS(1);
   const std::vector<std::array<std::string, 3>> specs = {
       {"", "", ""}, {"h2o:budget=0.3", "", ""}, {"", "int8", ""}, {"streamingllm:budget=0.4", "int8", ""},
-      {"", "kivi:bits=4,group=8,residual=12", ""}, {"", "", "cskv:rank=4,window=10"}};
+      {"", "kivi:bits=4,group=8,residual=12", ""}, {"", "", "cskv:rank=4,window=10"},
+      {"h2o:budget=0.4", "kivi:bits=4,group=8,residual=12", ""}};
   for (const std::string model : {"llama3-gqa", "opt-preln"}) {
     const std::string dir = test::fixture("models/" + model);
     const ModelConfig c = loadConfig(dir);
@@ -319,10 +335,10 @@ TEST(CudaEngine, BatchTooLargeIsRefusedClearly) {
 }
 
 // What the CUDA engine does not do yet is refused with a clear error, before any GPU work:
-// low-rank channels with eviction or quantization, and KIVI under eviction.
+// low-rank channels with eviction or quantization, and K-norm over KIVI's codes.
 TEST(CudaEngine, CompressedCacheIsRefusedClearly) {
   for (const auto& [kv, quant, lowrank] : std::vector<std::array<std::string, 3>>{
-           {"h2o:budget=0.3", "", "cskv:rank=8"}, {"", "int8", "cskv:rank=8"}, {"h2o:budget=0.3", "kivi:bits=2", ""}}) {
+           {"h2o:budget=0.3", "", "cskv:rank=8"}, {"", "int8", "cskv:rank=8"}, {"knorm:budget=0.3", "kivi:bits=2", ""}}) {
     PplJob job;
     job.model_dir = "models/kvtp-llama-2m";
     job.input_ids = "tests/data/synthetic_ids.txt";

@@ -294,15 +294,17 @@ __global__ void __launch_bounds__(32 * kWarps, kTwoBlocksAnSM<G, KT, OT> ? 2 : 1
     const int per = max(0, (coded_end - from + subs - 1) / subs), lo = from + (warp * R + sub) * per,
               hi = min(coded_end, lo + per);
     float q_step[G][C] = {}, q_lo[G] = {};  // the current run's: q x step per channel, this lane's q . lo
-    int run_end = -1;  // rows below it are the current run's (a sub-warp's rows ascend)
+    int current_run = -1;  // a sub-warp's rows ascend, and so do their runs
     for (int k = 0; k < per; k += U) {  // the same trip count for the whole warp (its shuffles)
       uint64_t kw[U], vw[U];
       float2 pair[U];
       bool seen[U];
+      int run[U];
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         const int l = lo + k + u;
         seen[u] = l < hi && pos[l] <= p;
+        run[u] = seen[u] ? kc.runOf(kvh, l) : -1;
         kw[u] = seen[u] ? lanePacked(k_codes + int64_t(l) * cb, sl, nbits) : 0u;
         vw[u] = seen[u] ? lanePacked(v_codes + int64_t(l) * cb, sl, nbits) : 0u;
         pair[u] = seen[u] && one_pair ? v_params[int64_t(l) * value_groups + sl * C / group] : float2{0.0f, 0.0f};
@@ -310,14 +312,13 @@ __global__ void __launch_bounds__(32 * kWarps, kTwoBlocksAnSM<G, KT, OT> ? 2 : 1
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         const int l = lo + k + u;
-        if (seen[u] && l >= run_end) {  // a new run: its key pairs
-          const int run = l / group;
-          run_end = (run + 1) * group;
+        if (seen[u] && run[u] != current_run) {  // a new run: its key pairs
+          current_run = run[u];
 #pragma unroll
           for (int g = 0; g < G; ++g) q_lo[g] = 0.0f;
 #pragma unroll
           for (int c = 0; c < C; ++c) {
-            const float2 a = k_params[int64_t(run) * hd + c];
+            const float2 a = k_params[int64_t(current_run) * hd + c];
 #pragma unroll
             for (int g = 0; g < G; ++g) q_step[g][c] = q_c[g][c] * a.y, q_lo[g] += q_c[g][c] * a.x;
           }

@@ -81,4 +81,37 @@ void evictionDecide(const EvictionCache& c, const double* table, const SelectLay
 // slots in use after, and entries kept.
 void evictionCompact(const EvictionCache& c, const uint8_t* keep, int* new_slots, int* kept);
 
+// KIVI under eviction (kivi_eviction.cu): the same sequence's KIVI storage in every layer, per-layer
+// arrays of pointers at the sequence's first head as EvictionCache's. Each head holds coded rows
+// in slots [0, coded) — key and value codes (EvictionCache's K / V, code_bytes each), the value's
+// (lo, step) pairs, the row's run — whose key pairs are k_params[run] — and its newer rows at full
+// precision in slots [coded, length), slot l at ring row l % ring_rows.
+struct KiviEviction {
+  int head_dim, code_bytes, value_groups, ring_rows, ring_row_bytes;  // ring_row_bytes: head_dim x sizeof(T)
+  int64_t key_groups;        // runs' key pairs per head
+  float* const* k_params;    // per layer: [head][key_groups][head_dim] x (lo, step)
+  float* const* v_params;    // per layer: [head][capacity][value_groups] x (lo, step)
+  int* const* run;           // per layer: [head][capacity]
+  void* const* ring_k;       // per layer: [head][ring_rows][head_dim] of T
+  void* const* ring_v;
+  const int* coded;          // device, per (layer, head): coded slots
+  int* run_map;              // device scratch: [layer][head][key_groups]
+  void* ring_scratch;        // device scratch: [layer][head][ring_rows] x 2 ring rows
+};
+
+// Each head keeps its entries e with keep[table_offset + e], as kv::KVCache::retain thins KIVI's
+// runs: a run keeps its key pairs while any of its rows stays, an emptied run goes. Evicted full-
+// precision rows are always compacted away (the next runs are the first `group` kept rows after
+// the coded ones, as the CPU takes them); evicted coded rows become holes (position kEvicted)
+// until they would pass an eighth of the head's slots — or, with `compact_all`, at once — then
+// every kept row moves down in order and the runs are renumbered in order. Per (layer, head),
+// out[0 .. 5 x layers x heads): slots after, entries kept, coded slots after, runs with a kept row,
+// and 1 where the runs were renumbered (then the next run is their count).
+void kiviEvictionCompact(const EvictionCache& c, const KiviEviction& k, const uint8_t* keep, bool compact_all, int* out);
+
+// The full-precision rows [coded, length) of each of `heads` heads (device arrays, per head) from
+// a ring of from_rows rows to one of to_rows rows (row l at l % rows in each), `row_bytes` each.
+void ringResize(const void* from_k, const void* from_v, int from_rows, void* to_k, void* to_v, int to_rows, int heads,
+                int row_bytes, const int* coded, const int* length);
+
 }  // namespace kvtp::cuda

@@ -539,14 +539,16 @@ __device__ int encodeAffine(float x, float lo, float step, int bits) {
 }
 
 // One block per (run j, KV head h), a thread per channel: rows [first, first + group) with first =
-// quantized[h] + j * group, if the run ends by quantized_after[h]. Keys: (lo, step) per channel
-// over the run (kv::fitAffine), values: per row over groups of `group` channels; then each row's
-// codes packed, a thread per byte.
+// quantized[h] + j * group, if the run ends by quantized_after[h]; it becomes the head's run
+// first / group (under eviction runs[h] + j, recorded per row). Keys: (lo, step) per channel over
+// the run (kv::fitAffine), values: per row over groups of `group` channels; then each row's codes
+// packed, a thread per byte.
 template <class T>
 __global__ void kiviQuantizeKernel(KiviCache<T> c, const T* stage_k, const T* stage_v, int64_t stage_capacity) {
   const int h = blockIdx.y, ch = threadIdx.x, hd = c.head_dim, G = c.group, bits = c.bits;
   const int first = c.quantized[h] + int(blockIdx.x) * G;
   if (first + G > c.quantized_after[h]) return;
+  const int run = c.runs ? c.runs[h] + int(blockIdx.x) : first / G;
   const float levels = float((1 << bits) - 1);
   auto source = [&](bool value, int l) -> const T* {  // row l of head h: the stage's, else the ring's
     if (stage_k) return (value ? stage_v : stage_k) + (h * stage_capacity + l) * hd;
@@ -560,8 +562,10 @@ __global__ void kiviQuantizeKernel(KiviCache<T> c, const T* stage_k, const T* st
       lo = fminf(lo, x), hi = fmaxf(hi, x);
     }
     k_lo = lo, k_step = __fdiv_rn(__fsub_rn(hi, lo), levels);
-    reinterpret_cast<float2*>(c.k_params)[(int64_t(h) * c.keyGroups() + first / G) * hd + ch] = {k_lo, k_step};
+    reinterpret_cast<float2*>(c.k_params)[(int64_t(h) * c.keyGroups() + run) * hd + ch] = {k_lo, k_step};
   }
+  if (c.run)
+    for (int i = ch; i < G; i += blockDim.x) c.run[int64_t(h) * c.capacity + first + i] = run;
   __shared__ float value[256];
   __shared__ float2 v_affine[256];
   __shared__ uint8_t k_code[256], v_code[256];

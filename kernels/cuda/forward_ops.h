@@ -141,33 +141,40 @@ struct Ring {
 #endif
 };
 
-// A KIVI cache (kv::KVCache's Kivi form) on the device. Each KV head's oldest rows, a multiple of
-// `group`, are codes of `bits` bits packed as the CPU packs them (low bits first): keys per
-// channel over each run of `group` rows — (lo, step) per channel per run in k_params — and values
-// per row over groups of `group` channels — (lo, step) per channel group in v_params; x = lo +
-// code * step. The newer rows (at most ring.rows) stay full precision in the ring. Positions of
-// every row in k_pos. Pointers at the step's first KV head, as K/V; `quantized` / `quantized_after` (device, per KV head from there): rows held as codes before
-// the step and after it (the step quantizes the runs in between: kiviSettle).
+// A KIVI cache (kv::KVCache's Kivi form) on the device. Each KV head's oldest rows are codes of
+// `bits` bits packed as the CPU packs them (low bits first): keys per channel over runs of `group`
+// rows — (lo, step) per channel per run in k_params — and values per row over groups of `group`
+// channels — (lo, step) per channel group in v_params; x = lo + code * step. The newer rows (at most
+// ring.rows) stay full precision in the ring. Positions of every row in k_pos. Pointers at the
+// step's first KV head, as K/V; `quantized` / `quantized_after` (device, per KV head from there):
+// rows held as codes before the step and after it (the step quantizes the runs in between:
+// kiviSettle). Without eviction row l belongs to run l / group; under eviction (which thins runs
+// and moves rows down, kiviEvictionCompact) each coded row carries its run in `run`, and a head's
+// next run is `runs[h]`.
 template <class T>
 struct KiviCache {
   int head_dim, bits, group;
   uint8_t *K, *V;       // [kv_head][capacity][codeBytes()]
-  float* k_params;      // [kv_head][keyGroups()][head_dim] x (lo, step)
+  float* k_params;      // [kv_head][key_groups][head_dim] x (lo, step)
   float* v_params;      // [kv_head][capacity][valueGroups()] x (lo, step)
   Ring<T> ring;
   int* k_pos;           // [kv_head][capacity]
   int64_t capacity;
   const int *quantized, *quantized_after;
+  int64_t key_groups = 0;   // runs' key pairs per KV head
+  int* run = nullptr;       // under eviction: [kv_head][capacity], each coded row's run
+  const int* runs = nullptr;  // under eviction: per KV head, the run the next quantized one takes
   __host__ __device__ int codeBytes() const { return (head_dim * bits + 7) / 8; }
   __host__ __device__ int valueGroups() const { return (head_dim + group - 1) / group; }
-  __host__ __device__ int64_t keyGroups() const { return capacity / group + 1; }
+  __host__ __device__ int64_t keyGroups() const { return key_groups; }
+  __host__ __device__ int runOf(int64_t head, int l) const { return run ? run[head * capacity + l] : l / group; }
   // Code c of a packed row; row l's key / value (lo, step) for channel c; a decoded value as
   // kv::Affine::decode computes it (no fused multiply-add).
   __host__ __device__ int code(const uint8_t* row, int c) const {
     return (row[c * bits / 8] >> (c * bits % 8)) & ((1 << bits) - 1);
   }
   __host__ __device__ float2 keyParams(int64_t head, int l, int c) const {
-    return reinterpret_cast<const float2*>(k_params)[(head * keyGroups() + l / group) * head_dim + c];
+    return reinterpret_cast<const float2*>(k_params)[(head * keyGroups() + runOf(head, l)) * head_dim + c];
   }
   __host__ __device__ float2 valueParams(int64_t head, int l, int c) const {
     return reinterpret_cast<const float2*>(v_params)[(head * capacity + l) * valueGroups() + c / group];

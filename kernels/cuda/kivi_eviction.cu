@@ -1,0 +1,200 @@
+// KIVI under eviction on the device (eviction.h): the compaction that thins KIVI's runs as
+// kv::KVCache::retain does, and the ring's resizing around a prompt.
+#include <cub/block/block_scan.cuh>
+
+#include <algorithm>
+#include <stdexcept>
+
+#include "kernels/cuda/cuda_util.h"
+#include "kernels/cuda/device_util.cuh"
+#include "kernels/cuda/eviction.h"
+
+namespace kvtp::cuda {
+namespace {
+
+constexpr int kWarps = kThreads / 32;  // kThreads: device_util.cuh
+
+struct Maximum {
+  __device__ int operator()(int a, int b) const { return a > b ? a : b; }
+};
+
+// n bytes from src to dst by the lanes of a warp: 4-byte words where both allow it.
+__device__ void warpCopy(void* dst, const void* src, int n, int lane) {
+  if (n % 4 == 0 && (reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src)) % 4 == 0) {
+    for (int w = lane; w < n / 4; w += 32) static_cast<uint32_t*>(dst)[w] = static_cast<const uint32_t*>(src)[w];
+  } else {
+    for (int b = lane; b < n; b += 32) static_cast<uint8_t*>(dst)[b] = static_cast<const uint8_t*>(src)[b];
+  }
+}
+
+// One block per (layer, head). A scan over every slot, 256 at a time, gives each kept row its new
+// slot and each kept coded row its run's new index (runs ascend with the slots, so a row opens a
+// run when its run is above every earlier kept row's). Rows move down in sub-chunks of one row a
+// warp, staged in shared memory: every read of a sub-chunk finishes before any write, and no row
+// lands where a later sub-chunk's row still is (rows move down, in order). Compacting all, the
+// ring's rows go through a scratch (their ring rows change by more than the ring's length allows
+// in place), and the key pairs move down to their runs' new indices, one channel a thread.
+__global__ void __launch_bounds__(kThreads) kiviCompactKernel(EvictionCache c, KiviEviction k, const uint8_t* keep,
+                                                               bool compact_all, int stage_bytes, int* out) {
+  using Scan = cub::BlockScan<int, kThreads>;
+  __shared__ typename Scan::TempStorage scan;
+  __shared__ int dest[kThreads], new_run[kThreads];
+  __shared__ int carry_kept, carry_ring, carry_runs, carry_max_run;
+  extern __shared__ __align__(16) uint8_t stage[];
+  const int lh = blockIdx.x, LH = c.layers * c.heads, l = lh / c.heads, h = lh % c.heads;
+  const int n = c.length[lh], coded = k.coded[lh], lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int cb = k.code_bytes, vg = k.value_groups, rb = k.ring_row_bytes, R = k.ring_rows, hd = k.head_dim;
+  const int64_t base = h * c.capacity, stat = l * c.layer_stride + base;
+  uint8_t* K = static_cast<uint8_t*>(c.K[l]) + base * cb;
+  uint8_t* V = static_cast<uint8_t*>(c.V[l]) + base * cb;
+  float2* vp = reinterpret_cast<float2*>(k.v_params[l]) + base * vg;
+  int* run = k.run[l] + base;
+  int* pos = c.pos[l] + base;
+  double* score = c.score ? c.score + stat : nullptr;
+  uint64_t* history = c.history ? c.history + stat : nullptr;
+  uint8_t* ring_k = static_cast<uint8_t*>(k.ring_k[l]) + int64_t(h) * R * rb;
+  uint8_t* ring_v = static_cast<uint8_t*>(k.ring_v[l]) + int64_t(h) * R * rb;
+  uint8_t* scratch = static_cast<uint8_t*>(k.ring_scratch) + int64_t(lh) * R * 2 * rb;
+  int* run_map = k.run_map + int64_t(lh) * k.key_groups;
+  const uint8_t* flags = keep + c.table_offset[lh];
+
+  float coded_kept = 0.0f, ring_kept = 0.0f;  // exact in float below 2^24
+  for (int i = threadIdx.x; i < n; i += blockDim.x)
+    if (flags[i]) (i < coded ? coded_kept : ring_kept) += 1.0f;
+  const int kc = int(blockReduce(coded_kept, warpSum, 0.0f)), kr = int(blockReduce(ring_kept, warpSum, 0.0f));
+  // Without coded rows compacting the ring's rows in place is compacting all.
+  const bool all = coded > 0 && (compact_all || 8 * (coded - kc) > coded + kr);
+  if (threadIdx.x == 0) carry_kept = 0, carry_ring = 0, carry_runs = 0, carry_max_run = -1;
+  __syncthreads();
+  for (int c0 = 0; c0 < n; c0 += kThreads) {
+    const int i = c0 + threadIdx.x;
+    const bool in = i < n, kept = in && flags[i], is_coded = i < coded;
+    const int r = kept && is_coded ? run[i] : -1, max_before_chunk = carry_max_run;
+    int max_before = 0, max_in_chunk = 0;
+    Scan(scan).ExclusiveScan(r, max_before, max_before_chunk, Maximum(), max_in_chunk);
+    __syncthreads();
+    const int opens = r >= 0 && r > max_before;
+    int runs_before = 0, runs_in_chunk = 0;
+    Scan(scan).ExclusiveSum(opens, runs_before, runs_in_chunk);
+    __syncthreads();
+    if (all && opens) run_map[carry_runs + runs_before] = r;
+    int kept_before = 0, kept_in_chunk = 0, ring_before = 0, ring_in_chunk = 0;
+    Scan(scan).ExclusiveSum(int(kept), kept_before, kept_in_chunk);
+    __syncthreads();
+    Scan(scan).ExclusiveSum(int(kept && !is_coded), ring_before, ring_in_chunk);
+    const int to = !kept ? -1 : all ? carry_kept + kept_before : is_coded ? i : coded + carry_ring + ring_before;
+    dest[threadIdx.x] = to;
+    new_run[threadIdx.x] = carry_runs + runs_before + opens - 1;
+    if (!all && in && is_coded && !kept && pos[i] != kEvicted) pos[i] = kEvicted;  // a hole
+    if (all && kept && is_coded && to == i) run[i] = new_run[threadIdx.x];
+    __syncthreads();
+    if (all)  // the chunk's kept ring rows to the scratch, by rank (nothing writes the ring before the end)
+      for (int j = warp; j < kThreads && c0 + j < n; j += kWarps) {
+        const int row = c0 + j;
+        if (row < coded || dest[j] < 0) continue;
+        const int rank = dest[j] - kc;
+        warpCopy(scratch + int64_t(2 * rank) * rb, ring_k + int64_t(row % R) * rb, rb, lane);
+        warpCopy(scratch + int64_t(2 * rank + 1) * rb, ring_v + int64_t(row % R) * rb, rb, lane);
+      }
+    if (__syncthreads_or(kept && to != i)) {
+      uint8_t* st = stage + warp * stage_bytes;
+      for (int s0 = 0; s0 < kThreads && c0 + s0 < n; s0 += kWarps) {
+        const int j = s0 + warp, row = c0 + j, t = row < n ? dest[j] : -1;
+        const bool mine = t >= 0 && t != row, ring_row = row >= coded;
+        int p = 0;
+        double sc = 0.0;
+        uint64_t hi = 0;
+        if (mine) {
+          if (!ring_row) {
+            warpCopy(st, K + int64_t(row) * cb, cb, lane);
+            warpCopy(st + cb, V + int64_t(row) * cb, cb, lane);
+            warpCopy(st + 2 * cb, vp + int64_t(row) * vg, 8 * vg, lane);
+          } else if (!all) {
+            warpCopy(st, ring_k + int64_t(row % R) * rb, rb, lane);
+            warpCopy(st + rb, ring_v + int64_t(row % R) * rb, rb, lane);
+          }
+          p = pos[row];
+          if (score) sc = score[row];
+          if (history) hi = history[row];
+        }
+        __syncthreads();
+        if (mine) {
+          if (!ring_row) {
+            warpCopy(K + int64_t(t) * cb, st, cb, lane);
+            warpCopy(V + int64_t(t) * cb, st + cb, cb, lane);
+            warpCopy(vp + int64_t(t) * vg, st + 2 * cb, 8 * vg, lane);
+            if (lane == 0) run[t] = new_run[j];
+          } else if (!all) {
+            warpCopy(ring_k + int64_t(t % R) * rb, st, rb, lane);
+            warpCopy(ring_v + int64_t(t % R) * rb, st + rb, rb, lane);
+          }
+          if (lane == 0) {
+            pos[t] = p;
+            if (score) score[t] = sc;
+            if (history) history[t] = hi;
+          }
+        }
+        __syncthreads();
+      }
+    }
+    if (threadIdx.x == 0) {
+      carry_kept += kept_in_chunk, carry_ring += ring_in_chunk, carry_runs += runs_in_chunk;
+      carry_max_run = max(carry_max_run, max_in_chunk);
+    }
+    __syncthreads();
+  }
+  if (all) {
+    for (int j = warp; j < kr; j += kWarps) {
+      warpCopy(ring_k + int64_t((kc + j) % R) * rb, scratch + int64_t(2 * j) * rb, rb, lane);
+      warpCopy(ring_v + int64_t((kc + j) % R) * rb, scratch + int64_t(2 * j + 1) * rb, rb, lane);
+    }
+    // Run j takes run_map[j]'s pairs: map[j] >= j and ascends, so no pair is overwritten before it is read.
+    float2* kp = reinterpret_cast<float2*>(k.k_params[l]) + int64_t(h) * k.key_groups * hd;
+    for (int ch = threadIdx.x; ch < hd; ch += blockDim.x)
+      for (int j = 0; j < carry_runs; ++j) {
+        const int from = run_map[j];
+        if (from != j) kp[int64_t(j) * hd + ch] = kp[int64_t(from) * hd + ch];
+      }
+  }
+  if (threadIdx.x == 0) {
+    out[lh] = (all ? kc : coded) + kr;
+    out[LH + lh] = kc + kr;
+    out[2 * LH + lh] = all ? kc : coded;
+    out[3 * LH + lh] = carry_runs;
+    out[4 * LH + lh] = all;
+  }
+}
+
+// One block per (head, a share of its rows): row l from l % from_rows to l % to_rows.
+__global__ void ringResizeKernel(const uint8_t* from_k, const uint8_t* from_v, int from_rows, uint8_t* to_k,
+                                 uint8_t* to_v, int to_rows, int row_bytes, const int* coded, const int* length) {
+  const int h = blockIdx.x, lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  for (int l = coded[h] + blockIdx.y * warps + warp; l < length[h]; l += gridDim.y * warps) {
+    const int64_t from = (int64_t(h) * from_rows + l % from_rows) * row_bytes, to = (int64_t(h) * to_rows + l % to_rows) * row_bytes;
+    warpCopy(to_k + to, from_k + from, row_bytes, lane);
+    warpCopy(to_v + to, from_v + from, row_bytes, lane);
+  }
+}
+
+}  // namespace
+
+void kiviEvictionCompact(const EvictionCache& c, const KiviEviction& k, const uint8_t* keep, bool compact_all,
+                         int* out) {
+  // A warp's staged row: a coded row (codes and value pairs) or a ring row (key and value).
+  const int row = std::max(2 * k.code_bytes + 8 * k.value_groups, 2 * k.ring_row_bytes);
+  const int stage_bytes = (row + 15) / 16 * 16;
+  if (kWarps * stage_bytes > 48 * 1024) throw std::runtime_error("kiviEvictionCompact: rows above 6 KiB");
+  kiviCompactKernel<<<c.layers * c.heads, kThreads, kWarps * stage_bytes>>>(c, k, keep, compact_all, stage_bytes, out);
+  KVTP_CUDA_LAUNCHED();
+}
+
+void ringResize(const void* from_k, const void* from_v, int from_rows, void* to_k, void* to_v, int to_rows, int heads,
+                int row_bytes, const int* coded, const int* length) {
+  if (heads == 0) return;
+  ringResizeKernel<<<dim3(heads, 16), 256>>>(static_cast<const uint8_t*>(from_k), static_cast<const uint8_t*>(from_v),
+                                              from_rows, static_cast<uint8_t*>(to_k), static_cast<uint8_t*>(to_v),
+                                              to_rows, row_bytes, coded, length);
+  KVTP_CUDA_LAUNCHED();
+}
+
+}  // namespace kvtp::cuda

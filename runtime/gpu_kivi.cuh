@@ -1,0 +1,208 @@
+// KIVI under eviction in the CUDA engine (runtime/gpu_engine.cu's GpuEngine, its members defined
+// here; included by gpu_engine.cu after the class, inside its namespace: not a header to include
+// elsewhere). The CPU evicts, then quantizes the kept rows that left the residual window
+// (kv::Policy::afterStep); the device does the same in that order: a step appends its rows to the
+// ring at full precision, the decision compacts (cuda::kiviEvictionCompact: runs thin and keep
+// their key pairs while a row stays), then settleKivi quantizes the new runs. A prompt waits for
+// its decision in a ring of its own, sized for it; its kept rows then move to the shared ring.
+
+// The mirror decided (kv::Policy on the host): its kept entries, matched by position to the
+// device's slots as compress() matches them, become keep flags over this sequence's (layer, KV
+// head, slot) table, and every kept row moves down (the mirror counts no holes).
+template <class T>
+void GpuEngine<T>::compactKiviAsMirror(Sequence& s) {
+  const int H = part_.kv_heads, LH = c_.layers * H;
+  std::vector<int> meta(2 * size_t(LH));  // table offsets, then slots
+  int64_t n = 0;
+  bool changed = false;
+  for (int i = 0; i < LH; ++i) {
+    meta[i] = int(n), meta[LH + i] = s.len[i], n += s.len[i];
+    changed |= s.mirror.head(i / H, i % H).length() != s.len[i];
+  }
+  if (!changed) return;
+  std::vector<uint8_t> keep(size_t(std::max<int64_t>(n, 1)), 0);
+  for (int i = 0; i < LH; ++i) {
+    auto& was = s.row_positions[i];
+    const auto& now = s.mirror.head(i / H, i % H).positions;
+    size_t j = 0;
+    for (const int32_t p : now) {
+      while (was[j] != p) ++j;
+      keep[size_t(meta[i]) + j++] = 1;
+    }
+    was = now;
+  }
+  int* d_meta = grow(evict_meta_, meta.size());
+  KVTP_CUDA_CHECK(cudaMemcpy(d_meta, meta.data(), meta.size() * sizeof(int), cudaMemcpyHostToDevice));
+  uint8_t* d_keep = grow(keep_flags_, keep.size());
+  KVTP_CUDA_CHECK(cudaMemcpy(d_keep, keep.data(), keep.size(), cudaMemcpyHostToDevice));
+  compactKivi(s, deviceRows(d_meta), d_keep, true);
+  s.uniform = false;
+}
+
+// The KIVI storage of sequence s (its first head on) compacted by the keep flags; the host then
+// knows each head's slots, coded slots, kept coded entries and runs.
+template <class T>
+void GpuEngine<T>::compactKivi(Sequence& s, const cuda::EvictionCache& rows, const uint8_t* keep, bool compact_all) {
+  const int L = c_.layers, H = part_.kv_heads, LH = L * H;
+  const size_t head0 = size_t(current_) * H, hd = c_.head_dim;
+  const cuda::KiviCache<T> shape = kiviShape();
+  std::vector<void*> ptrs(5 * size_t(L));  // key pairs, value pairs, runs, ring keys, ring values
+  for (int l = 0; l < L; ++l) {
+    GpuLayer<T>& g = layers_[l];
+    const cuda::Ring<T> ring = ringAt(l, head0);
+    ptrs[l] = g.k_params.get() + head0 * run_capacity_ * 2 * hd;
+    ptrs[L + l] = g.v_params.get() + head0 * capacity_ * 2 * shape.valueGroups();
+    ptrs[2 * L + l] = g.k_run.get() + head0 * capacity_;
+    ptrs[3 * L + l] = ring.k, ptrs[4 * L + l] = ring.v;
+  }
+  const int ring_rows = ringAt(0, head0).rows;
+  void** d_ptrs = grow(kivi_ptrs_, ptrs.size());
+  KVTP_CUDA_CHECK(cudaMemcpy(d_ptrs, ptrs.data(), ptrs.size() * sizeof(void*), cudaMemcpyHostToDevice));
+  int* d = grow(kivi_meta_, 6 * size_t(LH));  // coded slots, then what the compaction reports
+  KVTP_CUDA_CHECK(cudaMemcpy(d, s.coded.data(), LH * sizeof(int), cudaMemcpyHostToDevice));
+  // Only a head with coded rows can compact all, and only then do its ring rows need the scratch.
+  const bool coded = std::any_of(s.coded.begin(), s.coded.end(), [](int c) { return c > 0; });
+  const int ring_row_bytes = int(hd * sizeof(T));
+  const cuda::KiviEviction k{int(hd),
+                             shape.codeBytes(),
+                             shape.valueGroups(),
+                             ring_rows,
+                             ring_row_bytes,
+                             run_capacity_,
+                             reinterpret_cast<float* const*>(d_ptrs),
+                             reinterpret_cast<float* const*>(d_ptrs + L),
+                             reinterpret_cast<int* const*>(d_ptrs + 2 * L),
+                             d_ptrs + 3 * L,
+                             d_ptrs + 4 * L,
+                             d,
+                             grow(run_map_, size_t(LH) * run_capacity_),
+                             coded ? grow(ring_scratch_, size_t(LH) * ring_rows * 2 * ring_row_bytes) : nullptr};
+  cuda::kiviEvictionCompact(rows, k, keep, compact_all, d + LH);
+  std::vector<int> out(5 * size_t(LH));
+  KVTP_CUDA_CHECK(cudaMemcpy(out.data(), d + LH, out.size() * sizeof(int), cudaMemcpyDeviceToHost));
+  s.kept.assign(out.begin() + LH, out.begin() + 2 * LH);
+  for (int i = 0; i < LH; ++i) {
+    s.len[i] = out[i], s.coded[i] = out[2 * LH + i], s.runs_alive[i] = out[3 * LH + i];
+    s.coded_kept[i] = s.kept[i] - (s.len[i] - s.coded[i]);  // the ring's rows are all kept ones
+    if (out[4 * LH + i]) s.next_run[i] = s.runs_alive[i];  // renumbered
+  }
+}
+
+// kv::Policy::quantize after the decision: in each head the kept full-precision rows that left
+// the residual window become runs of `group`, in order, the head's next run indices; then a
+// prompt's rows leave its own ring.
+template <class T>
+void GpuEngine<T>::settleKivi(Sequence& s) {
+  const int L = c_.layers, H = part_.kv_heads, LH = L * H, G = kv_spec_.group;
+  std::vector<int> meta(3 * size_t(LH));  // coded slots before, after, the next run
+  int most = 0;
+  int64_t runs_needed = 0;
+  for (int i = 0; i < LH; ++i) {
+    const int runs = std::max(0, s.len[i] - s.coded[i] - kv_spec_.residual) / G;
+    meta[i] = s.coded[i], meta[LH + i] = s.coded[i] + runs * G, meta[2 * LH + i] = s.next_run[i];
+    most = std::max(most, runs), runs_needed = std::max(runs_needed, int64_t(s.next_run[i]) + runs);
+  }
+  if (most > 0) {
+    growRuns(runs_needed);
+    int* d = grow(kivi_meta_, meta.size());
+    KVTP_CUDA_CHECK(cudaMemcpy(d, meta.data(), meta.size() * sizeof(int), cudaMemcpyHostToDevice));
+    const size_t head0 = size_t(current_) * H;
+    for (int l = 0; l < L; ++l) {
+      cuda::KiviCache<T> kivi = kiviAt(l, head0);
+      kivi.quantized = d + l * H, kivi.quantized_after = d + LH + l * H, kivi.runs = d + 2 * LH + l * H;
+      cuda::kiviSettle(kivi, H, most);
+    }
+    for (int i = 0; i < LH; ++i) {
+      const int runs = (meta[LH + i] - meta[i]) / G;
+      s.coded[i] += runs * G, s.coded_kept[i] += runs * G, s.runs_alive[i] += runs, s.next_run[i] += runs;
+    }
+  }
+  if (prompt_seq_ == current_) leavePromptRing(s);
+}
+
+// Sequence s's coded slots, then its slots, per (layer, KV head), on the device: where each
+// head's full-precision rows lie (cuda::ringResize).
+template <class T>
+const int* GpuEngine<T>::uploadRingRows(const Sequence& s) {
+  const size_t LH = s.len.size();
+  std::vector<int> meta(2 * LH);
+  std::copy(s.coded.begin(), s.coded.end(), meta.begin());
+  std::copy(s.len.begin(), s.len.end(), meta.begin() + LH);
+  int* d = grow(kivi_meta_, meta.size());
+  KVTP_CUDA_CHECK(cudaMemcpy(d, meta.data(), meta.size() * sizeof(int), cudaMemcpyHostToDevice));
+  return d;
+}
+
+// Before a step of `rows` rows of the current sequence: room for them in its ring beside the rows
+// it holds there, until the decision. A prompt (more than the shared ring holds) gets a ring of
+// its own, the sequence's rows already in a ring copied over (cuda::ringResize).
+template <class T>
+void GpuEngine<T>::ringRoom(int rows) {
+  Sequence& s = seq();
+  const int H = part_.kv_heads, LH = c_.layers * H;
+  int need = 0;
+  for (int i = 0; i < LH; ++i) need = std::max(need, s.len[i] - s.coded[i] + rows);
+  if (need <= (prompt_seq_ == current_ ? prompt_rows_ : ring_)) return;
+  if (prompt_seq_ >= 0 && prompt_seq_ != current_)
+    throw Error("sequence " + std::to_string(prompt_seq_) + "'s prompt waits for its decision: compress it before "
+                "sequence " + std::to_string(current_) + " takes a prompt");
+  const size_t hd = c_.head_dim, elements = size_t(LH) * need * hd, head0 = size_t(current_) * H;
+  DeviceBuffer<T> k, v;
+  if (prompt_ring_k_.size() < elements || prompt_seq_ == current_) {  // a pending prompt's rows are copied from its buffer
+    size_t free = 0, total = 0;
+    KVTP_CUDA_CHECK(cudaMemGetInfo(&free, &total));
+    const size_t bytes = 2 * elements * sizeof(T), spare = prompt_seq_ < 0 ? 2 * prompt_ring_k_.size() * sizeof(T) : 0;
+    if (bytes + (size_t(1) << 30) > free + spare)
+      throw Error("a prompt of " + std::to_string(need) + " tokens waits for its decision at full precision (KIVI "
+                  "under eviction quantizes the rows it keeps): " + std::to_string(bytes >> 20) +
+                  " MiB (+1 GiB headroom); the device has " + std::to_string((free + spare) >> 20) + " MiB for it");
+    if (prompt_seq_ < 0) prompt_ring_k_ = {}, prompt_ring_v_ = {};
+    k = DeviceBuffer<T>(elements), v = DeviceBuffer<T>(elements);
+  } else {
+    k = std::move(prompt_ring_k_), v = std::move(prompt_ring_v_);
+  }
+  const int* d = uploadRingRows(s);
+  for (int l = 0; l < c_.layers; ++l) {
+    const cuda::Ring<T> from = ringAt(l, head0);
+    const size_t layer0 = size_t(l) * H * need * hd;
+    cuda::ringResize(from.k, from.v, from.rows, k.get() + layer0, v.get() + layer0, need, H, int(hd * sizeof(T)),
+                     d + l * H, d + LH + l * H);
+  }
+  prompt_ring_k_ = std::move(k), prompt_ring_v_ = std::move(v);
+  prompt_rows_ = need, prompt_seq_ = current_;
+}
+
+// After a prompt's decision and runs: its full-precision rows (fewer than the shared ring holds)
+// to the shared ring, and its own ring freed.
+template <class T>
+void GpuEngine<T>::leavePromptRing(Sequence& s) {
+  const int H = part_.kv_heads, LH = c_.layers * H;
+  int held = 0;
+  for (int i = 0; i < LH; ++i) held = std::max(held, s.len[i] - s.coded[i]);
+  if (held + kMaxFewRows > ring_) return;
+  const int* d = uploadRingRows(s);
+  const size_t head0 = size_t(current_) * H, hd = c_.head_dim;
+  for (int l = 0; l < c_.layers; ++l) {
+    const cuda::Ring<T> from = ringAt(l, head0);
+    GpuLayer<T>& g = layers_[l];
+    cuda::ringResize(from.k, from.v, from.rows, g.ring_k.get() + head0 * ring_ * hd, g.ring_v.get() + head0 * ring_ * hd,
+                     ring_, H, int(hd * sizeof(T)), d + l * H, d + LH + l * H);
+  }
+  prompt_ring_k_ = {}, prompt_ring_v_ = {}, prompt_seq_ = -1, prompt_rows_ = 0;
+}
+
+// Room for `runs` key pairs per KV head (geometric), each head's pairs kept.
+template <class T>
+void GpuEngine<T>::growRuns(int64_t runs) {
+  if (runs <= run_capacity_) return;
+  const int64_t to = std::max(runs, 2 * run_capacity_);
+  const size_t heads = seqs_.size() * part_.kv_heads, pair_row = 2 * size_t(c_.head_dim) * sizeof(float);
+  for (auto& L : layers_) {
+    DeviceBuffer<float> bigger(heads * to * 2 * c_.head_dim);
+    if (run_capacity_ > 0)
+      KVTP_CUDA_CHECK(cudaMemcpy2D(bigger.get(), to * pair_row, L.k_params.get(), run_capacity_ * pair_row,
+                                   run_capacity_ * pair_row, heads, cudaMemcpyDeviceToDevice));
+    L.k_params = std::move(bigger);
+  }
+  run_capacity_ = to;
+}
