@@ -81,6 +81,9 @@ const char* methodName(Method m) {
     case Method::Leverage: return "leverage";
     case Method::CUR: return "cur";
     case Method::Expected: return "expected";
+    case Method::NonCausal: return "noncausal";
+    case Method::Compactor: return "compactor";
+    case Method::Finch: return "finch";
   }
   return "?";
 }
@@ -89,7 +92,7 @@ const char* methodName(Method m) {
 
 bool PolicySpec::needsAttention() const {
   return method == Method::H2O || method == Method::Scissorhands || method == Method::SnapKV ||
-         method == Method::PyramidKV || method == Method::TOVA || method == Method::SimLayerKV;
+         method == Method::PyramidKV || method == Method::TOVA || method == Method::SimLayerKV || method == Method::Finch;
 }
 
 bool PolicySpec::scoresDecoding() const {
@@ -113,16 +116,20 @@ std::string PolicySpec::describe() const {
     if (method == Method::LagKV) o << ",lag=" << lag;
     if (method == Method::CUR) o << ",local=" << local;
     if (method == Method::Expected) o << ",future=" << future;
+    if (method == Method::NonCausal || method == Method::Compactor) o << ",span=" << span;
+    if (method == Method::Compactor && blend >= 0) o << ",blend=" << blend;
     if (block > 0) o << ",block=" << block;
     if (chunk > 1) o << ",chunk=" << chunk;
     if (evict_below > -INFINITY) o << ",evict_below=" << evict_below;
     if (critical > 0) o << ",critical=" << critical;
+    if (think > 0) o << ",think=" << think;
     for (size_t i = 0; i < ladder.size(); ++i) o << (i ? "/" : ",ladder=") << rungName(ladder[i]);
     if (interval > 1) o << ",interval=" << interval;
     if (decode != Decode::None)
       o << ",decode=" << (decode == Decode::Slide ? "slide" : decode == Decode::Adaptive ? "adaptive" : "discontinuous")
         << ",decode_budget=" << decode_budget << ",decode_recent=" << decode_recent << ",delta=" << delta;
   }
+  if (!evicts() && think > 0) o << ":think=" << think;
   if (quant == Quant::Int8) o << " + int8";
   if (quant == Quant::Kivi) o << " + kivi:bits=" << bits << ",group=" << group << ",residual=" << residual;
   if (rank) o << " + cskv:rank=" << rank << ",window=" << lowrank_window;
@@ -141,20 +148,28 @@ PolicySpec parsePolicy(const std::string& kv, const std::string& kv_quant, const
                                                    {"knorm", Method::KNorm},     {"keydiff", Method::KeyDiff},
                                                    {"lagkv", Method::LagKV},     {"simlayerkv", Method::SimLayerKV},
                                                    {"leverage", Method::Leverage}, {"cur", Method::CUR},
-                                                   {"expected", Method::Expected}};
+                                                   {"expected", Method::Expected}, {"noncausal", Method::NonCausal},
+                                                   {"compactor", Method::Compactor}, {"finch", Method::Finch}};
     auto m = methods.find(name);
     if (m == methods.end())
       throw std::invalid_argument("KV method '" + name +
                                   "' is not one of: full, streamingllm, h2o, scissorhands, snapkv, pyramidkv, random, "
-                                  "tova, knorm, keydiff, lagkv, leverage, cur, expected, simlayerkv");
+                                  "tova, knorm, keydiff, lagkv, leverage, cur, expected, noncausal, compactor, finch, simlayerkv");
     s.method = m->second;
     rejectUnknown(a, {"budget", "tokens", "bytes", "sinks", "recent", "scope", "history", "window", "kernel", "ratio", "decode",
                       "decode_budget", "decode_recent", "delta", "seed", "lag", "interval", "chunk", "threshold",
-                      "evict_below", "ladder", "local", "future", "critical", "block"},
+                      "evict_below", "ladder", "local", "future", "critical", "block", "span", "blend", "think"},
                   kv);
     s.lag = int(number(a, "lag", s.lag, kv));
     s.local = int(number(a, "local", s.local, kv));
     s.future = int(number(a, "future", s.future, kv));
+    s.span = int(number(a, "span", s.span, kv));
+    s.blend = number(a, "blend", s.blend, kv);
+    s.think = number(a, "think", s.think, kv);
+    if (s.think < 0 || s.think >= 1) throw std::invalid_argument("think must be in [0, 1) (" + kv + ")");
+    if (s.span < 1) throw std::invalid_argument("span must be at least 1 (" + kv + ")");
+    if (a.count("blend") && (s.method != Method::Compactor || s.blend < 0))
+      throw std::invalid_argument("blend= (>= 0) weighs compactor's leverage (" + kv + ")");
     s.interval = int(number(a, "interval", s.interval, kv));
     s.chunk = int(number(a, "chunk", s.chunk, kv));
     s.threshold = number(a, "threshold", s.threshold, kv);
@@ -170,6 +185,7 @@ PolicySpec parsePolicy(const std::string& kv, const std::string& kv_quant, const
                                   "ladder= (" + kv + ")");
     if (s.critical < 0 || s.critical > 1) throw std::invalid_argument("critical must be in [0, 1] (" + kv + ")");
     if (s.critical > 0 && (s.method == Method::KNorm || s.method == Method::KeyDiff || s.method == Method::Leverage ||
+                           s.method == Method::NonCausal || s.method == Method::Compactor ||
                            s.method == Method::SimLayerKV || s.method == Method::Full))
       throw std::invalid_argument("critical= rescales a method's nonnegative scores by ||W_o v||: not " +
                                   std::string(methodName(s.method)) + "'s (" + kv + ")");
@@ -266,6 +282,9 @@ PolicySpec parsePolicy(const std::string& kv, const std::string& kv_quant, const
   }
   if (!s.ladder.empty() && (s.quant != Quant::None || s.rank))
     throw std::invalid_argument("a ladder sets each entry's form itself: no --kv-quant or --kv-lowrank with it");
+  if (s.think > 0 && (s.quant != Quant::None || s.rank || !s.ladder.empty() || s.method == Method::SimLayerKV))
+    throw std::invalid_argument("think= prunes full-precision keys: not with --kv-quant, --kv-lowrank, ladder= or "
+                                "simlayerkv");
   return s;
 }
 
@@ -298,10 +317,12 @@ void Policy::afterStep(KVCache& cache, const StepAttention& attn, int last_pos, 
     streamLazyLayers(cache, last_pos);
   } else {
     if (spec_.needsAttention()) score(cache, attn, prefill);
-    if (spec_.needsQueries()) addQueries(attn, last_pos);
+    if (spec_.needsQueries()) addQueries(attn, last_pos, prefill);
     if (spec_.needsOutputNorms()) addOutputNorms(cache, attn);
     if (spec_.evicts()) evict(cache, last_pos, prefill);
+    if (prefill && spec_.think > 0) pruneKeyChannels(cache);
   }
+  prompt_queries_.clear();
   if (spec_.rank) project(cache);
   if (spec_.quant != Quant::None) quantize(cache);
 }
@@ -412,6 +433,9 @@ void Policy::score(KVCache& cache, const StepAttention& attn, bool prefill) {
               if (prefill && t >= T - spec_.window) c.score[i] += row[i];
               if (!prefill && spec_.decode != Decode::None) c.score[i] = row[i];  // this step's attention
               break;
+            case Method::Finch:  // the window's rows, each weighted by the keys before it (kvpress's normalization)
+              if (prefill && t >= T - spec_.window) c.score[i] += double(row[i]) * (n - T + t);
+              break;
             default: break;
           }
         }
@@ -446,8 +470,11 @@ std::vector<std::vector<float>> Policy::sumOverReplicas(const std::vector<std::v
   return summed;
 }
 
-// Expected attention: each step's queries at positions past the sinks join their head's statistics.
-void Policy::addQueries(const StepAttention& attn, int last_pos) {
+// Expected attention: each step's queries at positions past the sinks join their head's
+// statistics. noncausal / compactor: the prompt's queries, kept for its decision.
+void Policy::addQueries(const StepAttention& attn, int last_pos, bool prefill) {
+  if (prefill && spec_.method != Method::Expected) prompt_queries_ = attn.queries, prompt_rows_ = attn.T;
+  if (spec_.method != Method::Expected) return;
   const int hd = lay_.head_dim;
   queries_.resize(attn.queries.size());
   for (size_t i = 0; i < attn.queries.size(); ++i) {
@@ -458,6 +485,96 @@ void Policy::addQueries(const StepAttention& attn, int last_pos) {
       for (int t = 0; t < attn.T; ++t)
         if (last_pos - attn.T + 1 + t >= spec_.sinks) queries_[i][m].add(q.data() + (int64_t(m) * attn.T + t) * hd, hd);
   }
+}
+
+// noncausal (Compactor's non-causal chunked attention) and compactor at the prompt's end: the
+// attention each entry receives from its chunk's queries, summed over the KV head's query heads
+// (over the ranks, for a replicated head), then nonCausalScores; compactor adds `blend` times the
+// leverage z-score (kvpress's CompactorPress: blend = the compression ratio, 1 - budget).
+std::vector<std::vector<double>> Policy::nonCausalKeys(const KVCache& cache) {
+  if (spec_.method != Method::NonCausal && spec_.method != Method::Compactor) return {};
+  const int L = lay_.layers, H = lay_.local_kv_heads, hd = lay_.head_dim;
+  std::vector<std::vector<float>> attention(size_t(L) * H);
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int l = 0; l < L; ++l)
+    for (int h = 0; h < H; ++h) {
+      const HeadCache& c = cache.head(l, h);
+      const size_t i = size_t(l) * H + h;
+      std::vector<float> scratch;
+      std::vector<double> a(size_t(c.length()), 0.0);
+      if (i < prompt_queries_.size())
+        nonCausalAttention(cache.rows(l, h, scratch), c.positions.data(), c.length(), hd, prompt_queries_[i],
+                           prompt_rows_, cache.ropeInvFreq(), spec_.span, a.data());
+      attention[i].assign(a.begin(), a.end());
+    }
+  attention = sumOverReplicas(attention);
+  const double blend = spec_.blend >= 0                                     ? spec_.blend
+                       : spec_.budget_tokens > 0 || spec_.budget_bytes > 0 ? 0.35  // kvpress's when no ratio is set
+                                                                            : 1 - spec_.budget;
+  std::vector<std::vector<double>> out(size_t(L) * H);
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int l = 0; l < L; ++l)
+    for (int h = 0; h < H; ++h) {
+      const HeadCache& c = cache.head(l, h);
+      const size_t i = size_t(l) * H + h;
+      std::vector<float> scratch;
+      const HeadRows rows = cache.rows(l, h, scratch);
+      const std::vector<double> a(attention[i].begin(), attention[i].end());
+      out[i].resize(size_t(c.length()));
+      nonCausalScores(rows, c.length(), hd, a.data(), out[i].data());
+      if (spec_.method != Method::Compactor) continue;
+      std::vector<double> leverage(size_t(c.length()));
+      leverageScores(rows, c.positions.data(), c.length(), hd, cache.ropeInvFreq(), leverage.data());
+      for (int j = 0; j < c.length(); ++j) out[i][j] += blend * leverage[j];
+    }
+  return out;
+}
+
+// ThinK (Xu et al. 2024, "ThinK: Thinner Key Cache by Query-Driven Pruning"; kvpress's ThinKPress)
+// at the prompt's end: in each KV head, channel c scores the mean of q_c^2 over the prompt's last
+// `window` queries (RoPE applied; the head's query heads, over the ranks for a replicated head)
+// times the mean of k_c^2 over its cached keys; the floor(think x head_dim) lowest (ties to the
+// lower channel) are zeroed in the prompt's keys, which a runtime then stores without them.
+// Tokens decoded later keep every channel, as in kvpress.
+void Policy::pruneKeyChannels(KVCache& cache) {
+  const int L = lay_.layers, H = lay_.local_kv_heads, hd = lay_.head_dim, pruned = int(spec_.think * hd);
+  if (pruned == 0) return;
+  const std::vector<float>& rope = cache.ropeInvFreq();
+  std::vector<std::vector<float>> query_power(size_t(L) * H, std::vector<float>(size_t(hd), 0.0f));
+  const int T = prompt_rows_;
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int l = 0; l < L; ++l)
+    for (int h = 0; h < H; ++h) {
+      const size_t i = size_t(l) * H + h;
+      if (i >= prompt_queries_.size() || T == 0) continue;
+      const std::vector<float>& q = prompt_queries_[i];
+      const int members = int(q.size() / (size_t(T) * hd));
+      std::vector<double> sum(static_cast<size_t>(hd), 0.0);
+      std::vector<float> row(static_cast<size_t>(hd));
+      for (int m = 0; m < members; ++m)
+        for (int t = std::max(0, T - spec_.window); t < T; ++t) {
+          std::copy_n(q.data() + (int64_t(m) * T + t) * hd, hd, row.data());
+          const int position = prefill_end_ - T + t;
+          if (!rope.empty()) kernels::applyRope(row.data(), 1, 1, hd, &position, rope.data());
+          for (int c = 0; c < hd; ++c) sum[c] += double(row[c]) * row[c];
+        }
+      query_power[i].assign(sum.begin(), sum.end());
+    }
+  query_power = sumOverReplicas(query_power);
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int l = 0; l < L; ++l)
+    for (int h = 0; h < H; ++h) {
+      HeadCache& c = cache.head(l, h);
+      std::vector<double> score(size_t(hd), 0.0);
+      for (int e = 0; e < c.length(); ++e)
+        for (int ch = 0; ch < hd; ++ch) score[ch] += double(c.keys[int64_t(e) * hd + ch]) * c.keys[int64_t(e) * hd + ch];
+      for (int ch = 0; ch < hd; ++ch) score[ch] *= query_power[size_t(l) * H + h][ch];
+      std::vector<int> order(static_cast<size_t>(hd));
+      std::iota(order.begin(), order.end(), 0);
+      std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return score[a] < score[b]; });
+      for (int e = 0; e < c.length(); ++e)
+        for (int k = 0; k < pruned; ++k) c.keys[int64_t(e) * hd + order[k]] = 0.0f;
+    }
 }
 
 void Policy::rowScores(const HeadRows& rows, const int* positions, int n, const std::vector<float>& rope_inv_freq,
@@ -608,9 +725,9 @@ std::vector<int64_t> Policy::budgets(int last_pos) const {
 }
 
 void Policy::evict(KVCache& cache, int last_pos, bool prefill) {
-  // SnapKV / PyramidKV compress the prompt once, at the end of the prefill; the tokens decoded
-  // after it are all kept (SCOPE's "prefill-only" setting).
-  const bool once = spec_.method == Method::SnapKV || spec_.method == Method::PyramidKV;
+  // SnapKV, PyramidKV, noncausal and compactor compress the prompt once, at the end of the
+  // prefill; the tokens decoded after it are all kept (SCOPE's "prefill-only" setting).
+  const bool once = spec_.promptOnce();
   if (once && !prefill) {
     if (spec_.decode != Decode::None) evictDecoded(cache, last_pos);
     return;
@@ -647,6 +764,7 @@ void Policy::evict(KVCache& cache, int last_pos, bool prefill) {
       }
     expected = sumOverReplicas(expected);
   }
+  std::vector<std::vector<double>> noncausal = nonCausalKeys(cache);
   // Each entry's key: +inf for the protected (sinks, recent window), else the method's score.
 #pragma omp parallel for collapse(2) schedule(static)
   for (int l = 0; l < L; ++l)
@@ -663,6 +781,7 @@ void Policy::evict(KVCache& cache, int last_pos, bool prefill) {
           if (spec_.method == Method::StreamingLLM) s = c.positions[i];  // keep the most recent
           if (spec_.method == Method::Random) s = randomScore(spec_.seed, l, lay_.kv_head_begin + h, c.positions[i]);
           if (spec_.method == Method::Expected) s = expected[size_t(l) * H + h][i];
+          if (!noncausal.empty()) s = noncausal[size_t(l) * H + h][i];
           if (spec_.method == Method::Scissorhands) {
             const uint64_t mask = spec_.history >= 64 ? ~0ull : ((1ull << spec_.history) - 1);
             s = std::popcount(c.history[i] & mask);
@@ -676,14 +795,16 @@ void Policy::evict(KVCache& cache, int last_pos, bool prefill) {
           const double mean = std::accumulate(key.begin() + b, key.begin() + e, 0.0) / (e - b);
           std::fill(key.begin() + b, key.begin() + e, mean);
         }
-      if (once) {  // SnapKV: max-pool the observed attention over neighbouring positions
+      if (spec_.method == Method::SnapKV || spec_.method == Method::PyramidKV) {  // max-pool over neighbouring positions
         const std::vector<double> raw = key;
         for (int i = 0; i < c.length(); ++i)
           key[i] = *std::max_element(raw.begin() + std::max(0, i - spec_.kernel / 2),
                                      raw.begin() + std::min(c.length(), i + spec_.kernel / 2 + 1));
       }
+      // Finch keeps its observation window (the question, in its paper) whole.
+      const int recent = spec_.method == Method::Finch ? std::max(spec_.recent, spec_.window) : spec_.recent;
       for (int i = 0; i < c.length(); ++i)
-        if (c.positions[i] < spec_.sinks || c.positions[i] > last_pos - spec_.recent) key[i] = INFINITY;
+        if (c.positions[i] < spec_.sinks || c.positions[i] > last_pos - recent) key[i] = INFINITY;
       if (spec_.critical > 0)  // the first stage: this head's share of its pool's budget
         criticalKeys(c, int(spec_.critical * double(headShare(pool_budget, pool_of, l, h))), key);
       heads[size_t(l) * H + h] = {key.data(), c.length(), globalIndex(l, h), lay_.owner || !shared};
@@ -835,13 +956,20 @@ void Policy::quantize(KVCache& cache) const {
     }
 }
 
-// Bytes as stored (kv/kv_cache.h), plus a 4-byte position per entry once tokens are evicted.
+// Bytes as stored (kv/kv_cache.h), plus a 4-byte position per entry once tokens are evicted;
+// ThinK: the prompt's keys without their pruned channels (2 bytes each, as a full entry counts).
 KvBytes Policy::bytes(const KVCache& cache, int tokens_seen) const {
   KvBytes b;
   b.full = fullCacheBytes(tokens_seen, lay_.layers, lay_.local_kv_heads, lay_.head_dim);
+  const int pruned = int(spec_.think * lay_.head_dim);
   for (int l = 0; l < lay_.layers; ++l)
-    for (int h = 0; h < lay_.local_kv_heads; ++h)
-      b.stored += cache.storedBytes(l, h) + (spec_.evicts() ? 4 * int64_t(cache.head(l, h).length()) : 0);
+    for (int h = 0; h < lay_.local_kv_heads; ++h) {
+      const HeadCache& c = cache.head(l, h);
+      b.stored += cache.storedBytes(l, h) + (spec_.evicts() ? 4 * int64_t(c.length()) : 0);
+      if (pruned > 0)
+        b.stored -= 2 * int64_t(pruned) * (std::lower_bound(c.positions.begin(), c.positions.end(), prefill_end_) -
+                                            c.positions.begin());
+    }
   return b;
 }
 

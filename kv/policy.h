@@ -27,7 +27,7 @@ namespace kvtp::kv {
 // SimLayerKV decides per layer instead: at the prompt's end a layer whose newest query looks at
 // the sinks and the recent window only is "lazy" and streams from then on; the others keep all.
 enum class Method { Full, StreamingLLM, H2O, Scissorhands, SnapKV, PyramidKV, Random, TOVA, KNorm, KeyDiff, LagKV,
-                    SimLayerKV, Leverage, CUR, Expected };
+                    SimLayerKV, Leverage, CUR, Expected, NonCausal, Compactor, Finch };
 enum class Scope { Global, Layer, Head };  // who competes for the budget
 enum class Quant { None, Int8, Kivi };
 enum class Decode { None, Slide, Adaptive, Discontinuous };  // SCOPE's decode-phase strategies
@@ -42,7 +42,7 @@ struct PolicySpec {
   int recent = 16;          // most recent tokens always kept
   Scope scope = Scope::Global;
   int history = 32;         // Scissorhands: steps of attention history per token
-  int window = 32;          // SnapKV / PyramidKV: observation window (last prefill queries)
+  int window = 32;          // SnapKV / PyramidKV / Finch: observation window (last prefill queries)
   int kernel = 7;           // SnapKV / PyramidKV: max-pool width over positions
   double pyramid_ratio = 4; // PyramidKV: first layer's budget / last layer's
   Decode decode = Decode::None;  // SnapKV / PyramidKV: how decoded tokens are compressed (SCOPE)
@@ -53,6 +53,9 @@ struct PolicySpec {
   int lag = 128;            // LagKV: entries per partition
   int local = 16;           // CUR: entries per local normalization window (0: the whole head)
   int future = 512;         // expected attention: future positions RoPE's rotation is averaged over
+  int span = 256;           // non-causal attention (noncausal, compactor): entries per chunk its queries attend
+  double blend = -1;        // compactor: the leverage z-score's weight (< 0: 1 - budget, kvpress's default)
+  double think = 0;         // ThinK: fraction of key channels pruned from the prompt's keys at its end (0: off)
   int interval = 1;         // per-step methods: decode steps between decisions (kvpress's DecodingPress)
   int chunk = 1;            // ChunkKV: entries share the mean score of their chunk of this many (1: off)
   double threshold = 0.9;   // SimLayerKV: a layer is lazy past this share of attention on sinks + recent
@@ -70,11 +73,19 @@ struct PolicySpec {
   int lowrank_window = 64;  // low-rank: most recent tokens kept at full rank (the second branch)
 
   bool evicts() const { return method != Method::Full; }
-  // Whether the cache can differ from the full one (eviction, quantization or low rank).
-  bool compresses() const { return evicts() || quant != Quant::None || rank > 0; }
+  // Whether the cache can differ from the full one (eviction, quantization, low rank or key channels pruned).
+  bool compresses() const { return evicts() || quant != Quant::None || rank > 0 || think > 0; }
   bool needsAttention() const;
-  // Whether the method reads the queries' statistics (expected attention).
-  bool needsQueries() const { return method == Method::Expected; }
+  // Whether the method reads the step's queries (expected attention: their statistics; the
+  // non-causal attention of noncausal and compactor: the prompt's).
+  bool needsQueries() const {
+    return method == Method::Expected || method == Method::NonCausal || method == Method::Compactor || think > 0;
+  }
+  // Whether the method compresses the prompt once, at its end (then SCOPE's decode= if set).
+  bool promptOnce() const {
+    return method == Method::SnapKV || method == Method::PyramidKV || method == Method::NonCausal ||
+           method == Method::Compactor || method == Method::Finch;
+  }
   // Whether entries need their ||W_o v||_1 (CriticalKV).
   bool needsOutputNorms() const { return critical > 0; }
   // Whether the method reads the cached keys and values when it decides (kv/scorers.h).
@@ -141,7 +152,9 @@ class Policy {
   // Updates scores, evicts to the budget, quantizes what aged out of the residual window.
   void afterStep(KVCache& cache, const StepAttention& attn, int last_pos, bool prefill);
   // A new window (sequence) starts: its prefill and decode steps count from here.
-  void startWindow() { prefill_end_ = 0, decode_steps_ = 0, lazy_.clear(), queries_.clear(); }
+  void startWindow() {
+    prefill_end_ = 0, decode_steps_ = 0, lazy_.clear(), queries_.clear(), prompt_queries_.clear(), prompt_rows_ = 0;
+  }
   KvBytes bytes(const KVCache& cache, int tokens_seen) const;
   // The budget's competition pools (one, one per layer, or one per (layer, KV head): each a
   // contiguous run of the global table) and each one's budget in entries after a step up to
@@ -171,7 +184,10 @@ class Policy {
   void project(KVCache& cache) const;  // low-rank channels: the cache must hold the bases
   int globalIndex(int layer, int local_head) const;
   void findLazyLayers(const KVCache& cache, const StepAttention& attn);  // SimLayerKV, at the prompt's end
-  void addQueries(const StepAttention& attn, int last_pos);             // expected attention's statistics
+  void addQueries(const StepAttention& attn, int last_pos, bool prefill);  // expected's statistics, a prompt's queries
+  // noncausal / compactor at the prompt's end: each entry's score (empty for the other methods).
+  std::vector<std::vector<double>> nonCausalKeys(const KVCache& cache);
+  void pruneKeyChannels(KVCache& cache);  // ThinK, at the prompt's end
   void addOutputNorms(KVCache& cache, const StepAttention& attn);       // CriticalKV's ||W_o v||, new entries
   // CriticalKV on one head's keys: its `first` best by the score alone kept first, the others by
   // (score + eps) x ||W_o v||_1 (entries already +inf, the protected, left as they are).
@@ -205,6 +221,9 @@ class Policy {
   std::vector<std::vector<uint8_t>> keep_;
   std::vector<uint8_t> lazy_;  // SimLayerKV: per layer, decided at the prompt's end
   std::vector<std::vector<QueryStats>> queries_;  // expected attention: per (layer, local KV head), its query heads
+  // noncausal / compactor: the prompt step's pre-RoPE queries (StepAttention::queries) and rows
+  std::vector<std::vector<float>> prompt_queries_;
+  int prompt_rows_ = 0;
   SelectTraffic last_traffic_;
 };
 

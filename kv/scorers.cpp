@@ -134,6 +134,19 @@ void curScores(const HeadRows& rows, int length, int head_dim, int local, double
 
 namespace {
 
+// x z-scored in place: mean 0, unbiased standard deviation 1 (at least 1e-6: a constant head stays 0).
+void zScore(double* x, int n) {
+  if (n < 2) {
+    std::fill(x, x + n, 0.0);
+    return;
+  }
+  double m = 0, var = 0;
+  for (int i = 0; i < n; ++i) m += x[i] / n;
+  for (int i = 0; i < n; ++i) var += (x[i] - m) * (x[i] - m) / (n - 1);
+  const double sd = std::max(std::sqrt(var), 1e-6);
+  for (int i = 0; i < n; ++i) x[i] = (x[i] - m) / sd;
+}
+
 // One partition's entries [begin, begin + lag) of `x` against the reference [begin + lag,
 // begin + 2 lag): per entry, the standard deviation over channels of (x - min) / (max - min), the
 // reference's range per channel; softmax over the partition, into `out`.
@@ -219,7 +232,6 @@ void leverageScores(const HeadRows& rows, const int* positions, int length, int 
     }
   // leverage_i = |L^-1 x_i|^2 (forward substitution).
   std::vector<double> y(static_cast<size_t>(d));
-  double sum = 0;
   for (int i = 0; i < length; ++i) {
     double s = 0;
     for (int a = 0; a < d; ++a) {
@@ -228,13 +240,46 @@ void leverageScores(const HeadRows& rows, const int* positions, int length, int 
       y[a] = v / g[size_t(a) * d + a];
       s += y[a] * y[a];
     }
-    sum += out[i] = s;
+    out[i] = s;
   }
-  const double m = sum / length;
-  double var = 0;
-  for (int i = 0; i < length; ++i) var += (out[i] - m) * (out[i] - m) / (length - 1);
-  const double sd = std::max(std::sqrt(var), 1e-6);
-  for (int i = 0; i < length; ++i) out[i] = (out[i] - m) / sd;
+  zScore(out, length);
+}
+
+void nonCausalAttention(const HeadRows& rows, const int* positions, int length, int head_dim,
+                        const std::vector<float>& queries, int T, const std::vector<float>& rope_inv_freq, int span,
+                        double* attention) {
+  const int d = head_dim, members = T > 0 ? int(queries.size() / (size_t(T) * d)) : 0;
+  std::vector<float> q(static_cast<size_t>(d));
+  std::vector<double> logit(static_cast<size_t>(span));
+  for (int m = 0; m < members; ++m)
+    for (int t = 0; t < T; ++t) {
+      const int e = length - T + t;  // the query's own entry
+      if (e < 0) continue;
+      std::copy_n(queries.data() + (int64_t(m) * T + t) * d, d, q.data());
+      if (!rope_inv_freq.empty()) kernels::applyRope(q.data(), 1, 1, d, &positions[e], rope_inv_freq.data());
+      const int first = e / span * span, end = std::min(length, first + span);
+      double top = -INFINITY;
+      for (int j = first; j < end; ++j) {
+        double z = 0;
+        for (int c = 0; c < d; ++c) z += double(q[c]) * rows.keys[int64_t(j) * d + c];
+        top = std::max(top, logit[j - first] = z);
+      }
+      double sum = 0;
+      for (int j = first; j < end; ++j) sum += logit[j - first] = std::exp(logit[j - first] - top);
+      for (int j = first; j < end; ++j) attention[j] += logit[j - first] / sum;
+    }
+}
+
+void nonCausalScores(const HeadRows& rows, int length, int head_dim, const double* attention, double* out) {
+  std::vector<double> s(static_cast<size_t>(length));
+  for (int i = 0; i < length; ++i) {
+    double v2 = 0;
+    for (int c = 0; c < head_dim; ++c) v2 += double(rows.values[int64_t(i) * head_dim + c]) * rows.values[int64_t(i) * head_dim + c];
+    s[i] = attention[i] * std::sqrt(v2);
+  }
+  for (int i = 0; i < length; ++i)
+    out[i] = ((i > 0 ? s[i - 1] : 0.0) + s[i] + (i + 1 < length ? s[i + 1] : 0.0)) / 3;
+  zScore(out, length);
 }
 
 }  // namespace kvtp::kv

@@ -33,6 +33,19 @@ void lagScores(const HeadRows& rows, int length, int head_dim, int sinks, int la
 void leverageScores(const HeadRows& rows, const int* positions, int length, int head_dim,
                     const std::vector<float>& rope_inv_freq, double* out);
 
+// Non-causal chunked attention (Chari & Van Durme 2025, Compactor; kvpress's NonCausalAttnPress):
+// the entries in chunks of `span` consecutive entries; each query attends, unscaled, to every key
+// of its own entry's chunk, before and after it. attention[i] += what key i receives from its
+// chunk's queries — `queries`: (members, T, head_dim) pre-RoPE rows of the head's last T entries
+// (one per query head given), rotated here to their entries' positions.
+void nonCausalAttention(const HeadRows& rows, const int* positions, int length, int head_dim,
+                        const std::vector<float>& queries, int T, const std::vector<float>& rope_inv_freq, int span,
+                        double* attention);
+// noncausal's score from that attention (summed over every query head of the KV head): times
+// ||v||, averaged with its two neighbours (zeros past the ends, as kvpress's pooling), z-scored
+// over the head (mean 0, unbiased standard deviation 1).
+void nonCausalScores(const HeadRows& rows, int length, int head_dim, const double* attention, double* out);
+
 // Running statistics of one query head's pre-RoPE queries (expected attention's input).
 struct QueryStats {
   int64_t n = 0;

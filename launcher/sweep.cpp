@@ -44,7 +44,7 @@ std::vector<SweepRun> sweepRuns(const SweepGrid& g) {
   std::vector<SweepRun> runs = {{"full", "", ""}};
   // SnapKV and PyramidKV decide at the prompt's end: they need --prefill to compress anything.
   const std::string methods =
-      g.methods == "all" ? "streamingllm,h2o,scissorhands,tova,knorm,keydiff,lagkv,leverage,cur,expected,snapkv,pyramidkv,random" : g.methods;
+      g.methods == "all" ? "streamingllm,h2o,scissorhands,tova,knorm,keydiff,lagkv,leverage,cur,expected,snapkv,pyramidkv,noncausal,compactor,finch,random" : g.methods;
   for (auto& m : split(methods, ','))
     for (auto& b : split(g.budgets, ',')) runs.push_back({m, m + ":budget=" + b, ""});
   if (!g.ladder.empty())

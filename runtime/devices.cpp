@@ -21,9 +21,9 @@ void checkGpuCompression(const kv::PolicySpec& s) {
     throw Error("'" + s.describe() + "' scores the cached keys and values (or the queries), which the CUDA engine does "
                 "not copy to its host mirror yet: use --device cpu");
   if (s.interval > 1 || s.chunk > 1 || s.evict_below > -INFINITY || s.method == kv::Method::SimLayerKV ||
-      !s.ladder.empty() || s.critical > 0)
+      !s.ladder.empty() || s.critical > 0 || s.method == kv::Method::Finch || s.think > 0)
     throw Error("interval= (deciding every N decode steps), chunk= (ChunkKV), evict_below= (DMS-style), ladder= "
-                "(tiered precision), critical= (CriticalKV) and simlayerkv run on --device cpu only so far ('" +
+                "(tiered precision), critical= (CriticalKV), think= (ThinK), simlayerkv and finch run on --device cpu only so far ('" +
                 s.describe() + "')");
   if (s.rank > 0 && (s.evicts() || s.quant != kv::Quant::None))
     throw Error("--device cuda holds low-rank channels (cskv) alone, without eviction or quantization; '" +

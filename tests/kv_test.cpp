@@ -427,6 +427,113 @@ TEST(KvEviction, LeverageKeepsTheGeometricOutliers) {
   for (int i = 0; i < n; ++i) EXPECT_NEAR(back[i], plain[i], 1e-4) << i;
 }
 
+// Non-causal chunked attention (Compactor): in chunks of 2 every query attends to both keys of its
+// chunk, the later one too. Keys (1,0) (0,1) (1,0) (0,1), values the same (norm 1); queries
+// (ln 3, 0), 0, (0, ln 3), 0: chunk one gives key 0 3/4 + 1/2 and key 1 1/4 + 1/2, chunk two the
+// mirror image, so the attention is 5/4, 3/4, 3/4, 5/4; averaged with the neighbours (zeros past
+// the ends) 2/3, 11/12, 11/12, 2/3, z-scored -sqrt(3)/2, sqrt(3)/2, sqrt(3)/2, -sqrt(3)/2: the
+// middle entries are kept (without the pooling the outer ones would be). Compactor adds `blend`
+// times the leverage z-score.
+TEST(KvEviction, NonCausalAttentionScoresEachChunkByItsOwnQueries) {
+  KVCache c = withKeys({{1, 0}, {0, 1}, {1, 0}, {0, 1}});
+  const std::vector<int> pos = {0, 1, 2, 3};
+  const float l3 = std::log(3.0f);
+  const std::vector<float> queries = {l3, 0, 0, 0, 0, l3, 0, 0};
+  std::vector<float> scratch;
+  std::vector<double> attention(4, 0.0), got(4);
+  nonCausalAttention(c.rows(0, 0, scratch), pos.data(), 4, 2, queries, 4, {}, 2, attention.data());
+  const std::vector<double> hand = {1.25, 0.75, 0.75, 1.25};
+  for (int i = 0; i < 4; ++i) EXPECT_NEAR(attention[i], hand[i], 1e-6) << i;
+  nonCausalScores(c.rows(0, 0, scratch), 4, 2, attention.data(), got.data());
+  const double z = std::sqrt(3.0) / 2;
+  const std::vector<double> scores = {-z, z, z, -z};
+  for (int i = 0; i < 4; ++i) EXPECT_NEAR(got[i], scores[i], 1e-6) << i;
+
+  StepAttention a;  // the same queries through the policy, as the model hands them over at the prompt's end
+  a.T = 4, a.want_probabilities = false, a.want_queries = true;
+  a.queries = {queries};
+  Policy p(parsePolicy("noncausal:tokens=2,sinks=0,recent=0,span=2", ""), layout(), nullptr);
+  p.afterStep(c, a, 3, true);
+  EXPECT_EQ(positions(c), (std::vector<int>{1, 2}));
+
+  // Compactor on random keys and queries: the top three by noncausal + blend x leverage.
+  const int n = 8;
+  std::mt19937 rng(11);
+  std::normal_distribution<float> d(0.0f, 1.0f);
+  std::vector<std::array<float, 2>> keys(n);
+  for (auto& k : keys) k = {d(rng), d(rng)};
+  std::vector<float> q(size_t(n) * 2);
+  for (auto& x : q) x = d(rng);
+  KVCache r = withKeys(keys);
+  std::vector<int> at(n);
+  std::iota(at.begin(), at.end(), 0);
+  std::vector<double> att(n, 0.0), nc(n), lev(n);
+  nonCausalAttention(r.rows(0, 0, scratch), at.data(), n, 2, q, n, {}, 4, att.data());
+  nonCausalScores(r.rows(0, 0, scratch), n, 2, att.data(), nc.data());
+  leverageScores(r.rows(0, 0, scratch), at.data(), n, 2, {}, lev.data());
+  std::vector<int> order(n);
+  std::iota(order.begin(), order.end(), 0);
+  std::sort(order.begin(), order.end(), [&](int x, int y) { return nc[x] + 3 * lev[x] > nc[y] + 3 * lev[y]; });
+  std::vector<int> top(order.begin(), order.begin() + 3);
+  std::sort(top.begin(), top.end());
+  a.T = n, a.queries = {q};
+  Policy compactor(parsePolicy("compactor:tokens=3,sinks=0,recent=0,span=4,blend=3", ""), layout(), nullptr);
+  compactor.afterStep(r, a, n - 1, true);
+  EXPECT_EQ(positions(r), top);
+  EXPECT_THROW(parsePolicy("noncausal:budget=0.5,blend=1", ""), std::invalid_argument);
+  EXPECT_THROW(parsePolicy("compactor:budget=0.5,span=0", ""), std::invalid_argument);
+}
+
+// Finch (kvpress's FinchPress): SnapKV's window, each row's attention weighted by its place (n - T
+// + t: the keys before it, kvpress's normalization), no pooling, the window itself kept. Six
+// entries, a window of two: row 4 puts all its attention on entry 1 (weight 4), row 5 0.85 on
+// entry 2 (weight 5), so entry 2 scores 4.25 against entry 1's 4 and is kept (SnapKV's plain sum,
+// 1 against 0.85, would keep entry 1, given the same two protected).
+TEST(KvEviction, FinchWeighsEachWindowRowByTheKeysBeforeIt) {
+  KVCache c = filled(6);
+  StepAttention a;
+  a.T = 6;
+  a.blocks.assign(1, std::vector<float>(36, 0.0f));
+  for (int t = 0; t < 4; ++t) a.blocks[0][size_t(t) * 6 + t] = 1.0f;  // outside the window: not counted
+  a.blocks[0][4 * 6 + 1] = 1.0f;
+  a.blocks[0][5 * 6 + 2] = 0.85f, a.blocks[0][5 * 6 + 5] = 0.15f;
+  Policy p(parsePolicy("finch:tokens=3,sinks=0,recent=0,window=2", ""), layout(), nullptr);
+  p.afterStep(c, a, 5, true);
+  EXPECT_EQ(positions(c), (std::vector<int>{2, 4, 5}));
+  KVCache d = filled(6);
+  Policy snap(parsePolicy("snapkv:tokens=3,sinks=0,recent=2,window=2,kernel=1", ""), layout(), nullptr);
+  snap.afterStep(d, a, 5, true);
+  EXPECT_EQ(positions(d), (std::vector<int>{1, 4, 5}));
+}
+
+// ThinK: channel c of a head scores (sum of q_c^2 over the window's queries) x (sum of k_c^2 over
+// its keys). Keys (1,2,0,1) (1,0,3,1) (1,2,0,1), two window queries (1,1,1,0): 2 x 3, 2 x 8,
+// 2 x 9, 0 x 3 = 6, 16, 18, 0, so think=0.5 zeroes channels 3 and 0 of the prompt's keys; the
+// bytes lose 2 channels x 2 bytes a prompt key, and a key decoded later keeps all four.
+TEST(KvEviction, ThinkPrunesTheKeyChannelsTheWindowUsesLeast) {
+  KVCache c(1, 1, 4);
+  const std::vector<std::array<float, 4>> keys = {{1, 2, 0, 1}, {1, 0, 3, 1}, {1, 2, 0, 1}, {5, 5, 5, 5}};
+  for (int t = 0; t < 3; ++t) c.append(0, keys[t].data(), keys[t].data(), &t, 1);
+  StepAttention a;
+  a.T = 3, a.want_probabilities = false, a.want_queries = true;
+  a.queries = {{9, 9, 9, 9, 1, 1, 1, 0, 1, 1, 1, 0}};  // the first row lies outside the window
+  Policy p(parsePolicy("full:think=0.5,window=2", ""), layout(1, 4), nullptr);
+  EXPECT_TRUE(p.spec().compresses());
+  p.afterStep(c, a, 2, true);
+  const std::vector<float> pruned = {0, 2, 0, 0, 0, 0, 3, 0, 0, 2, 0, 0};
+  EXPECT_EQ(c.head(0, 0).keys, pruned);
+  EXPECT_EQ(p.bytes(c, 3).stored, 3 * 4 * 4 - 3 * 2 * 2);
+  c.append(0, keys[3].data(), keys[3].data(), std::array<int, 1>{3}.data(), 1);
+  StepAttention step;
+  step.T = 1, step.want_probabilities = false, step.want_queries = true;
+  step.queries = {{1, 1, 1, 1}};
+  p.afterStep(c, step, 3, false);
+  EXPECT_EQ(std::vector<float>(c.head(0, 0).keys.begin() + 12, c.head(0, 0).keys.end()), (std::vector<float>{5, 5, 5, 5}));
+  EXPECT_EQ(p.bytes(c, 4).stored, 4 * 4 * 4 - 3 * 2 * 2);
+  EXPECT_THROW(parsePolicy("h2o:budget=0.5,think=0.5", "int8"), std::invalid_argument);
+  EXPECT_THROW(parsePolicy("h2o:budget=0.5,think=1", ""), std::invalid_argument);
+}
+
 // TOVA scores by the newest query alone: in a prompt of three queries the first two attend to
 // token 2, the last to token 6; token 6 is kept, token 2 is not. The next step's query replaces
 // the scores (H2O would add them up).
@@ -776,9 +883,10 @@ TEST(KvBytes, EqualAHandCount) {
   EXPECT_EQ(h2o.bytes(c, 10).stored, 6 * 36);
 }
 
-std::vector<double> decodeLogprobs(const std::string& kv) {
+std::vector<double> decodeLogprobs(const std::string& kv, int prefill = 0) {
   PplJob j = test::fixtureJob("llama3-gqa", Mode::Decode);
   j.kv = kv;
+  j.prefill = prefill;
   const auto r = runPplJob(j).result;
   std::vector<double> all;
   for (auto& s : r.sequences) all.insert(all.end(), s.logprobs.begin(), s.logprobs.end());
@@ -848,6 +956,10 @@ TEST(KvEviction, FullBudgetReproducesTheFullCacheExactly) {
                         "h2o:budget=1,ladder=fp16/int8/int4/int2", "leverage:budget=1", "cur:budget=1", "expected:budget=1", "h2o:budget=1,critical=0.5"})
     EXPECT_EQ(decodeLogprobs(m), full) << m;
   EXPECT_NE(decodeLogprobs("h2o:budget=0.3"), full);
+  const auto prompted = decodeLogprobs("", 16);  // the methods that compress a prompt
+  for (const char* m : {"snapkv:budget=1", "noncausal:budget=1", "compactor:budget=1", "finch:budget=1", "full:think=0.01"})
+    EXPECT_EQ(decodeLogprobs(m, 16), prompted) << m;
+  EXPECT_NE(decodeLogprobs("noncausal:budget=0.3,span=8,sinks=1,recent=2", 16), prompted);
 }
 
 TEST(KvLowRank, FullRankReproducesTheFullCache) {

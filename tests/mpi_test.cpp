@@ -161,7 +161,10 @@ INSTANTIATE_TEST_SUITE_P(
                       "--kv keydiff:budget=1,evict_below=-0.2", "--kv h2o:budget=0.3,ladder=fp16/int8/int4/int2",
                       "--kv snapkv:budget=0.2,ladder=fp16/int4,scope=layer --prefill 48", "--kv leverage:budget=0.3",
                       "--kv cur:budget=0.3,local=8", "--kv expected:budget=0.3,future=64",
-                      "--kv tova:budget=0.3,critical=0.5", "--kv keydiff:budget=0.3,block=16 --prefill 48"),
+                      "--kv tova:budget=0.3,critical=0.5", "--kv keydiff:budget=0.3,block=16 --prefill 48",
+                      "--kv noncausal:budget=0.3,span=16 --prefill 48", "--kv compactor:budget=0.3,span=16 --prefill 48",
+                      "--kv finch:budget=0.3,window=8 --prefill 48",
+                      "--kv snapkv:budget=0.5,think=0.5 --prefill 48"),
     [](const auto& info) { return "m" + std::to_string(info.index); });
 
 // The fixtures' PyTorch copies (scripts/make_fixtures.py --torch-copies) under tensor
