@@ -471,9 +471,10 @@ std::vector<std::vector<float>> Policy::sumOverReplicas(const std::vector<std::v
 }
 
 // Expected attention: each step's queries at positions past the sinks join their head's
-// statistics. noncausal / compactor: the prompt's queries, kept for its decision.
+// statistics. noncausal, compactor and ThinK: the prompt's queries, kept for its decision.
 void Policy::addQueries(const StepAttention& attn, int last_pos, bool prefill) {
-  if (prefill && spec_.method != Method::Expected) prompt_queries_ = attn.queries, prompt_rows_ = attn.T;
+  const bool prompt = spec_.method == Method::NonCausal || spec_.method == Method::Compactor || spec_.think > 0;
+  if (prefill && prompt) prompt_queries_ = attn.queries, prompt_rows_ = attn.T;
   if (spec_.method != Method::Expected) return;
   const int hd = lay_.head_dim;
   queries_.resize(attn.queries.size());

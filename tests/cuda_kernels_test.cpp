@@ -9,6 +9,7 @@
 
 #include "kernels/cpu_ops.h"
 #include "kernels/cuda/cuda_ops.h"
+#include "kernels/cuda/eviction.h"
 #include "kernels/cuda/forward_ops.h"
 #include "kv/kv_cache.h"
 
@@ -417,6 +418,125 @@ TEST(CudaKernels, CompactKeepsEachHeadsRowsInOrder) {
       }
     }
   EXPECT_EQ(gk[(size_t(0) * capacity + 45) * hd], K[(size_t(0) * capacity + 45) * hd]);  // past the kept: untouched
+}
+
+// KIVI thinned by eviction: cuda::kiviEvictionCompact against its CPU twin, kv::KVCache::retain
+// over KIVI entries. Two heads of 30 entries, 5 runs of 4 coded then 10 at full precision in a
+// ring of 16; head 0 loses three coded rows and two full ones (its holes stay: 8 x 3 is not past
+// its 28 slots after), head 1 all of run 1 and most of the others (compacted, its runs renumbered).
+// Then again with every head compacted. The
+// device's kept entries, in order, must be the CPU's: the same codes, value pairs, key pairs (run
+// by run), full rows and positions, and as many runs with a kept row.
+TEST(CudaKernels, KiviCompactionThinsRunsAsTheCpuDoes) {
+  REQUIRE_GPU();
+  const int H = 2, hd = 16, bits = 4, G = 4, n = 30, coded = 20, capacity = 40, R = 16;
+  const std::vector<std::vector<int>> evicted = {{5, 13, 14, 22, 27}, {0, 1, 2, 4, 5, 6, 7, 9, 10, 11, 12, 15, 17, 18, 21}};
+  for (const bool compact_all : {false, true}) {
+    kv::KVCache cpu(1, H, hd);
+    const auto k = randn(size_t(n) * H * hd), v = randn(k.size());
+    for (int t = 0; t < n; ++t) cpu.append(0, &k[size_t(t) * H * hd], &v[size_t(t) * H * hd], &t, 1);
+    for (int h = 0; h < H; ++h) cpu.quantizeKivi(0, h, {0, 4, 8, 12, 16}, bits, G);
+    const int cb = hd * bits / 8, VG = hd / G;  // codes of a key (or value) row; value groups
+    // The device's layout of the same cache: codes and value pairs per slot, key pairs per run.
+    std::vector<uint8_t> K(size_t(H) * capacity * cb), V(K.size());
+    std::vector<float> vp(size_t(H) * capacity * 2 * VG), kp(size_t(H) * (capacity / G + 1) * 2 * hd);
+    std::vector<float> ring_k(size_t(H) * R * hd), ring_v(ring_k.size());
+    std::vector<int> run(size_t(H) * capacity), pos(size_t(H) * capacity), flags, offsets, lengths, codeds;
+    for (int h = 0; h < H; ++h) {
+      const kv::HeadCache& c = cpu.head(0, h);
+      for (int i = 0; i < n; ++i) {
+        const size_t slot = size_t(h) * capacity + i;
+        pos[slot] = c.positions[i];
+        if (i < coded) {
+          std::copy_n(&c.codes[size_t(i) * 2 * cb], cb, &K[slot * cb]);
+          std::copy_n(&c.codes[size_t(i) * 2 * cb + cb], cb, &V[slot * cb]);
+          std::copy_n(&c.row_params[size_t(i) * 2 * VG], 2 * VG, &vp[slot * 2 * VG]);
+          run[slot] = i / G;
+        } else {
+          std::copy_n(&c.keys[size_t(i - coded) * hd], hd, &ring_k[(size_t(h) * R + i % R) * hd]);
+          std::copy_n(&c.values[size_t(i - coded) * hd], hd, &ring_v[(size_t(h) * R + i % R) * hd]);
+        }
+      }
+      std::copy(c.key_params.begin(), c.key_params.end(), kp.begin() + size_t(h) * (capacity / G + 1) * 2 * hd);
+      std::vector<int> keep;
+      for (int i = 0; i < n; ++i) {
+        const bool out = std::count(evicted[h].begin(), evicted[h].end(), i);
+        flags.push_back(!out);
+        if (!out) keep.push_back(i);
+      }
+      offsets.push_back(h * n), lengths.push_back(n), codeds.push_back(coded);
+      cpu.retain(0, h, keep);
+    }
+    DeviceBuffer<uint8_t> dK(K), dV(V), dflags(std::vector<uint8_t>(flags.begin(), flags.end()));
+    DeviceBuffer<float> dvp(vp), dkp(kp), drk(ring_k), drv(ring_v);
+    DeviceBuffer<int> drun(run), dpos(pos), doff(offsets), dlen(lengths), dcoded(codeds), dmap(size_t(H) * (capacity / G + 1)),
+        dout(size_t(5) * H);
+    DeviceBuffer<uint8_t> scratch(size_t(H) * R * 2 * hd * sizeof(float));
+    DeviceBuffer<void*> ptrs(std::vector<void*>{dK.get(), dV.get(), dpos.get(), dkp.get(), dvp.get(), drun.get(), drk.get(), drv.get()});
+    void** p = ptrs.get();
+    const cuda::EvictionCache rows{1, H, capacity, cb, cuda::KeyFormat::F32, p, p + 1, reinterpret_cast<int* const*>(p + 2),
+                                   nullptr, nullptr, nullptr, nullptr, 0, nullptr, 0, 0, dlen.get(), doff.get()};
+    const cuda::KiviEviction kivi{hd, cb, VG, R, int(hd * sizeof(float)), capacity / G + 1,
+                                  reinterpret_cast<float* const*>(p + 3), reinterpret_cast<float* const*>(p + 4),
+                                  reinterpret_cast<int* const*>(p + 5), p + 6, p + 7, dcoded.get(), dmap.get(), scratch.get()};
+    cuda::kiviEvictionCompact(rows, kivi, dflags.get(), compact_all, dout.get());
+    const auto gK = dK.download(), gV = dV.download();
+    const auto gvp = dvp.download(), gkp = dkp.download(), grk = drk.download(), grv = drv.download();
+    const auto grun = drun.download(), gpos = dpos.download(), out = dout.download();
+    for (int h = 0; h < H; ++h) {
+      const kv::HeadCache& c = cpu.head(0, h);
+      const int kept_coded = int(std::count(c.form.begin(), c.form.end(), kv::Form::Kivi)), kept = c.length();
+      const bool all = compact_all || out[4 * H + h];
+      const std::string what = std::string(compact_all ? "compact all" : "holes allowed") + ", head " + std::to_string(h);
+      EXPECT_EQ(out[h + H], kept) << what;
+      EXPECT_EQ(out[2 * H + h], all ? kept_coded : coded) << what;
+      EXPECT_EQ(out[h], out[2 * H + h] + kept - kept_coded) << what;
+      EXPECT_EQ(out[3 * H + h], int(c.group_rows.size())) << what;
+      EXPECT_EQ(h == 1 || compact_all, bool(out[4 * H + h])) << what;
+      // Coded entries: the device's kept slots in order; the CPU's group of each, by its row counts.
+      int j = 0, group = 0, left = c.group_rows.empty() ? 0 : c.group_rows[0];
+      for (int slot = 0; slot < out[2 * H + h]; ++slot) {
+        const size_t s = size_t(h) * capacity + slot;
+        if (gpos[s] == cuda::kEvicted) continue;
+        ASSERT_LT(j, kept_coded) << what;
+        EXPECT_EQ(gpos[s], c.positions[j]) << what;
+        EXPECT_TRUE(std::equal(&gK[s * cb], &gK[s * cb] + cb, &c.codes[size_t(j) * 2 * cb])) << what << " entry " << j;
+        EXPECT_TRUE(std::equal(&gV[s * cb], &gV[s * cb] + cb, &c.codes[size_t(j) * 2 * cb + cb])) << what << " entry " << j;
+        EXPECT_TRUE(std::equal(&gvp[s * 2 * VG], &gvp[s * 2 * VG] + 2 * VG, &c.row_params[size_t(j) * 2 * VG])) << what;
+        if (all) EXPECT_EQ(grun[s], group) << what << ": runs renumbered in order";
+        const float* pairs = &gkp[(size_t(h) * (capacity / G + 1) + grun[s]) * 2 * hd];
+        EXPECT_TRUE(std::equal(pairs, pairs + 2 * hd, &c.key_params[size_t(group) * 2 * hd])) << what << " entry " << j;
+        ++j;
+        if (--left == 0 && group + 1 < int(c.group_rows.size())) left = c.group_rows[++group];
+      }
+      EXPECT_EQ(j, kept_coded) << what;
+      for (int r = 0; r < kept - kept_coded; ++r) {  // the full-precision rows, after the coded slots
+        const int slot = out[2 * H + h] + r;
+        EXPECT_EQ(gpos[size_t(h) * capacity + slot], c.positions[kept_coded + r]) << what;
+        const size_t at = (size_t(h) * R + slot % R) * hd;
+        EXPECT_TRUE(std::equal(&grk[at], &grk[at] + hd, &c.keys[size_t(r) * hd])) << what << " full row " << r;
+        EXPECT_TRUE(std::equal(&grv[at], &grv[at] + hd, &c.values[size_t(r) * hd])) << what << " full row " << r;
+      }
+    }
+  }
+}
+
+// A ring resized keeps each head's full-precision rows [coded, length): row l from l % 5 to l % 12.
+TEST(CudaKernels, RingResizeMovesEachHeadsRows) {
+  REQUIRE_GPU();
+  const int heads = 3, hd = 8, from_rows = 5, to_rows = 12;
+  const std::vector<int> coded = {0, 7, 20}, length = {4, 12, 20};
+  const auto k = randn(size_t(heads) * from_rows * hd), v = randn(k.size());
+  DeviceBuffer<float> dk(k), dv(v), tk(poisoned(size_t(heads) * to_rows * hd)), tv(poisoned(size_t(heads) * to_rows * hd));
+  DeviceBuffer<int> dc(coded), dl(length);
+  cuda::ringResize(dk.get(), dv.get(), from_rows, tk.get(), tv.get(), to_rows, heads, int(hd * sizeof(float)), dc.get(), dl.get());
+  const auto gk = tk.download(), gv = tv.download();
+  for (int h = 0; h < heads; ++h)
+    for (int l = coded[h]; l < length[h]; ++l)
+      for (int d = 0; d < hd; ++d) {
+        EXPECT_EQ(gk[(size_t(h) * to_rows + l % to_rows) * hd + d], k[(size_t(h) * from_rows + l % from_rows) * hd + d]);
+        EXPECT_EQ(gv[(size_t(h) * to_rows + l % to_rows) * hd + d], v[(size_t(h) * from_rows + l % from_rows) * hd + d]);
+      }
 }
 
 // The attention block's input: the residual rows normalized (RMSNorm with RoPE as Llama,
