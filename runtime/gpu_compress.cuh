@@ -184,6 +184,7 @@ void GpuEngine<T>::decideOnDevice(Sequence& s, int last_pos, const kv::Policy::D
                                   : h2o          ? cuda::EvictScore::H2O
                                   : scissorhands ? cuda::EvictScore::Scissorhands
                                   : kv_spec_.method == kv::Method::KNorm ? cuda::EvictScore::KeyNorm
+                                  : kv_spec_.method == kv::Method::KeyDiff ? cuda::EvictScore::KeyDiff
                                                                           : cuda::EvictScore::StreamingLLM;
   // Protected: the sinks and the recent window; in SCOPE's phase the prompt and the newest decoded.
   const int protect_below = decoded ? decoded->prefill_end : kv_spec_.sinks,

@@ -19,6 +19,71 @@ using kernels::RadixSelect;
 
 constexpr int kThreadsPerHead = 256;
 
+// Channel d of slot i's cached key as the CPU reads it: fp32/fp16/bf16 widened, or int8 code x step.
+__device__ float cachedKey(const EvictionCache& c, int l, int h, int i, int d) {
+  const char* krow = static_cast<const char*>(c.K[l]) + (h * c.capacity + i) * int64_t(c.row_bytes);
+  switch (c.key_format) {
+    case KeyFormat::F32: return reinterpret_cast<const float*>(krow)[d];
+    case KeyFormat::F16: return __half2float(reinterpret_cast<const __half*>(krow)[d]);
+    case KeyFormat::BF16: return __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(krow)[d]);
+    default: return __fmul_rn(float(reinterpret_cast<const int8_t*>(krow)[d]), c.k_step[l][h * c.capacity + i]);
+  }
+}
+
+__device__ int keyChannels(const EvictionCache& c) {
+  return c.key_format == KeyFormat::Int8 ? c.row_bytes : c.key_format == KeyFormat::F32 ? c.row_bytes / 4 : c.row_bytes / 2;
+}
+
+// The key's squared norm in double, channel by channel as the CPU sums it.
+__device__ double squaredKeyNorm(const EvictionCache& c, int l, int h, int i) {
+  double norm = 0.0;
+  for (int d = 0, hd = keyChannels(c); d < hd; ++d) {
+    const double x = cachedKey(c, l, h, i, d);
+    norm = __dadd_rn(norm, __dmul_rn(x, x));
+  }
+  return norm;
+}
+
+// KeyDiff (kv::keyDiffScores) over a head's entries that are not holes, in the CPU's order of
+// operations: each key's norm (into `keys` first, as scratch), the anchor — the mean of the
+// normalized keys, a thread per channel summing the entries in order — and its norm, then
+// -cos(k, anchor) per entry.
+__device__ void keyDiffKeys(const EvictionCache& c, int l, int h, int n, const int* pos, double* keys) {
+  __shared__ double anchor[256];
+  __shared__ double anchor_norm;
+  __shared__ int entries;
+  const int hd = keyChannels(c);
+  float count = 0.0f;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    count += pos[i] != kEvicted ? 1.0f : 0.0f;
+    keys[i] = pos[i] != kEvicted ? sqrt(squaredKeyNorm(c, l, h, i)) : 0.0;
+  }
+  const int length = int(blockReduce(count, warpSum, 0.0f));
+  if (threadIdx.x == 0) entries = length;
+  __syncthreads();
+  for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+    double a = 0.0;
+    for (int i = 0; i < n; ++i)
+      if (pos[i] != kEvicted && keys[i] > 0)
+        a = __dadd_rn(a, __ddiv_rn(__ddiv_rn(double(cachedKey(c, l, h, i, d)), keys[i]), double(entries)));
+    anchor[d] = a;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double sq = 0.0;
+    for (int d = 0; d < hd; ++d) sq = __dadd_rn(sq, __dmul_rn(anchor[d], anchor[d]));
+    anchor_norm = sqrt(sq);
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    if (pos[i] == kEvicted) continue;
+    double dot = 0.0;
+    for (int d = 0; d < hd; ++d) dot = __dadd_rn(dot, __dmul_rn(double(cachedKey(c, l, h, i, d)), anchor[d]));
+    keys[i] = keys[i] > 0 && anchor_norm > 0 ? -dot / __dmul_rn(keys[i], anchor_norm) : 0.0;
+  }
+  __syncthreads();
+}
+
 // One block per (layer, head): Scissorhands first counts the keys this step's query saw (its
 // average is 1 / visible), then every entry is scored and keyed as kv::Policy::score / evict do —
 // the same float and double operations, so the same keys.
@@ -37,6 +102,7 @@ __global__ void keysKernel(EvictionCache c, EvictScore method, int fresh, uint64
     for (int i = threadIdx.x; i < n; i += blockDim.x) count += w[i] > 0.0f ? 1.0f : 0.0f;
     visible = blockReduce(count, warpSum, 0.0f);
   }
+  if (method == EvictScore::KeyDiff) keyDiffKeys(c, l, h, n, pos, keys);
   for (int i = threadIdx.x; i < n; i += blockDim.x) {
     const bool is_new = i >= n - fresh;
     const float wi = w ? w[i] : 0.0f;
@@ -52,29 +118,13 @@ __global__ void keysKernel(EvictionCache c, EvictScore method, int fresh, uint64
       history[i] = bits;
     }
     const int p = pos[i];
-    double norm = 0.0;  // K-norm: the key's squared norm in double, channel by channel as the CPU sums it
-    if (method == EvictScore::KeyNorm && p != kEvicted) {
-      const int hd = c.key_format == KeyFormat::Int8 ? c.row_bytes
-                     : c.key_format == KeyFormat::F32 ? c.row_bytes / 4 : c.row_bytes / 2;
-      const char* krow = static_cast<const char*>(c.K[l]) + (h * c.capacity + i) * int64_t(c.row_bytes);
-      const float step = c.key_format == KeyFormat::Int8 ? c.k_step[l][h * c.capacity + i] : 0.0f;
-      for (int d = 0; d < hd; ++d) {
-        float x;
-        switch (c.key_format) {
-          case KeyFormat::F32: x = reinterpret_cast<const float*>(krow)[d]; break;
-          case KeyFormat::F16: x = __half2float(reinterpret_cast<const __half*>(krow)[d]); break;
-          case KeyFormat::BF16: x = __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(krow)[d]); break;
-          default: x = __fmul_rn(float(reinterpret_cast<const int8_t*>(krow)[d]), step); break;
-        }
-        norm = __dadd_rn(norm, __dmul_rn(double(x), double(x)));
-      }
-    }
     keys[i] = p == kEvicted                      ? -INFINITY
               : p < sinks || p > last_pos - recent ? INFINITY
               : method == EvictScore::H2O        ? s
               : method == EvictScore::StreamingLLM ? double(p)
               : method == EvictScore::StepAttention ? double(wi)
-              : method == EvictScore::KeyNorm    ? -sqrt(norm)
+              : method == EvictScore::KeyNorm    ? -sqrt(squaredKeyNorm(c, l, h, i))
+              : method == EvictScore::KeyDiff    ? keys[i]
                                                    : double(__popcll(bits & history_mask));
   }
 }

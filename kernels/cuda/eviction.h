@@ -14,8 +14,8 @@
 namespace kvtp::cuda {
 
 // StepAttention: this step's probability alone (SCOPE's decode phase); KeyNorm: -||k|| of the
-// cached key (K-norm, kv::keyNormScores).
-enum class EvictScore { H2O, Scissorhands, StreamingLLM, StepAttention, KeyNorm };
+// cached key (K-norm, kv::keyNormScores); KeyDiff: -cos(k, the mean normalized key) (kv::keyDiffScores).
+enum class EvictScore { H2O, Scissorhands, StreamingLLM, StepAttention, KeyNorm, KeyDiff };
 
 // How the cache's K rows hold a key (KeyNorm reads them): fp32, fp16, bf16, or int8 codes times
 // the row's step.
@@ -55,7 +55,8 @@ struct EvictionCache {
 // appended since the last decision, start from zero) and writes its key into `table`: +inf for
 // the protected (position < sinks or > last_pos - recent), else H2O's score, the position
 // (StreamingLLM: the most recent win), the count of Scissorhands' set bits under history_mask or
-// the step's probability or -||k||; -inf for a hole, which is never kept and takes no entry's place.
+// the step's probability, -||k|| or KeyDiff's -cos; -inf for a hole, which is never kept and takes no
+// entry's place.
 void evictionKeys(const EvictionCache& c, EvictScore method, int fresh, uint64_t history_mask, int sinks, int recent,
                   int last_pos, double* table);
 
