@@ -33,18 +33,21 @@ std::string number(T v) {
 
 void addSweepGridOptions(CLI::App* cmd, SweepGrid& g) {
   cmd->add_option("--methods", g.methods,
-                  "eviction methods (comma-separated), each run at every budget; 'all': every method of docs/KV.md");
+                  "eviction methods (comma-separated), each run at every budget; 'all': every method of docs/KV.md "
+                  "(those that compress a prompt only with --prefill)");
   cmd->add_option("--budgets", g.budgets, "budgets (fractions of the full cache, comma-separated)");
   cmd->add_option("--quants", g.quants, "quantizations run alone (semicolon-separated specs)");
   cmd->add_option("--extra", g.extra, "more runs, semicolon-separated, each 'KV' or 'KV|QUANT'");
   cmd->add_option("--ladder", g.ladder, "tiered precision: every method and budget again with this ladder (e.g. fp16/int8/int4/int2)");
 }
 
-std::vector<SweepRun> sweepRuns(const SweepGrid& g) {
+std::vector<SweepRun> sweepRuns(const SweepGrid& g, bool prompt) {
   std::vector<SweepRun> runs = {{"full", "", ""}};
-  // SnapKV and PyramidKV decide at the prompt's end: they need --prefill to compress anything.
-  const std::string methods =
-      g.methods == "all" ? "streamingllm,h2o,scissorhands,tova,knorm,keydiff,lagkv,leverage,cur,expected,snapkv,pyramidkv,noncausal,compactor,finch,random" : g.methods;
+  // SnapKV, PyramidKV, noncausal, compactor and Finch decide at the prompt's end: without one
+  // (--prefill) they would compress nothing, so 'all' leaves them out.
+  const std::string methods = g.methods != "all" ? g.methods
+                              : std::string("streamingllm,h2o,scissorhands,tova,knorm,keydiff,lagkv,leverage,cur,expected,random") +
+                                    (prompt ? ",snapkv,pyramidkv,noncausal,compactor,finch" : "");
   for (auto& m : split(methods, ','))
     for (auto& b : split(g.budgets, ',')) runs.push_back({m, m + ":budget=" + b, ""});
   if (!g.ladder.empty())

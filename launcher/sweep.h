@@ -22,8 +22,9 @@ struct SweepRun {
   std::string label, kv, quant;  // label: the run's line in the plot (a method, a quantization, a combination)
 };
 // The full cache, every method at every budget (and again with the ladder), each quantization
-// alone, then the extra runs.
-std::vector<SweepRun> sweepRuns(const SweepGrid& g);
+// alone, then the extra runs; `prompt`: the windows start with a prompt (--prefill), so 'all'
+// includes the methods that compress one.
+std::vector<SweepRun> sweepRuns(const SweepGrid& g, bool prompt);
 
 // One CSV row per run from its `kvtp ppl --json` result; fields quoted per RFC 4180 where needed.
 // Column names: label,kv,kv_quant,ppl,tokens,kv_bytes_peak,kv_bytes_full,kv_ratio,seconds,

@@ -745,6 +745,23 @@ TEST_F(ControlPlane, ASweepArrayOverTwoGroupsEqualsTheLocalSweep) {
   EXPECT_EQ(rows(dir_ / "again.csv"), a);
 }
 
+// 'all' runs the methods that compress a prompt only when the windows start with one.
+TEST(Sweep, AllHasThePromptMethodsOnlyWithAPrompt) {
+  launcher::SweepGrid g;
+  g.methods = "all", g.budgets = "0.2", g.quants = "";
+  auto labels = [&](bool prompt) {
+    std::set<std::string> l;
+    for (const auto& r : launcher::sweepRuns(g, prompt)) l.insert(r.label);
+    return l;
+  };
+  const auto with = labels(true), without = labels(false);
+  for (const char* m : {"snapkv", "pyramidkv", "noncausal", "compactor", "finch"}) {
+    EXPECT_TRUE(with.count(m)) << m;
+    EXPECT_FALSE(without.count(m)) << m;
+  }
+  for (const char* m : {"h2o", "tova", "expected", "random"}) EXPECT_TRUE(without.count(m) && with.count(m)) << m;
+}
+
 TEST(Csv, FieldsAreQuotedPerRfc4180) {
   EXPECT_EQ(launcher::csvLine({"a", "b,c", "say \"hi\"", "", "x\ny"}), "a,\"b,c\",\"say \"\"hi\"\"\",,\"x\ny\"");
 }
