@@ -180,7 +180,8 @@ void GpuEngine<T>::decideOnDevice(Sequence& s, int last_pos, const kv::Policy::D
   cache.weights = weights, cache.weights_layer = weights_layer, cache.weights_head = weights_head;
   double* table = grow(table_, size_t(std::max<int64_t>(N, 1)));
   const uint64_t mask = kv_spec_.history >= 64 ? ~0ull : (1ull << kv_spec_.history) - 1;
-  const cuda::EvictScore method = decoded        ? cuda::EvictScore::StepAttention
+  // TOVA and SCOPE's decode phase score by this step's attention alone (TOVA's prompt: its last row).
+  const cuda::EvictScore method = decoded || kv_spec_.method == kv::Method::TOVA ? cuda::EvictScore::StepAttention
                                   : h2o          ? cuda::EvictScore::H2O
                                   : scissorhands ? cuda::EvictScore::Scissorhands
                                   : kv_spec_.method == kv::Method::KNorm ? cuda::EvictScore::KeyNorm
