@@ -495,39 +495,36 @@ void Policy::addQueries(const StepAttention& attn, int last_pos, bool prefill) {
 std::vector<std::vector<double>> Policy::nonCausalKeys(const KVCache& cache) {
   if (spec_.method != Method::NonCausal && spec_.method != Method::Compactor) return {};
   const int L = lay_.layers, H = lay_.local_kv_heads, hd = lay_.head_dim;
-  std::vector<std::vector<float>> attention(size_t(L) * H);
+  auto eachHead = [&](auto&& f) {  // f(head's cache, its rows, its index), the heads in parallel
 #pragma omp parallel for collapse(2) schedule(static)
-  for (int l = 0; l < L; ++l)
-    for (int h = 0; h < H; ++h) {
-      const HeadCache& c = cache.head(l, h);
-      const size_t i = size_t(l) * H + h;
-      std::vector<float> scratch;
-      std::vector<double> a(size_t(c.length()), 0.0);
-      if (i < prompt_queries_.size())
-        nonCausalAttention(cache.rows(l, h, scratch), c.positions.data(), c.length(), hd, prompt_queries_[i],
-                           prompt_rows_, cache.ropeInvFreq(), spec_.span, a.data());
-      attention[i].assign(a.begin(), a.end());
-    }
+    for (int l = 0; l < L; ++l)
+      for (int h = 0; h < H; ++h) {
+        std::vector<float> scratch;
+        f(cache.head(l, h), cache.rows(l, h, scratch), size_t(l) * H + h);
+      }
+  };
+  std::vector<std::vector<float>> attention(size_t(L) * H);
+  eachHead([&](const HeadCache& c, const HeadRows& rows, size_t i) {
+    std::vector<double> a(size_t(c.length()), 0.0);
+    if (i < prompt_queries_.size())
+      nonCausalAttention(rows, c.positions.data(), c.length(), hd, prompt_queries_[i], prompt_rows_, cache.ropeInvFreq(),
+                         spec_.span, a.data());
+    attention[i].assign(a.begin(), a.end());
+  });
   attention = sumOverReplicas(attention);
   const double blend = spec_.blend >= 0                                     ? spec_.blend
                        : spec_.budget_tokens > 0 || spec_.budget_bytes > 0 ? 0.35  // kvpress's when no ratio is set
                                                                             : 1 - spec_.budget;
   std::vector<std::vector<double>> out(size_t(L) * H);
-#pragma omp parallel for collapse(2) schedule(static)
-  for (int l = 0; l < L; ++l)
-    for (int h = 0; h < H; ++h) {
-      const HeadCache& c = cache.head(l, h);
-      const size_t i = size_t(l) * H + h;
-      std::vector<float> scratch;
-      const HeadRows rows = cache.rows(l, h, scratch);
-      const std::vector<double> a(attention[i].begin(), attention[i].end());
-      out[i].resize(size_t(c.length()));
-      nonCausalScores(rows, c.length(), hd, a.data(), out[i].data());
-      if (spec_.method != Method::Compactor) continue;
-      std::vector<double> leverage(size_t(c.length()));
-      leverageScores(rows, c.positions.data(), c.length(), hd, cache.ropeInvFreq(), leverage.data());
-      for (int j = 0; j < c.length(); ++j) out[i][j] += blend * leverage[j];
-    }
+  eachHead([&](const HeadCache& c, const HeadRows& rows, size_t i) {
+    const std::vector<double> a(attention[i].begin(), attention[i].end());
+    out[i].resize(size_t(c.length()));
+    nonCausalScores(rows, c.length(), hd, a.data(), out[i].data());
+    if (spec_.method != Method::Compactor) return;
+    std::vector<double> leverage(size_t(c.length()));
+    leverageScores(rows, c.positions.data(), c.length(), hd, cache.ropeInvFreq(), leverage.data());
+    for (int j = 0; j < c.length(); ++j) out[i][j] += blend * leverage[j];
+  });
   return out;
 }
 

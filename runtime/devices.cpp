@@ -24,9 +24,8 @@ void checkGpuCompression(const kv::PolicySpec& s) {
   if (s.interval > 1 || s.chunk > 1 || s.evict_below > -INFINITY || s.method == kv::Method::SimLayerKV ||
       !s.ladder.empty() || s.critical > 0 || s.method == kv::Method::Finch || s.think > 0 || s.block > 0)
     throw Error("interval= (deciding every N decode steps), chunk= (ChunkKV), evict_below= (DMS-style), ladder= "
-                "(tiered precision), critical= (CriticalKV), think= (ThinK), block= (the prompt in blocks), simlayerkv and finch run on --device cpu "
-                "only so far ('" +
-                s.describe() + "')");
+                "(tiered precision), critical= (CriticalKV), think= (ThinK), block= (the prompt in blocks), "
+                "simlayerkv and finch run on --device cpu only so far ('" + s.describe() + "')");
   if (s.rank > 0 && (s.evicts() || s.quant != kv::Quant::None))
     throw Error("--device cuda holds low-rank channels (cskv) alone, without eviction or quantization; '" +
                 s.describe() + "' combines them: use --device cpu");
