@@ -6,11 +6,7 @@
 #include <cstdint>
 #include <cstring>
 
-#ifdef __CUDACC__
-#define KVTP_HOST_DEVICE __host__ __device__
-#else
-#define KVTP_HOST_DEVICE
-#endif
+#include "kernels/host_device.h"
 
 namespace kvtp::kernels {
 

@@ -288,12 +288,6 @@ PolicySpec parsePolicy(const std::string& kv, const std::string& kv_quant, const
   return s;
 }
 
-double randomScore(uint64_t seed, int layer, int global_head, int position) {
-  // splitmix64 of the entry's coordinates: a fixed, well-mixed draw per entry.
-  const uint64_t coordinates = (uint64_t(layer) << 40) ^ (uint64_t(global_head) << 32) ^ uint32_t(position);
-  return kernels::unitInterval(kernels::splitmix64(seed + 0x9e3779b97f4a7c15ull * coordinates));
-}
-
 Policy::Policy(PolicySpec spec, HeadLayout layout, comm::Communicator* group)
     : spec_(spec), lay_(layout), group_(group) {}
 
@@ -777,7 +771,7 @@ void Policy::evict(KVCache& cache, int last_pos, bool prefill) {
         for (int i = 0; i < c.length(); ++i) {
           double s = c.score[i];
           if (spec_.method == Method::StreamingLLM) s = c.positions[i];  // keep the most recent
-          if (spec_.method == Method::Random) s = randomScore(spec_.seed, l, lay_.kv_head_begin + h, c.positions[i]);
+          if (spec_.method == Method::Random) s = kernels::entryDraw(spec_.seed, l, lay_.kv_head_begin + h, c.positions[i]);
           if (spec_.method == Method::Expected) s = expected[size_t(l) * H + h][i];
           if (!noncausal.empty()) s = noncausal[size_t(l) * H + h][i];
           if (spec_.method == Method::Scissorhands) {

@@ -101,10 +101,6 @@ struct PolicySpec {
 
 PolicySpec parsePolicy(const std::string& kv, const std::string& kv_quant, const std::string& kv_lowrank = "");
 
-// The Random method's score of an entry: uniform in [0, 1), a hash of the seed, the layer, the
-// global KV head and the position, so every rank draws the same and an entry keeps its draw.
-double randomScore(uint64_t seed, int layer, int global_head, int position);
-
 // Where this rank's KV heads sit among the model's: global index = kv_head_begin + local index.
 // With fewer KV heads than ranks a head is replicated; `owner` marks the one copy counted.
 struct HeadLayout {

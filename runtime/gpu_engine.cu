@@ -132,7 +132,8 @@ class GpuEngine : public Engine {
       : c_(config), part_(part), group_(o.device_group), kv_spec_(o.kv), host_group_(o.host_group),
         device_decides_((o.kv.method == kv::Method::H2O || o.kv.method == kv::Method::Scissorhands ||
                          o.kv.method == kv::Method::StreamingLLM || o.kv.method == kv::Method::KNorm ||
-                         o.kv.method == kv::Method::KeyDiff || o.kv.method == kv::Method::TOVA) &&
+                         o.kv.method == kv::Method::KeyDiff || o.kv.method == kv::Method::TOVA ||
+                         o.kv.method == kv::Method::Random) &&
                         o.kv.rank == 0),
         device_decides_decoded_((o.kv.method == kv::Method::SnapKV || o.kv.method == kv::Method::PyramidKV) &&
                                 o.kv.decode != kv::Decode::None && o.kv.rank == 0),

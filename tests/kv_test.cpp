@@ -10,6 +10,7 @@
 #include <random>
 
 #include "kernels/cpu_ops.h"
+#include "kernels/splitmix.h"
 #include "kv/budget_select.h"
 #include "kv/policy.h"
 #include "kv/scorers.h"
@@ -208,7 +209,7 @@ KVCache twoHeadsAfterOneStep(const std::string& scope) {
 }
 
 // Random, the control: the budget is kept (protected first), the rest are the entries with the
-// highest draws of kv::randomScore, the draws depend on the seed only, not on the run.
+// highest draws of kernels::entryDraw, the draws depend on the seed only, not on the run.
 TEST(KvEviction, RandomKeepsTheHighestDrawsOfItsSeed) {
   const auto keptBy = [](const std::string& spec) {
     KVCache c = filled(40, 2);
@@ -222,7 +223,7 @@ TEST(KvEviction, RandomKeepsTheHighestDrawsOfItsSeed) {
   for (int h = 0; h < 2; ++h) {
     EXPECT_EQ(a[h].front(), 0);  // the sink
     EXPECT_EQ(a[h].back(), 39);  // the recent window
-    for (int pos = 1; pos < 38; ++pos) free.push_back({randomScore(3, 0, h, pos), h * 100 + pos});
+    for (int pos = 1; pos < 38; ++pos) free.push_back({kernels::entryDraw(3, 0, h, pos), h * 100 + pos});
   }
   std::sort(free.rbegin(), free.rend());
   std::vector<int> want, got;

@@ -10,6 +10,7 @@
 #include "kernels/cuda/cuda_util.h"
 #include "kernels/cuda/device_util.cuh"
 #include "kernels/cuda/eviction.h"
+#include "kernels/splitmix.h"
 
 namespace kvtp::cuda {
 namespace {
@@ -88,7 +89,7 @@ __device__ void keyDiffKeys(const EvictionCache& c, int l, int h, int n, const i
 // average is 1 / visible), then every entry is scored and keyed as kv::Policy::score / evict do —
 // the same float and double operations, so the same keys.
 __global__ void keysKernel(EvictionCache c, EvictScore method, int fresh, uint64_t history_mask, int sinks, int recent,
-                           int last_pos, double* table) {
+                           int last_pos, double* table, RandomDraw random) {
   const int lh = blockIdx.x, l = lh / c.heads, h = lh % c.heads, n = c.length[lh];
   const int64_t row = l * c.layer_stride + h * c.capacity;
   const float* w = c.weights ? c.weights + l * c.weights_layer + h * c.weights_head : nullptr;
@@ -125,7 +126,9 @@ __global__ void keysKernel(EvictionCache c, EvictScore method, int fresh, uint64
               : method == EvictScore::StepAttention ? double(wi)
               : method == EvictScore::KeyNorm    ? -sqrt(squaredKeyNorm(c, l, h, i))
               : method == EvictScore::KeyDiff    ? keys[i]
-                                                   : double(__popcll(bits & history_mask));
+              : method == EvictScore::Random
+                  ? kernels::entryDraw(random.seed, l, random.table_heads[lh] % random.global_heads, p)
+                  : double(__popcll(bits & history_mask));
   }
 }
 
@@ -298,8 +301,9 @@ __global__ void __launch_bounds__(kThreadsPerHead) compactKernel(EvictionCache c
 }  // namespace
 
 void evictionKeys(const EvictionCache& c, EvictScore method, int fresh, uint64_t history_mask, int sinks, int recent,
-                  int last_pos, double* table) {
-  keysKernel<<<c.layers * c.heads, kThreadsPerHead>>>(c, method, fresh, history_mask, sinks, recent, last_pos, table);
+                  int last_pos, double* table, const RandomDraw& random) {
+  keysKernel<<<c.layers * c.heads, kThreadsPerHead>>>(c, method, fresh, history_mask, sinks, recent, last_pos, table,
+                                                      random);
   KVTP_CUDA_LAUNCHED();
 }
 
