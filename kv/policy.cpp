@@ -311,12 +311,11 @@ void Policy::afterStep(KVCache& cache, const StepAttention& attn, int last_pos, 
     streamLazyLayers(cache, last_pos);
   } else {
     if (spec_.needsAttention()) score(cache, attn, prefill);
-    if (spec_.needsQueries()) addQueries(attn, last_pos, prefill);
+    if (spec_.method == Method::Expected) addQueries(attn, last_pos);
     if (spec_.needsOutputNorms()) addOutputNorms(cache, attn);
-    if (spec_.evicts()) evict(cache, last_pos, prefill);
-    if (prefill && spec_.think > 0) pruneKeyChannels(cache);
+    if (spec_.evicts()) evict(cache, attn, last_pos, prefill);
+    if (prefill && spec_.think > 0) pruneKeyChannels(cache, attn);
   }
-  prompt_queries_.clear();
   if (spec_.rank) project(cache);
   if (spec_.quant != Quant::None) quantize(cache);
 }
@@ -464,12 +463,8 @@ std::vector<std::vector<float>> Policy::sumOverReplicas(const std::vector<std::v
   return summed;
 }
 
-// Expected attention: each step's queries at positions past the sinks join their head's
-// statistics. noncausal, compactor and ThinK: the prompt's queries, kept for its decision.
-void Policy::addQueries(const StepAttention& attn, int last_pos, bool prefill) {
-  const bool prompt = spec_.method == Method::NonCausal || spec_.method == Method::Compactor || spec_.think > 0;
-  if (prefill && prompt) prompt_queries_ = attn.queries, prompt_rows_ = attn.T;
-  if (spec_.method != Method::Expected) return;
+// Expected attention: each step's queries at positions past the sinks join their head's statistics.
+void Policy::addQueries(const StepAttention& attn, int last_pos) {
   const int hd = lay_.head_dim;
   queries_.resize(attn.queries.size());
   for (size_t i = 0; i < attn.queries.size(); ++i) {
@@ -486,7 +481,7 @@ void Policy::addQueries(const StepAttention& attn, int last_pos, bool prefill) {
 // attention each entry receives from its chunk's queries, summed over the KV head's query heads
 // (over the ranks, for a replicated head), then nonCausalScores; compactor adds `blend` times the
 // leverage z-score (kvpress's CompactorPress: blend = the compression ratio, 1 - budget).
-std::vector<std::vector<double>> Policy::nonCausalKeys(const KVCache& cache) {
+std::vector<std::vector<double>> Policy::nonCausalKeys(const KVCache& cache, const StepAttention& prompt) {
   if (spec_.method != Method::NonCausal && spec_.method != Method::Compactor) return {};
   const int L = lay_.layers, H = lay_.local_kv_heads, hd = lay_.head_dim;
   auto eachHead = [&](auto&& f) {  // f(head's cache, its rows, its index), the heads in parallel
@@ -500,8 +495,8 @@ std::vector<std::vector<double>> Policy::nonCausalKeys(const KVCache& cache) {
   std::vector<std::vector<float>> attention(size_t(L) * H);
   eachHead([&](const HeadCache& c, const HeadRows& rows, size_t i) {
     std::vector<double> a(size_t(c.length()), 0.0);
-    if (i < prompt_queries_.size())
-      nonCausalAttention(rows, c.positions.data(), c.length(), hd, prompt_queries_[i], prompt_rows_, cache.ropeInvFreq(),
+    if (i < prompt.queries.size())
+      nonCausalAttention(rows, c.positions.data(), c.length(), hd, prompt.queries[i], prompt.T, cache.ropeInvFreq(),
                          spec_.span, a.data());
     attention[i].assign(a.begin(), a.end());
   });
@@ -528,18 +523,18 @@ std::vector<std::vector<double>> Policy::nonCausalKeys(const KVCache& cache) {
 // times the mean of k_c^2 over its cached keys; the floor(think x head_dim) lowest (ties to the
 // lower channel) are zeroed in the prompt's keys, which a runtime then stores without them.
 // Tokens decoded later keep every channel, as in kvpress.
-void Policy::pruneKeyChannels(KVCache& cache) {
+void Policy::pruneKeyChannels(KVCache& cache, const StepAttention& prompt) {
   const int L = lay_.layers, H = lay_.local_kv_heads, hd = lay_.head_dim, pruned = int(spec_.think * hd);
   if (pruned == 0) return;
   const std::vector<float>& rope = cache.ropeInvFreq();
   std::vector<std::vector<float>> query_power(size_t(L) * H, std::vector<float>(size_t(hd), 0.0f));
-  const int T = prompt_rows_;
+  const int T = prompt.T;
 #pragma omp parallel for collapse(2) schedule(static)
   for (int l = 0; l < L; ++l)
     for (int h = 0; h < H; ++h) {
       const size_t i = size_t(l) * H + h;
-      if (i >= prompt_queries_.size() || T == 0) continue;
-      const std::vector<float>& q = prompt_queries_[i];
+      if (i >= prompt.queries.size() || T == 0) continue;
+      const std::vector<float>& q = prompt.queries[i];
       const int members = int(q.size() / (size_t(T) * hd));
       std::vector<double> sum(static_cast<size_t>(hd), 0.0);
       std::vector<float> row(static_cast<size_t>(hd));
@@ -716,7 +711,7 @@ std::vector<int64_t> Policy::budgets(int last_pos) const {
   return budget;
 }
 
-void Policy::evict(KVCache& cache, int last_pos, bool prefill) {
+void Policy::evict(KVCache& cache, const StepAttention& attn, int last_pos, bool prefill) {
   // SnapKV, PyramidKV, noncausal and compactor compress the prompt once, at the end of the
   // prefill; the tokens decoded after it are all kept (SCOPE's "prefill-only" setting).
   const bool once = spec_.promptOnce();
@@ -756,7 +751,7 @@ void Policy::evict(KVCache& cache, int last_pos, bool prefill) {
       }
     expected = sumOverReplicas(expected);
   }
-  std::vector<std::vector<double>> noncausal = nonCausalKeys(cache);
+  std::vector<std::vector<double>> noncausal = nonCausalKeys(cache, attn);
   // Each entry's key: +inf for the protected (sinks, recent window), else the method's score.
 #pragma omp parallel for collapse(2) schedule(static)
   for (int l = 0; l < L; ++l)

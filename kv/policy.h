@@ -149,7 +149,7 @@ class Policy {
   void afterStep(KVCache& cache, const StepAttention& attn, int last_pos, bool prefill);
   // A new window (sequence) starts: its prefill and decode steps count from here.
   void startWindow() {
-    prefill_end_ = 0, decode_steps_ = 0, lazy_.clear(), queries_.clear(), prompt_queries_.clear(), prompt_rows_ = 0;
+    prefill_end_ = 0, decode_steps_ = 0, lazy_.clear(), queries_.clear();
   }
   KvBytes bytes(const KVCache& cache, int tokens_seen) const;
   // The budget's competition pools (one, one per layer, or one per (layer, KV head): each a
@@ -174,16 +174,17 @@ class Policy {
 
  private:
   void score(KVCache& cache, const StepAttention& attn, bool prefill);
-  void evict(KVCache& cache, int last_pos, bool prefill);
+  void evict(KVCache& cache, const StepAttention& attn, int last_pos, bool prefill);
   void evictDecoded(KVCache& cache, int last_pos);
   void quantize(KVCache& cache) const;
   void project(KVCache& cache) const;  // low-rank channels: the cache must hold the bases
   int globalIndex(int layer, int local_head) const;
   void findLazyLayers(const KVCache& cache, const StepAttention& attn);  // SimLayerKV, at the prompt's end
-  void addQueries(const StepAttention& attn, int last_pos, bool prefill);  // expected's statistics, a prompt's queries
-  // noncausal / compactor at the prompt's end: each entry's score (empty for the other methods).
-  std::vector<std::vector<double>> nonCausalKeys(const KVCache& cache);
-  void pruneKeyChannels(KVCache& cache);  // ThinK, at the prompt's end
+  void addQueries(const StepAttention& attn, int last_pos);             // expected attention's statistics
+  // noncausal / compactor at the prompt's end, from its queries: each entry's score (empty for the
+  // other methods).
+  std::vector<std::vector<double>> nonCausalKeys(const KVCache& cache, const StepAttention& prompt);
+  void pruneKeyChannels(KVCache& cache, const StepAttention& prompt);  // ThinK, at the prompt's end
   void addOutputNorms(KVCache& cache, const StepAttention& attn);       // CriticalKV's ||W_o v||, new entries
   // CriticalKV on one head's keys: its `first` best by the score alone kept first, the others by
   // (score + eps) x ||W_o v||_1 (entries already +inf, the protected, left as they are).
@@ -217,9 +218,6 @@ class Policy {
   std::vector<std::vector<uint8_t>> keep_;
   std::vector<uint8_t> lazy_;  // SimLayerKV: per layer, decided at the prompt's end
   std::vector<std::vector<QueryStats>> queries_;  // expected attention: per (layer, local KV head), its query heads
-  // noncausal / compactor: the prompt step's pre-RoPE queries (StepAttention::queries) and rows
-  std::vector<std::vector<float>> prompt_queries_;
-  int prompt_rows_ = 0;
   SelectTraffic last_traffic_;
 };
 

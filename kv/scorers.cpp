@@ -7,23 +7,26 @@
 #include "kernels/cpu_ops.h"
 
 namespace kvtp::kv {
+namespace {
+
+// ||x||^2 of a row in double, channel by channel (the order the GPU's K-norm matches).
+double squaredNorm(const float* x, int d) {
+  double sq = 0;
+  for (int i = 0; i < d; ++i) sq += double(x[i]) * x[i];
+  return sq;
+}
+
+}  // namespace
 
 void keyNormScores(const HeadRows& rows, int length, int head_dim, double* out) {
-  for (int i = 0; i < length; ++i) {
-    const float* k = rows.keys + int64_t(i) * head_dim;
-    double sq = 0;
-    for (int d = 0; d < head_dim; ++d) sq += double(k[d]) * k[d];
-    out[i] = -std::sqrt(sq);
-  }
+  for (int i = 0; i < length; ++i) out[i] = -std::sqrt(squaredNorm(rows.keys + int64_t(i) * head_dim, head_dim));
 }
 
 void keyDiffScores(const HeadRows& rows, int length, int head_dim, double* out) {
   std::vector<double> anchor(static_cast<size_t>(head_dim), 0.0), norm(static_cast<size_t>(length));
   for (int i = 0; i < length; ++i) {
     const float* k = rows.keys + int64_t(i) * head_dim;
-    double sq = 0;
-    for (int d = 0; d < head_dim; ++d) sq += double(k[d]) * k[d];
-    norm[i] = std::sqrt(sq);
+    norm[i] = std::sqrt(squaredNorm(k, head_dim));
     for (int d = 0; d < head_dim; ++d) anchor[d] += norm[i] > 0 ? k[d] / norm[i] / length : 0.0;
   }
   const double anchor_norm = std::sqrt(std::inner_product(anchor.begin(), anchor.end(), anchor.begin(), 0.0));
@@ -104,20 +107,15 @@ void expectedAttentionScores(const HeadRows& rows, const int* positions, int len
     for (int e = 0; e < length; ++e)
       if (positions[e] >= sinks) out[e] += std::exp(logit[e] - top) / total;
   }
-  for (int e = 0; e < length; ++e) {
-    const float* v = rows.values + int64_t(e) * d;
-    double sq = 0;
-    for (int i = 0; i < d; ++i) sq += double(v[i]) * v[i];
-    out[e] *= std::sqrt(sq);
-  }
+  for (int e = 0; e < length; ++e) out[e] *= std::sqrt(squaredNorm(rows.values + int64_t(e) * d, d));
 }
 
 void curScores(const HeadRows& rows, int length, int head_dim, int local, double* out) {
   const int w = local > 0 ? local : std::max(length, 1);
   std::vector<double> k2(static_cast<size_t>(length)), v2(static_cast<size_t>(length));
   for (int i = 0; i < length; ++i) {
-    const float *k = rows.keys + int64_t(i) * head_dim, *v = rows.values + int64_t(i) * head_dim;
-    for (int d = 0; d < head_dim; ++d) k2[i] += double(k[d]) * k[d], v2[i] += double(v[d]) * v[d];
+    k2[i] = squaredNorm(rows.keys + int64_t(i) * head_dim, head_dim);
+    v2[i] = squaredNorm(rows.values + int64_t(i) * head_dim, head_dim);
   }
   for (int b = 0; b < length; b += w) {  // each window's squared norms as shares of the window's
     const int e = std::min(length, b + w);
@@ -272,11 +270,8 @@ void nonCausalAttention(const HeadRows& rows, const int* positions, int length, 
 
 void nonCausalScores(const HeadRows& rows, int length, int head_dim, const double* attention, double* out) {
   std::vector<double> s(static_cast<size_t>(length));
-  for (int i = 0; i < length; ++i) {
-    double v2 = 0;
-    for (int c = 0; c < head_dim; ++c) v2 += double(rows.values[int64_t(i) * head_dim + c]) * rows.values[int64_t(i) * head_dim + c];
-    s[i] = attention[i] * std::sqrt(v2);
-  }
+  for (int i = 0; i < length; ++i)
+    s[i] = attention[i] * std::sqrt(squaredNorm(rows.values + int64_t(i) * head_dim, head_dim));
   for (int i = 0; i < length; ++i)
     out[i] = ((i > 0 ? s[i - 1] : 0.0) + s[i] + (i + 1 < length ? s[i + 1] : 0.0)) / 3;
   zScore(out, length);

@@ -74,15 +74,9 @@ void GpuEngine<T>::compactAsMirror(Sequence& s) {
     for (int h = 0; h < H; ++h) max_kept = std::max(max_kept, s.mirror.head(l, h).length());
     std::vector<int> keep(size_t(H) * max_kept + H, 0);  // rows per head, then counts
     for (int h = 0; h < H; ++h) {
-      auto& was = s.row_positions[size_t(l) * H + h];
-      const auto& now = s.mirror.head(l, h).positions;
-      size_t j = 0;
-      for (size_t i = 0; i < now.size(); ++i, ++j) {
-        while (was[j] != now[i]) ++j;
-        keep[size_t(h) * max_kept + i] = int(j);
-      }
-      keep[size_t(H) * max_kept + h] = s.len[size_t(l) * H + h] = int(now.size());
-      was = now;
+      const std::vector<int> slots = keptSlots(s, l * H + h);
+      std::copy(slots.begin(), slots.end(), keep.begin() + size_t(h) * max_kept);
+      keep[size_t(H) * max_kept + h] = s.len[size_t(l) * H + h] = int(slots.size());
     }
     int* d_keep = grow(keep_, keep.size());
     KVTP_CUDA_CHECK(cudaMemcpy(d_keep, keep.data(), keep.size() * sizeof(int), cudaMemcpyHostToDevice));

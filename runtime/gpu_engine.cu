@@ -202,7 +202,7 @@ class GpuEngine : public Engine {
     std::fill(s.len.begin(), s.len.end(), 0);
     s.longest = 0, s.uniform = true, s.weights_pending = false, s.unscored = 0, s.on_device = false;
     s.compact = s.compact_counted = 0;
-    if (prompt_seq_ == current_) prompt_seq_ = -1;  // its buffer stays for the next prompt
+    if (prompt_seq_ == current_) dropPromptRing();
     for (auto* v : {&s.coded, &s.coded_kept, &s.runs_alive, &s.next_run}) std::fill(v->begin(), v->end(), 0);
     s.prompt_kept.assign(s.len.size(), 0);
     s.positions.clear();
@@ -259,7 +259,7 @@ class GpuEngine : public Engine {
     for (auto& L : layers_) L.dropCache();
     weights_ = {}, score_ = {}, history_ = {};
     capacity_ = 0, run_capacity_ = 0;
-    prompt_ring_k_ = {}, prompt_ring_v_ = {}, prompt_seq_ = -1;
+    dropPromptRing();
     observed_len_ = 0;
     seqs_.clear();
     for (int s = 0; s < batch; ++s) seqs_.emplace_back(c_, part_, kv_spec_, host_group_);
@@ -432,11 +432,11 @@ class GpuEngine : public Engine {
       for (int b = 0; b < B; ++b) {
         const Sequence& s = seqs_[b];
         const bool stepped = shape.batch || b == current_;
-        const int before = s.compact, then = stepped ? compactAfter(s, shape.batch ? 1 : rows) : s.compact;
+        const int then = stepped ? compactAfter(s, shape.batch ? 1 : rows) : s.compact;
         for (int h = 0; h < H; ++h) {
           const size_t i = (size_t(l) * B + b) * H + h;
-          compact[i] = compact[LBH + i] = kivi_evicts_ ? s.coded[size_t(l) * H + h] : before;
-          if (!kivi_evicts_) compact[LBH + i] = then;
+          compact[i] = kivi_evicts_ ? s.coded[size_t(l) * H + h] : s.compact;
+          compact[LBH + i] = kivi_evicts_ ? compact[i] : then;
         }
       }
     int* d_meta = grow(meta_, meta.size());
@@ -444,10 +444,9 @@ class GpuEngine : public Engine {
     if (kv_spec_.scoresDecoding()) grow(weights_, size_t(c_.layers) * B * H * capacity_);  // before any capture
     // The device work of the step reads only device buffers and this step's shape; a decode step
     // (one token a sequence) replays it as a CUDA graph (captured at the second step of the same
-    // capacity and sequence) — not while a prompt's own ring is pending, whose buffer a later
-    // prompt may reuse with another length.
+    // capacity and sequence).
     auto launches = [&] { forward(d_tokens, d_meta, shape); };
-    if ((rows == 1 || shape.batch) && prompt_seq_ < 0) {
+    if (rows == 1 || shape.batch) {
       cuda::GraphReplay& graph = shape.batch ? batch_graph_ : decode_graph_;
       const int64_t key = (int64_t(capacity_) * (kMaxBatch + 1) + B) * (kMaxBatch + 1) + (shape.batch ? 0 : current_);
       if (graph.run(key, launches)) collectives_.replayed(graph_marks_[shape.batch]);
@@ -478,6 +477,22 @@ class GpuEngine : public Engine {
   void ringRoom(int rows);
   void leavePromptRing(Sequence& s);
   const int* uploadRingRows(const Sequence& s);
+  int fullRowsHeld(const Sequence& s) const;
+  void dropPromptRing() { prompt_ring_k_ = {}, prompt_ring_v_ = {}, prompt_seq_ = -1, prompt_rows_ = 0; }
+  // Head i's slots whose entries the mirror kept (its positions matched in order); the head's
+  // positions then follow the mirror's.
+  std::vector<int> keptSlots(Sequence& s, int i) {
+    auto& was = s.row_positions[i];
+    const auto& now = s.mirror.head(i / part_.kv_heads, i % part_.kv_heads).positions;
+    std::vector<int> slots;
+    size_t j = 0;
+    for (const int32_t p : now) {
+      while (was[j] != p) ++j;
+      slots.push_back(int(j++));
+    }
+    was = now;
+    return slots;
+  }
   void growRuns(int64_t runs);
   // Layer l's ring from KV head head0 on: the shared one, or the pending prompt's.
   cuda::Ring<T> ringAt(int l, size_t head0) {

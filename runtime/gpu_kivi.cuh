@@ -21,16 +21,8 @@ void GpuEngine<T>::compactKiviAsMirror(Sequence& s) {
   }
   if (!changed) return;
   std::vector<uint8_t> keep(size_t(std::max<int64_t>(n, 1)), 0);
-  for (int i = 0; i < LH; ++i) {
-    auto& was = s.row_positions[i];
-    const auto& now = s.mirror.head(i / H, i % H).positions;
-    size_t j = 0;
-    for (const int32_t p : now) {
-      while (was[j] != p) ++j;
-      keep[size_t(meta[i]) + j++] = 1;
-    }
-    was = now;
-  }
+  for (int i = 0; i < LH; ++i)
+    for (const int slot : keptSlots(s, i)) keep[size_t(meta[i]) + slot] = 1;
   int* d_meta = grow(evict_meta_, meta.size());
   KVTP_CUDA_CHECK(cudaMemcpy(d_meta, meta.data(), meta.size() * sizeof(int), cudaMemcpyHostToDevice));
   uint8_t* d_keep = grow(keep_flags_, keep.size());
@@ -120,6 +112,14 @@ void GpuEngine<T>::settleKivi(Sequence& s) {
   if (prompt_seq_ == current_) leavePromptRing(s);
 }
 
+// The most full-precision rows (slots [coded, length)) any head of s holds in its ring.
+template <class T>
+int GpuEngine<T>::fullRowsHeld(const Sequence& s) const {
+  int held = 0;
+  for (size_t i = 0; i < s.len.size(); ++i) held = std::max(held, s.len[i] - s.coded[i]);
+  return held;
+}
+
 // Sequence s's coded slots, then its slots, per (layer, KV head), on the device: where each
 // head's full-precision rows lie (cuda::ringResize).
 template <class T>
@@ -139,28 +139,20 @@ const int* GpuEngine<T>::uploadRingRows(const Sequence& s) {
 template <class T>
 void GpuEngine<T>::ringRoom(int rows) {
   Sequence& s = seq();
-  const int H = part_.kv_heads, LH = c_.layers * H;
-  int need = 0;
-  for (int i = 0; i < LH; ++i) need = std::max(need, s.len[i] - s.coded[i] + rows);
+  const int H = part_.kv_heads, LH = c_.layers * H, need = fullRowsHeld(s) + rows;
   if (need <= (prompt_seq_ == current_ ? prompt_rows_ : ring_)) return;
   if (prompt_seq_ >= 0 && prompt_seq_ != current_)
     throw Error("sequence " + std::to_string(prompt_seq_) + "'s prompt waits for its decision: compress it before "
                 "sequence " + std::to_string(current_) + " takes a prompt");
   const size_t hd = c_.head_dim, elements = size_t(LH) * need * hd, head0 = size_t(current_) * H;
-  DeviceBuffer<T> k, v;
-  if (prompt_ring_k_.size() < elements || prompt_seq_ == current_) {  // a pending prompt's rows are copied from its buffer
-    size_t free = 0, total = 0;
-    KVTP_CUDA_CHECK(cudaMemGetInfo(&free, &total));
-    const size_t bytes = 2 * elements * sizeof(T), spare = prompt_seq_ < 0 ? 2 * prompt_ring_k_.size() * sizeof(T) : 0;
-    if (bytes + (size_t(1) << 30) > free + spare)
-      throw Error("a prompt of " + std::to_string(need) + " tokens waits for its decision at full precision (KIVI "
-                  "under eviction quantizes the rows it keeps): " + std::to_string(bytes >> 20) +
-                  " MiB (+1 GiB headroom); the device has " + std::to_string((free + spare) >> 20) + " MiB for it");
-    if (prompt_seq_ < 0) prompt_ring_k_ = {}, prompt_ring_v_ = {};
-    k = DeviceBuffer<T>(elements), v = DeviceBuffer<T>(elements);
-  } else {
-    k = std::move(prompt_ring_k_), v = std::move(prompt_ring_v_);
-  }
+  size_t free = 0, total = 0;
+  KVTP_CUDA_CHECK(cudaMemGetInfo(&free, &total));
+  const size_t bytes = 2 * elements * sizeof(T);
+  if (bytes + (size_t(1) << 30) > free)
+    throw Error("a prompt of " + std::to_string(need) + " tokens waits for its decision at full precision (KIVI "
+                "under eviction quantizes the rows it keeps): " + std::to_string(bytes >> 20) +
+                " MiB (+1 GiB headroom); the device has " + std::to_string(free >> 20) + " MiB for it");
+  DeviceBuffer<T> k(elements), v(elements);  // new buffers: a decode graph captured on the old ring is not replayed
   const int* d = uploadRingRows(s);
   for (int l = 0; l < c_.layers; ++l) {
     const cuda::Ring<T> from = ringAt(l, head0);
@@ -177,9 +169,7 @@ void GpuEngine<T>::ringRoom(int rows) {
 template <class T>
 void GpuEngine<T>::leavePromptRing(Sequence& s) {
   const int H = part_.kv_heads, LH = c_.layers * H;
-  int held = 0;
-  for (int i = 0; i < LH; ++i) held = std::max(held, s.len[i] - s.coded[i]);
-  if (held + kMaxFewRows > ring_) return;
+  if (fullRowsHeld(s) + kMaxFewRows > ring_) return;
   const int* d = uploadRingRows(s);
   const size_t head0 = size_t(current_) * H, hd = c_.head_dim;
   for (int l = 0; l < c_.layers; ++l) {
@@ -188,7 +178,7 @@ void GpuEngine<T>::leavePromptRing(Sequence& s) {
     cuda::ringResize(from.k, from.v, from.rows, g.ring_k.get() + head0 * ring_ * hd, g.ring_v.get() + head0 * ring_ * hd,
                      ring_, H, int(hd * sizeof(T)), d + l * H, d + LH + l * H);
   }
-  prompt_ring_k_ = {}, prompt_ring_v_ = {}, prompt_seq_ = -1, prompt_rows_ = 0;
+  dropPromptRing();
 }
 
 // Room for `runs` key pairs per KV head (geometric), each head's pairs kept.
