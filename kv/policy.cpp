@@ -84,6 +84,7 @@ const char* methodName(Method m) {
     case Method::NonCausal: return "noncausal";
     case Method::Compactor: return "compactor";
     case Method::Finch: return "finch";
+    case Method::QFilters: return "qfilters";
   }
   return "?";
 }
@@ -115,6 +116,7 @@ std::string PolicySpec::describe() const {
     if (method == Method::Random) o << ",seed=" << seed;
     if (method == Method::LagKV) o << ",lag=" << lag;
     if (method == Method::CUR) o << ",local=" << local;
+    if (method == Method::QFilters && !filters.empty()) o << ",filters=" << filters;
     if (method == Method::Expected) o << ",future=" << future;
     if (method == Method::NonCausal || method == Method::Compactor) o << ",span=" << span;
     if (method == Method::Compactor && blend >= 0) o << ",blend=" << blend;
@@ -149,22 +151,28 @@ PolicySpec parsePolicy(const std::string& kv, const std::string& kv_quant, const
                                                    {"lagkv", Method::LagKV},     {"simlayerkv", Method::SimLayerKV},
                                                    {"leverage", Method::Leverage}, {"cur", Method::CUR},
                                                    {"expected", Method::Expected}, {"noncausal", Method::NonCausal},
-                                                   {"compactor", Method::Compactor}, {"finch", Method::Finch}};
+                                                   {"compactor", Method::Compactor}, {"finch", Method::Finch},
+                                                   {"qfilters", Method::QFilters}};
     auto m = methods.find(name);
     if (m == methods.end())
       throw std::invalid_argument("KV method '" + name +
                                   "' is not one of: full, streamingllm, h2o, scissorhands, snapkv, pyramidkv, random, "
-                                  "tova, knorm, keydiff, lagkv, leverage, cur, expected, noncausal, compactor, finch, simlayerkv");
+                                  "tova, knorm, keydiff, lagkv, leverage, cur, qfilters, expected, noncausal, compactor, finch, "
+                                  "simlayerkv");
     s.method = m->second;
     rejectUnknown(a, {"budget", "tokens", "bytes", "sinks", "recent", "scope", "history", "window", "kernel", "ratio", "decode",
                       "decode_budget", "decode_recent", "delta", "seed", "lag", "interval", "chunk", "threshold",
-                      "evict_below", "ladder", "local", "future", "critical", "block", "span", "blend", "think"},
+                      "evict_below", "ladder", "local", "future", "critical", "block", "span", "blend", "think", "filters"},
                   kv);
     s.lag = int(number(a, "lag", s.lag, kv));
     s.local = int(number(a, "local", s.local, kv));
     s.future = int(number(a, "future", s.future, kv));
     s.span = int(number(a, "span", s.span, kv));
     s.blend = number(a, "blend", s.blend, kv);
+    if (auto f = a.find("filters"); f != a.end()) {
+      if (s.method != Method::QFilters) throw std::invalid_argument("filters= is qfilters' file of filters (" + kv + ")");
+      s.filters = f->second;
+    }
     s.think = number(a, "think", s.think, kv);
     if (s.think < 0 || s.think >= 1) throw std::invalid_argument("think must be in [0, 1) (" + kv + ")");
     if (s.span < 1) throw std::invalid_argument("span must be at least 1 (" + kv + ")");
@@ -179,12 +187,13 @@ PolicySpec parsePolicy(const std::string& kv, const std::string& kv_quant, const
     if (s.block < 0) throw std::invalid_argument("block must be 0 (off) or more (" + kv + ")");
     if (s.block > 0 && !s.readsRows())
       throw std::invalid_argument("block= compresses the prompt in blocks for the methods that score the cached keys and "
-                                  "values (knorm, keydiff, lagkv, leverage, cur) (" + kv + ")");
+                                  "values (knorm, keydiff, lagkv, leverage, cur, qfilters) (" + kv + ")");
     if (s.block > 0 && (s.critical > 0 || s.chunk > 1 || s.evict_below > -INFINITY || a.count("ladder")))
       throw std::invalid_argument("block= takes the method's own decision: not with critical=, chunk=, evict_below= or "
                                   "ladder= (" + kv + ")");
     if (s.critical < 0 || s.critical > 1) throw std::invalid_argument("critical must be in [0, 1] (" + kv + ")");
     if (s.critical > 0 && (s.method == Method::KNorm || s.method == Method::KeyDiff || s.method == Method::Leverage ||
+                           s.method == Method::QFilters ||
                            s.method == Method::NonCausal || s.method == Method::Compactor ||
                            s.method == Method::SimLayerKV || s.method == Method::Full))
       throw std::invalid_argument("critical= rescales a method's nonnegative scores by ||W_o v||: not " +
@@ -291,6 +300,13 @@ PolicySpec parsePolicy(const std::string& kv, const std::string& kv_quant, const
 Policy::Policy(PolicySpec spec, HeadLayout layout, comm::Communicator* group)
     : spec_(spec), lay_(layout), group_(group) {}
 
+void Policy::setQueryFilters(std::vector<std::vector<float>> filters) {
+  if (filters.size() != size_t(lay_.layers) * lay_.local_kv_heads ||
+      std::any_of(filters.begin(), filters.end(), [&](const auto& f) { return f.size() != size_t(lay_.head_dim); }))
+    throw std::invalid_argument("query filters: one of head_dim values per layer and KV head");
+  query_filters_ = std::move(filters);
+}
+
 int Policy::globalIndex(int layer, int h) const { return layer * lay_.global_kv_heads + lay_.kv_head_begin + h; }
 
 void Policy::countStep(int last_pos, bool prefill) {
@@ -305,6 +321,8 @@ Policy::DecodedBudget Policy::decodedBudget() const {
 }
 
 void Policy::afterStep(KVCache& cache, const StepAttention& attn, int last_pos, bool prefill) {
+  if (spec_.method == Method::QFilters && query_filters_.empty())
+    throw std::logic_error("qfilters: the policy was given no filters (setQueryFilters)");
   countStep(last_pos, prefill);
   if (spec_.method == Method::SimLayerKV) {
     if (prefill) findLazyLayers(cache, attn);
@@ -564,9 +582,11 @@ void Policy::pruneKeyChannels(KVCache& cache, const StepAttention& prompt) {
     }
 }
 
-void Policy::rowScores(const HeadRows& rows, const int* positions, int n, const std::vector<float>& rope_inv_freq,
-                       double* key) const {
+void Policy::rowScores(int layer, int local_head, const HeadRows& rows, const int* positions, int n,
+                       const std::vector<float>& rope_inv_freq, double* key) const {
   const int hd = lay_.head_dim;
+  if (spec_.method == Method::QFilters)
+    queryFilterScores(rows, n, hd, query_filters_[size_t(layer) * lay_.local_kv_heads + local_head].data(), key);
   if (spec_.method == Method::KNorm) keyNormScores(rows, n, hd, key);
   if (spec_.method == Method::KeyDiff) keyDiffScores(rows, n, hd, key);
   if (spec_.method == Method::LagKV) lagScores(rows, n, hd, spec_.sinks, spec_.lag, key);
@@ -622,7 +642,7 @@ void Policy::evictInBlocks(const KVCache& cache, int last_pos, const std::vector
           pos[j] = c.positions[cand[j]];
         }
         keys[i].assign(cand.size(), 0.0);
-        rowScores({k.data(), v.data()}, pos.data(), int(cand.size()), cache.ropeInvFreq(), keys[i].data());
+        rowScores(l, h, {k.data(), v.data()}, pos.data(), int(cand.size()), cache.ropeInvFreq(), keys[i].data());
         for (size_t j = 0; j < cand.size(); ++j)
           if (pos[j] < spec_.sinks || pos[j] > last_pos - spec_.recent) keys[i][j] = INFINITY;
         heads[i] = {keys[i].data(), int(cand.size()), globalIndex(l, h), lay_.owner || !shared};
@@ -761,7 +781,7 @@ void Policy::evict(KVCache& cache, const StepAttention& attn, int last_pos, bool
       key.resize(size_t(c.length()));
       if (spec_.readsRows()) {  // scores of the cached keys and values (dequantized where stored coded)
         std::vector<float> scratch;
-        rowScores(cache.rows(l, h, scratch), c.positions.data(), c.length(), cache.ropeInvFreq(), key.data());
+        rowScores(l, h, cache.rows(l, h, scratch), c.positions.data(), c.length(), cache.ropeInvFreq(), key.data());
       } else {
         for (int i = 0; i < c.length(); ++i) {
           double s = c.score[i];

@@ -23,11 +23,11 @@ namespace kvtp::kv {
 // How a method scores entries: by the attention they receive (H2O, Scissorhands, SnapKV,
 // PyramidKV, TOVA: Policy::score folds each step in), by position (StreamingLLM), by a fixed draw
 // (Random), or by the cached keys and values at decision time (K-norm, KeyDiff, LagKV, leverage,
-// CUR: kv/scorers.h).
+// CUR, Q-Filters: kv/scorers.h).
 // SimLayerKV decides per layer instead: at the prompt's end a layer whose newest query looks at
 // the sinks and the recent window only is "lazy" and streams from then on; the others keep all.
 enum class Method { Full, StreamingLLM, H2O, Scissorhands, SnapKV, PyramidKV, Random, TOVA, KNorm, KeyDiff, LagKV,
-                    SimLayerKV, Leverage, CUR, Expected, NonCausal, Compactor, Finch };
+                    SimLayerKV, Leverage, CUR, Expected, NonCausal, Compactor, Finch, QFilters };
 enum class Scope { Global, Layer, Head };  // who competes for the budget
 enum class Quant { None, Int8, Kivi };
 enum class Decode { None, Slide, Adaptive, Discontinuous };  // SCOPE's decode-phase strategies
@@ -62,6 +62,7 @@ struct PolicySpec {
   double evict_below = -INFINITY;  // DMS-style: entries scoring below this go whatever the budget (-inf: off)
   double critical = 0;      // CriticalKV: share of a head's budget chosen by the score alone (0: off)
   int block = 0;            // the prompt compressed in blocks of this many entries (0: at once)
+  std::string filters;      // Q-Filters: the calibrated filters' file (empty: qfilters.json in the model's folder)
   // Tiered precision: the forms an entry steps down through as it loses importance (first Full),
   // evicted after the last; empty: keep or evict. The budget is then in bytes (docs/KV.md).
   std::vector<Form> ladder;
@@ -91,7 +92,7 @@ struct PolicySpec {
   // Whether the method reads the cached keys and values when it decides (kv/scorers.h).
   bool readsRows() const {
     return method == Method::KNorm || method == Method::KeyDiff || method == Method::LagKV || method == Method::Leverage ||
-           method == Method::CUR;
+           method == Method::CUR || method == Method::QFilters;
   }
   // Whether a decode step's attention changes the scores (SnapKV / PyramidKV without SCOPE's
   // decode phase score the prompt only).
@@ -144,6 +145,8 @@ class Policy {
   Policy(PolicySpec spec, HeadLayout layout, comm::Communicator* group);
 
   const PolicySpec& spec() const { return spec_; }
+  // Q-Filters: each (layer, local KV head)'s filter, head_dim values (index layer * local_kv_heads + head).
+  void setQueryFilters(std::vector<std::vector<float>> filters);
   // After a forward step that appended tokens up to absolute position `last_pos` (prefill: T > 1).
   // Updates scores, evicts to the budget, quantizes what aged out of the residual window.
   void afterStep(KVCache& cache, const StepAttention& attn, int last_pos, bool prefill);
@@ -189,8 +192,8 @@ class Policy {
   // CriticalKV on one head's keys: its `first` best by the score alone kept first, the others by
   // (score + eps) x ||W_o v||_1 (entries already +inf, the protected, left as they are).
   static void criticalKeys(const HeadCache& c, int first, std::vector<double>& key);
-  // The row-reading method's scores of n entries (kv/scorers.h).
-  void rowScores(const HeadRows& rows, const int* positions, int n, const std::vector<float>& rope_inv_freq,
+  // The row-reading method's scores of n entries of a (layer, local KV head) (kv/scorers.h).
+  void rowScores(int layer, int local_head, const HeadRows& rows, const int* positions, int n, const std::vector<float>& rope_inv_freq,
                  double* key) const;
   void evictInBlocks(const KVCache& cache, int last_pos, const std::vector<int64_t>& pool_budget,
                      const std::vector<int>& pool_of, bool shared);
@@ -217,6 +220,7 @@ class Policy {
   std::vector<std::vector<double>> keys_;
   std::vector<std::vector<uint8_t>> keep_;
   std::vector<uint8_t> lazy_;  // SimLayerKV: per layer, decided at the prompt's end
+  std::vector<std::vector<float>> query_filters_;  // Q-Filters: per (layer, local KV head)
   std::vector<std::vector<QueryStats>> queries_;  // expected attention: per (layer, local KV head), its query heads
   SelectTraffic last_traffic_;
 };

@@ -3,8 +3,10 @@
 #include <algorithm>
 #include <cmath>
 #include <numeric>
+#include <stdexcept>
 
 #include "kernels/cpu_ops.h"
+#include "kv/lowrank.h"
 
 namespace kvtp::kv {
 namespace {
@@ -36,6 +38,49 @@ void keyDiffScores(const HeadRows& rows, int length, int head_dim, double* out) 
     for (int d = 0; d < head_dim; ++d) dot += k[d] * anchor[d];
     out[i] = norm[i] > 0 && anchor_norm > 0 ? -dot / (norm[i] * anchor_norm) : 0.0;
   }
+}
+
+void queryFilterScores(const HeadRows& rows, int length, int head_dim, const float* filter, double* out) {
+  for (int i = 0; i < length; ++i) {
+    const float* k = rows.keys + int64_t(i) * head_dim;
+    double dot = 0;
+    for (int d = 0; d < head_dim; ++d) dot += double(k[d]) * filter[d];
+    out[i] = dot;
+  }
+}
+
+QueryFilterCalibration::QueryFilterCalibration(int members, int head_dim)
+    : members_(members), hd_(head_dim), gram_(size_t(members), std::vector<double>(size_t(head_dim) * head_dim, 0.0)),
+      direction_(size_t(members)), positive_(size_t(members), 0), total_(size_t(members), 0) {}
+
+void QueryFilterCalibration::addGram(int member, const float* q, int n) {
+  std::vector<double>& g = gram_[member];
+  for (int r = 0; r < n; ++r)
+    for (int i = 0; i < hd_; ++i)
+      for (int j = 0; j < hd_; ++j) g[size_t(i) * hd_ + j] += double(q[int64_t(r) * hd_ + i]) * q[int64_t(r) * hd_ + j];
+}
+
+void QueryFilterCalibration::addSigns(int member, const float* q, int n) {
+  if (direction_[member].empty()) direction_[member] = leadingEigenvectors(gram_[member], hd_, 1);
+  const std::vector<float>& v = direction_[member];
+  for (int r = 0; r < n; ++r) {
+    double dot = 0;
+    for (int i = 0; i < hd_; ++i) dot += double(q[int64_t(r) * hd_ + i]) * v[i];
+    positive_[member] += dot > 0;
+    ++total_[member];
+  }
+}
+
+std::vector<float> QueryFilterCalibration::filter() const {
+  std::vector<double> mean(size_t(hd_), 0.0);
+  for (int m = 0; m < members_; ++m) {
+    if (direction_[m].empty()) throw std::logic_error("QueryFilterCalibration: addSigns before filter");
+    // The authors' sign: +1 when more than half of the first left singular vector's entries (the
+    // queries' projections) are positive.
+    const double sign = 2 * positive_[m] > total_[m] ? 1.0 : -1.0;
+    for (int i = 0; i < hd_; ++i) mean[i] += sign * direction_[m][i] / members_;
+  }
+  return {mean.begin(), mean.end()};
 }
 
 void QueryStats::add(const float* q, int head_dim) {

@@ -17,6 +17,31 @@ void keyNormScores(const HeadRows& rows, int length, int head_dim, double* out);
 // score = -cos(k, a), a = the mean of the normalized keys.
 void keyDiffScores(const HeadRows& rows, int length, int head_dim, double* out);
 
+// Q-Filters (Godey et al. 2025, "Q-Filters: Leveraging Query-Key Geometry for Efficient
+// Key-Value Cache Compression"): a query head's queries lie mostly along one direction, so a key's
+// projection on it estimates the attention the key will draw; score = k . filter (post-RoPE keys),
+// `filter` the head's, calibrated once per model (QueryFilterCalibration).
+void queryFilterScores(const HeadRows& rows, int length, int head_dim, const float* filter, double* out);
+
+// Q-Filters' calibration of one KV head, as the authors' make_filters.py: for each of its query
+// heads, the top right singular vector v of the matrix of its post-RoPE calibration queries (the
+// leading eigenvector of Q^T Q), turned so that most queries project positively on it (their
+// majority sign of the first left singular vector); the filter is the mean of those over the KV
+// head's query heads. Two passes over the same queries: addGram, then addSigns.
+class QueryFilterCalibration {
+ public:
+  QueryFilterCalibration(int members, int head_dim);
+  void addGram(int member, const float* queries, int n);   // pass 1: n rows of head_dim
+  void addSigns(int member, const float* queries, int n);  // pass 2 (the directions settled at its first call)
+  std::vector<float> filter() const;                       // after pass 2
+
+ private:
+  int members_, hd_;
+  std::vector<std::vector<double>> gram_;  // per member, Q^T Q
+  std::vector<std::vector<float>> direction_;
+  std::vector<int64_t> positive_, total_;
+};
+
 // LagKV (Liang et al. 2025): entries after the first `sinks` in partitions of `lag`; each entry of
 // a partition is scored against the next partition (its "lag" reference): the standard deviation
 // over channels of the entry min-max normalized by the reference's per-channel range, softmax over

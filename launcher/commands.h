@@ -9,6 +9,7 @@ void addGenerateCommand(CLI::App& app);
 void addPasskeyCommand(CLI::App& app);
 void addBenchCommand(CLI::App& app);
 void addSweepCommand(CLI::App& app);
+void addQueryFiltersCommand(CLI::App& app);  // Q-Filters' calibration
 void addServiceCommands(CLI::App& app);  // coordinator, worker, submit, jobs, watch, cancel
 
 }  // namespace kvtp::launcher

@@ -13,6 +13,7 @@ int main(int argc, char** argv) {
   kvtp::launcher::addPasskeyCommand(app);
   kvtp::launcher::addBenchCommand(app);
   kvtp::launcher::addSweepCommand(app);
+  kvtp::launcher::addQueryFiltersCommand(app);
   kvtp::launcher::addServiceCommands(app);
   try {
     app.parse(argc, argv);

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <sstream>
 
@@ -34,19 +35,24 @@ std::string number(T v) {
 void addSweepGridOptions(CLI::App* cmd, SweepGrid& g) {
   cmd->add_option("--methods", g.methods,
                   "eviction methods (comma-separated), each run at every budget; 'all': every method of docs/KV.md "
-                  "(those that compress a prompt only with --prefill)");
+                  "(those that compress a prompt only with --prefill, qfilters where the model has qfilters.json)");
   cmd->add_option("--budgets", g.budgets, "budgets (fractions of the full cache, comma-separated)");
   cmd->add_option("--quants", g.quants, "quantizations run alone (semicolon-separated specs)");
   cmd->add_option("--extra", g.extra, "more runs, semicolon-separated, each 'KV' or 'KV|QUANT'");
   cmd->add_option("--ladder", g.ladder, "tiered precision: every method and budget again with this ladder (e.g. fp16/int8/int4/int2)");
 }
 
-std::vector<SweepRun> sweepRuns(const SweepGrid& g, bool prompt) {
+bool hasQueryFilters(const std::string& model_dir) {
+  return !model_dir.empty() && std::filesystem::exists(std::filesystem::path(model_dir) / "qfilters.json");
+}
+
+std::vector<SweepRun> sweepRuns(const SweepGrid& g, bool prompt, bool query_filters) {
   std::vector<SweepRun> runs = {{"full", "", ""}};
   // SnapKV, PyramidKV, noncausal, compactor and Finch decide at the prompt's end: without one
   // (--prefill) they would compress nothing, so 'all' leaves them out.
   const std::string methods = g.methods != "all" ? g.methods
                               : std::string("streamingllm,h2o,scissorhands,tova,knorm,keydiff,lagkv,leverage,cur,expected,random") +
+                                    (query_filters ? ",qfilters" : "") +
                                     (prompt ? ",snapkv,pyramidkv,noncausal,compactor,finch" : "");
   for (auto& m : split(methods, ','))
     for (auto& b : split(g.budgets, ',')) runs.push_back({m, m + ":budget=" + b, ""});

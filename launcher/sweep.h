@@ -23,8 +23,10 @@ struct SweepRun {
 };
 // The full cache, every method at every budget (and again with the ladder), each quantization
 // alone, then the extra runs; `prompt`: the windows start with a prompt (--prefill), so 'all'
-// includes the methods that compress one.
-std::vector<SweepRun> sweepRuns(const SweepGrid& g, bool prompt);
+// includes the methods that compress one; `query_filters`: the model has Q-Filters calibrated
+// (hasQueryFilters), so 'all' includes qfilters.
+std::vector<SweepRun> sweepRuns(const SweepGrid& g, bool prompt, bool query_filters);
+bool hasQueryFilters(const std::string& model_dir);
 
 // One CSV row per run from its `kvtp ppl --json` result; fields quoted per RFC 4180 where needed.
 // Column names: label,kv,kv_quant,ppl,tokens,kv_bytes_peak,kv_bytes_full,kv_ratio,seconds,

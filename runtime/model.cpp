@@ -61,7 +61,9 @@ std::unique_ptr<Model> Model::load(const std::string& model_dir, comm::Communica
   ModelConfig config = loadConfig(model_dir);
   const Partition part = partitionFor(config, group);  // fails before any weight is read
   Checkpoint checkpoint(model_dir);
-  return std::make_unique<Model>(config, loadWeights(config, checkpoint, part), group);
+  auto model = std::make_unique<Model>(config, loadWeights(config, checkpoint, part), group);
+  model->directory_ = model_dir;
+  return model;
 }
 
 std::unique_ptr<Model> Model::synthetic(const ModelConfig& config, uint64_t seed, comm::Communicator* group) {

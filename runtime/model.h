@@ -26,6 +26,8 @@ class Model {
   static std::unique_ptr<Model> synthetic(const ModelConfig& config, uint64_t seed, comm::Communicator* group = nullptr);
 
   const ModelConfig& config() const { return config_; }
+  // The folder it was loaded from (empty for synthetic weights).
+  const std::string& directory() const { return directory_; }
   const ModelWeights& weights() const { return weights_; }
   const Partition& partition() const { return part_; }
   comm::Communicator* group() const { return group_; }
@@ -62,6 +64,7 @@ class Model {
   comm::Communicator* group_;
   Partition part_;
   std::vector<float> inv_freq_;  // RoPE frequencies (Llama)
+  std::string directory_;
 };
 
 // Throws Error for a token id outside the vocabulary or a position beyond the model's context

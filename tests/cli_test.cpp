@@ -79,8 +79,30 @@ INSTANTIATE_TEST_SUITE_P(
         // CI has no GPU: the build without CUDA says so, the CUDA build finds no device.
         BadInput{"CudaWithoutGpu", "--model models/kvtp-opt-3m --data data/c4/c4-heldout-200.json.gz --device cuda",
                  "--device cuda: "},
+        BadInput{"QFiltersNotCalibrated", "--model tests/fixtures/models/llama3-gqa --input-ids "
+                 "tests/fixtures/models/llama3-gqa/input_ids.txt --mode decode --kv qfilters:budget=0.3", "kvtp qfilters"},
+        BadInput{"QFiltersOfAnotherModel", "--model tests/fixtures/models/llama2-tied --input-ids "
+                 "tests/fixtures/models/llama2-tied/input_ids.txt --mode decode "
+                 "--kv qfilters:budget=0.3,filters=tests/data/llama3-gqa-qfilters.json", "not this model's"},
         BadInput{"UnknownPreset", "--synthetic opt-9000b --input-ids tests/fixtures/models/opt-preln/input_ids.txt", "preset"}),
     [](const auto& info) { return info.param.name; });
+
+// `kvtp qfilters` writes filters that `--kv qfilters` reads from the model's folder, and the
+// eviction they steer changes the log-probs.
+TEST(Cli, QFiltersCalibratedByTheCommandSteerTheEviction) {
+  test::TempDir d;
+  const std::string src = "tests/fixtures/models/llama3-gqa", model = d / "model";
+  std::filesystem::create_directory(model);
+  for (const char* f : {"config.json", "model.safetensors"}) std::filesystem::copy_file(src + "/" + f, model + "/" + f);
+  const std::string ids = " --input-ids " + src + "/input_ids.txt";
+  const auto cal = run(test::kvtpBinary() + " qfilters --model " + model + ids);
+  ASSERT_EQ(cal.status, 0) << cal.err;
+  EXPECT_NE(cal.out.find("2 layers x 2 KV heads from 3 windows"), std::string::npos) << cal.out;
+  const std::string ppl = test::kvtpBinary() + " ppl --model " + model + ids + " --mode decode --json";
+  const auto full = run(ppl), kept = run(ppl + " --kv qfilters:budget=0.3");
+  ASSERT_EQ(kept.status, 0) << kept.err;
+  EXPECT_NE(nlohmann::json::parse(kept.out)["ppl"].get<double>(), nlohmann::json::parse(full.out)["ppl"].get<double>());
+}
 
 TEST(Cli, TokenIdBeyondVocabularyIsAnError) {
   test::TempDir d;

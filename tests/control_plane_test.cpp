@@ -745,16 +745,20 @@ TEST_F(ControlPlane, ASweepArrayOverTwoGroupsEqualsTheLocalSweep) {
   EXPECT_EQ(rows(dir_ / "again.csv"), a);
 }
 
-// 'all' runs the methods that compress a prompt only when the windows start with one.
+// 'all' runs the methods that compress a prompt only when the windows start with one, and
+// qfilters only where the model has its filters.
 TEST(Sweep, AllHasThePromptMethodsOnlyWithAPrompt) {
   launcher::SweepGrid g;
   g.methods = "all", g.budgets = "0.2", g.quants = "";
-  auto labels = [&](bool prompt) {
+  auto labels = [&](bool prompt, bool query_filters = false) {
     std::set<std::string> l;
-    for (const auto& r : launcher::sweepRuns(g, prompt)) l.insert(r.label);
+    for (const auto& r : launcher::sweepRuns(g, prompt, query_filters)) l.insert(r.label);
     return l;
   };
   const auto with = labels(true), without = labels(false);
+  EXPECT_FALSE(with.count("qfilters"));
+  EXPECT_TRUE(labels(false, launcher::hasQueryFilters("models/kvtp-llama-2m")).count("qfilters"));
+  EXPECT_FALSE(launcher::hasQueryFilters("tests/fixtures/models/llama3-gqa"));
   for (const char* m : {"snapkv", "pyramidkv", "noncausal", "compactor", "finch"}) {
     EXPECT_TRUE(with.count(m)) << m;
     EXPECT_FALSE(without.count(m)) << m;

@@ -253,6 +253,31 @@ TEST(KvEviction, KnormKeepsTheLowNormKeys) {
   EXPECT_EQ(positions(c), (std::vector<int>{0, 1, 3, 7, 9}));  // sink, recent, norms 1, 0.5, 0.1
 }
 
+// Q-Filters' calibration, worked by hand on a KV head of two query heads (head_dim 2). Head 0's
+// queries (3,0) (2,0) (-1,0) (1,0) (0,1): Q^T Q = diag(15, 1), direction +-(1,0), 3 of 5 project
+// positively on (1,0): (1,0). Head 1's (0,-2) (0,-3) (0,1) (0.5,0): diag(0.25, 14), direction
+// +-(0,1), 3 of 4 positive on (0,-1): (0,-1). The filter is their mean, (0.5, -0.5); keys score
+// k . filter: 0.5, -0.5, 1.5, -0.5, 0.75 for entries 1..5, so the two free slots go to 3 and 5.
+TEST(KvEviction, QFiltersKeepTheKeysAlongTheQueriesMainDirection) {
+  QueryFilterCalibration cal(2, 2);
+  const std::vector<float> q0 = {3, 0, 2, 0, -1, 0, 1, 0, 0, 1}, q1 = {0, -2, 0, -3, 0, 1, 0.5f, 0};
+  cal.addGram(0, q0.data(), 5), cal.addGram(1, q1.data(), 4);
+  cal.addSigns(0, q0.data(), 5), cal.addSigns(1, q1.data(), 4);
+  const std::vector<float> filter = cal.filter();
+  ASSERT_EQ(filter.size(), 2u);
+  EXPECT_NEAR(filter[0], 0.5, 1e-6);
+  EXPECT_NEAR(filter[1], -0.5, 1e-6);
+
+  KVCache c = withKeys({{9, 9}, {1, 0}, {0, 1}, {2, -1}, {-1, 0}, {1, -0.5f}, {0, 0}});
+  Policy p(parsePolicy("qfilters:tokens=4,sinks=1,recent=1", ""), layout(), nullptr);
+  EXPECT_THROW(p.afterStep(c, {}, 6, false), std::logic_error);  // no filters given
+  p.setQueryFilters({{0.5f, -0.5f}});
+  p.afterStep(c, {}, 6, false);
+  EXPECT_EQ(positions(c), (std::vector<int>{0, 3, 5, 6}));
+  EXPECT_THROW(p.setQueryFilters({{1, 0, 0}}), std::invalid_argument);  // not head_dim values
+  EXPECT_THROW(parsePolicy("knorm:budget=0.5,filters=x.json", ""), std::invalid_argument);
+}
+
 // DMS-style (evict_below): entries scoring below the threshold go whatever the budget — here
 // K-norm's -||k|| below -2.5, norms 4, 3, 6, 7; with a budget too, the budget decides first.
 TEST(KvEviction, EntriesBelowTheThresholdGoWhateverTheBudget) {
@@ -954,7 +979,8 @@ TEST(KvEviction, FullBudgetReproducesTheFullCacheExactly) {
   const auto full = decodeLogprobs("");
   for (const char* m : {"h2o:budget=1", "scissorhands:budget=1", "streamingllm:budget=1", "tova:budget=1",
                         "knorm:budget=1", "keydiff:budget=1", "lagkv:budget=1,lag=8", "h2o:budget=1,interval=4",
-                        "h2o:budget=1,ladder=fp16/int8/int4/int2", "leverage:budget=1", "cur:budget=1", "expected:budget=1", "h2o:budget=1,critical=0.5"})
+                        "h2o:budget=1,ladder=fp16/int8/int4/int2", "leverage:budget=1", "cur:budget=1", "expected:budget=1", "h2o:budget=1,critical=0.5",
+                        "qfilters:budget=1,filters=tests/data/llama3-gqa-qfilters.json"})
     EXPECT_EQ(decodeLogprobs(m), full) << m;
   EXPECT_NE(decodeLogprobs("h2o:budget=0.3"), full);
   const auto prompted = decodeLogprobs("", 16);  // the methods that compress a prompt

@@ -164,7 +164,8 @@ INSTANTIATE_TEST_SUITE_P(
                       "--kv tova:budget=0.3,critical=0.5", "--kv keydiff:budget=0.3,block=16 --prefill 48",
                       "--kv noncausal:budget=0.3,span=16 --prefill 48", "--kv compactor:budget=0.3,span=16 --prefill 48",
                       "--kv finch:budget=0.3,window=8 --prefill 48",
-                      "--kv snapkv:budget=0.5,think=0.5 --prefill 48"),
+                      "--kv snapkv:budget=0.5,think=0.5 --prefill 48",
+                      "--kv qfilters:budget=0.3,filters=tests/data/llama3-gqa-qfilters.json"),
     [](const auto& info) { return "m" + std::to_string(info.index); });
 
 // The fixtures' PyTorch copies (scripts/make_fixtures.py --torch-copies) under tensor

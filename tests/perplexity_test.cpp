@@ -67,7 +67,7 @@ TEST(GpuCompression, RefusedOnlyWhereTheDeviceLacksIt) {
   for (const auto& [kv, quant] : std::vector<std::pair<std::string, std::string>>{
            {"knorm:budget=0.2", "kivi:bits=4"}, {"keydiff:budget=0.2", "kivi:bits=2"}, {"keydiff:budget=0.2,block=16", ""},
            {"finch:budget=0.2", ""}, {"snapkv:budget=0.2,think=0.5", ""}, {"compactor:budget=0.2", ""},
-           {"leverage:budget=0.2", ""}, {"h2o:budget=0.2,chunk=4", ""}})
+           {"leverage:budget=0.2", ""}, {"h2o:budget=0.2,chunk=4", ""}, {"qfilters:budget=0.2", ""}})
     EXPECT_THROW(checkGpuCompression(kv::parsePolicy(kv, quant)), Error) << kv << " " << quant;
   EXPECT_THROW(checkGpuCompression(kv::parsePolicy("h2o:budget=0.2", "", "cskv:rank=4")), Error);
 }

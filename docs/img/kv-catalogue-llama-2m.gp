@@ -54,11 +54,16 @@ $run9 << EOD
 51.5625 135.931
 EOD
 $run10 << EOD
+10.3201 149.13
+20.6275 143.402
+51.5625 136.84
+EOD
+$run11 << EOD
 10.3201 147.394
 20.6275 143.776
 51.5625 136.229
 EOD
-$run11 << EOD
+$run12 << EOD
 10.3201 145.724
 20.6275 141.799
 51.5625 135.599
@@ -73,5 +78,6 @@ plot $run0 using 1:2 with linespoints title 'full', \
      $run7 using 1:2 with linespoints title 'lagkv', \
      $run8 using 1:2 with linespoints title 'leverage', \
      $run9 using 1:2 with linespoints title 'cur', \
-     $run10 using 1:2 with linespoints title 'expected', \
-     $run11 using 1:2 with linespoints title 'random'
+     $run10 using 1:2 with linespoints title 'qfilters', \
+     $run11 using 1:2 with linespoints title 'expected', \
+     $run12 using 1:2 with linespoints title 'random'

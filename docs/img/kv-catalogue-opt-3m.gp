@@ -54,11 +54,16 @@ $run9 << EOD
 51.5625 190.757
 EOD
 $run10 << EOD
+10.3159 206.886
+20.6275 213.113
+51.5625 194.143
+EOD
+$run11 << EOD
 10.3159 215.621
 20.6275 203.76
 51.5625 190.074
 EOD
-$run11 << EOD
+$run12 << EOD
 10.3159 197.509
 20.6275 191.132
 51.5625 188.413
@@ -73,5 +78,6 @@ plot $run0 using 1:2 with linespoints title 'full', \
      $run7 using 1:2 with linespoints title 'lagkv', \
      $run8 using 1:2 with linespoints title 'leverage', \
      $run9 using 1:2 with linespoints title 'cur', \
-     $run10 using 1:2 with linespoints title 'expected', \
-     $run11 using 1:2 with linespoints title 'random'
+     $run10 using 1:2 with linespoints title 'qfilters', \
+     $run11 using 1:2 with linespoints title 'expected', \
+     $run12 using 1:2 with linespoints title 'random'
