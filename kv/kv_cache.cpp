@@ -62,7 +62,8 @@ void appendRow(std::vector<V>& to, const std::vector<V>& from, int64_t row, int6
 struct KVCache::Conversion {
   Form to = Form::Full;            // Full: none
   std::vector<uint8_t> convert;    // per entry: 1 = convert it
-  std::vector<uint8_t> run_start;  // Kivi: per entry, 1 = a key group of value_group_ entries starts here
+  std::vector<std::vector<int>> runs;  // Kivi: the entries of each new key group
+  std::vector<int> run_of;             // Kivi: per entry, its index in `runs` (-1: none)
   std::vector<Form> each;          // demote: per entry, its own target (then `to` is unused)
 };
 
@@ -75,10 +76,11 @@ int tokenGroups(int head_dim) { return (head_dim + kTokenGroup - 1) / kTokenGrou
 // A rung of the tiered ladder: higher holds more.
 int rung(Form f) {
   switch (f) {
-    case Form::Full: return 3;
-    case Form::Int8: return 2;
-    case Form::Token4: return 1;
-    default: return 0;  // Token2 (KIVI and low rank are not on the ladder)
+    case Form::Full: return 4;
+    case Form::Int8: return 3;
+    case Form::Token4: return 2;
+    case Form::Kivi: return 1;
+    default: return 0;  // Token2 (low rank is not on the ladder)
   }
 }
 
@@ -129,10 +131,11 @@ void KVCache::clear() {
   for (auto& c : heads_) c = HeadCache{};
 }
 
-void KVCache::useBits(int bits) {
+void KVCache::useCodes(int bits, int value_group) {
+  if (code_bits_ == bits && value_group_ == value_group) return;  // (heads quantize in parallel: no write)
   if (rows_on_device_) throw std::logic_error("KVCache: a device cache's mirror cannot quantize");
-  if (code_bits_ && code_bits_ != bits) throw std::logic_error("KVCache: one quantization per cache");
-  code_bits_ = bits;
+  if (code_bits_) throw std::logic_error("KVCache: one quantization per cache");
+  code_bits_ = bits, value_group_ = value_group;
 }
 
 void KVCache::quantizeInt8(int layer, int head) {
@@ -144,31 +147,31 @@ void KVCache::quantizeInt8(int layer, int head) {
     for (auto f = form.rbegin(); f != form.rend() && *f == Form::Full; ++f) *f = Form::Int8;
     return;
   }
-  useBits(8);
+  useCodes(8);
   Conversion cv;
   cv.to = Form::Int8;
   for (Form f : this->head(layer, head).form) cv.convert.push_back(f == Form::Full);
   rebuild(layer, head, everyIndex(this->head(layer, head).length()), cv);
 }
 
-void KVCache::quantizeKivi(int layer, int head, const std::vector<int>& run_starts, int bits, int group) {
-  if (run_starts.empty()) return;
-  useBits(bits);
-  if (value_group_ && value_group_ != group) throw std::logic_error("KVCache: one KIVI group size per cache");
-  value_group_ = group;
+void KVCache::quantizeKivi(int layer, int head, const std::vector<std::vector<int>>& runs, int bits, int group) {
+  useCodes(bits, group);
+  if (runs.empty()) return;
   const HeadCache& c = this->head(layer, head);
   Conversion cv;
   cv.to = Form::Kivi;
   cv.convert.assign(size_t(c.length()), 0);
-  cv.run_start.assign(size_t(c.length()), 0);
-  for (int first : run_starts) {
-    if (first < 0 || first + group > c.length()) throw std::out_of_range("KVCache::quantizeKivi: run past the end");
-    cv.run_start[first] = 1;
-    for (int i = first; i < first + group; ++i) {
-      if (c.form[i] != Form::Full) throw std::logic_error("KVCache::quantizeKivi: a run must be full-precision entries");
-      cv.convert[i] = 1;
+  cv.run_of.assign(size_t(c.length()), -1);
+  cv.runs = runs;
+  for (size_t r = 0; r < runs.size(); ++r)
+    for (size_t k = 0; k < runs[r].size(); ++k) {
+      const int i = runs[r][k];
+      if (i < 0 || i >= c.length() || (k && i <= runs[r][k - 1]))
+        throw std::out_of_range("KVCache::quantizeKivi: a run's entries ascend within the head");
+      if (cv.run_of[i] >= 0 || c.form[i] == Form::Kivi || c.form[i] == Form::LowRank)
+        throw std::logic_error("KVCache::quantizeKivi: an entry joins one run, and is not KIVI or low rank already");
+      cv.run_of[i] = int(r), cv.convert[i] = 1;
     }
-  }
   rebuild(layer, head, everyIndex(c.length()), cv);
 }
 
@@ -195,20 +198,19 @@ void KVCache::demote(int layer, int head, const std::vector<int>& keep, const st
   for (size_t k = 0; k < keep.size(); ++k) {
     const int i = keep[k];
     if (i < 0 || i >= c.length()) throw std::out_of_range("KVCache::demote: no such entry");
-    if (to[k] != Form::Full && to[k] != Form::Int8 && to[k] != Form::Token4 && to[k] != Form::Token2)
-      throw std::invalid_argument("KVCache::demote: the ladder's forms are full, int8, 4-bit and 2-bit tokens");
-    if (c.form[i] == Form::Kivi || c.form[i] == Form::LowRank)
-      throw std::logic_error("KVCache::demote: KIVI and low-rank entries are not on the ladder");
+    if (to[k] == Form::LowRank || (to[k] == Form::Kivi) != (c.form[i] == Form::Kivi))
+      throw std::invalid_argument("KVCache::demote: the ladder's forms are full, int8, 4-bit and 2-bit tokens (KIVI "
+                                  "entries stay KIVI; quantizeKivi makes them)");
+    if (c.form[i] == Form::LowRank) throw std::logic_error("KVCache::demote: low-rank entries are not on the ladder");
     if (rung(to[k]) < rung(c.form[i])) cv.convert[i] = 1, cv.each[i] = to[k];
   }
   if (keep.size() == size_t(c.length()) && std::find(cv.convert.begin(), cv.convert.end(), 1) == cv.convert.end())
     return;  // nothing goes, nothing steps down
-  if (std::find(cv.each.begin(), cv.each.end(), Form::Int8) != cv.each.end()) useBits(8);
+  if (std::find(cv.each.begin(), cv.each.end(), Form::Int8) != cv.each.end()) useCodes(8);
   rebuild(layer, head, keep, cv);
 }
 
-void KVCache::decodeEntry(const HeadCache& c, int layer, int head, int i, int row, int group, float* k,
-                          float* v) const {
+void KVCache::decodeEntry(const HeadCache& c, int layer, int head, int i, int row, float* k, float* v) const {
   const int hd = head_dim_, cb = code_bits_ ? codeBytes() : 0, r = lowrank_.rank;
   switch (c.form[i]) {
     case Form::Full:
@@ -226,7 +228,7 @@ void KVCache::decodeEntry(const HeadCache& c, int layer, int head, int i, int ro
     }
     case Form::Kivi: {
       const uint8_t* codes = c.codes.data() + int64_t(row) * 2 * cb;
-      const float* kp = c.key_params.data() + int64_t(group) * 2 * hd;
+      const float* kp = c.key_params.data() + int64_t(c.kivi_group[row]) * 2 * hd;
       const float* vp = c.row_params.data() + int64_t(row) * rowParams();
       for (int ch = 0; ch < hd; ++ch) {
         k[ch] = Affine{kp[2 * ch], kp[2 * ch + 1]}.decode(unpack(codes, ch, code_bits_));
@@ -265,14 +267,20 @@ void KVCache::rebuild(int layer, int head, const std::vector<int>& keep, const C
   const HeadCache& c = this->head(layer, head);
   const int hd = head_dim_, n = c.length();
   const int cb = code_bits_ ? codeBytes() : 0, r = lowrank_.rank, row_params = rowParams();
-  std::vector<int> row(static_cast<size_t>(n)), group(static_cast<size_t>(n), -1);
-  int count[kForms] = {}, g = -1, left = 0;
-  for (int i = 0; i < n; ++i) {
-    row[i] = count[int(c.form[i])]++;
-    if (c.form[i] != Form::Kivi) continue;
-    if (left == 0) left = c.group_rows[++g];
-    group[i] = g, --left;
-  }
+  std::vector<int> row(static_cast<size_t>(n));
+  int count[kForms] = {};
+  for (int i = 0; i < n; ++i) row[i] = count[int(c.form[i])]++;
+  // Full-precision rows of each new KIVI run's entries (decoded where stored coded), which its
+  // keys' per-channel parameters are fitted over.
+  std::vector<std::vector<float>> run_keys(cv.runs.size());
+  for (size_t r = 0; r < cv.runs.size(); ++r)
+    for (int i : cv.runs[r]) {
+      std::vector<float> k(static_cast<size_t>(hd)), v(static_cast<size_t>(hd));
+      decodeEntry(c, layer, head, i, row[i], k.data(), v.data());
+      run_keys[r].insert(run_keys[r].end(), k.begin(), k.end());
+    }
+  // Key groups in the new stores: numbered in the order their first kept row comes.
+  std::vector<int> old_group(c.group_rows.size(), -1), new_run(cv.runs.size(), -1);
 
   HeadCache out;
   std::vector<int> q(static_cast<size_t>(hd));
@@ -280,7 +288,7 @@ void KVCache::rebuild(int layer, int head, const std::vector<int>& keep, const C
     out.codes.resize(out.codes.size() + cb);
     pack(codes.data(), hd, code_bits, out.codes.data() + out.codes.size() - cb);
   };
-  int prev = -1, last_group = -1;
+  int prev = -1;
   for (int i : keep) {
     if (i <= prev || i >= n) throw std::out_of_range("KVCache::retain: indices must ascend within the head");
     prev = i;
@@ -304,12 +312,14 @@ void KVCache::rebuild(int layer, int head, const std::vector<int>& keep, const C
           appendRow(out.codes, c.codes, row[i], 2 * cb);
           appendRow(out.row_params, c.row_params, row[i], row_params);
           if (f == Form::Kivi) {
-            if (group[i] != last_group) {
-              appendRow(out.key_params, c.key_params, group[i], 2 * hd);
+            int& g = old_group[c.kivi_group[row[i]]];
+            if (g < 0) {
+              g = int(out.group_rows.size());
+              appendRow(out.key_params, c.key_params, c.kivi_group[row[i]], 2 * hd);
               out.group_rows.push_back(0);
-              last_group = group[i];
             }
-            ++out.group_rows.back();
+            ++out.group_rows[g];
+            out.kivi_group.push_back(g);
           }
           break;
         case Form::LowRank: appendRow(out.coords, c.coords, row[i], 2 * r); break;
@@ -323,14 +333,13 @@ void KVCache::rebuild(int layer, int head, const std::vector<int>& keep, const C
       }
       continue;
     }
-    last_group = -1;  // a converted run opens its own group
     // The entry's rows at full precision: the store itself, or decoded (a demotion of a coded entry).
     std::vector<float> decoded;
     const float* key = c.keys.data() + int64_t(row[i]) * hd;
     const float* value = c.values.data() + int64_t(row[i]) * hd;
     if (c.form[i] != Form::Full) {
       decoded.resize(size_t(2) * hd);
-      decodeEntry(c, layer, head, i, row[i], group[i], decoded.data(), decoded.data() + hd);
+      decodeEntry(c, layer, head, i, row[i], decoded.data(), decoded.data() + hd);
       key = decoded.data(), value = decoded.data() + hd;
     }
     if (f == Form::Token4 || f == Form::Token2) {
@@ -353,14 +362,16 @@ void KVCache::rebuild(int layer, int head, const std::vector<int>& keep, const C
         out.row_params.push_back(step);
       }
     } else if (f == Form::Kivi) {
-      if (cv.run_start[i]) {  // keys: per channel over the run's `group` consecutive full rows
+      const int r = cv.run_of[i];
+      if (new_run[r] < 0) {  // keys: per channel over the run's entries
+        new_run[r] = int(out.group_rows.size());
         for (int ch = 0; ch < hd; ++ch) {
-          const Affine a = fitAffine(key + ch, value_group_, hd, code_bits_);  // one group size for both
+          const Affine a = fitAffine(run_keys[r].data() + ch, int(cv.runs[r].size()), hd, code_bits_);
           out.key_params.insert(out.key_params.end(), {a.lo, a.step});
         }
         out.group_rows.push_back(0);
       }
-      const float* kp = out.key_params.data() + out.key_params.size() - 2 * hd;
+      const float* kp = out.key_params.data() + int64_t(new_run[r]) * 2 * hd;
       for (int ch = 0; ch < hd; ++ch) q[ch] = encodeAffine(key[ch], {kp[2 * ch], kp[2 * ch + 1]}, code_bits_);
       pushCodes(q, code_bits_);
       for (int ch = 0; ch < hd; ch += value_group_) {  // values: per token over groups of channels
@@ -370,7 +381,8 @@ void KVCache::rebuild(int layer, int head, const std::vector<int>& keep, const C
         out.row_params.insert(out.row_params.end(), {a.lo, a.step});
       }
       pushCodes(q, code_bits_);
-      ++out.group_rows.back();
+      ++out.group_rows[new_run[r]];
+      out.kivi_group.push_back(new_run[r]);
     } else {  // low rank: keys leave their rotated frame (W_k acts before RoPE), then project
       const size_t b = size_t(layer) * kv_heads_ + head;
       std::vector<float> k(key, key + hd);
@@ -394,14 +406,10 @@ HeadRows KVCache::rows(int layer, int head, std::vector<float>& scratch) const {
   scratch.resize(size_t(2) * n * hd);
   float* keys = scratch.data();
   float* values = keys + int64_t(n) * hd;
-  int count[kForms] = {}, g = -1, left = 0;
+  int count[kForms] = {};
   for (int i = 0; i < n; ++i) {
     const int row = count[int(c.form[i])]++;
-    if (c.form[i] == Form::Kivi) {
-      if (left == 0) left = c.group_rows[++g];
-      --left;
-    }
-    decodeEntry(c, layer, head, i, row, g, keys + int64_t(i) * hd, values + int64_t(i) * hd);
+    decodeEntry(c, layer, head, i, row, keys + int64_t(i) * hd, values + int64_t(i) * hd);
   }
   return {keys, values};
 }

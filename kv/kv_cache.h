@@ -3,7 +3,8 @@
 // keep different tokens per head; attention masks by position, not by index.
 //
 // An entry is held in one of six forms: full precision, int8 codes, KIVI codes (2/4 bits),
-// low-rank coordinates, or per-token 4-/2-bit codes (the tiered policy's lower rungs). Each form has its own packed store per head; attention asks for a head's
+// low-rank coordinates, or per-token 4-/2-bit codes (the tiered policy's lower rungs; KIVI can be
+// its lowest). Each form has its own packed store per head; attention asks for a head's
 // rows (`rows`), which are the stores themselves while every entry is full precision and are
 // otherwise dequantized / reconstructed into a scratch the caller owns.
 #pragma once
@@ -48,6 +49,7 @@ struct HeadCache {
   std::vector<float> row_params;     // Int8: key step, value step; Kivi: value (lo, step) per channel group
   std::vector<float> key_params;     // Kivi: per key group, (lo, step) per channel
   std::vector<uint16_t> group_rows;  // Kivi: rows left in each key group (eviction thins groups)
+  std::vector<int32_t> kivi_group;   // Kivi: per row, its key group (a group's rows need not be neighbours)
   std::vector<float> coords;         // LowRank: rank key then rank value coordinates
   std::vector<uint8_t> token_codes[2];   // Token4, Token2: key codes then value codes, bit-packed
   std::vector<float> token_params[2];    // Token4, Token2: (lo, step) per channel group, key then value
@@ -84,12 +86,16 @@ class KVCache {
   void retain(int layer, int head, const std::vector<int>& keep);
   void clear();
 
+  // The cache's one quantization (int8: bits 8; KIVI: its bits and value group), fixed by its
+  // first use; the conversions below set it, and a policy that converts heads in parallel sets it
+  // first.
+  void useCodes(int bits, int value_group = 0);
   // Storage conversions of full-precision entries (others are left as they are).
   // Int8: every full entry, keys and values per token.
   void quantizeInt8(int layer, int head);
-  // KIVI: each run [first, first + group) becomes one key group (keys per channel over the run's
-  // entries, values per token over groups of `group` channels).
-  void quantizeKivi(int layer, int head, const std::vector<int>& run_starts, int bits, int group);
+  // KIVI: each run (ascending entry indices, none KIVI or low rank already) becomes one key group:
+  // keys per channel over the run's entries, values per token over groups of `group` channels.
+  void quantizeKivi(int layer, int head, const std::vector<std::vector<int>>& runs, int bits, int group);
   // Low rank: full entries before index `end` become their coordinates in the head's bases.
   void setLowRank(LowRankBases bases) { lowrank_ = std::move(bases); }
   // The model's RoPE frequencies (empty: no RoPE), for scores that read keys before rotation.
@@ -97,8 +103,9 @@ class KVCache {
   const std::vector<float>& ropeInvFreq() const { return rope_inv_freq_; }
   void toLowRank(int layer, int head, int end);
   // The tiered policy: keeps entries `keep` (ascending), each demoted to `to[k]` (Full, Int8,
-  // Token4 or Token2) where that is a lower rung than its form (Full > Int8 > Token4 > Token2;
-  // an entry is never promoted: what a demotion dropped is gone).
+  // Token4 or Token2) where that is a lower rung than its form (Full > Int8 > Token4 > Kivi >
+  // Token2; an entry is never promoted: what a demotion dropped is gone). A KIVI entry stays KIVI
+  // (quantizeKivi makes them, a run at a time).
   void demote(int layer, int head, const std::vector<int>& keep, const std::vector<Form>& to);
   // Whether an entry held as `form` can be held as `rung` of the ladder (no form moves up).
   static bool canHold(Form form, Form rung);
@@ -119,15 +126,14 @@ class KVCache {
  private:
   struct Conversion;
   void rebuild(int layer, int head, const std::vector<int>& keep, const Conversion& convert);
-  // Entry i (the `row`-th of its form; KIVI: of key group `group`) at full precision into k, v.
-  void decodeEntry(const HeadCache& c, int layer, int head, int i, int row, int group, float* k, float* v) const;
+  // Entry i (the `row`-th of its form) at full precision into k, v.
+  void decodeEntry(const HeadCache& c, int layer, int head, int i, int row, float* k, float* v) const;
   int codeBytes() const { return (head_dim_ * code_bits_ + 7) / 8; }  // one key's or value's codes
   // Parameters per packed row: int8 a step for the key and one for the value; KIVI the value's
   // (lo, step) per channel group.
   int rowParams() const {
     return code_bits_ == 8 ? 2 : value_group_ ? 2 * ((head_dim_ + value_group_ - 1) / value_group_) : 0;
   }
-  void useBits(int bits);
 
   int layers_, kv_heads_, head_dim_;
   bool rows_on_device_;

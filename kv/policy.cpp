@@ -125,7 +125,8 @@ std::string PolicySpec::describe() const {
     if (evict_below > -INFINITY) o << ",evict_below=" << evict_below;
     if (critical > 0) o << ",critical=" << critical;
     if (think > 0) o << ",think=" << think;
-    for (size_t i = 0; i < ladder.size(); ++i) o << (i ? "/" : ",ladder=") << rungName(ladder[i]);
+    for (size_t i = 0; i < ladder.size(); ++i)
+      o << (i ? "/" : ",ladder=") << (ladder[i] == Form::Kivi ? "kivi" + std::to_string(bits) : rungName(ladder[i]));
     if (interval > 1) o << ",interval=" << interval;
     if (decode != Decode::None)
       o << ",decode=" << (decode == Decode::Slide ? "slide" : decode == Decode::Adaptive ? "adaptive" : "discontinuous")
@@ -200,11 +201,19 @@ PolicySpec parsePolicy(const std::string& kv, const std::string& kv_quant, const
                                   std::string(methodName(s.method)) + "'s (" + kv + ")");
     if (auto l = a.find("ladder"); l != a.end()) {
       std::stringstream ss(l->second);
-      size_t at = 0;  // the rungs named must be a subsequence of kRungs
+      size_t at = 0;  // the rungs named must be a subsequence of kRungs, then maybe KIVI's
       for (std::string item; std::getline(ss, item, '/');) {
+        if (!s.ladder.empty() && s.ladder.back() == Form::Kivi)
+          throw std::invalid_argument("a ladder's KIVI rung is its lowest (" + kv + ")");
+        if (item == "kivi4" || item == "kivi2") {
+          s.bits = item == "kivi4" ? 4 : 2;
+          s.ladder.push_back(Form::Kivi);
+          continue;
+        }
         const auto named = [&](const auto& r) { return item == r.first; };
         if (std::none_of(std::begin(kRungs), std::end(kRungs), named))
-          throw std::invalid_argument("ladder rung '" + item + "' is not one of fp16, int8, int4, int2 (" + kv + ")");
+          throw std::invalid_argument("ladder rung '" + item + "' is not one of fp16, int8, int4, int2, kivi4, kivi2 (" +
+                                      kv + ")");
         while (at < std::size(kRungs) && !named(kRungs[at])) ++at;
         if (at == std::size(kRungs))
           throw std::invalid_argument("a ladder steps down: fp16, int8, int4, int2 in order (" + kv + ")");
@@ -212,6 +221,11 @@ PolicySpec parsePolicy(const std::string& kv, const std::string& kv_quant, const
       }
       if (s.ladder.size() < 2 || s.ladder.front() != Form::Full)
         throw std::invalid_argument("a ladder starts at fp16 and has a lower rung, e.g. fp16/int8/int4 (" + kv + ")");
+      if (s.ladder.back() == Form::Kivi)  // int8 would share KIVI's store; the per-token rungs above it have more bits
+        for (Form f : s.ladder)
+          if (f == Form::Int8 || f == Form::Token2 || (f == Form::Token4 && s.bits == 4))
+            throw std::invalid_argument("above a KIVI rung a ladder holds fp16 (and int4 above kivi2), not " +
+                                        std::string(rungName(f)) + " (" + kv + ")");
       if (s.method == Method::SimLayerKV) throw std::invalid_argument("simlayerkv keeps whole layers: no ladder (" + kv + ")");
       if (a.count("critical")) throw std::invalid_argument("critical= chooses entries, ladder= their forms: not both (" + kv + ")");
     }
@@ -852,26 +866,39 @@ void Policy::retainKept(KVCache& cache) {
 void Policy::settleLadder(KVCache& cache, const std::vector<SelectHead>& heads, const std::vector<int>& pool_of,
                           int last_pos, bool shared) {
   const int L = lay_.layers, H = lay_.local_kv_heads, rungs = int(spec_.ladder.size());
-  const StoreShape shape{lay_.head_dim};
+  const int hd = lay_.head_dim;
+  const StoreShape shape{hd, spec_.bits, spec_.group};
+  // Bytes of an entry at each rung, its position included; a KIVI entry also pays its share of a
+  // full run's key parameters.
   std::vector<double> cost(static_cast<size_t>(rungs));
-  for (int j = 0; j < rungs; ++j) cost[j] = double(shape.bytes(spec_.ladder[j], 1) + 4);
+  for (int j = 0; j < rungs; ++j)
+    cost[j] = double(shape.bytes(spec_.ladder[j], 1) + 4) +
+              (spec_.ladder[j] == Form::Kivi ? double(shape.bytes(Form::Kivi, 0, 1)) / spec_.group : 0.0);
   const std::vector<int64_t> entry_budget = budgets(last_pos);
   const int pools = int(entry_budget.size());
-  // Per pool, over every rank: its entries, and the protected among them (at fp16 whatever the
-  // budget: their bytes come first).
-  std::vector<double> held(2 * static_cast<size_t>(pools), 0.0);
-  for (const SelectHead& h : heads)
-    if (h.counted) {
-      held[2 * pool_of[h.table_head]] += h.n;
-      held[2 * pool_of[h.table_head] + 1] += double(std::count(h.keys, h.keys + h.n, INFINITY));
+  // Per pool, over every rank: its entries, the protected among them (at fp16 whatever the
+  // budget: their bytes come first), and the bytes KIVI's rung holds beyond its cost above — the
+  // entries that waited for a run after the last decision, and the key pairs of runs eviction
+  // thinned — which the budget sets aside.
+  if (waiting_excess_.size() != heads.size()) waiting_excess_.assign(heads.size(), 0.0);
+  std::vector<double> held(3 * static_cast<size_t>(pools), 0.0);
+  for (size_t k = 0; k < heads.size(); ++k)
+    if (heads[k].counted) {
+      const int p = pool_of[heads[k].table_head];
+      held[3 * p] += heads[k].n;
+      held[3 * p + 1] += double(std::count(heads[k].keys, heads[k].keys + heads[k].n, INFINITY));
+      const HeadCache& c = cache.head(int(k) / H, int(k) % H);
+      const int64_t kivi_rows = std::count(c.form.begin(), c.form.end(), Form::Kivi);
+      held[3 * p + 2] += waiting_excess_[k] + double(shape.bytes(Form::Kivi, 0, int64_t(c.group_rows.size()))) -
+                         double(kivi_rows) * double(shape.bytes(Form::Kivi, 0, 1)) / spec_.group;
     }
   if (shared) group_->allReduceSum(held.data(), held.size());
   // top[j]: unprotected entries at rung j or above, cumulative.
   std::vector<std::vector<int64_t>> top(static_cast<size_t>(rungs), std::vector<int64_t>(static_cast<size_t>(pools)));
   std::vector<int64_t> protected_count(static_cast<size_t>(pools));
   for (int p = 0; p < pools; ++p) {
-    const int64_t fixed = int64_t(held[2 * p + 1]), rest = int64_t(held[2 * p]) - fixed;
-    const double bytes = std::max(0.0, double(entry_budget[p]) * cost[0] - double(fixed) * cost[0]),
+    const int64_t fixed = int64_t(held[3 * p + 1]), rest = int64_t(held[3 * p]) - fixed;
+    const double bytes = std::max(0.0, double(entry_budget[p] - fixed) * cost[0] - held[3 * p + 2]),
                  lowest = cost[rungs - 1];
     const int64_t kept = std::min<int64_t>(rest, int64_t(bytes / lowest));
     double left = bytes - double(kept) * lowest;
@@ -921,20 +948,41 @@ void Policy::settleLadder(KVCache& cache, const std::vector<SelectHead>& heads, 
       }
     if (shared && j + 1 < rungs) group_->allReduceSum(filled.data(), filled.size());
   }
+  for (Form f : spec_.ladder)
+    if (f == Form::Int8 || f == Form::Kivi) cache.useCodes(f == Form::Int8 ? 8 : spec_.bits, f == Form::Int8 ? 0 : spec_.group);
+  // Each head applies its decision. An entry whose rung is KIVI's but that is not KIVI yet waits
+  // in its form until `group` such entries can make a run (oldest first, as KIVI's residual).
 #pragma omp parallel for collapse(2) schedule(static)
   for (int l = 0; l < L; ++l)
     for (int h = 0; h < H; ++h) {
       const size_t at = size_t(l) * H + h;
       const std::vector<double>& key = keys_[at];
-      std::vector<int> idx;
+      const HeadCache& c = cache.head(l, h);
+      std::vector<int> idx, waiting;  // waiting: positions
       std::vector<Form> forms;
       for (int i = 0; i < int(key.size()); ++i) {
         int j = placed_at[first[at] + i];
         if (key[i] == INFINITY) j = 0;                        // protected: at the top
         if (j < 0 || key[i] < spec_.evict_below) continue;  // evicted
-        idx.push_back(i), forms.push_back(spec_.ladder[j]);
+        Form f = spec_.ladder[j];
+        if (f == Form::Kivi && c.form[i] != Form::Kivi) f = c.form[i], waiting.push_back(c.positions[i]);
+        idx.push_back(i), forms.push_back(f);
+      }
+      // What the entries left waiting will hold beyond KIVI's cost (they stay full precision or int4).
+      waiting_excess_[at] = 0;
+      for (size_t k = 0; k < waiting.size() % size_t(spec_.group); ++k) {
+        const Form f = c.form[std::lower_bound(c.positions.begin(), c.positions.end(), waiting[waiting.size() - 1 - k]) -
+                              c.positions.begin()];
+        waiting_excess_[at] += double(shape.bytes(f, 1) + 4) - cost[rungs - 1];
       }
       cache.demote(l, h, idx, forms);
+      std::vector<std::vector<int>> runs;
+      for (size_t w = 0; w + spec_.group <= waiting.size(); w += spec_.group) {
+        runs.emplace_back();
+        for (size_t k = w; k < w + spec_.group; ++k)  // the entry at that position now
+          runs.back().push_back(int(std::lower_bound(c.positions.begin(), c.positions.end(), waiting[k]) - c.positions.begin()));
+      }
+      if (!runs.empty()) cache.quantizeKivi(l, h, runs, spec_.bits, spec_.group);
     }
 }
 
@@ -951,15 +999,16 @@ void Policy::quantize(KVCache& cache) const {
       }
       const HeadCache& c = cache.head(l, h);
       const int old = std::max(0, c.length() - spec_.residual);  // entries [0, old) left the residual window
-      std::vector<int> pending, runs;
+      std::vector<int> pending;
+      std::vector<std::vector<int>> runs;
       for (int i = 0; i < old; ++i)
         if (c.form[i] == Form::Full) pending.push_back(i);
       for (size_t g = 0; g + spec_.group <= pending.size(); g += spec_.group) {
         const int first = pending[g], last = pending[g + spec_.group - 1];
         if (last - first + 1 != spec_.group) continue;  // a hole from eviction: wait for a clean group
-        runs.push_back(first);
+        runs.emplace_back(pending.begin() + g, pending.begin() + g + spec_.group);
       }
-      cache.quantizeKivi(l, h, runs, spec_.bits, spec_.group);
+      if (!runs.empty()) cache.quantizeKivi(l, h, runs, spec_.bits, spec_.group);
     }
 }
 

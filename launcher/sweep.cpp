@@ -8,7 +8,9 @@
 #include <sstream>
 
 #include "launcher/gnuplot.h"
+#include "runtime/config.h"
 #include "runtime/error.h"
+#include "runtime/presets.h"
 
 namespace kvtp::launcher {
 namespace {
@@ -40,25 +42,45 @@ void addSweepGridOptions(CLI::App* cmd, SweepGrid& g) {
   cmd->add_option("--quants", g.quants, "quantizations run alone (semicolon-separated specs)");
   cmd->add_option("--extra", g.extra, "more runs, semicolon-separated, each 'KV' or 'KV|QUANT'");
   cmd->add_option("--ladder", g.ladder, "tiered precision: every method and budget again with this ladder (e.g. fp16/int8/int4/int2)");
+  cmd->add_flag("--caps", g.caps,
+                "budgets are memory caps: each run may hold that share of a whole window's full cache (bytes=), so "
+                "the cache is whole until it fills the cap; without it, each keeps that share of the tokens seen (budget=)");
 }
 
-bool hasQueryFilters(const std::string& model_dir) {
-  return !model_dir.empty() && std::filesystem::exists(std::filesystem::path(model_dir) / "qfilters.json");
+SweepContext sweepContext(const PplJob& base) {
+  SweepContext c;
+  c.prompt = base.prefill > 0;
+  c.query_filters = !base.model_dir.empty() && std::filesystem::exists(std::filesystem::path(base.model_dir) / "qfilters.json");
+  ModelConfig m = base.model_dir.empty() ? syntheticConfig(base.synthetic) : loadConfig(base.model_dir);
+  if (base.layers > 0) m.layers = base.layers;
+  c.window_cache_bytes = kv::fullCacheBytes(std::min(base.seq_len, m.max_positions), m.layers, m.kv_heads, m.head_dim);
+  return c;
 }
 
-std::vector<SweepRun> sweepRuns(const SweepGrid& g, bool prompt, bool query_filters) {
+std::vector<SweepRun> sweepRuns(const SweepGrid& g, const SweepContext& context) {
+  // A budget as a spec's option: a share of the tokens seen, or a cap of bytes.
+  auto budget = [&](const std::string& b) {
+    if (!g.caps) return "budget=" + b;
+    double share = 0;
+    try {
+      share = std::stod(b);
+    } catch (const std::exception&) {
+      throw Error("--budgets: '" + b + "' is not a number");
+    }
+    return "bytes=" + std::to_string(std::llround(share * double(context.window_cache_bytes)));
+  };
   std::vector<SweepRun> runs = {{"full", "", ""}};
   // SnapKV, PyramidKV, noncausal, compactor and Finch decide at the prompt's end: without one
   // (--prefill) they would compress nothing, so 'all' leaves them out.
   const std::string methods = g.methods != "all" ? g.methods
                               : std::string("streamingllm,h2o,scissorhands,tova,knorm,keydiff,lagkv,leverage,cur,expected,random") +
-                                    (query_filters ? ",qfilters" : "") +
-                                    (prompt ? ",snapkv,pyramidkv,noncausal,compactor,finch" : "");
+                                    (context.query_filters ? ",qfilters" : "") +
+                                    (context.prompt ? ",snapkv,pyramidkv,noncausal,compactor,finch" : "");
   for (auto& m : split(methods, ','))
-    for (auto& b : split(g.budgets, ',')) runs.push_back({m, m + ":budget=" + b, ""});
+    for (auto& b : split(g.budgets, ',')) runs.push_back({m, m + ":" + budget(b), ""});
   if (!g.ladder.empty())
     for (auto& m : split(methods, ','))
-      for (auto& b : split(g.budgets, ',')) runs.push_back({m + " tiered", m + ":budget=" + b + ",ladder=" + g.ladder, ""});
+      for (auto& b : split(g.budgets, ',')) runs.push_back({m + " tiered", m + ":" + budget(b) + ",ladder=" + g.ladder, ""});
   for (auto& q : split(g.quants, ';')) runs.push_back({q, "", q});
   for (auto& e : split(g.extra, ';')) {
     const auto bar = e.find('|');

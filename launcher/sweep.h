@@ -9,24 +9,31 @@
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
+#include "runtime/ppl_job.h"
+
 namespace kvtp::launcher {
 
 struct SweepGrid {
   std::string methods = "streamingllm,h2o,scissorhands", budgets = "0.1,0.2,0.5", quants = "int8;kivi:bits=4;kivi:bits=2";
   std::string extra;
   std::string ladder;  // tiered precision: every method and budget again with ladder=LADDER (its own line)
+  bool caps = false;   // budgets are memory caps (bytes=) instead of shares of the tokens seen (budget=)
 };
 void addSweepGridOptions(CLI::App* cmd, SweepGrid& g);
 
 struct SweepRun {
   std::string label, kv, quant;  // label: the run's line in the plot (a method, a quantization, a combination)
 };
+// What the runs of a sweep depend on besides its grid (sweepContext: from the perplexity job).
+struct SweepContext {
+  bool prompt = false;         // the windows start with a prompt (--prefill): 'all' includes the methods that compress one
+  bool query_filters = false;  // the model has Q-Filters calibrated (qfilters.json): 'all' includes qfilters
+  int64_t window_cache_bytes = 0;  // the full fp16 cache of one window, all layers and KV heads (what caps are shares of)
+};
+SweepContext sweepContext(const PplJob& base);
 // The full cache, every method at every budget (and again with the ladder), each quantization
-// alone, then the extra runs; `prompt`: the windows start with a prompt (--prefill), so 'all'
-// includes the methods that compress one; `query_filters`: the model has Q-Filters calibrated
-// (hasQueryFilters), so 'all' includes qfilters.
-std::vector<SweepRun> sweepRuns(const SweepGrid& g, bool prompt, bool query_filters);
-bool hasQueryFilters(const std::string& model_dir);
+// alone, then the extra runs.
+std::vector<SweepRun> sweepRuns(const SweepGrid& g, const SweepContext& context);
 
 // One CSV row per run from its `kvtp ppl --json` result; fields quoted per RFC 4180 where needed.
 // Column names: label,kv,kv_quant,ppl,tokens,kv_bytes_peak,kv_bytes_full,kv_ratio,seconds,

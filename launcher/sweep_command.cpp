@@ -38,7 +38,7 @@ void addSweepCommand(CLI::App& app) {
     const bool lead = topo.world_rank == 0;
     std::unique_ptr<SweepFiles> files;
     if (lead) files = std::make_unique<SweepFiles>(a->out);
-    for (const SweepRun& r : sweepRuns(a->grid, base.prefill > 0, hasQueryFilters(base.model_dir))) {
+    for (const SweepRun& r : sweepRuns(a->grid, sweepContext(base))) {
       PplJob j = base;
       j.kv = r.kv;
       j.kv_quant = r.quant;

@@ -752,18 +752,37 @@ TEST(Sweep, AllHasThePromptMethodsOnlyWithAPrompt) {
   g.methods = "all", g.budgets = "0.2", g.quants = "";
   auto labels = [&](bool prompt, bool query_filters = false) {
     std::set<std::string> l;
-    for (const auto& r : launcher::sweepRuns(g, prompt, query_filters)) l.insert(r.label);
+    for (const auto& r : launcher::sweepRuns(g, {prompt, query_filters})) l.insert(r.label);
     return l;
   };
   const auto with = labels(true), without = labels(false);
   EXPECT_FALSE(with.count("qfilters"));
-  EXPECT_TRUE(labels(false, launcher::hasQueryFilters("models/kvtp-llama-2m")).count("qfilters"));
-  EXPECT_FALSE(launcher::hasQueryFilters("tests/fixtures/models/llama3-gqa"));
+  EXPECT_TRUE(labels(false, true).count("qfilters"));
+  PplJob job;
+  job.model_dir = "models/kvtp-llama-2m";
+  EXPECT_TRUE(launcher::sweepContext(job).query_filters);
+  job.model_dir = "tests/fixtures/models/llama3-gqa";
+  EXPECT_FALSE(launcher::sweepContext(job).query_filters);
   for (const char* m : {"snapkv", "pyramidkv", "noncausal", "compactor", "finch"}) {
     EXPECT_TRUE(with.count(m)) << m;
     EXPECT_FALSE(without.count(m)) << m;
   }
   for (const char* m : {"h2o", "tova", "expected", "random"}) EXPECT_TRUE(without.count(m) && with.count(m)) << m;
+}
+
+// --caps: each budget becomes a cap of bytes, its share of one window's full cache (here the
+// bundled Llama's: 4 layers x 2 KV heads x 1024 tokens x 2 x 32 channels x 2 bytes = 1 MiB).
+TEST(Sweep, CapsAreSharesOfAWindowsFullCache) {
+  launcher::SweepGrid g;
+  g.methods = "h2o", g.budgets = "0.2,0.05", g.quants = "", g.ladder = "fp16/kivi2", g.caps = true;
+  PplJob job;
+  job.model_dir = "models/kvtp-llama-2m", job.seq_len = 1024;
+  const auto context = launcher::sweepContext(job);
+  EXPECT_EQ(context.window_cache_bytes, 1 << 20);
+  std::vector<std::string> kv;
+  for (const auto& r : launcher::sweepRuns(g, context)) kv.push_back(r.kv);
+  EXPECT_EQ(kv, (std::vector<std::string>{"", "h2o:bytes=209715", "h2o:bytes=52429", "h2o:bytes=209715,ladder=fp16/kivi2",
+                                          "h2o:bytes=52429,ladder=fp16/kivi2"}));
 }
 
 TEST(Csv, FieldsAreQuotedPerRfc4180) {

@@ -435,7 +435,9 @@ TEST(CudaKernels, KiviCompactionThinsRunsAsTheCpuDoes) {
     kv::KVCache cpu(1, H, hd);
     const auto k = randn(size_t(n) * H * hd), v = randn(k.size());
     for (int t = 0; t < n; ++t) cpu.append(0, &k[size_t(t) * H * hd], &v[size_t(t) * H * hd], &t, 1);
-    for (int h = 0; h < H; ++h) cpu.quantizeKivi(0, h, {0, 4, 8, 12, 16}, bits, G);
+    std::vector<std::vector<int>> runs(size_t(coded / G));  // entries 0..19 in runs of G
+    for (int i = 0; i < coded; ++i) runs[size_t(i / G)].push_back(i);
+    for (int h = 0; h < H; ++h) cpu.quantizeKivi(0, h, runs, bits, G);
     const int cb = hd * bits / 8, VG = hd / G;  // codes of a key (or value) row; value groups
     // The device's layout of the same cache: codes and value pairs per slot, key pairs per run.
     std::vector<uint8_t> K(size_t(H) * capacity * cb), V(K.size());

@@ -96,7 +96,7 @@ TEST(KvEviction, AMirrorOfDeviceRowsTakesTheSameDecisions) {
   EXPECT_EQ(mirror.head(0, 1).form.front(), Form::Int8);
   EXPECT_EQ(b.bytes(mirror, 20).stored, a.bytes(real, 20).stored);
   EXPECT_LT(b.bytes(mirror, 20).stored, b.bytes(mirror, 20).full * 3 / 4);
-  EXPECT_THROW(mirror.quantizeKivi(0, 0, {0}, 2, 2), std::logic_error);  // not on the device (yet)
+  EXPECT_THROW(mirror.quantizeKivi(0, 0, {{0, 1}}, 2, 2), std::logic_error);  // not on the device (yet)
 }
 
 TEST(KvEviction, AByteBudgetCountsFullPrecisionEntries) {
@@ -717,10 +717,58 @@ TEST(KvTiered, ALadderFillsTheBudgetTopDownAndNeverPromotes) {
 TEST(KvTiered, LaddersAreParsedStrictly) {
   EXPECT_EQ(parsePolicy("h2o:budget=0.2,ladder=fp16/int4/int2", "").describe(),
             "h2o:budget=0.2,sinks=4,recent=16,scope=global,ladder=fp16/int4/int2");
+  EXPECT_EQ(parsePolicy("h2o:budget=0.2,ladder=fp16/int4/kivi2", "").describe(),
+            "h2o:budget=0.2,sinks=4,recent=16,scope=global,ladder=fp16/int4/kivi2");
   for (const char* bad : {"h2o:ladder=int8/int4", "h2o:ladder=fp16", "h2o:ladder=fp16/int2/int4", "h2o:ladder=fp16/int3",
-                          "simlayerkv:ladder=fp16/int8"})
+                          "simlayerkv:ladder=fp16/int8", "h2o:ladder=fp16/kivi2/int2", "h2o:ladder=fp16/int8/kivi2",
+                          "h2o:ladder=fp16/int4/kivi4", "h2o:ladder=fp16/kivi3"})
     EXPECT_THROW(parsePolicy(bad, ""), std::invalid_argument) << bad;
   EXPECT_THROW(parsePolicy("h2o:ladder=fp16/int8", "int8"), std::invalid_argument);
+}
+
+// KIVI's rung, head_dim 4, 2 bits, runs of 32: an entry costs 20 bytes at fp16 (16 and its
+// position) and 6 + 4 at KIVI (a byte of codes each for key and value, a value (lo, step) pair)
+// plus its share of a full run's key pairs, 18 / 32: 10.5625. bytes=600, StreamingLLM (the
+// newest first), nothing protected. 40 entries: all fit at KIVI (422.5); the 177.5 left lift the
+// 18 newest to fp16 (9.4375 each); the 22 oldest, ranked for KIVI, wait at fp16 for a run of 32.
+// One more entry: the budget sets aside what the waiting held beyond KIVI's cost (22 x 9.4375),
+// so 392.375 bytes keep 37 entries at KIVI and lift none: positions 0..3 go, 4..35 become a run
+// and 36..40 wait. Stored: 32 x 6 + 18 for the run, 5 x 16 at fp16, 37 positions x 4 = 438.
+TEST(KvTiered, KiviRungQuantizesWaitingEntriesInRunsWithinTheBudget) {
+  const int hd = 4;
+  KVCache c(1, 1, hd);
+  std::mt19937 rng(3);
+  std::normal_distribution<float> d(0.0f, 1.0f);
+  std::vector<float> k(size_t(41) * hd), v(k.size());
+  for (auto& x : k) x = d(rng);
+  for (auto& x : v) x = d(rng);
+  std::vector<int> pos(41);
+  std::iota(pos.begin(), pos.end(), 0);
+  Policy p(parsePolicy("streamingllm:bytes=600,sinks=0,recent=0,ladder=fp16/kivi2", ""), layout(1, hd), nullptr);
+  c.append(0, k.data(), v.data(), pos.data(), 40);
+  p.afterStep(c, {}, 39, false);
+  const HeadCache& h = c.head(0, 0);
+  EXPECT_EQ(h.length(), 40);
+  EXPECT_TRUE(std::all_of(h.form.begin(), h.form.end(), [](Form f) { return f == Form::Full; }));
+  c.append(0, k.data() + 40 * hd, v.data() + 40 * hd, &pos[40], 1);
+  p.afterStep(c, {}, 40, false);
+  ASSERT_EQ(h.length(), 37);
+  EXPECT_EQ(h.positions.front(), 4);
+  for (int i = 0; i < 37; ++i) EXPECT_EQ(h.form[i], i < 32 ? Form::Kivi : Form::Full) << i;
+  EXPECT_EQ(h.group_rows, (std::vector<uint16_t>{32}));
+  EXPECT_EQ(p.bytes(c, 41).stored, 438);
+  // Keys per channel over the run, values per token: within half a 2-bit step of their ranges.
+  std::vector<float> scratch;
+  const HeadRows rows = c.rows(0, 0, scratch);
+  for (int ch = 0; ch < hd; ++ch) {
+    float lo = INFINITY, hi = -INFINITY;
+    for (int t = 4; t < 36; ++t) lo = std::min(lo, k[t * hd + ch]), hi = std::max(hi, k[t * hd + ch]);
+    for (int i = 0; i < 32; ++i) EXPECT_NEAR(rows.keys[i * hd + ch], k[(i + 4) * hd + ch], (hi - lo) / 3 / 2 + 1e-5);
+  }
+  // A budget for every entry at fp16 promotes nothing: the run stays KIVI.
+  Policy roomy(parsePolicy("streamingllm:bytes=100000,sinks=0,recent=0,ladder=fp16/kivi2", ""), layout(1, hd), nullptr);
+  roomy.afterStep(c, {}, 40, false);
+  EXPECT_EQ(std::count(h.form.begin(), h.form.end(), Form::Kivi), 32);
 }
 
 TEST(KvEviction, AGlobalBudgetGoesToTheHeadsWithTheHighestScores) {
@@ -837,7 +885,7 @@ TEST(KvQuant, KiviIsStoredPackedAndDecodesWithinTheBound) {
   const int hd = 16, n = 12, bits = 2, group = 4;
   std::vector<float> k, v, scratch;
   KVCache c = randomCache(n, hd, &k, &v);
-  c.quantizeKivi(0, 0, {0, 4}, bits, group);  // entries 0..7 in two key groups, 8..11 full
+  c.quantizeKivi(0, 0, {{0, 1, 2, 3}, {4, 5, 6, 7}}, bits, group);  // two key groups, 8..11 full
   const HeadCache& h = c.head(0, 0);
   EXPECT_EQ(h.codes.size(), size_t(8 * 2 * hd * bits / 8));  // 2 bits a number, nothing else
   EXPECT_EQ(h.keys.size(), size_t(4 * hd));                   // only the full entries keep floats
@@ -979,7 +1027,8 @@ TEST(KvEviction, FullBudgetReproducesTheFullCacheExactly) {
   const auto full = decodeLogprobs("");
   for (const char* m : {"h2o:budget=1", "scissorhands:budget=1", "streamingllm:budget=1", "tova:budget=1",
                         "knorm:budget=1", "keydiff:budget=1", "lagkv:budget=1,lag=8", "h2o:budget=1,interval=4",
-                        "h2o:budget=1,ladder=fp16/int8/int4/int2", "leverage:budget=1", "cur:budget=1", "expected:budget=1", "h2o:budget=1,critical=0.5",
+                        "h2o:budget=1,ladder=fp16/int8/int4/int2", "h2o:budget=1,ladder=fp16/kivi2", "leverage:budget=1",
+                        "cur:budget=1", "expected:budget=1", "h2o:budget=1,critical=0.5",
                         "qfilters:budget=1,filters=tests/data/llama3-gqa-qfilters.json"})
     EXPECT_EQ(decodeLogprobs(m), full) << m;
   EXPECT_NE(decodeLogprobs("h2o:budget=0.3"), full);

@@ -165,7 +165,8 @@ INSTANTIATE_TEST_SUITE_P(
                       "--kv noncausal:budget=0.3,span=16 --prefill 48", "--kv compactor:budget=0.3,span=16 --prefill 48",
                       "--kv finch:budget=0.3,window=8 --prefill 48",
                       "--kv snapkv:budget=0.5,think=0.5 --prefill 48",
-                      "--kv qfilters:budget=0.3,filters=tests/data/llama3-gqa-qfilters.json"),
+                      "--kv qfilters:budget=0.3,filters=tests/data/llama3-gqa-qfilters.json",
+                      "--kv h2o:budget=0.5,sinks=1,recent=2,ladder=fp16/int4/kivi2"),
     [](const auto& info) { return "m" + std::to_string(info.index); });
 
 // The fixtures' PyTorch copies (scripts/make_fixtures.py --torch-copies) under tensor
