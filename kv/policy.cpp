@@ -158,12 +158,13 @@ PolicySpec parsePolicy(const std::string& kv, const std::string& kv_quant, const
     if (m == methods.end())
       throw std::invalid_argument("KV method '" + name +
                                   "' is not one of: full, streamingllm, h2o, scissorhands, snapkv, pyramidkv, random, "
-                                  "tova, knorm, keydiff, lagkv, leverage, cur, qfilters, expected, noncausal, compactor, finch, "
-                                  "simlayerkv");
+                                  "tova, knorm, keydiff, lagkv, leverage, cur, qfilters, expected, noncausal, "
+                                  "compactor, finch, simlayerkv");
     s.method = m->second;
     rejectUnknown(a, {"budget", "tokens", "bytes", "sinks", "recent", "scope", "history", "window", "kernel", "ratio", "decode",
                       "decode_budget", "decode_recent", "delta", "seed", "lag", "interval", "chunk", "threshold",
-                      "evict_below", "ladder", "local", "future", "critical", "block", "span", "blend", "think", "filters"},
+                      "evict_below", "ladder", "local", "future", "critical", "block", "span", "blend", "think",
+                      "filters"},
                   kv);
     s.lag = int(number(a, "lag", s.lag, kv));
     s.local = int(number(a, "local", s.local, kv));
@@ -171,7 +172,8 @@ PolicySpec parsePolicy(const std::string& kv, const std::string& kv_quant, const
     s.span = int(number(a, "span", s.span, kv));
     s.blend = number(a, "blend", s.blend, kv);
     if (auto f = a.find("filters"); f != a.end()) {
-      if (s.method != Method::QFilters) throw std::invalid_argument("filters= is qfilters' file of filters (" + kv + ")");
+      if (s.method != Method::QFilters)
+        throw std::invalid_argument("filters= is qfilters' file of filters (" + kv + ")");
       s.filters = f->second;
     }
     s.think = number(a, "think", s.think, kv);
@@ -212,8 +214,8 @@ PolicySpec parsePolicy(const std::string& kv, const std::string& kv_quant, const
         }
         const auto named = [&](const auto& r) { return item == r.first; };
         if (std::none_of(std::begin(kRungs), std::end(kRungs), named))
-          throw std::invalid_argument("ladder rung '" + item + "' is not one of fp16, int8, int4, int2, kivi4, kivi2 (" +
-                                      kv + ")");
+          throw std::invalid_argument("ladder rung '" + item +
+                                      "' is not one of fp16, int8, int4, int2, kivi4, kivi2 (" + kv + ")");
         while (at < std::size(kRungs) && !named(kRungs[at])) ++at;
         if (at == std::size(kRungs))
           throw std::invalid_argument("a ladder steps down: fp16, int8, int4, int2 in order (" + kv + ")");
@@ -948,8 +950,10 @@ void Policy::settleLadder(KVCache& cache, const std::vector<SelectHead>& heads, 
       }
     if (shared && j + 1 < rungs) group_->allReduceSum(filled.data(), filled.size());
   }
-  for (Form f : spec_.ladder)
-    if (f == Form::Int8 || f == Form::Kivi) cache.useCodes(f == Form::Int8 ? 8 : spec_.bits, f == Form::Int8 ? 0 : spec_.group);
+  for (Form f : spec_.ladder) {
+    if (f == Form::Int8) cache.useCodes(8);
+    if (f == Form::Kivi) cache.useCodes(spec_.bits, spec_.group);
+  }
   // Each head applies its decision. An entry whose rung is KIVI's but that is not KIVI yet waits
   // in its form until `group` such entries can make a run (oldest first, as KIVI's residual).
 #pragma omp parallel for collapse(2) schedule(static)
@@ -968,19 +972,18 @@ void Policy::settleLadder(KVCache& cache, const std::vector<SelectHead>& heads, 
         if (f == Form::Kivi && c.form[i] != Form::Kivi) f = c.form[i], waiting.push_back(c.positions[i]);
         idx.push_back(i), forms.push_back(f);
       }
+      const auto entryAt = [&](int position) {
+        return int(std::lower_bound(c.positions.begin(), c.positions.end(), position) - c.positions.begin());
+      };
       // What the entries left waiting will hold beyond KIVI's cost (they stay full precision or int4).
       waiting_excess_[at] = 0;
-      for (size_t k = 0; k < waiting.size() % size_t(spec_.group); ++k) {
-        const Form f = c.form[std::lower_bound(c.positions.begin(), c.positions.end(), waiting[waiting.size() - 1 - k]) -
-                              c.positions.begin()];
-        waiting_excess_[at] += double(shape.bytes(f, 1) + 4) - cost[rungs - 1];
-      }
+      for (size_t k = waiting.size() / spec_.group * spec_.group; k < waiting.size(); ++k)
+        waiting_excess_[at] += double(shape.bytes(c.form[entryAt(waiting[k])], 1) + 4) - cost[rungs - 1];
       cache.demote(l, h, idx, forms);
       std::vector<std::vector<int>> runs;
       for (size_t w = 0; w + spec_.group <= waiting.size(); w += spec_.group) {
         runs.emplace_back();
-        for (size_t k = w; k < w + spec_.group; ++k)  // the entry at that position now
-          runs.back().push_back(int(std::lower_bound(c.positions.begin(), c.positions.end(), waiting[k]) - c.positions.begin()));
+        for (size_t k = w; k < w + spec_.group; ++k) runs.back().push_back(entryAt(waiting[k]));  // its index now
       }
       if (!runs.empty()) cache.quantizeKivi(l, h, runs, spec_.bits, spec_.group);
     }

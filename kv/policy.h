@@ -193,8 +193,8 @@ class Policy {
   // (score + eps) x ||W_o v||_1 (entries already +inf, the protected, left as they are).
   static void criticalKeys(const HeadCache& c, int first, std::vector<double>& key);
   // The row-reading method's scores of n entries of a (layer, local KV head) (kv/scorers.h).
-  void rowScores(int layer, int local_head, const HeadRows& rows, const int* positions, int n, const std::vector<float>& rope_inv_freq,
-                 double* key) const;
+  void rowScores(int layer, int local_head, const HeadRows& rows, const int* positions, int n,
+                 const std::vector<float>& rope_inv_freq, double* key) const;
   void evictInBlocks(const KVCache& cache, int last_pos, const std::vector<int64_t>& pool_budget,
                      const std::vector<int>& pool_of, bool shared);
   void retainKept(KVCache& cache);

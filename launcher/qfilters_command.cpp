@@ -20,7 +20,8 @@ void addQueryFiltersCommand(CLI::App& app) {
   };
   auto a = std::make_shared<Args>();
   cmd->add_option("--model", a->model, "Hugging Face model folder")->required();
-  auto* data = cmd->add_option("--data", a->data, "calibration text, C4-style documents (default: the bundled C4 training sample)");
+  auto* data = cmd->add_option("--data", a->data,
+                               "calibration text, C4-style documents (default: the bundled C4 training sample)");
   cmd->add_option("--input-ids", a->input_ids, "or token ids, one sequence per line (a model without a tokenizer)")
       ->excludes(data);
   cmd->add_option("--seq-len", a->seq_len, "tokens per calibration window (default 1024)");

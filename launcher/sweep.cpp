@@ -43,14 +43,16 @@ void addSweepGridOptions(CLI::App* cmd, SweepGrid& g) {
   cmd->add_option("--extra", g.extra, "more runs, semicolon-separated, each 'KV' or 'KV|QUANT'");
   cmd->add_option("--ladder", g.ladder, "tiered precision: every method and budget again with this ladder (e.g. fp16/int8/int4/int2)");
   cmd->add_flag("--caps", g.caps,
-                "budgets are memory caps: each run may hold that share of a whole window's full cache (bytes=), so "
-                "the cache is whole until it fills the cap; without it, each keeps that share of the tokens seen (budget=)");
+                "budgets are memory caps: each run may hold that share of a whole window's full cache (bytes=), "
+                "so the cache is whole until it fills the cap; without it, each keeps that share of the tokens "
+                "seen (budget=)");
 }
 
 SweepContext sweepContext(const PplJob& base) {
   SweepContext c;
   c.prompt = base.prefill > 0;
-  c.query_filters = !base.model_dir.empty() && std::filesystem::exists(std::filesystem::path(base.model_dir) / "qfilters.json");
+  c.query_filters =
+      !base.model_dir.empty() && std::filesystem::exists(std::filesystem::path(base.model_dir) / "qfilters.json");
   ModelConfig m = base.model_dir.empty() ? syntheticConfig(base.synthetic) : loadConfig(base.model_dir);
   if (base.layers > 0) m.layers = base.layers;
   c.window_cache_bytes = kv::fullCacheBytes(std::min(base.seq_len, m.max_positions), m.layers, m.kv_heads, m.head_dim);
@@ -80,7 +82,8 @@ std::vector<SweepRun> sweepRuns(const SweepGrid& g, const SweepContext& context)
     for (auto& b : split(g.budgets, ',')) runs.push_back({m, m + ":" + budget(b), ""});
   if (!g.ladder.empty())
     for (auto& m : split(methods, ','))
-      for (auto& b : split(g.budgets, ',')) runs.push_back({m + " tiered", m + ":" + budget(b) + ",ladder=" + g.ladder, ""});
+      for (auto& b : split(g.budgets, ','))
+        runs.push_back({m + " tiered", m + ":" + budget(b) + ",ladder=" + g.ladder, ""});
   for (auto& q : split(g.quants, ';')) runs.push_back({q, "", q});
   for (auto& e : split(g.extra, ';')) {
     const auto bar = e.find('|');

@@ -26,9 +26,9 @@ struct SweepRun {
 };
 // What the runs of a sweep depend on besides its grid (sweepContext: from the perplexity job).
 struct SweepContext {
-  bool prompt = false;         // the windows start with a prompt (--prefill): 'all' includes the methods that compress one
-  bool query_filters = false;  // the model has Q-Filters calibrated (qfilters.json): 'all' includes qfilters
-  int64_t window_cache_bytes = 0;  // the full fp16 cache of one window, all layers and KV heads (what caps are shares of)
+  bool prompt = false;             // the windows start with a prompt (--prefill): 'all' has the prompt methods
+  bool query_filters = false;      // the model has Q-Filters calibrated (qfilters.json): 'all' has qfilters
+  int64_t window_cache_bytes = 0;  // one window's full fp16 cache, all layers and KV heads (caps are shares of it)
 };
 SweepContext sweepContext(const PplJob& base);
 // The full cache, every method at every budget (and again with the ladder), each quantization

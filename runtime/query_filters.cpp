@@ -60,7 +60,8 @@ QueryFilters loadQueryFilters(const std::string& path) {
                    j.at("filters").get<std::vector<float>>()};
     if (f.layers < 1 || f.kv_heads < 1 || f.head_dim < 1 ||
         f.values.size() != size_t(f.layers) * f.kv_heads * f.head_dim)
-      throw Error("'" + path + "': filters hold " + std::to_string(f.values.size()) + " values, not layers x kv_heads x head_dim");
+      throw Error("'" + path + "': filters hold " + std::to_string(f.values.size()) +
+                  " values, not layers x kv_heads x head_dim");
     return f;
   } catch (const nlohmann::json::exception& e) {
     throw Error("'" + path + "' is not a Q-Filters file: " + e.what());

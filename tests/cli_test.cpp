@@ -79,8 +79,10 @@ INSTANTIATE_TEST_SUITE_P(
         // CI has no GPU: the build without CUDA says so, the CUDA build finds no device.
         BadInput{"CudaWithoutGpu", "--model models/kvtp-opt-3m --data data/c4/c4-heldout-200.json.gz --device cuda",
                  "--device cuda: "},
-        BadInput{"QFiltersNotCalibrated", "--model tests/fixtures/models/llama3-gqa --input-ids "
-                 "tests/fixtures/models/llama3-gqa/input_ids.txt --mode decode --kv qfilters:budget=0.3", "kvtp qfilters"},
+        BadInput{"QFiltersNotCalibrated",
+                 "--model tests/fixtures/models/llama3-gqa --input-ids tests/fixtures/models/llama3-gqa/input_ids.txt "
+                 "--mode decode --kv qfilters:budget=0.3",
+                 "kvtp qfilters"},
         BadInput{"QFiltersOfAnotherModel", "--model tests/fixtures/models/llama2-tied --input-ids "
                  "tests/fixtures/models/llama2-tied/input_ids.txt --mode decode "
                  "--kv qfilters:budget=0.3,filters=tests/data/llama3-gqa-qfilters.json", "not this model's"},

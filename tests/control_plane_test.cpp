@@ -781,8 +781,8 @@ TEST(Sweep, CapsAreSharesOfAWindowsFullCache) {
   EXPECT_EQ(context.window_cache_bytes, 1 << 20);
   std::vector<std::string> kv;
   for (const auto& r : launcher::sweepRuns(g, context)) kv.push_back(r.kv);
-  EXPECT_EQ(kv, (std::vector<std::string>{"", "h2o:bytes=209715", "h2o:bytes=52429", "h2o:bytes=209715,ladder=fp16/kivi2",
-                                          "h2o:bytes=52429,ladder=fp16/kivi2"}));
+  EXPECT_EQ(kv, (std::vector<std::string>{"", "h2o:bytes=209715", "h2o:bytes=52429",
+                                          "h2o:bytes=209715,ladder=fp16/kivi2", "h2o:bytes=52429,ladder=fp16/kivi2"}));
 }
 
 TEST(Csv, FieldsAreQuotedPerRfc4180) {

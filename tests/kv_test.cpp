@@ -1027,7 +1027,8 @@ TEST(KvEviction, FullBudgetReproducesTheFullCacheExactly) {
   const auto full = decodeLogprobs("");
   for (const char* m : {"h2o:budget=1", "scissorhands:budget=1", "streamingllm:budget=1", "tova:budget=1",
                         "knorm:budget=1", "keydiff:budget=1", "lagkv:budget=1,lag=8", "h2o:budget=1,interval=4",
-                        "h2o:budget=1,ladder=fp16/int8/int4/int2", "h2o:budget=1,ladder=fp16/kivi2", "leverage:budget=1",
+                        "h2o:budget=1,ladder=fp16/int8/int4/int2", "h2o:budget=1,ladder=fp16/kivi2",
+                        "leverage:budget=1",
                         "cur:budget=1", "expected:budget=1", "h2o:budget=1,critical=0.5",
                         "qfilters:budget=1,filters=tests/data/llama3-gqa-qfilters.json"})
     EXPECT_EQ(decodeLogprobs(m), full) << m;
