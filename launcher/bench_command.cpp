@@ -23,6 +23,7 @@
 #include "runtime/gpu_engine.h"
 #include "runtime/model.h"
 #include "runtime/presets.h"
+#include "runtime/query_filters.h"
 
 namespace kvtp::launcher {
 namespace {
@@ -63,6 +64,7 @@ struct BenchArgs {
 // The models to measure: name, config, and where their weights come from.
 struct BenchModel {
   std::string name;
+  std::string directory;  // empty: synthetic
   ModelConfig config;
   WeightSource weights;
 };
@@ -71,7 +73,7 @@ std::vector<BenchModel> benchModels(const BenchArgs& a) {
   std::vector<BenchModel> models;
   for (auto& m : a.models) {
     const ModelConfig c = loadConfig(m);
-    models.push_back({m, c, checkpointSource(c, Partition::make(c, 0, 1), m)});
+    models.push_back({m, m, c, checkpointSource(c, Partition::make(c, 0, 1), m)});
   }
   for (auto& s : a.synthetic) {
     ModelConfig c = syntheticConfig(s);
@@ -80,7 +82,7 @@ std::vector<BenchModel> benchModels(const BenchArgs& a) {
     // (the bandwidth and FLOPs of a step do not depend on it).
     if (c.family == Family::Llama && !a.contexts.empty())
       c.max_positions = std::max(c.max_positions, *std::max_element(a.contexts.begin(), a.contexts.end()) + a.decode_steps + 1);
-    models.push_back({"synthetic:" + s, c, syntheticSource(c, Partition::make(c, 0, 1), 0)});
+    models.push_back({"synthetic:" + s, "", c, syntheticSource(c, Partition::make(c, 0, 1), 0)});
   }
   return models;
 }
@@ -168,11 +170,12 @@ void benchGpu(const BenchArgs& a) {
   nlohmann::json out = {{"device", "cuda"}, {"dtype", a.dtype}, {"peak_bandwidth_gbs", peak / 1e9},
                         {"models", nlohmann::json::array()}};
   if (!a.json) std::printf("cuda device %d, %s, peak memory bandwidth %.0f GB/s\n", device, a.dtype.c_str(), peak / 1e9);
-  for (auto& [name, c, weights] : benchModels(a)) {
+  for (auto& [name, directory, c, weights] : benchModels(a)) {
     const Partition whole = Partition::make(c, 0, 1);
     const double weight_bytes = double(weightElements(c, whole)) * elem;
     const kv::PolicySpec spec = kv::parsePolicy(a.kv, a.kv_quant, a.kv_lowrank);  // a bad spec: main prints its message
-    auto engine = makeGpuEngine(c, whole, weights, {dtype, device, nullptr, spec, nullptr});
+    auto engine = makeGpuEngine(c, whole, weights,
+                                {dtype, device, nullptr, spec, nullptr, queryFiltersFor(spec, directory, c, whole)});
     std::mt19937 rng(2);
     auto randomTokens = [&](int n) {
       std::vector<int> t(n);
@@ -333,7 +336,7 @@ void addBenchCommand(CLI::App& app) {
     nlohmann::json out = {{"sgemm_gflops", gemm}, {"sgemm_shape", "2048x2048x2048"}, {"models", nlohmann::json::array()}};
     if (!a->json) std::printf("sgemm 2048^3: %.1f GFLOP/s (median of %d)\n", gemm, a->repeats);
 
-    for (auto& [name, config, weights] : benchModels(*a)) {
+    for (auto& [name, directory, config, weights] : benchModels(*a)) {
       const auto model = std::make_unique<Model>(config, weights({}));
       const auto& c = model->config();
       const int T = std::min(a->seq_len, c.max_positions);

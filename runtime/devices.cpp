@@ -17,7 +17,8 @@ Precision parsePrecision(const std::string& s) {
 const char* precisionName(Precision d) { return d == Precision::F32 ? "fp32" : d == Precision::F16 ? "fp16" : "bf16"; }
 
 void checkGpuCompression(const kv::PolicySpec& s) {
-  const bool key_scored = s.method == kv::Method::KNorm || s.method == kv::Method::KeyDiff;  // decided on the device
+  const bool key_scored = s.method == kv::Method::KNorm || s.method == kv::Method::KeyDiff ||
+                          s.method == kv::Method::QFilters;  // decided on the device
   if ((s.readsRows() && !key_scored) || s.needsQueries())
     throw Error("'" + s.describe() + "' scores the cached keys and values (or the queries), which the CUDA engine does "
                 "not copy to its host mirror yet: use --device cpu");

@@ -180,13 +180,14 @@ void GpuEngine<T>::decideOnDevice(Sequence& s, int last_pos, const kv::Policy::D
                                   : scissorhands ? cuda::EvictScore::Scissorhands
                                   : kv_spec_.method == kv::Method::KNorm ? cuda::EvictScore::KeyNorm
                                   : kv_spec_.method == kv::Method::KeyDiff ? cuda::EvictScore::KeyDiff
+                                  : kv_spec_.method == kv::Method::QFilters ? cuda::EvictScore::QueryFilter
                                   : kv_spec_.method == kv::Method::Random ? cuda::EvictScore::Random
                                                                           : cuda::EvictScore::StreamingLLM;
   // Protected: the sinks and the recent window; in SCOPE's phase the prompt and the newest decoded.
   const int protect_below = decoded ? decoded->prefill_end : kv_spec_.sinks,
             protect_recent = decoded ? kv_spec_.decode_recent : kv_spec_.recent;
-  const cuda::RandomDraw random{kv_spec_.seed, d_meta + 4 * LH, G};
-  cuda::evictionKeys(cache, method, s.unscored, mask, protect_below, protect_recent, last_pos, table, random);
+  const cuda::ScoreInputs inputs{kv_spec_.seed, d_meta + 4 * LH, G, query_filters_.get()};
+  cuda::evictionKeys(cache, method, s.unscored, mask, protect_below, protect_recent, last_pos, table, inputs);
   // The pools span ranks unless each is one head (kv/budget_select.h): then the sums are local.
   const bool shared = part_.tp > 1 && !decoded && kv_spec_.scope != kv::Scope::Head;
   const cuda::SelectLayout select{d_meta + 4 * LH, d_meta + 5 * LH, d_budget, L * G, pools,

@@ -132,7 +132,8 @@ class GpuEngine : public Engine {
       : c_(config), part_(part), group_(o.device_group), kv_spec_(o.kv), host_group_(o.host_group),
         device_decides_((o.kv.method == kv::Method::H2O || o.kv.method == kv::Method::Scissorhands ||
                          o.kv.method == kv::Method::StreamingLLM || o.kv.method == kv::Method::KNorm ||
-                         o.kv.method == kv::Method::KeyDiff || o.kv.method == kv::Method::TOVA ||
+                         o.kv.method == kv::Method::KeyDiff || o.kv.method == kv::Method::QFilters ||
+                         o.kv.method == kv::Method::TOVA ||
                          o.kv.method == kv::Method::Random) &&
                         o.kv.rank == 0),
         device_decides_decoded_((o.kv.method == kv::Method::SnapKV || o.kv.method == kv::Method::PyramidKV) &&
@@ -149,6 +150,13 @@ class GpuEngine : public Engine {
     if (part_.tp > 1 && (!group_ || group_->size() != part_.tp))
       throw Error("the CUDA engine at tp " + std::to_string(part_.tp) + " needs a device communicator of that size");
     KVTP_CUDA_CHECK(cudaSetDevice(o.device));
+    if (kv_spec_.method == kv::Method::QFilters) {
+      if (o.query_filters.size() != size_t(c_.layers) * part_.kv_heads)
+        throw Error("qfilters on the GPU: the engine was given no filters (queryFiltersFor)");
+      std::vector<float> flat;
+      for (const auto& f : o.query_filters) flat.insert(flat.end(), f.begin(), f.end());
+      query_filters_ = DeviceBuffer<float>(flat);
+    }
     seqs_.emplace_back(c_, part_, kv_spec_, host_group_);
     // The model-level tensors, then one layer at a time: the host holds one layer's float32
     // slices at most, so a 66B model loads on a machine with less memory than its weights.
@@ -903,6 +911,7 @@ class GpuEngine : public Engine {
   const bool device_decides_decoded_;  // SCOPE's decode phase (the prompt is decided on the mirror)
   DeviceBuffer<double> score_, table_;
   DeviceBuffer<uint64_t> history_;
+  DeviceBuffer<float> query_filters_;  // Q-Filters: [layer][kv_head][head_dim]
   DeviceBuffer<int> evict_meta_;
   DeviceBuffer<int64_t> evict_budget_;
   DeviceBuffer<float> replicated_weights_;  // sumReplicated's

@@ -28,6 +28,8 @@ struct GpuOptions {
   // KV compression (checkGpuCompression says which) and the host group its budget is settled over.
   kv::PolicySpec kv;
   comm::Communicator* host_group = nullptr;
+  // Q-Filters: per (layer, local KV head) its filter (queryFiltersFor), decided on the device.
+  std::vector<std::vector<float>> query_filters;
   // Measure the GPU time inside the collectives (collectiveSeconds) with CUDA events around each;
   // the events cost time of their own (about 0.7 ms a decode step at tp 2 on a 7B shape).
   bool time_collectives = false;

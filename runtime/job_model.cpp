@@ -4,6 +4,7 @@
 
 #include "runtime/error.h"
 #include "runtime/presets.h"
+#include "runtime/query_filters.h"
 
 namespace kvtp {
 
@@ -11,7 +12,7 @@ JobModel openJobModel(const ModelSource& source, bool gpu, int context, comm::Co
   JobModel m;
   if (!source.model_dir.empty()) {
     m.config = loadConfig(source.model_dir);
-    m.name = source.model_dir;
+    m.name = m.directory = source.model_dir;
   } else {
     m.config = syntheticConfig(source.synthetic);
     if (source.layers > 0) m.config.layers = source.layers;
@@ -41,7 +42,8 @@ JobEngine startJobEngine(const JobModel& m, const kv::PolicySpec& spec, bool gpu
   std::string local_error;
   try {  // a rank out of GPU memory must not leave the others waiting in a collective
     e.engine = makeGpuEngine(m.config, m.part, m.weights,
-                             {dtype, m.device, e.device_group.get(), spec, group, time_collectives});
+                             {dtype, m.device, e.device_group.get(), spec, group,
+                              queryFiltersFor(spec, m.directory, m.config, m.part), time_collectives});
   } catch (const std::exception& ex) {
     local_error = ex.what();
   }

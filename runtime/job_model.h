@@ -20,7 +20,8 @@ struct ModelSource {
 };
 
 struct JobModel {
-  std::string name;  // the folder, or "synthetic:<preset>"
+  std::string name;       // the folder, or "synthetic:<preset>"
+  std::string directory;  // the folder (empty for synthetic weights)
   ModelConfig config;
   Partition part;
   std::unique_ptr<Model> model;  // --device cpu: the weights in host memory

@@ -60,10 +60,8 @@ class CpuEngine : public Engine {
       : model_(model), cache_(model.newCache()), policy_(spec ? *spec : kv::PolicySpec{}, model.headLayout(), model.group()) {
     if (policy_.spec().rank) cache_.setLowRank(model.lowRankBases(policy_.spec().rank));
     if (model.config().family == Family::Llama) cache_.setRope(ropeInverseFrequencies(model.config()));
-    if (policy_.spec().method == kv::Method::QFilters) {
-      const std::string path = queryFiltersPath(policy_.spec(), model.directory());
-      policy_.setQueryFilters(localQueryFilters(loadQueryFilters(path), model.config(), model.partition(), path));
-    }
+    if (policy_.spec().method == kv::Method::QFilters)
+      policy_.setQueryFilters(queryFiltersFor(policy_.spec(), model.directory(), model.config(), model.partition()));
     // What the forward pass keeps for the policy: the attention, the queries, the values' output norms.
     const kv::PolicySpec& s = policy_.spec();
     attention_.want_probabilities = s.needsAttention(), attention_.want_queries = s.needsQueries();

@@ -91,4 +91,11 @@ std::vector<std::vector<float>> localQueryFilters(const QueryFilters& f, const M
   return local;
 }
 
+std::vector<std::vector<float>> queryFiltersFor(const kv::PolicySpec& spec, const std::string& model_dir,
+                                                const ModelConfig& c, const Partition& part) {
+  if (spec.method != kv::Method::QFilters) return {};
+  const std::string path = queryFiltersPath(spec, model_dir);
+  return localQueryFilters(loadQueryFilters(path), c, part, path);
+}
+
 }  // namespace kvtp

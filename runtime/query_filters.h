@@ -26,8 +26,14 @@ QueryFilters loadQueryFilters(const std::string& path);
 // The file a qfilters spec reads: its filters=, else qfilters.json in the model's folder.
 std::string queryFiltersPath(const kv::PolicySpec& spec, const std::string& model_dir);
 
-// This rank's filters for kv::Policy::setQueryFilters, after checking they fit the model.
+// This rank's filters for kv::Policy::setQueryFilters (and the CUDA engine), per (layer, local KV
+// head), after checking they fit the model.
 std::vector<std::vector<float>> localQueryFilters(const QueryFilters& f, const ModelConfig& c, const Partition& part,
                                                   const std::string& source);
+
+// What an engine under `spec` needs of them: this rank's filters for qfilters (read from
+// queryFiltersPath), nothing for the other methods. `model_dir` is empty for synthetic weights.
+std::vector<std::vector<float>> queryFiltersFor(const kv::PolicySpec& spec, const std::string& model_dir,
+                                                const ModelConfig& c, const Partition& part);
 
 }  // namespace kvtp

@@ -141,6 +141,11 @@ TEST(CudaEngine, DecodeThroughAGrowingCacheMatchesPrefill) {
 // discontinuous; a pool per head). KIVI under eviction: the device evicts, then quantizes the kept
 // rows that left the residual window as the CPU does (the same runs, thinned the same way: the
 // same bytes).
+// The methods the device scores by the cached keys: K-norm, KeyDiff, Q-Filters.
+bool scoresKeys(const std::string& kv) {
+  return kv.rfind("knorm", 0) == 0 || kv.rfind("keydiff", 0) == 0 || kv.rfind("qfilters", 0) == 0;
+}
+
 TEST(CudaEngine, CompressionMatchesTheCpu) {
   REQUIRE_GPUS(1);
   std::vector<std::array<std::string, 3>> specs = {
@@ -164,14 +169,15 @@ TEST(CudaEngine, CompressionMatchesTheCpu) {
       {"snapkv:budget=0.3,decode=slide,decode_budget=32", "kivi:bits=4,group=8,residual=16", ""},
       {"tova:budget=0.2", "kivi:bits=4,group=16,residual=24", ""}, {"random:budget=0.2,seed=5", "kivi:bits=4", ""}};
   // And every method the GPU runs under every storage it holds (issue 27's matrix): int8, KIVI 2
-  // and 4 bits (K-norm and KeyDiff score full-precision or int8 keys only).
+  // and 4 bits (K-norm, KeyDiff and Q-Filters score full-precision or int8 keys only).
   specs.push_back({"keydiff:budget=0.2", "", ""});
   for (const std::string kv : {"snapkv:budget=0.25", "pyramidkv:budget=0.3", "h2o:budget=0.25",
                                "scissorhands:budget=0.3,history=16", "streamingllm:budget=0.25", "tova:budget=0.25",
                                "random:budget=0.25,seed=3", "knorm:budget=0.25", "keydiff:budget=0.25",
-                               "pyramidkv:budget=0.3,decode=adaptive,decode_recent=8,delta=4"})
-    for (const std::string quant : {"int8", "kivi:bits=2,group=16,residual=32", "kivi:bits=4,group=8,residual=24"})
-      if ((kv.rfind("knorm", 0) != 0 && kv.rfind("keydiff", 0) != 0) || quant == "int8") specs.push_back({kv, quant, ""});
+                               "qfilters:budget=0.25", "pyramidkv:budget=0.3,decode=adaptive,decode_recent=8,delta=4"})
+    for (const std::string quant : {"", "int8", "kivi:bits=2,group=16,residual=32", "kivi:bits=4,group=8,residual=24"})
+      if ((quant.empty() && kv.rfind("qfilters", 0) == 0) || (!quant.empty() && (!scoresKeys(kv) || quant == "int8")))
+        specs.push_back({kv, quant, ""});
   for (const auto& [kv, quant, lowrank] : specs) {
     const std::string name = kv + (quant.empty() ? "" : " + " + quant) + (lowrank.empty() ? "" : " + " + lowrank);
     PplJob job = test::heldOutC4Job(512, 2, Mode::Decode);
@@ -195,9 +201,9 @@ TEST(CudaEngine, CompressionMatchesTheCpu) {
     // the last bits): an error of one step in one channel, so a looser bound on the worst token,
     // the same on the mean. K-norm likewise: two keys whose norms lie within float error of each
     // other at the budget's boundary can swap (measured once on an H200: one token off by 1.3e-2,
-    // mean 2e-5), so a looser worst bound there too, and for KeyDiff's cosines of the same keys.
-    const bool key_scored = kv.rfind("knorm", 0) == 0 || kv.rfind("keydiff", 0) == 0;
-    EXPECT_LE(worst, key_scored ? 3e-2 : quant.empty() ? 1e-3 : 1e-2) << name;
+    // mean 2e-5), so a looser worst bound there too, and for KeyDiff's cosines and Q-Filters'
+    // projections of the same keys.
+    EXPECT_LE(worst, scoresKeys(kv) ? 3e-2 : quant.empty() ? 1e-3 : 1e-2) << name;
     EXPECT_LE(sum / double(cpu.result.tokens), 1e-4) << name;
     if (!quant.empty() || !lowrank.empty()) {  // fp16: the prefill reads the cache through an fp16 stage (flash attention)
       job.dtype = "fp16";

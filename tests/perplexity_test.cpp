@@ -57,17 +57,18 @@ TEST(CpuEngine, BatchOfOneIsAStepAndMoreAreRefused) {
 }
 
 // What the CUDA engine takes is decided before any GPU work, on any build: KIVI and int8 under
-// eviction, the key-scored methods over full-precision or int8 keys; not K-norm or KeyDiff over
-// KIVI's codes, low rank with eviction, the CPU-only methods and options.
+// eviction, the key-scored methods over full-precision or int8 keys; not K-norm, KeyDiff or
+// Q-Filters over KIVI's codes, low rank with eviction, the CPU-only methods and options.
 TEST(GpuCompression, RefusedOnlyWhereTheDeviceLacksIt) {
   for (const auto& [kv, quant] : std::vector<std::pair<std::string, std::string>>{
            {"scissorhands:budget=0.2", "kivi:bits=4"}, {"h2o:budget=0.2", "kivi:bits=2"}, {"snapkv:budget=0.2", "kivi:bits=2"},
-           {"keydiff:budget=0.2", "int8"}, {"knorm:budget=0.2", ""}, {"tova:budget=0.2", "kivi:bits=4"}})
+           {"keydiff:budget=0.2", "int8"}, {"knorm:budget=0.2", ""}, {"tova:budget=0.2", "kivi:bits=4"},
+           {"qfilters:budget=0.2", "int8"}})
     EXPECT_NO_THROW(checkGpuCompression(kv::parsePolicy(kv, quant))) << kv << " " << quant;
   for (const auto& [kv, quant] : std::vector<std::pair<std::string, std::string>>{
            {"knorm:budget=0.2", "kivi:bits=4"}, {"keydiff:budget=0.2", "kivi:bits=2"}, {"keydiff:budget=0.2,block=16", ""},
            {"finch:budget=0.2", ""}, {"snapkv:budget=0.2,think=0.5", ""}, {"compactor:budget=0.2", ""},
-           {"leverage:budget=0.2", ""}, {"h2o:budget=0.2,chunk=4", ""}, {"qfilters:budget=0.2", ""}})
+           {"leverage:budget=0.2", ""}, {"h2o:budget=0.2,chunk=4", ""}, {"qfilters:budget=0.2", "kivi:bits=2"}})
     EXPECT_THROW(checkGpuCompression(kv::parsePolicy(kv, quant)), Error) << kv << " " << quant;
   EXPECT_THROW(checkGpuCompression(kv::parsePolicy("h2o:budget=0.2", "", "cskv:rank=4")), Error);
 }

@@ -45,6 +45,14 @@ __device__ double squaredKeyNorm(const EvictionCache& c, int l, int h, int i) {
   return norm;
 }
 
+// Q-Filters (kv::queryFilterScores): k . filter in double, channel by channel as the CPU sums it.
+__device__ double queryFilterKey(const EvictionCache& c, int l, int h, int i, const float* filter) {
+  double dot = 0.0;
+  for (int d = 0, hd = keyChannels(c); d < hd; ++d)
+    dot = __dadd_rn(dot, __dmul_rn(double(cachedKey(c, l, h, i, d)), double(filter[d])));
+  return dot;
+}
+
 // KeyDiff (kv::keyDiffScores) over a head's entries that are not holes, in the CPU's order of
 // operations: each key's norm (into `keys` first, as scratch), the anchor — the mean of the
 // normalized keys, a thread per channel summing the entries in order — and its norm, then
@@ -89,7 +97,7 @@ __device__ void keyDiffKeys(const EvictionCache& c, int l, int h, int n, const i
 // average is 1 / visible), then every entry is scored and keyed as kv::Policy::score / evict do —
 // the same float and double operations, so the same keys.
 __global__ void keysKernel(EvictionCache c, EvictScore method, int fresh, uint64_t history_mask, int sinks, int recent,
-                           int last_pos, double* table, RandomDraw random) {
+                           int last_pos, double* table, ScoreInputs inputs) {
   const int lh = blockIdx.x, l = lh / c.heads, h = lh % c.heads, n = c.length[lh];
   const int64_t row = l * c.layer_stride + h * c.capacity;
   const float* w = c.weights ? c.weights + l * c.weights_layer + h * c.weights_head : nullptr;
@@ -126,8 +134,10 @@ __global__ void keysKernel(EvictionCache c, EvictScore method, int fresh, uint64
               : method == EvictScore::StepAttention ? double(wi)
               : method == EvictScore::KeyNorm    ? -sqrt(squaredKeyNorm(c, l, h, i))
               : method == EvictScore::KeyDiff    ? keys[i]
+              : method == EvictScore::QueryFilter
+                  ? queryFilterKey(c, l, h, i, inputs.query_filters + int64_t(lh) * keyChannels(c))
               : method == EvictScore::Random
-                  ? kernels::entryDraw(random.seed, l, random.table_heads[lh] % random.global_heads, p)
+                  ? kernels::entryDraw(inputs.seed, l, inputs.table_heads[lh] % inputs.global_heads, p)
                   : double(__popcll(bits & history_mask));
   }
 }
@@ -301,9 +311,9 @@ __global__ void __launch_bounds__(kThreadsPerHead) compactKernel(EvictionCache c
 }  // namespace
 
 void evictionKeys(const EvictionCache& c, EvictScore method, int fresh, uint64_t history_mask, int sinks, int recent,
-                  int last_pos, double* table, const RandomDraw& random) {
+                  int last_pos, double* table, const ScoreInputs& inputs) {
   keysKernel<<<c.layers * c.heads, kThreadsPerHead>>>(c, method, fresh, history_mask, sinks, recent, last_pos, table,
-                                                      random);
+                                                      inputs);
   KVTP_CUDA_LAUNCHED();
 }
 

@@ -15,15 +15,18 @@ namespace kvtp::cuda {
 
 // StepAttention: this step's probability alone (SCOPE's decode phase); KeyNorm: -||k|| of the
 // cached key (K-norm, kv::keyNormScores); KeyDiff: -cos(k, the mean normalized key) (kv::keyDiffScores);
-// Random: the entry's fixed draw (kernels::entryDraw).
-enum class EvictScore { H2O, Scissorhands, StreamingLLM, StepAttention, KeyNorm, KeyDiff, Random };
+// QueryFilter: k . the head's filter (Q-Filters, kv::queryFilterScores); Random: the entry's fixed
+// draw (kernels::entryDraw).
+enum class EvictScore { H2O, Scissorhands, StreamingLLM, StepAttention, KeyNorm, KeyDiff, QueryFilter, Random };
 
-// Random's inputs: the seed, and per (layer, head) of this rank its table head (layer x
-// global_heads + its global KV head).
-struct RandomDraw {
+// What some scores read besides the cache: Random's seed and, per (layer, head) of this rank, its
+// table head (layer x global_heads + its global KV head); Q-Filters' filters, per (layer, head)
+// of this rank head_dim values (device).
+struct ScoreInputs {
   uint64_t seed = 0;
   const int* table_heads = nullptr;
   int global_heads = 1;
+  const float* query_filters = nullptr;
 };
 
 // How the cache's K rows hold a key (KeyNorm reads them): fp32, fp16, bf16, or int8 codes times
@@ -64,10 +67,10 @@ struct EvictionCache {
 // appended since the last decision, start from zero) and writes its key into `table`: +inf for
 // the protected (position < sinks or > last_pos - recent), else H2O's score, the position
 // (StreamingLLM: the most recent win), the count of Scissorhands' set bits under history_mask or
-// the step's probability, -||k||, KeyDiff's -cos or the random draw; -inf for a hole, which is
-// never kept and takes no entry's place.
+// the step's probability, -||k||, KeyDiff's -cos, the key's projection on its filter or the random
+// draw; -inf for a hole, which is never kept and takes no entry's place.
 void evictionKeys(const EvictionCache& c, EvictScore method, int fresh, uint64_t history_mask, int sinks, int recent,
-                  int last_pos, double* table, const RandomDraw& random = {});
+                  int last_pos, double* table, const ScoreInputs& inputs = {});
 
 // The budget's pools as this rank's decision sees them (kv/budget_select.h).
 struct SelectLayout {
