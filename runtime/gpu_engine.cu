@@ -400,18 +400,7 @@ class GpuEngine : public Engine {
             .key_groups = kivi_evicts_ ? run_capacity_ : capacity / kv_spec_.group + 1};
   }
   // Layer l's KIVI cache from KV head head0 (of the batch's heads) on; counts not set.
-  cuda::KiviCache<T> kiviAt(int l, size_t head0) {
-    GpuLayer<T>& L = layers_[l];
-    cuda::KiviCache<T> kivi = kiviShape(capacity_);
-    const size_t row0 = head0 * capacity_, hd = c_.head_dim;
-    kivi.K = L.Kq.get() + row0 * kivi.codeBytes(), kivi.V = L.Vq.get() + row0 * kivi.codeBytes();
-    kivi.k_params = L.k_params.get() + head0 * kivi.keyGroups() * 2 * hd;
-    kivi.v_params = L.v_params.get() + row0 * 2 * kivi.valueGroups();
-    kivi.ring = ringAt(l, head0);
-    kivi.k_pos = L.pos.get() + row0;
-    if (kivi_evicts_) kivi.run = L.k_run.get() + row0;
-    return kivi;
-  }
+  cuda::KiviCache<T> kiviAt(int l, size_t head0);
 
   // Uploads the step's tokens and cache bookkeeping, then runs the model's device work (a one-row
   // step replays a CUDA graph).
@@ -503,69 +492,16 @@ class GpuEngine : public Engine {
   }
   void growRuns(int64_t runs);
   // Layer l's ring from KV head head0 on: the shared one, or the pending prompt's.
-  cuda::Ring<T> ringAt(int l, size_t head0) {
-    const size_t hd = c_.head_dim;
-    if (prompt_seq_ >= 0 && head0 == size_t(prompt_seq_) * part_.kv_heads) {
-      const size_t layer0 = size_t(l) * part_.kv_heads * prompt_rows_ * hd;
-      return {prompt_ring_k_.get() + layer0, prompt_ring_v_.get() + layer0, prompt_rows_, int(hd)};
-    }
-    GpuLayer<T>& L = layers_[l];
-    return {L.ring_k.get() + head0 * ring_ * hd, L.ring_v.get() + head0 * ring_ * hd, ring_, int(hd)};
-  }
+  cuda::Ring<T> ringAt(int l, size_t head0);
 
   // log p(targets) from hidden rows from .. from + count - 1 of the step just run.
-  std::vector<double> head(int from, int count, const int* targets) {
-    if (count == 0) {
-      KVTP_CUDA_CHECK(cudaDeviceSynchronize());
-      collectives_.collect();
-      return {};
-    }
-    auto out = logprobs(finalRows(from, count), count, targets);  // ends with a copy to the host: the step is complete
-    collectives_.collect();
-    return out;
-  }
+  std::vector<double> head(int from, int count, const int* targets);
   // The logits of hidden rows from .. from + count - 1 over the whole vocabulary, (count, vocab):
   // each rank's slice gathered over the group.
-  std::vector<float> headLogits(int from, int count) {
-    const int P = c_.word_embed_proj_dim, V = part_.vocab(), slot = vocabSlot(c_, part_.tp);
-    const T* hidden = finalRows(from, count);
-    const T* head = lm_head_.size() ? lm_head_.get() : embed_.get();
-    // This rank's logits, then its rows padded to `slot`, then every rank's padded rows in rank order.
-    float* logits = grow(logits_, size_t(count) * slot * (part_.tp + 2));
-    float* mine = logits + size_t(count) * slot;
-    float* all = mine + size_t(count) * slot;
-    cuda::gemm(blas_, hidden, count, P, head, V, nullptr, logits, false);
-    std::vector<float> host(size_t(count) * slot * part_.tp);
-    if (part_.tp == 1) {
-      KVTP_CUDA_CHECK(cudaMemcpy(host.data(), logits, sizeof(float) * count * V, cudaMemcpyDeviceToHost));
-      collectives_.collect();
-      return host;
-    }
-    // Rows of V into rows of `slot`, the same layout on every rank, then gathered.
-    KVTP_CUDA_CHECK(cudaMemcpy2D(mine, slot * sizeof(float), logits, V * sizeof(float), V * sizeof(float), count,
-                                 cudaMemcpyDeviceToDevice));
-    timed([&] { group_->allGather(mine, sizeof(float) * count * slot, all); });
-    KVTP_CUDA_CHECK(cudaMemcpy(host.data(), all, sizeof(float) * host.size(), cudaMemcpyDeviceToHost));
-    collectives_.collect();
-    return joinVocabSlices(c_, part_.tp, host.data(), count, slot);
-  }
+  std::vector<float> headLogits(int from, int count);
   // Hidden rows from .. from + count - 1 of the step just run, final-normed (and projected) into
   // the head's input (type T).
-  const T* finalRows(int from, int count) {
-    const int H = c_.hidden, P = c_.word_embed_proj_dim;
-    const float eps = float(c_.norm_eps);
-    T* xn = xn_.get();
-    float* xr = x_.get() + size_t(from) * H;
-    if (!final_norm_w_.size()) cuda::convert(xr, int64_t(count) * H, xn);
-    else if (c_.family == Family::Llama) cuda::rmsNormTo(xr, count, H, final_norm_w_.get(), eps, xn);
-    else cuda::layerNormTo(xr, count, H, final_norm_w_.get(), final_norm_b_.get(), eps, xn);
-    if (c_.hasProjection()) {
-      float* e = grow(e_, size_t(count) * P);
-      cuda::gemm(blas_, xn, count, H, project_out_.get(), P, nullptr, e, false);
-      cuda::convert(e, int64_t(count) * P, xn);
-    }
-    return xn;
-  }
+  const T* finalRows(int from, int count);
 
   void allReduce(float* data, size_t n) {
     if (part_.tp > 1) timed([&] { group_->allReduceSum(data, n); });
@@ -580,38 +516,15 @@ class GpuEngine : public Engine {
 
   // Cache bytes per (KV head, token): K and V rows (int8: codes and a step each; KIVI: codes, the
   // value's (lo, step) pairs and a share of its run's key pairs; low rank: coordinates) and a position.
-  size_t rowBytes() const {
-    const bool state = kv_spec_.method == kv::Method::H2O || kv_spec_.method == kv::Method::Scissorhands;
-    const size_t decision = device_decides_ && state ? 8 : 0;  // H2O's score or Scissorhands' bits
-    const size_t hd = c_.head_dim;
-    const cuda::KiviCache<T> kivi = kiviShape();
-    const size_t rows = int8_   ? 2 * (hd + sizeof(float))
-                        : kivi_ ? 2 * kivi.codeBytes() + 2 * sizeof(float) * (kivi.valueGroups() + hd / kivi.group + 1) +
-                                    (kivi_evicts_ ? sizeof(int) : 0)
-                        : lowrank_ ? 2 * kv_spec_.rank * sizeof(T)
-                                   : 2 * hd * sizeof(T);
-    return decision + rows + sizeof(int);
-  }
+  size_t rowBytes() const;
   // Bytes per KV head that do not grow with the tokens: KIVI's and low rank's ring.
   size_t headBytes() const { return windowed_ ? 2 * size_t(ring_) * c_.head_dim * sizeof(T) : 0; }
   // Bytes of a cache of `batch` x `tokens` rows per KV head: every layer's, and low rank's stage
   // (one layer's rows at full precision).
-  size_t cacheBytes(size_t batch, int64_t tokens) const {
-    const size_t heads = batch * part_.kv_heads, stage = lowrank_ ? 2 * size_t(c_.head_dim) * sizeof(T) : 0;
-    return heads * (c_.layers * (tokens * rowBytes() + headBytes()) + tokens * stage);
-  }
+  size_t cacheBytes(size_t batch, int64_t tokens) const;
   // Throws Error unless the device can hold a cache of `batch` x `tokens` rows per KV head (the
   // present cache is freed as the new one is made).
-  void checkRoom(int batch, int64_t tokens) {
-    const size_t need = cacheBytes(batch, tokens), held = cacheBytes(seqs_.size(), capacity_);
-    size_t free = 0, total = 0;
-    KVTP_CUDA_CHECK(cudaMemGetInfo(&free, &total));
-    constexpr size_t kHeadroom = size_t(1) << 30;  // activations, workspaces, the decode probabilities
-    if (need + kHeadroom > free + held)
-      throw Error("a KV cache of " + std::to_string(batch) + " x " + std::to_string(tokens) + " tokens needs " +
-                  std::to_string(need >> 20) + " MiB (+1 GiB headroom); the device has " +
-                  std::to_string((free + held) >> 20) + " MiB for it");
-  }
+  void checkRoom(int batch, int64_t tokens);
 
   // Room for a step that needs `need` cached tokens per KV head: geometric growth, so a long
   // window regrows the cache O(log n) times.
@@ -619,54 +532,7 @@ class GpuEngine : public Engine {
     if (need > capacity_) growTo(std::max<int64_t>({need, 2 * int64_t(capacity_), 256}));
   }
   // Grows the cache to `cap` tokens per KV head unless it holds that many, keeping what is cached.
-  void growTo(int64_t cap) {
-    if (cap <= capacity_) return;
-    checkRoom(int(seqs_.size()), cap);
-    int longest = 0;
-    for (auto& s : seqs_) longest = std::max(longest, s.longest);
-    const size_t heads = seqs_.size() * part_.kv_heads;
-    // Each head's rows (and positions) move to the start of its new, longer span; `per`: how
-    // many rows a span of c tokens has (KIVI's key pairs: one per run of `group`).
-    auto regrow = [&](auto& buf, size_t width, size_t spans = 0, std::function<int64_t(int64_t)> per = {}) {
-      using E = typename std::remove_reference_t<decltype(buf)>::value_type;
-      if (!spans) spans = heads;
-      auto rows = [&](int64_t c) { return per ? per(c) : c; };
-      std::remove_reference_t<decltype(buf)> bigger(spans * rows(cap) * width);
-      const size_t row = width * sizeof(E);
-      if (longest > 0)
-        KVTP_CUDA_CHECK(cudaMemcpy2D(bigger.get(), rows(cap) * row, buf.get(), rows(capacity_) * row,
-                                     rows(longest) * row, spans, cudaMemcpyDeviceToDevice));
-      buf = std::move(bigger);
-    };
-    // The device decision's per-entry state, [layer][sequence][kv_head][capacity].
-    if (kv_spec_.method == kv::Method::H2O && device_decides_) regrow(score_, 1, c_.layers * heads);
-    if (kv_spec_.method == kv::Method::Scissorhands && device_decides_) regrow(history_, 1, c_.layers * heads);
-    for (auto& L : layers_) {
-      if (int8_) {
-        regrow(L.K8, c_.head_dim);
-        regrow(L.V8, c_.head_dim);
-        regrow(L.k_step, 1);
-        regrow(L.v_step, 1);
-      } else if (kivi_) {
-        const cuda::KiviCache<T> kivi = kiviShape();
-        regrow(L.Kq, kivi.codeBytes());
-        regrow(L.Vq, kivi.codeBytes());
-        if (kivi_evicts_) regrow(L.k_run, 1);  // the key pairs: growRuns
-        else regrow(L.k_params, 2 * size_t(c_.head_dim), 0, [&](int64_t c) { return kiviShape(c).keyGroups(); });
-        regrow(L.v_params, 2 * size_t(kivi.valueGroups()));
-      } else if (lowrank_) {
-        regrow(L.coords, 2 * size_t(kv_spec_.rank));
-      } else {
-        regrow(L.K, c_.head_dim);
-        regrow(L.V, c_.head_dim);
-      }
-      regrow(L.pos, 1);
-      if (windowed_ && L.ring_k.size() != heads * ring_ * c_.head_dim)
-        L.ring_k = DeviceBuffer<T>(heads * ring_ * c_.head_dim), L.ring_v = DeviceBuffer<T>(heads * ring_ * c_.head_dim);
-    }
-    capacity_ = int(cap);
-    if (kivi_evicts_) growRuns(cap / kv_spec_.group + 1);
-  }
+  void growTo(int64_t cap);
 
   // Embedding and every layer for the step's rows into x_ (d_meta: their positions, then per
   // (layer, sequence, KV head) the first free slot, then the count after): kernel launches only,
@@ -855,31 +721,7 @@ class GpuEngine : public Engine {
 
   // log p(targets) from `rows` hidden rows (type T): vocab-parallel partials, gathered across
   // ranks and combined in rank order as on the CPU.
-  std::vector<double> logprobs(const T* hidden, int rows, const int* targets) {
-    const int P = c_.word_embed_proj_dim, V = part_.vocab();
-    const T* head = lm_head_.size() ? lm_head_.get() : embed_.get();
-    constexpr int kRows = 256;
-    int* d_targets = grow(targets_, rows);
-    KVTP_CUDA_CHECK(cudaMemcpy(d_targets, targets, sizeof(int) * rows, cudaMemcpyHostToDevice));
-    float* logits = grow(logits_, size_t(std::min(rows, kRows)) * V);
-    auto* mine = grow(partials_, size_t(kRows) * (part_.tp > 1 ? part_.tp + 1 : 1));
-    auto* all = part_.tp > 1 ? mine + kRows : mine;  // every rank's partials, in rank order
-    std::vector<kernels::SoftmaxPartial> host(size_t(kRows) * part_.tp);
-    std::vector<double> out(rows);
-    for (int r0 = 0; r0 < rows; r0 += kRows) {
-      const int n = std::min(kRows, rows - r0);
-      cuda::gemm(blas_, hidden + size_t(r0) * P, n, P, head, V, nullptr, logits, false);
-      cuda::softmaxPartials(logits, n, V, int(part_.vocab_begin), d_targets + r0, mine);
-      if (part_.tp > 1) timed([&] { group_->allGather(mine, sizeof(kernels::SoftmaxPartial) * kRows, all); });
-      KVTP_CUDA_CHECK(cudaMemcpy(host.data(), all, sizeof(kernels::SoftmaxPartial) * host.size(), cudaMemcpyDeviceToHost));
-      for (int i = 0; i < n; ++i) {
-        kernels::SoftmaxPartial p = host[i];
-        for (int r = 1; r < part_.tp; ++r) p.combine(host[size_t(r) * kRows + i]);
-        out[r0 + i] = p.logprob();
-      }
-    }
-    return out;
-  }
+  std::vector<double> logprobs(const T* hidden, int rows, const int* targets);
 
   ModelConfig c_;
   Partition part_;
@@ -944,6 +786,8 @@ class GpuEngine : public Engine {
   DeviceBuffer<kernels::SoftmaxPartial> partials_;
 };
 
+#include "runtime/gpu_store.cuh"
+#include "runtime/gpu_head.cuh"
 #include "runtime/gpu_compress.cuh"
 #include "runtime/gpu_kivi.cuh"
 

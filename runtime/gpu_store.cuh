@@ -1,0 +1,112 @@
+// The CUDA engine's KV store (runtime/gpu_engine.cu's GpuEngine, its members defined here;
+// included by gpu_engine.cu after the class, inside its namespace: not a header to include
+// elsewhere): the bytes a cached row takes in each form (fp16/bf16/fp32, int8, KIVI, low rank),
+// the room a batch needs, geometric growth keeping what is cached, and where a layer's KIVI codes
+// and full-precision ring sit.
+
+template <class T>
+size_t GpuEngine<T>::rowBytes() const {
+  const bool state = kv_spec_.method == kv::Method::H2O || kv_spec_.method == kv::Method::Scissorhands;
+  const size_t decision = device_decides_ && state ? 8 : 0;  // H2O's score or Scissorhands' bits
+  const size_t hd = c_.head_dim;
+  const cuda::KiviCache<T> kivi = kiviShape();
+  const size_t rows = int8_   ? 2 * (hd + sizeof(float))
+                      : kivi_ ? 2 * kivi.codeBytes() + 2 * sizeof(float) * (kivi.valueGroups() + hd / kivi.group + 1) +
+                                  (kivi_evicts_ ? sizeof(int) : 0)
+                      : lowrank_ ? 2 * kv_spec_.rank * sizeof(T)
+                                 : 2 * hd * sizeof(T);
+  return decision + rows + sizeof(int);
+}
+
+template <class T>
+size_t GpuEngine<T>::cacheBytes(size_t batch, int64_t tokens) const {
+  const size_t heads = batch * part_.kv_heads, stage = lowrank_ ? 2 * size_t(c_.head_dim) * sizeof(T) : 0;
+  return heads * (c_.layers * (tokens * rowBytes() + headBytes()) + tokens * stage);
+}
+
+template <class T>
+void GpuEngine<T>::checkRoom(int batch, int64_t tokens) {
+  const size_t need = cacheBytes(batch, tokens), held = cacheBytes(seqs_.size(), capacity_);
+  size_t free = 0, total = 0;
+  KVTP_CUDA_CHECK(cudaMemGetInfo(&free, &total));
+  constexpr size_t kHeadroom = size_t(1) << 30;  // activations, workspaces, the decode probabilities
+  if (need + kHeadroom > free + held)
+    throw Error("a KV cache of " + std::to_string(batch) + " x " + std::to_string(tokens) + " tokens needs " +
+                std::to_string(need >> 20) + " MiB (+1 GiB headroom); the device has " +
+                std::to_string((free + held) >> 20) + " MiB for it");
+}
+
+template <class T>
+void GpuEngine<T>::growTo(int64_t cap) {
+  if (cap <= capacity_) return;
+  checkRoom(int(seqs_.size()), cap);
+  int longest = 0;
+  for (auto& s : seqs_) longest = std::max(longest, s.longest);
+  const size_t heads = seqs_.size() * part_.kv_heads;
+  // Each head's rows (and positions) move to the start of its new, longer span; `per`: how
+  // many rows a span of c tokens has (KIVI's key pairs: one per run of `group`).
+  auto regrow = [&](auto& buf, size_t width, size_t spans = 0, std::function<int64_t(int64_t)> per = {}) {
+    using E = typename std::remove_reference_t<decltype(buf)>::value_type;
+    if (!spans) spans = heads;
+    auto rows = [&](int64_t c) { return per ? per(c) : c; };
+    std::remove_reference_t<decltype(buf)> bigger(spans * rows(cap) * width);
+    const size_t row = width * sizeof(E);
+    if (longest > 0)
+      KVTP_CUDA_CHECK(cudaMemcpy2D(bigger.get(), rows(cap) * row, buf.get(), rows(capacity_) * row,
+                                   rows(longest) * row, spans, cudaMemcpyDeviceToDevice));
+    buf = std::move(bigger);
+  };
+  // The device decision's per-entry state, [layer][sequence][kv_head][capacity].
+  if (kv_spec_.method == kv::Method::H2O && device_decides_) regrow(score_, 1, c_.layers * heads);
+  if (kv_spec_.method == kv::Method::Scissorhands && device_decides_) regrow(history_, 1, c_.layers * heads);
+  for (auto& L : layers_) {
+    if (int8_) {
+      regrow(L.K8, c_.head_dim);
+      regrow(L.V8, c_.head_dim);
+      regrow(L.k_step, 1);
+      regrow(L.v_step, 1);
+    } else if (kivi_) {
+      const cuda::KiviCache<T> kivi = kiviShape();
+      regrow(L.Kq, kivi.codeBytes());
+      regrow(L.Vq, kivi.codeBytes());
+      if (kivi_evicts_) regrow(L.k_run, 1);  // the key pairs: growRuns
+      else regrow(L.k_params, 2 * size_t(c_.head_dim), 0, [&](int64_t c) { return kiviShape(c).keyGroups(); });
+      regrow(L.v_params, 2 * size_t(kivi.valueGroups()));
+    } else if (lowrank_) {
+      regrow(L.coords, 2 * size_t(kv_spec_.rank));
+    } else {
+      regrow(L.K, c_.head_dim);
+      regrow(L.V, c_.head_dim);
+    }
+    regrow(L.pos, 1);
+    if (windowed_ && L.ring_k.size() != heads * ring_ * c_.head_dim)
+      L.ring_k = DeviceBuffer<T>(heads * ring_ * c_.head_dim), L.ring_v = DeviceBuffer<T>(heads * ring_ * c_.head_dim);
+  }
+  capacity_ = int(cap);
+  if (kivi_evicts_) growRuns(cap / kv_spec_.group + 1);
+}
+
+template <class T>
+cuda::KiviCache<T> GpuEngine<T>::kiviAt(int l, size_t head0) {
+  GpuLayer<T>& L = layers_[l];
+  cuda::KiviCache<T> kivi = kiviShape(capacity_);
+  const size_t row0 = head0 * capacity_, hd = c_.head_dim;
+  kivi.K = L.Kq.get() + row0 * kivi.codeBytes(), kivi.V = L.Vq.get() + row0 * kivi.codeBytes();
+  kivi.k_params = L.k_params.get() + head0 * kivi.keyGroups() * 2 * hd;
+  kivi.v_params = L.v_params.get() + row0 * 2 * kivi.valueGroups();
+  kivi.ring = ringAt(l, head0);
+  kivi.k_pos = L.pos.get() + row0;
+  if (kivi_evicts_) kivi.run = L.k_run.get() + row0;
+  return kivi;
+}
+
+template <class T>
+cuda::Ring<T> GpuEngine<T>::ringAt(int l, size_t head0) {
+  const size_t hd = c_.head_dim;
+  if (prompt_seq_ >= 0 && head0 == size_t(prompt_seq_) * part_.kv_heads) {
+    const size_t layer0 = size_t(l) * part_.kv_heads * prompt_rows_ * hd;
+    return {prompt_ring_k_.get() + layer0, prompt_ring_v_.get() + layer0, prompt_rows_, int(hd)};
+  }
+  GpuLayer<T>& L = layers_[l];
+  return {L.ring_k.get() + head0 * ring_ * hd, L.ring_v.get() + head0 * ring_ * hd, ring_, int(hd)};
+}
