@@ -152,7 +152,7 @@ class Policy {
   void afterStep(KVCache& cache, const StepAttention& attn, int last_pos, bool prefill);
   // A new window (sequence) starts: its prefill and decode steps count from here.
   void startWindow() {
-    prefill_end_ = 0, decode_steps_ = 0, lazy_.clear(), queries_.clear(), waiting_excess_.clear();
+    prefill_end_ = 0, decode_steps_ = 0, lazy_.clear(), queries_.clear(), ladder_reserve_.clear();
   }
   KvBytes bytes(const KVCache& cache, int tokens_seen) const;
   // The budget's competition pools (one, one per layer, or one per (layer, KV head): each a
@@ -221,9 +221,9 @@ class Policy {
   std::vector<std::vector<uint8_t>> keep_;
   std::vector<uint8_t> lazy_;  // SimLayerKV: per layer, decided at the prompt's end
   std::vector<std::vector<float>> query_filters_;  // Q-Filters: per (layer, local KV head)
-  // A ladder with KIVI's rung: per (layer, local KV head), the bytes its entries waiting for a run
-  // hold beyond KIVI's cost, as the last decision left them.
-  std::vector<double> waiting_excess_;
+  // A ladder with KIVI's rung: per pool, the bytes the last decision left beyond the costs it
+  // counted (entries waiting for a run, thinned runs' key pairs), the next decision's first reserve.
+  std::vector<double> ladder_reserve_;
   std::vector<std::vector<QueryStats>> queries_;  // expected attention: per (layer, local KV head), its query heads
   SelectTraffic last_traffic_;
 };

@@ -729,11 +729,13 @@ TEST(KvTiered, LaddersAreParsedStrictly) {
 // KIVI's rung, head_dim 4, 2 bits, runs of 32: an entry costs 20 bytes at fp16 (16 and its
 // position) and 6 + 4 at KIVI (a byte of codes each for key and value, a value (lo, step) pair)
 // plus its share of a full run's key pairs, 18 / 32: 10.5625. bytes=600, StreamingLLM (the
-// newest first), nothing protected. 40 entries: all fit at KIVI (422.5); the 177.5 left lift the
-// 18 newest to fp16 (9.4375 each); the 22 oldest, ranked for KIVI, wait at fp16 for a run of 32.
-// One more entry: the budget sets aside what the waiting held beyond KIVI's cost (22 x 9.4375),
-// so 392.375 bytes keep 37 entries at KIVI and lift none: positions 0..3 go, 4..35 become a run
-// and 36..40 wait. Stored: 32 x 6 + 18 for the run, 5 x 16 at fp16, 37 positions x 4 = 438.
+// newest first), nothing protected, 40 entries. All fit at KIVI (422.5) and the 177.5 left would
+// lift the 18 newest to fp16 (9.4375 each) — but the 22 oldest, ranked KIVI, would wait at fp16
+// for a run of 32, holding 22 x 9.4375 = 207.625 beyond KIVI's cost. The budget sets that aside
+// and decides again: 392.375 bytes keep 37 entries at KIVI and lift none, so positions 0..2 go,
+// 3..34 make a run and 35..39 wait (47.1875 beyond, within what was set aside). Stored: 32 x 6 +
+// 18 for the run, 5 x 16 at fp16, 37 positions x 4 = 438, within 600. One more entry: the 6
+// newest fit at fp16 and nothing waits (458 bytes).
 TEST(KvTiered, KiviRungQuantizesWaitingEntriesInRunsWithinTheBudget) {
   const int hd = 4;
   KVCache c(1, 1, hd);
@@ -748,27 +750,59 @@ TEST(KvTiered, KiviRungQuantizesWaitingEntriesInRunsWithinTheBudget) {
   c.append(0, k.data(), v.data(), pos.data(), 40);
   p.afterStep(c, {}, 39, false);
   const HeadCache& h = c.head(0, 0);
-  EXPECT_EQ(h.length(), 40);
-  EXPECT_TRUE(std::all_of(h.form.begin(), h.form.end(), [](Form f) { return f == Form::Full; }));
-  c.append(0, k.data() + 40 * hd, v.data() + 40 * hd, &pos[40], 1);
-  p.afterStep(c, {}, 40, false);
   ASSERT_EQ(h.length(), 37);
-  EXPECT_EQ(h.positions.front(), 4);
+  EXPECT_EQ(h.positions.front(), 3);
   for (int i = 0; i < 37; ++i) EXPECT_EQ(h.form[i], i < 32 ? Form::Kivi : Form::Full) << i;
   EXPECT_EQ(h.group_rows, (std::vector<uint16_t>{32}));
-  EXPECT_EQ(p.bytes(c, 41).stored, 438);
+  EXPECT_EQ(p.bytes(c, 40).stored, 438);
   // Keys per channel over the run, values per token: within half a 2-bit step of their ranges.
   std::vector<float> scratch;
   const HeadRows rows = c.rows(0, 0, scratch);
   for (int ch = 0; ch < hd; ++ch) {
     float lo = INFINITY, hi = -INFINITY;
-    for (int t = 4; t < 36; ++t) lo = std::min(lo, k[t * hd + ch]), hi = std::max(hi, k[t * hd + ch]);
-    for (int i = 0; i < 32; ++i) EXPECT_NEAR(rows.keys[i * hd + ch], k[(i + 4) * hd + ch], (hi - lo) / 3 / 2 + 1e-5);
+    for (int t = 3; t < 35; ++t) lo = std::min(lo, k[t * hd + ch]), hi = std::max(hi, k[t * hd + ch]);
+    for (int i = 0; i < 32; ++i) EXPECT_NEAR(rows.keys[i * hd + ch], k[(i + 3) * hd + ch], (hi - lo) / 3 / 2 + 1e-5);
   }
+  c.append(0, k.data() + 40 * hd, v.data() + 40 * hd, &pos[40], 1);
+  p.afterStep(c, {}, 40, false);
+  ASSERT_EQ(h.length(), 38);
+  EXPECT_EQ(std::count(h.form.begin(), h.form.end(), Form::Kivi), 32);
+  EXPECT_EQ(p.bytes(c, 41).stored, 458);
   // A budget for every entry at fp16 promotes nothing: the run stays KIVI.
   Policy roomy(parsePolicy("streamingllm:bytes=100000,sinks=0,recent=0,ladder=fp16/kivi2", ""), layout(1, hd), nullptr);
   roomy.afterStep(c, {}, 40, false);
   EXPECT_EQ(std::count(h.form.begin(), h.form.end(), Form::Kivi), 32);
+}
+
+// With KIVI's rung the bytes held jump with how many entries wait for a run; the decision sets
+// that aside until it holds, so a byte budget is never exceeded — here 151 fp16 entries' worth
+// (151 x 132 bytes) over two heads of head_dim 32 through 400 steps of H2O on random attention.
+TEST(KvTiered, AKiviLadderHoldsWithinItsBudgetAtEveryStep) {
+  const int hd = 32, H = 2, budget = 151 * 132;
+  KVCache c(1, H, hd);
+  Policy p(parsePolicy("h2o:bytes=" + std::to_string(budget) + ",ladder=fp16/kivi2", ""), layout(H, hd), nullptr);
+  std::mt19937 rng(1);
+  std::normal_distribution<float> d(0.0f, 1.0f);
+  std::uniform_real_distribution<float> u(0.0f, 1.0f);
+  int64_t most = 0;
+  for (int t = 0; t < 400; ++t) {
+    std::vector<float> k(size_t(H) * hd), v(k.size());
+    for (auto& x : k) x = d(rng);
+    for (auto& x : v) x = d(rng);
+    c.append(0, k.data(), v.data(), &t, 1);
+    StepAttention a;
+    a.T = 1;
+    for (int h = 0; h < H; ++h) {
+      std::vector<float> w(static_cast<size_t>(c.head(0, h).length()));
+      for (auto& x : w) x = std::pow(u(rng), 4.0f);  // a few entries draw most of it
+      a.blocks.push_back(w);
+    }
+    p.afterStep(c, a, t, false);
+    most = std::max(most, p.bytes(c, t + 1).stored);
+    ASSERT_LE(p.bytes(c, t + 1).stored, budget) << "step " << t;
+  }
+  EXPECT_GT(std::count(c.head(0, 0).form.begin(), c.head(0, 0).form.end(), Form::Kivi), 0);
+  EXPECT_GT(most, budget * 9 / 10);  // and it uses the budget
 }
 
 TEST(KvEviction, AGlobalBudgetGoesToTheHeadsWithTheHighestScores) {
