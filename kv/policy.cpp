@@ -577,7 +577,8 @@ void Policy::settleLadder(KVCache& cache, const std::vector<SelectHead>& heads, 
   const double run_bytes = double(shape.bytes(Form::Kivi, 0, 1));
   std::vector<double> cost(static_cast<size_t>(rungs));
   for (int j = 0; j < rungs; ++j)
-    cost[j] = double(shape.bytes(spec_.ladder[j], 1) + 4) + (spec_.ladder[j] == Form::Kivi ? run_bytes / spec_.group : 0.0);
+    cost[j] = double(shape.bytes(spec_.ladder[j], 1) + 4) +
+              (spec_.ladder[j] == Form::Kivi ? run_bytes / spec_.group : 0.0);
   const std::vector<int64_t> entry_budget = budgets(last_pos);
   const int pools = int(entry_budget.size());
   // Per pool, over every rank: its entries and the protected among them (at fp16 whatever the
@@ -744,7 +745,8 @@ void Policy::settleLadder(KVCache& cache, const std::vector<SelectHead>& heads, 
       for (size_t w = 0; w + spec_.group <= waiting.size(); w += spec_.group) {
         runs.emplace_back();
         for (size_t k = w; k < w + spec_.group; ++k)  // its index now
-          runs.back().push_back(int(std::lower_bound(c.positions.begin(), c.positions.end(), waiting[k]) - c.positions.begin()));
+          runs.back().push_back(
+              int(std::lower_bound(c.positions.begin(), c.positions.end(), waiting[k]) - c.positions.begin()));
       }
       if (!runs.empty()) cache.quantizeKivi(l, h, runs, spec_.bits, spec_.group);
     }
