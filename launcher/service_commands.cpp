@@ -127,7 +127,7 @@ void addServiceCommands(CLI::App& app) {
       base.mode = Mode::Decode;
       v1::SubmitSweepRequest req;
       *req.mutable_base() = toRequest(base, a->ppl.tp);
-      for (const SweepRun& r : sweepRuns(a->grid, sweepContext(base))) {
+      for (const SweepRun& r : sweepRuns(a->grid, sweepContext(base, a->grid.caps))) {
         v1::SweepRun* run = req.add_runs();
         run->set_label(r.label), run->set_kv(r.kv), run->set_kv_quant(r.quant);
       }

@@ -48,11 +48,12 @@ void addSweepGridOptions(CLI::App* cmd, SweepGrid& g) {
                 "seen (budget=)");
 }
 
-SweepContext sweepContext(const PplJob& base) {
+SweepContext sweepContext(const PplJob& base, bool caps) {
   SweepContext c;
   c.prompt = base.prefill > 0;
   c.query_filters =
       !base.model_dir.empty() && std::filesystem::exists(std::filesystem::path(base.model_dir) / "qfilters.json");
+  if (!caps) return c;  // (a sweep submitted to a coordinator may name a model this machine lacks)
   ModelConfig m = base.model_dir.empty() ? syntheticConfig(base.synthetic) : loadConfig(base.model_dir);
   if (base.layers > 0) m.layers = base.layers;
   c.window_cache_bytes = kv::fullCacheBytes(std::min(base.seq_len, m.max_positions), m.layers, m.kv_heads, m.head_dim);

@@ -24,13 +24,14 @@ void addSweepGridOptions(CLI::App* cmd, SweepGrid& g);
 struct SweepRun {
   std::string label, kv, quant;  // label: the run's line in the plot (a method, a quantization, a combination)
 };
-// What the runs of a sweep depend on besides its grid (sweepContext: from the perplexity job).
+// What the runs of a sweep depend on besides its grid (sweepContext: from the perplexity job; the
+// model's config is read only for caps).
 struct SweepContext {
   bool prompt = false;             // the windows start with a prompt (--prefill): 'all' has the prompt methods
   bool query_filters = false;      // the model has Q-Filters calibrated (qfilters.json): 'all' has qfilters
   int64_t window_cache_bytes = 0;  // one window's full fp16 cache, all layers and KV heads (caps are shares of it)
 };
-SweepContext sweepContext(const PplJob& base);
+SweepContext sweepContext(const PplJob& base, bool caps);
 // The full cache, every method at every budget (and again with the ladder), each quantization
 // alone, then the extra runs.
 std::vector<SweepRun> sweepRuns(const SweepGrid& g, const SweepContext& context);

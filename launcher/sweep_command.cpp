@@ -38,7 +38,7 @@ void addSweepCommand(CLI::App& app) {
     const bool lead = topo.world_rank == 0;
     std::unique_ptr<SweepFiles> files;
     if (lead) files = std::make_unique<SweepFiles>(a->out);
-    for (const SweepRun& r : sweepRuns(a->grid, sweepContext(base))) {
+    for (const SweepRun& r : sweepRuns(a->grid, sweepContext(base, a->grid.caps))) {
       PplJob j = base;
       j.kv = r.kv;
       j.kv_quant = r.quant;

@@ -760,9 +760,12 @@ TEST(Sweep, AllHasThePromptMethodsOnlyWithAPrompt) {
   EXPECT_TRUE(labels(false, true).count("qfilters"));
   PplJob job;
   job.model_dir = "models/kvtp-llama-2m";
-  EXPECT_TRUE(launcher::sweepContext(job).query_filters);
+  EXPECT_TRUE(launcher::sweepContext(job, false).query_filters);
   job.model_dir = "tests/fixtures/models/llama3-gqa";
-  EXPECT_FALSE(launcher::sweepContext(job).query_filters);
+  EXPECT_FALSE(launcher::sweepContext(job, false).query_filters);
+  job.model_dir = "/a/folder/only/the/coordinator/has";  // read only for caps
+  EXPECT_NO_THROW(launcher::sweepContext(job, false));
+  EXPECT_THROW(launcher::sweepContext(job, true), Error);
   for (const char* m : {"snapkv", "pyramidkv", "noncausal", "compactor", "finch"}) {
     EXPECT_TRUE(with.count(m)) << m;
     EXPECT_FALSE(without.count(m)) << m;
@@ -777,7 +780,7 @@ TEST(Sweep, CapsAreSharesOfAWindowsFullCache) {
   g.methods = "h2o", g.budgets = "0.2,0.05", g.quants = "", g.ladder = "fp16/kivi2", g.caps = true;
   PplJob job;
   job.model_dir = "models/kvtp-llama-2m", job.seq_len = 1024;
-  const auto context = launcher::sweepContext(job);
+  const auto context = launcher::sweepContext(job, true);
   EXPECT_EQ(context.window_cache_bytes, 1 << 20);
   std::vector<std::string> kv;
   for (const auto& r : launcher::sweepRuns(g, context)) kv.push_back(r.kv);
