@@ -50,18 +50,15 @@ void queryFilterScores(const HeadRows& rows, int length, int head_dim, const flo
 }
 
 QueryFilterCalibration::QueryFilterCalibration(int members, int head_dim)
-    : members_(members), hd_(head_dim), gram_(size_t(members), std::vector<double>(size_t(head_dim) * head_dim, 0.0)),
-      direction_(size_t(members)), positive_(size_t(members), 0), total_(size_t(members), 0) {}
+    : members_(members), hd_(head_dim), gram_(size_t(members)), direction_(size_t(members)),
+      positive_(size_t(members), 0), total_(size_t(members), 0) {}
 
 void QueryFilterCalibration::addGram(int member, const float* q, int n) {
-  std::vector<double>& g = gram_[member];
-  for (int r = 0; r < n; ++r)
-    for (int i = 0; i < hd_; ++i)
-      for (int j = 0; j < hd_; ++j) g[size_t(i) * hd_ + j] += double(q[int64_t(r) * hd_ + i]) * q[int64_t(r) * hd_ + j];
+  for (int r = 0; r < n; ++r) gram_[member].add(q + int64_t(r) * hd_, hd_);
 }
 
 void QueryFilterCalibration::addSigns(int member, const float* q, int n) {
-  if (direction_[member].empty()) direction_[member] = leadingEigenvectors(gram_[member], hd_, 1);
+  if (direction_[member].empty()) direction_[member] = leadingEigenvectors(gram_[member].outer, hd_, 1);
   const std::vector<float>& v = direction_[member];
   for (int r = 0; r < n; ++r) {
     double dot = 0;

@@ -23,6 +23,14 @@ void keyDiffScores(const HeadRows& rows, int length, int head_dim, double* out);
 // `filter` the head's, calibrated once per model (QueryFilterCalibration).
 void queryFilterScores(const HeadRows& rows, int length, int head_dim, const float* filter, double* out);
 
+// Running statistics of one query head's queries (expected attention's input, pre-RoPE; Q-Filters'
+// calibration's Gram matrix, post-RoPE).
+struct QueryStats {
+  int64_t n = 0;
+  std::vector<double> sum, outer;  // sum of q, of q q^T (head_dim x head_dim, row-major)
+  void add(const float* q, int head_dim);
+};
+
 // Q-Filters' calibration of one KV head, as the authors' make_filters.py: for each of its query
 // heads, the top right singular vector v of the matrix of its post-RoPE calibration queries (the
 // leading eigenvector of Q^T Q), turned so that most queries project positively on it (their
@@ -37,7 +45,7 @@ class QueryFilterCalibration {
 
  private:
   int members_, hd_;
-  std::vector<std::vector<double>> gram_;  // per member, Q^T Q
+  std::vector<QueryStats> gram_;  // per member: its `outer` is Q^T Q
   std::vector<std::vector<float>> direction_;
   std::vector<int64_t> positive_, total_;
 };
@@ -71,12 +79,6 @@ void nonCausalAttention(const HeadRows& rows, const int* positions, int length, 
 // over the head (mean 0, unbiased standard deviation 1).
 void nonCausalScores(const HeadRows& rows, int length, int head_dim, const double* attention, double* out);
 
-// Running statistics of one query head's pre-RoPE queries (expected attention's input).
-struct QueryStats {
-  int64_t n = 0;
-  std::vector<double> sum, outer;  // sum of q, of q q^T (head_dim x head_dim, row-major)
-  void add(const float* q, int head_dim);
-};
 
 // Expected attention (Devoto et al. 2025, "Expected Attention: KV Cache Compression by Estimating
 // Attention from Future Queries Distribution"; kvpress's ExpectedAttentionPress with its defaults):
