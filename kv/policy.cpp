@@ -456,8 +456,7 @@ void Policy::evict(KVCache& cache, const StepAttention& attn, int last_pos, bool
     if (spec_.decode != Decode::None) evictDecoded(cache, last_pos);
     return;
   }
-  // Per-step methods may decide every `interval` decode steps only (the cache grows between).
-  if (!once && !prefill && decode_steps_ % spec_.interval != 0) return;
+  if (!once && !decidesAfter(prefill)) return;
   const int L = lay_.layers, H = lay_.local_kv_heads, G = lay_.global_kv_heads;
   // A pool per head lies on one rank (or is replicated alike): decided locally; wider pools
   // over the group (kv/budget_select.h).

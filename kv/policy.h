@@ -164,6 +164,9 @@ class Policy {
   std::vector<int64_t> budgets(int last_pos) const;
   // A step ran (afterStep counts it; a decision taken elsewhere counts it here instead).
   void countStep(int last_pos, bool prefill);
+  // Whether a per-step method decides after the step counted last: the prompt, and every
+  // `interval`-th decode step (between them the cache grows).
+  bool decidesAfter(bool prefill) const { return prefill || decode_steps_ % spec_.interval == 0; }
   // SCOPE's decode phase after the step counted last: whether it compresses the decoded entries,
   // how many of them each head keeps, and the first decoded position (the prompt's end).
   struct DecodedBudget {

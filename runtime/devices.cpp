@@ -22,17 +22,12 @@ void checkGpuCompression(const kv::PolicySpec& s) {
   if ((s.readsRows() && !key_scored) || s.needsQueries())
     throw Error("'" + s.describe() + "' scores the cached keys and values (or the queries), which the CUDA engine does "
                 "not copy to its host mirror yet: use --device cpu");
-  if (s.interval > 1 || s.chunk > 1 || s.evict_below > -INFINITY || s.method == kv::Method::SimLayerKV ||
-      !s.ladder.empty() || s.critical > 0 || s.method == kv::Method::Finch || s.think > 0 || s.block > 0)
-    throw Error("interval= (deciding every N decode steps), chunk= (ChunkKV), evict_below= (DMS-style), ladder= "
-                "(tiered precision), critical= (CriticalKV), think= (ThinK), block= (the prompt in blocks), "
-                "simlayerkv and finch run on --device cpu only so far ('" + s.describe() + "')");
+  if (s.chunk > 1 || !s.ladder.empty() || s.critical > 0 || s.method == kv::Method::Finch || s.think > 0 || s.block > 0)
+    throw Error("chunk= (ChunkKV), ladder= (tiered precision), critical= (CriticalKV), think= (ThinK), block= (the "
+                "prompt in blocks) and finch run on --device cpu only so far ('" + s.describe() + "')");
   if (s.rank > 0 && (s.evicts() || s.quant != kv::Quant::None))
     throw Error("--device cuda holds low-rank channels (cskv) alone, without eviction or quantization; '" +
                 s.describe() + "' combines them: use --device cpu");
-  if (s.quant == kv::Quant::Kivi && key_scored)
-    throw Error("--device cuda scores keys from full-precision or int8 rows, not KIVI's codes ('" + s.describe() +
-                "'): use --device cpu, or int8");
 }
 
 #ifndef KVTP_WITH_CUDA

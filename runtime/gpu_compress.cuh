@@ -24,8 +24,10 @@ void GpuEngine<T>::compress(int last_pos, bool prefill) {
 // gives the rows the device keeps. The per-step methods' decode steps: decideOnDevice.
 template <class T>
 void GpuEngine<T>::decide(Sequence& s, int last_pos, bool prefill) {
-  if (device_decides_ && (!prefill || s.on_device || kv_spec_.method != kv::Method::Scissorhands))
-    return decideOnDevice(s, last_pos);
+  if (device_decides_ && (!prefill || s.on_device || kv_spec_.method != kv::Method::Scissorhands)) {
+    s.policy.countStep(last_pos, prefill);
+    return decideOnDevice(s, last_pos, nullptr, s.policy.decidesAfter(prefill));
+  }
   if (device_decides_decoded_ && !prefill) return decideDecodedOnDevice(s, last_pos);
   s.unscored = 0;
   const int H = part_.kv_heads, LH = c_.layers * H;
@@ -121,7 +123,7 @@ void GpuEngine<T>::decideDecodedOnDevice(Sequence& s, int last_pos) {
 // (kvBytes counts the kept entries). Evicted slots stay as holes until compaction pays
 // (cuda::evictionCompact).
 template <class T>
-void GpuEngine<T>::decideOnDevice(Sequence& s, int last_pos, const kv::Policy::DecodedBudget* decoded) {
+void GpuEngine<T>::decideOnDevice(Sequence& s, int last_pos, const kv::Policy::DecodedBudget* decoded, bool decides) {
   const int L = c_.layers, H = part_.kv_heads, LH = L * H;
   // Between layers of score_ / history_ / weights_; the sequence's first row (head 0, slot 0).
   const size_t stride = seqs_.size() * H * size_t(capacity_), head0 = size_t(current_) * H * capacity_;
@@ -138,6 +140,7 @@ void GpuEngine<T>::decideOnDevice(Sequence& s, int last_pos, const kv::Policy::D
                                    row, H, cudaMemcpyHostToDevice));
     }
   }
+  const bool was_on_device = s.on_device;
   s.on_device = true;
   // This rank's table: its heads' entries in (layer, KV head, position) order, each head's
   // first entry at off[head].
@@ -188,6 +191,15 @@ void GpuEngine<T>::decideOnDevice(Sequence& s, int last_pos, const kv::Policy::D
             protect_recent = decoded ? kv_spec_.decode_recent : kv_spec_.recent;
   const cuda::ScoreInputs inputs{kv_spec_.seed, d_meta + 4 * LH, G, query_filters_.get()};
   cuda::evictionKeys(cache, method, s.unscored, mask, protect_below, protect_recent, last_pos, table, inputs);
+  if (!decides) {  // interval=: the step's attention is scored; the decision waits for its step
+    if (was_on_device) {
+      for (int& k : s.kept) k += s.unscored;
+    } else {  // the mirror compacted the prompt: every slot holds an entry
+      s.kept = s.len;
+    }
+    s.unscored = 0, s.weights_pending = false;
+    return;
+  }
   // The pools span ranks unless each is one head (kv/budget_select.h): then the sums are local.
   const bool shared = part_.tp > 1 && !decoded && kv_spec_.scope != kv::Scope::Head;
   const cuda::SelectLayout select{d_meta + 4 * LH, d_meta + 5 * LH, d_budget, L * G, pools,
@@ -196,6 +208,7 @@ void GpuEngine<T>::decideOnDevice(Sequence& s, int last_pos, const kv::Policy::D
   if (shared) sum_over_ranks = [this](double* d, size_t n) { group_->allReduceSum(d, n); };
   uint8_t* keep = grow(keep_flags_, size_t(std::max<int64_t>(N, 1)));
   cuda::evictionDecide(cache, table, select, sum_over_ranks, keep);
+  if (kv_spec_.evict_below > -INFINITY && !decoded) cuda::evictBelow(table, N, kv_spec_.evict_below, keep);
   if (kivi_) {
     compactKivi(s, cache, keep, false);
   } else {
@@ -209,14 +222,16 @@ void GpuEngine<T>::decideOnDevice(Sequence& s, int last_pos, const kv::Policy::D
 }
 
 // The sequence's rows for the device decision: per layer its K and V rows (int8 codes, KIVI's
-// codes), positions and int8 steps at its first head; the table's offsets and slots per (layer,
-// KV head) from d_offsets_lengths. Scores, history and probabilities are the caller's to set.
+// codes), positions and int8 steps at its first head, and KIVI's key pairs, runs, ring and coded
+// slots (the key-scored methods decode its keys); the table's offsets and slots per (layer, KV
+// head) from d_offsets_lengths. Scores, history and probabilities are the caller's to set.
 template <class T>
 cuda::EvictionCache GpuEngine<T>::deviceRows(const int* d_offsets_lengths) {
   const int L = c_.layers, LH = L * part_.kv_heads;
   const size_t hd = c_.head_dim, head0 = size_t(current_) * part_.kv_heads * capacity_;
   const int row_bytes = kivi_ ? kiviShape().codeBytes() : int(hd * (int8_ ? 1 : sizeof(T)));
-  std::vector<void*> ptrs(5 * size_t(L), nullptr);  // K, V, positions, key steps, value steps
+  // K, V, positions, key steps, value steps; KIVI: key pairs, runs, ring keys.
+  std::vector<void*> ptrs(8 * size_t(L), nullptr);
   for (int l = 0; l < L; ++l) {
     GpuLayer<T>& g = layers_[l];
     ptrs[l] = kivi_ ? static_cast<void*>(g.Kq.get() + head0 * row_bytes)
@@ -225,17 +240,35 @@ cuda::EvictionCache GpuEngine<T>::deviceRows(const int* d_offsets_lengths) {
                   : int8_ ? static_cast<void*>(g.V8.get() + head0 * hd) : g.V.get() + head0 * hd;
     ptrs[2 * L + l] = g.pos.get() + head0;
     if (int8_) ptrs[3 * L + l] = g.k_step.get() + head0, ptrs[4 * L + l] = g.v_step.get() + head0;
+    if (kivi_) {
+      const size_t first_head = size_t(current_) * part_.kv_heads;
+      ptrs[5 * L + l] = g.k_params.get() + first_head * kiviShape(capacity_).keyGroups() * 2 * hd;
+      ptrs[6 * L + l] = kivi_evicts_ ? g.k_run.get() + head0 : nullptr;
+      ptrs[7 * L + l] = ringAt(l, first_head).k;
+    }
   }
   void** d_ptrs = grow(evict_ptrs_, ptrs.size());
   KVTP_CUDA_CHECK(cudaMemcpy(d_ptrs, ptrs.data(), ptrs.size() * sizeof(void*), cudaMemcpyHostToDevice));
-  const cuda::KeyFormat key_format = int8_                              ? cuda::KeyFormat::Int8
-                                     : std::is_same_v<T, float>         ? cuda::KeyFormat::F32
-                                     : std::is_same_v<T, __nv_bfloat16> ? cuda::KeyFormat::BF16
-                                                                        : cuda::KeyFormat::F16;
+  const cuda::KeyFormat element_format = std::is_same_v<T, float>         ? cuda::KeyFormat::F32
+                                         : std::is_same_v<T, __nv_bfloat16> ? cuda::KeyFormat::BF16
+                                                                            : cuda::KeyFormat::F16;
+  const cuda::KeyFormat key_format = int8_ ? cuda::KeyFormat::Int8 : kivi_ ? cuda::KeyFormat::Kivi : element_format;
+  cuda::KiviKeys kivi{};
+  if (kivi_) {
+    const Sequence& s = seq();
+    const cuda::KiviCache<T> shape = kiviShape(capacity_);
+    kivi = {int(hd), shape.bits, ringAt(0, size_t(current_) * part_.kv_heads).rows, element_format, shape.keyGroups(),
+            reinterpret_cast<const float* const*>(d_ptrs + 5 * L), reinterpret_cast<const int* const*>(d_ptrs + 6 * L),
+            d_ptrs + 7 * L, nullptr};
+    int* coded = grow(evict_coded_, size_t(LH));
+    KVTP_CUDA_CHECK(cudaMemcpy(coded, s.coded.data(), LH * sizeof(int), cudaMemcpyHostToDevice));
+    kivi.coded = coded;
+  }
   return {L, part_.kv_heads, capacity_, row_bytes, key_format, d_ptrs, d_ptrs + L,
           reinterpret_cast<int* const*>(d_ptrs + 2 * L), int8_ ? reinterpret_cast<float* const*>(d_ptrs + 3 * L) : nullptr,
           int8_ ? reinterpret_cast<float* const*>(d_ptrs + 4 * L) : nullptr, nullptr, nullptr,
-          int64_t(seqs_.size()) * part_.kv_heads * capacity_, nullptr, 0, 0, d_offsets_lengths + LH, d_offsets_lengths};
+          int64_t(seqs_.size()) * part_.kv_heads * capacity_, nullptr, 0, 0, d_offsets_lengths + LH, d_offsets_lengths,
+          kivi};
 }
 
 // A replicated KV head (kv_heads < tp) sees only this rank's query heads: its probabilities are

@@ -316,7 +316,7 @@ class GpuEngine : public Engine {
       // bits would age out of its mask anyway); SnapKV / PyramidKV sum their observation window.
       observed_rows_ = spec.method == kv::Method::Scissorhands ? std::min(rows, std::min(spec.history, 64)) : 1;
       observe_from_ = spec.method == kv::Method::H2O    ? 0
-                      : spec.method == kv::Method::TOVA ? rows - 1
+                      : spec.method == kv::Method::TOVA || spec.method == kv::Method::SimLayerKV ? rows - 1
                       : spec.method == kv::Method::Scissorhands ? rows - observed_rows_
                                                                 : rows - spec.window;
     }
@@ -456,7 +456,9 @@ class GpuEngine : public Engine {
   // Eviction decided on the device (runtime/gpu_compress.cuh): SCOPE's decode phase, the per-step
   // methods' select with histograms summed over NCCL, replicated heads' probabilities summed first.
   void decideDecodedOnDevice(Sequence& s, int last_pos);
-  void decideOnDevice(Sequence& s, int last_pos, const kv::Policy::DecodedBudget* decoded = nullptr);
+  // `decides` false (interval=): the step's attention is scored, nothing evicted.
+  void decideOnDevice(Sequence& s, int last_pos, const kv::Policy::DecodedBudget* decoded = nullptr,
+                      bool decides = true);
   const float* sumReplicated(const float* w, int64_t& layer_stride, int64_t& head_stride, int n);
   // The decision of a step, on the mirror or the device (compress() then settles KIVI's runs).
   void decide(Sequence& s, int last_pos, bool prefill);
@@ -758,6 +760,7 @@ class GpuEngine : public Engine {
   DeviceBuffer<int64_t> evict_budget_;
   DeviceBuffer<float> replicated_weights_;  // sumReplicated's
   DeviceBuffer<void*> evict_ptrs_;
+  DeviceBuffer<int> evict_coded_;  // KIVI: coded slots per (layer, KV head) for deviceRows
   DeviceBuffer<uint8_t> keep_flags_;
   // An int8, KIVI or low-rank cache (GpuLayer::K8..., Kq..., coords; KIVI's and low rank's ring
   // of full-precision rows per KV head: `windowed_`), and the stage a step reads it through in T

@@ -15,7 +15,7 @@ export LD_LIBRARY_PATH=$PWD/.bundle KVTP_BINARY=$PWD/.bundle/kvtp NCCL_NVLS_ENAB
 gpus=$(nvidia-smi --query-gpu=name --format=csv,noheader | tee /dev/stderr | wc -l)
 if want tests; then
   timeout 90 .bundle/kvtp_cuda_tests --gtest_brief=1 2>&1 | tail -3
-  timeout 240 .bundle/kvtp_cuda_engine_tests > "$out/cuda_engine_tests.txt" 2>&1
+  timeout 480 .bundle/kvtp_cuda_engine_tests > "$out/cuda_engine_tests.txt" 2>&1
   grep -E "max \||FAILED|Failure|exception|PASSED|SKIPPED \]|error while" "$out/cuda_engine_tests.txt" | head -50
   [ "$gpus" -ge 2 ] && timeout 60 mpirun --allow-run-as-root -np 2 -x LD_LIBRARY_PATH -x NCCL_NVLS_ENABLE=0 .bundle/kvtp_nccl_tests 2>&1 | grep -E "PASSED|FAILED" | head -4
 fi

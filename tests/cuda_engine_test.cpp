@@ -168,16 +168,18 @@ TEST(CudaEngine, CompressionMatchesTheCpu) {
       {"snapkv:budget=0.2", "kivi:bits=2,group=16,residual=40", ""},
       {"snapkv:budget=0.3,decode=slide,decode_budget=32", "kivi:bits=4,group=8,residual=16", ""},
       {"tova:budget=0.2", "kivi:bits=4,group=16,residual=24", ""}, {"random:budget=0.2,seed=5", "kivi:bits=4", ""}};
-  // And every method the GPU runs under every storage it holds (issue 27's matrix): int8, KIVI 2
-  // and 4 bits (K-norm, KeyDiff and Q-Filters score full-precision or int8 keys only).
-  specs.push_back({"keydiff:budget=0.2", "", ""});
+  // And every method the GPU runs under every storage it holds (issue 27's matrix): none, int8,
+  // KIVI 2 and 4 bits (K-norm, KeyDiff and Q-Filters decoding KIVI's keys to score them), with
+  // SimLayerKV (decided on the mirror), interval= and evict_below= (on the device).
   for (const std::string kv : {"snapkv:budget=0.25", "pyramidkv:budget=0.3", "h2o:budget=0.25",
                                "scissorhands:budget=0.3,history=16", "streamingllm:budget=0.25", "tova:budget=0.25",
                                "random:budget=0.25,seed=3", "knorm:budget=0.25", "keydiff:budget=0.25",
-                               "qfilters:budget=0.25", "pyramidkv:budget=0.3,decode=adaptive,decode_recent=8,delta=4"})
+                               "qfilters:budget=0.25", "pyramidkv:budget=0.3,decode=adaptive,decode_recent=8,delta=4",
+                               "simlayerkv:sinks=4,recent=64,threshold=0.5", "h2o:budget=0.25,interval=4",
+                               "scissorhands:budget=0.3,history=16,interval=3", "h2o:budget=0.4,evict_below=3",
+                               "knorm:budget=0.3,interval=5"})
     for (const std::string quant : {"", "int8", "kivi:bits=2,group=16,residual=32", "kivi:bits=4,group=8,residual=24"})
-      if ((quant.empty() && kv.rfind("qfilters", 0) == 0) || (!quant.empty() && (!scoresKeys(kv) || quant == "int8")))
-        specs.push_back({kv, quant, ""});
+      specs.push_back({kv, quant, ""});
   for (const auto& [kv, quant, lowrank] : specs) {
     const std::string name = kv + (quant.empty() ? "" : " + " + quant) + (lowrank.empty() ? "" : " + " + lowrank);
     PplJob job = test::heldOutC4Job(512, 2, Mode::Decode);

@@ -57,18 +57,20 @@ TEST(CpuEngine, BatchOfOneIsAStepAndMoreAreRefused) {
 }
 
 // What the CUDA engine takes is decided before any GPU work, on any build: KIVI and int8 under
-// eviction, the key-scored methods over full-precision or int8 keys; not K-norm, KeyDiff or
-// Q-Filters over KIVI's codes, low rank with eviction, the CPU-only methods and options.
+// eviction, the key-scored methods over any storage, SimLayerKV, interval= and evict_below=; not
+// low rank with eviction, the CPU-only methods and options.
 TEST(GpuCompression, RefusedOnlyWhereTheDeviceLacksIt) {
   for (const auto& [kv, quant] : std::vector<std::pair<std::string, std::string>>{
            {"scissorhands:budget=0.2", "kivi:bits=4"}, {"h2o:budget=0.2", "kivi:bits=2"}, {"snapkv:budget=0.2", "kivi:bits=2"},
            {"keydiff:budget=0.2", "int8"}, {"knorm:budget=0.2", ""}, {"tova:budget=0.2", "kivi:bits=4"},
-           {"qfilters:budget=0.2", "int8"}})
+           {"qfilters:budget=0.2", "int8"}, {"knorm:budget=0.2", "kivi:bits=4"}, {"keydiff:budget=0.2", "kivi:bits=2"},
+           {"qfilters:budget=0.2", "kivi:bits=2"}, {"simlayerkv", "kivi:bits=2"}, {"h2o:budget=0.2,interval=4", "int8"},
+           {"knorm:budget=0.3,evict_below=-5", ""}})
     EXPECT_NO_THROW(checkGpuCompression(kv::parsePolicy(kv, quant))) << kv << " " << quant;
   for (const auto& [kv, quant] : std::vector<std::pair<std::string, std::string>>{
-           {"knorm:budget=0.2", "kivi:bits=4"}, {"keydiff:budget=0.2", "kivi:bits=2"}, {"keydiff:budget=0.2,block=16", ""},
-           {"finch:budget=0.2", ""}, {"snapkv:budget=0.2,think=0.5", ""}, {"compactor:budget=0.2", ""},
-           {"leverage:budget=0.2", ""}, {"h2o:budget=0.2,chunk=4", ""}, {"qfilters:budget=0.2", "kivi:bits=2"}})
+           {"keydiff:budget=0.2,block=16", ""}, {"finch:budget=0.2", ""}, {"snapkv:budget=0.2,think=0.5", ""},
+           {"compactor:budget=0.2", ""}, {"leverage:budget=0.2", ""}, {"h2o:budget=0.2,chunk=4", ""},
+           {"h2o:budget=0.2,ladder=fp16/int4", ""}})
     EXPECT_THROW(checkGpuCompression(kv::parsePolicy(kv, quant)), Error) << kv << " " << quant;
   EXPECT_THROW(checkGpuCompression(kv::parsePolicy("h2o:budget=0.2", "", "cskv:rank=4")), Error);
 }

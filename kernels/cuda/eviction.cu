@@ -20,19 +20,39 @@ using kernels::RadixSelect;
 
 constexpr int kThreadsPerHead = 256;
 
-// Channel d of slot i's cached key as the CPU reads it: fp32/fp16/bf16 widened, or int8 code x step.
-__device__ float cachedKey(const EvictionCache& c, int l, int h, int i, int d) {
-  const char* krow = static_cast<const char*>(c.K[l]) + (h * c.capacity + i) * int64_t(c.row_bytes);
-  switch (c.key_format) {
-    case KeyFormat::F32: return reinterpret_cast<const float*>(krow)[d];
-    case KeyFormat::F16: return __half2float(reinterpret_cast<const __half*>(krow)[d]);
-    case KeyFormat::BF16: return __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(krow)[d]);
-    default: return __fmul_rn(float(reinterpret_cast<const int8_t*>(krow)[d]), c.k_step[l][h * c.capacity + i]);
+__device__ float widened(const void* row, KeyFormat format, int d) {
+  switch (format) {
+    case KeyFormat::F16: return __half2float(static_cast<const __half*>(row)[d]);
+    case KeyFormat::BF16: return __bfloat162float(static_cast<const __nv_bfloat16*>(row)[d]);
+    default: return static_cast<const float*>(row)[d];
   }
 }
 
+// Channel d of slot i's cached key as the CPU reads it: fp32/fp16/bf16 widened, an int8 code x
+// step, or KIVI's code decoded as kv::Affine::decode (no fused multiply-add) or its ring row.
+__device__ float cachedKey(const EvictionCache& c, int l, int h, int i, int d) {
+  const char* krow = static_cast<const char*>(c.K[l]) + (h * c.capacity + i) * int64_t(c.row_bytes);
+  if (c.key_format == KeyFormat::Int8)
+    return __fmul_rn(float(reinterpret_cast<const int8_t*>(krow)[d]), c.k_step[l][h * c.capacity + i]);
+  if (c.key_format != KeyFormat::Kivi) return widened(krow, c.key_format, d);
+  const KiviKeys& k = c.kivi;
+  if (i >= k.coded[l * c.heads + h]) {
+    const int64_t element = k.ring_format == KeyFormat::F32 ? 4 : 2;
+    const char* ring = static_cast<const char*>(k.ring_k[l]) +
+                       (int64_t(h) * k.ring_rows + i % k.ring_rows) * k.head_dim * element;
+    return widened(ring, k.ring_format, d);
+  }
+  const int code = (reinterpret_cast<const uint8_t*>(krow)[d * k.bits / 8] >> (d * k.bits % 8)) & ((1 << k.bits) - 1);
+  const int run = k.run[l][h * c.capacity + i];
+  const float2 a = reinterpret_cast<const float2*>(k.k_params[l])[(h * k.key_groups + run) * k.head_dim + d];
+  return __fadd_rn(a.x, __fmul_rn(float(code), a.y));
+}
+
 __device__ int keyChannels(const EvictionCache& c) {
-  return c.key_format == KeyFormat::Int8 ? c.row_bytes : c.key_format == KeyFormat::F32 ? c.row_bytes / 4 : c.row_bytes / 2;
+  return c.key_format == KeyFormat::Kivi  ? c.kivi.head_dim
+         : c.key_format == KeyFormat::Int8 ? c.row_bytes
+         : c.key_format == KeyFormat::F32  ? c.row_bytes / 4
+                                           : c.row_bytes / 2;
 }
 
 // The key's squared norm in double, channel by channel as the CPU sums it.
@@ -308,6 +328,11 @@ __global__ void __launch_bounds__(kThreadsPerHead) compactKernel(EvictionCache c
   if (threadIdx.x == 0) new_slots[lh] = kept_before;
 }
 
+__global__ void evictBelowKernel(const double* table, int64_t n, double threshold, uint8_t* keep) {
+  const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (i < n && table[i] < threshold) keep[i] = 0;
+}
+
 }  // namespace
 
 void evictionKeys(const EvictionCache& c, EvictScore method, int fresh, uint64_t history_mask, int sinks, int recent,
@@ -347,6 +372,12 @@ void evictionDecide(const EvictionCache& c, const double* table, const SelectLay
   if (sum_over_ranks) sum_over_ranks(equal, size_t(s.table_heads));
   shareTies<<<1, 1>>>(equal, s, select, quota);
   markKept<<<heads, kThreadsPerHead>>>(table, c, s, select, quota, keep);
+  KVTP_CUDA_LAUNCHED();
+}
+
+void evictBelow(const double* table, int64_t n, double threshold, uint8_t* keep) {
+  if (n == 0) return;
+  evictBelowKernel<<<unsigned((n + 255) / 256), 256>>>(table, n, threshold, keep);
   KVTP_CUDA_LAUNCHED();
 }
 

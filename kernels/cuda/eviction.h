@@ -29,9 +29,23 @@ struct ScoreInputs {
   const float* query_filters = nullptr;
 };
 
-// How the cache's K rows hold a key (KeyNorm reads them): fp32, fp16, bf16, or int8 codes times
-// the row's step.
-enum class KeyFormat { F32, F16, BF16, Int8 };
+// How the cache's K rows hold a key (the key-scored methods read them): fp32, fp16, bf16, int8
+// codes times the row's step, or KIVI's (EvictionCache::kivi).
+enum class KeyFormat { F32, F16, BF16, Int8, Kivi };
+
+// A KIVI cache's keys as the key-scored methods read them (kv::KVCache::rows): slots [0, coded)
+// of a head are `bits`-bit codes (EvictionCache's K rows), x = lo + code x step with the (lo, step)
+// of the row's run per channel; slots [coded, length) are full-precision rows in the ring (slot i
+// at ring row i % ring_rows), of ring_format. Per-layer arrays at the sequence's first head.
+struct KiviKeys {
+  int head_dim = 0, bits = 0, ring_rows = 0;
+  KeyFormat ring_format = KeyFormat::F32;
+  int64_t key_groups = 0;                    // runs' key pairs per head
+  const float* const* k_params = nullptr;    // per layer: [head][key_groups][head_dim] x (lo, step)
+  const int* const* run = nullptr;           // per layer: [head][capacity]
+  const void* const* ring_k = nullptr;       // per layer: [head][ring_rows][head_dim]
+  const int* coded = nullptr;                // device, per (layer, head)
+};
 
 // The position of an evicted slot left in place (a hole: no query sees it, attention skips its
 // row): compaction waits until a head's holes are an eighth of its slots, so a step moves no rows
@@ -61,6 +75,7 @@ struct EvictionCache {
   int64_t weights_layer, weights_head;
   const int* length;        // device, per (layer, head): slots in use (entries and holes)
   const int* table_offset;  // device, per (layer, head): its first entry in this rank's table
+  KiviKeys kivi = {};       // key_format Kivi: where the keys are
 };
 
 // Folds the step's probabilities into each entry's score (the last `fresh` entries of a head,
@@ -87,6 +102,10 @@ struct SelectLayout {
 // (eight histograms of pools x 256 counts, then a count per table head), empty at one rank.
 void evictionDecide(const EvictionCache& c, const double* table, const SelectLayout& s,
                     const std::function<void(double*, size_t)>& sum_over_ranks, uint8_t* keep);
+
+// DMS-style evict_below= (kv::Policy::retainKept): an entry whose key is below `threshold` goes
+// whatever the budget kept — keep[i] cleared where table[i] < threshold, over the n entries.
+void evictBelow(const double* table, int64_t n, double threshold, uint8_t* keep);
 
 // Each head keeps its entries e with keep[table_offset + e]: the others become holes (position
 // kEvicted) or, once holes would pass an eighth of the head's slots, every kept entry moves down
