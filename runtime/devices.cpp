@@ -17,9 +17,9 @@ Precision parsePrecision(const std::string& s) {
 const char* precisionName(Precision d) { return d == Precision::F32 ? "fp32" : d == Precision::F16 ? "fp16" : "bf16"; }
 
 void checkGpuCompression(const kv::PolicySpec& s) {
-  const bool key_scored = s.method == kv::Method::KNorm || s.method == kv::Method::KeyDiff ||
-                          s.method == kv::Method::QFilters;  // decided on the device
-  if ((s.readsRows() && !key_scored) || s.needsQueries())
+  const bool row_scored_on_device = s.method == kv::Method::KNorm || s.method == kv::Method::KeyDiff ||
+                                    s.method == kv::Method::QFilters || s.method == kv::Method::LagKV;
+  if ((s.readsRows() && !row_scored_on_device) || s.needsQueries())
     throw Error("'" + s.describe() + "' scores the cached keys and values (or the queries), which the CUDA engine does "
                 "not copy to its host mirror yet: use --device cpu");
   if (s.chunk > 1 || !s.ladder.empty() || s.critical > 0 || s.method == kv::Method::Finch || s.think > 0 || s.block > 0)

@@ -185,11 +185,17 @@ void GpuEngine<T>::decideOnDevice(Sequence& s, int last_pos, const kv::Policy::D
                                   : kv_spec_.method == kv::Method::KeyDiff ? cuda::EvictScore::KeyDiff
                                   : kv_spec_.method == kv::Method::QFilters ? cuda::EvictScore::QueryFilter
                                   : kv_spec_.method == kv::Method::Random ? cuda::EvictScore::Random
+                                  : kv_spec_.method == kv::Method::LagKV  ? cuda::EvictScore::Lag
                                                                           : cuda::EvictScore::StreamingLLM;
   // Protected: the sinks and the recent window; in SCOPE's phase the prompt and the newest decoded.
   const int protect_below = decoded ? decoded->prefill_end : kv_spec_.sinks,
             protect_recent = decoded ? kv_spec_.decode_recent : kv_spec_.recent;
-  const cuda::ScoreInputs inputs{kv_spec_.seed, d_meta + 4 * LH, G, query_filters_.get()};
+  cuda::ScoreInputs inputs{kv_spec_.seed, d_meta + 4 * LH, G, query_filters_.get()};
+  if (method == cuda::EvictScore::Lag) {
+    inputs.lag = kv_spec_.lag;
+    inputs.lag_slots = grow(lag_slots_, size_t(std::max<int64_t>(N, 1)));
+    inputs.lag_sums = grow(lag_sums_, 4 * size_t(std::max<int64_t>(N, 1)));
+  }
   cuda::evictionKeys(cache, method, s.unscored, mask, protect_below, protect_recent, last_pos, table, inputs);
   if (!decides) {  // interval=: the step's attention is scored; the decision waits for its step
     if (was_on_device) {
@@ -230,8 +236,8 @@ cuda::EvictionCache GpuEngine<T>::deviceRows(const int* d_offsets_lengths) {
   const int L = c_.layers, LH = L * part_.kv_heads;
   const size_t hd = c_.head_dim, head0 = size_t(current_) * part_.kv_heads * capacity_;
   const int row_bytes = kivi_ ? kiviShape().codeBytes() : int(hd * (int8_ ? 1 : sizeof(T)));
-  // K, V, positions, key steps, value steps; KIVI: key pairs, runs, ring keys.
-  std::vector<void*> ptrs(8 * size_t(L), nullptr);
+  // K, V, positions, key steps, value steps; KIVI: key pairs, value pairs, runs, ring keys, ring values.
+  std::vector<void*> ptrs(10 * size_t(L), nullptr);
   for (int l = 0; l < L; ++l) {
     GpuLayer<T>& g = layers_[l];
     ptrs[l] = kivi_ ? static_cast<void*>(g.Kq.get() + head0 * row_bytes)
@@ -242,9 +248,9 @@ cuda::EvictionCache GpuEngine<T>::deviceRows(const int* d_offsets_lengths) {
     if (int8_) ptrs[3 * L + l] = g.k_step.get() + head0, ptrs[4 * L + l] = g.v_step.get() + head0;
     if (kivi_) {
       const size_t first_head = size_t(current_) * part_.kv_heads;
-      ptrs[5 * L + l] = g.k_params.get() + first_head * kiviShape(capacity_).keyGroups() * 2 * hd;
-      ptrs[6 * L + l] = kivi_evicts_ ? g.k_run.get() + head0 : nullptr;
-      ptrs[7 * L + l] = ringAt(l, first_head).k;
+      const cuda::KiviCache<T> kivi = kiviAt(l, first_head);
+      ptrs[5 * L + l] = kivi.k_params, ptrs[6 * L + l] = kivi.v_params, ptrs[7 * L + l] = kivi.run;
+      ptrs[8 * L + l] = kivi.ring.k, ptrs[9 * L + l] = kivi.ring.v;
     }
   }
   void** d_ptrs = grow(evict_ptrs_, ptrs.size());
@@ -253,13 +259,22 @@ cuda::EvictionCache GpuEngine<T>::deviceRows(const int* d_offsets_lengths) {
                                          : std::is_same_v<T, __nv_bfloat16> ? cuda::KeyFormat::BF16
                                                                             : cuda::KeyFormat::F16;
   const cuda::KeyFormat key_format = int8_ ? cuda::KeyFormat::Int8 : kivi_ ? cuda::KeyFormat::Kivi : element_format;
-  cuda::KiviKeys kivi{};
+  cuda::KiviRows kivi{};
   if (kivi_) {
     const Sequence& s = seq();
-    const cuda::KiviCache<T> shape = kiviShape(capacity_);
-    kivi = {int(hd), shape.bits, ringAt(0, size_t(current_) * part_.kv_heads).rows, element_format, shape.keyGroups(),
-            reinterpret_cast<const float* const*>(d_ptrs + 5 * L), reinterpret_cast<const int* const*>(d_ptrs + 6 * L),
-            d_ptrs + 7 * L, nullptr};
+    const cuda::KiviCache<T> shape = kiviAt(0, size_t(current_) * part_.kv_heads);
+    kivi = {int(hd),
+            shape.bits,
+            shape.group,
+            shape.ring.rows,
+            element_format,
+            shape.keyGroups(),
+            reinterpret_cast<const float* const*>(d_ptrs + 5 * L),
+            reinterpret_cast<const float* const*>(d_ptrs + 6 * L),
+            reinterpret_cast<const int* const*>(d_ptrs + 7 * L),
+            d_ptrs + 8 * L,
+            d_ptrs + 9 * L,
+            nullptr};
     int* coded = grow(evict_coded_, size_t(LH));
     KVTP_CUDA_CHECK(cudaMemcpy(coded, s.coded.data(), LH * sizeof(int), cudaMemcpyHostToDevice));
     kivi.coded = coded;

@@ -133,8 +133,8 @@ class GpuEngine : public Engine {
         device_decides_((o.kv.method == kv::Method::H2O || o.kv.method == kv::Method::Scissorhands ||
                          o.kv.method == kv::Method::StreamingLLM || o.kv.method == kv::Method::KNorm ||
                          o.kv.method == kv::Method::KeyDiff || o.kv.method == kv::Method::QFilters ||
-                         o.kv.method == kv::Method::TOVA ||
-                         o.kv.method == kv::Method::Random) &&
+                         o.kv.method == kv::Method::TOVA || o.kv.method == kv::Method::Random ||
+                         o.kv.method == kv::Method::LagKV) &&
                         o.kv.rank == 0),
         device_decides_decoded_((o.kv.method == kv::Method::SnapKV || o.kv.method == kv::Method::PyramidKV) &&
                                 o.kv.decode != kv::Decode::None && o.kv.rank == 0),
@@ -761,6 +761,8 @@ class GpuEngine : public Engine {
   DeviceBuffer<float> replicated_weights_;  // sumReplicated's
   DeviceBuffer<void*> evict_ptrs_;
   DeviceBuffer<int> evict_coded_;  // KIVI: coded slots per (layer, KV head) for deviceRows
+  DeviceBuffer<int> lag_slots_;    // LagKV's scratch (cuda::ScoreInputs)
+  DeviceBuffer<double> lag_sums_;
   DeviceBuffer<uint8_t> keep_flags_;
   // An int8, KIVI or low-rank cache (GpuLayer::K8..., Kq..., coords; KIVI's and low rank's ring
   // of full-precision rows per KV head: `windowed_`), and the stage a step reads it through in T

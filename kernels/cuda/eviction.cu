@@ -28,25 +28,30 @@ __device__ float widened(const void* row, KeyFormat format, int d) {
   }
 }
 
-// Channel d of slot i's cached key as the CPU reads it: fp32/fp16/bf16 widened, an int8 code x
-// step, or KIVI's code decoded as kv::Affine::decode (no fused multiply-add) or its ring row.
-__device__ float cachedKey(const EvictionCache& c, int l, int h, int i, int d) {
-  const char* krow = static_cast<const char*>(c.K[l]) + (h * c.capacity + i) * int64_t(c.row_bytes);
+// Channel d of slot i's cached key (or value) as the CPU reads it: fp32/fp16/bf16 widened, an
+// int8 code x step, or KIVI's code decoded as kv::Affine::decode (no fused multiply-add) or its
+// ring row.
+__device__ float cachedChannel(const EvictionCache& c, bool value, int l, int h, int i, int d) {
+  const int64_t slot = h * c.capacity + i;
+  const char* row = static_cast<const char*>(value ? c.V[l] : c.K[l]) + slot * c.row_bytes;
   if (c.key_format == KeyFormat::Int8)
-    return __fmul_rn(float(reinterpret_cast<const int8_t*>(krow)[d]), c.k_step[l][h * c.capacity + i]);
-  if (c.key_format != KeyFormat::Kivi) return widened(krow, c.key_format, d);
-  const KiviKeys& k = c.kivi;
+    return __fmul_rn(float(reinterpret_cast<const int8_t*>(row)[d]), (value ? c.v_step : c.k_step)[l][slot]);
+  if (c.key_format != KeyFormat::Kivi) return widened(row, c.key_format, d);
+  const KiviRows& k = c.kivi;
   if (i >= k.coded[l * c.heads + h]) {
     const int64_t element = k.ring_format == KeyFormat::F32 ? 4 : 2;
-    const char* ring = static_cast<const char*>(k.ring_k[l]) +
+    const char* ring = static_cast<const char*>((value ? k.ring_v : k.ring_k)[l]) +
                        (int64_t(h) * k.ring_rows + i % k.ring_rows) * k.head_dim * element;
     return widened(ring, k.ring_format, d);
   }
-  const int code = (reinterpret_cast<const uint8_t*>(krow)[d * k.bits / 8] >> (d * k.bits % 8)) & ((1 << k.bits) - 1);
-  const int run = k.run[l][h * c.capacity + i];
-  const float2 a = reinterpret_cast<const float2*>(k.k_params[l])[(h * k.key_groups + run) * k.head_dim + d];
+  const int code = (reinterpret_cast<const uint8_t*>(row)[d * k.bits / 8] >> (d * k.bits % 8)) & ((1 << k.bits) - 1);
+  const int value_groups = (k.head_dim + k.value_group - 1) / k.value_group;
+  const float2 a = value ? reinterpret_cast<const float2*>(k.v_params[l])[slot * value_groups + d / k.value_group]
+                         : reinterpret_cast<const float2*>(k.k_params[l])[(h * k.key_groups + k.run[l][slot]) * k.head_dim + d];
   return __fadd_rn(a.x, __fmul_rn(float(code), a.y));
 }
+
+__device__ float cachedKey(const EvictionCache& c, int l, int h, int i, int d) { return cachedChannel(c, false, l, h, i, d); }
 
 __device__ int keyChannels(const EvictionCache& c) {
   return c.key_format == KeyFormat::Kivi  ? c.kivi.head_dim
@@ -113,6 +118,86 @@ __device__ void keyDiffKeys(const EvictionCache& c, int l, int h, int n, const i
   __syncthreads();
 }
 
+// LagKV's state score (kv::lagStateScores) of the keys or values of partition [begin, begin +
+// lag) of a head's entries (slots[e]: entry e's slot) against the next partition's range per
+// channel: a warp per partition, a lane per entry, channels in the CPU's order; the softmax's
+// exponentials into `out`, their total returned (summed in entry order).
+__device__ double lagState(const EvictionCache& c, bool value, int l, int h, const int* slots, int begin, int lag,
+                           double* sums, double* out) {
+  const int hd = keyChannels(c), lane = threadIdx.x % 32;
+  double* mean = sums;
+  double* sq = sums + lag;
+  for (int i = lane; i < lag; i += 32) mean[i] = 0.0, sq[i] = 0.0;
+  for (int d = 0; d < hd; ++d) {
+    float lo = INFINITY, hi = -INFINITY;
+    for (int r = lane; r < lag; r += 32) {
+      const float x = cachedChannel(c, value, l, h, slots[begin + lag + r], d);
+      lo = fminf(lo, x), hi = fmaxf(hi, x);
+    }
+    for (int o = 16; o > 0; o >>= 1)
+      lo = fminf(lo, __shfl_xor_sync(0xffffffffu, lo, o)), hi = fmaxf(hi, __shfl_xor_sync(0xffffffffu, hi, o));
+    const double range = double(hi) - double(lo);
+    for (int i = lane; i < lag; i += 32) {
+      const double t = range > 0 ? double(__fsub_rn(cachedChannel(c, value, l, h, slots[begin + i], d), lo)) / range : 0.0;
+      mean[i] = __dadd_rn(mean[i], t), sq[i] = __dadd_rn(sq[i], __dmul_rn(t, t));
+    }
+  }
+  double top = -INFINITY;
+  for (int i = lane; i < lag; i += 32) {
+    const double m = mean[i] / hd;
+    out[i] = hd > 1 ? sqrt(fmax(0.0, (sq[i] - __dmul_rn(__dmul_rn(double(hd), m), m)) / (hd - 1))) : 0.0;
+    top = fmax(top, out[i]);
+  }
+  for (int o = 16; o > 0; o >>= 1) top = fmax(top, __shfl_xor_sync(0xffffffffu, top, o));
+  for (int i = lane; i < lag; i += 32) out[i] = exp(out[i] - top);
+  __syncwarp();
+  double total = 0.0;
+  for (int i = 0; i < lag; ++i) total += out[i];  // every lane, in order
+  return total;
+}
+
+// LagKV (kv::lagScores) over a head's entries — its slots that are not holes, in order: 1 for
+// every entry, then for each partition of `lag` entries after the first `sinks` that has a
+// successor, its rank among its partition by the mean of its keys' and values' state scores
+// (ascending, ties to the earlier entry), over lag. Keys at slots; `slots` and `sums` scratch.
+__device__ void lagKeys(const EvictionCache& c, int l, int h, int n, const int* pos, int sinks, int lag, int* slots,
+                        double* sums, double* keys) {
+  using Scan = cub::BlockScan<int, kThreadsPerHead>;
+  __shared__ typename Scan::TempStorage scan;
+  __shared__ int entries;
+  if (threadIdx.x == 0) entries = 0;
+  __syncthreads();
+  for (int c0 = 0; c0 < n; c0 += kThreadsPerHead) {
+    const int i = c0 + threadIdx.x, entry = i < n && pos[i] != kEvicted;
+    int before = 0, total = 0;
+    Scan(scan).ExclusiveSum(entry, before, total);
+    if (entry) slots[entries + before] = i;
+    if (i < n) keys[i] = 1.0;
+    __syncthreads();
+    if (threadIdx.x == 0) entries += total;
+    __syncthreads();
+  }
+  const int partitions = entries >= sinks + 2 * lag ? (entries - sinks) / lag - 1 : 0;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int p = warp; p < partitions; p += kThreadsPerHead / 32) {
+    const int begin = sinks + p * lag;
+    // Per entry of the partition: the key's exponential, the value's, then scratch (mean, sq).
+    double* k = sums + 4 * int64_t(begin);
+    double* v = k + lag;
+    double* scratch = v + lag;
+    const double k_total = lagState(c, false, l, h, slots, begin, lag, scratch, k);
+    const double v_total = lagState(c, true, l, h, slots, begin, lag, scratch, v);
+    for (int i = lane; i < lag; i += 32) k[i] = (k[i] / k_total + v[i] / v_total) / 2;
+    __syncwarp();
+    for (int i = lane; i < lag; i += 32) {
+      int rank = 0;
+      for (int j = 0; j < lag; ++j) rank += k[j] < k[i] || (k[j] == k[i] && j < i);
+      keys[slots[begin + i]] = double(rank) / lag;
+    }
+  }
+  __syncthreads();
+}
+
 // One block per (layer, head): Scissorhands first counts the keys this step's query saw (its
 // average is 1 / visible), then every entry is scored and keyed as kv::Policy::score / evict do —
 // the same float and double operations, so the same keys.
@@ -132,6 +217,9 @@ __global__ void keysKernel(EvictionCache c, EvictScore method, int fresh, uint64
     visible = blockReduce(count, warpSum, 0.0f);
   }
   if (method == EvictScore::KeyDiff) keyDiffKeys(c, l, h, n, pos, keys);
+  if (method == EvictScore::Lag)
+    lagKeys(c, l, h, n, pos, sinks, inputs.lag, inputs.lag_slots + c.table_offset[lh],
+            inputs.lag_sums + 4 * int64_t(c.table_offset[lh]), keys);
   for (int i = threadIdx.x; i < n; i += blockDim.x) {
     const bool is_new = i >= n - fresh;
     const float wi = w ? w[i] : 0.0f;
@@ -153,7 +241,7 @@ __global__ void keysKernel(EvictionCache c, EvictScore method, int fresh, uint64
               : method == EvictScore::StreamingLLM ? double(p)
               : method == EvictScore::StepAttention ? double(wi)
               : method == EvictScore::KeyNorm    ? -sqrt(squaredKeyNorm(c, l, h, i))
-              : method == EvictScore::KeyDiff    ? keys[i]
+              : method == EvictScore::KeyDiff || method == EvictScore::Lag ? keys[i]
               : method == EvictScore::QueryFilter
                   ? queryFilterKey(c, l, h, i, inputs.query_filters + int64_t(lh) * keyChannels(c))
               : method == EvictScore::Random

@@ -16,34 +16,41 @@ namespace kvtp::cuda {
 // StepAttention: this step's probability alone (SCOPE's decode phase); KeyNorm: -||k|| of the
 // cached key (K-norm, kv::keyNormScores); KeyDiff: -cos(k, the mean normalized key) (kv::keyDiffScores);
 // QueryFilter: k . the head's filter (Q-Filters, kv::queryFilterScores); Random: the entry's fixed
-// draw (kernels::entryDraw).
-enum class EvictScore { H2O, Scissorhands, StreamingLLM, StepAttention, KeyNorm, KeyDiff, QueryFilter, Random };
+// draw (kernels::entryDraw); Lag: LagKV's rank in its partition (kv::lagScores).
+enum class EvictScore { H2O, Scissorhands, StreamingLLM, StepAttention, KeyNorm, KeyDiff, QueryFilter, Random, Lag };
 
 // What some scores read besides the cache: Random's seed and, per (layer, head) of this rank, its
 // table head (layer x global_heads + its global KV head); Q-Filters' filters, per (layer, head)
-// of this rank head_dim values (device).
+// of this rank head_dim values (device); LagKV's partition length and its scratch, as long as
+// the table: an int and three doubles per slot (device).
 struct ScoreInputs {
   uint64_t seed = 0;
   const int* table_heads = nullptr;
   int global_heads = 1;
   const float* query_filters = nullptr;
+  int lag = 0;
+  int* lag_slots = nullptr;
+  double* lag_sums = nullptr;
 };
 
-// How the cache's K rows hold a key (the key-scored methods read them): fp32, fp16, bf16, int8
-// codes times the row's step, or KIVI's (EvictionCache::kivi).
+// How the cache's rows hold a key or value (the row-scored methods read them): fp32, fp16, bf16,
+// int8 codes times the row's step, or KIVI's (EvictionCache::kivi).
 enum class KeyFormat { F32, F16, BF16, Int8, Kivi };
 
-// A KIVI cache's keys as the key-scored methods read them (kv::KVCache::rows): slots [0, coded)
-// of a head are `bits`-bit codes (EvictionCache's K rows), x = lo + code x step with the (lo, step)
-// of the row's run per channel; slots [coded, length) are full-precision rows in the ring (slot i
-// at ring row i % ring_rows), of ring_format. Per-layer arrays at the sequence's first head.
-struct KiviKeys {
-  int head_dim = 0, bits = 0, ring_rows = 0;
+// A KIVI cache's rows as the row-scored methods read them (kv::KVCache::rows): slots [0, coded)
+// of a head are `bits`-bit codes (EvictionCache's K and V rows); a key channel x = lo + code x
+// step with the (lo, step) of the row's run, a value channel with its row's pair for its group of
+// `value_group` channels; slots [coded, length) are full-precision rows in the ring (slot i at
+// ring row i % ring_rows), of ring_format. Per-layer arrays at the sequence's first head.
+struct KiviRows {
+  int head_dim = 0, bits = 0, value_group = 0, ring_rows = 0;
   KeyFormat ring_format = KeyFormat::F32;
   int64_t key_groups = 0;                    // runs' key pairs per head
   const float* const* k_params = nullptr;    // per layer: [head][key_groups][head_dim] x (lo, step)
+  const float* const* v_params = nullptr;    // per layer: [head][capacity][value groups] x (lo, step)
   const int* const* run = nullptr;           // per layer: [head][capacity]
   const void* const* ring_k = nullptr;       // per layer: [head][ring_rows][head_dim]
+  const void* const* ring_v = nullptr;
   const int* coded = nullptr;                // device, per (layer, head)
 };
 
@@ -75,7 +82,7 @@ struct EvictionCache {
   int64_t weights_layer, weights_head;
   const int* length;        // device, per (layer, head): slots in use (entries and holes)
   const int* table_offset;  // device, per (layer, head): its first entry in this rank's table
-  KiviKeys kivi = {};       // key_format Kivi: where the keys are
+  KiviRows kivi = {};       // key_format Kivi: where the rows are
 };
 
 // Folds the step's probabilities into each entry's score (the last `fresh` entries of a head,
