@@ -193,9 +193,11 @@ void GpuEngine<T>::decideOnDevice(Sequence& s, int last_pos, const kv::Policy::D
   cuda::ScoreInputs inputs{kv_spec_.seed, d_meta + 4 * LH, G, query_filters_.get()};
   if (method == cuda::EvictScore::Lag) {
     inputs.lag = kv_spec_.lag;
-    inputs.lag_slots = grow(lag_slots_, size_t(std::max<int64_t>(N, 1)));
     inputs.lag_sums = grow(lag_sums_, 4 * size_t(std::max<int64_t>(N, 1)));
   }
+  if (!decoded) inputs.chunk = kv_spec_.chunk;
+  if (method == cuda::EvictScore::Lag || inputs.chunk > 1)
+    inputs.entry_slots = grow(entry_slots_, size_t(std::max<int64_t>(N, 1)));
   cuda::evictionKeys(cache, method, s.unscored, mask, protect_below, protect_recent, last_pos, table, inputs);
   if (!decides) {  // interval=: the step's attention is scored; the decision waits for its step
     if (was_on_device) {

@@ -313,12 +313,16 @@ class GpuEngine : public Engine {
         throw Error("sequence " + std::to_string(observed_seq_) + "'s prompt observation is still pending: compress it "
                     "before sequence " + std::to_string(current_) + " takes a prompt");
       // H2O sums every row; Scissorhands keeps a bit per row for its last `history` rows (earlier
-      // bits would age out of its mask anyway); SnapKV / PyramidKV sum their observation window.
-      observed_rows_ = spec.method == kv::Method::Scissorhands ? std::min(rows, std::min(spec.history, 64)) : 1;
+      // bits would age out of its mask anyway); SnapKV / PyramidKV sum their observation window;
+      // Finch weighs each of its window's rows by its position, so keeps them apart.
+      const bool finch = spec.method == kv::Method::Finch;
+      observed_rows_ = spec.method == kv::Method::Scissorhands ? std::min(rows, std::min(spec.history, 64))
+                       : finch                                 ? std::min(rows, spec.window)
+                                                               : 1;
       observe_from_ = spec.method == kv::Method::H2O    ? 0
                       : spec.method == kv::Method::TOVA || spec.method == kv::Method::SimLayerKV ? rows - 1
-                      : spec.method == kv::Method::Scissorhands ? rows - observed_rows_
-                                                                : rows - spec.window;
+                      : spec.method == kv::Method::Scissorhands || finch ? rows - observed_rows_
+                                                                         : rows - spec.window;
     }
     const bool many = rows > kMaxFewRows || observe;
     if (many && !s.uniform)
@@ -761,7 +765,7 @@ class GpuEngine : public Engine {
   DeviceBuffer<float> replicated_weights_;  // sumReplicated's
   DeviceBuffer<void*> evict_ptrs_;
   DeviceBuffer<int> evict_coded_;  // KIVI: coded slots per (layer, KV head) for deviceRows
-  DeviceBuffer<int> lag_slots_;    // LagKV's scratch (cuda::ScoreInputs)
+  DeviceBuffer<int> entry_slots_;  // LagKV's and ChunkKV's scratch (cuda::ScoreInputs)
   DeviceBuffer<double> lag_sums_;
   DeviceBuffer<uint8_t> keep_flags_;
   // An int8, KIVI or low-rank cache (GpuLayer::K8..., Kq..., coords; KIVI's and low rank's ring

@@ -171,15 +171,17 @@ TEST(CudaEngine, CompressionMatchesTheCpu) {
       {"snapkv:budget=0.3,decode=slide,decode_budget=32", "kivi:bits=4,group=8,residual=16", ""},
       {"tova:budget=0.2", "kivi:bits=4,group=16,residual=24", ""}, {"random:budget=0.2,seed=5", "kivi:bits=4", ""}};
   // And every method the GPU runs under every storage it holds (issue 27's matrix): none, int8,
-  // KIVI 2 and 4 bits (K-norm, KeyDiff and Q-Filters decoding KIVI's keys to score them), with
-  // SimLayerKV (decided on the mirror), interval= and evict_below= (on the device).
+  // KIVI 2 and 4 bits (K-norm, KeyDiff, Q-Filters and LagKV decoding KIVI's rows to score them),
+  // with Finch and SimLayerKV (decided on the mirror), interval=, evict_below= and chunk= (on the
+  // device, or the mirror with the prompt methods).
   for (const std::string kv : {"snapkv:budget=0.25", "pyramidkv:budget=0.3", "h2o:budget=0.25",
                                "scissorhands:budget=0.3,history=16", "streamingllm:budget=0.25", "tova:budget=0.25",
                                "random:budget=0.25,seed=3", "knorm:budget=0.25", "keydiff:budget=0.25",
                                "qfilters:budget=0.25", "pyramidkv:budget=0.3,decode=adaptive,decode_recent=8,delta=4",
                                "simlayerkv:sinks=4,recent=64,threshold=0.5", "h2o:budget=0.25,interval=4",
                                "scissorhands:budget=0.3,history=16,interval=3", "h2o:budget=0.4,evict_below=3",
-                               "knorm:budget=0.3,interval=5", "lagkv:budget=0.3,lag=32"})
+                               "knorm:budget=0.3,interval=5", "lagkv:budget=0.3,lag=32", "finch:budget=0.25,window=16",
+                               "h2o:budget=0.3,chunk=4", "keydiff:budget=0.3,chunk=4", "snapkv:budget=0.3,chunk=8"})
     for (const std::string quant : {"", "int8", "kivi:bits=2,group=16,residual=32", "kivi:bits=4,group=8,residual=24"})
       specs.push_back({kv, quant, ""});
   for (const auto& [kv, quant, lowrank] : specs) {

@@ -58,7 +58,7 @@ TEST(CpuEngine, BatchOfOneIsAStepAndMoreAreRefused) {
 
 // What the CUDA engine takes is decided before any GPU work, on any build: KIVI and int8 under
 // eviction, the row-scored methods the device scores (K-norm, KeyDiff, Q-Filters, LagKV) over any
-// storage, SimLayerKV, interval= and evict_below=; not
+// storage, Finch, SimLayerKV, chunk=, interval= and evict_below=; not
 // low rank with eviction, the CPU-only methods and options.
 TEST(GpuCompression, RefusedOnlyWhereTheDeviceLacksIt) {
   for (const auto& [kv, quant] : std::vector<std::pair<std::string, std::string>>{
@@ -66,12 +66,12 @@ TEST(GpuCompression, RefusedOnlyWhereTheDeviceLacksIt) {
            {"keydiff:budget=0.2", "int8"}, {"knorm:budget=0.2", ""}, {"tova:budget=0.2", "kivi:bits=4"},
            {"qfilters:budget=0.2", "int8"}, {"knorm:budget=0.2", "kivi:bits=4"}, {"keydiff:budget=0.2", "kivi:bits=2"},
            {"qfilters:budget=0.2", "kivi:bits=2"}, {"simlayerkv", "kivi:bits=2"}, {"h2o:budget=0.2,interval=4", "int8"},
-           {"knorm:budget=0.3,evict_below=-5", ""}, {"lagkv:budget=0.2,lag=32", "kivi:bits=4"}})
+           {"knorm:budget=0.3,evict_below=-5", ""}, {"lagkv:budget=0.2,lag=32", "kivi:bits=4"},
+           {"finch:budget=0.2", "int8"}, {"h2o:budget=0.2,chunk=4", ""}, {"snapkv:budget=0.2,chunk=8", "kivi:bits=2"}})
     EXPECT_NO_THROW(checkGpuCompression(kv::parsePolicy(kv, quant))) << kv << " " << quant;
   for (const auto& [kv, quant] : std::vector<std::pair<std::string, std::string>>{
-           {"keydiff:budget=0.2,block=16", ""}, {"finch:budget=0.2", ""}, {"snapkv:budget=0.2,think=0.5", ""},
-           {"compactor:budget=0.2", ""}, {"leverage:budget=0.2", ""}, {"h2o:budget=0.2,chunk=4", ""},
-           {"h2o:budget=0.2,ladder=fp16/int4", ""}})
+           {"keydiff:budget=0.2,block=16", ""}, {"snapkv:budget=0.2,think=0.5", ""}, {"compactor:budget=0.2", ""},
+           {"leverage:budget=0.2", ""}, {"h2o:budget=0.2,critical=0.5", ""}, {"h2o:budget=0.2,ladder=fp16/int4", ""}})
     EXPECT_THROW(checkGpuCompression(kv::parsePolicy(kv, quant)), Error) << kv << " " << quant;
   EXPECT_THROW(checkGpuCompression(kv::parsePolicy("h2o:budget=0.2", "", "cskv:rank=4")), Error);
 }

@@ -156,12 +156,9 @@ __device__ double lagState(const EvictionCache& c, bool value, int l, int h, con
   return total;
 }
 
-// LagKV (kv::lagScores) over a head's entries — its slots that are not holes, in order: 1 for
-// every entry, then for each partition of `lag` entries after the first `sinks` that has a
-// successor, its rank among its partition by the mean of its keys' and values' state scores
-// (ascending, ties to the earlier entry), over lag. Keys at slots; `slots` and `sums` scratch.
-__device__ void lagKeys(const EvictionCache& c, int l, int h, int n, const int* pos, int sinks, int lag, int* slots,
-                        double* sums, double* keys) {
+// A head's entries — its slots that are not holes — in order: slots[e] = entry e's slot; their
+// count returned to every thread (a block-wide scan, 256 slots at a time).
+__device__ int listEntries(int n, const int* pos, int* slots) {
   using Scan = cub::BlockScan<int, kThreadsPerHead>;
   __shared__ typename Scan::TempStorage scan;
   __shared__ int entries;
@@ -172,11 +169,21 @@ __device__ void lagKeys(const EvictionCache& c, int l, int h, int n, const int* 
     int before = 0, total = 0;
     Scan(scan).ExclusiveSum(entry, before, total);
     if (entry) slots[entries + before] = i;
-    if (i < n) keys[i] = 1.0;
     __syncthreads();
     if (threadIdx.x == 0) entries += total;
     __syncthreads();
   }
+  return entries;
+}
+
+// LagKV (kv::lagScores) over a head's `entries` entries (slots[e]: entry e's slot): 1 for every
+// entry, then for each partition of `lag` entries after the first `sinks` that has a successor,
+// its rank among its partition by the mean of its keys' and values' state scores (ascending, ties
+// to the earlier entry), over lag. Keys at slots; `sums` scratch.
+__device__ void lagKeys(const EvictionCache& c, int l, int h, const int* slots, int entries, int sinks, int lag,
+                        double* sums, double* keys) {
+  for (int e = threadIdx.x; e < entries; e += blockDim.x) keys[slots[e]] = 1.0;
+  __syncthreads();
   const int partitions = entries >= sinks + 2 * lag ? (entries - sinks) / lag - 1 : 0;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   for (int p = warp; p < partitions; p += kThreadsPerHead / 32) {
@@ -194,6 +201,19 @@ __device__ void lagKeys(const EvictionCache& c, int l, int h, int n, const int* 
       for (int j = 0; j < lag; ++j) rank += k[j] < k[i] || (k[j] == k[i] && j < i);
       keys[slots[begin + i]] = double(rank) / lag;
     }
+  }
+  __syncthreads();
+}
+
+// ChunkKV (kv::Policy::evict's chunk=): each run of `chunk` consecutive entries takes the mean of
+// its keys, summed in entry order as the CPU sums them; a thread per chunk.
+__device__ void chunkMeans(const int* slots, int entries, int chunk, double* keys) {
+  for (int b = threadIdx.x * chunk; b < entries; b += blockDim.x * chunk) {
+    const int e = min(entries, b + chunk);
+    double sum = 0.0;
+    for (int j = b; j < e; ++j) sum = __dadd_rn(sum, keys[slots[j]]);
+    const double mean = sum / (e - b);
+    for (int j = b; j < e; ++j) keys[slots[j]] = mean;
   }
   __syncthreads();
 }
@@ -216,10 +236,11 @@ __global__ void keysKernel(EvictionCache c, EvictScore method, int fresh, uint64
     for (int i = threadIdx.x; i < n; i += blockDim.x) count += w[i] > 0.0f ? 1.0f : 0.0f;
     visible = blockReduce(count, warpSum, 0.0f);
   }
+  int* slots = inputs.entry_slots ? inputs.entry_slots + c.table_offset[lh] : nullptr;
+  const int entries = slots ? listEntries(n, pos, slots) : 0;
   if (method == EvictScore::KeyDiff) keyDiffKeys(c, l, h, n, pos, keys);
   if (method == EvictScore::Lag)
-    lagKeys(c, l, h, n, pos, sinks, inputs.lag, inputs.lag_slots + c.table_offset[lh],
-            inputs.lag_sums + 4 * int64_t(c.table_offset[lh]), keys);
+    lagKeys(c, l, h, slots, entries, sinks, inputs.lag, inputs.lag_sums + 4 * int64_t(c.table_offset[lh]), keys);
   for (int i = threadIdx.x; i < n; i += blockDim.x) {
     const bool is_new = i >= n - fresh;
     const float wi = w ? w[i] : 0.0f;
@@ -235,18 +256,26 @@ __global__ void keysKernel(EvictionCache c, EvictScore method, int fresh, uint64
       history[i] = bits;
     }
     const int p = pos[i];
-    keys[i] = p == kEvicted                      ? -INFINITY
-              : p < sinks || p > last_pos - recent ? INFINITY
-              : method == EvictScore::H2O        ? s
+    keys[i] = p == kEvicted                        ? -INFINITY
+              : method == EvictScore::H2O          ? s
               : method == EvictScore::StreamingLLM ? double(p)
               : method == EvictScore::StepAttention ? double(wi)
-              : method == EvictScore::KeyNorm    ? -sqrt(squaredKeyNorm(c, l, h, i))
+              : method == EvictScore::KeyNorm      ? -sqrt(squaredKeyNorm(c, l, h, i))
               : method == EvictScore::KeyDiff || method == EvictScore::Lag ? keys[i]
               : method == EvictScore::QueryFilter
                   ? queryFilterKey(c, l, h, i, inputs.query_filters + int64_t(lh) * keyChannels(c))
               : method == EvictScore::Random
                   ? kernels::entryDraw(inputs.seed, l, inputs.table_heads[lh] % inputs.global_heads, p)
                   : double(__popcll(bits & history_mask));
+  }
+  if (inputs.chunk > 1) {
+    __syncthreads();
+    chunkMeans(slots, entries, inputs.chunk, keys);
+  }
+  // The protected last, as the CPU protects after scoring and chunking.
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    const int p = pos[i];
+    if (p != kEvicted && (p < sinks || p > last_pos - recent)) keys[i] = INFINITY;
   }
 }
 

@@ -21,16 +21,18 @@ enum class EvictScore { H2O, Scissorhands, StreamingLLM, StepAttention, KeyNorm,
 
 // What some scores read besides the cache: Random's seed and, per (layer, head) of this rank, its
 // table head (layer x global_heads + its global KV head); Q-Filters' filters, per (layer, head)
-// of this rank head_dim values (device); LagKV's partition length and its scratch, as long as
-// the table: an int and three doubles per slot (device).
+// of this rank head_dim values (device); LagKV's partition length and its scratch, four doubles
+// per slot of the table; ChunkKV's chunk (1: none). LagKV and chunks read a head's entries in
+// order past its holes: entry_slots, an int per slot of the table (device).
 struct ScoreInputs {
   uint64_t seed = 0;
   const int* table_heads = nullptr;
   int global_heads = 1;
   const float* query_filters = nullptr;
   int lag = 0;
-  int* lag_slots = nullptr;
   double* lag_sums = nullptr;
+  int chunk = 1;
+  int* entry_slots = nullptr;
 };
 
 // How the cache's rows hold a key or value (the row-scored methods read them): fp32, fp16, bf16,
@@ -87,7 +89,8 @@ struct EvictionCache {
 
 // Folds the step's probabilities into each entry's score (the last `fresh` entries of a head,
 // appended since the last decision, start from zero) and writes its key into `table`: +inf for
-// the protected (position < sinks or > last_pos - recent), else H2O's score, the position
+// the protected (position < sinks or > last_pos - recent), else (with ChunkKV's chunks, averaged
+// over each chunk of entries) H2O's score, the position
 // (StreamingLLM: the most recent win), the count of Scissorhands' set bits under history_mask or
 // the step's probability, -||k||, KeyDiff's -cos, the key's projection on its filter or the random
 // draw; -inf for a hole, which is never kept and takes no entry's place.
