@@ -18,7 +18,8 @@ const char* precisionName(Precision d) { return d == Precision::F32 ? "fp32" : d
 
 void checkGpuCompression(const kv::PolicySpec& s) {
   const bool row_scored_on_device = s.method == kv::Method::KNorm || s.method == kv::Method::KeyDiff ||
-                                    s.method == kv::Method::QFilters || s.method == kv::Method::LagKV;
+                                    s.method == kv::Method::QFilters || s.method == kv::Method::LagKV ||
+                                    s.method == kv::Method::CUR;
   if ((s.readsRows() && !row_scored_on_device) || s.needsQueries())
     throw Error("'" + s.describe() + "' scores the cached keys and values (or the queries), which the CUDA engine does "
                 "not copy to its host mirror yet: use --device cpu");

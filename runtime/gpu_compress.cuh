@@ -186,17 +186,19 @@ void GpuEngine<T>::decideOnDevice(Sequence& s, int last_pos, const kv::Policy::D
                                   : kv_spec_.method == kv::Method::QFilters ? cuda::EvictScore::QueryFilter
                                   : kv_spec_.method == kv::Method::Random ? cuda::EvictScore::Random
                                   : kv_spec_.method == kv::Method::LagKV  ? cuda::EvictScore::Lag
+                                  : kv_spec_.method == kv::Method::CUR    ? cuda::EvictScore::CUR
                                                                           : cuda::EvictScore::StreamingLLM;
   // Protected: the sinks and the recent window; in SCOPE's phase the prompt and the newest decoded.
   const int protect_below = decoded ? decoded->prefill_end : kv_spec_.sinks,
             protect_recent = decoded ? kv_spec_.decode_recent : kv_spec_.recent;
   cuda::ScoreInputs inputs{kv_spec_.seed, d_meta + 4 * LH, G, query_filters_.get()};
-  if (method == cuda::EvictScore::Lag) {
-    inputs.lag = kv_spec_.lag;
-    inputs.lag_sums = grow(lag_sums_, 4 * size_t(std::max<int64_t>(N, 1)));
+  const bool sums_rows = method == cuda::EvictScore::Lag || method == cuda::EvictScore::CUR;
+  if (sums_rows) {
+    inputs.lag = kv_spec_.lag, inputs.local = kv_spec_.local;
+    inputs.row_sums = grow(row_sums_, 4 * size_t(std::max<int64_t>(N, 1)));
   }
   if (!decoded) inputs.chunk = kv_spec_.chunk;
-  if (method == cuda::EvictScore::Lag || inputs.chunk > 1)
+  if (sums_rows || inputs.chunk > 1)
     inputs.entry_slots = grow(entry_slots_, size_t(std::max<int64_t>(N, 1)));
   cuda::evictionKeys(cache, method, s.unscored, mask, protect_below, protect_recent, last_pos, table, inputs);
   if (!decides) {  // interval=: the step's attention is scored; the decision waits for its step

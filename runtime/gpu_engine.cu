@@ -134,7 +134,7 @@ class GpuEngine : public Engine {
                          o.kv.method == kv::Method::StreamingLLM || o.kv.method == kv::Method::KNorm ||
                          o.kv.method == kv::Method::KeyDiff || o.kv.method == kv::Method::QFilters ||
                          o.kv.method == kv::Method::TOVA || o.kv.method == kv::Method::Random ||
-                         o.kv.method == kv::Method::LagKV) &&
+                         o.kv.method == kv::Method::LagKV || o.kv.method == kv::Method::CUR) &&
                         o.kv.rank == 0),
         device_decides_decoded_((o.kv.method == kv::Method::SnapKV || o.kv.method == kv::Method::PyramidKV) &&
                                 o.kv.decode != kv::Decode::None && o.kv.rank == 0),
@@ -765,8 +765,8 @@ class GpuEngine : public Engine {
   DeviceBuffer<float> replicated_weights_;  // sumReplicated's
   DeviceBuffer<void*> evict_ptrs_;
   DeviceBuffer<int> evict_coded_;  // KIVI: coded slots per (layer, KV head) for deviceRows
-  DeviceBuffer<int> entry_slots_;  // LagKV's and ChunkKV's scratch (cuda::ScoreInputs)
-  DeviceBuffer<double> lag_sums_;
+  DeviceBuffer<int> entry_slots_;  // LagKV's, CUR's and ChunkKV's scratch (cuda::ScoreInputs)
+  DeviceBuffer<double> row_sums_;
   DeviceBuffer<uint8_t> keep_flags_;
   // An int8, KIVI or low-rank cache (GpuLayer::K8..., Kq..., coords; KIVI's and low rank's ring
   // of full-precision rows per KV head: `windowed_`), and the stage a step reads it through in T

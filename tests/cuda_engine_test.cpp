@@ -141,9 +141,9 @@ TEST(CudaEngine, DecodeThroughAGrowingCacheMatchesPrefill) {
 // discontinuous; a pool per head). KIVI under eviction: the device evicts, then quantizes the kept
 // rows that left the residual window as the CPU does (the same runs, thinned the same way: the
 // same bytes).
-// The methods the device scores by the cached rows: K-norm, KeyDiff, Q-Filters, LagKV.
+// The methods the device scores by the cached rows: K-norm, KeyDiff, Q-Filters, LagKV, CUR.
 bool scoresRows(const std::string& kv) {
-  for (const char* method : {"knorm", "keydiff", "qfilters", "lagkv"})
+  for (const char* method : {"knorm", "keydiff", "qfilters", "lagkv", "cur"})
     if (kv.rfind(method, 0) == 0) return true;
   return false;
 }
@@ -180,7 +180,7 @@ TEST(CudaEngine, CompressionMatchesTheCpu) {
                                "qfilters:budget=0.25", "pyramidkv:budget=0.3,decode=adaptive,decode_recent=8,delta=4",
                                "simlayerkv:sinks=4,recent=64,threshold=0.5", "h2o:budget=0.25,interval=4",
                                "scissorhands:budget=0.3,history=16,interval=3", "h2o:budget=0.4,evict_below=3",
-                               "knorm:budget=0.3,interval=5", "lagkv:budget=0.3,lag=32", "finch:budget=0.25,window=16",
+                               "knorm:budget=0.3,interval=5", "lagkv:budget=0.3,lag=32", "cur:budget=0.3", "finch:budget=0.25,window=16",
                                "h2o:budget=0.3,chunk=4", "keydiff:budget=0.3,chunk=4", "snapkv:budget=0.3,chunk=8"})
     for (const std::string quant : {"", "int8", "kivi:bits=2,group=16,residual=32", "kivi:bits=4,group=8,residual=24"})
       specs.push_back({kv, quant, ""});
@@ -208,7 +208,7 @@ TEST(CudaEngine, CompressionMatchesTheCpu) {
     // the same on the mean. K-norm likewise: two keys whose norms lie within float error of each
     // other at the budget's boundary can swap (measured once on an H200: one token off by 1.3e-2,
     // mean 2e-5), so a looser worst bound there too, and for KeyDiff's cosines, Q-Filters'
-    // projections of the same keys and LagKV's ranks of their spreads.
+    // projections of the same keys, LagKV's ranks of their spreads and CUR's norm shares.
     EXPECT_LE(worst, scoresRows(kv) ? 3e-2 : quant.empty() ? 1e-3 : 1e-2) << name;
     EXPECT_LE(sum / double(cpu.result.tokens), 1e-4) << name;
     if (!quant.empty() || !lowrank.empty()) {  // fp16: the prefill reads the cache through an fp16 stage (flash attention)

@@ -57,7 +57,7 @@ TEST(CpuEngine, BatchOfOneIsAStepAndMoreAreRefused) {
 }
 
 // What the CUDA engine takes is decided before any GPU work, on any build: KIVI and int8 under
-// eviction, the row-scored methods the device scores (K-norm, KeyDiff, Q-Filters, LagKV) over any
+// eviction, the row-scored methods the device scores (K-norm, KeyDiff, Q-Filters, LagKV, CUR) over any
 // storage, Finch, SimLayerKV, chunk=, interval= and evict_below=; not
 // low rank with eviction, the CPU-only methods and options.
 TEST(GpuCompression, RefusedOnlyWhereTheDeviceLacksIt) {
@@ -66,7 +66,7 @@ TEST(GpuCompression, RefusedOnlyWhereTheDeviceLacksIt) {
            {"keydiff:budget=0.2", "int8"}, {"knorm:budget=0.2", ""}, {"tova:budget=0.2", "kivi:bits=4"},
            {"qfilters:budget=0.2", "int8"}, {"knorm:budget=0.2", "kivi:bits=4"}, {"keydiff:budget=0.2", "kivi:bits=2"},
            {"qfilters:budget=0.2", "kivi:bits=2"}, {"simlayerkv", "kivi:bits=2"}, {"h2o:budget=0.2,interval=4", "int8"},
-           {"knorm:budget=0.3,evict_below=-5", ""}, {"lagkv:budget=0.2,lag=32", "kivi:bits=4"},
+           {"knorm:budget=0.3,evict_below=-5", ""}, {"lagkv:budget=0.2,lag=32", "kivi:bits=4"}, {"cur:budget=0.2", "int8"},
            {"finch:budget=0.2", "int8"}, {"h2o:budget=0.2,chunk=4", ""}, {"snapkv:budget=0.2,chunk=8", "kivi:bits=2"}})
     EXPECT_NO_THROW(checkGpuCompression(kv::parsePolicy(kv, quant))) << kv << " " << quant;
   for (const auto& [kv, quant] : std::vector<std::pair<std::string, std::string>>{

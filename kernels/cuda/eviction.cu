@@ -205,6 +205,51 @@ __device__ void lagKeys(const EvictionCache& c, int l, int h, const int* slots, 
   __syncthreads();
 }
 
+// The squared norm of slot i's key or value in double, channel by channel as the CPU sums it.
+__device__ double squaredNorm(const EvictionCache& c, bool value, int l, int h, int i) {
+  double norm = 0.0;
+  for (int d = 0, hd = keyChannels(c); d < hd; ++d) {
+    const double x = cachedChannel(c, value, l, h, i, d);
+    norm = __dadd_rn(norm, __dmul_rn(x, x));
+  }
+  return norm;
+}
+
+// CUR (kv::curScores) over a head's `entries` entries (slots[e]: entry e's slot): the squared
+// norms of key and value as shares of their window of `local` entries (0: all), multiplied, as
+// shares of the head's total — every sum in entry order as the CPU's. `sums` scratch, two doubles
+// per entry; keys at slots.
+__device__ void curKeys(const EvictionCache& c, int l, int h, const int* slots, int entries, int local, double* sums,
+                        double* keys) {
+  __shared__ double total;
+  double* k2 = sums;
+  double* v2 = sums + entries;
+  for (int e = threadIdx.x; e < entries; e += blockDim.x)
+    k2[e] = squaredNorm(c, false, l, h, slots[e]), v2[e] = squaredNorm(c, true, l, h, slots[e]);
+  __syncthreads();
+  const int w = local > 0 ? local : max(entries, 1);
+  for (int b = threadIdx.x * w; b < entries; b += blockDim.x * w) {
+    const int e = min(entries, b + w);
+    for (int which = 0; which < 2; ++which) {
+      double* x = which ? v2 : k2;
+      double sum = 0.0;
+      for (int i = b; i < e; ++i) sum = __dadd_rn(sum, x[i]);
+      for (int i = b; i < e; ++i) x[i] = sum > 0 ? x[i] / sum : 0.0;
+    }
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < entries; e += blockDim.x) k2[e] = __dmul_rn(k2[e], v2[e]);
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double t = 0.0;
+    for (int e = 0; e < entries; ++e) t = __dadd_rn(t, k2[e]);
+    total = t;
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < entries; e += blockDim.x) keys[slots[e]] = total > 0 ? k2[e] / total : k2[e];
+  __syncthreads();
+}
+
 // ChunkKV (kv::Policy::evict's chunk=): each run of `chunk` consecutive entries takes the mean of
 // its keys, summed in entry order as the CPU sums them; a thread per chunk.
 __device__ void chunkMeans(const int* slots, int entries, int chunk, double* keys) {
@@ -239,8 +284,9 @@ __global__ void keysKernel(EvictionCache c, EvictScore method, int fresh, uint64
   int* slots = inputs.entry_slots ? inputs.entry_slots + c.table_offset[lh] : nullptr;
   const int entries = slots ? listEntries(n, pos, slots) : 0;
   if (method == EvictScore::KeyDiff) keyDiffKeys(c, l, h, n, pos, keys);
-  if (method == EvictScore::Lag)
-    lagKeys(c, l, h, slots, entries, sinks, inputs.lag, inputs.lag_sums + 4 * int64_t(c.table_offset[lh]), keys);
+  double* sums = inputs.row_sums ? inputs.row_sums + 4 * int64_t(c.table_offset[lh]) : nullptr;
+  if (method == EvictScore::Lag) lagKeys(c, l, h, slots, entries, sinks, inputs.lag, sums, keys);
+  if (method == EvictScore::CUR) curKeys(c, l, h, slots, entries, inputs.local, sums, keys);
   for (int i = threadIdx.x; i < n; i += blockDim.x) {
     const bool is_new = i >= n - fresh;
     const float wi = w ? w[i] : 0.0f;
@@ -261,7 +307,7 @@ __global__ void keysKernel(EvictionCache c, EvictScore method, int fresh, uint64
               : method == EvictScore::StreamingLLM ? double(p)
               : method == EvictScore::StepAttention ? double(wi)
               : method == EvictScore::KeyNorm      ? -sqrt(squaredKeyNorm(c, l, h, i))
-              : method == EvictScore::KeyDiff || method == EvictScore::Lag ? keys[i]
+              : method == EvictScore::KeyDiff || method == EvictScore::Lag || method == EvictScore::CUR ? keys[i]
               : method == EvictScore::QueryFilter
                   ? queryFilterKey(c, l, h, i, inputs.query_filters + int64_t(lh) * keyChannels(c))
               : method == EvictScore::Random

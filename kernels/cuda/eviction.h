@@ -16,21 +16,22 @@ namespace kvtp::cuda {
 // StepAttention: this step's probability alone (SCOPE's decode phase); KeyNorm: -||k|| of the
 // cached key (K-norm, kv::keyNormScores); KeyDiff: -cos(k, the mean normalized key) (kv::keyDiffScores);
 // QueryFilter: k . the head's filter (Q-Filters, kv::queryFilterScores); Random: the entry's fixed
-// draw (kernels::entryDraw); Lag: LagKV's rank in its partition (kv::lagScores).
-enum class EvictScore { H2O, Scissorhands, StreamingLLM, StepAttention, KeyNorm, KeyDiff, QueryFilter, Random, Lag };
+// draw (kernels::entryDraw); Lag: LagKV's rank in its partition (kv::lagScores); CUR: the
+// product of key and value squared-norm shares (kv::curScores).
+enum class EvictScore { H2O, Scissorhands, StreamingLLM, StepAttention, KeyNorm, KeyDiff, QueryFilter, Random, Lag, CUR };
 
 // What some scores read besides the cache: Random's seed and, per (layer, head) of this rank, its
 // table head (layer x global_heads + its global KV head); Q-Filters' filters, per (layer, head)
-// of this rank head_dim values (device); LagKV's partition length and its scratch, four doubles
-// per slot of the table; ChunkKV's chunk (1: none). LagKV and chunks read a head's entries in
-// order past its holes: entry_slots, an int per slot of the table (device).
+// of this rank head_dim values (device); LagKV's partition length, CUR's window, and their
+// scratch, four doubles per slot of the table; ChunkKV's chunk (1: none). LagKV, CUR and chunks
+// read a head's entries in order past its holes: entry_slots, an int per slot of the table (device).
 struct ScoreInputs {
   uint64_t seed = 0;
   const int* table_heads = nullptr;
   int global_heads = 1;
   const float* query_filters = nullptr;
-  int lag = 0;
-  double* lag_sums = nullptr;
+  int lag = 0, local = 0;
+  double* row_sums = nullptr;
   int chunk = 1;
   int* entry_slots = nullptr;
 };
