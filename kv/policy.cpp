@@ -51,7 +51,8 @@ void Policy::afterStep(KVCache& cache, const StepAttention& attn, int last_pos, 
     if (spec_.evicts()) evict(cache, attn, last_pos, prefill);
     if (prefill && spec_.think > 0) pruneKeyChannels(cache, attn);
   }
-  if (spec_.rank) project(cache);
+  // A device's mirror: the device projects after this decision itself (GpuEngine::settleLowRank).
+  if (spec_.rank && !cache.rowsOnDevice()) project(cache);
   if (spec_.quant != Quant::None) quantize(cache);
 }
 

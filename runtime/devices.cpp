@@ -26,9 +26,12 @@ void checkGpuCompression(const kv::PolicySpec& s) {
   if (!s.ladder.empty() || s.critical > 0 || s.think > 0 || s.block > 0)
     throw Error("ladder= (tiered precision), critical= (CriticalKV), think= (ThinK) and block= (the prompt in blocks) "
                 "run on --device cpu only so far ('" + s.describe() + "')");
-  if (s.rank > 0 && (s.evicts() || s.quant != kv::Quant::None))
-    throw Error("--device cuda holds low-rank channels (cskv) alone, without eviction or quantization; '" +
-                s.describe() + "' combines them: use --device cpu");
+  if (s.rank > 0 && s.quant != kv::Quant::None)
+    throw Error("--device cuda holds low-rank channels (cskv) without quantization; '" + s.describe() +
+                "' combines them: use --device cpu");
+  if (s.rank > 0 && s.readsRows())
+    throw Error("--device cuda scores cached rows where they lie, not low rank's coordinates ('" + s.describe() +
+                "'): use --device cpu, or an attention-scored method");
 }
 
 #ifndef KVTP_WITH_CUDA

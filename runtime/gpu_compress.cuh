@@ -5,18 +5,20 @@
 // KV heads' probabilities summed over the group first (sumReplicated). Included by
 // gpu_engine.cu after the class, inside its namespace: not a header to include elsewhere.
 
-// The step's decision, then (KIVI under eviction) the runs that left the residual window among
-// the kept rows, as kv::Policy::afterStep evicts and then quantizes.
+// The step's decision, then (KIVI or low rank under eviction) the runs that left the residual
+// window among the kept rows, or the rows that left the low-rank window, as kv::Policy::afterStep
+// evicts and then quantizes or projects.
 template <class T>
 void GpuEngine<T>::compress(int last_pos, bool prefill) {
   if (!compresses()) return;
   Sequence& s = seq();
-  if (windowed_ && !kivi_evicts_) {  // the step converted on the device what the CPU converts here: now it counts
+  if (windowed_ && !windowed_evicts_) {  // the step converted on the device what the CPU converts here: now it counts
     s.compact_counted = s.compact;
     return;
   }
   decide(s, last_pos, prefill);
   if (kivi_evicts_) settleKivi(s);
+  else if (windowed_evicts_) settleLowRank(s);
 }
 
 // The policy decides on the mirror (scored by the prefill's observation window when it asks for
@@ -56,7 +58,7 @@ void GpuEngine<T>::decide(Sequence& s, int last_pos, bool prefill) {
     s.weights_pending = false;
   }
   s.policy.afterStep(s.mirror, attention_, last_pos, prefill);
-  if (kivi_) compactKiviAsMirror(s);
+  if (windowed_evicts_) compactCodedAsMirror(s);
   else compactAsMirror(s);
   s.longest = *std::max_element(s.len.begin(), s.len.end());
   if (device_decides_decoded_ && prefill) s.prompt_kept = s.len;
@@ -220,7 +222,7 @@ void GpuEngine<T>::decideOnDevice(Sequence& s, int last_pos, const kv::Policy::D
   cuda::evictionDecide(cache, table, select, sum_over_ranks, keep);
   if (kv_spec_.evict_below > -INFINITY && !decoded) cuda::evictBelow(table, N, kv_spec_.evict_below, keep);
   if (kivi_) {
-    compactKivi(s, cache, keep, false);
+    compactCoded(s, cache, keep, false);
   } else {
     cuda::evictionCompact(cache, keep, d_meta + 2 * LH, d_meta + 3 * LH);
     KVTP_CUDA_CHECK(cudaMemcpy(meta.data(), d_meta + 2 * LH, 2 * LH * sizeof(int), cudaMemcpyDeviceToHost));
@@ -239,15 +241,22 @@ template <class T>
 cuda::EvictionCache GpuEngine<T>::deviceRows(const int* d_offsets_lengths) {
   const int L = c_.layers, LH = L * part_.kv_heads;
   const size_t hd = c_.head_dim, head0 = size_t(current_) * part_.kv_heads * capacity_;
-  const int row_bytes = kivi_ ? kiviShape().codeBytes() : int(hd * (int8_ ? 1 : sizeof(T)));
+  const int row_bytes = kivi_     ? kiviShape().codeBytes()
+                        : lowrank_ ? int(2 * kv_spec_.rank * sizeof(T))
+                                   : int(hd * (int8_ ? 1 : sizeof(T)));
   // K, V, positions, key steps, value steps; KIVI: key pairs, value pairs, runs, ring keys, ring values.
   std::vector<void*> ptrs(10 * size_t(L), nullptr);
   for (int l = 0; l < L; ++l) {
     GpuLayer<T>& g = layers_[l];
-    ptrs[l] = kivi_ ? static_cast<void*>(g.Kq.get() + head0 * row_bytes)
-              : int8_ ? static_cast<void*>(g.K8.get() + head0 * hd) : g.K.get() + head0 * hd;
-    ptrs[L + l] = kivi_ ? static_cast<void*>(g.Vq.get() + head0 * row_bytes)
-                  : int8_ ? static_cast<void*>(g.V8.get() + head0 * hd) : g.V.get() + head0 * hd;
+    // Low rank: its coordinates (key then value) are the K rows, with no V rows.
+    ptrs[l] = kivi_     ? static_cast<void*>(g.Kq.get() + head0 * row_bytes)
+              : lowrank_ ? static_cast<void*>(g.coords.get() + head0 * 2 * kv_spec_.rank)
+              : int8_    ? static_cast<void*>(g.K8.get() + head0 * hd)
+                         : g.K.get() + head0 * hd;
+    ptrs[L + l] = kivi_     ? static_cast<void*>(g.Vq.get() + head0 * row_bytes)
+                  : lowrank_ ? nullptr
+                  : int8_    ? static_cast<void*>(g.V8.get() + head0 * hd)
+                             : g.V.get() + head0 * hd;
     ptrs[2 * L + l] = g.pos.get() + head0;
     if (int8_) ptrs[3 * L + l] = g.k_step.get() + head0, ptrs[4 * L + l] = g.v_step.get() + head0;
     if (kivi_) {

@@ -120,8 +120,9 @@ struct Sequence {
   // eviction, so every head alike) — on the device, and as counted by kvBytes (the CPU converts in
   // compress(), the device in the step itself).
   int compact = 0, compact_counted = 0;
-  // KIVI under eviction, per (layer, KV head): coded slots (holes included), the coded entries
-  // kept, the runs with a kept row, and the run the next quantized one takes (runtime/gpu_kivi.cuh).
+  // KIVI or low rank under eviction, per (layer, KV head): coded slots (KIVI's codes or low rank's
+  // coordinates, holes included), the coded entries kept, KIVI's runs with a kept row, and the run
+  // the next quantized one takes (runtime/gpu_windowed.cuh).
   std::vector<int> coded, coded_kept, runs_alive, next_run;
 };
 
@@ -139,7 +140,7 @@ class GpuEngine : public Engine {
         device_decides_decoded_((o.kv.method == kv::Method::SnapKV || o.kv.method == kv::Method::PyramidKV) &&
                                 o.kv.decode != kv::Decode::None && o.kv.rank == 0),
         int8_(o.kv.quant == kv::Quant::Int8), kivi_(o.kv.quant == kv::Quant::Kivi), lowrank_(o.kv.rank > 0),
-        windowed_(kivi_ || lowrank_), kivi_evicts_(kivi_ && o.kv.evicts()),
+        windowed_(kivi_ || lowrank_), windowed_evicts_(windowed_ && o.kv.evicts()), kivi_evicts_(kivi_ && o.kv.evicts()),
         ring_((lowrank_ ? o.kv.lowrank_window : o.kv.residual + o.kv.group) + kMaxFewRows),
         time_collectives_(o.time_collectives) {
     checkGpuCompression(o.kv);
@@ -224,11 +225,13 @@ class GpuEngine : public Engine {
     const int64_t full = kv::fullCacheBytes(tokens_seen, c_.layers, part_.kv_heads, c_.head_dim);  // docs/KV.md
     // kv::Policy::bytes of the cache the mirror would hold (kv::KVCache::storedBytes).
     const kv::StoreShape store{c_.head_dim, kv_spec_.bits, kv_spec_.group, kv_spec_.rank};
-    if (kivi_evicts_) {  // per head: the ring's full rows, the kept coded ones in their runs, a position each
+    if (windowed_evicts_) {  // per head: the ring's full rows, the kept coded ones (in KIVI's runs), a position each
       int64_t bytes = 0;
       for (size_t i = 0; i < s.len.size(); ++i) {
         const int full_rows = s.len[i] - s.coded[i];
-        bytes += store.bytes(kv::Form::Full, full_rows) + store.bytes(kv::Form::Kivi, s.coded_kept[i], s.runs_alive[i]) +
+        bytes += store.bytes(kv::Form::Full, full_rows) +
+                 (kivi_ ? store.bytes(kv::Form::Kivi, s.coded_kept[i], s.runs_alive[i])
+                        : store.bytes(kv::Form::LowRank, s.coded_kept[i])) +
                  4 * int64_t(full_rows + s.coded_kept[i]);
       }
       return {bytes, full};
@@ -329,7 +332,7 @@ class GpuEngine : public Engine {
       throw Error("the CUDA engine scores several tokens at once only over an uncompressed cache; a compressed "
                   "window goes on token by token");
     makeRoom(s.longest + rows);
-    if (kivi_evicts_) ringRoom(rows);
+    if (windowed_evicts_) ringRoom(rows);
     admit(s, positions, rows);
     if (observe) {
       observed_len_ = s.longest + rows, observed_seq_ = current_;
@@ -352,7 +355,7 @@ class GpuEngine : public Engine {
         throw Error("decodeBatch: sequence " + std::to_string(b) + " is at position " + std::to_string(seen.back()) +
                     "; its next token cannot be at " + std::to_string(positions[b]));
     }
-    if (kivi_evicts_ && prompt_seq_ >= 0)
+    if (windowed_evicts_ && prompt_seq_ >= 0)
       throw Error("sequence " + std::to_string(prompt_seq_) + "'s prompt waits for its decision: compress it before a "
                   "batch step");
     makeRoom(need);
@@ -378,14 +381,14 @@ class GpuEngine : public Engine {
     s.weights_pending = rows == 1 && kv_spec_.scoresDecoding();
     s.positions.insert(s.positions.end(), positions, positions + rows);
     s.unscored += rows;
-    if (compresses() && (!windowed_ || kivi_evicts_) && !s.on_device) {
+    if (compresses() && (!windowed_ || windowed_evicts_) && !s.on_device) {
       for (int l = 0; l < c_.layers; ++l) s.mirror.append(l, nullptr, nullptr, positions, rows);
       for (auto& p : s.row_positions) p.insert(p.end(), positions, positions + rows);
     }
   }
   // The step ran: its rows are cached in every head of s.
   void cached(Sequence& s, int rows) {
-    if (windowed_ && !kivi_evicts_) s.compact = compactAfter(s, rows);
+    if (windowed_ && !windowed_evicts_) s.compact = compactAfter(s, rows);
     for (int& n : s.len) n += rows;
     s.longest += rows;
   }
@@ -436,8 +439,8 @@ class GpuEngine : public Engine {
         const int then = stepped ? compactAfter(s, shape.batch ? 1 : rows) : s.compact;
         for (int h = 0; h < H; ++h) {
           const size_t i = (size_t(l) * B + b) * H + h;
-          compact[i] = kivi_evicts_ ? s.coded[size_t(l) * H + h] : s.compact;
-          compact[LBH + i] = kivi_evicts_ ? compact[i] : then;
+          compact[i] = windowed_evicts_ ? s.coded[size_t(l) * H + h] : s.compact;
+          compact[LBH + i] = windowed_evicts_ ? compact[i] : then;
         }
       }
     int* d_meta = grow(meta_, meta.size());
@@ -471,12 +474,15 @@ class GpuEngine : public Engine {
   // then slots.
   cuda::EvictionCache deviceRows(const int* d_offsets_lengths);
 
-  // KIVI under eviction (runtime/gpu_kivi.cuh): the compaction by keep flags, the runs quantized
-  // after the decision, the ring's room for a step, the key pairs' room.
-  void compactKivi(Sequence& s, const cuda::EvictionCache& rows, const uint8_t* keep, bool compact_all);
-  void compactKiviAsMirror(Sequence& s);
-  void compactAsMirror(Sequence& s);  // gpu_compress.cuh: the caches other than KIVI
+  // KIVI and low rank under eviction (runtime/gpu_windowed.cuh): the compaction by keep flags, the
+  // runs quantized or the rows projected after the decision, the ring's room for a step, the key
+  // pairs' room.
+  void compactCoded(Sequence& s, const cuda::EvictionCache& rows, const uint8_t* keep, bool compact_all);
+  void compactCodedAsMirror(Sequence& s);
+  void compactAsMirror(Sequence& s);  // gpu_compress.cuh: the caches other than KIVI and low rank
   void settleKivi(Sequence& s);
+  void settleLowRank(Sequence& s);
+  cuda::LowRankCache<T> lowRankAt(int l, size_t head0, const int* projected, const int* projected_after);
   void ringRoom(int rows);
   void leavePromptRing(Sequence& s);
   const int* uploadRingRows(const Sequence& s);
@@ -645,9 +651,7 @@ class GpuEngine : public Engine {
     const int* compact_after = compact + size_t(c_.layers) * seqs_.size() * H;
     cuda::KiviCache<T> kivi = kiviAt(layer, head0);
     kivi.quantized = compact, kivi.quantized_after = compact_after;
-    const cuda::LowRankCache<T> lowrank{hd, kv_spec_.rank, H, L.coords.get() + row0 * 2 * kv_spec_.rank,
-                                        L.key_basis.get(), L.value_basis.get(), inv_freq_.size() ? inv_freq_.get() : nullptr,
-                                        kivi.ring, k_pos, capacity_, compact, compact_after};
+    const cuda::LowRankCache<T> lowrank = lowRankAt(layer, head0, compact, compact_after);
     const int longest = seq().longest;  // many rows: the current sequence's, uniform
     if (coded && shape.many) {
       capacity = longest + T_;
@@ -771,10 +775,11 @@ class GpuEngine : public Engine {
   // An int8, KIVI or low-rank cache (GpuLayer::K8..., Kq..., coords; KIVI's and low rank's ring
   // of full-precision rows per KV head: `windowed_`), and the stage a step reads it through in T
   // (int8, KIVI: many-row steps; low rank: every step).
-  // KIVI under eviction (runtime/gpu_kivi.cuh) quantizes after the decision, not in the step, so a
-  // prompt waits for its decision at full precision in a ring of its own (sequence prompt_seq_'s
-  // heads of every layer, prompt_rows_ rows each), then its kept rows move to the shared ring.
-  const bool int8_, kivi_, lowrank_, windowed_, kivi_evicts_;
+  // KIVI and low rank under eviction (runtime/gpu_windowed.cuh) quantize or project after the
+  // decision, not in the step, so a prompt waits for its decision at full precision in a ring of
+  // its own (sequence prompt_seq_'s heads of every layer, prompt_rows_ rows each), then its kept
+  // rows move to the shared ring.
+  const bool int8_, kivi_, lowrank_, windowed_, windowed_evicts_, kivi_evicts_;
   const int ring_;
   DeviceBuffer<T> prompt_ring_k_, prompt_ring_v_;  // [layer][kv_head][prompt_rows_][head_dim]
   int prompt_rows_ = 0, prompt_seq_ = -1;
@@ -798,7 +803,7 @@ class GpuEngine : public Engine {
 #include "runtime/gpu_store.cuh"
 #include "runtime/gpu_head.cuh"
 #include "runtime/gpu_compress.cuh"
-#include "runtime/gpu_kivi.cuh"
+#include "runtime/gpu_windowed.cuh"
 
 }  // namespace
 

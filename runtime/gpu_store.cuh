@@ -100,6 +100,19 @@ cuda::KiviCache<T> GpuEngine<T>::kiviAt(int l, size_t head0) {
   return kivi;
 }
 
+// Layer l's low-rank cache from KV head head0 on, with the given per-head counts of rows held as
+// coordinates before and after the step (device arrays).
+template <class T>
+cuda::LowRankCache<T> GpuEngine<T>::lowRankAt(int l, size_t head0, const int* projected, const int* projected_after) {
+  GpuLayer<T>& L = layers_[l];
+  const size_t row0 = head0 * capacity_;
+  return {c_.head_dim,      kv_spec_.rank,  part_.kv_heads,
+          L.coords.get() + row0 * 2 * kv_spec_.rank,
+          L.key_basis.get(), L.value_basis.get(), inv_freq_.size() ? inv_freq_.get() : nullptr,
+          ringAt(l, head0),  L.pos.get() + row0, capacity_,
+          projected,         projected_after};
+}
+
 template <class T>
 cuda::Ring<T> GpuEngine<T>::ringAt(int l, size_t head0) {
   const size_t hd = c_.head_dim;

@@ -184,6 +184,12 @@ TEST(CudaEngine, CompressionMatchesTheCpu) {
                                "h2o:budget=0.3,chunk=4", "keydiff:budget=0.3,chunk=4", "snapkv:budget=0.3,chunk=8"})
     for (const std::string quant : {"", "int8", "kivi:bits=2,group=16,residual=32", "kivi:bits=4,group=8,residual=24"})
       specs.push_back({kv, quant, ""});
+  // Low rank under eviction: the attention-scored methods decided on the mirror, coordinates and
+  // ring compacted, the rows past the window projected after each decision.
+  for (const std::string kv : {"h2o:budget=0.3", "scissorhands:budget=0.3,history=16", "streamingllm:budget=0.3",
+                               "tova:budget=0.3", "snapkv:budget=0.25", "h2o:budget=0.3,scope=layer",
+                               "pyramidkv:budget=0.3,decode=adaptive,decode_recent=8,delta=4"})
+    for (const std::string lowrank : {"cskv:rank=8", "cskv:rank=16,window=0"}) specs.push_back({kv, "", lowrank});
   for (const auto& [kv, quant, lowrank] : specs) {
     const std::string name = kv + (quant.empty() ? "" : " + " + quant) + (lowrank.empty() ? "" : " + " + lowrank);
     PplJob job = test::heldOutC4Job(512, 2, Mode::Decode);
@@ -231,8 +237,8 @@ TEST(CudaEngine, CompressionMatchesTheCpu) {
 // reading its own sequence's heads — with the cache full, compressed as it goes (H2O, each
 // sequence its own decisions; the same KV bytes), int8, StreamingLLM over int8, KIVI (runs of
 // 8 behind a residual of 12: the sequences quantize at different steps), low rank (behind a
-// window of 10: the sequences project at different steps) and H2O over KIVI (each prompt waits in
-// the one ring all sequences share, grown for it); on a Llama
+// window of 10: the sequences project at different steps), H2O over KIVI (each prompt waits in
+// a ring of its own until its decision) and H2O over low rank (the same, then projected); on a Llama
 // (GQA) and an OPT (learned positions) fixture. fp32: the batch's projections go through cuBLAS,
 // one row's through the GEMV kernel, so the sums differ in order only (int8: a code at a rounding
 // boundary may differ, as CompressionMatchesTheCpu says).
@@ -241,7 +247,7 @@ TEST(CudaEngine, BatchedDecodeMatchesOneSequenceAtATime) {
   const std::vector<std::array<std::string, 3>> specs = {
       {"", "", ""}, {"h2o:budget=0.3", "", ""}, {"", "int8", ""}, {"streamingllm:budget=0.4", "int8", ""},
       {"", "kivi:bits=4,group=8,residual=12", ""}, {"", "", "cskv:rank=4,window=10"},
-      {"h2o:budget=0.4", "kivi:bits=4,group=8,residual=12", ""}};
+      {"h2o:budget=0.4", "kivi:bits=4,group=8,residual=12", ""}, {"h2o:budget=0.4", "", "cskv:rank=4,window=10"}};
   for (const std::string model : {"llama3-gqa", "opt-preln"}) {
     const std::string dir = test::fixture("models/" + model);
     const ModelConfig c = loadConfig(dir);

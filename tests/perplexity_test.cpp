@@ -58,8 +58,8 @@ TEST(CpuEngine, BatchOfOneIsAStepAndMoreAreRefused) {
 
 // What the CUDA engine takes is decided before any GPU work, on any build: KIVI and int8 under
 // eviction, the row-scored methods the device scores (K-norm, KeyDiff, Q-Filters, LagKV, CUR) over any
-// storage, Finch, SimLayerKV, chunk=, interval= and evict_below=; not
-// low rank with eviction, the CPU-only methods and options.
+// storage, Finch, SimLayerKV, chunk=, interval= and evict_below=, low rank under the attention-
+// scored methods; not low rank with quantization or a row-scored method, the CPU-only methods and options.
 TEST(GpuCompression, RefusedOnlyWhereTheDeviceLacksIt) {
   for (const auto& [kv, quant] : std::vector<std::pair<std::string, std::string>>{
            {"scissorhands:budget=0.2", "kivi:bits=4"}, {"h2o:budget=0.2", "kivi:bits=2"}, {"snapkv:budget=0.2", "kivi:bits=2"},
@@ -73,7 +73,10 @@ TEST(GpuCompression, RefusedOnlyWhereTheDeviceLacksIt) {
            {"keydiff:budget=0.2,block=16", ""}, {"snapkv:budget=0.2,think=0.5", ""}, {"compactor:budget=0.2", ""},
            {"leverage:budget=0.2", ""}, {"h2o:budget=0.2,critical=0.5", ""}, {"h2o:budget=0.2,ladder=fp16/int4", ""}})
     EXPECT_THROW(checkGpuCompression(kv::parsePolicy(kv, quant)), Error) << kv << " " << quant;
-  EXPECT_THROW(checkGpuCompression(kv::parsePolicy("h2o:budget=0.2", "", "cskv:rank=4")), Error);
+  EXPECT_NO_THROW(checkGpuCompression(kv::parsePolicy("h2o:budget=0.2", "", "cskv:rank=4")));
+  EXPECT_NO_THROW(checkGpuCompression(kv::parsePolicy("snapkv:budget=0.2", "", "cskv:rank=4")));
+  EXPECT_THROW(checkGpuCompression(kv::parsePolicy("knorm:budget=0.2", "", "cskv:rank=4")), Error);
+  EXPECT_THROW(checkGpuCompression(kv::parsePolicy("", "int8", "cskv:rank=4")), Error);
 }
 
 TEST(Dataset, ReadsGzipJsonLinesAndArrays) {

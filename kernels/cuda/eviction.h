@@ -128,7 +128,9 @@ void evictionCompact(const EvictionCache& c, const uint8_t* keep, int* new_slots
 // arrays of pointers at the sequence's first head as EvictionCache's. Each head holds coded rows
 // in slots [0, coded) — key and value codes (EvictionCache's K / V, code_bytes each), the value's
 // (lo, step) pairs, the row's run — whose key pairs are k_params[run] — and its newer rows at full
-// precision in slots [coded, length), slot l at ring row l % ring_rows.
+// precision in slots [coded, length), slot l at ring row l % ring_rows. Low rank under eviction
+// the same way: its coordinates are the K rows (code_bytes: 2 rank elements), with no V rows (null
+// per layer), value pairs, runs or key pairs (null; value_groups and key_groups 0).
 struct KiviEviction {
   int head_dim, code_bytes, value_groups, ring_rows, ring_row_bytes;  // ring_row_bytes: head_dim x sizeof(T)
   int64_t key_groups;        // runs' key pairs per head

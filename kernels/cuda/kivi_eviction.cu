@@ -1,5 +1,6 @@
-// KIVI under eviction on the device (eviction.h): the compaction that thins KIVI's runs as
-// kv::KVCache::retain does, and the ring's resizing around a prompt.
+// KIVI and low rank under eviction on the device (eviction.h): the compaction that thins KIVI's
+// runs as kv::KVCache::retain does (low rank's coordinates move as codes without runs), and the
+// ring's resizing around a prompt.
 #include <cub/block/block_scan.cuh>
 
 #include <algorithm>
@@ -46,9 +47,9 @@ __global__ void __launch_bounds__(kThreads) kiviCompactKernel(EvictionCache c, K
   const int cb = k.code_bytes, vg = k.value_groups, rb = k.ring_row_bytes, R = k.ring_rows, hd = k.head_dim;
   const int64_t base = h * c.capacity, stat = l * c.layer_stride + base;
   uint8_t* K = static_cast<uint8_t*>(c.K[l]) + base * cb;
-  uint8_t* V = static_cast<uint8_t*>(c.V[l]) + base * cb;
-  float2* vp = reinterpret_cast<float2*>(k.v_params[l]) + base * vg;
-  int* run = k.run[l] + base;
+  uint8_t* V = c.V[l] ? static_cast<uint8_t*>(c.V[l]) + base * cb : nullptr;  // low rank: none (K holds both)
+  float2* vp = k.v_params ? reinterpret_cast<float2*>(k.v_params[l]) + base * vg : nullptr;
+  int* run = k.run ? k.run[l] + base : nullptr;
   int* pos = c.pos[l] + base;
   double* score = c.score ? c.score + stat : nullptr;
   uint64_t* history = c.history ? c.history + stat : nullptr;
@@ -69,7 +70,7 @@ __global__ void __launch_bounds__(kThreads) kiviCompactKernel(EvictionCache c, K
   for (int c0 = 0; c0 < n; c0 += kThreads) {
     const int i = c0 + threadIdx.x;
     const bool in = i < n, kept = in && flags[i], is_coded = i < coded;
-    const int r = kept && is_coded ? run[i] : -1, max_before_chunk = carry_max_run;
+    const int r = kept && is_coded && run ? run[i] : -1, max_before_chunk = carry_max_run;
     int max_before = 0, max_in_chunk = 0;
     Scan(scan).ExclusiveScan(r, max_before, max_before_chunk, Maximum(), max_in_chunk);
     __syncthreads();
@@ -86,7 +87,7 @@ __global__ void __launch_bounds__(kThreads) kiviCompactKernel(EvictionCache c, K
     dest[threadIdx.x] = to;
     new_run[threadIdx.x] = carry_runs + runs_before + opens - 1;
     if (!all && in && is_coded && !kept && pos[i] != kEvicted) pos[i] = kEvicted;  // a hole
-    if (all && kept && is_coded && to == i) run[i] = new_run[threadIdx.x];
+    if (all && kept && is_coded && to == i && run) run[i] = new_run[threadIdx.x];
     __syncthreads();
     if (all)  // the chunk's kept ring rows to the scratch, by rank (nothing writes the ring before the end)
       for (int j = warp; j < kThreads && c0 + j < n; j += kWarps) {
@@ -107,8 +108,8 @@ __global__ void __launch_bounds__(kThreads) kiviCompactKernel(EvictionCache c, K
         if (mine) {
           if (!ring_row) {
             warpCopy(st, K + int64_t(row) * cb, cb, lane);
-            warpCopy(st + cb, V + int64_t(row) * cb, cb, lane);
-            warpCopy(st + 2 * cb, vp + int64_t(row) * vg, 8 * vg, lane);
+            if (V) warpCopy(st + cb, V + int64_t(row) * cb, cb, lane);
+            if (vp) warpCopy(st + 2 * cb, vp + int64_t(row) * vg, 8 * vg, lane);
           } else if (!all) {
             warpCopy(st, ring_k + int64_t(row % R) * rb, rb, lane);
             warpCopy(st + rb, ring_v + int64_t(row % R) * rb, rb, lane);
@@ -121,9 +122,9 @@ __global__ void __launch_bounds__(kThreads) kiviCompactKernel(EvictionCache c, K
         if (mine) {
           if (!ring_row) {
             warpCopy(K + int64_t(t) * cb, st, cb, lane);
-            warpCopy(V + int64_t(t) * cb, st + cb, cb, lane);
-            warpCopy(vp + int64_t(t) * vg, st + 2 * cb, 8 * vg, lane);
-            if (lane == 0) run[t] = new_run[j];
+            if (V) warpCopy(V + int64_t(t) * cb, st + cb, cb, lane);
+            if (vp) warpCopy(vp + int64_t(t) * vg, st + 2 * cb, 8 * vg, lane);
+            if (lane == 0 && run) run[t] = new_run[j];
           } else if (!all) {
             warpCopy(ring_k + int64_t(t % R) * rb, st, rb, lane);
             warpCopy(ring_v + int64_t(t % R) * rb, st + rb, rb, lane);
@@ -149,8 +150,8 @@ __global__ void __launch_bounds__(kThreads) kiviCompactKernel(EvictionCache c, K
       warpCopy(ring_v + int64_t((kc + j) % R) * rb, scratch + int64_t(2 * j + 1) * rb, rb, lane);
     }
     // Run j takes run_map[j]'s pairs: map[j] >= j and ascends, so no pair is overwritten before it is read.
-    float2* kp = reinterpret_cast<float2*>(k.k_params[l]) + int64_t(h) * k.key_groups * hd;
-    for (int ch = threadIdx.x; ch < hd; ch += blockDim.x)
+    float2* kp = k.k_params ? reinterpret_cast<float2*>(k.k_params[l]) + int64_t(h) * k.key_groups * hd : nullptr;
+    for (int ch = threadIdx.x; ch < hd && kp; ch += blockDim.x)
       for (int j = 0; j < carry_runs; ++j) {
         const int from = run_map[j];
         if (from != j) kp[int64_t(j) * hd + ch] = kp[int64_t(from) * hd + ch];

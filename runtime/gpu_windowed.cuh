@@ -1,16 +1,18 @@
-// KIVI under eviction in the CUDA engine (runtime/gpu_engine.cu's GpuEngine, its members defined
-// here; included by gpu_engine.cu after the class, inside its namespace: not a header to include
-// elsewhere). The CPU evicts, then quantizes the kept rows that left the residual window
-// (kv::Policy::afterStep); the device does the same in that order: a step appends its rows to the
-// ring at full precision, the decision compacts (cuda::kiviEvictionCompact: runs thin and keep
-// their key pairs while a row stays), then settleKivi quantizes the new runs. A prompt waits for
-// its decision in a ring of its own, sized for it; its kept rows then move to the shared ring.
+// KIVI and low rank under eviction in the CUDA engine (runtime/gpu_engine.cu's GpuEngine, its
+// members defined here; included by gpu_engine.cu after the class, inside its namespace: not a
+// header to include elsewhere). The CPU evicts, then quantizes the kept rows that left the
+// residual window (or projects those that left the low-rank window; kv::Policy::afterStep); the
+// device does the same in that order: a step appends its rows to the ring at full precision, the
+// decision compacts (cuda::kiviEvictionCompact: KIVI's runs thin and keep their key pairs while a
+// row stays; low rank's coordinates move as codes without runs), then settleKivi quantizes the
+// new runs or settleLowRank projects the rows past the window. A prompt waits for its decision in
+// a ring of its own, sized for it; its kept rows then move to the shared ring.
 
 // The mirror decided (kv::Policy on the host): its kept entries, matched by position to the
 // device's slots as compress() matches them, become keep flags over this sequence's (layer, KV
 // head, slot) table, and every kept row moves down (the mirror counts no holes).
 template <class T>
-void GpuEngine<T>::compactKiviAsMirror(Sequence& s) {
+void GpuEngine<T>::compactCodedAsMirror(Sequence& s) {
   const int H = part_.kv_heads, LH = c_.layers * H;
   std::vector<int> meta(2 * size_t(LH));  // table offsets, then slots
   int64_t n = 0;
@@ -27,24 +29,26 @@ void GpuEngine<T>::compactKiviAsMirror(Sequence& s) {
   KVTP_CUDA_CHECK(cudaMemcpy(d_meta, meta.data(), meta.size() * sizeof(int), cudaMemcpyHostToDevice));
   uint8_t* d_keep = grow(keep_flags_, keep.size());
   KVTP_CUDA_CHECK(cudaMemcpy(d_keep, keep.data(), keep.size(), cudaMemcpyHostToDevice));
-  compactKivi(s, deviceRows(d_meta), d_keep, true);
+  compactCoded(s, deviceRows(d_meta), d_keep, true);
   s.uniform = false;
 }
 
-// The KIVI storage of sequence s (its first head on) compacted by the keep flags; the host then
-// knows each head's slots, coded slots, kept coded entries and runs.
+// The KIVI or low-rank storage of sequence s (its first head on) compacted by the keep flags;
+// the host then knows each head's slots, coded slots, kept coded entries and (KIVI) runs.
 template <class T>
-void GpuEngine<T>::compactKivi(Sequence& s, const cuda::EvictionCache& rows, const uint8_t* keep, bool compact_all) {
+void GpuEngine<T>::compactCoded(Sequence& s, const cuda::EvictionCache& rows, const uint8_t* keep, bool compact_all) {
   const int L = c_.layers, H = part_.kv_heads, LH = L * H;
   const size_t head0 = size_t(current_) * H, hd = c_.head_dim;
   const cuda::KiviCache<T> shape = kiviShape();
-  std::vector<void*> ptrs(5 * size_t(L));  // key pairs, value pairs, runs, ring keys, ring values
+  std::vector<void*> ptrs(5 * size_t(L), nullptr);  // KIVI's key pairs, value pairs, runs; ring keys, ring values
   for (int l = 0; l < L; ++l) {
     GpuLayer<T>& g = layers_[l];
     const cuda::Ring<T> ring = ringAt(l, head0);
-    ptrs[l] = g.k_params.get() + head0 * run_capacity_ * 2 * hd;
-    ptrs[L + l] = g.v_params.get() + head0 * capacity_ * 2 * shape.valueGroups();
-    ptrs[2 * L + l] = g.k_run.get() + head0 * capacity_;
+    if (kivi_) {
+      ptrs[l] = g.k_params.get() + head0 * run_capacity_ * 2 * hd;
+      ptrs[L + l] = g.v_params.get() + head0 * capacity_ * 2 * shape.valueGroups();
+      ptrs[2 * L + l] = g.k_run.get() + head0 * capacity_;
+    }
     ptrs[3 * L + l] = ring.k, ptrs[4 * L + l] = ring.v;
   }
   const int ring_rows = ringAt(0, head0).rows;
@@ -56,18 +60,18 @@ void GpuEngine<T>::compactKivi(Sequence& s, const cuda::EvictionCache& rows, con
   const bool coded = std::any_of(s.coded.begin(), s.coded.end(), [](int c) { return c > 0; });
   const int ring_row_bytes = int(hd * sizeof(T));
   const cuda::KiviEviction k{int(hd),
-                             shape.codeBytes(),
-                             shape.valueGroups(),
+                             rows.row_bytes,
+                             kivi_ ? shape.valueGroups() : 0,
                              ring_rows,
                              ring_row_bytes,
-                             run_capacity_,
-                             reinterpret_cast<float* const*>(d_ptrs),
-                             reinterpret_cast<float* const*>(d_ptrs + L),
-                             reinterpret_cast<int* const*>(d_ptrs + 2 * L),
+                             kivi_ ? run_capacity_ : 0,
+                             kivi_ ? reinterpret_cast<float* const*>(d_ptrs) : nullptr,
+                             kivi_ ? reinterpret_cast<float* const*>(d_ptrs + L) : nullptr,
+                             kivi_ ? reinterpret_cast<int* const*>(d_ptrs + 2 * L) : nullptr,
                              d_ptrs + 3 * L,
                              d_ptrs + 4 * L,
                              d,
-                             grow(run_map_, size_t(LH) * run_capacity_),
+                             kivi_ ? grow(run_map_, size_t(LH) * run_capacity_) : nullptr,
                              coded ? grow(ring_scratch_, size_t(LH) * ring_rows * 2 * ring_row_bytes) : nullptr};
   cuda::kiviEvictionCompact(rows, k, keep, compact_all, d + LH);
   std::vector<int> out(5 * size_t(LH));
@@ -107,6 +111,39 @@ void GpuEngine<T>::settleKivi(Sequence& s) {
     for (int i = 0; i < LH; ++i) {
       const int runs = (meta[LH + i] - meta[i]) / G;
       s.coded[i] += runs * G, s.coded_kept[i] += runs * G, s.runs_alive[i] += runs, s.next_run[i] += runs;
+    }
+  }
+  if (prompt_seq_ == current_) leavePromptRing(s);
+}
+
+// kv::Policy::project after the decision: in each head the kept full-precision rows older than
+// the window (slots [coded, length - window)) become coordinates, read from a stage the cache is
+// rebuilt into as a step reads it; then a prompt's rows leave its own ring.
+template <class T>
+void GpuEngine<T>::settleLowRank(Sequence& s) {
+  const int L = c_.layers, H = part_.kv_heads, LH = L * H;
+  std::vector<int> meta(3 * size_t(LH));  // coordinates before, after; slots
+  int most = 0;
+  for (int i = 0; i < LH; ++i) {
+    const int rows = std::max(0, s.len[i] - s.coded[i] - kv_spec_.lowrank_window);
+    meta[i] = s.coded[i], meta[LH + i] = s.coded[i] + rows, meta[2 * LH + i] = s.len[i];
+    most = std::max(most, rows);
+  }
+  if (most > 0) {
+    int* d = grow(kivi_meta_, meta.size());
+    KVTP_CUDA_CHECK(cudaMemcpy(d, meta.data(), meta.size() * sizeof(int), cudaMemcpyHostToDevice));
+    const size_t head0 = size_t(current_) * H, stage = size_t(H) * capacity_ * c_.head_dim;
+    T* K = grow(stage_k_, stage);
+    T* V = grow(stage_v_, stage);
+    for (int l = 0; l < L; ++l) {
+      const int* lengths = d + 2 * LH + l * H;  // also each head's first new row: none goes to the ring
+      const cuda::LowRankCache<T> lowrank = lowRankAt(l, head0, d + l * H, d + LH + l * H);
+      cuda::lowRankRows(blas_, lowrank, H, s.longest, lengths, K, V);
+      cuda::lowRankSettle(lowrank, H, most, K, V, lengths, lengths);
+    }
+    for (int i = 0; i < LH; ++i) {
+      const int rows = meta[LH + i] - meta[i];
+      s.coded[i] += rows, s.coded_kept[i] += rows;
     }
   }
   if (prompt_seq_ == current_) leavePromptRing(s);
