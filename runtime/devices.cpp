@@ -23,9 +23,9 @@ void checkGpuCompression(const kv::PolicySpec& s) {
   if ((s.readsRows() && !row_scored_on_device) || s.needsQueries())
     throw Error("'" + s.describe() + "' scores the cached keys and values (or the queries), which the CUDA engine does "
                 "not copy to its host mirror yet: use --device cpu");
-  if (!s.ladder.empty() || s.critical > 0 || s.think > 0 || s.block > 0)
-    throw Error("ladder= (tiered precision), critical= (CriticalKV), think= (ThinK) and block= (the prompt in blocks) "
-                "run on --device cpu only so far ('" + s.describe() + "')");
+  if (!s.ladder.empty() || s.think > 0 || s.block > 0)
+    throw Error("ladder= (tiered precision), think= (ThinK) and block= (the prompt in blocks) run on --device cpu only "
+                "so far ('" + s.describe() + "')");
   if (s.rank > 0 && s.quant != kv::Quant::None)
     throw Error("--device cuda holds low-rank channels (cskv) without quantization; '" + s.describe() +
                 "' combines them: use --device cpu");

@@ -57,6 +57,16 @@ void GpuEngine<T>::decide(Sequence& s, int last_pos, bool prefill) {
       attention_.blocks[i].assign(all.begin() + int64_t(i) * s.longest, all.begin() + int64_t(i) * s.longest + s.len[i]);
     s.weights_pending = false;
   }
+  attention_.output_norms.clear();
+  if (kv_spec_.needsOutputNorms()) {  // CriticalKV: the step's rows of this sequence
+    const int rows = norm_rows_, first = norms_batch_ ? current_ : 0, count = norms_batch_ ? 1 : rows;
+    std::vector<float> all(size_t(c_.layers) * rows * H);
+    KVTP_CUDA_CHECK(cudaMemcpy(all.data(), output_norms_.get(), all.size() * sizeof(float), cudaMemcpyDeviceToHost));
+    attention_.output_norms.assign(size_t(LH), {});
+    for (int i = 0; i < LH; ++i)
+      for (int t = first; t < first + count; ++t)
+        attention_.output_norms[i].push_back(all[(size_t(i / H) * rows + t) * H + i % H]);
+  }
   s.policy.afterStep(s.mirror, attention_, last_pos, prefill);
   if (windowed_evicts_) compactCodedAsMirror(s);
   else compactAsMirror(s);

@@ -136,9 +136,9 @@ class GpuEngine : public Engine {
                          o.kv.method == kv::Method::KeyDiff || o.kv.method == kv::Method::QFilters ||
                          o.kv.method == kv::Method::TOVA || o.kv.method == kv::Method::Random ||
                          o.kv.method == kv::Method::LagKV || o.kv.method == kv::Method::CUR) &&
-                        o.kv.rank == 0),
+                        o.kv.rank == 0 && o.kv.critical == 0),
         device_decides_decoded_((o.kv.method == kv::Method::SnapKV || o.kv.method == kv::Method::PyramidKV) &&
-                                o.kv.decode != kv::Decode::None && o.kv.rank == 0),
+                                o.kv.decode != kv::Decode::None && o.kv.rank == 0 && o.kv.critical == 0),
         int8_(o.kv.quant == kv::Quant::Int8), kivi_(o.kv.quant == kv::Quant::Kivi), lowrank_(o.kv.rank > 0),
         windowed_(kivi_ || lowrank_), windowed_evicts_(windowed_ && o.kv.evicts()), kivi_evicts_(kivi_ && o.kv.evicts()),
         ring_((lowrank_ ? o.kv.lowrank_window : o.kv.residual + o.kv.group) + kMaxFewRows),
@@ -668,6 +668,11 @@ class GpuEngine : public Engine {
     const cuda::KvAppend<T> append{part_.q_heads, H, hd, d_pos, inv_freq_.size() ? rope_.get() : nullptr,
                                    K, V, k_pos, capacity, slots, batch};
     cuda::qkvAppend(blas_, xn, T_, c_.hidden, L.wqkv.get(), L.bqkv.get(), qkv, append, norms.in);
+    if (kv_spec_.needsOutputNorms()) {  // CriticalKV: the new rows' ||W_o v||_1 per KV head, for the mirror's policy
+      float* out = grow(output_norms_, size_t(c_.layers) * T_ * H) + size_t(layer) * T_ * H;
+      cuda::valueOutputNorms(qkv, W, Q + KV, T_, H, part_.q_heads / H, hd, L.wo.get(), c_.hidden, Q, out);
+      norm_rows_ = T_, norms_batch_ = batch;
+    }
     if (int8_) cuda::quantizeAppend(T_, H, int8);
     if (kivi_ && !shape.many) cuda::kiviAppend(kivi, T_, H, qkv, W, Q, Q + KV, slots, d_pos, batch);
     const float scale = float(1.0 / std::sqrt(double(hd)));
@@ -772,6 +777,10 @@ class GpuEngine : public Engine {
   DeviceBuffer<int> entry_slots_;  // LagKV's, CUR's and ChunkKV's scratch (cuda::ScoreInputs)
   DeviceBuffer<double> row_sums_;
   DeviceBuffer<uint8_t> keep_flags_;
+  // CriticalKV: the last step's rows' output norms [layer][row][kv_head] (a batch: a row a sequence).
+  DeviceBuffer<float> output_norms_;
+  int norm_rows_ = 0;
+  bool norms_batch_ = false;
   // An int8, KIVI or low-rank cache (GpuLayer::K8..., Kq..., coords; KIVI's and low rank's ring
   // of full-precision rows per KV head: `windowed_`), and the stage a step reads it through in T
   // (int8, KIVI: many-row steps; low rank: every step).

@@ -173,7 +173,8 @@ TEST(CudaEngine, CompressionMatchesTheCpu) {
   // And every method the GPU runs under every storage it holds (issue 27's matrix): none, int8,
   // KIVI 2 and 4 bits (K-norm, KeyDiff, Q-Filters and LagKV decoding KIVI's rows to score them),
   // with Finch and SimLayerKV (decided on the mirror), interval=, evict_below= and chunk= (on the
-  // device, or the mirror with the prompt methods).
+  // device, or the mirror with the prompt methods), critical= (the device's output norms, the
+  // mirror's decision).
   for (const std::string kv : {"snapkv:budget=0.25", "pyramidkv:budget=0.3", "h2o:budget=0.25",
                                "scissorhands:budget=0.3,history=16", "streamingllm:budget=0.25", "tova:budget=0.25",
                                "random:budget=0.25,seed=3", "knorm:budget=0.25", "keydiff:budget=0.25",
@@ -181,7 +182,8 @@ TEST(CudaEngine, CompressionMatchesTheCpu) {
                                "simlayerkv:sinks=4,recent=64,threshold=0.5", "h2o:budget=0.25,interval=4",
                                "scissorhands:budget=0.3,history=16,interval=3", "h2o:budget=0.4,evict_below=3",
                                "knorm:budget=0.3,interval=5", "lagkv:budget=0.3,lag=32", "cur:budget=0.3", "finch:budget=0.25,window=16",
-                               "h2o:budget=0.3,chunk=4", "keydiff:budget=0.3,chunk=4", "snapkv:budget=0.3,chunk=8"})
+                               "h2o:budget=0.3,chunk=4", "keydiff:budget=0.3,chunk=4", "snapkv:budget=0.3,chunk=8",
+                               "h2o:budget=0.3,critical=0.5", "tova:budget=0.3,critical=0.5,scope=layer"})
     for (const std::string quant : {"", "int8", "kivi:bits=2,group=16,residual=32", "kivi:bits=4,group=8,residual=24"})
       specs.push_back({kv, quant, ""});
   // Low rank under eviction: the attention-scored methods decided on the mirror, coordinates and

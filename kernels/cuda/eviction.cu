@@ -491,6 +491,31 @@ __global__ void __launch_bounds__(kThreadsPerHead) compactKernel(EvictionCache c
   if (threadIdx.x == 0) new_slots[lh] = kept_before;
 }
 
+// One block per (row, KV head): the row's value in shared memory, then per query head a thread
+// per output channel j of W_o in turn.
+template <class T>
+__global__ void valueOutputNormsKernel(const float* qkv, int64_t stride, int64_t v_offset, int group, int hd,
+                                       const T* wo, int hidden, int q_dim, float* norms) {
+  extern __shared__ float v[];
+  const int t = blockIdx.x, h = blockIdx.y, kv_heads = gridDim.y;
+  for (int d = threadIdx.x; d < hd; d += blockDim.x) v[d] = qkv[t * stride + v_offset + int64_t(h) * hd + d];
+  __syncthreads();
+  float total = 0.0f;
+  for (int g = 0; g < group; ++g) {
+    const int q = h * group + g;
+    double sum = 0.0;
+    for (int j = threadIdx.x; j < hidden; j += blockDim.x) {
+      const T* w = wo + int64_t(j) * q_dim + int64_t(q) * hd;
+      float dot = 0.0f;
+      for (int d = 0; d < hd; ++d) dot = fmaf(toFloat(w[d]), v[d], dot);
+      sum += fabs(double(dot));
+    }
+    sum = blockReduce(sum, warpSumD, 0.0);
+    total += float(sum);  // as the CPU adds each query head's norm
+  }
+  if (threadIdx.x == 0) norms[int64_t(t) * kv_heads + h] = total;
+}
+
 __global__ void evictBelowKernel(const double* table, int64_t n, double threshold, uint8_t* keep) {
   const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (i < n && table[i] < threshold) keep[i] = 0;
@@ -537,6 +562,19 @@ void evictionDecide(const EvictionCache& c, const double* table, const SelectLay
   markKept<<<heads, kThreadsPerHead>>>(table, c, s, select, quota, keep);
   KVTP_CUDA_LAUNCHED();
 }
+
+template <class T>
+void valueOutputNorms(const float* qkv, int64_t stride, int64_t v_offset, int rows, int kv_heads, int group,
+                      int head_dim, const T* wo, int hidden, int q_dim, float* norms) {
+  if (rows == 0) return;
+  valueOutputNormsKernel<T><<<dim3(rows, kv_heads), 256, head_dim * sizeof(float)>>>(qkv, stride, v_offset, group,
+                                                                                    head_dim, wo, hidden, q_dim, norms);
+  KVTP_CUDA_LAUNCHED();
+}
+template void valueOutputNorms<float>(const float*, int64_t, int64_t, int, int, int, int, const float*, int, int, float*);
+template void valueOutputNorms<__half>(const float*, int64_t, int64_t, int, int, int, int, const __half*, int, int, float*);
+template void valueOutputNorms<__nv_bfloat16>(const float*, int64_t, int64_t, int, int, int, int, const __nv_bfloat16*,
+                                              int, int, float*);
 
 void evictBelow(const double* table, int64_t n, double threshold, uint8_t* keep) {
   if (n == 0) return;

@@ -114,6 +114,15 @@ struct SelectLayout {
 void evictionDecide(const EvictionCache& c, const double* table, const SelectLayout& s,
                     const std::function<void(double*, size_t)>& sum_over_ranks, uint8_t* keep);
 
+// CriticalKV's output norms (critical=; the CPU's in Model's attention): for each of `rows` new
+// rows and each KV head h, sum over the query heads reading h (in order) of ||W_o,q v||_1, W_o,q
+// the columns of query head q in W_o (hidden x q_dim, row-major, as the engine holds it) and v the
+// row's value of head h in qkv (fp32, `stride` a row, values from v_offset). Into
+// norms[row x kv_heads + h] (device). Products in float, their absolute values summed in double.
+template <class T>
+void valueOutputNorms(const float* qkv, int64_t stride, int64_t v_offset, int rows, int kv_heads, int group,
+                      int head_dim, const T* wo, int hidden, int q_dim, float* norms);
+
 // DMS-style evict_below= (kv::Policy::retainKept): an entry whose key is below `threshold` goes
 // whatever the budget kept — keep[i] cleared where table[i] < threshold, over the n entries.
 void evictBelow(const double* table, int64_t n, double threshold, uint8_t* keep);
