@@ -365,10 +365,10 @@ TEST(CudaEngine, BatchTooLargeIsRefusedClearly) {
 }
 
 // What the CUDA engine does not do yet is refused with a clear error, before any GPU work:
-// low-rank channels with eviction or quantization, and K-norm over KIVI's codes.
+// low-rank channels with quantization or under a row-scored method, and leverage.
 TEST(CudaEngine, CompressedCacheIsRefusedClearly) {
   for (const auto& [kv, quant, lowrank] : std::vector<std::array<std::string, 3>>{
-           {"h2o:budget=0.3", "", "cskv:rank=8"}, {"", "int8", "cskv:rank=8"}, {"knorm:budget=0.3", "kivi:bits=2", ""}}) {
+           {"knorm:budget=0.3", "", "cskv:rank=8"}, {"", "int8", "cskv:rank=8"}, {"leverage:budget=0.3", "kivi:bits=2", ""}}) {
     PplJob job;
     job.model_dir = "models/kvtp-llama-2m";
     job.input_ids = "tests/data/synthetic_ids.txt";
