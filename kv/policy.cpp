@@ -49,7 +49,8 @@ void Policy::afterStep(KVCache& cache, const StepAttention& attn, int last_pos, 
     if (spec_.method == Method::Expected) addQueries(attn, last_pos);
     if (spec_.needsOutputNorms()) addOutputNorms(cache, attn);
     if (spec_.evicts()) evict(cache, attn, last_pos, prefill);
-    if (prefill && spec_.think > 0) pruneKeyChannels(cache, attn);
+    // A device's mirror holds no keys: the device prunes them (GpuEngine::pruneKeyChannels).
+    if (prefill && spec_.think > 0 && !cache.rowsOnDevice()) pruneKeyChannels(cache, attn);
   }
   // A device's mirror: the device projects after this decision itself (GpuEngine::settleLowRank).
   if (spec_.rank && !cache.rowsOnDevice()) project(cache);
@@ -170,6 +171,13 @@ void Policy::score(KVCache& cache, const StepAttention& attn, bool prefill) {
         }
       }
     }
+}
+
+void Policy::sumOverReplicas(std::vector<float>& flat, int width) const {
+  std::vector<std::vector<float>> blocks(flat.size() / size_t(width));
+  for (size_t i = 0; i < blocks.size(); ++i) blocks[i].assign(flat.begin() + i * width, flat.begin() + (i + 1) * width);
+  blocks = sumOverReplicas(blocks);
+  for (size_t i = 0; i < blocks.size(); ++i) std::copy(blocks[i].begin(), blocks[i].end(), flat.begin() + i * width);
 }
 
 std::vector<std::vector<float>> Policy::sumOverReplicas(const std::vector<std::vector<float>>& blocks) const {

@@ -177,8 +177,14 @@ class Policy {
   DecodedBudget decodedBudget() const;
   // What the last eviction's decision sent through the group's collectives.
   SelectTraffic lastDecisionTraffic() const { return last_traffic_; }
+  // `width` values per (layer, local KV head), one after another, summed in place over the ranks
+  // holding a replicated KV head as sumOverReplicas does (the CUDA engine's ThinK query power).
+  void sumOverReplicas(std::vector<float>& flat, int width) const;
 
  private:
+  // Blocks per (layer, local KV head), summed over the ranks holding a replicated KV head (each
+  // holds a share of its query heads); as they are otherwise.
+  std::vector<std::vector<float>> sumOverReplicas(const std::vector<std::vector<float>>& blocks) const;
   void score(KVCache& cache, const StepAttention& attn, bool prefill);
   void evict(KVCache& cache, const StepAttention& attn, int last_pos, bool prefill);
   void evictDecoded(KVCache& cache, int last_pos);
@@ -204,9 +210,6 @@ class Policy {
   // A head's even share of its pool's budget (CriticalKV's first stage, block-wise compression's start).
   int64_t headShare(const std::vector<int64_t>& pool_budget, const std::vector<int>& pool_of, int layer,
                     int local_head) const;
-  // Blocks per (layer, local KV head), summed over the ranks holding a replicated KV head (each
-  // holds a share of its query heads); as they are otherwise.
-  std::vector<std::vector<float>> sumOverReplicas(const std::vector<std::vector<float>>& blocks) const;
   void streamLazyLayers(KVCache& cache, int last_pos);
   // Tiered precision: each entry's rung from its key (SelectHead), every pool filled as
   // docs/KV.md says, by one select per rung; applies the forms and the evictions.

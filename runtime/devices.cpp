@@ -20,12 +20,14 @@ void checkGpuCompression(const kv::PolicySpec& s) {
   const bool row_scored_on_device = s.method == kv::Method::KNorm || s.method == kv::Method::KeyDiff ||
                                     s.method == kv::Method::QFilters || s.method == kv::Method::LagKV ||
                                     s.method == kv::Method::CUR;
-  if ((s.readsRows() && !row_scored_on_device) || s.needsQueries())
+  const bool reads_queries = s.method == kv::Method::Expected || s.method == kv::Method::NonCausal ||
+                             s.method == kv::Method::Compactor;  // ThinK's (think=) are the device's
+  if ((s.readsRows() && !row_scored_on_device) || reads_queries)
     throw Error("'" + s.describe() + "' scores the cached keys and values (or the queries), which the CUDA engine does "
                 "not copy to its host mirror yet: use --device cpu");
-  if (!s.ladder.empty() || s.think > 0 || s.block > 0)
-    throw Error("ladder= (tiered precision), think= (ThinK) and block= (the prompt in blocks) run on --device cpu only "
-                "so far ('" + s.describe() + "')");
+  if (!s.ladder.empty() || s.block > 0)
+    throw Error("ladder= (tiered precision) and block= (the prompt in blocks) run on --device cpu only so far ('" +
+                s.describe() + "')");
   if (s.rank > 0 && s.quant != kv::Quant::None)
     throw Error("--device cuda holds low-rank channels (cskv) without quantization; '" + s.describe() +
                 "' combines them: use --device cpu");

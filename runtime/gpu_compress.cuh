@@ -72,6 +72,26 @@ void GpuEngine<T>::decide(Sequence& s, int last_pos, bool prefill) {
   else compactAsMirror(s);
   s.longest = *std::max_element(s.len.begin(), s.len.end());
   if (device_decides_decoded_ && prefill) s.prompt_kept = s.len;
+  if (kv_spec_.think > 0 && prefill) pruneKeyChannels(s);
+}
+
+// ThinK at the prompt's end (kv::Policy::pruneKeyChannels, after its decision): the prefill left
+// each KV head's query power per channel; a replicated head's is summed over the ranks holding
+// its query heads first, as the CPU sums it; then the device ranks and zeroes each head's channels.
+template <class T>
+void GpuEngine<T>::pruneKeyChannels(Sequence& s) {
+  const int L = c_.layers, H = part_.kv_heads, LH = L * H, hd = c_.head_dim;
+  if (part_.tp > c_.kv_heads) {
+    std::vector<float> all(size_t(LH) * hd);
+    KVTP_CUDA_CHECK(cudaMemcpy(all.data(), think_power_.get(), all.size() * sizeof(float), cudaMemcpyDeviceToHost));
+    s.policy.sumOverReplicas(all, hd);
+    KVTP_CUDA_CHECK(cudaMemcpy(think_power_.get(), all.data(), all.size() * sizeof(float), cudaMemcpyHostToDevice));
+  }
+  std::vector<int> meta(2 * size_t(LH), 0);  // table offsets (unused), then slots
+  std::copy(s.len.begin(), s.len.end(), meta.begin() + LH);
+  int* d_meta = grow(evict_meta_, meta.size());
+  KVTP_CUDA_CHECK(cudaMemcpy(d_meta, meta.data(), meta.size() * sizeof(int), cudaMemcpyHostToDevice));
+  cuda::pruneKeyChannels(deviceRows(d_meta), think_power_.get(), int(kv_spec_.think * hd));
 }
 
 // The mirror's kept entries, matched by position to the device's rows, kept on the device too:

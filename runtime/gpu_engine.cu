@@ -136,9 +136,10 @@ class GpuEngine : public Engine {
                          o.kv.method == kv::Method::KeyDiff || o.kv.method == kv::Method::QFilters ||
                          o.kv.method == kv::Method::TOVA || o.kv.method == kv::Method::Random ||
                          o.kv.method == kv::Method::LagKV || o.kv.method == kv::Method::CUR) &&
-                        o.kv.rank == 0 && o.kv.critical == 0),
+                        o.kv.rank == 0 && o.kv.critical == 0 && o.kv.think == 0),
         device_decides_decoded_((o.kv.method == kv::Method::SnapKV || o.kv.method == kv::Method::PyramidKV) &&
-                                o.kv.decode != kv::Decode::None && o.kv.rank == 0 && o.kv.critical == 0),
+                                o.kv.decode != kv::Decode::None && o.kv.rank == 0 && o.kv.critical == 0 &&
+                                o.kv.think == 0),
         int8_(o.kv.quant == kv::Quant::Int8), kivi_(o.kv.quant == kv::Quant::Kivi), lowrank_(o.kv.rank > 0),
         windowed_(kivi_ || lowrank_), windowed_evicts_(windowed_ && o.kv.evicts()), kivi_evicts_(kivi_ && o.kv.evicts()),
         ring_((lowrank_ ? o.kv.lowrank_window : o.kv.residual + o.kv.group) + kMaxFewRows),
@@ -480,6 +481,7 @@ class GpuEngine : public Engine {
   void compactCoded(Sequence& s, const cuda::EvictionCache& rows, const uint8_t* keep, bool compact_all);
   void compactCodedAsMirror(Sequence& s);
   void compactAsMirror(Sequence& s);  // gpu_compress.cuh: the caches other than KIVI and low rank
+  void pruneKeyChannels(Sequence& s);  // gpu_compress.cuh: ThinK at the prompt's end
   void settleKivi(Sequence& s);
   void settleLowRank(Sequence& s);
   cuda::LowRankCache<T> lowRankAt(int l, size_t head0, const int* projected, const int* projected_after);
@@ -673,6 +675,9 @@ class GpuEngine : public Engine {
       cuda::valueOutputNorms(qkv, W, Q + KV, T_, H, part_.q_heads / H, hd, L.wo.get(), c_.hidden, Q, out);
       norm_rows_ = T_, norms_batch_ = batch;
     }
+    if (kv_spec_.think > 0 && shape.many)  // ThinK: the prompt's last `window` queries' power per channel
+      cuda::queryChannelPower(qkv, W, T_, kv_spec_.window, H, part_.q_heads / H, hd,
+                              grow(think_power_, size_t(c_.layers) * H * hd) + size_t(layer) * H * hd);
     if (int8_) cuda::quantizeAppend(T_, H, int8);
     if (kivi_ && !shape.many) cuda::kiviAppend(kivi, T_, H, qkv, W, Q, Q + KV, slots, d_pos, batch);
     const float scale = float(1.0 / std::sqrt(double(hd)));
@@ -781,6 +786,7 @@ class GpuEngine : public Engine {
   DeviceBuffer<float> output_norms_;
   int norm_rows_ = 0;
   bool norms_batch_ = false;
+  DeviceBuffer<float> think_power_;  // ThinK: the prompt's query power [layer][kv_head][channel]
   // An int8, KIVI or low-rank cache (GpuLayer::K8..., Kq..., coords; KIVI's and low rank's ring
   // of full-precision rows per KV head: `windowed_`), and the stage a step reads it through in T
   // (int8, KIVI: many-row steps; low rank: every step).

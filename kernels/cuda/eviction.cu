@@ -516,6 +516,55 @@ __global__ void valueOutputNormsKernel(const float* qkv, int64_t stride, int64_t
   if (threadIdx.x == 0) norms[int64_t(t) * kv_heads + h] = total;
 }
 
+// A block per KV head, a thread per channel: members, then rows, in the CPU's order.
+__global__ void queryChannelPowerKernel(const float* qkv, int64_t stride, int rows, int window, int group, int hd,
+                                        float* power) {
+  const int h = blockIdx.x;
+  for (int ch = threadIdx.x; ch < hd; ch += blockDim.x) {
+    double sum = 0.0;
+    for (int m = 0; m < group; ++m)
+      for (int t = max(0, rows - window); t < rows; ++t) {
+        const double q = qkv[t * stride + int64_t(h * group + m) * hd + ch];
+        sum = __dadd_rn(sum, __dmul_rn(q, q));
+      }
+    power[h * hd + ch] = float(sum);
+  }
+}
+
+// A block per (layer, head): a thread per channel sums its key power over the head's entries,
+// ranks the channels by key power x query power, then the block zeroes the lowest `pruned`.
+__global__ void pruneKeyChannelsKernel(EvictionCache c, const float* power, int pruned) {
+  __shared__ double score[256];
+  __shared__ int drop[256];
+  const int lh = blockIdx.x, l = lh / c.heads, h = lh % c.heads, n = c.length[lh], hd = keyChannels(c);
+  const int* pos = c.pos[l] + h * c.capacity;
+  for (int ch = threadIdx.x; ch < hd; ch += blockDim.x) {
+    double sum = 0.0;
+    for (int i = 0; i < n; ++i)
+      if (pos[i] != kEvicted) {
+        const double k = cachedKey(c, l, h, i, ch);
+        sum = __dadd_rn(sum, __dmul_rn(k, k));
+      }
+    score[ch] = __dmul_rn(sum, double(power[int64_t(lh) * hd + ch]));
+  }
+  __syncthreads();
+  for (int ch = threadIdx.x; ch < hd; ch += blockDim.x) {
+    int rank = 0;
+    for (int o = 0; o < hd; ++o) rank += score[o] < score[ch] || (score[o] == score[ch] && o < ch);
+    drop[ch] = rank < pruned;
+  }
+  __syncthreads();
+  const size_t element = c.key_format == KeyFormat::F32 ? 4 : 2;
+  char* K = static_cast<char*>(c.K[l]) + int64_t(h) * c.capacity * c.row_bytes;
+  for (int64_t x = threadIdx.x; x < int64_t(n) * hd; x += blockDim.x) {
+    const int i = int(x / hd), ch = int(x % hd);
+    if (!drop[ch]) continue;
+    char* at = K + int64_t(i) * c.row_bytes + ch * element;
+    if (element == 4) *reinterpret_cast<float*>(at) = 0.0f;
+    else *reinterpret_cast<uint16_t*>(at) = 0;  // +0 in fp16 and bf16 alike
+  }
+}
+
 __global__ void evictBelowKernel(const double* table, int64_t n, double threshold, uint8_t* keep) {
   const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (i < n && table[i] < threshold) keep[i] = 0;
@@ -575,6 +624,20 @@ template void valueOutputNorms<float>(const float*, int64_t, int64_t, int, int, 
 template void valueOutputNorms<__half>(const float*, int64_t, int64_t, int, int, int, int, const __half*, int, int, float*);
 template void valueOutputNorms<__nv_bfloat16>(const float*, int64_t, int64_t, int, int, int, int, const __nv_bfloat16*,
                                               int, int, float*);
+
+void queryChannelPower(const float* qkv, int64_t stride, int rows, int window, int kv_heads, int group, int head_dim,
+                       float* power) {
+  if (kv_heads == 0) return;
+  queryChannelPowerKernel<<<kv_heads, 128>>>(qkv, stride, rows, window, group, head_dim, power);
+  KVTP_CUDA_LAUNCHED();
+}
+
+void pruneKeyChannels(const EvictionCache& c, const float* power, int pruned) {
+  if (c.key_format != KeyFormat::F32 && c.key_format != KeyFormat::F16 && c.key_format != KeyFormat::BF16)
+    throw std::runtime_error("pruneKeyChannels: full-precision keys only (ThinK takes no quantization)");
+  pruneKeyChannelsKernel<<<c.layers * c.heads, 256>>>(c, power, pruned);
+  KVTP_CUDA_LAUNCHED();
+}
 
 void evictBelow(const double* table, int64_t n, double threshold, uint8_t* keep) {
   if (n == 0) return;

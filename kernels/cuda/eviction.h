@@ -123,6 +123,18 @@ template <class T>
 void valueOutputNorms(const float* qkv, int64_t stride, int64_t v_offset, int rows, int kv_heads, int group,
                       int head_dim, const T* wo, int hidden, int q_dim, float* norms);
 
+// ThinK (think=; kv::Policy::pruneKeyChannels), its two halves. First, in the prompt's step: per KV
+// head h and channel c, the sum over the query heads reading h (in order) and the last `window`
+// of the `rows` query rows (post-RoPE, fp32 in qkv, `stride` a row) of q_c^2, in double, into
+// power[h x head_dim + c] as float (the CPU keeps it so).
+void queryChannelPower(const float* qkv, int64_t stride, int rows, int window, int kv_heads, int group, int head_dim,
+                       float* power);
+// Then, after the prompt's decision: per (layer, head) of c's layout, each channel's key power
+// (the sum of k_c^2 over the head's entries, in double) times its query power ranks the channels
+// (ascending, ties to the lower channel); the `pruned` lowest are zeroed in every entry's key.
+// power: [layer][head][head_dim] (device); c's K rows of T (fp32, fp16, bf16).
+void pruneKeyChannels(const EvictionCache& c, const float* power, int pruned);
+
 // DMS-style evict_below= (kv::Policy::retainKept): an entry whose key is below `threshold` goes
 // whatever the budget kept — keep[i] cleared where table[i] < threshold, over the n entries.
 void evictBelow(const double* table, int64_t n, double threshold, uint8_t* keep);
