@@ -23,8 +23,8 @@ void checkGpuCompression(const kv::PolicySpec& s) {
   const bool reads_queries = s.method == kv::Method::Expected || s.method == kv::Method::NonCausal ||
                              s.method == kv::Method::Compactor;  // ThinK's (think=) are the device's
   if ((s.readsRows() && !row_scored_on_device) || reads_queries)
-    throw Error("'" + s.describe() + "' scores the cached keys and values (or the queries), which the CUDA engine does "
-                "not copy to its host mirror yet: use --device cpu");
+    throw Error("'" + s.describe() + "' runs on --device cpu only so far (leverage factors each head's keys; expected, "
+                "noncausal and compactor read the queries; the CUDA engine computes neither yet)");
   if (!s.ladder.empty() || s.block > 0)
     throw Error("ladder= (tiered precision) and block= (the prompt in blocks) run on --device cpu only so far ('" +
                 s.describe() + "')");
