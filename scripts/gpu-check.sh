@@ -2,7 +2,7 @@
 # On the GPU machine, after scripts/bundle-gpu.sh here: every GPU test, the CUDA benchmarks, the
 # perplexity job at tp 1 and (with two GPUs) tp 2 on a Llama-2-7B shape, and transformers on the
 # same shapes — the runs behind docs/BENCHMARKS.md. Results as JSON files under $OUT (or /tmp).
-#   device tool: carry [".bundle.tar.xz"], command: bash scripts/gpu-check.sh [tests] [bench] [tp] [scale] [kv] [kivi] [kivievict] [lowrank] [kv8k] [hf] [refs] [passkey]
+#   device tool: carry [".bundle.tar.xz"], command: bash scripts/gpu-check.sh [tests] [bench] [tp] [scale] [kv] [kivi] [kivievict] [catalogue] [lowrank] [kv8k] [hf] [refs] [passkey]
 # (no section named: all of them); MPIRUN_ARGS: mpirun options, default --bind-to none
 # (Open MPI binds each rank to one core by default; a GPU rank then shares that core with
 # NCCL's proxy thread, which halved tp 2 throughput in our runs)
@@ -115,6 +115,16 @@ if want kivievict; then
   $bench7b --kv scissorhands:budget=0.2 --kv-quant kivi:bits=4 > "$out/bench_ke_scissorhands_kivi4.json"
   $bench7b --kv h2o:budget=0.2 --kv-quant kivi:bits=2 > "$out/bench_ke_h2o_kivi2.json"
   decodeTable "$out"/bench_ke_*.json
+fi
+# The row-scored methods decided on the device, alone and over KIVI 4 bits: what the decision
+# (scores read where the rows lie, the select, the compaction) costs a step at 2k and 32k.
+if want catalogue; then
+  bench7b="timeout 200 .bundle/kvtp bench --device cuda --synthetic llama-2-7b --json --contexts 2048,32768"
+  for m in knorm keydiff lagkv cur; do
+    $bench7b --kv $m:budget=0.2 > "$out/bench_cat_$m.json"
+    $bench7b --kv $m:budget=0.2 --kv-quant kivi:bits=4 > "$out/bench_cat_${m}_kivi4.json"
+  done
+  decodeTable "$out"/bench_cat_*.json
 fi
 # Low-rank channels on the GPU: the same contexts, rank 32 of 128 behind the default window of 64.
 if want lowrank; then
