@@ -117,8 +117,8 @@ void GpuEngine<T>::settleKivi(Sequence& s) {
 }
 
 // kv::Policy::project after the decision: in each head the kept full-precision rows older than
-// the window (slots [coded, length - window)) become coordinates, read from a stage the cache is
-// rebuilt into as a step reads it; then a prompt's rows leave its own ring.
+// the window (slots [coded, length - window)) become coordinates, read from the ring; then a
+// prompt's rows leave its own ring.
 template <class T>
 void GpuEngine<T>::settleLowRank(Sequence& s) {
   const int L = c_.layers, H = part_.kv_heads, LH = L * H;
@@ -132,14 +132,11 @@ void GpuEngine<T>::settleLowRank(Sequence& s) {
   if (most > 0) {
     int* d = grow(kivi_meta_, meta.size());
     KVTP_CUDA_CHECK(cudaMemcpy(d, meta.data(), meta.size() * sizeof(int), cudaMemcpyHostToDevice));
-    const size_t head0 = size_t(current_) * H, stage = size_t(H) * capacity_ * c_.head_dim;
-    T* K = grow(stage_k_, stage);
-    T* V = grow(stage_v_, stage);
+    const size_t head0 = size_t(current_) * H;
     for (int l = 0; l < L; ++l) {
       const int* lengths = d + 2 * LH + l * H;  // also each head's first new row: none goes to the ring
-      const cuda::LowRankCache<T> lowrank = lowRankAt(l, head0, d + l * H, d + LH + l * H);
-      cuda::lowRankRows(blas_, lowrank, H, s.longest, lengths, K, V);
-      cuda::lowRankSettle(lowrank, H, most, K, V, lengths, lengths);
+      cuda::lowRankSettle(lowRankAt(l, head0, d + l * H, d + LH + l * H), H, most, static_cast<const T*>(nullptr),
+                          static_cast<const T*>(nullptr), lengths, lengths);
     }
     for (int i = 0; i < LH; ++i) {
       const int rows = meta[LH + i] - meta[i];

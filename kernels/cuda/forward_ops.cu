@@ -699,9 +699,9 @@ __global__ void lowRankFinishKernel(LowRankCache<T> c, const int* counts, T* K, 
   }
 }
 
-// Rows [projected, projected_after) of each head (blockIdx.y) from the stage to coordinates: the
-// key taken out of its rotation (RoPE at -position), then z = B^T x for key and value, a thread
-// per coordinate; then the rows the ring keeps. Grid-stride over rows.
+// Rows [projected, projected_after) of each head (blockIdx.y) from the stage (null: from the ring)
+// to coordinates: the key taken out of its rotation (RoPE at -position), then z = B^T x for key
+// and value, a thread per coordinate; then the rows the ring keeps. Grid-stride over rows.
 template <class T>
 __global__ void lowRankSettleKernel(LowRankCache<T> c, const T* K, const T* V, const int* first_new,
                                     const int* lengths) {
@@ -710,8 +710,10 @@ __global__ void lowRankSettleKernel(LowRankCache<T> c, const T* K, const T* V, c
   const int64_t basis = int64_t(h % c.kv_heads) * hd * r;
   for (int l = c.projected[h] + blockIdx.x; l < c.projected_after[h]; l += gridDim.x) {
     const int64_t row = int64_t(h) * c.capacity + l;
+    const T* key = K ? K + row * hd : c.ring.k + c.ring.at(h, l);
+    const T* value = K ? V + row * hd : c.ring.v + c.ring.at(h, l);
     for (int ch = threadIdx.x; ch < hd; ch += blockDim.x)
-      kv_row[ch] = toFloat(K[row * hd + ch]), kv_row[hd + ch] = toFloat(V[row * hd + ch]);
+      kv_row[ch] = toFloat(key[ch]), kv_row[hd + ch] = toFloat(value[ch]);
     __syncthreads();
     if (c.inv_freq)
       for (int i = threadIdx.x; i < half; i += blockDim.x) {

@@ -228,7 +228,8 @@ void lowRankRows(const Blas& blas, const LowRankCache<T>& cache, int heads, int 
 // After the step's attention over the stage: rows [projected, projected_after) of each head become
 // coordinates (kv::KVCache::toLowRank's arithmetic, accumulated in double as there), rows
 // [max(projected_after, first_new[h]), lengths[h]) go to the ring. `max_rows`: a bound on the rows
-// a head projects (more are projected in turns).
+// a head projects (more are projected in turns). K and V null: the rows projected are read from
+// the ring, and none goes to it (first_new = lengths).
 template <class T>
 void lowRankSettle(const LowRankCache<T>& cache, int heads, int max_rows, const T* K, const T* V,
                    const int* first_new, const int* lengths);
