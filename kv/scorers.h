@@ -79,7 +79,6 @@ void nonCausalAttention(const HeadRows& rows, const int* positions, int length, 
 // over the head (mean 0, unbiased standard deviation 1).
 void nonCausalScores(const HeadRows& rows, int length, int head_dim, const double* attention, double* out);
 
-
 // Expected attention (Devoto et al. 2025, "Expected Attention: KV Cache Compression by Estimating
 // Attention from Future Queries Distribution"; kvpress's ExpectedAttentionPress with its defaults):
 // future queries of each query head are modelled as Gaussian, mean mu and covariance S of the

@@ -17,12 +17,9 @@ Precision parsePrecision(const std::string& s) {
 const char* precisionName(Precision d) { return d == Precision::F32 ? "fp32" : d == Precision::F16 ? "fp16" : "bf16"; }
 
 void checkGpuCompression(const kv::PolicySpec& s) {
-  const bool row_scored_on_device = s.method == kv::Method::KNorm || s.method == kv::Method::KeyDiff ||
-                                    s.method == kv::Method::QFilters || s.method == kv::Method::LagKV ||
-                                    s.method == kv::Method::CUR;
-  const bool reads_queries = s.method == kv::Method::Expected || s.method == kv::Method::NonCausal ||
-                             s.method == kv::Method::Compactor;  // ThinK's (think=) are the device's
-  if ((s.readsRows() && !row_scored_on_device) || reads_queries)
+  // The device scores every other row-reading method where the rows lie, and ThinK's queries itself.
+  if (s.method == kv::Method::Leverage || s.method == kv::Method::Expected || s.method == kv::Method::NonCausal ||
+      s.method == kv::Method::Compactor)
     throw Error("'" + s.describe() + "' runs on --device cpu only so far (leverage factors each head's keys; expected, "
                 "noncausal and compactor read the queries; the CUDA engine computes neither yet)");
   if (!s.ladder.empty() || s.block > 0)

@@ -26,6 +26,11 @@ namespace {
 using cuda::DeviceBuffer;
 using cuda::grow;
 
+// Whether a policy's every decision stays on the host mirror: low rank (the device's decisions
+// read rows where they lie, not coordinates), CriticalKV's second stage and ThinK's bytes are the
+// policy's own.
+bool mirrorDecidesAll(const kv::PolicySpec& s) { return s.rank > 0 || s.critical > 0 || s.think > 0; }
+
 // Host float32 tensors, concatenated by rows, converted to T on the device (through a float32
 // staging buffer, so a 7B model converts in seconds).
 template <class T>
@@ -136,10 +141,9 @@ class GpuEngine : public Engine {
                          o.kv.method == kv::Method::KeyDiff || o.kv.method == kv::Method::QFilters ||
                          o.kv.method == kv::Method::TOVA || o.kv.method == kv::Method::Random ||
                          o.kv.method == kv::Method::LagKV || o.kv.method == kv::Method::CUR) &&
-                        o.kv.rank == 0 && o.kv.critical == 0 && o.kv.think == 0),
+                        !mirrorDecidesAll(o.kv)),
         device_decides_decoded_((o.kv.method == kv::Method::SnapKV || o.kv.method == kv::Method::PyramidKV) &&
-                                o.kv.decode != kv::Decode::None && o.kv.rank == 0 && o.kv.critical == 0 &&
-                                o.kv.think == 0),
+                                o.kv.decode != kv::Decode::None && !mirrorDecidesAll(o.kv)),
         int8_(o.kv.quant == kv::Quant::Int8), kivi_(o.kv.quant == kv::Quant::Kivi), lowrank_(o.kv.rank > 0),
         windowed_(kivi_ || lowrank_), windowed_evicts_(windowed_ && o.kv.evicts()), kivi_evicts_(kivi_ && o.kv.evicts()),
         ring_((lowrank_ ? o.kv.lowrank_window : o.kv.residual + o.kv.group) + kMaxFewRows),

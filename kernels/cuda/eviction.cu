@@ -20,6 +20,8 @@ using kernels::RadixSelect;
 
 constexpr int kThreadsPerHead = 256;
 
+__device__ int elementBytes(KeyFormat format) { return format == KeyFormat::F32 ? 4 : 2; }  // fp32, fp16, bf16
+
 __device__ float widened(const void* row, KeyFormat format, int d) {
   switch (format) {
     case KeyFormat::F16: return __half2float(static_cast<const __half*>(row)[d]);
@@ -39,32 +41,33 @@ __device__ float cachedChannel(const EvictionCache& c, bool value, int l, int h,
   if (c.key_format != KeyFormat::Kivi) return widened(row, c.key_format, d);
   const KiviRows& k = c.kivi;
   if (i >= k.coded[l * c.heads + h]) {
-    const int64_t element = k.ring_format == KeyFormat::F32 ? 4 : 2;
     const char* ring = static_cast<const char*>((value ? k.ring_v : k.ring_k)[l]) +
-                       (int64_t(h) * k.ring_rows + i % k.ring_rows) * k.head_dim * element;
+                       (int64_t(h) * k.ring_rows + i % k.ring_rows) * k.head_dim * elementBytes(k.ring_format);
     return widened(ring, k.ring_format, d);
   }
   const int code = (reinterpret_cast<const uint8_t*>(row)[d * k.bits / 8] >> (d * k.bits % 8)) & ((1 << k.bits) - 1);
   const int value_groups = (k.head_dim + k.value_group - 1) / k.value_group;
-  const float2 a = value ? reinterpret_cast<const float2*>(k.v_params[l])[slot * value_groups + d / k.value_group]
-                         : reinterpret_cast<const float2*>(k.k_params[l])[(h * k.key_groups + k.run[l][slot]) * k.head_dim + d];
+  const float2 a =
+      value ? reinterpret_cast<const float2*>(k.v_params[l])[slot * value_groups + d / k.value_group]
+            : reinterpret_cast<const float2*>(k.k_params[l])[(h * k.key_groups + k.run[l][slot]) * k.head_dim + d];
   return __fadd_rn(a.x, __fmul_rn(float(code), a.y));
 }
 
-__device__ float cachedKey(const EvictionCache& c, int l, int h, int i, int d) { return cachedChannel(c, false, l, h, i, d); }
+__device__ float cachedKey(const EvictionCache& c, int l, int h, int i, int d) {
+  return cachedChannel(c, false, l, h, i, d);
+}
 
 __device__ int keyChannels(const EvictionCache& c) {
   return c.key_format == KeyFormat::Kivi  ? c.kivi.head_dim
          : c.key_format == KeyFormat::Int8 ? c.row_bytes
-         : c.key_format == KeyFormat::F32  ? c.row_bytes / 4
-                                           : c.row_bytes / 2;
+                                           : c.row_bytes / elementBytes(c.key_format);
 }
 
-// The key's squared norm in double, channel by channel as the CPU sums it.
-__device__ double squaredKeyNorm(const EvictionCache& c, int l, int h, int i) {
+// The squared norm of slot i's key or value in double, channel by channel as the CPU sums it.
+__device__ double squaredNorm(const EvictionCache& c, bool value, int l, int h, int i) {
   double norm = 0.0;
   for (int d = 0, hd = keyChannels(c); d < hd; ++d) {
-    const double x = cachedKey(c, l, h, i, d);
+    const double x = cachedChannel(c, value, l, h, i, d);
     norm = __dadd_rn(norm, __dmul_rn(x, x));
   }
   return norm;
@@ -90,7 +93,7 @@ __device__ void keyDiffKeys(const EvictionCache& c, int l, int h, int n, const i
   float count = 0.0f;
   for (int i = threadIdx.x; i < n; i += blockDim.x) {
     count += pos[i] != kEvicted ? 1.0f : 0.0f;
-    keys[i] = pos[i] != kEvicted ? sqrt(squaredKeyNorm(c, l, h, i)) : 0.0;
+    keys[i] = pos[i] != kEvicted ? sqrt(squaredNorm(c, false, l, h, i)) : 0.0;
   }
   const int length = int(blockReduce(count, warpSum, 0.0f));
   if (threadIdx.x == 0) entries = length;
@@ -138,7 +141,8 @@ __device__ double lagState(const EvictionCache& c, bool value, int l, int h, con
       lo = fminf(lo, __shfl_xor_sync(0xffffffffu, lo, o)), hi = fmaxf(hi, __shfl_xor_sync(0xffffffffu, hi, o));
     const double range = double(hi) - double(lo);
     for (int i = lane; i < lag; i += 32) {
-      const double t = range > 0 ? double(__fsub_rn(cachedChannel(c, value, l, h, slots[begin + i], d), lo)) / range : 0.0;
+      const float x = cachedChannel(c, value, l, h, slots[begin + i], d);
+      const double t = range > 0 ? double(__fsub_rn(x, lo)) / range : 0.0;
       mean[i] = __dadd_rn(mean[i], t), sq[i] = __dadd_rn(sq[i], __dmul_rn(t, t));
     }
   }
@@ -203,16 +207,6 @@ __device__ void lagKeys(const EvictionCache& c, int l, int h, const int* slots, 
     }
   }
   __syncthreads();
-}
-
-// The squared norm of slot i's key or value in double, channel by channel as the CPU sums it.
-__device__ double squaredNorm(const EvictionCache& c, bool value, int l, int h, int i) {
-  double norm = 0.0;
-  for (int d = 0, hd = keyChannels(c); d < hd; ++d) {
-    const double x = cachedChannel(c, value, l, h, i, d);
-    norm = __dadd_rn(norm, __dmul_rn(x, x));
-  }
-  return norm;
 }
 
 // CUR (kv::curScores) over a head's `entries` entries (slots[e]: entry e's slot): the squared
@@ -306,7 +300,7 @@ __global__ void keysKernel(EvictionCache c, EvictScore method, int fresh, uint64
               : method == EvictScore::H2O          ? s
               : method == EvictScore::StreamingLLM ? double(p)
               : method == EvictScore::StepAttention ? double(wi)
-              : method == EvictScore::KeyNorm      ? -sqrt(squaredKeyNorm(c, l, h, i))
+              : method == EvictScore::KeyNorm      ? -sqrt(squaredNorm(c, false, l, h, i))
               : method == EvictScore::KeyDiff || method == EvictScore::Lag || method == EvictScore::CUR ? keys[i]
               : method == EvictScore::QueryFilter
                   ? queryFilterKey(c, l, h, i, inputs.query_filters + int64_t(lh) * keyChannels(c))
@@ -554,7 +548,7 @@ __global__ void pruneKeyChannelsKernel(EvictionCache c, const float* power, int 
     drop[ch] = rank < pruned;
   }
   __syncthreads();
-  const size_t element = c.key_format == KeyFormat::F32 ? 4 : 2;
+  const int element = elementBytes(c.key_format);
   char* K = static_cast<char*>(c.K[l]) + int64_t(h) * c.capacity * c.row_bytes;
   for (int64_t x = threadIdx.x; x < int64_t(n) * hd; x += blockDim.x) {
     const int i = int(x / hd), ch = int(x % hd);
@@ -620,8 +614,10 @@ void valueOutputNorms(const float* qkv, int64_t stride, int64_t v_offset, int ro
                                                                                     head_dim, wo, hidden, q_dim, norms);
   KVTP_CUDA_LAUNCHED();
 }
-template void valueOutputNorms<float>(const float*, int64_t, int64_t, int, int, int, int, const float*, int, int, float*);
-template void valueOutputNorms<__half>(const float*, int64_t, int64_t, int, int, int, int, const __half*, int, int, float*);
+template void valueOutputNorms<float>(const float*, int64_t, int64_t, int, int, int, int, const float*, int, int,
+                                      float*);
+template void valueOutputNorms<__half>(const float*, int64_t, int64_t, int, int, int, int, const __half*, int, int,
+                                       float*);
 template void valueOutputNorms<__nv_bfloat16>(const float*, int64_t, int64_t, int, int, int, int, const __nv_bfloat16*,
                                               int, int, float*);
 
