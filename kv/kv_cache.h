@@ -96,7 +96,8 @@ class KVCache {
   // KIVI: each run (ascending entry indices, none KIVI or low rank already) becomes one key group:
   // keys per channel over the run's entries, values per token over groups of `group` channels.
   void quantizeKivi(int layer, int head, const std::vector<std::vector<int>>& runs, int bits, int group);
-  // Low rank: full entries before index `end` become their coordinates in the head's bases.
+  // Low rank: full and int8 entries before index `end` become their coordinates in the head's
+  // bases (int8's decoded); KIVI's stay in their runs.
   void setLowRank(LowRankBases bases) { lowrank_ = std::move(bases); }
   // The model's RoPE frequencies (empty: no RoPE), for scores that read keys before rotation.
   void setRope(std::vector<float> inv_freq) { rope_inv_freq_ = std::move(inv_freq); }

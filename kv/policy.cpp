@@ -41,6 +41,10 @@ void Policy::afterStep(KVCache& cache, const StepAttention& attn, int last_pos, 
   if (spec_.method == Method::QFilters && query_filters_.empty())
     throw std::logic_error("qfilters: the policy was given no filters (setQueryFilters)");
   countStep(last_pos, prefill);
+  // int8 is how a row is held from its step on (the device writes its codes as it appends it):
+  // what reads the cached rows after the step's attention — row scores, low rank's projection —
+  // reads the codes. KIVI waits for the decision: its runs are made of the rows kept.
+  if (spec_.quant == Quant::Int8) quantize(cache);
   if (spec_.method == Method::SimLayerKV) {
     if (prefill) findLazyLayers(cache, attn);
     streamLazyLayers(cache, last_pos);
@@ -54,7 +58,7 @@ void Policy::afterStep(KVCache& cache, const StepAttention& attn, int last_pos, 
   }
   // A device's mirror: the device projects after this decision itself (GpuEngine::settleLowRank).
   if (spec_.rank && !cache.rowsOnDevice()) project(cache);
-  if (spec_.quant != Quant::None) quantize(cache);
+  if (spec_.quant == Quant::Kivi) quantize(cache);
 }
 
 // SCOPE's decode phase: the prompt's entries stay; decoded entries (position >= prefill_end_)

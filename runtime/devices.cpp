@@ -25,8 +25,8 @@ void checkGpuCompression(const kv::PolicySpec& s) {
   if (!s.ladder.empty() || s.block > 0)
     throw Error("ladder= (tiered precision) and block= (the prompt in blocks) run on --device cpu only so far ('" +
                 s.describe() + "')");
-  if (s.rank > 0 && s.quant != kv::Quant::None)
-    throw Error("--device cuda holds low-rank channels (cskv) without quantization; '" + s.describe() +
+  if (s.rank > 0 && s.quant == kv::Quant::Kivi)
+    throw Error("--device cuda holds low-rank channels (cskv) with int8 but not with KIVI; '" + s.describe() +
                 "' combines them: use --device cpu");
   if (s.rank > 0 && s.readsRows())
     throw Error("--device cuda scores cached rows where they lie, not low rank's coordinates ('" + s.describe() +

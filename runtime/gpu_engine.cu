@@ -115,6 +115,9 @@ struct Sequence {
   kv::KVCache mirror;
   std::vector<std::vector<int32_t>> row_positions;
   bool weights_pending = false;
+  // The latest step's rows (low rank's ring holds them at full precision until the step ends,
+  // then as int8 codes under --kv-quant int8, as kv::Policy quantizes them after the step).
+  int step_rows = 0;
   // Rows appended since the last compress(), and whether this window's decode steps are decided
   // on the device (GpuEngine::decideOnDevice; the mirror then stops following the cache).
   int unscored = 0;
@@ -144,7 +147,7 @@ class GpuEngine : public Engine {
                         !mirrorDecidesAll(o.kv)),
         device_decides_decoded_((o.kv.method == kv::Method::SnapKV || o.kv.method == kv::Method::PyramidKV) &&
                                 o.kv.decode != kv::Decode::None && !mirrorDecidesAll(o.kv)),
-        int8_(o.kv.quant == kv::Quant::Int8), kivi_(o.kv.quant == kv::Quant::Kivi), lowrank_(o.kv.rank > 0),
+        int8_(o.kv.quant == kv::Quant::Int8 && o.kv.rank == 0), kivi_(o.kv.quant == kv::Quant::Kivi), lowrank_(o.kv.rank > 0),
         windowed_(kivi_ || lowrank_), windowed_evicts_(windowed_ && o.kv.evicts()), kivi_evicts_(kivi_ && o.kv.evicts()),
         ring_((lowrank_ ? o.kv.lowrank_window : o.kv.residual + o.kv.group) + kMaxFewRows),
         time_collectives_(o.time_collectives) {
@@ -230,14 +233,20 @@ class GpuEngine : public Engine {
     const int64_t full = kv::fullCacheBytes(tokens_seen, c_.layers, part_.kv_heads, c_.head_dim);  // docs/KV.md
     // kv::Policy::bytes of the cache the mirror would hold (kv::KVCache::storedBytes).
     const kv::StoreShape store{c_.head_dim, kv_spec_.bits, kv_spec_.group, kv_spec_.rank};
-    if (windowed_evicts_) {  // per head: the ring's full rows, the kept coded ones (in KIVI's runs), a position each
+    // The rows in a ring: int8 under low rank but for the step's own (kv::Policy quantizes after the step).
+    auto ringBytes = [&](int rows) {
+      if (!lowrank_ || kv_spec_.quant != kv::Quant::Int8) return store.bytes(kv::Form::Full, rows);
+      const int fresh = std::min(rows, s.step_rows);
+      return store.bytes(kv::Form::Full, fresh) + store.bytes(kv::Form::Int8, rows - fresh);
+    };
+    if (windowed_evicts_) {  // per head: the ring's rows, the kept coded ones (in KIVI's runs), a position each
       int64_t bytes = 0;
       for (size_t i = 0; i < s.len.size(); ++i) {
-        const int full_rows = s.len[i] - s.coded[i];
-        bytes += store.bytes(kv::Form::Full, full_rows) +
+        const int ring_rows = s.len[i] - s.coded[i];
+        bytes += ringBytes(ring_rows) +
                  (kivi_ ? store.bytes(kv::Form::Kivi, s.coded_kept[i], s.runs_alive[i])
                         : store.bytes(kv::Form::LowRank, s.coded_kept[i])) +
-                 4 * int64_t(full_rows + s.coded_kept[i]);
+                 4 * int64_t(ring_rows + s.coded_kept[i]);
       }
       return {bytes, full};
     }
@@ -252,7 +261,7 @@ class GpuEngine : public Engine {
       const int64_t c = s.compact_counted;
       const kv::Form form = kivi_ ? kv::Form::Kivi : kv::Form::LowRank;
       int64_t bytes = 0;
-      for (int n : s.len) bytes += store.bytes(kv::Form::Full, n - c) + store.bytes(form, c, kivi_ ? c / kv_spec_.group : 0);
+      for (int n : s.len) bytes += ringBytes(n - c) + store.bytes(form, c, kivi_ ? c / kv_spec_.group : 0);
       return {bytes, full};
     }
     if (compresses()) return s.policy.bytes(s.mirror, tokens_seen);
@@ -385,7 +394,7 @@ class GpuEngine : public Engine {
   void admit(Sequence& s, const int* positions, int rows) {
     s.weights_pending = rows == 1 && kv_spec_.scoresDecoding();
     s.positions.insert(s.positions.end(), positions, positions + rows);
-    s.unscored += rows;
+    s.unscored += rows, s.step_rows = rows;
     if (compresses() && (!windowed_ || windowed_evicts_) && !s.on_device) {
       for (int l = 0; l < c_.layers; ++l) s.mirror.append(l, nullptr, nullptr, positions, rows);
       for (auto& p : s.row_positions) p.insert(p.end(), positions, positions + rows);
@@ -703,8 +712,9 @@ class GpuEngine : public Engine {
   bool norms_batch_ = false;
   DeviceBuffer<float> think_power_;  // ThinK: the prompt's query power [layer][kv_head][channel]
   // An int8, KIVI or low-rank cache (GpuLayer::K8..., Kq..., coords; KIVI's and low rank's ring
-  // of full-precision rows per KV head: `windowed_`), and the stage a step reads it through in T
-  // (int8, KIVI: many-row steps; low rank: every step).
+  // of full-precision rows per KV head: `windowed_` — with int8, low rank's ring holds codes:
+  // LowRankCache::int8), and the stage a step reads it through in T (int8, KIVI: many-row steps;
+  // low rank: every step).
   // KIVI and low rank under eviction (runtime/gpu_windowed.cuh) quantize or project after the
   // decision, not in the step, so a prompt waits for its decision at full precision in a ring of
   // its own (sequence prompt_seq_'s heads of every layer, prompt_rows_ rows each), then its kept

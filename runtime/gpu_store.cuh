@@ -110,7 +110,7 @@ cuda::LowRankCache<T> GpuEngine<T>::lowRankAt(int l, size_t head0, const int* pr
           L.coords.get() + row0 * 2 * kv_spec_.rank,
           L.key_basis.get(), L.value_basis.get(), inv_freq_.size() ? inv_freq_.get() : nullptr,
           ringAt(l, head0),  L.pos.get() + row0, capacity_,
-          projected,         projected_after};
+          projected,         projected_after, kv_spec_.quant == kv::Quant::Int8};
 }
 
 template <class T>

@@ -192,6 +192,9 @@ TEST(CudaEngine, CompressionMatchesTheCpu) {
                                "tova:budget=0.3", "snapkv:budget=0.25", "h2o:budget=0.3,scope=layer",
                                "pyramidkv:budget=0.3,decode=adaptive,decode_recent=8,delta=4"})
     for (const std::string lowrank : {"cskv:rank=8", "cskv:rank=16,window=0"}) specs.push_back({kv, "", lowrank});
+  // Low rank over int8: the window's rows as codes in the ring, projected from them once past it.
+  for (const std::string kv : {"", "h2o:budget=0.3", "snapkv:budget=0.25", "streamingllm:budget=0.3"})
+    for (const std::string lowrank : {"cskv:rank=8", "cskv:rank=16,window=0"}) specs.push_back({kv, "int8", lowrank});
   // ThinK (full precision only): the query power from the prefill, the channels ranked and zeroed
   // on the device after the prompt's decision.
   for (const std::string kv : {"full:think=0.5", "snapkv:budget=0.3,think=0.5", "h2o:budget=0.3,think=0.25"})
@@ -246,7 +249,8 @@ TEST(CudaEngine, CompressionMatchesTheCpu) {
 // sequence its own decisions; the same KV bytes), int8, StreamingLLM over int8, KIVI (runs of
 // 8 behind a residual of 12: the sequences quantize at different steps), low rank (behind a
 // window of 10: the sequences project at different steps), H2O over KIVI (each prompt waits in
-// a ring of its own until its decision) and H2O over low rank (the same, then projected); on a Llama
+// a ring of its own until its decision), H2O over low rank (the same, then projected) and low rank
+// over int8 (the window's rows as codes); on a Llama
 // (GQA) and an OPT (learned positions) fixture. fp32: the batch's projections go through cuBLAS,
 // one row's through the GEMV kernel, so the sums differ in order only (int8: a code at a rounding
 // boundary may differ, as CompressionMatchesTheCpu says).
@@ -255,7 +259,8 @@ TEST(CudaEngine, BatchedDecodeMatchesOneSequenceAtATime) {
   const std::vector<std::array<std::string, 3>> specs = {
       {"", "", ""}, {"h2o:budget=0.3", "", ""}, {"", "int8", ""}, {"streamingllm:budget=0.4", "int8", ""},
       {"", "kivi:bits=4,group=8,residual=12", ""}, {"", "", "cskv:rank=4,window=10"},
-      {"h2o:budget=0.4", "kivi:bits=4,group=8,residual=12", ""}, {"h2o:budget=0.4", "", "cskv:rank=4,window=10"}};
+      {"h2o:budget=0.4", "kivi:bits=4,group=8,residual=12", ""}, {"h2o:budget=0.4", "", "cskv:rank=4,window=10"},
+      {"", "int8", "cskv:rank=4,window=10"}};
   for (const std::string model : {"llama3-gqa", "opt-preln"}) {
     const std::string dir = test::fixture("models/" + model);
     const ModelConfig c = loadConfig(dir);
@@ -374,7 +379,7 @@ TEST(CudaEngine, BatchTooLargeIsRefusedClearly) {
 // low-rank channels with quantization or under a row-scored method, and leverage.
 TEST(CudaEngine, CompressedCacheIsRefusedClearly) {
   for (const auto& [kv, quant, lowrank] : std::vector<std::array<std::string, 3>>{
-           {"knorm:budget=0.3", "", "cskv:rank=8"}, {"", "int8", "cskv:rank=8"}, {"leverage:budget=0.3", "kivi:bits=2", ""}}) {
+           {"knorm:budget=0.3", "", "cskv:rank=8"}, {"", "kivi:bits=4", "cskv:rank=8"}, {"leverage:budget=0.3", "kivi:bits=2", ""}}) {
     PplJob job;
     job.model_dir = "models/kvtp-llama-2m";
     job.input_ids = "tests/data/synthetic_ids.txt";

@@ -12,6 +12,7 @@
 #include "kernels/cuda/eviction.h"
 #include "kernels/cuda/forward_ops.h"
 #include "kv/kv_cache.h"
+#include "kv/scorers.h"
 
 namespace kvtp {
 namespace {
@@ -518,6 +519,74 @@ TEST(CudaKernels, KiviCompactionThinsRunsAsTheCpuDoes) {
         const size_t at = (size_t(h) * R + slot % R) * hd;
         EXPECT_TRUE(std::equal(&grk[at], &grk[at] + hd, &c.keys[size_t(r) * hd])) << what << " full row " << r;
         EXPECT_TRUE(std::equal(&grv[at], &grv[at] + hd, &c.values[size_t(r) * hd])) << what << " full row " << r;
+      }
+    }
+  }
+}
+
+// The row-scored methods' keys (cuda::evictionKeys) against kv/scorers.cpp over the same fp32
+// rows, past holes: the device does the CPU's operations in the CPU's order, so the keys agree to
+// the last bits (the engine's rows differ from the CPU's in theirs, and under eviction a swap at
+// the budget's boundary compounds: CUR's windows and LagKV's partitions shift — this pins the
+// arithmetic where the engine test cannot).
+TEST(CudaKernels, RowScoresMatchTheCpuPastHoles) {
+  REQUIRE_GPU();
+  const int H = 2, hd = 16, capacity = 64, n = 58, sinks = 2;
+  const std::vector<std::vector<int>> holes = {{3, 17, 18, 40}, {0, 9, 10, 11, 30, 31, 57}};
+  const auto K = randn(size_t(H) * capacity * hd), V = randn(K.size()), filters = randn(size_t(H) * hd);
+  std::vector<int> pos(size_t(H) * capacity, cuda::kEvicted), offsets, lengths;
+  for (int h = 0; h < H; ++h) {
+    for (int i = 0; i < n; ++i)
+      if (!std::count(holes[h].begin(), holes[h].end(), i)) pos[size_t(h) * capacity + i] = i;
+    offsets.push_back(h * n), lengths.push_back(n);
+  }
+  DeviceBuffer<float> dK(K), dV(V), dfilters(filters);
+  DeviceBuffer<int> dpos(pos), doff(offsets), dlen(lengths), dslots(size_t(H) * n);
+  DeviceBuffer<double> dtable(size_t(H) * n), dsums(size_t(4) * H * n);
+  DeviceBuffer<void*> ptrs(std::vector<void*>{dK.get(), dV.get(), dpos.get()});
+  void** p = ptrs.get();
+  const cuda::EvictionCache rows{1, H, capacity, int(hd * sizeof(float)), cuda::KeyFormat::F32, p, p + 1,
+                                 reinterpret_cast<int* const*>(p + 2), nullptr, nullptr, nullptr, nullptr, 0, nullptr,
+                                 0, 0, dlen.get(), doff.get()};
+  struct Case {
+    const char* name;
+    cuda::EvictScore method;
+    int local;
+  };
+  for (const Case& m : {Case{"knorm", cuda::EvictScore::KeyNorm, 0}, Case{"keydiff", cuda::EvictScore::KeyDiff, 0},
+                        Case{"qfilters", cuda::EvictScore::QueryFilter, 0}, Case{"lagkv", cuda::EvictScore::Lag, 0},
+                        Case{"cur local=16", cuda::EvictScore::CUR, 16}, Case{"cur local=0", cuda::EvictScore::CUR, 0},
+                        Case{"cur local=5", cuda::EvictScore::CUR, 5}}) {
+    cuda::ScoreInputs in;
+    in.query_filters = dfilters.get(), in.lag = 8, in.local = m.local;
+    in.row_sums = dsums.get(), in.entry_slots = dslots.get();
+    cuda::evictionKeys(rows, m.method, 0, 0, m.method == cuda::EvictScore::Lag ? sinks : 0, 0, 1 << 20, dtable.get(), in);
+    const auto table = dtable.download();
+    for (int h = 0; h < H; ++h) {
+      std::vector<float> k, v;
+      std::vector<int> slots;
+      for (int i = 0; i < n; ++i) {
+        const size_t at = size_t(h) * capacity + i;
+        if (pos[at] == cuda::kEvicted) continue;
+        slots.push_back(i);
+        k.insert(k.end(), &K[at * hd], &K[at * hd] + hd), v.insert(v.end(), &V[at * hd], &V[at * hd] + hd);
+      }
+      const int entries = int(slots.size());
+      std::vector<double> cpu(slots.size());
+      const kv::HeadRows r{k.data(), v.data()};
+      switch (m.method) {
+        case cuda::EvictScore::KeyNorm: kv::keyNormScores(r, entries, hd, cpu.data()); break;
+        case cuda::EvictScore::KeyDiff: kv::keyDiffScores(r, entries, hd, cpu.data()); break;
+        case cuda::EvictScore::QueryFilter: kv::queryFilterScores(r, entries, hd, &filters[size_t(h) * hd], cpu.data()); break;
+        case cuda::EvictScore::Lag: kv::lagScores(r, entries, hd, sinks, 8, cpu.data()); break;
+        default: kv::curScores(r, entries, hd, m.local, cpu.data()); break;
+      }
+      for (int i = 0; i < n; ++i)
+        if (std::count(holes[h].begin(), holes[h].end(), i)) EXPECT_EQ(table[size_t(h) * n + i], -INFINITY) << m.name;
+      for (int e = 0; e < entries; ++e) {
+        if (m.method == cuda::EvictScore::Lag && slots[e] < sinks) continue;  // protected: +inf on the device
+        EXPECT_NEAR(table[size_t(h) * n + slots[e]], cpu[e], 1e-12 * std::abs(cpu[e]))
+            << m.name << ", head " << h << ", entry " << e;
       }
     }
   }

@@ -1057,6 +1057,46 @@ TEST(KvLowRank, BytesCountTheCoordinates) {
   EXPECT_EQ(rows.values[9 * hd + 3], -9.0f);
 }
 
+// With int8 a row is held as codes from its step on; once older than the window it becomes the
+// coordinates of its decoded codes (not stays int8: low rank + int8 holds less than either alone).
+TEST(KvLowRank, Int8RowsBecomeCoordinatesPastTheWindow) {
+  const int hd = 8, rank = 3;
+  KVCache c(1, 1, hd);
+  LowRankBases b;
+  b.rank = rank;
+  std::vector<float> W(hd * 20, 0.0f);
+  for (int i = 0; i < hd; ++i) W[i * 20 + i] = float(hd - i);
+  b.keys = b.values = {leftSingularBasis(W.data(), hd, 20, rank)};  // the first 3 channels
+  c.setLowRank(b);
+  Policy p(parsePolicy("", "int8", "cskv:rank=3,window=4"), layout(1, hd), nullptr);
+  auto row = [&](int t, float sign) {
+    std::vector<float> x(hd);
+    for (int ch = 0; ch < hd; ++ch) x[ch] = sign * (float(t) + 0.1f * float(ch) + 0.013f);
+    return x;
+  };
+  for (int t = 0; t < 11; ++t) {
+    const std::vector<float> k = row(t, 1.0f), v = row(t, -1.0f);
+    c.append(0, k.data(), v.data(), &t, 1);
+    if (t >= 9) p.afterStep(c, {}, t, t == 9);  // a prompt of 10, then one decode step
+  }
+  const HeadCache& h = c.head(0, 0);
+  for (int i = 0; i < 11; ++i) EXPECT_EQ(h.form[i], i < 7 ? Form::LowRank : Form::Int8) << i;
+  EXPECT_EQ(p.bytes(c, 11).stored, 7 * 2 * rank * 2 + 4 * (2 * hd + 4));
+  // Entry 6 left the window in the decode step, as codes: its coordinates are its decoded codes'.
+  const std::vector<float> v6 = row(6, -1.0f);
+  const float step = fitInt8(v6.data(), hd);
+  std::vector<float> scratch;
+  const HeadRows rows = c.rows(0, 0, scratch);
+  bool coded = false;
+  for (int ch = 0; ch < rank; ++ch) {
+    const float decoded = float(encodeInt8(v6[ch], step)) * step;
+    EXPECT_NEAR(rows.values[6 * hd + ch], decoded, 1e-6f) << ch;
+    coded |= std::abs(decoded - v6[ch]) > 1e-4f;
+  }
+  EXPECT_TRUE(coded) << "the test's rows should lose something to int8";
+  EXPECT_EQ(rows.values[6 * hd + rank], 0.0f);
+}
+
 TEST(KvEviction, FullBudgetReproducesTheFullCacheExactly) {
   const auto full = decodeLogprobs("");
   for (const char* m : {"h2o:budget=1", "scissorhands:budget=1", "streamingllm:budget=1", "tova:budget=1",

@@ -76,7 +76,8 @@ TEST(GpuCompression, RefusedOnlyWhereTheDeviceLacksIt) {
   EXPECT_NO_THROW(checkGpuCompression(kv::parsePolicy("h2o:budget=0.2", "", "cskv:rank=4")));
   EXPECT_NO_THROW(checkGpuCompression(kv::parsePolicy("snapkv:budget=0.2", "", "cskv:rank=4")));
   EXPECT_THROW(checkGpuCompression(kv::parsePolicy("knorm:budget=0.2", "", "cskv:rank=4")), Error);
-  EXPECT_THROW(checkGpuCompression(kv::parsePolicy("", "int8", "cskv:rank=4")), Error);
+  EXPECT_NO_THROW(checkGpuCompression(kv::parsePolicy("h2o:budget=0.2", "int8", "cskv:rank=4")));
+  EXPECT_THROW(checkGpuCompression(kv::parsePolicy("", "kivi:bits=4", "cskv:rank=4")), Error);
 }
 
 TEST(Dataset, ReadsGzipJsonLinesAndArrays) {

@@ -677,6 +677,30 @@ __device__ float2 ropePair(float a, float b, int p, float inv_freq) {
   return {a * cs - b * sn, b * cs + a * sn};
 }
 
+// Low rank's window held as int8 (LowRankCache::int8): a ring row's head_dim codes, then their step.
+template <class T>
+__device__ float windowChannel(const LowRankCache<T>& c, const T* row, int ch) {
+  if (!c.int8) return toFloat(row[ch]);
+  const int8_t* codes = reinterpret_cast<const int8_t*>(row);
+  return __fmul_rn(float(codes[ch]), *reinterpret_cast<const float*>(codes + c.head_dim));
+}
+
+// x (head_dim floats, shared) through int8 and back as kv::fitInt8 / encodeInt8 and the decode
+// (the step max|x| / 127, codes rounded half to even); into `codes` and `step` too when given.
+// Every thread of the block calls it.
+__device__ void int8RoundTrip(float* x, int head_dim, int8_t* codes = nullptr, float* step_out = nullptr) {
+  float mx = 0.0f;
+  for (int ch = threadIdx.x; ch < head_dim; ch += blockDim.x) mx = fmaxf(mx, fabsf(x[ch]));
+  const float step = blockReduce(mx, warpMax, 0.0f) / 127.0f;
+  for (int ch = threadIdx.x; ch < head_dim; ch += blockDim.x) {
+    const float code = step > 0.0f ? fminf(fmaxf(rintf(x[ch] / step), -127.0f), 127.0f) : 0.0f;
+    if (codes) codes[ch] = int8_t(code);
+    x[ch] = __fmul_rn(code, step);
+  }
+  if (step_out && threadIdx.x == 0) *step_out = step;
+  __syncthreads();
+}
+
 // The stage after lowRankRows' products: rows below `projected` rotated to their positions
 // (kv::KVCache::rows), rows up to counts[h] copied from the ring. A thread per channel pair
 // (i, i + half) of a row, the block's threads over consecutive rows, grid-stride over rows.
@@ -694,7 +718,9 @@ __global__ void lowRankFinishKernel(LowRankCache<T> c, const int* counts, T* K, 
       k[i] = fromFloat<T>(x.x), k[i + half] = fromFloat<T>(x.y);
     } else {
       const int64_t from = c.ring.at(h, l);
-      for (int ch : {i, i + half}) k[ch] = c.ring.k[from + ch], V[row + ch] = c.ring.v[from + ch];
+      for (int ch : {i, i + half})
+        k[ch] = fromFloat<T>(windowChannel(c, c.ring.k + from, ch)),
+        V[row + ch] = fromFloat<T>(windowChannel(c, c.ring.v + from, ch));
     }
   }
 }
@@ -710,11 +736,17 @@ __global__ void lowRankSettleKernel(LowRankCache<T> c, const T* K, const T* V, c
   const int64_t basis = int64_t(h % c.kv_heads) * hd * r;
   for (int l = c.projected[h] + blockIdx.x; l < c.projected_after[h]; l += gridDim.x) {
     const int64_t row = int64_t(h) * c.capacity + l;
-    const T* key = K ? K + row * hd : c.ring.k + c.ring.at(h, l);
-    const T* value = K ? V + row * hd : c.ring.v + c.ring.at(h, l);
-    for (int ch = threadIdx.x; ch < hd; ch += blockDim.x)
-      kv_row[ch] = toFloat(key[ch]), kv_row[hd + ch] = toFloat(value[ch]);
-    __syncthreads();
+    if (K) {
+      for (int ch = threadIdx.x; ch < hd; ch += blockDim.x)
+        kv_row[ch] = toFloat(K[row * hd + ch]), kv_row[hd + ch] = toFloat(V[row * hd + ch]);
+      __syncthreads();
+      if (c.int8 && l >= first_new[h]) int8RoundTrip(kv_row, hd), int8RoundTrip(kv_row + hd, hd);
+    } else {
+      const int64_t at = c.ring.at(h, l);
+      for (int ch = threadIdx.x; ch < hd; ch += blockDim.x)
+        kv_row[ch] = windowChannel(c, c.ring.k + at, ch), kv_row[hd + ch] = windowChannel(c, c.ring.v + at, ch);
+      __syncthreads();
+    }
     if (c.inv_freq)
       for (int i = threadIdx.x; i < half; i += blockDim.x) {
         const float2 x = ropePair(kv_row[i], kv_row[i + half], -c.k_pos[row], c.inv_freq[i]);
@@ -733,7 +765,17 @@ __global__ void lowRankSettleKernel(LowRankCache<T> c, const T* K, const T* V, c
   }
   for (int l = max(c.projected_after[h], first_new[h]) + blockIdx.x; l < lengths[h]; l += gridDim.x) {
     const int64_t from = (int64_t(h) * c.capacity + l) * hd;
-    c.ring.put(h, l, K + from, V + from);
+    if (!c.int8) {
+      c.ring.put(h, l, K + from, V + from);
+      continue;
+    }
+    for (int ch = threadIdx.x; ch < hd; ch += blockDim.x)
+      kv_row[ch] = toFloat(K[from + ch]), kv_row[hd + ch] = toFloat(V[from + ch]);
+    __syncthreads();
+    for (T* ring : {c.ring.k, c.ring.v}) {
+      int8_t* codes = reinterpret_cast<int8_t*>(ring + c.ring.at(h, l));
+      int8RoundTrip(kv_row + (ring == c.ring.v ? hd : 0), hd, codes, reinterpret_cast<float*>(codes + hd));
+    }
   }
 }
 

@@ -204,9 +204,12 @@ void kiviRows(const KiviCache<T>& cache, int kv_heads, int count, T* K, T* V, in
 // A low-rank cache (kv::KVCache's LowRank form, CSKV) on the device. Each KV head's oldest rows,
 // all but the newest `window`, are their coordinates in the head's bases: `rank` key coordinates
 // (of the key taken out of RoPE's rotation: W_k acts before it) then `rank` value coordinates, as
-// the CPU stores them. The newer rows stay full precision in the ring. Attention reads full rows
-// from a stage the step fills (lowRankRows); `projected` / `projected_after` (device, per KV head from the step's first):
-// rows held as coordinates before the step and after it.
+// the CPU stores them. The newer rows stay in the ring: full precision, or with `int8` (--kv-quant
+// int8) as int8 codes and their float step (kv::fitInt8 / encodeInt8) in the first head_dim + 4
+// bytes of a ring row — a row is held as codes from its step on, and projected from them.
+// Attention reads full rows from a stage the step fills (lowRankRows); `projected` /
+// `projected_after` (device, per KV head from the step's first): rows held as coordinates before
+// the step and after it.
 template <class T>
 struct LowRankCache {
   int head_dim, rank;
@@ -218,6 +221,7 @@ struct LowRankCache {
   const int* k_pos;                      // [kv_head][capacity]
   int64_t capacity;
   const int *projected, *projected_after;
+  bool int8 = false;
 };
 // Rows [0, counts[h]) of each of `heads` KV heads into a stage laid out as the cache (capacity rows
 // per head): coordinates reconstructed (B z, then keys rotated to their positions), the ring's
@@ -226,8 +230,9 @@ struct LowRankCache {
 template <class T>
 void lowRankRows(const Blas& blas, const LowRankCache<T>& cache, int heads, int rows, const int* counts, T* K, T* V);
 // After the step's attention over the stage: rows [projected, projected_after) of each head become
-// coordinates (kv::KVCache::toLowRank's arithmetic, accumulated in double as there), rows
-// [max(projected_after, first_new[h]), lengths[h]) go to the ring. `max_rows`: a bound on the rows
+// coordinates (kv::KVCache::toLowRank's arithmetic, accumulated in double as there; with int8 a
+// new row, l >= first_new[h], through its codes first, as kv::Policy quantizes before it
+// projects), rows [max(projected_after, first_new[h]), lengths[h]) go to the ring. `max_rows`: a bound on the rows
 // a head projects (more are projected in turns). K and V null: the rows projected are read from
 // the ring, and none goes to it (first_new = lengths).
 template <class T>
