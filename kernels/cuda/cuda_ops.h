@@ -34,7 +34,7 @@ void applyRope(float* x, int T, int heads, int head_dim, const int* positions, c
 // head (L is then a bound on them, e.g. the capacity: the launch depends on L alone) and KV head
 // g's positions start at k_pos + g * pos_stride.
 // An int8 cache (KT = int8_t) passes `int8`: see Int8Rows. A KIVI cache (KT = uint8_t, K / V
-// unused) passes `kivi` (forward_ops.h): each head's first quantized[g] rows are codes, decoded in
+// unused) passes `kivi` (cache_ops.h): each head's first quantized[g] rows are codes, decoded in
 // registers as the CPU decodes them, the rest full-precision rows of its ring.
 // A batch of sequences (rows_are_sequences): query row t is sequence t's, and reads KV heads
 // t * kv_heads .. (t + 1) * kv_heads - 1 (lengths, positions and weights' rows indexed alike).

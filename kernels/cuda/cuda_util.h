@@ -26,6 +26,13 @@ __host__ __device__ inline T fromFloat(float x) {
   else if constexpr (std::is_same_v<T, __nv_bfloat16>) return __float2bfloat16_rn(x);
   else return x;
 }
+// cuBLAS's name for a storage type.
+template <class T>
+cudaDataType_t dataType() {
+  if constexpr (std::is_same_v<T, __half>) return CUDA_R_16F;
+  else if constexpr (std::is_same_v<T, __nv_bfloat16>) return CUDA_R_16BF;
+  else return CUDA_R_32F;
+}
 
 inline std::string where(const char* file, int line) {
   char host[128] = {};
