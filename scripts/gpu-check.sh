@@ -126,11 +126,13 @@ if want catalogue; then
   done
   decodeTable "$out"/bench_cat_*.json
 fi
-# Low-rank channels on the GPU: the same contexts, rank 32 of 128 behind the default window of 64.
+# Low-rank channels on the GPU: the same contexts, rank 32 of 128 behind the default window of 64,
+# alone and over int8 (the window's rows as codes).
 if want lowrank; then
   bench7b="timeout 300 .bundle/kvtp bench --device cuda --synthetic llama-2-7b --json --contexts 2048,8192,32768"
   $bench7b --kv-lowrank cskv:rank=32 > "$out/bench_lowrank32.json"
-  decodeTable "$out"/bench_lowrank32.json
+  $bench7b --kv-lowrank cskv:rank=32 --kv-quant int8 > "$out/bench_lowrank32_int8.json"
+  decodeTable "$out"/bench_lowrank32.json "$out"/bench_lowrank32_int8.json
 fi
 # Llama-2-70B at tp = GPUs, 8k context: an 8192-token prompt (compressed at its end) then 255
 # decoded tokens, and the prompt alone scored at once (decode ms/token = (job - that) / 255).

@@ -224,8 +224,16 @@ TEST(CudaEngine, CompressionMatchesTheCpu) {
     // other at the budget's boundary can swap (measured once on an H200: one token off by 1.3e-2,
     // mean 2e-5), so a looser worst bound there too, and for KeyDiff's cosines, Q-Filters'
     // projections of the same keys, LagKV's ranks of their spreads and CUR's norm shares.
-    EXPECT_LE(worst, scoresRows(kv) ? 3e-2 : quant.empty() ? 1e-3 : 1e-2) << name;
-    EXPECT_LE(sum / double(cpu.result.tokens), 1e-4) << name;
+    // CUR's shares are of local windows of consecutive entries: one swap at the budget's boundary
+    // moves every later entry of that head into another window, so the kept sets drift apart from
+    // there (an H100: a token off by 0.09, the mean 9e-4). Its arithmetic is pinned to the CPU's
+    // bit for bit by CudaKernels.RowScoresMatchTheCpuPastHoles; here the perplexity within 1 %.
+    if (kv.rfind("cur:", 0) == 0) {
+      EXPECT_LE(std::abs(gpu.result.ppl() - cpu.result.ppl()) / cpu.result.ppl(), 1e-2) << name;
+    } else {
+      EXPECT_LE(worst, scoresRows(kv) ? 3e-2 : quant.empty() ? 1e-3 : 1e-2) << name;
+      EXPECT_LE(sum / double(cpu.result.tokens), 1e-4) << name;
+    }
     if (!quant.empty() || !lowrank.empty()) {  // fp16: the prefill reads the cache through an fp16 stage (flash attention)
       job.dtype = "fp16";
       const auto half = runPplJob(job);
