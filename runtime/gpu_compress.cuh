@@ -12,6 +12,7 @@ template <class T>
 void GpuEngine<T>::compress(int last_pos, bool prefill) {
   if (!compresses()) return;
   Sequence& s = seq();
+  s.step_rows = 0;  // int8 from here on (kvBytes)
   if (windowed_ && !windowed_evicts_) {  // the step converted on the device what the CPU converts here: now it counts
     s.compact_counted = s.compact;
     return;

@@ -115,8 +115,8 @@ struct Sequence {
   kv::KVCache mirror;
   std::vector<std::vector<int32_t>> row_positions;
   bool weights_pending = false;
-  // The latest step's rows (low rank's ring holds them at full precision until the step ends,
-  // then as int8 codes under --kv-quant int8, as kv::Policy quantizes them after the step).
+  // The latest step's rows until its compress(): low rank over int8 counts them at full
+  // precision until then, as the CPU, which quantizes them in kv::Policy::afterStep (kvBytes).
   int step_rows = 0;
   // Rows appended since the last compress(), and whether this window's decode steps are decided
   // on the device (GpuEngine::decideOnDevice; the mirror then stops following the cache).
