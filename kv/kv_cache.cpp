@@ -181,7 +181,8 @@ void KVCache::toLowRank(int layer, int head, int end) {
   const HeadCache& c = this->head(layer, head);
   Conversion cv;
   cv.to = Form::LowRank;
-  for (int i = 0; i < c.length(); ++i) cv.convert.push_back(i < end && (c.form[i] == Form::Full || c.form[i] == Form::Int8));
+  for (int i = 0; i < c.length(); ++i)
+    cv.convert.push_back(i < end && (c.form[i] == Form::Full || c.form[i] == Form::Int8));
   if (std::find(cv.convert.begin(), cv.convert.end(), 1) == cv.convert.end()) return;
   rebuild(layer, head, everyIndex(c.length()), cv);
 }

@@ -147,7 +147,8 @@ class GpuEngine : public Engine {
                         !mirrorDecidesAll(o.kv)),
         device_decides_decoded_((o.kv.method == kv::Method::SnapKV || o.kv.method == kv::Method::PyramidKV) &&
                                 o.kv.decode != kv::Decode::None && !mirrorDecidesAll(o.kv)),
-        int8_(o.kv.quant == kv::Quant::Int8 && o.kv.rank == 0), kivi_(o.kv.quant == kv::Quant::Kivi), lowrank_(o.kv.rank > 0),
+        int8_(o.kv.quant == kv::Quant::Int8 && o.kv.rank == 0), kivi_(o.kv.quant == kv::Quant::Kivi),
+        lowrank_(o.kv.rank > 0),
         windowed_(kivi_ || lowrank_), windowed_evicts_(windowed_ && o.kv.evicts()), kivi_evicts_(kivi_ && o.kv.evicts()),
         ring_((lowrank_ ? o.kv.lowrank_window : o.kv.residual + o.kv.group) + kMaxFewRows),
         time_collectives_(o.time_collectives) {
@@ -233,7 +234,7 @@ class GpuEngine : public Engine {
     const int64_t full = kv::fullCacheBytes(tokens_seen, c_.layers, part_.kv_heads, c_.head_dim);  // docs/KV.md
     // kv::Policy::bytes of the cache the mirror would hold (kv::KVCache::storedBytes).
     const kv::StoreShape store{c_.head_dim, kv_spec_.bits, kv_spec_.group, kv_spec_.rank};
-    // The rows in a ring: int8 under low rank but for the step's own (kv::Policy quantizes after the step).
+    // The rows in a ring: int8 under low rank but the step's own until its compress() (as kv::Policy quantizes).
     auto ringBytes = [&](int rows) {
       if (!lowrank_ || kv_spec_.quant != kv::Quant::Int8) return store.bytes(kv::Form::Full, rows);
       const int fresh = std::min(rows, s.step_rows);

@@ -262,8 +262,8 @@ TEST(CudaEngine, CompressionMatchesTheCpu) {
 // 8 behind a residual of 12: the sequences quantize at different steps), low rank (behind a
 // window of 10: the sequences project at different steps), H2O over KIVI (each prompt waits in
 // a ring of its own until its decision), H2O over low rank (the same, then projected) and low rank
-// over int8 (the window's rows as codes); on a Llama
-// (GQA) and an OPT (learned positions) fixture. fp32: the batch's projections go through cuBLAS,
+// over int8 (the window's rows as codes); on a Llama (GQA) and an OPT (learned positions)
+// fixture. fp32: the batch's projections go through cuBLAS,
 // one row's through the GEMV kernel, so the sums differ in order only (int8: a code at a rounding
 // boundary may differ, as CompressionMatchesTheCpu says).
 TEST(CudaEngine, BatchedDecodeMatchesOneSequenceAtATime) {
@@ -391,7 +391,9 @@ TEST(CudaEngine, BatchTooLargeIsRefusedClearly) {
 // low-rank channels with quantization or under a row-scored method, and leverage.
 TEST(CudaEngine, CompressedCacheIsRefusedClearly) {
   for (const auto& [kv, quant, lowrank] : std::vector<std::array<std::string, 3>>{
-           {"knorm:budget=0.3", "", "cskv:rank=8"}, {"", "kivi:bits=4", "cskv:rank=8"}, {"leverage:budget=0.3", "kivi:bits=2", ""}}) {
+           {"knorm:budget=0.3", "", "cskv:rank=8"},
+           {"", "kivi:bits=4", "cskv:rank=8"},
+           {"leverage:budget=0.3", "kivi:bits=2", ""}}) {
     PplJob job;
     job.model_dir = "models/kvtp-llama-2m";
     job.input_ids = "tests/data/synthetic_ids.txt";

@@ -560,7 +560,8 @@ TEST(CudaKernels, RowScoresMatchTheCpuPastHoles) {
     cuda::ScoreInputs in;
     in.query_filters = dfilters.get(), in.lag = 8, in.local = m.local;
     in.row_sums = dsums.get(), in.entry_slots = dslots.get();
-    cuda::evictionKeys(rows, m.method, 0, 0, m.method == cuda::EvictScore::Lag ? sinks : 0, 0, 1 << 20, dtable.get(), in);
+    const int protected_below = m.method == cuda::EvictScore::Lag ? sinks : 0;
+    cuda::evictionKeys(rows, m.method, 0, 0, protected_below, 0, 1 << 20, dtable.get(), in);
     const auto table = dtable.download();
     for (int h = 0; h < H; ++h) {
       std::vector<float> k, v;
@@ -577,7 +578,9 @@ TEST(CudaKernels, RowScoresMatchTheCpuPastHoles) {
       switch (m.method) {
         case cuda::EvictScore::KeyNorm: kv::keyNormScores(r, entries, hd, cpu.data()); break;
         case cuda::EvictScore::KeyDiff: kv::keyDiffScores(r, entries, hd, cpu.data()); break;
-        case cuda::EvictScore::QueryFilter: kv::queryFilterScores(r, entries, hd, &filters[size_t(h) * hd], cpu.data()); break;
+        case cuda::EvictScore::QueryFilter:
+          kv::queryFilterScores(r, entries, hd, &filters[size_t(h) * hd], cpu.data());
+          break;
         case cuda::EvictScore::Lag: kv::lagScores(r, entries, hd, sinks, 8, cpu.data()); break;
         default: kv::curScores(r, entries, hd, m.local, cpu.data()); break;
       }

@@ -1,8 +1,9 @@
 // The kernels of the GPU forward pass (runtime/gpu_engine.cu) beyond the float twins of
 // cuda_ops.h: mixed precision (T = float, __half or __nv_bfloat16 storage; float math and
 // accumulation), row strides for the fused QKV projection, and the full-precision KV cache's
-// layout [kv_head][capacity][head_dim] (its compressed forms: cache_ops.h). Their CPU counterparts are the float kernels of cpu_ops.h; the
-// engine as a whole is compared with the CPU model (tests/cuda_engine_test.cpp).
+// layout [kv_head][capacity][head_dim] (its compressed forms: cache_ops.h). Their CPU
+// counterparts are the float kernels of cpu_ops.h; the engine as a whole is compared with the CPU
+// model (tests/cuda_engine_test.cpp).
 #pragma once
 #include <cstdint>
 
