@@ -184,7 +184,7 @@ void GpuEngine<T>::ringRoom(int rows) {
   const size_t bytes = 2 * elements * sizeof(T);
   if (bytes + (size_t(1) << 30) > free)
     throw Error("a prompt of " + std::to_string(need) + " tokens waits for its decision at full precision (KIVI "
-                "under eviction quantizes the rows it keeps): " + std::to_string(bytes >> 20) +
+                "or low rank under eviction compresses only the rows it keeps): " + std::to_string(bytes >> 20) +
                 " MiB (+1 GiB headroom); the device has " + std::to_string(free >> 20) + " MiB for it");
   DeviceBuffer<T> k(elements), v(elements);  // new buffers: a decode graph captured on the old ring is not replayed
   const int* d = uploadRingRows(s);

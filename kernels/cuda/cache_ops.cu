@@ -36,9 +36,13 @@ __global__ void scatterRows(T* K, T* V, int* k_pos, int64_t capacity, int hd, co
   if (threadIdx.x == 0 && k_pos) k_pos[to] = sp[from];
 }
 
+// kv::encodeInt8: round(x / step) (half to even, as nearbyint) into [-127, 127], 0 for a zero row.
+__device__ float encodeInt8(float x, float step) {
+  return step > 0.0f ? fminf(fmaxf(rintf(x / step), -127.0f), 127.0f) : 0.0f;
+}
+
 // One warp per (new row t, KV head g, key or value): the row's step = max|x| / 127 and its codes
-// round(x / step) in [-127, 127] (kv::fitInt8 / encodeInt8, round half to even as nearbyint),
-// at slot first_slots[g] + t; the key's warp writes the position.
+// (kv::fitInt8 / encodeInt8) at slot first_slots[g] + t; the key's warp writes the position.
 __global__ void quantizeAppendKernel(Int8Append a) {
   const int t = blockIdx.x, g = blockIdx.y, is_v = blockIdx.z, lane = threadIdx.x;
   const float* x = a.qkv + int64_t(t) * a.qkv_stride + (is_v ? a.v_offset : a.k_offset) + g * a.head_dim;
@@ -48,7 +52,7 @@ __global__ void quantizeAppendKernel(Int8Append a) {
   const int64_t slot = newRow(a, t, g, int(gridDim.y));
   int8_t* codes = (is_v ? a.V : a.K) + slot * a.head_dim;
   for (int c = lane; c < a.head_dim; c += 32)
-    codes[c] = int8_t(step > 0.0f ? fminf(fmaxf(rintf(x[c] / step), -127.0f), 127.0f) : 0.0f);
+    codes[c] = int8_t(encodeInt8(x[c], step));
   if (lane == 0) (is_v ? a.v_step : a.k_step)[slot] = step;
   if (lane == 0 && !is_v) a.k_pos[slot] = a.positions[t];
 }
@@ -236,14 +240,14 @@ __device__ float windowChannel(const LowRankCache<T>& c, const T* row, int ch) {
 }
 
 // x (head_dim floats, shared) through int8 and back as kv::fitInt8 / encodeInt8 and the decode
-// (the step max|x| / 127, codes rounded half to even); into `codes` and `step` too when given.
+// (the step max|x| / 127); into `codes` and `step` too when given.
 // Every thread of the block calls it.
 __device__ void int8RoundTrip(float* x, int head_dim, int8_t* codes = nullptr, float* step_out = nullptr) {
   float mx = 0.0f;
   for (int ch = threadIdx.x; ch < head_dim; ch += blockDim.x) mx = fmaxf(mx, fabsf(x[ch]));
   const float step = blockReduce(mx, warpMax, 0.0f) / 127.0f;
   for (int ch = threadIdx.x; ch < head_dim; ch += blockDim.x) {
-    const float code = step > 0.0f ? fminf(fmaxf(rintf(x[ch] / step), -127.0f), 127.0f) : 0.0f;
+    const float code = encodeInt8(x[ch], step);
     if (codes) codes[ch] = int8_t(code);
     x[ch] = __fmul_rn(code, step);
   }
@@ -322,9 +326,9 @@ __global__ void lowRankSettleKernel(LowRankCache<T> c, const T* K, const T* V, c
     for (int ch = threadIdx.x; ch < hd; ch += blockDim.x)
       kv_row[ch] = toFloat(K[from + ch]), kv_row[hd + ch] = toFloat(V[from + ch]);
     __syncthreads();
-    for (T* ring : {c.ring.k, c.ring.v}) {
-      int8_t* codes = reinterpret_cast<int8_t*>(ring + c.ring.at(h, l));
-      int8RoundTrip(kv_row + (ring == c.ring.v ? hd : 0), hd, codes, reinterpret_cast<float*>(codes + hd));
+    for (int value = 0; value < 2; ++value) {
+      int8_t* codes = reinterpret_cast<int8_t*>((value ? c.ring.v : c.ring.k) + c.ring.at(h, l));
+      int8RoundTrip(kv_row + value * hd, hd, codes, reinterpret_cast<float*>(codes + hd));
     }
   }
 }
