@@ -48,6 +48,9 @@ class Engine {
   virtual std::vector<float> decodeBatchLogits(const int* tokens, const int* positions) {
     return stepLogits(tokens, positions, 1);
   }
+  // Waits for the work the engine queued on its device (benchmarks timing a phase; the CPU's
+  // work is done when its calls return).
+  virtual void synchronize() {}
   // Seconds this rank's device spent inside tensor-parallel collectives so far (0 where not measured:
   // the CPU backend, or the CUDA engine unless asked to, GpuOptions::time_collectives).
   virtual double collectiveSeconds() const { return 0; }

@@ -315,6 +315,7 @@ class GpuEngine : public Engine {
   }
 
   double collectiveSeconds() const override { return collectives_.seconds(); }
+  void synchronize() override { KVTP_CUDA_CHECK(cudaDeviceSynchronize()); }
 
  private:
   // `rows` new tokens of the current sequence through the model and into its cache.

@@ -76,7 +76,7 @@ decodeTable() {  # bench JSON files: one line per decode entry
   python3 -c "
 import json,sys
 for f in sys.argv[1:]:
-  for d in json.load(open(f))['models'][0]['decode']: print(f.split('/')[-1], d['context'], 'batch', d['batch'], d['kv'], round(d['kv_bytes']/2**20), 'MiB', round(d['ms_per_token'],3), 'ms', round(100*d['ratio_to_floor'],1), '% of floor')
+  for d in json.load(open(f))['models'][0]['decode']: print(f.split('/')[-1], d['context'], 'batch', d['batch'], d['kv'], round(d['kv_bytes']/2**20), 'MiB', round(d['ms_per_token'],3), 'ms', round(100*d['ratio_to_floor'],1), '% of floor, deciding', round(d.get('decide_ms', 0),3), 'ms')
 " "$@"
 }
 # KV compression on the GPU: Llama-2-7B decode at 2k/8k/32k full, int8, SnapKV at a 20 % budget

@@ -146,6 +146,30 @@ __device__ uint64_t lanePacked(const uint8_t* row, int lane, int nbits) {
   }
 }
 
+// A lane's packed codes (lanePacked) as W 32-bit words.
+template <int W>
+__device__ void laneWords(uint64_t bits, uint32_t (&w)[W]) {
+  w[0] = uint32_t(bits);
+  if constexpr (W > 1) w[1] = uint32_t(bits >> 32);
+}
+
+// Code c of a lane's B-bit codes (low bits first) times 2^codeShift(c): the code's field masked in
+// place into the mantissa of 2^23 (its word's upper half shifted down first), 2^23 subtracted —
+// exact, and two full-rate instructions where a shift, a mask and an int-to-float conversion (a
+// quarter of the rate) were the KIVI attention's bottleneck. Callers fold codeUnshift(c) into a
+// factor they already multiply by.
+template <int B>
+__host__ __device__ constexpr int codeShift(int c) { return c * B % 16; }
+template <int B>
+__host__ __device__ constexpr float codeShiftScale(int c) { return float(1 << codeShift<B>(c)); }
+template <int B>
+__host__ __device__ constexpr float codeUnshift(int c) { return 1.0f / codeShiftScale<B>(c); }
+template <int B, int W>
+__device__ float kiviCode(const uint32_t (&w)[W], int c) {
+  const uint32_t word = w[c * B / 32], half = (c * B % 32) >= 16 ? word >> 16 : word;
+  return __uint_as_float(0x4B000000u | (half & (((1u << B) - 1) << codeShift<B>(c)))) - 8388608.0f;
+}
+
 // Key row scores `dot` into G heads' online softmax (running max m, sum) and the row's values into
 // their N accumulated channels (value(i): channel i of this lane's).
 template <int G, int N, class Value>
@@ -177,7 +201,8 @@ constexpr int kWarps = 8;
 constexpr int kMaxSplits = 1024;
 
 // Heads narrower than a warp (head_dim 8, 16) leave the upper lanes idle.
-template <int G, int HD, class KT, class OT>  // query heads per KV head, head_dim, cache and output types
+// query heads per KV head, head_dim, cache and output types, a KIVI cache's bits (0 for others)
+template <int G, int HD, class KT, class OT, int B>
 // A block takes G consecutive query heads of one KV head: `group` (heads / kv_heads) is a multiple
 // of G, so a group of 3 or 6 runs as 3 blocks of 1 or 2 heads over the same KV rows. The last
 // block of a (query, heads) to finish combines the splits (no combining kernel: its launch and
@@ -207,18 +232,25 @@ __global__ void __launch_bounds__(32 * kWarps, kTwoBlocksAnSM<G, KT, OT> ? 2 : 1
   // Each head's keys in `splits` equal parts, sized here from its own length: the launch does not
   // depend on how many keys there are (a decode step replays as a CUDA graph).
   const int chunk = (L + splits - 1) / splits;
+  // This lane's query channels (scaled) and accumulators; KIVI loads the query only for the ring's
+  // rows, after its coded rows (registers).
   float qr[G][P], acc[G][P], m[G], sum[G];
+  auto loadQuery = [&] {
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+      const float* qv = q + int64_t(t) * q_stride + int64_t(h0 + g) * hd;
+#pragma unroll
+      for (int i = 0; i < P; ++i) qr[g][i] = lane_in ? qv[lane * P + i] * scale : 0.0f;
+    }
+  };
 #pragma unroll
   for (int g = 0; g < G; ++g) {
-    const float* qv = q + int64_t(t) * q_stride + int64_t(h0 + g) * hd;
 #pragma unroll
-    for (int i = 0; i < P; ++i) {
-      qr[g][i] = lane_in ? qv[lane * P + i] * scale : 0.0f;
-      acc[g][i] = 0.0f;
-    }
+    for (int i = 0; i < P; ++i) acc[g][i] = 0.0f;
     m[g] = -FLT_MAX;
     sum[g] = 0.0f;
   }
+  if constexpr (!std::is_same_v<KT, uint8_t>) loadQuery();
   const int p = q_pos[t];
   const int end = min(L, (split + 1) * chunk);
   // Key row l's scores (already reduced over the warp) into the G heads' online softmax, its
@@ -270,33 +302,36 @@ __global__ void __launch_bounds__(32 * kWarps, kTwoBlocksAnSM<G, KT, OT> ? 2 : 1
     // softmax update is shared by R rows per instruction (a whole warp per row of a few bytes a
     // lane spent its time there: docs/BENCHMARKS.md). A key row's scores come from its codes and
     // its run's (lo, step) pairs as q.k = sum q lo + sum (q step) code, per run of `group` rows
-    // kept in registers; a value row's channels are decoded as kv::Affine::decode does.
-    constexpr int C = 16 / G < P ? P : 16 / G > hd ? hd : 16 / G, S = hd / C, R = 32 / S;
-    const int quantized = kc.quantized[kvh], bits = kc.bits, nbits = C * bits, cb = kc.codeBytes(), group = kc.group,
-              value_groups = kc.valueGroups(), sub = lane / S, sl = lane % S;
-    const uint64_t mask = (1u << bits) - 1;
+    // kept in registers; a value row adds w lo to a lane's sum of lows (its channels share one
+    // value group) and w step code to each channel. The softmax's rescale is shared by U rows.
+    constexpr int C = 16 / G < P ? P : 16 / G > hd ? hd : 16 / G, S = hd / C, R = 32 / S, W = (C * B + 31) / 32;
+    const int quantized = kc.quantized[kvh], cb = kc.codeBytes(), group = kc.group, value_groups = kc.valueGroups(),
+              sub = lane / S, sl = lane % S, lane_pair = sl * C / group;
     const uint8_t* k_codes = kc.K + int64_t(kvh) * kc.capacity * cb;
     const uint8_t* v_codes = kc.V + int64_t(kvh) * kc.capacity * cb;
     const float2* k_params = reinterpret_cast<const float2*>(kc.k_params) + int64_t(kvh) * kc.keyGroups() * hd + sl * C;
     const float2* v_params = reinterpret_cast<const float2*>(kc.v_params) + int64_t(kvh) * kc.capacity * value_groups;
+    const int* runs = kc.run ? kc.run + int64_t(kvh) * kc.capacity : nullptr;
     const bool one_pair = group % C == 0;  // this lane's channels share one value group
-    float q_c[G][C], acc_c[G][C], m_c[G], sum_c[G];
+    const float* q_lane = q + int64_t(t) * q_stride + int64_t(h0) * hd + sl * C;  // + g * hd: head h0 + g
+    // acc_c[g][c]: channel c's weighted values times 2^codeShift(c) (kiviCode's scale), less the lows
+    // (acc_lo) where one pair covers the lane.
+    float acc_c[G][C], acc_lo[G], m_c[G], sum_c[G];
 #pragma unroll
     for (int g = 0; g < G; ++g) {
 #pragma unroll
-      for (int c = 0; c < C; ++c) {
-        q_c[g][c] = q[int64_t(t) * q_stride + int64_t(h0 + g) * hd + sl * C + c] * scale;
-        acc_c[g][c] = 0.0f;
-      }
-      m_c[g] = -FLT_MAX, sum_c[g] = 0.0f;
+      for (int c = 0; c < C; ++c) acc_c[g][c] = 0.0f;
+      acc_lo[g] = 0.0f, m_c[g] = -FLT_MAX, sum_c[g] = 0.0f;
     }
     const int from = split * chunk, coded_end = min(end, quantized), subs = kWarps * R;
     const int per = max(0, (coded_end - from + subs - 1) / subs), lo = from + (warp * R + sub) * per,
               hi = min(coded_end, lo + per);
-    float q_step[G][C] = {}, q_lo[G] = {};  // the current run's: q x step per channel, this lane's q . lo
-    int current_run = -1;  // a sub-warp's rows ascend, and so do their runs
+    // The current run's q x step x 2^-codeShift per channel and this lane's q . lo; without
+    // eviction a run is `group` consecutive rows (run_end: the next one's first row).
+    float q_step[G][C] = {}, q_lo[G] = {};
+    int current_run = -1, run_end = 0;  // a sub-warp's rows ascend, and so do their runs
     for (int k = 0; k < per; k += U) {  // the same trip count for the whole warp (its shuffles)
-      uint64_t kw[U], vw[U];
+      uint32_t kw[U][W], vw[U][W];
       float2 pair[U];
       bool seen[U];
       int run[U];
@@ -304,46 +339,79 @@ __global__ void __launch_bounds__(32 * kWarps, kTwoBlocksAnSM<G, KT, OT> ? 2 : 1
       for (int u = 0; u < U; ++u) {
         const int l = lo + k + u;
         seen[u] = l < hi && pos[l] <= p;
-        run[u] = seen[u] ? kc.runOf(kvh, l) : -1;
-        kw[u] = seen[u] ? lanePacked(k_codes + int64_t(l) * cb, sl, nbits) : 0u;
-        vw[u] = seen[u] ? lanePacked(v_codes + int64_t(l) * cb, sl, nbits) : 0u;
-        pair[u] = seen[u] && one_pair ? v_params[int64_t(l) * value_groups + sl * C / group] : float2{0.0f, 0.0f};
+        run[u] = seen[u] && runs ? runs[l] : 0;
+        laneWords<W>(seen[u] ? lanePacked(k_codes + int64_t(l) * cb, sl, C * B) : 0u, kw[u]);
+        laneWords<W>(seen[u] ? lanePacked(v_codes + int64_t(l) * cb, sl, C * B) : 0u, vw[u]);
+        pair[u] = seen[u] && one_pair ? v_params[int64_t(l) * value_groups + lane_pair] : float2{0.0f, 0.0f};
       }
+      float dot[U][G];
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         const int l = lo + k + u;
-        if (seen[u] && run[u] != current_run) {  // a new run: its key pairs
-          current_run = run[u];
+        if (seen[u] && (runs ? run[u] != current_run : l >= run_end)) {  // a new run: its key pairs
+          current_run = runs ? run[u] : l / group;
+          run_end = (current_run + 1) * group;
 #pragma unroll
           for (int g = 0; g < G; ++g) q_lo[g] = 0.0f;
 #pragma unroll
           for (int c = 0; c < C; ++c) {
             const float2 a = k_params[int64_t(current_run) * hd + c];
 #pragma unroll
-            for (int g = 0; g < G; ++g) q_step[g][c] = q_c[g][c] * a.y, q_lo[g] += q_c[g][c] * a.x;
+            for (int g = 0; g < G; ++g) {
+              const float qc = q_lane[g * hd + c] * scale;
+              q_step[g][c] = qc * a.y * codeUnshift<B>(c), q_lo[g] += qc * a.x;
+            }
           }
         }
-        float dot[G];
 #pragma unroll
         for (int g = 0; g < G; ++g) {
-          float d = seen[u] ? q_lo[g] : 0.0f;
+          float d = q_lo[g];
 #pragma unroll
-          for (int c = 0; c < C; ++c) d += q_step[g][c] * float((kw[u] >> (c * bits)) & mask);
+          for (int c = 0; c < C; ++c) d = fmaf(q_step[g][c], kiviCode<B>(kw[u], c), d);
 #pragma unroll
           for (int o = S / 2; o > 0; o /= 2) d += __shfl_xor_sync(0xffffffffu, d, o);
-          dot[g] = d;
+          dot[u][g] = seen[u] ? d : -FLT_MAX;
         }
-        if (!seen[u]) continue;
-        if (probs && sl == 0) {
+        if (probs && sl == 0 && seen[u]) {
 #pragma unroll
-          for (int g = 0; g < G; ++g) probs[(int64_t(t) * heads + h0 + g) * row_stride + l] = dot[g];
+          for (int g = 0; g < G; ++g) probs[(int64_t(t) * heads + h0 + g) * row_stride + l] = dot[u][g];
         }
-        softmaxUpdate(dot, m_c, sum_c, acc_c, [&](int c) {
-          const float2 a = one_pair ? pair[u] : v_params[int64_t(l) * value_groups + (sl * C + c) / group];
-          return KiviCache<OT>::decode(a, int((vw[u] >> (c * bits)) & mask));
-        });
+      }
+      // The U rows into each head's online softmax at once: one rescale of the accumulators.
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+        float m_new = m_c[g];
+#pragma unroll
+        for (int u = 0; u < U; ++u) m_new = fmaxf(m_new, dot[u][g]);
+        const float corr = __expf(m_c[g] - m_new);
+        float w[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) w[u] = seen[u] ? __expf(dot[u][g] - m_new) : 0.0f;
+        sum_c[g] *= corr;
+        acc_lo[g] *= corr;
+#pragma unroll
+        for (int u = 0; u < U; ++u) sum_c[g] += w[u], acc_lo[g] = fmaf(w[u], pair[u].x, acc_lo[g]);
+#pragma unroll
+        for (int c = 0; c < C; ++c) {
+          float a = acc_c[g][c] * corr;
+#pragma unroll
+          for (int u = 0; u < U; ++u) {
+            if (one_pair) {
+              a = fmaf(w[u] * pair[u].y, kiviCode<B>(vw[u], c), a);
+            } else if (seen[u]) {  // the channel's own pair, its low scaled as the code is
+              const float2 v = v_params[int64_t(lo + k + u) * value_groups + (sl * C + c) / group];
+              a = fmaf(w[u], fmaf(v.y, kiviCode<B>(vw[u], c), v.x * codeShiftScale<B>(c)), a);
+            }
+          }
+          acc_c[g][c] = a;
+        }
+        m_c[g] = m_new;
       }
     }
+#pragma unroll
+    for (int g = 0; g < G; ++g)
+#pragma unroll
+      for (int c = 0; c < C; ++c) acc_c[g][c] = acc_lo[g] + acc_c[g][c] * codeUnshift<B>(c);
     // The warp's R states merged (each sub-warp ends with all of them), then handed to the warp's
     // layout (lane i: channels i P .. i P + P - 1) for the ring's rows and the block's merge.
 #pragma unroll
@@ -370,6 +438,7 @@ __global__ void __launch_bounds__(32 * kWarps, kTwoBlocksAnSM<G, KT, OT> ? 2 : 1
         }
       }
     }
+    loadQuery();
     walk(max(split * chunk, quantized), end, [&](int l, bool in, float (&k)[P], float (&v)[P]) {
       const int64_t row = kc.ring.at(kvh, l);
       loadChannels<P>(kc.ring.k + row, lane, in, k);
@@ -588,11 +657,17 @@ void attention(const float* q, int q_stride, const int* q_pos, int T, int heads,
   }
   const int threads = 32 * kWarps;
   // One instantiation per (group size, channels per lane) in use.
-  auto launch = [&](auto g, auto p) {
-    launchDependent(attentionSplit<decltype(g)::value, decltype(p)::value, KT, OT>, grid, threads, 0,
-        q, q_stride, q_pos, heads, group, K, V, k_pos, L, lengths, pos_stride, head_stride, scale, splits, part_o,
-        part_ms, counters.get(), out, probs, int8 ? *int8 : Int8Rows{}, rows_are_sequences,
+  auto launchBits = [&](auto g, auto p, auto b) {
+    launchDependent(attentionSplit<decltype(g)::value, decltype(p)::value, KT, OT, decltype(b)::value>, grid,
+        threads, 0, q, q_stride, q_pos, heads, group, K, V, k_pos, L, lengths, pos_stride, head_stride, scale, splits,
+        part_o, part_ms, counters.get(), out, probs, int8 ? *int8 : Int8Rows{}, rows_are_sequences,
         kivi ? *kivi : KiviCache<OT>{});
+  };
+  auto launch = [&](auto g, auto p) {
+    if constexpr (!std::is_same_v<KT, uint8_t>) return launchBits(g, p, std::integral_constant<int, 0>{});
+    else if (kivi->bits == 2) return launchBits(g, p, std::integral_constant<int, 2>{});
+    else if (kivi->bits == 4) return launchBits(g, p, std::integral_constant<int, 4>{});
+    else throw std::runtime_error("cuda::attention: KIVI keeps 2- or 4-bit codes, not " + std::to_string(kivi->bits));
   };
   auto byWidth = [&](auto g) {
     switch (head_dim) {

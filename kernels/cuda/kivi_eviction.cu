@@ -35,8 +35,14 @@ __device__ void warpCopy(void* dst, const void* src, int n, int lane) {
 // lands where a later sub-chunk's row still is (rows move down, in order). Compacting all, the
 // ring's rows go through a scratch (their ring rows change by more than the ring's length allows
 // in place), and the key pairs move down to their runs' new indices, one channel a thread.
+//
+// Most steps evict a few coded rows and compact nothing: then one pass marks the holes and counts
+// what stays (the runs with a kept row as bits of a shared bitmap, `run_words` words: runs ascend
+// with the slots but need not be dense), and the scans walk the ring's rows only — a scan over
+// every slot took most of a 32k step's decision (docs/BENCHMARKS.md).
 __global__ void __launch_bounds__(kThreads) kiviCompactKernel(EvictionCache c, KiviEviction k, const uint8_t* keep,
-                                                               bool compact_all, int stage_bytes, int* out) {
+                                                               bool compact_all, int stage_bytes, int run_words,
+                                                               int* out) {
   using Scan = cub::BlockScan<int, kThreads>;
   __shared__ typename Scan::TempStorage scan;
   __shared__ int dest[kThreads], new_run[kThreads];
@@ -59,15 +65,31 @@ __global__ void __launch_bounds__(kThreads) kiviCompactKernel(EvictionCache c, K
   int* run_map = k.run_map + int64_t(lh) * k.key_groups;
   const uint8_t* flags = keep + c.table_offset[lh];
 
+  unsigned* alive = reinterpret_cast<unsigned*>(stage + kWarps * stage_bytes);  // [run_words]
+  for (int w = threadIdx.x; w < run_words; w += blockDim.x) alive[w] = 0;
+  __syncthreads();
   float coded_kept = 0.0f, ring_kept = 0.0f;  // exact in float below 2^24
-  for (int i = threadIdx.x; i < n; i += blockDim.x)
-    if (flags[i]) (i < coded ? coded_kept : ring_kept) += 1.0f;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    if (!flags[i]) {
+      if (i < coded && pos[i] != kEvicted) pos[i] = kEvicted;  // a hole (moot if all rows move)
+    } else if (i >= coded) {
+      ring_kept += 1.0f;
+    } else {
+      coded_kept += 1.0f;
+      if (run_words) atomicOr(&alive[run[i] / 32], 1u << (run[i] % 32));
+    }
+  }
   const int kc = int(blockReduce(coded_kept, warpSum, 0.0f)), kr = int(blockReduce(ring_kept, warpSum, 0.0f));
-  // Without coded rows compacting the ring's rows in place is compacting all.
+  float alive_runs = 0.0f;  // blockReduce's barriers publish the bitmap
+  for (int w = threadIdx.x; w < run_words; w += blockDim.x) alive_runs += float(__popc(alive[w]));
+  const int runs_alive = int(blockReduce(alive_runs, warpSum, 0.0f));
+  // Without coded rows compacting the ring's rows in place is compacting all. Coded rows stay
+  // where they are unless all move: then the scans start at the ring (the bitmap counted the runs).
   const bool all = coded > 0 && (compact_all || 8 * (coded - kc) > coded + kr);
+  const int first = all || (run && !run_words) ? 0 : coded;
   if (threadIdx.x == 0) carry_kept = 0, carry_ring = 0, carry_runs = 0, carry_max_run = -1;
   __syncthreads();
-  for (int c0 = 0; c0 < n; c0 += kThreads) {
+  for (int c0 = first; c0 < n; c0 += kThreads) {
     const int i = c0 + threadIdx.x;
     const bool in = i < n, kept = in && flags[i], is_coded = i < coded;
     const int r = kept && is_coded && run ? run[i] : -1, max_before_chunk = carry_max_run;
@@ -86,7 +108,6 @@ __global__ void __launch_bounds__(kThreads) kiviCompactKernel(EvictionCache c, K
     const int to = !kept ? -1 : all ? carry_kept + kept_before : is_coded ? i : coded + carry_ring + ring_before;
     dest[threadIdx.x] = to;
     new_run[threadIdx.x] = carry_runs + runs_before + opens - 1;
-    if (!all && in && is_coded && !kept && pos[i] != kEvicted) pos[i] = kEvicted;  // a hole
     if (all && kept && is_coded && to == i && run) run[i] = new_run[threadIdx.x];
     __syncthreads();
     if (all)  // the chunk's kept ring rows to the scratch, by rank (nothing writes the ring before the end)
@@ -161,7 +182,7 @@ __global__ void __launch_bounds__(kThreads) kiviCompactKernel(EvictionCache c, K
     out[lh] = (all ? kc : coded) + kr;
     out[LH + lh] = kc + kr;
     out[2 * LH + lh] = all ? kc : coded;
-    out[3 * LH + lh] = carry_runs;
+    out[3 * LH + lh] = first == 0 ? carry_runs : runs_alive;
     out[4 * LH + lh] = all;
   }
 }
@@ -185,7 +206,11 @@ void kiviEvictionCompact(const EvictionCache& c, const KiviEviction& k, const ui
   const int row = std::max(2 * k.code_bytes + 8 * k.value_groups, 2 * k.ring_row_bytes);
   const int stage_bytes = (row + 15) / 16 * 16;
   if (kWarps * stage_bytes > 48 * 1024) throw std::runtime_error("kiviEvictionCompact: rows above 6 KiB");
-  kiviCompactKernel<<<c.layers * c.heads, kThreads, kWarps * stage_bytes>>>(c, k, keep, compact_all, stage_bytes, out);
+  // The runs' bitmap where it fits beside the stage (else the scans count the runs over every slot).
+  int run_words = k.run ? int((k.key_groups + 31) / 32) : 0;
+  if (kWarps * stage_bytes + 4 * int64_t(run_words) > 48 * 1024) run_words = 0;
+  kiviCompactKernel<<<c.layers * c.heads, kThreads, kWarps * stage_bytes + 4 * run_words>>>(
+      c, k, keep, compact_all, stage_bytes, run_words, out);
   KVTP_CUDA_LAUNCHED();
 }
 
