@@ -47,6 +47,14 @@
 //       (prefetch.global.L2) — 5.54 ms at 2k, 12.8 instead of 10.8 at 32k — dropped. The
 //       full-precision instantiations for groups of 4+ held to two blocks an SM again
 //       (kTwoBlocksAnSM): H200 70B-shape decode at 8k 4.54 -> 4.28 ms.
+//   v11 (KIVI): the bits a template parameter; a code becomes a float by masking its field into
+//       the mantissa of 2^23 and subtracting 2^23 (two full-rate instructions where a 64-bit shift,
+//       a mask and a quarter-rate int-to-float conversion were), the field's place in its half-word
+//       folded into the run's q x step and the accumulators' final scale; the value's low summed
+//       once a row (w lo), not per channel; one softmax rescale for a sub-warp's U rows; blocks in
+//       one wave. H100 7B decode at 32k, 4 / 2 bits: 11.46 / 11.60 -> 10.49 / 10.21 ms (batch 8,
+//       4 bits: 50.5 -> 42.1), then 10.12 at 4 bits in one wave. Still latency-bound (56 % of its
+//       floor): a sub-warp loads its U rows, then computes them, with nothing in flight meanwhile.
 #include <algorithm>
 #include <cfloat>
 #include <string>
@@ -641,7 +649,11 @@ void attention(const float* q, int q_stride, const int* q_pos, int T, int heads,
   // Enough blocks to fill the GPU (about 4 per SM) but at least 32 keys each.
   // L bounds every head's length (with `lengths`, the kernel reads each head's own), so the split
   // count depends on the bound only: a caller passing its capacity gets the same launch every step.
-  const int want = std::max(1, 4 * multiprocessors() / std::max(1, (heads / G) * T));
+  // KIVI's blocks, two an SM at most (kTwoBlocksAnSM), in one wave: its blocks' fixed costs (runs'
+  // pairs, merges) are a larger share than the full-precision caches' (H100 7B decode at 32k:
+  // 10.50 -> 10.12 ms; Scissorhands 0.2 + KIVI 4: 9.20 -> 9.01).
+  const int per_sm = std::is_same_v<KT, uint8_t> ? 2 : 4;
+  const int want = std::max(1, per_sm * multiprocessors() / std::max(1, (heads / G) * T));
   const int splits = std::clamp((L + 31) / 32, 1, std::min(want, kMaxSplits));
   // Partials live in a grow-only scratch buffer: steady-state decode allocates nothing.
   static thread_local DeviceBuffer<float> scratch;

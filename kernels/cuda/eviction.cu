@@ -344,15 +344,41 @@ __global__ void startSelect(RadixSelect* select, const int64_t* budget, int pool
 }
 
 // Each pool fixes the pass's byte from its histogram (summed over the ranks), then clears it.
-// One block a pool: its 256 counts read into shared memory at once (a thread walking them in
-// global memory waited out one load after another: ~20 us a pass) and zeroed for the next pass.
+// One block a pool: RadixSelect::pick's byte found by a scan over the 256 counts, highest byte
+// first (one thread walking them in global memory waited out one load after another, ~14 us a
+// pass, eight passes a decision), the counts zeroed for the next pass. Thread j holds byte
+// 255 - j; the byte picked is the first whose count, with those above it, reaches r.
 __global__ void __launch_bounds__(256) pickByte(RadixSelect* select, int shift, double* hist) {
-  __shared__ double counts[256];
+  using Scan = cub::BlockScan<int64_t, 256>;
+  __shared__ typename Scan::TempStorage scan;
+  __shared__ int64_t above_of[256], lowest_count;
+  __shared__ int first;
   double* h = hist + int64_t(blockIdx.x) * 256;
-  counts[threadIdx.x] = h[threadIdx.x];
-  h[threadIdx.x] = 0;
+  const int j = threadIdx.x;
+  const int64_t count = int64_t(h[255 - j]);
+  h[255 - j] = 0;
+  RadixSelect sel = select[blockIdx.x];
+  int64_t above = 0, total = 0;
+  Scan(scan).ExclusiveSum(count, above, total);
+  above_of[j] = above;
+  if (j == 255) lowest_count = count;  // byte 0: the holes (-inf) in the first pass
+  if (j == 0) first = 255;             // no byte reaches r: byte 0
   __syncthreads();
-  if (threadIdx.x == 0) select[blockIdx.x].pick(counts, shift);
+  if (sel.done) return;
+  if (shift == 56) {  // r between the protected keys (+inf, byte 255: thread 0's) and the entries
+    const int64_t protect = above_of[1], entries = total - lowest_count;
+    sel.r = sel.r < protect ? protect : sel.r > entries ? entries : sel.r;
+  }
+  if (sel.r > 0 && above < sel.r && above + count >= sel.r) atomicMin(&first, j);
+  __syncthreads();
+  if (j != 0) return;
+  if (sel.r == 0) {
+    sel.done = 1;
+  } else {
+    sel.r -= above_of[first];
+    sel.prefix |= uint64_t(255 - first) << shift, sel.mask |= uint64_t(255) << shift;
+  }
+  select[blockIdx.x] = sel;
 }
 
 // Per (layer, head) of this rank: how many of its keys equal its pool's threshold, at its table
@@ -368,8 +394,36 @@ __global__ void countEqual(const double* table, EvictionCache c, SelectLayout s,
   if (threadIdx.x == 0) equal[t] = count;
 }
 
-__global__ void shareTies(const double* equal, SelectLayout s, const RadixSelect* select, int64_t* quota) {
-  tieQuotas(equal, s.pool_of, s.table_heads, select, quota);
+// One block a pool: tieQuotas' shares — each of the pool's table heads (a contiguous range, found
+// by binary search in pool_of) keeps min(its equal keys, what the heads before it left of r) —
+// from a scan over the heads, 256 at a time (one thread walking every head took ~150 us a step).
+__global__ void __launch_bounds__(256) shareTies(const double* equal, SelectLayout s, const RadixSelect* select,
+                                                 int64_t* quota) {
+  using Scan = cub::BlockScan<int64_t, 256>;
+  __shared__ typename Scan::TempStorage scan;
+  const int pool = blockIdx.x;
+  auto lowerBound = [&](int value) {  // the first table head whose pool is at least `value`
+    int lo = 0, hi = s.table_heads;
+    while (lo < hi) {
+      const int mid = (lo + hi) / 2;
+      if (s.pool_of[mid] < value) lo = mid + 1;
+      else hi = mid;
+    }
+    return lo;
+  };
+  const int begin = lowerBound(pool), end = lowerBound(pool + 1);
+  const int64_t r = select[pool].done ? 0 : select[pool].r;
+  int64_t carry = 0;  // equal keys of the pool's heads before this chunk
+  for (int t0 = begin; t0 < end; t0 += blockDim.x) {
+    const int t = t0 + threadIdx.x;
+    const int64_t n = t < end ? int64_t(equal[t]) : 0;
+    int64_t before = 0, chunk = 0;
+    Scan(scan).ExclusiveSum(n, before, chunk);
+    __syncthreads();  // the scan's storage is reused
+    const int64_t left = r - carry - before;
+    if (t < end) quota[t] = left <= 0 ? 0 : n < left ? n : left;
+    carry += chunk;
+  }
 }
 
 // Per (layer, head): keys above the threshold are kept, and the head's first quota keys equal to
@@ -605,7 +659,7 @@ void evictionDecide(const EvictionCache& c, const double* table, const SelectLay
   if (s.counted) countEqual<<<heads, kThreadsPerHead>>>(table, c, s, select, equal);
   KVTP_CUDA_LAUNCHED();
   if (sum_over_ranks) sum_over_ranks(equal, size_t(s.table_heads));
-  shareTies<<<1, 1>>>(equal, s, select, quota);
+  shareTies<<<s.pools, 256>>>(equal, s, select, quota);
   markKept<<<heads, kThreadsPerHead>>>(table, c, s, select, quota, keep);
   KVTP_CUDA_LAUNCHED();
 }
