@@ -128,6 +128,14 @@ StepAttention attentionToPositions(const KVCache& c, const std::vector<int>& hot
   return attentionTo({idx}, int(pos.size()));
 }
 
+// A prompt of n queries, each attending to every entry with weight w.
+StepAttention uniformPrompt(int n, float w) {
+  StepAttention a;
+  a.T = n;
+  a.blocks.assign(1, std::vector<float>(size_t(n) * n, w));
+  return a;
+}
+
 void appendToken(KVCache& c, int pos) {
   std::vector<float> k(2, float(pos)), v(2, float(-pos));
   c.append(0, k.data(), v.data(), &pos, 1);
@@ -136,10 +144,7 @@ void appendToken(KVCache& c, int pos) {
 TEST(KvEviction, ScopeSlideKeepsThePromptAndTheDecodedHeavyHitters) {
   KVCache c = filled(10);
   Policy p(parsePolicy("snapkv:budget=1,decode=slide,decode_budget=4,decode_recent=2", ""), layout(), nullptr);
-  StepAttention prompt;
-  prompt.T = 10;
-  prompt.blocks.assign(1, std::vector<float>(100, 0.01f));
-  p.afterStep(c, prompt, 9, true);  // budget 1: the prompt stays whole
+  p.afterStep(c, uniformPrompt(10, 0.01f), 9, true);  // budget 1: the prompt stays whole
   for (int pos = 10; pos < 18; ++pos) {
     appendToken(c, pos);
     p.afterStep(c, attentionToPositions(c, {12, 14}), pos, false);
@@ -152,10 +157,7 @@ TEST(KvEviction, ScopeSlideKeepsThePromptAndTheDecodedHeavyHitters) {
 TEST(KvEviction, ScopeDiscontinuousCompressesEveryDeltaSteps) {
   KVCache c = filled(4);
   Policy p(parsePolicy("snapkv:budget=1,decode=discontinuous,decode_recent=1,delta=3", ""), layout(), nullptr);
-  StepAttention prompt;
-  prompt.T = 4;
-  prompt.blocks.assign(1, std::vector<float>(16, 0.1f));
-  p.afterStep(c, prompt, 3, true);
+  p.afterStep(c, uniformPrompt(4, 0.1f), 3, true);
   std::vector<int> lengths;
   for (int pos = 4; pos < 13; ++pos) {
     appendToken(c, pos);
