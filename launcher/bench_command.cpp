@@ -262,7 +262,8 @@ void benchGpu(const BenchArgs& a) {
         }
         const double floor = (weight_bytes + kv_bytes) / peak;
         m["decode"].push_back({{"context", C}, {"batch", B}, {"kv", spec.describe()}, {"kv_bytes", kv_bytes},
-                               {"ms_per_token", 1e3 * step}, {"decide_ms", 1e3 * decide}, {"tokens_per_second", B / step},
+                               {"ms_per_token", 1e3 * step}, {"decide_ms", 1e3 * decide},
+                               {"tokens_per_second", B / step},
                                {"floor_ms", 1e3 * floor}, {"ratio_to_floor", floor / step},
                                {"achieved_gbs", (weight_bytes + kv_bytes) / step / 1e9}});
         if (!a.json)

@@ -343,8 +343,8 @@ __global__ void startSelect(RadixSelect* select, const int64_t* budget, int pool
   for (int p = threadIdx.x; p < pools; p += blockDim.x) select[p] = RadixSelect::start(budget[p]);
 }
 
-// Each pool fixes the pass's byte from its histogram (summed over the ranks), then clears it.
-// One block a pool: RadixSelect::pick's byte found by a scan over the 256 counts, highest byte
+// Each pool fixes the pass's byte from its histogram (summed over the ranks), then clears it:
+// one block a pool, RadixSelect::pick's byte found by a scan over the 256 counts, highest byte
 // first (one thread walking them in global memory waited out one load after another, ~14 us a
 // pass, eight passes a decision), the counts zeroed for the next pass. Thread j holds byte
 // 255 - j; the byte picked is the first whose count, with those above it, reaches r.
@@ -660,6 +660,7 @@ void evictionDecide(const EvictionCache& c, const double* table, const SelectLay
   KVTP_CUDA_LAUNCHED();
   if (sum_over_ranks) sum_over_ranks(equal, size_t(s.table_heads));
   shareTies<<<s.pools, 256>>>(equal, s, select, quota);
+  KVTP_CUDA_LAUNCHED();
   markKept<<<heads, kThreadsPerHead>>>(table, c, s, select, quota, keep);
   KVTP_CUDA_LAUNCHED();
 }

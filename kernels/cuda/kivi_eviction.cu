@@ -38,8 +38,8 @@ __device__ void warpCopy(void* dst, const void* src, int n, int lane) {
 //
 // Most steps evict a few coded rows and compact nothing: then one pass marks the holes and counts
 // what stays (the runs with a kept row as bits of a shared bitmap, `run_words` words: runs ascend
-// with the slots but need not be dense), and the scans walk the ring's rows only — a scan over
-// every slot took most of a 32k step's decision (docs/BENCHMARKS.md).
+// with the slots but need not be dense), and the scans walk the ring's rows only, not four block
+// scans per 256 slots of every head.
 __global__ void __launch_bounds__(kThreads) kiviCompactKernel(EvictionCache c, KiviEviction k, const uint8_t* keep,
                                                                bool compact_all, int stage_bytes, int run_words,
                                                                int* out) {
