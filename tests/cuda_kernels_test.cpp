@@ -11,6 +11,7 @@
 #include "kernels/cuda/cuda_ops.h"
 #include "kernels/cuda/eviction.h"
 #include "kernels/cuda/forward_ops.h"
+#include "kv/budget_select.h"
 #include "kv/kv_cache.h"
 #include "kv/scorers.h"
 
@@ -419,6 +420,56 @@ TEST(CudaKernels, CompactKeepsEachHeadsRowsInOrder) {
       }
     }
   EXPECT_EQ(gk[(size_t(0) * capacity + 45) * hd], K[(size_t(0) * capacity + 45) * hd]);  // past the kept: untouched
+}
+
+// The budget's select on the device (cuda::evictionDecide: byte histograms, a block per pool
+// picking each byte, ties shared out by a scan over each pool's heads) against its CPU twin,
+// kv::selectBudget, entry for entry: 3 layers x 100 heads (a global pool's 300 heads take the tie
+// shares' scan past one block of 256), keys drawn from a few values so that ties decide much, with
+// holes (-inf) and protected entries (+inf), budgets from none to past every entry; one global
+// pool, a pool per layer, a pool per head.
+TEST(CudaKernels, BudgetSelectKeepsWhatTheCpuSelectKeeps) {
+  REQUIRE_GPU();
+  const int L = 3, H = 100, LH = L * H;
+  std::mt19937 rng(7);
+  const double values[] = {-INFINITY, 0.25, 0.5, 0.5, 1.0, 2.0, 1e300, INFINITY};
+  for (int trial = 0; trial < 6; ++trial) {
+    std::vector<std::vector<double>> keys(LH);
+    std::vector<int> lengths(LH), offsets(LH), head_table(LH);
+    std::vector<double> table;
+    for (int i = 0; i < LH; ++i) {
+      lengths[i] = int(rng() % 41), offsets[i] = int(table.size()), head_table[i] = i;
+      for (int e = 0; e < lengths[i]; ++e) {
+        const double k = rng() % 4 == 0 ? std::ldexp(double(rng() % 1000), -int(rng() % 8)) : values[rng() % 8];
+        keys[i].push_back(k), table.push_back(k);
+      }
+    }
+    for (const int pools : {1, L, LH}) {
+      std::vector<int> pool_of(LH);
+      std::vector<int64_t> entries(pools, 0), budget(pools);
+      for (int t = 0; t < LH; ++t) pool_of[t] = t / (LH / pools), entries[pool_of[t]] += lengths[t];
+      for (int p = 0; p < pools; ++p) budget[p] = int64_t(rng() % uint64_t(entries[p] + 3));
+      std::vector<kv::SelectHead> heads;
+      for (int i = 0; i < LH; ++i) heads.push_back({keys[i].data(), lengths[i], i, true});
+      std::vector<std::vector<uint8_t>> cpu;
+      kv::selectBudget(heads, pool_of, budget, nullptr, cpu);
+
+      DeviceBuffer<double> dtable(table.empty() ? std::vector<double>{0} : table);
+      DeviceBuffer<int> dlengths(lengths), doffsets(offsets), dhead_table(head_table), dpool_of(pool_of);
+      DeviceBuffer<int64_t> dbudget(budget);
+      DeviceBuffer<uint8_t> dkeep(std::max<size_t>(table.size(), 1));
+      cuda::EvictionCache c{};
+      c.layers = L, c.heads = H, c.length = dlengths.get(), c.table_offset = doffsets.get();
+      const cuda::SelectLayout layout{dhead_table.get(), dpool_of.get(), dbudget.get(), LH, pools, true};
+      cuda::evictionDecide(c, dtable.get(), layout, {}, dkeep.get());
+      const auto gpu = dkeep.download();
+      for (int i = 0; i < LH; ++i)
+        for (int e = 0; e < lengths[i]; ++e)
+          ASSERT_EQ(bool(gpu[size_t(offsets[i]) + e]), bool(cpu[i][e]))
+              << "trial " << trial << ", " << pools << " pools, head " << i << ", entry " << e << ", key "
+              << keys[i][e] << ", budget " << budget[pool_of[i]];
+    }
+  }
 }
 
 // KIVI thinned by eviction: cuda::kiviEvictionCompact against its CPU twin, kv::KVCache::retain
