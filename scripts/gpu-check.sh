@@ -2,8 +2,8 @@
 # On the GPU machine, after scripts/bundle-gpu.sh here: every GPU test, the CUDA benchmarks, the
 # perplexity job at tp 1 and (with two GPUs) tp 2 on a Llama-2-7B shape, and transformers on the
 # same shapes — the runs behind docs/BENCHMARKS.md. Results as JSON files under $OUT (or /tmp).
-#   device tool: carry [".bundle.tar.xz"], command: bash scripts/gpu-check.sh [tests] [bench] [tp] [scale] [kv] [kivi] [kivievict] [catalogue] [lowrank] [kv8k] [hf] [refs] [passkey]
-# (no section named: all of them); KVTP_PARITY_CASES=text: CudaEngine.CompressionMatchesTheCpu runs
+#   device tool: carry [".bundle.tar.xz"], command: bash scripts/gpu-check.sh [tests] [bench] [tp] [scale] [kv] [kivi] [kivievict] [catalogue] [lowrank] [kv8k] [profile] [hf] [refs] [passkey]
+# (no section named: all but profile); KVTP_PARITY_CASES=text: CudaEngine.CompressionMatchesTheCpu runs
 # only the cases whose name holds it (a short session's focus); MPIRUN_ARGS: mpirun options, default --bind-to none
 # (Open MPI binds each rank to one core by default; a GPU rank then shares that core with
 # NCCL's proxy thread, which halved tp 2 throughput in our runs)
@@ -143,6 +143,33 @@ if [ "$gpus" -ge 2 ] && want kv8k; then
   $mpi_ppl --synthetic llama-2-70b --input-ids /tmp/ids8448.txt --seq-len 8192 --max-windows 1 --device cuda --json \
     > "$out/llama70b_8k_prefill.json"
   summary "$out/llama70b_8k_prefill.json"
+fi
+# Where one decode step's time goes, kernel by kernel (ncu, not in the default run): a Llama-2-7B
+# shape cut to 8 layers at 32k, 4 decode steps; the kernels from the first step's decision to the
+# second step's last attention (a decision, then a forward). PROFILE_KV: the bench's compression
+# options (default Scissorhands 0.2 + KIVI 4). Clocks at base (ncu's --clock-control none leaves
+# them idling low between its replays), no cache flushes.
+if [[ " $sections " == *" profile "* ]]; then
+  timeout 300 ncu --metrics gpu__time_duration.sum --cache-control none --clock-control base -o /tmp/step -f \
+    .bundle/kvtp bench --device cuda --synthetic llama-2-7b --layers 8 --contexts 32768 --batch 1 --repeats 1 \
+    --decode-steps 4 ${PROFILE_KV:---kv scissorhands:budget=0.2 --kv-quant kivi:bits=4} > /dev/null 2>&1
+  ncu -i /tmp/step.ncu-rep --page raw --csv --metrics gpu__time_duration.sum > "$out/profile_step.csv"
+  python3 - "$out/profile_step.csv" <<'PY'
+import collections, csv, re, sys
+rows = list(csv.reader(open(sys.argv[1])))
+name, time = rows[0].index('Kernel Name'), rows[0].index('gpu__time_duration.sum')
+scale = {'ns': 1e-3, 'nsecond': 1e-3, 'us': 1.0, 'usecond': 1.0, 'ms': 1e3, 'msecond': 1e3}[rows[1][time]]  # to us
+launches = []
+for r in rows[2:]:
+    k = re.sub(r'\(anonymous namespace\)|<unnamed>', '', r[name])
+    while re.search(r'<[^<>]*>', k): k = re.sub(r'<[^<>]*>', '', k)
+    launches.append((k.split('(')[0].split('::')[-1], float(r[time].replace(',', '')) * scale))
+attention = [i for i, (k, _) in enumerate(launches) if k == 'attentionSplit']
+total, count = collections.Counter(), collections.Counter()
+for k, t in launches[attention[7] + 1:attention[15] + 1]: total[k] += t; count[k] += 1
+print(f'one step (8 layers): {sum(total.values()):.1f} us')
+for k, t in total.most_common(): print(f'{t:9.1f} us {count[k]:4d} x {k}')
+PY
 fi
 # kvtp beside transformers on the same shapes in one run (kvtp bench --compare-hf runs scripts/hf_bench.py)
 want hf && timeout 400 .bundle/kvtp bench --device cuda --synthetic llama-2-7b --contexts 2048,8192,32768 --batch 1 \
