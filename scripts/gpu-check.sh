@@ -150,9 +150,12 @@ fi
 # options (default Scissorhands 0.2 + KIVI 4). Clocks at base (ncu's --clock-control none leaves
 # them idling low between its replays), no cache flushes.
 if [[ " $sections " == *" profile "* ]]; then
+  profiled="--device cuda --synthetic llama-2-7b --layers 8 --contexts 32768 --batch 1 --repeats 1"
+  # the same step without the profiler: its decide_ms beside the decision's kernels tells host time
+  kv=${PROFILE_KV:---kv scissorhands:budget=0.2 --kv-quant kivi:bits=4}
+  timeout 120 .bundle/kvtp bench $profiled --json $kv > "$out/profile_bench.json" && decodeTable "$out/profile_bench.json"
   timeout 300 ncu --metrics gpu__time_duration.sum --cache-control none --clock-control base -o /tmp/step -f \
-    .bundle/kvtp bench --device cuda --synthetic llama-2-7b --layers 8 --contexts 32768 --batch 1 --repeats 1 \
-    --decode-steps 4 ${PROFILE_KV:---kv scissorhands:budget=0.2 --kv-quant kivi:bits=4} > /dev/null 2>&1
+    .bundle/kvtp bench $profiled --decode-steps 4 $kv > /dev/null 2>&1
   ncu -i /tmp/step.ncu-rep --page raw --csv --metrics gpu__time_duration.sum > "$out/profile_step.csv"
   python3 - "$out/profile_step.csv" <<'PY'
 import collections, csv, re, sys
