@@ -153,7 +153,8 @@ if [[ " $sections " == *" profile "* ]]; then
   profiled="--device cuda --synthetic llama-2-7b --layers 8 --contexts 32768 --batch 1 --repeats 1"
   # the same step without the profiler: its decide_ms beside the decision's kernels tells host time
   kv=${PROFILE_KV:---kv scissorhands:budget=0.2 --kv-quant kivi:bits=4}
-  timeout 120 .bundle/kvtp bench $profiled --json $kv > "$out/profile_bench.json" && decodeTable "$out/profile_bench.json"
+  timeout 120 .bundle/kvtp bench $profiled --json $kv > "$out/profile_bench.json"
+  decodeTable "$out/profile_bench.json"
   timeout 300 ncu --metrics gpu__time_duration.sum --cache-control none --clock-control base -o /tmp/step -f \
     .bundle/kvtp bench $profiled --decode-steps 4 $kv > /dev/null 2>&1
   ncu -i /tmp/step.ncu-rep --page raw --csv --metrics gpu__time_duration.sum > "$out/profile_step.csv"
