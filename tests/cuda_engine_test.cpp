@@ -388,7 +388,7 @@ TEST(CudaEngine, BatchTooLargeIsRefusedClearly) {
 }
 
 // What the CUDA engine does not do yet is refused with a clear error, before any GPU work:
-// low-rank channels with quantization or under a row-scored method, and leverage.
+// low-rank channels with KIVI or under a row-scored method, and leverage.
 TEST(CudaEngine, CompressedCacheIsRefusedClearly) {
   for (const auto& [kv, quant, lowrank] : std::vector<std::array<std::string, 3>>{
            {"knorm:budget=0.3", "", "cskv:rank=8"},
