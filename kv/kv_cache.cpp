@@ -101,6 +101,7 @@ void KVCache::append(int layer, const float* k, const float* v, const int* posit
         c.keys.insert(c.keys.end(), kr, kr + head_dim_);
         c.values.insert(c.values.end(), vr, vr + head_dim_);
       }
+      if (rows_on_device_) c.keys.clear(), c.values.clear();  // held rows (holdRows) no longer match
       c.positions.push_back(positions[t]);
       c.score.push_back(0.0);
       c.history.push_back(0);
@@ -125,6 +126,14 @@ void KVCache::retain(int layer, int head, const std::vector<int>& keep) {
     ++j;
   }
   c.positions.resize(j), c.score.resize(j), c.history.resize(j), c.form.resize(j), c.out_norm.resize(j);
+  c.keys.clear(), c.values.clear();  // held rows (holdRows) no longer match
+}
+
+void KVCache::holdRows(int layer, int head, const float* keys, const float* values) {
+  if (!rows_on_device_) throw std::logic_error("KVCache::holdRows: a host cache holds its own rows");
+  HeadCache& c = this->head(layer, head);
+  const size_t n = size_t(c.length()) * head_dim_;
+  c.keys.assign(keys, keys + n), c.values.assign(values, values + n);
 }
 
 void KVCache::clear() {
@@ -399,8 +408,12 @@ void KVCache::rebuild(int layer, int head, const std::vector<int>& keep, const C
 }
 
 HeadRows KVCache::rows(int layer, int head, std::vector<float>& scratch) const {
-  if (rows_on_device_) throw std::logic_error("KVCache: a device cache's rows are on the device");
   const HeadCache& c = this->head(layer, head);
+  if (rows_on_device_) {
+    if (c.keys.size() != size_t(c.length()) * head_dim_)
+      throw std::logic_error("KVCache: a device cache's rows are on the device (holdRows copies them down)");
+    return {c.keys.data(), c.values.data()};
+  }
   if (std::all_of(c.form.begin(), c.form.end(), [](Form f) { return f == Form::Full; }))
     return {c.keys.data(), c.values.data()};
   const int hd = head_dim_, n = c.length();

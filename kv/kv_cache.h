@@ -112,8 +112,12 @@ class KVCache {
   static bool canHold(Form form, Form rung);
 
   // Full-precision rows of every entry, in entry order; `scratch` holds them unless the head has
-  // only full entries (then they are the store itself).
+  // only full entries (then they are the store itself). A mirror's: those holdRows gave it.
   HeadRows rows(int layer, int head, std::vector<float>& scratch) const;
+  // A mirror's rows for a decision that reads them (the methods its device does not score): the
+  // head's keys and values as the device decodes them, length x head_dim floats each, what rows()
+  // gives until the head next changes (an append or a retain lets them go).
+  void holdRows(int layer, int head, const float* keys, const float* values);
   // Bytes as a GPU stores this head (StoreShape::bytes over its entries).
   int64_t storedBytes(int layer, int head) const;
 

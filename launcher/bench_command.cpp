@@ -58,7 +58,7 @@ struct BenchArgs {
   int seq_len = 2048, repeats = 3, layers = 0, decode_steps = 32;
   std::vector<int> contexts = {2048, 8192, 32768}, batches = {1, 8};
   std::string device = "cpu", dtype = "fp16", kv, kv_quant, kv_lowrank;
-  bool json = false, compare_hf = false;
+  bool json = false, compare_hf = false, decide_phases = false;
 };
 
 // The models to measure: name, config, and where their weights come from.
@@ -174,8 +174,9 @@ void benchGpu(const BenchArgs& a) {
     const Partition whole = Partition::make(c, 0, 1);
     const double weight_bytes = double(weightElements(c, whole)) * elem;
     const kv::PolicySpec spec = kv::parsePolicy(a.kv, a.kv_quant, a.kv_lowrank);  // a bad spec: main prints its message
-    auto engine = makeGpuEngine(c, whole, weights,
-                                {dtype, device, nullptr, spec, nullptr, queryFiltersFor(spec, directory, c, whole)});
+    GpuOptions options{dtype, device, nullptr, spec, nullptr, queryFiltersFor(spec, directory, c, whole)};
+    options.time_decision_phases = a.decide_phases;
+    auto engine = makeGpuEngine(c, whole, weights, options);
     std::mt19937 rng(2);
     auto randomTokens = [&](int n) {
       std::vector<int> t(n);
@@ -235,6 +236,7 @@ void benchGpu(const BenchArgs& a) {
         // A step's time, and the share its compression decision took (the log-probs reach the host
         // before compress() starts, so the two do not overlap).
         std::vector<double> times, decide_times;
+        const auto phases_before = engine->decisionPhaseSeconds();
         for (int i = C; i < C + a.decode_steps; ++i) {
           for (int b = 0; b < B; ++b) tokens[b] = ctx[b][i], positions[b] = i, targets[b] = ctx[b][i + 1];
           const auto t0 = std::chrono::steady_clock::now();
@@ -271,6 +273,18 @@ void benchGpu(const BenchArgs& a) {
                       "KV %8.1f MiB  floor %7.3f ms  %5.1f%% of peak bandwidth\n",
                       name.c_str(), C, B, 1e3 * step, a.decode_steps, 1e3 * decide, B / step, kv_bytes / (1 << 20),
                       1e3 * floor, 100 * floor / step);
+        if (a.decide_phases) {  // each phase's mean over the timed steps (every sequence's decisions)
+          nlohmann::json phases = nlohmann::json::object();
+          for (const auto& [phase, seconds] : engine->decisionPhaseSeconds()) {
+            double before = 0;
+            for (const auto& [p, s] : phases_before)
+              if (p == phase) before = s;
+            const double ms = 1e3 * (seconds - before) / a.decode_steps;
+            phases[phase] = ms;
+            if (!a.json) std::printf("    deciding, %-8s %7.3f ms a step\n", phase.c_str(), ms);
+          }
+          m["decode"].back()["decide_phases_ms"] = phases;
+        }
       }
     }
     // Generation (kvtp generate): B prompts of 128 tokens, greedy, 4 x decode-steps new tokens
@@ -330,6 +344,9 @@ void addBenchCommand(CLI::App& app) {
                   "cuda: store the cache quantized: int8 | kivi:bits=2,group=32,residual=128 (docs/KV.md)");
   cmd->add_option("--kv-lowrank", a->kv_lowrank, "cuda: low-rank KV channels: cskv:rank=R,window=W (docs/KV.md)");
   cmd->add_option("--layers", a->layers, "synthetic: override the number of layers (0 = the preset's)");
+  cmd->add_flag("--decide-phases", a->decide_phases,
+                "cuda: time each phase of a step's compression decision (decide_phases_ms; the device is waited "
+                "for at every phase's end, so the step runs slower)");
   cmd->add_flag("--compare-hf", a->compare_hf,
                 "cuda: run transformers on the same synthetic shapes in this run (scripts/hf_bench.py) and print "
                 "the ratios");

@@ -17,19 +17,16 @@ Precision parsePrecision(const std::string& s) {
 const char* precisionName(Precision d) { return d == Precision::F32 ? "fp32" : d == Precision::F16 ? "fp16" : "bf16"; }
 
 void checkGpuCompression(const kv::PolicySpec& s) {
-  // The device scores every other row-reading method where the rows lie, and ThinK's queries itself.
-  if (s.method == kv::Method::Leverage || s.method == kv::Method::Expected || s.method == kv::Method::NonCausal ||
-      s.method == kv::Method::Compactor)
-    throw Error("'" + s.describe() + "' runs on --device cpu only so far (leverage factors each head's keys; expected, "
-                "noncausal and compactor read the queries; the CUDA engine computes neither yet)");
-  if (!s.ladder.empty() || s.block > 0)
-    throw Error("ladder= (tiered precision) and block= (the prompt in blocks) run on --device cpu only so far ('" +
-                s.describe() + "')");
+  if (!s.ladder.empty())
+    throw Error("ladder= (tiered precision) runs on --device cpu only so far ('" + s.describe() + "')");
   if (s.rank > 0 && s.quant == kv::Quant::Kivi)
     throw Error("--device cuda holds low-rank channels (cskv) with int8 but not with KIVI; '" + s.describe() +
                 "' combines them: use --device cpu");
-  if (s.rank > 0 && s.readsRows())
-    throw Error("--device cuda scores cached rows where they lie, not low rank's coordinates ('" + s.describe() +
+  // The row-reading methods read rows where the device holds them (or copied down), not low rank's coordinates.
+  const bool reads_rows = s.readsRows() || s.method == kv::Method::Expected || s.method == kv::Method::NonCausal ||
+                          s.method == kv::Method::Compactor;
+  if (s.rank > 0 && reads_rows)
+    throw Error("--device cuda scores cached rows, not low rank's coordinates ('" + s.describe() +
                 "'): use --device cpu, or an attention-scored method");
 }
 

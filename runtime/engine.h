@@ -3,6 +3,8 @@
 // the CUDA engine (runtime/gpu_engine.h) keeps weights and cache in GPU memory.
 #pragma once
 #include <memory>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "kv/policy.h"
@@ -54,6 +56,9 @@ class Engine {
   // Seconds this rank's device spent inside tensor-parallel collectives so far (0 where not measured:
   // the CPU backend, or the CUDA engine unless asked to, GpuOptions::time_collectives).
   virtual double collectiveSeconds() const { return 0; }
+  // Seconds spent so far in each phase of compress() (the CUDA engine when asked to,
+  // GpuOptions::time_decision_phases), in the order first seen; empty where not measured.
+  virtual std::vector<std::pair<std::string, double>> decisionPhaseSeconds() const { return {}; }
 };
 
 // The CPU backend: `model` must outlive the engine; `policy` (null: full cache) compresses the

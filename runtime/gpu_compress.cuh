@@ -17,9 +17,11 @@ void GpuEngine<T>::compress(int last_pos, bool prefill) {
     s.compact_counted = s.compact;
     return;
   }
+  phaseEnds(nullptr);
   decide(s, last_pos, prefill);
   if (kivi_evicts_) settleKivi(s);
   else if (windowed_evicts_) settleLowRank(s);
+  phaseEnds(windowed_evicts_ ? "settle" : "decide");
 }
 
 // The policy decides on the mirror (scored by the prefill's observation window when it asks for
@@ -27,7 +29,9 @@ void GpuEngine<T>::compress(int last_pos, bool prefill) {
 // gives the rows the device keeps. The per-step methods' decode steps: decideOnDevice.
 template <class T>
 void GpuEngine<T>::decide(Sequence& s, int last_pos, bool prefill) {
-  if (device_decides_ && (!prefill || s.on_device || kv_spec_.method != kv::Method::Scissorhands)) {
+  // Scissorhands' prompt (a history bit per observed row) and block-wise prompts go to the mirror.
+  const bool mirror_prompt = kv_spec_.method == kv::Method::Scissorhands || kv_spec_.block > 0;
+  if (device_decides_ && (!prefill || s.on_device || !mirror_prompt)) {
     s.policy.countStep(last_pos, prefill);
     return decideOnDevice(s, last_pos, nullptr, s.policy.decidesAfter(prefill));
   }
@@ -68,6 +72,9 @@ void GpuEngine<T>::decide(Sequence& s, int last_pos, bool prefill) {
       for (int t = first; t < first + count; ++t)
         attention_.output_norms[i].push_back(all[(size_t(i / H) * rows + t) * H + i % H]);
   }
+  attention_.queries.clear();
+  if (mirrorReadsQueries(kv_spec_)) attention_.queries = stepQueries(s), attention_.T = queries_batch_ ? 1 : query_rows_;
+  if (mirrorReadsRows(kv_spec_)) copyRowsToMirror(s);
   s.policy.afterStep(s.mirror, attention_, last_pos, prefill);
   if (windowed_evicts_) compactCodedAsMirror(s);
   else compactAsMirror(s);
@@ -93,6 +100,55 @@ void GpuEngine<T>::pruneKeyChannels(Sequence& s) {
   int* d_meta = grow(evict_meta_, meta.size());
   KVTP_CUDA_CHECK(cudaMemcpy(d_meta, meta.data(), meta.size() * sizeof(int), cudaMemcpyHostToDevice));
   cuda::pruneKeyChannels(deviceRows(d_meta), think_power_.get(), int(kv_spec_.think * hd));
+}
+
+// The methods the device does not score (mirrorReadsRows): every head's rows of sequence s as the
+// device holds them (int8 and KIVI decoded as the CPU decodes them: cuda::cachedRows), held by the
+// mirror for this decision. O(entries) copied each decision: what interval= is for on long contexts.
+template <class T>
+void GpuEngine<T>::copyRowsToMirror(Sequence& s) {
+  const int H = part_.kv_heads, LH = c_.layers * H, hd = c_.head_dim;
+  std::vector<int> meta(2 * size_t(LH));  // table offsets, then slots
+  int64_t n = 0;
+  for (int i = 0; i < LH; ++i) {
+    if (s.mirror.head(i / H, i % H).length() != s.len[i])
+      throw std::logic_error("copyRowsToMirror: the mirror does not follow the device's slots");
+    meta[i] = int(n), meta[LH + i] = s.len[i], n += s.len[i];
+  }
+  if (n > INT32_MAX) throw Error("a decision on the host: more than 2^31 cache entries on one GPU");
+  int* d_meta = grow(evict_meta_, meta.size());
+  KVTP_CUDA_CHECK(cudaMemcpy(d_meta, meta.data(), meta.size() * sizeof(int), cudaMemcpyHostToDevice));
+  const size_t floats = size_t(n) * hd;
+  float* rows = grow(mirror_rows_, std::max<size_t>(2 * floats, 1));
+  cuda::cachedRows(deviceRows(d_meta), hd, rows, rows + floats);
+  std::vector<float> host(2 * floats);
+  KVTP_CUDA_CHECK(cudaMemcpy(host.data(), rows, host.size() * sizeof(float), cudaMemcpyDeviceToHost));
+  for (int i = 0; i < LH; ++i)
+    s.mirror.holdRows(i / H, i % H, host.data() + size_t(meta[i]) * hd, host.data() + floats + size_t(meta[i]) * hd);
+}
+
+// The last step's queries of sequence s for the mirror's policy (kv::StepAttention::queries: per
+// (layer, KV head) its query heads' rows, each (rows, head_dim), before RoPE — the device's, after
+// it, rotated back by their positions).
+template <class T>
+std::vector<std::vector<float>> GpuEngine<T>::stepQueries(const Sequence& s) {
+  const int L = c_.layers, H = part_.kv_heads, hd = c_.head_dim, Q = part_.q_heads * hd, rows = query_rows_;
+  const int first = queries_batch_ ? current_ : 0, count = queries_batch_ ? 1 : rows;
+  std::vector<float> all(size_t(L) * rows * Q);
+  KVTP_CUDA_CHECK(cudaMemcpy(all.data(), step_queries_.get(), all.size() * sizeof(float), cudaMemcpyDeviceToHost));
+  std::vector<int> back(s.positions.end() - count, s.positions.end());
+  for (int& p : back) p = -p;
+  const std::vector<float>& inv_freq = s.mirror.ropeInvFreq();
+  std::vector<std::vector<float>> out(size_t(L) * H);
+  for (int l = 0; l < L; ++l) {
+    float* q = all.data() + (size_t(l) * rows + first) * Q;
+    if (!inv_freq.empty()) kernels::applyRope(q, count, part_.q_heads, hd, back.data(), inv_freq.data());
+    for (int h = 0; h < part_.q_heads; ++h) {
+      std::vector<float>& block = out[size_t(l) * H + part_.kvHeadOf(h, c_)];
+      for (int t = 0; t < count; ++t) block.insert(block.end(), q + size_t(t) * Q + h * hd, q + size_t(t) * Q + (h + 1) * hd);
+    }
+  }
+  return out;
 }
 
 // The mirror's kept entries, matched by position to the device's rows, kept on the device too:
@@ -197,6 +253,7 @@ void GpuEngine<T>::decideOnDevice(Sequence& s, int last_pos, const kv::Policy::D
   int64_t* d_budget = grow(evict_budget_, budget.size());
   KVTP_CUDA_CHECK(cudaMemcpy(d_budget, budget.data(), budget.size() * sizeof(int64_t), cudaMemcpyHostToDevice));
   cuda::EvictionCache cache = deviceRows(d_meta);
+  phaseEnds("upload");
   // What the step's attention left: a decode step's probabilities, or the prompt's observed rows
   // summed ([layer][kv_head][observed_len_]; H2O observes every row).
   const bool observed = observed_len_ > 0 && observed_seq_ == current_;
@@ -234,6 +291,7 @@ void GpuEngine<T>::decideOnDevice(Sequence& s, int last_pos, const kv::Policy::D
   if (sums_rows || inputs.chunk > 1)
     inputs.entry_slots = grow(entry_slots_, size_t(std::max<int64_t>(N, 1)));
   cuda::evictionKeys(cache, method, s.unscored, mask, protect_below, protect_recent, last_pos, table, inputs);
+  phaseEnds("keys");
   if (!decides) {  // interval=: the step's attention is scored; the decision waits for its step
     if (was_on_device) {
       for (int& k : s.kept) k += s.unscored;
@@ -252,6 +310,7 @@ void GpuEngine<T>::decideOnDevice(Sequence& s, int last_pos, const kv::Policy::D
   uint8_t* keep = grow(keep_flags_, size_t(std::max<int64_t>(N, 1)));
   cuda::evictionDecide(cache, table, select, sum_over_ranks, keep);
   if (kv_spec_.evict_below > -INFINITY && !decoded) cuda::evictBelow(table, N, kv_spec_.evict_below, keep);
+  phaseEnds("select");
   if (kivi_) {
     compactCoded(s, cache, keep, false);
   } else {
@@ -262,6 +321,7 @@ void GpuEngine<T>::decideOnDevice(Sequence& s, int last_pos, const kv::Policy::D
   }
   s.longest = *std::max_element(s.len.begin(), s.len.end());
   s.uniform = false, s.unscored = 0, s.weights_pending = false;
+  phaseEnds("compact");
 }
 
 // The sequence's rows for the device decision: per layer its K and V rows (int8 codes, KIVI's

@@ -5,6 +5,7 @@
 #include "runtime/gpu_engine.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdlib>
 #include <deque>
@@ -14,6 +15,7 @@
 #include <vector>
 
 #include "comm/nccl_communicator.h"
+#include "kernels/cpu_ops.h"
 #include "kernels/cuda/cuda_ops.h"
 #include "kernels/cuda/eviction.h"
 #include "kernels/cuda/forward_ops.h"
@@ -30,6 +32,18 @@ using cuda::grow;
 // read rows where they lie, not coordinates), CriticalKV's second stage and ThinK's bytes are the
 // policy's own.
 bool mirrorDecidesAll(const kv::PolicySpec& s) { return s.rank > 0 || s.critical > 0 || s.think > 0; }
+
+// The methods the device does not score (leverage, expected attention, noncausal, compactor;
+// block-wise prompts) decide on the mirror from the cached rows as the device holds them, copied
+// down for each decision (GpuEngine::copyRowsToMirror) — and, for those that read them, from the
+// step's queries (mirrorReadsQueries). Block-wise prompts of the methods the device scores go back
+// to the device after the prompt.
+bool mirrorReadsQueries(const kv::PolicySpec& s) {
+  return s.method == kv::Method::Expected || s.method == kv::Method::NonCausal || s.method == kv::Method::Compactor;
+}
+bool mirrorReadsRows(const kv::PolicySpec& s) {
+  return mirrorReadsQueries(s) || s.method == kv::Method::Leverage || (s.block > 0 && s.readsRows());
+}
 
 // Host float32 tensors, concatenated by rows, converted to T on the device (through a float32
 // staging buffer, so a 7B model converts in seconds).
@@ -103,7 +117,9 @@ struct Sequence {
   Sequence(const ModelConfig& c, const Partition& part, const kv::PolicySpec& spec, comm::Communicator* host_group)
       : len(size_t(c.layers) * part.kv_heads, 0), policy(spec, headLayout(c, part), host_group),
         mirror(c.layers, part.kv_heads, c.head_dim, true), row_positions(len.size()), coded(len.size(), 0),
-        coded_kept(len.size(), 0), runs_alive(len.size(), 0), next_run(len.size(), 0) {}
+        coded_kept(len.size(), 0), runs_alive(len.size(), 0), next_run(len.size(), 0) {
+    if (c.family == Family::Llama) mirror.setRope(ropeInverseFrequencies(c));  // what reads keys before RoPE
+  }
   std::vector<int> len;  // slots in use per (layer, KV head): its entries (and, decided on the device, holes)
   int longest = 0;
   // While no eviction has run this window every head holds the same positions, `positions`.
@@ -151,7 +167,7 @@ class GpuEngine : public Engine {
         lowrank_(o.kv.rank > 0),
         windowed_(kivi_ || lowrank_), windowed_evicts_(windowed_ && o.kv.evicts()), kivi_evicts_(kivi_ && o.kv.evicts()),
         ring_((lowrank_ ? o.kv.lowrank_window : o.kv.residual + o.kv.group) + kMaxFewRows),
-        time_collectives_(o.time_collectives) {
+        time_collectives_(o.time_collectives), time_phases_(o.time_decision_phases) {
     checkGpuCompression(o.kv);
     c_.checkLowRank(o.kv.rank);
     if (!std::set<int>{8, 16, 32, 64, 128, 256}.count(c_.head_dim))
@@ -315,6 +331,7 @@ class GpuEngine : public Engine {
   }
 
   double collectiveSeconds() const override { return collectives_.seconds(); }
+  std::vector<std::pair<std::string, double>> decisionPhaseSeconds() const override { return phases_; }
   void synchronize() override { KVTP_CUDA_CHECK(cudaDeviceSynchronize()); }
 
  private:
@@ -497,6 +514,8 @@ class GpuEngine : public Engine {
   void compactCodedAsMirror(Sequence& s);
   void compactAsMirror(Sequence& s);  // gpu_compress.cuh: the caches other than KIVI and low rank
   void pruneKeyChannels(Sequence& s);  // gpu_compress.cuh: ThinK at the prompt's end
+  void copyRowsToMirror(Sequence& s);  // gpu_compress.cuh: mirrorReadsRows
+  std::vector<std::vector<float>> stepQueries(const Sequence& s);  // gpu_compress.cuh: mirrorReadsQueries
   void settleKivi(Sequence& s);
   void settleLowRank(Sequence& s);
   cuda::LowRankCache<T> lowRankAt(int l, size_t head0, const int* projected, const int* projected_after);
@@ -713,6 +732,11 @@ class GpuEngine : public Engine {
   int norm_rows_ = 0;
   bool norms_batch_ = false;
   DeviceBuffer<float> think_power_;  // ThinK: the prompt's query power [layer][kv_head][channel]
+  // mirrorReadsQueries: the last step's queries after RoPE [layer][row][q_heads x head_dim] (a
+  // batch: a row a sequence); mirrorReadsRows: the rows copied down, keys then values.
+  DeviceBuffer<float> step_queries_, mirror_rows_;
+  int query_rows_ = 0;
+  bool queries_batch_ = false;
   // An int8, KIVI or low-rank cache (GpuLayer::K8..., Kq..., coords; KIVI's and low rank's ring
   // of full-precision rows per KV head: `windowed_` — with int8, low rank's ring holds codes:
   // LowRankCache::int8), and the stage a step reads it through in T (int8, KIVI: many-row steps;
@@ -731,7 +755,23 @@ class GpuEngine : public Engine {
   DeviceBuffer<uint8_t> ring_scratch_;
   DeviceBuffer<T> stage_k_, stage_v_;
   DeviceBuffer<int> stage_pos_;
-  const bool time_collectives_;
+  const bool time_collectives_, time_phases_;
+  // compress()'s phases (time_phases_): seconds each, and when the current one began.
+  std::vector<std::pair<std::string, double>> phases_;
+  std::chrono::steady_clock::time_point phase_began_;
+  // The phase that just ended (`name`; null: none, the first begins) gets the time since the
+  // last one ended, the device's work included.
+  void phaseEnds(const char* name) {
+    if (!time_phases_) return;
+    KVTP_CUDA_CHECK(cudaDeviceSynchronize());
+    const auto now = std::chrono::steady_clock::now();
+    const double seconds = std::chrono::duration<double>(now - phase_began_).count();
+    phase_began_ = now;
+    if (!name) return;
+    auto it = std::find_if(phases_.begin(), phases_.end(), [&](const auto& p) { return p.first == name; });
+    if (it == phases_.end()) phases_.emplace_back(name, seconds);
+    else it->second += seconds;
+  }
   cuda::StreamTimer collectives_;  // GPU time inside NCCL collectives (tp > 1); outlives the graphs
   cuda::GraphReplay decode_graph_, batch_graph_;  // one sequence's token; every sequence's
   size_t graph_marks_[2] = {0, 0};  // collective-timer marks of each captured step

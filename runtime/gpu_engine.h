@@ -33,6 +33,9 @@ struct GpuOptions {
   // Measure the GPU time inside the collectives (collectiveSeconds) with CUDA events around each;
   // the events cost time of their own (about 0.7 ms a decode step at tp 2 on a 7B shape).
   bool time_collectives = false;
+  // Measure each phase of compress() (decisionPhaseSeconds): the host waits for the device at
+  // every phase's end, so the phases add up to more than the decision takes without it.
+  bool time_decision_phases = false;
 };
 
 // Throws Error unless the CUDA engine compresses the KV cache as `spec` asks. So far: eviction

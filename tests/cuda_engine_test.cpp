@@ -144,7 +144,8 @@ TEST(CudaEngine, DecodeThroughAGrowingCacheMatchesPrefill) {
 // same bytes).
 // The methods the device scores by the cached rows: K-norm, KeyDiff, Q-Filters, LagKV, CUR.
 bool scoresRows(const std::string& kv) {
-  for (const char* method : {"knorm", "keydiff", "qfilters", "lagkv", "cur"})
+  for (const char* method :
+       {"knorm", "keydiff", "qfilters", "lagkv", "cur", "leverage", "expected", "noncausal", "compactor"})
     if (kv.rfind(method, 0) == 0) return true;
   return false;
 }
@@ -175,7 +176,8 @@ TEST(CudaEngine, CompressionMatchesTheCpu) {
   // KIVI 2 and 4 bits (K-norm, KeyDiff, Q-Filters and LagKV decoding KIVI's rows to score them),
   // with Finch and SimLayerKV (decided on the mirror), interval=, evict_below= and chunk= (on the
   // device, or the mirror with the prompt methods), critical= (the device's output norms, the
-  // mirror's decision).
+  // mirror's decision), and the methods decided on the mirror from the rows copied down (leverage,
+  // block=) and the step's queries rotated back (expected, noncausal, compactor).
   for (const std::string kv : {"snapkv:budget=0.25", "pyramidkv:budget=0.3", "h2o:budget=0.25",
                                "scissorhands:budget=0.3,history=16", "streamingllm:budget=0.25", "tova:budget=0.25",
                                "random:budget=0.25,seed=3", "knorm:budget=0.25", "keydiff:budget=0.25",
@@ -184,7 +186,9 @@ TEST(CudaEngine, CompressionMatchesTheCpu) {
                                "scissorhands:budget=0.3,history=16,interval=3", "h2o:budget=0.4,evict_below=3",
                                "knorm:budget=0.3,interval=5", "lagkv:budget=0.3,lag=32", "cur:budget=0.3", "finch:budget=0.25,window=16",
                                "h2o:budget=0.3,chunk=4", "keydiff:budget=0.3,chunk=4", "snapkv:budget=0.3,chunk=8",
-                               "h2o:budget=0.3,critical=0.5", "tova:budget=0.3,critical=0.5,scope=layer"})
+                               "h2o:budget=0.3,critical=0.5", "tova:budget=0.3,critical=0.5,scope=layer",
+                               "leverage:budget=0.25", "expected:budget=0.25", "noncausal:budget=0.25,span=64",
+                               "compactor:budget=0.25,span=64", "keydiff:budget=0.3,block=64", "knorm:budget=0.3,block=64"})
     for (const std::string quant : {"", "int8", "kivi:bits=2,group=16,residual=32", "kivi:bits=4,group=8,residual=24"})
       specs.push_back({kv, quant, ""});
   // Low rank under eviction: the attention-scored methods decided on the mirror, coordinates and

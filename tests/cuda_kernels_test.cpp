@@ -572,6 +572,32 @@ TEST(CudaKernels, KiviCompactionThinsRunsAsTheCpuDoes) {
         EXPECT_TRUE(std::equal(&grv[at], &grv[at] + hd, &c.values[size_t(r) * hd])) << what << " full row " << r;
       }
     }
+    if (!compact_all) continue;
+    // The compacted cache's rows as a host decision reads them (cuda::cachedRows): the CPU's
+    // kv::KVCache::rows, codes decoded with their pairs and the ring's rows, bit for bit.
+    std::vector<int> offsets_after, lengths_after, coded_after;
+    for (int h = 0, at = 0; h < H; ++h) {
+      offsets_after.push_back(at), lengths_after.push_back(out[h]), coded_after.push_back(out[2 * H + h]);
+      at += out[h];
+    }
+    DeviceBuffer<int> doff2(offsets_after), dlen2(lengths_after), dcoded2(coded_after);
+    cuda::EvictionCache kivi_rows{1, H, capacity, cb, cuda::KeyFormat::Kivi, p, p + 1,
+                                  reinterpret_cast<int* const*>(p + 2), nullptr, nullptr, nullptr, nullptr, 0, nullptr,
+                                  0, 0, dlen2.get(), doff2.get()};
+    kivi_rows.kivi = {hd, bits, G, R, cuda::KeyFormat::F32, capacity / G + 1, reinterpret_cast<const float* const*>(p + 3),
+                      reinterpret_cast<const float* const*>(p + 4), reinterpret_cast<const int* const*>(p + 5),
+                      p + 6, p + 7, dcoded2.get()};
+    const int entries = out[0] + out[1];
+    DeviceBuffer<float> dkeys(size_t(entries) * hd), dvalues(size_t(entries) * hd);
+    cuda::cachedRows(kivi_rows, hd, dkeys.get(), dvalues.get());
+    const auto keys = dkeys.download(), values = dvalues.download();
+    for (int h = 0; h < H; ++h) {
+      std::vector<float> scratch;
+      const kv::HeadRows r = cpu.rows(0, h, scratch);
+      const size_t first = size_t(offsets_after[h]) * hd, count = size_t(lengths_after[h]) * hd;
+      EXPECT_TRUE(std::equal(&keys[first], &keys[first] + count, r.keys)) << "head " << h << ": keys";
+      EXPECT_TRUE(std::equal(&values[first], &values[first] + count, r.values)) << "head " << h << ": values";
+    }
   }
 }
 

@@ -69,6 +69,56 @@ TEST(KvEviction, AMirrorOfDeviceRowsTakesTheSameDecisions) {
   EXPECT_THROW(mirror.quantizeKivi(0, 0, {{0, 1}}, 2, 2), std::logic_error);  // not on the device (yet)
 }
 
+// The methods a device does not score decide on its mirror from the rows (and the step's
+// queries) copied down: a mirror holding a cache's rows keeps what the cache itself keeps, step
+// after step (the rows held go with any change to the head: a stale copy is never read).
+TEST(KvEviction, AMirrorHoldingTheRowsDecidesAsTheCacheDoes) {
+  const int hd = 8, H = 2, prompt = 24, steps = 6;
+  std::mt19937 rng(7);
+  std::normal_distribution<float> d(0.0f, 1.0f);
+  auto random = [&](size_t n) {
+    std::vector<float> x(n);
+    for (auto& v : x) v = d(rng);
+    return x;
+  };
+  const std::vector<float> inv_freq = {1.0f, 0.1f, 0.01f, 0.001f};
+  for (const char* kv : {"leverage:tokens=10,sinks=2,recent=2", "expected:tokens=10,sinks=2,recent=2",
+                         "noncausal:tokens=10,sinks=2,recent=2,span=8", "compactor:tokens=10,sinks=2,recent=2,span=8",
+                         "keydiff:tokens=10,sinks=2,recent=2,block=6"}) {
+    const PolicySpec spec = parsePolicy(kv, "");
+    KVCache real(1, H, hd), mirror(1, H, hd, /*rows_on_device=*/true);
+    real.setRope(inv_freq), mirror.setRope(inv_freq);
+    Policy a(spec, layout(H, hd), nullptr), b(spec, layout(H, hd), nullptr);
+    int pos = 0;
+    for (int step = 0; step <= steps; ++step) {
+      const int T = step == 0 ? prompt : 1;
+      std::vector<int> at(T);
+      std::iota(at.begin(), at.end(), pos);
+      const auto k = random(size_t(T) * H * hd), v = random(k.size());
+      real.append(0, k.data(), v.data(), at.data(), T);
+      mirror.append(0, nullptr, nullptr, at.data(), T);
+      StepAttention attn;  // each head's one query head: T rows
+      attn.T = T, attn.want_probabilities = false, attn.want_queries = true;
+      for (int h = 0; h < H; ++h) attn.queries.push_back(random(size_t(T) * hd));
+      std::vector<float> scratch;
+      for (int h = 0; h < H; ++h) {
+        const HeadRows rows = real.rows(0, h, scratch);
+        mirror.holdRows(0, h, rows.keys, rows.values);
+      }
+      pos += T;
+      a.afterStep(real, attn, pos - 1, step == 0);
+      b.afterStep(mirror, attn, pos - 1, step == 0);
+      for (int h = 0; h < H; ++h) ASSERT_EQ(positions(mirror, h), positions(real, h)) << kv << ", step " << step;
+    }
+    EXPECT_LT(positions(real, 0).size(), size_t(prompt)) << kv << ": it evicted";
+    mirror.append(0, nullptr, nullptr, &pos, 1);
+    std::vector<float> scratch;
+    EXPECT_THROW(mirror.rows(0, 0, scratch), std::logic_error) << kv << ": the rows held went with the append";
+  }
+  KVCache host = filled(4);
+  EXPECT_THROW(host.holdRows(0, 0, nullptr, nullptr), std::logic_error);
+}
+
 TEST(KvEviction, AByteBudgetCountsFullPrecisionEntries) {
   const int hd = 8;
   KVCache c = filled(20, 2, hd);  // 2 heads; an entry is 2 x 8 x 2 + 4 = 36 bytes

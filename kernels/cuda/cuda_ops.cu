@@ -291,9 +291,11 @@ __global__ void __launch_bounds__(32 * kWarps, kTwoBlocksAnSM<G, KT, OT> ? 2 : 1
       bool seen[U];
 #pragma unroll
       for (int u = 0; u < U; ++u) {
+        // The rows are loaded by the bound alone, with their positions rather than after them (one
+        // latency a batch, not two); a row no query sees is read and not accumulated.
         const int l = l0 + u * kWarps;
         seen[u] = l < to && pos[l] <= p;  // the same for the whole warp
-        load(l, seen[u] && lane_in, kv[u], vv[u]);
+        load(l, l < to && lane_in, kv[u], vv[u]);
       }
       float dot[U][G];
 #pragma unroll
@@ -345,13 +347,19 @@ __global__ void __launch_bounds__(32 * kWarps, kTwoBlocksAnSM<G, KT, OT> ? 2 : 1
       int run[U];
 #pragma unroll
       for (int u = 0; u < U; ++u) {
+        // Every load waits on the bound alone, not on the row's position: all of them are in flight
+        // at once (a hole's or a future row's bytes are read and then masked out).
         const int l = lo + k + u;
-        seen[u] = l < hi && pos[l] <= p;
-        run[u] = seen[u] && runs ? runs[l] : 0;
-        laneWords<W>(seen[u] ? lanePacked(k_codes + int64_t(l) * cb, sl, C * B) : 0u, kw[u]);
-        laneWords<W>(seen[u] ? lanePacked(v_codes + int64_t(l) * cb, sl, C * B) : 0u, vw[u]);
-        pair[u] = seen[u] && one_pair ? v_params[int64_t(l) * value_groups + lane_pair] : float2{0.0f, 0.0f};
+        const bool in = l < hi;
+        seen[u] = in && pos[l] <= p;
+        run[u] = in && runs ? runs[l] : 0;
+        laneWords<W>(in ? lanePacked(k_codes + int64_t(l) * cb, sl, C * B) : 0u, kw[u]);
+        laneWords<W>(in ? lanePacked(v_codes + int64_t(l) * cb, sl, C * B) : 0u, vw[u]);
+        pair[u] = in && one_pair ? v_params[int64_t(l) * value_groups + lane_pair] : float2{0.0f, 0.0f};
       }
+#pragma unroll
+      for (int u = 0; u < U; ++u)
+        if (!seen[u]) pair[u] = float2{0.0f, 0.0f};  // a hole's pair may be anything: w = 0 must stay 0
       float dot[U][G];
 #pragma unroll
       for (int u = 0; u < U; ++u) {
@@ -467,11 +475,12 @@ __global__ void __launch_bounds__(32 * kWarps, kTwoBlocksAnSM<G, KT, OT> ? 2 : 1
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         const int l = l0 + u * kWarps;
-        seen[u] = l < cached_end && pos[l] <= p;
-        loadCodes(Kh + int64_t(l) * hd, lane, seen[u] && lane_in, kc[u]);
-        loadCodes(Vh + int64_t(l) * hd, lane, seen[u] && lane_in, vc[u]);
-        ks[u] = seen[u] ? q8.k_step[kvh * pos_stride + l] : 0.0f;
-        vs[u] = seen[u] ? q8.v_step[kvh * pos_stride + l] : 0.0f;
+        const bool in = l < cached_end;  // loads by the bound alone, as walk's
+        seen[u] = in && pos[l] <= p;
+        loadCodes(Kh + int64_t(l) * hd, lane, in && lane_in, kc[u]);
+        loadCodes(Vh + int64_t(l) * hd, lane, in && lane_in, vc[u]);
+        ks[u] = in ? q8.k_step[kvh * pos_stride + l] : 0.0f;
+        vs[u] = in ? q8.v_step[kvh * pos_stride + l] : 0.0f;
       }
       float dot[U][G];
 #pragma unroll

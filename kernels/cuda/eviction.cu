@@ -617,6 +617,17 @@ __global__ void pruneKeyChannelsKernel(EvictionCache c, const float* power, int 
   }
 }
 
+// Grid (layer x head, chunks): each block strides its head's (slot, channel) pairs.
+__global__ void cachedRowsKernel(EvictionCache c, int hd, float* keys, float* values) {
+  const int lh = blockIdx.x, l = lh / c.heads, h = lh % c.heads;
+  const int64_t n = int64_t(c.length[lh]) * hd, first = int64_t(c.table_offset[lh]) * hd;
+  for (int64_t x = int64_t(blockIdx.y) * blockDim.x + threadIdx.x; x < n; x += int64_t(gridDim.y) * blockDim.x) {
+    const int i = int(x / hd), d = int(x % hd);
+    keys[first + x] = cachedChannel(c, false, l, h, i, d);
+    values[first + x] = cachedChannel(c, true, l, h, i, d);
+  }
+}
+
 __global__ void evictBelowKernel(const double* table, int64_t n, double threshold, uint8_t* keep) {
   const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (i < n && table[i] < threshold) keep[i] = 0;
@@ -691,6 +702,12 @@ void pruneKeyChannels(const EvictionCache& c, const float* power, int pruned) {
   if (c.key_format != KeyFormat::F32 && c.key_format != KeyFormat::F16 && c.key_format != KeyFormat::BF16)
     throw std::runtime_error("pruneKeyChannels: full-precision keys only (ThinK takes no quantization)");
   pruneKeyChannelsKernel<<<c.layers * c.heads, 256>>>(c, power, pruned);
+  KVTP_CUDA_LAUNCHED();
+}
+
+void cachedRows(const EvictionCache& c, int head_dim, float* keys, float* values) {
+  if (c.layers * c.heads == 0) return;
+  cachedRowsKernel<<<dim3(c.layers * c.heads, 64), 256>>>(c, head_dim, keys, values);
   KVTP_CUDA_LAUNCHED();
 }
 

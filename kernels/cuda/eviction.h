@@ -135,6 +135,13 @@ void queryChannelPower(const float* qkv, int64_t stride, int rows, int window, i
 // power: [layer][head][head_dim] (device); c's K rows of T (fp32, fp16, bf16).
 void pruneKeyChannels(const EvictionCache& c, const float* power, int pruned);
 
+// Every slot in use of each (layer, head) — its key and value as kv::KVCache::rows gives them, in
+// float (an int8 code x step, KIVI's codes decoded, the ring's rows widened) — at row
+// table_offset + slot of keys and values (device, head_dim floats a row): the rows a decision
+// taken on the host reads (the methods the device does not score). Not for low rank (its K rows
+// are coordinates).
+void cachedRows(const EvictionCache& c, int head_dim, float* keys, float* values);
+
 // DMS-style evict_below= (kv::Policy::retainKept): an entry whose key is below `threshold` goes
 // whatever the budget kept — keep[i] cleared where table[i] < threshold, over the n entries.
 void evictBelow(const double* table, int64_t n, double threshold, uint8_t* keep);
