@@ -74,7 +74,8 @@ void GpuEngine<T>::decide(Sequence& s, int last_pos, bool prefill) {
   }
   attention_.queries.clear();
   if (mirrorReadsQueries(kv_spec_)) attention_.queries = stepQueries(s), attention_.T = queries_batch_ ? 1 : query_rows_;
-  if (mirrorReadsRows(kv_spec_)) copyRowsToMirror(s);
+  // (noncausal's and compactor's decode steps read no rows: they decided once, at the prompt.)
+  if (mirrorReadsRows(kv_spec_) && (prefill || !kv_spec_.promptOnce())) copyRowsToMirror(s);
   s.policy.afterStep(s.mirror, attention_, last_pos, prefill);
   if (windowed_evicts_) compactCodedAsMirror(s);
   else compactAsMirror(s);
@@ -119,7 +120,7 @@ void GpuEngine<T>::copyRowsToMirror(Sequence& s) {
   int* d_meta = grow(evict_meta_, meta.size());
   KVTP_CUDA_CHECK(cudaMemcpy(d_meta, meta.data(), meta.size() * sizeof(int), cudaMemcpyHostToDevice));
   const size_t floats = size_t(n) * hd;
-  float* rows = grow(mirror_rows_, std::max<size_t>(2 * floats, 1));
+  float* rows = growWithHeadroom(mirror_rows_, std::max<size_t>(2 * floats, 1));
   cuda::cachedRows(deviceRows(d_meta), hd, rows, rows + floats);
   std::vector<float> host(2 * floats);
   KVTP_CUDA_CHECK(cudaMemcpy(host.data(), rows, host.size() * sizeof(float), cudaMemcpyDeviceToHost));
@@ -169,7 +170,7 @@ void GpuEngine<T>::compactAsMirror(Sequence& s) {
       std::copy(slots.begin(), slots.end(), keep.begin() + size_t(h) * max_kept);
       keep[size_t(H) * max_kept + h] = s.len[size_t(l) * H + h] = int(slots.size());
     }
-    int* d_keep = grow(keep_, keep.size());
+    int* d_keep = growWithHeadroom(keep_, keep.size());
     KVTP_CUDA_CHECK(cudaMemcpy(d_keep, keep.data(), keep.size() * sizeof(int), cudaMemcpyHostToDevice));
     GpuLayer<T>& L = layers_[l];
     const int* kept = d_keep + size_t(H) * max_kept;
@@ -265,7 +266,7 @@ void GpuEngine<T>::decideOnDevice(Sequence& s, int last_pos, const kv::Policy::D
   if (observed) observed_len_ = 0;
   cache.score = h2o ? score_.get() + head0 : nullptr, cache.history = scissorhands ? history_.get() + head0 : nullptr;
   cache.weights = weights, cache.weights_layer = weights_layer, cache.weights_head = weights_head;
-  double* table = grow(table_, size_t(std::max<int64_t>(N, 1)));
+  double* table = growWithHeadroom(table_, size_t(std::max<int64_t>(N, 1)));
   const uint64_t mask = kv_spec_.history >= 64 ? ~0ull : (1ull << kv_spec_.history) - 1;
   // TOVA and SCOPE's decode phase score by this step's attention alone (TOVA's prompt: its last row).
   const cuda::EvictScore method = decoded || kv_spec_.method == kv::Method::TOVA ? cuda::EvictScore::StepAttention
@@ -285,11 +286,11 @@ void GpuEngine<T>::decideOnDevice(Sequence& s, int last_pos, const kv::Policy::D
   const bool sums_rows = method == cuda::EvictScore::Lag || method == cuda::EvictScore::CUR;
   if (sums_rows) {
     inputs.lag = kv_spec_.lag, inputs.local = kv_spec_.local;
-    inputs.row_sums = grow(row_sums_, 4 * size_t(std::max<int64_t>(N, 1)));
+    inputs.row_sums = growWithHeadroom(row_sums_, 4 * size_t(std::max<int64_t>(N, 1)));
   }
   if (!decoded) inputs.chunk = kv_spec_.chunk;
   if (sums_rows || inputs.chunk > 1)
-    inputs.entry_slots = grow(entry_slots_, size_t(std::max<int64_t>(N, 1)));
+    inputs.entry_slots = growWithHeadroom(entry_slots_, size_t(std::max<int64_t>(N, 1)));
   cuda::evictionKeys(cache, method, s.unscored, mask, protect_below, protect_recent, last_pos, table, inputs);
   phaseEnds("keys");
   if (!decides) {  // interval=: the step's attention is scored; the decision waits for its step
@@ -307,7 +308,7 @@ void GpuEngine<T>::decideOnDevice(Sequence& s, int last_pos, const kv::Policy::D
                                   !shared || headLayout(c_, part_).owner};
   std::function<void(double*, size_t)> sum_over_ranks;
   if (shared) sum_over_ranks = [this](double* d, size_t n) { group_->allReduceSum(d, n); };
-  uint8_t* keep = grow(keep_flags_, size_t(std::max<int64_t>(N, 1)));
+  uint8_t* keep = growWithHeadroom(keep_flags_, size_t(std::max<int64_t>(N, 1)));
   cuda::evictionDecide(cache, table, select, sum_over_ranks, keep);
   if (kv_spec_.evict_below > -INFINITY && !decoded) cuda::evictBelow(table, N, kv_spec_.evict_below, keep);
   phaseEnds("select");
@@ -398,7 +399,7 @@ template <class T>
 const float* GpuEngine<T>::sumReplicated(const float* w, int64_t& layer_stride, int64_t& head_stride, int n) {
   const int L = c_.layers, G = c_.kv_heads;
   const size_t size = size_t(L) * G * n;
-  float* all = grow(replicated_weights_, std::max<size_t>(size, 1));
+  float* all = growWithHeadroom(replicated_weights_, std::max<size_t>(size, 1));
   KVTP_CUDA_CHECK(cudaMemsetAsync(all, 0, size * sizeof(float), cudaStreamPerThread));
   for (int h = 0; h < part_.kv_heads; ++h)
     KVTP_CUDA_CHECK(cudaMemcpy2DAsync(all + size_t(part_.kv_head_begin + h) * n, size_t(G) * n * sizeof(float),

@@ -27,6 +27,7 @@ namespace {
 
 using cuda::DeviceBuffer;
 using cuda::grow;
+using cuda::growWithHeadroom;
 
 // Whether a policy's every decision stays on the host mirror: low rank (the device's decisions
 // read rows where they lie, not coordinates), CriticalKV's second stage and ThinK's bytes are the

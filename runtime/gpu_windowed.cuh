@@ -27,7 +27,7 @@ void GpuEngine<T>::compactCodedAsMirror(Sequence& s) {
     for (const int slot : keptSlots(s, i)) keep[size_t(meta[i]) + slot] = 1;
   int* d_meta = grow(evict_meta_, meta.size());
   KVTP_CUDA_CHECK(cudaMemcpy(d_meta, meta.data(), meta.size() * sizeof(int), cudaMemcpyHostToDevice));
-  uint8_t* d_keep = grow(keep_flags_, keep.size());
+  uint8_t* d_keep = growWithHeadroom(keep_flags_, keep.size());
   KVTP_CUDA_CHECK(cudaMemcpy(d_keep, keep.data(), keep.size(), cudaMemcpyHostToDevice));
   compactCoded(s, deviceRows(d_meta), d_keep, true);
   s.uniform = false;

@@ -3,8 +3,8 @@
 # perplexity job at tp 1 and (with two GPUs) tp 2 on a Llama-2-7B shape, and transformers on the
 # same shapes — the runs behind docs/BENCHMARKS.md. Results as JSON files under $OUT (or /tmp).
 #   device tool: carry [".bundle.tar.xz"], command: bash scripts/gpu-check.sh [tests] [bench] [tp] [scale] [kv] [kivi] [kivievict] [catalogue] [lowrank] [kv8k] [profile] [hf] [refs] [passkey]
-# (no section named: all but profile); KVTP_PARITY_CASES=text: CudaEngine.CompressionMatchesTheCpu runs
-# only the cases whose name holds it (a short session's focus); MPIRUN_ARGS: mpirun options, default --bind-to none
+# (no section named: all but profile); KVTP_PARITY_CASES=text|text...: CudaEngine.CompressionMatchesTheCpu runs
+# only the cases whose name holds one of them (a short session's focus); MPIRUN_ARGS: mpirun options, default --bind-to none
 # (Open MPI binds each rank to one core by default; a GPU rank then shares that core with
 # NCCL's proxy thread, which halved tp 2 throughput in our runs)
 set -u

@@ -4,6 +4,7 @@
 // against tp = 1. Runs on the GPU machine; elsewhere each test says it skipped.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstdlib>
@@ -204,11 +205,20 @@ TEST(CudaEngine, CompressionMatchesTheCpu) {
   // on the device after the prompt's decision.
   for (const std::string kv : {"full:think=0.5", "snapkv:budget=0.3,think=0.5", "h2o:budget=0.3,think=0.25"})
     specs.push_back({kv, "", ""});
-  // KVTP_PARITY_CASES=text: only the cases whose name holds it (a short GPU session's focus).
-  const char* only = std::getenv("KVTP_PARITY_CASES");
+  // KVTP_PARITY_CASES=text|text...: only the cases whose name holds one of them (a short GPU session's focus).
+  std::vector<std::string> only;
+  if (const char* texts = std::getenv("KVTP_PARITY_CASES"))
+    for (std::string rest = texts, text; !rest.empty();) {
+      const size_t bar = rest.find('|');
+      text = rest.substr(0, bar), rest = bar == std::string::npos ? "" : rest.substr(bar + 1);
+      if (!text.empty()) only.push_back(text);
+    }
   for (const auto& [kv, quant, lowrank] : specs) {
     const std::string name = kv + (quant.empty() ? "" : " + " + quant) + (lowrank.empty() ? "" : " + " + lowrank);
-    if (only && name.find(only) == std::string::npos) continue;
+    if (!only.empty() && std::none_of(only.begin(), only.end(), [&](const std::string& t) {
+          return name.find(t) != std::string::npos;
+        }))
+      continue;
     PplJob job = test::heldOutC4Job(512, 2, Mode::Decode);
     job.prefill = 384;
     job.kv = kv;

@@ -143,6 +143,16 @@ T* grow(DeviceBuffer<T>& b, size_t n) {
   return b.get();
 }
 
+// grow() with a quarter more room than asked, for scratch sized by a count that rises step by step
+// (a decision's table of cache entries): every allocation frees and waits for the device and makes
+// the decode step's CUDA graph be captured again (DeviceMemory::changes), which an allocation per
+// step would do every step.
+template <class T>
+T* growWithHeadroom(DeviceBuffer<T>& b, size_t n) {
+  if (b.size() < n) b = DeviceBuffer<T>(n + n / 4);
+  return b.get();
+}
+
 // Kernels, copies, cuBLAS and NCCL all run on the calling thread's default stream
 // (CUDA_API_PER_THREAD_DEFAULT_STREAM, set by the build): unlike the legacy stream it can be
 // captured into a CUDA graph.
