@@ -230,6 +230,7 @@ void GpuEngine<T>::decideOnDevice(Sequence& s, int last_pos, const kv::Policy::D
                                    row, H, cudaMemcpyHostToDevice));
     }
   }
+  phaseEnds("bits");
   const bool was_on_device = s.on_device;
   s.on_device = true;
   // This rank's table: its heads' entries in (layer, KV head, position) order, each head's
@@ -253,8 +254,9 @@ void GpuEngine<T>::decideOnDevice(Sequence& s, int last_pos, const kv::Policy::D
     for (int i = 0; i < LH; ++i) budget[meta[4 * LH + i]] = s.prompt_kept[i] + decoded->per_head;
   int64_t* d_budget = grow(evict_budget_, budget.size());
   KVTP_CUDA_CHECK(cudaMemcpy(d_budget, budget.data(), budget.size() * sizeof(int64_t), cudaMemcpyHostToDevice));
+  phaseEnds("layout");
   cuda::EvictionCache cache = deviceRows(d_meta);
-  phaseEnds("upload");
+  phaseEnds("rows");
   // What the step's attention left: a decode step's probabilities, or the prompt's observed rows
   // summed ([layer][kv_head][observed_len_]; H2O observes every row).
   const bool observed = observed_len_ > 0 && observed_seq_ == current_;
@@ -358,8 +360,7 @@ cuda::EvictionCache GpuEngine<T>::deviceRows(const int* d_offsets_lengths) {
       ptrs[8 * L + l] = kivi.ring.k, ptrs[9 * L + l] = kivi.ring.v;
     }
   }
-  void** d_ptrs = grow(evict_ptrs_, ptrs.size());
-  KVTP_CUDA_CHECK(cudaMemcpy(d_ptrs, ptrs.data(), ptrs.size() * sizeof(void*), cudaMemcpyHostToDevice));
+  void** d_ptrs = uploadPointers(evict_ptrs_, evict_ptrs_held_, ptrs);
   const cuda::KeyFormat element_format = std::is_same_v<T, float>         ? cuda::KeyFormat::F32
                                          : std::is_same_v<T, __nv_bfloat16> ? cuda::KeyFormat::BF16
                                                                             : cuda::KeyFormat::F16;

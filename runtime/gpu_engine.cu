@@ -753,6 +753,19 @@ class GpuEngine : public Engine {
   int64_t run_capacity_ = 0;  // KIVI under eviction: key pairs per KV head
   DeviceBuffer<int> run_map_, kivi_meta_;
   DeviceBuffer<void*> kivi_ptrs_;
+  // What evict_ptrs_ and kivi_ptrs_ hold (uploadPointers).
+  std::vector<void*> evict_ptrs_held_, kivi_ptrs_held_;
+  // `ptrs` in `buffer` on the device, uploaded only when they differ from what it holds (`held`):
+  // they change only when the cache's buffers do, and each upload waits for the device.
+  void** uploadPointers(DeviceBuffer<void*>& buffer, std::vector<void*>& held, const std::vector<void*>& ptrs) {
+    if (ptrs != held || buffer.size() < ptrs.size()) {
+      KVTP_CUDA_CHECK(cudaMemcpy(grow(buffer, ptrs.size()), ptrs.data(), ptrs.size() * sizeof(void*),
+                                 cudaMemcpyHostToDevice));
+      held = ptrs;
+    }
+    return buffer.get();
+  }
+  DeviceBuffer<cuda::KiviCache<T>> kivi_layers_;  // settleKivi's, a layer each
   DeviceBuffer<uint8_t> ring_scratch_;
   DeviceBuffer<T> stage_k_, stage_v_;
   DeviceBuffer<int> stage_pos_;

@@ -52,8 +52,7 @@ void GpuEngine<T>::compactCoded(Sequence& s, const cuda::EvictionCache& rows, co
     ptrs[3 * L + l] = ring.k, ptrs[4 * L + l] = ring.v;
   }
   const int ring_rows = ringAt(0, head0).rows;
-  void** d_ptrs = grow(kivi_ptrs_, ptrs.size());
-  KVTP_CUDA_CHECK(cudaMemcpy(d_ptrs, ptrs.data(), ptrs.size() * sizeof(void*), cudaMemcpyHostToDevice));
+  void** d_ptrs = uploadPointers(kivi_ptrs_, kivi_ptrs_held_, ptrs);
   int* d = grow(kivi_meta_, 6 * size_t(LH));  // coded slots, then what the compaction reports
   KVTP_CUDA_CHECK(cudaMemcpy(d, s.coded.data(), LH * sizeof(int), cudaMemcpyHostToDevice));
   // Only a head with coded rows can compact all, and only then do its ring rows need the scratch.
@@ -103,11 +102,15 @@ void GpuEngine<T>::settleKivi(Sequence& s) {
     int* d = grow(kivi_meta_, meta.size());
     KVTP_CUDA_CHECK(cudaMemcpy(d, meta.data(), meta.size() * sizeof(int), cudaMemcpyHostToDevice));
     const size_t head0 = size_t(current_) * H;
+    std::vector<cuda::KiviCache<T>> layers;
     for (int l = 0; l < L; ++l) {
       cuda::KiviCache<T> kivi = kiviAt(l, head0);
       kivi.quantized = d + l * H, kivi.quantized_after = d + LH + l * H, kivi.runs = d + 2 * LH + l * H;
-      cuda::kiviSettle(kivi, H, most);
+      layers.push_back(kivi);
     }
+    cuda::KiviCache<T>* d_layers = grow(kivi_layers_, layers.size());
+    KVTP_CUDA_CHECK(cudaMemcpy(d_layers, layers.data(), layers.size() * sizeof(layers[0]), cudaMemcpyHostToDevice));
+    cuda::kiviSettleLayers(d_layers, L, H, most, c_.head_dim);
     for (int i = 0; i < LH; ++i) {
       const int runs = (meta[LH + i] - meta[i]) / G;
       s.coded[i] += runs * G, s.coded_kept[i] += runs * G, s.runs_alive[i] += runs, s.next_run[i] += runs;

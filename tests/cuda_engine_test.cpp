@@ -246,7 +246,14 @@ TEST(CudaEngine, CompressionMatchesTheCpu) {
     // moves every later entry of that head into another window, so the kept sets drift apart from
     // there (an H100: a token off by 0.09, the mean 9e-4). Its arithmetic is pinned to the CPU's
     // bit for bit by CudaKernels.RowScoresMatchTheCpuPastHoles; here the perplexity within 1 %.
-    if (kv.rfind("cur:", 0) == 0) {
+    // Leverage and expected attention likewise, more so: their scores are ill-conditioned (leverage
+    // solves with the keys' Gram matrix, expected attention weighs keys by the queries' covariance),
+    // so the last bits of the device's keys and of its queries (rotated back from RoPE) move tokens
+    // across the boundary, every decode step. Given the same rows they decide the same
+    // (KvEviction.AMirrorHoldingTheRowsDecidesAsTheCacheDoes; cuda::cachedRows is the CPU's
+    // decoding bit for bit) — here int8's rounded rows made leverage's decisions the CPU's (8e-6).
+    const bool ill_conditioned = kv.rfind("leverage:", 0) == 0 || kv.rfind("expected:", 0) == 0;
+    if (kv.rfind("cur:", 0) == 0 || ill_conditioned) {
       EXPECT_LE(std::abs(gpu.result.ppl() - cpu.result.ppl()) / cpu.result.ppl(), 1e-2) << name;
     } else {
       EXPECT_LE(worst, scoresRows(kv) ? 3e-2 : quant.empty() ? 1e-3 : 1e-2) << name;
@@ -259,13 +266,20 @@ TEST(CudaEngine, CompressionMatchesTheCpu) {
       EXPECT_LE(rel, 1e-2) << name << " fp16";
       std::printf("%s fp16: ppl %.4f vs the CPU's %.4f\n", name.c_str(), half.result.ppl(), cpu.result.ppl());
     }
-    EXPECT_EQ(gpu.kv_bytes_steady, cpu.kv_bytes_steady) << name;
+    // (KIVI's bytes depend on which runs keep a row: a different kept token, other bytes.)
+    if (ill_conditioned && quant.rfind("kivi", 0) == 0) {
+      for (size_t s = 0; s < cpu.kv_bytes_steady.size(); ++s)
+        EXPECT_NEAR(double(gpu.kv_bytes_steady[s]), double(cpu.kv_bytes_steady[s]), 0.02 * cpu.kv_bytes_steady[s])
+            << name;
+    } else {
+      EXPECT_EQ(gpu.kv_bytes_steady, cpu.kv_bytes_steady) << name;
+    }
     // (ThinK alone prunes key channels of the prompt only.)
     EXPECT_LT(gpu.kv_bytes_steady[0], gpu.kv_bytes_full[0] * (kv.rfind("full:", 0) == 0 ? 0.9 : 0.6))
         << name << ": the cache was compressed";
-    std::printf("%s: |log-prob difference| GPU vs CPU max %.3g mean %.3g, KV held %lld of %lld bytes\n", name.c_str(),
-                worst, sum / double(cpu.result.tokens), (long long)gpu.kv_bytes_steady[0],
-                (long long)gpu.kv_bytes_full[0]);
+    std::printf("%s: |log-prob difference| GPU vs CPU max %.3g mean %.3g, ppl %.4f vs %.4f, KV held %lld of %lld "
+                "bytes\n", name.c_str(), worst, sum / double(cpu.result.tokens), gpu.result.ppl(), cpu.result.ppl(),
+                (long long)gpu.kv_bytes_steady[0], (long long)gpu.kv_bytes_full[0]);
   }
 }
 

@@ -103,6 +103,10 @@ template <class T>
 void kiviSettle(const KiviCache<T>& cache, int kv_heads, int max_runs, const T* stage_k = nullptr,
                 const T* stage_v = nullptr, const int* stage_pos = nullptr, int64_t stage_capacity = 0,
                 const int* lengths = nullptr, int first_new = 0);
+// kiviSettle's quantization (from the ring) for `count` caches at once — each layer's, a device
+// array — in one launch.
+template <class T>
+void kiviSettleLayers(const KiviCache<T>* layers, int count, int kv_heads, int max_runs, int head_dim);
 // Rows [0, count) of every KV head back to T (codes dequantized, ring rows copied), with
 // positions, into a stage as dequantizeRows.
 template <class T>
