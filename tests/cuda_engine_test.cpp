@@ -418,12 +418,12 @@ TEST(CudaEngine, BatchTooLargeIsRefusedClearly) {
 }
 
 // What the CUDA engine does not do yet is refused with a clear error, before any GPU work:
-// low-rank channels with KIVI or under a row-scored method, and leverage.
+// low-rank channels with KIVI or under a row-scored method, and tiered precision (ladder=).
 TEST(CudaEngine, CompressedCacheIsRefusedClearly) {
   for (const auto& [kv, quant, lowrank] : std::vector<std::array<std::string, 3>>{
            {"knorm:budget=0.3", "", "cskv:rank=8"},
            {"", "kivi:bits=4", "cskv:rank=8"},
-           {"leverage:budget=0.3", "kivi:bits=2", ""}}) {
+           {"h2o:budget=0.2,ladder=fp16/int4", "", ""}}) {
     PplJob job;
     job.model_dir = "models/kvtp-llama-2m";
     job.input_ids = "tests/data/synthetic_ids.txt";
