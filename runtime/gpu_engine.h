@@ -38,10 +38,9 @@ struct GpuOptions {
   bool time_decision_phases = false;
 };
 
-// Throws Error unless the CUDA engine compresses the KV cache as `spec` asks. So far: eviction
-// by the methods that score by attention or position, and K-norm (the device leaves the attention
-// probabilities the policy scores by: the prefill's observed rows, each decode step's row), int8
-// and KIVI storage (with or without eviction; K-norm not over KIVI), low-rank channels (alone).
+// Throws Error unless the CUDA engine compresses the KV cache as `spec` asks: every method and
+// storage of the catalogue but tiered precision (ladder=), low rank with KIVI, and low rank under a
+// method that reads the cached rows (docs/KV.md, "On the GPU").
 void checkGpuCompression(const kv::PolicySpec& spec);
 
 // How many GPUs this process sees (0 in a build without the CUDA backend).
