@@ -77,11 +77,13 @@ struct PolicySpec {
   // Whether the cache can differ from the full one (eviction, quantization, low rank or key channels pruned).
   bool compresses() const { return evicts() || quant != Quant::None || rank > 0 || think > 0; }
   bool needsAttention() const;
-  // Whether the method reads the step's queries (expected attention: their statistics; the
-  // non-causal attention of noncausal and compactor: the prompt's).
-  bool needsQueries() const {
-    return method == Method::Expected || method == Method::NonCausal || method == Method::Compactor || think > 0;
+  // Whether the method scores entries by the queries too (expected attention: their statistics;
+  // the non-causal attention of noncausal and compactor: the prompt's), as well as the cached rows.
+  bool scoresByQueries() const {
+    return method == Method::Expected || method == Method::NonCausal || method == Method::Compactor;
   }
+  // Whether the policy reads the step's queries (those methods, and ThinK's channel power).
+  bool needsQueries() const { return scoresByQueries() || think > 0; }
   // Whether the method compresses the prompt once, at its end (then SCOPE's decode= if set).
   bool promptOnce() const {
     return method == Method::SnapKV || method == Method::PyramidKV || method == Method::NonCausal ||

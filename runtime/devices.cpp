@@ -23,9 +23,7 @@ void checkGpuCompression(const kv::PolicySpec& s) {
     throw Error("--device cuda holds low-rank channels (cskv) with int8 but not with KIVI; '" + s.describe() +
                 "' combines them: use --device cpu");
   // The row-reading methods read rows where the device holds them (or copied down), not low rank's coordinates.
-  const bool reads_rows = s.readsRows() || s.method == kv::Method::Expected || s.method == kv::Method::NonCausal ||
-                          s.method == kv::Method::Compactor;
-  if (s.rank > 0 && reads_rows)
+  if (s.rank > 0 && (s.readsRows() || s.scoresByQueries()))
     throw Error("--device cuda scores cached rows, not low rank's coordinates ('" + s.describe() +
                 "'): use --device cpu, or an attention-scored method");
 }

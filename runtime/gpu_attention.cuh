@@ -55,7 +55,7 @@ void GpuEngine<T>::attention(int layer, const T* xn, const int* d_pos, const int
     cuda::valueOutputNorms(qkv, W, Q + KV, T_, H, part_.q_heads / H, hd, L.wo.get(), c_.hidden, Q, out);
     norm_rows_ = T_, norms_batch_ = batch;
   }
-  if (mirrorReadsQueries(kv_spec_)) {  // the mirror's policy reads the step's queries (stepQueries)
+  if (kv_spec_.scoresByQueries()) {  // the mirror's policy reads the step's queries (stepQueries)
     float* q = grow(step_queries_, size_t(c_.layers) * T_ * Q) + size_t(layer) * T_ * Q;
     KVTP_CUDA_CHECK(cudaMemcpy2DAsync(q, Q * sizeof(float), qkv, W * sizeof(float), Q * sizeof(float), T_,
                                       cudaMemcpyDeviceToDevice, cudaStreamPerThread));

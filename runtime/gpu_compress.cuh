@@ -72,10 +72,13 @@ void GpuEngine<T>::decide(Sequence& s, int last_pos, bool prefill) {
       for (int t = first; t < first + count; ++t)
         attention_.output_norms[i].push_back(all[(size_t(i / H) * rows + t) * H + i % H]);
   }
+  // (noncausal's and compactor's decode steps read neither rows nor queries: they decided once, at
+  // the prompt.)
+  const bool decides_by_rows = mirrorReadsRows(kv_spec_) && (prefill || !kv_spec_.promptOnce());
   attention_.queries.clear();
-  if (mirrorReadsQueries(kv_spec_)) attention_.queries = stepQueries(s), attention_.T = queries_batch_ ? 1 : query_rows_;
-  // (noncausal's and compactor's decode steps read no rows: they decided once, at the prompt.)
-  if (mirrorReadsRows(kv_spec_) && (prefill || !kv_spec_.promptOnce())) copyRowsToMirror(s);
+  if (decides_by_rows && kv_spec_.scoresByQueries())
+    attention_.queries = stepQueries(s), attention_.T = queries_batch_ ? 1 : query_rows_;
+  if (decides_by_rows) copyRowsToMirror(s);
   s.policy.afterStep(s.mirror, attention_, last_pos, prefill);
   if (windowed_evicts_) compactCodedAsMirror(s);
   else compactAsMirror(s);

@@ -37,13 +37,10 @@ bool mirrorDecidesAll(const kv::PolicySpec& s) { return s.rank > 0 || s.critical
 // The methods the device does not score (leverage, expected attention, noncausal, compactor;
 // block-wise prompts) decide on the mirror from the cached rows as the device holds them, copied
 // down for each decision (GpuEngine::copyRowsToMirror) — and, for those that read them, from the
-// step's queries (mirrorReadsQueries). Block-wise prompts of the methods the device scores go back
-// to the device after the prompt.
-bool mirrorReadsQueries(const kv::PolicySpec& s) {
-  return s.method == kv::Method::Expected || s.method == kv::Method::NonCausal || s.method == kv::Method::Compactor;
-}
+// step's queries (PolicySpec::scoresByQueries, GpuEngine::stepQueries). Block-wise prompts of the
+// methods the device scores go back to the device after the prompt.
 bool mirrorReadsRows(const kv::PolicySpec& s) {
-  return mirrorReadsQueries(s) || s.method == kv::Method::Leverage || (s.block > 0 && s.readsRows());
+  return s.scoresByQueries() || s.method == kv::Method::Leverage || (s.block > 0 && s.readsRows());
 }
 
 // Host float32 tensors, concatenated by rows, converted to T on the device (through a float32
@@ -516,7 +513,7 @@ class GpuEngine : public Engine {
   void compactAsMirror(Sequence& s);  // gpu_compress.cuh: the caches other than KIVI and low rank
   void pruneKeyChannels(Sequence& s);  // gpu_compress.cuh: ThinK at the prompt's end
   void copyRowsToMirror(Sequence& s);  // gpu_compress.cuh: mirrorReadsRows
-  std::vector<std::vector<float>> stepQueries(const Sequence& s);  // gpu_compress.cuh: mirrorReadsQueries
+  std::vector<std::vector<float>> stepQueries(const Sequence& s);  // gpu_compress.cuh: scoresByQueries
   void settleKivi(Sequence& s);
   void settleLowRank(Sequence& s);
   cuda::LowRankCache<T> lowRankAt(int l, size_t head0, const int* projected, const int* projected_after);
@@ -733,7 +730,7 @@ class GpuEngine : public Engine {
   int norm_rows_ = 0;
   bool norms_batch_ = false;
   DeviceBuffer<float> think_power_;  // ThinK: the prompt's query power [layer][kv_head][channel]
-  // mirrorReadsQueries: the last step's queries after RoPE [layer][row][q_heads x head_dim] (a
+  // scoresByQueries: the last step's queries after RoPE [layer][row][q_heads x head_dim] (a
   // batch: a row a sequence); mirrorReadsRows: the rows copied down, keys then values.
   DeviceBuffer<float> step_queries_, mirror_rows_;
   int query_rows_ = 0;
