@@ -22,10 +22,6 @@ void checkGpuCompression(const kv::PolicySpec& s) {
   if (s.rank > 0 && s.quant == kv::Quant::Kivi)
     throw Error("--device cuda holds low-rank channels (cskv) with int8 but not with KIVI; '" + s.describe() +
                 "' combines them: use --device cpu");
-  // The row-reading methods read rows where the device holds them (or copied down), not low rank's coordinates.
-  if (s.rank > 0 && (s.readsRows() || s.scoresByQueries()))
-    throw Error("--device cuda scores cached rows, not low rank's coordinates ('" + s.describe() +
-                "'): use --device cpu, or an attention-scored method");
 }
 
 #ifndef KVTP_WITH_CUDA

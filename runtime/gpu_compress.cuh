@@ -107,8 +107,9 @@ void GpuEngine<T>::pruneKeyChannels(Sequence& s) {
 }
 
 // The methods the device does not score (mirrorReadsRows): every head's rows of sequence s as the
-// device holds them (int8 and KIVI decoded as the CPU decodes them: cuda::cachedRows), held by the
-// mirror for this decision. O(entries) copied each decision: what interval= is for on long contexts.
+// device holds them (int8 and KIVI decoded as the CPU decodes them: cuda::cachedRows; low rank's
+// coordinates reconstructed: lowRankRowsToHost), held by the mirror for this decision.
+// O(entries) copied each decision: what interval= is for on long contexts.
 template <class T>
 void GpuEngine<T>::copyRowsToMirror(Sequence& s) {
   const int H = part_.kv_heads, LH = c_.layers * H, hd = c_.head_dim;
@@ -120,15 +121,50 @@ void GpuEngine<T>::copyRowsToMirror(Sequence& s) {
     meta[i] = int(n), meta[LH + i] = s.len[i], n += s.len[i];
   }
   if (n > INT32_MAX) throw Error("a decision on the host: more than 2^31 cache entries on one GPU");
-  int* d_meta = grow(evict_meta_, meta.size());
-  KVTP_CUDA_CHECK(cudaMemcpy(d_meta, meta.data(), meta.size() * sizeof(int), cudaMemcpyHostToDevice));
   const size_t floats = size_t(n) * hd;
-  float* rows = growWithHeadroom(mirror_rows_, std::max<size_t>(2 * floats, 1));
-  cuda::cachedRows(deviceRows(d_meta), hd, rows, rows + floats);
   std::vector<float> host(2 * floats);
-  KVTP_CUDA_CHECK(cudaMemcpy(host.data(), rows, host.size() * sizeof(float), cudaMemcpyDeviceToHost));
+  if (lowrank_) {
+    lowRankRowsToHost(s, meta, host.data(), host.data() + floats);
+  } else {
+    int* d_meta = grow(evict_meta_, meta.size());
+    KVTP_CUDA_CHECK(cudaMemcpy(d_meta, meta.data(), meta.size() * sizeof(int), cudaMemcpyHostToDevice));
+    float* rows = growWithHeadroom(mirror_rows_, std::max<size_t>(2 * floats, 1));
+    cuda::cachedRows(deviceRows(d_meta), hd, rows, rows + floats);
+    KVTP_CUDA_CHECK(cudaMemcpy(host.data(), rows, host.size() * sizeof(float), cudaMemcpyDeviceToHost));
+  }
   for (int i = 0; i < LH; ++i)
     s.mirror.holdRows(i / H, i % H, host.data() + size_t(meta[i]) * hd, host.data() + floats + size_t(meta[i]) * hd);
+}
+
+// Low rank's rows as the CPU's KVCache::rows gives them: each layer's heads reconstructed into the
+// stage as a step reads them (cuda::lowRankRows: coordinates times the bases, keys rotated; the
+// ring's rows copied), then widened to float at row meta[head] of keys and values (meta: table
+// offsets, then slots, per (layer, KV head)). The stage is free between steps and as large as one
+// (a decode graph captured on it stays valid).
+template <class T>
+void GpuEngine<T>::lowRankRowsToHost(const Sequence& s, const std::vector<int>& meta, float* keys, float* values) {
+  const int H = part_.kv_heads, LH = c_.layers * H, hd = c_.head_dim;
+  const size_t head0 = size_t(current_) * H;
+  T* K = grow(stage_k_, size_t(H) * capacity_ * hd);
+  T* V = grow(stage_v_, size_t(H) * capacity_ * hd);
+  const int* d = uploadRingRows(s);  // coordinates, then slots, per (layer, KV head)
+  std::vector<T> k, v;
+  for (int l = 0; l < c_.layers; ++l) {
+    const int longest = *std::max_element(s.len.begin() + size_t(l) * H, s.len.begin() + size_t(l + 1) * H);
+    if (longest == 0) continue;
+    cuda::lowRankRows(blas_, lowRankAt(l, head0, d + l * H, d + l * H), H, longest, d + LH + l * H, K, V);
+    const size_t row = size_t(hd) * sizeof(T), width = size_t(longest) * row;
+    k.resize(size_t(H) * longest * hd), v.resize(k.size());
+    KVTP_CUDA_CHECK(cudaMemcpy2D(k.data(), width, K, capacity_ * row, width, H, cudaMemcpyDeviceToHost));
+    KVTP_CUDA_CHECK(cudaMemcpy2D(v.data(), width, V, capacity_ * row, width, H, cudaMemcpyDeviceToHost));
+    for (int h = 0; h < H; ++h) {
+      const int i = l * H + h;
+      for (size_t e = 0; e < size_t(meta[LH + i]) * hd; ++e) {
+        keys[size_t(meta[i]) * hd + e] = cuda::toFloat(k[size_t(h) * longest * hd + e]);
+        values[size_t(meta[i]) * hd + e] = cuda::toFloat(v[size_t(h) * longest * hd + e]);
+      }
+    }
+  }
 }
 
 // The last step's queries of sequence s for the mirror's policy (kv::StepAttention::queries: per

@@ -35,12 +35,13 @@ using cuda::growWithHeadroom;
 bool mirrorDecidesAll(const kv::PolicySpec& s) { return s.rank > 0 || s.critical > 0 || s.think > 0; }
 
 // The methods the device does not score (leverage, expected attention, noncausal, compactor;
-// block-wise prompts) decide on the mirror from the cached rows as the device holds them, copied
-// down for each decision (GpuEngine::copyRowsToMirror) — and, for those that read them, from the
-// step's queries (PolicySpec::scoresByQueries, GpuEngine::stepQueries). Block-wise prompts of the
+// block-wise prompts; every row-reading method over low rank, whose decisions are all the
+// mirror's) decide on the mirror from the cached rows as the device holds them, copied down for
+// each decision (GpuEngine::copyRowsToMirror) — and, for those that read them, from the step's
+// queries (PolicySpec::scoresByQueries, GpuEngine::stepQueries). Block-wise prompts of the
 // methods the device scores go back to the device after the prompt.
 bool mirrorReadsRows(const kv::PolicySpec& s) {
-  return s.scoresByQueries() || s.method == kv::Method::Leverage || (s.block > 0 && s.readsRows());
+  return s.scoresByQueries() || s.method == kv::Method::Leverage || ((s.block > 0 || s.rank > 0) && s.readsRows());
 }
 
 // Host float32 tensors, concatenated by rows, converted to T on the device (through a float32
@@ -513,6 +514,7 @@ class GpuEngine : public Engine {
   void compactAsMirror(Sequence& s);  // gpu_compress.cuh: the caches other than KIVI and low rank
   void pruneKeyChannels(Sequence& s);  // gpu_compress.cuh: ThinK at the prompt's end
   void copyRowsToMirror(Sequence& s);  // gpu_compress.cuh: mirrorReadsRows
+  void lowRankRowsToHost(const Sequence& s, const std::vector<int>& meta, float* keys, float* values);
   std::vector<std::vector<float>> stepQueries(const Sequence& s);  // gpu_compress.cuh: scoresByQueries
   void settleKivi(Sequence& s);
   void settleLowRank(Sequence& s);

@@ -39,8 +39,8 @@ struct GpuOptions {
 };
 
 // Throws Error unless the CUDA engine compresses the KV cache as `spec` asks: every method and
-// storage of the catalogue but tiered precision (ladder=), low rank with KIVI, and low rank under a
-// method that reads the cached rows (docs/KV.md, "On the GPU").
+// storage of the catalogue but tiered precision (ladder=) and low rank with KIVI (docs/KV.md, "On
+// the GPU").
 void checkGpuCompression(const kv::PolicySpec& spec);
 
 // How many GPUs this process sees (0 in a build without the CUDA backend).

@@ -201,6 +201,12 @@ TEST(CudaEngine, CompressionMatchesTheCpu) {
   // Low rank over int8: the window's rows as codes in the ring, projected from them once past it.
   for (const std::string kv : {"", "h2o:budget=0.3", "snapkv:budget=0.25", "streamingllm:budget=0.3"})
     for (const std::string lowrank : {"cskv:rank=8", "cskv:rank=16,window=0"}) specs.push_back({kv, "int8", lowrank});
+  // The methods that read rows over low rank: decided on the mirror from the rows reconstructed as a
+  // step reads them (the CPU's KVCache::rows), and the step's queries where the method reads them.
+  for (const std::string kv : {"knorm:budget=0.3", "keydiff:budget=0.3", "qfilters:budget=0.3", "lagkv:budget=0.3,lag=32",
+                               "leverage:budget=0.3", "expected:budget=0.3", "noncausal:budget=0.3,span=64"})
+    specs.push_back({kv, "", "cskv:rank=8"});
+  specs.push_back({"knorm:budget=0.3", "int8", "cskv:rank=16,window=0"});
   // ThinK (full precision only): the query power from the prefill, the channels ranked and zeroed
   // on the device after the prompt's decision.
   for (const std::string kv : {"full:think=0.5", "snapkv:budget=0.3,think=0.5", "h2o:budget=0.3,think=0.25"})
@@ -418,10 +424,9 @@ TEST(CudaEngine, BatchTooLargeIsRefusedClearly) {
 }
 
 // What the CUDA engine does not do yet is refused with a clear error, before any GPU work:
-// low-rank channels with KIVI or under a row-scored method, and tiered precision (ladder=).
+// low-rank channels with KIVI, and tiered precision (ladder=).
 TEST(CudaEngine, CompressedCacheIsRefusedClearly) {
   for (const auto& [kv, quant, lowrank] : std::vector<std::array<std::string, 3>>{
-           {"knorm:budget=0.3", "", "cskv:rank=8"},
            {"", "kivi:bits=4", "cskv:rank=8"},
            {"h2o:budget=0.2,ladder=fp16/int4", "", ""}}) {
     PplJob job;

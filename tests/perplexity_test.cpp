@@ -59,8 +59,8 @@ TEST(CpuEngine, BatchOfOneIsAStepAndMoreAreRefused) {
 // What the CUDA engine takes is decided before any GPU work, on any build: KIVI and int8 under
 // eviction, the row-scored methods (K-norm, KeyDiff, Q-Filters, LagKV, CUR, leverage; expected,
 // noncausal and compactor, which read queries too) over any storage, block=, Finch, SimLayerKV, chunk=,
-// interval=, evict_below=, critical= and think=, low rank under the attention-scored methods; not low rank
-// with KIVI or a row-scored method, nor tiered precision (ladder=).
+// interval=, evict_below=, critical= and think=, low rank under every method; not low rank with KIVI,
+// nor tiered precision (ladder=).
 TEST(GpuCompression, RefusedOnlyWhereTheDeviceLacksIt) {
   for (const auto& [kv, quant] : std::vector<std::pair<std::string, std::string>>{
            {"scissorhands:budget=0.2", "kivi:bits=4"}, {"h2o:budget=0.2", "kivi:bits=2"}, {"snapkv:budget=0.2", "kivi:bits=2"},
@@ -75,8 +75,8 @@ TEST(GpuCompression, RefusedOnlyWhereTheDeviceLacksIt) {
   EXPECT_THROW(checkGpuCompression(kv::parsePolicy("h2o:budget=0.2,ladder=fp16/int4", "")), Error);
   EXPECT_NO_THROW(checkGpuCompression(kv::parsePolicy("h2o:budget=0.2", "", "cskv:rank=4")));
   EXPECT_NO_THROW(checkGpuCompression(kv::parsePolicy("snapkv:budget=0.2", "", "cskv:rank=4")));
-  EXPECT_THROW(checkGpuCompression(kv::parsePolicy("knorm:budget=0.2", "", "cskv:rank=4")), Error);
-  EXPECT_THROW(checkGpuCompression(kv::parsePolicy("expected:budget=0.2", "", "cskv:rank=4")), Error);
+  EXPECT_NO_THROW(checkGpuCompression(kv::parsePolicy("knorm:budget=0.2", "", "cskv:rank=4")));
+  EXPECT_NO_THROW(checkGpuCompression(kv::parsePolicy("expected:budget=0.2", "", "cskv:rank=4")));
   EXPECT_NO_THROW(checkGpuCompression(kv::parsePolicy("h2o:budget=0.2", "int8", "cskv:rank=4")));
   EXPECT_THROW(checkGpuCompression(kv::parsePolicy("", "kivi:bits=4", "cskv:rank=4")), Error);
 }
