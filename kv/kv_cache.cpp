@@ -428,6 +428,20 @@ HeadRows KVCache::rows(int layer, int head, std::vector<float>& scratch) const {
   return {keys, values};
 }
 
+void KVCache::decodeEntries(int layer, int head, const std::vector<int>& entries, float* k, float* v) const {
+  const HeadCache& c = this->head(layer, head);
+  if (rows_on_device_) throw std::logic_error("KVCache: a device cache's mirror holds no rows to decode");
+  int count[kForms] = {};
+  size_t next = 0;
+  for (int i = 0; i < c.length() && next < entries.size(); ++i) {
+    const int row = count[int(c.form[i])]++;
+    if (i != entries[next]) continue;
+    decodeEntry(c, layer, head, i, row, k + next * head_dim_, v + next * head_dim_);
+    ++next;
+  }
+  if (next != entries.size()) throw std::out_of_range("KVCache::decodeEntries: entries must ascend and exist");
+}
+
 int64_t StoreShape::bytes(Form form, int64_t entries, int64_t runs) const {
   const int64_t hd = head_dim;
   if (entries == 0 && runs == 0) return 0;  // (a form the cache does not use has no shape)

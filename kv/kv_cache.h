@@ -114,6 +114,9 @@ class KVCache {
   // Full-precision rows of every entry, in entry order; `scratch` holds them unless the head has
   // only full entries (then they are the store itself). A mirror's: those holdRows gave it.
   HeadRows rows(int layer, int head, std::vector<float>& scratch) const;
+  // Entries `entries` (ascending indices) of a head at full precision, as rows() gives them:
+  // (entries.size(), head_dim) floats into k and v.
+  void decodeEntries(int layer, int head, const std::vector<int>& entries, float* k, float* v) const;
   // A mirror's rows for a decision that reads them (the methods its device does not score): the
   // head's keys and values as the device decodes them, length x head_dim floats each, what rows()
   // gives until the head next changes (an append or a retain lets them go).

@@ -16,14 +16,6 @@ Precision parsePrecision(const std::string& s) {
 
 const char* precisionName(Precision d) { return d == Precision::F32 ? "fp32" : d == Precision::F16 ? "fp16" : "bf16"; }
 
-void checkGpuCompression(const kv::PolicySpec& s) {
-  if (!s.ladder.empty())
-    throw Error("ladder= (tiered precision) runs on --device cpu only so far ('" + s.describe() + "')");
-  if (s.rank > 0 && s.quant == kv::Quant::Kivi)
-    throw Error("--device cuda holds low-rank channels (cskv) with int8 but not with KIVI; '" + s.describe() +
-                "' combines them: use --device cpu");
-}
-
 #ifndef KVTP_WITH_CUDA
 namespace {
 [[noreturn]] void noCuda() {

@@ -34,7 +34,6 @@ GenerateJobResult runGenerateJob(const GenerateJob& job, const comm::Topology* t
   const Precision dtype = parsePrecision(job.resolvedDtype());
   const bool gpu = job.device == "cuda";
   if (!gpu && dtype != Precision::F32) throw Error("the CPU backend computes in fp32: --dtype fp16/bf16 need --device cuda");
-  if (gpu) checkGpuCompression(spec);
   if (topo && topo->dp > 1)
     throw Error("generation runs on one tensor-parallel group: --tp must be the number of ranks (" +
                 std::to_string(topo->tp * topo->dp) + ")");

@@ -78,10 +78,18 @@ void GpuEngine<T>::decide(Sequence& s, int last_pos, bool prefill) {
   attention_.queries.clear();
   if (decides_by_rows && kv_spec_.scoresByQueries())
     attention_.queries = stepQueries(s), attention_.T = queries_batch_ ? 1 : query_rows_;
-  if (decides_by_rows) copyRowsToMirror(s);
+  if (decides_by_rows && !host_forms_) copyRowsToMirror(s);  // (a mirror of host_forms_ holds its rows)
+  std::vector<std::vector<std::pair<int32_t, kv::Form>>> forms;  // host_forms_: each head's before the decision
+  if (host_forms_)
+    for (int i = 0; i < LH; ++i) {
+      const kv::HeadCache& c = s.mirror.head(i / H, i % H);
+      auto& f = forms.emplace_back();
+      for (int e = 0; e < c.length(); ++e) f.emplace_back(c.positions[e], c.form[e]);
+    }
   s.policy.afterStep(s.mirror, attention_, last_pos, prefill);
   if (windowed_evicts_) compactCodedAsMirror(s);
   else compactAsMirror(s);
+  if (host_forms_) writeConverted(s, forms);
   s.longest = *std::max_element(s.len.begin(), s.len.end());
   if (device_decides_decoded_ && prefill) s.prompt_kept = s.len;
   if (kv_spec_.think > 0 && prefill) pruneKeyChannels(s);
@@ -134,6 +142,71 @@ void GpuEngine<T>::copyRowsToMirror(Sequence& s) {
   }
   for (int i = 0; i < LH; ++i)
     s.mirror.holdRows(i / H, i % H, host.data() + size_t(meta[i]) * hd, host.data() + floats + size_t(meta[i]) * hd);
+}
+
+// hostHoldsForms: the step's new rows as the device cached them (each stepped head's rows from its
+// first free slot, as run() uploaded the slots), widened to float and appended to each stepped
+// sequence's mirror, which holds every entry's values and converts them as the CPU does.
+template <class T>
+void GpuEngine<T>::appendStepRows(const int* positions, int rows, bool batch) {
+  const int B = int(seqs_.size()), H = part_.kv_heads, hd = c_.head_dim, steps = batch ? B : 1, per = batch ? 1 : rows;
+  const size_t heads = size_t(steps) * H, head0 = batch ? 0 : size_t(current_) * H, floats = heads * per * hd;
+  float* k = grow(new_rows_, 2 * floats);
+  std::vector<float> host(2 * floats), keys(size_t(per) * H * hd), values(keys.size());
+  for (int l = 0; l < c_.layers; ++l) {
+    // meta_: the step's positions (`rows` of them), then the first free slot per (layer, sequence, KV head)
+    const int* slots = meta_.get() + rows + (size_t(l) * B + head0 / H) * H;
+    GpuLayer<T>& L = layers_[l];
+    cuda::readNewRows(L.K.get() + head0 * capacity_ * hd, L.V.get() + head0 * capacity_ * hd, capacity_, int(heads), hd,
+                      slots, per, k, k + floats);
+    KVTP_CUDA_CHECK(cudaMemcpy(host.data(), k, host.size() * sizeof(float), cudaMemcpyDeviceToHost));
+    for (int b = 0; b < steps; ++b) {  // (heads, per, hd) -> the mirror's (per, H x hd)
+      for (int h = 0; h < H; ++h)
+        for (int t = 0; t < per; ++t) {
+          const size_t from = ((size_t(b) * H + h) * per + t) * hd, to = (size_t(t) * H + h) * hd;
+          std::copy_n(host.data() + from, hd, keys.data() + to);
+          std::copy_n(host.data() + floats + from, hd, values.data() + to);
+        }
+      Sequence& s = batch ? seqs_[b] : seq();
+      s.mirror.append(l, keys.data(), values.data(), positions + (batch ? b : 0), per);
+    }
+  }
+}
+
+// hostHoldsForms, after the mirror's decision and the compaction (each head's entries at slots 0,
+// 1, ... on both): every entry whose form the decision changed (matched by position with `forms`,
+// the head's before it; a new row was full) written back at its slot decoded, as the CPU's
+// attention reads it.
+template <class T>
+void GpuEngine<T>::writeConverted(Sequence& s, const std::vector<std::vector<std::pair<int32_t, kv::Form>>>& forms) {
+  const int H = part_.kv_heads, hd = c_.head_dim;
+  const size_t head0 = size_t(current_) * H;
+  for (int l = 0; l < c_.layers; ++l) {
+    std::vector<int64_t> at;
+    std::vector<float> keys, values;
+    for (int h = 0; h < H; ++h) {
+      const kv::HeadCache& c = s.mirror.head(l, h);
+      const auto& before = forms[size_t(l) * H + h];
+      std::vector<int> changed;
+      size_t j = 0;
+      for (int e = 0; e < c.length(); ++e) {
+        while (j < before.size() && before[j].first != c.positions[e]) ++j;
+        if (c.form[e] != (j < before.size() ? before[j].second : kv::Form::Full)) changed.push_back(e);
+      }
+      if (changed.empty()) continue;
+      const size_t n = keys.size();
+      keys.resize(n + changed.size() * hd), values.resize(keys.size());
+      s.mirror.decodeEntries(l, h, changed, keys.data() + n, values.data() + n);
+      for (const int e : changed) at.push_back(int64_t(head0 + h) * capacity_ + e);
+    }
+    if (at.empty()) continue;
+    float* d = grow(new_rows_, 2 * keys.size());
+    KVTP_CUDA_CHECK(cudaMemcpy(d, keys.data(), keys.size() * sizeof(float), cudaMemcpyHostToDevice));
+    KVTP_CUDA_CHECK(cudaMemcpy(d + keys.size(), values.data(), values.size() * sizeof(float), cudaMemcpyHostToDevice));
+    int64_t* d_at = grow(converted_at_, at.size());
+    KVTP_CUDA_CHECK(cudaMemcpy(d_at, at.data(), at.size() * sizeof(int64_t), cudaMemcpyHostToDevice));
+    cuda::writeRows(layers_[l].K.get(), layers_[l].V.get(), hd, d_at, int(at.size()), d, d + keys.size());
+  }
 }
 
 // Low rank's rows as the CPU's KVCache::rows gives them: each layer's heads reconstructed into the

@@ -32,7 +32,17 @@ using cuda::growWithHeadroom;
 // Whether a policy's every decision stays on the host mirror: low rank (the device's decisions
 // read rows where they lie, not coordinates), CriticalKV's second stage and ThinK's bytes are the
 // policy's own.
-bool mirrorDecidesAll(const kv::PolicySpec& s) { return s.rank > 0 || s.critical > 0 || s.think > 0; }
+bool mirrorDecidesAll(const kv::PolicySpec& s) { return s.rank > 0 || s.critical > 0 || s.think > 0 || !s.ladder.empty(); }
+
+// The storage the host holds (tiered precision's mixed forms; low rank with KIVI, whose rows end in
+// one form or the other): the mirror is a whole kv::KVCache — the step's new rows copied down into
+// it — that converts its entries with the CPU's code, and the device keeps every entry's values at
+// full precision, each entry the mirror converts written back decoded (GpuEngine::writeConverted).
+// The bytes are counted as the mirror stores them; the device saves none of them (a decode
+// attention over rows of mixed forms is not written).
+bool hostHoldsForms(const kv::PolicySpec& s) {
+  return !s.ladder.empty() || (s.rank > 0 && s.quant == kv::Quant::Kivi);
+}
 
 // The methods the device does not score (leverage, expected attention, noncausal, compactor;
 // block-wise prompts; every row-reading method over low rank, whose decisions are all the
@@ -113,11 +123,14 @@ struct GpuLayer {
 // One sequence of the batch as the host tracks it; the device holds every sequence's KV heads side
 // by side, [sequence][kv_head][capacity].
 struct Sequence {
-  Sequence(const ModelConfig& c, const Partition& part, const kv::PolicySpec& spec, comm::Communicator* host_group)
+  // bases: low rank's, for a mirror that holds the rows (hostHoldsForms); rank 0 otherwise.
+  Sequence(const ModelConfig& c, const Partition& part, const kv::PolicySpec& spec, comm::Communicator* host_group,
+           const kv::LowRankBases& bases)
       : len(size_t(c.layers) * part.kv_heads, 0), policy(spec, headLayout(c, part), host_group),
-        mirror(c.layers, part.kv_heads, c.head_dim, true), row_positions(len.size()), coded(len.size(), 0),
-        coded_kept(len.size(), 0), runs_alive(len.size(), 0), next_run(len.size(), 0) {
+        mirror(c.layers, part.kv_heads, c.head_dim, !hostHoldsForms(spec)), row_positions(len.size()),
+        coded(len.size(), 0), coded_kept(len.size(), 0), runs_alive(len.size(), 0), next_run(len.size(), 0) {
     if (c.family == Family::Llama) mirror.setRope(ropeInverseFrequencies(c));  // what reads keys before RoPE
+    if (bases.rank > 0) mirror.setLowRank(bases);
   }
   std::vector<int> len;  // slots in use per (layer, KV head): its entries (and, decided on the device, holes)
   int longest = 0;
@@ -162,12 +175,11 @@ class GpuEngine : public Engine {
                         !mirrorDecidesAll(o.kv)),
         device_decides_decoded_((o.kv.method == kv::Method::SnapKV || o.kv.method == kv::Method::PyramidKV) &&
                                 o.kv.decode != kv::Decode::None && !mirrorDecidesAll(o.kv)),
-        int8_(o.kv.quant == kv::Quant::Int8 && o.kv.rank == 0), kivi_(o.kv.quant == kv::Quant::Kivi),
-        lowrank_(o.kv.rank > 0),
+        host_forms_(hostHoldsForms(o.kv)), int8_(o.kv.quant == kv::Quant::Int8 && o.kv.rank == 0 && !host_forms_),
+        kivi_(o.kv.quant == kv::Quant::Kivi && !host_forms_), lowrank_(o.kv.rank > 0 && !host_forms_),
         windowed_(kivi_ || lowrank_), windowed_evicts_(windowed_ && o.kv.evicts()), kivi_evicts_(kivi_ && o.kv.evicts()),
         ring_((lowrank_ ? o.kv.lowrank_window : o.kv.residual + o.kv.group) + kMaxFewRows),
         time_collectives_(o.time_collectives), time_phases_(o.time_decision_phases) {
-    checkGpuCompression(o.kv);
     c_.checkLowRank(o.kv.rank);
     if (!std::set<int>{8, 16, 32, 64, 128, 256}.count(c_.head_dim))
       throw Error("the CUDA backend needs head_dim 8, 16, 32, 64, 128 or 256 (this model: " +
@@ -182,7 +194,6 @@ class GpuEngine : public Engine {
       for (const auto& f : o.query_filters) flat.insert(flat.end(), f.begin(), f.end());
       query_filters_ = DeviceBuffer<float>(flat);
     }
-    seqs_.emplace_back(c_, part_, kv_spec_, host_group_);
     // The model-level tensors, then one layer at a time: the host holds one layer's float32
     // slices at most, so a 66B model loads on a machine with less memory than its weights.
     const ModelWeights w = source({0, 0, true});
@@ -196,6 +207,7 @@ class GpuEngine : public Engine {
     final_norm_b_ = uploadFloat(w.final_norm_b);
     const size_t Q = size_t(part_.q_heads) * c_.head_dim, KV = size_t(part_.kv_heads) * c_.head_dim,
                  F = size_t(part_.ffn());
+    mirror_bases_.rank = host_forms_ ? kv_spec_.rank : 0;
     for (int l = 0; l < c_.layers; ++l) {
       const ModelWeights piece = source({l, l + 1, false});
       const LayerWeights& L = piece.layers[l];
@@ -217,6 +229,8 @@ class GpuEngine : public Engine {
       }
       g.w_down = upload<T>({&L.w_down}, staging);
       g.b_down = part_.rank == 0 ? uploadFloat(L.b_down) : DeviceBuffer<float>();
+      if (host_forms_ && kv_spec_.rank > 0)  // the mirror projects with the CPU's bases (Model::lowRankBases)
+        kv::addLayerBases(mirror_bases_, L.wk.data(), L.wv.data(), part_.kv_heads, c_.head_dim, c_.hidden);
       if (lowrank_) {  // the CPU's bases (Model::lowRankBases), from the same float weights
         kv::LowRankBases b{.rank = kv_spec_.rank};
         kv::addLayerBases(b, L.wk.data(), L.wv.data(), part_.kv_heads, c_.head_dim, c_.hidden);
@@ -227,6 +241,8 @@ class GpuEngine : public Engine {
       }
     }
     if (c_.family == Family::Llama) inv_freq_ = DeviceBuffer<float>(ropeInverseFrequencies(c_));
+    if (c_.family == Family::Llama) mirror_bases_.rope_inv_freq = ropeInverseFrequencies(c_);
+    seqs_.emplace_back(c_, part_, kv_spec_, host_group_, mirror_bases_);
   }
 
   void startWindow() override {
@@ -303,7 +319,7 @@ class GpuEngine : public Engine {
     dropPromptRing();
     observed_len_ = 0;
     seqs_.clear();
-    for (int s = 0; s < batch; ++s) seqs_.emplace_back(c_, part_, kv_spec_, host_group_);
+    for (int s = 0; s < batch; ++s) seqs_.emplace_back(c_, part_, kv_spec_, host_group_, mirror_bases_);
     current_ = 0;
     growTo(tokens);
   }
@@ -372,6 +388,7 @@ class GpuEngine : public Engine {
       KVTP_CUDA_CHECK(cudaMemset(grow(observed_, n), 0, n * sizeof(float)));
     }
     run(tokens, positions, Shape{rows, many, observe, false});
+    if (host_forms_) appendStepRows(positions, rows, false);
     cached(s, rows);
   }
 
@@ -393,6 +410,7 @@ class GpuEngine : public Engine {
     makeRoom(need);
     for (int b = 0; b < B; ++b) admit(seqs_[b], positions + b, 1);
     run(tokens, positions, Shape{B, false, false, true});
+    if (host_forms_) appendStepRows(positions, B, true);
     for (auto& s : seqs_) cached(s, 1);
   }
 
@@ -414,7 +432,8 @@ class GpuEngine : public Engine {
     s.positions.insert(s.positions.end(), positions, positions + rows);
     s.unscored += rows, s.step_rows = rows;
     if (compresses() && (!windowed_ || windowed_evicts_) && !s.on_device) {
-      for (int l = 0; l < c_.layers; ++l) s.mirror.append(l, nullptr, nullptr, positions, rows);
+      if (!host_forms_)  // (a mirror holding the rows gets them after the step: appendStepRows)
+        for (int l = 0; l < c_.layers; ++l) s.mirror.append(l, nullptr, nullptr, positions, rows);
       for (auto& p : s.row_positions) p.insert(p.end(), positions, positions + rows);
     }
   }
@@ -514,6 +533,10 @@ class GpuEngine : public Engine {
   void compactAsMirror(Sequence& s);  // gpu_compress.cuh: the caches other than KIVI and low rank
   void pruneKeyChannels(Sequence& s);  // gpu_compress.cuh: ThinK at the prompt's end
   void copyRowsToMirror(Sequence& s);  // gpu_compress.cuh: mirrorReadsRows
+  // hostHoldsForms (gpu_compress.cuh): the step's rows into the mirrors; the entries a decision
+  // converted written back decoded (forms: each head's (position, form) before it).
+  void appendStepRows(const int* positions, int rows, bool batch);
+  void writeConverted(Sequence& s, const std::vector<std::vector<std::pair<int32_t, kv::Form>>>& forms);
   void lowRankRowsToHost(const Sequence& s, const std::vector<int>& meta, float* keys, float* values);
   std::vector<std::vector<float>> stepQueries(const Sequence& s);  // gpu_compress.cuh: scoresByQueries
   void settleKivi(Sequence& s);
@@ -745,6 +768,10 @@ class GpuEngine : public Engine {
   // decision, not in the step, so a prompt waits for its decision at full precision in a ring of
   // its own (sequence prompt_seq_'s heads of every layer, prompt_rows_ rows each), then its kept
   // rows move to the shared ring.
+  const bool host_forms_;  // hostHoldsForms: the device holds full-precision rows, the mirror every form
+  kv::LowRankBases mirror_bases_;  // host_forms_ with low rank: the mirrors' bases
+  DeviceBuffer<float> new_rows_;   // host_forms_: the step's rows read out, then the converted written back
+  DeviceBuffer<int64_t> converted_at_;
   const bool int8_, kivi_, lowrank_, windowed_, windowed_evicts_, kivi_evicts_;
   const int ring_;
   DeviceBuffer<T> prompt_ring_k_, prompt_ring_v_;  // [layer][kv_head][prompt_rows_][head_dim]

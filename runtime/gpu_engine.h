@@ -25,7 +25,8 @@ struct GpuOptions {
   // Collectives over device memory among the tensor-parallel ranks (comm::makeNccl); null when
   // tp = 1. Must join the same ranks, in the same order, as the host model's group.
   comm::Communicator* device_group = nullptr;
-  // KV compression (checkGpuCompression says which) and the host group its budget is settled over.
+  // KV compression (every method and storage of the catalogue: docs/KV.md, "On the GPU") and the
+  // host group its budget is settled over.
   kv::PolicySpec kv;
   comm::Communicator* host_group = nullptr;
   // Q-Filters: per (layer, local KV head) its filter (queryFiltersFor), decided on the device.
@@ -38,10 +39,6 @@ struct GpuOptions {
   bool time_decision_phases = false;
 };
 
-// Throws Error unless the CUDA engine compresses the KV cache as `spec` asks: every method and
-// storage of the catalogue but tiered precision (ladder=) and low rank with KIVI (docs/KV.md, "On
-// the GPU").
-void checkGpuCompression(const kv::PolicySpec& spec);
 
 // How many GPUs this process sees (0 in a build without the CUDA backend).
 int cudaDevices();

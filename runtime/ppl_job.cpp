@@ -106,7 +106,6 @@ PplJobResult runPplJob(const PplJob& job, const comm::Topology* topo, const Prog
   const Precision dtype = parsePrecision(job.resolvedDtype());
   const bool gpu = job.device == "cuda";
   if (!gpu && dtype != Precision::F32) throw Error("the CPU backend computes in fp32: --dtype fp16/bf16 need --device cuda");
-  if (gpu) checkGpuCompression(spec);
 
   comm::Communicator* group = topo ? topo->group.get() : nullptr;
   JobModel m;

@@ -8,6 +8,7 @@
 #include <random>
 
 #include "kernels/cpu_ops.h"
+#include "kernels/cuda/cache_ops.h"
 #include "kernels/cuda/cuda_ops.h"
 #include "kernels/cuda/eviction.h"
 #include "kernels/cuda/forward_ops.h"
@@ -420,6 +421,43 @@ TEST(CudaKernels, CompactKeepsEachHeadsRowsInOrder) {
       }
     }
   EXPECT_EQ(gk[(size_t(0) * capacity + 45) * hd], K[(size_t(0) * capacity + 45) * hd]);  // past the kept: untouched
+}
+
+// Host-held forms (tiered precision on the GPU): a step's new rows read out of an fp16 cache at
+// each head's own first slot, widened to float exactly; float rows written back at scattered cache
+// rows, rounded to fp16 as the host rounds them, the other rows untouched.
+TEST(CudaKernels, HostHeldRowsGoBothWays) {
+  REQUIRE_GPU();
+  const int heads = 3, hd = 32, capacity = 40, rows = 2;
+  const std::vector<int> first = {0, 17, 38};
+  std::vector<__half> K(size_t(heads) * capacity * hd), V(K.size());
+  const auto k0 = randn(K.size()), v0 = randn(V.size());
+  for (size_t i = 0; i < K.size(); ++i) K[i] = __float2half_rn(k0[i]), V[i] = __float2half_rn(v0[i]);
+  DeviceBuffer<__half> dK(K), dV(V);
+  DeviceBuffer<int> dfirst(first);
+  DeviceBuffer<float> out_k(poisoned(size_t(heads) * rows * hd)), out_v(poisoned(size_t(heads) * rows * hd));
+  cuda::readNewRows(dK.get(), dV.get(), capacity, heads, hd, dfirst.get(), rows, out_k.get(), out_v.get());
+  const auto gk = out_k.download(), gv = out_v.download();
+  for (int h = 0; h < heads; ++h)
+    for (int t = 0; t < rows; ++t)
+      for (int c = 0; c < hd; ++c) {
+        const size_t from = (size_t(h) * capacity + first[h] + t) * hd + c, to = (size_t(h) * rows + t) * hd + c;
+        ASSERT_EQ(gk[to], __half2float(K[from])) << h << " " << t;
+        ASSERT_EQ(gv[to], __half2float(V[from])) << h << " " << t;
+      }
+  const std::vector<int64_t> at = {5, 1 * capacity + 39, 2 * capacity};
+  const auto k = randn(at.size() * hd), v = randn(at.size() * hd);
+  DeviceBuffer<int64_t> dat(at);
+  DeviceBuffer<float> dk(k), dv(v);
+  cuda::writeRows(dK.get(), dV.get(), hd, dat.get(), int(at.size()), dk.get(), dv.get());
+  auto wk = dK.download(), wv = dV.download();
+  for (size_t i = 0; i < at.size(); ++i)
+    for (int c = 0; c < hd; ++c) {
+      EXPECT_EQ(__half2float(wk[at[i] * hd + c]), __half2float(__float2half_rn(k[i * hd + c])));
+      EXPECT_EQ(__half2float(wv[at[i] * hd + c]), __half2float(__float2half_rn(v[i * hd + c])));
+      wk[at[i] * hd + c] = K[at[i] * hd + c], wv[at[i] * hd + c] = V[at[i] * hd + c];
+    }
+  for (size_t i = 0; i < K.size(); ++i) ASSERT_EQ(__half2float(wk[i]), __half2float(K[i])) << "row " << i / hd;
 }
 
 // The budget's select on the device (cuda::evictionDecide: byte histograms, a block per pool

@@ -61,6 +61,16 @@ TEST(KvTiered, ALadderFillsTheBudgetTopDownAndNeverPromotes) {
     for (int j = 0; j < hd; ++j) lo = std::min(lo, k[2 * hd + j]), hi = std::max(hi, k[2 * hd + j]);
     EXPECT_NEAR(rows.keys[2 * hd + ch], k[2 * hd + ch], (hi - lo) / 3 / 2 + 1e-5) << ch;  // position 2, at 2 bits
   }
+  // Some entries decoded alone (a GPU's host-held forms upload only those that changed): rows()' bits.
+  const std::vector<int> some = {2, 5, 9};
+  std::vector<float> some_k(some.size() * hd), some_v(some.size() * hd);
+  c.decodeEntries(0, 0, some, some_k.data(), some_v.data());
+  for (size_t j = 0; j < some.size(); ++j)
+    for (int ch = 0; ch < hd; ++ch) {
+      EXPECT_EQ(some_k[j * hd + ch], rows.keys[some[j] * hd + ch]) << some[j];
+      EXPECT_EQ(some_v[j * hd + ch], rows.values[some[j] * hd + ch]) << some[j];
+    }
+  EXPECT_THROW(c.decodeEntries(0, 0, {5, 2}, some_k.data(), some_v.data()), std::out_of_range);
   // tokens=3: 396 bytes, 264 of them the protected's; the 132 left hold 4 entries at 2 bits and
   // lift none: the 4 highest-ranked stay, stepped down. Then tokens=6 again: the 528 bytes would
   // lift them to fp16, but what stepped down stays down (and what went is gone).

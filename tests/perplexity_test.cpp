@@ -56,31 +56,6 @@ TEST(CpuEngine, BatchOfOneIsAStepAndMoreAreRefused) {
   EXPECT_THROW(engine->useSequence(1), Error);
 }
 
-// What the CUDA engine takes is decided before any GPU work, on any build: KIVI and int8 under
-// eviction, the row-scored methods (K-norm, KeyDiff, Q-Filters, LagKV, CUR, leverage; expected,
-// noncausal and compactor, which read queries too) over any storage, block=, Finch, SimLayerKV, chunk=,
-// interval=, evict_below=, critical= and think=, low rank under every method; not low rank with KIVI,
-// nor tiered precision (ladder=).
-TEST(GpuCompression, RefusedOnlyWhereTheDeviceLacksIt) {
-  for (const auto& [kv, quant] : std::vector<std::pair<std::string, std::string>>{
-           {"scissorhands:budget=0.2", "kivi:bits=4"}, {"h2o:budget=0.2", "kivi:bits=2"}, {"snapkv:budget=0.2", "kivi:bits=2"},
-           {"keydiff:budget=0.2", "int8"}, {"knorm:budget=0.2", ""}, {"tova:budget=0.2", "kivi:bits=4"},
-           {"qfilters:budget=0.2", "int8"}, {"knorm:budget=0.2", "kivi:bits=4"}, {"keydiff:budget=0.2", "kivi:bits=2"},
-           {"qfilters:budget=0.2", "kivi:bits=2"}, {"simlayerkv", "kivi:bits=2"}, {"h2o:budget=0.2,interval=4", "int8"},
-           {"knorm:budget=0.3,evict_below=-5", ""}, {"lagkv:budget=0.2,lag=32", "kivi:bits=4"}, {"cur:budget=0.2", "int8"},
-           {"finch:budget=0.2", "int8"}, {"h2o:budget=0.2,critical=0.5", "kivi:bits=2"}, {"snapkv:budget=0.2,think=0.5", ""}, {"h2o:budget=0.2,chunk=4", ""}, {"snapkv:budget=0.2,chunk=8", "kivi:bits=2"},
-           {"keydiff:budget=0.2,block=16", ""}, {"expected:budget=0.2", "int8"}, {"compactor:budget=0.2", "kivi:bits=4"},
-           {"leverage:budget=0.2", ""}, {"noncausal:budget=0.2", "kivi:bits=2"}})
-    EXPECT_NO_THROW(checkGpuCompression(kv::parsePolicy(kv, quant))) << kv << " " << quant;
-  EXPECT_THROW(checkGpuCompression(kv::parsePolicy("h2o:budget=0.2,ladder=fp16/int4", "")), Error);
-  EXPECT_NO_THROW(checkGpuCompression(kv::parsePolicy("h2o:budget=0.2", "", "cskv:rank=4")));
-  EXPECT_NO_THROW(checkGpuCompression(kv::parsePolicy("snapkv:budget=0.2", "", "cskv:rank=4")));
-  EXPECT_NO_THROW(checkGpuCompression(kv::parsePolicy("knorm:budget=0.2", "", "cskv:rank=4")));
-  EXPECT_NO_THROW(checkGpuCompression(kv::parsePolicy("expected:budget=0.2", "", "cskv:rank=4")));
-  EXPECT_NO_THROW(checkGpuCompression(kv::parsePolicy("h2o:budget=0.2", "int8", "cskv:rank=4")));
-  EXPECT_THROW(checkGpuCompression(kv::parsePolicy("", "kivi:bits=4", "cskv:rank=4")), Error);
-}
-
 TEST(Dataset, ReadsGzipJsonLinesAndArrays) {
   const auto docs = readDocuments("data/c4/c4-heldout-200.json.gz");
   EXPECT_EQ(docs.size(), 200u);

@@ -416,7 +416,41 @@ void dequantizeRows(const Int8Append& a, int kv_heads, int count, T* K, T* V, in
   KVTP_CUDA_LAUNCHED();
 }
 
+template <class T>
+__global__ void readNewRowsKernel(const T* K, const T* V, int64_t capacity, int head_dim, const int* first_slots,
+                                  int rows, float* out_k, float* out_v) {
+  const int t = blockIdx.x, h = blockIdx.y;
+  const int64_t from = (int64_t(h) * capacity + first_slots[h] + t) * head_dim, to = (int64_t(h) * rows + t) * head_dim;
+  for (int c = threadIdx.x; c < head_dim; c += blockDim.x)
+    out_k[to + c] = toFloat(K[from + c]), out_v[to + c] = toFloat(V[from + c]);
+}
+
+template <class T>
+__global__ void writeRowsKernel(T* K, T* V, int head_dim, const int64_t* at, const float* k, const float* v) {
+  const int64_t row = at[blockIdx.x] * head_dim, from = int64_t(blockIdx.x) * head_dim;
+  for (int c = threadIdx.x; c < head_dim; c += blockDim.x)
+    K[row + c] = fromFloat<T>(k[from + c]), V[row + c] = fromFloat<T>(v[from + c]);
+}
+
+template <class T>
+void readNewRows(const T* K, const T* V, int64_t capacity, int heads, int head_dim, const int* first_slots, int rows,
+                 float* out_k, float* out_v) {
+  if (rows == 0 || heads == 0) return;
+  readNewRowsKernel<<<dim3(rows, heads), std::min(head_dim, 128)>>>(K, V, capacity, head_dim, first_slots, rows, out_k,
+                                                                    out_v);
+  KVTP_CUDA_LAUNCHED();
+}
+
+template <class T>
+void writeRows(T* K, T* V, int head_dim, const int64_t* at, int n, const float* k, const float* v) {
+  if (n == 0) return;
+  writeRowsKernel<<<n, std::min(head_dim, 128)>>>(K, V, head_dim, at, k, v);
+  KVTP_CUDA_LAUNCHED();
+}
+
 #define KVTP_CACHE_OPS(T)                                                                                           \
+  template void readNewRows<T>(const T*, const T*, int64_t, int, int, const int*, int, float*, float*);             \
+  template void writeRows<T>(T*, T*, int, const int64_t*, int, const float*, const float*);                         \
   template void compactKV<T>(T*, T*, int*, int64_t, int, int, const int*, const int*, int);                         \
   template void dequantizeRows<T>(const Int8Append&, int, int, T*, T*, int*, int64_t);                              \
   template void kiviAppend<T>(const KiviCache<T>&, int, int, const float*, int64_t, int64_t, int64_t, const int*,   \

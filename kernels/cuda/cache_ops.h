@@ -157,6 +157,17 @@ template <class T>
 void compactKV(T* K, T* V, int* k_pos, int64_t capacity, int kv_heads, int head_dim, const int* keep, const int* kept,
                int max_kept);
 
+// A cache whose entries' forms the host holds (tiered precision, low rank with KIVI: the CUDA
+// engine's host_forms_): the device keeps every entry's values at full precision in T. Rows
+// [first_slots[h], + rows) of each of `heads` heads (capacity rows a head) into out_k / out_v as
+// float, (heads, rows, head_dim); and n float rows (n x head_dim) written back at cache rows at[i]
+// (head x capacity + slot), rounded to T.
+template <class T>
+void readNewRows(const T* K, const T* V, int64_t capacity, int heads, int head_dim, const int* first_slots, int rows,
+                 float* out_k, float* out_v);
+template <class T>
+void writeRows(T* K, T* V, int head_dim, const int64_t* at, int n, const float* k, const float* v);
+
 #ifdef __CUDACC__
 // The cache row (head * capacity + slot) where new row t's KV head g lands (KvAppend, Int8Append).
 template <class A>

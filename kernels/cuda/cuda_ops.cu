@@ -178,6 +178,23 @@ __device__ float kiviCode(const uint32_t (&w)[W], int c) {
   return __uint_as_float(0x4B000000u | (half & (((1u << B) - 1) << codeShift<B>(c)))) - 8388608.0f;
 }
 
+// Two codes of a lane's B-bit codes in one half2, exact: the fields at bit o of both 16-bit halves
+// of word w / 16 * B (after the word moves down a byte for the upper byte's fields), masked into the
+// mantissa of fp16 1024, are 1024 + code x 2^o, and (h - 1024) x 2^-o (one fused multiply-add) is the
+// code. Pair p holds channels (word k's first + j, + 16 / B), k = p / (16 / B), j = p % (16 / B):
+// codePairChannel gives the first.
+template <int B>
+__host__ __device__ constexpr int codePairChannel(int p) { return p / (16 / B) * (32 / B) + p % (16 / B); }
+template <int B, int W>
+__device__ __half2 codePair(const uint32_t (&w)[W], int p) {
+  constexpr int per_byte = 8 / B;
+  const int j = p % (16 / B), o = j % per_byte * B;
+  const uint32_t word = j >= per_byte ? w[p / (16 / B)] >> 8 : w[p / (16 / B)];
+  const uint32_t mask = ((1u << B) - 1) << o, bits = (word & (mask | mask << 16)) | 0x64006400u;
+  const float down = 1.0f / float(1 << o);
+  return __hfma2(*reinterpret_cast<const __half2*>(&bits), __float2half2_rn(down), __float2half2_rn(-1024.0f * down));
+}
+
 // Key row scores `dot` into G heads' online softmax (running max m, sum) and the row's values into
 // their N accumulated channels (value(i): channel i of this lane's).
 template <int G, int N, class Value>
@@ -315,6 +332,13 @@ __global__ void __launch_bounds__(32 * kWarps, kTwoBlocksAnSM<G, KT, OT> ? 2 : 1
     // kept in registers; a value row adds w lo to a lane's sum of lows (its channels share one
     // value group) and w step code to each channel. The softmax's rescale is shared by U rows.
     constexpr int C = 16 / G < P ? P : 16 / G > hd ? hd : 16 / G, S = hd / C, R = 32 / S, W = (C * B + 31) / 32;
+    // fp16 / bf16 caches whose lanes hold whole words of codes decode two channels an instruction
+    // (codePair) and sum a key's dot and U rows' values in half2 before the float accumulators:
+    // the decoding and an FMA per channel and row bounded this attention by instruction issue,
+    // and half2 halves that, adding an error far below the codes' own (half a step a channel).
+    // fp32 caches keep the float path, the CPU's arithmetic.
+    constexpr bool kHalfCodes = !std::is_same_v<OT, float> && (C * B) % 32 == 0;
+    constexpr int Pairs = C / 2;
     const int quantized = kc.quantized[kvh], cb = kc.codeBytes(), group = kc.group, value_groups = kc.valueGroups(),
               sub = lane / S, sl = lane % S, lane_pair = sl * C / group;
     const uint8_t* k_codes = kc.K + int64_t(kvh) * kc.capacity * cb;
@@ -339,6 +363,7 @@ __global__ void __launch_bounds__(32 * kWarps, kTwoBlocksAnSM<G, KT, OT> ? 2 : 1
     // The current run's q x step x 2^-codeShift per channel and this lane's q . lo; without
     // eviction a run is `group` consecutive rows (run_end: the next one's first row).
     float q_step[G][C] = {}, q_lo[G] = {};
+    __half2 q_step2[kHalfCodes ? G : 1][kHalfCodes ? Pairs : 1];  // kHalfCodes: q_step by codePair's pairs
     int current_run = -1, run_end = 0;  // a sub-warp's rows ascend, and so do their runs
     for (int k = 0; k < per; k += U) {  // the same trip count for the whole warp (its shuffles)
       uint32_t kw[U][W], vw[U][W];
@@ -375,18 +400,42 @@ __global__ void __launch_bounds__(32 * kWarps, kTwoBlocksAnSM<G, KT, OT> ? 2 : 1
 #pragma unroll
             for (int g = 0; g < G; ++g) {
               const float qc = q_lane[g * hd + c] * scale;
-              q_step[g][c] = qc * a.y * codeUnshift<B>(c), q_lo[g] += qc * a.x;
+              q_step[g][c] = qc * a.y * (kHalfCodes ? 1.0f : codeUnshift<B>(c)), q_lo[g] += qc * a.x;
             }
+          }
+          if constexpr (kHalfCodes)
+#pragma unroll
+            for (int g = 0; g < G; ++g)
+#pragma unroll
+              for (int i = 0; i < Pairs; ++i)
+                q_step2[g][i] = __floats2half2_rn(q_step[g][codePairChannel<B>(i)],
+                                                  q_step[g][codePairChannel<B>(i) + 16 / B]);
+        }
+        float d[G];
+        if constexpr (kHalfCodes) {
+          __half2 code[Pairs], d2[G];
+#pragma unroll
+          for (int i = 0; i < Pairs; ++i) code[i] = codePair<B>(kw[u], i);
+#pragma unroll
+          for (int g = 0; g < G; ++g) {
+            d2[g] = __float2half2_rn(0.0f);
+#pragma unroll
+            for (int i = 0; i < Pairs; ++i) d2[g] = __hfma2(code[i], q_step2[g][i], d2[g]);
+            d[g] = q_lo[g] + (__low2float(d2[g]) + __high2float(d2[g]));
+          }
+        } else {
+#pragma unroll
+          for (int g = 0; g < G; ++g) {
+            d[g] = q_lo[g];
+#pragma unroll
+            for (int c = 0; c < C; ++c) d[g] = fmaf(q_step[g][c], kiviCode<B>(kw[u], c), d[g]);
           }
         }
 #pragma unroll
         for (int g = 0; g < G; ++g) {
-          float d = q_lo[g];
 #pragma unroll
-          for (int c = 0; c < C; ++c) d = fmaf(q_step[g][c], kiviCode<B>(kw[u], c), d);
-#pragma unroll
-          for (int o = S / 2; o > 0; o /= 2) d += __shfl_xor_sync(0xffffffffu, d, o);
-          dot[u][g] = seen[u] ? d : -FLT_MAX;
+          for (int o = S / 2; o > 0; o /= 2) d[g] += __shfl_xor_sync(0xffffffffu, d[g], o);
+          dot[u][g] = seen[u] ? d[g] : -FLT_MAX;
         }
         if (probs && sl == 0 && seen[u]) {
 #pragma unroll
@@ -394,40 +443,70 @@ __global__ void __launch_bounds__(32 * kWarps, kTwoBlocksAnSM<G, KT, OT> ? 2 : 1
         }
       }
       // The U rows into each head's online softmax at once: one rescale of the accumulators.
+      float corr[G], w[G][U];
 #pragma unroll
       for (int g = 0; g < G; ++g) {
         float m_new = m_c[g];
 #pragma unroll
         for (int u = 0; u < U; ++u) m_new = fmaxf(m_new, dot[u][g]);
-        const float corr = __expf(m_c[g] - m_new);
-        float w[U];
+        corr[g] = __expf(m_c[g] - m_new);
 #pragma unroll
-        for (int u = 0; u < U; ++u) w[u] = seen[u] ? __expf(dot[u][g] - m_new) : 0.0f;
-        sum_c[g] *= corr;
-        acc_lo[g] *= corr;
+        for (int u = 0; u < U; ++u) w[g][u] = seen[u] ? __expf(dot[u][g] - m_new) : 0.0f;
+        sum_c[g] *= corr[g];
+        acc_lo[g] *= corr[g];
 #pragma unroll
-        for (int u = 0; u < U; ++u) sum_c[g] += w[u], acc_lo[g] = fmaf(w[u], pair[u].x, acc_lo[g]);
-#pragma unroll
-        for (int c = 0; c < C; ++c) {
-          float a = acc_c[g][c] * corr;
-#pragma unroll
-          for (int u = 0; u < U; ++u) {
-            if (one_pair) {
-              a = fmaf(w[u] * pair[u].y, kiviCode<B>(vw[u], c), a);
-            } else if (seen[u]) {  // the channel's own pair, its low scaled as the code is
-              const float2 v = v_params[int64_t(lo + k + u) * value_groups + (sl * C + c) / group];
-              a = fmaf(w[u], fmaf(v.y, kiviCode<B>(vw[u], c), v.x * codeShiftScale<B>(c)), a);
-            }
-          }
-          acc_c[g][c] = a;
-        }
+        for (int u = 0; u < U; ++u) sum_c[g] += w[g][u], acc_lo[g] = fmaf(w[g][u], pair[u].x, acc_lo[g]);
         m_c[g] = m_new;
       }
+      if (kHalfCodes && one_pair) {  // each channel pair's U rows summed in half2 (code x w x step)
+        __half2 ws[G][U];
+#pragma unroll
+        for (int g = 0; g < G; ++g)
+#pragma unroll
+          for (int u = 0; u < U; ++u) ws[g][u] = __float2half2_rn(w[g][u] * pair[u].y);
+#pragma unroll
+        for (int i = 0; i < Pairs; ++i) {
+          __half2 a[G];
+#pragma unroll
+          for (int g = 0; g < G; ++g) a[g] = __float2half2_rn(0.0f);
+#pragma unroll
+          for (int u = 0; u < U; ++u) {
+            const __half2 code = codePair<B>(vw[u], i);
+#pragma unroll
+            for (int g = 0; g < G; ++g) a[g] = __hfma2(code, ws[g][u], a[g]);
+          }
+          const int c0 = codePairChannel<B>(i), c1 = c0 + 16 / B;
+#pragma unroll
+          for (int g = 0; g < G; ++g) {
+            acc_c[g][c0] = fmaf(acc_c[g][c0], corr[g], __low2float(a[g]));
+            acc_c[g][c1] = fmaf(acc_c[g][c1], corr[g], __high2float(a[g]));
+          }
+        }
+      } else {
+#pragma unroll
+        for (int g = 0; g < G; ++g)
+#pragma unroll
+          for (int c = 0; c < C; ++c) {
+            float a = acc_c[g][c] * corr[g];
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+              if (one_pair) {
+                a = fmaf(w[g][u] * pair[u].y, kiviCode<B>(vw[u], c), a);
+              } else if (seen[u]) {  // the channel's own pair, its low scaled as the code is
+                const float2 v = v_params[int64_t(lo + k + u) * value_groups + (sl * C + c) / group];
+                a = fmaf(w[g][u], fmaf(v.y, kiviCode<B>(vw[u], c), v.x * codeShiftScale<B>(c)), a);
+              }
+            }
+            acc_c[g][c] = a;
+          }
+      }
     }
+    // acc_c: the half2 path's channels as they are, the float path's times 2^codeShift(c).
 #pragma unroll
     for (int g = 0; g < G; ++g)
 #pragma unroll
-      for (int c = 0; c < C; ++c) acc_c[g][c] = acc_lo[g] + acc_c[g][c] * codeUnshift<B>(c);
+      for (int c = 0; c < C; ++c)
+        acc_c[g][c] = acc_lo[g] + acc_c[g][c] * (kHalfCodes && one_pair ? 1.0f : codeUnshift<B>(c));
     // The warp's R states merged (each sub-warp ends with all of them), then handed to the warp's
     // layout (lane i: channels i P .. i P + P - 1) for the ring's rows and the block's merge.
 #pragma unroll
