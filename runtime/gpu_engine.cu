@@ -30,9 +30,11 @@ using cuda::grow;
 using cuda::growWithHeadroom;
 
 // Whether a policy's every decision stays on the host mirror: low rank (the device's decisions
-// read rows where they lie, not coordinates), CriticalKV's second stage and ThinK's bytes are the
-// policy's own.
-bool mirrorDecidesAll(const kv::PolicySpec& s) { return s.rank > 0 || s.critical > 0 || s.think > 0 || !s.ladder.empty(); }
+// read rows where they lie, not coordinates), CriticalKV's second stage, ThinK's bytes and a
+// ladder's forms are the policy's own.
+bool mirrorDecidesAll(const kv::PolicySpec& s) {
+  return s.rank > 0 || s.critical > 0 || s.think > 0 || !s.ladder.empty();
+}
 
 // The storage the host holds (tiered precision's mixed forms; low rank with KIVI, whose rows end in
 // one form or the other): the mirror is a whole kv::KVCache — the step's new rows copied down into
@@ -175,7 +177,8 @@ class GpuEngine : public Engine {
                         !mirrorDecidesAll(o.kv)),
         device_decides_decoded_((o.kv.method == kv::Method::SnapKV || o.kv.method == kv::Method::PyramidKV) &&
                                 o.kv.decode != kv::Decode::None && !mirrorDecidesAll(o.kv)),
-        host_forms_(hostHoldsForms(o.kv)), int8_(o.kv.quant == kv::Quant::Int8 && o.kv.rank == 0 && !host_forms_),
+        host_forms_(hostHoldsForms(o.kv)),
+        int8_(o.kv.quant == kv::Quant::Int8 && o.kv.rank == 0 && !host_forms_),
         kivi_(o.kv.quant == kv::Quant::Kivi && !host_forms_), lowrank_(o.kv.rank > 0 && !host_forms_),
         windowed_(kivi_ || lowrank_), windowed_evicts_(windowed_ && o.kv.evicts()), kivi_evicts_(kivi_ && o.kv.evicts()),
         ring_((lowrank_ ? o.kv.lowrank_window : o.kv.residual + o.kv.group) + kMaxFewRows),
