@@ -265,16 +265,23 @@ TEST(CudaEngine, CompressionMatchesTheCpu) {
     // across the boundary, every decode step. Given the same rows they decide the same
     // (KvEviction.AMirrorHoldingTheRowsDecidesAsTheCacheDoes; cuda::cachedRows is the CPU's
     // decoding bit for bit) — here int8's rounded rows made leverage's decisions the CPU's (8e-6).
-    const bool ill_conditioned = kv.rfind("leverage:", 0) == 0 || kv.rfind("expected:", 0) == 0;
-    // A ladder's codes, as int8's, from rows the device projected (the last bits differ).
+    // The row scores over low rank read rows reconstructed from coordinates (cuBLAS's sums on the
+    // device, the CPU's in another order): K-norm's near-ties at the boundary swap as CUR's do (an
+    // H100: a token off by 0.06, the mean 4.6e-4, the perplexity 0.008 % apart).
+    const bool ill_conditioned = kv.rfind("leverage:", 0) == 0 || kv.rfind("expected:", 0) == 0 ||
+                                 (scoresRows(kv) && !lowrank.empty() && quant.empty());
+    // A ladder's codes, as int8's, from rows the device projected (the last bits differ): a code at
+    // a rounding boundary is one step off, and a 2-bit rung's step is a third of its group's range
+    // (an H100, fp16/int8/int2: a token off by 0.031, the mean 2e-4; the other ladders 8e-6).
     const bool ladder = kv.find("ladder=") != std::string::npos;
     if (kv.rfind("cur:", 0) == 0 || ill_conditioned) {
       EXPECT_LE(std::abs(gpu.result.ppl() - cpu.result.ppl()) / cpu.result.ppl(), 1e-2) << name;
     } else {
-      EXPECT_LE(worst, scoresRows(kv) ? 3e-2 : quant.empty() && !ladder ? 1e-3 : 1e-2) << name;
+      EXPECT_LE(worst, scoresRows(kv) ? 3e-2 : ladder ? 5e-2 : quant.empty() ? 1e-3 : 1e-2) << name;
       // block=: a swap in one block's decision changes what every later block competes with (K-norm
       // in blocks, an H100: mean 1.1e-4).
-      EXPECT_LE(sum / double(cpu.result.tokens), kv.find("block=") != std::string::npos ? 3e-4 : 1e-4) << name;
+      EXPECT_LE(sum / double(cpu.result.tokens), kv.find("block=") != std::string::npos || ladder ? 3e-4 : 1e-4)
+          << name;
     }
     if (!quant.empty() || !lowrank.empty() || ladder) {  // fp16: the prefill reads the cache through an fp16 stage (flash attention)
       job.dtype = "fp16";
