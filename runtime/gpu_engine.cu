@@ -243,8 +243,10 @@ class GpuEngine : public Engine {
         g.value_basis = upload<T>(values, staging);
       }
     }
-    if (c_.family == Family::Llama) inv_freq_ = DeviceBuffer<float>(ropeInverseFrequencies(c_));
-    if (c_.family == Family::Llama) mirror_bases_.rope_inv_freq = ropeInverseFrequencies(c_);
+    if (c_.family == Family::Llama) {
+      mirror_bases_.rope_inv_freq = ropeInverseFrequencies(c_);
+      inv_freq_ = DeviceBuffer<float>(mirror_bases_.rope_inv_freq);
+    }
     seqs_.emplace_back(c_, part_, kv_spec_, host_group_, mirror_bases_);
   }
 
