@@ -265,45 +265,7 @@ class GpuEngine : public Engine {
     s.policy.startWindow();
   }
   bool compresses() const override { return kv_spec_.compresses(); }
-  kv::KvBytes kvBytes(int tokens_seen) const override {
-    const Sequence& s = seqs_[current_];
-    const int64_t full = kv::fullCacheBytes(tokens_seen, c_.layers, part_.kv_heads, c_.head_dim);  // docs/KV.md
-    // kv::Policy::bytes of the cache the mirror would hold (kv::KVCache::storedBytes).
-    const kv::StoreShape store{c_.head_dim, kv_spec_.bits, kv_spec_.group, kv_spec_.rank};
-    // The rows in a ring: int8 under low rank but the step's own until its compress() (as kv::Policy quantizes).
-    auto ringBytes = [&](int rows) {
-      if (!lowrank_ || kv_spec_.quant != kv::Quant::Int8) return store.bytes(kv::Form::Full, rows);
-      const int fresh = std::min(rows, s.step_rows);
-      return store.bytes(kv::Form::Full, fresh) + store.bytes(kv::Form::Int8, rows - fresh);
-    };
-    if (windowed_evicts_) {  // per head: the ring's rows, the kept coded ones (in KIVI's runs), a position each
-      int64_t bytes = 0;
-      for (size_t i = 0; i < s.len.size(); ++i) {
-        const int ring_rows = s.len[i] - s.coded[i];
-        bytes += ringBytes(ring_rows) +
-                 (kivi_ ? store.bytes(kv::Form::Kivi, s.coded_kept[i], s.runs_alive[i])
-                        : store.bytes(kv::Form::LowRank, s.coded_kept[i])) +
-                 4 * int64_t(ring_rows + s.coded_kept[i]);
-      }
-      return {bytes, full};
-    }
-    if (s.on_device) {  // rows since the last decision still full, then int8; a position each
-      int64_t bytes = 0;
-      for (int k : s.kept)
-        bytes += store.bytes(int8_ ? kv::Form::Int8 : kv::Form::Full, k) + store.bytes(kv::Form::Full, s.unscored) +
-                 4 * int64_t(k + s.unscored);
-      return {bytes, full};
-    }
-    if (windowed_) {  // full rows, then codes or coordinates
-      const int64_t c = s.compact_counted;
-      const kv::Form form = kivi_ ? kv::Form::Kivi : kv::Form::LowRank;
-      int64_t bytes = 0;
-      for (int n : s.len) bytes += ringBytes(n - c) + store.bytes(form, c, kivi_ ? c / kv_spec_.group : 0);
-      return {bytes, full};
-    }
-    if (compresses()) return s.policy.bytes(s.mirror, tokens_seen);
-    return {full, full};
-  }
+  kv::KvBytes kvBytes(int tokens_seen) const override;  // runtime/gpu_store.cuh
 
   void useSequence(int s) override {
     if (s < 0 || s >= int(seqs_.size()))
@@ -613,66 +575,7 @@ class GpuEngine : public Engine {
   // Embedding and every layer for the step's rows into x_ (d_meta: their positions, then per
   // (layer, sequence, KV head) the first free slot, then the count after): kernel launches only,
   // no host synchronisation.
-  void forward(const int* d_tokens, const int* d_meta, const Shape& shape) {
-    const int rows = shape.rows, BH = int(seqs_.size()) * part_.kv_heads, LBH = c_.layers * BH;
-    const int* d_pos = d_meta;
-    const int* compact = d_meta + rows + 2 * LBH;  // KIVI's, low rank's counts per (layer, sequence, KV head)
-    const int head0 = shape.batch ? 0 : current_ * part_.kv_heads;  // the first KV head the step touches
-    auto attend = [&](int l, const T* in, float* x, const Norms& norms) {
-      const int* slots = d_meta + rows + l * BH + head0;
-      attention(l, in, d_pos, slots, slots + LBH, compact + l * BH + head0, shape, x, norms);
-    };
-
-    const int H = c_.hidden, P = c_.word_embed_proj_dim;
-    float* x = grow(x_, size_t(rows) * H);
-    T* xn = grow(xn_, size_t(rows) * std::max(H, P));
-    {  // embed (vocab-parallel), project in, OPT positions
-      float* e = c_.hasProjection() ? grow(e_, size_t(rows) * P) : x;
-      cuda::embed(d_tokens, rows, embed_.get(), int(part_.vocab_begin), int(part_.vocab_end), P, e);
-      allReduce(e, size_t(rows) * P);
-      if (c_.hasProjection()) {
-        cuda::convert(e, int64_t(rows) * P, xn);
-        cuda::gemm(blas_, xn, rows, P, project_in_.get(), H, nullptr, x, false);
-      }
-      if (c_.family == Family::Opt) cuda::addPositions(x, rows, H, positions_.get(), d_pos, 2);
-    }
-    if (inv_freq_.size())
-      cuda::ropeTable(d_pos, rows, c_.head_dim, inv_freq_.get(), grow(rope_, size_t(rows) * c_.head_dim / 2));
-    const float eps = float(c_.norm_eps);
-    // One row on one GPU (decode): every RMSNorm after the first is folded into the products
-    // around it (cuda::DeferredNorm): the residual's last product emits it, the next one scales.
-    const bool defer = deferNorms(rows);
-    float* sums = defer ? grow(norm_sums_, cuda::deferredNormSums(H)) : nullptr;
-    auto deferred = [&](const DeviceBuffer<float>& w) { return cuda::DeferredNorm<T>{w.get(), xn, sums, eps}; };
-    for (int l = 0; l < c_.layers; ++l) {
-      const GpuLayer<T>& L = layers_[l];
-      if (defer) {
-        if (l == 0) cuda::rmsNormTo(x, rows, H, L.attn_norm_w.get(), eps, xn);
-        const cuda::DeferredNorm<T> attn = deferred(L.attn_norm_w), ffn = deferred(L.ffn_norm_w);
-        attend(l, xn, x, {l > 0 ? &attn : nullptr, &ffn});
-        const bool last = l + 1 == c_.layers;
-        const cuda::DeferredNorm<T> next = last ? cuda::DeferredNorm<T>{} : deferred(layers_[l + 1].attn_norm_w);
-        mlp(l, xn, rows, x, {&ffn, last ? nullptr : &next});
-      } else if (c_.family == Family::Llama) {
-        cuda::rmsNormTo(x, rows, H, L.attn_norm_w.get(), eps, xn);
-        attend(l, xn, x, {});
-        cuda::rmsNormTo(x, rows, H, L.ffn_norm_w.get(), eps, xn);
-        mlp(l, xn, rows, x, {});
-      } else if (c_.pre_layer_norm) {
-        cuda::layerNormTo(x, rows, H, L.attn_norm_w.get(), L.attn_norm_b.get(), eps, xn);
-        attend(l, xn, x, {});
-        cuda::layerNormTo(x, rows, H, L.ffn_norm_w.get(), L.ffn_norm_b.get(), eps, xn);
-        mlp(l, xn, rows, x, {});
-      } else {  // OPT post-LN: norm after each residual add
-        cuda::convert(x, int64_t(rows) * H, xn);
-        attend(l, xn, x, {});
-        cuda::layerNormTo(x, rows, H, L.attn_norm_w.get(), L.attn_norm_b.get(), eps, x);
-        cuda::convert(x, int64_t(rows) * H, xn);
-        mlp(l, xn, rows, x, {});
-        cuda::layerNormTo(x, rows, H, L.ffn_norm_w.get(), L.ffn_norm_b.get(), eps, x);
-      }
-    }
-  }
+  void forward(const int* d_tokens, const int* d_meta, const Shape& shape);  // runtime/gpu_forward.cuh
 
   // The norms a layer's halves take part in (cuda::DeferredNorm): the first product reads `in`'s
   // fed row (null: its input is normalized already), the residual's product emits `out`'s.
@@ -690,27 +593,11 @@ class GpuEngine : public Engine {
   void attention(int layer, const T* xn, const int* d_pos, const int* slots, const int* lengths, const int* compact,
                  const Shape& shape, float* x, const Norms& norms);  // runtime/gpu_attention.cuh
 
-  void mlp(int layer, const T* xn, int T_, float* x, const Norms& norms) {
-    const GpuLayer<T>& L = layers_[layer];
-    const int F = part_.ffn();
-    const bool llama = c_.family == Family::Llama;
-    T* act = grow(act_, size_t(T_) * F);
-    float* scratch = grow(h_, size_t(T_) * (llama ? 2 : 1) * F);
-    cuda::gemmActivation(blas_, xn, T_, c_.hidden, L.w_in.get(), F, L.b_in.get(),
-                         llama ? cuda::Activation::SiluMul : cuda::Activation::Relu, scratch, act, norms.in);
-    rowParallel(act, T_, F, L.w_down.get(), L.b_down.get(), x, norms.out);
-  }
+  void mlp(int layer, const T* xn, int T_, float* x, const Norms& norms);  // runtime/gpu_forward.cuh
 
   // x += all-reduce(in · W^T) (+ bias, on rank 0 only); `emit`: a deferred norm of the new x (tp 1).
   void rowParallel(const T* in, int T_, int in_dim, const T* W, const float* bias, float* x,
-                   const cuda::DeferredNorm<T>* emit) {
-    const int H = c_.hidden;
-    if (part_.tp == 1) return cuda::gemm(blas_, in, T_, in_dim, W, H, bias, x, true, emit);
-    float* partial = grow(partial_, size_t(T_) * H);
-    cuda::gemm(blas_, in, T_, in_dim, W, H, bias, partial, false);
-    allReduce(partial, size_t(T_) * H);
-    cuda::addInPlace(x, partial, int64_t(T_) * H);
-  }
+                   const cuda::DeferredNorm<T>* emit);  // runtime/gpu_forward.cuh
 
   // log p(targets) from `rows` hidden rows (type T): vocab-parallel partials, gathered across
   // ranks and combined in rank order as on the CPU.
@@ -828,6 +715,7 @@ class GpuEngine : public Engine {
 };
 
 #include "runtime/gpu_store.cuh"
+#include "runtime/gpu_forward.cuh"
 #include "runtime/gpu_head.cuh"
 #include "runtime/gpu_compress.cuh"
 #include "runtime/gpu_windowed.cuh"

@@ -1,8 +1,9 @@
 // The CUDA engine's KV store (runtime/gpu_engine.cu's GpuEngine, its members defined here;
 // included by gpu_engine.cu after the class, inside its namespace: not a header to include
 // elsewhere): the bytes a cached row takes in each form (fp16/bf16/fp32, int8, KIVI, low rank),
-// the room a batch needs, geometric growth keeping what is cached, and where a layer's KIVI codes
-// and full-precision ring sit.
+// the bytes a sequence's cache holds as the CPU counts them (kvBytes), the room a batch needs,
+// geometric growth keeping what is cached, and where a layer's KIVI codes and full-precision ring
+// sit.
 
 template <class T>
 size_t GpuEngine<T>::rowBytes() const {
@@ -122,4 +123,45 @@ cuda::Ring<T> GpuEngine<T>::ringAt(int l, size_t head0) {
   }
   GpuLayer<T>& L = layers_[l];
   return {L.ring_k.get() + head0 * ring_ * hd, L.ring_v.get() + head0 * ring_ * hd, ring_, int(hd)};
+}
+
+template <class T>
+kv::KvBytes GpuEngine<T>::kvBytes(int tokens_seen) const {
+  const Sequence& s = seqs_[current_];
+  const int64_t full = kv::fullCacheBytes(tokens_seen, c_.layers, part_.kv_heads, c_.head_dim);  // docs/KV.md
+  // kv::Policy::bytes of the cache the mirror would hold (kv::KVCache::storedBytes).
+  const kv::StoreShape store{c_.head_dim, kv_spec_.bits, kv_spec_.group, kv_spec_.rank};
+  // The rows in a ring: int8 under low rank but the step's own until its compress() (as kv::Policy quantizes).
+  auto ringBytes = [&](int rows) {
+    if (!lowrank_ || kv_spec_.quant != kv::Quant::Int8) return store.bytes(kv::Form::Full, rows);
+    const int fresh = std::min(rows, s.step_rows);
+    return store.bytes(kv::Form::Full, fresh) + store.bytes(kv::Form::Int8, rows - fresh);
+  };
+  if (windowed_evicts_) {  // per head: the ring's rows, the kept coded ones (in KIVI's runs), a position each
+    int64_t bytes = 0;
+    for (size_t i = 0; i < s.len.size(); ++i) {
+      const int ring_rows = s.len[i] - s.coded[i];
+      bytes += ringBytes(ring_rows) +
+               (kivi_ ? store.bytes(kv::Form::Kivi, s.coded_kept[i], s.runs_alive[i])
+                      : store.bytes(kv::Form::LowRank, s.coded_kept[i])) +
+               4 * int64_t(ring_rows + s.coded_kept[i]);
+    }
+    return {bytes, full};
+  }
+  if (s.on_device) {  // rows since the last decision still full, then int8; a position each
+    int64_t bytes = 0;
+    for (int k : s.kept)
+      bytes += store.bytes(int8_ ? kv::Form::Int8 : kv::Form::Full, k) + store.bytes(kv::Form::Full, s.unscored) +
+               4 * int64_t(k + s.unscored);
+    return {bytes, full};
+  }
+  if (windowed_) {  // full rows, then codes or coordinates
+    const int64_t c = s.compact_counted;
+    const kv::Form form = kivi_ ? kv::Form::Kivi : kv::Form::LowRank;
+    int64_t bytes = 0;
+    for (int n : s.len) bytes += ringBytes(n - c) + store.bytes(form, c, kivi_ ? c / kv_spec_.group : 0);
+    return {bytes, full};
+  }
+  if (compresses()) return s.policy.bytes(s.mirror, tokens_seen);
+  return {full, full};
 }
