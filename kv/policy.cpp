@@ -401,6 +401,9 @@ void Policy::addOutputNorms(KVCache& cache, const StepAttention& attn) {
     for (int h = 0; h < H; ++h) {
       const std::vector<float>& n = norms.at(size_t(l) * H + h);
       HeadCache& c = cache.head(l, h);
+      if (n.size() > c.out_norm.size())
+        throw std::logic_error("Policy::addOutputNorms: " + std::to_string(n.size()) + " norms for a head of " +
+                               std::to_string(c.out_norm.size()) + " entries");
       std::copy(n.begin(), n.end(), c.out_norm.end() - int64_t(n.size()));
     }
 }

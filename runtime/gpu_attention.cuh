@@ -53,13 +53,11 @@ void GpuEngine<T>::attention(int layer, const T* xn, const int* d_pos, const int
   if (kv_spec_.needsOutputNorms()) {  // CriticalKV: the new rows' ||W_o v||_1 per KV head, for the mirror's policy
     float* out = grow(output_norms_, size_t(c_.layers) * T_ * H) + size_t(layer) * T_ * H;
     cuda::valueOutputNorms(qkv, W, Q + KV, T_, H, part_.q_heads / H, hd, L.wo.get(), c_.hidden, Q, out);
-    norm_rows_ = T_, norms_batch_ = batch;
   }
   if (kv_spec_.scoresByQueries()) {  // the mirror's policy reads the step's queries (stepQueries)
     float* q = grow(step_queries_, size_t(c_.layers) * T_ * Q) + size_t(layer) * T_ * Q;
     KVTP_CUDA_CHECK(cudaMemcpy2DAsync(q, Q * sizeof(float), qkv, W * sizeof(float), Q * sizeof(float), T_,
                                       cudaMemcpyDeviceToDevice, cudaStreamPerThread));
-    query_rows_ = T_, queries_batch_ = batch;
   }
   if (kv_spec_.think > 0 && shape.many)  // ThinK: the prompt's last `window` queries' power per channel
     cuda::queryChannelPower(qkv, W, T_, kv_spec_.window, H, part_.q_heads / H, hd,

@@ -126,13 +126,15 @@ struct GpuLayer {
 // by side, [sequence][kv_head][capacity].
 struct Sequence {
   // bases: low rank's, for a mirror that holds the rows (hostHoldsForms); rank 0 otherwise.
+  // filters: Q-Filters' (queryFiltersFor), for a policy that decides on the mirror.
   Sequence(const ModelConfig& c, const Partition& part, const kv::PolicySpec& spec, comm::Communicator* host_group,
-           const kv::LowRankBases& bases)
+           const kv::LowRankBases& bases, const std::vector<std::vector<float>>& filters)
       : len(size_t(c.layers) * part.kv_heads, 0), policy(spec, headLayout(c, part), host_group),
         mirror(c.layers, part.kv_heads, c.head_dim, !hostHoldsForms(spec)), row_positions(len.size()),
         coded(len.size(), 0), coded_kept(len.size(), 0), runs_alive(len.size(), 0), next_run(len.size(), 0) {
     if (c.family == Family::Llama) mirror.setRope(ropeInverseFrequencies(c));  // what reads keys before RoPE
     if (bases.rank > 0) mirror.setLowRank(bases);
+    if (spec.method == kv::Method::QFilters) policy.setQueryFilters(filters);
   }
   std::vector<int> len;  // slots in use per (layer, KV head): its entries (and, decided on the device, holes)
   int longest = 0;
@@ -196,6 +198,7 @@ class GpuEngine : public Engine {
       std::vector<float> flat;
       for (const auto& f : o.query_filters) flat.insert(flat.end(), f.begin(), f.end());
       query_filters_ = DeviceBuffer<float>(flat);
+      mirror_filters_ = o.query_filters;
     }
     // The model-level tensors, then one layer at a time: the host holds one layer's float32
     // slices at most, so a 66B model loads on a machine with less memory than its weights.
@@ -247,7 +250,7 @@ class GpuEngine : public Engine {
       mirror_bases_.rope_inv_freq = ropeInverseFrequencies(c_);
       inv_freq_ = DeviceBuffer<float>(mirror_bases_.rope_inv_freq);
     }
-    seqs_.emplace_back(c_, part_, kv_spec_, host_group_, mirror_bases_);
+    seqs_.emplace_back(c_, part_, kv_spec_, host_group_, mirror_bases_, mirror_filters_);
   }
 
   void startWindow() override {
@@ -286,7 +289,7 @@ class GpuEngine : public Engine {
     dropPromptRing();
     observed_len_ = 0;
     seqs_.clear();
-    for (int s = 0; s < batch; ++s) seqs_.emplace_back(c_, part_, kv_spec_, host_group_, mirror_bases_);
+    for (int s = 0; s < batch; ++s) seqs_.emplace_back(c_, part_, kv_spec_, host_group_, mirror_bases_, mirror_filters_);
     current_ = 0;
     growTo(tokens);
   }
@@ -431,6 +434,7 @@ class GpuEngine : public Engine {
   // step replays a CUDA graph).
   void run(const int* tokens, const int* positions, const Shape& shape) {
     const int rows = shape.rows;
+    last_step_ = shape;
     int* d_tokens = grow(tokens_, rows);
     KVTP_CUDA_CHECK(cudaMemcpy(d_tokens, tokens, sizeof(int) * rows, cudaMemcpyHostToDevice));
     // One upload: the new tokens' positions, then each (layer, sequence, KV head)'s first free
@@ -634,6 +638,7 @@ class GpuEngine : public Engine {
   DeviceBuffer<double> score_, table_;
   DeviceBuffer<uint64_t> history_;
   DeviceBuffer<float> query_filters_;  // Q-Filters: [layer][kv_head][head_dim]
+  std::vector<std::vector<float>> mirror_filters_;  // the same for the mirrors' policies (low rank decides there)
   DeviceBuffer<int> evict_meta_;
   DeviceBuffer<int64_t> evict_budget_;
   DeviceBuffer<float> replicated_weights_;  // sumReplicated's
@@ -644,14 +649,15 @@ class GpuEngine : public Engine {
   DeviceBuffer<uint8_t> keep_flags_;
   // CriticalKV: the last step's rows' output norms [layer][row][kv_head] (a batch: a row a sequence).
   DeviceBuffer<float> output_norms_;
-  int norm_rows_ = 0;
-  bool norms_batch_ = false;
   DeviceBuffer<float> think_power_;  // ThinK: the prompt's query power [layer][kv_head][channel]
   // scoresByQueries: the last step's queries after RoPE [layer][row][q_heads x head_dim] (a
   // batch: a row a sequence); mirrorReadsRows: the rows copied down, keys then values.
   DeviceBuffer<float> step_queries_, mirror_rows_;
-  int query_rows_ = 0;
-  bool queries_batch_ = false;
+  // The last step's shape, which lays out output_norms_ and step_queries_: set by run() on the
+  // host every step, never inside the launches, which a replayed CUDA graph does not run (a
+  // stale count from a window's prompt once read a decode step's norms as 384 rows and wrote
+  // past a head's entries: the host heap corrupted, a crash in cudaGraphLaunch).
+  Shape last_step_{0, false, false, false};
   // An int8, KIVI or low-rank cache (GpuLayer::K8..., Kq..., coords; KIVI's and low rank's ring
   // of full-precision rows per KV head: `windowed_` — with int8, low rank's ring holds codes:
   // LowRankCache::int8), and the stage a step reads it through in T (int8, KIVI: many-row steps;

@@ -412,6 +412,10 @@ TEST(KvEviction, CriticalKvRescalesTheSecondStageByTheOutputNorm) {
   p.afterStep(c, a, 5, true);
   EXPECT_EQ(positions(c), (std::vector<int>{1, 3, 4, 5}));
   EXPECT_EQ(c.head(0, 0).out_norm, (std::vector<float>{5, 1, 7, 7}));  // kept with their entries
+  // A step's norms are its own entries' (the last T): more norms than entries is the caller's
+  // mistake, refused rather than written before the head's first entry.
+  a.output_norms = {{1, 2, 3, 4, 5}};
+  EXPECT_THROW(p.afterStep(c, a, 6, false), std::logic_error);
   EXPECT_THROW(parsePolicy("knorm:budget=0.5,critical=0.5", ""), std::invalid_argument);  // negative scores
   EXPECT_THROW(parsePolicy("h2o:budget=0.5,critical=1.5", ""), std::invalid_argument);
 }
