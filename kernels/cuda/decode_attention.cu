@@ -62,6 +62,13 @@
 //       - and a key's dot and U rows' values summed in half2 before the float accumulators. Counted
 //       per row the attention was instruction-bound (~130 a lane a row). H100 7B decode at 32k,
 //       4 bits: 9.70 -> 8.90 ms (58 -> 63 % of its floor); fp32 caches keep the float path.
+//   v13 (KIVI): the coded rows' bytes reach shared memory a batch ahead (cp.async, KiviStage), so
+//       a batch's loads fly while the one before is computed instead of holding registers: ncu on
+//       v12 (H100, 32k, 4 bits) showed 4 warps a scheduler (128 registers) issuing every 2.1
+//       cycles, 42 % of the gaps waits on these loads. H100 7B decode at 32k, 4 / 2 bits: 8.86 /
+//       8.20 -> 8.27 / 7.99 ms (63.6 -> 68.2 % of the floor at 4 bits); Scissorhands 0.2 +
+//       KIVI 4: 7.08 -> 7.05 (its sub-warps' ranges are short, and a new run's key pairs are
+//       still a dependent load).
 #include <algorithm>
 #include <cfloat>
 #include <string>
@@ -198,6 +205,39 @@ __device__ void softmaxUpdate(const float (&dot)[G], float (&m)[G], float (&sum)
 template <int G, class KT, class OT>
 constexpr bool kTwoBlocksAnSM = std::is_same_v<KT, uint8_t> || (std::is_same_v<KT, OT> && G >= 4);
 
+// KIVI's coded rows in attentionSplit: C channels a lane (16 / G, at least a warp's share of the
+// head, at most the head), U rows a sub-warp at once.
+template <int G, int HD>
+__host__ __device__ constexpr int kiviLaneChannels() {
+  constexpr int P = (HD + 31) / 32;
+  return 16 / G < P ? P : 16 / G > HD ? HD : 16 / G;
+}
+template <int G>
+__host__ __device__ constexpr int kiviRowsAtOnce() { return G >= 4 ? 2 : 4; }
+
+// A stage of KIVI's coded rows in shared memory: each thread's own part of U rows (its words of the
+// key's and the value's codes, its value group's (lo, step), the row's position and run), copied a
+// batch ahead with cp.async, so that a batch's loads fly while the batch before is computed and
+// hold no registers. The staged instantiations are those whose lane holds whole words of codes
+// (C x B = 32 or 64 bits: cp.async copies 4, 8 or 16 bytes).
+constexpr int kKiviStages = 2;
+template <int U, int W>
+struct KiviStage {
+  using Word = std::conditional_t<W == 2, uint2, uint32_t>;
+  Word k[U][32 * 8], v[U][32 * 8];  // [row][thread] (8 warps)
+  float2 pair[U][32 * 8];
+  int pos[U][32 * 8], run[U][32 * 8];
+};
+template <int G, int HD, int B>
+__host__ __device__ constexpr bool kiviStaged() {
+  return B > 0 && (kiviLaneChannels<G, HD>() * B == 32 || kiviLaneChannels<G, HD>() * B == 64);
+}
+template <int G, int HD, int B>
+constexpr int kiviStagedBytes() {
+  if constexpr (!kiviStaged<G, HD, B>()) return 0;
+  else return kKiviStages * int(sizeof(KiviStage<kiviRowsAtOnce<G>(), kiviLaneChannels<G, HD>() * B / 32>));
+}
+
 // Attention v3. Grid (kv_heads, splits, T): a block takes keys [split * chunk, +chunk) of one KV
 // head for one query and all G = heads / kv_heads query heads that read it. Each warp takes every
 // kWarps-th key; its lanes hold channels lane P .. lane P + P - 1 (P = head_dim / 32, head_dim <=
@@ -312,7 +352,8 @@ __global__ void __launch_bounds__(32 * kWarps, kTwoBlocksAnSM<G, KT, OT> ? 2 : 1
     // its run's (lo, step) pairs as q.k = sum q lo + sum (q step) code, per run of `group` rows
     // kept in registers; a value row adds w lo to a lane's sum of lows (its channels share one
     // value group) and w step code to each channel. The softmax's rescale is shared by U rows.
-    constexpr int C = 16 / G < P ? P : 16 / G > hd ? hd : 16 / G, S = hd / C, R = 32 / S, W = (C * B + 31) / 32;
+    constexpr int C = kiviLaneChannels<G, HD>(), S = hd / C, R = 32 / S, W = (C * B + 31) / 32;
+    static_assert(U == kiviRowsAtOnce<G>(), "kiviStagedBytes sizes the stages by kiviRowsAtOnce");
     // fp16 / bf16 caches whose lanes hold whole words of codes decode two channels an instruction
     // (codePair) and sum a key's dot and U rows' values in half2 before the float accumulators:
     // the decoding and an FMA per channel and row bounded this attention by instruction issue,
@@ -346,22 +387,65 @@ __global__ void __launch_bounds__(32 * kWarps, kTwoBlocksAnSM<G, KT, OT> ? 2 : 1
     float q_step[G][C] = {}, q_lo[G] = {};
     __half2 q_step2[kHalfCodes ? G : 1][kHalfCodes ? Pairs : 1];  // kHalfCodes: q_step by codePair's pairs
     int current_run = -1, run_end = 0;  // a sub-warp's rows ascend, and so do their runs
+    // Staged (kiviStaged): this thread's part of rows lo + k .. lo + k + U - 1 on its way to stage
+    // (k / U) % kKiviStages (none past the sub-warp's rows: an empty group, so each batch waits
+    // for one).
+    constexpr bool kStaged = kiviStaged<G, HD, B>();
+    using Stage = KiviStage<U, W>;
+    using Word = typename Stage::Word;
+    extern __shared__ __align__(16) unsigned char kivi_stages[];
+    Stage* stages = reinterpret_cast<Stage*>(kivi_stages);
+    const int tid = threadIdx.x;
+    auto stageRows = [&](int k) {
+      if (k < per) {
+        Stage& st = stages[(k / U) % kKiviStages];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          const int l = lo + k + u;
+          const bool in = l < hi;
+          const int64_t row = in ? l : 0;  // (an address in the head either way)
+          copyAsync<sizeof(Word)>(&st.k[u][tid], k_codes + row * cb + sl * sizeof(Word), in);
+          copyAsync<sizeof(Word)>(&st.v[u][tid], v_codes + row * cb + sl * sizeof(Word), in);
+          if (one_pair) copyAsync<8>(&st.pair[u][tid], v_params + row * value_groups + lane_pair, in);
+          copyAsync<4>(&st.pos[u][tid], pos + row, in);
+          if (runs) copyAsync<4>(&st.run[u][tid], runs + row, in);
+        }
+      }
+      commitCopies();
+    };
+    if constexpr (kStaged) stageRows(0);
     for (int k = 0; k < per; k += U) {  // the same trip count for the whole warp (its shuffles)
       uint32_t kw[U][W], vw[U][W];
       float2 pair[U];
       bool seen[U];
       int run[U];
+      if constexpr (kStaged) {
+        stageRows(k + U);  // the next batch's copies fly while this one is computed
+        waitCopies<1>();   // this batch's have landed (a thread reads only its own copies)
+        const Stage& st = stages[(k / U) % kKiviStages];
 #pragma unroll
-      for (int u = 0; u < U; ++u) {
-        // Every load waits on the bound alone, not on the row's position: all of them are in flight
-        // at once (a hole's or a future row's bytes are read and then masked out).
-        const int l = lo + k + u;
-        const bool in = l < hi;
-        seen[u] = in && pos[l] <= p;
-        run[u] = in && runs ? runs[l] : 0;
-        laneWords<W>(in ? lanePacked(k_codes + int64_t(l) * cb, sl, C * B) : 0u, kw[u]);
-        laneWords<W>(in ? lanePacked(v_codes + int64_t(l) * cb, sl, C * B) : 0u, vw[u]);
-        pair[u] = in && one_pair ? v_params[int64_t(l) * value_groups + lane_pair] : float2{0.0f, 0.0f};
+        for (int u = 0; u < U; ++u) {
+          const bool in = lo + k + u < hi;
+          seen[u] = in && st.pos[u][tid] <= p;
+          run[u] = in && runs ? st.run[u][tid] : 0;
+          const Word kword = st.k[u][tid], vword = st.v[u][tid];
+          if constexpr (W == 2) kw[u][0] = kword.x, kw[u][1] = kword.y, vw[u][0] = vword.x, vw[u][1] = vword.y;
+          else kw[u][0] = kword, vw[u][0] = vword;
+          pair[u] = in && one_pair ? st.pair[u][tid] : float2{0.0f, 0.0f};
+        }
+      } else {
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          // Every load waits on the bound alone, not on the row's position: all of them are in
+          // flight at once (a hole's or a future row's bytes are read and then masked out).
+          const int l = lo + k + u;
+          const bool in = l < hi;
+          seen[u] = in && pos[l] <= p;
+          run[u] = in && runs ? runs[l] : 0;
+          laneWords<W>(in ? lanePacked(k_codes + int64_t(l) * cb, sl, C * B) : 0u, kw[u]);
+          laneWords<W>(in ? lanePacked(v_codes + int64_t(l) * cb, sl, C * B) : 0u, vw[u]);
+          pair[u] = in && one_pair ? v_params[int64_t(l) * value_groups + lane_pair] : float2{0.0f, 0.0f};
+        }
       }
 #pragma unroll
       for (int u = 0; u < U; ++u)
@@ -482,6 +566,7 @@ __global__ void __launch_bounds__(32 * kWarps, kTwoBlocksAnSM<G, KT, OT> ? 2 : 1
           }
       }
     }
+    if constexpr (kStaged) waitCopies<0>();  // (the empty last group)
     // acc_c: the half2 path's channels as they are, the float path's times 2^codeShift(c).
 #pragma unroll
     for (int g = 0; g < G; ++g)
@@ -684,8 +769,18 @@ void attention(const float* q, int q_stride, const int* q_pos, int T, int heads,
   const int threads = 32 * kWarps;
   // One instantiation per (group size, channels per lane) in use.
   auto launchBits = [&](auto g, auto p, auto b) {
-    launchDependent(attentionSplit<decltype(g)::value, decltype(p)::value, KT, OT, decltype(b)::value>, grid,
-        threads, 0, q, q_stride, q_pos, heads, group, K, V, k_pos, L, lengths, pos_stride, head_stride, scale, splits,
+    constexpr int Gv = decltype(g)::value, HDv = decltype(p)::value, Bv = decltype(b)::value;
+    constexpr int smem = kiviStagedBytes<Gv, HDv, Bv>();
+    auto* kernel = attentionSplit<Gv, HDv, KT, OT, Bv>;
+    if constexpr (smem > 0) {
+      static const bool opted_in = [kernel] {  // past the default 48 KB with the static shared memory
+        KVTP_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+        return true;
+      }();
+      (void)opted_in;
+    }
+    launchDependent(kernel, grid,
+        threads, size_t(smem), q, q_stride, q_pos, heads, group, K, V, k_pos, L, lengths, pos_stride, head_stride, scale, splits,
         part_o, part_ms, counters.get(), out, probs, int8 ? *int8 : Int8Rows{}, rows_are_sequences,
         kivi ? *kivi : KiviCache<OT>{});
   };

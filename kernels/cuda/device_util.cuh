@@ -26,6 +26,25 @@ __device__ inline void letNextStart() {
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
 }
+// Bytes (4, 8 or 16) global -> shared without passing through registers (cp.async); zeros when
+// !in (src must still be a valid address). A thread's copies land once it waits for their group
+// (commitCopies, waitCopies): it may read its own at once, the others' after a barrier.
+template <int Bytes>
+__device__ void copyAsync(void* dst, const void* src, bool in) {
+  static_assert(Bytes == 4 || Bytes == 8 || Bytes == 16, "cp.async copies 4, 8 or 16 bytes");
+  const unsigned d = unsigned(__cvta_generic_to_shared(dst));
+  if constexpr (Bytes == 16)  // (.cg: past L1, as a tile read once is)
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(in ? 16 : 0) : "memory");
+  else
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(d), "l"(src), "n"(Bytes), "r"(in ? Bytes : 0)
+                 : "memory");
+}
+__device__ inline void commitCopies() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ void waitCopies() {  // until at most N groups are in flight
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
 template <class... Params, class... Args>
 void launchDependent(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, Args... args) {
   cudaLaunchAttribute early{};

@@ -55,17 +55,6 @@ __device__ void loadTransposed(const void* row, uint32_t (&b)[4]) {
                : "r"(addr));
 }
 
-// 16 bytes global -> shared without passing through registers; zeros when !in (src stays valid).
-__device__ void copyAsync(void* dst, const void* src, bool in) {
-  const unsigned d = unsigned(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(in ? 16 : 0));
-}
-__device__ void commitCopies() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ void waitCopies() {  // until at most N groups are in flight
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
 // Shared memory of a block: two stages of K and V tiles (the next tile loads while this one is
 // used), rows padded by 8 elements so that the 8 rows a fragment load touches fall on different banks.
 template <class T, int HD>
@@ -123,8 +112,8 @@ __global__ void __launch_bounds__(32 * kWarps) flashKernel(const float* q, int64
       const int r = i / (HD / 8), c = i % (HD / 8) * 8;
       const bool in = k0 + r < keys;
       const int64_t from = int64_t(in ? k0 + r : 0) * HD + c;
-      copyAsync(&Ks[r * LD + c], Kh + from, in);
-      copyAsync(&Vs[r * LD + c], Vh + from, in);
+      copyAsync<16>(&Ks[r * LD + c], Kh + from, in);
+      copyAsync<16>(&Vs[r * LD + c], Vh + from, in);
     }
     commitCopies();
   };
