@@ -289,7 +289,8 @@ class GpuEngine : public Engine {
     dropPromptRing();
     observed_len_ = 0;
     seqs_.clear();
-    for (int s = 0; s < batch; ++s) seqs_.emplace_back(c_, part_, kv_spec_, host_group_, mirror_bases_, mirror_filters_);
+    for (int s = 0; s < batch; ++s)
+      seqs_.emplace_back(c_, part_, kv_spec_, host_group_, mirror_bases_, mirror_filters_);
     current_ = 0;
     growTo(tokens);
   }

@@ -205,6 +205,14 @@ __device__ void softmaxUpdate(const float (&dot)[G], float (&m)[G], float (&sum)
 template <int G, class KT, class OT>
 constexpr bool kTwoBlocksAnSM = std::is_same_v<KT, uint8_t> || (std::is_same_v<KT, OT> && G >= 4);
 
+// Attention v3. Grid (kv_heads, splits, T): a block takes keys [split * chunk, +chunk) of one KV
+// head for one query and all G = heads / kv_heads query heads that read it. Each warp takes every
+// kWarps-th key; its lanes hold channels lane P .. lane P + P - 1 (P = head_dim / 32, head_dim <=
+// 256) of the G queries and accumulators, so a K/V row is read once per block for G heads. Writes each head's
+// unnormalised output with its running max and sum; the last block of a head merges the splits.
+constexpr int kWarps = 8;
+constexpr int kMaxSplits = 1024;
+
 // KIVI's coded rows in attentionSplit: C channels a lane (16 / G, at least a warp's share of the
 // head, at most the head), U rows a sub-warp at once.
 template <int G, int HD>
@@ -224,9 +232,9 @@ constexpr int kKiviStages = 2;
 template <int U, int W>
 struct KiviStage {
   using Word = std::conditional_t<W == 2, uint2, uint32_t>;
-  Word k[U][32 * 8], v[U][32 * 8];  // [row][thread] (8 warps)
-  float2 pair[U][32 * 8];
-  int pos[U][32 * 8], run[U][32 * 8];
+  Word k[U][32 * kWarps], v[U][32 * kWarps];  // [row][thread]
+  float2 pair[U][32 * kWarps];
+  int pos[U][32 * kWarps], run[U][32 * kWarps];  // (run: under eviction)
 };
 template <int G, int HD, int B>
 __host__ __device__ constexpr bool kiviStaged() {
@@ -237,14 +245,6 @@ constexpr int kiviStagedBytes() {
   if constexpr (!kiviStaged<G, HD, B>()) return 0;
   else return kKiviStages * int(sizeof(KiviStage<kiviRowsAtOnce<G>(), kiviLaneChannels<G, HD>() * B / 32>));
 }
-
-// Attention v3. Grid (kv_heads, splits, T): a block takes keys [split * chunk, +chunk) of one KV
-// head for one query and all G = heads / kv_heads query heads that read it. Each warp takes every
-// kWarps-th key; its lanes hold channels lane P .. lane P + P - 1 (P = head_dim / 32, head_dim <=
-// 256) of the G queries and accumulators, so a K/V row is read once per block for G heads. Writes each head's
-// unnormalised output with its running max and sum; the last block of a head merges the splits.
-constexpr int kWarps = 8;
-constexpr int kMaxSplits = 1024;
 
 // Heads narrower than a warp (head_dim 8, 16) leave the upper lanes idle.
 // query heads per KV head, head_dim, cache and output types, a KIVI cache's bits (0 for others)
@@ -779,10 +779,9 @@ void attention(const float* q, int q_stride, const int* q_pos, int T, int heads,
       }();
       (void)opted_in;
     }
-    launchDependent(kernel, grid,
-        threads, size_t(smem), q, q_stride, q_pos, heads, group, K, V, k_pos, L, lengths, pos_stride, head_stride, scale, splits,
-        part_o, part_ms, counters.get(), out, probs, int8 ? *int8 : Int8Rows{}, rows_are_sequences,
-        kivi ? *kivi : KiviCache<OT>{});
+    launchDependent(kernel, grid, threads, size_t(smem), q, q_stride, q_pos, heads, group, K, V, k_pos, L, lengths,
+                    pos_stride, head_stride, scale, splits, part_o, part_ms, counters.get(), out, probs,
+                    int8 ? *int8 : Int8Rows{}, rows_are_sequences, kivi ? *kivi : KiviCache<OT>{});
   };
   auto launch = [&](auto g, auto p) {
     if constexpr (!std::is_same_v<KT, uint8_t>) return launchBits(g, p, std::integral_constant<int, 0>{});
