@@ -105,12 +105,13 @@ struct GpuLayer {
   DeviceBuffer<int8_t> K8, V8;
   DeviceBuffer<float> k_step, v_step;
   // A KIVI cache instead (cuda::KiviCache): codes [kv_head][capacity][code bytes], key (lo, step)
-  // [kv_head][capacity / group + 1][head_dim], value (lo, step) [kv_head][capacity][value groups],
+  // [kv_head][capacity / group + 1][head_dim], value (lo, step) [kv_head][capacity][value groups]
+  // (pairs of T: cuda::AffinePair),
   // the newest rows at full precision in a ring [kv_head][ring][head_dim].
   // Under eviction each coded row's run [kv_head][capacity], and the key pairs sized by the runs
   // held (GpuEngine::run_capacity_), not by the capacity: eviction thins runs.
   DeviceBuffer<uint8_t> Kq, Vq;
-  DeviceBuffer<float> k_params, v_params;
+  DeviceBuffer<cuda::AffinePair<T>> k_params, v_params;
   DeviceBuffer<int> k_run;
   DeviceBuffer<T> ring_k, ring_v;
   // A low-rank cache instead (cuda::LowRankCache): coordinates [kv_head][capacity][2 rank], the ring

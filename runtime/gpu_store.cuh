@@ -12,7 +12,7 @@ size_t GpuEngine<T>::rowBytes() const {
   const size_t hd = c_.head_dim;
   const cuda::KiviCache<T> kivi = kiviShape();
   const size_t rows = int8_   ? 2 * (hd + sizeof(float))
-                      : kivi_ ? 2 * kivi.codeBytes() + 2 * sizeof(float) * (kivi.valueGroups() + hd / kivi.group + 1) +
+                      : kivi_ ? 2 * kivi.codeBytes() + sizeof(cuda::AffinePair<T>) * (kivi.valueGroups() + hd / kivi.group + 1) +
                                   (kivi_evicts_ ? sizeof(int) : 0)
                       : lowrank_ ? 2 * kv_spec_.rank * sizeof(T)
                                  : 2 * hd * sizeof(T);
@@ -71,8 +71,8 @@ void GpuEngine<T>::growTo(int64_t cap) {
       regrow(L.Kq, kivi.codeBytes());
       regrow(L.Vq, kivi.codeBytes());
       if (kivi_evicts_) regrow(L.k_run, 1);  // the key pairs: growRuns
-      else regrow(L.k_params, 2 * size_t(c_.head_dim), 0, [&](int64_t c) { return kiviShape(c).keyGroups(); });
-      regrow(L.v_params, 2 * size_t(kivi.valueGroups()));
+      else regrow(L.k_params, size_t(c_.head_dim), 0, [&](int64_t c) { return kiviShape(c).keyGroups(); });
+      regrow(L.v_params, size_t(kivi.valueGroups()));
     } else if (lowrank_) {
       regrow(L.coords, 2 * size_t(kv_spec_.rank));
     } else {
@@ -93,8 +93,8 @@ cuda::KiviCache<T> GpuEngine<T>::kiviAt(int l, size_t head0) {
   cuda::KiviCache<T> kivi = kiviShape(capacity_);
   const size_t row0 = head0 * capacity_, hd = c_.head_dim;
   kivi.K = L.Kq.get() + row0 * kivi.codeBytes(), kivi.V = L.Vq.get() + row0 * kivi.codeBytes();
-  kivi.k_params = L.k_params.get() + head0 * kivi.keyGroups() * 2 * hd;
-  kivi.v_params = L.v_params.get() + row0 * 2 * kivi.valueGroups();
+  kivi.k_params = L.k_params.get() + head0 * kivi.keyGroups() * hd;
+  kivi.v_params = L.v_params.get() + row0 * kivi.valueGroups();
   kivi.ring = ringAt(l, head0);
   kivi.k_pos = L.pos.get() + row0;
   if (kivi_evicts_) kivi.run = L.k_run.get() + row0;

@@ -45,8 +45,8 @@ void GpuEngine<T>::compactCoded(Sequence& s, const cuda::EvictionCache& rows, co
     GpuLayer<T>& g = layers_[l];
     const cuda::Ring<T> ring = ringAt(l, head0);
     if (kivi_) {
-      ptrs[l] = g.k_params.get() + head0 * run_capacity_ * 2 * hd;
-      ptrs[L + l] = g.v_params.get() + head0 * capacity_ * 2 * shape.valueGroups();
+      ptrs[l] = g.k_params.get() + head0 * run_capacity_ * hd;
+      ptrs[L + l] = g.v_params.get() + head0 * capacity_ * shape.valueGroups();
       ptrs[2 * L + l] = g.k_run.get() + head0 * capacity_;
     }
     ptrs[3 * L + l] = ring.k, ptrs[4 * L + l] = ring.v;
@@ -63,9 +63,10 @@ void GpuEngine<T>::compactCoded(Sequence& s, const cuda::EvictionCache& rows, co
                              kivi_ ? shape.valueGroups() : 0,
                              ring_rows,
                              ring_row_bytes,
+                             int(sizeof(cuda::AffinePair<T>)),
                              kivi_ ? run_capacity_ : 0,
-                             kivi_ ? reinterpret_cast<float* const*>(d_ptrs) : nullptr,
-                             kivi_ ? reinterpret_cast<float* const*>(d_ptrs + L) : nullptr,
+                             kivi_ ? d_ptrs : nullptr,
+                             kivi_ ? d_ptrs + L : nullptr,
                              kivi_ ? reinterpret_cast<int* const*>(d_ptrs + 2 * L) : nullptr,
                              d_ptrs + 3 * L,
                              d_ptrs + 4 * L,
@@ -223,9 +224,9 @@ template <class T>
 void GpuEngine<T>::growRuns(int64_t runs) {
   if (runs <= run_capacity_) return;
   const int64_t to = std::max(runs, 2 * run_capacity_);
-  const size_t heads = seqs_.size() * part_.kv_heads, pair_row = 2 * size_t(c_.head_dim) * sizeof(float);
+  const size_t heads = seqs_.size() * part_.kv_heads, pair_row = size_t(c_.head_dim) * sizeof(cuda::AffinePair<T>);
   for (auto& L : layers_) {
-    DeviceBuffer<float> bigger(heads * to * 2 * c_.head_dim);
+    DeviceBuffer<cuda::AffinePair<T>> bigger(heads * to * c_.head_dim);
     if (run_capacity_ > 0)
       KVTP_CUDA_CHECK(cudaMemcpy2D(bigger.get(), to * pair_row, L.k_params.get(), run_capacity_ * pair_row,
                                    run_capacity_ * pair_row, heads, cudaMemcpyDeviceToDevice));

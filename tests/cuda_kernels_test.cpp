@@ -516,9 +516,20 @@ TEST(CudaKernels, BudgetSelectKeepsWhatTheCpuSelectKeeps) {
 // its 28 slots after), head 1 all of run 1 and most of the others (compacted, its runs renumbered).
 // Then again with every head compacted. The
 // device's kept entries, in order, must be the CPU's: the same codes, value pairs, key pairs (run
-// by run), full rows and positions, and as many runs with a kept row.
-TEST(CudaKernels, KiviCompactionThinsRunsAsTheCpuDoes) {
-  REQUIRE_GPU();
+// by run), full rows and positions, and as many runs with a kept row. The pairs held as E: fp32
+// (the CPU's) and fp16 (an fp16 cache's, the CPU's rounded; cuda::AffinePair).
+template <class E>
+bool samePairs(const cuda::AffinePair<E>* device, const float* cpu, int n) {
+  for (int i = 0; i < n; ++i) {
+    const float2 d = device[i].get(), c = cuda::AffinePair<E>::rounded(cpu[2 * i], cpu[2 * i + 1]).get();
+    if (d.x != c.x || d.y != c.y) return false;
+  }
+  return true;
+}
+
+template <class E>
+void kiviCompactionThinsRunsAsTheCpuDoes() {
+  using Pair = cuda::AffinePair<E>;
   const int H = 2, hd = 16, bits = 4, G = 4, n = 30, coded = 20, capacity = 40, R = 16;
   const std::vector<std::vector<int>> evicted = {{5, 13, 14, 22, 27}, {0, 1, 2, 4, 5, 6, 7, 9, 10, 11, 12, 15, 17, 18, 21}};
   for (const bool compact_all : {false, true}) {
@@ -531,7 +542,10 @@ TEST(CudaKernels, KiviCompactionThinsRunsAsTheCpuDoes) {
     const int cb = hd * bits / 8, VG = hd / G;  // codes of a key (or value) row; value groups
     // The device's layout of the same cache: codes and value pairs per slot, key pairs per run.
     std::vector<uint8_t> K(size_t(H) * capacity * cb), V(K.size());
-    std::vector<float> vp(size_t(H) * capacity * 2 * VG), kp(size_t(H) * (capacity / G + 1) * 2 * hd);
+    std::vector<Pair> vp(size_t(H) * capacity * VG), kp(size_t(H) * (capacity / G + 1) * hd);
+    auto rounded = [](const float* pairs, int count, Pair* to) {
+      for (int i = 0; i < count; ++i) to[i] = Pair::rounded(pairs[2 * i], pairs[2 * i + 1]);
+    };
     std::vector<float> ring_k(size_t(H) * R * hd), ring_v(ring_k.size());
     std::vector<int> run(size_t(H) * capacity), pos(size_t(H) * capacity), flags, offsets, lengths, codeds;
     for (int h = 0; h < H; ++h) {
@@ -542,14 +556,14 @@ TEST(CudaKernels, KiviCompactionThinsRunsAsTheCpuDoes) {
         if (i < coded) {
           std::copy_n(&c.codes[size_t(i) * 2 * cb], cb, &K[slot * cb]);
           std::copy_n(&c.codes[size_t(i) * 2 * cb + cb], cb, &V[slot * cb]);
-          std::copy_n(&c.row_params[size_t(i) * 2 * VG], 2 * VG, &vp[slot * 2 * VG]);
+          rounded(&c.row_params[size_t(i) * 2 * VG], VG, &vp[slot * VG]);
           run[slot] = i / G;
         } else {
           std::copy_n(&c.keys[size_t(i - coded) * hd], hd, &ring_k[(size_t(h) * R + i % R) * hd]);
           std::copy_n(&c.values[size_t(i - coded) * hd], hd, &ring_v[(size_t(h) * R + i % R) * hd]);
         }
       }
-      std::copy(c.key_params.begin(), c.key_params.end(), kp.begin() + size_t(h) * (capacity / G + 1) * 2 * hd);
+      rounded(c.key_params.data(), int(c.key_params.size() / 2), &kp[size_t(h) * (capacity / G + 1) * hd]);
       std::vector<int> keep;
       for (int i = 0; i < n; ++i) {
         const bool out = std::count(evicted[h].begin(), evicted[h].end(), i);
@@ -560,7 +574,8 @@ TEST(CudaKernels, KiviCompactionThinsRunsAsTheCpuDoes) {
       cpu.retain(0, h, keep);
     }
     DeviceBuffer<uint8_t> dK(K), dV(V), dflags(std::vector<uint8_t>(flags.begin(), flags.end()));
-    DeviceBuffer<float> dvp(vp), dkp(kp), drk(ring_k), drv(ring_v);
+    DeviceBuffer<Pair> dvp(vp), dkp(kp);
+    DeviceBuffer<float> drk(ring_k), drv(ring_v);
     DeviceBuffer<int> drun(run), dpos(pos), doff(offsets), dlen(lengths), dcoded(codeds), dmap(size_t(H) * (capacity / G + 1)),
         dout(size_t(5) * H);
     DeviceBuffer<uint8_t> scratch(size_t(H) * R * 2 * hd * sizeof(float));
@@ -568,9 +583,9 @@ TEST(CudaKernels, KiviCompactionThinsRunsAsTheCpuDoes) {
     void** p = ptrs.get();
     const cuda::EvictionCache rows{1, H, capacity, cb, cuda::KeyFormat::F32, p, p + 1, reinterpret_cast<int* const*>(p + 2),
                                    nullptr, nullptr, nullptr, nullptr, 0, nullptr, 0, 0, dlen.get(), doff.get()};
-    const cuda::KiviEviction kivi{hd, cb, VG, R, int(hd * sizeof(float)), capacity / G + 1,
-                                  reinterpret_cast<float* const*>(p + 3), reinterpret_cast<float* const*>(p + 4),
-                                  reinterpret_cast<int* const*>(p + 5), p + 6, p + 7, dcoded.get(), dmap.get(), scratch.get()};
+    const cuda::KiviEviction kivi{hd, cb, VG, R, int(hd * sizeof(float)), int(sizeof(Pair)),
+                                  capacity / G + 1, p + 3, p + 4, reinterpret_cast<int* const*>(p + 5), p + 6, p + 7,
+                                  dcoded.get(), dmap.get(), scratch.get()};
     cuda::kiviEvictionCompact(rows, kivi, dflags.get(), compact_all, dout.get());
     const auto gK = dK.download(), gV = dV.download();
     const auto gvp = dvp.download(), gkp = dkp.download(), grk = drk.download(), grv = drv.download();
@@ -594,10 +609,10 @@ TEST(CudaKernels, KiviCompactionThinsRunsAsTheCpuDoes) {
         EXPECT_EQ(gpos[s], c.positions[j]) << what;
         EXPECT_TRUE(std::equal(&gK[s * cb], &gK[s * cb] + cb, &c.codes[size_t(j) * 2 * cb])) << what << " entry " << j;
         EXPECT_TRUE(std::equal(&gV[s * cb], &gV[s * cb] + cb, &c.codes[size_t(j) * 2 * cb + cb])) << what << " entry " << j;
-        EXPECT_TRUE(std::equal(&gvp[s * 2 * VG], &gvp[s * 2 * VG] + 2 * VG, &c.row_params[size_t(j) * 2 * VG])) << what;
+        EXPECT_TRUE(samePairs(&gvp[s * VG], &c.row_params[size_t(j) * 2 * VG], VG)) << what;
         if (all) EXPECT_EQ(grun[s], group) << what << ": runs renumbered in order";
-        const float* pairs = &gkp[(size_t(h) * (capacity / G + 1) + grun[s]) * 2 * hd];
-        EXPECT_TRUE(std::equal(pairs, pairs + 2 * hd, &c.key_params[size_t(group) * 2 * hd])) << what << " entry " << j;
+        const Pair* pairs = &gkp[(size_t(h) * (capacity / G + 1) + grun[s]) * hd];
+        EXPECT_TRUE(samePairs(pairs, &c.key_params[size_t(group) * 2 * hd], hd)) << what << " entry " << j;
         ++j;
         if (--left == 0 && group + 1 < int(c.group_rows.size())) left = c.group_rows[++group];
       }
@@ -610,9 +625,10 @@ TEST(CudaKernels, KiviCompactionThinsRunsAsTheCpuDoes) {
         EXPECT_TRUE(std::equal(&grv[at], &grv[at] + hd, &c.values[size_t(r) * hd])) << what << " full row " << r;
       }
     }
-    if (!compact_all) continue;
+    if (!compact_all || !std::is_same_v<E, float>) continue;
     // The compacted cache's rows as a host decision reads them (cuda::cachedRows): the CPU's
-    // kv::KVCache::rows, codes decoded with their pairs and the ring's rows, bit for bit.
+    // kv::KVCache::rows, codes decoded with their pairs and the ring's rows, bit for bit (fp32
+    // pairs: the CPU's).
     std::vector<int> offsets_after, lengths_after, coded_after;
     for (int h = 0, at = 0; h < H; ++h) {
       offsets_after.push_back(at), lengths_after.push_back(out[h]), coded_after.push_back(out[2 * H + h]);
@@ -622,9 +638,8 @@ TEST(CudaKernels, KiviCompactionThinsRunsAsTheCpuDoes) {
     cuda::EvictionCache kivi_rows{1, H, capacity, cb, cuda::KeyFormat::Kivi, p, p + 1,
                                   reinterpret_cast<int* const*>(p + 2), nullptr, nullptr, nullptr, nullptr, 0, nullptr,
                                   0, 0, dlen2.get(), doff2.get()};
-    kivi_rows.kivi = {hd, bits, G, R, cuda::KeyFormat::F32, capacity / G + 1, reinterpret_cast<const float* const*>(p + 3),
-                      reinterpret_cast<const float* const*>(p + 4), reinterpret_cast<const int* const*>(p + 5),
-                      p + 6, p + 7, dcoded2.get()};
+    kivi_rows.kivi = {hd, bits, G, R, cuda::KeyFormat::F32, capacity / G + 1, p + 3, p + 4,
+                      reinterpret_cast<const int* const*>(p + 5), p + 6, p + 7, dcoded2.get()};
     const int entries = out[0] + out[1];
     DeviceBuffer<float> dkeys(size_t(entries) * hd), dvalues(size_t(entries) * hd);
     cuda::cachedRows(kivi_rows, hd, dkeys.get(), dvalues.get());
@@ -637,6 +652,16 @@ TEST(CudaKernels, KiviCompactionThinsRunsAsTheCpuDoes) {
       EXPECT_TRUE(std::equal(&values[first], &values[first] + count, r.values)) << "head " << h << ": values";
     }
   }
+}
+
+TEST(CudaKernels, KiviCompactionThinsRunsAsTheCpuDoes) {
+  REQUIRE_GPU();
+  kiviCompactionThinsRunsAsTheCpuDoes<float>();
+}
+
+TEST(CudaKernels, KiviCompactionMovesFp16Pairs) {
+  REQUIRE_GPU();
+  kiviCompactionThinsRunsAsTheCpuDoes<__half>();
 }
 
 // The row-scored methods' keys (cuda::evictionKeys) against kv/scorers.cpp over the same fp32

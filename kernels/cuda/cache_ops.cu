@@ -95,8 +95,8 @@ __device__ int encodeAffine(float x, float lo, float step, int bits) {
 // One block per (run j, KV head h), a thread per channel: rows [first, first + group) with first =
 // quantized[h] + j * group, if the run ends by quantized_after[h]; it becomes the head's run
 // first / group (under eviction runs[h] + j, recorded per row). Keys: (lo, step) per channel over
-// the run (kv::fitAffine), values: per row over groups of `group` channels; then each row's codes
-// packed, a thread per byte.
+// the run (kv::fitAffine), values: per row over groups of `group` channels, each pair rounded to T
+// and the codes encoded against it (AffinePair); then each row's codes packed, a thread per byte.
 template <class T>
 __device__ void quantizeRun(const KiviCache<T>& c, const T* stage_k, const T* stage_v, int64_t stage_capacity) {
   const int h = blockIdx.y, ch = threadIdx.x, hd = c.head_dim, G = c.group, bits = c.bits;
@@ -115,8 +115,9 @@ __device__ void quantizeRun(const KiviCache<T>& c, const T* stage_k, const T* st
       const float x = toFloat(source(false, l)[ch]);
       lo = fminf(lo, x), hi = fmaxf(hi, x);
     }
-    k_lo = lo, k_step = __fdiv_rn(__fsub_rn(hi, lo), levels);
-    reinterpret_cast<float2*>(c.k_params)[(int64_t(h) * c.keyGroups() + run) * hd + ch] = {k_lo, k_step};
+    const auto pair = AffinePair<T>::rounded(lo, __fdiv_rn(__fsub_rn(hi, lo), levels));
+    c.k_params[(int64_t(h) * c.keyGroups() + run) * hd + ch] = pair;
+    k_lo = pair.get().x, k_step = pair.get().y;
   }
   if (c.run)
     for (int i = ch; i < G; i += blockDim.x) c.run[int64_t(h) * c.capacity + first + i] = run;
@@ -135,8 +136,9 @@ __device__ void quantizeRun(const KiviCache<T>& c, const T* stage_k, const T* st
       const int from = ch * G, to = min(from + G, hd);
       float lo = value[from], hi = lo;
       for (int i = from + 1; i < to; ++i) lo = fminf(lo, value[i]), hi = fmaxf(hi, value[i]);
-      v_affine[ch] = {lo, __fdiv_rn(__fsub_rn(hi, lo), levels)};
-      reinterpret_cast<float2*>(c.v_params)[row * VG + ch] = v_affine[ch];
+      const auto pair = AffinePair<T>::rounded(lo, __fdiv_rn(__fsub_rn(hi, lo), levels));
+      c.v_params[row * VG + ch] = pair;
+      v_affine[ch] = pair.get();
     }
     __syncthreads();
     if (ch < hd) {

@@ -48,6 +48,17 @@ struct Ring {
 #endif
 };
 
+// KIVI's (lo, step) of a channel (keys) or channel group (values), held in the cache's type T as
+// KIVI's own code holds them in the model's dtype: an fp16 cache's pair is the 4 bytes
+// kv::StoreShape counts. Fitted in float, rounded to T, and the codes encoded against the rounded
+// pair (kiviSettle), so decoding uses what was encoded with; an fp32 cache's pair is the CPU's.
+template <class T>
+struct alignas(2 * sizeof(T)) AffinePair {
+  T lo, step;
+  __host__ __device__ static AffinePair rounded(float lo, float step) { return {fromFloat<T>(lo), fromFloat<T>(step)}; }
+  __host__ __device__ float2 get() const { return {toFloat(lo), toFloat(step)}; }
+};
+
 // A KIVI cache (kv::KVCache's Kivi form) on the device. Each KV head's oldest rows are codes of
 // `bits` bits packed as the CPU packs them (low bits first): keys per channel over runs of `group`
 // rows — (lo, step) per channel per run in k_params — and values per row over groups of `group`
@@ -62,8 +73,8 @@ template <class T>
 struct KiviCache {
   int head_dim, bits, group;
   uint8_t *K, *V;       // [kv_head][capacity][codeBytes()]
-  float* k_params;      // [kv_head][key_groups][head_dim] x (lo, step)
-  float* v_params;      // [kv_head][capacity][valueGroups()] x (lo, step)
+  AffinePair<T>* k_params;  // [kv_head][key_groups][head_dim]
+  AffinePair<T>* v_params;  // [kv_head][capacity][valueGroups()]
   Ring<T> ring;
   int* k_pos;           // [kv_head][capacity]
   int64_t capacity;
@@ -81,10 +92,10 @@ struct KiviCache {
     return (row[c * bits / 8] >> (c * bits % 8)) & ((1 << bits) - 1);
   }
   __host__ __device__ float2 keyParams(int64_t head, int l, int c) const {
-    return reinterpret_cast<const float2*>(k_params)[(head * keyGroups() + runOf(head, l)) * head_dim + c];
+    return k_params[(head * keyGroups() + runOf(head, l)) * head_dim + c].get();
   }
   __host__ __device__ float2 valueParams(int64_t head, int l, int c) const {
-    return reinterpret_cast<const float2*>(v_params)[(head * capacity + l) * valueGroups() + c / group];
+    return v_params[(head * capacity + l) * valueGroups() + c / group].get();
   }
 #ifdef __CUDACC__
   static __device__ float decode(float2 a, int code) { return __fadd_rn(a.x, __fmul_rn(float(code), a.y)); }

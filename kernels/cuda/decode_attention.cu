@@ -69,6 +69,10 @@
 //       8.20 -> 8.27 / 7.99 ms (63.6 -> 68.2 % of the floor at 4 bits); Scissorhands 0.2 +
 //       KIVI 4: 7.08 -> 7.05 (its sub-warps' ranges are short, and a new run's key pairs are
 //       still a dependent load).
+//   v14 (KIVI): the (lo, step) pairs held in the cache's type (cuda::AffinePair: 4 bytes an fp16
+//       pair, not 8), a run's key pairs read 16 bytes at a time: a KIVI 4 row with its share of
+//       pairs is 160 bytes, not 192. H100 7B decode at 32k, 4 bits: 8.22 -> 7.81 ms (68.6 ->
+//       72.1 % of the floor); Scissorhands 0.2 + KIVI 4: 7.06 -> 6.93.
 #include <algorithm>
 #include <cfloat>
 #include <string>
@@ -224,26 +228,45 @@ template <int G>
 __host__ __device__ constexpr int kiviRowsAtOnce() { return G >= 4 ? 2 : 4; }
 
 // A stage of KIVI's coded rows in shared memory: each thread's own part of U rows (its words of the
-// key's and the value's codes, its value group's (lo, step), the row's position and run), copied a
+// key's and the value's codes, its value group's (lo, step) pair, the row's position and run), copied a
 // batch ahead with cp.async, so that a batch's loads fly while the batch before is computed and
 // hold no registers. The staged instantiations are those whose lane holds whole words of codes
 // (C x B = 32 or 64 bits: cp.async copies 4, 8 or 16 bytes).
 constexpr int kKiviStages = 2;
-template <int U, int W>
+template <int U, int W, class Pair>
 struct KiviStage {
   using Word = std::conditional_t<W == 2, uint2, uint32_t>;
   Word k[U][32 * kWarps], v[U][32 * kWarps];  // [row][thread]
-  float2 pair[U][32 * kWarps];
+  Pair pair[U][32 * kWarps];
   int pos[U][32 * kWarps], run[U][32 * kWarps];  // (run: under eviction)
 };
 template <int G, int HD, int B>
 __host__ __device__ constexpr bool kiviStaged() {
   return B > 0 && (kiviLaneChannels<G, HD>() * B == 32 || kiviLaneChannels<G, HD>() * B == 64);
 }
-template <int G, int HD, int B>
+template <int G, int HD, int B, class T>
 constexpr int kiviStagedBytes() {
   if constexpr (!kiviStaged<G, HD, B>()) return 0;
-  else return kKiviStages * int(sizeof(KiviStage<kiviRowsAtOnce<G>(), kiviLaneChannels<G, HD>() * B / 32>));
+  else return kKiviStages * int(sizeof(KiviStage<kiviRowsAtOnce<G>(), kiviLaneChannels<G, HD>() * B / 32, AffinePair<T>>));
+}
+
+// A run's key pairs for a lane's C channels as floats, f(c, pair) each, read 16 bytes at a time
+// where their bytes allow (a lane's pairs start on a multiple of their bytes).
+template <int C, class T, class F>
+__device__ void forKeyPairs(const AffinePair<T>* pairs, F f) {
+  constexpr int per = 16 / int(sizeof(AffinePair<T>));
+  if constexpr (C % per == 0) {
+#pragma unroll
+    for (int c0 = 0; c0 < C; c0 += per) {
+      const uint4 words = *reinterpret_cast<const uint4*>(pairs + c0);
+      const AffinePair<T>* p = reinterpret_cast<const AffinePair<T>*>(&words);
+#pragma unroll
+      for (int i = 0; i < per; ++i) f(c0 + i, p[i].get());
+    }
+  } else {
+#pragma unroll
+    for (int c = 0; c < C; ++c) f(c, pairs[c].get());
+  }
 }
 
 // Heads narrower than a warp (head_dim 8, 16) leave the upper lanes idle.
@@ -365,8 +388,9 @@ __global__ void __launch_bounds__(32 * kWarps, kTwoBlocksAnSM<G, KT, OT> ? 2 : 1
               sub = lane / S, sl = lane % S, lane_pair = sl * C / group;
     const uint8_t* k_codes = kc.K + int64_t(kvh) * kc.capacity * cb;
     const uint8_t* v_codes = kc.V + int64_t(kvh) * kc.capacity * cb;
-    const float2* k_params = reinterpret_cast<const float2*>(kc.k_params) + int64_t(kvh) * kc.keyGroups() * hd + sl * C;
-    const float2* v_params = reinterpret_cast<const float2*>(kc.v_params) + int64_t(kvh) * kc.capacity * value_groups;
+    using Pair = AffinePair<OT>;
+    const Pair* k_params = kc.k_params + int64_t(kvh) * kc.keyGroups() * hd + sl * C;
+    const Pair* v_params = kc.v_params + int64_t(kvh) * kc.capacity * value_groups;
     const int* runs = kc.run ? kc.run + int64_t(kvh) * kc.capacity : nullptr;
     const bool one_pair = group % C == 0;  // this lane's channels share one value group
     const float* q_lane = q + int64_t(t) * q_stride + int64_t(h0) * hd + sl * C;  // + g * hd: head h0 + g
@@ -391,7 +415,7 @@ __global__ void __launch_bounds__(32 * kWarps, kTwoBlocksAnSM<G, KT, OT> ? 2 : 1
     // (k / U) % kKiviStages (none past the sub-warp's rows: an empty group, so each batch waits
     // for one).
     constexpr bool kStaged = kiviStaged<G, HD, B>();
-    using Stage = KiviStage<U, W>;
+    using Stage = KiviStage<U, W, Pair>;
     using Word = typename Stage::Word;
     extern __shared__ __align__(16) unsigned char kivi_stages[];
     Stage* stages = reinterpret_cast<Stage*>(kivi_stages);
@@ -406,7 +430,7 @@ __global__ void __launch_bounds__(32 * kWarps, kTwoBlocksAnSM<G, KT, OT> ? 2 : 1
           const int64_t row = in ? l : 0;  // (an address in the head either way)
           copyAsync<sizeof(Word)>(&st.k[u][tid], k_codes + row * cb + sl * sizeof(Word), in);
           copyAsync<sizeof(Word)>(&st.v[u][tid], v_codes + row * cb + sl * sizeof(Word), in);
-          if (one_pair) copyAsync<8>(&st.pair[u][tid], v_params + row * value_groups + lane_pair, in);
+          if (one_pair) copyAsync<sizeof(Pair)>(&st.pair[u][tid], v_params + row * value_groups + lane_pair, in);
           copyAsync<4>(&st.pos[u][tid], pos + row, in);
           if (runs) copyAsync<4>(&st.run[u][tid], runs + row, in);
         }
@@ -431,7 +455,7 @@ __global__ void __launch_bounds__(32 * kWarps, kTwoBlocksAnSM<G, KT, OT> ? 2 : 1
           const Word kword = st.k[u][tid], vword = st.v[u][tid];
           if constexpr (W == 2) kw[u][0] = kword.x, kw[u][1] = kword.y, vw[u][0] = vword.x, vw[u][1] = vword.y;
           else kw[u][0] = kword, vw[u][0] = vword;
-          pair[u] = in && one_pair ? st.pair[u][tid] : float2{0.0f, 0.0f};
+          pair[u] = in && one_pair ? st.pair[u][tid].get() : float2{0.0f, 0.0f};
         }
       } else {
 #pragma unroll
@@ -444,7 +468,7 @@ __global__ void __launch_bounds__(32 * kWarps, kTwoBlocksAnSM<G, KT, OT> ? 2 : 1
           run[u] = in && runs ? runs[l] : 0;
           laneWords<W>(in ? lanePacked(k_codes + int64_t(l) * cb, sl, C * B) : 0u, kw[u]);
           laneWords<W>(in ? lanePacked(v_codes + int64_t(l) * cb, sl, C * B) : 0u, vw[u]);
-          pair[u] = in && one_pair ? v_params[int64_t(l) * value_groups + lane_pair] : float2{0.0f, 0.0f};
+          pair[u] = in && one_pair ? v_params[int64_t(l) * value_groups + lane_pair].get() : float2{0.0f, 0.0f};
         }
       }
 #pragma unroll
@@ -459,15 +483,13 @@ __global__ void __launch_bounds__(32 * kWarps, kTwoBlocksAnSM<G, KT, OT> ? 2 : 1
           run_end = (current_run + 1) * group;
 #pragma unroll
           for (int g = 0; g < G; ++g) q_lo[g] = 0.0f;
-#pragma unroll
-          for (int c = 0; c < C; ++c) {
-            const float2 a = k_params[int64_t(current_run) * hd + c];
+          forKeyPairs<C>(k_params + int64_t(current_run) * hd, [&](int c, float2 a) {
 #pragma unroll
             for (int g = 0; g < G; ++g) {
               const float qc = q_lane[g * hd + c] * scale;
               q_step[g][c] = qc * a.y * (kHalfCodes ? 1.0f : codeUnshift<B>(c)), q_lo[g] += qc * a.x;
             }
-          }
+          });
           if constexpr (kHalfCodes)
 #pragma unroll
             for (int g = 0; g < G; ++g)
@@ -558,7 +580,7 @@ __global__ void __launch_bounds__(32 * kWarps, kTwoBlocksAnSM<G, KT, OT> ? 2 : 1
               if (one_pair) {
                 a = fmaf(w[g][u] * pair[u].y, kiviCode<B>(vw[u], c), a);
               } else if (seen[u]) {  // the channel's own pair, its low scaled as the code is
-                const float2 v = v_params[int64_t(lo + k + u) * value_groups + (sl * C + c) / group];
+                const float2 v = v_params[int64_t(lo + k + u) * value_groups + (sl * C + c) / group].get();
                 a = fmaf(w[g][u], fmaf(v.y, kiviCode<B>(vw[u], c), v.x * codeShiftScale<B>(c)), a);
               }
             }
@@ -770,7 +792,7 @@ void attention(const float* q, int q_stride, const int* q_pos, int T, int heads,
   // One instantiation per (group size, channels per lane) in use.
   auto launchBits = [&](auto g, auto p, auto b) {
     constexpr int Gv = decltype(g)::value, HDv = decltype(p)::value, Bv = decltype(b)::value;
-    constexpr int smem = kiviStagedBytes<Gv, HDv, Bv>();
+    constexpr int smem = kiviStagedBytes<Gv, HDv, Bv, OT>();
     auto* kernel = attentionSplit<Gv, HDv, KT, OT, Bv>;
     if constexpr (smem > 0) {
       static const bool opted_in = [kernel] {  // past the default 48 KB with the static shared memory

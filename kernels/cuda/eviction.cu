@@ -22,7 +22,7 @@ constexpr int kThreadsPerHead = 256;
 
 __device__ int elementBytes(KeyFormat format) { return format == KeyFormat::F32 ? 4 : 2; }  // fp32, fp16, bf16
 
-__device__ float widened(const void* row, KeyFormat format, int d) {
+__device__ float widened(const void* row, KeyFormat format, int64_t d) {
   switch (format) {
     case KeyFormat::F16: return __half2float(static_cast<const __half*>(row)[d]);
     case KeyFormat::BF16: return __bfloat162float(static_cast<const __nv_bfloat16*>(row)[d]);
@@ -47,10 +47,11 @@ __device__ float cachedChannel(const EvictionCache& c, bool value, int l, int h,
   }
   const int code = (reinterpret_cast<const uint8_t*>(row)[d * k.bits / 8] >> (d * k.bits % 8)) & ((1 << k.bits) - 1);
   const int value_groups = (k.head_dim + k.value_group - 1) / k.value_group;
-  const float2 a =
-      value ? reinterpret_cast<const float2*>(k.v_params[l])[slot * value_groups + d / k.value_group]
-            : reinterpret_cast<const float2*>(k.k_params[l])[(h * k.key_groups + k.run[l][slot]) * k.head_dim + d];
-  return __fadd_rn(a.x, __fmul_rn(float(code), a.y));
+  const int64_t pair = value ? slot * value_groups + d / k.value_group
+                             : (h * k.key_groups + k.run[l][slot]) * k.head_dim + d;
+  const void* pairs = value ? k.v_params[l] : k.k_params[l];  // (lo, step): two ring_format elements
+  const float lo = widened(pairs, k.ring_format, 2 * pair), step = widened(pairs, k.ring_format, 2 * pair + 1);
+  return __fadd_rn(lo, __fmul_rn(float(code), step));
 }
 
 __device__ float cachedKey(const EvictionCache& c, int l, int h, int i, int d) {

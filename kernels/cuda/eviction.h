@@ -44,13 +44,14 @@ enum class KeyFormat { F32, F16, BF16, Int8, Kivi };
 // of a head are `bits`-bit codes (EvictionCache's K and V rows); a key channel x = lo + code x
 // step with the (lo, step) of the row's run, a value channel with its row's pair for its group of
 // `value_group` channels; slots [coded, length) are full-precision rows in the ring (slot i at
-// ring row i % ring_rows), of ring_format. Per-layer arrays at the sequence's first head.
+// ring row i % ring_rows), of ring_format — the pairs' format too (cuda::AffinePair). Per-layer
+// arrays at the sequence's first head.
 struct KiviRows {
   int head_dim = 0, bits = 0, value_group = 0, ring_rows = 0;
   KeyFormat ring_format = KeyFormat::F32;
   int64_t key_groups = 0;                    // runs' key pairs per head
-  const float* const* k_params = nullptr;    // per layer: [head][key_groups][head_dim] x (lo, step)
-  const float* const* v_params = nullptr;    // per layer: [head][capacity][value groups] x (lo, step)
+  const void* const* k_params = nullptr;     // per layer: [head][key_groups][head_dim] x (lo, step)
+  const void* const* v_params = nullptr;     // per layer: [head][capacity][value groups] x (lo, step)
   const int* const* run = nullptr;           // per layer: [head][capacity]
   const void* const* ring_k = nullptr;       // per layer: [head][ring_rows][head_dim]
   const void* const* ring_v = nullptr;
@@ -156,14 +157,16 @@ void evictionCompact(const EvictionCache& c, const uint8_t* keep, int* new_slots
 // arrays of pointers at the sequence's first head as EvictionCache's. Each head holds coded rows
 // in slots [0, coded) — key and value codes (EvictionCache's K / V, code_bytes each), the value's
 // (lo, step) pairs, the row's run — whose key pairs are k_params[run] — and its newer rows at full
-// precision in slots [coded, length), slot l at ring row l % ring_rows. Low rank under eviction
+// precision in slots [coded, length), slot l at ring row l % ring_rows; a pair is pair_bytes (two
+// of the cache's elements, cuda::AffinePair). Low rank under eviction
 // the same way: its coordinates are the K rows (code_bytes: 2 rank elements), with no V rows (null
 // per layer), value pairs, runs or key pairs (null; value_groups and key_groups 0).
 struct KiviEviction {
   int head_dim, code_bytes, value_groups, ring_rows, ring_row_bytes;  // ring_row_bytes: head_dim x sizeof(T)
+  int pair_bytes;            // 2 x sizeof(T)
   int64_t key_groups;        // runs' key pairs per head
-  float* const* k_params;    // per layer: [head][key_groups][head_dim] x (lo, step)
-  float* const* v_params;    // per layer: [head][capacity][value_groups] x (lo, step)
+  void* const* k_params;     // per layer: [head][key_groups][head_dim] x (lo, step)
+  void* const* v_params;     // per layer: [head][capacity][value_groups] x (lo, step)
   int* const* run;           // per layer: [head][capacity]
   void* const* ring_k;       // per layer: [head][ring_rows][head_dim] of T
   void* const* ring_v;

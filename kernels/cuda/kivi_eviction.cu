@@ -34,7 +34,7 @@ __device__ void warpCopy(void* dst, const void* src, int n, int lane) {
 // warp, staged in shared memory: every read of a sub-chunk finishes before any write, and no row
 // lands where a later sub-chunk's row still is (rows move down, in order). Compacting all, the
 // ring's rows go through a scratch (their ring rows change by more than the ring's length allows
-// in place), and the key pairs move down to their runs' new indices, one channel a thread.
+// in place), and the key pairs move down to their runs' new indices, a 4-byte word a thread.
 //
 // Most steps evict a few coded rows and compact nothing: then one pass marks the holes and counts
 // what stays (the runs with a kept row as bits of a shared bitmap, `run_words` words: runs ascend
@@ -50,11 +50,12 @@ __global__ void __launch_bounds__(kThreads) kiviCompactKernel(EvictionCache c, K
   extern __shared__ __align__(16) uint8_t stage[];
   const int lh = blockIdx.x, LH = c.layers * c.heads, l = lh / c.heads, h = lh % c.heads;
   const int n = c.length[lh], coded = k.coded[lh], lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int cb = k.code_bytes, vg = k.value_groups, rb = k.ring_row_bytes, R = k.ring_rows, hd = k.head_dim;
+  const int cb = k.code_bytes, vg = k.value_groups, rb = k.ring_row_bytes, R = k.ring_rows, hd = k.head_dim,
+            pb = k.pair_bytes;
   const int64_t base = h * c.capacity, stat = l * c.layer_stride + base;
   uint8_t* K = static_cast<uint8_t*>(c.K[l]) + base * cb;
   uint8_t* V = c.V[l] ? static_cast<uint8_t*>(c.V[l]) + base * cb : nullptr;  // low rank: none (K holds both)
-  float2* vp = k.v_params ? reinterpret_cast<float2*>(k.v_params[l]) + base * vg : nullptr;
+  uint8_t* vp = k.v_params ? static_cast<uint8_t*>(k.v_params[l]) + base * vg * pb : nullptr;  // a row's pairs: vg x pb bytes
   int* run = k.run ? k.run[l] + base : nullptr;
   int* pos = c.pos[l] + base;
   double* score = c.score ? c.score + stat : nullptr;
@@ -130,7 +131,7 @@ __global__ void __launch_bounds__(kThreads) kiviCompactKernel(EvictionCache c, K
           if (!ring_row) {
             warpCopy(st, K + int64_t(row) * cb, cb, lane);
             if (V) warpCopy(st + cb, V + int64_t(row) * cb, cb, lane);
-            if (vp) warpCopy(st + 2 * cb, vp + int64_t(row) * vg, 8 * vg, lane);
+            if (vp) warpCopy(st + 2 * cb, vp + int64_t(row) * vg * pb, vg * pb, lane);
           } else if (!all) {
             warpCopy(st, ring_k + int64_t(row % R) * rb, rb, lane);
             warpCopy(st + rb, ring_v + int64_t(row % R) * rb, rb, lane);
@@ -144,7 +145,7 @@ __global__ void __launch_bounds__(kThreads) kiviCompactKernel(EvictionCache c, K
           if (!ring_row) {
             warpCopy(K + int64_t(t) * cb, st, cb, lane);
             if (V) warpCopy(V + int64_t(t) * cb, st + cb, cb, lane);
-            if (vp) warpCopy(vp + int64_t(t) * vg, st + 2 * cb, 8 * vg, lane);
+            if (vp) warpCopy(vp + int64_t(t) * vg * pb, st + 2 * cb, vg * pb, lane);
             if (lane == 0 && run) run[t] = new_run[j];
           } else if (!all) {
             warpCopy(ring_k + int64_t(t % R) * rb, st, rb, lane);
@@ -171,11 +172,13 @@ __global__ void __launch_bounds__(kThreads) kiviCompactKernel(EvictionCache c, K
       warpCopy(ring_v + int64_t((kc + j) % R) * rb, scratch + int64_t(2 * j + 1) * rb, rb, lane);
     }
     // Run j takes run_map[j]'s pairs: map[j] >= j and ascends, so no pair is overwritten before it is read.
-    float2* kp = k.k_params ? reinterpret_cast<float2*>(k.k_params[l]) + int64_t(h) * k.key_groups * hd : nullptr;
-    for (int ch = threadIdx.x; ch < hd && kp; ch += blockDim.x)
+    // (A run's pairs are hd x pb bytes, moved as 4-byte words: pb is 4 or 8.)
+    uint32_t* kp = k.k_params ? static_cast<uint32_t*>(k.k_params[l]) + int64_t(h) * k.key_groups * hd * pb / 4 : nullptr;
+    const int words = hd * pb / 4;
+    for (int w = threadIdx.x; w < words && kp; w += blockDim.x)
       for (int j = 0; j < carry_runs; ++j) {
         const int from = run_map[j];
-        if (from != j) kp[int64_t(j) * hd + ch] = kp[int64_t(from) * hd + ch];
+        if (from != j) kp[int64_t(j) * words + w] = kp[int64_t(from) * words + w];
       }
   }
   if (threadIdx.x == 0) {
@@ -203,7 +206,7 @@ __global__ void ringResizeKernel(const uint8_t* from_k, const uint8_t* from_v, i
 void kiviEvictionCompact(const EvictionCache& c, const KiviEviction& k, const uint8_t* keep, bool compact_all,
                          int* out) {
   // A warp's staged row: a coded row (codes and value pairs) or a ring row (key and value).
-  const int row = std::max(2 * k.code_bytes + 8 * k.value_groups, 2 * k.ring_row_bytes);
+  const int row = std::max(2 * k.code_bytes + k.pair_bytes * k.value_groups, 2 * k.ring_row_bytes);
   const int stage_bytes = (row + 15) / 16 * 16;
   if (kWarps * stage_bytes > 48 * 1024) throw std::runtime_error("kiviEvictionCompact: rows above 6 KiB");
   // The runs' bitmap where it fits beside the stage (else the scans count the runs over every slot).
