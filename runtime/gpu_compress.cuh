@@ -64,7 +64,8 @@ void GpuEngine<T>::decide(Sequence& s, int last_pos, bool prefill) {
   }
   attention_.output_norms.clear();
   if (kv_spec_.needsOutputNorms()) {  // CriticalKV: the step's rows of this sequence
-    const int rows = last_step_.rows, first = last_step_.batch ? current_ : 0, count = last_step_.batch ? 1 : rows;
+    const int rows = last_step_.rows;
+    const auto [first, count] = lastStepRows();
     std::vector<float> all(size_t(c_.layers) * rows * H);
     KVTP_CUDA_CHECK(cudaMemcpy(all.data(), output_norms_.get(), all.size() * sizeof(float), cudaMemcpyDeviceToHost));
     attention_.output_norms.assign(size_t(LH), {});
@@ -77,7 +78,7 @@ void GpuEngine<T>::decide(Sequence& s, int last_pos, bool prefill) {
   const bool decides_by_rows = mirrorReadsRows(kv_spec_) && (prefill || !kv_spec_.promptOnce());
   attention_.queries.clear();
   if (decides_by_rows && kv_spec_.scoresByQueries())
-    attention_.queries = stepQueries(s), attention_.T = last_step_.batch ? 1 : last_step_.rows;
+    attention_.queries = stepQueries(s), attention_.T = lastStepRows().count;
   if (decides_by_rows && !host_forms_) copyRowsToMirror(s);  // (a mirror of host_forms_ holds its rows)
   std::vector<std::vector<std::pair<int32_t, kv::Form>>> forms;  // host_forms_: each head's before the decision
   if (host_forms_)
@@ -246,7 +247,7 @@ void GpuEngine<T>::lowRankRowsToHost(const Sequence& s, const std::vector<int>& 
 template <class T>
 std::vector<std::vector<float>> GpuEngine<T>::stepQueries(const Sequence& s) {
   const int L = c_.layers, H = part_.kv_heads, hd = c_.head_dim, Q = part_.q_heads * hd, rows = last_step_.rows;
-  const int first = last_step_.batch ? current_ : 0, count = last_step_.batch ? 1 : rows;
+  const auto [first, count] = lastStepRows();
   std::vector<float> all(size_t(L) * rows * Q);
   KVTP_CUDA_CHECK(cudaMemcpy(all.data(), step_queries_.get(), all.size() * sizeof(float), cudaMemcpyDeviceToHost));
   std::vector<int> back(s.positions.end() - count, s.positions.end());

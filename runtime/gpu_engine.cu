@@ -396,6 +396,12 @@ class GpuEngine : public Engine {
   };
 
   Sequence& seq() { return seqs_[current_]; }
+  // The current sequence's rows of the last step, [first, first + count) of its rows: a batch's
+  // step has one row per sequence, in sequence order; any other step is this sequence's alone.
+  struct StepRows {
+    int first, count;
+  };
+  StepRows lastStepRows() const { return last_step_.batch ? StepRows{current_, 1} : StepRows{0, last_step_.rows}; }
 
   // Sequence s takes `rows` new tokens at `positions` (the step that appends them follows): its
   // positions, the mirror the host policy decides on, whether the step leaves probabilities.
