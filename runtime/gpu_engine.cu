@@ -106,8 +106,7 @@ struct GpuLayer {
   DeviceBuffer<float> k_step, v_step;
   // A KIVI cache instead (cuda::KiviCache): codes [kv_head][capacity][code bytes], key (lo, step)
   // [kv_head][capacity / group + 1][head_dim], value (lo, step) [kv_head][capacity][value groups]
-  // (pairs of T: cuda::AffinePair),
-  // the newest rows at full precision in a ring [kv_head][ring][head_dim].
+  // (pairs of T: cuda::AffinePair), the newest rows at full precision in a ring [kv_head][ring][head_dim].
   // Under eviction each coded row's run [kv_head][capacity], and the key pairs sized by the runs
   // held (GpuEngine::run_capacity_), not by the capacity: eviction thins runs.
   DeviceBuffer<uint8_t> Kq, Vq;
