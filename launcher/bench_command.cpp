@@ -215,14 +215,20 @@ void benchGpu(const BenchArgs& a) {
       for (int B : a.batches) {
         try {
           engine->reserve(B, C + a.decode_steps);
-        } catch (const Error& e) {  // the device cannot hold this batch's cache
+        } catch (const std::runtime_error& e) {  // the device cannot hold this batch's cache (Error, or a cudaMalloc's)
           skip(B, e);
           continue;
         }
         std::vector<std::vector<int>> ctx(B);
+        std::vector<int> tokens(B), positions(B), targets(B);
+        // A step's time, and the share its compression decision took (the log-probs reach the host
+        // before compress() starts, so the two do not overlap).
+        std::vector<double> times, decide_times;
+        std::vector<std::pair<std::string, double>> phases_before;
         // A prompt's rows may need more room than the cache (KIVI under eviction holds them at full
-        // precision), and its prefill's activations more than the device has left beside the
-        // batch's cache: both skip this batch with the reason (a CUDA allocation's own error).
+        // precision), its prefill's activations more than the device has left beside the batch's
+        // cache, and the kept rows more as they grow: each skips this batch with the reason (a CUDA
+        // allocation's own error).
         try {
           for (int b = 0; b < B; ++b) {
             ctx[b] = randomTokens(C + a.decode_steps + 1);
@@ -231,28 +237,24 @@ void benchGpu(const BenchArgs& a) {
             engine->step(ctx[b].data(), pos.data(), C, 0, 0, nullptr);
             engine->compress(C - 1, true);  // --kv: the context is the prompt (snapkv compresses it at its end)
           }
+          phases_before = engine->decisionPhaseSeconds();
+          for (int i = C; i < C + a.decode_steps; ++i) {
+            for (int b = 0; b < B; ++b) tokens[b] = ctx[b][i], positions[b] = i, targets[b] = ctx[b][i + 1];
+            const auto t0 = std::chrono::steady_clock::now();
+            engine->decodeBatch(tokens.data(), positions.data(), targets.data());
+            const auto t1 = std::chrono::steady_clock::now();
+            for (int b = 0; b < B; ++b) {
+              engine->useSequence(b);
+              engine->compress(i, false);
+            }
+            engine->synchronize();
+            const auto t2 = std::chrono::steady_clock::now();
+            times.push_back(std::chrono::duration<double>(t2 - t0).count());
+            decide_times.push_back(std::chrono::duration<double>(t2 - t1).count());
+          }
         } catch (const std::runtime_error& e) {
           skip(B, e);
           continue;
-        }
-        std::vector<int> tokens(B), positions(B), targets(B);
-        // A step's time, and the share its compression decision took (the log-probs reach the host
-        // before compress() starts, so the two do not overlap).
-        std::vector<double> times, decide_times;
-        const auto phases_before = engine->decisionPhaseSeconds();
-        for (int i = C; i < C + a.decode_steps; ++i) {
-          for (int b = 0; b < B; ++b) tokens[b] = ctx[b][i], positions[b] = i, targets[b] = ctx[b][i + 1];
-          const auto t0 = std::chrono::steady_clock::now();
-          engine->decodeBatch(tokens.data(), positions.data(), targets.data());
-          const auto t1 = std::chrono::steady_clock::now();
-          for (int b = 0; b < B; ++b) {
-            engine->useSequence(b);
-            engine->compress(i, false);
-          }
-          engine->synchronize();
-          const auto t2 = std::chrono::steady_clock::now();
-          times.push_back(std::chrono::duration<double>(t2 - t0).count());
-          decide_times.push_back(std::chrono::duration<double>(t2 - t1).count());
         }
         auto median = [](std::vector<double>& v) {
           std::sort(v.begin(), v.end());
@@ -275,7 +277,8 @@ void benchGpu(const BenchArgs& a) {
                                {"ms_per_token_mean", 1e3 * step_mean}, {"decide_ms_mean", 1e3 * decide_mean},
                                {"tokens_per_second", B / step},
                                {"floor_ms", 1e3 * floor}, {"ratio_to_floor", floor / step},
-                               {"achieved_gbs", (weight_bytes + kv_bytes) / step / 1e9}});
+                               {"achieved_gbs", (weight_bytes + kv_bytes) / step / 1e9},
+                               {"device_bytes", deviceBytesHeld()}});
         if (!a.json)
           std::printf("%-24s decode at %5d, batch %d: %7.3f ms/token (median of %d, mean %.3f; deciding %.3f, mean "
                       "%.3f)  %7.0f tok/s  KV %8.1f MiB  floor %7.3f ms  %5.1f%% of peak bandwidth\n",

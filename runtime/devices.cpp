@@ -29,6 +29,7 @@ std::unique_ptr<Engine> makeGpuEngine(const ModelConfig&, const Partition&, cons
   noCuda();
 }
 int64_t deviceBytesPeak() { return 0; }
+int64_t deviceBytesHeld() { return 0; }
 std::unique_ptr<comm::Communicator> makeDeviceGroup(comm::Communicator&, int) { noCuda(); }
 #endif
 

@@ -447,7 +447,8 @@ void GpuEngine<T>::decideOnDevice(Sequence& s, int last_pos, const kv::Policy::D
 template <class T>
 cuda::EvictionCache GpuEngine<T>::deviceRows(const int* d_offsets_lengths) {
   const int L = c_.layers, LH = L * part_.kv_heads;
-  const size_t hd = c_.head_dim, head0 = size_t(current_) * part_.kv_heads * capacity_;
+  const size_t hd = c_.head_dim, head0 = size_t(current_) * part_.kv_heads * capacity_,
+               code0 = size_t(current_) * part_.kv_heads * code_capacity_;  // KIVI's coded rows
   const int row_bytes = kivi_     ? kiviShape().codeBytes()
                         : lowrank_ ? int(2 * kv_spec_.rank * sizeof(T))
                                    : int(hd * (int8_ ? 1 : sizeof(T)));
@@ -456,11 +457,11 @@ cuda::EvictionCache GpuEngine<T>::deviceRows(const int* d_offsets_lengths) {
   for (int l = 0; l < L; ++l) {
     GpuLayer<T>& g = layers_[l];
     // Low rank: its coordinates (key then value) are the K rows, with no V rows.
-    ptrs[l] = kivi_     ? static_cast<void*>(g.Kq.get() + head0 * row_bytes)
+    ptrs[l] = kivi_     ? static_cast<void*>(g.Kq.get() + code0 * row_bytes)
               : lowrank_ ? static_cast<void*>(g.coords.get() + head0 * 2 * kv_spec_.rank)
               : int8_    ? static_cast<void*>(g.K8.get() + head0 * hd)
                          : g.K.get() + head0 * hd;
-    ptrs[L + l] = kivi_     ? static_cast<void*>(g.Vq.get() + head0 * row_bytes)
+    ptrs[L + l] = kivi_     ? static_cast<void*>(g.Vq.get() + code0 * row_bytes)
                   : lowrank_ ? nullptr
                   : int8_    ? static_cast<void*>(g.V8.get() + head0 * hd)
                              : g.V.get() + head0 * hd;
@@ -502,7 +503,7 @@ cuda::EvictionCache GpuEngine<T>::deviceRows(const int* d_offsets_lengths) {
           reinterpret_cast<int* const*>(d_ptrs + 2 * L), int8_ ? reinterpret_cast<float* const*>(d_ptrs + 3 * L) : nullptr,
           int8_ ? reinterpret_cast<float* const*>(d_ptrs + 4 * L) : nullptr, nullptr, nullptr,
           int64_t(seqs_.size()) * part_.kv_heads * capacity_, nullptr, 0, 0, d_offsets_lengths + LH, d_offsets_lengths,
-          kivi};
+          kivi, kivi_ ? code_capacity_ : 0};
 }
 
 // A replicated KV head (kv_heads < tp) sees only this rank's query heads: its probabilities are

@@ -104,11 +104,12 @@ struct GpuLayer {
   // An int8 cache instead of K, V: codes [kv_head][capacity][head_dim], steps [kv_head][capacity].
   DeviceBuffer<int8_t> K8, V8;
   DeviceBuffer<float> k_step, v_step;
-  // A KIVI cache instead (cuda::KiviCache): codes [kv_head][capacity][code bytes], key (lo, step)
-  // [kv_head][capacity / group + 1][head_dim], value (lo, step) [kv_head][capacity][value groups]
-  // (pairs of T: cuda::AffinePair), the newest rows at full precision in a ring [kv_head][ring][head_dim].
-  // Under eviction each coded row's run [kv_head][capacity], and the key pairs sized by the runs
-  // held (GpuEngine::run_capacity_), not by the capacity: eviction thins runs.
+  // A KIVI cache instead (cuda::KiviCache): codes [kv_head][code capacity][code bytes], key (lo, step)
+  // [kv_head][code capacity / group + 1][head_dim], value (lo, step) [kv_head][code capacity][value
+  // groups] (pairs of T: cuda::AffinePair), the newest rows at full precision in a ring
+  // [kv_head][ring][head_dim]. The code capacity is the capacity, but under eviction the coded rows
+  // the heads keep (GpuEngine::code_capacity_): there each coded row's run [kv_head][code capacity],
+  // and the key pairs sized by the runs held (GpuEngine::run_capacity_): eviction thins runs.
   DeviceBuffer<uint8_t> Kq, Vq;
   DeviceBuffer<cuda::AffinePair<T>> k_params, v_params;
   DeviceBuffer<int> k_run;
@@ -285,7 +286,7 @@ class GpuEngine : public Engine {
     checkRoom(batch, tokens);
     for (auto& L : layers_) L.dropCache();
     weights_ = {}, score_ = {}, history_ = {};
-    capacity_ = 0, run_capacity_ = 0;
+    capacity_ = 0, run_capacity_ = 0, code_capacity_ = 0;
     dropPromptRing();
     observed_len_ = 0;
     seqs_.clear();
@@ -429,7 +430,7 @@ class GpuEngine : public Engine {
     const int pending = s.longest + rows - kv_spec_.residual - s.compact;
     return s.compact + std::max(0, pending) / kv_spec_.group * kv_spec_.group;
   }
-  // A KIVI cache's geometry (its code bytes, value groups, key groups of `capacity` rows), no buffers.
+  // A KIVI cache's geometry (its code bytes, value groups, key groups of `capacity` coded rows), no buffers.
   cuda::KiviCache<T> kiviShape(int64_t capacity = 0) const {
     return {.head_dim = c_.head_dim, .bits = kv_spec_.bits, .group = kv_spec_.group, .capacity = capacity,
             .key_groups = kivi_evicts_ ? run_capacity_ : capacity / kv_spec_.group + 1};
@@ -540,6 +541,7 @@ class GpuEngine : public Engine {
     return slots;
   }
   void growRuns(int64_t runs);
+  void growCoded(int64_t rows);  // gpu_store.cuh
   // Layer l's ring from KV head head0 on: the shared one, or the pending prompt's.
   cuda::Ring<T> ringAt(int l, size_t head0);
 
@@ -563,14 +565,17 @@ class GpuEngine : public Engine {
     if (time_collectives_) collectives_.mark();
   }
 
-  // Cache bytes per (KV head, token): K and V rows (int8: codes and a step each; KIVI: codes, the
-  // value's (lo, step) pairs and a share of its run's key pairs; low rank: coordinates) and a position.
+  // Cache bytes per (KV head, token): K and V rows (int8: codes and a step each; KIVI: its coded row,
+  // but under eviction none: growCoded; low rank: coordinates) and a position.
   size_t rowBytes() const;
+  // KIVI's coded row: codes, the value's (lo, step) pairs, a share of its run's key pairs (under
+  // eviction its run's index too).
+  size_t codedRowBytes() const;
   // Bytes per KV head that do not grow with the tokens: KIVI's and low rank's ring.
   size_t headBytes() const { return windowed_ ? 2 * size_t(ring_) * c_.head_dim * sizeof(T) : 0; }
   // Bytes of a cache of `batch` x `tokens` rows per KV head: every layer's, and low rank's stage
-  // (one layer's rows at full precision).
-  size_t cacheBytes(size_t batch, int64_t tokens) const;
+  // (one layer's rows at full precision); KIVI under eviction: with `coded_rows` coded rows a head.
+  size_t cacheBytes(size_t batch, int64_t tokens, int64_t coded_rows = 0) const;
   // Throws Error unless the device can hold a cache of `batch` x `tokens` rows per KV head (the
   // present cache is freed as the new one is made).
   void checkRoom(int batch, int64_t tokens);
@@ -682,6 +687,7 @@ class GpuEngine : public Engine {
   DeviceBuffer<T> prompt_ring_k_, prompt_ring_v_;  // [layer][kv_head][prompt_rows_][head_dim]
   int prompt_rows_ = 0, prompt_seq_ = -1;
   int64_t run_capacity_ = 0;  // KIVI under eviction: key pairs per KV head
+  int64_t code_capacity_ = 0;  // KIVI: coded rows per KV head (capacity_ but under eviction: growCoded)
   DeviceBuffer<int> run_map_, kivi_meta_;
   DeviceBuffer<void*> kivi_ptrs_;
   // What evict_ptrs_ and kivi_ptrs_ hold (uploadPointers).
@@ -737,6 +743,7 @@ class GpuEngine : public Engine {
 }  // namespace
 
 int64_t deviceBytesPeak() { return cuda::DeviceMemory::peak.load(); }
+int64_t deviceBytesHeld() { return cuda::DeviceMemory::current.load(); }
 int cudaDevices() { return cuda::deviceCount(); }
 
 double peakMemoryBandwidth(int device) {

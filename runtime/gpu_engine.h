@@ -51,6 +51,8 @@ std::unique_ptr<Engine> makeGpuEngine(const ModelConfig& config, const Partition
 // The most device memory this process's buffers held at once (weights, cache, workspaces;
 // cuBLAS's and NCCL's own workspaces not included), bytes.
 int64_t deviceBytesPeak();
+// What they hold now, bytes.
+int64_t deviceBytesHeld();
 
 // An NCCL communicator over the ranks of `host_group` (MPI), on `device`.
 std::unique_ptr<comm::Communicator> makeDeviceGroup(comm::Communicator& host_group, int device);

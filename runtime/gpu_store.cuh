@@ -5,29 +5,48 @@
 // geometric growth keeping what is cached, and where a layer's KIVI codes and full-precision ring
 // sit.
 
+// buf's `spans` spans of `from` rows (`width` elements a row) moved to the starts of spans of `to`
+// rows, the first `used` rows of each kept.
+template <class E>
+void regrowSpans(DeviceBuffer<E>& buf, size_t width, size_t spans, int64_t from, int64_t to, int64_t used) {
+  DeviceBuffer<E> bigger(spans * to * width);
+  const size_t row = width * sizeof(E);
+  if (used > 0)
+    KVTP_CUDA_CHECK(cudaMemcpy2D(bigger.get(), to * row, buf.get(), from * row, used * row, spans,
+                                 cudaMemcpyDeviceToDevice));
+  buf = std::move(bigger);
+}
+
 template <class T>
 size_t GpuEngine<T>::rowBytes() const {
   const bool state = kv_spec_.method == kv::Method::H2O || kv_spec_.method == kv::Method::Scissorhands;
   const size_t decision = device_decides_ && state ? 8 : 0;  // H2O's score or Scissorhands' bits
   const size_t hd = c_.head_dim;
-  const cuda::KiviCache<T> kivi = kiviShape();
-  const size_t rows = int8_   ? 2 * (hd + sizeof(float))
-                      : kivi_ ? 2 * kivi.codeBytes() + sizeof(cuda::AffinePair<T>) * (kivi.valueGroups() + hd / kivi.group + 1) +
-                                  (kivi_evicts_ ? sizeof(int) : 0)
-                      : lowrank_ ? 2 * kv_spec_.rank * sizeof(T)
-                                 : 2 * hd * sizeof(T);
+  const size_t rows = int8_                   ? 2 * (hd + sizeof(float))
+                      : kivi_ && !kivi_evicts_ ? codedRowBytes()
+                      : kivi_                  ? 0  // its coded rows: growCoded
+                      : lowrank_               ? 2 * kv_spec_.rank * sizeof(T)
+                                               : 2 * hd * sizeof(T);
   return decision + rows + sizeof(int);
 }
 
 template <class T>
-size_t GpuEngine<T>::cacheBytes(size_t batch, int64_t tokens) const {
+size_t GpuEngine<T>::codedRowBytes() const {
+  const cuda::KiviCache<T> kivi = kiviShape();
+  return 2 * kivi.codeBytes() + sizeof(cuda::AffinePair<T>) * (kivi.valueGroups() + c_.head_dim / kivi.group + 1) +
+         (kivi_evicts_ ? sizeof(int) : 0);
+}
+
+template <class T>
+size_t GpuEngine<T>::cacheBytes(size_t batch, int64_t tokens, int64_t coded_rows) const {
   const size_t heads = batch * part_.kv_heads, stage = lowrank_ ? 2 * size_t(c_.head_dim) * sizeof(T) : 0;
-  return heads * (c_.layers * (tokens * rowBytes() + headBytes()) + tokens * stage);
+  const size_t coded = kivi_evicts_ ? coded_rows * codedRowBytes() : 0;
+  return heads * (c_.layers * (tokens * rowBytes() + headBytes() + coded) + tokens * stage);
 }
 
 template <class T>
 void GpuEngine<T>::checkRoom(int batch, int64_t tokens) {
-  const size_t need = cacheBytes(batch, tokens), held = cacheBytes(seqs_.size(), capacity_);
+  const size_t need = cacheBytes(batch, tokens), held = cacheBytes(seqs_.size(), capacity_, code_capacity_);
   size_t free = 0, total = 0;
   KVTP_CUDA_CHECK(cudaMemGetInfo(&free, &total));
   constexpr size_t kHeadroom = size_t(1) << 30;  // activations, workspaces, the decode probabilities
@@ -47,15 +66,8 @@ void GpuEngine<T>::growTo(int64_t cap) {
   // Each head's rows (and positions) move to the start of its new, longer span; `per`: how
   // many rows a span of c tokens has (KIVI's key pairs: one per run of `group`).
   auto regrow = [&](auto& buf, size_t width, size_t spans = 0, std::function<int64_t(int64_t)> per = {}) {
-    using E = typename std::remove_reference_t<decltype(buf)>::value_type;
-    if (!spans) spans = heads;
     auto rows = [&](int64_t c) { return per ? per(c) : c; };
-    std::remove_reference_t<decltype(buf)> bigger(spans * rows(cap) * width);
-    const size_t row = width * sizeof(E);
-    if (longest > 0)
-      KVTP_CUDA_CHECK(cudaMemcpy2D(bigger.get(), rows(cap) * row, buf.get(), rows(capacity_) * row,
-                                   rows(longest) * row, spans, cudaMemcpyDeviceToDevice));
-    buf = std::move(bigger);
+    regrowSpans(buf, width, spans ? spans : heads, rows(capacity_), rows(cap), longest > 0 ? rows(longest) : 0);
   };
   // The device decision's per-entry state, [layer][sequence][kv_head][capacity].
   if (kv_spec_.method == kv::Method::H2O && device_decides_) regrow(score_, 1, c_.layers * heads);
@@ -67,12 +79,13 @@ void GpuEngine<T>::growTo(int64_t cap) {
       regrow(L.k_step, 1);
       regrow(L.v_step, 1);
     } else if (kivi_) {
-      const cuda::KiviCache<T> kivi = kiviShape();
-      regrow(L.Kq, kivi.codeBytes());
-      regrow(L.Vq, kivi.codeBytes());
-      if (kivi_evicts_) regrow(L.k_run, 1);  // the key pairs: growRuns
-      else regrow(L.k_params, size_t(c_.head_dim), 0, [&](int64_t c) { return kiviShape(c).keyGroups(); });
-      regrow(L.v_params, size_t(kivi.valueGroups()));
+      if (!kivi_evicts_) {  // under eviction the coded rows grow apart (growCoded)
+        const cuda::KiviCache<T> kivi = kiviShape();
+        regrow(L.Kq, kivi.codeBytes());
+        regrow(L.Vq, kivi.codeBytes());
+        regrow(L.k_params, size_t(c_.head_dim), 0, [&](int64_t c) { return kiviShape(c).keyGroups(); });
+        regrow(L.v_params, size_t(kivi.valueGroups()));
+      }
     } else if (lowrank_) {
       regrow(L.coords, 2 * size_t(kv_spec_.rank));
     } else {
@@ -84,19 +97,48 @@ void GpuEngine<T>::growTo(int64_t cap) {
       L.ring_k = DeviceBuffer<T>(heads * ring_ * c_.head_dim), L.ring_v = DeviceBuffer<T>(heads * ring_ * c_.head_dim);
   }
   capacity_ = int(cap);
+  if (kivi_ && !kivi_evicts_) code_capacity_ = cap;
   if (kivi_evicts_) growRuns(cap / kv_spec_.group + 1);
+}
+
+// KIVI under eviction: room for `rows` coded rows per KV head, each head's kept. The coded rows
+// are the bulk of such a cache and only the kept ones are ever coded (a prompt waits for its
+// decision at full precision), so they are sized by what the heads hold, not by the slots
+// (capacity_): under a 20 % budget about a fifth of the bytes where the heads keep alike. Grown
+// by a quarter at least (doubling would give back much of what eviction saved).
+template <class T>
+void GpuEngine<T>::growCoded(int64_t rows) {
+  if (rows <= code_capacity_) return;
+  const int64_t to = std::max(rows, code_capacity_ + code_capacity_ / 4);
+  const size_t heads = seqs_.size() * part_.kv_heads, bytes = c_.layers * heads * to * codedRowBytes();
+  size_t free = 0, total = 0;
+  KVTP_CUDA_CHECK(cudaMemGetInfo(&free, &total));
+  if (bytes + (size_t(1) << 30) > free)
+    throw Error("KIVI's kept rows need " + std::to_string(to) + " coded rows per KV head for " +
+                std::to_string(seqs_.size()) + " sequences: " + std::to_string(bytes >> 20) +
+                " MiB (+1 GiB headroom); the device has " + std::to_string(free >> 20) + " MiB for it");
+  int64_t used = 0;
+  for (const Sequence& s : seqs_) used = std::max<int64_t>(used, *std::max_element(s.coded.begin(), s.coded.end()));
+  const cuda::KiviCache<T> kivi = kiviShape();
+  for (auto& L : layers_) {
+    regrowSpans(L.Kq, kivi.codeBytes(), heads, code_capacity_, to, used);
+    regrowSpans(L.Vq, kivi.codeBytes(), heads, code_capacity_, to, used);
+    regrowSpans(L.v_params, kivi.valueGroups(), heads, code_capacity_, to, used);
+    regrowSpans(L.k_run, 1, heads, code_capacity_, to, used);
+  }
+  code_capacity_ = to;
 }
 
 template <class T>
 cuda::KiviCache<T> GpuEngine<T>::kiviAt(int l, size_t head0) {
   GpuLayer<T>& L = layers_[l];
-  cuda::KiviCache<T> kivi = kiviShape(capacity_);
-  const size_t row0 = head0 * capacity_, hd = c_.head_dim;
+  cuda::KiviCache<T> kivi = kiviShape(code_capacity_);
+  const size_t row0 = head0 * code_capacity_, hd = c_.head_dim;
   kivi.K = L.Kq.get() + row0 * kivi.codeBytes(), kivi.V = L.Vq.get() + row0 * kivi.codeBytes();
   kivi.k_params = L.k_params.get() + head0 * kivi.keyGroups() * hd;
   kivi.v_params = L.v_params.get() + row0 * kivi.valueGroups();
   kivi.ring = ringAt(l, head0);
-  kivi.k_pos = L.pos.get() + row0;
+  kivi.k_pos = L.pos.get() + head0 * capacity_, kivi.pos_capacity = capacity_;
   if (kivi_evicts_) kivi.run = L.k_run.get() + row0;
   return kivi;
 }

@@ -46,8 +46,8 @@ void GpuEngine<T>::compactCoded(Sequence& s, const cuda::EvictionCache& rows, co
     const cuda::Ring<T> ring = ringAt(l, head0);
     if (kivi_) {
       ptrs[l] = g.k_params.get() + head0 * run_capacity_ * hd;
-      ptrs[L + l] = g.v_params.get() + head0 * capacity_ * shape.valueGroups();
-      ptrs[2 * L + l] = g.k_run.get() + head0 * capacity_;
+      ptrs[L + l] = g.v_params.get() + head0 * code_capacity_ * shape.valueGroups();
+      ptrs[2 * L + l] = g.k_run.get() + head0 * code_capacity_;
     }
     ptrs[3 * L + l] = ring.k, ptrs[4 * L + l] = ring.v;
   }
@@ -92,14 +92,16 @@ void GpuEngine<T>::settleKivi(Sequence& s) {
   const int L = c_.layers, H = part_.kv_heads, LH = L * H, G = kv_spec_.group;
   std::vector<int> meta(3 * size_t(LH));  // coded slots before, after, the next run
   int most = 0;
-  int64_t runs_needed = 0;
+  int64_t runs_needed = 0, coded_needed = 0;
   for (int i = 0; i < LH; ++i) {
     const int runs = std::max(0, s.len[i] - s.coded[i] - kv_spec_.residual) / G;
     meta[i] = s.coded[i], meta[LH + i] = s.coded[i] + runs * G, meta[2 * LH + i] = s.next_run[i];
     most = std::max(most, runs), runs_needed = std::max(runs_needed, int64_t(s.next_run[i]) + runs);
+    coded_needed = std::max<int64_t>(coded_needed, meta[LH + i]);
   }
   if (most > 0) {
     growRuns(runs_needed);
+    growCoded(coded_needed);
     int* d = grow(kivi_meta_, meta.size());
     KVTP_CUDA_CHECK(cudaMemcpy(d, meta.data(), meta.size() * sizeof(int), cudaMemcpyHostToDevice));
     const size_t head0 = size_t(current_) * H;
@@ -224,13 +226,7 @@ template <class T>
 void GpuEngine<T>::growRuns(int64_t runs) {
   if (runs <= run_capacity_) return;
   const int64_t to = std::max(runs, 2 * run_capacity_);
-  const size_t heads = seqs_.size() * part_.kv_heads, pair_row = size_t(c_.head_dim) * sizeof(cuda::AffinePair<T>);
-  for (auto& L : layers_) {
-    DeviceBuffer<cuda::AffinePair<T>> bigger(heads * to * c_.head_dim);
-    if (run_capacity_ > 0)
-      KVTP_CUDA_CHECK(cudaMemcpy2D(bigger.get(), to * pair_row, L.k_params.get(), run_capacity_ * pair_row,
-                                   run_capacity_ * pair_row, heads, cudaMemcpyDeviceToDevice));
-    L.k_params = std::move(bigger);
-  }
+  const size_t heads = seqs_.size() * part_.kv_heads;
+  for (auto& L : layers_) regrowSpans(L.k_params, c_.head_dim, heads, run_capacity_, to, run_capacity_);
   run_capacity_ = to;
 }

@@ -516,7 +516,8 @@ TEST(CudaKernels, BudgetSelectKeepsWhatTheCpuSelectKeeps) {
 // its 28 slots after), head 1 all of run 1 and most of the others (compacted, its runs renumbered).
 // Then again with every head compacted. The
 // device's kept entries, in order, must be the CPU's: the same codes, value pairs, key pairs (run
-// by run), full rows and positions, and as many runs with a kept row. The pairs held as E: fp32
+// by run), full rows and positions, and as many runs with a kept row. The coded rows' arrays hold
+// fewer rows a head than the slots' (the engine sizes them by what eviction keeps). The pairs held as E: fp32
 // (the CPU's) and fp16 (an fp16 cache's, the CPU's rounded; cuda::AffinePair).
 template <class E>
 bool samePairs(const cuda::AffinePair<E>* device, const float* cpu, int n) {
@@ -530,7 +531,7 @@ bool samePairs(const cuda::AffinePair<E>* device, const float* cpu, int n) {
 template <class E>
 void kiviCompactionThinsRunsAsTheCpuDoes() {
   using Pair = cuda::AffinePair<E>;
-  const int H = 2, hd = 16, bits = 4, G = 4, n = 30, coded = 20, capacity = 40, R = 16;
+  const int H = 2, hd = 16, bits = 4, G = 4, n = 30, coded = 20, capacity = 40, code_capacity = 24, R = 16;
   const std::vector<std::vector<int>> evicted = {{5, 13, 14, 22, 27}, {0, 1, 2, 4, 5, 6, 7, 9, 10, 11, 12, 15, 17, 18, 21}};
   for (const bool compact_all : {false, true}) {
     kv::KVCache cpu(1, H, hd);
@@ -541,23 +542,23 @@ void kiviCompactionThinsRunsAsTheCpuDoes() {
     for (int h = 0; h < H; ++h) cpu.quantizeKivi(0, h, runs, bits, G);
     const int cb = hd * bits / 8, VG = hd / G;  // codes of a key (or value) row; value groups
     // The device's layout of the same cache: codes and value pairs per slot, key pairs per run.
-    std::vector<uint8_t> K(size_t(H) * capacity * cb), V(K.size());
-    std::vector<Pair> vp(size_t(H) * capacity * VG), kp(size_t(H) * (capacity / G + 1) * hd);
+    std::vector<uint8_t> K(size_t(H) * code_capacity * cb), V(K.size());
+    std::vector<Pair> vp(size_t(H) * code_capacity * VG), kp(size_t(H) * (capacity / G + 1) * hd);
     auto rounded = [](const float* pairs, int count, Pair* to) {
       for (int i = 0; i < count; ++i) to[i] = Pair::rounded(pairs[2 * i], pairs[2 * i + 1]);
     };
     std::vector<float> ring_k(size_t(H) * R * hd), ring_v(ring_k.size());
-    std::vector<int> run(size_t(H) * capacity), pos(size_t(H) * capacity), flags, offsets, lengths, codeds;
+    std::vector<int> run(size_t(H) * code_capacity), pos(size_t(H) * capacity), flags, offsets, lengths, codeds;
     for (int h = 0; h < H; ++h) {
       const kv::HeadCache& c = cpu.head(0, h);
       for (int i = 0; i < n; ++i) {
-        const size_t slot = size_t(h) * capacity + i;
+        const size_t slot = size_t(h) * capacity + i, row = size_t(h) * code_capacity + i;
         pos[slot] = c.positions[i];
         if (i < coded) {
-          std::copy_n(&c.codes[size_t(i) * 2 * cb], cb, &K[slot * cb]);
-          std::copy_n(&c.codes[size_t(i) * 2 * cb + cb], cb, &V[slot * cb]);
-          rounded(&c.row_params[size_t(i) * 2 * VG], VG, &vp[slot * VG]);
-          run[slot] = i / G;
+          std::copy_n(&c.codes[size_t(i) * 2 * cb], cb, &K[row * cb]);
+          std::copy_n(&c.codes[size_t(i) * 2 * cb + cb], cb, &V[row * cb]);
+          rounded(&c.row_params[size_t(i) * 2 * VG], VG, &vp[row * VG]);
+          run[row] = i / G;
         } else {
           std::copy_n(&c.keys[size_t(i - coded) * hd], hd, &ring_k[(size_t(h) * R + i % R) * hd]);
           std::copy_n(&c.values[size_t(i - coded) * hd], hd, &ring_v[(size_t(h) * R + i % R) * hd]);
@@ -581,8 +582,9 @@ void kiviCompactionThinsRunsAsTheCpuDoes() {
     DeviceBuffer<uint8_t> scratch(size_t(H) * R * 2 * hd * sizeof(float));
     DeviceBuffer<void*> ptrs(std::vector<void*>{dK.get(), dV.get(), dpos.get(), dkp.get(), dvp.get(), drun.get(), drk.get(), drv.get()});
     void** p = ptrs.get();
-    const cuda::EvictionCache rows{1, H, capacity, cb, cuda::KeyFormat::F32, p, p + 1, reinterpret_cast<int* const*>(p + 2),
-                                   nullptr, nullptr, nullptr, nullptr, 0, nullptr, 0, 0, dlen.get(), doff.get()};
+    cuda::EvictionCache rows{1, H, capacity, cb, cuda::KeyFormat::F32, p, p + 1, reinterpret_cast<int* const*>(p + 2),
+                             nullptr, nullptr, nullptr, nullptr, 0, nullptr, 0, 0, dlen.get(), doff.get()};
+    rows.code_capacity = code_capacity;
     const cuda::KiviEviction kivi{hd, cb, VG, R, int(hd * sizeof(float)), int(sizeof(Pair)),
                                   capacity / G + 1, p + 3, p + 4, reinterpret_cast<int* const*>(p + 5), p + 6, p + 7,
                                   dcoded.get(), dmap.get(), scratch.get()};
@@ -603,15 +605,15 @@ void kiviCompactionThinsRunsAsTheCpuDoes() {
       // Coded entries: the device's kept slots in order; the CPU's group of each, by its row counts.
       int j = 0, group = 0, left = c.group_rows.empty() ? 0 : c.group_rows[0];
       for (int slot = 0; slot < out[2 * H + h]; ++slot) {
-        const size_t s = size_t(h) * capacity + slot;
+        const size_t s = size_t(h) * capacity + slot, r = size_t(h) * code_capacity + slot;
         if (gpos[s] == cuda::kEvicted) continue;
         ASSERT_LT(j, kept_coded) << what;
         EXPECT_EQ(gpos[s], c.positions[j]) << what;
-        EXPECT_TRUE(std::equal(&gK[s * cb], &gK[s * cb] + cb, &c.codes[size_t(j) * 2 * cb])) << what << " entry " << j;
-        EXPECT_TRUE(std::equal(&gV[s * cb], &gV[s * cb] + cb, &c.codes[size_t(j) * 2 * cb + cb])) << what << " entry " << j;
-        EXPECT_TRUE(samePairs(&gvp[s * VG], &c.row_params[size_t(j) * 2 * VG], VG)) << what;
-        if (all) EXPECT_EQ(grun[s], group) << what << ": runs renumbered in order";
-        const Pair* pairs = &gkp[(size_t(h) * (capacity / G + 1) + grun[s]) * hd];
+        EXPECT_TRUE(std::equal(&gK[r * cb], &gK[r * cb] + cb, &c.codes[size_t(j) * 2 * cb])) << what << " entry " << j;
+        EXPECT_TRUE(std::equal(&gV[r * cb], &gV[r * cb] + cb, &c.codes[size_t(j) * 2 * cb + cb])) << what << " entry " << j;
+        EXPECT_TRUE(samePairs(&gvp[r * VG], &c.row_params[size_t(j) * 2 * VG], VG)) << what;
+        if (all) EXPECT_EQ(grun[r], group) << what << ": runs renumbered in order";
+        const Pair* pairs = &gkp[(size_t(h) * (capacity / G + 1) + grun[r]) * hd];
         EXPECT_TRUE(samePairs(pairs, &c.key_params[size_t(group) * 2 * hd], hd)) << what << " entry " << j;
         ++j;
         if (--left == 0 && group + 1 < int(c.group_rows.size())) left = c.group_rows[++group];
@@ -640,6 +642,7 @@ void kiviCompactionThinsRunsAsTheCpuDoes() {
                                   0, 0, dlen2.get(), doff2.get()};
     kivi_rows.kivi = {hd, bits, G, R, cuda::KeyFormat::F32, capacity / G + 1, p + 3, p + 4,
                       reinterpret_cast<const int* const*>(p + 5), p + 6, p + 7, dcoded2.get()};
+    kivi_rows.code_capacity = code_capacity;
     const int entries = out[0] + out[1];
     DeviceBuffer<float> dkeys(size_t(entries) * hd), dvalues(size_t(entries) * hd);
     cuda::cachedRows(kivi_rows, hd, dkeys.get(), dvalues.get());

@@ -83,7 +83,7 @@ __global__ void kiviAppendKernel(KiviCache<T> c, const float* qkv, int64_t qkv_s
   const float* x = qkv + int64_t(t) * qkv_stride + (is_v ? v_offset : k_offset) + int64_t(g) * c.head_dim;
   T* row = (is_v ? c.ring.v : c.ring.k) + c.ring.at(head, slot);
   for (int ch = threadIdx.x; ch < c.head_dim; ch += blockDim.x) row[ch] = fromFloat<T>(x[ch]);
-  if (threadIdx.x == 0 && !is_v) c.k_pos[head * c.capacity + slot] = positions[t];
+  if (threadIdx.x == 0 && !is_v) c.k_pos[head * c.pos_capacity + slot] = positions[t];
 }
 
 // kv::encodeAffine: round((x - lo) / step) into [0, 2^bits - 1], 0 when every value equals lo.
@@ -180,7 +180,7 @@ __global__ void kiviKeepKernel(KiviCache<T> c, const T* stage_k, const T* stage_
   for (int l = min(keep_from, first_new) + blockIdx.x; l < lengths[h]; l += gridDim.x) {
     const int64_t from = h * stage_capacity + l;
     if (l >= keep_from) c.ring.put(h, l, stage_k + from * hd, stage_v + from * hd);
-    if (l >= first_new && threadIdx.x == 0) c.k_pos[int64_t(h) * c.capacity + l] = stage_pos[from];
+    if (l >= first_new && threadIdx.x == 0) c.k_pos[int64_t(h) * c.pos_capacity + l] = stage_pos[from];
   }
 }
 
@@ -199,7 +199,7 @@ __global__ void kiviRowsKernel(KiviCache<T> c, int count, T* K, T* V, int* k_pos
       K[to * hd + ch] = c.ring.k[ring_row + ch], V[to * hd + ch] = c.ring.v[ring_row + ch];
     }
   }
-  if (threadIdx.x == 0) k_pos[to] = c.k_pos[row];
+  if (threadIdx.x == 0) k_pos[to] = c.k_pos[int64_t(h) * c.pos_capacity + l];
 }
 
 template <class T>

@@ -63,7 +63,8 @@ struct alignas(2 * sizeof(T)) AffinePair {
 // `bits` bits packed as the CPU packs them (low bits first): keys per channel over runs of `group`
 // rows — (lo, step) per channel per run in k_params — and values per row over groups of `group`
 // channels — (lo, step) per channel group in v_params; x = lo + code * step. The newer rows (at most
-// ring.rows) stay full precision in the ring. Positions of every row in k_pos. Pointers at the
+// ring.rows) stay full precision in the ring. Positions of every row in k_pos, pos_capacity a head
+// (under eviction a head's slots outnumber its coded rows: the codes' arrays hold `capacity`). Pointers at the
 // step's first KV head, as K/V; `quantized` / `quantized_after` (device, per KV head from there):
 // rows held as codes before the step and after it (the step quantizes the runs in between:
 // kiviSettle). Without eviction row l belongs to run l / group; under eviction (which thins runs
@@ -76,8 +77,8 @@ struct KiviCache {
   AffinePair<T>* k_params;  // [kv_head][key_groups][head_dim]
   AffinePair<T>* v_params;  // [kv_head][capacity][valueGroups()]
   Ring<T> ring;
-  int* k_pos;           // [kv_head][capacity]
-  int64_t capacity;
+  int* k_pos;           // [kv_head][pos_capacity]
+  int64_t capacity, pos_capacity;  // coded rows, slots a head
   const int *quantized, *quantized_after;
   int64_t key_groups = 0;   // runs' key pairs per KV head
   int* run = nullptr;       // under eviction: [kv_head][capacity], each coded row's run

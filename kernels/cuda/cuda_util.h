@@ -97,10 +97,20 @@ class DeviceBuffer {
   using value_type = T;
   DeviceBuffer() = default;
   explicit DeviceBuffer(size_t n) : n_(n) {
-    if (n) {
-      KVTP_CUDA_CHECK(cudaMalloc(&p_, n * sizeof(T)));
-      DeviceMemory::add(int64_t(n * sizeof(T)));
+    if (!n) return;
+    const cudaError_t e = cudaMalloc(&p_, n * sizeof(T));
+    if (e == cudaErrorMemoryAllocation) {  // what was asked and what was there: the fix is in those numbers
+      cudaGetLastError();
+      size_t free = 0, total = 0;
+      cudaMemGetInfo(&free, &total);
+      const int64_t held = DeviceMemory::current.load();
+      throw std::runtime_error(where(__FILE__, __LINE__) + "out of device memory: a buffer of " +
+                               std::to_string((n * sizeof(T)) >> 20) + " MiB asked, " + std::to_string(free >> 20) +
+                               " MiB free of " + std::to_string(total >> 20) + " (" + std::to_string(held >> 20) +
+                               " MiB held by this process's buffers)");
     }
+    KVTP_CUDA_CHECK(e);
+    DeviceMemory::add(int64_t(n * sizeof(T)));
   }
   explicit DeviceBuffer(const std::vector<T>& host) : DeviceBuffer(host.size()) { upload(host); }
   ~DeviceBuffer() {

@@ -34,7 +34,7 @@ __device__ float widened(const void* row, KeyFormat format, int64_t d) {
 // int8 code x step, or KIVI's code decoded as kv::Affine::decode (no fused multiply-add) or its
 // ring row.
 __device__ float cachedChannel(const EvictionCache& c, bool value, int l, int h, int i, int d) {
-  const int64_t slot = h * c.capacity + i;
+  const int64_t slot = h * c.rowStride() + i;
   const char* row = static_cast<const char*>(value ? c.V[l] : c.K[l]) + slot * c.row_bytes;
   if (c.key_format == KeyFormat::Int8)
     return __fmul_rn(float(reinterpret_cast<const int8_t*>(row)[d]), (value ? c.v_step : c.k_step)[l][slot]);
@@ -608,7 +608,7 @@ __global__ void pruneKeyChannelsKernel(EvictionCache c, const float* power, int 
   }
   __syncthreads();
   const int element = elementBytes(c.key_format);
-  char* K = static_cast<char*>(c.K[l]) + int64_t(h) * c.capacity * c.row_bytes;
+  char* K = static_cast<char*>(c.K[l]) + int64_t(h) * c.rowStride() * c.row_bytes;
   for (int64_t x = threadIdx.x; x < int64_t(n) * hd; x += blockDim.x) {
     const int i = int(x / hd), ch = int(x % hd);
     if (!drop[ch]) continue;

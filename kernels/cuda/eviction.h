@@ -51,8 +51,8 @@ struct KiviRows {
   KeyFormat ring_format = KeyFormat::F32;
   int64_t key_groups = 0;                    // runs' key pairs per head
   const void* const* k_params = nullptr;     // per layer: [head][key_groups][head_dim] x (lo, step)
-  const void* const* v_params = nullptr;     // per layer: [head][capacity][value groups] x (lo, step)
-  const int* const* run = nullptr;           // per layer: [head][capacity]
+  const void* const* v_params = nullptr;     // per layer: [head][code capacity][value groups] x (lo, step)
+  const int* const* run = nullptr;           // per layer: [head][code capacity]
   const void* const* ring_k = nullptr;       // per layer: [head][ring_rows][head_dim]
   const void* const* ring_v = nullptr;
   const int* coded = nullptr;                // device, per (layer, head)
@@ -64,9 +64,9 @@ struct KiviRows {
 constexpr int kEvicted = 0x7fffffff;
 
 // One sequence's KV heads of every layer, as the CUDA engine lays them out: head h of layer l at
-// row h * capacity of that layer's arrays (the per-layer arrays given as device arrays of
-// `layers` pointers, already at the sequence's first head), or of the engine-wide arrays at
-// l * layer_stride + h * capacity (scores, Scissorhands' history bits).
+// row h * capacity of that layer's arrays (its K and V rows at h * rowStride()) — the per-layer
+// arrays given as device arrays of `layers` pointers, already at the sequence's first head — or of
+// the engine-wide arrays at l * layer_stride + h * capacity (scores, Scissorhands' history bits).
 struct EvictionCache {
   int layers, heads;
   int64_t capacity;
@@ -87,6 +87,10 @@ struct EvictionCache {
   const int* length;        // device, per (layer, head): slots in use (entries and holes)
   const int* table_offset;  // device, per (layer, head): its first entry in this rank's table
   KiviRows kivi = {};       // key_format Kivi: where the rows are
+  // KIVI: the coded rows a head of K, V and the value pairs and runs (KiviRows, KiviEviction),
+  // fewer than the slots under eviction; 0: capacity.
+  int64_t code_capacity = 0;
+  __host__ __device__ int64_t rowStride() const { return code_capacity ? code_capacity : capacity; }
 };
 
 // Folds the step's probabilities into each entry's score (the last `fresh` entries of a head,
@@ -166,8 +170,8 @@ struct KiviEviction {
   int pair_bytes;            // 2 x sizeof(T)
   int64_t key_groups;        // runs' key pairs per head
   void* const* k_params;     // per layer: [head][key_groups][head_dim] x (lo, step)
-  void* const* v_params;     // per layer: [head][capacity][value_groups] x (lo, step)
-  int* const* run;           // per layer: [head][capacity]
+  void* const* v_params;     // per layer: [head][code capacity][value_groups] x (lo, step)
+  int* const* run;           // per layer: [head][code capacity]
   void* const* ring_k;       // per layer: [head][ring_rows][head_dim] of T
   void* const* ring_v;
   const int* coded;          // device, per (layer, head): coded slots

@@ -52,11 +52,12 @@ __global__ void __launch_bounds__(kThreads) kiviCompactKernel(EvictionCache c, K
   const int n = c.length[lh], coded = k.coded[lh], lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int cb = k.code_bytes, vg = k.value_groups, rb = k.ring_row_bytes, R = k.ring_rows, hd = k.head_dim,
             pb = k.pair_bytes;
-  const int64_t base = h * c.capacity, stat = l * c.layer_stride + base;
-  uint8_t* K = static_cast<uint8_t*>(c.K[l]) + base * cb;
-  uint8_t* V = c.V[l] ? static_cast<uint8_t*>(c.V[l]) + base * cb : nullptr;  // low rank: none (K holds both)
-  uint8_t* vp = k.v_params ? static_cast<uint8_t*>(k.v_params[l]) + base * vg * pb : nullptr;  // a row's pairs: vg x pb bytes
-  int* run = k.run ? k.run[l] + base : nullptr;
+  const int64_t base = h * c.capacity, stat = l * c.layer_stride + base, code_base = h * c.rowStride();
+  uint8_t* K = static_cast<uint8_t*>(c.K[l]) + code_base * cb;
+  uint8_t* V = c.V[l] ? static_cast<uint8_t*>(c.V[l]) + code_base * cb : nullptr;  // low rank: none (K holds both)
+  // a row's value pairs: vg x pb bytes
+  uint8_t* vp = k.v_params ? static_cast<uint8_t*>(k.v_params[l]) + code_base * vg * pb : nullptr;
+  int* run = k.run ? k.run[l] + code_base : nullptr;
   int* pos = c.pos[l] + base;
   double* score = c.score ? c.score + stat : nullptr;
   uint64_t* history = c.history ? c.history + stat : nullptr;
