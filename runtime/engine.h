@@ -38,9 +38,18 @@ class Engine {
   virtual void useSequence(int s);
   // One new token for each of the batch's sequences at once (tokens, positions, targets: one per
   // sequence, in order), appended to each one's cache; returns log p(target) per sequence. Each
-  // sequence is compressed afterwards on its own (useSequence, compress).
+  // sequence is compressed afterwards: all at once (compressBatch) or each on its own (useSequence,
+  // compress).
   virtual std::vector<double> decodeBatch(const int* tokens, const int* positions, const int* targets) {
     return step(tokens, positions, 1, 0, 1, targets);
+  }
+  // After decodeBatch: compress(last_positions[s], false) for each sequence s, decided together
+  // where the engine can (the CUDA engine's per-step methods: one select over the whole batch).
+  virtual void compressBatch(const std::vector<int>& last_positions) {
+    for (size_t s = 0; s < last_positions.size(); ++s) {
+      useSequence(int(s));
+      compress(last_positions[s], false);
+    }
   }
   // Generation: runs T new tokens as step() does and returns the logits of the last one over the
   // whole vocabulary (vocab_size floats, float32), the same on every rank of the group.

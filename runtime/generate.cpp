@@ -120,11 +120,14 @@ std::vector<Generated> generate(Engine& engine, int max_positions, const Tokeniz
     local.kv_bytes_peak = std::max(local.kv_bytes_peak, b.stored);
     local.kv_bytes_full = std::max(local.kv_bytes_full, b.full);
   };
+  auto settled = [&](int tokens_seen) {
+    local.kv_bytes_steady = std::max(local.kv_bytes_steady, engine.kvBytes(tokens_seen).stored);
+  };
   auto compress = [&](int b, int last_pos, bool prefill) {
     engine.useSequence(b);
     if (compresses) account(last_pos + 1);
     engine.compress(last_pos, prefill);
-    if (compresses) local.kv_bytes_steady = std::max(local.kv_bytes_steady, engine.kvBytes(last_pos + 1).stored);
+    if (compresses) settled(last_pos + 1);
   };
 
   std::vector<Generated> out(prompts.size());
@@ -171,8 +174,14 @@ std::vector<Generated> generate(Engine& engine, int max_positions, const Tokeniz
         logits = engine.stepLogits(tokens.data(), positions.data(), 1);
       }
       const int vocab = int(logits.size()) / B;
+      if (B > 1) {  // the batch's decisions at once (accounted as one at a time would be)
+        for (int b = 0; b < B && compresses; ++b) engine.useSequence(b), account(positions[b] + 1);
+        engine.compressBatch(positions);
+        for (int b = 0; b < B && compresses; ++b) engine.useSequence(b), settled(positions[b] + 1);
+      } else {
+        compress(0, positions[0], false);
+      }
       for (int b = 0; b < B; ++b) {
-        compress(b, positions[b], false);
         Running& r = runs[size_t(b)];
         if (r.done) continue;
         const int id = chooseToken(logits.data() + size_t(b) * vocab, vocab, sampling,

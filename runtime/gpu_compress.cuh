@@ -24,6 +24,56 @@ void GpuEngine<T>::compress(int last_pos, bool prefill) {
   phaseEnds(windowed_evicts_ ? "settle" : "decide");
 }
 
+// A batch's decode step decided at once: every sequence's entries in one table, one select over
+// their pools (each sequence's budgets its own), one compaction, where one decision a sequence
+// paid its fixed work B times (8 x ~0.75 ms a step at 8 x 32k). Each sequence's keys, budgets and
+// ties are its own, so it keeps what it keeps decided alone (BatchedDecodeMatchesOneSequenceAtATime).
+// The rest — a prompt pending, Scissorhands' first decode step (its prompt's bits come from the
+// mirror), replicated heads, the methods with per-head inputs or rows on the host — one at a time.
+template <class T>
+bool GpuEngine<T>::decidesBatchTogether() const {
+  using M = kv::Method;
+  const M m = kv_spec_.method;
+  const bool per_entry = m == M::H2O || m == M::Scissorhands || m == M::StreamingLLM || m == M::TOVA ||
+                         m == M::Random || m == M::KNorm || m == M::KeyDiff;
+  if (!device_decides_ || device_decides_decoded_ || !per_entry || host_forms_ || lowrank_ || seqs_.size() < 2 ||
+      prompt_seq_ >= 0 || observed_len_ > 0 || part_.tp > c_.kv_heads || kv_spec_.chunk > 1 ||
+      kv_spec_.evict_below > -INFINITY)
+    return false;
+  const Sequence& first = seqs_[0];
+  return std::all_of(seqs_.begin(), seqs_.end(), [&](const Sequence& s) {
+    return s.on_device && s.unscored == first.unscored && s.weights_pending == first.weights_pending;
+  });
+}
+
+template <class T>
+void GpuEngine<T>::compressBatch(const std::vector<int>& last_positions) {
+  const int B = int(seqs_.size());
+  if (int(last_positions.size()) != B)
+    throw Error("compressBatch: " + std::to_string(last_positions.size()) + " positions for a batch of " +
+                std::to_string(B));
+  if (!compresses() || !decidesBatchTogether()) return Engine::compressBatch(last_positions);
+  phaseEnds(nullptr);
+  std::vector<bool> decides;  // (interval=: alike in a batch decoded together, one at a time otherwise)
+  for (int b = 0; b < B; ++b) {
+    Sequence& s = seqs_[size_t(b)];
+    s.step_rows = 0;
+    s.policy.countStep(last_positions[b], false);
+    decides.push_back(s.policy.decidesAfter(false));
+  }
+  if (std::count(decides.begin(), decides.end(), decides[0]) == B) {
+    decideOnDevice({0, B}, last_positions, nullptr, decides[0]);
+  } else {
+    for (int b = 0; b < B; ++b) decideOnDevice({b, 1}, {last_positions[b]}, nullptr, decides[b]);
+  }
+  if (kivi_evicts_) {  // each sequence's new runs
+    const int was = current_;
+    for (current_ = 0; current_ < B; ++current_) settleKivi(seqs_[size_t(current_)]);
+    current_ = was;
+  }
+  phaseEnds(kivi_evicts_ ? "settle" : "decide");
+}
+
 // The policy decides on the mirror (scored by the prefill's observation window when it asks for
 // attention); each head's kept entries are a subsequence of what it held, so matching positions
 // gives the rows the device keeps. The per-step methods' decode steps: decideOnDevice.
@@ -33,7 +83,7 @@ void GpuEngine<T>::decide(Sequence& s, int last_pos, bool prefill) {
   const bool mirror_prompt = kv_spec_.method == kv::Method::Scissorhands || kv_spec_.block > 0;
   if (device_decides_ && (!prefill || s.on_device || !mirror_prompt)) {
     s.policy.countStep(last_pos, prefill);
-    return decideOnDevice(s, last_pos, nullptr, s.policy.decidesAfter(prefill));
+    return decideOnDevice(here(), {last_pos}, nullptr, s.policy.decidesAfter(prefill));
   }
   if (device_decides_decoded_ && !prefill) return decideDecodedOnDevice(s, last_pos);
   s.unscored = 0;
@@ -112,7 +162,7 @@ void GpuEngine<T>::pruneKeyChannels(Sequence& s) {
   std::copy(s.len.begin(), s.len.end(), meta.begin() + LH);
   int* d_meta = grow(evict_meta_, meta.size());
   KVTP_CUDA_CHECK(cudaMemcpy(d_meta, meta.data(), meta.size() * sizeof(int), cudaMemcpyHostToDevice));
-  cuda::pruneKeyChannels(deviceRows(d_meta), think_power_.get(), int(kv_spec_.think * hd));
+  cuda::pruneKeyChannels(deviceRows(d_meta, here()), think_power_.get(), int(kv_spec_.think * hd));
 }
 
 // The methods the device does not score (mirrorReadsRows): every head's rows of sequence s as the
@@ -138,7 +188,7 @@ void GpuEngine<T>::copyRowsToMirror(Sequence& s) {
     int* d_meta = grow(evict_meta_, meta.size());
     KVTP_CUDA_CHECK(cudaMemcpy(d_meta, meta.data(), meta.size() * sizeof(int), cudaMemcpyHostToDevice));
     float* rows = growWithHeadroom(mirror_rows_, std::max<size_t>(2 * floats, 1));
-    cuda::cachedRows(deviceRows(d_meta), hd, rows, rows + floats);
+    cuda::cachedRows(deviceRows(d_meta, here()), hd, rows, rows + floats);
     KVTP_CUDA_CHECK(cudaMemcpy(host.data(), rows, host.size() * sizeof(float), cudaMemcpyDeviceToHost));
   }
   for (int i = 0; i < LH; ++i)
@@ -308,7 +358,7 @@ template <class T>
 void GpuEngine<T>::decideDecodedOnDevice(Sequence& s, int last_pos) {
   s.policy.countStep(last_pos, false);
   const kv::Policy::DecodedBudget b = s.policy.decodedBudget();
-  if (b.decides) return decideOnDevice(s, last_pos, &b);
+  if (b.decides) return decideOnDevice(here(), {last_pos}, &b);
   if (s.on_device) {
     for (int& k : s.kept) k += s.unscored;
   } else {  // the mirror compacted the prompt: every slot holds an entry
@@ -326,58 +376,78 @@ void GpuEngine<T>::decideDecodedOnDevice(Sequence& s, int last_pos) {
 // (kvBytes counts the kept entries). Evicted slots stay as holes until compaction pays
 // (cuda::evictionCompact).
 template <class T>
-void GpuEngine<T>::decideOnDevice(Sequence& s, int last_pos, const kv::Policy::DecodedBudget* decoded, bool decides) {
-  const int L = c_.layers, H = part_.kv_heads, LH = L * H;
-  // Between layers of score_ / history_ / weights_; the sequence's first row (head 0, slot 0).
-  const size_t stride = seqs_.size() * H * size_t(capacity_), head0 = size_t(current_) * H * capacity_;
+void GpuEngine<T>::decideOnDevice(Span span, const std::vector<int>& last_positions,
+                                  const kv::Policy::DecodedBudget* decoded, bool decides) {
+  const int L = c_.layers, H = part_.kv_heads, B = span.count, BH = B * H, LH = L * BH;
+  std::vector<Sequence*> in_span;
+  for (int b = 0; b < B; ++b) in_span.push_back(&seqs_[size_t(span.first + b)]);
+  // Between layers of score_ / history_ / weights_; the span's first row (head 0, slot 0).
+  const size_t stride = seqs_.size() * H * size_t(capacity_), head0 = size_t(span.first) * H * capacity_;
   const bool h2o = kv_spec_.method == kv::Method::H2O, scissorhands = kv_spec_.method == kv::Method::Scissorhands;
-  if (!s.on_device && scissorhands && s.longest > 0) {  // the prompt's bits, decided on the mirror
-    std::vector<uint64_t> bits(size_t(H) * s.longest);
-    const size_t row = s.longest * sizeof(uint64_t);
+  for (int b = 0; b < B; ++b) {
+    Sequence& s = *in_span[b];
+    if (s.on_device || !scissorhands || s.longest == 0) continue;
+    std::vector<uint64_t> bits(size_t(H) * s.longest);  // the prompt's bits, decided on the mirror
+    const size_t row = s.longest * sizeof(uint64_t), first = head0 + size_t(b) * H * capacity_;
     for (int l = 0; l < L; ++l) {
       for (int h = 0; h < H; ++h) {
         const kv::HeadCache& c = s.mirror.head(l, h);
         std::copy(c.history.begin(), c.history.end(), bits.begin() + size_t(h) * s.longest);
       }
-      KVTP_CUDA_CHECK(cudaMemcpy2D(history_.get() + l * stride + head0, capacity_ * sizeof(uint64_t), bits.data(), row,
+      KVTP_CUDA_CHECK(cudaMemcpy2D(history_.get() + l * stride + first, capacity_ * sizeof(uint64_t), bits.data(), row,
                                    row, H, cudaMemcpyHostToDevice));
     }
   }
   phaseEnds("bits");
-  const bool was_on_device = s.on_device;
-  s.on_device = true;
-  // This rank's table: its heads' entries in (layer, KV head, position) order, each head's
-  // first entry at off[head].
+  std::vector<char> was_on_device(in_span.size());
+  for (int b = 0; b < B; ++b) {
+    was_on_device[b] = in_span[b]->on_device;
+    in_span[b]->on_device = true;
+  }
+  // This rank's table: its heads' entries in (layer, sequence, KV head, position) order, each
+  // head's first entry at off[head].
   std::vector<int64_t> off(size_t(LH) + 1, 0);
-  for (int i = 0; i < LH; ++i) off[i + 1] = off[i] + s.len[i];
+  const std::vector<int> lengths = spanCounts(span, &Sequence::len);
+  for (int i = 0; i < LH; ++i) off[i + 1] = off[i] + lengths[i];
   const int64_t N = off.back();
   if (N > INT32_MAX) throw Error("eviction on the device: more than 2^31 cache entries on one GPU");
   // Device: table offsets, slots, then slots and entries after, per (layer, head); each head's
-  // (layer, global KV head) and every table head's pool (kv::Policy's pools over every rank).
-  // SCOPE's decode phase: a pool per head, keeping its prompt and the phase's budget.
-  const int G = c_.kv_heads, pools = decoded ? L * G : s.policy.poolCount(), heads_per_pool = L * G / pools;
-  std::vector<int> meta(5 * size_t(LH) + size_t(L) * G);
-  for (int i = 0; i < LH; ++i)
-    meta[i] = int(off[i]), meta[LH + i] = s.len[i], meta[4 * LH + i] = (i / H) * G + part_.kv_head_begin + i % H;
-  for (int t = 0; t < L * G; ++t) meta[5 * LH + t] = t / heads_per_pool;
+  // table head — its sequence's (layer, global KV head) — every table head's pool (kv::Policy's
+  // pools over every rank, a sequence's after the one before), and (a batch) each head's last
+  // position. SCOPE's decode phase: a pool per head, keeping its prompt and the phase's budget.
+  const int G = c_.kv_heads, LG = L * G, pools_each = decoded ? LG : in_span[0]->policy.poolCount(),
+            heads_per_pool = LG / pools_each, pools = B * pools_each;
+  std::vector<int> meta(5 * size_t(LH) + size_t(B) * LG + (B > 1 ? LH : 0));
+  for (int i = 0; i < LH; ++i) {
+    const int b = i % BH / H;
+    meta[i] = int(off[i]), meta[LH + i] = lengths[i];
+    meta[4 * LH + i] = b * LG + (i / BH) * G + part_.kv_head_begin + i % H;
+    if (B > 1) meta[5 * LH + size_t(B) * LG + i] = last_positions[b];
+  }
+  for (int t = 0; t < B * LG; ++t) meta[5 * LH + t] = t / LG * pools_each + t % LG / heads_per_pool;
   int* d_meta = grow(evict_meta_, meta.size());
   KVTP_CUDA_CHECK(cudaMemcpy(d_meta, meta.data(), meta.size() * sizeof(int), cudaMemcpyHostToDevice));
-  std::vector<int64_t> budget = decoded ? std::vector<int64_t>(size_t(pools), 0) : s.policy.budgets(last_pos);
-  if (decoded)
-    for (int i = 0; i < LH; ++i) budget[meta[4 * LH + i]] = s.prompt_kept[i] + decoded->per_head;
+  std::vector<int64_t> budget;
+  for (int b = 0; b < B; ++b) {
+    const std::vector<int64_t> mine = decoded ? std::vector<int64_t>(size_t(pools_each), 0)
+                                              : in_span[b]->policy.budgets(last_positions[b]);
+    budget.insert(budget.end(), mine.begin(), mine.end());
+  }
+  if (decoded)  // (a span of one)
+    for (int i = 0; i < LH; ++i) budget[meta[4 * LH + i]] = in_span[0]->prompt_kept[i] + decoded->per_head;
   int64_t* d_budget = grow(evict_budget_, budget.size());
   KVTP_CUDA_CHECK(cudaMemcpy(d_budget, budget.data(), budget.size() * sizeof(int64_t), cudaMemcpyHostToDevice));
   phaseEnds("layout");
-  cuda::EvictionCache cache = deviceRows(d_meta);
+  cuda::EvictionCache cache = deviceRows(d_meta, span);
   phaseEnds("rows");
   // What the step's attention left: a decode step's probabilities, or the prompt's observed rows
-  // summed ([layer][kv_head][observed_len_]; H2O observes every row).
-  const bool observed = observed_len_ > 0 && observed_seq_ == current_;
-  const float* weights = observed ? observed_.get() : s.weights_pending ? weights_.get() + head0 : nullptr;
+  // summed ([layer][kv_head][observed_len_]; H2O observes every row; a span of one).
+  const bool observed = observed_len_ > 0 && observed_seq_ == span.first;
+  const float* weights = observed ? observed_.get() : in_span[0]->weights_pending ? weights_.get() + head0 : nullptr;
   int64_t weights_layer = observed ? int64_t(H) * observed_len_ : int64_t(stride),
           weights_head = observed ? observed_len_ : capacity_;
-  if (weights && part_.tp > c_.kv_heads)
-    weights = sumReplicated(weights, weights_layer, weights_head, observed ? observed_len_ : s.longest);
+  if (weights && part_.tp > c_.kv_heads)  // (a span of one)
+    weights = sumReplicated(weights, weights_layer, weights_head, observed ? observed_len_ : in_span[0]->longest);
   if (observed) observed_len_ = 0;
   cache.score = h2o ? score_.get() + head0 : nullptr, cache.history = scissorhands ? history_.get() + head0 : nullptr;
   cache.weights = weights, cache.weights_layer = weights_layer, cache.weights_head = weights_head;
@@ -406,20 +476,25 @@ void GpuEngine<T>::decideOnDevice(Sequence& s, int last_pos, const kv::Policy::D
   if (!decoded) inputs.chunk = kv_spec_.chunk;
   if (sums_rows || inputs.chunk > 1)
     inputs.entry_slots = growWithHeadroom(entry_slots_, size_t(std::max<int64_t>(N, 1)));
-  cuda::evictionKeys(cache, method, s.unscored, mask, protect_below, protect_recent, last_pos, table, inputs);
+  if (B > 1) inputs.last_positions = d_meta + 5 * LH + size_t(B) * LG;
+  cuda::evictionKeys(cache, method, in_span[0]->unscored, mask, protect_below, protect_recent, last_positions[0],
+                     table, inputs);
   phaseEnds("keys");
   if (!decides) {  // interval=: the step's attention is scored; the decision waits for its step
-    if (was_on_device) {
-      for (int& k : s.kept) k += s.unscored;
-    } else {  // the mirror compacted the prompt: every slot holds an entry
-      s.kept = s.len;
+    for (int b = 0; b < B; ++b) {
+      Sequence& s = *in_span[b];
+      if (was_on_device[b]) {
+        for (int& k : s.kept) k += s.unscored;
+      } else {  // the mirror compacted the prompt: every slot holds an entry
+        s.kept = s.len;
+      }
+      s.unscored = 0, s.weights_pending = false;
     }
-    s.unscored = 0, s.weights_pending = false;
     return;
   }
   // The pools span ranks unless each is one head (kv/budget_select.h): then the sums are local.
   const bool shared = part_.tp > 1 && !decoded && kv_spec_.scope != kv::Scope::Head;
-  const cuda::SelectLayout select{d_meta + 4 * LH, d_meta + 5 * LH, d_budget, L * G, pools,
+  const cuda::SelectLayout select{d_meta + 4 * LH, d_meta + 5 * LH, d_budget, B * LG, pools,
                                   !shared || headLayout(c_, part_).owner};
   std::function<void(double*, size_t)> sum_over_ranks;
   if (shared) sum_over_ranks = [this](double* d, size_t n) { group_->allReduceSum(d, n); };
@@ -428,15 +503,21 @@ void GpuEngine<T>::decideOnDevice(Sequence& s, int last_pos, const kv::Policy::D
   if (kv_spec_.evict_below > -INFINITY && !decoded) cuda::evictBelow(table, N, kv_spec_.evict_below, keep);
   phaseEnds("select");
   if (kivi_) {
-    compactCoded(s, cache, keep, false);
+    compactCoded(span, cache, keep, false);
   } else {
     cuda::evictionCompact(cache, keep, d_meta + 2 * LH, d_meta + 3 * LH);
     KVTP_CUDA_CHECK(cudaMemcpy(meta.data(), d_meta + 2 * LH, 2 * LH * sizeof(int), cudaMemcpyDeviceToHost));
-    std::copy(meta.begin(), meta.begin() + LH, s.len.begin());
-    s.kept.assign(meta.begin() + LH, meta.begin() + 2 * LH);
+    for (int b = 0; b < B; ++b) in_span[b]->kept.resize(size_t(L) * H);
+    for (int i = 0; i < LH; ++i) {
+      auto [s, at] = spanHead(span, i);
+      s.len[at] = meta[i], s.kept[at] = meta[LH + i];
+    }
   }
-  s.longest = *std::max_element(s.len.begin(), s.len.end());
-  s.uniform = false, s.unscored = 0, s.weights_pending = false;
+  for (int b = 0; b < B; ++b) {
+    Sequence& s = *in_span[b];
+    s.longest = *std::max_element(s.len.begin(), s.len.end());
+    s.uniform = false, s.unscored = 0, s.weights_pending = false;
+  }
   phaseEnds("compact");
 }
 
@@ -445,10 +526,10 @@ void GpuEngine<T>::decideOnDevice(Sequence& s, int last_pos, const kv::Policy::D
 // slots (the key-scored methods decode its keys); the table's offsets and slots per (layer, KV
 // head) from d_offsets_lengths. Scores, history and probabilities are the caller's to set.
 template <class T>
-cuda::EvictionCache GpuEngine<T>::deviceRows(const int* d_offsets_lengths) {
-  const int L = c_.layers, LH = L * part_.kv_heads;
-  const size_t hd = c_.head_dim, head0 = size_t(current_) * part_.kv_heads * capacity_,
-               code0 = size_t(current_) * part_.kv_heads * code_capacity_;  // KIVI's coded rows
+cuda::EvictionCache GpuEngine<T>::deviceRows(const int* d_offsets_lengths, Span span) {
+  const int L = c_.layers, H = part_.kv_heads, BH = span.count * H, LH = L * BH;
+  const size_t hd = c_.head_dim, first_head = size_t(span.first) * H, head0 = first_head * capacity_,
+               code0 = first_head * code_capacity_;  // KIVI's coded rows
   const int row_bytes = kivi_     ? kiviShape().codeBytes()
                         : lowrank_ ? int(2 * kv_spec_.rank * sizeof(T))
                                    : int(hd * (int8_ ? 1 : sizeof(T)));
@@ -468,7 +549,6 @@ cuda::EvictionCache GpuEngine<T>::deviceRows(const int* d_offsets_lengths) {
     ptrs[2 * L + l] = g.pos.get() + head0;
     if (int8_) ptrs[3 * L + l] = g.k_step.get() + head0, ptrs[4 * L + l] = g.v_step.get() + head0;
     if (kivi_) {
-      const size_t first_head = size_t(current_) * part_.kv_heads;
       const cuda::KiviCache<T> kivi = kiviAt(l, first_head);
       ptrs[5 * L + l] = kivi.k_params, ptrs[6 * L + l] = kivi.v_params, ptrs[7 * L + l] = kivi.run;
       ptrs[8 * L + l] = kivi.ring.k, ptrs[9 * L + l] = kivi.ring.v;
@@ -481,8 +561,7 @@ cuda::EvictionCache GpuEngine<T>::deviceRows(const int* d_offsets_lengths) {
   const cuda::KeyFormat key_format = int8_ ? cuda::KeyFormat::Int8 : kivi_ ? cuda::KeyFormat::Kivi : element_format;
   cuda::KiviRows kivi{};
   if (kivi_) {
-    const Sequence& s = seq();
-    const cuda::KiviCache<T> shape = kiviAt(0, size_t(current_) * part_.kv_heads);
+    const cuda::KiviCache<T> shape = kiviAt(0, first_head);
     kivi = {int(hd),
             shape.bits,
             shape.group,
@@ -496,10 +575,11 @@ cuda::EvictionCache GpuEngine<T>::deviceRows(const int* d_offsets_lengths) {
             d_ptrs + 9 * L,
             nullptr};
     int* coded = grow(evict_coded_, size_t(LH));
-    KVTP_CUDA_CHECK(cudaMemcpy(coded, s.coded.data(), LH * sizeof(int), cudaMemcpyHostToDevice));
+    const std::vector<int> coded_slots = spanCounts(span, &Sequence::coded);
+    KVTP_CUDA_CHECK(cudaMemcpy(coded, coded_slots.data(), LH * sizeof(int), cudaMemcpyHostToDevice));
     kivi.coded = coded;
   }
-  return {L, part_.kv_heads, capacity_, row_bytes, key_format, d_ptrs, d_ptrs + L,
+  return {L, BH, capacity_, row_bytes, key_format, d_ptrs, d_ptrs + L,
           reinterpret_cast<int* const*>(d_ptrs + 2 * L), int8_ ? reinterpret_cast<float* const*>(d_ptrs + 3 * L) : nullptr,
           int8_ ? reinterpret_cast<float* const*>(d_ptrs + 4 * L) : nullptr, nullptr, nullptr,
           int64_t(seqs_.size()) * part_.kv_heads * capacity_, nullptr, 0, 0, d_offsets_lengths + LH, d_offsets_lengths,

@@ -298,6 +298,7 @@ class GpuEngine : public Engine {
 
   // The KV policy after a step (runtime/gpu_compress.cuh: on the host mirror, or on the device).
   void compress(int last_pos, bool prefill) override;
+  void compressBatch(const std::vector<int>& last_positions) override;
 
   std::vector<double> step(const int* tokens, const int* positions, int rows, int from, int count,
                            const int* targets) override {
@@ -493,21 +494,46 @@ class GpuEngine : public Engine {
   // Eviction decided on the device (runtime/gpu_compress.cuh): SCOPE's decode phase, the per-step
   // methods' select with histograms summed over NCCL, replicated heads' probabilities summed first.
   void decideDecodedOnDevice(Sequence& s, int last_pos);
-  // `decides` false (interval=): the step's attention is scored, nothing evicted.
-  void decideOnDevice(Sequence& s, int last_pos, const kv::Policy::DecodedBudget* decoded = nullptr,
-                      bool decides = true);
+  // Sequences [first, first + count) of the batch decided together, their heads side by side —
+  // (layer, sequence, KV head), as the device lays them out.
+  struct Span {
+    int first, count;
+  };
+  Span here() const { return {current_, 1}; }
+  // Head i of a span: its sequence, and its index among that sequence's (layer, KV head)s.
+  std::pair<Sequence&, int> spanHead(Span span, int i) {
+    const int H = part_.kv_heads, BH = span.count * H;
+    return {seqs_[size_t(span.first + i % BH / H)], i / BH * H + i % H};
+  }
+  // A per-(layer, KV head) count of the span's sequences, in the span's order of heads.
+  std::vector<int> spanCounts(Span span, std::vector<int> Sequence::*counts) const {
+    const size_t H = part_.kv_heads;
+    std::vector<int> out;
+    for (int l = 0; l < c_.layers; ++l)
+      for (int b = 0; b < span.count; ++b) {
+        const std::vector<int>& c = seqs_[size_t(span.first + b)].*counts;
+        out.insert(out.end(), c.begin() + l * H, c.begin() + (l + 1) * H);
+      }
+    return out;
+  }
+  // The span's step, each sequence ending at last_positions[its index in the span]. `decides`
+  // false (interval=): the step's attention is scored, nothing evicted.
+  void decideOnDevice(Span span, const std::vector<int>& last_positions,
+                      const kv::Policy::DecodedBudget* decoded = nullptr, bool decides = true);
+  // Whether the batch's decode step can be decided at once (compressBatch).
+  bool decidesBatchTogether() const;
   const float* sumReplicated(const float* w, int64_t& layer_stride, int64_t& head_stride, int n);
   // The decision of a step, on the mirror or the device (compress() then settles KIVI's runs).
   void decide(Sequence& s, int last_pos, bool prefill);
-  // This sequence's rows as the device decision and compaction see them (cuda::EvictionCache):
+  // The span's rows as the device decision and compaction see them (cuda::EvictionCache):
   // per-layer pointers at its first head; d_offsets_lengths: per (layer, KV head) table offsets,
   // then slots.
-  cuda::EvictionCache deviceRows(const int* d_offsets_lengths);
+  cuda::EvictionCache deviceRows(const int* d_offsets_lengths, Span span);
 
   // KIVI and low rank under eviction (runtime/gpu_windowed.cuh): the compaction by keep flags, the
   // runs quantized or the rows projected after the decision, the ring's room for a step, the key
   // pairs' room.
-  void compactCoded(Sequence& s, const cuda::EvictionCache& rows, const uint8_t* keep, bool compact_all);
+  void compactCoded(Span span, const cuda::EvictionCache& rows, const uint8_t* keep, bool compact_all);
   void compactCodedAsMirror(Sequence& s);
   void compactAsMirror(Sequence& s);  // gpu_compress.cuh: the caches other than KIVI and low rank
   void pruneKeyChannels(Sequence& s);  // gpu_compress.cuh: ThinK at the prompt's end

@@ -29,16 +29,16 @@ void GpuEngine<T>::compactCodedAsMirror(Sequence& s) {
   KVTP_CUDA_CHECK(cudaMemcpy(d_meta, meta.data(), meta.size() * sizeof(int), cudaMemcpyHostToDevice));
   uint8_t* d_keep = growWithHeadroom(keep_flags_, keep.size());
   KVTP_CUDA_CHECK(cudaMemcpy(d_keep, keep.data(), keep.size(), cudaMemcpyHostToDevice));
-  compactCoded(s, deviceRows(d_meta), d_keep, true);
+  compactCoded(here(), deviceRows(d_meta, here()), d_keep, true);
   s.uniform = false;
 }
 
-// The KIVI or low-rank storage of sequence s (its first head on) compacted by the keep flags;
-// the host then knows each head's slots, coded slots, kept coded entries and (KIVI) runs.
+// The KIVI or low-rank storage of the span's sequences (its first head on) compacted by the keep
+// flags; the host then knows each head's slots, coded slots, kept coded entries and (KIVI) runs.
 template <class T>
-void GpuEngine<T>::compactCoded(Sequence& s, const cuda::EvictionCache& rows, const uint8_t* keep, bool compact_all) {
-  const int L = c_.layers, H = part_.kv_heads, LH = L * H;
-  const size_t head0 = size_t(current_) * H, hd = c_.head_dim;
+void GpuEngine<T>::compactCoded(Span span, const cuda::EvictionCache& rows, const uint8_t* keep, bool compact_all) {
+  const int L = c_.layers, H = part_.kv_heads, LH = L * span.count * H;
+  const size_t head0 = size_t(span.first) * H, hd = c_.head_dim;
   const cuda::KiviCache<T> shape = kiviShape();
   std::vector<void*> ptrs(5 * size_t(L), nullptr);  // KIVI's key pairs, value pairs, runs; ring keys, ring values
   for (int l = 0; l < L; ++l) {
@@ -54,9 +54,10 @@ void GpuEngine<T>::compactCoded(Sequence& s, const cuda::EvictionCache& rows, co
   const int ring_rows = ringAt(0, head0).rows;
   void** d_ptrs = uploadPointers(kivi_ptrs_, kivi_ptrs_held_, ptrs);
   int* d = grow(kivi_meta_, 6 * size_t(LH));  // coded slots, then what the compaction reports
-  KVTP_CUDA_CHECK(cudaMemcpy(d, s.coded.data(), LH * sizeof(int), cudaMemcpyHostToDevice));
+  const std::vector<int> coded_before = spanCounts(span, &Sequence::coded);
+  KVTP_CUDA_CHECK(cudaMemcpy(d, coded_before.data(), LH * sizeof(int), cudaMemcpyHostToDevice));
   // Only a head with coded rows can compact all, and only then do its ring rows need the scratch.
-  const bool coded = std::any_of(s.coded.begin(), s.coded.end(), [](int c) { return c > 0; });
+  const bool coded = std::any_of(coded_before.begin(), coded_before.end(), [](int c) { return c > 0; });
   const int ring_row_bytes = int(hd * sizeof(T));
   const cuda::KiviEviction k{int(hd),
                              rows.row_bytes,
@@ -76,11 +77,13 @@ void GpuEngine<T>::compactCoded(Sequence& s, const cuda::EvictionCache& rows, co
   cuda::kiviEvictionCompact(rows, k, keep, compact_all, d + LH);
   std::vector<int> out(5 * size_t(LH));
   KVTP_CUDA_CHECK(cudaMemcpy(out.data(), d + LH, out.size() * sizeof(int), cudaMemcpyDeviceToHost));
-  s.kept.assign(out.begin() + LH, out.begin() + 2 * LH);
+  for (int b = 0; b < span.count; ++b) seqs_[size_t(span.first + b)].kept.resize(size_t(L) * H);
   for (int i = 0; i < LH; ++i) {
-    s.len[i] = out[i], s.coded[i] = out[2 * LH + i], s.runs_alive[i] = out[3 * LH + i];
-    s.coded_kept[i] = s.kept[i] - (s.len[i] - s.coded[i]);  // the ring's rows are all kept ones
-    if (out[4 * LH + i]) s.next_run[i] = s.runs_alive[i];  // renumbered
+    auto [s, at] = spanHead(span, i);
+    s.kept[at] = out[LH + i];
+    s.len[at] = out[i], s.coded[at] = out[2 * LH + i], s.runs_alive[at] = out[3 * LH + i];
+    s.coded_kept[at] = s.kept[at] - (s.len[at] - s.coded[at]);  // the ring's rows are all kept ones
+    if (out[4 * LH + i]) s.next_run[at] = s.runs_alive[at];  // renumbered
   }
 }
 

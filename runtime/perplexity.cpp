@@ -178,7 +178,13 @@ PplResult scoreWindows(Engine& engine, const std::vector<Window>& windows, int s
         } else {
           record(0, engine.step(&tokens[0], &pos[i], 1, 0, i + 1 >= score_from ? 1 : 0, &targets[0]));
         }
-        for (int b = 0; b < B; ++b) compress(b, i, false);
+        if (batched) {  // the batch's decisions at once (accounted as one at a time would be)
+          for (int b = 0; b < B && compresses; ++b) engine.useSequence(b), account(i + 1);
+          engine.compressBatch(std::vector<int>(size_t(B), i));
+          for (int b = 0; b < B && compresses; ++b) engine.useSequence(b), settled(i + 1);
+        } else {
+          compress(0, i, false);
+        }
         if (progress && (i + 1) % 64 == 0) {
           p.seconds = elapsed();
           progress(p);

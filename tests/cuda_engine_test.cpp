@@ -308,23 +308,25 @@ TEST(CudaEngine, CompressionMatchesTheCpu) {
 }
 
 // Batched decoding: three sequences of different lengths (so different positions in one step)
-// decoded together give each one's log-probs as decoded alone — the same kernels, each row
-// reading its own sequence's heads — with the cache full, compressed as it goes (H2O, each
-// sequence its own decisions; the same KV bytes), int8, StreamingLLM over int8, KIVI (runs of
-// 8 behind a residual of 12: the sequences quantize at different steps), low rank (behind a
-// window of 10: the sequences project at different steps), H2O over KIVI (each prompt waits in
-// a ring of its own until its decision), H2O over low rank (the same, then projected) and low rank
-// over int8 (the window's rows as codes), a ladder (each sequence's new rows into its own
-// host-held mirror); on a Llama (GQA) and an OPT (learned positions)
-// fixture. fp32: the batch's projections go through cuBLAS,
-// one row's through the GEMV kernel, so the sums differ in order only (int8: a code at a rounding
-// boundary may differ, as CompressionMatchesTheCpu says).
+// decoded together give each one's log-probs as decoded alone — the same kernels, each row reading
+// its own sequence's heads — with the cache full, compressed as it goes (H2O, each sequence its own
+// budget in one decision over the batch, compressBatch, each protecting its own recent positions;
+// the same KV bytes), Scissorhands over KIVI (its first decode step one sequence at a time, its
+// prompt's bits from the mirror, then the batch together), int8, StreamingLLM over int8, KIVI (runs
+// of 8 behind a residual of 12: the sequences quantize at different steps), low rank (behind a
+// window of 10: the sequences project at different steps), H2O over KIVI (each prompt waits in a
+// ring of its own until its decision), H2O over low rank (the same, then projected) and low rank
+// over int8 (the window's rows as codes), a ladder (each sequence's new rows into its own host-held
+// mirror); on a Llama (GQA) and an OPT (learned positions) fixture. fp32: the batch's projections
+// go through cuBLAS, one row's through the GEMV kernel, so the sums differ in order only (int8: a
+// code at a rounding boundary may differ, as CompressionMatchesTheCpu says).
 TEST(CudaEngine, BatchedDecodeMatchesOneSequenceAtATime) {
   REQUIRE_GPUS(1);
   const std::vector<std::array<std::string, 3>> specs = {
       {"", "", ""}, {"h2o:budget=0.3", "", ""}, {"", "int8", ""}, {"streamingllm:budget=0.4", "int8", ""},
       {"", "kivi:bits=4,group=8,residual=12", ""}, {"", "", "cskv:rank=4,window=10"},
       {"h2o:budget=0.4", "kivi:bits=4,group=8,residual=12", ""}, {"h2o:budget=0.4", "", "cskv:rank=4,window=10"},
+      {"scissorhands:budget=0.4,history=8", "kivi:bits=4,group=8,residual=12", ""},
       {"", "int8", "cskv:rank=4,window=10"}, {"h2o:budget=0.4,ladder=fp16/int8/int2", "", ""}};
   for (const std::string model : {"llama3-gqa", "opt-preln"}) {
     const std::string dir = test::fixture("models/" + model);
@@ -359,11 +361,8 @@ TEST(CudaEngine, BatchedDecodeMatchesOneSequenceAtATime) {
         }
         const auto lp = batched->decodeBatch(tokens.data(), positions.data(), targets.data());
         ASSERT_EQ(lp.size(), size_t(B));
-        for (int b = 0; b < B; ++b) {
-          together[b].push_back(lp[b]);
-          batched->useSequence(b);
-          batched->compress(positions[b], false);
-        }
+        for (int b = 0; b < B; ++b) together[b].push_back(lp[b]);
+        batched->compressBatch(positions);  // the per-step methods: one decision over the batch
       }
       double worst = 0, sum = 0;
       for (int b = 0; b < B; ++b) {

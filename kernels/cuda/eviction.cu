@@ -258,6 +258,23 @@ __device__ void chunkMeans(const int* slots, int entries, int chunk, double* key
   __syncthreads();
 }
 
+// Entry i's H2O score and Scissorhands' bits after the step, where the cache keeps them (each
+// follows the steps whichever key is taken): the step's probability wi added to the score, and —
+// where the query saw the entry — a bit appended, set if wi is above the average 1 / visible. A new
+// entry starts from nothing.
+__device__ void foldStep(double* score, uint64_t* history, int i, bool is_new, float wi, float visible, double& s,
+                         uint64_t& bits) {
+  if (score) {
+    s = (is_new ? 0.0 : score[i]) + double(wi);
+    score[i] = s;
+  }
+  if (history) {
+    bits = is_new ? 0 : history[i];
+    if (wi > 0.0f) bits = (bits << 1) | (wi * visible > 1.0f ? 1u : 0u);
+    history[i] = bits;
+  }
+}
+
 // One block per (layer, head): Scissorhands first counts the keys this step's query saw (its
 // average is 1 / visible), then every entry is scored and keyed as kv::Policy::score / evict do —
 // the same float and double operations, so the same keys.
@@ -286,16 +303,8 @@ __global__ void keysKernel(EvictionCache c, EvictScore method, int fresh, uint64
     const bool is_new = i >= n - fresh;
     const float wi = w ? w[i] : 0.0f;
     double s = 0.0;
-    if (score) {
-      s = (is_new ? 0.0 : score[i]) + double(wi);
-      score[i] = s;
-    }
     uint64_t bits = 0;
-    if (history) {
-      bits = is_new ? 0 : history[i];
-      if (wi > 0.0f) bits = (bits << 1) | (wi * visible > 1.0f ? 1u : 0u);
-      history[i] = bits;
-    }
+    foldStep(score, history, i, is_new, wi, visible, s, bits);
     const int p = pos[i];
     keys[i] = p == kEvicted                        ? -INFINITY
               : method == EvictScore::H2O          ? s
@@ -314,9 +323,10 @@ __global__ void keysKernel(EvictionCache c, EvictScore method, int fresh, uint64
     chunkMeans(slots, entries, inputs.chunk, keys);
   }
   // The protected last, as the CPU protects after scoring and chunking.
+  const int last = inputs.last_positions ? inputs.last_positions[lh] : last_pos;
   for (int i = threadIdx.x; i < n; i += blockDim.x) {
     const int p = pos[i];
-    if (p != kEvicted && (p < sinks || p > last_pos - recent)) keys[i] = INFINITY;
+    if (p != kEvicted && (p < sinks || p > last - recent)) keys[i] = INFINITY;
   }
 }
 
@@ -333,11 +343,11 @@ __global__ void __launch_bounds__(kThreadsPerHead) entryKeysKernel(EvictionCache
   const int lh = blockIdx.x, l = lh / c.heads, h = lh % c.heads, n = c.length[lh];
   const int64_t row = l * c.layer_stride + h * c.capacity;
   const float* __restrict__ w = c.weights ? c.weights + l * c.weights_layer + h * c.weights_head : nullptr;
-  // (H2O's scores and Scissorhands' bits follow the steps whichever key is taken, as keysKernel's.)
   double* __restrict__ score = c.score ? c.score + row : nullptr;
   uint64_t* __restrict__ history = c.history ? c.history + row : nullptr;
   const int* __restrict__ pos = c.pos[l] + h * c.capacity;
   double* __restrict__ keys = table + c.table_offset[lh];
+  const int last = inputs.last_positions ? inputs.last_positions[lh] : last_pos;
   float visible = 0.0f;
   if (M == EvictScore::Scissorhands && w) {
     float count = 0.0f;  // exact: counts stay far below 2^24
@@ -350,16 +360,8 @@ __global__ void __launch_bounds__(kThreadsPerHead) entryKeysKernel(EvictionCache
     const float wi = w ? w[i] : 0.0f;
     const int p = pos[i];
     double s = 0.0;
-    if (score) {
-      s = (is_new ? 0.0 : score[i]) + double(wi);
-      score[i] = s;
-    }
     uint64_t bits = 0;
-    if (history) {
-      bits = is_new ? 0 : history[i];
-      if (wi > 0.0f) bits = (bits << 1) | (wi * visible > 1.0f ? 1u : 0u);
-      history[i] = bits;
-    }
+    foldStep(score, history, i, is_new, wi, visible, s, bits);
     double key;
     if constexpr (M == EvictScore::H2O) {
       key = s;
@@ -372,7 +374,7 @@ __global__ void __launch_bounds__(kThreadsPerHead) entryKeysKernel(EvictionCache
     } else {
       key = kernels::entryDraw(inputs.seed, l, inputs.table_heads[lh] % inputs.global_heads, p);
     }
-    keys[i] = p == kEvicted ? -INFINITY : p < sinks || p > last_pos - recent ? INFINITY : key;
+    keys[i] = p == kEvicted ? -INFINITY : p < sinks || p > last - recent ? INFINITY : key;
   }
 }
 

@@ -25,6 +25,8 @@ enum class EvictScore { H2O, Scissorhands, StreamingLLM, StepAttention, KeyNorm,
 // of this rank head_dim values (device); LagKV's partition length, CUR's window, and their
 // scratch, four doubles per slot of the table; ChunkKV's chunk (1: none). LagKV, CUR and chunks
 // read a head's entries in order past its holes: entry_slots, an int per slot of the table (device).
+// A batch's sequences decided together end at their own positions: last_positions, per (layer,
+// head) (device; null: every head's is evictionKeys' last_pos).
 struct ScoreInputs {
   uint64_t seed = 0;
   const int* table_heads = nullptr;
@@ -34,6 +36,7 @@ struct ScoreInputs {
   double* row_sums = nullptr;
   int chunk = 1;
   int* entry_slots = nullptr;
+  const int* last_positions = nullptr;
 };
 
 // How the cache's rows hold a key or value (the row-scored methods read them): fp32, fp16, bf16,
