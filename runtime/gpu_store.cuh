@@ -110,10 +110,12 @@ template <class T>
 void GpuEngine<T>::growCoded(int64_t rows) {
   if (rows <= code_capacity_) return;
   const int64_t to = std::max(rows, code_capacity_ + code_capacity_ / 4);
-  const size_t heads = seqs_.size() * part_.kv_heads, bytes = c_.layers * heads * to * codedRowBytes();
+  const size_t heads = seqs_.size() * part_.kv_heads, row = codedRowBytes();
+  const size_t bytes = c_.layers * heads * to * row, held = c_.layers * heads * code_capacity_ * row;
   size_t free = 0, total = 0;
   KVTP_CUDA_CHECK(cudaMemGetInfo(&free, &total));
-  if (bytes + (size_t(1) << 30) > free)
+  // A layer at a time, its old rows freed as its new ones come: one layer's old ones held besides.
+  if (bytes - held + held / c_.layers + (size_t(1) << 30) > free)
     throw Error("KIVI's kept rows need " + std::to_string(to) + " coded rows per KV head for " +
                 std::to_string(seqs_.size()) + " sequences: " + std::to_string(bytes >> 20) +
                 " MiB (+1 GiB headroom); the device has " + std::to_string(free >> 20) + " MiB for it");
