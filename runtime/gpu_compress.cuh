@@ -34,9 +34,11 @@ template <class T>
 bool GpuEngine<T>::decidesBatchTogether() const {
   using M = kv::Method;
   const M m = kv_spec_.method;
-  const bool per_entry = m == M::H2O || m == M::Scissorhands || m == M::StreamingLLM || m == M::TOVA ||
+  // (Q-Filters' filters are laid out by one sequence's heads; LagKV, CUR, chunks and evict_below stay
+  // one at a time: not yet tested over a batch.)
+  const bool batchable = m == M::H2O || m == M::Scissorhands || m == M::StreamingLLM || m == M::TOVA ||
                          m == M::Random || m == M::KNorm || m == M::KeyDiff;
-  if (!device_decides_ || device_decides_decoded_ || !per_entry || host_forms_ || lowrank_ || seqs_.size() < 2 ||
+  if (!device_decides_ || device_decides_decoded_ || !batchable || host_forms_ || lowrank_ || seqs_.size() < 2 ||
       prompt_seq_ >= 0 || observed_len_ > 0 || part_.tp > c_.kv_heads || kv_spec_.chunk > 1 ||
       kv_spec_.evict_below > -INFINITY)
     return false;
