@@ -151,14 +151,13 @@ void Policy::score(KVCache& cache, const StepAttention& attn, bool prefill) {
       const float* p = blocks[l * H + h].data();
       for (int t = 0; t < T; ++t) {
         const float* row = p + int64_t(t) * n;
-        int visible = 0;  // keys this query could see: its own position and before
-        for (int i = 0; i < n; ++i) visible += row[i] > 0.0f;
+        if (spec_.method == Method::Scissorhands) {  // one history bit per query that sees it: above the average?
+          appendHistoryBits(row, n, c.history.data());
+          continue;
+        }
         for (int i = 0; i < n; ++i) {
           switch (spec_.method) {
             case Method::H2O: c.score[i] += row[i]; break;
-            case Method::Scissorhands:  // one history bit per query that sees it: above the average?
-              if (row[i] > 0.0f) c.history[i] = (c.history[i] << 1) | (row[i] * visible > 1.0f ? 1u : 0u);
-              break;
             case Method::TOVA:  // the newest query's attention alone (TOVA: the last token's)
               if (t == T - 1) c.score[i] = row[i];
               break;
@@ -528,18 +527,8 @@ void Policy::evict(KVCache& cache, const StepAttention& attn, int last_pos, bool
           key[i] = s;
         }
       }
-      if (spec_.chunk > 1)  // ChunkKV: each chunk of consecutive entries shares its mean score
-        for (int b = 0; b < c.length(); b += spec_.chunk) {
-          const int e = std::min(c.length(), b + spec_.chunk);
-          const double mean = std::accumulate(key.begin() + b, key.begin() + e, 0.0) / (e - b);
-          std::fill(key.begin() + b, key.begin() + e, mean);
-        }
-      if (spec_.method == Method::SnapKV || spec_.method == Method::PyramidKV) {  // max-pool over neighbouring positions
-        const std::vector<double> raw = key;
-        for (int i = 0; i < c.length(); ++i)
-          key[i] = *std::max_element(raw.begin() + std::max(0, i - spec_.kernel / 2),
-                                     raw.begin() + std::min(c.length(), i + spec_.kernel / 2 + 1));
-      }
+      if (spec_.chunk > 1) chunkMeans(key, spec_.chunk);  // ChunkKV: each chunk of consecutive entries shares its mean
+      if (spec_.method == Method::SnapKV || spec_.method == Method::PyramidKV) maxPool(key, spec_.kernel);
       // Finch keeps its observation window (the question, in its paper) whole.
       const int recent = spec_.method == Method::Finch ? std::max(spec_.recent, spec_.window) : spec_.recent;
       for (int i = 0; i < c.length(); ++i)

@@ -319,4 +319,27 @@ void nonCausalScores(const HeadRows& rows, int length, int head_dim, const doubl
   zScore(out, length);
 }
 
+void chunkMeans(std::vector<double>& key, int chunk) {
+  const int n = int(key.size());
+  for (int b = 0; b < n; b += chunk) {
+    const int e = std::min(n, b + chunk);
+    const double mean = std::accumulate(key.begin() + b, key.begin() + e, 0.0) / (e - b);
+    std::fill(key.begin() + b, key.begin() + e, mean);
+  }
+}
+
+void maxPool(std::vector<double>& key, int kernel) {
+  const std::vector<double> raw = key;
+  const int n = int(key.size());
+  for (int i = 0; i < n; ++i)
+    key[i] = *std::max_element(raw.begin() + std::max(0, i - kernel / 2), raw.begin() + std::min(n, i + kernel / 2 + 1));
+}
+
+void appendHistoryBits(const float* row, int n, uint64_t* history) {
+  int visible = 0;  // keys this query could see: its own position and before
+  for (int i = 0; i < n; ++i) visible += row[i] > 0.0f;
+  for (int i = 0; i < n; ++i)
+    if (row[i] > 0.0f) history[i] = (history[i] << 1) | (row[i] * visible > 1.0f ? 1u : 0u);
+}
+
 }  // namespace kvtp::kv

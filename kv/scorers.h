@@ -97,4 +97,15 @@ void expectedAttentionScores(const HeadRows& rows, const int* positions, int len
 // head. The sinks are the policy's to protect.
 void curScores(const HeadRows& rows, int length, int head_dim, int local, double* out);
 
+// What the policy does to a head's keys after scoring, and how Scissorhands scores (their CUDA
+// twins: kernels/cuda/eviction.cu, tested against these).
+// ChunkKV (chunk=): each run of `chunk` consecutive keys from the first takes their mean, summed in order.
+void chunkMeans(std::vector<double>& key, int chunk);
+// SnapKV / PyramidKV: each key becomes the largest of the `kernel` around it (kernel / 2 each side).
+void maxPool(std::vector<double>& key, int kernel);
+// Scissorhands (Liu et al. 2023): one query's attention row over a head's n entries appends a bit
+// to the history of each entry it sees (probability > 0), set where the entry draws more than the
+// row's average (p x visible > 1).
+void appendHistoryBits(const float* row, int n, uint64_t* history);
+
 }  // namespace kvtp::kv

@@ -76,18 +76,30 @@ void GpuEngine<T>::compressBatch(const std::vector<int>& last_positions) {
   phaseEnds(kivi_evicts_ ? "settle" : "decide");
 }
 
-// The policy decides on the mirror (scored by the prefill's observation window when it asks for
-// attention); each head's kept entries are a subsequence of what it held, so matching positions
-// gives the rows the device keeps. The per-step methods' decode steps: decideOnDevice.
+// On the device (decideOnDevice): the per-step methods' every decision, and the prompt of
+// SnapKV and PyramidKV (from the prefill's observation window; a one-row prompt, which the device
+// does not observe, on the mirror), then SCOPE's decode phase or nothing. Block-wise prompts and
+// what mirrorDecidesAll names on the mirror: it decides (scored by the prefill's observation
+// window when it asks for attention), and each head's kept entries are a subsequence of what it
+// held, so matching positions gives the rows the device keeps.
 template <class T>
 void GpuEngine<T>::decide(Sequence& s, int last_pos, bool prefill) {
-  // Scissorhands' prompt (a history bit per observed row) and block-wise prompts go to the mirror.
-  const bool mirror_prompt = kv_spec_.method == kv::Method::Scissorhands || kv_spec_.block > 0;
-  if (device_decides_ && (!prefill || s.on_device || !mirror_prompt)) {
-    s.policy.countStep(last_pos, prefill);
-    return decideOnDevice(here(), {last_pos}, nullptr, s.policy.decidesAfter(prefill));
+  const bool once = kv_spec_.promptOnce(), observed = observed_len_ > 0 && observed_seq_ == current_;
+  const bool mirror_prompt = kv_spec_.block > 0 || (once && !observed);
+  if (prefill && once && s.on_device)
+    throw Error(kv_spec_.describe() + " decides a window's prompt once, and this window's was decided: a new prompt "
+                "takes a new window");
+  if (!prefill && once && device_decides_decoded_) return decideDecodedOnDevice(s, last_pos);
+  if (!prefill && once && s.on_device) {  // after SnapKV's or PyramidKV's prompt
+    s.policy.countStep(last_pos, false);
+    return keepUndecided(s);
   }
-  if (device_decides_decoded_ && !prefill) return decideDecodedOnDevice(s, last_pos);
+  if (device_decides_ && (prefill ? s.on_device || !mirror_prompt : !once)) {
+    s.policy.countStep(last_pos, prefill);
+    decideOnDevice(here(), {last_pos}, nullptr, s.policy.decidesAfter(prefill));
+    if (prefill) s.prompt_kept = s.kept;  // (SCOPE's decode phase keeps it)
+    return;
+  }
   s.unscored = 0;
   const int H = part_.kv_heads, LH = c_.layers * H;
   attention_.T = 0;
@@ -361,6 +373,11 @@ void GpuEngine<T>::decideDecodedOnDevice(Sequence& s, int last_pos) {
   s.policy.countStep(last_pos, false);
   const kv::Policy::DecodedBudget b = s.policy.decodedBudget();
   if (b.decides) return decideOnDevice(here(), {last_pos}, &b);
+  keepUndecided(s);
+}
+
+template <class T>
+void GpuEngine<T>::keepUndecided(Sequence& s) {
   if (s.on_device) {
     for (int& k : s.kept) k += s.unscored;
   } else {  // the mirror compacted the prompt: every slot holds an entry
@@ -371,12 +388,12 @@ void GpuEngine<T>::decideDecodedOnDevice(Sequence& s, int last_pos) {
 
 // Eviction decided on the device (cuda/eviction.h): kv::Policy's decision, by the same select
 // over this rank's heads with the pools' histograms summed over NCCL (kv/budget_select.h), to
-// the same budgets, so every rank keeps what tp 1 keeps. H2O and StreamingLLM
-// decide their prompt here too (H2O scores it by the prefill's rows summed); Scissorhands' prompt
-// (a history bit per observed row) is decided on the host mirror, whose bits then go to the
-// device. From the first decision here on, the device holds the scores and the mirror rests
-// (kvBytes counts the kept entries). Evicted slots stay as holes until compaction pays
-// (cuda::evictionCompact).
+// the same budgets, so every rank keeps what tp 1 keeps. The prompt too, from the prefill's
+// observed rows: H2O's summed, Scissorhands' a history bit each (cuda::promptHistory), SnapKV's
+// and PyramidKV's window summed and max-pooled (a block-wise prompt decided on the mirror: its
+// bits go to the device). From the first decision here on, the device holds the scores and the
+// mirror rests (kvBytes counts the kept entries). Evicted slots stay as holes until compaction
+// pays (cuda::evictionCompact).
 template <class T>
 void GpuEngine<T>::decideOnDevice(Span span, const std::vector<int>& last_positions,
                                   const kv::Policy::DecodedBudget* decoded, bool decides) {
@@ -386,10 +403,12 @@ void GpuEngine<T>::decideOnDevice(Span span, const std::vector<int>& last_positi
   // Between layers of score_ / history_ / weights_; the span's first row (head 0, slot 0).
   const size_t stride = seqs_.size() * H * size_t(capacity_), head0 = size_t(span.first) * H * capacity_;
   const bool h2o = kv_spec_.method == kv::Method::H2O, scissorhands = kv_spec_.method == kv::Method::Scissorhands;
+  // The prefill's observed rows, [layer][kv_head][observed_rows_][observed_len_] (a span of one).
+  const bool observed = observed_len_ > 0 && observed_seq_ == span.first;
   for (int b = 0; b < B; ++b) {
     Sequence& s = *in_span[b];
-    if (s.on_device || !scissorhands || s.longest == 0) continue;
-    std::vector<uint64_t> bits(size_t(H) * s.longest);  // the prompt's bits, decided on the mirror
+    if (s.on_device || !scissorhands || s.longest == 0 || observed) continue;
+    std::vector<uint64_t> bits(size_t(H) * s.longest);  // a block-wise prompt's bits, decided on the mirror
     const size_t row = s.longest * sizeof(uint64_t), first = head0 + size_t(b) * H * capacity_;
     for (int l = 0; l < L; ++l) {
       for (int h = 0; h < H; ++h) {
@@ -443,16 +462,20 @@ void GpuEngine<T>::decideOnDevice(Span span, const std::vector<int>& last_positi
   cuda::EvictionCache cache = deviceRows(d_meta, span);
   phaseEnds("rows");
   // What the step's attention left: a decode step's probabilities, or the prompt's observed rows
-  // summed ([layer][kv_head][observed_len_]; H2O observes every row; a span of one).
-  const bool observed = observed_len_ > 0 && observed_seq_ == span.first;
+  // (H2O's every row and SnapKV's window summed, Scissorhands' last `history` rows apart).
+  const int64_t observation = int64_t(observed_rows_) * observed_len_;
   const float* weights = observed ? observed_.get() : in_span[0]->weights_pending ? weights_.get() + head0 : nullptr;
-  int64_t weights_layer = observed ? int64_t(H) * observed_len_ : int64_t(stride),
-          weights_head = observed ? observed_len_ : capacity_;
+  int64_t weights_layer = observed ? H * observation : int64_t(stride), weights_head = observed ? observation : capacity_;
   if (weights && part_.tp > c_.kv_heads)  // (a span of one)
-    weights = sumReplicated(weights, weights_layer, weights_head, observed ? observed_len_ : in_span[0]->longest);
-  if (observed) observed_len_ = 0;
+    weights = sumReplicated(weights, weights_layer, weights_head, observed ? observation : in_span[0]->longest);
   cache.score = h2o ? score_.get() + head0 : nullptr, cache.history = scissorhands ? history_.get() + head0 : nullptr;
   cache.weights = weights, cache.weights_layer = weights_layer, cache.weights_head = weights_head;
+  int fresh = in_span[0]->unscored;
+  if (observed && scissorhands) {  // the prompt's bits, then keyed as they stand
+    cuda::promptHistory(cache, fresh, observed_rows_, observed_len_);
+    cache.weights = nullptr, fresh = 0;
+  }
+  if (observed) observed_len_ = 0;
   double* table = growWithHeadroom(table_, size_t(std::max<int64_t>(N, 1)));
   const uint64_t mask = kv_spec_.history >= 64 ? ~0ull : (1ull << kv_spec_.history) - 1;
   // TOVA and SCOPE's decode phase score by this step's attention alone (TOVA's prompt: its last row).
@@ -465,6 +488,8 @@ void GpuEngine<T>::decideOnDevice(Span span, const std::vector<int>& last_positi
                                   : kv_spec_.method == kv::Method::Random ? cuda::EvictScore::Random
                                   : kv_spec_.method == kv::Method::LagKV  ? cuda::EvictScore::Lag
                                   : kv_spec_.method == kv::Method::CUR    ? cuda::EvictScore::CUR
+                                  : kv_spec_.method == kv::Method::SnapKV || kv_spec_.method == kv::Method::PyramidKV
+                                      ? cuda::EvictScore::SnapKV
                                                                           : cuda::EvictScore::StreamingLLM;
   // Protected: the sinks and the recent window; in SCOPE's phase the prompt and the newest decoded.
   const int protect_below = decoded ? decoded->prefill_end : kv_spec_.sinks,
@@ -475,22 +500,16 @@ void GpuEngine<T>::decideOnDevice(Span span, const std::vector<int>& last_positi
     inputs.lag = kv_spec_.lag, inputs.local = kv_spec_.local;
     inputs.row_sums = growWithHeadroom(row_sums_, 4 * size_t(std::max<int64_t>(N, 1)));
   }
-  if (!decoded) inputs.chunk = kv_spec_.chunk;
+  if (!decoded) inputs.chunk = kv_spec_.chunk, inputs.pool = kv_spec_.kernel;
   if (sums_rows || inputs.chunk > 1)
     inputs.entry_slots = growWithHeadroom(entry_slots_, size_t(std::max<int64_t>(N, 1)));
   if (B > 1) inputs.last_positions = d_meta + 5 * LH + size_t(B) * LG;
-  cuda::evictionKeys(cache, method, in_span[0]->unscored, mask, protect_below, protect_recent, last_positions[0],
-                     table, inputs);
+  cuda::evictionKeys(cache, method, fresh, mask, protect_below, protect_recent, last_positions[0], table, inputs);
   phaseEnds("keys");
   if (!decides) {  // interval=: the step's attention is scored; the decision waits for its step
     for (int b = 0; b < B; ++b) {
-      Sequence& s = *in_span[b];
-      if (was_on_device[b]) {
-        for (int& k : s.kept) k += s.unscored;
-      } else {  // the mirror compacted the prompt: every slot holds an entry
-        s.kept = s.len;
-      }
-      s.unscored = 0, s.weights_pending = false;
+      in_span[b]->on_device = was_on_device[b];
+      keepUndecided(*in_span[b]);
     }
     return;
   }

@@ -176,7 +176,8 @@ class GpuEngine : public Engine {
                          o.kv.method == kv::Method::StreamingLLM || o.kv.method == kv::Method::KNorm ||
                          o.kv.method == kv::Method::KeyDiff || o.kv.method == kv::Method::QFilters ||
                          o.kv.method == kv::Method::TOVA || o.kv.method == kv::Method::Random ||
-                         o.kv.method == kv::Method::LagKV || o.kv.method == kv::Method::CUR) &&
+                         o.kv.method == kv::Method::LagKV || o.kv.method == kv::Method::CUR ||
+                         o.kv.method == kv::Method::SnapKV || o.kv.method == kv::Method::PyramidKV) &&
                         !mirrorDecidesAll(o.kv)),
         device_decides_decoded_((o.kv.method == kv::Method::SnapKV || o.kv.method == kv::Method::PyramidKV) &&
                                 o.kv.decode != kv::Decode::None && !mirrorDecidesAll(o.kv)),
@@ -494,6 +495,8 @@ class GpuEngine : public Engine {
   // Eviction decided on the device (runtime/gpu_compress.cuh): SCOPE's decode phase, the per-step
   // methods' select with histograms summed over NCCL, replicated heads' probabilities summed first.
   void decideDecodedOnDevice(Sequence& s, int last_pos);
+  // A step after which nothing is decided: its rows count as kept.
+  void keepUndecided(Sequence& s);
   // Sequences [first, first + count) of the batch decided together, their heads side by side —
   // (layer, sequence, KV head), as the device lays them out.
   struct Span {
@@ -669,10 +672,11 @@ class GpuEngine : public Engine {
   // A decode step's probabilities [layer][sequence][kv_head][capacity], for policies that evict as
   // they decode.
   DeviceBuffer<float> weights_;
-  // Eviction decided on the device (decideOnDevice): which policies, their per-entry state
-  // [layer][sequence][kv_head][capacity] (H2O's scores, Scissorhands' bits), and scratch.
+  // Eviction decided on the device (decideOnDevice): which policies (the per-step methods, and
+  // SnapKV's and PyramidKV's prompt), their per-entry state [layer][sequence][kv_head][capacity]
+  // (H2O's scores, Scissorhands' bits), and scratch.
   const bool device_decides_;
-  const bool device_decides_decoded_;  // SCOPE's decode phase (the prompt is decided on the mirror)
+  const bool device_decides_decoded_;  // SCOPE's decode phase
   DeviceBuffer<double> score_, table_;
   DeviceBuffer<uint64_t> history_;
   DeviceBuffer<float> query_filters_;  // Q-Filters: [layer][kv_head][head_dim]

@@ -478,7 +478,11 @@ TEST(CudaKernels, BudgetSelectKeepsWhatTheCpuSelectKeeps) {
     for (int i = 0; i < LH; ++i) {
       lengths[i] = int(rng() % 41), offsets[i] = int(table.size()), head_table[i] = i;
       for (int e = 0; e < lengths[i]; ++e) {
-        const double k = rng() % 4 == 0 ? std::ldexp(double(rng() % 1000), -int(rng() % 8)) : values[rng() % 8];
+        // Half the trials Scissorhands-like keys — counts of bits, protected and holes — whose
+        // threshold the device finds before its eighth pass (the keys under the prefix are one).
+        const double k = trial % 2 ? (rng() % 8 == 0 ? values[rng() % 2 ? 0 : 7] : double(rng() % 17))
+                         : rng() % 4 == 0 ? std::ldexp(double(rng() % 1000), -int(rng() % 8))
+                                          : values[rng() % 8];
         keys[i].push_back(k), table.push_back(k);
       }
     }
@@ -735,6 +739,60 @@ TEST(CudaKernels, RowScoresMatchTheCpuPastHoles) {
             << m.name << ", head " << h << ", entry " << e;
       }
     }
+  }
+}
+
+// The prompt's decisions on the device against their CPU twins (kv/scorers.h), bit for bit: SnapKV's
+// keys — the observation's probabilities (a fifth of them 0, as unseen keys are), ChunkKV's means
+// (none, 4, 5), the max-pool of 7 (and of 1), the sinks and the recent window protected — and
+// Scissorhands' history bits from the prompt's observed rows, the older entries' bits shifted on.
+TEST(CudaKernels, PromptDecisionsMatchTheCpu) {
+  REQUIRE_GPU();
+  const int L = 2, H = 3, LH = L * H, capacity = 64, n = 53, rows = 5, fresh = 41, sinks = 2, recent = 6;
+  std::mt19937 rng(11);
+  std::vector<float> w(size_t(LH) * rows * n);
+  for (float& x : w) x = rng() % 5 == 0 ? 0.0f : std::ldexp(float(rng() % 4096), -12);
+  std::vector<int> pos(size_t(L) * H * capacity, cuda::kEvicted), offsets, lengths(LH, n);
+  for (int lh = 0; lh < LH; ++lh) {
+    offsets.push_back(lh * n);
+    for (int i = 0; i < n; ++i) pos[size_t(lh) * capacity + i] = i;
+  }
+  std::vector<uint64_t> history(size_t(LH) * capacity);
+  for (auto& b : history) b = (uint64_t(rng()) << 32) | rng();
+  DeviceBuffer<float> dw(w);
+  DeviceBuffer<int> dpos(pos), doff(offsets), dlen(lengths), dslots(size_t(LH) * n);
+  DeviceBuffer<uint64_t> dhistory(history);
+  DeviceBuffer<double> dtable(size_t(LH) * n);
+  DeviceBuffer<void*> ptrs(std::vector<void*>{dpos.get(), dpos.get() + H * capacity});
+  cuda::EvictionCache c{L, H, capacity, 4, cuda::KeyFormat::F32, nullptr, nullptr,
+                        reinterpret_cast<int* const*>(ptrs.get()), nullptr, nullptr, nullptr, nullptr,
+                        int64_t(H) * capacity, dw.get(), int64_t(H) * rows * n, int64_t(rows) * n, dlen.get(),
+                        doff.get()};
+  for (const int chunk : {1, 4, 5})
+    for (const int pool : {7, 1}) {
+      cuda::ScoreInputs in;
+      in.chunk = chunk, in.pool = pool, in.entry_slots = dslots.get();
+      cuda::evictionKeys(c, cuda::EvictScore::SnapKV, n, 0, sinks, recent, n - 1, dtable.get(), in);
+      const auto table = dtable.download();
+      for (int lh = 0; lh < LH; ++lh) {
+        std::vector<double> key(w.begin() + int64_t(lh) * rows * n, w.begin() + int64_t(lh) * rows * n + n);
+        if (chunk > 1) kv::chunkMeans(key, chunk);
+        kv::maxPool(key, pool);
+        for (int i = 0; i < n; ++i) {
+          const double want = i < sinks || i > n - 1 - recent ? INFINITY : key[i];
+          ASSERT_EQ(table[size_t(lh) * n + i], want) << "chunk " << chunk << ", pool " << pool << ", head " << lh
+                                                     << ", entry " << i;
+        }
+      }
+    }
+  c.history = dhistory.get();
+  cuda::promptHistory(c, fresh, rows, n);
+  const auto bits = dhistory.download();
+  for (int lh = 0; lh < LH; ++lh) {
+    std::vector<uint64_t> cpu(history.begin() + int64_t(lh) * capacity, history.begin() + int64_t(lh) * capacity + n);
+    std::fill(cpu.end() - fresh, cpu.end(), 0);
+    for (int t = 0; t < rows; ++t) kv::appendHistoryBits(&w[(size_t(lh) * rows + t) * n], n, cpu.data());
+    for (int i = 0; i < n; ++i) ASSERT_EQ(bits[size_t(lh) * capacity + i], cpu[i]) << "head " << lh << ", entry " << i;
   }
 }
 

@@ -6,6 +6,8 @@
 #include <cub/block/block_scan.cuh>
 
 #include <cmath>
+#include <stdexcept>
+#include <string>
 
 #include "kernels/cuda/cuda_util.h"
 #include "kernels/cuda/device_util.cuh"
@@ -258,6 +260,27 @@ __device__ void chunkMeans(const int* slots, int entries, int chunk, double* key
   __syncthreads();
 }
 
+// SnapKV / PyramidKV (kv::Policy::evict): each entry's observed probability (w), averaged over its
+// chunk of `chunk` entries from the first (kv::chunkMeans; 1: none), then the largest of the `pool`
+// around it (kv::maxPool) — into keys. A prompt's head: its n slots are its entries.
+__device__ void snapKeys(const float* w, int n, int chunk, int pool, double* keys) {
+  auto chunked = [&](int j) {  // summed in order, as the CPU sums a chunk
+    if (chunk <= 1) return double(w[j]);
+    const int b = j / chunk * chunk, e = min(n, b + chunk);
+    double sum = 0.0;
+    for (int k = b; k < e; ++k) sum = __dadd_rn(sum, double(w[k]));
+    return sum / (e - b);
+  };
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    const int hi = min(n, i + pool / 2 + 1);
+    double best = -INFINITY;
+    for (int j = max(0, i - pool / 2); j < hi; j = chunk > 1 ? (j / chunk + 1) * chunk : j + 1)
+      best = fmax(best, chunked(j));  // (a chunk's entries share its mean: one look a chunk)
+    keys[i] = best;
+  }
+  __syncthreads();
+}
+
 // Entry i's H2O score and Scissorhands' bits after the step, where the cache keeps them (each
 // follows the steps whichever key is taken): the step's probability wi added to the score, and —
 // where the query saw the entry — a bit appended, set if wi is above the average 1 / visible. A new
@@ -299,6 +322,7 @@ __global__ void keysKernel(EvictionCache c, EvictScore method, int fresh, uint64
   double* sums = inputs.row_sums ? inputs.row_sums + 4 * int64_t(c.table_offset[lh]) : nullptr;
   if (method == EvictScore::Lag) lagKeys(c, l, h, slots, entries, sinks, inputs.lag, sums, keys);
   if (method == EvictScore::CUR) curKeys(c, l, h, slots, entries, inputs.local, sums, keys);
+  if (method == EvictScore::SnapKV) snapKeys(w, n, inputs.chunk, inputs.pool, keys);
   for (int i = threadIdx.x; i < n; i += blockDim.x) {
     const bool is_new = i >= n - fresh;
     const float wi = w ? w[i] : 0.0f;
@@ -311,14 +335,16 @@ __global__ void keysKernel(EvictionCache c, EvictScore method, int fresh, uint64
               : method == EvictScore::StreamingLLM ? double(p)
               : method == EvictScore::StepAttention ? double(wi)
               : method == EvictScore::KeyNorm      ? -sqrt(squaredNorm(c, false, l, h, i))
-              : method == EvictScore::KeyDiff || method == EvictScore::Lag || method == EvictScore::CUR ? keys[i]
+              : method == EvictScore::KeyDiff || method == EvictScore::Lag || method == EvictScore::CUR ||
+                      method == EvictScore::SnapKV
+                  ? keys[i]
               : method == EvictScore::QueryFilter
                   ? queryFilterKey(c, l, h, i, inputs.query_filters + int64_t(lh) * keyChannels(c))
               : method == EvictScore::Random
                   ? kernels::entryDraw(inputs.seed, l, inputs.table_heads[lh] % inputs.global_heads, p)
                   : double(__popcll(bits & history_mask));
   }
-  if (inputs.chunk > 1) {
+  if (inputs.chunk > 1 && method != EvictScore::SnapKV) {  // (SnapKV's chunks come before its pooling: snapKeys)
     __syncthreads();
     chunkMeans(slots, entries, inputs.chunk, keys);
   }
@@ -378,36 +404,96 @@ __global__ void __launch_bounds__(kThreadsPerHead) entryKeysKernel(EvictionCache
   }
 }
 
+// promptHistory: one block per (layer, head); each row's visible count first (all rows, a block
+// reduction each), then each thread builds its entries' bits row by row in a register.
+__global__ void promptHistoryKernel(EvictionCache c, int fresh, int rows, int64_t row_stride) {
+  constexpr int kMaxRows = 64;  // Scissorhands' history is at most 64 bits
+  __shared__ float visible[kMaxRows];
+  const int lh = blockIdx.x, l = lh / c.heads, h = lh % c.heads, n = c.length[lh];
+  const float* __restrict__ w = c.weights + l * c.weights_layer + h * c.weights_head;
+  uint64_t* __restrict__ history = c.history + l * c.layer_stride + h * c.capacity;
+  for (int t = 0; t < rows; ++t) {
+    float count = 0.0f;  // exact: counts stay far below 2^24
+    for (int i = threadIdx.x; i < n; i += blockDim.x) count += w[t * row_stride + i] > 0.0f ? 1.0f : 0.0f;
+    count = blockReduce(count, warpSum, 0.0f);
+    if (threadIdx.x == 0) visible[t] = count;
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    uint64_t bits = i >= n - fresh ? 0 : history[i];
+    for (int t = 0; t < rows; ++t) {
+      const float wi = w[t * row_stride + i];
+      if (wi > 0.0f) bits = (bits << 1) | (wi * visible[t] > 1.0f ? 1u : 0u);
+    }
+    history[i] = bits;
+  }
+}
+
+// A pool whose threshold is known: every byte found (after the last pass, or once the keys under
+// its prefix were seen to be one key: the passes left would only find that key's bytes).
+__device__ bool settled(const RadixSelect& sel) { return sel.done || sel.mask == ~0ull; }
+
+__device__ inline unsigned long long warpMin(unsigned long long v) {
+  for (int o = 16; o > 0; o >>= 1) v = min(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+__device__ inline unsigned long long warpMax(unsigned long long v) {
+  for (int o = 16; o > 0; o >>= 1) v = max(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
 // One block per (layer, head) of this rank: the byte at `shift` of each key still under its
-// pool's prefix, counted into the pool's histogram (doubles: what the ranks all-reduce).
+// pool's prefix, counted into the pool's histogram (doubles: what the ranks all-reduce); and, with
+// `range` (one rank), the least and greatest such key into the pool's (lo, hi) pair.
 __global__ void byteHistogram(const double* table, EvictionCache c, SelectLayout s, const RadixSelect* select,
-                              int shift, double* hist) {
+                              int shift, double* hist, unsigned long long* range) {
   const int lh = blockIdx.x, p = s.pool_of[s.head_table[lh]], n = c.length[lh];
   const RadixSelect sel = select[p];
-  if (sel.done) return;
+  if (settled(sel)) return;
   __shared__ unsigned local[256];
   for (int b = threadIdx.x; b < 256; b += blockDim.x) local[b] = 0;
   __syncthreads();
   const double* keys = table + c.table_offset[lh];
-  for (int i = threadIdx.x; i < n; i += blockDim.x) {
-    const uint64_t u = orderedKey(keys[i]);
-    if (sel.under(u)) atomicAdd(&local[(u >> shift) & 255], 1u);
+  unsigned long long lo = ~0ull, hi = 0;
+  const int lane = threadIdx.x % 32;
+  // A warp's lanes with the same byte add once (the keys of a pass crowd into few bytes — the
+  // threshold's neighbours, Scissorhands' counts — and a shared counter takes its adds one at a time).
+  for (int warp_first = threadIdx.x - lane; warp_first < n; warp_first += blockDim.x) {
+    const int i = warp_first + lane;
+    const uint64_t u = i < n ? orderedKey(keys[i]) : 0;
+    const bool counted = i < n && sel.under(u);
+    const unsigned byte = counted ? unsigned(u >> shift) & 255 : 256;
+    const unsigned peers = __match_any_sync(0xffffffffu, byte);
+    if (counted) {
+      if (lane == __ffs(peers) - 1) atomicAdd(&local[byte], unsigned(__popc(peers)));
+      lo = min(lo, (unsigned long long)u), hi = max(hi, (unsigned long long)u);
+    }
   }
   __syncthreads();
   for (int b = threadIdx.x; b < 256; b += blockDim.x)
     if (local[b]) atomicAdd(&hist[p * 256 + b], double(local[b]));
+  if (!range) return;
+  lo = blockReduce(lo, [](unsigned long long v) { return warpMin(v); }, ~0ull);
+  hi = blockReduce(hi, [](unsigned long long v) { return warpMax(v); }, 0ull);
+  if (threadIdx.x == 0 && lo <= hi) atomicMin(&range[2 * p], lo), atomicMax(&range[2 * p + 1], hi);
 }
 
-__global__ void startSelect(RadixSelect* select, const int64_t* budget, int pools) {
-  for (int p = threadIdx.x; p < pools; p += blockDim.x) select[p] = RadixSelect::start(budget[p]);
+__global__ void startSelect(RadixSelect* select, const int64_t* budget, int pools, unsigned long long* range) {
+  for (int p = threadIdx.x; p < pools; p += blockDim.x) {
+    select[p] = RadixSelect::start(budget[p]);
+    if (range) range[2 * p] = ~0ull, range[2 * p + 1] = 0;
+  }
 }
 
 // Each pool fixes the pass's byte from its histogram (summed over the ranks), then clears it:
 // one block a pool, RadixSelect::pick's byte found by a scan over the 256 counts, highest byte
 // first (one thread walking them in global memory waited out one load after another, ~14 us a
 // pass, eight passes a decision), the counts zeroed for the next pass. Thread j holds byte
-// 255 - j; the byte picked is the first whose count, with those above it, reaches r.
-__global__ void __launch_bounds__(256) pickByte(RadixSelect* select, int shift, double* hist) {
+// 255 - j; the byte picked is the first whose count, with those above it, reaches r. With `range`:
+// where the keys this pass counted were one key, that key is the threshold (the passes left skip
+// the pool: an integer key — Scissorhands' count of bits — is found in three passes of eight).
+__global__ void __launch_bounds__(256) pickByte(RadixSelect* select, int shift, double* hist,
+                                                unsigned long long* range) {
   using Scan = cub::BlockScan<int64_t, 256>;
   __shared__ typename Scan::TempStorage scan;
   __shared__ int64_t above_of[256], lowest_count;
@@ -423,7 +509,7 @@ __global__ void __launch_bounds__(256) pickByte(RadixSelect* select, int shift, 
   if (j == 255) lowest_count = count;  // byte 0: the holes (-inf) in the first pass
   if (j == 0) first = 255;             // no byte reaches r: byte 0
   __syncthreads();
-  if (sel.done) return;
+  if (settled(sel)) return;
   if (shift == 56) {  // r between the protected keys (+inf, byte 255: thread 0's) and the entries
     const int64_t protect = above_of[1], entries = total - lowest_count;
     sel.r = sel.r < protect ? protect : sel.r > entries ? entries : sel.r;
@@ -436,6 +522,11 @@ __global__ void __launch_bounds__(256) pickByte(RadixSelect* select, int shift, 
   } else {
     sel.r -= above_of[first];
     sel.prefix |= uint64_t(255 - first) << shift, sel.mask |= uint64_t(255) << shift;
+  }
+  if (range) {
+    unsigned long long* lo_hi = range + 2 * blockIdx.x;
+    if (!sel.done && lo_hi[0] == lo_hi[1]) sel.prefix = lo_hi[0], sel.mask = ~0ull;  // (r: its rank among them)
+    lo_hi[0] = ~0ull, lo_hi[1] = 0;
   }
   select[blockIdx.x] = sel;
 }
@@ -713,6 +804,12 @@ void evictionKeys(const EvictionCache& c, EvictScore method, int fresh, uint64_t
   KVTP_CUDA_LAUNCHED();
 }
 
+void promptHistory(const EvictionCache& c, int fresh, int rows, int64_t row_stride) {
+  if (rows < 1 || rows > 64) throw std::invalid_argument("promptHistory: " + std::to_string(rows) + " rows (1 to 64)");
+  promptHistoryKernel<<<c.layers * c.heads, kThreadsPerHead>>>(c, fresh, rows, row_stride);
+  KVTP_CUDA_LAUNCHED();
+}
+
 // kv::selectBudget's decision (kv/budget_select.h) on the device: eight passes of a radix
 // select, each pool's histogram summed over the ranks by `sum_over_ranks` between the counting
 // and the pick, then the keys equal to each pool's threshold shared out in table order. The state
@@ -722,20 +819,24 @@ void evictionDecide(const EvictionCache& c, const double* table, const SelectLay
   static thread_local DeviceBuffer<RadixSelect> state;
   static thread_local DeviceBuffer<double> sums;
   static thread_local DeviceBuffer<int64_t> quotas;
+  static thread_local DeviceBuffer<unsigned long long> ranges;
   const int heads = c.layers * c.heads;
   RadixSelect* select = grow(state, size_t(s.pools));
+  // One rank: each pool's key range under its prefix, to stop a pool once its keys there are one
+  // (the same threshold as the passes left would find). Over ranks the sums alone are reduced.
+  unsigned long long* range = sum_over_ranks ? nullptr : grow(ranges, 2 * size_t(s.pools));
   double* hist = grow(sums, size_t(s.pools) * 256 + s.table_heads);
   double* equal = hist + size_t(s.pools) * 256;
   int64_t* quota = grow(quotas, size_t(s.table_heads));
   KVTP_CUDA_CHECK(cudaMemsetAsync(hist, 0, (size_t(s.pools) * 256 + s.table_heads) * sizeof(double),
                                   cudaStreamPerThread));
-  startSelect<<<1, 256>>>(select, s.budget, s.pools);
+  startSelect<<<1, 256>>>(select, s.budget, s.pools, range);
   KVTP_CUDA_LAUNCHED();
   for (int shift = 56; shift >= 0; shift -= 8) {
-    if (s.counted) byteHistogram<<<heads, kThreadsPerHead>>>(table, c, s, select, shift, hist);
+    if (s.counted) byteHistogram<<<heads, kThreadsPerHead>>>(table, c, s, select, shift, hist, range);
     KVTP_CUDA_LAUNCHED();
     if (sum_over_ranks) sum_over_ranks(hist, size_t(s.pools) * 256);
-    pickByte<<<s.pools, 256>>>(select, shift, hist);
+    pickByte<<<s.pools, 256>>>(select, shift, hist, range);
     KVTP_CUDA_LAUNCHED();
   }
   if (s.counted) countEqual<<<heads, kThreadsPerHead>>>(table, c, s, select, equal);

@@ -17,14 +17,19 @@ namespace kvtp::cuda {
 // cached key (K-norm, kv::keyNormScores); KeyDiff: -cos(k, the mean normalized key) (kv::keyDiffScores);
 // QueryFilter: k . the head's filter (Q-Filters, kv::queryFilterScores); Random: the entry's fixed
 // draw (kernels::entryDraw); Lag: LagKV's rank in its partition (kv::lagScores); CUR: the
-// product of key and value squared-norm shares (kv::curScores).
-enum class EvictScore { H2O, Scissorhands, StreamingLLM, StepAttention, KeyNorm, KeyDiff, QueryFilter, Random, Lag, CUR };
+// product of key and value squared-norm shares (kv::curScores); SnapKV: the prompt's observation
+// window's probability (the weights), max-pooled over ScoreInputs::pool entries (kv::maxPool, after
+// ChunkKV's means) — SnapKV's and PyramidKV's prompt, over a head without holes.
+enum class EvictScore {
+  H2O, Scissorhands, StreamingLLM, StepAttention, KeyNorm, KeyDiff, QueryFilter, Random, Lag, CUR, SnapKV
+};
 
 // What some scores read besides the cache: Random's seed and, per (layer, head) of this rank, its
 // table head (layer x global_heads + its global KV head); Q-Filters' filters, per (layer, head)
 // of this rank head_dim values (device); LagKV's partition length, CUR's window, and their
 // scratch, four doubles per slot of the table; ChunkKV's chunk (1: none). LagKV, CUR and chunks
 // read a head's entries in order past its holes: entry_slots, an int per slot of the table (device).
+// SnapKV's max-pool width (its kernel=).
 // A batch's sequences decided together end at their own positions: last_positions, per (layer,
 // head) (device; null: every head's is evictionKeys' last_pos).
 struct ScoreInputs {
@@ -37,6 +42,7 @@ struct ScoreInputs {
   int chunk = 1;
   int* entry_slots = nullptr;
   const int* last_positions = nullptr;
+  int pool = 1;
 };
 
 // How the cache's rows hold a key or value (the row-scored methods read them): fp32, fp16, bf16,
@@ -105,6 +111,12 @@ struct EvictionCache {
 // draw; -inf for a hole, which is never kept and takes no entry's place.
 void evictionKeys(const EvictionCache& c, EvictScore method, int fresh, uint64_t history_mask, int sinks, int recent,
                   int last_pos, double* table, const ScoreInputs& inputs = {});
+
+// Scissorhands' prompt (kv::Policy::score's, kv::appendHistoryBits): per (layer, head) of c, its
+// last `fresh` entries start with no history, then each of the prompt's `rows` observed rows in
+// order — row t of a head at its weights + t x row_stride, one probability per slot — appends a bit
+// to every entry it saw. Into c.history; evictionKeys then keys the bits (no weights, nothing fresh).
+void promptHistory(const EvictionCache& c, int fresh, int rows, int64_t row_stride);
 
 // The budget's pools as this rank's decision sees them (kv/budget_select.h).
 struct SelectLayout {
