@@ -279,10 +279,23 @@ __device__ void snapKeys(const float* w, int n, int chunk, int pool, double* key
   __syncthreads();
 }
 
+// Scissorhands (kv::appendHistoryBits): the keys a query row of n probabilities saw — its
+// average is 1 / visible — in float (exact: counts stay far below 2^24), to every thread of the block.
+__device__ float visibleKeys(const float* row, int n) {
+  float count = 0.0f;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) count += row[i] > 0.0f ? 1.0f : 0.0f;
+  return blockReduce(count, warpSum, 0.0f);
+}
+
+// An entry's history after a row where it drew probability wi: where the query saw it, a bit
+// appended, set if wi is above the row's average.
+__device__ uint64_t appendBit(uint64_t bits, float wi, float visible) {
+  return wi > 0.0f ? (bits << 1) | (wi * visible > 1.0f ? 1u : 0u) : bits;
+}
+
 // Entry i's H2O score and Scissorhands' bits after the step, where the cache keeps them (each
-// follows the steps whichever key is taken): the step's probability wi added to the score, and —
-// where the query saw the entry — a bit appended, set if wi is above the average 1 / visible. A new
-// entry starts from nothing.
+// follows the steps whichever key is taken): the step's probability wi added to the score, and the
+// step's bit appended. A new entry starts from nothing.
 __device__ void foldStep(double* score, uint64_t* history, int i, bool is_new, float wi, float visible, double& s,
                          uint64_t& bits) {
   if (score) {
@@ -290,8 +303,7 @@ __device__ void foldStep(double* score, uint64_t* history, int i, bool is_new, f
     score[i] = s;
   }
   if (history) {
-    bits = is_new ? 0 : history[i];
-    if (wi > 0.0f) bits = (bits << 1) | (wi * visible > 1.0f ? 1u : 0u);
+    bits = appendBit(is_new ? 0 : history[i], wi, visible);
     history[i] = bits;
   }
 }
@@ -308,12 +320,7 @@ __global__ void keysKernel(EvictionCache c, EvictScore method, int fresh, uint64
   uint64_t* history = c.history ? c.history + row : nullptr;
   const int* pos = c.pos[l] + h * c.capacity;
   double* keys = table + c.table_offset[lh];
-  float visible = 0.0f;
-  if (method == EvictScore::Scissorhands && w) {
-    float count = 0.0f;  // exact: counts stay far below 2^24
-    for (int i = threadIdx.x; i < n; i += blockDim.x) count += w[i] > 0.0f ? 1.0f : 0.0f;
-    visible = blockReduce(count, warpSum, 0.0f);
-  }
+  const float visible = method == EvictScore::Scissorhands && w ? visibleKeys(w, n) : 0.0f;
   int* slots = inputs.entry_slots ? inputs.entry_slots + c.table_offset[lh] : nullptr;
   const int entries = slots ? listEntries(n, pos, slots) : 0;
   if (method == EvictScore::KeyDiff) keyDiffKeys(c, l, h, n, pos, keys);
@@ -372,12 +379,7 @@ __global__ void __launch_bounds__(kThreadsPerHead) entryKeysKernel(EvictionCache
   const int* __restrict__ pos = c.pos[l] + h * c.capacity;
   double* __restrict__ keys = table + c.table_offset[lh];
   const int last = inputs.last_positions ? inputs.last_positions[lh] : last_pos;
-  float visible = 0.0f;
-  if (M == EvictScore::Scissorhands && w) {
-    float count = 0.0f;  // exact: counts stay far below 2^24
-    for (int i = threadIdx.x; i < n; i += blockDim.x) count += w[i] > 0.0f ? 1.0f : 0.0f;
-    visible = blockReduce(count, warpSum, 0.0f);
-  }
+  const float visible = M == EvictScore::Scissorhands && w ? visibleKeys(w, n) : 0.0f;
 #pragma unroll 4
   for (int i = threadIdx.x; i < n; i += blockDim.x) {
     const bool is_new = i >= n - fresh;
@@ -411,18 +413,13 @@ __global__ void promptHistoryKernel(EvictionCache c, int fresh, int rows, int64_
   const float* __restrict__ w = c.weights + l * c.weights_layer + h * c.weights_head;
   uint64_t* __restrict__ history = c.history + l * c.layer_stride + h * c.capacity;
   for (int t = 0; t < rows; ++t) {
-    float count = 0.0f;  // exact: counts stay far below 2^24
-    for (int i = threadIdx.x; i < n; i += blockDim.x) count += w[t * row_stride + i] > 0.0f ? 1.0f : 0.0f;
-    count = blockReduce(count, warpSum, 0.0f);
+    const float count = visibleKeys(w + t * row_stride, n);
     if (threadIdx.x == 0) visible[t] = count;
   }
   __syncthreads();
   for (int i = threadIdx.x; i < n; i += blockDim.x) {
     uint64_t bits = i >= n - fresh ? 0 : history[i];
-    for (int t = 0; t < rows; ++t) {
-      const float wi = w[t * row_stride + i];
-      if (wi > 0.0f) bits = (bits << 1) | (wi * visible[t] > 1.0f ? 1u : 0u);
-    }
+    for (int t = 0; t < rows; ++t) bits = appendBit(bits, w[t * row_stride + i], visible[t]);
     history[i] = bits;
   }
 }
