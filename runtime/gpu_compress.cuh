@@ -28,8 +28,8 @@ void GpuEngine<T>::compress(int last_pos, bool prefill) {
 // their pools (each sequence's budgets its own), one compaction, where one decision a sequence
 // paid its fixed work B times (8 x ~0.75 ms a step at 8 x 32k). Each sequence's keys, budgets and
 // ties are its own, so it keeps what it keeps decided alone (BatchedDecodeMatchesOneSequenceAtATime).
-// The rest — a prompt pending, Scissorhands' first decode step (its prompt's bits come from the
-// mirror), replicated heads, the methods with per-head inputs or rows on the host — one at a time.
+// The rest — a prompt pending, the first decode step after a block-wise prompt (Scissorhands'
+// bits come from the mirror), replicated heads, the methods with per-head inputs or rows on the host — one at a time.
 template <class T>
 bool GpuEngine<T>::decidesBatchTogether() const {
   using M = kv::Method;

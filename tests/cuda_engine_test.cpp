@@ -311,8 +311,8 @@ TEST(CudaEngine, CompressionMatchesTheCpu) {
 // decoded together give each one's log-probs as decoded alone — the same kernels, each row reading
 // its own sequence's heads — with the cache full, compressed as it goes (H2O, each sequence its own
 // budget in one decision over the batch, compressBatch, each protecting its own recent positions;
-// the same KV bytes), Scissorhands over KIVI (its first decode step one sequence at a time, its
-// prompt's bits from the mirror, then the batch together), int8, StreamingLLM over int8, KIVI (runs
+// the same KV bytes), Scissorhands over KIVI (its prompt's bits taken on the device, the
+// batch decided together from the first decode step), int8, StreamingLLM over int8, KIVI (runs
 // of 8 behind a residual of 12: the sequences quantize at different steps), low rank (behind a
 // window of 10: the sequences project at different steps), H2O over KIVI (each prompt waits in a
 // ring of its own until its decision), H2O over low rank (the same, then projected) and low rank
