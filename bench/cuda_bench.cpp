@@ -91,16 +91,19 @@ int main() {
   // forward_ops against cuBLAS, as a share of the copy bandwidth (the weights are read once).
   std::printf("decode GEMV, fp16 weights, Llama-2-7B shapes (out x in):\n");
   for (auto [out, in] : {std::pair{12288, 4096}, {4096, 4096}, {22016, 4096}, {4096, 11008}, {32000, 4096}}) {
-    cuda::DeviceBuffer<__half> W(size_t(out) * in), x(in);
+    constexpr int kBatch = 8;  // a batched decode step's rows: cuBLAS's product, for the GEMV's bytes
+    cuda::DeviceBuffer<__half> W(size_t(out) * in), x(size_t(kBatch) * in);
     KVTP_CUDA_CHECK(cudaMemset(W.get(), 0, W.size() * 2));
     KVTP_CUDA_CHECK(cudaMemset(x.get(), 0, x.size() * 2));
-    cuda::DeviceBuffer<float> y(out);
+    cuda::DeviceBuffer<float> y(size_t(kBatch) * out);
     const double bytes = double(out) * in * 2;
+    auto tbs = [&](float ms) { return bytes / (ms * 1e-3) / 1e12; };
     const float ours = medianMs([&] { cuda::gemm(blas, x.get(), 1, in, W.get(), out, nullptr, y.get(), true); });
     const float cublas = medianMs([&] { cuda::gemmBlas(blas, x.get(), 1, in, W.get(), out, nullptr, y.get(), true); });
-    std::printf("  %5d x %5d: gemv %7.1f us (%4.2f TB/s, %3.0f%% of copy)   cuBLAS %7.1f us (%4.2f TB/s)\n", out, in,
-                ours * 1e3, bytes / (ours * 1e-3) / 1e12, 100 * bytes / (ours * 1e-3) / 1e12 / bw, cublas * 1e3,
-                bytes / (cublas * 1e-3) / 1e12);
+    const float cublas8 = medianMs([&] { cuda::gemmBlas(blas, x.get(), kBatch, in, W.get(), out, nullptr, y.get(), true); });
+    std::printf("  %5d x %5d: gemv %7.1f us (%4.2f TB/s, %3.0f%% of copy)   cuBLAS %7.1f us (%4.2f TB/s)   "
+                "%d rows (cuBLAS) %7.1f us (%4.2f TB/s)\n", out, in, ours * 1e3, tbs(ours), 100 * tbs(ours) / bw,
+                cublas * 1e3, tbs(cublas), kBatch, cublas8 * 1e3, tbs(cublas8));
   }
 
   // A decode step's layers as the engine runs them (Llama-2-7B shapes, fp16, 32 layers of their
