@@ -5,11 +5,9 @@
 
 #include <algorithm>
 #include <cmath>
-#include <limits>
 #include <random>
 
 #include "kernels/cuda/cache_ops.h"
-#include "kernels/cuda/cuda_ops.h"
 #include "kernels/cuda/eviction.h"
 #include "kv/budget_select.h"
 #include "kv/kv_cache.h"

@@ -6,8 +6,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <limits>
-#include <random>
 
 #include "kernels/cpu_ops.h"
 #include "kernels/cuda/cache_ops.h"
