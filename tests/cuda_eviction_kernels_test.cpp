@@ -1,6 +1,6 @@
 // The KV cache's compression kernels against their CPU twins: eviction's compaction, the host-held
-// rows of tiered precision, the budget's select, KIVI thinned by eviction, the row-scored and the
-// prompt's keys, the ring's resize. Runs on the GPU machine; elsewhere each test says it skipped.
+// rows of tiered precision, the budget's select, KIVI thinned by eviction and the attention over it,
+// the row-scored and the prompt's keys, the ring's resize. Runs on the GPU machine; elsewhere each test says it skipped.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -8,6 +8,7 @@
 #include <random>
 
 #include "kernels/cuda/cache_ops.h"
+#include "kernels/cuda/cuda_ops.h"
 #include "kernels/cuda/eviction.h"
 #include "kv/budget_select.h"
 #include "kv/kv_cache.h"
@@ -420,6 +421,117 @@ TEST(CudaKernels, PromptDecisionsMatchTheCpu) {
     for (int t = 0; t < rows; ++t) kv::appendHistoryBits(&w[(size_t(lh) * rows + t) * n], n, cpu.data());
     for (int i = 0; i < n; ++i) ASSERT_EQ(bits[size_t(lh) * capacity + i], cpu[i]) << "head " << lh << ", entry " << i;
   }
+}
+
+// KIVI's decode attention (kernels/cuda/kivi_attention.cuh) over heads that eviction thinned,
+// against the attention over their decoded rows in double: a head whose runs keep every row, one
+// keeping about a fifth of each run's (some runs none: their indices skipped), one keeping a row
+// of each run (a new run every row), one with holes and rows the query does
+// not see; each with rows in the ring at full precision, and the probabilities an eviction policy
+// reads. Groups of 32 and 8 (a value pair a lane's channels, or one a channel), 1, 2 and 8 query
+// heads a KV head; fp32 caches (the CPU's arithmetic) and fp16 (half2 sums).
+template <class OT>
+void kiviAttentionOverThinnedRuns() {
+  using Pair = cuda::AffinePair<OT>;
+  std::mt19937 rng(7);
+  std::uniform_int_distribution<int> byte(0, 255);
+  std::uniform_real_distribution<float> unit(0.0f, 1.0f);
+  constexpr int ring_count = 17;
+  for (int bits : {2, 4})
+  for (int hd : {64, 128})
+  for (int group : {32, 8})
+  for (auto [heads, H] : {std::pair{4, 4}, {8, 4}, {8, 1}}) {
+    const int cb = hd * bits / 8, vg = (hd + group - 1) / group, ring_rows = 64, p = 1000000;
+    // Each head's coded rows: their runs and positions (holes: kEvicted; past the query: p + 1 on).
+    std::vector<std::vector<int>> run(H), pos(H);
+    for (int h = 0; h < H; ++h) {
+      const int kind = h == 0 && H == 1 ? 1 : h % 4;
+      for (int r = 0, at = 0; r < (kind == 2 ? 2500 : 300); ++r)
+        for (int i = 0; i < group; ++i, ++at) {
+          const bool kept = kind == 0 || (kind == 2 ? i == r % group : unit(rng) < 0.2f);
+          if (!kept) continue;
+          const float u = kind == 3 ? unit(rng) : 1.0f;
+          run[h].push_back(r);
+          pos[h].push_back(u < 0.05f ? cuda::kEvicted : u < 0.1f ? p + 1 + at : at);
+        }
+    }
+    int capacity = 0, key_groups = 0;
+    for (int h = 0; h < H; ++h) {
+      capacity = std::max(capacity, int(run[h].size()) + ring_count);
+      key_groups = std::max(key_groups, run[h].back() + 1);
+    }
+    std::vector<uint8_t> K(size_t(H) * capacity * cb), V(K.size());
+    for (auto& b : K) b = uint8_t(byte(rng));
+    for (auto& b : V) b = uint8_t(byte(rng));
+    std::vector<Pair> kp(size_t(H) * key_groups * hd), vp(size_t(H) * capacity * vg);
+    for (auto& a : kp) a = Pair::rounded(unit(rng) * 2 - 1, 0.05f + 0.3f * unit(rng));
+    for (auto& a : vp) a = Pair::rounded(unit(rng) * 2 - 1, 0.05f + 0.3f * unit(rng));
+    const auto ring_k = randn(size_t(H) * ring_rows * hd), ring_v = randn(ring_k.size()), q = randn(size_t(heads) * hd);
+    std::vector<int> k_pos(size_t(H) * capacity, 0), runs(size_t(H) * capacity, 0), quantized(H), lengths(H);
+    for (int h = 0; h < H; ++h) {
+      quantized[h] = int(run[h].size()), lengths[h] = quantized[h] + ring_count;
+      std::copy(run[h].begin(), run[h].end(), &runs[size_t(h) * capacity]);
+      std::copy(pos[h].begin(), pos[h].end(), &k_pos[size_t(h) * capacity]);
+      for (int l = quantized[h]; l < lengths[h]; ++l) k_pos[size_t(h) * capacity + l] = p - (lengths[h] - l);
+    }
+    // Row l of head h decoded as the device stores it (its pairs rounded to OT).
+    auto code = [&](const std::vector<uint8_t>& codes, int h, int l, int c) {
+      return (codes[(size_t(h) * capacity + l) * cb + c * bits / 8] >> (c * bits % 8)) & ((1 << bits) - 1);
+    };
+    auto row = [&](int h, int l, int c, bool key) -> double {
+      if (l >= quantized[h]) {
+        const size_t at = (size_t(h) * ring_rows + l % ring_rows) * hd + c;
+        return key ? cuda::toFloat(cuda::fromFloat<OT>(ring_k[at])) : cuda::toFloat(cuda::fromFloat<OT>(ring_v[at]));
+      }
+      const float2 a = key ? kp[(size_t(h) * key_groups + run[h][l]) * hd + c].get()
+                           : vp[(size_t(h) * capacity + l) * vg + c / group].get();
+      return double(a.x) + double(code(key ? K : V, h, l, c)) * a.y;
+    };
+    const int G = heads / H;
+    const double scale = 1.0 / std::sqrt(double(hd));
+    std::vector<float> want(size_t(heads) * hd), want_w(size_t(H) * capacity, 0.0f);
+    for (int hq = 0; hq < heads; ++hq) {
+      const int h = hq / G;
+      std::vector<double> s(lengths[h], -INFINITY);
+      double top = -INFINITY, sum = 0;
+      for (int l = 0; l < lengths[h]; ++l) {
+        if (k_pos[size_t(h) * capacity + l] > p) continue;
+        double d = 0;
+        for (int c = 0; c < hd; ++c) d += double(q[size_t(hq) * hd + c]) * row(h, l, c, true);
+        s[l] = d * scale, top = std::max(top, s[l]);
+      }
+      for (double& x : s) x = std::exp(x - top), sum += x;
+      for (int l = 0; l < lengths[h]; ++l) {
+        want_w[size_t(h) * capacity + l] += float(s[l] / sum);
+        for (int c = 0; c < hd; ++c) want[size_t(hq) * hd + c] += float(s[l] / sum * row(h, l, c, false));
+      }
+    }
+    std::vector<OT> rk(ring_k.size()), rv(ring_v.size());
+    for (size_t i = 0; i < rk.size(); ++i) rk[i] = cuda::fromFloat<OT>(ring_k[i]), rv[i] = cuda::fromFloat<OT>(ring_v[i]);
+    DeviceBuffer<uint8_t> dK(K), dV(V);
+    DeviceBuffer<Pair> dkp(kp), dvp(vp);
+    DeviceBuffer<OT> drk(rk), drv(rv), dout(size_t(heads) * hd);
+    DeviceBuffer<int> dpos(k_pos), drun(runs), dq8(quantized), dlen(lengths), dqpos(std::vector<int>{p});
+    DeviceBuffer<float> dq(q), dw(std::vector<float>(want_w.size(), 0.0f));
+    cuda::KiviCache<OT> kivi{};
+    kivi.head_dim = hd, kivi.bits = bits, kivi.group = group, kivi.K = dK.get(), kivi.V = dV.get();
+    kivi.k_params = dkp.get(), kivi.v_params = dvp.get(), kivi.ring = {drk.get(), drv.get(), ring_rows, hd};
+    kivi.k_pos = dpos.get(), kivi.capacity = kivi.pos_capacity = capacity, kivi.quantized = dq8.get();
+    kivi.quantized_after = dq8.get(), kivi.key_groups = key_groups, kivi.run = drun.get();
+    cuda::attention<uint8_t, OT>(dq.get(), heads * hd, dqpos.get(), 1, heads, dK.get(), dV.get(), dpos.get(), capacity,
+                                 H, hd, 0, float(scale), dout.get(), dlen.get(), capacity, dw.get(), nullptr, false, &kivi);
+    const double tol = std::is_same_v<OT, float> ? 1e-4 : 1e-2;
+    const std::string what = "bits " + std::to_string(bits) + " head_dim " + std::to_string(hd) + " group " +
+                             std::to_string(group) + " heads " + std::to_string(heads) + " / " + std::to_string(H);
+    EXPECT_LE(relError(floatsOf(dout), want), tol) << what;
+    EXPECT_LE(relError(dw.download(), want_w), tol) << what << ": probabilities";
+  }
+}
+
+TEST(CudaKernels, KiviAttentionOverThinnedRunsMatchesItsDecodedRows) {
+  REQUIRE_GPU();
+  kiviAttentionOverThinnedRuns<float>();
+  kiviAttentionOverThinnedRuns<__half>();
 }
 
 // A ring resized keeps each head's full-precision rows [coded, length): row l from l % 5 to l % 12.
