@@ -441,7 +441,10 @@ void kiviAttentionOverThinnedRuns() {
   for (int hd : {64, 128})
   for (int group : {32, 8})
   for (auto [heads, H] : {std::pair{4, 4}, {8, 4}, {8, 1}}) {
-    const int cb = hd * bits / 8, vg = (hd + group - 1) / group, ring_rows = 64, p = 1000000;
+    cuda::KiviCache<OT> kivi{};  // its shape now, its device arrays once they are filled
+    kivi.head_dim = hd, kivi.bits = bits, kivi.group = group;
+    const int cb = kivi.codeBytes(), vg = kivi.valueGroups(), ring_rows = 64, p = 1000000;
+    kivi.ring.rows = ring_rows, kivi.ring.head_dim = hd;
     // Each head's coded rows: their runs and positions (holes: kEvicted; past the query: p + 1 on).
     std::vector<std::vector<int>> run(H), pos(H);
     for (int h = 0; h < H; ++h) {
@@ -475,17 +478,14 @@ void kiviAttentionOverThinnedRuns() {
       for (int l = quantized[h]; l < lengths[h]; ++l) k_pos[size_t(h) * capacity + l] = p - (lengths[h] - l);
     }
     // Row l of head h decoded as the device stores it (its pairs rounded to OT).
-    auto code = [&](const std::vector<uint8_t>& codes, int h, int l, int c) {
-      return (codes[(size_t(h) * capacity + l) * cb + c * bits / 8] >> (c * bits % 8)) & ((1 << bits) - 1);
-    };
     auto row = [&](int h, int l, int c, bool key) -> double {
       if (l >= quantized[h]) {
-        const size_t at = (size_t(h) * ring_rows + l % ring_rows) * hd + c;
+        const size_t at = size_t(kivi.ring.at(h, l)) + c;
         return key ? cuda::toFloat(cuda::fromFloat<OT>(ring_k[at])) : cuda::toFloat(cuda::fromFloat<OT>(ring_v[at]));
       }
       const float2 a = key ? kp[(size_t(h) * key_groups + run[h][l]) * hd + c].get()
                            : vp[(size_t(h) * capacity + l) * vg + c / group].get();
-      return double(a.x) + double(code(key ? K : V, h, l, c)) * a.y;
+      return double(a.x) + double(kivi.code(&(key ? K : V)[(size_t(h) * capacity + l) * cb], c)) * a.y;
     };
     const int G = heads / H;
     const double scale = 1.0 / std::sqrt(double(hd));
@@ -513,9 +513,8 @@ void kiviAttentionOverThinnedRuns() {
     DeviceBuffer<OT> drk(rk), drv(rv), dout(size_t(heads) * hd);
     DeviceBuffer<int> dpos(k_pos), drun(runs), dq8(quantized), dlen(lengths), dqpos(std::vector<int>{p});
     DeviceBuffer<float> dq(q), dw(std::vector<float>(want_w.size(), 0.0f));
-    cuda::KiviCache<OT> kivi{};
-    kivi.head_dim = hd, kivi.bits = bits, kivi.group = group, kivi.K = dK.get(), kivi.V = dV.get();
-    kivi.k_params = dkp.get(), kivi.v_params = dvp.get(), kivi.ring = {drk.get(), drv.get(), ring_rows, hd};
+    kivi.K = dK.get(), kivi.V = dV.get();
+    kivi.k_params = dkp.get(), kivi.v_params = dvp.get(), kivi.ring.k = drk.get(), kivi.ring.v = drv.get();
     kivi.k_pos = dpos.get(), kivi.capacity = kivi.pos_capacity = capacity, kivi.quantized = dq8.get();
     kivi.quantized_after = dq8.get(), kivi.key_groups = key_groups, kivi.run = drun.get();
     cuda::attention<uint8_t, OT>(dq.get(), heads * hd, dqpos.get(), 1, heads, dK.get(), dV.get(), dpos.get(), capacity,

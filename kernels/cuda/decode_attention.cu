@@ -267,7 +267,7 @@ __global__ void __launch_bounds__(32 * kWarps, kTwoBlocksAnSM<G, KT, OT> ? 2 : 1
     // docs/BENCHMARKS.md); the warp's states merge before the ring's rows.
     constexpr int C = kiviLaneChannels<G, HD>();
     const bool one_pair = kc.group % C == 0;  // each lane's channels share one value group
-    const KiviRows<OT> rows{kc,    kvh, pos, q + int64_t(t) * q_stride + int64_t(h0) * hd, scale, p,
+    const KiviRows<OT> rows{kc, kvh, pos, q + int64_t(t) * q_stride + int64_t(h0) * hd, scale, p,
                             probs ? probs + (int64_t(t) * heads + h0) * row_stride : nullptr, row_stride};
     const int quantized = kc.quantized[kvh], from = split * chunk, coded_end = min(end, quantized);
     extern __shared__ __align__(16) unsigned char kivi_smem[];
