@@ -2,8 +2,8 @@
 # On the GPU machine, after scripts/bundle-gpu.sh here: every GPU test, the CUDA benchmarks, the
 # perplexity job at tp 1 and (with two GPUs) tp 2 on a Llama-2-7B shape, and transformers on the
 # same shapes — the runs behind docs/BENCHMARKS.md. Results as JSON files under $OUT (or /tmp).
-#   device tool: carry [".bundle.tar.xz"], command: bash scripts/gpu-check.sh [tests] [bench] [tp] [scale] [kv] [kivi] [kivievict] [catalogue] [lowrank] [kv8k] [profile] [hf] [refs] [passkey]
-# (no section named: all but profile); KVTP_PARITY_CASES=text|text...: CudaEngine.CompressionMatchesTheCpu runs
+#   device tool: carry [".bundle.tar.xz"], command: bash scripts/gpu-check.sh [tests] [bench] [tp] [scale] [kv] [kivi] [kivievict] [catalogue] [lowrank] [kv8k] [profile] [hf] [refs] [passkey] [ab]
+# (no section named: all but profile and ab); KVTP_PARITY_CASES=text|text...: CudaEngine.CompressionMatchesTheCpu runs
 # only the cases whose name holds one of them (a short session's focus); MPIRUN_ARGS: mpirun options, default --bind-to none
 # (Open MPI binds each rank to one core by default; a GPU rank then shares that core with
 # NCCL's proxy thread, which halved tp 2 throughput in our runs)
@@ -76,7 +76,7 @@ decodeTable() {  # bench JSON files: one line per decode entry
   python3 -c "
 import json,sys
 for f in sys.argv[1:]:
-  for d in json.load(open(f))['models'][0]['decode']: print(f.split('/')[-1], d['context'], 'batch', d['batch'], d['kv'], round(d['kv_bytes']/2**20), 'MiB', round(d['ms_per_token'],3), 'ms', round(100*d['ratio_to_floor'],1), '% of floor, deciding', round(d.get('decide_ms', 0),3), 'ms')
+  for d in json.load(open(f))['models'][0]['decode']: print(f.split('/')[-1], d['context'], 'batch', d['batch'], d['kv'], round(d['kv_bytes']/2**20), 'MiB', round(d['ms_per_token'],3), 'ms', round(100*d['ratio_to_floor'],1), '% of floor, deciding', round(d.get('decide_ms', 0),3), 'ms', d.get('head_rows', ''))
 " "$@"
 }
 # KV compression on the GPU: Llama-2-7B decode at 2k/8k/32k full, int8, SnapKV at a 20 % budget
@@ -143,6 +143,24 @@ if [ "$gpus" -ge 2 ] && want kv8k; then
   $mpi_ppl --synthetic llama-2-70b --input-ids /tmp/ids8448.txt --seq-len 8192 --max-windows 1 --device cuda --json \
     > "$out/llama70b_8k_prefill.json"
   summary "$out/llama70b_8k_prefill.json"
+fi
+# A/B (named only): the bundle's kvtp against .bundle/kvtp_old (bundled with KVTP_BASELINE), old
+# and new alternating, twice, on this one machine (lent GPUs of a kind differ by a few per cent):
+# Llama-2-7B decode at AB_CONTEXTS (default 32768), batch 1, for each of AB_CONFIGS (bench options
+# per configuration, ';' between them; default Scissorhands 0.2 + KIVI 4, and H2O 0.2).
+if [[ " $sections " == *" ab "* ]] && [ -x .bundle/kvtp_old ]; then
+  IFS=';' read -ra configs <<< "${AB_CONFIGS:---kv scissorhands:budget=0.2 --kv-quant kivi:bits=4;--kv h2o:budget=0.2}"
+  for i in "${!configs[@]}"; do
+    for round in 1 2; do
+      for side in old new; do
+        binary=.bundle/kvtp
+        [ "$side" = old ] && binary=.bundle/kvtp_old
+        timeout 120 $binary bench --device cuda --synthetic llama-2-7b --seq-len 256 --repeats 1 --decode-steps 32 \
+          --json --contexts "${AB_CONTEXTS:-32768}" --batch 1 ${configs[$i]} > "$out/ab_${i}_${round}_$side.json"
+      done
+    done
+  done
+  decodeTable "$out"/ab_*.json
 fi
 # Where one decode step's time goes, kernel by kernel (ncu, not in the default run): a Llama-2-7B
 # shape cut to 8 layers at 32k, 4 decode steps; the kernels from the first step's decision to the
