@@ -43,8 +43,11 @@ for tp in 1 2 4 8; do
 done
 # 66B scale (all GPUs of the machine): OPT-66B and Llama-2-70B shapes, fp16, all layers, tp = GPUs, weights made a
 # layer at a time (the host never holds the model). The OPT-66B perplexity job goes through the
-# control plane: coordinator + `mpirun -np 2 kvtp worker`, submitted over gRPC.
-if [ "$gpus" -ge 2 ] && want scale; then
+# control plane: coordinator + `mpirun -np 2 kvtp worker`, submitted over gRPC. One GPU runs it
+# too where the weights fit (an H200's 141 GB: OPT-66B's 123 GiB, Llama-2-70B's 128 GiB) — the
+# tp 1 that tp 2's scaling is measured against.
+gpu_gib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1 | awk '{print int($1 / 1024)}')
+if { [ "$gpus" -ge 2 ] || [ "$gpu_gib" -ge 135 ]; } && want scale; then
   mkdir -p scale && cp /tmp/ids2048.txt /tmp/ids2600.txt scale/
   KVTP=.bundle/kvtp WORKERS=$gpus timeout 300 bash scripts/run-local.sh --synthetic opt-66b --input-ids scale/ids2048.txt \
     --max-windows 4 --device cuda --json > "$out/grpc_opt66b_prefill.json"
