@@ -287,6 +287,26 @@ void benchGpu(const BenchArgs& a) {
                       "%.3f; the prompt's %.1f)  %7.0f tok/s  KV %8.1f MiB  floor %7.3f ms  %5.1f%% of peak bandwidth\n",
                       name.c_str(), C, B, 1e3 * step, a.decode_steps, 1e3 * step_mean, 1e3 * decide, 1e3 * decide_mean,
                       1e3 * prompt_decide, B / step, kv_bytes / (1 << 20), 1e3 * floor, 100 * floor / step);
+        engine->useSequence(0);
+        if (const std::vector<int> rows = engine->headRows(); !rows.empty()) {
+          // How unequal the heads' rows are under a shared budget (each head of a layer gets the same
+          // blocks): the first sequence's mean and longest, and max / mean per layer, averaged.
+          const size_t heads = rows.size() / c.layers;
+          const int longest = *std::max_element(rows.begin(), rows.end());
+          double total = 0, imbalance = 0;
+          for (size_t l = 0; l < size_t(c.layers); ++l) {
+            const auto first = rows.begin() + l * heads, last = first + heads;
+            const double sum = std::accumulate(first, last, 0.0);
+            total += sum;
+            imbalance += sum > 0 ? *std::max_element(first, last) * double(heads) / sum : 1.0;
+          }
+          m["decode"].back()["head_rows"] = {{"mean", total / rows.size()},
+                                             {"max", longest},
+                                             {"max_over_mean_in_a_layer", imbalance / c.layers}};
+          if (!a.json)
+            std::printf("    the heads' rows: mean %.0f, max %d, a layer's max / mean %.2f\n", total / rows.size(), longest,
+                        imbalance / c.layers);
+        }
         if (a.decide_phases) {  // each phase's mean over the timed steps (every sequence's decisions)
           nlohmann::json phases = nlohmann::json::object();
           for (const auto& [phase, seconds] : engine->decisionPhaseSeconds()) {

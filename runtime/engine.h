@@ -68,6 +68,9 @@ class Engine {
   // Seconds spent so far in each phase of compress() (the CUDA engine when asked to,
   // GpuOptions::time_decision_phases), in the order first seen; empty where not measured.
   virtual std::vector<std::pair<std::string, double>> decisionPhaseSeconds() const { return {}; }
+  // The rows a decode step's attention walks in each (layer, KV head) of the current sequence, by
+  // layer (the CUDA engine: its slots in use, holes included); empty where not reported.
+  virtual std::vector<int> headRows() const { return {}; }
 };
 
 // The CPU backend: `model` must outlive the engine; `policy` (null: full cache) compresses the

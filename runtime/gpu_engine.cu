@@ -321,6 +321,7 @@ class GpuEngine : public Engine {
 
   double collectiveSeconds() const override { return collectives_.seconds(); }
   std::vector<std::pair<std::string, double>> decisionPhaseSeconds() const override { return phases_; }
+  std::vector<int> headRows() const override { return seqs_[current_].len; }
   void synchronize() override { KVTP_CUDA_CHECK(cudaDeviceSynchronize()); }
 
  private:

@@ -72,7 +72,10 @@
 //   v14 (KIVI): the (lo, step) pairs held in the cache's type (cuda::AffinePair: 4 bytes an fp16
 //       pair, not 8), a run's key pairs read 16 bytes at a time: a KIVI 4 row with its share of
 //       pairs is 160 bytes, not 192. H100 7B decode at 32k, 4 bits: 8.22 -> 7.81 ms (68.6 ->
-//       72.1 % of the floor); Scissorhands 0.2 + KIVI 4: 7.06 -> 6.93.
+//       72.1 % of the floor); Scissorhands 0.2 + KIVI 4: 7.06 -> 6.93. Tried since, not kept: a
+//       walk tile by tile with each tile's runs' q x step in shared memory (no faster), and a
+//       layer's blocks shared among its heads by their rows (0.7 % slower: under a shared budget a
+//       layer's longest head is only ~1.14x its mean at 32k) — docs/BENCHMARKS.md.
 #include <algorithm>
 #include <cfloat>
 #include <string>
