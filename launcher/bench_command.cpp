@@ -304,8 +304,8 @@ void benchGpu(const BenchArgs& a) {
                                              {"max", longest},
                                              {"max_over_mean_in_a_layer", imbalance / c.layers}};
           if (!a.json)
-            std::printf("    the heads' rows: mean %.0f, max %d, a layer's max / mean %.2f\n", total / rows.size(), longest,
-                        imbalance / c.layers);
+            std::printf("    the heads' rows: mean %.0f, max %d, a layer's max / mean %.2f\n", total / rows.size(),
+                        longest, imbalance / c.layers);
         }
         if (a.decide_phases) {  // each phase's mean over the timed steps (every sequence's decisions)
           nlohmann::json phases = nlohmann::json::object();
