@@ -300,12 +300,12 @@ void benchGpu(const BenchArgs& a) {
             total += sum;
             imbalance += sum > 0 ? *std::max_element(first, last) * double(heads) / sum : 1.0;
           }
-          m["decode"].back()["head_rows"] = {{"mean", total / rows.size()},
-                                             {"max", longest},
-                                             {"max_over_mean_in_a_layer", imbalance / c.layers}};
+          const double mean = total / rows.size(), max_over_mean = imbalance / c.layers;
+          m["decode"].back()["head_rows"] = {
+              {"mean", mean}, {"max", longest}, {"max_over_mean_in_a_layer", max_over_mean}};
           if (!a.json)
-            std::printf("    the heads' rows: mean %.0f, max %d, a layer's max / mean %.2f\n", total / rows.size(),
-                        longest, imbalance / c.layers);
+            std::printf("    the heads' rows: mean %.0f, max %d, a layer's max / mean %.2f\n", mean, longest,
+                        max_over_mean);
         }
         if (a.decide_phases) {  // each phase's mean over the timed steps (every sequence's decisions)
           nlohmann::json phases = nlohmann::json::object();

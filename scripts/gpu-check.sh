@@ -151,7 +151,9 @@ fi
 # and new alternating, twice, on this one machine (lent GPUs of a kind differ by a few per cent):
 # Llama-2-7B decode at AB_CONTEXTS (default 32768), batch 1, for each of AB_CONFIGS (bench options
 # per configuration, ';' between them; default Scissorhands 0.2 + KIVI 4, and H2O 0.2).
-if [[ " $sections " == *" ab "* ]] && [ -x .bundle/kvtp_old ]; then
+if [[ " $sections " == *" ab "* ]] && [ ! -x .bundle/kvtp_old ]; then
+  echo "ab: no .bundle/kvtp_old to time against (bundle with KVTP_BASELINE=path/to/kvtp)" >&2
+elif [[ " $sections " == *" ab "* ]]; then
   IFS=';' read -ra configs <<< "${AB_CONFIGS:---kv scissorhands:budget=0.2 --kv-quant kivi:bits=4;--kv h2o:budget=0.2}"
   for i in "${!configs[@]}"; do
     for round in 1 2; do
