@@ -1,14 +1,18 @@
 // kvtp_cuda_bench: the GPU's two ceilings (device-to-device copy bandwidth, cuBLAS sgemm rate)
 // and the kernels against them: decode attention (T = 1) over 2k/8k/32k-token caches, where the
-// floor is reading K and V once; the decode GEMVs against cuBLAS; a decode step's layers as one
-// CUDA graph, piece by piece; prefill attention, flash against the cuBLAS path. CUDA events
-// around each region, warm-up first, medians. Prints a table; docs/BENCHMARKS.md records it.
+// floor is reading K and V once; the decode attention's fixed costs, fp16 and KIVI (also as
+// eviction leaves it; `kvtp_cuda_bench attention` runs these alone); the decode GEMVs against
+// cuBLAS; a decode step's layers as one CUDA graph, piece by piece; prefill attention, flash
+// against the cuBLAS path. CUDA events around each region, warm-up first, medians. Prints a
+// table; docs/BENCHMARKS.md records it.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <random>
+#include <string>
 #include <vector>
 
+#include "kernels/cuda/cache_ops.h"
 #include "kernels/cuda/cuda_ops.h"
 #include "kernels/cuda/forward_ops.h"
 
@@ -45,9 +49,93 @@ std::vector<float> random(size_t n) {
   for (auto& x : v) x = d(rng);
   return v;
 }
+
+// A launch's GPU time, ten launches in one CUDA graph as a decode step's layers run them: one
+// launch between two events also times the host's launch, more than a small kernel's fixed costs.
+template <class Launch>
+float graphMs(Launch&& launch) {
+  constexpr int launches = 10;
+  cuda::GraphReplay graph;
+  return medianMs([&] {
+    graph.run(0, [&] {
+      for (int i = 0; i < launches; ++i) launch();
+    });
+  }) / launches;
+}
+
+// Decode attention (T = 1) over Llama-2-7B's 32 KV heads of 128, fp16: full-precision caches of
+// 64 to 8k rows a head, then KIVI 4's coded rows, also as eviction leaves them. The time against
+// the rows a head gives a launch's fixed cost (the intercept) beside its cost a row.
+void attentionFixedCosts() {
+  std::printf("decode attention, 32 KV heads of 128, fp16, T = 1, in a graph:\n");
+  for (int L : {64, 512, 2048, 8192}) {
+    const int H = 32, hd = 128;
+    cuda::DeviceBuffer<__half> K(size_t(H) * L * hd), V(K.size()), out(size_t(H) * hd);
+    KVTP_CUDA_CHECK(cudaMemset(K.get(), 0, K.size() * 2));
+    KVTP_CUDA_CHECK(cudaMemset(V.get(), 0, V.size() * 2));
+    std::vector<int> kp(size_t(H) * L);
+    for (size_t i = 0; i < kp.size(); ++i) kp[i] = int(i % L);
+    cuda::DeviceBuffer<int> dkp(kp), dqp(std::vector<int>{L});
+    cuda::DeviceBuffer<float> q(random(size_t(H) * hd));
+    const float ms = graphMs([&] {
+      cuda::attention(q.get(), H * hd, dqp.get(), 1, H, K.get(), V.get(), dkp.get(), L, H, hd, int64_t(L) * hd, 0.088f,
+                      out.get(), nullptr, L);
+    });
+    const double bytes = 2.0 * H * L * hd * 2;
+    std::printf("  %5d rows a head %7.1f us  %5.2f TB/s\n", L, ms * 1e3, bytes / (ms * 1e-3) / 1e12);
+  }
+  // KIVI 4, group 32, 16 rows in the ring: every row coded (no eviction), 32k down to 256 rows a
+  // head, then 6.5k rows as Scissorhands 0.2 leaves them at 32k — each row's run from an index (a
+  // run keeps a fifth of its rows) — and with the probabilities it scores by.
+  std::printf("KIVI 4 decode attention, 32 KV heads of 128, fp16, T = 1, in a graph:\n");
+  auto kiviAttention = [&](const std::string& what, int rows, int thin, bool probs) {
+    using Pair = cuda::AffinePair<__half>;
+    const int H = 32, hd = 128, group = 32, ring_rows = 128, ring_count = 16;
+    const int64_t capacity = rows + ring_count, key_groups = int64_t(rows) * thin / group + 1;
+    cuda::KiviCache<__half> kivi{hd, 4, group};
+    const int cb = kivi.codeBytes(), vg = kivi.valueGroups();
+    std::vector<uint8_t> codes(size_t(H) * capacity * cb);
+    for (size_t i = 0; i < codes.size(); ++i) codes[i] = uint8_t(i * 2654435761u >> 24);
+    std::vector<int> pos(size_t(H) * capacity), run(pos.size()), counts(H, rows), lengths(H, rows + ring_count);
+    const int p = rows * thin + ring_count;  // the query's position
+    for (int h = 0; h < H; ++h)
+      for (int l = 0; l < capacity; ++l) {
+        const size_t at = size_t(h) * capacity + l;
+        pos[at] = l < rows ? l * thin : rows * thin + l - rows;
+        run[at] = l * thin / group;
+      }
+    cuda::DeviceBuffer<uint8_t> K(codes), V(codes);
+    cuda::DeviceBuffer<Pair> kp(std::vector<Pair>(size_t(H) * key_groups * hd, Pair::rounded(-0.5f, 0.07f))),
+        vp(std::vector<Pair>(size_t(H) * capacity * vg, Pair::rounded(-0.5f, 0.07f)));
+    cuda::DeviceBuffer<__half> ring_k(size_t(H) * ring_rows * hd), ring_v(ring_k.size()), out(size_t(H) * hd);
+    KVTP_CUDA_CHECK(cudaMemset(ring_k.get(), 0, ring_k.size() * 2));
+    KVTP_CUDA_CHECK(cudaMemset(ring_v.get(), 0, ring_v.size() * 2));
+    cuda::DeviceBuffer<int> dpos(pos), drun(run), dcounts(counts), dlen(lengths), dqpos(std::vector<int>{p});
+    cuda::DeviceBuffer<float> q(random(size_t(H) * hd)), weights(size_t(H) * capacity);
+    kivi.K = K.get(), kivi.V = V.get(), kivi.k_params = kp.get(), kivi.v_params = vp.get();
+    kivi.ring = {ring_k.get(), ring_v.get(), ring_rows, hd};
+    kivi.k_pos = dpos.get(), kivi.capacity = kivi.pos_capacity = capacity;
+    kivi.quantized = kivi.quantized_after = dcounts.get(), kivi.key_groups = key_groups;
+    kivi.run = thin > 1 ? drun.get() : nullptr;
+    const float ms = graphMs([&] {
+      cuda::attention<uint8_t, __half>(q.get(), H * hd, dqpos.get(), 1, H, K.get(), V.get(), dpos.get(),
+                                       int(capacity), H, hd, 0, 0.088f, out.get(), dlen.get(), capacity,
+                                       probs ? weights.get() : nullptr, nullptr, false, &kivi);
+    });
+    const double bytes = double(H) * (double(rows) * (2 * cb + vg * sizeof(Pair)) +
+                                      double(key_groups) * hd * sizeof(Pair) + double(ring_count) * 2 * hd * 2);
+    std::printf("  %-60s %7.1f us  %5.2f TB/s\n", what.c_str(), ms * 1e3, bytes / (ms * 1e-3) / 1e12);
+  };
+  for (int rows : {32768, 6553, 1638, 256})
+    kiviAttention("every row coded, " + std::to_string(rows) + " rows a head", rows, 1, false);
+  kiviAttention("6553 rows a head thinned from 32768 (each row's run indexed)", 6553, 5, false);
+  kiviAttention("the same, with the probabilities (Scissorhands)", 6553, 5, true);
+  kiviAttention("every row coded, 6553 rows a head, with the probabilities", 6553, 1, true);
+}
 }  // namespace
 
-int main() {
+// usage: kvtp_cuda_bench [attention] (attention: the decode attention's fixed costs alone)
+int main(int argc, char** argv) {
   if (cuda::deviceCount() == 0) {
     std::printf("kvtp_cuda_bench: no CUDA device, nothing measured\n");
     return 0;
@@ -55,6 +143,10 @@ int main() {
   cudaDeviceProp prop{};
   KVTP_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
   std::printf("device: %s, %d SMs, %.0f MB L2\n", prop.name, prop.multiProcessorCount, prop.l2CacheSize / 1e6);
+  if (argc > 1 && std::string(argv[1]) == "attention") {
+    attentionFixedCosts();
+    return 0;
+  }
 
   const size_t n = size_t(1) << 30;  // 4 GiB of floats copied: far beyond L2
   cuda::DeviceBuffer<float> src(n / 2), dst(n / 2);
@@ -86,6 +178,8 @@ int main() {
     std::printf("  L %6d: %8.3f ms  %6.2f TB/s effective  (%.1f%% of the copy bandwidth)\n", L, ms,
                 bytes / (ms * 1e-3) / 1e12, 100 * bytes / (ms * 1e-3) / 1e12 / bw);
   }
+
+  attentionFixedCosts();
 
   // Decode's matrix-vector products at Llama-2-7B's shapes (fp16 weights): the GEMV kernel of
   // forward_ops against cuBLAS, as a share of the copy bandwidth (the weights are read once).

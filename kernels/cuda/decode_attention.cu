@@ -75,7 +75,9 @@
 //       72.1 % of the floor); Scissorhands 0.2 + KIVI 4: 7.06 -> 6.93. Tried since, not kept: a
 //       walk tile by tile with each tile's runs' q x step in shared memory (no faster), and a
 //       layer's blocks shared among its heads by their rows (0.7 % slower: under a shared budget a
-//       layer's longest head is only ~1.14x its mean at 32k) — docs/BENCHMARKS.md.
+//       layer's longest head is only ~1.14x its mean at 32k) — docs/BENCHMARKS.md. And for the
+//       full-precision walk: 16-bit rows held as loaded until used, twice the rows in flight a
+//       warp (fp16 at 2k rows a head 13.2 -> 16.2 us: its rows were not latency-bound).
 #include <algorithm>
 #include <cfloat>
 #include <string>
