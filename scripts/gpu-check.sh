@@ -2,8 +2,8 @@
 # On the GPU machine, after scripts/bundle-gpu.sh here: every GPU test, the CUDA benchmarks, the
 # perplexity job at tp 1 and (with two GPUs) tp 2 on a Llama-2-7B shape, and transformers on the
 # same shapes — the runs behind docs/BENCHMARKS.md. Results as JSON files under $OUT (or /tmp).
-#   device tool: carry [".bundle.tar.xz"], command: bash scripts/gpu-check.sh [tests] [bench] [tp] [scale] [kv] [kivi] [kivievict] [catalogue] [lowrank] [kv8k] [profile] [hf] [refs] [passkey] [ab]
-# (no section named: all but profile and ab); KVTP_PARITY_CASES=text|text...: CudaEngine.CompressionMatchesTheCpu runs
+#   device tool: carry [".bundle.tar.xz"], command: bash scripts/gpu-check.sh [tests] [bench] [tp] [scale] [kv] [kivi] [kivievict] [catalogue] [lowrank] [kv8k] [profile] [attention] [hf] [refs] [passkey] [ab]
+# (no section named: all but profile, attention and ab); KVTP_PARITY_CASES=text|text...: CudaEngine.CompressionMatchesTheCpu runs
 # only the cases whose name holds one of them (a short session's focus); MPIRUN_ARGS: mpirun options, default --bind-to none
 # (Open MPI binds each rank to one core by default; a GPU rank then shares that core with
 # NCCL's proxy thread, which halved tp 2 throughput in our runs)
@@ -166,6 +166,20 @@ elif [[ " $sections " == *" ab "* ]]; then
     done
   done
   decodeTable "$out"/ab_*.json
+fi
+# The decode attention alone (kvtp_cuda_bench attention: fp16 caches of 64-8k rows a head, KIVI 4 of
+# 256-32k and thinned as eviction leaves them), then ncu's warp states of two of its launches: fp16
+# at 2k rows a head and the thinned KIVI walk (each case launches it 220 times, in the bench's
+# order: fp16 64, 512, 2048, 8192, then KIVI 32768, 6553, 1638, 256, thinned). Not in the default run.
+if [[ " $sections " == *" attention "* ]]; then
+  .bundle/kvtp_cuda_bench attention | tee "$out/attention.txt"
+  for launch in "fp16_2048 440" "kivi_thinned 1760"; do
+    read -r name skip <<< "$launch"
+    timeout 120 ncu --clock-control none --cache-control none --kernel-name regex:attentionSplit --launch-skip "$skip" \
+      --launch-count 1 --section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats \
+      --section SchedulerStats .bundle/kvtp_cuda_bench attention > "$out/ncu_$name.txt" 2>&1
+    grep -E "Duration|SM Active Cycles|Elapsed Cycles|Warp Cycles Per Issued|Issued Warp|Achieved Active" "$out/ncu_$name.txt"
+  done
 fi
 # Where one decode step's time goes, kernel by kernel (ncu, not in the default run): a Llama-2-7B
 # shape cut to 8 layers at 32k, 4 decode steps; the kernels from the first step's decision to the
