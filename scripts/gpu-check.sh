@@ -177,7 +177,7 @@ if [[ " $sections " == *" attention "* ]]; then
     read -r name skip <<< "$launch"
     timeout 120 ncu --clock-control none --cache-control none --kernel-name regex:attentionSplit --launch-skip "$skip" \
       --launch-count 1 --section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats \
-      --section SchedulerStats .bundle/kvtp_cuda_bench attention > "$out/ncu_$name.txt" 2>&1
+      --section SchedulerStats --section SourceCounters .bundle/kvtp_cuda_bench attention > "$out/ncu_$name.txt" 2>&1
     grep -E "Duration|SM Active Cycles|Elapsed Cycles|Warp Cycles Per Issued|Issued Warp|Achieved Active" "$out/ncu_$name.txt"
   done
 fi
