@@ -52,6 +52,7 @@ std::vector<float> random(size_t n) {
 
 // A launch's GPU time, ten launches in one CUDA graph as a decode step's layers run them: one
 // launch between two events also times the host's launch, more than a small kernel's fixed costs.
+// (gpu-check.sh's `attention` finds a case's launches for ncu by this count: 10 x medianMs' 22.)
 template <class Launch>
 float graphMs(Launch&& launch) {
   constexpr int launches = 10;

@@ -169,13 +169,16 @@ elif [[ " $sections " == *" ab "* ]]; then
 fi
 # The decode attention alone (kvtp_cuda_bench attention: fp16 caches of 64-8k rows a head, KIVI 4 of
 # 256-32k and thinned as eviction leaves them), then ncu's warp states of two of its launches: fp16
-# at 2k rows a head and the thinned KIVI walk (each case launches it 220 times, in the bench's
-# order: fp16 64, 512, 2048, 8192, then KIVI 32768, 6553, 1638, 256, thinned). Not in the default run.
+# at 2k rows a head and the thinned KIVI walk, found by their cases' places in the bench's order
+# (fp16 64, 512, 2048, 8192, then KIVI 32768, 6553, 1638, 256, thinned: from 0) and the launches a
+# case makes (cuda_bench.cpp's graphMs: 10 a sample, 2 warm-ups and 20 timed). Not in the default run.
 if [[ " $sections " == *" attention "* ]]; then
   .bundle/kvtp_cuda_bench attention | tee "$out/attention.txt"
-  for launch in "fp16_2048 440" "kivi_thinned 1760"; do
-    read -r name skip <<< "$launch"
-    timeout 120 ncu --clock-control none --cache-control none --kernel-name regex:attentionSplit --launch-skip "$skip" \
+  launches_a_case=$((10 * (2 + 20)))
+  for launch in "fp16_2048 2" "kivi_thinned 8"; do
+    read -r name place <<< "$launch"
+    timeout 120 ncu --clock-control none --cache-control none --kernel-name regex:attentionSplit \
+      --launch-skip $((place * launches_a_case)) \
       --launch-count 1 --section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats \
       --section SchedulerStats --section SourceCounters .bundle/kvtp_cuda_bench attention > "$out/ncu_$name.txt" 2>&1
     grep -E "Duration|SM Active Cycles|Elapsed Cycles|Warp Cycles Per Issued|Issued Warp|Achieved Active" "$out/ncu_$name.txt"
